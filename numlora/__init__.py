@@ -1,0 +1,63 @@
+"""numlora: Numba-compiled kernels for LoRA and QLoRA over plain numpy arrays.
+
+Importing numlora compiles nothing and does not import numba: kernels are imported and
+compiled on first use (and cached on disk; see ``numlora._config``).
+"""
+
+from .adapter import LoraAdapter, LoraAdapterSummary
+from .config import LoraConfig
+from .errors import (
+    ConfigError,
+    DTypeError,
+    DuplicateLayerError,
+    LayerNotFoundError,
+    MergeStateError,
+    NonFiniteError,
+    NumloraError,
+    ShapeError,
+)
+from .layers import LoraLinear, QLoraLinear
+from .nf4 import (
+    CODE8,
+    NF4_CODE,
+    NF4_MIDPOINTS,
+    NF4Tensor,
+    dequantize_nf4,
+    nf4_matmul,
+    qlora_forward,
+    quantize_nf4,
+)
+from .ops import MergeRecord, linear_forward, lora_forward, merge_lora, unmerge_lora
+from .rng import XorShift64
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CODE8",
+    "NF4_CODE",
+    "NF4_MIDPOINTS",
+    "ConfigError",
+    "DTypeError",
+    "DuplicateLayerError",
+    "LayerNotFoundError",
+    "LoraAdapter",
+    "LoraAdapterSummary",
+    "LoraConfig",
+    "LoraLinear",
+    "MergeRecord",
+    "MergeStateError",
+    "NF4Tensor",
+    "NonFiniteError",
+    "NumloraError",
+    "QLoraLinear",
+    "ShapeError",
+    "XorShift64",
+    "dequantize_nf4",
+    "linear_forward",
+    "lora_forward",
+    "merge_lora",
+    "nf4_matmul",
+    "qlora_forward",
+    "quantize_nf4",
+    "unmerge_lora",
+]

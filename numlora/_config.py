@@ -1,0 +1,30 @@
+"""Every knob with several fair answers lives here, read once from the environment.
+
+``NUMLORA_CACHE``
+    ``1`` (default) compiles kernels with numba's on-disk cache, so a second process
+    skips compilation. ``0`` turns the cache off. Where the install is read-only and no
+    cache directory can be written, numlora falls back quietly to compiling in memory.
+    numba's own ``NUMBA_CACHE_DIR`` chooses where the cache lives.
+``NUMLORA_PARALLEL``
+    ``1`` (default) compiles the kernels that have parallel work with
+    ``parallel=True``; ``0`` compiles them serial. The number of threads is numba's
+    (``NUMBA_NUM_THREADS`` or ``numba.set_num_threads``). Results never depend on it.
+
+fastmath is never enabled: it would let the compiler reorder floating-point sums and
+break the bit-exact guarantees (NF4 codes, bit-exact unmerge).
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def _flag(name: str, default: bool) -> bool:
+    value = os.environ.get(name)
+    if value is None or value.strip() == "":
+        return default
+    return value.strip().lower() not in ("0", "false", "no", "off")
+
+
+CACHE: bool = _flag("NUMLORA_CACHE", True)
+PARALLEL: bool = _flag("NUMLORA_PARALLEL", True)

@@ -1,0 +1,91 @@
+"""Input checks shared by the functional layer. Every message says what was expected
+and what arrived."""
+
+from __future__ import annotations
+
+import numbers
+import operator
+
+import numpy as np
+
+from .errors import ConfigError, DTypeError, NonFiniteError, ShapeError
+
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def float_array(name: str, a, ndims=None, *, allow_empty: bool = False) -> np.ndarray:
+    """Return ``a`` as a float32 / float64 ndarray (no copy when it already is one);
+    refuse other dtypes, the wrong number of dimensions and (by default) empty arrays."""
+    if not isinstance(a, np.ndarray):
+        if hasattr(a, "__cuda_array_interface__"):
+            raise DTypeError(f"{name} is a GPU array; the CPU functions take numpy arrays")
+        try:
+            a = np.asarray(a)
+        except Exception as exc:  # ragged lists and other junk
+            raise DTypeError(f"{name} must be an array of float32 or float64, got {type(a).__name__}") from exc
+    if a.dtype not in FLOAT_DTYPES:
+        hint = ""
+        if a.dtype in (np.dtype(np.float16),) or a.dtype.name in ("bfloat16",):
+            hint = " (convert 16-bit floats with .astype(numpy.float32) first)"
+        raise DTypeError(f"{name} must have dtype float32 or float64, got {a.dtype}{hint}")
+    if ndims is not None:
+        allowed = (ndims,) if isinstance(ndims, int) else tuple(ndims)
+        if a.ndim not in allowed:
+            want = " or ".join(f"{d}-D" for d in allowed)
+            raise ShapeError(f"expected {name} to be {want}, got shape {a.shape}")
+    if a.size == 0 and not allow_empty:
+        raise ShapeError(f"expected a non-empty {name}, got shape {a.shape}")
+    return a
+
+
+def expect_shape(name: str, a: np.ndarray, shape: tuple) -> None:
+    if tuple(a.shape) != tuple(shape):
+        raise ShapeError(f"expected {name} of shape {tuple(shape)}, got {tuple(a.shape)}")
+
+
+def real_scalar(name: str, value, *, positive: bool = False) -> float:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise DTypeError(f"{name} must be a real number, got {type(value).__name__}")
+    v = float(value)
+    if not np.isfinite(v):
+        raise ConfigError(f"{name} must be finite, got {v}")
+    if positive and not v > 0:
+        raise ConfigError(f"{name} must be > 0, got {v}")
+    return v
+
+
+def int_scalar(name: str, value, *, minimum: int | None = None) -> int:
+    if isinstance(value, (bool, np.bool_)):
+        raise DTypeError(f"{name} must be an integer, got bool")
+    try:
+        v = operator.index(value)
+    except TypeError:
+        raise DTypeError(f"{name} must be an integer, got {type(value).__name__}") from None
+    if minimum is not None and v < minimum:
+        raise ConfigError(f"{name} must be >= {minimum}, got {v}")
+    return v
+
+
+def out_array(name: str, out, shape: tuple, dtype) -> np.ndarray:
+    """Check a caller's ``out=`` buffer: ndarray, exact shape and dtype, C-contiguous,
+    writable."""
+    if not isinstance(out, np.ndarray):
+        raise DTypeError(f"{name} must be a numpy array, got {type(out).__name__}")
+    if out.dtype != np.dtype(dtype):
+        raise DTypeError(f"expected {name} with dtype {np.dtype(dtype)}, got {out.dtype}")
+    expect_shape(name, out, shape)
+    if not out.flags.c_contiguous:
+        raise ShapeError(f"expected {name} to be C-contiguous (numpy.empty(..., order='C'))")
+    if not out.flags.writeable:
+        raise ShapeError(f"{name} is read-only")
+    return out
+
+
+def first_nonfinite(name: str, flat: np.ndarray, shape: tuple, start: int = 0) -> NonFiniteError:
+    """Build the error naming the first NaN / inf at or after flat index ``start``."""
+    bad = np.flatnonzero(~np.isfinite(flat[start:]))
+    k = start + int(bad[0])
+    index = np.unravel_index(k, shape)
+    return NonFiniteError(
+        f"{name} must be finite, got {flat[k]} at index {tuple(int(i) for i in index)}"
+    )

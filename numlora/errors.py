@@ -1,0 +1,56 @@
+"""The one exception family of numlora.
+
+Every error numlora raises on bad input derives from :class:`NumloraError`. The
+subclasses also derive from the matching builtin (``ValueError``, ``TypeError``,
+``KeyError``, ``RuntimeError``), so callers can catch either the numlora class or
+the builtin they already expect.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "NumloraError",
+    "ConfigError",
+    "ShapeError",
+    "DTypeError",
+    "NonFiniteError",
+    "MergeStateError",
+    "LayerNotFoundError",
+    "DuplicateLayerError",
+]
+
+
+class NumloraError(Exception):
+    """Base class of every error numlora raises on bad input or bad state."""
+
+
+class ConfigError(NumloraError, ValueError):
+    """A configuration value is out of range (rank, alpha, dropout, blocksize...)."""
+
+
+class ShapeError(NumloraError, ValueError):
+    """An array has the wrong number of dimensions, the wrong shape, or is empty."""
+
+
+class DTypeError(NumloraError, TypeError):
+    """An array or argument has a dtype or type numlora does not accept."""
+
+
+class NonFiniteError(NumloraError, ValueError):
+    """An input holds NaN or infinity where only finite values make sense."""
+
+
+class MergeStateError(NumloraError, RuntimeError):
+    """An operation does not fit the merge state (merging twice, unmerging an unmerged
+    layer, changing adapter weights while merged)."""
+
+
+class LayerNotFoundError(NumloraError, KeyError):
+    """A layer name is not in the adapter."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class DuplicateLayerError(NumloraError, ValueError):
+    """A layer name is already in the adapter."""

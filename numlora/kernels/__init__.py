@@ -1,0 +1,7 @@
+"""CPU kernels: plain ``@njit`` functions over arrays.
+
+No validation, no classes, no allocation beyond scratch space; results go to ``out``
+arrays. Importing a module of this package imports numba, but compiles nothing: each
+kernel compiles on its first call (and is cached on disk, see ``numlora._config``).
+The functional layer (``numlora.ops``, ``numlora.nf4``) imports these modules lazily.
+"""

@@ -1,0 +1,336 @@
+"""``LoraLinear`` and ``QLoraLinear``: thin holders of arrays and flags whose methods
+call the functional API (:mod:`numlora.ops`, :mod:`numlora.nf4`)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from . import _validate as v
+from .config import lora_scaling
+from .errors import ConfigError, MergeStateError
+from .nf4 import NF4Tensor, dequantize_nf4, nf4_matmul, qlora_forward, quantize_nf4
+from .ops import linear_forward, lora_forward, merge_lora, unmerge_lora
+from .rng import XorShift64
+
+__all__ = ["LoraLinear", "QLoraLinear", "init_lora_a"]
+
+INITS = ("seed", "kaiming", "gaussian")
+
+
+def _check_rank(rank, out_f, in_f):
+    rank = v.int_scalar("rank", rank)
+    if rank <= 0:
+        raise ConfigError(f"LoRA rank must be > 0, got {rank}")
+    if rank > min(out_f, in_f):
+        raise ConfigError(
+            f"LoRA rank ({rank}) must not exceed min(out_features, in_features) = {min(out_f, in_f)}"
+        )
+    return rank
+
+
+def init_lora_a(rank: int, in_features: int, out_features: int, init: str = "seed",
+                seed: int | None = None, default_seed: int = 42) -> np.ndarray:
+    """Initial A (rank, in_features), float32.
+
+    ``"seed"``: the seed module's init, bit for bit: xorshift64 seeded
+    ``default_seed + in + out`` (or ``seed``), values times ``float32(sqrt(2 / in))``.
+    ``"kaiming"``: PEFT's default, U(-1/sqrt(in), 1/sqrt(in)) (numpy Generator(seed)).
+    ``"gaussian"``: PEFT's ``"gaussian"``, N(0, (1/rank)^2) (numpy Generator(seed)).
+    """
+    if init == "seed":
+        rng = XorShift64(default_seed + in_features + out_features if seed is None else seed)
+        scale = np.sqrt(np.float32(2.0) / np.float32(in_features))
+        return rng.uniform((rank, in_features)) * scale
+    if init == "kaiming":
+        bound = 1.0 / math.sqrt(in_features)
+        return np.random.default_rng(seed).uniform(-bound, bound, (rank, in_features)).astype(np.float32)
+    if init == "gaussian":
+        return np.random.default_rng(seed).normal(0.0, 1.0 / rank, (rank, in_features)).astype(np.float32)
+    raise ConfigError(f"init must be one of {INITS}, got {init!r}")
+
+
+class _LowRank:
+    """What LoraLinear and QLoraLinear share: A, B, alpha, scaling, the enabled flag."""
+
+    _dtype = np.dtype(np.float32)
+
+    def _init_low_rank(self, out_f, in_f, lora_a, lora_b, alpha, use_rslora):
+        self._out_f, self._in_f = out_f, in_f
+        a = v.float_array("lora_a", lora_a, 2)
+        self._rank = a.shape[0]
+        self._alpha = v.real_scalar("alpha", alpha, positive=True)
+        self._use_rslora = bool(use_rslora)
+        self._enabled = True
+        self._merged = False
+        self.lora_a = a
+        self.lora_b = lora_b
+
+    # A and B: validating setters -------------------------------------------------
+    @property
+    def lora_a(self) -> np.ndarray:
+        """LoRA A, shape (rank, in_features)."""
+        return self._lora_a
+
+    @lora_a.setter
+    def lora_a(self, a):
+        self._set("lora_a", a, (self._rank, self._in_f))
+
+    @property
+    def lora_b(self) -> np.ndarray:
+        """LoRA B, shape (out_features, rank)."""
+        return self._lora_b
+
+    @lora_b.setter
+    def lora_b(self, b):
+        self._set("lora_b", b, (self._out_f, self._rank))
+
+    def _set(self, name, a, shape):
+        if self._merged:
+            raise MergeStateError(f"cannot set {name} while the layer is merged; unmerge() first")
+        a = v.float_array(name, a, 2)
+        v.expect_shape(name, a, shape)
+        setattr(self, "_" + name, np.array(a, dtype=self._dtype, order="C", copy=True))
+
+    # flags and sizes ---------------------------------------------------------------
+    def enable(self) -> None:
+        """Turn the LoRA path on."""
+        self._enabled = True
+
+    def disable(self) -> None:
+        """Turn the LoRA path off: forward gives the base layer's output."""
+        if self._merged:
+            raise MergeStateError("cannot disable a merged layer; unmerge() first")
+        self._enabled = False
+
+    @property
+    def enabled(self) -> bool:
+        return self._enabled
+
+    @property
+    def merged(self) -> bool:
+        return self._merged
+
+    @property
+    def rank(self) -> int:
+        return self._rank
+
+    @property
+    def alpha(self) -> float:
+        return self._alpha
+
+    @property
+    def use_rslora(self) -> bool:
+        return self._use_rslora
+
+    @property
+    def scaling(self) -> float:
+        """``alpha / rank`` (``alpha / sqrt(rank)`` with rsLoRA)."""
+        return lora_scaling(self._alpha, self._rank, self._use_rslora)
+
+    @property
+    def in_features(self) -> int:
+        return self._in_f
+
+    @property
+    def out_features(self) -> int:
+        return self._out_f
+
+    @property
+    def trainable_params(self) -> int:
+        """``rank * (in_features + out_features)``."""
+        return self._rank * (self._in_f + self._out_f)
+
+    @property
+    def original_params(self) -> int:
+        return self._in_f * self._out_f
+
+    @property
+    def total_params(self) -> int:
+        """Frozen plus trainable parameters."""
+        return self.original_params + self.trainable_params
+
+    @property
+    def compression_ratio(self) -> float:
+        """Trainable over total parameters."""
+        return self.trainable_params / self.total_params
+
+
+class LoraLinear(_LowRank):
+    """A linear layer ``y = x W^T + b`` with a LoRA adapter ``scaling * (x A^T) B^T``.
+
+    Build it with :meth:`from_weight`. ``merge()`` adds ``scaling * B @ A`` into the
+    weight in place; ``unmerge()`` restores the weight **bit for bit**, however many
+    cycles: the merge keeps one signed byte per weight element (see
+    :class:`numlora.ops.MergeRecord`), a quarter of the float32 weight's memory, for as
+    long as the layer is merged. While merged, A and B cannot be changed.
+    """
+
+    def __init__(self, weight, lora_a, lora_b, alpha, *, bias=None, use_rslora=False,
+                 fan_in_fan_out=False):
+        weight = v.float_array("weight", weight, 2)
+        in_f, out_f = weight.shape if fan_in_fan_out else weight.shape[::-1]
+        self._weight = weight
+        self._dtype = weight.dtype
+        self._fan_in_fan_out = bool(fan_in_fan_out)
+        self._init_low_rank(out_f, in_f, lora_a, lora_b, alpha, use_rslora)
+        _check_rank(self._rank, out_f, in_f)
+        if bias is not None:
+            bias = v.float_array("bias", bias, 1)
+            v.expect_shape("bias", bias, (out_f,))
+            bias = np.array(bias, dtype=weight.dtype, copy=True)
+        self._bias = bias
+        self._record = None
+
+    @classmethod
+    def from_weight(cls, weight, rank, alpha, init="seed", seed=None, *, bias=None,
+                    use_rslora=False, fan_in_fan_out=False, copy=True) -> "LoraLinear":
+        """A layer over ``weight`` (out, in) (``(in, out)`` with ``fan_in_fan_out``) with a
+        fresh adapter: A initialised by ``init`` (see :func:`init_lora_a`; ``"seed"``
+        reproduces the seed module's ``LoraLinear::new`` bit for bit), B = 0.
+
+        ``copy=False`` keeps the caller's array (merge() then changes it in place)."""
+        weight = v.float_array("weight", weight, 2)
+        in_f, out_f = weight.shape if fan_in_fan_out else weight.shape[::-1]
+        rank = _check_rank(rank, out_f, in_f)
+        v.real_scalar("alpha", alpha, positive=True)
+        if copy:
+            weight = np.array(weight, copy=True)
+        a = init_lora_a(rank, in_f, out_f, init, seed, default_seed=42)
+        b = np.zeros((out_f, rank), weight.dtype)
+        return cls(weight, a, b, alpha, bias=bias, use_rslora=use_rslora, fan_in_fan_out=fan_in_fan_out)
+
+    @property
+    def weight(self) -> np.ndarray:
+        """The base weight (with the delta added while merged)."""
+        return self._weight
+
+    @property
+    def bias(self):
+        return self._bias
+
+    @property
+    def fan_in_fan_out(self) -> bool:
+        return self._fan_in_fan_out
+
+    def forward(self, x, out=None) -> np.ndarray:
+        """``x`` of shape (in,) or (n, in) -> (out,) or (n, out)."""
+        if self._merged or not self._enabled:
+            return linear_forward(x, self._weight, self._bias, out=out, fan_in_fan_out=self._fan_in_fan_out)
+        return lora_forward(x, self._weight, self._lora_a, self._lora_b, self.scaling, self._bias,
+                            out=out, fan_in_fan_out=self._fan_in_fan_out)
+
+    __call__ = forward
+
+    def merge(self) -> None:
+        """``W += scaling * B @ A`` in place. Raises if already merged or disabled."""
+        if self._merged:
+            raise MergeStateError("LoRA weights are already merged")
+        if not self._enabled:
+            raise MergeStateError("cannot merge a disabled layer; enable() first")
+        self._record = merge_lora(self._weight, self._lora_a, self._lora_b, self.scaling,
+                                  self._fan_in_fan_out, record=True)
+        self._merged = True
+
+    def unmerge(self) -> None:
+        """Restore the base weight exactly as it was before :meth:`merge`."""
+        if not self._merged:
+            raise MergeStateError("LoRA weights are not merged")
+        unmerge_lora(self._weight, self._lora_a, self._lora_b, self.scaling, self._fan_in_fan_out,
+                     record=self._record)
+        self._record = None
+        self._merged = False
+
+    @property
+    def merge_overhead_bytes(self) -> int:
+        """Memory held to make unmerge exact (0 while unmerged)."""
+        return 0 if self._record is None else self._record.nbytes
+
+    def __repr__(self) -> str:
+        return (f"LoraLinear(out_features={self._out_f}, in_features={self._in_f}, rank={self._rank}, "
+                f"alpha={self._alpha}, dtype={self._dtype}, enabled={self._enabled}, merged={self._merged})")
+
+
+class QLoraLinear(_LowRank):
+    """A LoRA adapter over an NF4-quantized frozen weight (QLoRA).
+
+    The base weight lives only as an :class:`~numlora.nf4.NF4Tensor`; forward decodes it
+    tile by tile and never holds a float32 copy. There is no in-place merge (it would
+    have to re-quantize, silently losing the adapter's precision):
+    :meth:`merged_weight` returns the dense ``deq(W) + scaling * B @ A`` instead.
+    """
+
+    def __init__(self, nf4: NF4Tensor, lora_a, lora_b, alpha, *, bias=None, use_rslora=False):
+        if not isinstance(nf4, NF4Tensor):
+            raise v.DTypeError(f"expected an NF4Tensor, got {type(nf4).__name__}")
+        if len(nf4.shape) != 2:
+            raise v.ShapeError(f"expected a 2-D NF4 weight, got shape {nf4.shape}")
+        out_f, in_f = nf4.shape
+        self._nf4 = nf4
+        self._init_low_rank(out_f, in_f, lora_a, lora_b, alpha, use_rslora)
+        _check_rank(self._rank, out_f, in_f)
+        if bias is not None:
+            bias = v.float_array("bias", bias, 1)
+            v.expect_shape("bias", bias, (out_f,))
+            bias = np.array(bias, dtype=np.float32, copy=True)
+        self._bias = bias
+
+    @classmethod
+    def from_weight(cls, weight, rank, alpha, blocksize=64, double_quant=False, init="seed",
+                    seed=None, *, bias=None, use_rslora=False) -> "QLoraLinear":
+        """Quantize ``weight`` (out, in) to NF4 and add a fresh adapter (``init="seed"``:
+        the seed module's ``QLoraLinear::from_weight`` init, xorshift seeded
+        ``137 + in + out``)."""
+        weight = v.float_array("weight", weight, 2)
+        out_f, in_f = weight.shape
+        rank = _check_rank(rank, out_f, in_f)
+        v.real_scalar("alpha", alpha, positive=True)
+        nf4 = quantize_nf4(weight, blocksize=blocksize, double_quant=double_quant)
+        a = init_lora_a(rank, in_f, out_f, init, seed, default_seed=137)
+        b = np.zeros((out_f, rank), np.float32)
+        return cls(nf4, a, b, alpha, bias=bias, use_rslora=use_rslora)
+
+    @property
+    def nf4(self) -> NF4Tensor:
+        return self._nf4
+
+    @property
+    def bias(self):
+        return self._bias
+
+    @property
+    def blocksize(self) -> int:
+        return self._nf4.blocksize
+
+    group_size = blocksize
+
+    def forward(self, x, out=None) -> np.ndarray:
+        if not self._enabled:
+            out = nf4_matmul(x, self._nf4, out=out)
+            if self._bias is not None:
+                out += self._bias
+            return out
+        return qlora_forward(x, self._nf4, self._lora_a, self._lora_b, self.scaling, self._bias, out=out)
+
+    __call__ = forward
+
+    def dequantize_weight(self, out=None) -> np.ndarray:
+        """The float32 base weight as NF4 stores it."""
+        return dequantize_nf4(self._nf4, out=out)
+
+    def merged_weight(self, out=None) -> np.ndarray:
+        """Dense float32 ``deq(W) + scaling * B @ A`` (the base stays quantized and
+        untouched; nothing is re-quantized)."""
+        w = dequantize_nf4(self._nf4, out=out)
+        merge_lora(w, self._lora_a, self._lora_b, self.scaling)
+        return w
+
+    def memory_saved_bytes(self) -> int:
+        """float32 bytes of the weight minus the bytes of its NF4 storage."""
+        return max(0, 4 * self._nf4.numel - self._nf4.nbytes)
+
+    def __repr__(self) -> str:
+        return (f"QLoraLinear(out_features={self._out_f}, in_features={self._in_f}, rank={self._rank}, "
+                f"alpha={self._alpha}, blocksize={self.blocksize}, double_quant={self._nf4.double_quant}, "
+                f"enabled={self._enabled})")

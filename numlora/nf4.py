@@ -1,0 +1,274 @@
+"""NF4 ("4-bit NormalFloat") in the bitsandbytes layout: quantize, dequantize, and the
+matmul of an NF4 weight (the QLoRA forward).
+
+The format, exactly as bitsandbytes' CPU path writes it, is described in
+``docs/nf4-format.md``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import _validate as v
+from ._code8 import CODE8_HEX
+from .errors import ConfigError, DTypeError, ShapeError
+
+__all__ = [
+    "NF4_CODE",
+    "NF4_MIDPOINTS",
+    "CODE8",
+    "NF4Tensor",
+    "quantize_nf4",
+    "dequantize_nf4",
+    "nf4_matmul",
+    "qlora_forward",
+]
+
+
+def _from_hex(words) -> np.ndarray:
+    a = np.array([int(h, 16) for h in words], dtype=np.uint32).view(np.float32)
+    a.setflags(write=False)
+    return a
+
+
+#: The 16 NF4 values (float32), bit for bit bitsandbytes' table.
+NF4_CODE = _from_hex([
+    "bf800000", "bf3239b1", "bf066b30", "beca32a0", "be91a24d", "be3d353f", "bdba7871", "00000000",
+    "3da2faff", "3e24cae3", "3e7c04dd", "3ead033a", "3ee1a4b8", "3f1007ab", "3f3913b3", "3f800000",
+])
+
+#: float32 midpoints between consecutive codes, computed as bitsandbytes does
+#: (float32 sum, then halved). A value exactly on a midpoint takes the lower code.
+NF4_MIDPOINTS = ((NF4_CODE[:-1] + NF4_CODE[1:]) / np.float32(2)).astype(np.float32)
+NF4_MIDPOINTS.setflags(write=False)
+
+#: bitsandbytes' signed dynamic 8-bit map (256 float32, ascending), for double quantization.
+CODE8 = _from_hex(CODE8_HEX)
+
+#: Group size of the double quantization of absmax (bitsandbytes' nested blocksize).
+DQ_GROUP = 256
+
+
+@dataclass(eq=False)
+class NF4Tensor:
+    """A weight quantized to NF4, in bitsandbytes' layout.
+
+    Attributes
+    ----------
+    packed : uint8 (ceil(n / 2),) - element 2i in the high nibble of byte i; an odd
+        count pads the last low nibble with code 7.
+    absmax : float32 (n_blocks,) block scales; with double quantization the uint8 codes
+        of the scales instead.
+    shape : the original shape.
+    blocksize : elements per block (over the flat row-major index).
+    absmax2 : float32 (ceil(n_blocks / 256),) second-level scales (double quant only).
+    offset : float32 mean subtracted from absmax before its 8-bit quantization (double quant only).
+    code8 : float32 (256,) the 8-bit map used for absmax (double quant only).
+    dtype : the dtype the weight had, as a name (kept for writing the bitsandbytes metadata).
+    """
+
+    packed: np.ndarray
+    absmax: np.ndarray
+    shape: tuple
+    blocksize: int
+    absmax2: np.ndarray | None = None
+    offset: np.float32 | None = None
+    code8: np.ndarray | None = None
+    dtype: str = "float32"
+    _scales: np.ndarray | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self):
+        self.shape = tuple(int(d) for d in self.shape)
+        n = self.numel
+        bs = v.int_scalar("blocksize", self.blocksize, minimum=2)
+        self.blocksize = bs
+        if not isinstance(self.packed, np.ndarray) or self.packed.dtype != np.uint8:
+            raise ShapeError("packed must be a uint8 numpy array")
+        v.expect_shape("packed", self.packed, ((n + 1) // 2,))
+        nblocks = -(-n // bs)
+        v.expect_shape("absmax", self.absmax, (nblocks,))
+        if self.double_quant:
+            if self.absmax.dtype != np.uint8 or self.offset is None or self.code8 is None:
+                raise ShapeError("a double-quantized NF4Tensor needs uint8 absmax codes, absmax2, offset and code8")
+            v.expect_shape("absmax2", self.absmax2, (-(-nblocks // DQ_GROUP),))
+            v.expect_shape("code8", self.code8, (256,))
+        elif self.absmax.dtype != np.float32:
+            raise ShapeError(f"expected absmax with dtype float32, got {self.absmax.dtype}")
+
+    @property
+    def numel(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def double_quant(self) -> bool:
+        return self.absmax2 is not None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of quantized storage: codes, block scales and, with double quantization,
+        the second-level scales and offset (the shared code tables are not counted)."""
+        n = self.packed.nbytes + self.absmax.nbytes
+        if self.double_quant:
+            n += self.absmax2.nbytes + 4
+        return n
+
+    def scales(self) -> np.ndarray:
+        """The float32 block scales (decoded once and kept, when double-quantized)."""
+        if not self.double_quant:
+            return self.absmax
+        if self._scales is None:
+            from .kernels import nf4 as k
+
+            out = np.empty(self.absmax.size, np.float32)
+            k.code8_decode(self.absmax, self.absmax2, np.float32(self.offset), DQ_GROUP, self.code8, out)
+            self._scales = out
+        return self._scales
+
+    def dequantize(self, out=None) -> np.ndarray:
+        """The float32 weight ``code[nibble] * absmax[block]``; see :func:`dequantize_nf4`."""
+        return dequantize_nf4(self, out=out)
+
+    def __repr__(self) -> str:
+        dq = ", double_quant" if self.double_quant else ""
+        return f"NF4Tensor(shape={self.shape}, blocksize={self.blocksize}{dq}, nbytes={self.nbytes})"
+
+
+def quantize_nf4(w, blocksize: int = 64, double_quant: bool = False) -> NF4Tensor:
+    """Quantize ``w`` to NF4, bit-identical to ``bitsandbytes.functional.quantize_4bit(w,
+    blocksize=blocksize, quant_type="nf4")`` on the CPU.
+
+    ``w`` is float32 (float64 is rounded to float32 first), any shape, non-empty, finite:
+    a NaN or inf raises :class:`~numlora.errors.NonFiniteError` naming its index. Any
+    ``blocksize >= 2`` works (bitsandbytes uses 32 ... 4096). ``double_quant=True``
+    also quantizes the block scales to 8 bits (QLoRA's double quantization).
+    """
+    w = v.float_array("w", w, None)
+    bs = v.int_scalar("blocksize", blocksize, minimum=2)
+    if not isinstance(double_quant, (bool, np.bool_)):
+        raise ConfigError(f"double_quant must be True or False, got {double_quant!r}")
+    from .kernels import nf4 as k
+
+    shape = w.shape
+    x = np.ascontiguousarray(w, dtype=np.float32).reshape(-1)
+    n = x.size
+    nblocks = -(-n // bs)
+    packed = np.empty((n + 1) // 2, np.uint8)
+    absmax = np.empty(nblocks, np.float32)
+    kern = k.nf4_quantize_even if bs % 2 == 0 else k.nf4_quantize_any
+    kern(x, x.view(np.int32), bs, NF4_MIDPOINTS, packed, absmax, absmax.view(np.int32))
+    finite = np.isfinite(absmax)
+    if not finite.all():
+        b = int(np.argmin(finite))
+        raise v.first_nonfinite("w", x, shape, start=b * bs)
+    t = NF4Tensor(packed, absmax, shape, bs, dtype=str(w.dtype))
+    if double_quant:
+        t = _double_quantize(t)
+    return t
+
+
+def _double_quantize(t: NF4Tensor) -> NF4Tensor:
+    from .kernels import nf4 as k
+
+    absmax = t.absmax
+    offset = np.float32(np.mean(absmax, dtype=np.float64))
+    q8 = np.empty(absmax.size, np.uint8)
+    absmax2 = np.empty(-(-absmax.size // DQ_GROUP), np.float32)
+    k.code8_encode(absmax, offset, DQ_GROUP, CODE8, q8, absmax2)
+    return NF4Tensor(t.packed, q8, t.shape, t.blocksize, absmax2=absmax2, offset=offset,
+                     code8=CODE8, dtype=t.dtype)
+
+
+def _check_tensor(t):
+    if not isinstance(t, NF4Tensor):
+        raise DTypeError(f"expected an NF4Tensor, got {type(t).__name__}")
+    return t
+
+
+def dequantize_nf4(t: NF4Tensor, out=None) -> np.ndarray:
+    """Decode ``t`` to a float32 array of ``t.shape``: ``code[nibble] * absmax[block]``
+    (absmax decoded from its 8-bit codes first under double quantization). ``out``: an
+    optional preallocated C-contiguous float32 array of ``t.shape``."""
+    _check_tensor(t)
+    from .kernels import nf4 as k
+
+    if out is None:
+        out = np.empty(t.shape, np.float32)
+    else:
+        v.out_array("out", out, t.shape, np.float32)
+    k.nf4_dequantize_range(t.packed, t.scales(), t.blocksize, NF4_CODE, 0, t.numel, out.reshape(-1))
+    return out
+
+
+#: float32 elements per decoded tile in :func:`nf4_matmul` (1 MiB: stays in cache).
+TILE_ELEMS = 1 << 18
+
+
+def nf4_matmul(x, t: NF4Tensor, out=None) -> np.ndarray:
+    """``x deq(W)^T`` for an NF4 weight ``W`` of shape (out, in), never holding the
+    whole dequantized weight: tiles of rows are decoded into a 1 MiB buffer and multiplied
+    by every row of ``x`` (so the decode cost is paid once per call, whatever the batch).
+    """
+    _check_tensor(t)
+    if len(t.shape) != 2:
+        raise ShapeError(f"expected a 2-D NF4 weight, got shape {t.shape}")
+    out_f, in_f = t.shape
+    from .ops import _input_rows, _prepare_out
+
+    x = _input_rows(x, in_f)
+    out = _prepare_out(out, x, out_f, np.float32)
+    _nf4_base(np.ascontiguousarray(x.reshape(-1, in_f), np.float32), t, out.reshape(-1, out_f))
+    return out
+
+
+def _nf4_base(x2, t, out2):
+    from .kernels import nf4 as k
+
+    out_f, in_f = t.shape
+    n = x2.shape[0]
+    if n == 0:
+        return
+    rows = max(1, min(out_f, TILE_ELEMS // in_f))
+    tile = np.empty((rows, in_f), np.float32)
+    part = np.empty((n, rows), np.float32) if n > 1 else None
+    scales = t.scales()
+    for r0 in range(0, out_f, rows):
+        r1 = min(out_f, r0 + rows)
+        cur = tile[: r1 - r0]
+        k.nf4_dequantize_range(t.packed, scales, t.blocksize, NF4_CODE, r0 * in_f, r1 * in_f, cur.reshape(-1))
+        if n == 1:
+            np.dot(cur, x2[0], out=out2[0, r0:r1])
+        else:
+            if r1 - r0 == rows:
+                np.dot(x2, cur.T, out=part)
+                out2[:, r0:r1] = part
+            else:
+                out2[:, r0:r1] = x2 @ cur.T
+
+
+def qlora_forward(x, t: NF4Tensor, lora_a, lora_b, scaling, bias=None, out=None) -> np.ndarray:
+    """``y = x deq(W)^T + b + scaling * (x A^T) B^T`` for an NF4 base weight (float32)."""
+    _check_tensor(t)
+    if len(t.shape) != 2:
+        raise ShapeError(f"expected a 2-D NF4 weight, got shape {t.shape}")
+    out_f, in_f = t.shape
+    from .ops import _bias, _input_rows, _kernels, _prepare_out
+
+    lora_a = v.float_array("lora_a", lora_a, 2)
+    rank = lora_a.shape[0]
+    v.expect_shape("lora_a", lora_a, (rank, in_f))
+    lora_b = v.float_array("lora_b", lora_b, 2)
+    v.expect_shape("lora_b", lora_b, (out_f, rank))
+    s = v.real_scalar("scaling", scaling)
+    x = _input_rows(x, in_f)
+    b_arr, use_bias = _bias(bias, out_f, np.float32)
+    out = _prepare_out(out, x, out_f, np.float32)
+    x2 = np.ascontiguousarray(x.reshape(-1, in_f), np.float32)
+    out2 = out.reshape(-1, out_f)
+    _nf4_base(x2, t, out2)
+    if x2.shape[0]:
+        u = np.dot(x2, np.asarray(lora_a, np.float32).T)
+        u *= np.float32(s)
+        _kernels().lora_expand_add(u, np.ascontiguousarray(lora_b.T, np.float32), b_arr, use_bias, out2)
+    return out
