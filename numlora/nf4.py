@@ -236,7 +236,7 @@ def _nf4_base(x2, t, out2):
     for r0 in range(0, out_f, rows):
         r1 = min(out_f, r0 + rows)
         cur = tile[: r1 - r0]
-        k.nf4_dequantize_range(t.packed, scales, t.blocksize, NF4_CODE, r0 * in_f, r1 * in_f, cur.reshape(-1))
+        k.nf4_dequantize_tile(t.packed, scales, t.blocksize, NF4_CODE, r0 * in_f, r1 * in_f, cur.reshape(-1))
         if n == 1:
             np.dot(cur, x2[0], out=out2[0, r0:r1])
         else:
@@ -253,7 +253,7 @@ def qlora_forward(x, t: NF4Tensor, lora_a, lora_b, scaling, bias=None, out=None)
     if len(t.shape) != 2:
         raise ShapeError(f"expected a 2-D NF4 weight, got shape {t.shape}")
     out_f, in_f = t.shape
-    from .ops import _bias, _input_rows, _kernels, _prepare_out
+    from .ops import _add_low_rank, _bias, _input_rows, _prepare_out
 
     lora_a = v.float_array("lora_a", lora_a, 2)
     rank = lora_a.shape[0]
@@ -267,8 +267,7 @@ def qlora_forward(x, t: NF4Tensor, lora_a, lora_b, scaling, bias=None, out=None)
     x2 = np.ascontiguousarray(x.reshape(-1, in_f), np.float32)
     out2 = out.reshape(-1, out_f)
     _nf4_base(x2, t, out2)
-    if x2.shape[0]:
-        u = np.dot(x2, np.asarray(lora_a, np.float32).T)
-        u *= np.float32(s)
-        _kernels().lora_expand_add(u, np.ascontiguousarray(lora_b.T, np.float32), b_arr, use_bias, out2)
+    _add_low_rank(x2, np.asarray(lora_a, np.float32), np.asarray(lora_b, np.float32), s, out2)
+    if use_bias:
+        out2 += b_arr
     return out

@@ -16,19 +16,32 @@ def kernel(parallel: bool = False):
     ``parallel`` when asked and allowed, never fastmath, on-disk cache when possible."""
 
     def wrap(fn):
-        par = parallel and _config.PARALLEL
-        if _config.CACHE:
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", numba.NumbaWarning)
-                    return numba.njit(parallel=par, cache=True, nogil=True)(fn)
-            except RuntimeError:
-                # numba found no writable cache location (read-only install and no
-                # usable NUMBA_CACHE_DIR): compile in memory instead.
-                pass
-        return numba.njit(parallel=par, cache=False, nogil=True)(fn)
+        return _compile(fn, parallel and _config.PARALLEL)
 
     return wrap
+
+
+def serial_twin(dispatcher):
+    """The same kernel compiled without ``parallel``: for small work called right after
+    a BLAS call, where waking numba's threads while OpenBLAS's threads still spin costs
+    more than the work itself.
+
+    Not cached on disk: numba's cache index does not tell a parallel build of a function
+    from a serial one, so the twin would share (and clash with) the original's entries."""
+    return _compile(getattr(dispatcher, "py_func", dispatcher), False, cache=False)
+
+
+def _compile(fn, par, cache=True):
+    if cache and _config.CACHE:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", numba.NumbaWarning)
+                return numba.njit(parallel=par, cache=True, nogil=True)(fn)
+        except RuntimeError:
+            # numba found no writable cache location (read-only install and no
+            # usable NUMBA_CACHE_DIR): compile in memory instead.
+            pass
+    return numba.njit(parallel=par, cache=False, nogil=True)(fn)
 
 
 def inline_helper(fn):

@@ -1,9 +1,8 @@
-"""LoRA kernels: the low-rank expand of the forward, and merge / unmerge of the delta.
+"""LoRA kernels: merge / unmerge of the low-rank delta into a weight, in place.
 
-The dense base product ``x W^T`` is not here: the functional layer hands it to BLAS
-(numpy), which is as fast as this machine allows. These kernels do the parts BLAS would
-do with a large temporary: adding ``u B^T`` (u = s x A^T, the small scaled intermediate)
-and the bias into the output in place, and adding ``s P Q`` into a weight in place.
+The forward is not here: its products go to BLAS from the functional layer (measured
+fastest on this machine, see ``numlora.ops``). Merging with BLAS would need a full-size
+temporary ``B @ A``; these kernels add the delta row by row with no temporary.
 
 Merge delta convention (shared by every merge / unmerge kernel, so that they agree to
 the bit): ``d[i, j] = scale * acc[j]`` with ``acc[j] = sum_t p[i, t] * q[t, j]`` summed
@@ -16,32 +15,6 @@ from __future__ import annotations
 import numpy as np
 
 from ._jit import inline_helper, kernel, prange
-
-_EXPAND_CHUNK = 1024
-
-
-@kernel(parallel=True)
-def lora_expand_add(u, bt, bias, use_bias, out):
-    """``out[i, o] += sum_t u[i, t] * bt[t, o]`` (+ ``bias[o]``), in place.
-
-    u: (n, r) already scaled; bt: (r, out) = B^T, C-contiguous; out: (n, out).
-    Parallel over (row, 1024-column chunk) tiles; each output element is summed by one
-    thread in a fixed order, so results do not depend on the thread count."""
-    n, nout = out.shape
-    r = u.shape[1]
-    nchunks = (nout + _EXPAND_CHUNK - 1) // _EXPAND_CHUNK
-    for tile in prange(n * nchunks):
-        i = tile // nchunks
-        lo = (tile % nchunks) * _EXPAND_CHUNK
-        hi = min(lo + _EXPAND_CHUNK, nout)
-        if use_bias:
-            for o in range(lo, hi):
-                out[i, o] += bias[o]
-        for t in range(r):
-            c = u[i, t]
-            for o in range(lo, hi):
-                out[i, o] += c * bt[t, o]
-
 
 @inline_helper
 def _delta_row(p, q, i, acc):
@@ -88,11 +61,13 @@ def merge_tracked(w, wi, p, q, scale, maxint, corr, exc_col, exc_bits, exc_count
     For each element, ``r = (w + d) - d`` is what a plain unmerge would give back; the
     distance from r to the original w, counted in representable floats, goes to ``corr``
     (int8). Where it does not fit in [-127, 127] (the original was tiny next to d and got
-    absorbed), ``corr`` holds -128 and the original bits go to the row's exception slots.
-    A row with more exceptions than slots is left unmerged and flagged by
-    ``exc_count[i] > slots``: the caller keeps a copy of that row and merges it plainly.
+    absorbed), ``corr`` holds -128 and the original bits go to the row's exception slots
+    (``exc_col`` / ``exc_bits``). A row with more exceptions than slots is left unmerged
+    and flagged by ``exc_count[i] > slots``: the caller keeps a copy of that row and
+    merges it plainly.
 
-    wi is w viewed as the signed integer of the same width; maxint its largest value."""
+    wi is w viewed as the signed integer of the same width; maxint its largest value.
+    The hot loops are branch-free so that they vectorise."""
     m, k = w.shape
     slots = exc_col.shape[1]
     for i in prange(m):
@@ -102,26 +77,31 @@ def merge_tracked(w, wi, p, q, scale, maxint, corr, exc_col, exc_bits, exc_count
         backi = back.view(wi.dtype)
         for j in range(k):
             d = scale * acc[j]
-            back[j] = (w[i, j] + d) - d
+            merged = w[i, j] + d
+            back[j] = merged - d
+            acc[j] = merged
         cnt = 0
         for j in range(k):
             diff = _key(wi[i, j], maxint) - _key(backi[j], maxint)
-            if diff >= -127 and diff <= 127:
-                corr[i, j] = diff
-            else:
-                corr[i, j] = -128
-                if cnt < slots:
-                    exc_col[i, cnt] = j
-                    exc_bits[i, cnt] = wi[i, j]
-                cnt += 1
+            bad = (diff < -127) | (diff > 127)
+            corr[i, j] = -128 if bad else diff
+            cnt += bad
         exc_count[i] = cnt
-        if cnt <= slots:
+        if cnt > slots:
+            continue
+        if cnt:
+            e = 0
             for j in range(k):
-                w[i, j] += scale * acc[j]
+                if corr[i, j] == -128:
+                    exc_col[i, e] = j
+                    exc_bits[i, e] = wi[i, j]
+                    e += 1
+        for j in range(k):
+            w[i, j] = acc[j]
 
 
 @kernel(parallel=True)
-def unmerge_tracked(w, wi, p, q, scale, maxint, minint, corr, exc_bits, exc_count):
+def unmerge_tracked(w, wi, p, q, scale, maxint, minint, corr, exc_col, exc_bits, exc_count):
     """Undo :func:`merge_tracked` bit for bit (rows flagged as overflowed are skipped:
     the caller restores them from its copies)."""
     m, k = w.shape
@@ -135,11 +115,7 @@ def unmerge_tracked(w, wi, p, q, scale, maxint, minint, corr, exc_bits, exc_coun
         backi = back.view(wi.dtype)
         for j in range(k):
             back[j] = w[i, j] - scale * acc[j]
-        cnt = 0
         for j in range(k):
-            c = corr[i, j]
-            if c == -128:
-                wi[i, j] = exc_bits[i, cnt]
-                cnt += 1
-            else:
-                wi[i, j] = _unkey(_key(backi[j], maxint) + c, minint)
+            wi[i, j] = _unkey(_key(backi[j], maxint) + corr[i, j], minint)
+        for e in range(exc_count[i]):
+            wi[i, exc_col[i, e]] = exc_bits[i, e]

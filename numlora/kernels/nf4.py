@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._jit import inline_helper, kernel, prange
+from ._jit import inline_helper, kernel, prange, serial_twin
 
 TINY = np.float32(1e-38)
 ONE = np.float32(1.0)
@@ -135,6 +135,10 @@ def nf4_dequantize_range(packed, absmax, blocksize, code, start, stop, out):
         k += 2 * npairs
         if k < hi:
             out[k - start] = code[packed[k >> 1] >> 4] * s
+
+
+#: Serial build of :func:`nf4_dequantize_range` for decoding small tiles between BLAS calls.
+nf4_dequantize_tile = serial_twin(nf4_dequantize_range)
 
 
 @kernel(parallel=True)

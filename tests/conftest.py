@@ -1,0 +1,26 @@
+import os
+
+import numpy as np
+import pytest
+
+JIT_DISABLED = os.environ.get("NUMBA_DISABLE_JIT", "0") not in ("", "0")
+
+
+def pytest_collection_modifyitems(config, items):
+    if not JIT_DISABLED:
+        return
+    skip = pytest.mark.skip(reason="too slow as interpreted Python (NUMBA_DISABLE_JIT=1 coverage run)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(12345)
+
+
+def make_weight(out: int, inp: int) -> np.ndarray:
+    """The seed tests' helper: w[i, j] = (i * in + j) * 0.01."""
+    i, j = np.meshgrid(np.arange(out), np.arange(inp), indexing="ij")
+    return ((i * inp + j).astype(np.float32) * np.float32(0.01)).astype(np.float32)

@@ -1,0 +1,118 @@
+"""Slow, obvious reference implementations, written from the format and math specs
+(not from numlora's kernels). Tests and benchmarks compare numlora against these."""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+
+MASK64 = (1 << 64) - 1
+
+# NF4 codebook and midpoints exactly as the format reference lists them (hex bit
+# patterns and shortest float32 reprs), independent of numlora's own tables.
+NF4_HEX = [
+    "bf800000", "bf3239b1", "bf066b30", "beca32a0", "be91a24d", "be3d353f", "bdba7871", "00000000",
+    "3da2faff", "3e24cae3", "3e7c04dd", "3ead033a", "3ee1a4b8", "3f1007ab", "3f3913b3", "3f800000",
+]
+NF4_MIDPOINTS_DOC = [
+    -0.8480963706970215, -0.6106328964233398, -0.4599952697753906, -0.33967941999435425,
+    -0.23460739850997925, -0.13791173696517944, -0.045525018125772476,
+    0.03979014977812767, 0.120255246758461, 0.2035212516784668, 0.2920137643814087,
+    0.3893125355243683, 0.5016634464263916, 0.6427869200706482, 0.8614784479141235,
+]
+
+
+def f32_from_hex(h: str) -> np.float32:
+    return np.frombuffer(struct.pack("<I", int(h, 16)), dtype=np.float32)[0]
+
+
+NF4_REF = np.array([f32_from_hex(h) for h in NF4_HEX], dtype=np.float32)
+MID_REF = np.array(NF4_MIDPOINTS_DOC, dtype=np.float32)
+
+
+# --- xorshift64 ---------------------------------------------------------------------
+
+def xorshift_stream(seed: int, n: int) -> tuple[list, int]:
+    """The seed's SeededRng in pure Python integers: (float32 values, final state)."""
+    s = max(seed, 1)
+    out = []
+    for _ in range(n):
+        s ^= (s << 13) & MASK64
+        s ^= s >> 7
+        s ^= (s << 17) & MASK64
+        out.append(np.float32(float(s) / float(MASK64) * 2.0 - 1.0))
+    return out, s
+
+
+# --- NF4 ------------------------------------------------------------------------------
+
+def nf4_code_of(y: np.float32) -> int:
+    """Index of the interval of y between the midpoints, strict '>' moving up."""
+    q = 0
+    for m in MID_REF:
+        if y > m:
+            q += 1
+    return q
+
+
+def nf4_quantize_ref(w, blocksize: int):
+    """bitsandbytes' CPU quantize_4bit, element by element (returns packed, absmax)."""
+    x = np.asarray(w, dtype=np.float32).reshape(-1)
+    n = x.size
+    nfull = n // blocksize
+    nblocks = -(-n // blocksize)
+    absmax = np.zeros(nblocks, np.float32)
+    codes = np.zeros(n + (n % 2), np.int64)
+    codes[n:] = 7
+    tiny = np.float32(1e-38)
+    for b in range(nblocks):
+        blk = x[b * blocksize:(b + 1) * blocksize]
+        am = np.float32(np.max(np.abs(blk)))
+        if b < nfull:
+            absmax[b] = am
+            inv = np.float32(np.float32(1.0) / max(am, tiny))
+            ys = [np.float32(np.clip(np.float32(v * inv), -1, 1)) for v in blk]
+        else:
+            am = max(am, tiny)
+            absmax[b] = am
+            ys = [np.float32(np.clip(np.float32(v / am), -1, 1)) for v in blk]
+        for k, y in enumerate(ys):
+            codes[b * blocksize + k] = nf4_code_of(y)
+    packed = ((codes[0::2] << 4) | codes[1::2]).astype(np.uint8)
+    return packed, absmax
+
+
+def nf4_dequantize_ref(packed, absmax, blocksize: int, n: int) -> np.ndarray:
+    out = np.empty(n, np.float32)
+    for k in range(n):
+        byte = int(packed[k // 2])
+        nib = (byte >> 4) if k % 2 == 0 else (byte & 15)
+        out[k] = NF4_REF[nib] * absmax[k // blocksize]
+    return out
+
+
+def code8_nearest_ref(code8: np.ndarray, v: float) -> int:
+    """Exactly nearest entry (ties to the lower index), by brute force in float64."""
+    d = np.abs(code8.astype(np.float64) - float(v))
+    return int(np.flatnonzero(d == d.min())[0])
+
+
+# --- LoRA -------------------------------------------------------------------------------
+
+def lora_forward_ref(x, weight, lora_a, lora_b, scaling, bias=None, fan_in_fan_out=False):
+    x = np.asarray(x, np.float64)
+    w = np.asarray(weight, np.float64)
+    if fan_in_fan_out:
+        w = w.T
+    y = x @ w.T + scaling * (x @ np.asarray(lora_a, np.float64).T) @ np.asarray(lora_b, np.float64).T
+    if bias is not None:
+        y = y + np.asarray(bias, np.float64)
+    return y
+
+
+def merge_ref(weight, lora_a, lora_b, scaling, fan_in_fan_out=False):
+    delta = scaling * (np.asarray(lora_b, np.float64) @ np.asarray(lora_a, np.float64))
+    if fan_in_fan_out:
+        delta = delta.T
+    return np.asarray(weight, np.float64) + delta

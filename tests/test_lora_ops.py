@@ -1,0 +1,224 @@
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import numlora as nl
+from reference import lora_forward_ref, merge_ref
+
+
+def _case(rng, n, out_f, in_f, r, dtype=np.float32):
+    x = rng.standard_normal((n, in_f)).astype(dtype)
+    w = rng.standard_normal((out_f, in_f)).astype(dtype)
+    a = rng.standard_normal((r, in_f)).astype(dtype)
+    b = rng.standard_normal((out_f, r)).astype(dtype)
+    bias = rng.standard_normal(out_f).astype(dtype)
+    return x, w, a, b, bias
+
+
+def _close(got, ref, dtype=np.float32):
+    tol = 2e-5 if dtype == np.float32 else 1e-12
+    scale = np.abs(ref).max() + 1
+    assert np.abs(got - ref).max() <= tol * scale
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_forward_matches_float64_reference(rng, dtype):
+    x, w, a, b, bias = _case(rng, 5, 33, 47, 4, dtype)
+    y = nl.lora_forward(x, w, a, b, 0.75, bias)
+    assert y.dtype == dtype and y.shape == (5, 33)
+    _close(y, lora_forward_ref(x, w, a, b, 0.75, bias), dtype)
+    y1 = nl.lora_forward(x[2], w, a, b, 0.75)
+    assert y1.shape == (33,)
+    _close(y1, lora_forward_ref(x[2], w, a, b, 0.75), dtype)
+
+
+@pytest.mark.slow
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(0, 9), out_f=st.integers(1, 70), in_f=st.integers(1, 70), r=st.integers(1, 8),
+       s=st.floats(-4, 4), bias=st.booleans(), fif=st.booleans(), seed=st.integers(0, 2**31))
+def test_forward_property(n, out_f, in_f, r, s, bias, fif, seed):
+    rng = np.random.default_rng(seed)
+    x, w, a, b, bvec = _case(rng, n, out_f, in_f, r)
+    if fif:
+        w = np.ascontiguousarray(w.T)
+    bvec = bvec if bias else None
+    y = nl.lora_forward(x, w, a, b, s, bvec, fan_in_fan_out=fif)
+    assert y.shape == (n, out_f)
+    if n:
+        _close(y, lora_forward_ref(x, w, a, b, s, bvec, fan_in_fan_out=fif))
+
+
+def test_forward_out_buffer_and_layouts(rng):
+    x, w, a, b, bias = _case(rng, 6, 20, 30, 3)
+    ref = nl.lora_forward(x, w, a, b, 1.5, bias)
+    out = np.empty((6, 20), np.float32)
+    assert nl.lora_forward(x, w, a, b, 1.5, bias, out=out) is out
+    assert np.array_equal(out, ref)
+    for xs, ws, as_, bs_ in [
+        (np.asfortranarray(x), np.asfortranarray(w), np.asfortranarray(a), np.asfortranarray(b)),
+        (np.repeat(x, 2, axis=1)[:, ::2], np.repeat(w, 2, axis=0)[::2], a[:, :], b[::1]),
+    ]:
+        assert np.array_equal(nl.lora_forward(xs, ws, as_, bs_, 1.5, bias), ref)
+
+
+def test_forward_empty_batch(rng):
+    _, w, a, b, _ = _case(rng, 1, 8, 6, 2)
+    y = nl.lora_forward(np.zeros((0, 6), np.float32), w, a, b, 1.0)
+    assert y.shape == (0, 8)
+
+
+def test_linear_forward(rng):
+    x, w, _, _, bias = _case(rng, 4, 9, 11, 2)
+    _close(nl.linear_forward(x, w, bias), x.astype(np.float64) @ w.T.astype(np.float64) + bias)
+
+
+@pytest.mark.parametrize("fif", [False, True])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_merge_matches_reference(rng, fif, dtype):
+    _, w, a, b, _ = _case(rng, 1, 40, 25, 5, dtype)
+    if fif:
+        w = np.ascontiguousarray(w.T)
+    ref = merge_ref(w, a, b, 0.3, fan_in_fan_out=fif)
+    w2 = w.copy()
+    assert nl.merge_lora(w2, a, b, 0.3, fan_in_fan_out=fif) is None
+    _close(w2, ref, dtype)
+    nl.unmerge_lora(w2, a, b, 0.3, fan_in_fan_out=fif)
+    _close(w2, w, dtype)
+
+
+def test_merge_layouts_identical(rng):
+    _, w, a, b, _ = _case(rng, 1, 30, 20, 4)
+    c = w.copy()
+    nl.merge_lora(c, a, b, 2.0)
+    f = np.asfortranarray(w)
+    nl.merge_lora(f, a, b, 2.0)
+    assert np.array_equal(f, c)
+    big = np.zeros((30, 40), np.float32)
+    big[:, ::2] = w
+    view = big[:, ::2]
+    nl.merge_lora(view, a, b, 2.0)
+    assert np.array_equal(view, c)
+    assert np.all(big[:, 1::2] == 0)
+
+
+def _assert_bit_exact(a, b):
+    assert a.dtype == b.dtype
+    it = np.uint32 if a.dtype == np.float32 else np.uint64
+    assert np.array_equal(a.view(it), b.view(it))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_tracked_unmerge_is_bit_exact_on_adversarial_weights(rng, dtype):
+    w = rng.standard_normal((48, 64)).astype(dtype)
+    w[0] = 0.0
+    w[1] = -0.0
+    w[2] = np.finfo(dtype).tiny / 8  # subnormal, absorbed whole: the row is kept
+    w[3, ::3] = 1e-30  # absorbed by the delta: exceptions, more than the row's slots
+    w[4, :5] = 1e-30  # a few exceptions: slots
+    w[5] = np.finfo(dtype).max / 4
+    a = rng.standard_normal((3, 64)).astype(dtype)
+    b = rng.standard_normal((48, 3)).astype(dtype)
+    orig = w.copy()
+    rec = nl.merge_lora(w, a, b, 0.7, record=True)
+    _close(w, merge_ref(orig, a, b, 0.7), dtype)
+    assert rec.saved_rows.tolist() == [2, 3]  # subnormal row and 1e-30 row: absorbed
+    assert rec.exc_count[4] >= 5
+    plain = w.copy()
+    nl.unmerge_lora(plain, a, b, 0.7)
+    nl.unmerge_lora(w, a, b, 0.7, record=rec)
+    _assert_bit_exact(w, orig)
+    assert not np.array_equal(plain, orig)  # plain subtraction would not restore it
+
+
+@pytest.mark.parametrize("layout", ["C", "F", "strided"])
+@pytest.mark.parametrize("fif", [False, True])
+def test_tracked_unmerge_layouts(rng, layout, fif):
+    w0 = (rng.standard_normal((20, 24)) * 0.01).astype(np.float32)
+    a = rng.standard_normal((2, 20 if fif else 24)).astype(np.float32)
+    b = rng.standard_normal((24 if fif else 20, 2)).astype(np.float32)
+    if layout == "F":
+        w = np.asfortranarray(w0)
+    elif layout == "strided":
+        holder = np.zeros((20, 48), np.float32)
+        holder[:, ::2] = w0
+        w = holder[:, ::2]
+    else:
+        w = w0.copy()
+    rec = nl.merge_lora(w, a, b, 3.0, fan_in_fan_out=fif, record=True)
+    _close(w, merge_ref(w0, a, b, 3.0, fan_in_fan_out=fif))
+    nl.unmerge_lora(w, a, b, 3.0, fan_in_fan_out=fif, record=rec)
+    _assert_bit_exact(np.ascontiguousarray(w), w0)
+
+
+def test_record_refuses_changed_adapter(rng):
+    _, w, a, b, _ = _case(rng, 1, 10, 12, 2)
+    rec = nl.merge_lora(w, a, b, 1.0, record=True)
+    b2 = b.copy()
+    b2[0, 0] += 1
+    with pytest.raises(nl.MergeStateError, match="changed since the merge"):
+        nl.unmerge_lora(w, a, b2, 1.0, record=rec)
+    with pytest.raises(nl.MergeStateError):
+        nl.unmerge_lora(w, a, b, 2.0, record=rec)
+    with pytest.raises(nl.MergeStateError, match="MergeRecord"):
+        nl.unmerge_lora(w, a, b, 1.0, record="nope")
+    assert rec.nbytes >= w.size
+
+
+def test_merge_refuses_readonly_weight(rng):
+    _, w, a, b, _ = _case(rng, 1, 10, 12, 2)
+    w.setflags(write=False)
+    with pytest.raises(nl.ShapeError, match="read-only"):
+        nl.merge_lora(w, a, b, 1.0)
+
+
+# --- bad input -----------------------------------------------------------------------
+
+def test_forward_shape_errors_name_expected_and_actual(rng):
+    x, w, a, b, bias = _case(rng, 2, 16, 8, 4)
+    with pytest.raises(nl.ShapeError, match=r"expected lora_b of shape \(16, 4\), got \(4, 16\)"):
+        nl.lora_forward(x, w, a, b.T, 1.0)
+    with pytest.raises(nl.ShapeError, match=r"expected lora_a of shape \(4, 8\), got \(4, 9\)"):
+        nl.lora_forward(x, w, np.zeros((4, 9), np.float32), b, 1.0)
+    with pytest.raises(nl.ShapeError, match=r"expected x of shape \(2, 8\) \(in_features = 8\), got \(2, 7\)"):
+        nl.lora_forward(x[:, :7], w, a, b, 1.0)
+    with pytest.raises(nl.ShapeError, match=r"expected bias of shape \(16,\), got \(8,\)"):
+        nl.lora_forward(x, w, a, b, 1.0, bias[:8])
+    with pytest.raises(nl.ShapeError, match="2-D"):
+        nl.lora_forward(x, w[0], a, b, 1.0)
+    with pytest.raises(nl.ShapeError, match="1-D or 2-D"):
+        nl.lora_forward(x[None], w, a, b, 1.0)
+    with pytest.raises(nl.ShapeError, match="non-empty"):
+        nl.lora_forward(x, w, np.zeros((0, 8), np.float32), np.zeros((16, 0), np.float32), 1.0)
+    with pytest.raises(nl.ShapeError, match=r"expected out of shape \(2, 16\)"):
+        nl.lora_forward(x, w, a, b, 1.0, out=np.empty((16, 2), np.float32))
+    with pytest.raises(nl.ShapeError, match="C-contiguous"):
+        nl.lora_forward(x, w, a, b, 1.0, out=np.empty((16, 2), np.float32).T)
+
+
+def test_forward_dtype_errors(rng):
+    x, w, a, b, _ = _case(rng, 2, 16, 8, 4)
+    with pytest.raises(nl.DTypeError, match="x must have dtype float32 or float64, got int32"):
+        nl.lora_forward(x.astype(np.int32), w, a, b, 1.0)
+    with pytest.raises(TypeError, match="float16"):
+        nl.lora_forward(x, w.astype(np.float16), a, b, 1.0)
+    with pytest.raises(nl.DTypeError, match="complex128"):
+        nl.lora_forward(x, w, a.astype(np.complex128), b, 1.0)
+    with pytest.raises(nl.DTypeError, match="scaling must be a real number"):
+        nl.lora_forward(x, w, a, b, "2")
+    with pytest.raises(nl.ConfigError, match="finite"):
+        nl.lora_forward(x, w, a, b, float("nan"))
+    with pytest.raises(nl.DTypeError, match="float32"):
+        nl.lora_forward(x, w, a, b, 1.0, out=np.empty((2, 16), np.float64))
+
+
+def test_mixed_precision_promotes(rng):
+    x, w, a, b, _ = _case(rng, 2, 16, 8, 4)
+    y = nl.lora_forward(x.astype(np.float64), w, a, b, 1.0)
+    assert y.dtype == np.float64
+    _close(y, lora_forward_ref(x, w, a, b, 1.0), np.float64)
+
+
+def test_lists_are_accepted(rng):
+    y = nl.lora_forward([1.0, 2.0], [[1.0, 0.0], [0.0, 1.0]], [[1.0, 1.0]], [[1.0], [0.0]], 0.5)
+    assert np.allclose(y, [1 + 1.5, 2.0])

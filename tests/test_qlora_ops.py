@@ -1,0 +1,39 @@
+import numpy as np
+import pytest
+
+import numlora as nl
+
+
+def _ref(x, t, a, b, s, bias=None):
+    w = t.dequantize().astype(np.float64)
+    y = np.asarray(x, np.float64) @ w.T + s * (np.asarray(x, np.float64) @ a.T) @ b.T
+    return y if bias is None else y + bias
+
+
+@pytest.mark.parametrize("shape,bs,dq", [((40, 64), 64, False), ((37, 100), 64, False), ((300, 1100), 64, True),
+                                         ((9, 7), 3, False), ((130, 2100), 4096, True)])
+@pytest.mark.parametrize("n", [1, 3, 17])
+def test_qlora_forward_matches_dequantize_reference(rng, shape, bs, dq, n):
+    w = rng.standard_normal(shape).astype(np.float32)
+    t = nl.quantize_nf4(w, bs, double_quant=dq)
+    a = rng.standard_normal((2, shape[1])).astype(np.float32)
+    b = rng.standard_normal((shape[0], 2)).astype(np.float32)
+    bias = rng.standard_normal(shape[0]).astype(np.float32)
+    x = rng.standard_normal((n, shape[1])).astype(np.float32)
+    y = nl.qlora_forward(x, t, a, b, 0.5, bias)
+    ref = _ref(x, t, a, b, 0.5, bias)
+    assert np.abs(y - ref).max() <= 1e-5 * (np.abs(ref).max() + 1)
+    base = nl.nf4_matmul(x, t)
+    assert np.abs(base - _ref(x, t, a, b, 0.0)).max() <= 1e-5 * (np.abs(ref).max() + 1)
+    y1 = nl.qlora_forward(x[0], t, a, b, 0.5, bias)
+    assert y1.shape == (shape[0],)
+    assert np.abs(y1 - ref[0]).max() <= 1e-5 * (np.abs(ref).max() + 1)
+
+
+def test_nf4_matmul_errors(rng):
+    t = nl.quantize_nf4(rng.standard_normal((4, 8)).astype(np.float32), 4)
+    with pytest.raises(nl.ShapeError, match=r"in_features = 8"):
+        nl.nf4_matmul(np.ones(7, np.float32), t)
+    t3 = nl.quantize_nf4(np.ones((2, 2, 2), np.float32), 4)
+    with pytest.raises(nl.ShapeError, match="2-D"):
+        nl.nf4_matmul(np.ones(2, np.float32), t3)
