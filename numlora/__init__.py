@@ -24,6 +24,7 @@ from .nf4 import (
     NF4Tensor,
     dequantize_nf4,
     nf4_matmul,
+    nf4_matmul_t,
     qlora_forward,
     quantize_nf4,
 )
@@ -57,6 +58,7 @@ __all__ = [
     "lora_forward",
     "merge_lora",
     "nf4_matmul",
+    "nf4_matmul_t",
     "qlora_forward",
     "quantize_nf4",
     "unmerge_lora",

@@ -9,6 +9,11 @@ Bit-identical to bitsandbytes' CPU path (see docs/nf4-format.md):
   that count, so it is skipped;
 - two codes per byte, the first element in the high nibble, an odd tail padded with 7.
 
+Indexing note: numba cannot prove that an index computed from a ``prange`` variable is
+non-negative, so it guards every such access against negative wraparound, which stops
+LLVM from vectorising the loop (measured 4-7x slower). The kernels therefore slice a view
+per block or row and index it with ``range`` variables only.
+
 absmax is found as the integer maximum of ``bits & 0x7fffffff`` (for non-negative floats
 the integer order is the float order): the reduction vectorises, and a block holding NaN
 or inf gets a non-finite absmax, which the caller turns into an error.
@@ -34,10 +39,10 @@ def _code(y, bounds):
 
 
 @inline_helper
-def _block_absmax_bits(xi, start, stop):
+def _absmax_bits(xib):
     mb = np.int32(0)
-    for k in range(start, stop):
-        v = xi[k] & np.int32(0x7FFFFFFF)
+    for k in range(xib.size):
+        v = xib[k] & np.int32(0x7FFFFFFF)
         if v > mb:
             mb = v
     return mb
@@ -52,16 +57,17 @@ def nf4_quantize_even(x, xi, blocksize, bounds, packed, absmax, absmax_i):
     half = blocksize // 2
     for b in prange(nfull):
         start = b * blocksize
-        absmax_i[b] = _block_absmax_bits(xi, start, start + blocksize)
+        xb = x[start:start + blocksize]
+        absmax_i[b] = _absmax_bits(xi[start:start + blocksize])
         inv = ONE / max(absmax[b], TINY)
-        base = b * half
+        pb = packed[b * half:(b + 1) * half]
         for p in range(half):
-            q0 = _code(x[start + 2 * p] * inv, bounds)
-            q1 = _code(x[start + 2 * p + 1] * inv, bounds)
-            packed[base + p] = (q0 << 4) | q1
+            q0 = _code(xb[2 * p] * inv, bounds)
+            q1 = _code(xb[2 * p + 1] * inv, bounds)
+            pb[p] = (q0 << 4) | q1
     if nfull * blocksize < n:
         start = nfull * blocksize
-        absmax_i[nfull] = _block_absmax_bits(xi, start, n)
+        absmax_i[nfull] = _absmax_bits(xi[start:n])
         am = max(absmax[nfull], TINY)
         absmax[nfull] = am
         for k in range(start, n, 2):
@@ -81,7 +87,7 @@ def nf4_quantize_any(x, xi, blocksize, bounds, packed, absmax, absmax_i):
     nfull = n // blocksize
     for b in prange(nblocks):
         start = b * blocksize
-        absmax_i[b] = _block_absmax_bits(xi, start, min(start + blocksize, n))
+        absmax_i[b] = _absmax_bits(xi[start:min(start + blocksize, n)])
     inv = np.empty(nblocks, np.float32)
     for b in range(nfull):
         inv[b] = ONE / max(absmax[b], TINY)
@@ -121,20 +127,20 @@ def nf4_dequantize_range(packed, absmax, blocksize, code, start, stop, out):
         lo = max(start, b * blocksize)
         hi = min(stop, (b + 1) * blocksize)
         s = absmax[b]
-        k = lo
-        if k & 1:
-            out[k - start] = code[packed[k >> 1] & 15] * s
-            k += 1
-        npairs = (hi - k) >> 1
-        base = k >> 1
-        o = k - start
+        ob = out[lo - start:hi - start]
+        k = 0
+        if lo & 1:
+            ob[0] = code[packed[lo >> 1] & 15] * s
+            k = 1
+        npairs = (hi - lo - k) >> 1
+        pb = packed[(lo + k) >> 1:((lo + k) >> 1) + npairs]
         for p in range(npairs):
-            byte = packed[base + p]
-            out[o + 2 * p] = code[byte >> 4] * s
-            out[o + 2 * p + 1] = code[byte & 15] * s
+            byte = pb[p]
+            ob[k + 2 * p] = code[byte >> 4] * s
+            ob[k + 2 * p + 1] = code[byte & 15] * s
         k += 2 * npairs
-        if k < hi:
-            out[k - start] = code[packed[k >> 1] >> 4] * s
+        if lo + k < hi:
+            ob[k] = code[packed[(lo + k) >> 1] >> 4] * s
 
 
 #: Serial build of :func:`nf4_dequantize_range` for decoding small tiles between BLAS calls.
@@ -185,3 +191,252 @@ def code8_decode(q8, absmax2, offset, group, code8, out):
     """``out[i] = code8[q8[i]] * absmax2[i // group] + offset`` in float32."""
     for i in range(q8.size):
         out[i] = code8[q8[i]] * absmax2[i // group] + offset
+
+
+# --- fused matmul ------------------------------------------------------------------------
+#
+# y[i, o] = sum over the blocks b of row o, in order, of absmax[b] * S(i, b), where S is the
+# block's dot product summed in a canonical order: element pairs (j, j+1) (or single
+# elements on the generic path) go to lane q % 8 (q = position in the block segment), each
+# lane sums in order, and the 8 lanes are added as ((l0+l1)+(l2+l3))+((l4+l5)+(l6+l7)).
+# Every fused kernel below computes exactly this sequence of float32 operations, so a
+# row's result does not depend on the batch size, the kernel chosen for it, or the number
+# of threads. LoRA and bias are added last: y = (base + sum_t u[i, t] B[o, t]) + bias.
+
+LANES = 8
+ROWS_PER_TASK = 16  # output rows per parallel task
+TILE_PAIRS = 128  # input pairs per column tile of the batch-1 lookup table (128 KiB)
+
+
+@inline_helper
+def _lane_sum(a0, a1, a2, a3, a4, a5, a6, a7):
+    return ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))
+
+
+@inline_helper
+def _lane_dot(x, a, n):
+    """sum_j x[j] * a[j] over j < n in the canonical 8-lane order."""
+    l0 = l1 = l2 = l3 = l4 = l5 = l6 = l7 = np.float32(0.0)
+    j = 0
+    while j + 8 <= n:
+        l0 += x[j] * a[j]
+        l1 += x[j + 1] * a[j + 1]
+        l2 += x[j + 2] * a[j + 2]
+        l3 += x[j + 3] * a[j + 3]
+        l4 += x[j + 4] * a[j + 4]
+        l5 += x[j + 5] * a[j + 5]
+        l6 += x[j + 6] * a[j + 6]
+        l7 += x[j + 7] * a[j + 7]
+        j += 8
+    rem = n - j
+    if rem > 0:
+        l0 += x[j] * a[j]
+    if rem > 1:
+        l1 += x[j + 1] * a[j + 1]
+    if rem > 2:
+        l2 += x[j + 2] * a[j + 2]
+    if rem > 3:
+        l3 += x[j + 3] * a[j + 3]
+    if rem > 4:
+        l4 += x[j + 4] * a[j + 4]
+    if rem > 5:
+        l5 += x[j + 5] * a[j + 5]
+    if rem > 6:
+        l6 += x[j + 6] * a[j + 6]
+    return _lane_sum(l0, l1, l2, l3, l4, l5, l6, l7)
+
+
+@kernel(parallel=True)
+def lora_shrink(x2, lora_a, scale, u):
+    """u[i, t] = scale * (x2[i] . lora_a[t]) in the canonical lane order."""
+    n = x2.shape[0]
+    r = lora_a.shape[0]
+    k = x2.shape[1]
+    for it in prange(n * r):
+        i = it // r
+        t = it % r
+        u[i, t] = scale * _lane_dot(x2[i], lora_a[t], k)
+
+
+@inline_helper
+def _finish(base, u, i, lora_b, o, bias, use_bias):
+    lo = np.float32(0.0)
+    for t in range(u.shape[1]):
+        lo += u[i, t] * lora_b[o, t]
+    v = base + lo
+    if use_bias:
+        v += bias[o]
+    return v
+
+
+@kernel(parallel=True)
+def nf4_gemv_lut(packed, scales, blocksize, code, x, u, lora_b, bias, use_bias, y):
+    """Batch-1 fused NF4 GEMV (+ LoRA expand, + bias) for ``in % blocksize == 0`` and an
+    even blocksize. For every input pair (j, j+1) a 256-entry table
+    ``T[byte] = code[hi] * x[j] + code[lo] * x[j+1]`` turns each byte of W into one load
+    and one add; tables are used one 128 KiB column tile at a time so they stay in cache.
+    u: (1, r) already scaled LoRA intermediate; y: (out,)."""
+    in_f = x.size
+    out_f = y.size
+    npairs = in_f // 2
+    table = np.empty((npairs, 256), np.float32)
+    for p in prange(npairs):
+        x0 = x[2 * p]
+        x1 = x[2 * p + 1]
+        for b in range(256):
+            table[p, b] = code[b >> 4] * x0 + code[b & 15] * x1
+    bpr = in_f // blocksize
+    ppb = blocksize // 2
+    tile_blocks = max(1, TILE_PAIRS // ppb)
+    ntasks = (out_f + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    for task in prange(ntasks):
+        o0 = task * ROWS_PER_TASK
+        o1 = min(out_f, o0 + ROWS_PER_TASK)
+        acc = np.zeros(ROWS_PER_TASK, np.float32)
+        for tb in range(0, bpr, tile_blocks):
+            tb1 = min(bpr, tb + tile_blocks)
+            for o in range(o0, o1):
+                rowbyte = o * npairs
+                a = acc[o - o0]
+                for blk in range(tb, tb1):
+                    p0 = blk * ppb
+                    b0 = rowbyte + p0
+                    l0 = l1 = l2 = l3 = l4 = l5 = l6 = l7 = np.float32(0.0)
+                    q = 0
+                    while q + 8 <= ppb:
+                        l0 += table[p0 + q, packed[b0 + q]]
+                        l1 += table[p0 + q + 1, packed[b0 + q + 1]]
+                        l2 += table[p0 + q + 2, packed[b0 + q + 2]]
+                        l3 += table[p0 + q + 3, packed[b0 + q + 3]]
+                        l4 += table[p0 + q + 4, packed[b0 + q + 4]]
+                        l5 += table[p0 + q + 5, packed[b0 + q + 5]]
+                        l6 += table[p0 + q + 6, packed[b0 + q + 6]]
+                        l7 += table[p0 + q + 7, packed[b0 + q + 7]]
+                        q += 8
+                    rem = ppb - q
+                    if rem > 0:
+                        l0 += table[p0 + q, packed[b0 + q]]
+                    if rem > 1:
+                        l1 += table[p0 + q + 1, packed[b0 + q + 1]]
+                    if rem > 2:
+                        l2 += table[p0 + q + 2, packed[b0 + q + 2]]
+                    if rem > 3:
+                        l3 += table[p0 + q + 3, packed[b0 + q + 3]]
+                    if rem > 4:
+                        l4 += table[p0 + q + 4, packed[b0 + q + 4]]
+                    if rem > 5:
+                        l5 += table[p0 + q + 5, packed[b0 + q + 5]]
+                    if rem > 6:
+                        l6 += table[p0 + q + 6, packed[b0 + q + 6]]
+                    a += scales[o * bpr + blk] * _lane_sum(l0, l1, l2, l3, l4, l5, l6, l7)
+                acc[o - o0] = a
+        for o in range(o0, o1):
+            y[o] = _finish(acc[o - o0], u, 0, lora_b, o, bias, use_bias)
+
+
+@kernel(parallel=True)
+def nf4_gemm_pairs(packed, scales, blocksize, code, xt, u, lora_b, bias, use_bias, y):
+    """Fused NF4 matmul for a small batch (same conditions and the same arithmetic as
+    :func:`nf4_gemv_lut`): each byte of W is decoded once and used for every row of the
+    batch. xt: (in, n) = x^T, C-contiguous (so the inner loop runs over the batch);
+    u: (n, r); y: (n, out)."""
+    in_f, n = xt.shape
+    out_f = y.shape[1]
+    npairs = in_f // 2
+    bpr = in_f // blocksize
+    ppb = blocksize // 2
+    ntasks = (out_f + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    for task in prange(ntasks):
+        o0 = task * ROWS_PER_TASK
+        o1 = min(out_f, o0 + ROWS_PER_TASK)
+        lanes = np.empty((LANES, n), np.float32)
+        acc = np.empty(n, np.float32)
+        for o in range(o0, o1):
+            acc[:] = 0
+            rowbyte = o * npairs
+            for blk in range(bpr):
+                lanes[:, :] = 0
+                p0 = blk * ppb
+                for q in range(ppb):
+                    byte = packed[rowbyte + p0 + q]
+                    chi = code[byte >> 4]
+                    clo = code[byte & 15]
+                    j = 2 * (p0 + q)
+                    lane = lanes[q & 7]
+                    for i in range(n):
+                        lane[i] += chi * xt[j, i] + clo * xt[j + 1, i]
+                s = scales[o * bpr + blk]
+                for i in range(n):
+                    acc[i] += s * _lane_sum(lanes[0, i], lanes[1, i], lanes[2, i], lanes[3, i],
+                                            lanes[4, i], lanes[5, i], lanes[6, i], lanes[7, i])
+            for i in range(n):
+                y[i, o] = _finish(acc[i], u, i, lora_b, o, bias, use_bias)
+
+
+@kernel(parallel=True)
+def nf4_gemm_any(packed, scales, blocksize, code, xt, u, lora_b, bias, use_bias, y):
+    """Fused NF4 matmul for any shape and blocksize (blocks may span rows, start mid-byte):
+    element by element, each segment (block within a row) summed in the canonical lane
+    order. Used for every batch size when the fast pairwise layout does not apply."""
+    in_f, n = xt.shape
+    out_f = y.shape[1]
+    ntasks = (out_f + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    for task in prange(ntasks):
+        o0 = task * ROWS_PER_TASK
+        o1 = min(out_f, o0 + ROWS_PER_TASK)
+        lanes = np.empty((LANES, n), np.float32)
+        acc = np.empty(n, np.float32)
+        for o in range(o0, o1):
+            acc[:] = 0
+            start = o * in_f
+            end = start + in_f
+            k = start
+            while k < end:
+                blk = k // blocksize
+                seg_end = min(end, (blk + 1) * blocksize)
+                lanes[:, :] = 0
+                for kk in range(k, seg_end):
+                    byte = packed[kk >> 1]
+                    c = code[byte >> 4] if (kk & 1) == 0 else code[byte & 15]
+                    j = kk - start
+                    lane = lanes[(kk - k) & 7]
+                    for i in range(n):
+                        lane[i] += c * xt[j, i]
+                s = scales[blk]
+                for i in range(n):
+                    acc[i] += s * _lane_sum(lanes[0, i], lanes[1, i], lanes[2, i], lanes[3, i],
+                                            lanes[4, i], lanes[5, i], lanes[6, i], lanes[7, i])
+                k = seg_end
+            for i in range(n):
+                y[i, o] = _finish(acc[i], u, i, lora_b, o, bias, use_bias)
+
+
+_TCHUNK = 256  # input columns per parallel task of the transposed product
+
+
+@kernel(parallel=True)
+def nf4_matmul_t(packed, scales, blocksize, code, g, out):
+    """out = g deq(W) (the input gradient of y = x deq(W)^T), fused: W (out_f, in_f) is
+    decoded one row segment at a time and never held whole. g: (n, out_f), out: (n, in_f),
+    overwritten. Parallel over column chunks; each out[i, j] sums over o in order."""
+    n, out_f = g.shape
+    in_f = out.shape[1]
+    nchunks = (in_f + _TCHUNK - 1) // _TCHUNK
+    for c in prange(nchunks):
+        j0 = c * _TCHUNK
+        j1 = min(in_f, j0 + _TCHUNK)
+        wrow = np.empty(j1 - j0, np.float32)
+        for i in range(n):
+            for j in range(j0, j1):
+                out[i, j] = 0
+        for o in range(out_f):
+            base = o * in_f
+            for j in range(j0, j1):
+                kk = base + j
+                byte = np.int64(packed[kk >> 1])
+                nib = (byte >> 4) if (kk & 1) == 0 else (byte & 15)
+                wrow[j - j0] = code[nib] * scales[kk // blocksize]
+            for i in range(n):
+                gv = g[i, o]
+                for j in range(j0, j1):
+                    out[i, j] += gv * wrow[j - j0]
