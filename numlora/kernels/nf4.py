@@ -204,8 +204,8 @@ def code8_decode(q8, absmax2, offset, group, code8, out):
 # of threads. LoRA and bias are added last: y = (base + sum_t u[i, t] B[o, t]) + bias.
 
 LANES = 8
-ROWS_PER_TASK = 16  # output rows per parallel task
-TILE_PAIRS = 128  # input pairs per column tile of the batch-1 lookup table (128 KiB)
+ROWS_PER_TASK = 16  # output rows per parallel task (small-batch and generic kernels)
+LUT_ROWS_PER_TASK = 256  # output rows per task of the batch-1 kernel (reuse of each table tile)
 
 
 @inline_helper
@@ -274,7 +274,8 @@ def nf4_gemv_lut(packed, scales, blocksize, code, x, u, lora_b, bias, use_bias, 
     """Batch-1 fused NF4 GEMV (+ LoRA expand, + bias) for ``in % blocksize == 0`` and an
     even blocksize. For every input pair (j, j+1) a 256-entry table
     ``T[byte] = code[hi] * x[j] + code[lo] * x[j+1]`` turns each byte of W into one load
-    and one add; tables are used one 128 KiB column tile at a time so they stay in cache.
+    and one add. Each task takes 256 output rows and walks the blocks in order, so one
+    block's tables (32 KiB at blocksize 64) stay in L1 while all its rows use them.
     u: (1, r) already scaled LoRA intermediate; y: (out,)."""
     in_f = x.size
     out_f = y.size
@@ -283,55 +284,52 @@ def nf4_gemv_lut(packed, scales, blocksize, code, x, u, lora_b, bias, use_bias, 
     for p in prange(npairs):
         x0 = x[2 * p]
         x1 = x[2 * p + 1]
+        tp = table[p]
         for b in range(256):
-            table[p, b] = code[b >> 4] * x0 + code[b & 15] * x1
+            tp[b] = code[b >> 4] * x0 + code[b & 15] * x1
     bpr = in_f // blocksize
     ppb = blocksize // 2
-    tile_blocks = max(1, TILE_PAIRS // ppb)
-    ntasks = (out_f + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    ntasks = (out_f + LUT_ROWS_PER_TASK - 1) // LUT_ROWS_PER_TASK
     for task in prange(ntasks):
-        o0 = task * ROWS_PER_TASK
-        o1 = min(out_f, o0 + ROWS_PER_TASK)
-        acc = np.zeros(ROWS_PER_TASK, np.float32)
-        for tb in range(0, bpr, tile_blocks):
-            tb1 = min(bpr, tb + tile_blocks)
-            for o in range(o0, o1):
-                rowbyte = o * npairs
-                a = acc[o - o0]
-                for blk in range(tb, tb1):
-                    p0 = blk * ppb
-                    b0 = rowbyte + p0
-                    l0 = l1 = l2 = l3 = l4 = l5 = l6 = l7 = np.float32(0.0)
-                    q = 0
-                    while q + 8 <= ppb:
-                        l0 += table[p0 + q, packed[b0 + q]]
-                        l1 += table[p0 + q + 1, packed[b0 + q + 1]]
-                        l2 += table[p0 + q + 2, packed[b0 + q + 2]]
-                        l3 += table[p0 + q + 3, packed[b0 + q + 3]]
-                        l4 += table[p0 + q + 4, packed[b0 + q + 4]]
-                        l5 += table[p0 + q + 5, packed[b0 + q + 5]]
-                        l6 += table[p0 + q + 6, packed[b0 + q + 6]]
-                        l7 += table[p0 + q + 7, packed[b0 + q + 7]]
-                        q += 8
-                    rem = ppb - q
-                    if rem > 0:
-                        l0 += table[p0 + q, packed[b0 + q]]
-                    if rem > 1:
-                        l1 += table[p0 + q + 1, packed[b0 + q + 1]]
-                    if rem > 2:
-                        l2 += table[p0 + q + 2, packed[b0 + q + 2]]
-                    if rem > 3:
-                        l3 += table[p0 + q + 3, packed[b0 + q + 3]]
-                    if rem > 4:
-                        l4 += table[p0 + q + 4, packed[b0 + q + 4]]
-                    if rem > 5:
-                        l5 += table[p0 + q + 5, packed[b0 + q + 5]]
-                    if rem > 6:
-                        l6 += table[p0 + q + 6, packed[b0 + q + 6]]
-                    a += scales[o * bpr + blk] * _lane_sum(l0, l1, l2, l3, l4, l5, l6, l7)
-                acc[o - o0] = a
-        for o in range(o0, o1):
-            y[o] = _finish(acc[o - o0], u, 0, lora_b, o, bias, use_bias)
+        o0 = task * LUT_ROWS_PER_TASK
+        o1 = min(out_f, o0 + LUT_ROWS_PER_TASK)
+        acc = np.zeros(o1 - o0, np.float32)
+        for blk in range(bpr):
+            tb = table[blk * ppb:(blk + 1) * ppb]
+            for oo in range(o1 - o0):
+                o = o0 + oo
+                start = o * npairs + blk * ppb
+                pk = packed[start:start + ppb]
+                l0 = l1 = l2 = l3 = l4 = l5 = l6 = l7 = np.float32(0.0)
+                q = 0
+                while q + 8 <= ppb:
+                    l0 += tb[q, pk[q]]
+                    l1 += tb[q + 1, pk[q + 1]]
+                    l2 += tb[q + 2, pk[q + 2]]
+                    l3 += tb[q + 3, pk[q + 3]]
+                    l4 += tb[q + 4, pk[q + 4]]
+                    l5 += tb[q + 5, pk[q + 5]]
+                    l6 += tb[q + 6, pk[q + 6]]
+                    l7 += tb[q + 7, pk[q + 7]]
+                    q += 8
+                rem = ppb - q
+                if rem > 0:
+                    l0 += tb[q, pk[q]]
+                if rem > 1:
+                    l1 += tb[q + 1, pk[q + 1]]
+                if rem > 2:
+                    l2 += tb[q + 2, pk[q + 2]]
+                if rem > 3:
+                    l3 += tb[q + 3, pk[q + 3]]
+                if rem > 4:
+                    l4 += tb[q + 4, pk[q + 4]]
+                if rem > 5:
+                    l5 += tb[q + 5, pk[q + 5]]
+                if rem > 6:
+                    l6 += tb[q + 6, pk[q + 6]]
+                acc[oo] += scales[o * bpr + blk] * _lane_sum(l0, l1, l2, l3, l4, l5, l6, l7)
+        for oo in range(o1 - o0):
+            y[o0 + oo] = _finish(acc[oo], u, 0, lora_b, o0 + oo, bias, use_bias)
 
 
 @kernel(parallel=True)
@@ -351,24 +349,27 @@ def nf4_gemm_pairs(packed, scales, blocksize, code, xt, u, lora_b, bias, use_bia
         o1 = min(out_f, o0 + ROWS_PER_TASK)
         lanes = np.empty((LANES, n), np.float32)
         acc = np.empty(n, np.float32)
-        for o in range(o0, o1):
+        for oo in range(o1 - o0):
+            o = o0 + oo
             acc[:] = 0
-            rowbyte = o * npairs
+            prow = packed[o * npairs:(o + 1) * npairs]
             for blk in range(bpr):
                 lanes[:, :] = 0
-                p0 = blk * ppb
+                pk = prow[blk * ppb:(blk + 1) * ppb]
+                xb = xt[blk * blocksize:(blk + 1) * blocksize]
                 for q in range(ppb):
-                    byte = packed[rowbyte + p0 + q]
+                    byte = pk[q]
                     chi = code[byte >> 4]
                     clo = code[byte & 15]
-                    j = 2 * (p0 + q)
+                    xa = xb[2 * q]
+                    xc = xb[2 * q + 1]
                     lane = lanes[q & 7]
                     for i in range(n):
-                        lane[i] += chi * xt[j, i] + clo * xt[j + 1, i]
-                s = scales[o * bpr + blk]
+                        lane[i] += chi * xa[i] + clo * xc[i]
+                sc = scales[o * bpr + blk]
                 for i in range(n):
-                    acc[i] += s * _lane_sum(lanes[0, i], lanes[1, i], lanes[2, i], lanes[3, i],
-                                            lanes[4, i], lanes[5, i], lanes[6, i], lanes[7, i])
+                    acc[i] += sc * _lane_sum(lanes[0, i], lanes[1, i], lanes[2, i], lanes[3, i],
+                                             lanes[4, i], lanes[5, i], lanes[6, i], lanes[7, i])
             for i in range(n):
                 y[i, o] = _finish(acc[i], u, i, lora_b, o, bias, use_bias)
 
