@@ -1,10 +1,13 @@
-"""``numlora bench``: numlora against the obvious numpy baselines, in one process.
+"""``numlora bench``: numlora against the obvious numpy baselines and, when installed,
+torch / PEFT / bitsandbytes, in one process.
 
-Every case times numlora and its baseline interleaved (A, B, A, B, ...), with a short
-pause before each timed call so OpenBLAS's spinning threads do not slow the next one,
-and reports medians. Inputs and outputs are preallocated (``out=``) so first-touch page
-faults are not timed. Kernels are compiled before timing; compile time is reported
-separately by ``--compile``.
+Method: the competitors of a case are timed in rounds, interleaved (A, B, C, A, B, C,
+...). Before each timed call the competitor sleeps ``PAUSE_S`` (so OpenBLAS's or OpenMP's
+spinning threads from the previous competitor are gone) and then runs once untimed (so
+its own threads are awake and its caches warm, as in a loop that calls it repeatedly);
+the next call is timed. Medians over the rounds are reported. Inputs and outputs are
+preallocated (``out=`` where a competitor has it), so first-touch page faults are not
+timed. Kernels are compiled before timing; ``--compile`` reports compile times.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import platform
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -26,26 +29,28 @@ PAUSE_S = 0.12
 class Row:
     case: str
     numlora_ms: float
-    baseline: str
-    baseline_ms: float
+    competitor: str
+    competitor_ms: float
     bytes_moved: int = 0
-    note: str = ""
-    extra: dict = field(default_factory=dict)
+    goal: str = ""
 
     @property
     def ratio(self) -> float:
-        return self.numlora_ms / self.baseline_ms
+        """numlora time / competitor time (below 1: numlora is faster)."""
+        return self.numlora_ms / self.competitor_ms
 
     @property
     def gbps(self) -> float:
         return self.bytes_moved / (self.numlora_ms * 1e-3) / 1e9 if self.bytes_moved else 0.0
 
 
-def _time_interleaved(fns, repeat):
+def time_interleaved(fns, repeat):
+    """Median milliseconds of each function, timed as described in the module docstring."""
     times = [[] for _ in fns]
     for _ in range(repeat):
         for k, f in enumerate(fns):
             time.sleep(PAUSE_S)
+            f()
             t0 = time.perf_counter()
             f()
             times[k].append(time.perf_counter() - t0)
@@ -54,7 +59,7 @@ def _time_interleaved(fns, repeat):
 
 def numpy_quantize_nf4(x, blocksize, mid):
     """Vectorised numpy NF4 quantizer (absmax per block, searchsorted on the midpoints):
-    the baseline of the quantize case. Assumes n % blocksize == 0 and an even n."""
+    the numpy baseline of the quantize case. Assumes n % blocksize == 0 and an even n."""
     blocks = x.reshape(-1, blocksize)
     am = np.abs(blocks).max(axis=1, keepdims=True)
     y = blocks * (np.float32(1) / np.maximum(am, np.float32(1e-38)))
@@ -69,124 +74,270 @@ def numpy_dequantize_nf4(packed, absmax, blocksize, code, out):
     np.multiply(code[q].reshape(-1, blocksize), absmax[:, None], out=out.reshape(-1, blocksize))
 
 
-def run(size=4096, rank=16, repeat=7, batches=(1, 128), quick=False):
+class _Peers:
+    """torch / PEFT / bitsandbytes competitors, each None when not installed."""
+
+    def __init__(self, w, a, b, alpha, rank):
+        self.notes = []
+        self.torch = self.peft_lora = self.bnb_linear = self.peft_qlora = self.bnbf = None
+        try:
+            import torch
+        except ImportError:
+            self.notes.append("torch not installed: no torch / PEFT / bitsandbytes rows")
+            return
+        self.torch = torch
+        torch.manual_seed(0)
+        wt = torch.from_numpy(w)
+        out_f, in_f = w.shape
+        try:
+            from peft import LoraConfig, get_peft_model
+
+            class Net(torch.nn.Module):
+                def __init__(self, lin):
+                    super().__init__()
+                    self.lin = lin
+
+                def forward(self, x):
+                    return self.lin(x)
+
+            lin = torch.nn.Linear(in_f, out_f, bias=False)
+            with torch.no_grad():
+                lin.weight.copy_(wt)
+            cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=["lin"], lora_dropout=0.0)
+            model = get_peft_model(Net(lin), cfg)
+            layer = model.base_model.model.lin
+            with torch.no_grad():
+                layer.lora_A["default"].weight.copy_(torch.from_numpy(a))
+                layer.lora_B["default"].weight.copy_(torch.from_numpy(b))
+            self.peft_lora = model.eval()
+            self.peft_lora_layer = layer
+        except Exception as exc:  # noqa: BLE001 - a peer that fails is reported, not fatal
+            self.notes.append(f"PEFT LoRA unavailable: {exc!r}")
+        try:
+            import bitsandbytes as bnb
+            import bitsandbytes.functional as bnbf
+
+            self.bnbf = bnbf
+            q = bnb.nn.Linear4bit(in_f, out_f, bias=False, compute_dtype=torch.float32, quant_type="nf4")
+            q.weight = bnb.nn.Params4bit(wt.clone(), requires_grad=False, quant_type="nf4", blocksize=64)
+            self.bnb_linear = q.to("cpu").eval()
+            try:
+                from peft import LoraConfig, get_peft_model
+
+                class QNet(torch.nn.Module):
+                    def __init__(self, lin):
+                        super().__init__()
+                        self.lin = lin
+
+                    def forward(self, x):
+                        return self.lin(x)
+
+                q2 = bnb.nn.Linear4bit(in_f, out_f, bias=False, compute_dtype=torch.float32, quant_type="nf4")
+                q2.weight = bnb.nn.Params4bit(wt.clone(), requires_grad=False, quant_type="nf4", blocksize=64)
+                qm = get_peft_model(QNet(q2.to("cpu")), LoraConfig(r=rank, lora_alpha=alpha, target_modules=["lin"],
+                                                                   lora_dropout=0.0))
+                ql = qm.base_model.model.lin
+                with torch.no_grad():
+                    ql.lora_A["default"].weight.copy_(torch.from_numpy(a))
+                    ql.lora_B["default"].weight.copy_(torch.from_numpy(b))
+                self.peft_qlora = qm.eval()
+            except Exception as exc:  # noqa: BLE001
+                self.notes.append(f"PEFT QLoRA unavailable: {exc!r}")
+        except Exception as exc:  # noqa: BLE001
+            self.notes.append(f"bitsandbytes unavailable: {exc!r}")
+
+    def call(self, module, xt):
+        torch = self.torch
+
+        def f():
+            with torch.no_grad():
+                module(xt)
+
+        return f
+
+
+def peak_rss_delta_mb(f) -> float:
+    """Peak resident memory added by one call of f (Linux: VmHWM after resetting it)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        return float("nan")
+
+    def status(key):
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(key):
+                    return int(line.split()[1]) / 1024
+        return float("nan")
+
+    before = status("VmRSS")
+    f()
+    return status("VmHWM") - before
+
+
+def run(size=4096, rank=16, repeat=7, batches=(1, 8, 128), lora_batches=(1, 8, 128, 1024), peers=True):
     import numlora as nl
 
     rng = np.random.default_rng(0)
     out_f = in_f = size
+    alpha = 2 * rank
+    s = alpha / rank
     w = (rng.standard_normal((out_f, in_f), dtype=np.float32) * 0.02).astype(np.float32)
     a = (rng.standard_normal((rank, in_f), dtype=np.float32) * 0.01).astype(np.float32)
     b = (rng.standard_normal((out_f, rank), dtype=np.float32) * 0.01).astype(np.float32)
     wbytes = w.nbytes
-    rows = []
+    P = _Peers(w, a, b, alpha, rank) if peers else None
+    torch = P.torch if P else None
+    rows, notes = [], list(P.notes) if P else []
 
-    for n in batches:
-        x = rng.standard_normal((n, in_f), dtype=np.float32)
-        o1 = np.empty((n, out_f), np.float32)
-        o2 = np.empty((n, out_f), np.float32)
-        nl.lora_forward(x, w, a, b, 2.0, out=o1)
-        t_nl, t_np = _time_interleaved(
-            [lambda: nl.lora_forward(x, w, a, b, 2.0, out=o1), lambda: np.dot(x, w.T, out=o2)], repeat)
-        rows.append(Row(f"lora_forward, batch {n}", t_nl, "numpy x @ W.T (base only)", t_np, wbytes))
+    def group(case, ours, others, nbytes=0, goals=None, rep=repeat):
+        fns = [ours] + [f for _, f in others]
+        ts = time_interleaved(fns, rep)
+        for (name, _), t in zip(others, ts[1:]):
+            rows.append(Row(case, ts[0], name, t, nbytes, (goals or {}).get(name, "")))
 
     t = nl.quantize_nf4(w)
-    t_nl, t_np = _time_interleaved(
-        [lambda: nl.quantize_nf4(w), lambda: numpy_quantize_nf4(w.reshape(-1), 64, nl.NF4_MIDPOINTS)],
-        max(3, repeat // 2))
-    rows.append(Row("quantize_nf4 (blocksize 64)", t_nl, "vectorised numpy quantizer", t_np, wbytes + t.nbytes))
-
-    deq = np.empty_like(w)
-    deq2 = np.empty_like(w)
-    nl.dequantize_nf4(t, out=deq)
-    t_nl, t_np = _time_interleaved(
-        [lambda: nl.dequantize_nf4(t, out=deq),
-         lambda: numpy_dequantize_nf4(t.packed, t.absmax, 64, nl.NF4_CODE, deq2)], repeat)
-    rows.append(Row("dequantize_nf4 (out=)", t_nl, "numpy table lookup", t_np, wbytes + t.nbytes))
-
-    wm = w.copy()
-    wm2 = w.copy()
-    nl.merge_lora(wm, a, b, 2.0)
-    rec = nl.merge_lora(wm, a, b, 2.0, record=True)
-    nl.unmerge_lora(wm, a, b, 2.0, record=rec)
-
-    def np_merge():
-        wm2.__iadd__(2.0 * (b @ a))
-
-    t_nl, t_np = _time_interleaved([lambda: nl.merge_lora(wm, a, b, 2.0), np_merge], repeat)
-    rows.append(Row("merge_lora (plain)", t_nl, "numpy W += s * (B @ A)", t_np, 2 * wbytes))
-
-    def tracked_cycle():
-        r = nl.merge_lora(wm, a, b, 2.0, record=True)
-        nl.unmerge_lora(wm, a, b, 2.0, record=r)
-
-    def np_cycle():
-        wm2.__iadd__(2.0 * (b @ a))
-        wm2.__isub__(2.0 * (b @ a))
-
-    t_nl, t_np = _time_interleaved([tracked_cycle, np_cycle], repeat)
-    rows.append(Row("merge + unmerge, bit-exact (record=True)", t_nl, "numpy add then subtract", t_np,
-                    4 * wbytes, note="numpy does not restore W bit for bit"))
-
+    # --- QLoRA forward -------------------------------------------------------------------
     for n in batches:
         x = rng.standard_normal((n, in_f), dtype=np.float32)
+        o1, o2 = np.empty((n, out_f), np.float32), np.empty((n, out_f), np.float32)
+        nl.qlora_forward(x, t, a, b, s, out=o1)
+        others = [("numpy dense float32 x @ W.T", lambda: np.dot(x, w.T, out=o2))]
+        if P and P.bnb_linear is not None:
+            xt = torch.from_numpy(x)
+            others.append(("bitsandbytes Linear4bit", P.call(P.bnb_linear, xt)))
+            if P.peft_qlora is not None:
+                others.append(("PEFT QLoRA (Linear4bit + LoRA)", P.call(P.peft_qlora, xt)))
+        goal = {1: "<= 0.5x (stretch 0.35x)", 8: "<= 0.6x", 128: "<= 1.25x"}.get(n, "")
+        group(f"QLoRA forward, batch {n}", lambda: nl.qlora_forward(x, t, a, b, s, out=o1), others, t.nbytes,
+              {"numpy dense float32 x @ W.T": goal})
+
+    # --- LoRA forward ----------------------------------------------------------------------
+    for n in lora_batches:
+        x = rng.standard_normal((n, in_f), dtype=np.float32)
+        o1, o2 = np.empty((n, out_f), np.float32), np.empty((n, out_f), np.float32)
+        nl.lora_forward(x, w, a, b, s, out=o1)
+        others = [("numpy base-only x @ W.T", lambda: np.dot(x, w.T, out=o2))]
+        if P and P.peft_lora is not None:
+            others.append(("PEFT LoRA Linear", P.call(P.peft_lora, torch.from_numpy(x))))
+        group(f"LoRA float32 forward, batch {n}", lambda: nl.lora_forward(x, w, a, b, s, out=o1), others, wbytes,
+              {"numpy base-only x @ W.T": "<= 1.1x"})
+
+    # --- quantize / dequantize -------------------------------------------------------------------
+    others = [("vectorised numpy quantizer", lambda: numpy_quantize_nf4(w.reshape(-1), 64, nl.NF4_MIDPOINTS))]
+    if P and P.bnbf is not None:
+        wt = torch.from_numpy(w)
+        others.append(("bitsandbytes quantize_4bit",
+                       lambda: P.bnbf.quantize_4bit(wt, blocksize=64, quant_type="nf4")))
+    group("quantize_nf4 (blocksize 64)", lambda: nl.quantize_nf4(w), others, wbytes + t.nbytes,
+          {"bitsandbytes quantize_4bit": ">= 25x faster (<= 0.04x)",
+           "vectorised numpy quantizer": ">= 10x faster (<= 0.1x)"}, rep=max(3, repeat // 2))
+
+    deq, deq2 = np.empty_like(w), np.empty_like(w)
+    nl.dequantize_nf4(t, out=deq)
+    others = [("numpy table lookup", lambda: numpy_dequantize_nf4(t.packed, t.absmax, 64, nl.NF4_CODE, deq2))]
+    if P and P.bnbf is not None:
+        qb, st = P.bnbf.quantize_4bit(torch.from_numpy(w), blocksize=64, quant_type="nf4")
+        others.append(("bitsandbytes dequantize_4bit", lambda: P.bnbf.dequantize_4bit(qb, st)))
+    group("dequantize_nf4 (out=)", lambda: nl.dequantize_nf4(t, out=deq), others, wbytes + t.nbytes,
+          {"bitsandbytes dequantize_4bit": ">= 4x faster (<= 0.25x)"})
+
+    # --- merge / unmerge -------------------------------------------------------------------------------
+    wm, wm2 = w.copy(), w.copy()
+    nl.merge_lora(wm, a, b, s)
+    nl.unmerge_lora(wm, a, b, s, record=nl.merge_lora(wm, a, b, s, record=True))
+
+    def np_merge():
+        wm2.__iadd__(s * (b @ a))
+
+    others = [("numpy W += s * (B @ A)", np_merge)]
+    if P and P.peft_lora is not None:
+        layer = P.peft_lora_layer
+
+        def peft_merge():
+            layer.merge()
+            layer.unmerge()
+
+        others_cycle = [("PEFT merge() + unmerge()", peft_merge)]
+    else:
+        others_cycle = []
+    group("merge_lora (in place)", lambda: nl.merge_lora(wm, a, b, s), others, 2 * wbytes,
+          {"numpy W += s * (B @ A)": ">= 2x faster (<= 0.5x)"})
+
+    def cycle():
+        r = nl.merge_lora(wm, a, b, s, record=True)
+        nl.unmerge_lora(wm, a, b, s, record=r)
+
+    def np_cycle():
+        wm2.__iadd__(s * (b @ a))
+        wm2.__isub__(s * (b @ a))
+
+    group("merge + unmerge, bit-exact (LoraLinear)", cycle,
+          [("numpy add then subtract (not exact)", np_cycle)] + others_cycle, 4 * wbytes,
+          {"PEFT merge() + unmerge()": ">= 5x faster (<= 0.2x)"})
+
+    # --- memory -------------------------------------------------------------------------------------------
+    mem = {}
+    for n in (1, 128):
+        x = rng.standard_normal((n, in_f), dtype=np.float32)
         o1 = np.empty((n, out_f), np.float32)
-        o2 = np.empty((n, out_f), np.float32)
-        nl.qlora_forward(x, t, a, b, 2.0, out=o1)
-
-        def np_qlora():
-            numpy_dequantize_nf4(t.packed, t.absmax, 64, nl.NF4_CODE, deq2)
-            np.dot(x, deq2.T, out=o2)
-
-        t_nl, t_np = _time_interleaved([lambda: nl.qlora_forward(x, t, a, b, 2.0, out=o1), np_qlora],
-                                       max(3, repeat // 2))
-        rows.append(Row(f"qlora_forward, batch {n}", t_nl, "numpy dequantize, then x @ W.T", t_np, t.nbytes))
-
-    imp_nl, imp_np = import_times(repeat)
-    rows.append(Row("import numlora (fresh process)", imp_nl, "import numpy (fresh process)", imp_np,
-                    note="wall time of python -c 'import ...' minus python -c 'pass'"))
-    return rows
+        mem[f"qlora_forward batch {n}, numlora"] = peak_rss_delta_mb(lambda: nl.qlora_forward(x, t, a, b, s, out=o1))
+        if P and P.bnb_linear is not None:
+            mem[f"qlora_forward batch {n}, bitsandbytes Linear4bit"] = peak_rss_delta_mb(
+                P.call(P.bnb_linear, torch.from_numpy(x)))
+    return rows, notes, mem
 
 
-def import_times(repeat):
+def import_ms(repeat):
     def once(stmt):
         t0 = time.perf_counter()
         subprocess.run([sys.executable, "-c", stmt], check=True)
         return time.perf_counter() - t0
 
-    base, nl_t, np_t = [], [], []
+    base, nl_t = [], []
     for _ in range(repeat):
-        base.append(once("pass"))
+        base.append(once("import numpy"))
         nl_t.append(once("import numlora"))
-        np_t.append(once("import numpy"))
-    b = float(np.median(base))
-    return (float(np.median(nl_t)) - b) * 1e3, (float(np.median(np_t)) - b) * 1e3
+    return float(np.median(nl_t)) * 1e3, float(np.median(base)) * 1e3
 
 
-def compile_times():
-    """Seconds of the first call of each kernel in a fresh process (cache on and off)."""
-    code = r"""
-import time, json, numpy as np
-t0 = time.perf_counter(); import numlora as nl; t_import = time.perf_counter() - t0
+COMPILE_CODE = r"""
+import time, json
+t0 = time.perf_counter()
+import numlora as nl
+import numpy as np
+res = {"import numlora": time.perf_counter() - t0}
 w = np.ones((64, 64), np.float32); a = np.ones((4, 64), np.float32); b = np.ones((64, 4), np.float32)
-res = {"import": t_import}
 def first(name, f):
     t0 = time.perf_counter(); f(); res[name] = time.perf_counter() - t0
 first("quantize_nf4", lambda: nl.quantize_nf4(w))
 t = nl.quantize_nf4(w)
 first("dequantize_nf4", lambda: nl.dequantize_nf4(t))
-first("qlora_forward", lambda: nl.qlora_forward(w[0], t, a, b, 1.0))
+first("qlora_forward, batch 1", lambda: nl.qlora_forward(w[0], t, a, b, 1.0))
+first("qlora_forward, batch 4", lambda: nl.qlora_forward(w[:4], t, a, b, 1.0))
+first("nf4_matmul_t", lambda: nl.nf4_matmul_t(w[:4], t))
+first("lora_forward", lambda: nl.lora_forward(w, w, a, b, 1.0))
 first("merge_lora", lambda: nl.merge_lora(w, a, b, 1.0))
 first("merge_lora(record=True)", lambda: nl.merge_lora(w, a, b, 1.0, record=True))
 first("XorShift64.uniform", lambda: nl.XorShift64(1).uniform(10))
 print(json.dumps(res))
 """
+
+
+def compile_times():
+    """Seconds of each first call in a fresh process: cache off, and cache on in a second
+    process (the first one fills the cache)."""
+    import tempfile
+
     out = {}
-    for label, env in (("no cache", {"NUMLORA_CACHE": "0"}), ("cached, 2nd process", {})):
-        e = dict(os.environ, **env)
-        if label.startswith("cached"):
-            subprocess.run([sys.executable, "-c", code], env=e, check=True, capture_output=True)
-        r = subprocess.run([sys.executable, "-c", code], env=e, check=True, capture_output=True, text=True)
-        out[label] = json.loads(r.stdout)
+    with tempfile.TemporaryDirectory() as cache:
+        for label, env in (("cache off", {"NUMLORA_CACHE": "0"}), ("cache on, 2nd process", {"NUMBA_CACHE_DIR": cache})):
+            e = dict(os.environ, **env)
+            if "2nd" in label:
+                subprocess.run([sys.executable, "-c", COMPILE_CODE], env=e, check=True, capture_output=True)
+            r = subprocess.run([sys.executable, "-c", COMPILE_CODE], env=e, check=True, capture_output=True, text=True)
+            out[label] = json.loads(r.stdout)
     return out
 
 
@@ -203,37 +354,49 @@ def machine() -> str:
     import numba
 
     return (f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, numpy {np.__version__}, "
-            f"numba {numba.__version__}, {numba.get_num_threads()} numba threads")
+            f"numba {numba.__version__} ({numba.get_num_threads()} threads)")
 
 
-def to_markdown(rows, title) -> str:
-    lines = [title, "", "| case | numlora (ms) | baseline | baseline (ms) | ratio | numlora GB/s |",
-             "|---|---:|---|---:|---:|---:|"]
+def to_markdown(rows) -> str:
+    lines = ["| case | numlora ms | competitor | competitor ms | ratio | goal | numlora GB/s |",
+             "|---|---:|---|---:|---:|---|---:|"]
     for r in rows:
         gb = f"{r.gbps:.1f}" if r.bytes_moved else "-"
-        lines.append(f"| {r.case} | {r.numlora_ms:.2f} | {r.baseline} | {r.baseline_ms:.2f} | "
-                     f"{r.ratio:.2f}x | {gb} |")
-    notes = [f"- {r.case}: {r.note}" for r in rows if r.note]
-    return "\n".join(lines + ([""] + notes if notes else []))
+        lines.append(f"| {r.case} | {r.numlora_ms:.2f} | {r.competitor} | {r.competitor_ms:.2f} | "
+                     f"{r.ratio:.2f}x | {r.goal} | {gb} |")
+    return "\n".join(lines)
 
 
 def main(args) -> int:
-    batches = tuple(args.batch) if args.batch else (1, 128)
-    rows = run(size=args.size, rank=args.rank, repeat=args.repeat, batches=batches)
-    title = (f"numlora bench: {args.size} x {args.size} float32 weight, rank {args.rank}, medians of "
-             f"{args.repeat} interleaved runs, {time.strftime('%Y-%m-%d')}\n\nMachine: {machine()}")
-    print(to_markdown(rows, title))
-    result = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "size": args.size, "rank": args.rank,
-              "rows": [dict(asdict(r), ratio=r.ratio, gbps=r.gbps) for r in rows]}
+    batches = tuple(args.batch) if args.batch else (1, 8, 128)
+    lora_batches = tuple(args.batch) if args.batch else (1, 8, 128, 1024)
+    rows, notes, mem = run(size=args.size, rank=args.rank, repeat=args.repeat, batches=batches,
+                           lora_batches=lora_batches, peers=not args.no_peers)
+    date = time.strftime("%Y-%m-%d")
+    mach = machine()
+    print(f"numlora bench, {date}: {args.size} x {args.size} float32 weight, rank {args.rank}; median of "
+          f"{args.repeat} interleaved rounds (ratio = numlora / competitor)\n\nMachine: {mach}\n")
+    print(to_markdown(rows))
+    if mem:
+        print("\nPeak resident memory added by one call (MiB):\n")
+        for k, mb in mem.items():
+            print(f"- {k}: {mb:.1f}")
+    imp, npimp = import_ms(args.repeat)
+    print(f"\nimport numlora in a fresh process: {imp:.0f} ms (import numpy alone: {npimp:.0f} ms)")
+    result = {"machine": mach, "date": date, "size": args.size, "rank": args.rank, "repeat": args.repeat,
+              "rows": [dict(asdict(r), ratio=r.ratio, gbps=r.gbps) for r in rows], "peak_rss_mb": mem,
+              "import_ms": imp, "import_numpy_ms": npimp, "notes": notes}
     if args.compile:
         ct = compile_times()
         result["compile_s"] = ct
-        print("\nFirst call per kernel (s), fresh process:\n")
+        print("\nFirst call per kernel in a fresh process (s):\n")
         keys = list(next(iter(ct.values())))
         print("| call | " + " | ".join(ct) + " |")
         print("|---|" + "---:|" * len(ct))
         for k in keys:
             print(f"| {k} | " + " | ".join(f"{ct[label][k]:.3f}" for label in ct) + " |")
+    for n in notes:
+        print(f"\nnote: {n}")
     if args.json:
         from .io import write_text_atomic
 

@@ -18,7 +18,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--size", type=int, default=4096, help="weight is SIZE x SIZE (default 4096)")
     b.add_argument("--rank", type=int, default=16, help="LoRA rank (default 16)")
     b.add_argument("--repeat", type=int, default=7, help="timed runs per competitor (default 7)")
-    b.add_argument("--batch", type=int, action="append", help="batch size(s) (default 1 and 128)")
+    b.add_argument("--batch", type=int, action="append", help="batch size(s) (default 1, 8, 128 and 1024)")
+    b.add_argument("--no-peers", action="store_true", help="skip torch / PEFT / bitsandbytes even if installed")
     b.add_argument("--compile", action="store_true", help="also measure first-call compile times")
     b.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     return p

@@ -25,9 +25,10 @@ def test_help_and_no_command(capsys):
 def test_bench_small_writes_json(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(bench, "PAUSE_S", 0.0)
     path = tmp_path / "bench.json"
-    assert main(["bench", "--size", "256", "--rank", "4", "--repeat", "1", "--batch", "1", "--json", str(path)]) == 0
+    assert main(["bench", "--size", "256", "--rank", "4", "--repeat", "1", "--batch", "1", "--no-peers",
+                 "--json", str(path)]) == 0
     text = capsys.readouterr().out
-    assert "| lora_forward, batch 1 |" in text and "quantize_nf4" in text
+    assert "| LoRA float32 forward, batch 1 |" in text and "quantize_nf4" in text
     data = json.loads(path.read_text())
-    assert {r["case"] for r in data["rows"]} >= {"lora_forward, batch 1", "quantize_nf4 (blocksize 64)"}
-    assert all(r["numlora_ms"] > 0 and r["baseline_ms"] > 0 for r in data["rows"])
+    assert {r["case"] for r in data["rows"]} >= {"LoRA float32 forward, batch 1", "quantize_nf4 (blocksize 64)"}
+    assert all(r["numlora_ms"] > 0 and r["competitor_ms"] > 0 for r in data["rows"])

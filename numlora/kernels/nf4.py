@@ -128,6 +128,14 @@ def nf4_dequantize_range(packed, absmax, blocksize, code, start, stop, out):
         hi = min(stop, (b + 1) * blocksize)
         s = absmax[b]
         ob = out[lo - start:hi - start]
+        if (lo & 1) == 0 and ((hi - lo) & 1) == 0:
+            # the common case (a whole block, or any even-aligned piece): pairs only
+            pb = packed[lo >> 1:hi >> 1]
+            for p in range(pb.size):
+                byte = pb[p]
+                ob[2 * p] = code[byte >> 4] * s
+                ob[2 * p + 1] = code[byte & 15] * s
+            continue
         k = 0
         if lo & 1:
             ob[0] = code[packed[lo >> 1] & 15] * s

@@ -1,0 +1,161 @@
+"""NF4 / QLoRA kernels: quantize_nf4, dequantize_nf4, qlora_forward, nf4_matmul,
+nf4_matmul_t.
+
+Shapes: an N x N float32 weight (N = 4096 unless NUMLORA_ASV_N says otherwise),
+blocksize 64, a rank-16 adapter. Every setup calls each benchmarked kernel once (with
+the same shapes, so the same specialization), so JIT compilation is never timed.
+"""
+
+import numpy as np
+
+import numlora
+
+from ._shared import (
+    BLOCKSIZE,
+    N,
+    RANK,
+    SCALING,
+    activations,
+    adapter,
+    median_gbps,
+    nf4_weight,
+    random_nf4,
+    reset_peak_rss,
+    weight,
+)
+
+
+class Quantize:
+    """float32 weight -> NF4 (codes + block scales; optionally 8-bit scales)."""
+
+    params = [False, True]
+    param_names = ["double_quant"]
+
+    def setup(self, double_quant):
+        self.weight = weight(N)
+        numlora.quantize_nf4(self.weight, blocksize=BLOCKSIZE, double_quant=double_quant)
+
+    def time_quantize_nf4(self, double_quant):
+        numlora.quantize_nf4(self.weight, blocksize=BLOCKSIZE, double_quant=double_quant)
+
+
+class Dequantize:
+    """NF4 -> float32 into a preallocated ``out``."""
+
+    def setup(self):
+        self.t = nf4_weight(N, False)
+        self.out = np.empty((N, N), np.float32)
+        numlora.dequantize_nf4(self.t, out=self.out)
+
+    def time_dequantize_nf4(self):
+        numlora.dequantize_nf4(self.t, out=self.out)
+
+
+class QloraForward:
+    """``x deq(W)^T`` (nf4_matmul) and ``+ scaling * (x A^T) B^T`` (qlora_forward) into a
+    preallocated ``out``. Batches up to 16 run the fused kernels (batch 1: the lookup-table
+    GEMV), larger ones decode 1 MiB tiles of W for BLAS."""
+
+    params = [1, 8, 128]
+    param_names = ["batch"]
+
+    def setup(self, batch):
+        self.t = nf4_weight(N, False)
+        self.lora_a, self.lora_b = adapter(N, RANK)
+        self.x = activations(batch, N)
+        self.out = np.empty((batch, N), np.float32)
+        numlora.qlora_forward(self.x, self.t, self.lora_a, self.lora_b, SCALING, out=self.out)
+        numlora.nf4_matmul(self.x, self.t, out=self.out)
+
+    def time_qlora_forward(self, batch):
+        numlora.qlora_forward(self.x, self.t, self.lora_a, self.lora_b, SCALING, out=self.out)
+
+    def time_nf4_matmul(self, batch):
+        numlora.nf4_matmul(self.x, self.t, out=self.out)
+
+
+class Nf4MatmulT:
+    """``g deq(W)``: the input gradient through an NF4 weight, batch 8."""
+
+    batch = 8
+
+    def setup(self):
+        self.t = nf4_weight(N, False)
+        self.g = activations(self.batch, N)
+        self.out = np.empty((self.batch, N), np.float32)
+        numlora.nf4_matmul_t(self.g, self.t, out=self.out)
+
+    def time_nf4_matmul_t(self):
+        numlora.nf4_matmul_t(self.g, self.t, out=self.out)
+
+
+class Bandwidth:
+    """Achieved GB/s (1e9 bytes/s): bytes of weight data moved / median time per call,
+    timed inside each track function (see ``_shared.median_gbps``)."""
+
+    unit = "GB/s"
+
+    def setup(self):
+        self.weight = weight(N)
+        self.t = nf4_weight(N, False)
+        self.lora_a, self.lora_b = adapter(N, RANK)
+        self.x = activations(1, N)
+        self.y = np.empty((1, N), np.float32)
+        self.deq = np.empty((N, N), np.float32)
+        numlora.quantize_nf4(self.weight, blocksize=BLOCKSIZE)
+        numlora.dequantize_nf4(self.t, out=self.deq)
+        numlora.qlora_forward(self.x, self.t, self.lora_a, self.lora_b, SCALING, out=self.y)
+
+    def track_quantize_nf4_gbps(self):
+        """float32 weight read + NF4 codes and scales written."""
+        nbytes = self.weight.nbytes + self.t.nbytes
+        return median_gbps(lambda: numlora.quantize_nf4(self.weight, blocksize=BLOCKSIZE), nbytes)
+
+    def track_dequantize_nf4_gbps(self):
+        """NF4 codes and scales read + float32 weight written."""
+        nbytes = self.t.nbytes + self.deq.nbytes
+        return median_gbps(lambda: numlora.dequantize_nf4(self.t, out=self.deq), nbytes)
+
+    def track_qlora_forward_batch1_gbps(self):
+        """NF4 codes and scales + A and B read (the weight side of a batch-1 forward)."""
+        nbytes = self.t.nbytes + self.lora_a.nbytes + self.lora_b.nbytes
+
+        def call():
+            numlora.qlora_forward(self.x, self.t, self.lora_a, self.lora_b, SCALING, out=self.y)
+
+        return median_gbps(call, nbytes)
+
+
+class QloraForwardPeakMem:
+    """Peak RSS of one qlora_forward call. The NF4 weight is built directly from random
+    codes (no float32 weight is ever allocated) and the peak is reset after setup, so the
+    number is the process's resident baseline (Python, numpy, numba, the 9 MB NF4
+    weight at N = 4096) plus what the call allocates. Batch 1 and batch 128 should differ
+    by far less than the 64 MB a dequantized weight would take."""
+
+    params = [1, 128]
+    param_names = ["batch"]
+
+    def setup(self, batch):
+        self.t = random_nf4(N)
+        self.lora_a, self.lora_b = adapter(N, RANK)
+        self.x = activations(batch, N)
+        self.out = np.empty((batch, N), np.float32)
+        numlora.qlora_forward(self.x, self.t, self.lora_a, self.lora_b, SCALING, out=self.out)
+        reset_peak_rss()
+
+    def peakmem_qlora_forward(self, batch):
+        numlora.qlora_forward(self.x, self.t, self.lora_a, self.lora_b, SCALING, out=self.out)
+
+
+class QuantizePeakMem:
+    """Peak RSS of one quantize_nf4 call: baseline (incl. the float32 weight) plus the
+    codes and scales it returns (~N*N/2 + N*N/16 bytes) and any temporaries."""
+
+    def setup(self):
+        self.weight = weight(N)
+        numlora.quantize_nf4(self.weight, blocksize=BLOCKSIZE)
+        reset_peak_rss()
+
+    def peakmem_quantize_nf4(self):
+        numlora.quantize_nf4(self.weight, blocksize=BLOCKSIZE)
