@@ -30,6 +30,10 @@ def render(data: dict, *, full: bool) -> str:
         if data.get("peak_rss_mb"):
             out += ["", "Peak resident memory added by one call (MiB, Linux VmHWM):", ""]
             out += [f"- {k}: {v:.1f}" for k, v in data["peak_rss_mb"].items()]
+        if data.get("accuracy"):
+            out += ["", "Largest error of the fused NF4 kernels against dequantize-then-float64, relative to the "
+                        "largest output:", ""]
+            out += [f"- {k}: {v:.2e}" for k, v in data["accuracy"].items()]
         out += ["", f"`import numlora` in a fresh process: {data['import_ms']:.0f} ms "
                     f"(`import numpy` alone: {data['import_numpy_ms']:.0f} ms)."]
         ct = data.get("compile_s")

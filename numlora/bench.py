@@ -277,6 +277,19 @@ def run(size=4096, rank=16, repeat=7, batches=(1, 8, 128), lora_batches=(1, 8, 1
           [("numpy add then subtract (not exact)", np_cycle)] + others_cycle, 4 * wbytes,
           {"PEFT merge() + unmerge()": ">= 5x faster (<= 0.2x)"})
 
+    # --- accuracy of the fused kernels against dequantize-then-float64 ----------------------------
+    accuracy = {}
+    wd = t.dequantize().astype(np.float64)
+    for n in batches:
+        x = rng.standard_normal((n, in_f), dtype=np.float32)
+        ref = x.astype(np.float64) @ wd.T + s * (x.astype(np.float64) @ a.T) @ b.T
+        got = nl.qlora_forward(x, t, a, b, s)
+        accuracy[f"qlora_forward batch {n}"] = float(np.abs(got - ref).max() / np.abs(ref).max())
+    g = rng.standard_normal((8, out_f), dtype=np.float32)
+    ref = g.astype(np.float64) @ wd
+    accuracy["nf4_matmul_t batch 8"] = float(np.abs(nl.nf4_matmul_t(g, t) - ref).max() / np.abs(ref).max())
+    del wd
+
     # --- memory -------------------------------------------------------------------------------------------
     mem = {}
     for n in (1, 128):
@@ -286,7 +299,7 @@ def run(size=4096, rank=16, repeat=7, batches=(1, 8, 128), lora_batches=(1, 8, 1
         if P and P.bnb_linear is not None:
             mem[f"qlora_forward batch {n}, bitsandbytes Linear4bit"] = peak_rss_delta_mb(
                 P.call(P.bnb_linear, torch.from_numpy(x)))
-    return rows, notes, mem
+    return rows, notes, mem, accuracy
 
 
 def import_ms(repeat):
@@ -370,7 +383,7 @@ def to_markdown(rows) -> str:
 def main(args) -> int:
     batches = tuple(args.batch) if args.batch else (1, 8, 128)
     lora_batches = tuple(args.batch) if args.batch else (1, 8, 128, 1024)
-    rows, notes, mem = run(size=args.size, rank=args.rank, repeat=args.repeat, batches=batches,
+    rows, notes, mem, accuracy = run(size=args.size, rank=args.rank, repeat=args.repeat, batches=batches,
                            lora_batches=lora_batches, peers=not args.no_peers)
     date = time.strftime("%Y-%m-%d")
     mach = machine()
@@ -381,10 +394,14 @@ def main(args) -> int:
         print("\nPeak resident memory added by one call (MiB):\n")
         for k, mb in mem.items():
             print(f"- {k}: {mb:.1f}")
+    print("\nLargest error of the fused NF4 kernels against dequantize-then-float64, relative to the "
+          "largest output:\n")
+    for k, e in accuracy.items():
+        print(f"- {k}: {e:.2e}")
     imp, npimp = import_ms(args.repeat)
     print(f"\nimport numlora in a fresh process: {imp:.0f} ms (import numpy alone: {npimp:.0f} ms)")
     result = {"machine": mach, "date": date, "size": args.size, "rank": args.rank, "repeat": args.repeat,
-              "rows": [dict(asdict(r), ratio=r.ratio, gbps=r.gbps) for r in rows], "peak_rss_mb": mem,
+              "rows": [dict(asdict(r), ratio=r.ratio, gbps=r.gbps) for r in rows], "peak_rss_mb": mem, "accuracy": accuracy,
               "import_ms": imp, "import_numpy_ms": npimp, "notes": notes}
     if args.compile:
         ct = compile_times()

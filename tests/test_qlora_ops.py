@@ -37,3 +37,42 @@ def test_nf4_matmul_errors(rng):
     t3 = nl.quantize_nf4(np.ones((2, 2, 2), np.float32), 4)
     with pytest.raises(nl.ShapeError, match="2-D"):
         nl.nf4_matmul(np.ones(2, np.float32), t3)
+
+
+@pytest.mark.parametrize("shape,bs", [((70, 128), 64), ((33, 96), 32), ((20, 64), 4096), ((25, 39), 7),
+                                      ((16, 130), 64)])
+def test_rows_do_not_depend_on_batch_size(rng, shape, bs):
+    """Up to FUSED_MAX_ROWS rows, a row's result is bit-identical whatever the batch."""
+    w = rng.standard_normal(shape).astype(np.float32)
+    t = nl.quantize_nf4(w, bs, double_quant=shape[0] == 33)
+    a = rng.standard_normal((3, shape[1])).astype(np.float32)
+    b = rng.standard_normal((shape[0], 3)).astype(np.float32)
+    bias = rng.standard_normal(shape[0]).astype(np.float32)
+    x = rng.standard_normal((nl.nf4.FUSED_MAX_ROWS, shape[1])).astype(np.float32)
+    full = nl.qlora_forward(x, t, a, b, 0.7, bias)
+    for n in (1, 2, 5, nl.nf4.FUSED_MAX_ROWS):
+        part = nl.qlora_forward(x[:n], t, a, b, 0.7, bias)
+        assert np.array_equal(part, full[:n])
+    for i in (0, 3):
+        assert np.array_equal(nl.qlora_forward(x[i], t, a, b, 0.7, bias), full[i])
+    # above the fused limit (BLAS tiles) rows agree to float32 rounding
+    big = np.concatenate([x, x, x[:1]])
+    yb = nl.qlora_forward(big, t, a, b, 0.7, bias)
+    assert np.allclose(yb[: len(x)], full, rtol=1e-5, atol=1e-5 * np.abs(full).max())
+
+
+@pytest.mark.parametrize("shape,bs", [((48, 64), 64), ((37, 100), 64), ((9, 7), 3)])
+@pytest.mark.parametrize("n", [1, 4])
+def test_transposed_product(rng, shape, bs, n):
+    w = rng.standard_normal(shape).astype(np.float32)
+    t = nl.quantize_nf4(w, bs)
+    g = rng.standard_normal((n, shape[0])).astype(np.float32)
+    ref = g.astype(np.float64) @ t.dequantize().astype(np.float64)
+    got = nl.nf4_matmul_t(g, t)
+    assert got.shape == (n, shape[1])
+    assert np.abs(got - ref).max() <= 1e-5 * (np.abs(ref).max() + 1)
+    assert np.array_equal(nl.nf4_matmul_t(g[0], t), got[0])
+    out = np.empty((n, shape[1]), np.float32)
+    assert nl.nf4_matmul_t(g, t, out=out) is out
+    with pytest.raises(nl.ShapeError, match=r"out_features = " + str(shape[0])):
+        nl.nf4_matmul_t(np.ones((n, shape[0] + 1), np.float32), t)

@@ -10,7 +10,7 @@ class Uniform:
     (RANK x N, like lora_a's init) and a weight-sized one (N x N). The stream is
     sequential (one state), so this is one core's throughput plus the allocation."""
 
-    params = [(RANK, N), (N, N)]
+    params = [[(RANK, N), (N, N)]]
     param_names = ["shape"]
 
     def setup(self, shape):
