@@ -89,16 +89,19 @@ class _Peers:
         torch.manual_seed(0)
         wt = torch.from_numpy(w)
         out_f, in_f = w.shape
+
+        class Net(torch.nn.Module):
+            """A model holding one layer named "lin", for PEFT to wrap."""
+
+            def __init__(self, lin):
+                super().__init__()
+                self.lin = lin
+
+            def forward(self, x):
+                return self.lin(x)
+
         try:
             from peft import LoraConfig, get_peft_model
-
-            class Net(torch.nn.Module):
-                def __init__(self, lin):
-                    super().__init__()
-                    self.lin = lin
-
-                def forward(self, x):
-                    return self.lin(x)
 
             lin = torch.nn.Linear(in_f, out_f, bias=False)
             with torch.no_grad():
@@ -124,17 +127,9 @@ class _Peers:
             try:
                 from peft import LoraConfig, get_peft_model
 
-                class QNet(torch.nn.Module):
-                    def __init__(self, lin):
-                        super().__init__()
-                        self.lin = lin
-
-                    def forward(self, x):
-                        return self.lin(x)
-
                 q2 = bnb.nn.Linear4bit(in_f, out_f, bias=False, compute_dtype=torch.float32, quant_type="nf4")
                 q2.weight = bnb.nn.Params4bit(wt.clone(), requires_grad=False, quant_type="nf4", blocksize=64)
-                qm = get_peft_model(QNet(q2.to("cpu")), LoraConfig(r=rank, lora_alpha=alpha, target_modules=["lin"],
+                qm = get_peft_model(Net(q2.to("cpu")), LoraConfig(r=rank, lora_alpha=alpha, target_modules=["lin"],
                                                                    lora_dropout=0.0))
                 ql = qm.base_model.model.lin
                 with torch.no_grad():

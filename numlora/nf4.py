@@ -302,22 +302,14 @@ def nf4_matmul_t(g, t: NF4Tensor, out=None) -> np.ndarray:
     row segment at a time, never whole). Returns (in,) or (n, in)."""
     out_f, in_f = _weight_2d(t)
     from .kernels import nf4 as k
-    from .ops import _prepare_out
+    from .ops import _input_rows, _prepare_out
 
-    g = _grad_rows(g, out_f)
+    g = _input_rows(g, out_f, "g", "out_features")
     out = _prepare_out(out, g, in_f, np.float32)
     g2 = np.ascontiguousarray(g.reshape(-1, out_f), np.float32)
     if g2.shape[0]:
         k.nf4_matmul_t(t.packed, t.scales(), t.blocksize, NF4_CODE, g2, out.reshape(-1, in_f))
     return out
-
-
-def _grad_rows(g, out_f):
-    g = v.float_array("g", g, (1, 2), allow_empty=True)
-    if g.shape[-1] != out_f:
-        want = (out_f,) if g.ndim == 1 else (g.shape[0], out_f)
-        raise ShapeError(f"expected g of shape {want} (out_features = {out_f}), got {g.shape}")
-    return g
 
 
 def qlora_forward(x, t: NF4Tensor, lora_a, lora_b, scaling, bias=None, out=None) -> np.ndarray:

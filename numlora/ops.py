@@ -42,11 +42,12 @@ def _adapter_arrays(weight, lora_a, lora_b, fan_in_fan_out):
     return weight, lora_a, lora_b, out_f, in_f, rank
 
 
-def _input_rows(x, in_f):
-    x = v.float_array("x", x, (1, 2), allow_empty=True)
+def _input_rows(x, in_f, name="x", what="in_features"):
+    """Validate a batch of row vectors: (width,) or (n, width), float, n may be 0."""
+    x = v.float_array(name, x, (1, 2), allow_empty=True)
     if x.shape[-1] != in_f:
         want = (in_f,) if x.ndim == 1 else (x.shape[0], in_f)
-        raise ShapeError(f"expected x of shape {want} (in_features = {in_f}), got {x.shape}")
+        raise ShapeError(f"expected {name} of shape {want} ({what} = {in_f}), got {x.shape}")
     return x
 
 

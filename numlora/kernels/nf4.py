@@ -254,6 +254,14 @@ def _lane_dot(x, a, n):
     return _lane_sum(l0, l1, l2, l3, l4, l5, l6, l7)
 
 
+@inline_helper
+def _add_block(acc, lanes, scale):
+    """acc[i] += scale * (canonical sum of the 8 lanes of row i), for every batch row."""
+    for i in range(acc.size):
+        acc[i] += scale * _lane_sum(lanes[0, i], lanes[1, i], lanes[2, i], lanes[3, i],
+                                    lanes[4, i], lanes[5, i], lanes[6, i], lanes[7, i])
+
+
 @kernel(parallel=True)
 def lora_shrink(x2, lora_a, scale, u):
     """u[i, t] = scale * (x2[i] . lora_a[t]) in the canonical lane order."""
@@ -374,10 +382,7 @@ def nf4_gemm_pairs(packed, scales, blocksize, code, xt, u, lora_b, bias, use_bia
                     lane = lanes[q & 7]
                     for i in range(n):
                         lane[i] += chi * xa[i] + clo * xc[i]
-                sc = scales[o * bpr + blk]
-                for i in range(n):
-                    acc[i] += sc * _lane_sum(lanes[0, i], lanes[1, i], lanes[2, i], lanes[3, i],
-                                             lanes[4, i], lanes[5, i], lanes[6, i], lanes[7, i])
+                _add_block(acc, lanes, scales[o * bpr + blk])
             for i in range(n):
                 y[i, o] = _finish(acc[i], u, i, lora_b, o, bias, use_bias)
 
@@ -411,10 +416,7 @@ def nf4_gemm_any(packed, scales, blocksize, code, xt, u, lora_b, bias, use_bias,
                     lane = lanes[(kk - k) & 7]
                     for i in range(n):
                         lane[i] += c * xt[j, i]
-                s = scales[blk]
-                for i in range(n):
-                    acc[i] += s * _lane_sum(lanes[0, i], lanes[1, i], lanes[2, i], lanes[3, i],
-                                            lanes[4, i], lanes[5, i], lanes[6, i], lanes[7, i])
+                _add_block(acc, lanes, scales[blk])
                 k = seg_end
             for i in range(n):
                 y[i, o] = _finish(acc[i], u, i, lora_b, o, bias, use_bias)
