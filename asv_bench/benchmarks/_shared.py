@@ -4,17 +4,18 @@ Sizes
 -----
 ``N`` is the weight's side (``N x N`` float32, the issue's 4096 x 4096) and ``RANK``
 the LoRA rank (16). ``NUMLORA_ASV_N`` lowers ``N`` for smoke runs, e.g.
-``NUMLORA_ASV_N=256 asv run -E existing --quick``; asv does not record ``N`` in a
-benchmark's identity, so never keep results taken with a lowered ``N`` next to full
-ones (``--quick`` and ``-E existing`` runs are not saved anyway).
+``NUMLORA_ASV_N=256 asv run -E existing --quick``. asv does not record ``N`` in a
+benchmark's identity, so results taken with a lowered ``N`` must never be saved next to
+full ones: ``-E existing`` runs are not saved (unless ``--set-commit-hash``) and
+``asv run --dry-run`` saves nothing, but ``--quick`` alone *is* saved by asv 0.6.
 
 Inputs
 ------
 Every array comes from ``numpy.random.default_rng`` with a fixed seed, so each process
-benchmarks the same data. asv (``asv_runner`` >= 0.3) re-runs ``setup`` before every
-timed sample, so the large inputs are built once per process (``functools.lru_cache``)
-and only handed out by ``setup``; benchmarks must treat them as read-only and copy what
-they modify (see ``bench_lora.Merge``).
+benchmarks the same data. asv re-runs ``setup`` before every timed sample (asv_runner
+0.3.2 even before every timed call), so the large inputs are built once per process
+(``functools.lru_cache``) and only handed out by ``setup``; benchmarks must treat them
+as read-only and copy what they modify (see ``bench_lora.Merge``).
 """
 
 from __future__ import annotations
