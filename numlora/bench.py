@@ -5,7 +5,7 @@ Method: the competitors of a case are timed in rounds, interleaved (A, B, C, A, 
 ...). Before each timed call the competitor sleeps ``PAUSE_S`` (so OpenBLAS's or OpenMP's
 spinning threads from the previous competitor are gone) and then runs once untimed (so
 its own threads are awake and its caches warm, as in a loop that calls it repeatedly);
-the next call is timed. Medians over the rounds are reported. Inputs and outputs are
+the next ``CALLS_PER_ROUND`` calls are timed. Medians over all timed calls are reported. Inputs and outputs are
 preallocated (``out=`` where a competitor has it), so first-touch page faults are not
 timed. Kernels are compiled before timing; ``--compile`` reports compile times.
 """
@@ -44,6 +44,10 @@ class Row:
         return self.bytes_moved / (self.numlora_ms * 1e-3) / 1e9 if self.bytes_moved else 0.0
 
 
+#: Timed calls per competitor and round, right after its untimed warm-up call.
+CALLS_PER_ROUND = 3
+
+
 def time_interleaved(fns, repeat):
     """Median milliseconds of each function, timed as described in the module docstring."""
     times = [[] for _ in fns]
@@ -51,9 +55,10 @@ def time_interleaved(fns, repeat):
         for k, f in enumerate(fns):
             time.sleep(PAUSE_S)
             f()
-            t0 = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t0)
+            for _ in range(CALLS_PER_ROUND):
+                t0 = time.perf_counter()
+                f()
+                times[k].append(time.perf_counter() - t0)
     return [float(np.median(t)) * 1e3 for t in times]
 
 

@@ -24,6 +24,7 @@ def test_help_and_no_command(capsys):
 @pytest.mark.slow
 def test_bench_small_writes_json(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(bench, "PAUSE_S", 0.0)
+    monkeypatch.setattr(bench, "CALLS_PER_ROUND", 1)
     path = tmp_path / "bench.json"
     assert main(["bench", "--size", "256", "--rank", "4", "--repeat", "1", "--batch", "1", "--no-peers",
                  "--json", str(path)]) == 0
