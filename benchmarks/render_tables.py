@@ -21,8 +21,6 @@ from numlora.io import write_text_atomic  # noqa: E402
 def render(data: dict, *, full: bool) -> str:
     rows = [Row(r["case"], r["numlora_ms"], r["competitor"], r["competitor_ms"], r["bytes_moved"], r["goal"])
             for r in data["rows"]]
-    if not full:
-        rows = [r for r in rows if r.goal]
     out = [f"Measured {data['date']} with `numlora bench` ({data['size']} x {data['size']} float32 weight, "
            f"rank {data['rank']}, median of {data['repeat']} interleaved rounds; ratio = numlora time / "
            f"competitor time, below 1 means numlora is faster) on: {data['machine']}.", "", to_markdown(rows)]
