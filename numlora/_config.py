@@ -10,6 +10,10 @@
     ``parallel=True``; ``0`` compiles them serial. The number of threads is numba's
     (``NUMBA_NUM_THREADS`` or ``numba.set_num_threads``). Results never depend on it.
 
+``NUMLORA_SIMD``
+    ``1`` (default) decodes NF4 with AVX-512 / AVX2 permutes where the CPU has them (see
+    ``numlora.kernels._simd``); ``0`` uses the portable kernels everywhere.
+
 fastmath is never enabled: it would let the compiler reorder floating-point sums and
 break the bit-exact guarantees (NF4 codes, bit-exact unmerge).
 """
@@ -28,3 +32,4 @@ def _flag(name: str, default: bool) -> bool:
 
 CACHE: bool = _flag("NUMLORA_CACHE", True)
 PARALLEL: bool = _flag("NUMLORA_PARALLEL", True)
+SIMD: bool = _flag("NUMLORA_SIMD", True)

@@ -198,12 +198,22 @@ def dequantize_nf4(t: NF4Tensor, out=None) -> np.ndarray:
         out = np.empty(t.shape, np.float32)
     else:
         v.out_array("out", out, t.shape, np.float32)
-    k.nf4_dequantize_range(t.packed, t.scales(), t.blocksize, NF4_CODE, 0, t.numel, out.reshape(-1))
+    n, bs = t.numel, t.blocksize
+    if _simd_ok(k, bs) and n % bs == 0:
+        k.nf4_decode_simd(t.packed, t.scales(), bs, NF4_CODE, 0, n // bs, out.reshape(-1))
+    else:
+        k.nf4_dequantize_range(t.packed, t.scales(), bs, NF4_CODE, 0, n, out.reshape(-1))
     return out
 
 
-#: float32 elements per decoded tile on the large-batch path (1 MiB: stays in cache).
-TILE_ELEMS = 1 << 18
+def _simd_ok(k, blocksize) -> bool:
+    """Whether the SIMD decode applies (the CPU has it and blocks hold whole chunks)."""
+    return k.SIMD_LANES > 0 and blocksize % k.SIMD_LANES == 0
+
+
+#: float32 elements per decoded tile on the large-batch path (8 MiB at most, whatever the
+#: weight's size: larger tiles keep BLAS efficient; measured 1.5x faster than 1 MiB at batch 128).
+TILE_ELEMS = 1 << 21
 
 #: Batches up to this many rows run the fused kernels (each byte of W decoded once, in
 #: registers, for every row); larger batches decode tiles of W and hand them to BLAS,
@@ -266,7 +276,9 @@ def _nf4_forward(x2, t, lora_a, lora_b, s, bias, out2):
         u = np.empty((n, lora_a.shape[0]), np.float32)
         k.lora_shrink(x2, lora_a, np.float32(s), u)
     bs = t.blocksize
-    if in_f % bs == 0 and bs % 2 == 0:
+    if in_f % bs == 0 and _simd_ok(k, bs):
+        k.nf4_matmul_simd(t.packed, scales, bs, NF4_CODE, x2, u, lora_b, b_arr, use_bias, out2)
+    elif in_f % bs == 0 and bs % 2 == 0:
         if n == 1:
             k.nf4_gemv_lut(t.packed, scales, bs, NF4_CODE, x2[0], u, lora_b, b_arr, use_bias, out2[0])
         else:
@@ -278,22 +290,26 @@ def _nf4_forward(x2, t, lora_a, lora_b, s, bias, out2):
 
 
 def _nf4_blas(x2, t, scales, out2):
+    """out2 = x2 deq(W)^T for large batches: decode tiles of rows of W (at most
+    TILE_ELEMS floats), multiply each by the whole batch with BLAS into y^T, transpose once."""
     from .kernels import nf4 as k
 
     out_f, in_f = t.shape
-    n = x2.shape[0]
     rows = max(1, min(out_f, TILE_ELEMS // in_f))
     tile = np.empty((rows, in_f), np.float32)
-    part = np.empty((n, rows), np.float32)
+    yt = np.empty((out_f, x2.shape[0]), np.float32)
+    xt = x2.T
+    bs = t.blocksize
+    simd = in_f % bs == 0 and _simd_ok(k, bs)
     for r0 in range(0, out_f, rows):
         r1 = min(out_f, r0 + rows)
         cur = tile[: r1 - r0]
-        k.nf4_dequantize_tile(t.packed, scales, t.blocksize, NF4_CODE, r0 * in_f, r1 * in_f, cur.reshape(-1))
-        if r1 - r0 == rows:
-            np.dot(x2, cur.T, out=part)
-            out2[:, r0:r1] = part
+        if simd:
+            k.nf4_decode_simd_tile(t.packed, scales, bs, NF4_CODE, r0 * in_f // bs, r1 * in_f // bs, cur.reshape(-1))
         else:
-            out2[:, r0:r1] = x2 @ cur.T
+            k.nf4_dequantize_tile(t.packed, scales, bs, NF4_CODE, r0 * in_f, r1 * in_f, cur.reshape(-1))
+        np.dot(cur, xt, out=yt[r0:r1])
+    out2[...] = yt.T
 
 
 def nf4_matmul_t(g, t: NF4Tensor, out=None) -> np.ndarray:

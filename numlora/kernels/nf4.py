@@ -24,6 +24,9 @@ from __future__ import annotations
 import numpy as np
 
 from ._jit import inline_helper, kernel, prange, serial_twin
+from ._simd import GROUP as SIMD_GROUP
+from ._simd import LANES as SIMD_LANES
+from ._simd import decode_blocks, row_dot, rows_dot
 
 TINY = np.float32(1e-38)
 ONE = np.float32(1.0)
@@ -451,3 +454,56 @@ def nf4_matmul_t(packed, scales, blocksize, code, g, out):
                 gv = g[i, o]
                 for j in range(j0, j1):
                     out[i, j] += gv * wrow[j - j0]
+
+
+# --- SIMD paths (AVX-512 / AVX2 permute decode, see _simd.py) --------------------------------
+#
+# Used when SIMD_LANES > 0, blocksize % SIMD_LANES == 0 and rows hold whole blocks. Every
+# batch row of every call goes through the same row_dot, so results are bit-identical
+# whatever the batch size (up to the fused limit) and thread count on a given machine.
+
+
+@kernel(parallel=True)
+def nf4_matmul_simd(packed, scales, blocksize, code, x2, u, lora_b, bias, use_bias, y):
+    """y[i, o] = row o of deq(W) . x2[i] (+ LoRA expand of u, + bias), decoding W with
+    SIMD permutes. x2: (n, in) C-contiguous; y: (n, out)."""
+    n, in_f = x2.shape
+    out_f = y.shape[1]
+    half = in_f // 2
+    bpr = in_f // blocksize
+    ntasks = (out_f + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    for task in prange(ntasks):
+        o0 = task * ROWS_PER_TASK
+        o1 = min(out_f, o0 + ROWS_PER_TASK)
+        res = np.empty(n, np.float32)
+        ngroups = n // SIMD_GROUP
+        for oo in range(o1 - o0):
+            o = o0 + oo
+            prow = packed[o * half:(o + 1) * half]
+            srow = scales[o * bpr:(o + 1) * bpr]
+            for g in range(ngroups):
+                rows_dot(prow, x2, g * SIMD_GROUP, srow, code, blocksize, res)
+            for i in range(ngroups * SIMD_GROUP, n):
+                res[i] = row_dot(prow, x2[i], srow, code, blocksize)
+            for i in range(n):
+                y[i, o] = _finish(res[i], u, i, lora_b, o, bias, use_bias)
+
+
+_DECODE_BLOCKS_PER_TASK = 256
+
+
+@kernel(parallel=True)
+def nf4_decode_simd(packed, scales, blocksize, code, b0, b1, out):
+    """out = deq of blocks [b0, b1) (out starts at block b0), SIMD decode, parallel."""
+    nb = b1 - b0
+    ntasks = (nb + _DECODE_BLOCKS_PER_TASK - 1) // _DECODE_BLOCKS_PER_TASK
+    half = blocksize // 2
+    for task in prange(ntasks):
+        lo = task * _DECODE_BLOCKS_PER_TASK
+        hi = min(nb, lo + _DECODE_BLOCKS_PER_TASK)
+        decode_blocks(packed[(b0 + lo) * half:(b0 + hi) * half], scales[b0 + lo:b0 + hi], code, blocksize,
+                      out[lo * blocksize:hi * blocksize])
+
+
+#: Serial build of :func:`nf4_decode_simd` for tiles decoded between BLAS calls.
+nf4_decode_simd_tile = serial_twin(nf4_decode_simd)

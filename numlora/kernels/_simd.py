@@ -1,0 +1,232 @@
+"""SIMD NF4 decode through numba intrinsics: 16 (AVX-512) or 8 (AVX2) nibbles per
+instruction.
+
+The 16 NF4 codes fit in one 512-bit register, so ``vpermps`` with the nibbles as indices
+decodes 16 weights at once (AVX-512); on AVX2 two 8-entry ``vpermps`` and a blend on bit 3
+do the same for 8. LLVM does not find this on its own (a table lookup becomes a gather or
+scalar loads), hence the hand-built IR. ``LANES`` is 16, 8, or 0 where neither instruction
+set is available, numba targets another CPU than this one (``NUMBA_CPU_NAME``), or
+``NUMLORA_SIMD=0``; callers then use the portable kernels.
+
+Arithmetic of a row's dot product (what every caller computes, in this order): for each
+block, the products of consecutive chunks of LANES weights with x are added lane-wise
+(chunk 0, then + chunk 1, ...), the block vector is multiplied by the block's absmax and
+added lane-wise into the row vector; the row vector is summed by halving (lanes 0..L/2-1
+plus L/2..L-1, and so on). No FMA contraction, no reassociation.
+"""
+
+from __future__ import annotations
+
+from llvmlite import binding as llvm_binding
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.core import config as numba_config
+from numba.extending import intrinsic
+
+from .. import _config
+
+
+def _host_lanes() -> int:
+    if not _config.SIMD or numba_config.DISABLE_JIT or numba_config.CPU_NAME not in (None, "", "host"):
+        return 0
+    try:
+        feats = llvm_binding.get_host_cpu_features()
+    except Exception:  # pragma: no cover - llvmlite without the query
+        return 0
+    if feats.get("avx512f", False):
+        return 16
+    if feats.get("avx2", False):
+        return 8
+    return 0
+
+
+LANES = _host_lanes()
+
+F32 = ir.FloatType()
+I8 = ir.IntType(8)
+I32 = ir.IntType(32)
+I64 = ir.IntType(64)
+
+
+def _vec(t, n):
+    return ir.VectorType(t, n)
+
+
+def _splat(builder, value, n):
+    v = builder.insert_element(ir.Constant(_vec(value.type, n), ir.Undefined), value, ir.Constant(I32, 0))
+    return builder.shuffle_vector(v, ir.Constant(_vec(value.type, n), ir.Undefined), ir.Constant(_vec(I32, n), [0] * n))
+
+
+def _decode_chunk(builder, bptr, codes, lanes):
+    """Decode ``lanes`` consecutive NF4 weights starting at byte pointer ``bptr`` (first
+    element in the high nibble) to a <lanes x float> of code values."""
+    nb = lanes // 2
+    raw = builder.load(builder.bitcast(bptr, _vec(I8, nb).as_pointer()), align=1)
+    hi = builder.lshr(raw, ir.Constant(_vec(I8, nb), [4] * nb))
+    lo = builder.and_(raw, ir.Constant(_vec(I8, nb), [15] * nb))
+    inter = builder.shuffle_vector(hi, lo, ir.Constant(_vec(I32, lanes), [v for p in range(nb) for v in (p, nb + p)]))
+    idx = builder.zext(inter, _vec(I32, lanes))
+    if lanes == 16:
+        perm = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_vec(F32, 16), [_vec(F32, 16), _vec(I32, 16)]),
+                                              "llvm.x86.avx512.permvar.sf.512")
+        return builder.call(perm, [codes, idx])
+    # AVX2: codes is a pair (low 8, high 8); vpermps uses the low 3 bits of each index
+    perm = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_vec(F32, 8), [_vec(F32, 8), _vec(I32, 8)]),
+                                          "llvm.x86.avx2.permps")
+    lo_codes, hi_codes = codes
+    a = builder.call(perm, [lo_codes, idx])
+    b = builder.call(perm, [hi_codes, idx])
+    high = builder.icmp_unsigned(">=", idx, ir.Constant(_vec(I32, 8), [8] * 8))
+    return builder.select(high, b, a)
+
+
+def _load_codes(builder, code_ptr, lanes):
+    if lanes == 16:
+        return builder.load(builder.bitcast(code_ptr, _vec(F32, 16).as_pointer()), align=4)
+    lo = builder.load(builder.bitcast(code_ptr, _vec(F32, 8).as_pointer()), align=4)
+    hi = builder.load(builder.bitcast(builder.gep(code_ptr, [ir.Constant(I64, 8)]), _vec(F32, 8).as_pointer()), align=4)
+    return (lo, hi)
+
+
+def _hsum(builder, v, lanes):
+    width = lanes
+    while width > 1:
+        half = width // 2
+        und = ir.Constant(_vec(F32, width), ir.Undefined)
+        a = builder.shuffle_vector(v, und, ir.Constant(_vec(I32, half), list(range(half))))
+        b = builder.shuffle_vector(v, und, ir.Constant(_vec(I32, half), list(range(half, width))))
+        v = builder.fadd(a, b)
+        width = half
+    return builder.extract_element(v, ir.Constant(I32, 0))
+
+
+def _make_row_dot(lanes):
+    @intrinsic
+    def row_dot(typingctx, packed, x, scales, code, blocksize):
+        """sum_b scales[b] * sum_{j in block b} code[nibble j] * x[j] over one weight row
+        (packed: its bytes, x: its input, scales: its blocks; blocksize % lanes == 0)."""
+        sig = types.float32(packed, x, scales, code, blocksize)
+
+        def codegen(context, builder, sig, args):
+            pk = context.make_array(sig.args[0])(context, builder, args[0])
+            xa = context.make_array(sig.args[1])(context, builder, args[1])
+            sc = context.make_array(sig.args[2])(context, builder, args[2])
+            cd = context.make_array(sig.args[3])(context, builder, args[3])
+            bs = context.cast(builder, args[4], sig.args[4], types.int64)
+            nblocks = builder.extract_value(sc.shape, 0)
+            codes = _load_codes(builder, cd.data, lanes)
+            vt = _vec(F32, lanes)
+            row_p = cgutils.alloca_once_value(builder, ir.Constant(vt, None))
+            blk_p = cgutils.alloca_once_value(builder, ir.Constant(vt, None))
+            nchunks = builder.udiv(bs, ir.Constant(I64, lanes))
+            with cgutils.for_range(builder, nblocks) as bl:
+                b = bl.index
+                base = builder.mul(b, bs)
+                builder.store(ir.Constant(vt, None), blk_p)
+                with cgutils.for_range(builder, nchunks) as cl:
+                    k = builder.add(base, builder.mul(cl.index, ir.Constant(I64, lanes)))
+                    w = _decode_chunk(builder, builder.gep(pk.data, [builder.lshr(k, ir.Constant(I64, 1))]), codes, lanes)
+                    xv = builder.load(builder.bitcast(builder.gep(xa.data, [k]), vt.as_pointer()), align=4)
+                    builder.store(builder.fadd(builder.load(blk_p), builder.fmul(w, xv)), blk_p)
+                s = _splat(builder, builder.load(builder.gep(sc.data, [b])), lanes)
+                builder.store(builder.fadd(builder.load(row_p), builder.fmul(builder.load(blk_p), s)), row_p)
+            return _hsum(builder, builder.load(row_p), lanes)
+
+        return sig, codegen
+
+    return row_dot
+
+
+def _make_decode(lanes):
+    @intrinsic
+    def decode_blocks(typingctx, packed, scales, code, blocksize, out):
+        """out[k] = code[nibble k] * scales[k // blocksize] for the blocks of ``scales``
+        (packed / out start at the first of those blocks; blocksize % lanes == 0)."""
+        sig = types.void(packed, scales, code, blocksize, out)
+
+        def codegen(context, builder, sig, args):
+            pk = context.make_array(sig.args[0])(context, builder, args[0])
+            sc = context.make_array(sig.args[1])(context, builder, args[1])
+            cd = context.make_array(sig.args[2])(context, builder, args[2])
+            bs = context.cast(builder, args[3], sig.args[3], types.int64)
+            oa = context.make_array(sig.args[4])(context, builder, args[4])
+            nblocks = builder.extract_value(sc.shape, 0)
+            codes = _load_codes(builder, cd.data, lanes)
+            vt = _vec(F32, lanes)
+            nchunks = builder.udiv(bs, ir.Constant(I64, lanes))
+            with cgutils.for_range(builder, nblocks) as bl:
+                b = bl.index
+                base = builder.mul(b, bs)
+                s = _splat(builder, builder.load(builder.gep(sc.data, [b])), lanes)
+                with cgutils.for_range(builder, nchunks) as cl:
+                    k = builder.add(base, builder.mul(cl.index, ir.Constant(I64, lanes)))
+                    w = _decode_chunk(builder, builder.gep(pk.data, [builder.lshr(k, ir.Constant(I64, 1))]), codes, lanes)
+                    builder.store(builder.fmul(w, s), builder.bitcast(builder.gep(oa.data, [k]), vt.as_pointer()), align=4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return decode_blocks
+
+
+#: Batch rows per call of ``rows_dot`` (their accumulators stay in registers).
+GROUP = 4
+
+
+def _make_rows_dot(lanes, group):
+    @intrinsic
+    def rows_dot(typingctx, packed, x2, i0, scales, code, blocksize, out):
+        """out[i] = row_dot(packed, x2[i], scales, code, blocksize) for the ``group`` rows
+        i0 .. i0 + group - 1 of the C-contiguous x2 (n, in), decoding each chunk of W once
+        for all of them. Same operations in the same order as row_dot, so every out[i] is
+        bit-identical to it."""
+        sig = types.void(packed, x2, i0, scales, code, blocksize, out)
+
+        def codegen(context, builder, sig, args):
+            pk = context.make_array(sig.args[0])(context, builder, args[0])
+            xa = context.make_array(sig.args[1])(context, builder, args[1])
+            first = context.cast(builder, args[2], sig.args[2], types.int64)
+            sc = context.make_array(sig.args[3])(context, builder, args[3])
+            cd = context.make_array(sig.args[4])(context, builder, args[4])
+            bs = context.cast(builder, args[5], sig.args[5], types.int64)
+            oa = context.make_array(sig.args[6])(context, builder, args[6])
+            in_f = builder.extract_value(xa.shape, 1)
+            nblocks = builder.extract_value(sc.shape, 0)
+            codes = _load_codes(builder, cd.data, lanes)
+            vt = _vec(F32, lanes)
+            vp = vt.as_pointer()
+            zero = ir.Constant(vt, None)
+            L = ir.Constant(I64, lanes)
+            xrows = [builder.gep(xa.data, [builder.mul(builder.add(first, ir.Constant(I64, g)), in_f)])
+                     for g in range(group)]
+            row_p = [cgutils.alloca_once_value(builder, zero) for _ in range(group)]
+            blk_p = [cgutils.alloca_once_value(builder, zero) for _ in range(group)]
+            nchunks = builder.udiv(bs, L)
+            with cgutils.for_range(builder, nblocks) as bl:
+                b = bl.index
+                base = builder.mul(b, bs)
+                for g in range(group):
+                    builder.store(zero, blk_p[g])
+                with cgutils.for_range(builder, nchunks) as cl:
+                    k = builder.add(base, builder.mul(cl.index, L))
+                    w = _decode_chunk(builder, builder.gep(pk.data, [builder.lshr(k, ir.Constant(I64, 1))]), codes, lanes)
+                    for g in range(group):
+                        xv = builder.load(builder.bitcast(builder.gep(xrows[g], [k]), vp), align=4)
+                        builder.store(builder.fadd(builder.load(blk_p[g]), builder.fmul(w, xv)), blk_p[g])
+                s = _splat(builder, builder.load(builder.gep(sc.data, [b])), lanes)
+                for g in range(group):
+                    builder.store(builder.fadd(builder.load(row_p[g]), builder.fmul(builder.load(blk_p[g]), s)), row_p[g])
+            for g in range(group):
+                builder.store(_hsum(builder, builder.load(row_p[g]), lanes),
+                              builder.gep(oa.data, [builder.add(first, ir.Constant(I64, g))]))
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return rows_dot
+
+
+row_dot = _make_row_dot(LANES) if LANES else None
+rows_dot = _make_rows_dot(LANES, GROUP) if LANES else None
+decode_blocks = _make_decode(LANES) if LANES else None
