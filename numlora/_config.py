@@ -12,7 +12,8 @@
 
 ``NUMLORA_SIMD``
     ``1`` (default) decodes NF4 with AVX-512 / AVX2 permutes where the CPU has them (see
-    ``numlora.kernels._simd``); ``0`` uses the portable kernels everywhere.
+    ``numlora.kernels._simd``); ``0`` uses the portable kernels everywhere; ``8`` caps the
+    vector width at AVX2's 8 lanes (to test that path on an AVX-512 machine).
 
 fastmath is never enabled: it would let the compiler reorder floating-point sums and
 break the bit-exact guarantees (NF4 codes, bit-exact unmerge).
@@ -33,3 +34,4 @@ def _flag(name: str, default: bool) -> bool:
 CACHE: bool = _flag("NUMLORA_CACHE", True)
 PARALLEL: bool = _flag("NUMLORA_PARALLEL", True)
 SIMD: bool = _flag("NUMLORA_SIMD", True)
+SIMD_MAX_LANES: int = 8 if os.environ.get("NUMLORA_SIMD", "").strip() == "8" else 16

@@ -64,3 +64,32 @@ def test_results_do_not_depend_on_thread_count():
     assert (one.pop("threads"), two.pop("threads")) == (1, 2)
     assert one["unmerge_exact"] is True
     assert one == two
+
+
+AVX2_CHECK = """
+    import numpy as np, numlora as nl
+    from numlora.kernels import nf4 as k
+    print(k.SIMD_LANES)
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((40, 256)).astype(np.float32)
+    t = nl.quantize_nf4(w, 64)
+    x = rng.standard_normal((9, 256)).astype(np.float32)
+    y = nl.nf4_matmul(x, t)
+    ref = x.astype(np.float64) @ t.dequantize().astype(np.float64).T
+    assert np.abs(y - ref).max() <= 1e-5 * np.abs(ref).max()
+    assert all(np.array_equal(nl.nf4_matmul(x[:n], t), y[:n]) for n in (1, 4, 5))
+    d = t.dequantize()
+    assert np.array_equal(d, (nl.NF4_CODE[np.stack([t.packed >> 4, t.packed & 15], 1).reshape(-1)]
+                              * np.repeat(t.absmax, 64)).reshape(40, 256))
+    print("ok")
+"""
+
+
+@pytest.mark.skipif(JIT_DISABLED, reason="the SIMD paths exist only compiled")
+def test_avx2_path_when_the_cpu_has_it():
+    from llvmlite import binding
+
+    if not binding.get_host_cpu_features().get("avx2", False):
+        pytest.skip("no AVX2 on this CPU")
+    out = _run(AVX2_CHECK, NUMLORA_SIMD="8").split()
+    assert out == ["8", "ok"]

@@ -76,3 +76,35 @@ def test_transposed_product(rng, shape, bs, n):
     assert nl.nf4_matmul_t(g, t, out=out) is out
     with pytest.raises(nl.ShapeError, match=r"out_features = " + str(shape[0])):
         nl.nf4_matmul_t(np.ones((n, shape[0] + 1), np.float32), t)
+
+
+@pytest.fixture(params=["simd", "portable"])
+def kernel_path(request, monkeypatch):
+    """Run a test on the SIMD decode (where this CPU has it) and on the portable kernels."""
+    from numlora.kernels import nf4 as k
+
+    if request.param == "portable":
+        monkeypatch.setattr(k, "SIMD_LANES", 0)
+    elif k.SIMD_LANES == 0:
+        pytest.skip("this CPU (or NUMLORA_SIMD=0) has no SIMD NF4 decode")
+    return request.param
+
+
+@pytest.mark.parametrize("shape,bs", [((70, 128), 64), ((33, 256), 32), ((18, 4096), 4096), ((40, 96), 16)])
+def test_both_paths_match_reference_and_are_batch_independent(rng, kernel_path, shape, bs):
+    w = rng.standard_normal(shape).astype(np.float32)
+    t = nl.quantize_nf4(w, bs, double_quant=shape[0] == 33)
+    a = rng.standard_normal((2, shape[1])).astype(np.float32)
+    b = rng.standard_normal((shape[0], 2)).astype(np.float32)
+    x = rng.standard_normal((nl.nf4.FUSED_MAX_ROWS, shape[1])).astype(np.float32)
+    full = nl.qlora_forward(x, t, a, b, 1.5)
+    ref = _ref(x, t, a, b, 1.5)
+    assert np.abs(full - ref).max() <= 1e-5 * np.abs(ref).max()
+    for n in (1, 3, 4, 7):
+        assert np.array_equal(nl.qlora_forward(x[:n], t, a, b, 1.5), full[:n])
+    big = np.concatenate([x, x])
+    yb = nl.qlora_forward(big, t, a, b, 1.5)
+    assert np.abs(yb - np.concatenate([ref, ref])).max() <= 1e-5 * np.abs(ref).max()
+    assert np.array_equal(nl.dequantize_nf4(t).view(np.uint32),
+                          (nl.NF4_CODE[np.stack([t.packed >> 4, t.packed & 15], 1).reshape(-1)[: w.size]]
+                           * np.repeat(t.scales(), bs)[: w.size]).reshape(shape).view(np.uint32))

@@ -11,12 +11,14 @@ from .. import _config
 prange = numba.prange
 
 
-def kernel(parallel: bool = False):
+def kernel(parallel: bool = False, cache: bool = True):
     """Decorate a kernel: lazy ``njit`` (compiled per signature on first call),
-    ``parallel`` when asked and allowed, never fastmath, on-disk cache when possible."""
+    ``parallel`` when asked and allowed, never fastmath, on-disk cache when possible
+    (``cache=False`` for kernels whose code depends on a setting numba's cache key does
+    not see)."""
 
     def wrap(fn):
-        return _compile(fn, parallel and _config.PARALLEL)
+        return _compile(fn, parallel and _config.PARALLEL, cache=cache)
 
     return wrap
 

@@ -27,21 +27,24 @@ from numba.extending import intrinsic
 from .. import _config
 
 
-def _host_lanes() -> int:
+def _host_lanes(max_lanes: int = 16) -> int:
     if not _config.SIMD or numba_config.DISABLE_JIT or numba_config.CPU_NAME not in (None, "", "host"):
         return 0
     try:
         feats = llvm_binding.get_host_cpu_features()
     except Exception:  # pragma: no cover - llvmlite without the query
         return 0
-    if feats.get("avx512f", False):
+    if feats.get("avx512f", False) and max_lanes >= 16:
         return 16
     if feats.get("avx2", False):
         return 8
     return 0
 
 
-LANES = _host_lanes()
+LANES = _host_lanes(_config.SIMD_MAX_LANES)
+#: numba's cache key knows the CPU but not NUMLORA_SIMD: cache the SIMD kernels only when
+#: they use the host's natural width (a capped width compiles in memory).
+CACHEABLE = LANES == _host_lanes()
 
 F32 = ir.FloatType()
 I8 = ir.IntType(8)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import numpy as np
 
 from ._jit import inline_helper, kernel, prange, serial_twin
+from ._simd import CACHEABLE as SIMD_CACHEABLE
 from ._simd import GROUP as SIMD_GROUP
 from ._simd import LANES as SIMD_LANES
 from ._simd import decode_blocks, row_dot, rows_dot
@@ -463,7 +464,7 @@ def nf4_matmul_t(packed, scales, blocksize, code, g, out):
 # whatever the batch size (up to the fused limit) and thread count on a given machine.
 
 
-@kernel(parallel=True)
+@kernel(parallel=True, cache=SIMD_CACHEABLE)
 def nf4_matmul_simd(packed, scales, blocksize, code, x2, u, lora_b, bias, use_bias, y):
     """y[i, o] = row o of deq(W) . x2[i] (+ LoRA expand of u, + bias), decoding W with
     SIMD permutes. x2: (n, in) C-contiguous; y: (n, out)."""
@@ -492,7 +493,7 @@ def nf4_matmul_simd(packed, scales, blocksize, code, x2, u, lora_b, bias, use_bi
 _DECODE_BLOCKS_PER_TASK = 256
 
 
-@kernel(parallel=True)
+@kernel(parallel=True, cache=SIMD_CACHEABLE)
 def nf4_decode_simd(packed, scales, blocksize, code, b0, b1, out):
     """out = deq of blocks [b0, b1) (out starts at block b0), SIMD decode, parallel."""
     nb = b1 - b0
