@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import _validate as v
-from ._code8 import CODE8_HEX
+from ._tables import CODE8, NF4_CODE, NF4_MIDPOINTS
 from .errors import ConfigError, DTypeError, ShapeError
 
 __all__ = [
@@ -27,26 +27,6 @@ __all__ = [
     "qlora_forward",
 ]
 
-
-def _from_hex(words) -> np.ndarray:
-    a = np.array([int(h, 16) for h in words], dtype=np.uint32).view(np.float32)
-    a.setflags(write=False)
-    return a
-
-
-#: The 16 NF4 values (float32), bit for bit bitsandbytes' table.
-NF4_CODE = _from_hex([
-    "bf800000", "bf3239b1", "bf066b30", "beca32a0", "be91a24d", "be3d353f", "bdba7871", "00000000",
-    "3da2faff", "3e24cae3", "3e7c04dd", "3ead033a", "3ee1a4b8", "3f1007ab", "3f3913b3", "3f800000",
-])
-
-#: float32 midpoints between consecutive codes, computed as bitsandbytes does
-#: (float32 sum, then halved). A value exactly on a midpoint takes the lower code.
-NF4_MIDPOINTS = ((NF4_CODE[:-1] + NF4_CODE[1:]) / np.float32(2)).astype(np.float32)
-NF4_MIDPOINTS.setflags(write=False)
-
-#: bitsandbytes' signed dynamic 8-bit map (256 float32, ascending), for double quantization.
-CODE8 = _from_hex(CODE8_HEX)
 
 #: Group size of the double quantization of absmax (bitsandbytes' nested blocksize).
 DQ_GROUP = 256

@@ -29,17 +29,28 @@ from ._simd import GROUP as SIMD_GROUP
 from ._simd import LANES as SIMD_LANES
 from ._simd import decode_blocks, row_dot, rows_dot
 
+from .._tables import NF4_MIDPOINTS
+
 TINY = np.float32(1e-38)
 ONE = np.float32(1.0)
+_I1 = np.int32(1)
+_I0 = np.int32(0)
+(_M0, _M1, _M2, _M3, _M4, _M5, _M6, _M7, _M8, _M9, _M10, _M11, _M12, _M13, _M14) = (
+    np.float32(m) for m in NF4_MIDPOINTS)
+_CODES_CHUNK = 64  # blocks per parallel task of the quantizer
 _PACK_CHUNK = 8192  # bytes per parallel task in the generic (odd blocksize) path
 
 
 @inline_helper
 def _code(y, bounds):
-    q = 0
-    for t in range(15):
-        q += y > bounds[t]
-    return q
+    """Number of NF4 midpoints strictly below y (the midpoints are compile-time constants;
+    ``bounds`` is kept for the signature). Written as int32 selects: measured 3x faster
+    than summing booleans, which LLVM did not vectorise."""
+    return ((_I1 if y > _M0 else _I0) + (_I1 if y > _M1 else _I0) + (_I1 if y > _M2 else _I0)
+            + (_I1 if y > _M3 else _I0) + (_I1 if y > _M4 else _I0) + (_I1 if y > _M5 else _I0)
+            + (_I1 if y > _M6 else _I0) + (_I1 if y > _M7 else _I0) + (_I1 if y > _M8 else _I0)
+            + (_I1 if y > _M9 else _I0) + (_I1 if y > _M10 else _I0) + (_I1 if y > _M11 else _I0)
+            + (_I1 if y > _M12 else _I0) + (_I1 if y > _M13 else _I0) + (_I1 if y > _M14 else _I0))
 
 
 @inline_helper
@@ -59,16 +70,19 @@ def nf4_quantize_even(x, xi, blocksize, bounds, packed, absmax, absmax_i):
     n = x.size
     nfull = n // blocksize
     half = blocksize // 2
-    for b in prange(nfull):
-        start = b * blocksize
-        xb = x[start:start + blocksize]
-        absmax_i[b] = _absmax_bits(xi[start:start + blocksize])
-        inv = ONE / max(absmax[b], TINY)
-        pb = packed[b * half:(b + 1) * half]
-        for p in range(half):
-            q0 = _code(xb[2 * p] * inv, bounds)
-            q1 = _code(xb[2 * p + 1] * inv, bounds)
-            pb[p] = (q0 << 4) | q1
+    ntasks = (nfull + _CODES_CHUNK - 1) // _CODES_CHUNK
+    for task in prange(ntasks):
+        codes = np.empty(blocksize, np.int32)
+        for b in range(task * _CODES_CHUNK, min(nfull, (task + 1) * _CODES_CHUNK)):
+            start = b * blocksize
+            xb = x[start:start + blocksize]
+            absmax_i[b] = _absmax_bits(xi[start:start + blocksize])
+            inv = ONE / max(absmax[b], TINY)
+            for k in range(blocksize):
+                codes[k] = _code(xb[k] * inv, bounds)
+            pb = packed[b * half:(b + 1) * half]
+            for p in range(half):
+                pb[p] = (codes[2 * p] << 4) | codes[2 * p + 1]
     if nfull * blocksize < n:
         start = nfull * blocksize
         absmax_i[nfull] = _absmax_bits(xi[start:n])
