@@ -141,11 +141,13 @@ def _make_row_dot(lanes):
     return row_dot
 
 
-def _make_decode(lanes):
+def _make_decode(lanes, nontemporal):
     @intrinsic
     def decode_blocks(typingctx, packed, scales, code, blocksize, out):
         """out[k] = code[nibble k] * scales[k // blocksize] for the blocks of ``scales``
-        (packed / out start at the first of those blocks; blocksize % lanes == 0)."""
+        (packed / out start at the first of those blocks; blocksize % lanes == 0).
+        The non-temporal build streams the stores past the caches (for outputs much larger
+        than the caches, which are not read back soon)."""
         sig = types.void(packed, scales, code, blocksize, out)
 
         def codegen(context, builder, sig, args):
@@ -165,7 +167,10 @@ def _make_decode(lanes):
                 with cgutils.for_range(builder, nchunks) as cl:
                     k = builder.add(base, builder.mul(cl.index, ir.Constant(I64, lanes)))
                     w = _decode_chunk(builder, builder.gep(pk.data, [builder.lshr(k, ir.Constant(I64, 1))]), codes, lanes)
-                    builder.store(builder.fmul(w, s), builder.bitcast(builder.gep(oa.data, [k]), vt.as_pointer()), align=4)
+                    st = builder.store(builder.fmul(w, s), builder.bitcast(builder.gep(oa.data, [k]), vt.as_pointer()),
+                                       align=4)
+                    if nontemporal:
+                        st.set_metadata("nontemporal", builder.module.add_metadata([ir.Constant(I32, 1)]))
             return context.get_dummy_value()
 
         return sig, codegen
@@ -232,4 +237,5 @@ def _make_rows_dot(lanes, group):
 
 row_dot = _make_row_dot(LANES) if LANES else None
 rows_dot = _make_rows_dot(LANES, GROUP) if LANES else None
-decode_blocks = _make_decode(LANES) if LANES else None
+decode_blocks = _make_decode(LANES, False) if LANES else None
+decode_blocks_stream = _make_decode(LANES, True) if LANES else None

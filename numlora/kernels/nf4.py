@@ -27,7 +27,7 @@ from ._jit import inline_helper, kernel, prange, serial_twin
 from ._simd import CACHEABLE as SIMD_CACHEABLE
 from ._simd import GROUP as SIMD_GROUP
 from ._simd import LANES as SIMD_LANES
-from ._simd import decode_blocks, row_dot, rows_dot
+from ._simd import decode_blocks, decode_blocks_stream, row_dot, rows_dot
 
 from .._tables import NF4_MIDPOINTS
 
@@ -509,16 +509,21 @@ _DECODE_BLOCKS_PER_TASK = 256
 
 @kernel(parallel=True, cache=SIMD_CACHEABLE)
 def nf4_decode_simd(packed, scales, blocksize, code, b0, b1, out):
-    """out = deq of blocks [b0, b1) (out starts at block b0), SIMD decode, parallel."""
+    """out = deq of blocks [b0, b1) (out starts at block b0): SIMD decode, parallel,
+    streaming stores (for a whole dequantized weight, far larger than the caches)."""
     nb = b1 - b0
     ntasks = (nb + _DECODE_BLOCKS_PER_TASK - 1) // _DECODE_BLOCKS_PER_TASK
     half = blocksize // 2
     for task in prange(ntasks):
         lo = task * _DECODE_BLOCKS_PER_TASK
         hi = min(nb, lo + _DECODE_BLOCKS_PER_TASK)
-        decode_blocks(packed[(b0 + lo) * half:(b0 + hi) * half], scales[b0 + lo:b0 + hi], code, blocksize,
-                      out[lo * blocksize:hi * blocksize])
+        decode_blocks_stream(packed[(b0 + lo) * half:(b0 + hi) * half], scales[b0 + lo:b0 + hi], code, blocksize,
+                             out[lo * blocksize:hi * blocksize])
 
 
-#: Serial build of :func:`nf4_decode_simd` for tiles decoded between BLAS calls.
-nf4_decode_simd_tile = serial_twin(nf4_decode_simd)
+@kernel(cache=SIMD_CACHEABLE)
+def nf4_decode_simd_tile(packed, scales, blocksize, code, b0, b1, out):
+    """Serial SIMD decode of blocks [b0, b1) into a tile that BLAS reads next (regular
+    stores, so the tile stays in cache)."""
+    half = blocksize // 2
+    decode_blocks(packed[b0 * half:b1 * half], scales[b0:b1], code, blocksize, out[:(b1 - b0) * blocksize])
