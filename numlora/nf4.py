@@ -28,6 +28,9 @@ __all__ = [
 ]
 
 
+#: The 15 midpoints and a pad entry (never looked up), as the SIMD encoder loads them.
+_MIDS16 = np.append(NF4_MIDPOINTS, np.float32(np.inf)).astype(np.float32)
+
 #: Group size of the double quantization of absmax (bitsandbytes' nested blocksize).
 DQ_GROUP = 256
 
@@ -137,8 +140,11 @@ def quantize_nf4(w, blocksize: int = 64, double_quant: bool = False) -> NF4Tenso
     nblocks = -(-n // bs)
     packed = np.empty((n + 1) // 2, np.uint8)
     absmax = np.empty(nblocks, np.float32)
-    kern = k.nf4_quantize_even if bs % 2 == 0 else k.nf4_quantize_any
-    kern(x, x.view(np.int32), bs, NF4_MIDPOINTS, packed, absmax, absmax.view(np.int32))
+    if _simd_ok(k, bs):
+        k.nf4_quantize_simd(x, x.view(np.int32), bs, _MIDS16, packed, absmax, absmax.view(np.int32))
+    else:
+        kern = k.nf4_quantize_even if bs % 2 == 0 else k.nf4_quantize_any
+        kern(x, x.view(np.int32), bs, NF4_MIDPOINTS, packed, absmax, absmax.view(np.int32))
     finite = np.isfinite(absmax)
     if not finite.all():
         b = int(np.argmin(finite))

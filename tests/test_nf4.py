@@ -288,3 +288,19 @@ def test_tensor_consistency_checks():
         nl.NF4Tensor(t.packed[:-1], t.absmax, t.shape, 64)
     with pytest.raises(nl.ShapeError, match="absmax"):
         nl.NF4Tensor(t.packed, t.absmax[:1], t.shape, 64)
+
+
+@pytest.mark.parametrize("bs", [16, 64, 256])
+def test_simd_and_portable_quantize_agree(rng, monkeypatch, bs):
+    from numlora.kernels import nf4 as k
+
+    w = (rng.standard_normal(bs * 37 + 21) * 0.1).astype(np.float32)
+    w[:bs] = 0.0
+    w[bs:2 * bs] = np.resize(MID_REF, bs)  # exact midpoints (block absmax 0.86...)
+    w[bs] = 1.0  # now scaled values land exactly on midpoints
+    fast = nl.quantize_nf4(w, bs)
+    monkeypatch.setattr(k, "SIMD_LANES", 0)
+    slow = nl.quantize_nf4(w, bs)
+    pk, am = nf4_quantize_ref(w, bs)
+    assert np.array_equal(fast.packed, pk) and np.array_equal(slow.packed, pk)
+    assert np.array_equal(_bits(fast.absmax), _bits(am)) and np.array_equal(_bits(slow.absmax), _bits(am))

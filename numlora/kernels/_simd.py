@@ -69,17 +69,22 @@ def _decode_chunk(builder, bptr, codes, lanes):
     hi = builder.lshr(raw, ir.Constant(_vec(I8, nb), [4] * nb))
     lo = builder.and_(raw, ir.Constant(_vec(I8, nb), [15] * nb))
     inter = builder.shuffle_vector(hi, lo, ir.Constant(_vec(I32, lanes), [v for p in range(nb) for v in (p, nb + p)]))
-    idx = builder.zext(inter, _vec(I32, lanes))
+    return _permute(builder, codes, builder.zext(inter, _vec(I32, lanes)), lanes)
+
+
+def _permute(builder, table, idx, lanes):
+    """table[idx] for a 16-entry float table held in registers (see _load_codes) and
+    <lanes x i32> indices in 0..15."""
     if lanes == 16:
         perm = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_vec(F32, 16), [_vec(F32, 16), _vec(I32, 16)]),
                                               "llvm.x86.avx512.permvar.sf.512")
-        return builder.call(perm, [codes, idx])
-    # AVX2: codes is a pair (low 8, high 8); vpermps uses the low 3 bits of each index
+        return builder.call(perm, [table, idx])
+    # AVX2: the table is a pair (low 8, high 8); vpermps uses the low 3 bits of each index
     perm = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_vec(F32, 8), [_vec(F32, 8), _vec(I32, 8)]),
                                           "llvm.x86.avx2.permps")
-    lo_codes, hi_codes = codes
-    a = builder.call(perm, [lo_codes, idx])
-    b = builder.call(perm, [hi_codes, idx])
+    lo_t, hi_t = table
+    a = builder.call(perm, [lo_t, idx])
+    b = builder.call(perm, [hi_t, idx])
     high = builder.icmp_unsigned(">=", idx, ir.Constant(_vec(I32, 8), [8] * 8))
     return builder.select(high, b, a)
 
@@ -235,7 +240,50 @@ def _make_rows_dot(lanes, group):
     return rows_dot
 
 
+def _make_encode(lanes):
+    @intrinsic
+    def encode_block(typingctx, xb, inv, mids, packed):
+        """NF4 codes of ``xb * inv`` (the number of midpoints strictly below each value,
+        found by a 4-step binary search whose midpoint lookups are register permutes),
+        packed two per byte, first element in the high nibble. xb.size % lanes == 0;
+        mids: float32 (16,), the 15 midpoints and one unused pad entry."""
+        sig = types.void(xb, inv, mids, packed)
+
+        def codegen(context, builder, sig, args):
+            xa = context.make_array(sig.args[0])(context, builder, args[0])
+            inv_v = _splat(builder, args[1], lanes)
+            md = context.make_array(sig.args[2])(context, builder, args[2])
+            pk = context.make_array(sig.args[3])(context, builder, args[3])
+            n = builder.extract_value(xa.shape, 0)
+            table = _load_codes(builder, md.data, lanes)
+            vt = _vec(F32, lanes)
+            it = _vec(I32, lanes)
+            half = lanes // 2
+            even = ir.Constant(_vec(I32, half), list(range(0, lanes, 2)))
+            odd = ir.Constant(_vec(I32, half), list(range(1, lanes, 2)))
+            with cgutils.for_range(builder, builder.udiv(n, ir.Constant(I64, lanes))) as cl:
+                k = builder.mul(cl.index, ir.Constant(I64, lanes))
+                y = builder.fmul(builder.load(builder.bitcast(builder.gep(xa.data, [k]), vt.as_pointer()), align=4), inv_v)
+                q = ir.Constant(it, None)
+                for step in (8, 4, 2, 1):
+                    m = _permute(builder, table, builder.add(q, ir.Constant(it, [step - 1] * lanes)), lanes)
+                    gt = builder.fcmp_ordered(">", y, m)
+                    q = builder.add(q, builder.select(gt, ir.Constant(it, [step] * lanes), ir.Constant(it, None)))
+                und = ir.Constant(it, ir.Undefined)
+                hi = builder.trunc(builder.shuffle_vector(q, und, even), _vec(I8, half))
+                lo = builder.trunc(builder.shuffle_vector(q, und, odd), _vec(I8, half))
+                byte = builder.or_(builder.shl(hi, ir.Constant(_vec(I8, half), [4] * half)), lo)
+                dst = builder.gep(pk.data, [builder.lshr(k, ir.Constant(I64, 1))])
+                builder.store(byte, builder.bitcast(dst, _vec(I8, half).as_pointer()), align=1)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return encode_block
+
+
 row_dot = _make_row_dot(LANES) if LANES else None
+encode_block = _make_encode(LANES) if LANES else None
 rows_dot = _make_rows_dot(LANES, GROUP) if LANES else None
 decode_blocks = _make_decode(LANES, False) if LANES else None
 decode_blocks_stream = _make_decode(LANES, True) if LANES else None

@@ -27,7 +27,7 @@ from ._jit import inline_helper, kernel, prange, serial_twin
 from ._simd import CACHEABLE as SIMD_CACHEABLE
 from ._simd import GROUP as SIMD_GROUP
 from ._simd import LANES as SIMD_LANES
-from ._simd import decode_blocks, decode_blocks_stream, row_dot, rows_dot
+from ._simd import decode_blocks, decode_blocks_stream, encode_block, row_dot, rows_dot
 
 from .._tables import NF4_MIDPOINTS
 
@@ -527,3 +527,30 @@ def nf4_decode_simd_tile(packed, scales, blocksize, code, b0, b1, out):
     stores, so the tile stays in cache)."""
     half = blocksize // 2
     decode_blocks(packed[b0 * half:b1 * half], scales[b0:b1], code, blocksize, out[:(b1 - b0) * blocksize])
+
+
+@kernel(parallel=True, cache=SIMD_CACHEABLE)
+def nf4_quantize_simd(x, xi, blocksize, mids16, packed, absmax, absmax_i):
+    """:func:`nf4_quantize_even` with the codes found by the SIMD binary search
+    (blocksize % SIMD_LANES == 0); bit-identical output."""
+    n = x.size
+    nfull = n // blocksize
+    half = blocksize // 2
+    ntasks = (nfull + _CODES_CHUNK - 1) // _CODES_CHUNK
+    for task in prange(ntasks):
+        for b in range(task * _CODES_CHUNK, min(nfull, (task + 1) * _CODES_CHUNK)):
+            start = b * blocksize
+            absmax_i[b] = _absmax_bits(xi[start:start + blocksize])
+            inv = ONE / max(absmax[b], TINY)
+            encode_block(x[start:start + blocksize], inv, mids16, packed[b * half:(b + 1) * half])
+    if nfull * blocksize < n:
+        start = nfull * blocksize
+        absmax_i[nfull] = _absmax_bits(xi[start:n])
+        am = max(absmax[nfull], TINY)
+        absmax[nfull] = am
+        for k in range(start, n, 2):
+            q0 = _code(x[k] / am, mids16)
+            q1 = 7
+            if k + 1 < n:
+                q1 = _code(x[k + 1] / am, mids16)
+            packed[k >> 1] = (q0 << 4) | q1
