@@ -72,6 +72,28 @@ def _decode_chunk(builder, bptr, codes, lanes):
     return _permute(builder, codes, builder.zext(inter, _vec(I32, lanes)), lanes)
 
 
+def _block_chunks(builder, bptr, codes, lanes, bs_const):
+    """Decode a whole block of ``bs_const`` weights (one load of its bytes) into
+    bs_const // lanes <lanes x float> chunks, in order."""
+    nb = bs_const // 2
+    raw = builder.load(builder.bitcast(bptr, _vec(I8, nb).as_pointer()), align=1)
+    hi = builder.lshr(raw, ir.Constant(_vec(I8, nb), [4] * nb))
+    lo = builder.and_(raw, ir.Constant(_vec(I8, nb), [15] * nb))
+    inter = builder.shuffle_vector(hi, lo, ir.Constant(_vec(I32, bs_const),
+                                                       [v for p in range(nb) for v in (p, nb + p)]))
+    und = ir.Constant(_vec(I8, bs_const), ir.Undefined)
+    out = []
+    for c in range(bs_const // lanes):
+        part = builder.shuffle_vector(inter, und, ir.Constant(_vec(I32, lanes), list(range(c * lanes, (c + 1) * lanes))))
+        out.append(_permute(builder, codes, builder.zext(part, _vec(I32, lanes)), lanes))
+    return out
+
+
+#: Blocksize whose block body is fully unrolled (one load of its 32 bytes); other
+#: blocksizes run the chunk loop. Both compute the same operations in the same order.
+UNROLLED_BLOCKSIZE = 64
+
+
 def _permute(builder, table, idx, lanes):
     """table[idx] for a 16-entry float table held in registers (see _load_codes) and
     <lanes x i32> indices in 0..15."""
@@ -128,15 +150,28 @@ def _make_row_dot(lanes):
             row_p = cgutils.alloca_once_value(builder, ir.Constant(vt, None))
             blk_p = cgutils.alloca_once_value(builder, ir.Constant(vt, None))
             nchunks = builder.udiv(bs, ir.Constant(I64, lanes))
+            is64 = builder.icmp_unsigned("==", bs, ir.Constant(I64, UNROLLED_BLOCKSIZE))
             with cgutils.for_range(builder, nblocks) as bl:
                 b = bl.index
                 base = builder.mul(b, bs)
                 builder.store(ir.Constant(vt, None), blk_p)
-                with cgutils.for_range(builder, nchunks) as cl:
-                    k = builder.add(base, builder.mul(cl.index, ir.Constant(I64, lanes)))
-                    w = _decode_chunk(builder, builder.gep(pk.data, [builder.lshr(k, ir.Constant(I64, 1))]), codes, lanes)
-                    xv = builder.load(builder.bitcast(builder.gep(xa.data, [k]), vt.as_pointer()), align=4)
-                    builder.store(builder.fadd(builder.load(blk_p), builder.fmul(w, xv)), blk_p)
+                with builder.if_else(is64) as (then, otherwise):
+                    with then:
+                        ws = _block_chunks(builder, builder.gep(pk.data, [builder.lshr(base, ir.Constant(I64, 1))]),
+                                           codes, lanes, UNROLLED_BLOCKSIZE)
+                        acc = builder.load(blk_p)
+                        for c, w in enumerate(ws):
+                            k = builder.add(base, ir.Constant(I64, c * lanes))
+                            xv = builder.load(builder.bitcast(builder.gep(xa.data, [k]), vt.as_pointer()), align=4)
+                            acc = builder.fadd(acc, builder.fmul(w, xv))
+                        builder.store(acc, blk_p)
+                    with otherwise:
+                        with cgutils.for_range(builder, nchunks) as cl:
+                            k = builder.add(base, builder.mul(cl.index, ir.Constant(I64, lanes)))
+                            w = _decode_chunk(builder, builder.gep(pk.data, [builder.lshr(k, ir.Constant(I64, 1))]),
+                                              codes, lanes)
+                            xv = builder.load(builder.bitcast(builder.gep(xa.data, [k]), vt.as_pointer()), align=4)
+                            builder.store(builder.fadd(builder.load(blk_p), builder.fmul(w, xv)), blk_p)
                 s = _splat(builder, builder.load(builder.gep(sc.data, [b])), lanes)
                 builder.store(builder.fadd(builder.load(row_p), builder.fmul(builder.load(blk_p), s)), row_p)
             return _hsum(builder, builder.load(row_p), lanes)
@@ -216,17 +251,31 @@ def _make_rows_dot(lanes, group):
             row_p = [cgutils.alloca_once_value(builder, zero) for _ in range(group)]
             blk_p = [cgutils.alloca_once_value(builder, zero) for _ in range(group)]
             nchunks = builder.udiv(bs, L)
+            is64 = builder.icmp_unsigned("==", bs, ir.Constant(I64, UNROLLED_BLOCKSIZE))
             with cgutils.for_range(builder, nblocks) as bl:
                 b = bl.index
                 base = builder.mul(b, bs)
                 for g in range(group):
                     builder.store(zero, blk_p[g])
-                with cgutils.for_range(builder, nchunks) as cl:
-                    k = builder.add(base, builder.mul(cl.index, L))
-                    w = _decode_chunk(builder, builder.gep(pk.data, [builder.lshr(k, ir.Constant(I64, 1))]), codes, lanes)
-                    for g in range(group):
-                        xv = builder.load(builder.bitcast(builder.gep(xrows[g], [k]), vp), align=4)
-                        builder.store(builder.fadd(builder.load(blk_p[g]), builder.fmul(w, xv)), blk_p[g])
+                with builder.if_else(is64) as (then, otherwise):
+                    with then:
+                        ws = _block_chunks(builder, builder.gep(pk.data, [builder.lshr(base, ir.Constant(I64, 1))]),
+                                           codes, lanes, UNROLLED_BLOCKSIZE)
+                        for g in range(group):
+                            acc = builder.load(blk_p[g])
+                            for c, w in enumerate(ws):
+                                k = builder.add(base, ir.Constant(I64, c * lanes))
+                                xv = builder.load(builder.bitcast(builder.gep(xrows[g], [k]), vp), align=4)
+                                acc = builder.fadd(acc, builder.fmul(w, xv))
+                            builder.store(acc, blk_p[g])
+                    with otherwise:
+                        with cgutils.for_range(builder, nchunks) as cl:
+                            k = builder.add(base, builder.mul(cl.index, L))
+                            w = _decode_chunk(builder, builder.gep(pk.data, [builder.lshr(k, ir.Constant(I64, 1))]),
+                                              codes, lanes)
+                            for g in range(group):
+                                xv = builder.load(builder.bitcast(builder.gep(xrows[g], [k]), vp), align=4)
+                                builder.store(builder.fadd(builder.load(blk_p[g]), builder.fmul(w, xv)), blk_p[g])
                 s = _splat(builder, builder.load(builder.gep(sc.data, [b])), lanes)
                 for g in range(group):
                     builder.store(builder.fadd(builder.load(row_p[g]), builder.fmul(builder.load(blk_p[g]), s)), row_p[g])

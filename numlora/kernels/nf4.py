@@ -478,6 +478,9 @@ def nf4_matmul_t(packed, scales, blocksize, code, g, out):
 # whatever the batch size (up to the fused limit) and thread count on a given machine.
 
 
+SIMD_ROWS = 16  # output rows per parallel task of the SIMD matmul
+
+
 @kernel(parallel=True, cache=SIMD_CACHEABLE)
 def nf4_matmul_simd(packed, scales, blocksize, code, x2, u, lora_b, bias, use_bias, y):
     """y[i, o] = row o of deq(W) . x2[i] (+ LoRA expand of u, + bias), decoding W with
@@ -486,10 +489,10 @@ def nf4_matmul_simd(packed, scales, blocksize, code, x2, u, lora_b, bias, use_bi
     out_f = y.shape[1]
     half = in_f // 2
     bpr = in_f // blocksize
-    ntasks = (out_f + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    ntasks = (out_f + SIMD_ROWS - 1) // SIMD_ROWS
     for task in prange(ntasks):
-        o0 = task * ROWS_PER_TASK
-        o1 = min(out_f, o0 + ROWS_PER_TASK)
+        o0 = task * SIMD_ROWS
+        o1 = min(out_f, o0 + SIMD_ROWS)
         res = np.empty(n, np.float32)
         ngroups = n // SIMD_GROUP
         for oo in range(o1 - o0):
