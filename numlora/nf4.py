@@ -262,8 +262,10 @@ def _nf4_forward(x2, t, lora_a, lora_b, s, bias, out2):
         u = np.empty((n, lora_a.shape[0]), np.float32)
         k.lora_shrink(x2, lora_a, np.float32(s), u)
     bs = t.blocksize
-    if in_f % bs == 0 and _simd_ok(k, bs):
-        k.nf4_matmul_simd(t.packed, scales, bs, NF4_CODE, x2, u, lora_b, b_arr, use_bias, out2)
+    if in_f % bs == 0 and _simd_ok(k, bs) and bs % (2 * k.SIMD_LANES) == 0:
+        xe = np.ascontiguousarray(x2[:, 0::2])
+        xo = np.ascontiguousarray(x2[:, 1::2])
+        k.nf4_matmul_simd(t.packed, scales, bs, NF4_CODE, xe, xo, u, lora_b, b_arr, use_bias, out2)
     elif in_f % bs == 0 and bs % 2 == 0:
         if n == 1:
             k.nf4_gemv_lut(t.packed, scales, bs, NF4_CODE, x2[0], u, lora_b, b_arr, use_bias, out2[0])

@@ -131,50 +131,75 @@ def _hsum(builder, v, lanes):
     return builder.extract_element(v, ir.Constant(I32, 0))
 
 
+def _emit_dot_rows(builder, pk_data, xe_rows, xo_rows, sc_data, nblocks, bs, codes, lanes):
+    """The row dot products of one weight row with len(xe_rows) inputs; returns their
+    scalar results. x is given split into even elements (xe) and odd elements (xo), so
+    the high nibbles (even elements) and low nibbles (odd elements) of each group of
+    ``lanes`` bytes decode with one permute each and no interleaving shuffle.
+
+    Order of operations, per input row: for each block, blk = 0; for each group of
+    ``lanes`` bytes in order: blk += w_hi * xe_chunk; blk += w_lo * xo_chunk; then
+    row += blk * absmax[block]; finally the halving sum of row's lanes."""
+    vt = _vec(F32, lanes)
+    vp = vt.as_pointer()
+    zero = ir.Constant(vt, None)
+    L = ir.Constant(I64, lanes)
+    n = len(xe_rows)
+    row_p = [cgutils.alloca_once_value(builder, zero) for _ in range(n)]
+    blk_p = [cgutils.alloca_once_value(builder, zero) for _ in range(n)]
+    ngroups = builder.udiv(bs, ir.Constant(I64, 2 * lanes))
+    unrolled = UNROLLED_BLOCKSIZE // (2 * lanes)
+    is_unrolled = builder.icmp_unsigned("==", bs, ir.Constant(I64, UNROLLED_BLOCKSIZE))
+    bt = _vec(I8, lanes)
+    four = ir.Constant(bt, [4] * lanes)
+    fifteen = ir.Constant(bt, [15] * lanes)
+
+    def group(e):  # e: index of the group's first byte = first pair in the row
+        raw = builder.load(builder.bitcast(builder.gep(pk_data, [e]), bt.as_pointer()), align=1)
+        w_hi = _permute(builder, codes, builder.zext(builder.lshr(raw, four), _vec(I32, lanes)), lanes)
+        w_lo = _permute(builder, codes, builder.zext(builder.and_(raw, fifteen), _vec(I32, lanes)), lanes)
+        for g in range(n):
+            xe = builder.load(builder.bitcast(builder.gep(xe_rows[g], [e]), vp), align=4)
+            xo = builder.load(builder.bitcast(builder.gep(xo_rows[g], [e]), vp), align=4)
+            acc = builder.fadd(builder.load(blk_p[g]), builder.fmul(w_hi, xe))
+            builder.store(builder.fadd(acc, builder.fmul(w_lo, xo)), blk_p[g])
+
+    with cgutils.for_range(builder, nblocks) as bl:
+        b = bl.index
+        pbase = builder.mul(b, builder.lshr(bs, ir.Constant(I64, 1)))
+        for g in range(n):
+            builder.store(zero, blk_p[g])
+        with builder.if_else(is_unrolled) as (then, otherwise):
+            with then:
+                for q in range(unrolled):
+                    group(builder.add(pbase, ir.Constant(I64, q * lanes)))
+            with otherwise:
+                with cgutils.for_range(builder, ngroups) as gl:
+                    group(builder.add(pbase, builder.mul(gl.index, L)))
+        s = _splat(builder, builder.load(builder.gep(sc_data, [b])), lanes)
+        for g in range(n):
+            builder.store(builder.fadd(builder.load(row_p[g]), builder.fmul(builder.load(blk_p[g]), s)), row_p[g])
+    return [_hsum(builder, builder.load(row_p[g]), lanes) for g in range(n)]
+
+
 def _make_row_dot(lanes):
     @intrinsic
-    def row_dot(typingctx, packed, x, scales, code, blocksize):
+    def row_dot(typingctx, packed, xe, xo, scales, code, blocksize):
         """sum_b scales[b] * sum_{j in block b} code[nibble j] * x[j] over one weight row
-        (packed: its bytes, x: its input, scales: its blocks; blocksize % lanes == 0)."""
-        sig = types.float32(packed, x, scales, code, blocksize)
+        (packed: its bytes; xe, xo: the even and odd elements of its input; scales: its
+        blocks; blocksize % (2 * lanes) == 0), in the order of _emit_dot_rows."""
+        sig = types.float32(packed, xe, xo, scales, code, blocksize)
 
         def codegen(context, builder, sig, args):
             pk = context.make_array(sig.args[0])(context, builder, args[0])
-            xa = context.make_array(sig.args[1])(context, builder, args[1])
-            sc = context.make_array(sig.args[2])(context, builder, args[2])
-            cd = context.make_array(sig.args[3])(context, builder, args[3])
-            bs = context.cast(builder, args[4], sig.args[4], types.int64)
-            nblocks = builder.extract_value(sc.shape, 0)
+            xe = context.make_array(sig.args[1])(context, builder, args[1])
+            xo = context.make_array(sig.args[2])(context, builder, args[2])
+            sc = context.make_array(sig.args[3])(context, builder, args[3])
+            cd = context.make_array(sig.args[4])(context, builder, args[4])
+            bs = context.cast(builder, args[5], sig.args[5], types.int64)
             codes = _load_codes(builder, cd.data, lanes)
-            vt = _vec(F32, lanes)
-            row_p = cgutils.alloca_once_value(builder, ir.Constant(vt, None))
-            blk_p = cgutils.alloca_once_value(builder, ir.Constant(vt, None))
-            nchunks = builder.udiv(bs, ir.Constant(I64, lanes))
-            is64 = builder.icmp_unsigned("==", bs, ir.Constant(I64, UNROLLED_BLOCKSIZE))
-            with cgutils.for_range(builder, nblocks) as bl:
-                b = bl.index
-                base = builder.mul(b, bs)
-                builder.store(ir.Constant(vt, None), blk_p)
-                with builder.if_else(is64) as (then, otherwise):
-                    with then:
-                        ws = _block_chunks(builder, builder.gep(pk.data, [builder.lshr(base, ir.Constant(I64, 1))]),
-                                           codes, lanes, UNROLLED_BLOCKSIZE)
-                        acc = builder.load(blk_p)
-                        for c, w in enumerate(ws):
-                            k = builder.add(base, ir.Constant(I64, c * lanes))
-                            xv = builder.load(builder.bitcast(builder.gep(xa.data, [k]), vt.as_pointer()), align=4)
-                            acc = builder.fadd(acc, builder.fmul(w, xv))
-                        builder.store(acc, blk_p)
-                    with otherwise:
-                        with cgutils.for_range(builder, nchunks) as cl:
-                            k = builder.add(base, builder.mul(cl.index, ir.Constant(I64, lanes)))
-                            w = _decode_chunk(builder, builder.gep(pk.data, [builder.lshr(k, ir.Constant(I64, 1))]),
-                                              codes, lanes)
-                            xv = builder.load(builder.bitcast(builder.gep(xa.data, [k]), vt.as_pointer()), align=4)
-                            builder.store(builder.fadd(builder.load(blk_p), builder.fmul(w, xv)), blk_p)
-                s = _splat(builder, builder.load(builder.gep(sc.data, [b])), lanes)
-                builder.store(builder.fadd(builder.load(row_p), builder.fmul(builder.load(blk_p), s)), row_p)
-            return _hsum(builder, builder.load(row_p), lanes)
+            nblocks = builder.extract_value(sc.shape, 0)
+            return _emit_dot_rows(builder, pk.data, [xe.data], [xo.data], sc.data, nblocks, bs, codes, lanes)[0]
 
         return sig, codegen
 
@@ -224,64 +249,29 @@ GROUP = 4
 
 def _make_rows_dot(lanes, group):
     @intrinsic
-    def rows_dot(typingctx, packed, x2, i0, scales, code, blocksize, out):
-        """out[i] = row_dot(packed, x2[i], scales, code, blocksize) for the ``group`` rows
-        i0 .. i0 + group - 1 of the C-contiguous x2 (n, in), decoding each chunk of W once
-        for all of them. Same operations in the same order as row_dot, so every out[i] is
-        bit-identical to it."""
-        sig = types.void(packed, x2, i0, scales, code, blocksize, out)
+    def rows_dot(typingctx, packed, xe2, xo2, i0, scales, code, blocksize, out):
+        """out[i] = row_dot(packed, xe2[i], xo2[i], scales, code, blocksize) for the
+        ``group`` rows i0 .. i0 + group - 1 (xe2, xo2: (n, in / 2), C-contiguous), each
+        group of W's bytes decoded once for all of them; bit-identical to row_dot."""
+        sig = types.void(packed, xe2, xo2, i0, scales, code, blocksize, out)
 
         def codegen(context, builder, sig, args):
             pk = context.make_array(sig.args[0])(context, builder, args[0])
-            xa = context.make_array(sig.args[1])(context, builder, args[1])
-            first = context.cast(builder, args[2], sig.args[2], types.int64)
-            sc = context.make_array(sig.args[3])(context, builder, args[3])
-            cd = context.make_array(sig.args[4])(context, builder, args[4])
-            bs = context.cast(builder, args[5], sig.args[5], types.int64)
-            oa = context.make_array(sig.args[6])(context, builder, args[6])
-            in_f = builder.extract_value(xa.shape, 1)
-            nblocks = builder.extract_value(sc.shape, 0)
+            xe = context.make_array(sig.args[1])(context, builder, args[1])
+            xo = context.make_array(sig.args[2])(context, builder, args[2])
+            first = context.cast(builder, args[3], sig.args[3], types.int64)
+            sc = context.make_array(sig.args[4])(context, builder, args[4])
+            cd = context.make_array(sig.args[5])(context, builder, args[5])
+            bs = context.cast(builder, args[6], sig.args[6], types.int64)
+            oa = context.make_array(sig.args[7])(context, builder, args[7])
+            half = builder.extract_value(xe.shape, 1)
+            rows = [builder.mul(builder.add(first, ir.Constant(I64, g)), half) for g in range(group)]
             codes = _load_codes(builder, cd.data, lanes)
-            vt = _vec(F32, lanes)
-            vp = vt.as_pointer()
-            zero = ir.Constant(vt, None)
-            L = ir.Constant(I64, lanes)
-            xrows = [builder.gep(xa.data, [builder.mul(builder.add(first, ir.Constant(I64, g)), in_f)])
-                     for g in range(group)]
-            row_p = [cgutils.alloca_once_value(builder, zero) for _ in range(group)]
-            blk_p = [cgutils.alloca_once_value(builder, zero) for _ in range(group)]
-            nchunks = builder.udiv(bs, L)
-            is64 = builder.icmp_unsigned("==", bs, ir.Constant(I64, UNROLLED_BLOCKSIZE))
-            with cgutils.for_range(builder, nblocks) as bl:
-                b = bl.index
-                base = builder.mul(b, bs)
-                for g in range(group):
-                    builder.store(zero, blk_p[g])
-                with builder.if_else(is64) as (then, otherwise):
-                    with then:
-                        ws = _block_chunks(builder, builder.gep(pk.data, [builder.lshr(base, ir.Constant(I64, 1))]),
-                                           codes, lanes, UNROLLED_BLOCKSIZE)
-                        for g in range(group):
-                            acc = builder.load(blk_p[g])
-                            for c, w in enumerate(ws):
-                                k = builder.add(base, ir.Constant(I64, c * lanes))
-                                xv = builder.load(builder.bitcast(builder.gep(xrows[g], [k]), vp), align=4)
-                                acc = builder.fadd(acc, builder.fmul(w, xv))
-                            builder.store(acc, blk_p[g])
-                    with otherwise:
-                        with cgutils.for_range(builder, nchunks) as cl:
-                            k = builder.add(base, builder.mul(cl.index, L))
-                            w = _decode_chunk(builder, builder.gep(pk.data, [builder.lshr(k, ir.Constant(I64, 1))]),
-                                              codes, lanes)
-                            for g in range(group):
-                                xv = builder.load(builder.bitcast(builder.gep(xrows[g], [k]), vp), align=4)
-                                builder.store(builder.fadd(builder.load(blk_p[g]), builder.fmul(w, xv)), blk_p[g])
-                s = _splat(builder, builder.load(builder.gep(sc.data, [b])), lanes)
-                for g in range(group):
-                    builder.store(builder.fadd(builder.load(row_p[g]), builder.fmul(builder.load(blk_p[g]), s)), row_p[g])
+            nblocks = builder.extract_value(sc.shape, 0)
+            res = _emit_dot_rows(builder, pk.data, [builder.gep(xe.data, [r]) for r in rows],
+                                 [builder.gep(xo.data, [r]) for r in rows], sc.data, nblocks, bs, codes, lanes)
             for g in range(group):
-                builder.store(_hsum(builder, builder.load(row_p[g]), lanes),
-                              builder.gep(oa.data, [builder.add(first, ir.Constant(I64, g))]))
+                builder.store(res[g], builder.gep(oa.data, [builder.add(first, ir.Constant(I64, g))]))
             return context.get_dummy_value()
 
         return sig, codegen

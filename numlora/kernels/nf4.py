@@ -482,13 +482,13 @@ SIMD_ROWS = 16  # output rows per parallel task of the SIMD matmul
 
 
 @kernel(parallel=True, cache=SIMD_CACHEABLE)
-def nf4_matmul_simd(packed, scales, blocksize, code, x2, u, lora_b, bias, use_bias, y):
-    """y[i, o] = row o of deq(W) . x2[i] (+ LoRA expand of u, + bias), decoding W with
-    SIMD permutes. x2: (n, in) C-contiguous; y: (n, out)."""
-    n, in_f = x2.shape
+def nf4_matmul_simd(packed, scales, blocksize, code, xe, xo, u, lora_b, bias, use_bias, y):
+    """y[i, o] = row o of deq(W) . x[i] (+ LoRA expand of u, + bias), decoding W with
+    SIMD permutes. xe, xo: the even and odd columns of x, each (n, in / 2) C-contiguous;
+    y: (n, out)."""
+    n, half = xe.shape
     out_f = y.shape[1]
-    half = in_f // 2
-    bpr = in_f // blocksize
+    bpr = 2 * half // blocksize
     ntasks = (out_f + SIMD_ROWS - 1) // SIMD_ROWS
     for task in prange(ntasks):
         o0 = task * SIMD_ROWS
@@ -500,9 +500,9 @@ def nf4_matmul_simd(packed, scales, blocksize, code, x2, u, lora_b, bias, use_bi
             prow = packed[o * half:(o + 1) * half]
             srow = scales[o * bpr:(o + 1) * bpr]
             for g in range(ngroups):
-                rows_dot(prow, x2, g * SIMD_GROUP, srow, code, blocksize, res)
+                rows_dot(prow, xe, xo, g * SIMD_GROUP, srow, code, blocksize, res)
             for i in range(ngroups * SIMD_GROUP, n):
-                res[i] = row_dot(prow, x2[i], srow, code, blocksize)
+                res[i] = row_dot(prow, xe[i], xo[i], srow, code, blocksize)
             for i in range(n):
                 y[i, o] = _finish(res[i], u, i, lora_b, o, bias, use_bias)
 
