@@ -220,10 +220,11 @@ def nf4_matmul(x, t: NF4Tensor, out=None) -> np.ndarray:
     dequantized weight.
 
     Batches of up to ``FUSED_MAX_ROWS`` rows run fused kernels that read the packed codes
-    and scales directly (batch 1: a lookup table per input pair, one load and one add per
-    byte of W); a row's result is then bit-identical whatever the batch size (up to that
-    limit) and the thread count. Larger batches decode 1 MiB tiles of W and multiply them
-    with BLAS. Results agree with ``x @ dequantize_nf4(t).T`` in float64 to ~1e-6 relative.
+    and scales directly and decode in registers (AVX-512 / AVX2 permutes where the CPU has
+    them, lookup tables otherwise); a row's result is then bit-identical whatever the batch
+    size (up to that limit) and the thread count. Larger batches decode tiles of W (8 MiB
+    at most) and multiply them with BLAS. Results agree with ``x @ dequantize_nf4(t).T``
+    in float64 to ~1e-6 relative (see docs/performance.md for measured errors).
     """
     out_f, in_f = _weight_2d(t)
     from .ops import _input_rows, _prepare_out
@@ -279,7 +280,9 @@ def _nf4_forward(x2, t, lora_a, lora_b, s, bias, out2):
 
 def _nf4_blas(x2, t, scales, out2):
     """out2 = x2 deq(W)^T for large batches: decode tiles of rows of W (at most
-    TILE_ELEMS floats), multiply each by the whole batch with BLAS into y^T, transpose once."""
+    TILE_ELEMS floats, serially: a parallel decode right after a BLAS call fights
+    OpenBLAS's spinning threads), multiply each by the whole batch with BLAS into y^T,
+    transpose once."""
     from .kernels import nf4 as k
 
     out_f, in_f = t.shape
