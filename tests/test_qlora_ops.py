@@ -11,7 +11,8 @@ def _ref(x, t, a, b, s, bias=None):
 
 
 @pytest.mark.parametrize("shape,bs,dq", [((40, 64), 64, False), ((37, 100), 64, False), ((300, 1100), 64, True),
-                                         ((9, 7), 3, False), ((130, 2100), 4096, True)])
+                                         ((9, 7), 3, False), ((130, 2100), 4096, True), ((10, 60), 30, False),
+                                         ((12, 84), 14, False)])
 @pytest.mark.parametrize("n", [1, 3, 17])
 def test_qlora_forward_matches_dequantize_reference(rng, shape, bs, dq, n):
     w = rng.standard_normal(shape).astype(np.float32)

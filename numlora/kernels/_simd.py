@@ -72,25 +72,8 @@ def _decode_chunk(builder, bptr, codes, lanes):
     return _permute(builder, codes, builder.zext(inter, _vec(I32, lanes)), lanes)
 
 
-def _block_chunks(builder, bptr, codes, lanes, bs_const):
-    """Decode a whole block of ``bs_const`` weights (one load of its bytes) into
-    bs_const // lanes <lanes x float> chunks, in order."""
-    nb = bs_const // 2
-    raw = builder.load(builder.bitcast(bptr, _vec(I8, nb).as_pointer()), align=1)
-    hi = builder.lshr(raw, ir.Constant(_vec(I8, nb), [4] * nb))
-    lo = builder.and_(raw, ir.Constant(_vec(I8, nb), [15] * nb))
-    inter = builder.shuffle_vector(hi, lo, ir.Constant(_vec(I32, bs_const),
-                                                       [v for p in range(nb) for v in (p, nb + p)]))
-    und = ir.Constant(_vec(I8, bs_const), ir.Undefined)
-    out = []
-    for c in range(bs_const // lanes):
-        part = builder.shuffle_vector(inter, und, ir.Constant(_vec(I32, lanes), list(range(c * lanes, (c + 1) * lanes))))
-        out.append(_permute(builder, codes, builder.zext(part, _vec(I32, lanes)), lanes))
-    return out
-
-
-#: Blocksize whose block body is fully unrolled (one load of its 32 bytes); other
-#: blocksizes run the chunk loop. Both compute the same operations in the same order.
+#: Blocksize whose block body is fully unrolled; other blocksizes run the group loop.
+#: Both compute the same operations in the same order.
 UNROLLED_BLOCKSIZE = 64
 
 
