@@ -203,6 +203,12 @@ def _fingerprint(ab, scale, w, fan_in_fan_out):
     return (crc, a.shape, b.shape, float(scale), w.shape, w.dtype.str, bool(fan_in_fan_out))
 
 
+def _use_simd(k, w) -> bool:
+    """The SIMD delta kernels apply to float32 weights where the CPU has vector units
+    numlora uses (see numlora.kernels._simd); they give bit-identical results."""
+    return k.SIMD_LANES > 0 and w.dtype == np.float32
+
+
 def _int_view(w):
     it = np.int32 if w.dtype == np.float32 else np.int64
     info = np.iinfo(it)
@@ -222,9 +228,10 @@ def merge_lora(weight, lora_a, lora_b, scaling, fan_in_fan_out=False, *, record=
     w, p, q, writeback, ab = _merge_operands(weight, lora_a, lora_b, fan_in_fan_out, "merge_lora")
     k = _kernels()
     scale = w.dtype.type(s)
+    simd = _use_simd(k, w)
     rec = None
     if not record:
-        k.merge_plain(w, p, q, scale)
+        (k.merge_plain_simd if simd else k.merge_plain)(w, p, q, scale)
     else:
         m, n = w.shape
         wi, maxint, _ = _int_view(w)
@@ -232,7 +239,8 @@ def merge_lora(weight, lora_a, lora_b, scaling, fan_in_fan_out=False, *, record=
         exc_col = np.empty((m, EXCEPTION_SLOTS), np.int32)
         exc_bits = np.empty((m, EXCEPTION_SLOTS), wi.dtype)
         exc_count = np.empty(m, np.int64)
-        k.merge_tracked(w, wi, p, q, scale, maxint, corr, exc_col, exc_bits, exc_count)
+        (k.merge_tracked_simd if simd else k.merge_tracked)(w, wi, p, q, scale, maxint, corr, exc_col, exc_bits,
+                                                            exc_count)
         rows = np.flatnonzero(exc_count > EXCEPTION_SLOTS)
         saved = w[rows].copy()
         if rows.size:
@@ -258,8 +266,9 @@ def unmerge_lora(weight, lora_a, lora_b, scaling, fan_in_fan_out=False, *, recor
     w, p, q, writeback, ab = _merge_operands(weight, lora_a, lora_b, fan_in_fan_out, "unmerge_lora")
     k = _kernels()
     scale = w.dtype.type(s)
+    simd = _use_simd(k, w)
     if record is None:
-        k.merge_plain(w, p, q, -scale)
+        (k.merge_plain_simd if simd else k.merge_plain)(w, p, q, -scale)
     else:
         if not isinstance(record, MergeRecord):
             raise MergeStateError(f"record must be the MergeRecord merge_lora returned, got {type(record).__name__}")
@@ -269,8 +278,8 @@ def unmerge_lora(weight, lora_a, lora_b, scaling, fan_in_fan_out=False, *, recor
                 "unmerging now would not restore the base weight"
             )
         wi, maxint, minint = _int_view(w)
-        k.unmerge_tracked(w, wi, p, q, scale, maxint, minint, record.corr, record.exc_col, record.exc_bits,
-                          record.exc_count)
+        (k.unmerge_tracked_simd if simd else k.unmerge_tracked)(
+            w, wi, p, q, scale, maxint, minint, record.corr, record.exc_col, record.exc_bits, record.exc_count)
         if record.saved_rows.size:
             w[record.saved_rows] = record.saved
     if writeback is not None:

@@ -222,3 +222,27 @@ def test_mixed_precision_promotes(rng):
 def test_lists_are_accepted(rng):
     y = nl.lora_forward([1.0, 2.0], [[1.0, 0.0], [0.0, 1.0]], [[1.0, 1.0]], [[1.0], [0.0]], 0.5)
     assert np.allclose(y, [1 + 1.5, 2.0])
+
+
+@pytest.mark.parametrize("shape", [(64, 128), (37, 70), (3, 17), (9, 16)])
+def test_simd_and_portable_merges_agree_to_the_bit(rng, monkeypatch, shape):
+    """The SIMD merge kernels compute the same sums in the same order as the portable
+    ones: a record made by one unmerges exactly with the other."""
+    from numlora.kernels import lora as k
+
+    if k.SIMD_LANES == 0:
+        pytest.skip("no SIMD kernels on this CPU / configuration")
+    w = (rng.standard_normal(shape) * 0.02).astype(np.float32)
+    w[0, : shape[1] // 2] = 1e-30
+    a = rng.standard_normal((5, shape[1])).astype(np.float32)
+    b = rng.standard_normal((shape[0], 5)).astype(np.float32)
+    simd = w.copy()
+    nl.merge_lora(simd, a, b, 0.9)
+    rec = nl.merge_lora(w2 := w.copy(), a, b, 0.9, record=True)
+    monkeypatch.setattr(k, "SIMD_LANES", 0)
+    portable = w.copy()
+    nl.merge_lora(portable, a, b, 0.9)
+    assert np.array_equal(simd.view(np.uint32), portable.view(np.uint32))
+    assert np.array_equal(w2.view(np.uint32), portable.view(np.uint32))
+    nl.unmerge_lora(w2, a, b, 0.9, record=rec)  # portable unmerge of a SIMD record
+    assert np.array_equal(w2.view(np.uint32), w.view(np.uint32))

@@ -304,7 +304,69 @@ def _make_encode(lanes):
     return encode_block
 
 
+#: Rows of W per call of ``delta_rows`` (their accumulators stay in registers).
+DELTA_ROWS = 4
+DELTA_LANES = 16  # plain vector arithmetic: LLVM splits it for AVX2 or narrower
+
+
+def _make_delta_rows(rows, apply):
+    @intrinsic
+    def delta_rows(typingctx, p, q, i0, acc, scale):
+        """acc[g, j] = sum_t p[i0 + g, t] * q[t, j] (in order over t, no FMA) for
+        g < ``rows`` and the columns j < k - k % 16 (the caller does the rest with the same
+        operations). p (m, r), q (r, k): float32, C-contiguous. Keeping the accumulators of
+        ``rows`` rows in registers reads each vector of q once per group instead of once per
+        row, and never writes a partial sum back to memory.
+
+        The ``apply`` build adds the delta into the weight instead: acc is then W itself
+        (m, k) and W[i0 + g, j] += scale * acc_value (what merge_plain does per element);
+        otherwise acc is a (rows, k) buffer and scale is unused."""
+        sig = types.void(p, q, i0, acc, scale)
+
+        def codegen(context, builder, sig, args):
+            pa = context.make_array(sig.args[0])(context, builder, args[0])
+            qa = context.make_array(sig.args[1])(context, builder, args[1])
+            first = context.cast(builder, args[2], sig.args[2], types.int64)
+            aa = context.make_array(sig.args[3])(context, builder, args[3])
+            sc = _splat(builder, context.cast(builder, args[4], sig.args[4], types.float32), DELTA_LANES)
+            r = builder.extract_value(pa.shape, 1)
+            k = builder.extract_value(qa.shape, 1)
+            lanes = DELTA_LANES
+            vt = _vec(F32, lanes)
+            vp = vt.as_pointer()
+            L = ir.Constant(I64, lanes)
+            prow = [builder.gep(pa.data, [builder.mul(builder.add(first, ir.Constant(I64, g)), r)]) for g in range(rows)]
+            acc_p = [cgutils.alloca_once_value(builder, ir.Constant(vt, None)) for _ in range(rows)]
+            with cgutils.for_range(builder, builder.udiv(k, L)) as jl:
+                j = builder.mul(jl.index, L)
+                for g in range(rows):
+                    builder.store(ir.Constant(vt, None), acc_p[g])
+                with cgutils.for_range(builder, r) as tl:
+                    t = tl.index
+                    qv = builder.load(builder.bitcast(builder.gep(qa.data, [builder.add(builder.mul(t, k), j)]), vp),
+                                      align=4)
+                    for g in range(rows):
+                        c = _splat(builder, builder.load(builder.gep(prow[g], [t])), lanes)
+                        builder.store(builder.fadd(builder.load(acc_p[g]), builder.fmul(c, qv)), acc_p[g])
+                for g in range(rows):
+                    if apply:
+                        row = builder.add(first, ir.Constant(I64, g))
+                        dst = builder.bitcast(builder.gep(aa.data, [builder.add(builder.mul(row, k), j)]), vp)
+                        new = builder.fadd(builder.load(dst, align=4), builder.fmul(sc, builder.load(acc_p[g])))
+                        builder.store(new, dst, align=4)
+                    else:
+                        dst = builder.gep(aa.data, [builder.add(builder.mul(ir.Constant(I64, g), k), j)])
+                        builder.store(builder.load(acc_p[g]), builder.bitcast(dst, vp), align=4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return delta_rows
+
+
 row_dot = _make_row_dot(LANES) if LANES else None
+delta_rows = _make_delta_rows(DELTA_ROWS, False) if LANES else None
+merge_rows = _make_delta_rows(DELTA_ROWS, True) if LANES else None
 encode_block = _make_encode(LANES) if LANES else None
 rows_dot = _make_rows_dot(LANES, GROUP) if LANES else None
 decode_blocks = _make_decode(LANES, False) if LANES else None
