@@ -144,7 +144,7 @@ def quantize_nf4(w, blocksize: int = 64, double_quant: bool = False) -> NF4Tenso
         k.nf4_quantize_simd(x, x.view(np.int32), bs, _MIDS16, packed, absmax, absmax.view(np.int32))
     else:
         kern = k.nf4_quantize_even if bs % 2 == 0 else k.nf4_quantize_any
-        kern(x, x.view(np.int32), bs, NF4_MIDPOINTS, packed, absmax, absmax.view(np.int32))
+        kern(x, x.view(np.int32), bs, packed, absmax, absmax.view(np.int32))
     finite = np.isfinite(absmax)
     if not finite.all():
         b = int(np.argmin(finite))
