@@ -8,6 +8,10 @@ import numpy as np
 
 
 def _ms(f, repeat=5):
+    """Median ms of ``repeat`` calls, after a pause (OpenBLAS threads spin for a while after
+    a BLAS call and would slow a numba kernel timed right after) and one warm-up call."""
+    time.sleep(0.15)
+    f()
     ts = []
     for _ in range(repeat):
         t0 = time.perf_counter()
@@ -78,7 +82,7 @@ def main(seed: int = 0, size: int = 1024, out=print) -> int:
     out(f"   first packed bytes: {' '.join(f'{b:02x}' for b in q.nf4.packed[:8])} "
         f"(element 2i in the high nibble, as bitsandbytes)")
 
-    out("\n5. timings (median of 5, after the first call compiled the kernels):")
+    out("\n5. timings (median of 5 after a warm-up call; kernels already compiled):")
     layer = adapter["q_proj"]
     x1 = x[:1]
     o1 = np.empty((1, d), np.float32)
