@@ -10,7 +10,7 @@ import numpy as np
 from . import _validate as v
 from .config import lora_scaling
 from .errors import ConfigError, MergeStateError
-from .nf4 import NF4Tensor, dequantize_nf4, nf4_matmul, qlora_forward, quantize_nf4
+from .nf4 import NF4Tensor, _weight_2d, dequantize_nf4, nf4_matmul, qlora_forward, quantize_nf4
 from .ops import linear_forward, lora_forward, merge_lora, unmerge_lora
 from .rng import XorShift64
 
@@ -85,6 +85,18 @@ class _LowRank:
     @lora_b.setter
     def lora_b(self, b):
         self._set("lora_b", b, (self._out_f, self._rank))
+
+    def _set_bias(self, bias):
+        """Keep a validated copy of the bias (out_features,) in the layer's dtype, or None."""
+        if bias is not None:
+            bias = v.float_array("bias", bias, 1)
+            v.expect_shape("bias", bias, (self._out_f,))
+            bias = np.array(bias, dtype=self._dtype, copy=True)
+        self._bias = bias
+
+    @property
+    def bias(self):
+        return self._bias
 
     def _set(self, name, a, shape):
         if self._merged:
@@ -176,11 +188,7 @@ class LoraLinear(_LowRank):
         self._fan_in_fan_out = bool(fan_in_fan_out)
         self._init_low_rank(out_f, in_f, lora_a, lora_b, alpha, use_rslora)
         _check_rank(self._rank, out_f, in_f)
-        if bias is not None:
-            bias = v.float_array("bias", bias, 1)
-            v.expect_shape("bias", bias, (out_f,))
-            bias = np.array(bias, dtype=weight.dtype, copy=True)
-        self._bias = bias
+        self._set_bias(bias)
         self._record = None
 
     @classmethod
@@ -205,10 +213,6 @@ class LoraLinear(_LowRank):
     def weight(self) -> np.ndarray:
         """The base weight (with the delta added while merged)."""
         return self._weight
-
-    @property
-    def bias(self):
-        return self._bias
 
     @property
     def fan_in_fan_out(self) -> bool:
@@ -262,19 +266,11 @@ class QLoraLinear(_LowRank):
     """
 
     def __init__(self, nf4: NF4Tensor, lora_a, lora_b, alpha, *, bias=None, use_rslora=False):
-        if not isinstance(nf4, NF4Tensor):
-            raise v.DTypeError(f"expected an NF4Tensor, got {type(nf4).__name__}")
-        if len(nf4.shape) != 2:
-            raise v.ShapeError(f"expected a 2-D NF4 weight, got shape {nf4.shape}")
-        out_f, in_f = nf4.shape
+        out_f, in_f = _weight_2d(nf4)
         self._nf4 = nf4
         self._init_low_rank(out_f, in_f, lora_a, lora_b, alpha, use_rslora)
         _check_rank(self._rank, out_f, in_f)
-        if bias is not None:
-            bias = v.float_array("bias", bias, 1)
-            v.expect_shape("bias", bias, (out_f,))
-            bias = np.array(bias, dtype=np.float32, copy=True)
-        self._bias = bias
+        self._set_bias(bias)
 
     @classmethod
     def from_weight(cls, weight, rank, alpha, blocksize=64, double_quant=False, init="seed",
@@ -294,10 +290,6 @@ class QLoraLinear(_LowRank):
     @property
     def nf4(self) -> NF4Tensor:
         return self._nf4
-
-    @property
-    def bias(self):
-        return self._bias
 
     @property
     def blocksize(self) -> int:

@@ -324,13 +324,9 @@ def qlora_forward(x, t: NF4Tensor, lora_a, lora_b, scaling, bias=None, out=None)
     :func:`nf4_matmul` (the LoRA shrink, expand and the bias run inside the same kernel
     for batches up to ``FUSED_MAX_ROWS``). float32 throughout."""
     out_f, in_f = _weight_2d(t)
-    from .ops import _bias, _input_rows, _prepare_out
+    from .ops import _bias, _input_rows, _low_rank_arrays, _prepare_out
 
-    lora_a = v.float_array("lora_a", lora_a, 2)
-    rank = lora_a.shape[0]
-    v.expect_shape("lora_a", lora_a, (rank, in_f))
-    lora_b = v.float_array("lora_b", lora_b, 2)
-    v.expect_shape("lora_b", lora_b, (out_f, rank))
+    lora_a, lora_b, _ = _low_rank_arrays(lora_a, lora_b, out_f, in_f)
     s = v.real_scalar("scaling", scaling)
     x = _input_rows(x, in_f)
     b_arr, use_bias = _bias(bias, out_f, np.float32)

@@ -34,12 +34,18 @@ def _adapter_arrays(weight, lora_a, lora_b, fan_in_fan_out):
         in_f, out_f = weight.shape
     else:
         out_f, in_f = weight.shape
+    lora_a, lora_b, rank = _low_rank_arrays(lora_a, lora_b, out_f, in_f)
+    return weight, lora_a, lora_b, out_f, in_f, rank
+
+
+def _low_rank_arrays(lora_a, lora_b, out_f, in_f):
+    """Validate A (r, in) and B (out, r) against the base's shape; return (A, B, r)."""
     lora_a = v.float_array("lora_a", lora_a, 2)
     rank = lora_a.shape[0]
     v.expect_shape("lora_a", lora_a, (rank, in_f))
     lora_b = v.float_array("lora_b", lora_b, 2)
     v.expect_shape("lora_b", lora_b, (out_f, rank))
-    return weight, lora_a, lora_b, out_f, in_f, rank
+    return lora_a, lora_b, rank
 
 
 def _input_rows(x, in_f, name="x", what="in_features"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _validate as v
+from .errors import ConfigError
 
 _MASK = (1 << 64) - 1
 
@@ -22,7 +23,7 @@ class XorShift64:
     def __init__(self, seed: int):
         seed = v.int_scalar("seed", seed, minimum=0)
         if seed > _MASK:
-            raise v.ConfigError(f"seed must fit in 64 bits (<= {_MASK}), got {seed}")
+            raise ConfigError(f"seed must fit in 64 bits (<= {_MASK}), got {seed}")
         self._state = max(seed, 1)
 
     @property
