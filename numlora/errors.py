@@ -17,6 +17,7 @@ __all__ = [
     "MergeStateError",
     "LayerNotFoundError",
     "DuplicateLayerError",
+    "FormatError",
 ]
 
 
@@ -54,3 +55,9 @@ class LayerNotFoundError(NumloraError, KeyError):
 
 class DuplicateLayerError(NumloraError, ValueError):
     """A layer name is already in the adapter."""
+
+
+class FormatError(NumloraError, ValueError):
+    """A file is not what it claims to be (a truncated safetensors file, a header that
+    disagrees with the data, a PEFT folder without its config, a checkpoint tensor that
+    does not match the adapter), or an output path is not allowed."""

@@ -1,5 +1,16 @@
-"""File formats and file safety (atomic writes). Nothing here imports numba."""
+"""File formats and file safety: safetensors files and checkpoints, atomic writes.
+Nothing here imports numba."""
 
-from .atomic import write_text_atomic
+from .atomic import AtomicDir, AtomicFile, write_bytes_atomic, write_text_atomic
+from .safetensors import SafetensorsFile, SafetensorsWriter, load_file, save_file
 
-__all__ = ["write_text_atomic"]
+__all__ = [
+    "AtomicDir",
+    "AtomicFile",
+    "SafetensorsFile",
+    "SafetensorsWriter",
+    "load_file",
+    "save_file",
+    "write_bytes_atomic",
+    "write_text_atomic",
+]
