@@ -273,6 +273,7 @@ class SafetensorsFile:
         buf = np.frombuffer(mm, np.uint8, t.nbytes, t.begin - start)
         if (t.begin - start) % dt.itemsize:
             buf = buf.copy()  # unaligned data: a copy keeps numpy and numba happy
+            buf.flags.writeable = False
         return buf.view(dt).reshape(t.shape)
 
     def get(self, name: str, float32: bool = True) -> np.ndarray:

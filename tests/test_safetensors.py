@@ -1,0 +1,274 @@
+"""numlora.io.safetensors and numlora.io.checkpoint: the format from its spec (bytes built
+by hand here), round trips, bad files, and agreement with the reference ``safetensors``
+package and torch's bfloat16 when installed."""
+
+import json
+import os
+import struct
+
+import numpy as np
+import pytest
+
+from numlora.errors import DTypeError, FormatError, ShapeError
+from numlora.io.atomic import AtomicDir
+from numlora.io.checkpoint import Checkpoint
+from numlora.io.safetensors import (
+    SafetensorsFile,
+    SafetensorsWriter,
+    bf16_to_f32,
+    f32_to_bf16,
+    load_file,
+    save_file,
+)
+
+
+def _raw_file(path, header: dict, data: bytes, pad: int = 0):
+    text = json.dumps(header).encode() + b" " * pad
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text + data)
+
+
+def _ref_bf16(x):
+    """bfloat16 by the definition: the float32 value rounded to 8 significant bits, nearest,
+    ties to even, computed with Python integers one element at a time."""
+    out = []
+    for u in np.asarray(x, np.float32).view(np.uint32).tolist():
+        hi, lo = u >> 16, u & 0xFFFF
+        if lo > 0x8000 or (lo == 0x8000 and hi & 1):
+            hi += 1
+        out.append(hi & 0xFFFF)
+    return np.array(out, np.uint16)
+
+
+def test_reads_hand_built_file(tmp_path):
+    a = np.arange(6, dtype="<f4").reshape(2, 3)
+    b = np.array([1, -2, 3], "<i8")
+    bf = np.array([0x3F80, 0xC000], "<u2")  # bfloat16 1.0, -2.0
+    header = {"__metadata__": {"format": "pt"},
+              "b": {"dtype": "I64", "shape": [3], "data_offsets": [24, 48]},
+              "a": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24]},
+              "h": {"dtype": "BF16", "shape": [2], "data_offsets": [48, 52]}}
+    p = tmp_path / "x.safetensors"
+    _raw_file(p, header, a.tobytes() + b.tobytes() + bf.tobytes(), pad=3)
+    with SafetensorsFile(p) as f:
+        assert f.keys() == ["a", "b", "h"]  # file order
+        assert f.metadata == {"format": "pt"}
+        assert np.array_equal(f.get("a"), a) and f.get("a").dtype == np.float32
+        assert np.array_equal(f.get("b"), b)
+        assert f.get("h").tolist() == [1.0, -2.0]
+        assert f.raw("h").tolist() == [0x3F80, 0xC000]
+        assert not f.raw("a").flags.writeable
+
+
+def test_round_trip_every_dtype(tmp_path, rng):
+    tensors = {
+        "f32": rng.standard_normal((3, 5)).astype(np.float32),
+        "f64": rng.standard_normal(4),
+        "f16": rng.standard_normal((2, 2)).astype(np.float16),
+        "i8": np.array([-128, 0, 127], np.int8),
+        "u8": np.arange(7, dtype=np.uint8),
+        "i32": np.array([[1, 2], [3, -4]], np.int32),
+        "bool": np.array([True, False]),
+        "empty": np.zeros((0, 4), np.float32),
+        "scalar": np.array(3.5, np.float32),
+    }
+    p = tmp_path / "r.safetensors"
+    save_file(p, tensors, {"k": "v"})
+    back, meta = load_file(p, float32=False)
+    assert meta == {"k": "v"}
+    for k, v in tensors.items():
+        assert back[k].dtype == v.dtype and back[k].shape == v.shape
+        assert np.array_equal(back[k], v)
+    with open(p, "rb") as f:  # data starts 8-byte aligned
+        assert (8 + struct.unpack("<Q", f.read(8))[0]) % 8 == 0
+
+
+def test_bf16_and_f16_written_back_in_their_dtype(tmp_path, rng):
+    x = rng.standard_normal((4, 9)).astype(np.float32)
+    p = tmp_path / "h.safetensors"
+    save_file(p, {"a": x, "b": x}, dtypes={"a": "BF16", "b": "F16"})
+    with SafetensorsFile(p) as f:
+        assert f.info("a").dtype == "BF16" and f.info("b").dtype == "F16"
+        assert np.array_equal(f.raw("a").reshape(-1), _ref_bf16(x.reshape(-1)))
+        assert np.array_equal(f.get("b"), x.astype(np.float16).astype(np.float32))
+        # bf16 -> f32 -> bf16 is the identity
+        save_file(tmp_path / "h2.safetensors", {"a": f.get("a")}, dtypes={"a": "BF16"})
+    with SafetensorsFile(tmp_path / "h2.safetensors") as g, SafetensorsFile(p) as f:
+        assert np.array_equal(g.raw("a"), f.raw("a"))
+
+
+def test_bf16_rounding_matches_definition(rng):
+    bits = rng.integers(0, 2**32, 20000, dtype=np.uint64).astype(np.uint32)
+    x = bits.view(np.float32)
+    x = x[np.isfinite(x)]
+    ties = (np.arange(64, dtype=np.uint32) << 16 | 0x8000).view(np.float32)  # exact halfway cases
+    x = np.concatenate([x, ties, [np.inf, -np.inf, 0.0, -0.0, 3.3895e38]]).astype(np.float32)
+    assert np.array_equal(f32_to_bf16(x), _ref_bf16(x))
+    back = bf16_to_f32(f32_to_bf16(x))
+    assert np.array_equal(f32_to_bf16(back), f32_to_bf16(x))
+    nan = f32_to_bf16(np.array([np.nan, -np.nan], np.float32))
+    assert np.isnan(bf16_to_f32(nan)).all() and (nan >> 15).tolist() == [0, 1]
+
+
+def test_streaming_writer_order_and_deferred_length(tmp_path):
+    p = tmp_path / "w.safetensors"
+    src = tmp_path / "s.safetensors"
+    save_file(src, {"x": np.arange(5, dtype=np.float32)})
+    with SafetensorsFile(src) as s, SafetensorsWriter(p, [("j", "U8", None), ("x", "F32", (5,))], {"a": "b"}) as w:
+        w.write("j", np.frombuffer(b'{"k": 12345}', np.uint8))
+        w.copy_from(s, "x")
+    with SafetensorsFile(p) as f:
+        assert bytes(f.get("j")) == b'{"k": 12345}'
+        assert f.get("x").tolist() == [0, 1, 2, 3, 4]
+        assert f.metadata == {"a": "b"}
+    q = tmp_path / "bad.safetensors"
+    with pytest.raises(FormatError, match="declared order: expected 'a', got 'b'"):
+        with SafetensorsWriter(q, [("a", "F32", (1,)), ("b", "F32", (1,))]) as w:
+            w.write("b", np.zeros(1, np.float32))
+    with pytest.raises(ShapeError, match=r"declared shape \(2,\), got \(3,\)"):
+        with SafetensorsWriter(q, [("a", "F32", (2,))]) as w:
+            w.write("a", np.zeros(3, np.float32))
+    with pytest.raises(FormatError, match="were not written"):
+        with SafetensorsWriter(q, [("a", "F32", (2,)), ("b", "I8", (1,))]) as w:
+            w.write("a", np.zeros(2, np.float32))
+    with pytest.raises(DTypeError, match="declared I8"):
+        with SafetensorsWriter(q, [("a", "I8", (2,))]) as w:
+            w.write("a", np.zeros(2, np.int64))
+    assert sorted(os.listdir(tmp_path)) == ["s.safetensors", "w.safetensors"]  # nothing half-written
+
+
+@pytest.mark.parametrize("case, match", [
+    ("short", "8-byte header length"),
+    ("hlen", "runs past the end of the file"),
+    ("json", "not UTF-8 JSON"),
+    ("size", r"needs 24 bytes, data_offsets \[0, 20\] give 20"),
+    ("trunc", "truncated"),
+    ("overlap", "overlaps"),
+    ("dtype", "unknown dtype 'Q7'"),
+    ("shape", "shape must be a list"),
+])
+def test_bad_files_are_refused(tmp_path, case, match):
+    p = tmp_path / "bad.safetensors"
+    good = {"a": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24]}}
+    data = bytes(24)
+    if case == "short":
+        p.write_bytes(b"\x01\x02")
+    elif case == "hlen":
+        p.write_bytes(struct.pack("<Q", 1 << 20) + b"{}")
+    elif case == "json":
+        p.write_bytes(struct.pack("<Q", 4) + b"{{{{")
+    elif case == "size":
+        _raw_file(p, {"a": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 20]}}, data)
+    elif case == "trunc":
+        _raw_file(p, good, data[:10])
+    elif case == "overlap":
+        _raw_file(p, {"a": good["a"], "b": {"dtype": "F32", "shape": [2], "data_offsets": [16, 24]}}, data)
+    elif case == "dtype":
+        _raw_file(p, {"a": {"dtype": "Q7", "shape": [2], "data_offsets": [0, 8]}}, data)
+    elif case == "shape":
+        _raw_file(p, {"a": {"dtype": "F32", "shape": [2, -3], "data_offsets": [0, 24]}}, data)
+    with pytest.raises(FormatError, match=match):
+        SafetensorsFile(p)
+
+
+def test_missing_and_directory(tmp_path):
+    with pytest.raises(FormatError, match="no such safetensors file"):
+        SafetensorsFile(tmp_path / "nope.safetensors")
+    with pytest.raises(FormatError, match="directory"):
+        SafetensorsFile(tmp_path)
+
+
+def _sharded(folder, rng, dtype="F32"):
+    os.makedirs(folder, exist_ok=True)
+    t1 = {"a.weight": rng.standard_normal((4, 3)).astype(np.float32), "ids": np.arange(3)}
+    t2 = {"b.weight": rng.standard_normal((2, 4)).astype(np.float32)}
+    save_file(os.path.join(folder, "model-00001-of-00002.safetensors"), t1, {"format": "pt"},
+              dtypes={"a.weight": dtype})
+    save_file(os.path.join(folder, "model-00002-of-00002.safetensors"), t2, {"format": "pt"},
+              dtypes={"b.weight": dtype})
+    index = {"metadata": {"total_size": 0},
+             "weight_map": {"a.weight": "model-00001-of-00002.safetensors", "ids": "model-00001-of-00002.safetensors",
+                            "b.weight": "model-00002-of-00002.safetensors"}}
+    with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
+        json.dump(index, f)
+    return {**t1, **t2}
+
+
+def test_checkpoint_sharded_and_single(tmp_path, rng):
+    t = _sharded(tmp_path / "m", rng)
+    with Checkpoint(tmp_path / "m") as ck:
+        assert ck.index_name == "model.safetensors.index.json"
+        assert [s.name for s in ck.shards] == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+        assert sorted(ck.keys()) == sorted(t)
+        for k, v in t.items():
+            assert np.array_equal(ck.get(k), v)
+    save_file(tmp_path / "one.safetensors", {"w": np.ones(3, np.float32)})
+    with Checkpoint(tmp_path / "one.safetensors") as ck:
+        assert not ck.is_dir and ck.keys() == ["w"]
+
+
+def test_checkpoint_bad_folders(tmp_path, rng):
+    _sharded(tmp_path / "m", rng)
+    os.remove(tmp_path / "m" / "model-00002-of-00002.safetensors")
+    with pytest.raises(FormatError, match="names shard 'model-00002-of-00002.safetensors', which is missing"):
+        Checkpoint(tmp_path / "m")
+    _sharded(tmp_path / "n", rng)
+    idx = json.loads((tmp_path / "n" / "model.safetensors.index.json").read_text())
+    idx["weight_map"]["ghost.weight"] = "model-00001-of-00002.safetensors"
+    (tmp_path / "n" / "model.safetensors.index.json").write_text(json.dumps(idx))
+    with pytest.raises(FormatError, match="'ghost.weight'"):
+        Checkpoint(tmp_path / "n")
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "pytorch_model.bin").write_bytes(b"x")
+    with pytest.raises(FormatError, match="pickled PyTorch files are not read"):
+        Checkpoint(tmp_path / "e")
+    with pytest.raises(FormatError, match="no such checkpoint"):
+        Checkpoint(tmp_path / "absent")
+
+
+def test_atomic_dir_leaves_nothing_on_error(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError):
+        with AtomicDir(out) as d:
+            open(d.join("f"), "w").write("x")
+            raise RuntimeError("boom")
+    assert os.listdir(tmp_path) == []
+    with AtomicDir(out) as d:
+        open(d.join("f"), "w").write("x")
+    assert os.listdir(out) == ["f"]
+    with pytest.raises(FormatError, match="not empty"):
+        AtomicDir(out)
+    assert sorted(os.listdir(tmp_path)) == ["out"]
+
+
+# --- against the reference implementation ------------------------------------------------
+torch = None
+try:  # optional peers
+    import torch  # noqa: F811
+    import safetensors.torch as st_torch
+except ImportError:  # pragma: no cover - depends on the environment
+    st_torch = None
+
+
+@pytest.mark.skipif(st_torch is None, reason="torch / safetensors not installed")
+def test_against_reference_package(tmp_path, rng):
+    x = torch.from_numpy(rng.standard_normal((33, 17)).astype(np.float32))
+    theirs = {"bf": x.to(torch.bfloat16), "h": x.half(), "f": x, "i": torch.arange(5), "u": torch.ones(2, dtype=torch.uint8)}
+    p = tmp_path / "t.safetensors"
+    st_torch.save_file(theirs, p, metadata={"format": "pt"})
+    ours, meta = load_file(p)
+    assert meta == {"format": "pt"}
+    assert np.array_equal(ours["bf"], x.to(torch.bfloat16).float().numpy())
+    assert np.array_equal(ours["h"], x.half().float().numpy())
+    q = tmp_path / "o.safetensors"
+    save_file(q, ours, {"format": "pt"}, dtypes={"bf": "BF16", "h": "F16"})
+    back = st_torch.load_file(q)
+    for k, v in theirs.items():
+        assert back[k].dtype == v.dtype and torch.equal(back[k], v), k
+    # our float32 -> bfloat16 rounding is torch's
+    y = rng.standard_normal(100000).astype(np.float32) * np.float32(1e3)
+    assert np.array_equal(f32_to_bf16(y), torch.from_numpy(y).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16))
+    # a file whose length is declared late (header padded with spaces) loads in the reference
+    with SafetensorsWriter(tmp_path / "d.safetensors", [("j", "U8", None)]) as w:
+        w.write("j", np.arange(3, dtype=np.uint8))
+    assert st_torch.load_file(tmp_path / "d.safetensors")["j"].tolist() == [0, 1, 2]
