@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 
@@ -22,6 +23,34 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--no-peers", action="store_true", help="skip torch / PEFT / bitsandbytes even if installed")
     b.add_argument("--compile", action="store_true", help="also measure first-call compile times")
     b.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+
+    m = sub.add_parser("merge", help="merge a PEFT LoRA adapter into a safetensors checkpoint, tensor by tensor",
+                       description="Write BASE with the adapter merged (W + s B A) to OUT. BASE is a .safetensors "
+                                   "file or a model folder (single or sharded); ADAPTER a PEFT adapter folder.")
+    m.add_argument("base", metavar="BASE")
+    m.add_argument("adapter", metavar="ADAPTER")
+    m.add_argument("-o", "--output", required=True, metavar="OUT",
+                   help="a .safetensors file for a file, a folder for a model folder")
+    m.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="store every floating tensor in this dtype (default: keep each tensor's dtype)")
+    m.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (never an input)")
+    m.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    q = sub.add_parser("quantize", help="quantize a checkpoint's Linear weights to NF4 (bitsandbytes layout)",
+                       description="Quantize 2-D floating *.weight tensors (not embeddings or norms, unless "
+                                   "--include says so) to NF4 and copy the rest.")
+    q.add_argument("input", metavar="INPUT")
+    q.add_argument("-o", "--output", required=True, metavar="OUT")
+    q.add_argument("--blocksize", type=int, default=64, help="elements per NF4 block (default 64)")
+    q.add_argument("--double-quant", action="store_true", help="also quantize the block scales to 8 bits")
+    q.add_argument("--include", metavar="REGEX", help="quantize only tensors whose name matches (re.search)")
+    q.add_argument("--exclude", metavar="REGEX", help="do not quantize tensors whose name matches")
+    q.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (never an input)")
+    q.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    i = sub.add_parser("inspect", help="describe a PEFT adapter folder or a checkpoint")
+    i.add_argument("path", metavar="PATH")
+    i.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return p
 
 
@@ -46,9 +75,46 @@ def main(argv=None) -> int:
             from .bench import main as bench
 
             return bench(args)
+        if args.command == "merge":
+            return _merge(args)
+        if args.command == "quantize":
+            return _quantize(args)
+        if args.command == "inspect":
+            from .convert import format_inspect, inspect_path
+
+            info = inspect_path(args.path)
+            print(json.dumps(info, indent=2) if args.json else format_inspect(info))
+            return 0
     except NumloraError as exc:
         print(f"numlora: error: {exc}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _merge(args) -> int:
+    from .convert import merge_checkpoint
+
+    rep = merge_checkpoint(args.base, args.adapter, args.output, dtype=args.dtype, overwrite=args.overwrite)
+    if args.json:
+        print(json.dumps(rep.to_dict(), indent=2))
+    else:
+        print(f"merged {len(rep.merged)} LoRA modules, copied {rep.copied} tensors unchanged"
+              f"{f', converted {rep.converted}' if rep.converted else ''} in {rep.seconds:.2f} s -> {rep.output}")
+    return 0
+
+
+def _quantize(args) -> int:
+    from .convert import quantize_checkpoint, select_for_quantization
+    from .io.checkpoint import Checkpoint
+
+    if not args.json:
+        with Checkpoint(args.input) as ck:
+            chosen = select_for_quantization(ck.infos(), args.include, args.exclude)
+        shown = chosen if len(chosen) <= 12 else chosen[:6] + [f"... ({len(chosen) - 12} more) ..."] + chosen[-6:]
+        print(f"quantizing {len(chosen)} tensors to NF4:", *shown, sep="\n  ")
+    rep = quantize_checkpoint(args.input, args.output, blocksize=args.blocksize, double_quant=args.double_quant,
+                              include=args.include, exclude=args.exclude, overwrite=args.overwrite)
+    print(json.dumps(rep.to_dict(), indent=2) if args.json else rep)
     return 0
 
 

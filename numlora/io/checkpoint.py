@@ -145,14 +145,14 @@ class Checkpoint:
         return sum(t.nbytes for t in self.infos())
 
     def other_files(self) -> list[str]:
-        """Files of a model folder that are not tensors or the index (config.json,
-        tokenizer files...): a converted model folder carries them over."""
+        """Entries of a model folder that are not its tensors or index (config.json,
+        tokenizer files, sub-folders such as a sentence-transformers ``1_Pooling``): a
+        converted model folder carries them over. Hidden entries are skipped."""
         if not self.is_dir:
             return []
         mine = {os.path.basename(p) for p in self.files}
         return sorted(n for n in os.listdir(self.path)
-                      if n not in mine and not n.startswith(".") and os.path.isfile(os.path.join(self.path, n))
-                      and not n.endswith(".safetensors"))
+                      if n not in mine and not n.startswith(".") and not n.endswith(".safetensors"))
 
     def close(self) -> None:
         for s in self.shards:

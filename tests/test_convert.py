@@ -1,0 +1,357 @@
+"""``numlora merge`` / ``quantize`` / ``inspect`` on generated checkpoints (single file and
+sharded, float32 and bfloat16), against numpy references, the spec's NF4 reference, and
+bad inputs that must leave no output behind."""
+
+import json
+import os
+import struct
+
+import numpy as np
+import pytest
+
+from numlora import NF4Tensor
+from numlora.cli import main
+from numlora.convert import inspect_path, match_modules, merge_checkpoint, quantize_checkpoint
+from numlora.errors import ConfigError, FormatError, ShapeError
+from numlora.io.checkpoint import Checkpoint
+from numlora.io.safetensors import SafetensorsFile, bf16_to_f32, f32_to_bf16, save_file
+from reference import merge_ref, nf4_dequantize_ref, nf4_quantize_ref
+
+H, FF, V = 48, 80, 50  # hidden, intermediate, vocab of the generated model
+MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+def _model_tensors(rng, layers=2, prefix="model."):
+    t = {f"{prefix}embed_tokens.weight": rng.standard_normal((V, H)).astype(np.float32)}
+    for i in range(layers):
+        p = f"{prefix}layers.{i}."
+        for m in MODULES:
+            t[p + f"self_attn.{m}.weight"] = (rng.standard_normal((H, H)) * 0.05).astype(np.float32)
+        t[p + "self_attn.o_proj.bias"] = (rng.standard_normal(H) * 0.01).astype(np.float32)
+        t[p + "mlp.up_proj.weight"] = (rng.standard_normal((FF, H)) * 0.05).astype(np.float32)
+        t[p + "mlp.down_proj.weight"] = (rng.standard_normal((H, FF)) * 0.05).astype(np.float32)
+        t[p + "input_layernorm.weight"] = np.ones(H, np.float32)
+    t[f"{prefix}norm.weight"] = np.ones(H, np.float32)
+    t["lm_head.weight"] = rng.standard_normal((V, H)).astype(np.float32)
+    t["position_ids"] = np.arange(16, dtype=np.int64)[None]
+    return t
+
+
+def _write_model(path, tensors, dtype="F32", shards=1):
+    """A single file (``path`` ends in .safetensors) or a model folder, ``shards`` files."""
+    dtypes = {k: dtype for k, v in tensors.items() if v.dtype.kind == "f"}
+    if str(path).endswith(".safetensors"):
+        save_file(path, tensors, {"format": "pt"}, dtypes)
+        return
+    os.makedirs(path)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump({"model_type": "toy", "torch_dtype": "bfloat16" if dtype == "BF16" else "float32"}, f)
+    os.makedirs(os.path.join(path, "extra"))
+    with open(os.path.join(path, "extra", "tokenizer.txt"), "w") as f:
+        f.write("a b c")
+    if shards == 1:
+        save_file(os.path.join(path, "model.safetensors"), tensors, {"format": "pt"}, dtypes)
+        return
+    names = list(tensors)
+    wmap = {}
+    for s in range(shards):
+        part = names[s::shards]
+        fname = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+        save_file(os.path.join(path, fname), {k: tensors[k] for k in part}, {"format": "pt"},
+                  {k: dtypes[k] for k in part if k in dtypes})
+        wmap.update({k: fname for k in part})
+    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": 1}, "weight_map": wmap}, f)
+
+
+def _stored(tensors, dtype):
+    """What the model's floating tensors are once stored in ``dtype`` (as float32)."""
+    if dtype == "BF16":
+        return {k: bf16_to_f32(f32_to_bf16(v)) if v.dtype.kind == "f" else v for k, v in tensors.items()}
+    return tensors
+
+
+def _write_adapter(folder, rng, modules, r=4, alpha=8.0, extra_cfg=None, dtype="F32", prefix="model."):
+    """A PEFT adapter folder written by hand from the format description."""
+    os.makedirs(folder)
+    tensors, dims = {}, {"q_proj": (H, H), "k_proj": (H, H), "v_proj": (H, H), "o_proj": (H, H),
+                         "up_proj": (FF, H), "down_proj": (H, FF)}
+    for mod in modules:
+        out_f, in_f = dims[mod.split(".")[-1]]
+        key = f"base_model.model.{prefix}{mod}"
+        tensors[key + ".lora_A.weight"] = (rng.standard_normal((r, in_f)) * 0.1).astype(np.float32)
+        tensors[key + ".lora_B.weight"] = (rng.standard_normal((out_f, r)) * 0.1).astype(np.float32)
+    cfg = {"peft_type": "LORA", "r": r, "lora_alpha": alpha, "target_modules": sorted({m.split(".")[-1] for m in modules})}
+    cfg.update(extra_cfg or {})
+    with open(os.path.join(folder, "adapter_config.json"), "w") as f:
+        json.dump(cfg, f)
+    save_file(os.path.join(folder, "adapter_model.safetensors"), tensors, {"format": "pt"},
+              {k: dtype for k in tensors})
+    return {k: bf16_to_f32(f32_to_bf16(v)) if dtype == "BF16" else v for k, v in tensors.items()}
+
+
+def _read_all(path):
+    with Checkpoint(path) as ck:
+        return {k: np.array(ck.get(k)) for k in ck.keys()}, {k: ck.info(k).dtype for k in ck.keys()}
+
+
+def _raw(path):
+    with Checkpoint(path) as ck:
+        return {k: ck.shard_of(k).file.read_bytes(k) for k in ck.keys()}
+
+
+def _leftovers(folder):
+    return [n for n in os.listdir(folder) if n.startswith(".numlora-")]
+
+
+# --- merge -------------------------------------------------------------------------------
+LAYER_MODS = [f"layers.{i}.self_attn.{m}" for i in range(2) for m in ("q_proj", "v_proj")] + \
+             [f"layers.{i}.mlp.{m}" for i in range(2) for m in ("up_proj", "down_proj")]
+
+
+@pytest.mark.parametrize("dtype, shards", [("F32", 0), ("BF16", 3), ("F32", 1)])
+def test_merge_equals_reference(tmp_path, rng, dtype, shards):
+    tensors = _model_tensors(rng)
+    base = tmp_path / ("base.safetensors" if shards == 0 else "base")
+    _write_model(base, tensors, dtype, shards or 1)
+    ad = _write_adapter(tmp_path / "ad", rng, LAYER_MODS, r=4, alpha=8.0,
+                        extra_cfg={"rank_pattern": {}, "alpha_pattern": {"down_proj": 2.0}})
+    out = tmp_path / ("out.safetensors" if shards == 0 else "out")
+    rep = merge_checkpoint(base, tmp_path / "ad", out, progress=False)
+    assert len(rep.merged) == len(LAYER_MODS)
+    got, got_dt = _read_all(out)
+    src = _stored(tensors, dtype)
+    _, src_dt = _read_all(base)
+    assert got_dt == src_dt  # every tensor keeps its dtype
+    raw_in, raw_out = _raw(base), _raw(out)
+    for k, w in src.items():
+        mod = k[len("model."):-len(".weight")] if k.endswith(".weight") else None
+        if mod in LAYER_MODS:
+            pre = f"base_model.model.model.{mod}"
+            s = (2.0 if "down_proj" in mod else 8.0) / 4
+            want = merge_ref(w, ad[pre + ".lora_A.weight"], ad[pre + ".lora_B.weight"], s)
+            if dtype == "BF16":  # one rounding to bfloat16 of the float32 result
+                ulps = np.abs(f32_to_bf16(want).astype(np.int32) - f32_to_bf16(got[k]).astype(np.int32))
+                assert ulps.max() <= 1 and (ulps > 0).mean() < 0.01
+            else:
+                np.testing.assert_allclose(got[k], want, rtol=1e-5, atol=1e-6)
+        else:
+            assert raw_out[k] == raw_in[k], k  # untouched tensors: byte for byte
+    if shards > 1:
+        with Checkpoint(out) as ck, Checkpoint(base) as cb:
+            assert [s.name for s in ck.shards] == [s.name for s in cb.shards]
+            assert ck.weight_map == cb.weight_map
+            assert ck.index_metadata["total_size"] == ck.total_bytes
+        assert os.path.exists(out / "extra" / "tokenizer.txt") and os.path.exists(out / "config.json")
+    assert _leftovers(tmp_path) == []
+
+
+def test_merge_dtype_and_prefix_suffix_matching(tmp_path, rng):
+    tensors = _model_tensors(rng, layers=1, prefix="")  # checkpoint lacks "model."
+    _write_model(tmp_path / "b.safetensors", tensors)
+    mods = ["layers.0.self_attn.q_proj"]
+    ad = _write_adapter(tmp_path / "ad", rng, mods, prefix="model.")  # adapter has "model."
+    main(["merge", str(tmp_path / "b.safetensors"), str(tmp_path / "ad"), "-o", str(tmp_path / "o.safetensors"),
+          "--dtype", "bfloat16"])
+    with SafetensorsFile(tmp_path / "o.safetensors") as f:
+        assert {f.info(k).dtype for k in f.keys()} == {"BF16", "I64"}
+        k = "layers.0.self_attn.q_proj.weight"
+        pre = "base_model.model.model.layers.0.self_attn.q_proj"
+        want = merge_ref(tensors[k], ad[pre + ".lora_A.weight"], ad[pre + ".lora_B.weight"], 2.0)
+        ulps = np.abs(f32_to_bf16(want).astype(np.int32) - f.raw(k).astype(np.int32))
+        assert ulps.max() <= 1
+        assert np.array_equal(f.raw("lm_head.weight"), f32_to_bf16(tensors["lm_head.weight"]))
+        assert np.array_equal(f.get("position_ids"), tensors["position_ids"])
+    # and the other way round: the checkpoint has an extra prefix
+    assert match_modules(["encoder.q"], ["bert.encoder.q.weight", "bert.encoder.q.bias"]) == \
+        {"encoder.q": "bert.encoder.q.weight"}
+
+
+def test_merge_lora_bias_and_dora(tmp_path, rng):
+    tensors = _model_tensors(rng, layers=1)
+    _write_model(tmp_path / "b.safetensors", tensors)
+    mod = "layers.0.self_attn.o_proj"
+    pre = f"base_model.model.model.{mod}"
+    ad = _write_adapter(tmp_path / "ad", rng, [mod], r=4, alpha=4.0, extra_cfg={"lora_bias": True, "use_rslora": True})
+    lb = (rng.standard_normal(H) * 0.1).astype(np.float32)
+    extra, _ = _read_all(tmp_path / "ad" / "adapter_model.safetensors")
+    extra[pre + ".lora_B.bias"] = lb
+    save_file(tmp_path / "ad" / "adapter_model.safetensors", extra, {"format": "pt"})
+    merge_checkpoint(tmp_path / "b.safetensors", tmp_path / "ad", tmp_path / "o.safetensors", progress=False)
+    got, _ = _read_all(tmp_path / "o.safetensors")
+    s = 4.0 / np.sqrt(4)
+    w = f"model.{mod}.weight"
+    np.testing.assert_allclose(got[w], merge_ref(tensors[w], ad[pre + ".lora_A.weight"], ad[pre + ".lora_B.weight"], s),
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got[f"model.{mod}.bias"], tensors[f"model.{mod}.bias"] + s * lb, rtol=1e-6, atol=1e-7)
+    # DoRA: W <- m / ||W + s B A||_row * (W + s B A)
+    ad2 = _write_adapter(tmp_path / "dora", rng, [mod], r=4, alpha=8.0, extra_cfg={"use_dora": True})
+    mag = (np.abs(rng.standard_normal(H)) + 0.5).astype(np.float32)
+    extra, _ = _read_all(tmp_path / "dora" / "adapter_model.safetensors")
+    extra[pre + ".lora_magnitude_vector"] = mag
+    save_file(tmp_path / "dora" / "adapter_model.safetensors", extra, {"format": "pt"})
+    merge_checkpoint(tmp_path / "b.safetensors", tmp_path / "dora", tmp_path / "d.safetensors", progress=False)
+    got, _ = _read_all(tmp_path / "d.safetensors")
+    vv = tensors[w].astype(np.float64) + 2.0 * ad2[pre + ".lora_B.weight"].astype(np.float64) @ \
+        ad2[pre + ".lora_A.weight"].astype(np.float64)
+    want = (mag / np.linalg.norm(vv, axis=1))[:, None] * vv
+    np.testing.assert_allclose(got[w], want, rtol=1e-5, atol=1e-6)
+
+
+def test_merge_bad_inputs_leave_nothing(tmp_path, rng):
+    tensors = _model_tensors(rng, layers=1)
+    _write_model(tmp_path / "b.safetensors", tensors)
+    before = (tmp_path / "b.safetensors").read_bytes()
+    _write_adapter(tmp_path / "ok", rng, ["layers.0.self_attn.q_proj"])
+    _write_adapter(tmp_path / "ghost", rng, ["layers.7.self_attn.q_proj"])
+    with pytest.raises(FormatError, match="'model.layers.7.self_attn.q_proj' matches no weight"):
+        merge_checkpoint(tmp_path / "b.safetensors", tmp_path / "ghost", tmp_path / "o.safetensors")
+    _write_adapter(tmp_path / "shape", rng, ["layers.0.mlp.up_proj"])
+    os.rename(tmp_path / "shape" / "adapter_model.safetensors", tmp_path / "x.safetensors")
+    t, _ = _read_all(tmp_path / "x.safetensors")
+    t = {k.replace("mlp.up_proj", "self_attn.q_proj"): v for k, v in t.items()}  # (80, 48) onto a (48, 48) weight
+    save_file(tmp_path / "shape" / "adapter_model.safetensors", t)
+    with pytest.raises(ShapeError, match=r"'model.layers.0.self_attn.q_proj': expected checkpoint weight .* "
+                                         r"of shape \(80, 48\), got \(48, 48\)"):
+        merge_checkpoint(tmp_path / "b.safetensors", tmp_path / "shape", tmp_path / "o.safetensors")
+    with pytest.raises(FormatError, match="is one of the inputs"):
+        merge_checkpoint(tmp_path / "b.safetensors", tmp_path / "ok", tmp_path / "b.safetensors", overwrite=True)
+    with pytest.raises(FormatError, match="one of the inputs"):
+        merge_checkpoint(tmp_path / "b.safetensors", tmp_path / "ok", tmp_path / "ok" / "adapter_model.safetensors",
+                         overwrite=True)
+    (tmp_path / "exists.safetensors").write_bytes(b"keep")
+    with pytest.raises(FormatError, match="exists"):
+        merge_checkpoint(tmp_path / "b.safetensors", tmp_path / "ok", tmp_path / "exists.safetensors")
+    assert (tmp_path / "exists.safetensors").read_bytes() == b"keep"
+    # a truncated base: refused before anything is written
+    (tmp_path / "t.safetensors").write_bytes(before[: len(before) // 2])
+    with pytest.raises(FormatError, match="truncated"):
+        merge_checkpoint(tmp_path / "t.safetensors", tmp_path / "ok", tmp_path / "o.safetensors")
+    # a header that lies about a tensor's size
+    n = struct.unpack("<Q", before[:8])[0]
+    head = json.loads(before[8:8 + n])
+    k = "model.layers.0.self_attn.q_proj.weight"
+    head[k]["shape"] = [H, H + 1]
+    text = json.dumps(head).encode()
+    (tmp_path / "lie.safetensors").write_bytes(struct.pack("<Q", len(text)) + text + before[8 + n:])
+    with pytest.raises(FormatError, match="needs"):
+        merge_checkpoint(tmp_path / "lie.safetensors", tmp_path / "ok", tmp_path / "o.safetensors")
+    with pytest.raises(FormatError):
+        merge_checkpoint(tmp_path / "b.safetensors", tmp_path / "missing", tmp_path / "o.safetensors")
+    assert not (tmp_path / "o.safetensors").exists()
+    assert (tmp_path / "b.safetensors").read_bytes() == before
+    assert _leftovers(tmp_path) == []
+
+
+def test_interrupted_merge_leaves_no_output(tmp_path, rng, monkeypatch):
+    import numlora.convert as conv
+
+    _write_model(tmp_path / "base", _model_tensors(rng), "BF16", shards=2)
+    _write_adapter(tmp_path / "ad", rng, LAYER_MODS)
+    calls = []
+    real = conv._merge_one
+
+    def flaky(w, layer):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        real(w, layer)
+
+    monkeypatch.setattr(conv, "_merge_one", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        merge_checkpoint(tmp_path / "base", tmp_path / "ad", tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+    assert _leftovers(tmp_path) == []
+
+
+# --- quantize ----------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype, shards, dq, bs", [("F32", 0, False, 64), ("BF16", 2, True, 64), ("F32", 1, False, 128)])
+def test_quantize_layout_and_values(tmp_path, rng, dtype, shards, dq, bs):
+    tensors = _model_tensors(rng)
+    base = tmp_path / ("b.safetensors" if shards == 0 else "base")
+    _write_model(base, tensors, dtype, shards or 1)
+    out = tmp_path / ("q.safetensors" if shards == 0 else "q")
+    rep = quantize_checkpoint(base, out, blocksize=bs, double_quant=dq, progress=False)
+    src = _stored(tensors, dtype)
+    chosen = sorted(k for k in tensors if k.endswith("_proj.weight"))
+    assert sorted(q["key"] for q in rep.quantized) == chosen  # embeddings, norms, lm_head stay
+    got, got_dt = _read_all(out)
+    raw_in, raw_out = _raw(base), _raw(out)
+    errs = []
+    for k in chosen:
+        p = k[: -len(".weight")]
+        w = src[k]
+        assert got[k].shape == ((w.size + 1) // 2, 1) and got_dt[k] == "U8"
+        state = json.loads(bytes(got[p + ".weight.quant_state.bitsandbytes__nf4"]).decode())
+        assert state["quant_type"] == "nf4" and state["blocksize"] == bs and list(state["shape"]) == list(w.shape)
+        assert state["dtype"] == ("bfloat16" if dtype == "BF16" else "float32")
+        t = NF4Tensor.from_state_dict({n: got[n] for n in got if n.startswith(p + ".weight")}, p)
+        packed_ref, absmax_ref = nf4_quantize_ref(w.reshape(-1), bs)
+        assert np.array_equal(got[k].reshape(-1), packed_ref)
+        if not dq:
+            assert np.array_equal(got[p + ".weight.absmax"], absmax_ref)
+            deq = nf4_dequantize_ref(packed_ref, absmax_ref, bs, w.size).reshape(w.shape)
+            assert np.array_equal(t.dequantize().reshape(w.shape), deq)
+            errs.append(np.abs(deq - w))
+    for k in tensors:
+        if k not in chosen:
+            assert raw_out[k] == raw_in[k]
+    if errs:
+        allerr = np.concatenate([e.reshape(-1) for e in errs])
+        assert rep.max_abs_err == pytest.approx(float(allerr.max()), rel=1e-6)
+        assert rep.mean_abs_err == pytest.approx(float(allerr.mean()), rel=1e-4)
+    assert rep.bytes_before == sum(tensors[k].size * (2 if dtype == "BF16" else 4) for k in chosen)
+    if shards:
+        cfg = json.loads((out / "config.json").read_text())
+        assert cfg["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
+        assert cfg["quantization_config"]["bnb_4bit_use_double_quant"] is dq
+        with Checkpoint(out) as ck, Checkpoint(base) as cb:
+            assert [s.name for s in ck.shards] == [s.name for s in cb.shards]
+            if shards > 1:
+                assert ck.index_metadata["total_size"] == ck.total_bytes
+    assert _leftovers(tmp_path) == []
+
+
+def test_quantize_selection_and_errors(tmp_path, rng, capsys):
+    tensors = _model_tensors(rng, layers=1)
+    _write_model(tmp_path / "b.safetensors", tensors)
+    rep = quantize_checkpoint(tmp_path / "b.safetensors", tmp_path / "o.safetensors", include=r"mlp\.",
+                              exclude="down", progress=False)
+    assert [q["key"] for q in rep.quantized] == ["model.layers.0.mlp.up_proj.weight"]
+    with pytest.raises(ConfigError, match="no tensor selected"):
+        quantize_checkpoint(tmp_path / "b.safetensors", tmp_path / "p.safetensors", include="nothing-matches")
+    with pytest.raises(ConfigError, match="bad regular expression"):
+        quantize_checkpoint(tmp_path / "b.safetensors", tmp_path / "p.safetensors", include="(")
+    with pytest.raises(FormatError, match="one of the inputs"):
+        quantize_checkpoint(tmp_path / "b.safetensors", tmp_path / "b.safetensors", overwrite=True)
+    assert main(["quantize", str(tmp_path / "b.safetensors"), "-o", str(tmp_path / "o.safetensors")]) == 2
+    assert "exists" in capsys.readouterr().err
+    assert main(["quantize", str(tmp_path / "b.safetensors"), "-o", str(tmp_path / "c.safetensors"),
+                 "--double-quant", "--blocksize", "256"]) == 0
+    text = capsys.readouterr().out
+    assert "quantizing 6 tensors to NF4" in text and "reconstruction error" in text
+    assert not (tmp_path / "p.safetensors").exists() and _leftovers(tmp_path) == []
+
+
+# --- inspect -------------------------------------------------------------------------------
+def test_inspect_checkpoint_and_adapter(tmp_path, rng, capsys):
+    tensors = _model_tensors(rng, layers=1)
+    _write_model(tmp_path / "base", tensors, "BF16", shards=2)
+    quantize_checkpoint(tmp_path / "base", tmp_path / "q", progress=False)
+    info = inspect_path(tmp_path / "base")
+    assert info["tensors"] == len(tensors) and info["sharded"] and not info["nf4"]
+    assert info["dtypes"]["BF16"]["params"] == sum(v.size for v in tensors.values() if v.dtype.kind == "f")
+    q = inspect_path(tmp_path / "q")
+    assert sorted(x["module"] for x in q["nf4"]) == sorted(k[:-7] for k in tensors if k.endswith("_proj.weight"))
+    _write_adapter(tmp_path / "ad", rng, ["layers.0.self_attn.q_proj", "layers.0.mlp.up_proj"], r=4, alpha=8,
+                   extra_cfg={"rank_pattern": {}, "alpha_pattern": {"up_proj": 16}}, dtype="BF16")
+    a = inspect_path(tmp_path / "ad")
+    by = {m["module"]: m for m in a["modules"]}
+    assert by["model.layers.0.mlp.up_proj"]["scaling"] == 4.0 and by["model.layers.0.self_attn.q_proj"]["scaling"] == 2.0
+    assert a["trainable_params"] == 4 * (H + H) + 4 * (H + FF) and a["stored_dtypes"] == ["BF16"]
+    assert main(["inspect", str(tmp_path / "ad")]) == 0
+    out = capsys.readouterr().out
+    assert "model.layers.0.mlp.up_proj" in out and "2 modules" in out
+    assert main(["inspect", str(tmp_path / "q"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["kind"] == "checkpoint"
+    assert main(["inspect", str(tmp_path / "nothing")]) == 2
