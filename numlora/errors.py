@@ -18,6 +18,7 @@ __all__ = [
     "LayerNotFoundError",
     "DuplicateLayerError",
     "FormatError",
+    "DetachedLayerError",
 ]
 
 
@@ -61,3 +62,8 @@ class FormatError(NumloraError, ValueError):
     """A file is not what it claims to be (a truncated safetensors file, a header that
     disagrees with the data, a PEFT folder without its config, a checkpoint tensor that
     does not match the adapter), or an output path is not allowed."""
+
+
+class DetachedLayerError(NumloraError, RuntimeError):
+    """The layer holds an adapter (A, B, ...) but no base weight: forward and merge need
+    one; attach it with ``attach(weight)`` first."""

@@ -4,12 +4,14 @@ call the functional API (:mod:`numlora.ops`, :mod:`numlora.nf4`)."""
 from __future__ import annotations
 
 import math
+import zlib
 
 import numpy as np
 
 from . import _validate as v
 from .config import lora_scaling
-from .errors import ConfigError, MergeStateError
+from .dora import dora_forward, dora_weight_norm, merge_dora
+from .errors import ConfigError, DetachedLayerError, MergeStateError, ShapeError
 from .nf4 import NF4Tensor, _weight_2d, dequantize_nf4, nf4_matmul, qlora_forward, quantize_nf4
 from .ops import linear_forward, lora_forward, merge_lora, unmerge_lora
 from .rng import XorShift64
@@ -86,12 +88,13 @@ class _LowRank:
     def lora_b(self, b):
         self._set("lora_b", b, (self._out_f, self._rank))
 
-    def _set_bias(self, bias):
-        """Keep a validated copy of the bias (out_features,) in the layer's dtype, or None."""
+    def _set_bias(self, bias, dtype=None):
+        """Keep a validated copy of the bias (out_features,) in ``dtype`` (default: the
+        layer's), or None."""
         if bias is not None:
             bias = v.float_array("bias", bias, 1)
             v.expect_shape("bias", bias, (self._out_f,))
-            bias = np.array(bias, dtype=self._dtype, copy=True)
+            bias = np.array(bias, dtype=self._dtype if dtype is None else dtype, copy=True)
         self._bias = bias
 
     @property
@@ -172,31 +175,62 @@ class _LowRank:
 class LoraLinear(_LowRank):
     """A linear layer ``y = x W^T + b`` with a LoRA adapter ``scaling * (x A^T) B^T``.
 
-    Build it with :meth:`from_weight`. ``merge()`` adds ``scaling * B @ A`` into the
-    weight in place; ``unmerge()`` restores the weight **bit for bit**, however many
-    cycles: the merge keeps one signed byte per weight element (see
-    :class:`numlora.ops.MergeRecord`), a quarter of the float32 weight's memory, for as
-    long as the layer is merged. While merged, A and B cannot be changed.
+    Build it with :meth:`from_weight`, or from adapter tensors alone with
+    ``LoraLinear(None, lora_a, lora_b, alpha, ...)``: a *detached* layer (in and out
+    features from A and B) whose forward and merge raise
+    :class:`~numlora.errors.DetachedLayerError` until :meth:`attach` gives it a base weight.
+
+    Optional parts, as PEFT has them: ``lora_bias`` ``(out,)`` (the bias of LoRA B, added as
+    ``scaling * lora_bias``) and ``magnitude`` ``(out,)`` (DoRA: see :mod:`numlora.dora`).
+
+    ``merge()`` adds ``scaling * B @ A`` into the weight in place; ``unmerge()`` restores the
+    weight **bit for bit**, however many cycles: the merge keeps one signed byte per weight
+    element (see :class:`numlora.ops.MergeRecord`), a quarter of the float32 weight's
+    memory, for as long as the layer is merged. A DoRA merge rescales every row, which has
+    no exact inverse: it keeps a full copy of the base weight instead (see
+    :attr:`merge_overhead_bytes`). With a LoRA bias the merge adds ``scaling * lora_bias``
+    into the bias (creating one if the base has none) and unmerge restores the old one.
+    While merged, A, B and the optional vectors cannot be changed.
     """
 
     def __init__(self, weight, lora_a, lora_b, alpha, *, bias=None, use_rslora=False,
-                 fan_in_fan_out=False):
-        weight = v.float_array("weight", weight, 2)
-        in_f, out_f = weight.shape if fan_in_fan_out else weight.shape[::-1]
-        self._weight = weight
-        self._dtype = weight.dtype
+                 fan_in_fan_out=False, magnitude=None, lora_bias=None):
         self._fan_in_fan_out = bool(fan_in_fan_out)
+        if weight is None:
+            a = v.float_array("lora_a", lora_a, 2)
+            b = v.float_array("lora_b", lora_b, 2)
+            in_f, out_f = a.shape[1], b.shape[0]
+            self._dtype = np.result_type(a.dtype, b.dtype)
+            if bias is not None:
+                raise ConfigError("bias belongs to the base layer: pass it to attach() with the base weight")
+        else:
+            weight = v.float_array("weight", weight, 2)
+            in_f, out_f = weight.shape if fan_in_fan_out else weight.shape[::-1]
+            self._dtype = weight.dtype
+        self._weight = weight
+        self._magnitude = None
+        self._lora_bias = None
+        self._norm_cache = None
         self._init_low_rank(out_f, in_f, lora_a, lora_b, alpha, use_rslora)
-        _check_rank(self._rank, out_f, in_f)
         self._set_bias(bias)
         self._record = None
+        self._saved_weight = None
+        self._saved_bias = None
+        if magnitude is not None:
+            self.magnitude = magnitude
+        if lora_bias is not None:
+            self.lora_bias = lora_bias
 
     @classmethod
     def from_weight(cls, weight, rank, alpha, init="seed", seed=None, *, bias=None,
-                    use_rslora=False, fan_in_fan_out=False, copy=True) -> "LoraLinear":
+                    use_rslora=False, fan_in_fan_out=False, copy=True, use_dora=False,
+                    lora_bias=False) -> "LoraLinear":
         """A layer over ``weight`` (out, in) (``(in, out)`` with ``fan_in_fan_out``) with a
         fresh adapter: A initialised by ``init`` (see :func:`init_lora_a`; ``"seed"``
         reproduces the seed module's ``LoraLinear::new`` bit for bit), B = 0.
+        ``use_dora``: a magnitude vector initialised to the row norms of the weight (PEFT's
+        init, so the fresh layer computes the base layer's output); ``lora_bias``: a zero
+        LoRA bias.
 
         ``copy=False`` keeps the caller's array (merge() then changes it in place)."""
         weight = v.float_array("weight", weight, 2)
@@ -207,53 +241,219 @@ class LoraLinear(_LowRank):
             weight = np.array(weight, copy=True)
         a = init_lora_a(rank, in_f, out_f, init, seed, default_seed=42)
         b = np.zeros((out_f, rank), weight.dtype)
-        return cls(weight, a, b, alpha, bias=bias, use_rslora=use_rslora, fan_in_fan_out=fan_in_fan_out)
+        layer = cls(weight, a, b, alpha, bias=bias, use_rslora=use_rslora, fan_in_fan_out=fan_in_fan_out)
+        if use_dora:
+            layer.magnitude = dora_weight_norm(weight, layer.lora_a, layer.lora_b, layer.scaling, fan_in_fan_out)
+        if lora_bias:
+            layer.lora_bias = np.zeros(out_f, weight.dtype)
+        return layer
+
+    # the base weight ------------------------------------------------------------------
+    @property
+    def weight(self):
+        """The base weight (with the delta added while merged); None while detached."""
+        return self._weight
 
     @property
-    def weight(self) -> np.ndarray:
-        """The base weight (with the delta added while merged)."""
-        return self._weight
+    def attached(self) -> bool:
+        """Whether the layer has a base weight."""
+        return self._weight is not None
+
+    @property
+    def base_shape(self) -> tuple:
+        """The shape the base weight must have: ``(out, in)``, ``(in, out)`` with
+        ``fan_in_fan_out``."""
+        return (self._in_f, self._out_f) if self._fan_in_fan_out else (self._out_f, self._in_f)
+
+    def check_base(self, weight, bias=None):
+        """Validate a base weight (and bias) for this layer without attaching it; return
+        them as arrays. Raises ShapeError naming the expected shape."""
+        weight = v.float_array("weight", weight, 2)
+        want = self.base_shape
+        if tuple(weight.shape) != want:
+            hint = ""
+            if tuple(weight.shape) == want[::-1]:
+                hint = (f"; that is the transpose: is fan_in_fan_out (now {self._fan_in_fan_out}) set as the base "
+                        "layer stores its weight?")
+            layout = "(in, out)" if self._fan_in_fan_out else "(out, in)"
+            raise ShapeError(f"expected weight of shape {layout} = {want} for this adapter "
+                             f"(fan_in_fan_out={self._fan_in_fan_out}), got {tuple(weight.shape)}{hint}")
+        if bias is not None:
+            bias = v.float_array("bias", bias, 1)
+            v.expect_shape("bias", bias, (self._out_f,))
+        return weight, bias
+
+    def attach(self, weight, bias=None, *, copy=True) -> "LoraLinear":
+        """Give the layer its base weight ``(out, in)`` (``(in, out)`` with
+        ``fan_in_fan_out``) and optional bias ``(out,)``, replacing any it had. A and B keep
+        their dtype; the bias is kept in the weight's dtype. ``copy=False`` keeps the
+        caller's array (merge() then changes it in place). Returns the layer."""
+        if self._merged:
+            raise MergeStateError("cannot attach a base weight while the layer is merged; unmerge() first")
+        weight, bias = self.check_base(weight, bias)
+        if copy:
+            weight = np.array(weight, copy=True)
+        self._weight = weight
+        self._set_bias(bias, weight.dtype)
+        self._norm_cache = None
+        return self
+
+    def detach(self) -> None:
+        """Drop the base weight and bias (the adapter stays)."""
+        if self._merged:
+            raise MergeStateError("cannot detach a merged layer; unmerge() first")
+        self._weight = None
+        self._bias = None
+        self._norm_cache = None
+
+    def _need_weight(self, what):
+        if self._weight is None:
+            raise DetachedLayerError(
+                f"cannot {what}: this LoraLinear (out_features={self._out_f}, in_features={self._in_f}, "
+                f"rank={self._rank}) has no base weight attached; call attach(weight) first")
+
+    # optional vectors -------------------------------------------------------------------
+    def _set_vector(self, name, value):
+        if self._merged:
+            raise MergeStateError(f"cannot set {name} while the layer is merged; unmerge() first")
+        if value is not None:
+            value = v.float_array(name, value, 1)
+            v.expect_shape(name, value, (self._out_f,))
+            value = np.array(value, dtype=self._dtype, copy=True)
+        self._norm_cache = None
+        return value
+
+    @property
+    def magnitude(self):
+        """DoRA's magnitude vector ``(out,)``, or None for a plain LoRA layer."""
+        return self._magnitude
+
+    @magnitude.setter
+    def magnitude(self, m):
+        if m is not None and self._lora_bias is not None:
+            raise ConfigError("a LoRA bias is not supported together with DoRA (PEFT refuses it too)")
+        self._magnitude = self._set_vector("magnitude", m)
+
+    @property
+    def lora_bias(self):
+        """The bias of LoRA B ``(out,)`` (added as ``scaling * lora_bias``), or None."""
+        return self._lora_bias
+
+    @lora_bias.setter
+    def lora_bias(self, lb):
+        if lb is not None and self._magnitude is not None:
+            raise ConfigError("a LoRA bias is not supported together with DoRA (PEFT refuses it too)")
+        self._lora_bias = self._set_vector("lora_bias", lb)
+
+    @property
+    def use_dora(self) -> bool:
+        return self._magnitude is not None
+
+    def _set(self, name, a, shape):
+        super()._set(name, a, shape)
+        self._norm_cache = None
 
     @property
     def fan_in_fan_out(self) -> bool:
         return self._fan_in_fan_out
 
+    @property
+    def trainable_params(self) -> int:
+        """``rank * (in_features + out_features)``, plus ``out_features`` for each of the
+        magnitude vector and the LoRA bias when present (as PEFT counts them)."""
+        extra = (self._magnitude is not None) + (self._lora_bias is not None)
+        return self._rank * (self._in_f + self._out_f) + extra * self._out_f
+
+    # computing ------------------------------------------------------------------------
+    def _weight_norm(self):
+        """DoRA's row norms of ``W + scaling * B @ A``, cached while A, B, the scaling and
+        the attached weight stay the same (assign through the setters; an in-place edit of
+        the base weight array is not noticed: re-:meth:`attach` it)."""
+        key = (id(self._weight), self.scaling, _crc(self._lora_a), _crc(self._lora_b))
+        if self._norm_cache is None or self._norm_cache[0] != key:
+            norm = dora_weight_norm(self._weight, self._lora_a, self._lora_b, self.scaling, self._fan_in_fan_out)
+            self._norm_cache = (key, norm)
+        return self._norm_cache[1]
+
+    def _lora_path_bias(self):
+        """Base bias plus ``scaling * lora_bias`` (the bias the unmerged forward adds)."""
+        if self._lora_bias is None:
+            return self._bias
+        extra = self._lora_bias * self._lora_bias.dtype.type(self.scaling)
+        return extra if self._bias is None else self._bias + extra
+
     def forward(self, x, out=None) -> np.ndarray:
         """``x`` of shape (in,) or (n, in) -> (out,) or (n, out)."""
+        self._need_weight("run forward")
         if self._merged or not self._enabled:
             return linear_forward(x, self._weight, self._bias, out=out, fan_in_fan_out=self._fan_in_fan_out)
-        return lora_forward(x, self._weight, self._lora_a, self._lora_b, self.scaling, self._bias,
+        if self._magnitude is not None:
+            return dora_forward(x, self._weight, self._lora_a, self._lora_b, self.scaling, self._magnitude,
+                                self._bias, out=out, fan_in_fan_out=self._fan_in_fan_out,
+                                weight_norm=self._weight_norm())
+        return lora_forward(x, self._weight, self._lora_a, self._lora_b, self.scaling, self._lora_path_bias(),
                             out=out, fan_in_fan_out=self._fan_in_fan_out)
 
     __call__ = forward
 
     def merge(self) -> None:
-        """``W += scaling * B @ A`` in place. Raises if already merged or disabled."""
+        """``W += scaling * B @ A`` in place (DoRA: ``W <- (m / n)(W + scaling * B @ A)``;
+        with a LoRA bias, ``b += scaling * lora_bias``). Raises if already merged, disabled
+        or detached."""
+        self._need_weight("merge")
         if self._merged:
             raise MergeStateError("LoRA weights are already merged")
         if not self._enabled:
             raise MergeStateError("cannot merge a disabled layer; enable() first")
-        self._record = merge_lora(self._weight, self._lora_a, self._lora_b, self.scaling,
-                                  self._fan_in_fan_out, record=True)
+        new_bias = self._lora_path_bias() if self._lora_bias is not None else self._bias
+        if new_bias is not None:
+            new_bias = np.array(new_bias, dtype=self._weight.dtype if self._bias is None else self._bias.dtype)
+        if self._magnitude is not None:
+            saved = self._weight.copy(order="K")
+            merge_dora(self._weight, self._lora_a, self._lora_b, self.scaling, self._magnitude,
+                       self._fan_in_fan_out)
+            self._saved_weight = saved
+        else:
+            self._record = merge_lora(self._weight, self._lora_a, self._lora_b, self.scaling,
+                                      self._fan_in_fan_out, record=True)
+        self._saved_bias = self._bias
+        self._bias = new_bias
         self._merged = True
 
     def unmerge(self) -> None:
-        """Restore the base weight exactly as it was before :meth:`merge`."""
+        """Restore the base weight (and bias) exactly as they were before :meth:`merge`."""
         if not self._merged:
             raise MergeStateError("LoRA weights are not merged")
-        unmerge_lora(self._weight, self._lora_a, self._lora_b, self.scaling, self._fan_in_fan_out,
-                     record=self._record)
-        self._record = None
+        if self._saved_weight is not None:
+            self._weight[...] = self._saved_weight
+            self._saved_weight = None
+        else:
+            unmerge_lora(self._weight, self._lora_a, self._lora_b, self.scaling, self._fan_in_fan_out,
+                         record=self._record)
+            self._record = None
+        self._bias = self._saved_bias
+        self._saved_bias = None
         self._merged = False
 
     @property
     def merge_overhead_bytes(self) -> int:
-        """Memory held to make unmerge exact (0 while unmerged)."""
-        return 0 if self._record is None else self._record.nbytes
+        """Memory held to make unmerge exact (0 while unmerged): the merge record, or for a
+        DoRA layer the copy of the base weight."""
+        n = 0 if self._record is None else self._record.nbytes
+        n += 0 if self._saved_weight is None else self._saved_weight.nbytes
+        return n
 
     def __repr__(self) -> str:
+        extra = "".join([", dora=True" if self._magnitude is not None else "",
+                         ", lora_bias=True" if self._lora_bias is not None else "",
+                         ", attached=False" if self._weight is None else ""])
         return (f"LoraLinear(out_features={self._out_f}, in_features={self._in_f}, rank={self._rank}, "
-                f"alpha={self._alpha}, dtype={self._dtype}, enabled={self._enabled}, merged={self._merged})")
+                f"alpha={self._alpha}, dtype={self._dtype}, enabled={self._enabled}, merged={self._merged}"
+                f"{extra})")
+
+
+def _crc(a) -> int:
+    return zlib.crc32(memoryview(np.ascontiguousarray(a)).cast("B"))
 
 
 class QLoraLinear(_LowRank):

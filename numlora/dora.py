@@ -1,0 +1,120 @@
+"""DoRA (weight-decomposed low-rank adaptation) as PEFT computes it, over numpy arrays.
+
+A DoRA layer adds a magnitude vector ``m`` ``(out,)`` to LoRA's A and B. With
+``V = W + s B A`` (``s`` the scaling; under ``fan_in_fan_out`` the base is stored
+``(in, out)`` and ``V = W^T + s B A``) and ``n = ||V||`` per output row:
+
+- forward: ``y = (m / n) * (x W^T + s (x A^T) B^T) + b`` (``n`` is a constant of the
+  forward, as PEFT detaches it);
+- merge: ``W <- (m / n) V`` (the base bias is not scaled).
+
+PEFT's ``peft/tuners/lora/dora.py`` (``DoraLinearLayer``) and ``variants.py``
+(``DoraLinearVariant``) are the reference. Rows are processed in chunks, in float64, so
+temporaries stay small whatever the weight's size and the merged weight is rounded once.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import _validate as v
+from .errors import NonFiniteError, ShapeError
+from .ops import _adapter_arrays, lora_forward
+
+__all__ = ["dora_weight_norm", "dora_forward", "merge_dora"]
+
+#: Output rows per chunk (bounds the float64 temporary to ``ROW_CHUNK * in_features``).
+ROW_CHUNK = 256
+
+
+def _magnitude(magnitude, out_f):
+    m = v.float_array("magnitude", magnitude, 1)
+    v.expect_shape("magnitude", m, (out_f,))
+    return m
+
+
+def _rows(weight, fan_in_fan_out, r0, r1):
+    """Output rows r0:r1 of the base weight as float64 ``(r1 - r0, in)``."""
+    part = weight[:, r0:r1].T if fan_in_fan_out else weight[r0:r1]
+    return part.astype(np.float64)
+
+
+def _check_norm(norm):
+    zero = np.flatnonzero(~(norm > 0))
+    if zero.size:
+        i = int(zero[0])
+        raise NonFiniteError(f"DoRA: row {i} of W + scaling * B @ A has norm {norm[i]}; magnitude / norm is "
+                             "undefined")
+
+
+def dora_weight_norm(weight, lora_a, lora_b, scaling, fan_in_fan_out=False) -> np.ndarray:
+    """``||W + scaling * B @ A||`` per output row, float64 ``(out,)`` (``W`` is the weight as
+    a ``(out, in)`` matrix: the transpose of the stored one under ``fan_in_fan_out``)."""
+    s = v.real_scalar("scaling", scaling)
+    weight, a, b, out_f, _, _ = _adapter_arrays(weight, lora_a, lora_b, fan_in_fan_out)
+    a64 = a.astype(np.float64)
+    norm = np.empty(out_f, np.float64)
+    for r0 in range(0, out_f, ROW_CHUNK):
+        r1 = min(out_f, r0 + ROW_CHUNK)
+        rows = _rows(weight, fan_in_fan_out, r0, r1)
+        rows += s * (b[r0:r1].astype(np.float64) @ a64)
+        norm[r0:r1] = np.sqrt(np.einsum("ij,ij->i", rows, rows))
+    return norm
+
+
+def dora_forward(x, weight, lora_a, lora_b, scaling, magnitude, bias=None, out=None, *,
+                 fan_in_fan_out=False, weight_norm=None) -> np.ndarray:
+    """``y = (m / n) * (x W^T + scaling * (x A^T) B^T) + b`` with ``n`` the row norms of
+    ``W + scaling * B @ A`` (PEFT's DoRA forward in inference).
+
+    ``weight_norm`` : ``n`` when the caller has it already (:func:`dora_weight_norm`;
+    :class:`~numlora.layers.LoraLinear` caches it), else it is computed. Other arguments
+    as :func:`numlora.ops.lora_forward`. Returns ``out``."""
+    weight, lora_a, lora_b, out_f, _, _ = _adapter_arrays(weight, lora_a, lora_b, fan_in_fan_out)
+    m = _magnitude(magnitude, out_f)
+    s = v.real_scalar("scaling", scaling)
+    if weight_norm is None:
+        weight_norm = dora_weight_norm(weight, lora_a, lora_b, s, fan_in_fan_out)
+    else:
+        weight_norm = v.float_array("weight_norm", weight_norm, 1)
+        v.expect_shape("weight_norm", weight_norm, (out_f,))
+    _check_norm(weight_norm)
+    out = lora_forward(x, weight, lora_a, lora_b, s, None, out=out, fan_in_fan_out=fan_in_fan_out)
+    out *= (m.astype(np.float64) / weight_norm).astype(out.dtype)
+    if bias is not None:
+        bias = v.float_array("bias", bias, 1)
+        v.expect_shape("bias", bias, (out_f,))
+        out += bias.astype(out.dtype, copy=False)
+    return out
+
+
+def merge_dora(weight, lora_a, lora_b, scaling, magnitude, fan_in_fan_out=False) -> None:
+    """Merge a DoRA adapter into ``weight`` in place: ``W <- (m / n) (W + scaling * B @ A)``,
+    ``n`` the row norms of ``W + scaling * B @ A`` (rows of ``W^T`` and columns of the
+    stored weight under ``fan_in_fan_out``), as PEFT's ``merge_and_unload`` does.
+
+    ``weight`` : float32 (or float64) ``(out, in)`` (``(in, out)`` with ``fan_in_fan_out``),
+    writable. ``magnitude`` : ``(out,)``. Each chunk of rows is computed in float64 and
+    rounded to the weight's dtype once. The base bias is unchanged by a DoRA merge.
+    There is no exact inverse: to unmerge, keep a copy of the weight
+    (:meth:`LoraLinear.merge <numlora.layers.LoraLinear.merge>` does).
+    """
+    s = v.real_scalar("scaling", scaling)
+    weight, a, b, out_f, _, _ = _adapter_arrays(weight, lora_a, lora_b, fan_in_fan_out)
+    if not weight.flags.writeable:
+        raise ShapeError("weight is read-only; merge_dora updates it in place")
+    m = _magnitude(magnitude, out_f).astype(np.float64)
+    # All norms first, so that a bad row leaves the weight untouched.
+    norm = dora_weight_norm(weight, a, b, s, fan_in_fan_out)
+    _check_norm(norm)
+    factor = m / norm
+    a64 = a.astype(np.float64)
+    for r0 in range(0, out_f, ROW_CHUNK):
+        r1 = min(out_f, r0 + ROW_CHUNK)
+        rows = _rows(weight, fan_in_fan_out, r0, r1)
+        rows += s * (b[r0:r1].astype(np.float64) @ a64)
+        rows *= factor[r0:r1, None]
+        if fan_in_fan_out:
+            weight[:, r0:r1] = rows.T
+        else:
+            weight[r0:r1] = rows
