@@ -6,8 +6,10 @@ compiled on first use (and cached on disk; see ``numlora._config``).
 
 from .adapter import LoraAdapter, LoraAdapterSummary
 from .config import LoraConfig
+from .dora import dora_forward, dora_weight_norm, merge_dora
 from .errors import (
     ConfigError,
+    DetachedLayerError,
     DTypeError,
     DuplicateLayerError,
     LayerNotFoundError,
@@ -16,6 +18,7 @@ from .errors import (
     NumloraError,
     ShapeError,
 )
+from .io.peft import load_peft_adapter
 from .layers import LoraLinear, QLoraLinear
 from .nf4 import (
     CODE8,
@@ -62,4 +65,9 @@ __all__ = [
     "qlora_forward",
     "quantize_nf4",
     "unmerge_lora",
+    "DetachedLayerError",
+    "dora_forward",
+    "dora_weight_norm",
+    "load_peft_adapter",
+    "merge_dora",
 ]

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
+import numpy as np
+
 from .config import LoraConfig
-from .errors import DTypeError, DuplicateLayerError, LayerNotFoundError
+from .errors import ConfigError, DTypeError, DuplicateLayerError, LayerNotFoundError, NumloraError
 from .layers import LoraLinear
 
 __all__ = ["LoraAdapter", "LoraAdapterSummary"]
@@ -38,9 +41,17 @@ class LoraAdapterSummary:
 
 
 class LoraAdapter:
-    """Named LoRA layers built from one :class:`LoraConfig`; behaves as a read-only
-    mapping from layer name to :class:`LoraLinear` (``[]``, ``in``, ``len``, iteration in
-    insertion order)."""
+    """Named LoRA layers under one :class:`LoraConfig`; behaves as a read-only mapping
+    from layer name to :class:`LoraLinear` (``[]``, ``in``, ``len``, iteration in
+    insertion order).
+
+    Layers may have different ranks and alphas (PEFT's ``rank_pattern`` /
+    ``alpha_pattern``): the config keeps the global ``rank`` / ``alpha``, each layer its
+    own ``rank``, ``alpha`` and ``scaling``. Layers may be detached (adapter tensors
+    without base weights, as :func:`numlora.load_peft_adapter` gives them):
+    :meth:`attach` gives them their base weights. PEFT folders: :meth:`save_peft`,
+    :meth:`load_peft`.
+    """
 
     def __init__(self, config: LoraConfig):
         if not isinstance(config, LoraConfig):
@@ -52,18 +63,113 @@ class LoraAdapter:
     def config(self) -> LoraConfig:
         return self._config
 
-    def add_layer(self, name: str, weight, *, bias=None, init: str = "seed", seed=None) -> LoraLinear:
-        """Wrap ``weight`` in a new :class:`LoraLinear` with the adapter's rank, alpha,
-        rsLoRA and fan_in_fan_out settings (init as :meth:`LoraLinear.from_weight`)."""
+    def _new_name(self, name):
         if not isinstance(name, str):
             raise DTypeError(f"layer name must be a str, got {type(name).__name__}")
         if name in self._layers:
             raise DuplicateLayerError(f"LoRA layer '{name}' already exists")
+
+    def add_layer(self, name: str, weight, *, bias=None, init: str = "seed", seed=None) -> LoraLinear:
+        """Wrap ``weight`` in a new :class:`LoraLinear` with the adapter's rank, alpha,
+        rsLoRA and fan_in_fan_out settings (init as :meth:`LoraLinear.from_weight`; with
+        ``use_dora`` / ``lora_bias`` in the config, the magnitude starts as the weight's row
+        norms and the LoRA bias as zeros). The rank and alpha are the config's for
+        ``name`` (``rank_pattern`` / ``alpha_pattern`` apply)."""
+        self._new_name(name)
         c = self._config
-        layer = LoraLinear.from_weight(weight, c.rank, c.alpha, init=init, seed=seed, bias=bias,
-                                       use_rslora=c.use_rslora, fan_in_fan_out=c.fan_in_fan_out)
+        layer = LoraLinear.from_weight(weight, c.rank_for(name), c.alpha_for(name), init=init, seed=seed, bias=bias,
+                                       use_rslora=c.use_rslora, fan_in_fan_out=c.fan_in_fan_out,
+                                       use_dora=c.use_dora, lora_bias=c.lora_bias)
         self._layers[name] = layer
         return layer
+
+    def add_lora(self, name: str, lora_a, lora_b, *, alpha=None, magnitude=None, lora_bias=None,
+                 weight=None, bias=None, copy=True) -> LoraLinear:
+        """Add a layer from adapter tensors: ``lora_a`` ``(r, in)``, ``lora_b`` ``(out, r)``
+        (the rank is ``r``, whatever the config's), ``alpha`` (default: the config's for
+        ``name``), DoRA ``magnitude`` ``(out,)`` and ``lora_bias`` ``(out,)``. Without
+        ``weight`` the layer is detached (see :meth:`attach`).
+
+        rsLoRA and fan_in_fan_out come from the config. With ``use_dora`` in the config a
+        magnitude is required (or a ``weight`` to initialise it from, as PEFT does); with
+        ``lora_bias`` a missing LoRA bias starts at zero. Giving either when the config
+        does not enable it raises :class:`~numlora.errors.ConfigError`."""
+        self._new_name(name)
+        c = self._config
+        if magnitude is not None and not c.use_dora:
+            raise ConfigError(f"layer '{name}': a DoRA magnitude was given but the adapter's config has use_dora=False")
+        if lora_bias is not None and not c.lora_bias:
+            raise ConfigError(f"layer '{name}': a LoRA bias was given but the adapter's config has lora_bias=False")
+        if c.use_dora and magnitude is None and weight is None:
+            raise ConfigError(f"layer '{name}': the adapter's config has use_dora=True: give its magnitude "
+                              "(or the base weight to initialise it from)")
+        alpha = c.alpha_for(name) if alpha is None else alpha
+        layer = LoraLinear(None, lora_a, lora_b, alpha, use_rslora=c.use_rslora, fan_in_fan_out=c.fan_in_fan_out,
+                           magnitude=magnitude, lora_bias=lora_bias)
+        if c.lora_bias and lora_bias is None:
+            layer.lora_bias = np.zeros(layer.out_features, layer.lora_a.dtype)
+        if weight is not None:
+            layer.attach(weight, bias, copy=copy)
+            if c.use_dora and magnitude is None:
+                from .dora import dora_weight_norm
+
+                layer.magnitude = dora_weight_norm(layer.weight, layer.lora_a, layer.lora_b, layer.scaling,
+                                                   layer.fan_in_fan_out)
+        elif bias is not None:
+            raise ConfigError(f"layer '{name}': bias belongs to the base layer: give it with weight")
+        self._layers[name] = layer
+        return layer
+
+    def attach(self, weights, biases=None, *, copy=True) -> None:
+        """Give every layer its base weight (and bias).
+
+        ``weights`` : a mapping from layer name to array, or a callable ``name -> array``;
+        ``biases`` : likewise (a mapping may leave layers out, a callable may return None).
+        Every weight is checked before any is attached, so a wrong shape leaves the
+        adapter as it was. ``copy=False`` keeps the caller's arrays (merges then change
+        them in place)."""
+        def lookup(source, name, what, required):
+            if callable(source) and not isinstance(source, Mapping):
+                return source(name)
+            if not isinstance(source, Mapping):
+                raise DTypeError(f"{what} must be a mapping from layer name to array or a callable, "
+                                 f"got {type(source).__name__}")
+            if name in source:
+                return source[name]
+            if required:
+                raise LayerNotFoundError(f"no base weight for LoRA layer '{name}' in {what}")
+            return None
+
+        staged = []
+        for name, layer in self._layers.items():
+            w = lookup(weights, name, "weights", True)
+            if w is None:
+                raise LayerNotFoundError(f"no base weight for LoRA layer '{name}': the weights callable returned None")
+            b = None if biases is None else lookup(biases, name, "biases", False)
+            try:
+                staged.append((layer, *layer.check_base(w, b)))
+            except NumloraError as e:
+                raise type(e)(f"layer '{name}': {e}") from None
+        for layer, w, b in staged:
+            layer.attach(w, b, copy=copy)
+
+    @property
+    def attached(self) -> bool:
+        """Whether every layer has a base weight."""
+        return all(layer.attached for layer in self._layers.values())
+
+    def save_peft(self, path, *, dtype: str = "F32") -> None:
+        """Write the adapter as a PEFT folder (see :func:`numlora.io.peft.save_peft`)."""
+        from .io.peft import save_peft
+
+        save_peft(self, path, dtype=dtype)
+
+    @classmethod
+    def load_peft(cls, path) -> "LoraAdapter":
+        """Read a PEFT folder (see :func:`numlora.io.peft.load_peft_adapter`)."""
+        from .io.peft import load_peft_adapter
+
+        return load_peft_adapter(path)
 
     def get_layer(self, name: str) -> LoraLinear:
         try:

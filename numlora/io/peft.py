@@ -1,0 +1,271 @@
+"""PEFT adapter folders: ``adapter_config.json`` and ``adapter_model.safetensors``.
+
+What PEFT's ``save_pretrained`` writes, numlora reads (:func:`load_peft_adapter`), and
+what numlora writes (:func:`save_peft`) ``PeftModel.from_pretrained`` loads. Tensor keys
+are ``base_model.model.<module path>.lora_A.weight`` ``(r, in)``, ``...lora_B.weight``
+``(out, r)``, with ``lora_bias`` ``...lora_B.bias`` ``(out,)``, with DoRA
+``...lora_magnitude_vector`` ``(out,)``; numlora names a layer by its module path (the
+key without the ``base_model.model.`` prefix and the suffix). The legacy
+``adapter_model.bin`` is a pickle and is never loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import warnings
+
+import numpy as np
+
+from ..adapter import LoraAdapter
+from ..config import LoraConfig, pattern_key
+from ..errors import ConfigError, DTypeError, FormatError, NumloraError, ShapeError
+from .atomic import write_text_atomic
+from .safetensors import load_file, save_file
+
+__all__ = ["load_peft_adapter", "save_peft", "adapter_from_tensors", "adapter_tensors", "peft_config_for",
+           "CONFIG_NAME", "WEIGHTS_NAME", "LEGACY_WEIGHTS_NAME", "KEY_PREFIX"]
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+LEGACY_WEIGHTS_NAME = "adapter_model.bin"
+KEY_PREFIX = "base_model.model."
+SAVE_DTYPES = ("F32", "F16", "BF16")
+
+# key suffix -> part of the layer
+_SUFFIXES = (
+    (".lora_A.weight", "lora_a"),
+    (".lora_B.weight", "lora_b"),
+    (".lora_B.bias", "lora_bias"),
+    (".lora_magnitude_vector", "magnitude"),
+    (".lora_magnitude_vector.weight", "magnitude"),
+)
+_KEY_OF = {"lora_a": ".lora_A.weight", "lora_b": ".lora_B.weight", "lora_bias": ".lora_B.bias",
+           "magnitude": ".lora_magnitude_vector"}
+
+
+# --- reading ------------------------------------------------------------------------------
+def load_peft_adapter(path) -> LoraAdapter:
+    """Read a PEFT LoRA adapter folder into a :class:`~numlora.adapter.LoraAdapter` of
+    detached layers (attach the base weights with :meth:`LoraAdapter.attach
+    <numlora.adapter.LoraAdapter.attach>`).
+
+    The config is read with :meth:`LoraConfig.from_peft <numlora.config.LoraConfig.from_peft>`
+    (PEFT's defaults for missing keys, a warning for unknown ones, only ``peft_type``
+    ``"LORA"``). Each layer's rank is the number of rows of its ``lora_A`` and must agree
+    with ``r`` / ``rank_pattern``; its alpha comes from ``lora_alpha`` / ``alpha_pattern``.
+    Tensors may be float32, float16 or bfloat16 (held as float32). Raises
+    :class:`~numlora.errors.FormatError` for a missing folder or file, a legacy
+    ``adapter_model.bin`` without safetensors, or tensors that do not make up LoRA layers.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FormatError(f"no such PEFT adapter folder: {path}")
+    if not os.path.isdir(path):
+        raise FormatError(f"expected a PEFT adapter folder ({CONFIG_NAME} and {WEIGHTS_NAME}), got a file: {path}")
+    cfg_path = os.path.join(path, CONFIG_NAME)
+    weights_path = os.path.join(path, WEIGHTS_NAME)
+    if not os.path.isfile(cfg_path):
+        raise FormatError(f"{path}: no {CONFIG_NAME}; a PEFT adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+    if not os.path.isfile(weights_path):
+        if os.path.isfile(os.path.join(path, LEGACY_WEIGHTS_NAME)):
+            raise FormatError(
+                f"{path}: has {LEGACY_WEIGHTS_NAME} but no {WEIGHTS_NAME}. {LEGACY_WEIGHTS_NAME} is a pickled "
+                "PyTorch file and numlora never unpickles (loading a pickle can run arbitrary code). Convert it "
+                "once where you trust it: PeftModel.from_pretrained(model, path).save_pretrained(out) writes "
+                f"{WEIGHTS_NAME}")
+        raise FormatError(f"{path}: no {WEIGHTS_NAME}; a PEFT adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+    try:
+        with open(cfg_path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FormatError(f"{cfg_path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise FormatError(f"{cfg_path}: expected a JSON object, got {type(data).__name__}")
+    # the warnings name the file; re-issue them at the caller of load_peft_adapter
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        config = LoraConfig.from_peft(data, source=cfg_path)
+    for w in caught:
+        warnings.warn(w.message, w.category, stacklevel=2)
+    tensors, _ = load_file(weights_path)
+    return adapter_from_tensors(config, tensors, source=weights_path, stacklevel=3)
+
+
+def _split_key(key: str):
+    """(layer name, part) of a tensor key, or (None, None) when it is not a LoRA Linear key."""
+    body = key[len(KEY_PREFIX):] if key.startswith(KEY_PREFIX) else key
+    for suffix, part in _SUFFIXES:
+        if body.endswith(suffix) and len(body) > len(suffix):
+            return body[: -len(suffix)], part
+    return None, None
+
+
+def adapter_from_tensors(config: LoraConfig, tensors, *, source: str = "adapter tensors",
+                         stacklevel: int = 2) -> LoraAdapter:
+    """A :class:`~numlora.adapter.LoraAdapter` of detached layers from PEFT-keyed tensors
+    (``{key: array}``, keys as in ``adapter_model.safetensors``, with or without the
+    ``base_model.model.`` prefix) and their config. ``source`` names them in messages.
+    Tensors that are not LoRA tensors (``modules_to_save`` copies, for instance) are
+    ignored with a warning."""
+    parts: dict[str, dict[str, np.ndarray]] = {}
+    ignored = []
+    for key, arr in tensors.items():
+        name, part = _split_key(key)
+        if name is None:
+            if "lora_embedding_A" in key or "lora_embedding_B" in key:
+                raise FormatError(f"{source}: {key}: LoRA on embedding layers is not supported by numlora "
+                                  "(only Linear / Conv1D layers)")
+            if "lora_" in key:
+                raise FormatError(f"{source}: {key}: not a LoRA tensor numlora understands; expected keys ending "
+                                  f"in {', '.join(s for s, _ in _SUFFIXES)}")
+            ignored.append(key)
+            continue
+        layer = parts.setdefault(name, {})
+        if part in layer:
+            raise FormatError(f"{source}: layer '{name}' has its {part} twice (the last one: {key})")
+        layer[part] = (key, arr)
+    if ignored:
+        warnings.warn(f"{source}: ignoring tensors that are not LoRA layer tensors: {ignored}", UserWarning,
+                      stacklevel=stacklevel)
+    if not parts:
+        raise FormatError(f"{source}: no LoRA tensors (keys ending in .lora_A.weight / .lora_B.weight)")
+    adapter = LoraAdapter(config)
+    for name, layer in parts.items():
+        arrays = {}
+        for part, (key, arr) in layer.items():
+            arrays[part] = _float32(source, key, arr)
+        for part in ("lora_a", "lora_b"):
+            if part not in arrays:
+                have = ", ".join(k for k, _ in layer.values())
+                raise FormatError(f"{source}: layer '{name}' has no {KEY_PREFIX}{name}{_KEY_OF[part]} "
+                                  f"(it has {have})")
+        a, b = arrays["lora_a"], arrays["lora_b"]
+        for part, arr in (("lora_a", a), ("lora_b", b)):
+            if arr.ndim != 2:
+                raise FormatError(f"{source}: {layer[part][0]}: expected a 2-D tensor (LoRA on Linear / Conv1D "
+                                  f"layers), got shape {arr.shape}; LoRA on convolutions is not supported")
+        r = a.shape[0]
+        if b.shape[1] != r:
+            raise ShapeError(f"{source}: layer '{name}': lora_A has shape {a.shape} (rank {r}), so lora_B must have "
+                             f"shape (out_features, {r}); got {b.shape}")
+        want_r = config.rank_for(name)
+        if want_r != r:
+            key = pattern_key(config.rank_pattern, name)
+            why = f"rank_pattern[{key!r}]" if key is not None else "r"
+            raise FormatError(f"{source}: layer '{name}': the config gives rank {want_r} ({why}), but lora_A has "
+                              f"shape {a.shape} (rank {r})")
+        for part, flag in (("magnitude", "use_dora"), ("lora_bias", "lora_bias")):
+            enabled = getattr(config, flag)
+            if enabled and part not in arrays:
+                raise FormatError(f"{source}: the config has {flag}=true but layer '{name}' has no "
+                                  f"{KEY_PREFIX}{name}{_KEY_OF[part]}")
+            if not enabled and part in arrays:
+                raise FormatError(f"{source}: {layer[part][0]} is present but the config has {flag}=false")
+        try:
+            adapter.add_lora(name, a, b, alpha=config.alpha_for(name), magnitude=arrays.get("magnitude"),
+                             lora_bias=arrays.get("lora_bias"))
+        except NumloraError as e:
+            raise type(e)(f"{source}: layer '{name}': {e}") from None
+    return adapter
+
+
+def _float32(source, key, arr) -> np.ndarray:
+    arr = np.asarray(arr)
+    if arr.dtype.kind != "f":
+        raise DTypeError(f"{source}: {key}: expected a floating tensor (F32, F16, BF16), got {arr.dtype}")
+    return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+# --- writing ------------------------------------------------------------------------------
+def _target_modules(config: LoraConfig, names):
+    """The config's targets if they cover every layer (PEFT's matching), else the config's
+    list plus the layers it misses (a regex that misses some: the layer names)."""
+    missed = [n for n in names if not config.targets(n)]
+    if not missed:
+        return config.target_regex if config.target_regex is not None else list(config.target_modules)
+    if config.target_regex is not None:
+        return list(names)
+    return list(config.target_modules) + missed
+
+
+def _pattern(names, values, default, config_pattern, lookup):
+    """The config's pattern when it gives every layer its value, else one key per layer
+    whose value differs from the global one: ``"^" + re.escape(name)``, which under PEFT's
+    ``re.match(rf"(.*\.)?({key})$", path)`` matches that exact path and nothing else, so
+    the keys' order does not matter (PEFT sorts them when it saves a config)."""
+    if all(lookup(n) == values[n] for n in names):
+        return dict(config_pattern)
+    return {"^" + re.escape(n): values[n] for n in names if values[n] != default}
+
+
+def peft_config_for(adapter: LoraAdapter) -> dict:
+    """The ``adapter_config.json`` dict for ``adapter``: the config's :meth:`to_peft
+    <numlora.config.LoraConfig.to_peft>` with ``target_modules``, ``rank_pattern`` and
+    ``alpha_pattern`` made to give PEFT exactly the adapter's layers, ranks and alphas."""
+    c = adapter.config
+    names = list(adapter.layer_names)
+    ranks = {n: adapter[n].rank for n in names}
+    alphas = {n: adapter[n].alpha for n in names}
+    d = c.to_peft()
+    d["target_modules"] = _target_modules(c, names)
+    d["rank_pattern"] = _pattern(names, ranks, c.rank, c.rank_pattern, c.rank_for)
+    d["alpha_pattern"] = {k: (int(v) if float(v).is_integer() else v) for k, v in
+                          _pattern(names, alphas, c.alpha, c.alpha_pattern, c.alpha_for).items()}
+    return d
+
+
+def adapter_tensors(adapter: LoraAdapter) -> dict:
+    """The adapter's tensors under PEFT keys, float32 (a zero ``lora_B.bias`` for layers
+    without one when the config has ``lora_bias``). Checks that every layer fits the
+    config's global switches (PEFT has one ``use_dora``, ``lora_bias``, ``use_rslora`` and
+    ``fan_in_fan_out`` for the whole adapter)."""
+    c = adapter.config
+    out = {}
+    for name, layer in adapter.items():
+        for flag, have in (("use_dora", layer.use_dora), ("use_rslora", layer.use_rslora),
+                           ("fan_in_fan_out", layer.fan_in_fan_out)):
+            if have != getattr(c, flag):
+                raise ConfigError(f"layer '{name}' has {flag}={have} but the adapter's config has "
+                                  f"{flag}={getattr(c, flag)}; PEFT has one setting for every layer")
+        if layer.lora_bias is not None and not c.lora_bias:
+            raise ConfigError(f"layer '{name}' has a LoRA bias but the adapter's config has lora_bias=False")
+        key = KEY_PREFIX + name
+        out[key + ".lora_A.weight"] = np.ascontiguousarray(layer.lora_a, np.float32)
+        out[key + ".lora_B.weight"] = np.ascontiguousarray(layer.lora_b, np.float32)
+        if c.lora_bias:
+            lb = layer.lora_bias
+            out[key + ".lora_B.bias"] = (np.zeros(layer.out_features, np.float32) if lb is None
+                                         else np.ascontiguousarray(lb, np.float32))
+        if c.use_dora:
+            out[key + ".lora_magnitude_vector"] = np.ascontiguousarray(layer.magnitude, np.float32)
+    return out
+
+
+def save_peft(adapter: LoraAdapter, path, *, dtype: str = "F32") -> None:
+    """Write ``adapter`` as a PEFT folder ``path`` (created if missing): first
+    ``adapter_model.safetensors`` (metadata ``{"format": "pt"}``), then
+    ``adapter_config.json``, each atomically (a temporary file, then a rename); other files
+    in the folder are left alone.
+
+    ``dtype`` : ``"F32"`` (default), ``"F16"`` or ``"BF16"`` for the stored tensors (float64
+    layers are stored as float32 at best). Layers of different ranks or alphas get
+    ``rank_pattern`` / ``alpha_pattern`` entries (see :func:`peft_config_for`)."""
+    if not isinstance(adapter, LoraAdapter):
+        raise DTypeError(f"expected a LoraAdapter, got {type(adapter).__name__}")
+    if dtype not in SAVE_DTYPES:
+        raise ConfigError(f"dtype must be one of {SAVE_DTYPES}, got {dtype!r}")
+    if len(adapter) == 0:
+        raise ConfigError("the adapter has no layers; a PEFT adapter needs at least one")
+    tensors = adapter_tensors(adapter)
+    cfg = peft_config_for(adapter)
+    path = os.fspath(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise FormatError(f"cannot write a PEFT adapter folder at {path}: it exists and is not a folder")
+    os.makedirs(path, exist_ok=True)
+    dtypes = None if dtype == "F32" else {k: dtype for k in tensors}
+    save_file(os.path.join(path, WEIGHTS_NAME), tensors, {"format": "pt"}, dtypes=dtypes)
+    # top-level keys sorted as PEFT writes them; the patterns keep their order (first match wins)
+    text = json.dumps({k: cfg[k] for k in sorted(cfg)}, indent=2)
+    write_text_atomic(os.path.join(path, CONFIG_NAME), text + "\n")
