@@ -28,7 +28,7 @@ def model_dir():
 def _peft_adapter(model_dir, folder, **cfg):
     torch.manual_seed(0)
     base = transformers.AutoModel.from_pretrained(model_dir)
-    conf = peft.LoraConfig(r=16, lora_alpha=32, target_modules=r".*\.(query|key|value|dense)$", **cfg)
+    conf = peft.LoraConfig(r=16, lora_alpha=32, target_modules=r".*encoder.*\.(query|key|value|dense)$", **cfg)
     model = peft.get_peft_model(base, conf)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -52,6 +52,9 @@ def test_merge_equals_peft_merge_and_unload_on_minilm(tmp_path, model_dir, varia
         n_changed = 0
         for k in ck.keys():
             ours = np.asarray(ck.get(k))
+            if k not in theirs:  # a buffer transformers does not save (position_ids): copied
+                assert np.array_equal(ours, np.asarray(src.get(k))), k
+                continue
             ref = theirs[k]
             assert ours.shape == ref.shape, k
             np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=2e-6, err_msg=k)
