@@ -68,6 +68,8 @@ def _stored(tensors, dtype):
     """What the model's floating tensors are once stored in ``dtype`` (as float32)."""
     if dtype == "BF16":
         return {k: bf16_to_f32(f32_to_bf16(v)) if v.dtype.kind == "f" else v for k, v in tensors.items()}
+    if dtype == "F16":
+        return {k: v.astype(np.float16).astype(np.float32) if v.dtype.kind == "f" else v for k, v in tensors.items()}
     return tensors
 
 
@@ -107,6 +109,8 @@ def _assert_merged(got, want, w, delta_abs, dtype):
     bound = 8 * eps * (np.abs(w) + delta_abs)
     if dtype == "BF16":
         bound = bound + np.abs(want) * 2.0 ** -8
+    if dtype == "F16":  # half an ulp relative, or of the subnormal spacing
+        bound = bound + np.maximum(np.abs(want) * 2.0 ** -11, 2.0 ** -25)
     err = np.abs(got.astype(np.float64) - want)
     assert (err <= bound).all(), float((err - bound).max())
 
@@ -120,7 +124,7 @@ LAYER_MODS = [f"layers.{i}.self_attn.{m}" for i in range(2) for m in ("q_proj", 
              [f"layers.{i}.mlp.{m}" for i in range(2) for m in ("up_proj", "down_proj")]
 
 
-@pytest.mark.parametrize("dtype, shards", [("F32", 0), ("BF16", 3), ("F32", 1)])
+@pytest.mark.parametrize("dtype, shards", [("F32", 0), ("BF16", 3), ("F32", 1), ("F16", 0)])
 def test_merge_equals_reference(tmp_path, rng, dtype, shards):
     tensors = _model_tensors(rng)
     base = tmp_path / ("base.safetensors" if shards == 0 else "base")
