@@ -121,7 +121,8 @@ class LoraConfig:
         try:
             modules = tuple(modules)
         except TypeError:
-            raise DTypeError(f"target_modules must be a list of str, got {type(self.target_modules).__name__}") from None
+            raise DTypeError(
+                f"target_modules must be a list of str, got {type(self.target_modules).__name__}") from None
         for m in modules:
             if not isinstance(m, str):
                 raise DTypeError(f"target_modules must hold str, got {type(m).__name__} ({m!r})")
@@ -141,7 +142,8 @@ class LoraConfig:
             try:
                 re.compile(self.target_regex)
             except re.error as e:
-                raise ConfigError(f"target_regex {self.target_regex!r} is not a valid regular expression: {e}") from None
+                raise ConfigError(
+                    f"target_regex {self.target_regex!r} is not a valid regular expression: {e}") from None
 
     def __hash__(self):
         return hash(tuple(tuple(v.items()) if isinstance(v, Mapping) else v

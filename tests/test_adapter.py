@@ -99,3 +99,145 @@ def test_config_dict_roundtrip():
         nl.LoraConfig.from_dict({"rank": 4, "alpha": 4, "lr": 1})
     with pytest.raises(nl.ConfigError, match="needs"):
         nl.LoraConfig.from_dict({"rank": 4})
+
+
+# --- adapters from tensors, several ranks, base weights attached later ------------------
+
+def _f32(rng, *shape):
+    return rng.standard_normal(shape).astype(np.float32)
+
+
+def _lora_ref(x, w, a, b, s):
+    x = x.astype(np.float64)
+    return x @ w.astype(np.float64).T + s * (x @ a.astype(np.float64).T) @ b.astype(np.float64).T
+
+
+def _close(got, ref, rel=1e-5):
+    return np.abs(np.asarray(got, np.float64) - ref).max() <= rel * np.abs(ref).max()
+
+
+def test_add_lora_mixed_ranks_then_attach(rng):
+    cfg = nl.LoraConfig(4, 8.0, alpha_pattern={"v": 2.0})
+    ad = nl.LoraAdapter(cfg)
+    tensors = {"blk.q": (_f32(rng, 4, 8), _f32(rng, 6, 4)), "blk.v": (_f32(rng, 2, 8), _f32(rng, 6, 2))}
+    for name, (a, b) in tensors.items():
+        ad.add_lora(name, a, b)
+    q, v = ad["blk.q"], ad["blk.v"]
+    assert (q.rank, q.alpha, q.scaling) == (4, 8.0, 2.0)
+    assert (v.rank, v.alpha, v.scaling) == (2, 2.0, 1.0)  # alpha from alpha_pattern, own rank
+    assert not ad.attached
+    with pytest.raises(nl.DetachedLayerError):
+        ad.forward_layer("blk.q", np.ones(8, np.float32))
+    weights = {"blk.q": _f32(rng, 6, 8), "blk.v": _f32(rng, 6, 8)}
+    # every weight is checked before any is attached
+    with pytest.raises(nl.ShapeError, match=r"layer 'blk.v': expected weight of shape"):
+        ad.attach({"blk.q": weights["blk.q"], "blk.v": _f32(rng, 6, 7)})
+    assert not q.attached
+    with pytest.raises(nl.LayerNotFoundError, match="no base weight for LoRA layer 'blk.v'"):
+        ad.attach({"blk.q": weights["blk.q"]})
+    with pytest.raises(nl.DTypeError, match="mapping"):
+        ad.attach([weights["blk.q"]])
+    biases = {"blk.q": _f32(rng, 6)}
+    ad.attach(weights.__getitem__, biases)
+    assert ad.attached and v.bias is None and np.array_equal(q.bias, biases["blk.q"])
+    x = _f32(rng, 3, 8)
+    ref_q = _lora_ref(x, weights["blk.q"], *tensors["blk.q"], 2.0) + biases["blk.q"]
+    assert _close(ad.forward_layer("blk.q", x), ref_q)
+    assert _close(ad.forward_layer("blk.v", x), _lora_ref(x, weights["blk.v"], *tensors["blk.v"], 1.0))
+    s = ad.summary()
+    assert s.total_trainable == 4 * 14 + 2 * 14 and s.rank == 4
+    ad.merge_all()
+    ad.unmerge_all()
+    assert np.array_equal(q.weight, weights["blk.q"])
+
+
+def test_add_lora_follows_the_config_switches(rng):
+    a, b, w = _f32(rng, 2, 5), _f32(rng, 4, 2), _f32(rng, 4, 5)
+    plain = nl.LoraAdapter(nl.LoraConfig(2, 4.0))
+    with pytest.raises(nl.ConfigError, match="use_dora=False"):
+        plain.add_lora("x", a, b, magnitude=np.ones(4, np.float32))
+    with pytest.raises(nl.ConfigError, match="lora_bias=False"):
+        plain.add_lora("x", a, b, lora_bias=np.ones(4, np.float32))
+    with pytest.raises(nl.ConfigError, match="with weight"):
+        plain.add_lora("x", a, b, bias=np.ones(4, np.float32))
+    dora = nl.LoraAdapter(nl.LoraConfig(2, 4.0, use_dora=True))
+    with pytest.raises(nl.ConfigError, match="give its magnitude"):
+        dora.add_lora("x", a, b)
+    layer = dora.add_lora("x", a, b, weight=w)  # magnitude from W + s B A, as PEFT initialises it
+    x = _f32(rng, 3, 5)
+    assert _close(layer.forward(x), _lora_ref(x, w, a, b, 2.0))
+    fresh = dora.add_layer("y", w)  # B = 0: magnitude = row norms of W, output = base output
+    assert fresh.use_dora and _close(fresh.forward(x), x.astype(np.float64) @ w.T.astype(np.float64))
+    biased = nl.LoraAdapter(nl.LoraConfig(2, 4.0, lora_bias=True)).add_lora("x", a, b)
+    assert np.array_equal(biased.lora_bias, np.zeros(4, np.float32))
+
+
+def test_config_patterns_follow_peft_matching():
+    cfg = nl.LoraConfig(8, 16.0, rank_pattern={r"layers\.0\.q": 2, "q": 4, "fc.*": 6},
+                        alpha_pattern={"^top": 1.0, "v": 3})
+    # the first key that matches the whole path or a dotted suffix of it wins
+    assert cfg.rank_for("layers.0.q") == 2
+    assert cfg.rank_for("layers.1.q") == 4
+    assert cfg.rank_for("model.layers.0.q") == 2
+    assert cfg.rank_for("layers.0.xq") == 8  # "q" is not a dotted suffix of "xq"
+    assert cfg.rank_for("layers.3.fc1") == 6
+    assert cfg.alpha_for("top") == 1.0 and cfg.alpha_for("a.top") == 16.0  # "^" anchors at the path start
+    assert cfg.alpha_for("a.v") == 3.0 and cfg.scaling_for("a.v") == 3.0 / 8
+    assert nl.LoraConfig(8, 16, target_modules=["q", "mlp.fc1"]).targets("layers.0.mlp.fc1")
+    assert not nl.LoraConfig(8, 16, target_modules=["q"]).targets("layers.0.xq")
+    ad = nl.LoraAdapter(cfg)
+    assert ad.add_layer("layers.0.q", make_weight(16, 8)).rank == 2
+
+
+def test_config_new_fields_validate_and_round_trip():
+    cfg = nl.LoraConfig(16, 32, dropout=0.1, target_modules=("q", "v"), rank_pattern={"q": 4},
+                        alpha_pattern={"v": 8}, use_dora=True, base_model_name_or_path="m", task_type="CAUSAL_LM")
+    assert nl.LoraConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    assert hash(cfg) == hash(nl.LoraConfig.from_dict(cfg.to_dict()))
+    with pytest.raises(TypeError):
+        cfg.rank_pattern["v"] = 2  # read-only
+    peft = json.loads(json.dumps(cfg.to_peft()))
+    assert peft["peft_type"] == "LORA" and peft["r"] == 16 and peft["lora_alpha"] == 32
+    assert nl.LoraConfig.from_peft(peft) == cfg
+    regex = nl.LoraConfig.from_peft({"peft_type": "LORA", "target_modules": r".*\.(q|v)"})
+    assert regex.target_regex == r".*\.(q|v)" and regex.targets("a.q") and not regex.targets("a.k")
+    assert nl.LoraConfig.from_peft(regex.to_peft()) == regex
+    for kwargs, err, match in [
+        ({"rank_pattern": {"q": 0}}, nl.ConfigError, r"rank_pattern\['q'\]: LoRA rank must be > 0"),
+        ({"rank_pattern": {"q": 2.5}}, nl.DTypeError, "must be an integer"),
+        ({"alpha_pattern": {"(": 2}}, nl.ConfigError, "not a valid regular expression"),
+        ({"alpha_pattern": {"q": -1}}, nl.ConfigError, "alpha must be > 0"),
+        ({"use_dora": True, "lora_bias": True}, nl.ConfigError, "not supported together"),
+        ({"use_dora": 1}, nl.DTypeError, "True or False"),
+        ({"rank_pattern": [("q", 2)]}, nl.DTypeError, "dict"),
+    ]:
+        with pytest.raises(err, match=match):
+            nl.LoraConfig(8, 8, **kwargs)
+
+
+def test_config_from_peft_defaults_warnings_and_refusals():
+    d = nl.LoraConfig.from_peft({"peft_type": "LORA"})
+    assert (d.rank, d.alpha, d.dropout, d.fan_in_fan_out, d.use_rslora, d.use_dora, d.lora_bias) == \
+        (8, 8.0, 0.0, False, False, False, False)
+    assert dict(d.rank_pattern) == {} and d.target_modules == () and d.target_regex is None
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # PEFT's own keys are known: no warning
+        nl.LoraConfig.from_peft({"peft_type": "LORA", "inference_mode": True, "layers_pattern": None,
+                                 "init_lora_weights": "gaussian", "rank_pattern": None, "revision": None})
+    with pytest.warns(UserWarning, match=r"x\.json: ignoring keys numlora does not know: \['shiny_new_option'\]"):
+        nl.LoraConfig.from_peft({"peft_type": "LORA", "shiny_new_option": 3}, source="x.json")
+    with pytest.warns(UserWarning, match="modules_to_save"):
+        nl.LoraConfig.from_peft({"peft_type": "LORA", "modules_to_save": ["classifier"]})
+    for data, match in [({"peft_type": "IA3"}, "expected peft_type 'LORA', got peft_type 'IA3'"),
+                        ({"r": 8}, "expected peft_type 'LORA', got no peft_type"),
+                        ({"peft_type": "LORA", "bias": "all"}, "bias='all' is not supported"),
+                        ({"peft_type": "LORA", "use_qalora": True}, "use_qalora=True is not supported"),
+                        ({"peft_type": "LORA", "layer_replication": [[0, 2]]}, "layer_replication"),
+                        ({"peft_type": "LORA", "r": 0}, "rank must be > 0"),
+                        ({"peft_type": "LORA", "lora_alpha": 0}, "alpha must be > 0")]:
+        with pytest.raises(nl.ConfigError, match=match):
+            nl.LoraConfig.from_peft(data)
+    with pytest.raises(nl.DTypeError, match="target_modules"):
+        nl.LoraConfig.from_peft({"peft_type": "LORA", "target_modules": 3})

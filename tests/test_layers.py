@@ -255,3 +255,190 @@ def test_qlora_bias_and_validation(rng):
         nl.QLoraLinear.from_weight(w, 11, 2.0)
     with pytest.raises(nl.DTypeError, match="NF4Tensor"):
         nl.QLoraLinear(w, np.zeros((2, 12)), np.zeros((10, 2)), 2.0)
+
+
+# --- detached layers, LoRA bias, DoRA ---------------------------------------------------
+
+def _lora_reference(x, w_oi, a, b, s, bias=None, lora_bias=None):
+    """float64: x W^T + bias + s (x A^T B^T + lora_bias), W as (out, in)."""
+    x = np.asarray(x, np.float64)
+    y = x @ w_oi.astype(np.float64).T + s * (x @ a.astype(np.float64).T) @ b.astype(np.float64).T
+    if lora_bias is not None:
+        y = y + s * lora_bias.astype(np.float64)
+    return y if bias is None else y + bias.astype(np.float64)
+
+
+def _dora_reference(x, w_oi, a, b, s, m, bias=None):
+    """float64: V = W + s B A; y = (m / ||V||_row) * (x V^T) + bias."""
+    v = w_oi.astype(np.float64) + s * b.astype(np.float64) @ a.astype(np.float64)
+    n = np.sqrt((v * v).sum(axis=1))
+    y = (np.asarray(x, np.float64) @ v.T) * (m.astype(np.float64) / n)
+    return y if bias is None else y + bias.astype(np.float64)
+
+
+def _dora_merged_reference(w_oi, a, b, s, m):
+    v = w_oi.astype(np.float64) + s * b.astype(np.float64) @ a.astype(np.float64)
+    return v * (m.astype(np.float64) / np.sqrt((v * v).sum(axis=1)))[:, None]
+
+
+def _close(got, ref, rel=1e-5):
+    ref = np.asarray(ref, np.float64)
+    return np.abs(np.asarray(got, np.float64) - ref).max() <= rel * np.abs(ref).max()
+
+
+def _f32(rng, *shape, scale=1.0):
+    return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+
+def test_detached_layer_needs_a_base_weight(rng):
+    a, b = _f32(rng, 4, 8), _f32(rng, 6, 4)
+    layer = nl.LoraLinear(None, a, b, 8.0)
+    assert (layer.in_features, layer.out_features, layer.rank, layer.scaling) == (8, 6, 4, 2.0)
+    assert not layer.attached and layer.weight is None and layer.bias is None
+    x = _f32(rng, 3, 8)
+    with pytest.raises(nl.DetachedLayerError, match=r"no base weight attached; call attach\(weight\) first"):
+        layer.forward(x)
+    with pytest.raises(RuntimeError, match="cannot merge"):
+        layer.merge()
+    with pytest.raises(nl.ShapeError, match=r"expected weight of shape \(out, in\) = \(6, 8\).*transpose"):
+        layer.attach(_f32(rng, 8, 6))
+    w, bias = _f32(rng, 6, 8), _f32(rng, 6)
+    with pytest.raises(nl.ShapeError, match=r"expected bias of shape \(6,\), got \(8,\)"):
+        layer.attach(w, _f32(rng, 8))
+    w_before = w.copy()
+    assert layer.attach(w, bias) is layer and layer.attached
+    assert _close(layer.forward(x), _lora_reference(x, w, a, b, 2.0, bias))
+    layer.merge()
+    assert np.array_equal(w, w_before) and not np.array_equal(layer.weight, w)  # attach copied
+    layer.unmerge()
+    assert np.array_equal(layer.weight.view(np.uint32), w.view(np.uint32))
+    layer.detach()
+    with pytest.raises(nl.DetachedLayerError):
+        layer.forward(x)
+    with pytest.raises(nl.ConfigError, match="attach"):
+        nl.LoraLinear(None, a, b, 8.0, bias=bias)
+    with pytest.raises(nl.ShapeError, match=r"expected lora_b of shape \(6, 4\), got \(6, 3\)"):
+        nl.LoraLinear(None, a, _f32(rng, 6, 3), 8.0)
+
+
+def test_detached_fan_in_fan_out_and_large_rank(rng):
+    # PEFT allows a rank above min(in, out); only from_weight keeps the seed's limit
+    a, b = _f32(rng, 10, 4), _f32(rng, 3, 10)
+    layer = nl.LoraLinear(None, a, b, 5.0, fan_in_fan_out=True, use_rslora=True)
+    assert layer.base_shape == (4, 3)
+    with pytest.raises(nl.ShapeError, match=r"\(in, out\) = \(4, 3\).*fan_in_fan_out"):
+        layer.attach(_f32(rng, 3, 4))
+    w = _f32(rng, 4, 3)  # stored (in, out)
+    layer.attach(w)
+    x = _f32(rng, 5, 4)
+    assert _close(layer.forward(x), _lora_reference(x, w.T, a, b, 5.0 / np.sqrt(10)))
+    layer.merge()
+    assert _close(layer.weight.T, w.T.astype(np.float64) + 5.0 / np.sqrt(10) * b.astype(np.float64) @ a)
+    layer.unmerge()
+    assert np.array_equal(layer.weight, w)
+
+
+@pytest.mark.parametrize("with_base_bias", [True, False])
+def test_lora_bias_forward_merge_unmerge(rng, with_base_bias):
+    w, a, b = _f32(rng, 6, 8), _f32(rng, 4, 8), _f32(rng, 6, 4)
+    bias = _f32(rng, 6) if with_base_bias else None
+    lb = _f32(rng, 6)
+    layer = nl.LoraLinear(None, a, b, 8.0, lora_bias=lb).attach(w, bias)
+    assert layer.trainable_params == 4 * (8 + 6) + 6
+    x = _f32(rng, 3, 8)
+    ref = _lora_reference(x, w, a, b, 2.0, bias, lb)
+    assert _close(layer.forward(x), ref)
+    layer.disable()
+    assert _close(layer.forward(x), _lora_reference(x, w, a, 0 * b, 0.0, bias))
+    layer.enable()
+    layer.merge()
+    expected_bias = 2.0 * lb.astype(np.float64) + (0 if bias is None else bias)
+    assert _close(layer.bias, expected_bias, 1e-6)
+    assert _close(layer.forward(x), ref)
+    with pytest.raises(nl.MergeStateError, match="unmerge"):
+        layer.lora_bias = np.zeros(6, np.float32)
+    layer.unmerge()
+    assert np.array_equal(layer.weight.view(np.uint32), w.view(np.uint32))
+    if bias is None:
+        assert layer.bias is None
+    else:
+        assert np.array_equal(layer.bias.view(np.uint32), bias.view(np.uint32))
+
+
+@pytest.mark.parametrize("fan_in_fan_out", [False, True])
+def test_dora_forward_merge_unmerge(rng, fan_in_fan_out):
+    w_oi, a, b = _f32(rng, 12, 9), _f32(rng, 3, 9), _f32(rng, 12, 3, scale=0.5)
+    m, bias = np.abs(_f32(rng, 12)) + 0.5, _f32(rng, 12)
+    w = np.ascontiguousarray(w_oi.T) if fan_in_fan_out else w_oi.copy()
+    w_before = w.copy()
+    layer = nl.LoraLinear(w, a, b, 6.0, bias=bias, magnitude=m, fan_in_fan_out=fan_in_fan_out)
+    assert layer.use_dora and layer.trainable_params == 3 * (9 + 12) + 12
+    x = _f32(rng, 4, 9)
+    ref = _dora_reference(x, w_oi, a, b, 2.0, m, bias)
+    assert _close(layer.forward(x), ref)
+    assert _close(layer.forward(x[0]), ref[0])
+    layer.merge()
+    assert layer.merge_overhead_bytes == w.nbytes
+    merged = layer.weight.T if fan_in_fan_out else layer.weight
+    assert _close(merged, _dora_merged_reference(w_oi, a, b, 2.0, m), 1e-6)
+    assert _close(layer.forward(x), ref)
+    assert np.array_equal(layer.bias, bias)  # DoRA does not scale the bias
+    layer.unmerge()
+    assert layer.merge_overhead_bytes == 0
+    assert np.array_equal(layer.weight.view(np.uint32), w_before.view(np.uint32))
+    # the cached norm follows A and B set through the setters
+    b2 = _f32(rng, 12, 3)
+    layer.lora_b = b2
+    assert _close(layer.forward(x), _dora_reference(x, w_oi, a, b2, 2.0, m, bias))
+    with pytest.raises(nl.ConfigError, match="DoRA"):
+        layer.lora_bias = np.zeros(12, np.float32)
+
+
+def test_merge_dora_function(rng):
+    w_oi, a, b = _f32(rng, 7, 5), _f32(rng, 2, 5), _f32(rng, 7, 2)
+    m = np.abs(_f32(rng, 7)) + 0.1
+    for fan_in_fan_out in (False, True):
+        w = np.ascontiguousarray(w_oi.T) if fan_in_fan_out else w_oi.copy()
+        nl.merge_dora(w, a, b, 0.75, m, fan_in_fan_out)
+        got = w.T if fan_in_fan_out else w
+        assert got.dtype == np.float32
+        assert _close(got, _dora_merged_reference(w_oi, a, b, 0.75, m), 1e-6)
+        v = w_oi.astype(np.float64) + 0.75 * b.astype(np.float64) @ a
+        assert _close(nl.dora_weight_norm(np.ascontiguousarray(w_oi.T) if fan_in_fan_out else w_oi, a, b, 0.75,
+                                          fan_in_fan_out), np.sqrt((v * v).sum(1)), 1e-12)
+    # a row of W + s B A that is all zero: refused, weight untouched
+    w = w_oi.copy()
+    w[3] = 0
+    b0 = b.copy()
+    b0[3] = 0
+    before = w.copy()
+    with pytest.raises(nl.NonFiniteError, match="row 3"):
+        nl.merge_dora(w, a, b0, 0.75, m)
+    assert np.array_equal(w, before)
+    ro = w_oi.copy()
+    ro.flags.writeable = False
+    with pytest.raises(nl.ShapeError, match="read-only"):
+        nl.merge_dora(ro, a, b, 0.75, m)
+    with pytest.raises(nl.ShapeError, match=r"expected magnitude of shape \(7,\), got \(5,\)"):
+        nl.merge_dora(w_oi.copy(), a, b, 0.75, m[:5])
+
+
+def test_from_weight_dora_starts_as_the_base_layer(rng):
+    w, bias = _f32(rng, 10, 6), _f32(rng, 10)
+    layer = nl.LoraLinear.from_weight(w, 2, 4.0, bias=bias, use_dora=True, lora_bias=False)
+    assert np.allclose(layer.magnitude, np.sqrt((w.astype(np.float64) ** 2).sum(1)), rtol=1e-6)
+    x = _f32(rng, 3, 6)
+    assert _close(layer.forward(x), x.astype(np.float64) @ w.T + bias)
+    plain = nl.LoraLinear.from_weight(w, 2, 4.0, lora_bias=True)
+    assert np.array_equal(plain.lora_bias, np.zeros(10, np.float32)) and plain.magnitude is None
+
+
+def test_attach_refused_while_merged(rng):
+    layer = nl.LoraLinear.from_weight(make_weight(16, 8), 4, 8.0)
+    layer.merge()
+    with pytest.raises(nl.MergeStateError, match="unmerge"):
+        layer.attach(make_weight(16, 8))
+    with pytest.raises(nl.MergeStateError, match="unmerge"):
+        layer.detach()
+    with pytest.raises(nl.MergeStateError, match="unmerge"):
+        layer.magnitude = np.ones(16, np.float32)

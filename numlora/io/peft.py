@@ -191,7 +191,7 @@ def _target_modules(config: LoraConfig, names):
 
 
 def _pattern(names, values, default, config_pattern, lookup):
-    """The config's pattern when it gives every layer its value, else one key per layer
+    r"""The config's pattern when it gives every layer its value, else one key per layer
     whose value differs from the global one: ``"^" + re.escape(name)``, which under PEFT's
     ``re.match(rf"(.*\.)?({key})$", path)`` matches that exact path and nothing else, so
     the keys' order does not matter (PEFT sorts them when it saves a config)."""
