@@ -8,7 +8,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from .config import LoraConfig
-from .errors import ConfigError, DTypeError, DuplicateLayerError, LayerNotFoundError, NumloraError
+from .errors import (ConfigError, DTypeError, DuplicateLayerError, LayerNotFoundError, MergeStateError,
+                     NumloraError)
 from .layers import LoraLinear
 
 __all__ = ["LoraAdapter", "LoraAdapterSummary"]
@@ -142,6 +143,8 @@ class LoraAdapter:
 
         staged = []
         for name, layer in self._layers.items():
+            if layer.merged:
+                raise MergeStateError(f"layer '{name}' is merged; unmerge it before attaching base weights")
             w = lookup(weights, name, "weights", True)
             if w is None:
                 raise LayerNotFoundError(f"no base weight for LoRA layer '{name}': the weights callable returned None")

@@ -147,6 +147,8 @@ def test_add_lora_mixed_ranks_then_attach(rng):
     s = ad.summary()
     assert s.total_trainable == 4 * 14 + 2 * 14 and s.rank == 4
     ad.merge_all()
+    with pytest.raises(nl.MergeStateError, match="layer 'blk.q' is merged"):
+        ad.attach(weights)
     ad.unmerge_all()
     assert np.array_equal(q.weight, weights["blk.q"])
 
