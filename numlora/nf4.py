@@ -27,6 +27,7 @@ __all__ = [
     "nf4_matmul",
     "nf4_matmul_t",
     "qlora_forward",
+    "qlora_backward",
 ]
 
 
@@ -463,8 +464,12 @@ def nf4_matmul(x, t: NF4Tensor, out=None) -> np.ndarray:
     return out
 
 
-def _nf4_forward(x2, t, lora_a, lora_b, s, bias, out2):
-    """out2 = x2 deq(W)^T (+ s (x2 A^T) B^T) (+ bias); A, B, bias float32 or None."""
+def _nf4_forward(x2, t, lora_a, lora_b, s, bias, out2, x_lora=None, u_out=None):
+    """out2 = x2 deq(W)^T (+ s (x_lora A^T) B^T) (+ bias); A, B, bias float32 or None.
+
+    x_lora: the LoRA path's input (the dropped x in training; x2 when None). u_out: an
+    optional (n, r) float32 buffer that receives ``s x_lora A^T`` (what the backward
+    reuses)."""
     from .kernels import nf4 as k
 
     n = x2.shape[0]
@@ -474,12 +479,20 @@ def _nf4_forward(x2, t, lora_a, lora_b, s, bias, out2):
     scales = t.scales()
     use_bias = bias is not None
     b_arr = bias if use_bias else np.zeros(1, np.float32)
+    xl = x2 if x_lora is None else x_lora
     if n > FUSED_MAX_ROWS:
         _nf4_blas(x2, t, scales, out2)
         if lora_a is not None:
-            from .ops import _add_low_rank
+            if x_lora is None and u_out is None:
+                from .ops import _add_low_rank
 
-            _add_low_rank(x2, lora_a, lora_b, s, out2)
+                _add_low_rank(x2, lora_a, lora_b, s, out2)
+            else:
+                from .ops import _expand_into
+
+                u = np.dot(xl, lora_a.T, out=u_out)
+                u *= np.float32(s)
+                _expand_into(u, lora_b, out2)
         if use_bias:
             out2 += b_arr
         return
@@ -487,8 +500,8 @@ def _nf4_forward(x2, t, lora_a, lora_b, s, bias, out2):
         u = np.zeros((n, 0), np.float32)
         lora_b = np.zeros((out_f, 0), np.float32)
     else:
-        u = np.empty((n, lora_a.shape[0]), np.float32)
-        k.lora_shrink(x2, lora_a, np.float32(s), u)
+        u = np.empty((n, lora_a.shape[0]), np.float32) if u_out is None else u_out
+        k.lora_shrink(xl, lora_a, np.float32(s), u)
     bs = t.blocksize
     if in_f % bs == 0 and _simd_ok(k, bs) and bs % (2 * k.SIMD_LANES) == 0:
         xe = np.ascontiguousarray(x2[:, 0::2])
@@ -541,9 +554,68 @@ def nf4_matmul_t(g, t: NF4Tensor, out=None) -> np.ndarray:
     g = _input_rows(g, out_f, "g", "out_features")
     out = _prepare_out(out, g, in_f, np.float32)
     g2 = np.ascontiguousarray(g.reshape(-1, out_f), np.float32)
-    if g2.shape[0]:
-        k.nf4_matmul_t(t.packed, t.scales(), t.blocksize, NF4_CODE, g2, out.reshape(-1, in_f))
+    _nf4_grad_input(g2, t, out.reshape(-1, in_f))
     return out
+
+
+def _nf4_grad_input(g2, t, dx):
+    """dx = g2 deq(W) (overwritten). Up to FUSED_MAX_ROWS rows: the fused kernel (W
+    decoded a row segment at a time, in registers). More rows: decode tiles of rows of W
+    (TILE_ELEMS floats at most, serially, as the forward's large-batch path does) and
+    accumulate ``G[:, rows] @ tile`` with BLAS; never a whole dequantized copy of W."""
+    from .kernels import nf4 as k
+
+    n = g2.shape[0]
+    if n == 0:
+        return
+    out_f, in_f = t.shape
+    scales = t.scales()
+    if n <= FUSED_MAX_ROWS:
+        k.nf4_matmul_t(t.packed, scales, t.blocksize, NF4_CODE, g2, dx)
+        return
+    rows = max(1, min(out_f, TILE_ELEMS // in_f))
+    tile = np.empty((rows, in_f), np.float32)
+    tmp = np.empty_like(dx) if rows < out_f else None
+    bs = t.blocksize
+    simd = in_f % bs == 0 and _simd_ok(k, bs)
+    for r0 in range(0, out_f, rows):
+        r1 = min(out_f, r0 + rows)
+        cur = tile[: r1 - r0]
+        if simd:
+            k.nf4_decode_simd_tile(t.packed, scales, bs, NF4_CODE, r0 * in_f // bs, r1 * in_f // bs, cur.reshape(-1))
+        else:
+            k.nf4_dequantize_tile(t.packed, scales, bs, NF4_CODE, r0 * in_f, r1 * in_f, cur.reshape(-1))
+        if r0 == 0:
+            np.dot(g2[:, r0:r1], cur, out=dx)
+        else:
+            np.dot(g2[:, r0:r1], cur, out=tmp)
+            dx += tmp
+
+
+def qlora_backward(x, t: NF4Tensor, lora_a, lora_b, scaling, grad_out, *, dropout=None, x_drop=None, u=None,
+                   grad_a=None, grad_b=None, need_grad_x=True):
+    """Gradients of ``y = x deq(W)^T + b + scaling * dropout(x) A^T B^T`` for an NF4 base
+    weight: as :func:`numlora.ops.lora_backward` (same arguments and results), with the
+    ``G deq(W)`` term computed as :func:`nf4_matmul_t` does (fused for small batches,
+    decoded tiles and BLAS for large ones; never a whole dequantized copy of W).
+    float32 throughout."""
+    out_f, in_f = _weight_2d(t)
+    from .ops import _backward_core, _backward_inputs, _check_x_drop_alone, _finish_backward, _grad_buffer
+    from .ops import _low_rank_arrays
+
+    lora_a, lora_b, rank = _low_rank_arrays(lora_a, lora_b, out_f, in_f)
+    s = v.real_scalar("scaling", scaling)
+    _check_x_drop_alone(x_drop, dropout, need_grad_x)
+    dt = np.dtype(np.float32)
+    x2, xd2, g2, us, drop, one_d = _backward_inputs(x, in_f, out_f, grad_out, dt, dropout, x_drop, u, rank)
+    if us is not None:
+        us = us * np.float32(s)
+    grad_a = _grad_buffer("grad_a", grad_a, lora_a.shape, dt)
+    grad_b = _grad_buffer("grad_b", grad_b, lora_b.shape, dt)
+    dx, grad_a, grad_b = _backward_core(
+        x2, xd2, np.ascontiguousarray(lora_a, dt), np.ascontiguousarray(lora_b, dt), s, g2, us, drop, grad_a,
+        grad_b, bool(need_grad_x), lambda g, d: _nf4_grad_input(g, t, d))
+    return _finish_backward(dx, grad_a, grad_b, one_d, in_f)
 
 
 def qlora_forward(x, t: NF4Tensor, lora_a, lora_b, scaling, bias=None, out=None) -> np.ndarray:

@@ -7,15 +7,18 @@ bias into the output in place, so no ``(n, out)`` temporary and never ``B @ A``.
 
 from __future__ import annotations
 
+import math
 import zlib
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
 from . import _validate as v
-from .errors import MergeStateError, ShapeError
+from .errors import ConfigError, DTypeError, MergeStateError, ShapeError
 
-__all__ = ["lora_forward", "merge_lora", "unmerge_lora", "MergeRecord"]
+__all__ = ["lora_forward", "merge_lora", "unmerge_lora", "MergeRecord", "lora_dropout", "lora_backward",
+           "DropoutState"]
 
 #: Exception slots per row kept by a tracked merge (see :class:`MergeRecord`).
 EXCEPTION_SLOTS = 16
@@ -290,3 +293,274 @@ def unmerge_lora(weight, lora_a, lora_b, scaling, fan_in_fan_out=False, *, recor
             w[record.saved_rows] = record.saved
     if writeback is not None:
         writeback[...] = w
+
+
+# --- training: dropout and backward --------------------------------------------------------
+
+_U64 = (1 << 64) - 1
+
+
+class DropoutState(NamedTuple):
+    """What :func:`lora_dropout` used: the probability and the 64-bit seed. Together with
+    the row index they define the mask (see :mod:`numlora.kernels.train`), so the mask is
+    never stored: :func:`lora_backward` regenerates it from this."""
+
+    p: float
+    seed: int
+
+
+def mix_seed(seed: int, counter: int) -> int:
+    """A 64-bit seed derived from ``(seed, counter)`` (splitmix64 of their combination):
+    the seed of the ``counter``-th training forward of a layer seeded ``seed``."""
+    z = (int(seed) + (int(counter) + 1) * 0xD1B54A32D192ED03) & _U64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _U64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _U64
+    return z ^ (z >> 31)
+
+
+def dropout_p(p) -> float:
+    """Validate a dropout probability: a real number in [0, 1)."""
+    p = v.real_scalar("dropout", p)
+    if not 0.0 <= p < 1.0:
+        raise ConfigError(f"dropout must be in [0, 1), got {p}")
+    return p
+
+
+def _seed64(seed) -> int:
+    seed = v.int_scalar("seed", seed, minimum=0)
+    if seed > _U64:
+        raise ConfigError(f"seed must fit in 64 bits (<= {_U64}), got {seed}")
+    return seed
+
+
+def _drop_args(p, seed, dtype):
+    """(thresh, seed, scale) as the dropout kernels take them."""
+    return (np.uint64(math.ceil(p * 2.0 ** 53)), np.uint64(seed), np.dtype(dtype).type(1.0 / (1.0 - p)))
+
+
+def lora_dropout(x, p, seed, out=None):
+    """Inverted dropout on the LoRA input: each element of ``x`` is kept with
+    probability ``1 - p`` and scaled by ``1 / (1 - p)``, else set to 0.
+
+    Row ``i`` draws from its own xorshift64 stream, seeded from ``(seed, i)``, so the
+    mask does not depend on the thread count, and a row's mask does not depend on the
+    rows around it. ``x``: (in,) or (n, in) float; ``seed``: an integer in [0, 2**64);
+    ``out``: optional C-contiguous buffer of x's shape and dtype. ``p == 0`` returns x
+    itself (or copies it into ``out``).
+
+    Returns ``(x_drop, DropoutState(p, seed))``: the state is what
+    :func:`lora_backward` needs to regenerate the mask.
+    """
+    x = v.float_array("x", x, (1, 2), allow_empty=True)
+    p = dropout_p(p)
+    seed = _seed64(seed)
+    state = DropoutState(p, seed)
+    if out is not None:
+        v.out_array("out", out, x.shape, x.dtype)
+    if p == 0.0:
+        if out is None:
+            return x, state
+        out[...] = x
+        return out, state
+    if out is None:
+        out = np.empty(x.shape, x.dtype)
+    width = x.shape[-1]
+    x2 = np.ascontiguousarray(x.reshape(-1, width))
+    if x2.size:
+        from .kernels import train as k
+
+        k.dropout_fill(x2, *_drop_args(p, seed, x.dtype), out.reshape(-1, width))
+    return out, state
+
+
+def dropout_keep_mask(shape, p, seed) -> np.ndarray:
+    """The boolean keep mask :func:`lora_dropout` applies for ``(p, seed)`` to an array
+    of ``shape`` ((in,) or (n, in))."""
+    p = dropout_p(p)
+    seed = _seed64(seed)
+    shape = tuple(int(d) for d in shape)
+    n, m = (1, shape[0]) if len(shape) == 1 else shape
+    out = np.ones((n, m), np.uint8)
+    if p > 0 and out.size:
+        from .kernels import train as k
+
+        thresh, s, _ = _drop_args(p, seed, np.float64)
+        k.dropout_mask(n, m, thresh, s, out)
+    return out.reshape(shape).astype(bool)
+
+
+def _grad_buffer(name, g, shape, dtype):
+    """A caller's accumulation buffer: ndarray of ``shape`` and ``dtype``, writable."""
+    if g is None:
+        return None
+    if not isinstance(g, np.ndarray):
+        raise DTypeError(f"{name} must be a numpy array, got {type(g).__name__}")
+    if g.dtype != np.dtype(dtype):
+        raise DTypeError(f"expected {name} with dtype {np.dtype(dtype)}, got {g.dtype}")
+    v.expect_shape(name, g, shape)
+    if not g.flags.writeable:
+        raise ShapeError(f"{name} is read-only; lora_backward accumulates into it")
+    return g
+
+
+def _accumulate(dst, value):
+    if dst is None:
+        return value
+    dst += value
+    return dst
+
+
+def _backward_core(x2, xd2, a, b, s, g2, us, drop, grad_a, grad_b, need_grad_x, base_grad):
+    """The LoRA backward over validated 2-D arrays of one dtype.
+
+    x2 (n, in); xd2: the dropped input (x2 itself without dropout); a (r, in); b (out, r);
+    g2 (n, out); us: s * xd2 A^T (n, r) or None (computed here); drop: None or the
+    (thresh, seed, scale) of the dropout kernels; base_grad(g2, dx) writes G W into dx.
+    Returns (dx or None, grad_a, grad_b)."""
+    n = x2.shape[0]
+    dt = x2.dtype
+    if us is None:
+        us = np.dot(xd2, a.T)
+        us *= dt.type(s)
+    hs = np.dot(g2, b)  # (n, r)
+    hs *= dt.type(s)
+    grad_b = _accumulate(grad_b, np.dot(g2.T, us))  # s G^T U
+    grad_a = _accumulate(grad_a, np.dot(hs.T, xd2))  # s H^T x_drop
+    if not need_grad_x:
+        return None, grad_a, grad_b
+    dx = np.empty((n, x2.shape[1]), dt)
+    if n == 0:
+        return dx, grad_a, grad_b
+    base_grad(g2, dx)
+    t = np.dot(hs, a)  # s H A
+    if drop is None:
+        dx += t
+    else:
+        from .kernels import train as k
+
+        k.dropout_mul_add(t, drop[0], drop[1], drop[2], dx)
+    return dx, grad_a, grad_b
+
+
+def _backward_inputs(x, in_f, out_f, grad_out, dtype, dropout, x_drop, u, rank):
+    """Validate and convert the batch-shaped inputs of a backward; return
+    (x2, xd2, g2, us_or_None, drop, one_d)."""
+    x = _input_rows(x, in_f)
+    g = _input_rows(grad_out, out_f, "grad_out", "out_features")
+    if g.shape[:-1] != x.shape[:-1]:
+        want = (out_f,) if x.ndim == 1 else (x.shape[0], out_f)
+        raise ShapeError(f"expected grad_out of shape {want} (one row per row of x), got {g.shape}")
+    x2 = np.ascontiguousarray(x.reshape(-1, in_f), dtype)
+    g2 = np.ascontiguousarray(g.reshape(-1, out_f), dtype)
+    drop = None
+    xd2 = x2
+    if dropout is not None:
+        if not isinstance(dropout, tuple) or len(dropout) != 2:
+            raise ConfigError(f"dropout must be the (p, seed) lora_dropout returned, got {dropout!r}")
+        p, seed = dropout_p(dropout[0]), _seed64(dropout[1])
+        if p > 0:
+            drop = _drop_args(p, seed, dtype)
+            if x_drop is None:
+                xd2 = np.empty_like(x2)
+                if x2.size:
+                    from .kernels import train as k
+
+                    k.dropout_fill(x2, drop[0], drop[1], drop[2], xd2)
+    if x_drop is not None:
+        xd = _input_rows(x_drop, in_f, "x_drop")
+        if xd.shape != x.shape:
+            raise ShapeError(f"expected x_drop of shape {x.shape} (the shape of x), got {xd.shape}")
+        xd2 = np.ascontiguousarray(xd.reshape(-1, in_f), dtype)
+    us = None
+    if u is not None:
+        uu = v.float_array("u", u, (1, 2), allow_empty=True)
+        v.expect_shape("u", uu, (rank,) if x.ndim == 1 else (x2.shape[0], rank))
+        us = np.ascontiguousarray(uu.reshape(-1, rank), dtype)
+    return x2, xd2, g2, us, drop, x.ndim == 1
+
+
+def _finish_backward(dx, grad_a, grad_b, one_d, in_f):
+    if dx is not None and one_d:
+        dx = dx.reshape(in_f)
+    return dx, grad_a, grad_b
+
+
+def _check_x_drop_alone(x_drop, dropout, need_grad_x):
+    if x_drop is not None and dropout is None and need_grad_x:
+        raise ConfigError("x_drop given without dropout=(p, seed): grad_x needs the dropout mask; pass the "
+                          "DropoutState lora_dropout returned (or need_grad_x=False)")
+
+
+def lora_backward(x, weight, lora_a, lora_b, scaling, grad_out, *, fan_in_fan_out=False, dropout=None,
+                  x_drop=None, u=None, grad_a=None, grad_b=None, need_grad_x=True):
+    """Gradients of ``y = x W^T + b + scaling * dropout(x) A^T B^T`` given ``grad_out = dL/dy``.
+
+    With ``G = grad_out``, ``x_d = dropout(x)``, ``U = x_d A^T`` and ``H = G B``:
+    ``grad_b = s G^T U``, ``grad_a = s H^T x_d`` and
+    ``grad_x = G W + s (H A) * mask / (1 - p)`` (``G W^T`` under ``fan_in_fan_out``, where
+    the weight is stored (in, out)). All products go to BLAS.
+
+    Parameters
+    ----------
+    x : (in,) or (n, in) the layer's input (before dropout)
+    weight, lora_a, lora_b, scaling, fan_in_fan_out : as in :func:`lora_forward`
+    grad_out : (out,) or (n, out), one row per row of x
+    dropout : None (no dropout) or the :class:`DropoutState` ``(p, seed)`` that
+        :func:`lora_dropout` returned in the forward; the mask is regenerated from it
+    x_drop : optional, the dropped input from the forward (recomputed from x and
+        ``dropout`` when not given)
+    u : optional ``x_drop A^T`` (n, r) from the forward (recomputed when not given)
+    grad_a, grad_b : optional arrays shaped like lora_a / lora_b in the compute dtype:
+        the gradients are **added** into them (gradient accumulation); fresh arrays are
+        returned when None
+    need_grad_x : False skips ``grad_x`` (returned as None): the ``G W`` product is most
+        of the cost, and the first layer of a model does not need it
+
+    Returns ``(grad_x, grad_a, grad_b)``. The compute dtype is float64 if any input is
+    float64, else float32.
+    """
+    weight, lora_a, lora_b, out_f, in_f, rank = _adapter_arrays(weight, lora_a, lora_b, fan_in_fan_out)
+    s = v.real_scalar("scaling", scaling)
+    _check_x_drop_alone(x_drop, dropout, need_grad_x)
+    arrays = [x, weight, lora_a, lora_b, grad_out]
+    dtype = np.result_type(*[np.asarray(a).dtype for a in arrays])
+    x2, xd2, g2, us, drop, one_d = _backward_inputs(x, in_f, out_f, grad_out, dtype, dropout, x_drop, u, rank)
+    if us is not None:
+        us = us * dtype.type(s)
+    grad_a = _grad_buffer("grad_a", grad_a, lora_a.shape, dtype)
+    grad_b = _grad_buffer("grad_b", grad_b, lora_b.shape, dtype)
+    w = weight.astype(dtype, copy=False)
+    w_oi = w.T if fan_in_fan_out else w
+
+    def base_grad(g, dx):
+        np.dot(g, w_oi, out=dx)
+
+    dx, grad_a, grad_b = _backward_core(x2, xd2, lora_a.astype(dtype, copy=False), lora_b.astype(dtype, copy=False),
+                                        s, g2, us, drop, grad_a, grad_b, bool(need_grad_x), base_grad)
+    return _finish_backward(dx, grad_a, grad_b, one_d, in_f)
+
+
+def _expand_into(us, lora_b, out2):
+    """out2 += us B^T (us already scaled), in row chunks (bounded temporary)."""
+    n = us.shape[0]
+    if n == 0:
+        return
+    bt = lora_b.T
+    tmp = np.empty((min(n, ROW_CHUNK), out2.shape[1]), out2.dtype)
+    for r0 in range(0, n, ROW_CHUNK):
+        r1 = min(n, r0 + ROW_CHUNK)
+        t = tmp[: r1 - r0]
+        np.dot(us[r0:r1], bt, out=t)
+        out2[r0:r1] += t
+
+
+def train_forward_dense(x2, xd2, weight, lora_a, lora_b, s, bias, out2, fan_in_fan_out):
+    """The training forward over validated 2-D arrays of one dtype: out2 = x2 W^T + b +
+    (s xd2 A^T) B^T. Returns ``us = s xd2 A^T`` (n, r), what the backward reuses."""
+    us = np.dot(xd2, lora_a.T)
+    us *= us.dtype.type(s)
+    _base_product(x2, weight, fan_in_fan_out, out2)
+    _expand_into(us, lora_b, out2)
+    if bias is not None:
+        out2 += bias
+    return us

@@ -1,0 +1,234 @@
+"""Training without a framework: parameters, the AdamW optimizer, gradient clipping.
+
+The backward passes live in the functional layer (:func:`numlora.ops.lora_backward`,
+:func:`numlora.nf4.qlora_backward`) and in the layers (``LoraLinear.backward``,
+``QLoraLinear.backward``); this module updates what they computed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from . import _validate as v
+from .errors import ConfigError, DTypeError, NumloraError, ShapeError
+
+__all__ = ["Parameter", "AdamW", "clip_grad_norm", "TrainStateError"]
+
+
+class TrainStateError(NumloraError, RuntimeError):
+    """A training call does not fit the layer's state (backward without a training-mode
+    forward, training a merged layer)."""
+
+
+class Parameter:
+    """A trainable array: ``value`` (updated in place by optimizers), ``grad`` (an array
+    of the same shape and dtype, or None before any gradient), ``name``.
+
+    ``Parameter(value, grad=None, name="")`` wraps arrays you own (``value`` must be a
+    C-contiguous, writable float32 / float64 ndarray: it is used as is, not copied).
+    The parameters a layer returns from ``parameters()`` read ``value`` and ``grad``
+    from the layer, so they follow it (a new ``lora_a`` assigned to the layer is what the
+    optimizer updates next).
+    """
+
+    __slots__ = ("_value", "_grad", "name")
+
+    def __init__(self, value, grad=None, name: str = ""):
+        self._value = _param_array(name or "value", value)
+        self._grad = None
+        self.name = str(name)
+        if grad is not None:
+            self.grad = grad
+
+    @property
+    def value(self) -> np.ndarray:
+        return self._value
+
+    @property
+    def grad(self):
+        return self._grad
+
+    @grad.setter
+    def grad(self, g):
+        self._grad = _check_grad(self, g)
+
+    def zero_grad(self) -> None:
+        """Fill the gradient with zeros in place (no-op while it is None)."""
+        g = self.grad
+        if g is not None:
+            g[...] = 0
+
+    def __repr__(self) -> str:
+        value = self.value
+        return (f"Parameter(name={self.name!r}, shape={value.shape}, dtype={value.dtype}, "
+                f"grad={'None' if self.grad is None else 'set'})")
+
+
+class _BoundParameter(Parameter):
+    """A parameter whose value and gradient are attributes of an owner (a layer)."""
+
+    __slots__ = ("_owner", "_vattr", "_gattr")
+
+    def __init__(self, owner, value_attr, grad_attr, name):
+        self._owner, self._vattr, self._gattr = owner, value_attr, grad_attr
+        self.name = name
+
+    @property
+    def value(self):
+        return getattr(self._owner, self._vattr)
+
+    @property
+    def grad(self):
+        return getattr(self._owner, self._gattr)
+
+    @grad.setter
+    def grad(self, g):
+        setattr(self._owner, self._gattr, _check_grad(self, g))
+
+
+def _param_array(name, a):
+    if not isinstance(a, np.ndarray):
+        raise DTypeError(f"{name}: a Parameter's value must be a numpy array (updated in place), "
+                         f"got {type(a).__name__}")
+    a = v.float_array(name, a, None)
+    if not a.flags.c_contiguous or not a.flags.writeable:
+        raise ShapeError(f"{name}: a Parameter's value must be C-contiguous and writable (it is updated in place)")
+    return a
+
+
+def _check_grad(p, g):
+    if g is None:
+        return None
+    value = p.value
+    if not isinstance(g, np.ndarray) or g.dtype != value.dtype:
+        got = g.dtype if isinstance(g, np.ndarray) else type(g).__name__
+        raise DTypeError(f"expected the gradient of {p.name or 'the parameter'} to be a {value.dtype} array, "
+                         f"got {got}")
+    v.expect_shape(f"gradient of {p.name or 'the parameter'}", g, value.shape)
+    return g
+
+
+def _param_list(parameters):
+    if isinstance(parameters, Parameter):
+        parameters = [parameters]
+    try:
+        params = list(parameters)
+    except TypeError:
+        raise DTypeError(f"parameters must be an iterable of Parameter, got {type(parameters).__name__}") from None
+    for i, p in enumerate(params):
+        if not isinstance(p, Parameter):
+            raise DTypeError(f"parameters[{i}] must be a Parameter (e.g. from layer.parameters()), "
+                             f"got {type(p).__name__}")
+    return params
+
+
+class AdamW:
+    """AdamW with decoupled weight decay and bias correction, as ``torch.optim.AdamW``
+    (``amsgrad=False``, ``maximize=False``): for every parameter with a gradient, at step t
+
+    ``p <- p (1 - lr wd)``; ``m <- b1 m + (1 - b1) g``; ``v <- b2 v + (1 - b2) g^2``;
+    ``p <- p - (lr / (1 - b1^t)) m / (sqrt(v) / sqrt(1 - b2^t) + eps)``.
+
+    One serial numba kernel per parameter updates ``value``, ``m`` and ``v`` in place
+    (each element in float64, stored in the parameter's dtype). State: ``m`` and ``v``,
+    two arrays per parameter in its dtype (twice the adapter's memory). Parameters
+    whose ``grad`` is None are skipped, and their step count does not advance (as torch).
+    """
+
+    def __init__(self, parameters, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+        self.params = _param_list(parameters)
+        if not self.params:
+            raise ConfigError("AdamW got an empty parameter list")
+        self.lr = lr
+        try:
+            b1, b2 = betas
+        except (TypeError, ValueError):
+            raise ConfigError(f"betas must be a pair (beta1, beta2), got {betas!r}") from None
+        self.betas = (_unit("betas[0]", b1), _unit("betas[1]", b2))
+        self.eps = _nonneg("eps", eps)
+        self.weight_decay = _nonneg("weight_decay", weight_decay)
+        self._state = {}
+
+    @property
+    def lr(self) -> float:
+        return self._lr
+
+    @lr.setter
+    def lr(self, value):
+        """The learning rate; may be changed between steps (schedules)."""
+        self._lr = _nonneg("lr", value)
+
+    def state(self, p: Parameter):
+        """``(step, m, v)`` of a parameter, or None before its first step."""
+        return self._state.get(id(p))
+
+    def step(self) -> None:
+        from .kernels import train as k
+
+        b1, b2 = self.betas
+        for p in self.params:
+            g = p.grad
+            if g is None:
+                continue
+            value = p.value
+            _check_grad(p, g)
+            if not value.flags.c_contiguous or not value.flags.writeable:
+                raise ShapeError(f"{p.name or 'parameter'}: value must be C-contiguous and writable")
+            st = self._state.get(id(p))
+            if st is None or st[1].shape != value.shape or st[1].dtype != value.dtype:
+                st = [0, np.zeros_like(value), np.zeros_like(value)]
+                self._state[id(p)] = st
+            st[0] += 1
+            t = st[0]
+            bc1 = 1.0 - b1 ** t
+            bc2_sqrt = math.sqrt(1.0 - b2 ** t)
+            decay = 1.0 - self._lr * self.weight_decay
+            k.adamw_step(value.reshape(-1), np.ascontiguousarray(g).reshape(-1), st[1].reshape(-1),
+                         st[2].reshape(-1), self._lr, b1, b2, self.eps, decay, bc1, bc2_sqrt)
+
+    def zero_grad(self) -> None:
+        """Fill every parameter's gradient with zeros in place (gradients that are None
+        stay None)."""
+        for p in self.params:
+            p.zero_grad()
+
+    def __repr__(self) -> str:
+        return (f"AdamW(lr={self._lr}, betas={self.betas}, eps={self.eps}, weight_decay={self.weight_decay}, "
+                f"parameters={len(self.params)})")
+
+
+def _unit(name, x):
+    x = v.real_scalar(name, x)
+    if not 0.0 <= x < 1.0:
+        raise ConfigError(f"{name} must be in [0, 1), got {x}")
+    return x
+
+
+def _nonneg(name, x):
+    x = v.real_scalar(name, x)
+    if x < 0:
+        raise ConfigError(f"{name} must be >= 0, got {x}")
+    return x
+
+
+def clip_grad_norm(parameters, max_norm) -> float:
+    """Scale all gradients in place so that their joint L2 norm is at most ``max_norm``
+    (as ``torch.nn.utils.clip_grad_norm_``: factor ``max_norm / (norm + 1e-6)`` when below
+    1). Parameters without a gradient are ignored. Returns the norm before clipping
+    (computed in float64)."""
+    params = _param_list(parameters)
+    max_norm = _nonneg("max_norm", max_norm)
+    grads = [p.grad for p in params if p.grad is not None]
+    total = math.sqrt(sum(float(np.dot(g.reshape(-1).astype(np.float64, copy=False),
+                                       g.reshape(-1).astype(np.float64, copy=False))) for g in grads))
+    if not math.isfinite(total):
+        from .errors import NonFiniteError
+
+        raise NonFiniteError(f"the gradient norm is {total}: a gradient holds NaN or inf")
+    coef = max_norm / (total + 1e-6)
+    if coef < 1.0:
+        for g in grads:
+            g *= g.dtype.type(coef)
+    return total
