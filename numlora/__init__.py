@@ -33,6 +33,9 @@ from .nf4 import (
 )
 from .ops import MergeRecord, linear_forward, lora_forward, merge_lora, unmerge_lora
 from .rng import XorShift64
+from .nf4 import qlora_backward
+from .ops import DropoutState, lora_backward, lora_dropout
+from .train import AdamW, Parameter, TrainStateError, clip_grad_norm
 
 __version__ = "0.1.0"
 
@@ -70,4 +73,12 @@ __all__ = [
     "dora_weight_norm",
     "load_peft_adapter",
     "merge_dora",
+    "AdamW",
+    "DropoutState",
+    "Parameter",
+    "TrainStateError",
+    "clip_grad_norm",
+    "lora_backward",
+    "lora_dropout",
+    "qlora_backward",
 ]

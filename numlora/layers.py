@@ -12,9 +12,12 @@ from . import _validate as v
 from .config import lora_scaling
 from .dora import dora_forward, dora_weight_norm, merge_dora
 from .errors import ConfigError, DetachedLayerError, MergeStateError, ShapeError
-from .nf4 import NF4Tensor, _weight_2d, dequantize_nf4, nf4_matmul, qlora_forward, quantize_nf4
-from .ops import linear_forward, lora_forward, merge_lora, unmerge_lora
+from .nf4 import NF4Tensor, _nf4_forward, _nf4_grad_input, _weight_2d, dequantize_nf4, nf4_matmul, qlora_forward
+from .nf4 import quantize_nf4
+from .ops import _backward_core, _drop_args, _input_rows, _prepare_out, _seed64, dropout_p, linear_forward
+from .ops import lora_forward, merge_lora, mix_seed, train_forward_dense, unmerge_lora
 from .rng import XorShift64
+from .train import Parameter, TrainStateError, _BoundParameter
 
 __all__ = ["LoraLinear", "QLoraLinear", "init_lora_a"]
 
@@ -171,6 +174,159 @@ class _LowRank:
         """Trainable over total parameters."""
         return self.trainable_params / self.total_params
 
+    # training ---------------------------------------------------------------------------
+    def _init_training(self, dropout, dropout_seed):
+        self._dropout = dropout_p(dropout)
+        self._dropout_seed = _seed64(dropout_seed)
+        self._training = False
+        self._grad_a = None
+        self._grad_b = None
+        self._cache = None
+        self._calls = 0
+        self._xd_buf = None
+
+    @property
+    def dropout(self) -> float:
+        """Dropout probability on the LoRA input, applied only in training mode."""
+        return self._dropout
+
+    @dropout.setter
+    def dropout(self, p):
+        self._dropout = dropout_p(p)
+
+    @property
+    def dropout_seed(self) -> int:
+        """The seed of the dropout masks: the k-th training forward uses the seed
+        ``numlora.ops.mix_seed(dropout_seed, k)`` (k counts from 0 per layer)."""
+        return self._dropout_seed
+
+    @property
+    def training(self) -> bool:
+        """Whether the layer is in training mode (False, eval mode, by default)."""
+        return self._training
+
+    def train(self, mode: bool = True):
+        """Training mode: forward applies dropout and keeps what :meth:`backward` needs.
+        Returns the layer."""
+        if not isinstance(mode, (bool, np.bool_)):
+            raise ConfigError(f"mode must be True or False, got {mode!r}")
+        self._training = bool(mode)
+        if not mode:
+            self._cache = None
+        return self
+
+    def eval(self):
+        """Eval mode (the default): no dropout, nothing kept. Returns the layer."""
+        return self.train(False)
+
+    @property
+    def grad_a(self):
+        """Accumulated gradient of the loss with respect to ``lora_a`` (None before the
+        first backward)."""
+        return self._grad_a
+
+    @property
+    def grad_b(self):
+        """Accumulated gradient with respect to ``lora_b`` (None before the first backward)."""
+        return self._grad_b
+
+    def parameters(self) -> list:
+        """``[Parameter for lora_a, Parameter for lora_b]``, sharing this layer's arrays
+        and gradients (an optimizer updates the layer's A and B in place)."""
+        return [_BoundParameter(self, "_lora_a", "_grad_a", "lora_a"),
+                _BoundParameter(self, "_lora_b", "_grad_b", "lora_b")]
+
+    def zero_grad(self) -> None:
+        """Fill grad_a and grad_b with zeros in place (they stay None before the first
+        backward)."""
+        for g in (self._grad_a, self._grad_b):
+            if g is not None:
+                g[...] = 0
+
+    def _train_dtype(self, x):
+        return np.dtype(np.float32)
+
+    def _forward_train(self, x, out):
+        """The training-mode forward: as the eval forward, with dropout on the LoRA
+        input, keeping (a reference to) x, the dropped x and s x_drop A^T for backward."""
+        if self._merged:
+            raise TrainStateError("cannot run a training forward on a merged layer: unmerge() first")
+        self._check_trainable()
+        in_f, out_f = self._in_f, self._out_f
+        x = _input_rows(x, in_f)
+        dtype = self._train_dtype(x)
+        out = _prepare_out(out, x, out_f, dtype)
+        x2 = np.ascontiguousarray(x.reshape(-1, in_f), dtype)
+        out2 = out.reshape(-1, out_f)
+        lora = self._enabled
+        drop = None
+        xd2 = x2
+        if lora and self._dropout > 0:
+            seed = mix_seed(self._dropout_seed, self._calls)
+            self._calls += 1
+            drop = _drop_args(self._dropout, seed, dtype)
+            buf = self._xd_buf
+            if buf is None or buf.shape != x2.shape or buf.dtype != dtype:
+                buf = self._xd_buf = np.empty(x2.shape, dtype)
+            xd2 = buf
+            if x2.size:
+                from .kernels import train as k
+
+                k.dropout_fill(x2, drop[0], drop[1], drop[2], xd2)
+        us = self._train_forward_impl(x2, xd2, out2, lora, dtype)
+        self._cache = (x2, xd2, us, drop, x.ndim == 1, lora, dtype)
+        return out
+
+    def backward(self, grad_out, need_grad_x: bool = True):
+        """Backpropagate ``grad_out = dL/dy`` (the shape of the last training forward's
+        output) through the layer: **adds** ``dL/dA`` and ``dL/dB`` into :attr:`grad_a`
+        and :attr:`grad_b` (allocated as zeros on first use) and returns ``dL/dx`` (the
+        shape of that forward's input), or None with ``need_grad_x=False`` (skips the
+        ``G W`` product, most of the cost: for a first layer). A disabled layer computes
+        only ``dL/dx``. Frees what the forward kept, so each training forward allows one
+        backward."""
+        if self._cache is None:
+            raise TrainStateError("backward needs a forward in training mode first: call layer.train(), then "
+                                  "forward, then backward (once per forward)")
+        x2, xd2, us, drop, one_d, lora, dtype = self._cache
+        in_f, out_f = self._in_f, self._out_f
+        g = _input_rows(grad_out, out_f, "grad_out", "out_features")
+        want = (out_f,) if one_d else (x2.shape[0], out_f)
+        if g.shape != want:
+            raise ShapeError(f"expected grad_out of shape {want} (the shape of the forward's output), got {g.shape}")
+        g2 = np.ascontiguousarray(g.reshape(-1, out_f), dtype)
+        if lora:
+            if self._grad_a is None:
+                self._grad_a = np.zeros(self._lora_a.shape, self._lora_a.dtype)
+                self._grad_b = np.zeros(self._lora_b.shape, self._lora_b.dtype)
+            a = self._lora_a.astype(dtype, copy=False)
+            b = self._lora_b.astype(dtype, copy=False)
+            dx, _, _ = _backward_core(x2, xd2, a, b, self.scaling, g2, us, drop, self._grad_a, self._grad_b,
+                                      bool(need_grad_x), self._grad_input)
+        elif need_grad_x:
+            dx = np.empty((x2.shape[0], in_f), dtype)
+            if x2.shape[0]:
+                self._grad_input(g2, dx)
+        else:
+            dx = None
+        self._cache = None
+        if dx is not None and one_d:
+            dx = dx.reshape(in_f)
+        return dx
+
+    @property
+    def saved_bytes(self) -> int:
+        """Bytes held between a training forward and its backward beyond the input x
+        (referenced, not copied, when it is C-contiguous in the compute dtype): the
+        (n, r) product ``s x_drop A^T`` and, with dropout, the dropped input (n, in)."""
+        if self._cache is None:
+            return 0
+        x2, xd2, us, *_ = self._cache
+        return us.nbytes + (xd2.nbytes if xd2 is not x2 else 0)
+
+    def _check_trainable(self):
+        pass
+
 
 class LoraLinear(_LowRank):
     """A linear layer ``y = x W^T + b`` with a LoRA adapter ``scaling * (x A^T) B^T``.
@@ -194,7 +350,7 @@ class LoraLinear(_LowRank):
     """
 
     def __init__(self, weight, lora_a, lora_b, alpha, *, bias=None, use_rslora=False,
-                 fan_in_fan_out=False, magnitude=None, lora_bias=None):
+                 fan_in_fan_out=False, magnitude=None, lora_bias=None, dropout=0.0, dropout_seed=0):
         self._fan_in_fan_out = bool(fan_in_fan_out)
         if weight is None:
             a = v.float_array("lora_a", lora_a, 2)
@@ -212,6 +368,7 @@ class LoraLinear(_LowRank):
         self._lora_bias = None
         self._norm_cache = None
         self._init_low_rank(out_f, in_f, lora_a, lora_b, alpha, use_rslora)
+        self._init_training(dropout, dropout_seed)
         self._set_bias(bias)
         self._record = None
         self._saved_weight = None
@@ -224,7 +381,7 @@ class LoraLinear(_LowRank):
     @classmethod
     def from_weight(cls, weight, rank, alpha, init="seed", seed=None, *, bias=None,
                     use_rslora=False, fan_in_fan_out=False, copy=True, use_dora=False,
-                    lora_bias=False) -> "LoraLinear":
+                    lora_bias=False, dropout=0.0, dropout_seed=0) -> "LoraLinear":
         """A layer over ``weight`` (out, in) (``(in, out)`` with ``fan_in_fan_out``) with a
         fresh adapter: A initialised by ``init`` (see :func:`init_lora_a`; ``"seed"``
         reproduces the seed module's ``LoraLinear::new`` bit for bit), B = 0.
@@ -232,7 +389,8 @@ class LoraLinear(_LowRank):
         init, so the fresh layer computes the base layer's output); ``lora_bias``: a zero
         LoRA bias.
 
-        ``copy=False`` keeps the caller's array (merge() then changes it in place)."""
+        ``copy=False`` keeps the caller's array (merge() then changes it in place).
+        ``dropout`` / ``dropout_seed``: see :attr:`dropout` (training mode only)."""
         weight = v.float_array("weight", weight, 2)
         in_f, out_f = weight.shape if fan_in_fan_out else weight.shape[::-1]
         rank = _check_rank(rank, out_f, in_f)
@@ -241,7 +399,8 @@ class LoraLinear(_LowRank):
             weight = np.array(weight, copy=True)
         a = init_lora_a(rank, in_f, out_f, init, seed, default_seed=42)
         b = np.zeros((out_f, rank), weight.dtype)
-        layer = cls(weight, a, b, alpha, bias=bias, use_rslora=use_rslora, fan_in_fan_out=fan_in_fan_out)
+        layer = cls(weight, a, b, alpha, bias=bias, use_rslora=use_rslora, fan_in_fan_out=fan_in_fan_out,
+                    dropout=dropout, dropout_seed=dropout_seed)
         if use_dora:
             layer.magnitude = dora_weight_norm(weight, layer.lora_a, layer.lora_b, layer.scaling, fan_in_fan_out)
         if lora_bias:
@@ -383,8 +542,13 @@ class LoraLinear(_LowRank):
         return extra if self._bias is None else self._bias + extra
 
     def forward(self, x, out=None) -> np.ndarray:
-        """``x`` of shape (in,) or (n, in) -> (out,) or (n, out)."""
+        """``x`` of shape (in,) or (n, in) -> (out,) or (n, out). In training mode (see
+        :meth:`train`) dropout applies to the LoRA input and the layer keeps what
+        :meth:`backward` needs."""
         self._need_weight("run forward")
+        if self._training:
+            return self._forward_train(x, out)
+        self._cache = None
         if self._merged or not self._enabled:
             return linear_forward(x, self._weight, self._bias, out=out, fan_in_fan_out=self._fan_in_fan_out)
         if self._magnitude is not None:
@@ -395,6 +559,32 @@ class LoraLinear(_LowRank):
                             out=out, fan_in_fan_out=self._fan_in_fan_out)
 
     __call__ = forward
+
+    def _check_trainable(self):
+        if self._magnitude is not None or self._lora_bias is not None:
+            raise ConfigError("training a DoRA layer or a layer with a LoRA bias is not supported yet "
+                              "(numlora trains lora_a and lora_b of plain LoRA layers)")
+
+    def _train_dtype(self, x):
+        return np.result_type(x.dtype, self._weight.dtype, self._lora_a.dtype, self._lora_b.dtype)
+
+    def _train_forward_impl(self, x2, xd2, out2, lora, dtype):
+        w = self._weight.astype(dtype, copy=False)
+        bias = None if self._bias is None else self._bias.astype(dtype, copy=False)
+        if not lora:
+            from .ops import _base_product
+
+            _base_product(x2, w, self._fan_in_fan_out, out2)
+            if bias is not None:
+                out2 += bias
+            return None
+        return train_forward_dense(x2, xd2, w, self._lora_a.astype(dtype, copy=False),
+                                   self._lora_b.astype(dtype, copy=False), self.scaling, bias, out2,
+                                   self._fan_in_fan_out)
+
+    def _grad_input(self, g2, dx):
+        w = self._weight.astype(dx.dtype, copy=False)
+        np.dot(g2, w.T if self._fan_in_fan_out else w, out=dx)
 
     def merge(self) -> None:
         """``W += scaling * B @ A`` in place (DoRA: ``W <- (m / n)(W + scaling * B @ A)``;
@@ -465,16 +655,18 @@ class QLoraLinear(_LowRank):
     :meth:`merged_weight` returns the dense ``deq(W) + scaling * B @ A`` instead.
     """
 
-    def __init__(self, nf4: NF4Tensor, lora_a, lora_b, alpha, *, bias=None, use_rslora=False):
+    def __init__(self, nf4: NF4Tensor, lora_a, lora_b, alpha, *, bias=None, use_rslora=False, dropout=0.0,
+                 dropout_seed=0):
         out_f, in_f = _weight_2d(nf4)
         self._nf4 = nf4
         self._init_low_rank(out_f, in_f, lora_a, lora_b, alpha, use_rslora)
+        self._init_training(dropout, dropout_seed)
         _check_rank(self._rank, out_f, in_f)
         self._set_bias(bias)
 
     @classmethod
     def from_weight(cls, weight, rank, alpha, blocksize=64, double_quant=False, init="seed",
-                    seed=None, *, bias=None, use_rslora=False) -> "QLoraLinear":
+                    seed=None, *, bias=None, use_rslora=False, dropout=0.0, dropout_seed=0) -> "QLoraLinear":
         """Quantize ``weight`` (out, in) to NF4 and add a fresh adapter (``init="seed"``:
         the seed module's ``QLoraLinear::from_weight`` init, xorshift seeded
         ``137 + in + out``)."""
@@ -485,7 +677,7 @@ class QLoraLinear(_LowRank):
         nf4 = quantize_nf4(weight, blocksize=blocksize, double_quant=double_quant)
         a = init_lora_a(rank, in_f, out_f, init, seed, default_seed=137)
         b = np.zeros((out_f, rank), np.float32)
-        return cls(nf4, a, b, alpha, bias=bias, use_rslora=use_rslora)
+        return cls(nf4, a, b, alpha, bias=bias, use_rslora=use_rslora, dropout=dropout, dropout_seed=dropout_seed)
 
     @property
     def nf4(self) -> NF4Tensor:
@@ -498,6 +690,12 @@ class QLoraLinear(_LowRank):
     group_size = blocksize
 
     def forward(self, x, out=None) -> np.ndarray:
+        """``x`` of shape (in,) or (n, in) -> (out,) or (n, out), float32. In training
+        mode dropout applies to the LoRA input and the layer keeps what :meth:`backward`
+        needs."""
+        if self._training:
+            return self._forward_train(x, out)
+        self._cache = None
         if not self._enabled:
             out = nf4_matmul(x, self._nf4, out=out)
             if self._bias is not None:
@@ -506,6 +704,17 @@ class QLoraLinear(_LowRank):
         return qlora_forward(x, self._nf4, self._lora_a, self._lora_b, self.scaling, self._bias, out=out)
 
     __call__ = forward
+
+    def _train_forward_impl(self, x2, xd2, out2, lora, dtype):
+        if not lora:
+            _nf4_forward(x2, self._nf4, None, None, 0.0, self._bias, out2)
+            return None
+        us = np.empty((x2.shape[0], self._rank), np.float32)
+        _nf4_forward(x2, self._nf4, self._lora_a, self._lora_b, self.scaling, self._bias, out2, x_lora=xd2, u_out=us)
+        return us
+
+    def _grad_input(self, g2, dx):
+        _nf4_grad_input(g2, self._nf4, dx)
 
     def dequantize_weight(self, out=None) -> np.ndarray:
         """The float32 base weight as NF4 stores it."""
