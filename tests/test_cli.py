@@ -1,24 +1,29 @@
 import json
 
+import numpy as np
 import pytest
 
 from numlora import bench
 from numlora.cli import main
 
 
-def test_demo_runs_and_reports(capsys):
-    assert main(["demo", "--size", "64"]) == 0
+@pytest.mark.slow
+def test_demo_runs_and_reports(tmp_path, capsys):
+    assert main(["demo", "--epochs", "2", "--base-epochs", "5", "--hidden", "64", "--out", str(tmp_path / "a")]) == 0
     text = capsys.readouterr().out
-    assert "restored bit for bit: yes" in text
-    assert "trainable params  3,072" in text  # 3 layers x 8 * (64 + 64)
+    assert "QLoRA fine-tuning" in text and "rotated by 90 degrees" in text
     assert "4.50 bits/weight" in text
+    assert "tensors and scaling equal: yes" in text
+    assert (tmp_path / "a" / "adapter_config.json").is_file()
 
 
 def test_help_and_no_command(capsys):
     assert main([]) == 0
     assert "demo" in capsys.readouterr().out
     with pytest.raises(SystemExit):
-        main(["demo", "--size", "3"])
+        main(["demo", "--rank", "0"])
+    with pytest.raises(SystemExit):
+        main(["bench", "--train", "--batch", "1", "--batch", "8"])
 
 
 @pytest.mark.slow
@@ -33,3 +38,41 @@ def test_bench_small_writes_json(tmp_path, capsys, monkeypatch):
     data = json.loads(path.read_text())
     assert {r["case"] for r in data["rows"]} >= {"LoRA float32 forward, batch 1", "quantize_nf4 (blocksize 64)"}
     assert all(r["numlora_ms"] > 0 and r["competitor_ms"] > 0 for r in data["rows"])
+
+
+@pytest.mark.slow
+def test_bench_train_small_writes_json(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(bench, "TRAIN_PAUSE_S", 0.0)
+    monkeypatch.setattr(bench, "CALLS_PER_ROUND", 1)
+    path = tmp_path / "train.json"
+    assert main(["bench", "--train", "--size", "128", "--rank", "4", "--repeat", "1", "--batch", "8", "--no-peers",
+                 "--json", str(path)]) == 0
+    text = capsys.readouterr().out
+    assert "| LoRA training step, dense base, batch 8 |" in text
+    assert "| QLoRA training step, NF4 base, batch 8 |" in text
+    data = json.loads(path.read_text())
+    assert {r["competitor"] for r in data["rows"]} == {"hand-written numpy (BLAS)", "numlora LoRA step, dense base"}
+    assert all(r["numlora_ms"] > 0 and r["competitor_ms"] > 0 for r in data["rows"])
+    assert all(e < 1e-4 for e in data["checks"].values()), data["checks"]
+
+
+def test_numpy_train_step_matches_float64():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((12, 10)).astype(np.float32)
+    a = rng.standard_normal((3, 10)).astype(np.float32)
+    b = rng.standard_normal((12, 3)).astype(np.float32)
+    x = rng.standard_normal((5, 10)).astype(np.float32)
+    g = rng.standard_normal((5, 12)).astype(np.float32)
+    s = 2.0
+    a0, b0 = a.copy(), b.copy()
+    step = bench._NumpyTrainStep(w, a, b, s, x, g, lr=0.01)
+    dx = step()
+    W, A, B, X, G = (t.astype(np.float64) for t in (w, a0, b0, x, g))
+    np.testing.assert_allclose(step.y, X @ W.T + s * (X @ A.T) @ B.T, rtol=1e-5, atol=1e-5)
+    ga, gb = s * (G @ B).T @ X, s * G.T @ (X @ A.T)
+    np.testing.assert_allclose(step.ga, ga, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(step.gb, gb, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dx, G @ W + s * (G @ B) @ A, rtol=1e-5, atol=1e-5)
+    # first AdamW step: m / sqrt(v) after bias correction is sign(g) (up to eps)
+    np.testing.assert_allclose(a, a0 - 0.01 * np.sign(ga), atol=1e-6)
+    np.testing.assert_allclose(b, b0 - 0.01 * np.sign(gb), atol=1e-6)

@@ -1,0 +1,123 @@
+"""``numlora demo``: the QLoRA fine-tuning run on scikit-learn's digits."""
+
+import re
+
+import numpy as np
+import pytest
+
+pytest.importorskip("sklearn")
+
+import numlora as nl  # noqa: E402
+from numlora import demo  # noqa: E402
+from numlora.cli import main  # noqa: E402
+
+SMALL = ["--epochs", "4", "--base-epochs", "8", "--hidden", "64"]
+TIMING = re.compile(r"\d+(\.\d+)? (ms|s)\b")
+
+
+def _run(capsys, *args):
+    rc = main(["demo", *SMALL, *args])
+    text = capsys.readouterr().out
+    return rc, text
+
+
+def _untimed(text):
+    """The report without its timings and without the note about a replaced folder."""
+    return "\n".join(TIMING.sub("<t>", line) for line in text.splitlines() if "replaced the adapter" not in line)
+
+
+def test_split_is_stratified_and_deterministic():
+    a = demo.load_digits_split(3)
+    b = demo.load_digits_split(3)
+    for u, w in zip(a, b):
+        np.testing.assert_array_equal(u, w)
+    x_tr, y_tr, x_te, y_te = a
+    assert x_tr.dtype == np.float32 and x_tr.shape[1] == 64 and len(y_tr) + len(y_te) == 1797
+    assert 0.0 <= x_tr.min() and x_tr.max() <= 1.0
+    held = np.bincount(y_te, minlength=10) / np.bincount(np.concatenate([y_tr, y_te]), minlength=10)
+    assert np.all(np.abs(held - 0.25) < 0.02)
+    assert not np.array_equal(demo.load_digits_split(4)[3], y_te)
+
+
+def test_rotate90_is_a_quarter_turn():
+    x = np.arange(2 * 64, dtype=np.float32).reshape(2, 64)
+    r = demo.rotate90(x)
+    np.testing.assert_array_equal(r[0].reshape(8, 8), np.rot90(x[0].reshape(8, 8)))
+    np.testing.assert_array_equal(demo.rotate90(demo.rotate90(demo.rotate90(r))), x)
+    assert r.flags.c_contiguous
+
+
+def test_base_model_learns_and_is_deterministic():
+    x_tr, y_tr, x_te, y_te = demo.load_digits_split(0)
+    p1 = demo.train_base(x_tr, y_tr, seed=0, hidden=32, epochs=6)
+    p2 = demo.train_base(x_tr, y_tr, seed=0, hidden=32, epochs=6)
+    for (w1, b1), (w2, b2) in zip(p1, p2):
+        np.testing.assert_array_equal(w1, w2)
+        np.testing.assert_array_equal(b1, b2)
+        assert w1.dtype == np.float32
+    assert [w.shape for w, _ in p1] == [(32, 64), (32, 32), (10, 32)]
+    assert demo.accuracy(demo.mlp_forward(p1, x_te), y_te) > 0.85
+    # the new task is one the base does not solve
+    assert demo.accuracy(demo.mlp_forward(p1, demo.rotate90(x_te)), y_te) < 0.35
+
+
+def test_softmax_xent_gradient():
+    rng = np.random.default_rng(0)
+    z = rng.standard_normal((5, 10)).astype(np.float64)
+    y = rng.integers(0, 10, 5)
+    loss, g = demo._softmax_xent(z, y)
+    eps = 1e-6
+    for i, j in [(0, 0), (2, 7), (4, y[4])]:
+        zp = z.copy()
+        zp[i, j] += eps
+        zm = z.copy()
+        zm[i, j] -= eps
+        fd = (demo._softmax_xent(zp, y)[0] - demo._softmax_xent(zm, y)[0]) / (2 * eps)
+        assert abs(fd - g[i, j]) < 1e-5
+
+
+@pytest.mark.slow
+def test_demo_end_to_end(tmp_path, capsys):
+    out = tmp_path / "adapter"
+    rc, text = _run(capsys, "--out", str(out), "--seed", "1")
+    assert rc == 0, text
+    m = re.search(r"rotated digits \(seed 1\): ([\d.]+) % before -> ([\d.]+) % after", text)
+    assert m, text
+    before, after = float(m.group(1)), float(m.group(2))
+    assert after > before + 40, text
+    assert re.search(r"same predictions as the QLoRA model on (\d+)/\1 held-out images", text), text
+    assert "float32 330.0 KiB" not in text  # hidden 64: a smaller base than the default
+    assert "bits/weight" in text and "time per training step" in text and "epoch  4/4" in text
+    assert "tensors and scaling equal: yes" in text
+
+    back = nl.load_peft_adapter(out)
+    assert back.layer_names == list(demo.LAYERS)
+    assert back["fc1"].lora_a.shape == (8, 64) and back["fc3"].lora_b.shape == (10, 8)
+    assert back.config.dropout == pytest.approx(0.05)
+    assert all(np.any(back[n].lora_b != 0) for n in back)
+
+    # the same seed gives the same report (timings aside); the second run says it replaced the adapter
+    rc2, text2 = _run(capsys, "--out", str(out), "--seed", "1")
+    assert rc2 == 0
+    assert "replaced the adapter an earlier run had saved there" in text2
+    assert "replaced" not in text
+    assert _untimed(text2) == _untimed(text)
+    back2 = nl.load_peft_adapter(out)
+    for n in back:
+        np.testing.assert_array_equal(back2[n].lora_a, back[n].lora_a)
+        np.testing.assert_array_equal(back2[n].lora_b, back[n].lora_b)
+
+
+@pytest.mark.slow
+def test_demo_other_seed_and_unwritable_out(tmp_path, capsys):
+    target = tmp_path / "a-file"
+    target.write_text("not a folder")
+    rc, text = _run(capsys, "--out", str(target), "--seed", "2", "--epochs", "1")
+    assert rc == 1
+    assert "not saved" in text and target.read_text() == "not a folder"
+
+
+def test_demo_option_checks():
+    for bad in (["--rank", "0"], ["--rank", "11"], ["--epochs", "0"], ["--seed", "-1"]):
+        with pytest.raises(SystemExit):
+            main(["demo", *bad])
