@@ -48,15 +48,17 @@ class Row:
 CALLS_PER_ROUND = 3
 
 
-def time_interleaved(fns, repeat):
-    """Median milliseconds of each function, timed as described in the module docstring.
-    An entry may be a pair ``(f, after)``: ``after`` runs untimed after every call of f
-    (to undo what f did, e.g. unmerge after a timed merge)."""
+def time_interleaved(fns, repeat, pause=None):
+    """Median milliseconds of each function, timed as described in the module docstring
+    (``pause``: seconds of sleep before each competitor's warm-up call, default
+    ``PAUSE_S``). An entry may be a pair ``(f, after)``: ``after`` runs untimed after every
+    call of f (to undo what f did, e.g. unmerge after a timed merge)."""
+    pause = PAUSE_S if pause is None else pause
     pairs = [f if isinstance(f, tuple) else (f, None) for f in fns]
     times = [[] for _ in fns]
     for _ in range(repeat):
         for k, (f, after) in enumerate(pairs):
-            time.sleep(PAUSE_S)
+            time.sleep(pause)
             f()
             if after:
                 after()
@@ -432,6 +434,269 @@ def main(args) -> int:
     if args.json:
         from .io import write_text_atomic
 
+        write_text_atomic(args.json, json.dumps(result, indent=2))
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+# --- training step (numlora bench --train) ---------------------------------------------------------
+#: Pause before each competitor's warm-up call in the training benchmark (seconds).
+TRAIN_PAUSE_S = 0.3
+TRAIN_LR = 1e-4
+
+TRAIN_METHOD = (
+    "One training step = forward in training mode + backward (grad of x, A and B, given a fixed "
+    "dL/dy) + AdamW step on A and B (lr 1e-4, no weight decay, no dropout). Competitors are "
+    "interleaved in rounds; each sleeps {pause:g} s and runs one untimed warm-up step before its "
+    "{calls} timed steps; medians of all timed steps. Buffers: the numpy step writes every product "
+    "and the AdamW temporaries into preallocated arrays (out=); numlora's forward writes into a "
+    "preallocated out= and accumulates into its persistent grad_a / grad_b (grad_x is a fresh "
+    "array, as the API returns it); torch allocates as autograd does (x.grad reset to None each "
+    "step, optimizer zero_grad(set_to_none=False)).")
+
+
+class _NumpyTrainStep:
+    """The hand-written numpy equivalent of a LoRA training step over a dense base, BLAS for
+    every product, every buffer preallocated:
+
+    forward ``U = s x A^T``, ``y = x W^T + U B^T``; backward ``H = G B``, ``dB = G^T U``,
+    ``dA = s H^T x``, ``dx = G W + s H A``; AdamW (decoupled weight decay, bias correction)
+    on A and B in place."""
+
+    def __init__(self, w, a, b, s, x, g, lr=TRAIN_LR, betas=(0.9, 0.999), eps=1e-8, wd=0.0):
+        self.w, self.a, self.b, self.s, self.x, self.g = w, a, b, np.float32(s), x, g
+        n, out_f, in_f, r = x.shape[0], w.shape[0], w.shape[1], a.shape[0]
+        f = np.float32
+        self.y, self.y2 = np.empty((n, out_f), f), np.empty((n, out_f), f)
+        self.u, self.h = np.empty((n, r), f), np.empty((n, r), f)
+        self.dx, self.dx2 = np.empty((n, in_f), f), np.empty((n, in_f), f)
+        self.ga, self.gb = np.empty_like(a), np.empty_like(b)
+        self.state = [(a, self.ga, np.zeros_like(a), np.zeros_like(a), np.empty_like(a)),
+                      (b, self.gb, np.zeros_like(b), np.zeros_like(b), np.empty_like(b))]
+        self.lr, (self.b1, self.b2), self.eps, self.wd, self.t = lr, betas, eps, wd, 0
+
+    def __call__(self):
+        x, w, a, b, g, s = self.x, self.w, self.a, self.b, self.g, self.s
+        # forward
+        np.dot(x, w.T, out=self.y)
+        np.dot(x, a.T, out=self.u)
+        self.u *= s
+        np.dot(self.u, b.T, out=self.y2)
+        self.y += self.y2
+        # backward
+        np.dot(g, b, out=self.h)
+        np.dot(g.T, self.u, out=self.gb)
+        np.dot(self.h.T, x, out=self.ga)
+        self.ga *= s
+        np.dot(g, w, out=self.dx)
+        self.h *= s
+        np.dot(self.h, a, out=self.dx2)
+        self.dx += self.dx2
+        # AdamW
+        self.t += 1
+        b1, b2, lr = self.b1, self.b2, self.lr
+        bc1, bc2s = 1.0 - b1 ** self.t, np.sqrt(1.0 - b2 ** self.t)
+        for p, gp, m, v, tmp in self.state:
+            if self.wd:
+                p *= np.float32(1.0 - lr * self.wd)
+            m *= np.float32(b1)
+            np.multiply(gp, np.float32(1.0 - b1), out=tmp)
+            m += tmp
+            v *= np.float32(b2)
+            np.multiply(gp, gp, out=tmp)
+            tmp *= np.float32(1.0 - b2)
+            v += tmp
+            np.sqrt(v, out=tmp)
+            tmp *= np.float32(1.0 / bc2s)
+            tmp += np.float32(self.eps)
+            np.divide(m, tmp, out=tmp)
+            tmp *= np.float32(lr / bc1)
+            p -= tmp
+        return self.dx
+
+
+class _TorchTrainStep:
+    """torch: a PEFT-wrapped module in train mode, ``y = model(x)``, ``y.backward(G)``
+    (x requires grad, so dx is computed as in the other competitors), AdamW step on the
+    LoRA parameters."""
+
+    def __init__(self, torch, model, x, g, lr=TRAIN_LR):
+        self.torch, self.model = torch, model.train()
+        self.x = torch.from_numpy(x.copy()).requires_grad_(True)
+        self.g = torch.from_numpy(g)
+        self.opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+
+    def __call__(self):
+        self.opt.zero_grad(set_to_none=False)
+        self.x.grad = None
+        y = self.model(self.x)
+        y.backward(self.g)
+        self.opt.step()
+
+
+def _peft_models(torch, w, a, b, rank, alpha, notes):
+    """(PEFT LoRA over nn.Linear, PEFT QLoRA over bitsandbytes Linear4bit nf4 with float32
+    compute), each None when unavailable (reason appended to notes)."""
+    out_f, in_f = w.shape
+
+    class Net(torch.nn.Module):
+        def __init__(self, lin):
+            super().__init__()
+            self.lin = lin
+
+        def forward(self, x):
+            return self.lin(x)
+
+    def wrap(base):
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(Net(base), LoraConfig(r=rank, lora_alpha=alpha, target_modules=["lin"],
+                                                     lora_dropout=0.0))
+        layer = model.base_model.model.lin
+        with torch.no_grad():
+            layer.lora_A["default"].weight.copy_(torch.from_numpy(a))
+            layer.lora_B["default"].weight.copy_(torch.from_numpy(b))
+        return model
+
+    lora = qlora = None
+    try:
+        lin = torch.nn.Linear(in_f, out_f, bias=False)
+        with torch.no_grad():
+            lin.weight.copy_(torch.from_numpy(w))
+        lora = wrap(lin)
+    except Exception as exc:  # noqa: BLE001 - a peer that fails is reported, not fatal
+        notes.append(f"PEFT LoRA unavailable: {exc!r}")
+    try:
+        import bitsandbytes as bnb
+
+        q = bnb.nn.Linear4bit(in_f, out_f, bias=False, compute_dtype=torch.float32, quant_type="nf4")
+        q.weight = bnb.nn.Params4bit(torch.from_numpy(w).clone(), requires_grad=False, quant_type="nf4",
+                                     blocksize=64)
+        qlora = wrap(q.to("cpu"))
+    except Exception as exc:  # noqa: BLE001
+        notes.append(f"PEFT QLoRA (bitsandbytes) unavailable: {exc!r}")
+    return lora, qlora
+
+
+def run_train(size=4096, rank=16, batch=128, repeat=7, peers=True):
+    """Time one training step of each competitor (see :data:`TRAIN_METHOD`); returns
+    ``(rows, medians_ms, notes, checks)``."""
+    import numlora as nl
+    from numlora.train import AdamW
+
+    rng = np.random.default_rng(0)
+    out_f = in_f = size
+    alpha = 2 * rank
+    s = alpha / rank
+    w = (rng.standard_normal((out_f, in_f), dtype=np.float32) * 0.02).astype(np.float32)
+    a = (rng.standard_normal((rank, in_f), dtype=np.float32) * 0.01).astype(np.float32)
+    b = (rng.standard_normal((out_f, rank), dtype=np.float32) * 0.01).astype(np.float32)
+    x = rng.standard_normal((batch, in_f), dtype=np.float32)
+    g = (rng.standard_normal((batch, out_f), dtype=np.float32) / batch).astype(np.float32)
+    notes, checks = [], {}
+
+    def numlora_step(layer):
+        opt = AdamW(layer.parameters(), lr=TRAIN_LR)
+        layer.train()
+        y = np.empty((batch, out_f), np.float32)
+
+        def f():
+            opt.zero_grad()
+            layer.forward(x, out=y)
+            dx = layer.backward(g)
+            opt.step()
+            return dx
+
+        return f
+
+    dense = nl.LoraLinear(w, a, b, alpha)
+    qlayer = nl.QLoraLinear(nl.quantize_nf4(w, 64), a, b, alpha)
+    fns = {
+        "numlora LoRA step, dense base": numlora_step(dense),
+        "hand-written numpy (BLAS)": _NumpyTrainStep(w, a.copy(), b.copy(), s, x, g),
+        "numlora QLoRA step, NF4 base": numlora_step(qlayer),
+    }
+
+    # agreement of the first step: numlora dense against the numpy equivalent (same formulas)
+    probe = nl.LoraLinear(w, a, b, alpha).train()
+    probe.forward(x)
+    dx_nl = probe.backward(g)
+    ref = _NumpyTrainStep(w, a.copy(), b.copy(), s, x, g)
+    dx_np = ref()
+    checks["grad_x, numlora dense vs numpy (max rel)"] = float(np.abs(dx_nl - dx_np).max() / np.abs(dx_np).max())
+    checks["grad_a, numlora dense vs numpy (max rel)"] = float(np.abs(probe.grad_a - ref.ga).max()
+                                                              / np.abs(ref.ga).max())
+    checks["grad_b, numlora dense vs numpy (max rel)"] = float(np.abs(probe.grad_b - ref.gb).max()
+                                                              / np.abs(ref.gb).max())
+    del probe, ref
+
+    if peers:
+        try:
+            import torch
+        except ImportError:
+            notes.append("torch not installed: no torch + PEFT rows")
+        else:
+            torch.manual_seed(0)
+            lora, qlora = _peft_models(torch, w, a, b, rank, alpha, notes)
+            if lora is not None:
+                fns["torch + PEFT LoRA (nn.Linear)"] = _TorchTrainStep(torch, lora, x, g)
+            if qlora is not None:
+                fns["PEFT QLoRA (bitsandbytes Linear4bit nf4)"] = _TorchTrainStep(torch, qlora, x, g)
+
+    names = list(fns)
+    ts = time_interleaved([fns[k] for k in names], repeat, pause=TRAIN_PAUSE_S)
+    med = dict(zip(names, ts))
+
+    dense_k, np_k, nf4_k = names[0], names[1], names[2]
+    case_d = f"LoRA training step, dense base, batch {batch}"
+    case_q = f"QLoRA training step, NF4 base, batch {batch}"
+    rows = [Row(case_d, med[dense_k], np_k, med[np_k], goal="<= 1.1x")]
+    if "torch + PEFT LoRA (nn.Linear)" in med:
+        rows.append(Row(case_d, med[dense_k], "torch + PEFT LoRA (nn.Linear)", med["torch + PEFT LoRA (nn.Linear)"],
+                        goal="< 1x (faster)"))
+    if "PEFT QLoRA (bitsandbytes Linear4bit nf4)" in med:
+        rows.append(Row(case_q, med[nf4_k], "PEFT QLoRA (bitsandbytes Linear4bit nf4)",
+                        med["PEFT QLoRA (bitsandbytes Linear4bit nf4)"], goal="<= 0.6x"))
+    rows.append(Row(case_q, med[nf4_k], dense_k, med[dense_k], goal="<= 1.3x"))
+    return rows, med, notes, checks
+
+
+def train_markdown(rows) -> str:
+    lines = ["| case | numlora ms | competitor | competitor ms | ratio | goal |",
+             "|---|---:|---|---:|---:|---|"]
+    for r in rows:
+        lines.append(f"| {r.case} | {r.numlora_ms:.2f} | {r.competitor} | {r.competitor_ms:.2f} | {r.ratio:.2f}x | "
+                     f"{r.goal} |")
+    return "\n".join(lines)
+
+
+def main_train(args) -> int:
+    batch = args.batch[0] if args.batch else 128
+    rows, med, notes, checks = run_train(size=args.size, rank=args.rank, batch=batch, repeat=args.repeat,
+                                         peers=not args.no_peers)
+    date = time.strftime("%Y-%m-%d")
+    mach = machine()
+    print(f"numlora bench --train, {date}: {args.size} x {args.size} float32 base, rank {args.rank}, batch {batch}; "
+          f"median of {args.repeat} interleaved rounds x {CALLS_PER_ROUND} steps (ratio = numlora / competitor)"
+          f"\n\nMachine: {mach}\n")
+    print(train_markdown(rows))
+    print("\nMedian ms per training step, every competitor (same run):\n")
+    for k, ms in med.items():
+        print(f"- {k}: {ms:.2f}")
+    print("\nFirst step agreement:\n")
+    for k, e in checks.items():
+        print(f"- {k}: {e:.1e}")
+    method = TRAIN_METHOD.format(pause=TRAIN_PAUSE_S, calls=CALLS_PER_ROUND)
+    print(f"\nMethod: {method}")
+    for n in notes:
+        print(f"\nnote: {n}")
+    if args.json:
+        from .io import write_text_atomic
+
+        result = {"machine": mach, "date": date, "size": args.size, "rank": args.rank, "batch": batch,
+                  "repeat": args.repeat, "calls_per_round": CALLS_PER_ROUND, "pause_s": TRAIN_PAUSE_S,
+                  "rows": [dict(asdict(r), ratio=r.ratio) for r in rows], "median_ms": med, "checks": checks,
+                  "method": method, "notes": notes}
         write_text_atomic(args.json, json.dumps(result, indent=2))
         print(f"\nwrote {args.json}")
     return 0
