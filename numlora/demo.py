@@ -21,6 +21,7 @@ Everything that is not a timing is deterministic for a given ``seed``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 
@@ -118,17 +119,29 @@ def train_base(x, y, seed, hidden=256, epochs=20, batch=64, lr=2e-3):
     return params
 
 
-def _one_blas_thread():
-    """BLAS on one thread (threadpoolctl comes with scikit-learn): the base's matrices are
-    small, so a second thread buys nothing, and spinning threads slow badly when the
-    cores are busy; one thread also gives the same sums whatever the core count."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover
-        import contextlib
+@contextlib.contextmanager
+def one_thread():
+    """numba kernels and BLAS on one thread for the duration (restored afterwards). The
+    demo's matrices are small (a batch of 32 rows, 256 wide): a second thread buys nothing
+    there, while threads that spin after each call (OpenBLAS's, numba's) slow each other and
+    slow badly when other work keeps the cores busy. One thread also gives the same BLAS
+    sums on any machine (numlora's kernels give the same results on any thread count)."""
+    import numba
 
-        return contextlib.nullcontext()
-    return threadpool_limits(1, "blas")
+    try:
+        from threadpoolctl import threadpool_limits  # comes with scikit-learn
+    except ImportError:  # pragma: no cover
+        threadpool_limits = None
+    before = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        if threadpool_limits is None:  # pragma: no cover
+            yield
+        else:
+            with threadpool_limits(1, "blas"):
+                yield
+    finally:
+        numba.set_num_threads(before)
 
 
 def accuracy(logits, y) -> float:
@@ -234,7 +247,12 @@ def main(seed: int = 0, out_dir=DEFAULT_OUT, epochs: int = 20, base_epochs: int 
          alpha: float = 16.0, dropout: float = 0.05, lr: float = 5e-3, batch: int = 32, hidden: int = 256,
          out=print, progress: bool | None = None) -> int:
     """Run the demo; ``out`` receives each line of the report. Returns 0 when every check
-    passed, 1 otherwise."""
+    passed, 1 otherwise. Runs on one thread (see :func:`one_thread`)."""
+    with one_thread():
+        return _main(seed, out_dir, epochs, base_epochs, rank, alpha, dropout, lr, batch, hidden, out, progress)
+
+
+def _main(seed, out_dir, epochs, base_epochs, rank, alpha, dropout, lr, batch, hidden, out, progress) -> int:
     import numlora as nl
     from numlora._progress import Progress
     from numlora.train import AdamW
@@ -250,8 +268,7 @@ def main(seed: int = 0, out_dir=DEFAULT_OUT, epochs: int = 20, base_epochs: int 
 
     # 1. base model -----------------------------------------------------------------------
     t0 = time.perf_counter()
-    with _one_blas_thread():
-        params = train_base(x_tr, y_tr, seed, hidden=hidden, epochs=base_epochs)
+    params = train_base(x_tr, y_tr, seed, hidden=hidden, epochs=base_epochs)
     t_base = time.perf_counter() - t0
     acc_base = accuracy(mlp_forward(params, x_te), y_te)
     pred_rot = np.argmax(mlp_forward(params, xr_te), axis=1)
@@ -309,8 +326,8 @@ def main(seed: int = 0, out_dir=DEFAULT_OUT, epochs: int = 20, base_epochs: int 
         acc = accuracy(_evaluate(model, xr_te), y_te)
         out(f"   epoch {epoch:>2}/{epochs}  loss {np.mean(losses):.4f}  held-out accuracy (rotated) {100 * acc:5.1f} %")
     ms = 1e3 * float(np.median(step_times)) if step_times else 1e3 * first_step
-    out(f"   time per training step (batch {batch}: forward + backward + AdamW over 3 layers): median {ms:.2f} ms; "
-        f"first step {first_step:.2f} s (JIT compile or cache load)")
+    out(f"   time per training step (batch {batch}: forward + backward + AdamW over 3 layers, one thread): "
+        f"median {ms:.2f} ms; first step {first_step:.2f} s (JIT compile or cache load)")
 
     # 4. before / after ----------------------------------------------------------------------
     logits = _evaluate(model, xr_te)

@@ -78,9 +78,13 @@ def test_softmax_xent_gradient():
 
 @pytest.mark.slow
 def test_demo_end_to_end(tmp_path, capsys):
+    import numba
+
+    threads = numba.get_num_threads()
     out = tmp_path / "adapter"
     rc, text = _run(capsys, "--out", str(out), "--seed", "1")
     assert rc == 0, text
+    assert numba.get_num_threads() == threads  # the demo's one-thread setting is undone
     m = re.search(r"rotated digits \(seed 1\): ([\d.]+) % before -> ([\d.]+) % after", text)
     assert m, text
     before, after = float(m.group(1)), float(m.group(2))
