@@ -272,7 +272,7 @@ class _LowRank:
             if x2.size:
                 from .kernels import train as k
 
-                k.dropout_fill(x2, drop[0], drop[1], drop[2], xd2)
+                k.dropout_fill(x2, drop.thresh, drop.states(x2.shape[0]), drop.scale, xd2)
         us = self._train_forward_impl(x2, xd2, out2, lora, dtype)
         self._cache = (x2, xd2, us, drop, x.ndim == 1, lora, dtype)
         return out

@@ -333,9 +333,30 @@ def _seed64(seed) -> int:
     return seed
 
 
+def _row_states(seed, n):
+    """Start states of the rows' xorshift64 streams: splitmix64(seed + (i + 1) * golden),
+    0 replaced by 1 (uint64 array arithmetic wraps modulo 2**64)."""
+    z = np.arange(1, n + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15) + np.uint64(seed)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z = z ^ (z >> np.uint64(31))
+    z[z == 0] = 1
+    return z
+
+
+class _Drop(NamedTuple):
+    """(thresh, seed, scale) as the dropout kernels take them, the row states per batch."""
+
+    thresh: np.uint64
+    seed: int
+    scale: object
+
+    def states(self, n):
+        return _row_states(self.seed, n)
+
+
 def _drop_args(p, seed, dtype):
-    """(thresh, seed, scale) as the dropout kernels take them."""
-    return (np.uint64(math.ceil(p * 2.0 ** 53)), np.uint64(seed), np.dtype(dtype).type(1.0 / (1.0 - p)))
+    return _Drop(np.uint64(math.ceil(p * 2.0 ** 53)), int(seed), np.dtype(dtype).type(1.0 / (1.0 - p)))
 
 
 def lora_dropout(x, p, seed, out=None):
@@ -369,7 +390,8 @@ def lora_dropout(x, p, seed, out=None):
     if x2.size:
         from .kernels import train as k
 
-        k.dropout_fill(x2, *_drop_args(p, seed, x.dtype), out.reshape(-1, width))
+        d = _drop_args(p, seed, x.dtype)
+        k.dropout_fill(x2, d.thresh, d.states(x2.shape[0]), d.scale, out.reshape(-1, width))
     return out, state
 
 
@@ -384,8 +406,8 @@ def dropout_keep_mask(shape, p, seed) -> np.ndarray:
     if p > 0 and out.size:
         from .kernels import train as k
 
-        thresh, s, _ = _drop_args(p, seed, np.float64)
-        k.dropout_mask(n, m, thresh, s, out)
+        d = _drop_args(p, seed, np.float64)
+        k.dropout_mask(n, m, d.thresh, d.states(n), out)
     return out.reshape(shape).astype(bool)
 
 
@@ -438,7 +460,7 @@ def _backward_core(x2, xd2, a, b, s, g2, us, drop, grad_a, grad_b, need_grad_x, 
     else:
         from .kernels import train as k
 
-        k.dropout_mul_add(t, drop[0], drop[1], drop[2], dx)
+        k.dropout_mul_add(t, drop.thresh, drop.states(n), drop.scale, dx)
     return dx, grad_a, grad_b
 
 
@@ -465,7 +487,7 @@ def _backward_inputs(x, in_f, out_f, grad_out, dtype, dropout, x_drop, u, rank):
                 if x2.size:
                     from .kernels import train as k
 
-                    k.dropout_fill(x2, drop[0], drop[1], drop[2], xd2)
+                    k.dropout_fill(x2, drop.thresh, drop.states(x2.shape[0]), drop.scale, xd2)
     if x_drop is not None:
         xd = _input_rows(x_drop, in_f, "x_drop")
         if xd.shape != x.shape:

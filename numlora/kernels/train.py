@@ -3,7 +3,8 @@ step. No validation here (the functional layer in ``numlora.ops`` / ``numlora.tr
 checks everything).
 
 Dropout stream of row ``i`` for a call seeded ``seed`` (all arithmetic modulo 2**64):
-``state = splitmix64(seed + (i + 1) * 0x9E3779B97F4A7C15)`` (0 replaced by 1), then one
+``state = splitmix64(seed + (i + 1) * 0x9E3779B97F4A7C15)`` (0 replaced by 1; computed
+by the caller, vectorised, and passed in as ``states``), then one
 xorshift64 step (``s ^= s << 13; s ^= s >> 7; s ^= s << 17``) per element in column
 order; element ``j`` is kept iff ``(s >> 11) >= thresh`` with ``thresh = ceil(p * 2**53)``,
 so the keep probability is ``1 - thresh / 2**53`` (``1 - p`` up to 2**-53). A row's mask
@@ -21,22 +22,6 @@ import numpy as np
 
 from ._jit import inline_helper, kernel
 
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_M1 = np.uint64(0xBF58476D1CE4E5B9)
-_M2 = np.uint64(0x94D049BB133111EB)
-
-
-@inline_helper
-def _row_state(seed, i):
-    """splitmix64 of ``seed + (i + 1) * golden``; never 0."""
-    z = seed + (np.uint64(i) + np.uint64(1)) * _GOLDEN
-    z = (z ^ (z >> np.uint64(30))) * _M1
-    z = (z ^ (z >> np.uint64(27))) * _M2
-    z = z ^ (z >> np.uint64(31))
-    if z == np.uint64(0):
-        z = np.uint64(1)
-    return z
-
 
 @inline_helper
 def _step(s):
@@ -47,13 +32,14 @@ def _step(s):
 
 
 @kernel()
-def dropout_fill(x, thresh, seed, scale, out):
+def dropout_fill(x, thresh, states, scale, out):
     """out[i, j] = x[i, j] * scale where row i's stream keeps element j, else 0.
-    x, out: (n, m) of one float dtype; scale of that dtype; thresh, seed uint64."""
+    x, out: (n, m) of one float dtype; scale of that dtype; thresh uint64; states (n,)
+    uint64, the rows' start states."""
     n, m = x.shape
     zero = out.dtype.type(0)
     for i in range(n):
-        s = _row_state(seed, i)
+        s = states[i]
         xr = x[i]
         orow = out[i]
         for j in range(m):
@@ -62,12 +48,12 @@ def dropout_fill(x, thresh, seed, scale, out):
 
 
 @kernel()
-def dropout_mul_add(src, thresh, seed, scale, dst):
+def dropout_mul_add(src, thresh, states, scale, dst):
     """dst[i, j] += src[i, j] * scale where the same mask as :func:`dropout_fill` keeps
     element j of row i (the input gradient through the dropout)."""
     n, m = src.shape
     for i in range(n):
-        s = _row_state(seed, i)
+        s = states[i]
         sr = src[i]
         dr = dst[i]
         for j in range(m):
@@ -77,10 +63,10 @@ def dropout_mul_add(src, thresh, seed, scale, dst):
 
 
 @kernel()
-def dropout_mask(n, m, thresh, seed, out):
+def dropout_mask(n, m, thresh, states, out):
     """out[i, j] = 1 where the stream keeps element j of row i, else 0 (uint8 (n, m))."""
     for i in range(n):
-        s = _row_state(seed, i)
+        s = states[i]
         for j in range(m):
             s = _step(s)
             out[i, j] = 1 if (s >> np.uint64(11)) >= thresh else 0
