@@ -15,6 +15,13 @@ from .layers import LoraLinear
 __all__ = ["LoraAdapter", "LoraAdapterSummary"]
 
 
+def _name_seed(name: str) -> int:
+    """A dropout seed per layer name, the same in every run (unlike ``hash``)."""
+    import zlib
+
+    return zlib.crc32(name.encode("utf-8"))
+
+
 @dataclass(frozen=True)
 class LoraAdapterSummary:
     """Parameter counts of an adapter (the seed's fields)."""
@@ -80,7 +87,8 @@ class LoraAdapter:
         c = self._config
         layer = LoraLinear.from_weight(weight, c.rank_for(name), c.alpha_for(name), init=init, seed=seed, bias=bias,
                                        use_rslora=c.use_rslora, fan_in_fan_out=c.fan_in_fan_out,
-                                       use_dora=c.use_dora, lora_bias=c.lora_bias)
+                                       use_dora=c.use_dora, lora_bias=c.lora_bias, dropout=c.dropout,
+                                       dropout_seed=_name_seed(name))
         self._layers[name] = layer
         return layer
 
@@ -106,7 +114,8 @@ class LoraAdapter:
                               "(or the base weight to initialise it from)")
         alpha = c.alpha_for(name) if alpha is None else alpha
         layer = LoraLinear(None, lora_a, lora_b, alpha, use_rslora=c.use_rslora, fan_in_fan_out=c.fan_in_fan_out,
-                           magnitude=magnitude, lora_bias=lora_bias)
+                           magnitude=magnitude, lora_bias=lora_bias, dropout=c.dropout,
+                           dropout_seed=_name_seed(name))
         if c.lora_bias and lora_bias is None:
             layer.lora_bias = np.zeros(layer.out_features, layer.lora_a.dtype)
         if weight is not None:

@@ -19,6 +19,7 @@ __all__ = [
     "DuplicateLayerError",
     "FormatError",
     "DetachedLayerError",
+    "TrainStateError",
 ]
 
 
@@ -67,3 +68,8 @@ class FormatError(NumloraError, ValueError):
 class DetachedLayerError(NumloraError, RuntimeError):
     """The layer holds an adapter (A, B, ...) but no base weight: forward and merge need
     one; attach it with ``attach(weight)`` first."""
+
+
+class TrainStateError(NumloraError, RuntimeError):
+    """A training call does not fit the layer's state (backward without a training-mode
+    forward, training a merged layer)."""

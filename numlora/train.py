@@ -12,14 +12,9 @@ import math
 import numpy as np
 
 from . import _validate as v
-from .errors import ConfigError, DTypeError, NumloraError, ShapeError
+from .errors import ConfigError, DTypeError, ShapeError, TrainStateError
 
 __all__ = ["Parameter", "AdamW", "clip_grad_norm", "TrainStateError"]
-
-
-class TrainStateError(NumloraError, RuntimeError):
-    """A training call does not fit the layer's state (backward without a training-mode
-    forward, training a merged layer)."""
 
 
 class Parameter:

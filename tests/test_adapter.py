@@ -243,3 +243,16 @@ def test_config_from_peft_defaults_warnings_and_refusals():
             nl.LoraConfig.from_peft(data)
     with pytest.raises(nl.DTypeError, match="target_modules"):
         nl.LoraConfig.from_peft({"peft_type": "LORA", "target_modules": 3})
+
+
+def test_layers_get_the_config_dropout_with_a_seed_per_name():
+    rng = np.random.default_rng(3)
+    cfg = nl.LoraConfig(rank=2, alpha=4.0, dropout=0.25)
+    ad = nl.LoraAdapter(cfg)
+    w = rng.standard_normal((6, 8)).astype(np.float32)
+    a = ad.add_layer("x.q", w)
+    b = ad.add_lora("x.v", np.ones((2, 8), np.float32), np.ones((6, 2), np.float32))
+    assert a.dropout == 0.25 and b.dropout == 0.25
+    assert a.dropout_seed != b.dropout_seed
+    ad2 = nl.LoraAdapter(cfg)
+    assert ad2.add_layer("x.q", w).dropout_seed == a.dropout_seed  # stable across adapters and runs
