@@ -10,6 +10,7 @@ from .dora import dora_forward, dora_weight_norm, merge_dora
 from .errors import (
     ConfigError,
     DetachedLayerError,
+    FormatError,
     DTypeError,
     DuplicateLayerError,
     LayerNotFoundError,
@@ -69,6 +70,7 @@ __all__ = [
     "quantize_nf4",
     "unmerge_lora",
     "DetachedLayerError",
+    "FormatError",
     "dora_forward",
     "dora_weight_norm",
     "load_peft_adapter",
