@@ -125,3 +125,37 @@ def test_demo_option_checks():
     for bad in (["--rank", "0"], ["--rank", "11"], ["--epochs", "0"], ["--seed", "-1"]):
         with pytest.raises(SystemExit):
             main(["demo", *bad])
+
+
+@pytest.mark.slow
+def test_saved_adapter_loads_in_peft(tmp_path, capsys):
+    """PEFT's own loader applies the demo's adapter to a torch copy of the dequantized base
+    and reaches the accuracy the demo printed."""
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    out = tmp_path / "adapter"
+    rc, text = _run(capsys, "--out", str(out), "--seed", "0")
+    assert rc == 0
+    after = float(re.search(r"% before -> ([\d.]+) % after", text).group(1))
+    x_tr, y_tr, x_te, y_te = demo.load_digits_split(0)
+    with demo.one_thread():
+        params = demo.train_base(x_tr, y_tr, 0, hidden=64, epochs=8)
+    model = demo.QLoraMLP(params, 8, 16.0, 0.0, 0)
+
+    class MLP(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2, self.fc3 = torch.nn.Linear(64, 64), torch.nn.Linear(64, 64), torch.nn.Linear(64, 10)
+
+        def forward(self, x):
+            return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+    net = MLP()
+    with torch.no_grad():
+        for lin, layer in zip((net.fc1, net.fc2, net.fc3), model.layers):
+            lin.weight.copy_(torch.from_numpy(layer.dequantize_weight()))
+            lin.bias.copy_(torch.from_numpy(layer.bias))
+    pm = peft.PeftModel.from_pretrained(net, str(out)).eval()
+    with torch.no_grad():
+        logits = pm(torch.from_numpy(demo.rotate90(x_te))).numpy()
+    assert 100 * demo.accuracy(logits, y_te) == pytest.approx(after, abs=0.25)
