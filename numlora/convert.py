@@ -110,6 +110,48 @@ def _index(ckpt: Checkpoint, sizes: dict[str, int], weight_map: dict[str, str]) 
     return {"metadata": meta, "weight_map": dict(sorted(weight_map.items()))}
 
 
+# --- tensors in and out as float32, through buffers reused from tensor to tensor ----------
+class _Buffers:
+    """Work arrays sized to the largest tensor seen so far and reused: a fresh array per
+    tensor costs more in page faults than the conversion itself."""
+
+    def __init__(self):
+        self._arrays = {}
+
+    def get(self, key, n: int, dtype) -> np.ndarray:
+        a = self._arrays.get(key)
+        if a is None or a.size < n:
+            self._arrays[key] = a = None  # free the old one first
+            self._arrays[key] = a = np.empty(max(n, 1), dtype)
+        return a[:n]
+
+
+def _load_f32(f: SafetensorsFile, name: str, bufs: _Buffers, slot: str = "x") -> np.ndarray:
+    """Tensor ``name`` as a float32 array in a reused buffer (writable, C-contiguous)."""
+    from .io.safetensors import bf16_to_f32
+
+    t = f.info(name)
+    x = bufs.get(slot, t.numel, np.float32).reshape(t.shape)
+    raw = f.raw(name)
+    if t.dtype == "BF16":
+        bf16_to_f32(raw, out=x)
+    else:
+        np.copyto(x, raw, casting="unsafe")
+    return x
+
+
+def _store(w: SafetensorsWriter, name: str, x: np.ndarray, st: str, bufs: _Buffers) -> None:
+    """Write float32 ``x`` as safetensors dtype ``st``."""
+    if st == "BF16":
+        from .kernels import convert as kc
+
+        bits = bufs.get("bf16", x.size, np.uint16)
+        kc.f32_to_bf16(x.reshape(-1), bits)
+        w.write(name, bits.reshape(x.shape))
+    else:
+        w.write(name, x)
+
+
 # --- adapter module -> checkpoint key ------------------------------------------------------
 def match_modules(modules, keys) -> dict[str, str]:
     """Map adapter module names to checkpoint weight keys (``<module>.weight``).
@@ -226,6 +268,7 @@ def merge_checkpoint(base, adapter, out, *, dtype: str | None = None, overwrite:
                 bias_add[bkey] = layer
         report = MergeReport(output=os.path.abspath(os.fspath(out)))
         dest = _Output(ckpt, out, ckpt.files + adapter_inputs, overwrite)
+        bufs = _Buffers()
         try:
             sizes, wmap = {}, {}
             with Progress(ckpt.total_bytes, "merge", enabled=progress) as bar:
@@ -241,9 +284,7 @@ def merge_checkpoint(base, adapter, out, *, dtype: str | None = None, overwrite:
                         for (name, st, shape), t in zip(entries, f.infos()):
                             if name in by_key or name in bias_add:
                                 layer = layers[by_key[name]] if name in by_key else bias_add[name]
-                                x = f.get(name)
-                                if not x.flags.writeable or x.dtype != np.float32:
-                                    x = np.array(x, dtype=np.float32)  # F32/F64 arrive as read-only maps
+                                x = _load_f32(f, name, bufs)
                                 if name in by_key:
                                     _merge_one(x, layer)
                                     report.merged.append({"module": by_key[name], "key": name,
@@ -253,9 +294,9 @@ def merge_checkpoint(base, adapter, out, *, dtype: str | None = None, overwrite:
                                 if not np.isfinite(x).all():
                                     raise NonFiniteError(f"the merged {name!r} holds NaN or infinity; nothing "
                                                          "was written")
-                                w.write(name, x)
+                                _store(w, name, x, st, bufs)
                             elif st != t.dtype:
-                                w.write(name, f.get(name))
+                                _store(w, name, _load_f32(f, name, bufs), st, bufs)
                                 report.converted += 1
                             else:
                                 w.copy_from(f, name)
@@ -377,6 +418,9 @@ def quantize_checkpoint(src, out, *, blocksize: int = 64, double_quant: bool = F
                               "--include / --exclude)")
         rep = QuantizeReport(output=os.path.abspath(os.fspath(out)), blocksize=blocksize, double_quant=double_quant)
         dest = _Output(ckpt, out, ckpt.files, overwrite)
+        bufs = _Buffers()
+        from .kernels import convert as kc
+
         err_sum, err_n = 0.0, 0
         try:
             sizes, wmap = {}, {}
@@ -400,7 +444,7 @@ def quantize_checkpoint(src, out, *, blocksize: int = 64, double_quant: bool = F
                                 rep.copied += 1
                                 bar.update(t.nbytes, t.name)
                                 continue
-                            x = f.get(t.name)
+                            x = _load_f32(f, t.name, bufs)
                             q = quantize_nf4(x, blocksize, double_quant=double_quant)
                             q.dtype = _ST_TO_NAME[t.dtype]
                             prefix = t.name[: -len(".weight")]
@@ -411,10 +455,12 @@ def quantize_checkpoint(src, out, *, blocksize: int = 64, double_quant: bool = F
                                                   f"declared {sorted(names)}")
                             for n in names:
                                 w.write(n, sd[n])
-                            d = q.dequantize().reshape(t.shape)
-                            d -= x
-                            np.abs(d, out=d)
-                            mean, mx = float(d.mean(dtype=np.float64)), float(d.max())
+                            d = q.dequantize(out=bufs.get("deq", t.numel, np.float32).reshape(t.shape))
+                            nchunks = -(-t.numel // kc.CHUNK)
+                            psum = bufs.get("psum", nchunks, np.float64)
+                            pmax = bufs.get("pmax", nchunks, np.float32)
+                            kc.abs_err_stats(x.reshape(-1), d.reshape(-1), psum, pmax)
+                            mean, mx = float(psum.sum()) / t.numel, float(pmax.max())
                             err_sum += mean * t.numel
                             err_n += t.numel
                             rep.max_abs_err = max(rep.max_abs_err, mx)

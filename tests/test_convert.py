@@ -367,3 +367,30 @@ def test_inspect_checkpoint_and_adapter(tmp_path, rng, capsys):
     assert main(["inspect", str(tmp_path / "q"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["kind"] == "checkpoint"
     assert main(["inspect", str(tmp_path / "nothing")]) == 2
+
+
+def test_conversion_kernels_match_the_definitions(rng):
+    from numlora.kernels import convert as kc
+    from test_safetensors import _ref_bf16
+
+    bits = rng.integers(0, 2**32, 3 * kc.CHUNK + 17, dtype=np.uint64).astype(np.uint32)
+    x = bits.view(np.float32).copy()
+    x[:4] = [np.inf, -np.inf, 0.0, -0.0]
+    ties = (np.arange(64, dtype=np.uint32) << 16 | 0x8000).view(np.float32)
+    x[4:68] = ties
+    out = np.empty(x.size, np.uint16)
+    kc.f32_to_bf16(x, out)
+    finite = ~np.isnan(x)
+    assert np.array_equal(out[finite], _ref_bf16(x[finite]))
+    nan = np.isnan(x)
+    assert np.isnan(bf16_to_f32(out[nan])).all() and np.array_equal(out[nan] >> 15, bits[nan] >> 31)
+    back = np.empty(x.size, np.float32)
+    kc.bf16_to_f32(out, back)
+    assert np.array_equal(back.view(np.uint32), out.astype(np.uint32) << 16)
+    a = rng.standard_normal(2 * kc.CHUNK + 5).astype(np.float32)
+    b = a + rng.standard_normal(a.size).astype(np.float32) * np.float32(1e-3)
+    nch = -(-a.size // kc.CHUNK)
+    ps, pm = np.empty(nch), np.empty(nch, np.float32)
+    kc.abs_err_stats(a, b, ps, pm)
+    d = np.abs(a.astype(np.float64) - b)
+    assert ps.sum() == pytest.approx(d.sum(), rel=1e-6) and pm.max() == np.float32(np.abs(a - b).max())

@@ -1,0 +1,74 @@
+"""Checkpoint conversion kernels: bfloat16 <-> float32 and the reconstruction-error
+statistics of ``numlora quantize``. Flat, C-contiguous arrays; no validation.
+
+bfloat16 is handled as its 16 bits (uint16): to float32 the bits become the top half;
+from float32 they round to nearest, ties to even (NaN kept as a quiet NaN with its sign),
+the same bits as ``numlora.io.safetensors.f32_to_bf16`` (its numpy reference).
+
+Parallel over fixed chunks: the work is memory-bound passes over tens of MiB, run between
+file reads and writes (no BLAS call nearby).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ._jit import kernel, prange
+
+CHUNK = 1 << 16
+
+
+@kernel(parallel=True)
+def bf16_to_f32(src, dst):
+    """dst[i] = float32 whose bits are src[i] << 16."""
+    n = src.size
+    out = dst.view(np.uint32)
+    nchunks = (n + CHUNK - 1) // CHUNK
+    for c in prange(nchunks):
+        lo = c * CHUNK
+        hi = min(lo + CHUNK, n)
+        s = src[lo:hi]
+        o = out[lo:hi]
+        for i in range(hi - lo):
+            o[i] = np.uint32(s[i]) << np.uint32(16)
+
+
+@kernel(parallel=True)
+def f32_to_bf16(src, dst):
+    """dst[i] = the bfloat16 bits of src[i], round to nearest even."""
+    n = src.size
+    bits = src.view(np.uint32)
+    nchunks = (n + CHUNK - 1) // CHUNK
+    for c in prange(nchunks):
+        lo = c * CHUNK
+        hi = min(lo + CHUNK, n)
+        u = bits[lo:hi]
+        o = dst[lo:hi]
+        for i in range(hi - lo):
+            x = u[i]
+            if (x & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):  # NaN
+                o[i] = np.uint16((x >> np.uint32(16)) | np.uint32(0x0040))
+            else:
+                r = x + np.uint32(0x7FFF) + ((x >> np.uint32(16)) & np.uint32(1))
+                o[i] = np.uint16(r >> np.uint32(16))
+
+
+@kernel(parallel=True)
+def abs_err_stats(a, b, partial_sum, partial_max):
+    """Sum (float64) and maximum of |a - b| over flat arrays; per-chunk partials are
+    written to ``partial_sum`` / ``partial_max`` (length >= number of chunks) and reduced
+    by the caller, so the result does not depend on the thread count."""
+    n = a.size
+    nchunks = (n + CHUNK - 1) // CHUNK
+    for c in prange(nchunks):
+        lo = c * CHUNK
+        hi = min(lo + CHUNK, n)
+        s = 0.0
+        m = np.float32(0.0)
+        for i in range(lo, hi):
+            d = abs(a[i] - b[i])
+            s += np.float64(d)
+            if d > m:
+                m = d
+        partial_sum[c] = s
+        partial_max[c] = m
