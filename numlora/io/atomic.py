@@ -10,10 +10,30 @@ import os
 import shutil
 import tempfile
 
-__all__ = ["AtomicFile", "AtomicDir", "write_text_atomic", "write_bytes_atomic"]
+__all__ = ["AtomicFile", "AtomicDir", "Transaction", "write_text_atomic", "write_bytes_atomic"]
 
 
-class AtomicFile:
+class Transaction:
+    """A ``with`` block that calls ``commit()`` when it ends normally and ``abort()`` when
+    it ends with an exception (Ctrl-C included)."""
+
+    def commit(self) -> None:
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+
+
+class AtomicFile(Transaction):
     """A binary file that appears at ``path`` only on :meth:`commit` (fsync, rename).
 
     :meth:`abort` (or an exception inside ``with``) removes the temporary file."""
@@ -56,14 +76,6 @@ class AtomicFile:
             except OSError:
                 pass
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            self.commit()
-        else:
-            self.abort()
 
 
 def _umask() -> int:
@@ -81,7 +93,7 @@ def write_text_atomic(path, text: str) -> None:
     write_bytes_atomic(path, text.encode("utf-8"))
 
 
-class AtomicDir:
+class AtomicDir(Transaction):
     """A folder built under a temporary name beside ``path`` and renamed into place on
     :meth:`commit`. ``path`` must not exist, or be an empty folder, unless
     ``overwrite=True`` (then the old folder is replaced as a whole, after the new one is
@@ -125,11 +137,3 @@ class AtomicDir:
         self._done = True
         shutil.rmtree(self.tmp, ignore_errors=True)
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            self.commit()
-        else:
-            self.abort()

@@ -28,7 +28,7 @@ from typing import Iterable, Mapping
 import numpy as np
 
 from ..errors import DTypeError, FormatError, ShapeError
-from .atomic import AtomicFile
+from .atomic import AtomicFile, Transaction
 
 __all__ = [
     "DTYPES",
@@ -351,7 +351,7 @@ def _padded(text: bytes, length: int | None = None) -> bytes:
     return struct.pack("<Q", length) + text + b" " * (length - len(text))
 
 
-class SafetensorsWriter:
+class SafetensorsWriter(Transaction):
     """Write a safetensors file tensor by tensor without holding them all.
 
     ``entries`` declares every tensor up front: ``(name, dtype, shape)`` in the order they
@@ -459,14 +459,6 @@ class SafetensorsWriter:
     def abort(self) -> None:
         self._file.abort()
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            self.commit()
-        else:
-            self.abort()
 
 
 def save_file(path, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None,
