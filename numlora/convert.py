@@ -110,6 +110,31 @@ def _index(ckpt: Checkpoint, sizes: dict[str, int], weight_map: dict[str, str]) 
     return {"metadata": meta, "weight_map": dict(sorted(weight_map.items()))}
 
 
+def _stream(ckpt: Checkpoint, dest: _Output, desc: str, progress, plan, write, config_update=None) -> None:
+    """The loop both converters share: shard by shard, declare the output tensors
+    (``plan(info) -> [(name, dtype, shape or None), ...]`` for each input tensor), write
+    them (``write(file, writer, info, entries)``), keep the shard layout, write the index
+    and the folder's other files, and commit. On any exception the output is removed."""
+    try:
+        wmap, shards = {}, []
+        with Progress(ckpt.total_bytes, desc, enabled=progress) as bar:
+            for shard in ckpt.shards:
+                f = shard.file
+                planned = [(t, plan(t)) for t in f.infos()]
+                entries = [e for _, es in planned for e in es]
+                wmap.update({name: shard.name for name, _, _ in entries})
+                with SafetensorsWriter(dest.shard_path(shard.name), entries, dict(f.metadata)) as w:
+                    for t, es in planned:
+                        write(f, w, t, es)
+                        bar.update(t.nbytes, t.name)
+                shards.append(shard.name)
+        index = _index(ckpt, {k: _data_bytes(dest.shard_path(k)) for k in shards}, wmap) if dest.dir else None
+        dest.finish(index, config_update)
+    except BaseException:
+        dest.abort()
+        raise
+
+
 # --- tensors in and out as float32, through buffers reused from tensor to tensor ----------
 class _Buffers:
     """Work arrays sized to the largest tensor seen so far and reused: a fresh array per
@@ -269,49 +294,34 @@ def merge_checkpoint(base, adapter, out, *, dtype: str | None = None, overwrite:
         report = MergeReport(output=os.path.abspath(os.fspath(out)))
         dest = _Output(ckpt, out, ckpt.files + adapter_inputs, overwrite)
         bufs = _Buffers()
-        try:
-            sizes, wmap = {}, {}
-            with Progress(ckpt.total_bytes, "merge", enabled=progress) as bar:
-                for shard in ckpt.shards:
-                    f = shard.file
-                    entries = []
-                    for t in f.infos():
-                        st = out_st if (out_st and t.is_float) else t.dtype
-                        entries.append((t.name, st, t.shape))
-                        wmap[t.name] = shard.name
-                    meta = dict(f.metadata)
-                    with SafetensorsWriter(dest.shard_path(shard.name), entries, meta) as w:
-                        for (name, st, shape), t in zip(entries, f.infos()):
-                            if name in by_key or name in bias_add:
-                                layer = layers[by_key[name]] if name in by_key else bias_add[name]
-                                x = _load_f32(f, name, bufs)
-                                if name in by_key:
-                                    _merge_one(x, layer)
-                                    report.merged.append({"module": by_key[name], "key": name,
-                                                          "shape": list(shape), "dtype": st})
-                                else:
-                                    x += np.float32(layer.scaling) * np.asarray(layer.lora_bias, np.float32)
-                                if not np.isfinite(x).all():
-                                    raise NonFiniteError(f"the merged {name!r} holds NaN or infinity; nothing "
-                                                         "was written")
-                                _store(w, name, x, st, bufs)
-                            elif st != t.dtype:
-                                _store(w, name, _load_f32(f, name, bufs), st, bufs)
-                                report.converted += 1
-                            else:
-                                w.copy_from(f, name)
-                                report.copied += 1
-                            bar.update(t.nbytes, name)
-                    sizes[shard.name] = os.path.getsize(dest.shard_path(shard.name)) if dest.dir else 0
-            index = _index(ckpt, {k: _data_bytes(dest.shard_path(k)) for k in sizes}, wmap) if dest.dir else None
 
-            def cfg_update(cfg):
-                if dtype:
-                    cfg["torch_dtype"] = dtype
-            dest.finish(index, cfg_update if dtype else None)
-        except BaseException:
-            dest.abort()
-            raise
+        def plan(t):
+            return [(t.name, out_st if (out_st and t.is_float) else t.dtype, t.shape)]
+
+        def write(f, w, t, entries):
+            name, st, shape = entries[0]
+            if name in by_key or name in bias_add:
+                layer = layers[by_key[name]] if name in by_key else bias_add[name]
+                x = _load_f32(f, name, bufs)
+                if name in by_key:
+                    _merge_one(x, layer)
+                    report.merged.append({"module": by_key[name], "key": name, "shape": list(shape), "dtype": st})
+                else:
+                    x += np.float32(layer.scaling) * np.asarray(layer.lora_bias, np.float32)
+                if not np.isfinite(x).all():
+                    raise NonFiniteError(f"the merged {name!r} holds NaN or infinity; nothing was written")
+                _store(w, name, x, st, bufs)
+            elif st != t.dtype:
+                _store(w, name, _load_f32(f, name, bufs), st, bufs)
+                report.converted += 1
+            else:
+                w.copy_from(f, name)
+                report.copied += 1
+
+        def cfg_update(cfg):
+            cfg["torch_dtype"] = dtype
+
+        _stream(ckpt, dest, "merge", progress, plan, write, cfg_update if dtype else None)
         report.bytes_in = ckpt.total_bytes
     report.bytes_out = _output_bytes(report.output)
     report.seconds = time.perf_counter() - t0
@@ -421,77 +431,58 @@ def quantize_checkpoint(src, out, *, blocksize: int = 64, double_quant: bool = F
         bufs = _Buffers()
         from .kernels import convert as kc
 
-        err_sum, err_n = 0.0, 0
-        try:
-            sizes, wmap = {}, {}
-            with Progress(ckpt.total_bytes, "quantize", enabled=progress) as bar:
-                for shard in ckpt.shards:
-                    f = shard.file
-                    entries = []
-                    for t in f.infos():
-                        if t.name in chosen:
-                            e = _nf4_entries(t.name[: -len(".weight")], t.numel, blocksize, double_quant)
-                        else:
-                            e = [(t.name, t.dtype, t.shape)]
-                        entries += e
-                        for name, _, _ in e:
-                            wmap[name] = shard.name
-                    meta = dict(f.metadata)
-                    with SafetensorsWriter(dest.shard_path(shard.name), entries, meta) as w:
-                        for t in f.infos():
-                            if t.name not in chosen:
-                                w.copy_from(f, t.name)
-                                rep.copied += 1
-                                bar.update(t.nbytes, t.name)
-                                continue
-                            x = _load_f32(f, t.name, bufs)
-                            q = quantize_nf4(x, blocksize, double_quant=double_quant)
-                            q.dtype = _ST_TO_NAME[t.dtype]
-                            prefix = t.name[: -len(".weight")]
-                            sd = q.to_state_dict(prefix)
-                            names = [n for n, _, _ in _nf4_entries(prefix, t.numel, blocksize, double_quant)]
-                            if set(sd) != set(names):
-                                raise FormatError(f"internal: NF4 state dict keys {sorted(sd)} differ from the "
-                                                  f"declared {sorted(names)}")
-                            for n in names:
-                                w.write(n, sd[n])
-                            d = q.dequantize(out=bufs.get("deq", t.numel, np.float32).reshape(t.shape))
-                            nchunks = -(-t.numel // kc.CHUNK)
-                            psum = bufs.get("psum", nchunks, np.float64)
-                            pmax = bufs.get("pmax", nchunks, np.float32)
-                            kc.abs_err_stats(x.reshape(-1), d.reshape(-1), psum, pmax)
-                            mean, mx = float(psum.sum()) / t.numel, float(pmax.max())
-                            err_sum += mean * t.numel
-                            err_n += t.numel
-                            rep.max_abs_err = max(rep.max_abs_err, mx)
-                            after = sum(np.asarray(sd[n]).nbytes for n in names)
-                            rep.bytes_before += t.nbytes
-                            rep.bytes_after += after
-                            rep.quantized.append({"key": t.name, "shape": list(t.shape), "dtype": t.dtype,
-                                                  "mean_abs_err": mean, "max_abs_err": mx})
-                            del x, d, q, sd
-                            bar.update(t.nbytes, t.name)
-                    sizes[shard.name] = 1
-            index = _index(ckpt, {k: _data_bytes(dest.shard_path(k)) for k in sizes}, wmap) if dest.dir else None
-            skipped = sorted({t.name[: -len(".weight")] for t in infos
-                              if t.name.endswith(".weight") and t.name not in chosen and len(t.shape) == 2})
+        err = [0.0, 0]  # sum of |w - deq(q(w))|, element count
 
-            def cfg_update(cfg):
-                compute = cfg.get("torch_dtype") or cfg.get("dtype") or "float32"
-                cfg["quantization_config"] = {
-                    "quant_method": "bitsandbytes",
-                    "load_in_4bit": True,
-                    "load_in_8bit": False,
-                    "bnb_4bit_quant_type": "nf4",
-                    "bnb_4bit_use_double_quant": bool(double_quant),
-                    "bnb_4bit_compute_dtype": compute,
-                    "bnb_4bit_quant_storage": "uint8",
-                    "llm_int8_skip_modules": skipped,
-                }
-            dest.finish(index, cfg_update)
-        except BaseException:
-            dest.abort()
-            raise
+        def plan(t):
+            if t.name in chosen:
+                return _nf4_entries(t.name[: -len(".weight")], t.numel, blocksize, double_quant)
+            return [(t.name, t.dtype, t.shape)]
+
+        def write(f, w, t, entries):
+            if t.name not in chosen:
+                w.copy_from(f, t.name)
+                rep.copied += 1
+                return
+            x = _load_f32(f, t.name, bufs)
+            q = quantize_nf4(x, blocksize, double_quant=double_quant)
+            q.dtype = _ST_TO_NAME[t.dtype]
+            sd = q.to_state_dict(t.name[: -len(".weight")])
+            names = [n for n, _, _ in entries]
+            if set(sd) != set(names):
+                raise FormatError(f"internal: NF4 state dict keys {sorted(sd)} differ from the declared {sorted(names)}")
+            for n in names:
+                w.write(n, sd[n])
+            d = q.dequantize(out=bufs.get("deq", t.numel, np.float32).reshape(t.shape))
+            nchunks = -(-t.numel // kc.CHUNK)
+            psum, pmax = bufs.get("psum", nchunks, np.float64), bufs.get("pmax", nchunks, np.float32)
+            kc.abs_err_stats(x.reshape(-1), d.reshape(-1), psum, pmax)
+            mean, mx = float(psum.sum()) / t.numel, float(pmax.max())
+            err[0] += mean * t.numel
+            err[1] += t.numel
+            rep.max_abs_err = max(rep.max_abs_err, mx)
+            rep.bytes_before += t.nbytes
+            rep.bytes_after += sum(np.asarray(sd[n]).nbytes for n in names)
+            rep.quantized.append({"key": t.name, "shape": list(t.shape), "dtype": t.dtype,
+                                  "mean_abs_err": mean, "max_abs_err": mx})
+
+        skipped = sorted({t.name[: -len(".weight")] for t in infos
+                          if t.name.endswith(".weight") and t.name not in chosen and len(t.shape) == 2})
+
+        def cfg_update(cfg):
+            compute = cfg.get("torch_dtype") or cfg.get("dtype") or "float32"
+            cfg["quantization_config"] = {
+                "quant_method": "bitsandbytes",
+                "load_in_4bit": True,
+                "load_in_8bit": False,
+                "bnb_4bit_quant_type": "nf4",
+                "bnb_4bit_use_double_quant": bool(double_quant),
+                "bnb_4bit_compute_dtype": compute,
+                "bnb_4bit_quant_storage": "uint8",
+                "llm_int8_skip_modules": skipped,
+            }
+
+        _stream(ckpt, dest, "quantize", progress, plan, write, cfg_update)
+        err_sum, err_n = err
         rep.total_in = ckpt.total_bytes
     rep.total_out = _output_bytes(rep.output)
     rep.mean_abs_err = err_sum / err_n if err_n else 0.0
