@@ -37,6 +37,7 @@ from .rng import XorShift64
 from .nf4 import qlora_backward
 from .ops import DropoutState, lora_backward, lora_dropout
 from .train import AdamW, Parameter, TrainStateError, clip_grad_norm
+from .combine import combine_adapters
 
 __version__ = "0.1.0"
 
@@ -83,4 +84,5 @@ __all__ = [
     "lora_backward",
     "lora_dropout",
     "qlora_backward",
+    "combine_adapters",
 ]
