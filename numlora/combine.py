@@ -63,6 +63,8 @@ def _term(what, item) -> _Term:
         a, b, s = item
         a = v.float_array(f"{what} lora_a", a, 2)
         b = v.float_array(f"{what} lora_b", b, 2)
+        if isinstance(s, numbers.Real) and not isinstance(s, (bool, np.bool_)) and not math.isfinite(s):
+            raise NonFiniteError(f"{what} scaling must be finite, got {float(s)}")
         s = v.real_scalar(f"{what} scaling", s)
         if b.shape[1] != a.shape[0]:
             raise ShapeError(f"{what}: lora_a has shape {a.shape} (rank {a.shape[0]}), so lora_b must have shape "
