@@ -80,7 +80,9 @@ def _term(what, item) -> _Term:
 def _check_weights(weights, n):
     if isinstance(weights, (str, bytes)) or not isinstance(weights, (Sequence, np.ndarray)):
         raise DTypeError(f"weights must be a sequence of real numbers, got {type(weights).__name__}")
-    weights = list(np.asarray(weights).reshape(-1)) if isinstance(weights, np.ndarray) else list(weights)
+    if isinstance(weights, np.ndarray) and weights.ndim != 1:
+        raise ShapeError(f"weights must be 1-D (one per adapter), got an array of shape {weights.shape}")
+    weights = list(weights)
     if len(weights) != n:
         raise ConfigError(f"expected one weight per adapter ({n}), got {len(weights)} weights")
     out = []
@@ -176,14 +178,16 @@ def combine_adapters(adapters, weights, method: str = "cat", rank: int | None = 
 
     Returns
     -------
-    A new detached :class:`~numlora.layers.LoraLinear` (for layers; give it a base with
-    ``attach``) or a new :class:`~numlora.adapter.LoraAdapter` of detached layers (for
-    adapters). Every result layer has ``alpha = rank`` and ``use_rslora=False``, so its
-    scaling is exactly 1 and ``B @ A`` is the combined delta itself; float32 (computed
-    in float64). A LoRA bias, where inputs have one, is ``sum_i w_i s_i bias_i``. The
-    adapter's config: ``rank`` = the largest layer rank (``alpha`` likewise), other
-    layers' ranks and alphas go to ``rank_pattern`` / ``alpha_pattern`` when saved,
-    ``target_modules`` the union, dropout and metadata from the first adapter.
+    LoraLinear or LoraAdapter
+        A new detached :class:`~numlora.layers.LoraLinear` (for layers; give it a base with
+        ``attach``) or a new :class:`~numlora.adapter.LoraAdapter` of detached layers (for
+        adapters). Every result layer has ``alpha = rank`` and ``use_rslora=False``, so
+        its scaling is exactly 1 and ``B @ A`` is the combined delta itself; float32
+        (computed in float64). A LoRA bias, where inputs have one, is
+        ``sum_i w_i s_i bias_i``. The adapter's config: ``rank`` = the largest layer rank
+        (``alpha`` likewise), other layers' ranks and alphas go to ``rank_pattern`` /
+        ``alpha_pattern`` when saved, ``target_modules`` the union, dropout and metadata
+        from the first adapter.
     """
     if isinstance(adapters, (str, bytes, LoraAdapter, _LowRank)) or not isinstance(adapters, Sequence):
         raise DTypeError(f"adapters must be a list of LoraLinear layers, (lora_a, lora_b, scaling) tuples or "

@@ -14,10 +14,11 @@ Tolerances are error bounds, not guesses. With ``u = 2**-24`` (float32 unit roun
   float32 term).
 
 PEFT comparisons (torch + peft, skipped without them) run PEFT in float64 so that its own
-rounding does not blur what it computes. What PEFT 0.21.2 gets wrong (rsLoRA adapters:
-the combined adapter keeps ``use_rslora`` with ``alpha = r``, so its scaling is
-``sqrt(r)`` instead of 1 and the delta is ``sqrt(r)`` times too large; ``svd`` truncates
-to the largest input rank by default) is asserted as a discrepancy, not copied.
+rounding does not blur what it computes. Where PEFT 0.21.2 differs from the exact sum
+(rsLoRA adapters: the combined adapter keeps ``use_rslora`` with ``alpha = r``, so its
+scaling is ``sqrt(r)`` instead of 1 and the delta is ``sqrt(r)`` times too large; ``svd``
+truncates to the largest input rank by default and weighs with float32-rounded weights)
+the discrepancy is asserted, not copied.
 """
 
 import json
@@ -341,6 +342,11 @@ def test_errors(rng, layers):
         nl.combine_adapters(layers, [1.0, 1.0, True])
     with pytest.raises(nl.DTypeError, match="weights must be a sequence"):
         nl.combine_adapters(layers, 1.0)
+    with pytest.raises(nl.ShapeError, match=r"weights must be 1-D \(one per adapter\), got an array of shape "
+                                            r"\(3, 1\)"):
+        nl.combine_adapters(layers, np.ones((3, 1)))
+    c = nl.combine_adapters(layers, np.array(WEIGHTS))  # a 1-D array is fine
+    assert np.linalg.norm(_delta(c) - _dense(layers, WEIGHTS)[0]) <= U32 * _dense(layers, WEIGHTS)[1]
     with pytest.raises(nl.ConfigError, match=r"method must be one of \('cat', 'svd'\), got 'linear'"):
         nl.combine_adapters(layers, WEIGHTS, "linear")
     for bad in (0, -2):
@@ -368,7 +374,8 @@ def test_errors(rng, layers):
     with pytest.raises(nl.NonFiniteError, match=r"adapters\[0\] scaling must be finite"):
         nl.combine_adapters([(bad_a, _f32(rng, 40, 2), float("inf"))], [1.0])
     fifo = _layer(rng, 40, 24, 2, 2.0, fan_in_fan_out=True)
-    with pytest.raises(nl.ConfigError, match="adapter 1 has fan_in_fan_out=True but adapter 0 has fan_in_fan_out=False"):
+    with pytest.raises(nl.ConfigError,
+                       match="adapter 1 has fan_in_fan_out=True but adapter 0 has fan_in_fan_out=False"):
         nl.combine_adapters([layers[0], fifo], [1.0, 1.0])
     dora = nl.LoraLinear.from_weight(_f32(rng, 40, 24), 2, 2.0, use_dora=True)
     with pytest.raises(nl.ConfigError, match="DoRA"):
@@ -469,8 +476,9 @@ def test_peft_overscales_rslora_adapters_numlora_does_not(rng, method):
     """PEFT 0.21.2 builds the combined adapter's config from the first adapter's with
     ``r = lora_alpha = new_rank`` and keeps ``use_rslora=True``: the combined scaling is
     ``new_rank / sqrt(new_rank) = sqrt(new_rank)`` where the factors already carry each
-    ``s_i``, so its delta is ``sqrt(new_rank)`` times the exact sum. numlora's is the exact
-    sum (its result has scaling exactly 1)."""
+    ``s_i``, so its delta is ``sqrt(new_rank)`` times the exact sum (fixed upstream by
+    huggingface/peft#3449, not in 0.21.2). numlora's is the exact sum (its result has
+    scaling exactly 1)."""
     torch = pytest.importorskip("torch")
     peft = pytest.importorskip("peft")
     pm, mods, ours = _peft_pair(torch, peft, rng, rslora=True)
@@ -483,14 +491,16 @@ def test_peft_overscales_rslora_adapters_numlora_does_not(rng, method):
         tol = U32 * mm if method == "cat" else _svd_bound(np.linalg.svd(d, compute_uv=False), mm)
         assert np.linalg.norm(_delta(c[name]) - d) <= tol
         peft_d = _peft_delta(m, "mix")
-        # the discrepancy: PEFT is off by sqrt(6) = 2.449..., far outside any rounding
-        assert m.scaling["mix"] == pytest.approx(math.sqrt(6), rel=1e-15)
-        assert np.linalg.norm(peft_d - d) > 0.5 * np.linalg.norm(d)
+        # PEFT with the fix of huggingface/peft#3449 (combined config use_rslora=False)
+        # gives the exact sum; the releases without it are off by sqrt(6) = 2.449...
+        factor = 1.0 if not pm.peft_config["mix"].use_rslora else math.sqrt(6)
+        assert m.scaling["mix"] == pytest.approx(factor, rel=1e-15)
+        if factor != 1.0:
+            assert np.linalg.norm(peft_d - d) > 0.5 * np.linalg.norm(d)
         if method == "cat":
-            assert np.linalg.norm(peft_d - math.sqrt(6) * d) <= 1e3 * EPS64 * math.sqrt(6) * mm
+            assert np.linalg.norm(peft_d - factor * d) <= 1e3 * EPS64 * factor * mm
         else:
-            _assert_peft_uses_float32_weights(peft_d / math.sqrt(6), d, [ours["one"][name], ours["two"][name]],
-                                              w, mm)
+            _assert_peft_uses_float32_weights(peft_d / factor, d, [ours["one"][name], ours["two"][name]], w, mm)
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
