@@ -37,6 +37,7 @@ from .rng import XorShift64
 from .nf4 import qlora_backward
 from .ops import DropoutState, lora_backward, lora_dropout
 from .train import AdamW, Parameter, TrainStateError, clip_grad_norm
+from .multi import LoraBank, multi_lora_forward
 from .combine import combine_adapters
 
 __version__ = "0.1.0"
@@ -85,4 +86,6 @@ __all__ = [
     "lora_dropout",
     "qlora_backward",
     "combine_adapters",
+    "LoraBank",
+    "multi_lora_forward",
 ]

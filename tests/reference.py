@@ -116,3 +116,23 @@ def merge_ref(weight, lora_a, lora_b, scaling, fan_in_fan_out=False):
     if fan_in_fan_out:
         delta = delta.T
     return np.asarray(weight, np.float64) + delta
+
+
+def multi_lora_ref(x, weight, adapters, ids, scale=None, bias=None):
+    """Many adapters in one batch, row by row in float64: ``y[i] = x[i] W^T (+ bias) +
+    scale[i] * s_k (x[i] A_k^T) B_k^T`` with ``(A_k, B_k, s_k) = adapters[ids[i]]``;
+    ``ids[i] == -1``: the base alone. ``weight``: the dense (out, in) base (dequantize an
+    NF4 base first)."""
+    x = np.asarray(x, np.float64).reshape(-1, np.shape(weight)[1])
+    w = np.asarray(weight, np.float64)
+    y = np.empty((x.shape[0], w.shape[0]))
+    for i in range(x.shape[0]):
+        y[i] = w @ x[i]
+        k = int(ids[i])
+        if k >= 0:
+            a, b, s = adapters[k]
+            m = 1.0 if scale is None else float(scale[i])
+            y[i] += m * s * (np.asarray(b, np.float64) @ (np.asarray(a, np.float64) @ x[i]))
+        if bias is not None:
+            y[i] += np.asarray(bias, np.float64)
+    return y

@@ -1,0 +1,578 @@
+"""Many adapters, one batch: a bank of LoRA adapters over one base weight (multi-tenant
+serving, Punica / S-LoRA style) and its batched forward.
+
+``y[i] = x[i] W^T + scale_i * scaling_k * (x[i] A_k^T) B_k^T`` with ``k = adapter[i]``
+(``-1``: the base alone). See ``docs/multi.md`` for the design; in short:
+
+- **Storage**: adapters live in float32 pool blocks, each adapter in ``rank`` consecutive
+  *pages* of ``in + out`` floats (its ``A^T`` then its ``B^T``), never padded to the
+  largest rank. Blocks hold ``block_pages`` pages (16 MiB by default); an adapter larger
+  than a block gets a block of its own. ``add`` copies only the new adapter (first fit
+  in the blocks' free lists, a new block when none fits: never a copy of the others);
+  ``remove`` returns its pages to the free list.
+- **Grouping**: the rows of a batch are sorted by adapter (stable), so each adapter's A
+  and B are read once per batch whatever the row order (SGMV).
+- **Row stability**: a row's output does not depend on the other rows of the batch or on
+  their order. The low-rank part is a numba kernel with a fixed per-row summation order.
+  The base product goes to BLAS in *calibrated* batch sizes: OpenBLAS picks different
+  kernels for different batch sizes (GEMV for one row, small-matrix kernels for small
+  products), so the bank pads each batch (or chunk of ``REF_ROWS`` rows) up to a bucket
+  size ``1, 2, 4, ..., REF_ROWS`` that was checked, on first use, to give the same bits
+  as a ``REF_ROWS``-row product for probe rows at other positions; a bucket that fails
+  is never used (the next larger one is). ``row_stable=False`` skips all that and uses
+  the fastest base path for the batch size (then a row may differ in the last bits
+  between batch sizes).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Mapping
+
+import numpy as np
+
+from . import _validate as v
+from .errors import ConfigError, DTypeError, DuplicateLayerError, LayerNotFoundError, ShapeError
+
+__all__ = ["LoraBank", "multi_lora_forward", "BUCKETS", "REF_ROWS"]
+
+#: Largest batch chunk of one base product; larger batches run in chunks of this size.
+REF_ROWS = 256
+#: Batch sizes the base product is called with in row-stable mode (a batch is padded up
+#: to the smallest calibrated one that holds it).
+BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+#: Default bytes per pool block.
+BLOCK_BYTES = 16 << 20
+
+
+def _kernels():
+    from .kernels import multi
+
+    return multi
+
+
+class _RowStableBase:
+    """The base product ``y = x W^T`` (dense or NF4) in calibrated batch sizes.
+
+    ``product(x2, out2)`` is the raw product (any number of rows). For each bucket size N
+    it is used only after a check: two probe rows computed at positions (N-1, 0) of an
+    N-row batch (the rest random) must match bit for bit the same rows computed at
+    positions (0, REF_ROWS-1) of a REF_ROWS-row batch. REF_ROWS itself is the reference.
+    The check runs once per bucket, on first use (a few products' time).
+    """
+
+    def __init__(self, product, in_f, out_f):
+        self._product = product
+        self.in_f, self.out_f = in_f, out_f
+        self.checked: dict[int, bool] = {REF_ROWS: True}
+        self._ref = None
+        self._lock = threading.Lock()
+        self._xpad = None
+        self._ypad = None
+
+    def _run(self, n, places, seed):
+        """The product of an n-row batch of random rows with probe row ``i`` at position
+        ``pos`` for each ``(i, pos)`` of ``places``; returns the probe rows' results."""
+        g = np.random.default_rng([7, n, seed])
+        xb = g.standard_normal((n, self.in_f), dtype=np.float32)
+        probe = np.random.default_rng(99).standard_normal((2, self.in_f), dtype=np.float32)
+        for i, pos in places:
+            xb[pos] = probe[i]
+        yb = np.empty((n, self.out_f), np.float32)
+        self._product(xb, yb)
+        return np.stack([yb[pos] for _, pos in places])
+
+    def _check(self, n):
+        if self._ref is None:
+            self._ref = self._run(REF_ROWS, [(0, 0), (1, REF_ROWS - 1)], 0)
+        if n == 1:
+            got = np.concatenate([self._run(1, [(0, 0)], 1), self._run(1, [(1, 0)], 2)])
+        else:
+            got = self._run(n, [(0, n - 1), (1, 0)], 1)
+        return bool(np.array_equal(got.view(np.uint32), self._ref.view(np.uint32)))
+
+    def bucket(self, m):
+        """The smallest bucket >= m that passed its check (checking as needed)."""
+        for b in BUCKETS:
+            if b < m:
+                continue
+            ok = self.checked.get(b)
+            if ok is None:
+                ok = self.checked[b] = self._check(b)
+            if ok:
+                return b
+        return REF_ROWS
+
+    def __call__(self, x2, out2):
+        n = x2.shape[0]
+        with self._lock:
+            for c0 in range(0, n, REF_ROWS):
+                m = min(REF_ROWS, n - c0)
+                nb = self.bucket(m)
+                if nb == m:
+                    self._product(x2[c0:c0 + m], out2[c0:c0 + m])
+                    continue
+                if self._xpad is None or self._xpad.shape[0] < nb:
+                    self._xpad = np.zeros((nb, self.in_f), np.float32)
+                    self._ypad = np.empty((nb, self.out_f), np.float32)
+                xp = self._xpad[:nb]
+                xp[:m] = x2[c0:c0 + m]
+                xp[m:] = 0
+                yp = self._ypad[:nb]
+                self._product(xp, yp)
+                out2[c0:c0 + m] = yp[:m]
+
+
+class LoraBank:
+    """One base weight and any number of named LoRA adapters, each with its own rank and
+    scaling, served together: :meth:`forward` takes a batch whose rows each name their
+    adapter.
+
+    Parameters
+    ----------
+    base : (out, in) float32 / float64 array (kept as is when float32 C-contiguous, else
+        converted to a float32 copy), or a 2-D :class:`~numlora.nf4.NF4Tensor`.
+    bias : optional (out,) base bias, added to every row.
+    block_pages : pages (rank rows, ``in + out`` floats each) per pool block; default
+        ``16 MiB / (4 (in + out))``, at least 64.
+    row_stable : True (default): a row's output is bit-identical whatever else is in the
+        batch and however the batch is ordered (the base product runs in calibrated batch
+        sizes, see the module docstring; costs up to ~3x at batch 1). False: the fastest
+        base path for each batch size.
+
+    Adapter ids are small integers, stable while the adapter lives; a removed adapter's
+    id may be given to a later one. Not safe for concurrent ``add`` / ``remove`` /
+    ``forward`` from several threads without a lock of your own.
+    """
+
+    def __init__(self, base, *, bias=None, block_pages=None, row_stable=True):
+        from .nf4 import NF4Tensor
+
+        if isinstance(base, NF4Tensor):
+            if len(base.shape) != 2:
+                raise ShapeError(f"expected a 2-D NF4 base weight, got shape {base.shape}")
+            self._nf4 = base
+            self._weight = None
+            out_f, in_f = base.shape
+        else:
+            w = v.float_array("base", base, 2)
+            self._weight = np.ascontiguousarray(w, np.float32)
+            self._nf4 = None
+            out_f, in_f = w.shape
+        self._out_f, self._in_f = int(out_f), int(in_f)
+        if bias is not None:
+            bias = v.float_array("bias", bias, 1)
+            v.expect_shape("bias", bias, (out_f,))
+            bias = np.array(bias, np.float32)
+        self._bias = bias
+        page = self._in_f + self._out_f
+        if block_pages is None:
+            block_pages = min(1024, max(64, BLOCK_BYTES // (4 * page)))
+        self._block_pages = v.int_scalar("block_pages", block_pages, minimum=1)
+        if not isinstance(row_stable, (bool, np.bool_)):
+            raise ConfigError(f"row_stable must be True or False, got {row_stable!r}")
+        self._row_stable = bool(row_stable)
+        self._stable = _RowStableBase(self._raw_base, self._in_f, self._out_f) if row_stable else None
+        # pool
+        self._blocks: list = []          # numpy 1-D float32 arrays (size 0: a released block)
+        self._kblocks = None             # the same, as a numba typed List (made on first use)
+        self._free: list = []            # per block: sorted list of [start_page, n_pages] free runs
+        self._dedicated: list = []       # per block: True if it holds one over-sized adapter
+        self._spare_ids: list = []       # ids of released blocks, reusable
+        # adapter table (id -> slot); small arrays that grow geometrically
+        cap = 8
+        self._ad_block = np.zeros(cap, np.int64)
+        self._ad_off = np.zeros(cap, np.int64)       # float offset within the block
+        self._ad_page = np.zeros(cap, np.int64)      # first page within the block
+        self._ad_rank = np.zeros(cap, np.int64)
+        self._ad_scaling = np.zeros(cap, np.float32)
+        self._live = np.zeros(cap, bool)
+        self._names: dict[str, int] = {}
+        self._id_names: dict[int, str] = {}
+        self._free_ids: list[int] = []
+        self._next_id = 0
+
+    # --- facts -----------------------------------------------------------------------
+    @property
+    def in_features(self) -> int:
+        return self._in_f
+
+    @property
+    def out_features(self) -> int:
+        return self._out_f
+
+    @property
+    def base(self):
+        """The base weight: the float32 array or the NF4Tensor."""
+        return self._weight if self._nf4 is None else self._nf4
+
+    @property
+    def row_stable(self) -> bool:
+        return self._row_stable
+
+    @property
+    def names(self) -> list[str]:
+        """Adapter names, in order of their ids."""
+        return [self._id_names[i] for i in sorted(self._id_names)]
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __contains__(self, name) -> bool:
+        return name in self._names
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def index(self, name: str) -> int:
+        """The id of adapter ``name`` (what :meth:`forward` takes per row)."""
+        try:
+            return self._names[name]
+        except (KeyError, TypeError):
+            raise LayerNotFoundError(self._unknown(name)) from None
+
+    def _unknown(self, name):
+        known = ", ".join(repr(n) for n in list(self._names)[:20]) or "none"
+        more = f" (and {len(self._names) - 20} more)" if len(self._names) > 20 else ""
+        return f"adapter {name!r} is not in the bank; known adapters: {known}{more}"
+
+    def ids(self, names) -> np.ndarray:
+        """int64 ids of a sequence of adapter names (None or -1: the base alone); keep it
+        to call :meth:`forward` repeatedly without looking names up."""
+        out = np.empty(len(names), np.int64)
+        for i, nm in enumerate(names):
+            if nm is None or (isinstance(nm, (int, np.integer)) and not isinstance(nm, bool) and nm == -1):
+                out[i] = -1
+            elif isinstance(nm, str):
+                out[i] = self.index(nm)
+            else:
+                raise DTypeError(f"expected adapter names (str) or None for the base alone, got "
+                                 f"{type(nm).__name__} at row {i}")
+        return out
+
+    def rank(self, name: str) -> int:
+        return int(self._ad_rank[self.index(name)])
+
+    def scaling(self, name: str) -> float:
+        return float(self._ad_scaling[self.index(name)])
+
+    def lora_arrays(self, name: str):
+        """(lora_a (r, in), lora_b (out, r)) copies of adapter ``name`` as stored (float32)."""
+        k = self.index(name)
+        at, bt = self._views(k)
+        return np.ascontiguousarray(at.T), np.ascontiguousarray(bt.T)
+
+    def _views(self, k):
+        r = int(self._ad_rank[k])
+        blk = self._blocks[self._ad_block[k]]
+        off = int(self._ad_off[k])
+        at = blk[off:off + self._in_f * r].reshape(self._in_f, r)
+        bt = blk[off + self._in_f * r:off + r * (self._in_f + self._out_f)].reshape(r, self._out_f)
+        return at, bt
+
+    def memory(self) -> dict:
+        """Bytes: ``base`` (the base weight's storage), ``adapters`` (what the live
+        adapters need: ``4 * rank * (in + out)`` each), ``pool`` (allocated pool blocks),
+        ``free`` (``pool - adapters``: free pages in the blocks), ``padded`` (what one
+        tensor padded to the largest rank would take for the same adapters, for
+        comparison), and ``blocks`` (number of allocated blocks)."""
+        base = self._weight.nbytes if self._nf4 is None else self._nf4.nbytes
+        live = self._live[: self._next_id]
+        ranks = self._ad_rank[: self._next_id][live]
+        page_bytes = 4 * (self._in_f + self._out_f)
+        used = int(ranks.sum()) * page_bytes
+        pool = sum(b.nbytes for b in self._blocks)
+        padded = int(ranks.size * (ranks.max() if ranks.size else 0)) * page_bytes
+        return {"base": base, "adapters": used, "pool": pool, "free": pool - used, "padded": padded,
+                "blocks": sum(1 for b in self._blocks if b.size)}
+
+    def __repr__(self) -> str:
+        kind = "NF4" if self._nf4 is not None else "float32"
+        return (f"LoraBank({kind} base {self._out_f} x {self._in_f}, {len(self)} adapters, "
+                f"row_stable={self._row_stable})")
+
+    # --- add / remove ----------------------------------------------------------------
+    def add(self, name: str, lora_a, lora_b, scaling=1.0) -> int:
+        """Add adapter ``name``: ``lora_a`` (r, in), ``lora_b`` (out, r), float32 or
+        float64 (stored as float32), any rank r >= 1, and its ``scaling`` (``alpha / r``,
+        or ``alpha / sqrt(r)`` for rsLoRA). Copies only this adapter into free pool pages
+        (a new pool block when none fits). Returns its id."""
+        if not isinstance(name, str):
+            raise DTypeError(f"adapter name must be a str, got {type(name).__name__}")
+        if not name:
+            raise ConfigError("adapter name must be a non-empty str")
+        if name in self._names:
+            raise DuplicateLayerError(f"adapter {name!r} is already in the bank; remove it first to replace it")
+        from .ops import _low_rank_arrays
+
+        lora_a, lora_b, r = _low_rank_arrays(lora_a, lora_b, self._out_f, self._in_f)
+        s = v.real_scalar("scaling", scaling)
+        if not np.isfinite(np.float32(s)):
+            raise ConfigError(f"scaling must fit float32, got {s}")
+        a32 = np.ascontiguousarray(lora_a, np.float32)
+        b32 = np.ascontiguousarray(lora_b, np.float32)
+        bid, page = self._alloc(r)
+        k = self._new_id()
+        off = page * (self._in_f + self._out_f)
+        blk = self._blocks[bid]
+        _kernels().pack_adapter(a32, b32, blk[off:off + r * (self._in_f + self._out_f)])
+        self._ad_block[k], self._ad_off[k], self._ad_page[k] = bid, off, page
+        self._ad_rank[k], self._ad_scaling[k] = r, np.float32(s)
+        self._live[k] = True
+        self._names[name] = k
+        self._id_names[k] = name
+        return k
+
+    def remove(self, name: str) -> None:
+        """Remove adapter ``name``; its pages return to the pool's free list (a block
+        given to one over-sized adapter is released). Other adapters keep their ids and
+        storage."""
+        k = self.index(name)
+        del self._names[name]
+        del self._id_names[k]
+        self._live[k] = False
+        self._release(int(self._ad_block[k]), int(self._ad_page[k]), int(self._ad_rank[k]))
+        self._ad_rank[k] = 0
+        self._free_ids.append(k)
+
+    def _new_id(self):
+        if self._free_ids:
+            return self._free_ids.pop()
+        k = self._next_id
+        if k >= self._live.size:
+            cap = 2 * self._live.size
+            for attr in ("_ad_block", "_ad_off", "_ad_page", "_ad_rank", "_ad_scaling", "_live"):
+                old = getattr(self, attr)
+                new = np.zeros(cap, old.dtype)
+                new[: old.size] = old
+                setattr(self, attr, new)
+        self._next_id += 1
+        return k
+
+    def _alloc(self, r):
+        """(block id, first page) of r free consecutive pages: first fit over the blocks'
+        free runs, else a new block (a dedicated one when r > block_pages)."""
+        if r <= self._block_pages:
+            for bid, runs in enumerate(self._free):
+                if self._dedicated[bid]:
+                    continue
+                for run in runs:
+                    if run[1] >= r:
+                        page = run[0]
+                        run[0] += r
+                        run[1] -= r
+                        if run[1] == 0:
+                            runs.remove(run)
+                        return bid, page
+        pages = max(r, self._block_pages)
+        bid = self._new_block(pages, dedicated=r > self._block_pages)
+        if pages > r:
+            self._free[bid] = [[r, pages - r]]
+        return bid, 0
+
+    def _new_block(self, pages, dedicated):
+        arr = np.empty(pages * (self._in_f + self._out_f), np.float32)
+        if self._spare_ids:
+            bid = self._spare_ids.pop()
+            self._blocks[bid] = arr
+            self._free[bid] = []
+            self._dedicated[bid] = dedicated
+            if self._kblocks is not None:
+                self._kblocks[bid] = arr
+        else:
+            bid = len(self._blocks)
+            self._blocks.append(arr)
+            self._free.append([])
+            self._dedicated.append(dedicated)
+            if self._kblocks is not None:
+                self._kblocks.append(arr)
+        return bid
+
+    def _release(self, bid, page, r):
+        if self._dedicated[bid]:
+            empty = np.empty(0, np.float32)
+            self._blocks[bid] = empty
+            if self._kblocks is not None:
+                self._kblocks[bid] = empty
+            self._free[bid] = []
+            self._spare_ids.append(bid)
+            return
+        runs = self._free[bid]
+        i = 0
+        while i < len(runs) and runs[i][0] < page:
+            i += 1
+        runs.insert(i, [page, r])
+        # coalesce with the neighbours
+        if i + 1 < len(runs) and runs[i][0] + runs[i][1] == runs[i + 1][0]:
+            runs[i][1] += runs[i + 1][1]
+            del runs[i + 1]
+        if i > 0 and runs[i - 1][0] + runs[i - 1][1] == runs[i][0]:
+            runs[i - 1][1] += runs[i][1]
+            del runs[i]
+
+    def _kernel_blocks(self):
+        if self._kblocks is None:
+            from numba import types
+            from numba.typed import List
+
+            lst = List.empty_list(types.float32[::1])
+            for b in self._blocks:
+                lst.append(b)
+            self._kblocks = lst
+        return self._kblocks
+
+    # --- PEFT ------------------------------------------------------------------------
+    def add_peft(self, name: str, folder, module: str | None = None) -> int:
+        """Add the layer ``module`` of the PEFT adapter folder ``folder`` (read with
+        :func:`numlora.load_peft_adapter`) as adapter ``name``; ``module`` may be omitted
+        when the folder holds a single layer. DoRA and LoRA-bias layers are refused
+        (the bank computes plain LoRA). Returns the id."""
+        from .io.peft import load_peft_adapter
+
+        adapter = load_peft_adapter(folder)
+        if module is None:
+            layers = list(adapter.layer_names)
+            if len(layers) != 1:
+                raise ConfigError(f"the adapter in {os.fspath(folder)!r} has {len(layers)} layers "
+                                  f"({', '.join(layers[:8])}{', ...' if len(layers) > 8 else ''}): "
+                                  "say which one with module=")
+            module = layers[0]
+        layer = adapter.get_layer(module)
+        if layer.use_dora or layer.lora_bias is not None:
+            what = "DoRA" if layer.use_dora else "a LoRA bias"
+            raise ConfigError(f"layer {module!r} of {os.fspath(folder)!r} uses {what}; LoraBank serves plain LoRA only")
+        return self.add(name, layer.lora_a, layer.lora_b, layer.scaling)
+
+    @classmethod
+    def from_peft(cls, base, folders, module: str | None = None, **kwargs) -> "LoraBank":
+        """A bank over ``base`` with one adapter per PEFT folder: ``folders`` is a mapping
+        ``{name: folder}`` or a sequence of folders (each named by its last path
+        component). ``module``: the layer to take from each folder (see
+        :meth:`add_peft`). Other keyword arguments go to the constructor."""
+        bank = cls(base, **kwargs)
+        if isinstance(folders, Mapping):
+            items = list(folders.items())
+        elif isinstance(folders, (str, os.PathLike)):
+            raise DTypeError("folders must be a sequence of folders or a {name: folder} mapping, got one path; "
+                             "wrap it in a list")
+        else:
+            items = [(os.path.basename(os.path.normpath(os.fspath(f))), f) for f in folders]
+        for name, folder in items:
+            bank.add_peft(name, folder, module)
+        return bank
+
+    # --- forward ---------------------------------------------------------------------
+    def _raw_base(self, x2, out2):
+        """out2 = x2 W^T through BLAS (dense) or decoded tiles + BLAS (NF4)."""
+        if x2.shape[0] == 0:
+            return
+        if self._nf4 is None:
+            np.dot(x2, self._weight.T, out=out2)
+        else:
+            from .nf4 import _nf4_blas
+
+            _nf4_blas(x2, self._nf4, self._nf4.scales(), out2)
+
+    def _base(self, x2, out2):
+        if self._stable is not None:
+            self._stable(x2, out2)
+        elif self._nf4 is None:
+            np.dot(x2, self._weight.T, out=out2)
+        else:
+            from .nf4 import _nf4_forward
+
+            _nf4_forward(x2, self._nf4, None, None, 0.0, None, out2)
+
+    def _row_ids(self, adapters, n):
+        if isinstance(adapters, np.ndarray) and adapters.dtype.kind in "iu":
+            ids = adapters
+        else:
+            if isinstance(adapters, (str, bytes)):
+                raise DTypeError("adapters must hold one entry per row (a sequence), got a single str")
+            seq = list(adapters)
+            if all(isinstance(a, (int, np.integer)) and not isinstance(a, bool) for a in seq):
+                ids = np.asarray(seq, np.int64) if seq else np.zeros(0, np.int64)
+            else:
+                ids = self.ids(seq)
+        if ids.ndim != 1 or ids.shape[0] != n:
+            raise ShapeError(f"expected one adapter per row of x: adapters of shape ({n},), got {ids.shape}")
+        ids = ids.astype(np.int64, copy=False)
+        if n:
+            lo, hi = int(ids.min()), int(ids.max())
+            if lo < -1 or hi >= self._next_id or not self._live[ids[ids >= 0]].all():
+                bad = [int(i) for i in ids if i < -1 or i >= self._next_id or (i >= 0 and not self._live[i])]
+                raise LayerNotFoundError(f"adapter id {bad[0]} is not in the bank (ids of live adapters: "
+                                         f"{sorted(self._names.values())[:20]}, or -1 for the base alone)")
+        return ids
+
+    def forward(self, x, adapters, scale=None, out=None):
+        """``y[i] = x[i] W^T (+ bias) + scale[i] * scaling_k (x[i] A_k^T) B_k^T``, ``k`` the
+        adapter of row i.
+
+        Parameters
+        ----------
+        x : (in,) or (n, in) float32 / float64 (computed in float32)
+        adapters : per row, an adapter name (str), or id (int, see :meth:`index` /
+            :meth:`ids`), or None / -1 for the base alone; an int array is used as is
+        scale : optional (n,) per-row multiplier of the adapter's scaling
+        out : optional C-contiguous float32 buffer of shape (out,) or (n, out)
+
+        Returns ``out``. Rows sharing an adapter are grouped internally, so each
+        adapter's A and B are read once per batch.
+        """
+        from .ops import _input_rows, _prepare_out
+
+        x = _input_rows(x, self._in_f)
+        n = 1 if x.ndim == 1 else x.shape[0]
+        if x.ndim == 1 and (isinstance(adapters, (str, int, np.integer)) or adapters is None):
+            adapters = [adapters]
+        ids = self._row_ids(adapters, n)
+        if scale is None:
+            rowscale = np.ones(n, np.float32)
+        else:
+            sc = v.float_array("scale", np.atleast_1d(scale) if x.ndim == 1 else scale, 1, allow_empty=True)
+            v.expect_shape("scale", sc, (n,))
+            rowscale = np.ascontiguousarray(sc, np.float32)
+        out = _prepare_out(out, x, self._out_f, np.float32)
+        x2 = np.ascontiguousarray(x.reshape(-1, self._in_f), np.float32)
+        out2 = out.reshape(-1, self._out_f)
+        if n == 0:
+            return out
+        self._base(x2, out2)
+        self._add_low_rank(x2, ids, rowscale, out2)
+        if self._bias is not None:
+            out2 += self._bias
+        return out
+
+    __call__ = forward
+
+    def _add_low_rank(self, x2, ids, rowscale, out2):
+        order = np.argsort(ids, kind="stable")
+        sid = ids[order]
+        first = int(np.searchsorted(sid, 0))
+        if first == sid.size:
+            return
+        order = order[first:]
+        sid = sid[first:]
+        cuts = np.flatnonzero(sid[1:] != sid[:-1]) + 1
+        seg_start = np.empty(cuts.size + 2, np.int64)
+        seg_start[0] = 0
+        seg_start[1:-1] = cuts
+        seg_start[-1] = sid.size
+        seg_adapter = np.ascontiguousarray(sid[seg_start[:-1]])
+        rmax = int(self._ad_rank[seg_adapter].max())
+        u = np.empty((sid.size, rmax), np.float32)
+        # positions in u are relative to the grouped rows; the kernel reads x / rowscale /
+        # out by batch row through `order`
+        _kernels().multi_lora_add_serial(x2, order, seg_start, seg_adapter, rowscale, self._kernel_blocks(),
+                                         self._ad_block, self._ad_off, self._ad_rank, self._ad_scaling, u, out2)
+
+
+def multi_lora_forward(x, bank: LoraBank, adapters, scale=None, out=None):
+    """Functional form of :meth:`LoraBank.forward`: ``y[i] = x[i] W^T + scale_i *
+    scaling_k (x[i] A_k^T) B_k^T`` for the adapter ``k`` of each row (-1 / None: base
+    alone)."""
+    if not isinstance(bank, LoraBank):
+        raise DTypeError(f"expected a LoraBank, got {type(bank).__name__}")
+    return bank.forward(x, adapters, scale=scale, out=out)

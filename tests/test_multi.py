@@ -1,0 +1,401 @@
+"""LoraBank / multi_lora_forward: many adapters in one batch (numlora.multi)."""
+
+import numpy as np
+import pytest
+
+import numlora as nl
+from numlora.multi import BUCKETS, REF_ROWS, LoraBank, multi_lora_forward
+
+from reference import multi_lora_ref
+
+OUT, IN = 96, 128
+
+
+def _adapters(rng, ranks, out_f=OUT, in_f=IN):
+    ads = []
+    for r in ranks:
+        a = rng.standard_normal((r, in_f), dtype=np.float32) * np.float32(0.1)
+        b = rng.standard_normal((out_f, r), dtype=np.float32) * np.float32(0.1)
+        ads.append((a, b, float(rng.uniform(0.25, 4.0))))
+    return ads
+
+
+def _bank(rng, base, ranks, **kw):
+    out_f, in_f = base.shape
+    bank = LoraBank(base, **kw)
+    ads = _adapters(rng, ranks, out_f, in_f)
+    for k, (a, b, s) in enumerate(ads):
+        assert bank.add(f"ad{k}", a, b, s) == k
+    return bank, ads
+
+
+def _bits(a):
+    return np.asarray(a, np.float32).view(np.uint32)
+
+
+RANKS = [1, 2, 3, 7, 8, 16, 17, 31, 33, 64, 5, 12]
+
+
+@pytest.fixture
+def dense(rng):
+    return rng.standard_normal((OUT, IN), dtype=np.float32) * np.float32(0.2)
+
+
+def test_dense_matches_reference(rng, dense):
+    bank, ads = _bank(rng, dense, RANKS)
+    n = 50
+    x = rng.standard_normal((n, IN), dtype=np.float32)
+    ids = rng.integers(-1, len(ads), n)
+    scale = rng.uniform(0.0, 2.0, n).astype(np.float32)
+    y = bank.forward(x, ids, scale=scale)
+    ref = multi_lora_ref(x, dense, ads, ids, scale)
+    assert y.dtype == np.float32 and y.shape == (n, OUT)
+    np.testing.assert_allclose(y, ref, rtol=0, atol=2e-5 * np.abs(ref).max())
+    # by name, None for the base alone, and the functional form
+    names = [None if k < 0 else f"ad{k}" for k in ids]
+    assert np.array_equal(_bits(multi_lora_forward(x, bank, names, scale=scale)), _bits(y))
+
+
+def test_nf4_matches_reference(rng):
+    w = rng.standard_normal((OUT, IN), dtype=np.float32)
+    t = nl.quantize_nf4(w, blocksize=64)
+    bank, ads = _bank(rng, t, RANKS)
+    x = rng.standard_normal((40, IN), dtype=np.float32)
+    ids = rng.integers(-1, len(ads), 40)
+    y = bank.forward(x, ids)
+    ref = multi_lora_ref(x, nl.dequantize_nf4(t), ads, ids)
+    np.testing.assert_allclose(y, ref, rtol=0, atol=2e-5 * np.abs(ref).max())
+
+
+def test_base_only_rows_equal_plain_product(rng, dense):
+    bank, _ = _bank(rng, dense, [4, 8])
+    x = rng.standard_normal((9, IN), dtype=np.float32)
+    y = bank.forward(x, [-1] * 9)
+    np.testing.assert_allclose(y, x.astype(np.float64) @ dense.T.astype(np.float64), rtol=1e-5, atol=1e-5)
+
+
+def test_bias_and_one_dimensional_input(rng, dense):
+    bias = rng.standard_normal(OUT).astype(np.float32)
+    bank = LoraBank(dense, bias=bias)
+    ads = _adapters(rng, [6])
+    bank.add("a", *ads[0])
+    x = rng.standard_normal(IN).astype(np.float32)
+    y = bank.forward(x, "a", scale=0.5)
+    assert y.shape == (OUT,)
+    ref = multi_lora_ref(x, dense, ads, [0], [0.5], bias)[0]
+    np.testing.assert_allclose(y, ref, rtol=0, atol=2e-5 * np.abs(ref).max())
+    y2 = bank.forward(x[None], ["a"], scale=[0.5])
+    assert np.array_equal(_bits(y2[0]), _bits(y))
+
+
+def test_float64_inputs_and_out_buffer(rng, dense):
+    bank, ads = _bank(rng, dense.astype(np.float64), [3, 9])
+    x = rng.standard_normal((5, IN))
+    out = np.full((5, OUT), np.nan, np.float32)
+    ids = np.array([0, 1, -1, 1, 0])
+    got = bank.forward(x, ids, out=out)
+    assert got is out
+    ref = multi_lora_ref(x.astype(np.float32), dense, ads, ids)
+    np.testing.assert_allclose(out, ref, rtol=0, atol=2e-5 * np.abs(ref).max())
+
+
+def test_empty_batch(rng, dense):
+    bank, _ = _bank(rng, dense, [2])
+    y = bank.forward(np.zeros((0, IN), np.float32), np.zeros(0, np.int64))
+    assert y.shape == (0, OUT)
+
+
+# --- a row's result does not depend on the batch ------------------------------------------
+
+def _stability_check(rng, bank, n_ads, in_f, sizes=(1, 2, 3, 5, 16, 17, 64, 100, 256, 300)):
+    n = max(sizes)
+    x = rng.standard_normal((n, in_f), dtype=np.float32)
+    ids = rng.integers(-1, n_ads, n)
+    scale = rng.uniform(0.5, 1.5, n).astype(np.float32)
+    full = bank.forward(x, ids, scale=scale)
+    for m in sizes:
+        rows = rng.choice(n, m, replace=False)
+        sub = bank.forward(x[rows], ids[rows], scale=scale[rows])
+        assert np.array_equal(_bits(sub), _bits(full[rows])), f"sub-batch of {m} rows differs"
+    perm = rng.permutation(n)
+    got = bank.forward(x[perm], ids[perm], scale=scale[perm])
+    assert np.array_equal(_bits(got), _bits(full[perm]))
+    # every row alone
+    for i in rng.choice(n, 8, replace=False):
+        one = bank.forward(x[i], int(ids[i]), scale=scale[i])
+        assert np.array_equal(_bits(one), _bits(full[i]))
+    # same rows, different neighbours (other adapters, other inputs)
+    x2 = rng.standard_normal((n, in_f), dtype=np.float32)
+    keep = rng.choice(n, n // 3, replace=False)
+    x2[keep] = x[keep]
+    ids2 = rng.integers(-1, n_ads, n)
+    ids2[keep] = ids[keep]
+    s2 = scale.copy()
+    s2[~np.isin(np.arange(n), keep)] = 3.0
+    got2 = bank.forward(x2, ids2, scale=s2)
+    assert np.array_equal(_bits(got2[keep]), _bits(full[keep]))
+
+
+def test_rows_bit_identical_whatever_the_batch_dense(rng, dense):
+    bank, ads = _bank(rng, dense, RANKS)
+    _stability_check(rng, bank, len(ads), IN)
+
+
+def test_rows_bit_identical_whatever_the_batch_nf4(rng):
+    t = nl.quantize_nf4(rng.standard_normal((OUT, IN), dtype=np.float32), blocksize=64)
+    bank, ads = _bank(rng, t, RANKS)
+    _stability_check(rng, bank, len(ads), IN)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["dense", "nf4"])
+def test_rows_bit_identical_large_layer(rng, kind):
+    """At a serving-sized layer (BLAS takes its GEMV / GEMM / small-matrix paths)."""
+    out_f, in_f = 1024, 2048
+    w = rng.standard_normal((out_f, in_f), dtype=np.float32) * np.float32(0.02)
+    base = w if kind == "dense" else nl.quantize_nf4(w)
+    bank, ads = _bank(rng, base, [8, 16, 64, 32, 8, 24])
+    _stability_check(rng, bank, len(ads), in_f, sizes=(1, 2, 7, 64, 256, 300))
+
+
+def test_calibration_records_buckets(rng, dense):
+    bank, _ = _bank(rng, dense, [2])
+    x = rng.standard_normal((3, IN), dtype=np.float32)
+    bank.forward(x, [0, 0, -1])
+    checked = bank._stable.checked
+    assert checked[REF_ROWS] is True
+    assert set(checked) <= set(BUCKETS)
+    # the bucket used for 3 rows is the smallest passing one >= 3
+    b = bank._stable.bucket(3)
+    assert b >= 3 and checked[b] and all(not checked.get(c, False) for c in BUCKETS if 3 <= c < b)
+
+
+def test_not_row_stable_mode_matches_reference(rng, dense):
+    bank, ads = _bank(rng, dense, RANKS, row_stable=False)
+    assert not bank.row_stable
+    x = rng.standard_normal((20, IN), dtype=np.float32)
+    ids = rng.integers(-1, len(ads), 20)
+    ref = multi_lora_ref(x, dense, ads, ids)
+    np.testing.assert_allclose(bank.forward(x, ids), ref, rtol=0, atol=2e-5 * np.abs(ref).max())
+    t = nl.quantize_nf4(dense, blocksize=32)
+    bank2 = LoraBank(t, row_stable=False)
+    for k, (a, b, s) in enumerate(ads):
+        bank2.add(f"ad{k}", a, b, s)
+    ref2 = multi_lora_ref(x, nl.dequantize_nf4(t), ads, ids)
+    np.testing.assert_allclose(bank2.forward(x, ids), ref2, rtol=0, atol=2e-5 * np.abs(ref2).max())
+
+
+def test_parallel_kernel_equals_serial(rng, dense):
+    from numlora.kernels import multi as km
+
+    bank, ads = _bank(rng, dense, RANKS)
+    n = 40
+    x = rng.standard_normal((n, IN), dtype=np.float32)
+    ids = rng.integers(0, len(ads), n)
+    order = np.argsort(ids, kind="stable")
+    sid = ids[order]
+    seg = np.concatenate([[0], np.flatnonzero(np.diff(sid)) + 1, [n]]).astype(np.int64)
+    sa = sid[seg[:-1]].astype(np.int64)
+    scale = np.ones(n, np.float32)
+    outs = []
+    for fn in (km.multi_lora_add, km.multi_lora_add_serial):
+        y = np.zeros((n, OUT), np.float32)
+        u = np.empty((n, 64), np.float32)
+        fn(x, order, seg, sa, scale, bank._kernel_blocks(), bank._ad_block, bank._ad_off, bank._ad_rank,
+           bank._ad_scaling, u, y)
+        outs.append(y)
+    assert np.array_equal(_bits(outs[0]), _bits(outs[1]))
+
+
+# --- add / remove -------------------------------------------------------------------------
+
+def test_add_remove_ids_and_names(rng, dense):
+    bank, ads = _bank(rng, dense, [4, 8, 16])
+    assert len(bank) == 3 and bank.names == ["ad0", "ad1", "ad2"] and "ad1" in bank
+    assert [bank.index(n) for n in bank] == [0, 1, 2]
+    assert bank.rank("ad2") == 16 and bank.scaling("ad0") == pytest.approx(ads[0][2])
+    x = rng.standard_normal((6, IN), dtype=np.float32)
+    ids = np.array([0, 2, 0, -1, 2, 2])
+    before = bank.forward(x, ids)
+    bank.remove("ad1")
+    assert "ad1" not in bank and len(bank) == 2 and bank.index("ad2") == 2
+    # other adapters untouched: same storage, same bits
+    assert np.array_equal(_bits(bank.forward(x, ids)), _bits(before))
+    a2, b2 = bank.lora_arrays("ad2")
+    assert np.array_equal(a2, ads[2][0]) and np.array_equal(b2, ads[2][1])
+    # the removed id is refused, by id and by name
+    with pytest.raises(nl.LayerNotFoundError, match="adapter id 1"):
+        bank.forward(x, [1, 0, 0, 0, 0, 0])
+    with pytest.raises(KeyError, match="'ad1' is not in the bank"):
+        bank.forward(x, ["ad1"] * 6)
+    with pytest.raises(nl.LayerNotFoundError):
+        bank.remove("ad1")
+    # the name can be reused (with another rank); the freed id is given out again
+    a, b, s = _adapters(rng, [5])[0]
+    k = bank.add("ad1", a, b, s)
+    assert k == 1 and bank.rank("ad1") == 5
+    y = bank.forward(x, [1, 1, 0, -1, 2, 1])
+    ref = multi_lora_ref(x, dense, [ads[0], (a, b, s), ads[2]], [1, 1, 0, -1, 2, 1])
+    np.testing.assert_allclose(y, ref, rtol=0, atol=2e-5 * np.abs(ref).max())
+
+
+def test_churn_keeps_other_adapters_bit_identical(rng, dense):
+    bank = LoraBank(dense, block_pages=40)
+    live = {}
+    x = rng.standard_normal((4, IN), dtype=np.float32)
+    for step in range(60):
+        if live and rng.random() < 0.4:
+            name = rng.choice(sorted(live))
+            bank.remove(name)
+            del live[name]
+        else:
+            name = f"n{step}"
+            r = int(rng.integers(1, 50))  # some larger than a block: a dedicated block
+            a, b, s = _adapters(rng, [r])[0]
+            bank.add(name, a, b, s)
+            live[name] = (a, b, s)
+        for nm, (a, b, s) in live.items():
+            ga, gb = bank.lora_arrays(nm)
+            assert np.array_equal(ga, a) and np.array_equal(gb, b)
+    names = sorted(live)
+    ids = bank.ids(names)
+    xs = rng.standard_normal((len(names), IN), dtype=np.float32)
+    ref = multi_lora_ref(xs, dense, [live[n] for n in names], range(len(names)))
+    np.testing.assert_allclose(bank.forward(xs, ids), ref, rtol=0, atol=2e-5 * np.abs(ref).max())
+
+
+def test_memory_accounting(rng, dense):
+    page = 4 * (IN + OUT)
+    bank = LoraBank(dense, block_pages=64)
+    assert bank.memory() == {"base": dense.nbytes, "adapters": 0, "pool": 0, "free": 0, "padded": 0, "blocks": 0}
+    ranks = [4, 60, 8, 100]  # 100 > 64: a dedicated block
+    for k, (a, b, s) in enumerate(_adapters(rng, ranks)):
+        bank.add(f"a{k}", a, b, s)
+    m = bank.memory()
+    assert m["adapters"] == sum(ranks) * page
+    assert m["padded"] == len(ranks) * 100 * page
+    # 4 + 60 fill block 0, 8 starts block 1, 100 has its own block
+    assert m["blocks"] == 3 and m["pool"] == (64 + 64 + 100) * page
+    assert m["free"] == m["pool"] - m["adapters"]
+    bank.remove("a3")  # the dedicated block is released
+    m = bank.memory()
+    assert m["blocks"] == 2 and m["pool"] == 128 * page
+    bank.remove("a1")
+    a, b, s = _adapters(rng, [60])[0]
+    bank.add("again", a, b, s)  # reuses the freed pages: no new block
+    assert bank.memory()["pool"] == 128 * page
+    assert bank.memory()["adapters"] == (4 + 8 + 60) * page
+
+
+def test_nf4_memory_counts_quantized_base(rng):
+    t = nl.quantize_nf4(rng.standard_normal((OUT, IN), dtype=np.float32))
+    assert LoraBank(t).memory()["base"] == t.nbytes
+
+
+# --- errors -------------------------------------------------------------------------------
+
+def test_add_errors(rng, dense):
+    bank = LoraBank(dense)
+    a, b, s = _adapters(rng, [4])[0]
+    bank.add("a", a, b, s)
+    with pytest.raises(nl.DuplicateLayerError, match="already in the bank"):
+        bank.add("a", a, b, s)
+    with pytest.raises(nl.ShapeError, match=r"expected lora_a of shape \(4, 128\), got \(4, 127\)"):
+        bank.add("x", a[:, :-1], b, s)
+    with pytest.raises(nl.ShapeError, match=r"expected lora_b of shape \(96, 4\), got \(4, 96\)"):
+        bank.add("x", a, b.T, s)
+    with pytest.raises(nl.ShapeError, match=r"expected lora_b of shape \(96, 4\), got \(96, 3\)"):
+        bank.add("x", a, b[:, :3], s)  # ranks of A and B disagree
+    with pytest.raises(nl.ShapeError, match="non-empty lora_a"):
+        bank.add("x", a[:0], b[:, :0], s)  # rank 0
+    with pytest.raises(nl.DTypeError, match="float32 or float64, got int64"):
+        bank.add("x", a.astype(np.int64), b, s)
+    with pytest.raises(nl.DTypeError, match="float16"):
+        bank.add("x", a.astype(np.float16), b, s)
+    with pytest.raises(nl.DTypeError, match="scaling must be a real number"):
+        bank.add("x", a, b, "2")
+    with pytest.raises(nl.ConfigError, match="finite"):
+        bank.add("x", a, b, float("inf"))
+    with pytest.raises(nl.DTypeError, match="name must be a str"):
+        bank.add(3, a, b, s)
+    assert len(bank) == 1 and bank.memory()["adapters"] == 4 * 4 * (IN + OUT)
+
+
+def test_forward_errors(rng, dense):
+    bank, _ = _bank(rng, dense, [4, 8])
+    x = rng.standard_normal((3, IN), dtype=np.float32)
+    with pytest.raises(nl.ShapeError, match=r"expected x of shape \(3, 128\) \(in_features = 128\), got \(3, 5\)"):
+        bank.forward(x[:, :5], [0, 0, 0])
+    with pytest.raises(nl.ShapeError, match=r"adapters of shape \(3,\), got \(2,\)"):
+        bank.forward(x, [0, 1])
+    with pytest.raises(nl.LayerNotFoundError, match="adapter id 7"):
+        bank.forward(x, [0, 7, 1])
+    with pytest.raises(nl.LayerNotFoundError, match="adapter id -2"):
+        bank.forward(x, np.array([0, -2, 1]))
+    with pytest.raises(nl.LayerNotFoundError, match="'nope' is not in the bank; known adapters: 'ad0', 'ad1'"):
+        bank.forward(x, ["ad0", "nope", None])
+    with pytest.raises(nl.DTypeError, match="expected adapter names"):
+        bank.forward(x, ["ad0", 1.5, None])
+    with pytest.raises(nl.ShapeError, match=r"expected scale of shape \(3,\), got \(2,\)"):
+        bank.forward(x, [0, 0, 0], scale=np.ones(2))
+    with pytest.raises(nl.DTypeError, match="expected out with dtype float32, got float64"):
+        bank.forward(x, [0, 0, 0], out=np.empty((3, OUT)))
+    with pytest.raises(nl.DTypeError, match="float32 or float64, got int64"):
+        bank.forward(x.astype(np.int64), [0, 0, 0])
+    with pytest.raises(nl.DTypeError, match="expected a LoraBank"):
+        multi_lora_forward(x, object(), [0, 0, 0])
+
+
+def test_constructor_errors(rng):
+    with pytest.raises(nl.ShapeError, match="expected base to be 2-D"):
+        LoraBank(np.zeros(5, np.float32))
+    with pytest.raises(nl.DTypeError):
+        LoraBank(np.zeros((4, 4), np.int32))
+    with pytest.raises(nl.ShapeError, match=r"expected bias of shape \(4,\), got \(3,\)"):
+        LoraBank(np.zeros((4, 4), np.float32), bias=np.zeros(3, np.float32))
+    with pytest.raises(nl.ConfigError, match="block_pages must be >= 1"):
+        LoraBank(np.zeros((4, 4), np.float32), block_pages=0)
+    with pytest.raises(nl.ConfigError, match="row_stable"):
+        LoraBank(np.zeros((4, 4), np.float32), row_stable="yes")
+
+
+# --- PEFT folders -------------------------------------------------------------------------
+
+def _save(tmp_path, rng, name, rank, modules=("q_proj",)):
+    ad = nl.LoraAdapter(nl.LoraConfig(rank, 2.0 * rank + 1, target_modules=modules))
+    for m in modules:
+        a, b, _ = _adapters(rng, [rank])[0]
+        ad.add_lora(m, a, b)
+    folder = tmp_path / name
+    ad.save_peft(folder)
+    return folder, ad
+
+
+def test_from_peft_folders(rng, dense, tmp_path):
+    f1, ad1 = _save(tmp_path, rng, "alice", 4)
+    f2, ad2 = _save(tmp_path, rng, "bob", 12)
+    bank = LoraBank.from_peft(dense, [f1, f2])
+    assert bank.names == ["alice", "bob"]
+    l1, l2 = ad1.get_layer("q_proj"), ad2.get_layer("q_proj")
+    assert bank.rank("bob") == 12 and bank.scaling("alice") == pytest.approx(l1.scaling)
+    x = rng.standard_normal((4, IN), dtype=np.float32)
+    ids = ["bob", "alice", None, "bob"]
+    ref = multi_lora_ref(x, dense, [(l1.lora_a, l1.lora_b, l1.scaling), (l2.lora_a, l2.lora_b, l2.scaling)],
+                         [1, 0, -1, 1])
+    np.testing.assert_allclose(bank.forward(x, ids), ref, rtol=0, atol=2e-5 * np.abs(ref).max())
+    bank2 = LoraBank.from_peft(dense, {"b": f2}, module="q_proj")
+    assert bank2.names == ["b"]
+    assert np.array_equal(bank2.lora_arrays("b")[0], bank.lora_arrays("bob")[0])
+
+
+def test_add_peft_module_choice(rng, dense, tmp_path):
+    folder, ad = _save(tmp_path, rng, "two", 3, modules=("q_proj", "v_proj"))
+    bank = LoraBank(dense)
+    with pytest.raises(nl.ConfigError, match="has 2 layers .*module="):
+        bank.add_peft("t", folder)
+    bank.add_peft("t", folder, module="v_proj")
+    assert np.array_equal(bank.lora_arrays("t")[1], ad.get_layer("v_proj").lora_b)
+    with pytest.raises(nl.LayerNotFoundError, match="k_proj"):
+        bank.add_peft("u", folder, module="k_proj")
+    with pytest.raises(nl.DTypeError, match="one path"):
+        LoraBank.from_peft(dense, str(folder))
