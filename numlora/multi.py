@@ -336,6 +336,19 @@ class LoraBank:
         self._ad_rank[k] = 0
         self._free_ids.append(k)
 
+    def reserve(self, pages: int) -> None:
+        """Make sure the pool has at least ``pages`` free pages (rank rows) in regular
+        blocks, allocating and touching new blocks now (a server's start-up), so that
+        later adds of ranks <= ``block_pages`` write into memory that is already mapped:
+        no page faults while serving. ``bank.reserve(sum of ranks)`` before the adds."""
+        pages = v.int_scalar("pages", pages, minimum=0)
+        free = sum(run[1] for bid, runs in enumerate(self._free) if not self._dedicated[bid] for run in runs)
+        while free < pages:
+            bid = self._new_block(self._block_pages, dedicated=False)
+            self._blocks[bid].fill(0)
+            self._free[bid] = [[0, self._block_pages]]
+            free += self._block_pages
+
     def _new_id(self):
         if self._free_ids:
             return self._free_ids.pop()

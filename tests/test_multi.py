@@ -399,3 +399,21 @@ def test_add_peft_module_choice(rng, dense, tmp_path):
         bank.add_peft("u", folder, module="k_proj")
     with pytest.raises(nl.DTypeError, match="one path"):
         LoraBank.from_peft(dense, str(folder))
+
+
+def test_reserve_preallocates_pages(rng, dense):
+    page = 4 * (IN + OUT)
+    bank = LoraBank(dense, block_pages=32)
+    bank.reserve(70)  # three blocks of 32 pages
+    assert bank.memory()["pool"] == 96 * page and bank.memory()["adapters"] == 0
+    ads = _adapters(rng, [30, 30, 30])
+    for k, (a, b, s) in enumerate(ads):
+        bank.add(f"a{k}", a, b, s)
+    assert bank.memory()["pool"] == 96 * page  # no new block
+    bank.reserve(2)  # 2 x 2 pages are free already
+    assert bank.memory()["pool"] == 96 * page
+    x = rng.standard_normal((3, IN), dtype=np.float32)
+    ref = multi_lora_ref(x, dense, ads, [2, 0, 1])
+    np.testing.assert_allclose(bank.forward(x, ["a2", "a0", "a1"]), ref, rtol=0, atol=2e-5 * np.abs(ref).max())
+    with pytest.raises(nl.ConfigError, match="pages must be >= 0"):
+        bank.reserve(-1)

@@ -93,19 +93,29 @@ def multi_lora_add(x, order, seg_start, seg_adapter, rowscale, blocks, ad_block,
 multi_lora_add_serial = serial_twin(multi_lora_add)
 
 
+_TILE = 32  # side of the square tiles of the transposing copy
+
+
+@kernel()
+def _transpose_into(src, dst):
+    """dst (1-D, R * C floats) = src^T row-major, src (R, C) C-contiguous; by square
+    tiles so both sides stay in L1."""
+    nr, nc = src.shape
+    for i0 in range(0, nr, _TILE):
+        i1 = min(nr, i0 + _TILE)
+        for j0 in range(0, nc, _TILE):
+            j1 = min(nc, j0 + _TILE)
+            for j in range(j0, j1):
+                drow = dst[j * nr + i0:j * nr + i1]
+                for i in range(i1 - i0):
+                    drow[i] = src[i0 + i, j]
+
+
 @kernel()
 def pack_adapter(lora_a, lora_b, dst):
     """dst[: in * r] = A^T (in, r) row-major, dst[in * r:] = B^T (r, out) row-major
     (lora_a (r, in), lora_b (out, r) float32 C-contiguous; the transposing copy the
     bank does on ``add``)."""
     r, in_f = lora_a.shape
-    out_f = lora_b.shape[0]
-    for t in range(r):
-        arow = lora_a[t]
-        for j in range(in_f):
-            dst[j * r + t] = arow[j]
-    off = in_f * r
-    for o in range(out_f):
-        brow = lora_b[o]
-        for t in range(r):
-            dst[off + t * out_f + o] = brow[t]
+    _transpose_into(lora_a, dst[:in_f * r])
+    _transpose_into(lora_b, dst[in_f * r:])
