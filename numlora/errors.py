@@ -20,6 +20,7 @@ __all__ = [
     "FormatError",
     "DetachedLayerError",
     "TrainStateError",
+    "DeviceError",
 ]
 
 
@@ -73,3 +74,8 @@ class DetachedLayerError(NumloraError, RuntimeError):
 class TrainStateError(NumloraError, RuntimeError):
     """A training call does not fit the layer's state (backward without a training-mode
     forward, training a merged layer)."""
+
+
+class DeviceError(NumloraError, RuntimeError):
+    """A GPU was asked for (a GPU array, ``to_device``) where numba.cuda finds none, or
+    host and GPU arrays were mixed in one call."""

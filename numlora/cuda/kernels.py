@@ -1,0 +1,539 @@
+"""numba.cuda twins of the CPU kernels in :mod:`numlora.kernels`.
+
+Same names and meaning; the GPU kernels take float32 and write into ``out`` device
+arrays. Launch geometry is not fixed at import: every kernel that needs a compile-time
+size (shared-memory tiles, threads per block) comes from a small factory cached per
+size, reading the module-level settings below at launch time. Tests under the CUDA
+simulator (``NUMBA_ENABLE_CUDASIM=1``, one Python thread per CUDA thread) shrink them
+(``kernels.THREADS = 8`` etc.) as stumpy patches its ``THREADS_PER_BLOCK``.
+
+Bit-exactness: the NF4 quantizer and dequantizer and the xorshift64 fill perform the
+same float32 / float64 operations as the CPU kernels (no additions that the compiler
+could contract into FMAs), so their outputs are identical bit for bit. The matmul,
+merge and AdamW kernels sum in a different order than the CPU and may use FMAs: they
+agree with the CPU to float32 rounding, not to the bit.
+
+Nothing here compiles at import: ``@cuda.jit`` compiles on first launch.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import cuda
+
+from .._tables import NF4_MIDPOINTS
+
+# --- launch settings (read at launch time; tests patch them to tiny values) ------------
+
+#: threads per block of the 1-D kernels (elementwise, NF4 quantize / dequantize, RNG).
+#: A power of two.
+THREADS = 256
+#: threads per block of the reduction kernels (LoRA shrink, generic NF4 absmax). Power of two.
+REDUCE_THREADS = 128
+#: fused NF4 GEMV (batch 1): threads per block (power of two) and output rows per block.
+GEMV_THREADS = 128
+GEMV_ROWS = 4
+#: tiled matmul: (BM, BN, BK, TM, TN): a block computes a BM x BN tile of the output,
+#: stepping BK along the reduction; each thread owns TM x TN outputs, so a block has
+#: (BM / TM) * (BN / TN) threads.
+GEMM_TILE = (128, 128, 8, 8, 8)
+#: log2 of the number of consecutive RNG values one thread generates.
+RNG_CHUNK_LOG2 = 10
+
+F32 = np.float32
+TINY = np.float32(1e-38)
+ONE = np.float32(1.0)
+INF = np.float32(np.inf)
+_U64_MAX_F64 = 18446744073709551615.0
+(_M0, _M1, _M2, _M3, _M4, _M5, _M6, _M7, _M8, _M9, _M10, _M11, _M12, _M13, _M14) = (
+    np.float32(m) for m in NF4_MIDPOINTS)
+
+_cache: dict = {}
+
+
+def _cached(key, build):
+    k = _cache.get(key)
+    if k is None:
+        k = build()
+        _cache[key] = k
+    return k
+
+
+# --- xorshift64 ----------------------------------------------------------------------------
+
+@cuda.jit(device=True)
+def _xs_step(s):
+    s ^= s << np.uint64(13)
+    s ^= s >> np.uint64(7)
+    s ^= s << np.uint64(17)
+    return s
+
+
+@cuda.jit(device=True)
+def _gf2_apply(jumps, row, s):
+    """The 64x64 GF(2) matrix ``jumps[row]`` (its 64 columns as uint64) applied to s."""
+    r = np.uint64(0)
+    for i in range(64):
+        if (s >> np.uint64(i)) & np.uint64(1):
+            r ^= jumps[row, i]
+    return r
+
+
+@cuda.jit
+def xorshift64_fill(state, jumps, chunk, out):
+    """Thread t writes out[t * chunk : (t + 1) * chunk] of the stream started at ``state``:
+    it jumps ahead t * chunk steps (``jumps[l]`` = the step matrix to the power
+    ``chunk * 2**l``), then steps serially. Bit-identical to the CPU kernel."""
+    t = cuda.grid(1)
+    n = out.size
+    start = t * chunk
+    if start >= n:
+        return
+    s = np.uint64(state)
+    k = t
+    lvl = 0
+    while k > 0:
+        if k & 1:
+            s = _gf2_apply(jumps, lvl, s)
+        k >>= 1
+        lvl += 1
+    stop = min(n, start + chunk)
+    for i in range(start, stop):
+        s = _xs_step(s)
+        out[i] = np.float32(np.float64(s) / _U64_MAX_F64 * 2.0 - 1.0)
+
+
+# --- NF4 ------------------------------------------------------------------------------------
+
+@cuda.jit(device=True)
+def _code(y):
+    """Number of NF4 midpoints strictly below y."""
+    q = 0
+    if y > _M0:
+        q += 1
+    if y > _M1:
+        q += 1
+    if y > _M2:
+        q += 1
+    if y > _M3:
+        q += 1
+    if y > _M4:
+        q += 1
+    if y > _M5:
+        q += 1
+    if y > _M6:
+        q += 1
+    if y > _M7:
+        q += 1
+    if y > _M8:
+        q += 1
+    if y > _M9:
+        q += 1
+    if y > _M10:
+        q += 1
+    if y > _M11:
+        q += 1
+    if y > _M12:
+        q += 1
+    if y > _M13:
+        q += 1
+    if y > _M14:
+        q += 1
+    return q
+
+
+@cuda.jit(device=True)
+def _nanmax(m, a):
+    """max that keeps a NaN once seen (a NaN input must reach absmax, as on the CPU)."""
+    if a > m or a != a:
+        return a
+    return m
+
+
+def nf4_quantize_fused():
+    """Quantize kernel for a power-of-two blocksize with blocksize / 2 <= THREADS: one
+    thread per output byte (two elements, coalesced 8-byte loads), the block's absmax by a
+    shared-memory tree over the blocksize / 2 threads of each NF4 block, then the codes.
+    One pass over x."""
+    T = THREADS
+
+    def build():
+        @cuda.jit
+        def nf4_quantize_fused_k(x, blocksize, nfull, packed, absmax, bad):
+            sm = cuda.shared.array(T, np.float32)
+            tid = cuda.threadIdx.x
+            p = cuda.blockIdx.x * T + tid
+            n = x.size
+            e0 = 2 * p
+            half = blocksize // 2
+            m = np.float32(0.0)
+            if e0 < n:
+                m = abs(x[e0])
+                if e0 + 1 < n:
+                    m = _nanmax(m, abs(x[e0 + 1]))
+            sm[tid] = m
+            cuda.syncthreads()
+            lane = tid & (half - 1)
+            s = half // 2
+            while s > 0:
+                if lane < s:
+                    sm[tid] = _nanmax(sm[tid], sm[tid + s])
+                cuda.syncthreads()
+                s //= 2
+            if e0 < n:
+                am = sm[tid - lane]
+                b = e0 // blocksize
+                if b < nfull:
+                    if lane == 0:
+                        absmax[b] = am
+                    inv = ONE / max(am, TINY)
+                    q0 = _code(x[e0] * inv)
+                    q1 = _code(x[e0 + 1] * inv)
+                else:
+                    am = max(am, TINY)
+                    if lane == 0:
+                        absmax[b] = am
+                    q0 = _code(x[e0] / am)
+                    q1 = 7
+                    if e0 + 1 < n:
+                        q1 = _code(x[e0 + 1] / am)
+                packed[p] = (q0 << 4) | q1
+                if lane == 0 and not (am < INF):
+                    bad[0] = 1
+
+        return nf4_quantize_fused_k
+
+    return _cached(("qfused", T), build)
+
+
+def nf4_absmax():
+    """Generic absmax pass (any blocksize): one block of REDUCE_THREADS per NF4 block,
+    strided coalesced loads, shared-memory tree; the partial last block stores its
+    clamped absmax (as bitsandbytes' CPU path)."""
+    T = REDUCE_THREADS
+
+    def build():
+        @cuda.jit
+        def nf4_absmax_k(x, blocksize, nfull, absmax, bad):
+            sm = cuda.shared.array(T, np.float32)
+            tid = cuda.threadIdx.x
+            b = cuda.blockIdx.x
+            n = x.size
+            start = b * blocksize
+            stop = min(n, start + blocksize)
+            m = np.float32(0.0)
+            for k in range(start + tid, stop, T):
+                m = _nanmax(m, abs(x[k]))
+            sm[tid] = m
+            cuda.syncthreads()
+            s = T // 2
+            while s > 0:
+                if tid < s:
+                    sm[tid] = _nanmax(sm[tid], sm[tid + s])
+                cuda.syncthreads()
+                s //= 2
+            if tid == 0:
+                am = sm[0]
+                if b >= nfull:
+                    am = max(am, TINY)
+                absmax[b] = am
+                if not (am < INF):
+                    bad[0] = 1
+
+        return nf4_absmax_k
+
+    return _cached(("absmax", T), build)
+
+
+@cuda.jit(device=True)
+def _code_at(x, k, blocksize, nfull, absmax):
+    b = k // blocksize
+    if b < nfull:
+        return _code(x[k] * (ONE / max(absmax[b], TINY)))
+    return _code(x[k] / absmax[b])
+
+
+@cuda.jit
+def nf4_codes(x, blocksize, nfull, absmax, packed):
+    """Generic code pass (after :func:`nf4_absmax`): one thread per output byte."""
+    p = cuda.grid(1)
+    n = x.size
+    if p >= packed.size:
+        return
+    k = 2 * p
+    q0 = _code_at(x, k, blocksize, nfull, absmax)
+    q1 = 7
+    if k + 1 < n:
+        q1 = _code_at(x, k + 1, blocksize, nfull, absmax)
+    packed[p] = (q0 << 4) | q1
+
+
+def nf4_dequantize_range():
+    """``out[k - start] = code[nibble k] * absmax[k // blocksize]`` for k in [start, stop):
+    one thread per element, the 16-entry table in shared memory."""
+    T = THREADS
+
+    def build():
+        @cuda.jit
+        def nf4_dequantize_range_k(packed, absmax, blocksize, code, start, stop, out):
+            cs = cuda.shared.array(16, np.float32)
+            tid = cuda.threadIdx.x
+            for c in range(tid, 16, T):
+                cs[c] = code[c]
+            cuda.syncthreads()
+            k = start + cuda.blockIdx.x * T + tid
+            if k < stop:
+                byte = packed[k >> 1]
+                nib = (byte >> 4) if (k & 1) == 0 else (byte & 15)
+                out[k - start] = cs[nib] * absmax[k // blocksize]
+
+        return nf4_dequantize_range_k
+
+    return _cached(("deq", T), build)
+
+
+def nf4_gemv():
+    """Fused NF4 GEMV (batch 1) + LoRA expand + bias, for in % 8 == 0 and
+    in % blocksize == 0, blocksize % 8 == 0. The packed codes are read as uint32 words
+    (8 codes): a block's threads stride over the words of GEMV_ROWS rows together (each
+    load coalesced, each x value loaded once for all the rows), decode through the
+    16-entry table in shared memory, apply the block scale per word, and reduce in
+    shared memory. u: (1, r) already scaled; y: (out,)."""
+    T, R = GEMV_THREADS, GEMV_ROWS
+
+    def build():
+        @cuda.jit
+        def nf4_gemv_k(words, scales, blocksize, code, x, u, lora_b, bias, use_bias, y):
+            cs = cuda.shared.array(16, np.float32)
+            part = cuda.shared.array((R, T), np.float32)
+            tid = cuda.threadIdx.x
+            for c in range(tid, 16, T):
+                cs[c] = code[c]
+            cuda.syncthreads()
+            in_f = x.size
+            out_f = y.size
+            wpr = in_f // 8
+            bpr = in_f // blocksize
+            o0 = cuda.blockIdx.x * R
+            acc = cuda.local.array(R, np.float32)
+            for r in range(R):
+                acc[r] = 0
+            for w in range(tid, wpr, T):
+                j = w * 8
+                x0 = x[j]
+                x1 = x[j + 1]
+                x2 = x[j + 2]
+                x3 = x[j + 3]
+                x4 = x[j + 4]
+                x5 = x[j + 5]
+                x6 = x[j + 6]
+                x7 = x[j + 7]
+                jb = j // blocksize
+                for r in range(R):
+                    o = o0 + r
+                    if o < out_f:
+                        wd = words[o * wpr + w]
+                        d = (cs[(wd >> 4) & 15] * x0 + cs[wd & 15] * x1
+                             + cs[(wd >> 12) & 15] * x2 + cs[(wd >> 8) & 15] * x3
+                             + cs[(wd >> 20) & 15] * x4 + cs[(wd >> 16) & 15] * x5
+                             + cs[(wd >> 28) & 15] * x6 + cs[(wd >> 24) & 15] * x7)
+                        acc[r] += scales[o * bpr + jb] * d
+            for r in range(R):
+                part[r, tid] = acc[r]
+            cuda.syncthreads()
+            s = T // 2
+            while s > 0:
+                if tid < s:
+                    for r in range(R):
+                        part[r, tid] += part[r, tid + s]
+                cuda.syncthreads()
+                s //= 2
+            if tid < R:
+                o = o0 + tid
+                if o < out_f:
+                    v = part[tid, 0]
+                    lo = np.float32(0.0)
+                    for t in range(u.shape[1]):
+                        lo += u[0, t] * lora_b[o, t]
+                    v += lo
+                    if use_bias:
+                        v += bias[o]
+                    y[o] = v
+
+        return nf4_gemv_k
+
+    return _cached(("gemv", T, R), build)
+
+
+# --- tiled matmul (dense or NF4 weight, LoRA expand and bias fused in the epilogue) ---------
+
+def gemm(nf4: bool):
+    """``C[i, o] = alpha * sum_k X(i, k) W(o, k) + sum_t U(i, t) Bm(o, t) + bias[o]
+    (+ C[i, o] when accumulate)`` for i < M, o < N, with every operand a flat array and
+    element strides, so one kernel serves the forward (x W^T + s (x A^T) B^T + b), the
+    fan_in_fan_out layout, and every product of the backward. With ``nf4`` the weight
+    element (o, k) is flat index ``o * swo + k * swk`` of an NF4 tensor, decoded while
+    its tile is loaded into shared memory (never materialised). Tiles as GEMM_TILE;
+    loads map consecutive threads to the operand's contiguous dimension."""
+    BM, BN, BK, TM, TN = GEMM_TILE
+    NT = (BM // TM) * (BN // TN)
+    NX = BN // TN
+    NF4 = bool(nf4)
+
+    def build():
+        @cuda.jit
+        def gemm_k(X, sxi, sxk, W, swo, swk, packed, scales, blocksize, code, M, N, K, alpha,
+                   U, sui, sut, Bm, sbo, sbt, R, bias, use_bias, C, ldc, accumulate):
+            Xs = cuda.shared.array((BK, BM), np.float32)
+            Ws = cuda.shared.array((BK, BN), np.float32)
+            cs = cuda.shared.array(16, np.float32)
+            tid = cuda.threadIdx.x
+            ty = tid // NX
+            tx = tid % NX
+            i0 = cuda.blockIdx.y * BM
+            o0 = cuda.blockIdx.x * BN
+            if NF4:
+                for c in range(tid, 16, NT):
+                    cs[c] = code[c]
+                cuda.syncthreads()
+            acc = cuda.local.array((TM, TN), np.float32)
+            for m in range(TM):
+                for q in range(TN):
+                    acc[m, q] = 0
+            a = cuda.local.array(TM, np.float32)
+            b = cuda.local.array(TN, np.float32)
+            for k0 in range(0, K, BK):
+                for e in range(tid, BM * BK, NT):
+                    if sxk == 1:
+                        r = e // BK
+                        kk = e % BK
+                    else:
+                        kk = e // BM
+                        r = e % BM
+                    i = i0 + r
+                    k = k0 + kk
+                    v = np.float32(0.0)
+                    if i < M and k < K:
+                        v = X[i * sxi + k * sxk]
+                    Xs[kk, r] = v
+                for e in range(tid, BN * BK, NT):
+                    if swk == 1:
+                        r = e // BK
+                        kk = e % BK
+                    else:
+                        kk = e // BN
+                        r = e % BN
+                    o = o0 + r
+                    k = k0 + kk
+                    v = np.float32(0.0)
+                    if o < N and k < K:
+                        idx = o * swo + k * swk
+                        if NF4:
+                            byte = packed[idx >> 1]
+                            nib = (byte >> 4) if (idx & 1) == 0 else (byte & 15)
+                            v = cs[nib] * scales[idx // blocksize]
+                        else:
+                            v = W[idx]
+                    Ws[kk, r] = v
+                cuda.syncthreads()
+                for kk in range(BK):
+                    for m in range(TM):
+                        a[m] = Xs[kk, ty * TM + m]
+                    for q in range(TN):
+                        b[q] = Ws[kk, tx * TN + q]
+                    for m in range(TM):
+                        for q in range(TN):
+                            acc[m, q] += a[m] * b[q]
+                cuda.syncthreads()
+            for m in range(TM):
+                i = i0 + ty * TM + m
+                if i < M:
+                    for q in range(TN):
+                        o = o0 + tx * TN + q
+                        if o < N:
+                            v = alpha * acc[m, q]
+                            lo = np.float32(0.0)
+                            for t in range(R):
+                                lo += U[i * sui + t * sut] * Bm[o * sbo + t * sbt]
+                            v += lo
+                            if use_bias:
+                                v += bias[o]
+                            if accumulate:
+                                v += C[i * ldc + o]
+                            C[i * ldc + o] = v
+
+        return gemm_k
+
+    return _cached(("gemm", NF4, BM, BN, BK, TM, TN), build)
+
+
+def lora_shrink():
+    """``u[i, t] = scale * sum_j X(i, j) Y(t, j)`` (flat operands with element strides):
+    one block per (i, t), coalesced strided loads, shared-memory tree. The LoRA shrink
+    ``s x A^T`` and the backward's ``s G B``: long reductions into a small output, which
+    a tiled matmul would spread over too few blocks."""
+    T = REDUCE_THREADS
+
+    def build():
+        @cuda.jit
+        def lora_shrink_k(X, sxi, sxj, K, Y, syt, syj, scale, u):
+            sm = cuda.shared.array(T, np.float32)
+            tid = cuda.threadIdx.x
+            r = u.shape[1]
+            i = cuda.blockIdx.x // r
+            t = cuda.blockIdx.x % r
+            acc = np.float32(0.0)
+            for j in range(tid, K, T):
+                acc += X[i * sxi + j * sxj] * Y[t * syt + j * syj]
+            sm[tid] = acc
+            cuda.syncthreads()
+            s = T // 2
+            while s > 0:
+                if tid < s:
+                    sm[tid] += sm[tid + s]
+                cuda.syncthreads()
+                s //= 2
+            if tid == 0:
+                u[i, t] = scale * sm[0]
+
+        return lora_shrink_k
+
+    return _cached(("shrink", T), build)
+
+
+# --- merge and AdamW -------------------------------------------------------------------------
+
+@cuda.jit
+def merge_plain(w, p, q, scale):
+    """``w[i, j] += scale * sum_t p[i, t] q[t, j]`` (summed in order over t), one thread
+    per element; ``scale < 0`` unmerges. w, p, q: 2-D float32."""
+    idx = cuda.grid(1)
+    m, k = w.shape
+    if idx >= m * k:
+        return
+    i = idx // k
+    j = idx % k
+    acc = np.float32(0.0)
+    for t in range(p.shape[1]):
+        acc += p[i, t] * q[t, j]
+    w[i, j] += scale * acc
+
+
+@cuda.jit
+def adamw_step(value, grad, m, v, lr, beta1, beta2, eps, decay, bc1, bc2_sqrt):
+    """One AdamW step over flat arrays, one thread per element, each element in float64
+    and stored in the arrays' dtype (torch.optim.AdamW's formulas, as the CPU kernel)."""
+    k = cuda.grid(1)
+    if k >= value.size:
+        return
+    step_size = lr / bc1
+    w1 = 1.0 - beta1
+    w2 = 1.0 - beta2
+    g = np.float64(grad[k])
+    mk = np.float64(m[k])
+    mk = mk + w1 * (g - mk)
+    vk = beta2 * np.float64(v[k]) + w2 * g * g
+    m[k] = mk
+    v[k] = vk
+    p = np.float64(value[k]) * decay
+    value[k] = p - step_size * np.float64(m[k]) / (np.sqrt(np.float64(v[k])) / bc2_sqrt + eps)

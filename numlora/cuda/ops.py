@@ -1,0 +1,518 @@
+"""The functional API on GPU arrays: validate, allocate on the device, launch.
+
+The public functions of :mod:`numlora.ops`, :mod:`numlora.nf4` and :mod:`numlora.rng`
+route here when given device arrays (numba device arrays, or anything with
+``__cuda_array_interface__``: CuPy arrays, PyTorch CUDA tensors, used zero-copy).
+Results are numba device arrays. float32 only on the GPU. Every call launches its
+kernels on the default stream and returns without waiting, except where a result must
+be checked on the host (NaN / inf in :func:`quantize_nf4`) or is a host value (the RNG
+state).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .. import _validate as v
+from .._tables import CODE8, NF4_CODE
+from ..device import DeviceNF4Tensor, as_cuda, cuda_module, is_device_array
+from ..errors import ConfigError, DeviceError, DTypeError, NonFiniteError, ShapeError
+from . import kernels as K
+
+_consts: dict = {}
+
+
+def _cuda():
+    return cuda_module()
+
+
+def _const(name):
+    """Small device arrays reused by every call (the NF4 table, 1-element dummies)."""
+    a = _consts.get(name)
+    if a is None:
+        cuda = _cuda()
+        if name == "code":
+            a = cuda.to_device(np.ascontiguousarray(NF4_CODE))
+        elif name == "f32":
+            a = cuda.to_device(np.zeros(1, np.float32))
+        elif name == "u8":
+            a = cuda.to_device(np.zeros(1, np.uint8))
+        _consts[name] = a
+    return a
+
+
+def _grid(n, threads):
+    return max(1, -(-n // threads))
+
+
+# --- validation of device inputs -----------------------------------------------------------
+
+def _dev(name, a, ndims=None, *, dtype=np.float32, allow_empty=False):
+    """A C-contiguous numba device array of ``dtype``; refuses host arrays (mixing host
+    and GPU inputs would copy silently) with one clear error."""
+    if a is None:
+        raise DTypeError(f"{name} must be an array, got None")
+    if not is_device_array(a):
+        raise DeviceError(f"expected {name} on the GPU like the other inputs, got a host "
+                          f"{type(a).__name__}; move it with numlora.to_device({name})")
+    a = as_cuda(a)
+    if np.dtype(a.dtype) != np.dtype(dtype):
+        raise DTypeError(f"expected {name} with dtype {np.dtype(dtype)} on the GPU, got {np.dtype(a.dtype)}")
+    if ndims is not None:
+        allowed = (ndims,) if isinstance(ndims, int) else tuple(ndims)
+        if len(a.shape) not in allowed:
+            want = " or ".join(f"{d}-D" for d in allowed)
+            raise ShapeError(f"expected {name} to be {want}, got shape {tuple(a.shape)}")
+    if a.size == 0 and not allow_empty:
+        raise ShapeError(f"expected a non-empty {name}, got shape {tuple(a.shape)}")
+    if a.size and not a.is_c_contiguous():
+        raise ShapeError(f"expected {name} to be C-contiguous on the GPU")
+    return a
+
+
+def _flat(a):
+    return a.reshape(a.size)
+
+
+def _rows(name, x, width, what="in_features"):
+    x = _dev(name, x, (1, 2), allow_empty=True)
+    if tuple(x.shape)[-1] != width:
+        want = (width,) if len(x.shape) == 1 else (x.shape[0], width)
+        raise ShapeError(f"expected {name} of shape {want} ({what} = {width}), got {tuple(x.shape)}")
+    n = 1 if len(x.shape) == 1 else x.shape[0]
+    return x, n
+
+
+def _out(out, x, width):
+    shape = (width,) if len(x.shape) == 1 else (x.shape[0], width)
+    if out is None:
+        return _cuda().device_array(shape, np.float32)
+    out = _dev("out", out, len(shape), allow_empty=True)
+    v.expect_shape("out", out, shape)
+    return out
+
+
+def _low_rank(lora_a, lora_b, out_f, in_f):
+    lora_a = _dev("lora_a", lora_a, 2)
+    r = lora_a.shape[0]
+    v.expect_shape("lora_a", lora_a, (r, in_f))
+    lora_b = _dev("lora_b", lora_b, 2)
+    v.expect_shape("lora_b", lora_b, (out_f, r))
+    return lora_a, lora_b, r
+
+
+def _bias(bias, out_f):
+    if bias is None:
+        return _const("f32"), False
+    b = _dev("bias", bias, 1)
+    v.expect_shape("bias", b, (out_f,))
+    return b, True
+
+
+def _tensor(t):
+    if not isinstance(t, DeviceNF4Tensor):
+        raise DeviceError(f"expected the NF4 weight on the GPU (numlora.to_device(t)) like the other inputs, "
+                          f"got {type(t).__name__}")
+    if len(t.shape) != 2:
+        raise ShapeError(f"expected a 2-D NF4 weight, got shape {t.shape}")
+    return t
+
+
+# --- launch helpers -------------------------------------------------------------------------
+
+def shrink(X, sxi, sxj, K_, Y, syt, syj, scale, u):
+    """u[i, t] = scale * sum_j X(i, j) Y(t, j) (flat operands, element strides)."""
+    if u.size == 0:
+        return
+    if K_ == 0:
+        _fill_zero(u)
+        return
+    K.lora_shrink()[u.size, K.REDUCE_THREADS](X, sxi, sxj, K_, Y, syt, syj, np.float32(scale), u)
+
+
+def _fill_zero(a):
+    a.copy_to_device(np.zeros(a.shape, np.float32))
+
+
+def matmul(X, sxi, sxk, M, N, K_, C, ldc, *, W=None, swo=0, swk=0, t=None, alpha=1.0, U=None, sui=0, sut=0,
+           Bm=None, sbo=0, sbt=0, R=0, bias=None, accumulate=False):
+    """C[i, o] = alpha sum_k X(i, k) W(o, k) + sum_t U(i, t) Bm(o, t) + bias (+ C):
+    the tiled kernel, dense W or the NF4 tensor ``t`` (flat element index o*swo + k*swk)."""
+    if M == 0 or N == 0:
+        return
+    bm, bn, _, tm, tn = K.GEMM_TILE
+    nt = (bm // tm) * (bn // tn)
+    f32, u8 = _const("f32"), _const("u8")
+    if t is not None:
+        kern = K.gemm(True)
+        args = (f32, swo, swk, t.packed, t.scales, t.blocksize, _const("code"))
+    else:
+        kern = K.gemm(False)
+        args = (W, swo, swk, u8, f32, 1, f32)
+    kern[(_grid(N, bn), _grid(M, bm)), nt](
+        X, sxi, sxk, *args, M, N, K_, np.float32(alpha),
+        f32 if U is None else U, sui, sut, f32 if Bm is None else Bm, sbo, sbt, R,
+        f32 if bias is None else bias, bias is not None, C, ldc, bool(accumulate))
+
+
+# --- dense LoRA ---------------------------------------------------------------------------------
+
+def _weight(weight, fan_in_fan_out):
+    weight = _dev("weight", weight, 2)
+    in_f, out_f = tuple(weight.shape) if fan_in_fan_out else tuple(weight.shape)[::-1]
+    # W(o, k) as flat strides
+    sw = (1, out_f) if fan_in_fan_out else (in_f, 1)
+    return weight, out_f, in_f, sw
+
+
+def lora_forward(x, weight, lora_a, lora_b, scaling, bias=None, out=None, *, fan_in_fan_out=False):
+    """GPU :func:`numlora.ops.lora_forward`: the LoRA shrink ``s x A^T`` (one reduction
+    kernel), then one tiled kernel for ``x W^T`` with ``u B^T`` and the bias added in its
+    epilogue (never ``B @ A``, no (n, out) temporary)."""
+    weight, out_f, in_f, sw = _weight(weight, fan_in_fan_out)
+    lora_a, lora_b, r = _low_rank(lora_a, lora_b, out_f, in_f)
+    s = v.real_scalar("scaling", scaling)
+    x, n = _rows("x", x, in_f)
+    b, use_bias = _bias(bias, out_f)
+    out = _out(out, x, out_f)
+    if n == 0:
+        return out
+    us = _cuda().device_array((n, r), np.float32)
+    xf = _flat(x)
+    shrink(xf, in_f, 1, in_f, _flat(lora_a), in_f, 1, s, us)
+    matmul(xf, in_f, 1, n, out_f, in_f, _flat(out), out_f, W=_flat(weight), swo=sw[0], swk=sw[1],
+           U=_flat(us), sui=r, sut=1, Bm=_flat(lora_b), sbo=r, sbt=1, R=r, bias=b if use_bias else None)
+    return out
+
+
+def linear_forward(x, weight, bias=None, out=None, *, fan_in_fan_out=False):
+    """GPU :func:`numlora.ops.linear_forward` (``x W^T + b``)."""
+    weight, out_f, in_f, sw = _weight(weight, fan_in_fan_out)
+    x, n = _rows("x", x, in_f)
+    b, use_bias = _bias(bias, out_f)
+    out = _out(out, x, out_f)
+    if n:
+        matmul(_flat(x), in_f, 1, n, out_f, in_f, _flat(out), out_f, W=_flat(weight), swo=sw[0], swk=sw[1],
+               bias=b if use_bias else None)
+    return out
+
+
+def merge_lora(weight, lora_a, lora_b, scaling, fan_in_fan_out=False, *, record=False, _sign=1.0):
+    """GPU :func:`numlora.ops.merge_lora` (plain merge, in place). The bit-exact tracked
+    merge (``record=True``) is CPU only."""
+    if record:
+        raise ConfigError("record=True (the bit-exact tracked merge) is CPU only; on the GPU merge plainly "
+                          "(record=False), or merge on the host with numlora.to_host(weight)")
+    s = v.real_scalar("scaling", scaling)
+    weight, out_f, in_f, _ = _weight(weight, fan_in_fan_out)
+    lora_a, lora_b, _ = _low_rank(lora_a, lora_b, out_f, in_f)
+    p, q = (lora_a.T, lora_b.T) if fan_in_fan_out else (lora_b, lora_a)
+    K.merge_plain[_grid(weight.size, K.THREADS), K.THREADS](weight, p, q, np.float32(_sign * s))
+    return None
+
+
+def unmerge_lora(weight, lora_a, lora_b, scaling, fan_in_fan_out=False, *, record=None):
+    """GPU :func:`numlora.ops.unmerge_lora` (plain: subtracts the same delta)."""
+    if record is not None:
+        raise ConfigError("a MergeRecord (bit-exact unmerge) is CPU only; on the GPU unmerge with record=None")
+    merge_lora(weight, lora_a, lora_b, scaling, fan_in_fan_out, _sign=-1.0)
+
+
+def _backward(x, out_f, in_f, w_strides, t, weight_flat, lora_a, lora_b, r, s, grad_out, dropout, x_drop, u,
+              grad_a, grad_b, need_grad_x):
+    if dropout is not None and not (isinstance(dropout, tuple) and len(dropout) == 2 and float(dropout[0]) == 0):
+        raise ConfigError("dropout > 0 in the backward is CPU only for now; on the GPU train with dropout=0 "
+                          f"(got dropout={dropout!r})")
+    if x_drop is not None:
+        raise ConfigError("x_drop is CPU only (the GPU backward runs without dropout); leave it None")
+    x, n = _rows("x", x, in_f)
+    g, ng = _rows("grad_out", grad_out, out_f, "out_features")
+    if len(g.shape) != len(x.shape) or ng != n:
+        want = (out_f,) if len(x.shape) == 1 else (n, out_f)
+        raise ShapeError(f"expected grad_out of shape {want} (one row per row of x), got {tuple(g.shape)}")
+    if u is not None:
+        uu = _dev("u", u, (1, 2), allow_empty=True)
+        v.expect_shape("u", uu, (r,) if len(x.shape) == 1 else (n, r))  # recomputed on the GPU (cheap)
+    cuda = _cuda()
+    ga = _grad("grad_a", grad_a, (r, in_f))
+    gb = _grad("grad_b", grad_b, (out_f, r))
+    out_a = ga if ga is not None else cuda.device_array((r, in_f), np.float32)
+    out_b = gb if gb is not None else cuda.device_array((out_f, r), np.float32)
+    xf, gf, af, bf = _flat(x), _flat(g), _flat(lora_a), _flat(lora_b)
+    us = cuda.device_array((max(n, 1), r), np.float32)
+    hs = cuda.device_array((max(n, 1), r), np.float32)
+    if n:
+        shrink(xf, in_f, 1, in_f, af, in_f, 1, s, us)  # s x A^T
+        shrink(gf, out_f, 1, out_f, bf, 1, r, s, hs)  # s G B
+    usf, hsf = _flat(us), _flat(hs)
+    if n == 0:
+        if ga is None:
+            _fill_zero(out_a)
+        if gb is None:
+            _fill_zero(out_b)
+    else:
+        # grad_b (out, r) = G^T us ; grad_a (r, in) = hs^T x
+        matmul(gf, 1, out_f, out_f, r, n, _flat(out_b), r, W=usf, swo=1, swk=r, accumulate=gb is not None)
+        matmul(hsf, 1, r, r, in_f, n, _flat(out_a), in_f, W=xf, swo=1, swk=in_f, accumulate=ga is not None)
+    dx = None
+    if need_grad_x:
+        dx = cuda.device_array(x.shape, np.float32)
+        if n:
+            # dx (n, in) = G W + hs A: W(o=j, k=o') from the weight's strides, A via the epilogue
+            matmul(gf, out_f, 1, n, in_f, out_f, _flat(dx), in_f, W=weight_flat, swo=w_strides[0],
+                   swk=w_strides[1], t=t, U=hsf, sui=r, sut=1, Bm=af, sbo=1, sbt=in_f, R=r)
+    return dx, out_a, out_b
+
+
+def _grad(name, g, shape):
+    if g is None:
+        return None
+    g = _dev(name, g, len(shape))
+    v.expect_shape(name, g, shape)
+    return g
+
+
+def lora_backward(x, weight, lora_a, lora_b, scaling, grad_out, *, fan_in_fan_out=False, dropout=None,
+                  x_drop=None, u=None, grad_a=None, grad_b=None, need_grad_x=True):
+    """GPU :func:`numlora.ops.lora_backward` (no dropout): ``grad_b = s G^T U``,
+    ``grad_a = s H^T x``, ``grad_x = G W + s H A`` with ``U = x A^T``, ``H = G B``."""
+    weight, out_f, in_f, _ = _weight(weight, fan_in_fan_out)
+    lora_a, lora_b, r = _low_rank(lora_a, lora_b, out_f, in_f)
+    s = v.real_scalar("scaling", scaling)
+    # dx = G W: W(o = j, k = o'): (out, in) -> flat o' * in + j ; (in, out) -> j * out + o'
+    ws = (out_f, 1) if fan_in_fan_out else (1, in_f)
+    return _backward(x, out_f, in_f, ws, None, _flat(weight), lora_a, lora_b, r, s, grad_out, dropout, x_drop, u,
+                     grad_a, grad_b, need_grad_x)
+
+
+# --- NF4 -----------------------------------------------------------------------------------------
+
+def _fused_ok(blocksize):
+    half = blocksize // 2
+    return (blocksize % 2 == 0 and half & (half - 1) == 0 and half <= K.THREADS
+            and K.THREADS & (K.THREADS - 1) == 0)
+
+
+def quantize_raw(xf, blocksize, packed, absmax, bad):
+    """Launch the quantize kernels (no checks, no host transfer): what gpu_check times."""
+    n = xf.size
+    nfull = n // blocksize
+    if _fused_ok(blocksize):
+        K.nf4_quantize_fused()[_grid(packed.size, K.THREADS), K.THREADS](xf, blocksize, nfull, packed, absmax, bad)
+    else:
+        K.nf4_absmax()[absmax.size, K.REDUCE_THREADS](xf, blocksize, nfull, absmax, bad)
+        K.nf4_codes[_grid(packed.size, K.THREADS), K.THREADS](xf, blocksize, nfull, absmax, packed)
+
+
+def quantize_nf4(w, blocksize=64, double_quant=False):
+    """GPU :func:`numlora.nf4.quantize_nf4`: bit-identical codes and scales, returned as a
+    :class:`~numlora.device.DeviceNF4Tensor`. One 4-byte device-to-host copy checks for
+    NaN / inf (then the input is copied to the host to name the first bad index)."""
+    w = _dev("w", w)
+    bs = v.int_scalar("blocksize", blocksize, minimum=2)
+    if not isinstance(double_quant, (bool, np.bool_)):
+        raise ConfigError(f"double_quant must be True or False, got {double_quant!r}")
+    cuda = _cuda()
+    xf = _flat(w)
+    n = xf.size
+    packed = cuda.device_array((n + 1) // 2, np.uint8)
+    absmax = cuda.device_array(-(-n // bs), np.float32)
+    bad = cuda.to_device(np.zeros(1, np.int32))
+    quantize_raw(xf, bs, packed, absmax, bad)
+    if bad.copy_to_host()[0]:
+        host = xf.copy_to_host()
+        raise v.first_nonfinite("w", host, tuple(w.shape))
+    dq = None
+    if double_quant:
+        from ..kernels import nf4 as hk
+        from ..nf4 import DQ_GROUP
+
+        am = absmax.copy_to_host()
+        offset = np.float32(np.mean(am, dtype=np.float64))
+        q8 = np.empty(am.size, np.uint8)
+        absmax2 = np.empty(-(-am.size // DQ_GROUP), np.float32)
+        hk.code8_encode(am, offset, DQ_GROUP, CODE8, q8, absmax2)
+        dec = np.empty(am.size, np.float32)
+        hk.code8_decode(q8, absmax2, offset, DQ_GROUP, CODE8, dec)
+        absmax = cuda.to_device(dec)
+        dq = (q8, absmax2, offset, CODE8)
+    return DeviceNF4Tensor(packed, absmax, tuple(int(d) for d in w.shape), bs, "float32", dq)
+
+
+def dequantize_nf4(t, out=None):
+    """GPU :func:`numlora.nf4.dequantize_nf4`: bit-identical float32."""
+    if not isinstance(t, DeviceNF4Tensor):
+        raise DeviceError(f"expected a DeviceNF4Tensor (numlora.to_device(t)), got {type(t).__name__}")
+    if out is None:
+        out = _cuda().device_array(t.shape, np.float32)
+    else:
+        out = _dev("out", out, len(t.shape))
+        v.expect_shape("out", out, t.shape)
+    n = t.numel
+    if n:
+        K.nf4_dequantize_range()[_grid(n, K.THREADS), K.THREADS](t.packed, t.scales, t.blocksize, _const("code"),
+                                                                 0, n, _flat(out))
+    return out
+
+
+def gemv_ok(t, n):
+    out_f, in_f = t.shape
+    bs = t.blocksize
+    return n == 1 and in_f % 8 == 0 and bs % 8 == 0 and in_f % bs == 0
+
+
+def _nf4_forward(x, t, lora_a, lora_b, s, bias, out):
+    out_f, in_f = t.shape
+    x, n = _rows("x", x, in_f)
+    b, use_bias = _bias(bias, out_f)
+    out = _out(out, x, out_f)
+    if n == 0:
+        return out
+    cuda = _cuda()
+    xf = _flat(x)
+    if lora_a is not None:
+        lora_a, lora_b, r = _low_rank(lora_a, lora_b, out_f, in_f)
+        us = cuda.device_array((n, r), np.float32)
+        shrink(xf, in_f, 1, in_f, _flat(lora_a), in_f, 1, s, us)
+    else:
+        r = 0
+        us = cuda.device_array((n, 0), np.float32)
+        lora_b = cuda.device_array((out_f, 0), np.float32)
+    if gemv_ok(t, n):
+        T, R = K.GEMV_THREADS, K.GEMV_ROWS
+        K.nf4_gemv()[_grid(out_f, R), T](t.packed.view(np.uint32), t.scales, t.blocksize, _const("code"), xf,
+                                          us, lora_b, b, use_bias, _flat(out))
+    else:
+        matmul(xf, in_f, 1, n, out_f, in_f, _flat(out), out_f, t=t, swo=in_f, swk=1,
+               U=_flat(us) if r else None, sui=r, sut=1, Bm=_flat(lora_b) if r else None, sbo=r, sbt=1, R=r,
+               bias=b if use_bias else None)
+    return out
+
+
+def nf4_matmul(x, t, out=None):
+    """GPU :func:`numlora.nf4.nf4_matmul`: fused GEMV for one row, tiled for more; the
+    weight is decoded in registers / shared memory, never materialised."""
+    return _nf4_forward(x, _tensor(t), None, None, 0.0, None, out)
+
+
+def qlora_forward(x, t, lora_a, lora_b, scaling, bias=None, out=None):
+    """GPU :func:`numlora.nf4.qlora_forward` (LoRA expand and bias fused)."""
+    s = v.real_scalar("scaling", scaling)
+    t = _tensor(t)
+    if lora_a is None or lora_b is None:
+        raise ShapeError("expected lora_a and lora_b arrays, got None")
+    return _nf4_forward(x, t, lora_a, lora_b, s, bias, out)
+
+
+def nf4_matmul_t(g, t, out=None):
+    """GPU :func:`numlora.nf4.nf4_matmul_t`: ``g deq(W)``, fused."""
+    t = _tensor(t)
+    out_f, in_f = t.shape
+    g, n = _rows("g", g, out_f, "out_features")
+    out = _out(out, g, in_f)
+    if n:
+        matmul(_flat(g), out_f, 1, n, in_f, out_f, _flat(out), in_f, t=t, swo=1, swk=in_f)
+    return out
+
+
+def qlora_backward(x, t, lora_a, lora_b, scaling, grad_out, *, dropout=None, x_drop=None, u=None, grad_a=None,
+                   grad_b=None, need_grad_x=True):
+    """GPU :func:`numlora.nf4.qlora_backward` (no dropout); ``G deq(W)`` fused."""
+    t = _tensor(t)
+    out_f, in_f = t.shape
+    lora_a, lora_b, r = _low_rank(lora_a, lora_b, out_f, in_f)
+    s = v.real_scalar("scaling", scaling)
+    return _backward(x, out_f, in_f, (1, in_f), t, None, lora_a, lora_b, r, s, grad_out, dropout, x_drop, u,
+                     grad_a, grad_b, need_grad_x)
+
+
+# --- RNG and AdamW -----------------------------------------------------------------------------
+
+_MASK = (1 << 64) - 1
+_POW: list = []
+
+
+def _py_step(s):
+    s ^= (s << 13) & _MASK
+    s ^= s >> 7
+    s ^= (s << 17) & _MASK
+    return s
+
+
+def _apply(mat, s):
+    r = 0
+    i = 0
+    while s:
+        if s & 1:
+            r ^= mat[i]
+        s >>= 1
+        i += 1
+    return r
+
+
+def _powers():
+    """[T^(2^i) for i < 64], T the xorshift64 step as a GF(2) matrix (64 columns)."""
+    if not _POW:
+        m = [_py_step(1 << i) for i in range(64)]
+        for _ in range(64):
+            _POW.append(m)
+            m = [_apply(m, c) for c in m]
+    return _POW
+
+
+def xorshift_jump(state: int, steps: int) -> int:
+    """The xorshift64 state ``steps`` steps after ``state`` (host, O(64 * log steps))."""
+    pw = _powers()
+    i = 0
+    while steps:
+        if steps & 1:
+            state = _apply(pw[i], state)
+        steps >>= 1
+        i += 1
+    return state
+
+
+def xorshift64_fill(state: int, out) -> int:
+    """Fill the flat float32 device array ``out`` with the stream after ``state``; return
+    the new state. Bit-identical to :func:`numlora.kernels.rng.xorshift64_fill`."""
+    n = out.size
+    if n == 0:
+        return state
+    c = K.RNG_CHUNK_LOG2
+    chunk = 1 << c
+    nthreads = -(-n // chunk)
+    levels = max(1, (nthreads - 1).bit_length())
+    pw = _powers()
+    jumps = np.array([pw[c + lvl] if c + lvl < 64 else [0] * 64 for lvl in range(levels)], dtype=np.uint64)
+    cuda = _cuda()
+    K.xorshift64_fill[_grid(nthreads, K.THREADS), K.THREADS](np.uint64(state), cuda.to_device(jumps), chunk, out)
+    return xorshift_jump(state, n)
+
+
+def uniform(rng, shape):
+    """:meth:`numlora.XorShift64.uniform` into a new float32 device array (the stream and
+    the generator's state advance exactly as on the host)."""
+    if isinstance(shape, (int, np.integer)):
+        shape = (int(shape),)
+    shape = tuple(v.int_scalar("shape", d, minimum=0) for d in shape)
+    out = _cuda().device_array(shape, np.float32)
+    if out.size:
+        rng._state = xorshift64_fill(rng.state, _flat(out))
+    return out
+
+
+def adamw_update(value, grad, m, v_, *, lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, step=1):
+    """One AdamW step on device arrays, in place (``value``, ``m``, ``v_``), as
+    :class:`numlora.AdamW` does for one parameter at step ``step`` (1-based)."""
+    arrays = [_dev(nm, a) for nm, a in (("value", value), ("grad", grad), ("m", m), ("v", v_))]
+    for nm, a in zip(("grad", "m", "v"), arrays[1:]):
+        v.expect_shape(nm, a, tuple(arrays[0].shape))
+    step = v.int_scalar("step", step, minimum=1)
+    bc1 = 1.0 - beta1 ** step
+    bc2_sqrt = math.sqrt(1.0 - beta2 ** step)
+    decay = 1.0 - lr * weight_decay
+    n = arrays[0].size
+    K.adamw_step[_grid(n, K.THREADS), K.THREADS](*[_flat(a) for a in arrays], float(lr), float(beta1), float(beta2),
+                                                  float(eps), float(decay), float(bc1), float(bc2_sqrt))
