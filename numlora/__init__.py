@@ -39,6 +39,8 @@ from .ops import DropoutState, lora_backward, lora_dropout
 from .train import AdamW, Parameter, TrainStateError, clip_grad_norm
 from .multi import LoraBank, multi_lora_forward
 from .combine import combine_adapters
+from .device import DeviceNF4Tensor, is_device_array, to_device, to_host
+from .errors import DeviceError
 
 __version__ = "0.1.0"
 
@@ -88,4 +90,9 @@ __all__ = [
     "combine_adapters",
     "LoraBank",
     "multi_lora_forward",
+    "DeviceError",
+    "DeviceNF4Tensor",
+    "is_device_array",
+    "to_device",
+    "to_host",
 ]

@@ -15,6 +15,7 @@ import numpy as np
 
 from . import _validate as v
 from ._tables import CODE8, NF4_CODE, NF4_MIDPOINTS
+from .device import on_device as _on_device
 from .errors import ConfigError, DTypeError, FormatError, NonFiniteError, ShapeError
 
 __all__ = [
@@ -29,6 +30,12 @@ __all__ = [
     "qlora_forward",
     "qlora_backward",
 ]
+
+
+def _gpu():
+    from . import cuda
+
+    return cuda.ops
 
 
 #: The 15 midpoints and a pad entry (never looked up), as the SIMD encoder loads them.
@@ -207,6 +214,8 @@ def quantize_nf4(w, blocksize: int = 64, double_quant: bool = False) -> NF4Tenso
     ``blocksize >= 2`` works (bitsandbytes uses 32 ... 4096). ``double_quant=True``
     also quantizes the block scales to 8 bits (QLoRA's double quantization).
     """
+    if _on_device(w):
+        return _gpu().quantize_nf4(w, blocksize, double_quant)
     w = v.float_array("w", w, None)
     bs = v.int_scalar("blocksize", blocksize, minimum=2)
     if not isinstance(double_quant, (bool, np.bool_)):
@@ -405,6 +414,8 @@ def dequantize_nf4(t: NF4Tensor, out=None) -> np.ndarray:
     """Decode ``t`` to a float32 array of ``t.shape``: ``code[nibble] * absmax[block]``
     (absmax decoded from its 8-bit codes first under double quantization). ``out``: an
     optional preallocated C-contiguous float32 array of ``t.shape``."""
+    if _on_device(t, out):
+        return _gpu().dequantize_nf4(t, out)
     _check_tensor(t)
     from .kernels import nf4 as k
 
@@ -454,6 +465,8 @@ def nf4_matmul(x, t: NF4Tensor, out=None) -> np.ndarray:
     at most) and multiply them with BLAS. Results agree with ``x @ dequantize_nf4(t).T``
     in float64 to ~1e-6 relative (see docs/performance.md for measured errors).
     """
+    if _on_device(x, t, out):
+        return _gpu().nf4_matmul(x, t, out)
     out_f, in_f = _weight_2d(t)
     from .ops import _input_rows, _prepare_out
 
@@ -547,6 +560,8 @@ def nf4_matmul_t(g, t: NF4Tensor, out=None) -> np.ndarray:
     """``g deq(W)`` for an NF4 weight ``W`` (out, in) and ``g`` of shape (out,) or
     (n, out): the input gradient of ``y = x deq(W)^T``, fused the same way (W is decoded a
     row segment at a time, never whole). Returns (in,) or (n, in)."""
+    if _on_device(g, t, out):
+        return _gpu().nf4_matmul_t(g, t, out)
     out_f, in_f = _weight_2d(t)
     from .kernels import nf4 as k
     from .ops import _input_rows, _prepare_out
@@ -599,6 +614,8 @@ def qlora_backward(x, t: NF4Tensor, lora_a, lora_b, scaling, grad_out, *, dropou
     ``G deq(W)`` term computed as :func:`nf4_matmul_t` does (fused for small batches,
     decoded tiles and BLAS for large ones; never a whole dequantized copy of W).
     float32 throughout."""
+    if _on_device(x, t, lora_a, lora_b, grad_out):
+        return _gpu().qlora_backward(x, t, lora_a, lora_b, scaling, grad_out, dropout=dropout, x_drop=x_drop, u=u, grad_a=grad_a, grad_b=grad_b, need_grad_x=need_grad_x)
     out_f, in_f = _weight_2d(t)
     from .ops import _backward_core, _backward_inputs, _check_x_drop_alone, _finish_backward, _grad_buffer
     from .ops import _low_rank_arrays
@@ -622,6 +639,8 @@ def qlora_forward(x, t: NF4Tensor, lora_a, lora_b, scaling, bias=None, out=None)
     """``y = x deq(W)^T + b + scaling * (x A^T) B^T`` for an NF4 base weight, fused as in
     :func:`nf4_matmul` (the LoRA shrink, expand and the bias run inside the same kernel
     for batches up to ``FUSED_MAX_ROWS``). float32 throughout."""
+    if _on_device(x, t, lora_a, lora_b, bias, out):
+        return _gpu().qlora_forward(x, t, lora_a, lora_b, scaling, bias, out)
     out_f, in_f = _weight_2d(t)
     from .ops import _bias, _input_rows, _low_rank_arrays, _prepare_out
 

@@ -15,6 +15,7 @@ from typing import NamedTuple
 import numpy as np
 
 from . import _validate as v
+from .device import on_device as _on_device
 from .errors import ConfigError, DTypeError, MergeStateError, ShapeError
 
 __all__ = ["lora_forward", "merge_lora", "unmerge_lora", "MergeRecord", "lora_dropout", "lora_backward",
@@ -22,6 +23,12 @@ __all__ = ["lora_forward", "merge_lora", "unmerge_lora", "MergeRecord", "lora_dr
 
 #: Exception slots per row kept by a tracked merge (see :class:`MergeRecord`).
 EXCEPTION_SLOTS = 16
+
+
+def _gpu():
+    from . import cuda
+
+    return cuda.ops
 
 
 def _kernels():
@@ -123,6 +130,8 @@ def lora_forward(x, weight, lora_a, lora_b, scaling, bias=None, out=None, *, fan
     everywhere for speed: a float64 ``x`` upcasts a float32 weight, with a copy).
     Returns ``out``.
     """
+    if _on_device(x, weight, lora_a, lora_b, bias, out):
+        return _gpu().lora_forward(x, weight, lora_a, lora_b, scaling, bias, out, fan_in_fan_out=fan_in_fan_out)
     weight, lora_a, lora_b, out_f, in_f, _ = _adapter_arrays(weight, lora_a, lora_b, fan_in_fan_out)
     x = _input_rows(x, in_f)
     s = v.real_scalar("scaling", scaling)
@@ -141,6 +150,8 @@ def lora_forward(x, weight, lora_a, lora_b, scaling, bias=None, out=None, *, fan
 
 def linear_forward(x, weight, bias=None, out=None, *, fan_in_fan_out=False):
     """``y = x W^T + b`` (the base path alone; what a disabled or merged layer runs)."""
+    if _on_device(x, weight, bias, out):
+        return _gpu().linear_forward(x, weight, bias, out, fan_in_fan_out=fan_in_fan_out)
     weight = v.float_array("weight", weight, 2)
     out_f, in_f = weight.shape[::-1] if fan_in_fan_out else weight.shape
     x = _input_rows(x, in_f)
@@ -233,6 +244,8 @@ def merge_lora(weight, lora_a, lora_b, scaling, fan_in_fan_out=False, *, record=
     weight's dtype. Non-contiguous and Fortran-ordered weights give the same result as
     C-ordered ones.
     """
+    if _on_device(weight, lora_a, lora_b):
+        return _gpu().merge_lora(weight, lora_a, lora_b, scaling, fan_in_fan_out, record=record)
     s = v.real_scalar("scaling", scaling)
     w, p, q, writeback, ab = _merge_operands(weight, lora_a, lora_b, fan_in_fan_out, "merge_lora")
     k = _kernels()
@@ -271,6 +284,8 @@ def unmerge_lora(weight, lora_a, lora_b, scaling, fan_in_fan_out=False, *, recor
     shape changed since); without one, subtracts plainly (floating-point rounding may
     leave the last bit of some elements different from before the merge).
     """
+    if _on_device(weight, lora_a, lora_b):
+        return _gpu().unmerge_lora(weight, lora_a, lora_b, scaling, fan_in_fan_out, record=record)
     s = v.real_scalar("scaling", scaling)
     w, p, q, writeback, ab = _merge_operands(weight, lora_a, lora_b, fan_in_fan_out, "unmerge_lora")
     k = _kernels()
@@ -541,6 +556,8 @@ def lora_backward(x, weight, lora_a, lora_b, scaling, grad_out, *, fan_in_fan_ou
     Returns ``(grad_x, grad_a, grad_b)``. The compute dtype is float64 if any input is
     float64, else float32.
     """
+    if _on_device(x, weight, lora_a, lora_b, grad_out):
+        return _gpu().lora_backward(x, weight, lora_a, lora_b, scaling, grad_out, fan_in_fan_out=fan_in_fan_out, dropout=dropout, x_drop=x_drop, u=u, grad_a=grad_a, grad_b=grad_b, need_grad_x=need_grad_x)
     weight, lora_a, lora_b, out_f, in_f, rank = _adapter_arrays(weight, lora_a, lora_b, fan_in_fan_out)
     s = v.real_scalar("scaling", scaling)
     _check_x_drop_alone(x_drop, dropout, need_grad_x)

@@ -41,8 +41,13 @@ class XorShift64:
     def next_f32(self) -> np.float32:
         return np.float32(float(self.next_u64()) / float(_MASK) * 2.0 - 1.0)
 
-    def uniform(self, shape) -> np.ndarray:
-        """A float32 array of ``shape`` filled with the next values of the stream."""
+    def uniform(self, shape, *, device: bool = False) -> np.ndarray:
+        """A float32 array of ``shape`` filled with the next values of the stream
+        (``device=True``: a GPU device array, filled on the GPU, same values)."""
+        if device:
+            from . import cuda
+
+            return cuda.ops.uniform(self, shape)
         if isinstance(shape, (int, np.integer)):
             shape = (int(shape),)
         shape = tuple(v.int_scalar("shape", d, minimum=0) for d in shape)

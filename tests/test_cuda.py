@@ -1,0 +1,410 @@
+"""The numba.cuda kernels (numlora.cuda) against the CPU kernels and tests/reference.py.
+
+How these run:
+- on a machine with an NVIDIA GPU: ``pytest -m gpu tests/test_cuda.py`` runs every kernel
+  test on the GPU, with the real launch sizes;
+- without one, in CI: ``test_cuda_kernels_on_the_simulator`` re-runs this file in a
+  subprocess with ``NUMBA_ENABLE_CUDASIM=1`` (the simulator must be on before numba.cuda is
+  imported), tiny shapes and tiny blocks (one Python thread per CUDA thread).
+  ``NUMBA_ENABLE_CUDASIM=1 pytest -m gpu tests/test_cuda.py`` does the same directly.
+
+The simulator checks kernel logic (indexing, tails, synchronisation, bit-exactness of
+the arithmetic); it does not prove that a kernel compiles for or runs fast on a GPU:
+``benchmarks/gpu_check.py`` does that on real hardware.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import numlora as nl
+from numlora.errors import ConfigError, DeviceError, DTypeError, NonFiniteError, ShapeError
+
+import reference as ref
+
+SIM = os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _real_gpu() -> bool:
+    if SIM:
+        return False
+    try:
+        from numba import cuda
+
+        return bool(cuda.is_available())
+    except Exception:
+        return False
+
+
+GPU = _real_gpu()
+needs_cuda = pytest.mark.skipif(not (SIM or GPU), reason="no GPU here; the simulator run is "
+                                "test_cuda_kernels_on_the_simulator (or NUMBA_ENABLE_CUDASIM=1)")
+
+
+def cuda_test(f):
+    return pytest.mark.gpu(needs_cuda(f))
+
+
+@pytest.fixture(autouse=True)
+def _tiny_blocks(request, monkeypatch):
+    """Under the simulator: tiny launch sizes (as stumpy patches THREADS_PER_BLOCK) and a
+    short GIL switch interval (the simulator's syncthreads polls between Python threads)."""
+    if not SIM or "gpu" not in request.keywords:
+        yield
+        return
+    from numlora.cuda import kernels as K
+
+    monkeypatch.setattr(K, "THREADS", 8)
+    monkeypatch.setattr(K, "REDUCE_THREADS", 4)
+    monkeypatch.setattr(K, "GEMV_THREADS", 4)
+    monkeypatch.setattr(K, "GEMV_ROWS", 2)
+    monkeypatch.setattr(K, "GEMM_TILE", (4, 4, 2, 2, 2))
+    monkeypatch.setattr(K, "RNG_CHUNK_LOG2", 2)
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(5e-5)
+    yield
+    sys.setswitchinterval(old)
+
+
+# --- the launcher (normal test runs) ------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.skipif(SIM or GPU, reason="the kernel tests run directly in this process")
+def test_cuda_kernels_on_the_simulator():
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
+    env.pop("NUMBA_DISABLE_JIT", None)
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu",
+                        str(Path(__file__).resolve())],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    tail = r.stdout[-6000:] + r.stderr[-3000:]
+    assert r.returncode == 0, tail
+    import re
+
+    m = re.search(r"(\d+) passed", r.stdout)
+    assert m and int(m.group(1)) >= 25 and "failed" not in r.stdout, tail
+
+
+def test_no_gpu_gives_one_clear_error():
+    if SIM or GPU:
+        pytest.skip("a GPU (or the simulator) is available")
+    with pytest.raises(DeviceError, match="no usable NVIDIA GPU"):
+        nl.to_device(np.zeros(3, np.float32))
+    assert not nl.is_device_array(np.zeros(3))
+    assert nl.to_host(np.zeros(2)).shape == (2,)
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+def d(a):
+    return nl.to_device(np.ascontiguousarray(a))
+
+
+def h(a):
+    return nl.to_host(a)
+
+
+def f32(rng, *shape):
+    return rng.standard_normal(shape).astype(np.float32)
+
+
+def assert_close(got, want64, bound):
+    """|got - want| <= 1e-5 * bound elementwise, bound = the sum of |terms| (so that
+    cancellation does not make a relative test meaningless)."""
+    got = np.asarray(got, np.float64)
+    assert got.shape == want64.shape
+    err = np.abs(got - want64)
+    assert (err <= 1e-5 * bound + 1e-30).all(), float((err / (bound + 1e-30)).max())
+
+
+def same_bits(a, b):
+    a, b = np.asarray(a), np.asarray(b)
+    assert a.shape == b.shape and a.dtype == b.dtype
+    np.testing.assert_array_equal(a.view(np.uint8), b.view(np.uint8))
+
+
+# --- xorshift64 -----------------------------------------------------------------------------------
+
+@cuda_test
+@pytest.mark.parametrize("seed,n", [(1, 1), (12345, 37), (2**64 - 1, 70)])
+def test_xorshift_fill_bit_identical(seed, n):
+    from numlora.cuda import ops as C
+    from numlora.kernels import rng as k
+
+    out = d(np.zeros(n, np.float32))
+    state = C.xorshift64_fill(seed, out)
+    cpu = np.empty(n, np.float32)
+    cpu_state = int(k.xorshift64_fill(np.uint64(seed), cpu))
+    same_bits(h(out), cpu)
+    vals, ref_state = ref.xorshift_stream(seed, n)
+    same_bits(h(out), np.array(vals, np.float32))
+    assert state == cpu_state == ref_state
+
+
+@cuda_test
+def test_uniform_on_device_advances_the_same_stream():
+    a, b = nl.XorShift64(99), nl.XorShift64(99)
+    got = a.uniform((3, 7), device=True)
+    assert nl.is_device_array(got)
+    same_bits(h(got), b.uniform((3, 7)))
+    assert a.state == b.state
+    same_bits(a.uniform(5), b.uniform(5))
+
+
+# --- NF4 ---------------------------------------------------------------------------------------------
+
+def _nf4_cases():
+    rng = np.random.default_rng(7)
+    mids = ref.MID_REF.copy()
+    on_mid = np.concatenate([mids, [1.0]]).astype(np.float32)  # absmax 1: exactly on midpoints
+    sub = np.full(16, 1e-40, np.float32)
+    sub[3] = -3e-39
+    return [
+        ("fused", f32(rng, 3, 40), 16),  # power-of-two blocksize: one-pass kernel
+        ("odd count", f32(rng, 91), 8),  # last low nibble padded with 7, partial block
+        ("odd blocksize", f32(rng, 5, 14), 7),  # generic path, blocks start mid-byte
+        ("big block", f32(rng, 2, 50), 32),  # blocksize / 2 > THREADS under the simulator: generic
+        ("zero tail", np.zeros(70, np.float32), 64),  # absmax [0] -> [1e-38] of the partial block
+        ("midpoints", np.concatenate([on_mid, -on_mid]), 16),
+        ("subnormal", sub, 16),
+    ]
+
+
+@cuda_test
+@pytest.mark.parametrize("name,w,bs", _nf4_cases(), ids=[c[0] for c in _nf4_cases()])
+def test_quantize_dequantize_bit_identical(name, w, bs):
+    cpu = nl.quantize_nf4(w, bs)
+    gpu = nl.quantize_nf4(d(w), bs)
+    assert isinstance(gpu, nl.DeviceNF4Tensor) and gpu.shape == w.shape
+    same_bits(h(gpu.packed), cpu.packed)
+    same_bits(h(gpu.scales), cpu.absmax)
+    packed, absmax = ref.nf4_quantize_ref(w, bs)
+    same_bits(h(gpu.packed), packed)
+    same_bits(h(gpu.scales), absmax)
+    same_bits(h(nl.dequantize_nf4(gpu)), nl.dequantize_nf4(cpu))
+    same_bits(h(nl.dequantize_nf4(gpu)).reshape(-1), ref.nf4_dequantize_ref(packed, absmax, bs, w.size))
+    back = nl.to_host(gpu)
+    assert isinstance(back, nl.NF4Tensor)
+    same_bits(back.packed, cpu.packed)
+
+
+@cuda_test
+def test_quantize_refuses_nan_with_its_index():
+    w = np.ones((3, 8), np.float32)
+    w[2, 5] = np.nan
+    with pytest.raises(NonFiniteError, match=r"index \(2, 5\)"):
+        nl.quantize_nf4(d(w), 8)
+
+
+@cuda_test
+def test_double_quant_tensor_moves_and_decodes_like_the_host():
+    rng = np.random.default_rng(3)
+    w = f32(rng, 4, 64)
+    cpu = nl.quantize_nf4(w, 8, double_quant=True)
+    dev = nl.to_device(cpu)
+    same_bits(h(nl.dequantize_nf4(dev)), nl.dequantize_nf4(cpu))
+    back = nl.to_host(dev)
+    assert back.double_quant
+    same_bits(back.absmax, cpu.absmax)
+    g = nl.quantize_nf4(d(w), 8, double_quant=True)
+    same_bits(h(nl.dequantize_nf4(g)), nl.dequantize_nf4(cpu))
+
+
+# --- dense LoRA ------------------------------------------------------------------------------------
+
+def _dense(rng, n, i, o, r):
+    return f32(rng, n, i), f32(rng, o, i), f32(rng, r, i), f32(rng, o, r), f32(rng, o)
+
+
+def _bound_fwd(x, w, a, b, s, bias):
+    x, w, a, b = (np.abs(np.asarray(t, np.float64)) for t in (x, w, a, b))
+    return x @ w.T + abs(s) * (x @ a.T) @ b.T + (0 if bias is None else np.abs(bias))
+
+
+@cuda_test
+@pytest.mark.parametrize("n,fio,with_bias", [(1, False, True), (3, False, False), (3, True, True)])
+def test_lora_forward(n, fio, with_bias):
+    rng = np.random.default_rng(n)
+    x, w, a, b, bias = _dense(rng, n, 10, 7, 3)
+    if n == 1:
+        x = x[0]
+    bias = bias if with_bias else None
+    wl = np.ascontiguousarray(w.T) if fio else w
+    got = nl.lora_forward(d(x), d(wl), d(a), d(b), 0.75, None if bias is None else d(bias), fan_in_fan_out=fio)
+    assert nl.is_device_array(got)
+    want = ref.lora_forward_ref(x, wl, a, b, 0.75, bias, fan_in_fan_out=fio)
+    assert_close(h(got), want, _bound_fwd(x, w, a, b, 0.75, bias))
+    cpu = nl.lora_forward(x, wl, a, b, 0.75, bias, fan_in_fan_out=fio)
+    assert_close(h(got), cpu.astype(np.float64), _bound_fwd(x, w, a, b, 0.75, bias))
+
+
+@cuda_test
+def test_linear_forward_and_out_buffer():
+    rng = np.random.default_rng(1)
+    x, w, _, _, bias = _dense(rng, 2, 9, 5, 1)
+    out = d(np.zeros((2, 5), np.float32))
+    got = nl.linear_forward(d(x), d(w), d(bias), out=out)
+    assert got is out
+    want = x.astype(np.float64) @ w.T.astype(np.float64) + bias
+    assert_close(h(out), want, np.abs(x) @ np.abs(w.T).astype(np.float64) + np.abs(bias))
+
+
+@cuda_test
+@pytest.mark.parametrize("fio", [False, True])
+def test_merge_and_unmerge(fio):
+    rng = np.random.default_rng(5)
+    _, w, a, b, _ = _dense(rng, 1, 6, 5, 2)
+    wl = np.ascontiguousarray(w.T) if fio else w
+    dw = d(wl)
+    nl.merge_lora(dw, d(a), d(b), 0.5, fan_in_fan_out=fio)
+    bound = np.abs(wl) + 0.5 * (np.abs(b) @ np.abs(a) if not fio else (np.abs(b) @ np.abs(a)).T)
+    assert_close(h(dw), ref.merge_ref(wl, a, b, 0.5, fan_in_fan_out=fio), bound)
+    nl.unmerge_lora(dw, d(a), d(b), 0.5, fan_in_fan_out=fio)
+    assert_close(h(dw), wl.astype(np.float64), bound)
+    with pytest.raises(ConfigError, match="CPU only"):
+        nl.merge_lora(dw, d(a), d(b), 0.5, fan_in_fan_out=fio, record=True)
+
+
+def _backward_ref(x, w, a, b, s, g):
+    x, w, a, b, g = (np.asarray(t, np.float64) for t in (x, w, a, b, g))
+    u = x @ a.T
+    hh = g @ b
+    return g @ w + s * hh @ a, s * hh.T @ x, s * g.T @ u
+
+
+@cuda_test
+@pytest.mark.parametrize("fio", [False, True])
+def test_lora_backward(fio):
+    rng = np.random.default_rng(11)
+    x, w, a, b, _ = _dense(rng, 3, 10, 7, 2)
+    g = f32(rng, 3, 7)
+    wl = np.ascontiguousarray(w.T) if fio else w
+    dx, ga, gb = nl.lora_backward(d(x), d(wl), d(a), d(b), 0.5, d(g), fan_in_fan_out=fio)
+    rx, ra, rb = _backward_ref(x, w, a, b, 0.5, g)
+    X, W, A, B, G = (np.abs(np.asarray(t, np.float64)) for t in (x, w, a, b, g))
+    assert_close(h(dx), rx, G @ W + 0.5 * (G @ B) @ A)
+    assert_close(h(ga), ra, 0.5 * (G @ B).T @ X)
+    assert_close(h(gb), rb, 0.5 * G.T @ (X @ A.T))
+    # accumulation into given buffers, and need_grad_x=False
+    ga0, gb0 = d(np.ones_like(a)), d(np.ones_like(b))
+    dx2, ga2, gb2 = nl.lora_backward(d(x), d(wl), d(a), d(b), 0.5, d(g), fan_in_fan_out=fio, grad_a=ga0,
+                                     grad_b=gb0, need_grad_x=False)
+    assert dx2 is None and ga2 is ga0 and gb2 is gb0
+    assert_close(h(ga0), ra + 1, 0.5 * (G @ B).T @ X + 1)
+    assert_close(h(gb0), rb + 1, 0.5 * G.T @ (X @ A.T) + 1)
+    with pytest.raises(ConfigError, match="dropout"):
+        nl.lora_backward(d(x), d(wl), d(a), d(b), 0.5, d(g), fan_in_fan_out=fio, dropout=(0.1, 3))
+
+
+# --- NF4 matmuls --------------------------------------------------------------------------------------
+
+def _nf4_setup(rng, n, i, o, r, bs):
+    w = f32(rng, o, i)
+    t = nl.quantize_nf4(w, bs)
+    return f32(rng, n, i), t, nl.dequantize_nf4(t).astype(np.float64), f32(rng, r, i), f32(rng, o, r), f32(rng, o)
+
+
+@cuda_test
+@pytest.mark.parametrize("n,i,bs", [(1, 16, 8), (3, 16, 8), (2, 10, 5)], ids=["gemv", "tiled", "odd"])
+def test_qlora_forward_and_nf4_matmul(n, i, bs):
+    rng = np.random.default_rng(n + i)
+    x, t, wd, a, b, bias = _nf4_setup(rng, n, i, 7, 2, bs)
+    xx = x[0] if n == 1 else x
+    dt = nl.to_device(t)
+    got = nl.qlora_forward(d(xx), dt, d(a), d(b), 0.5, d(bias))
+    want = ref.lora_forward_ref(xx, wd, a, b, 0.5, bias)
+    assert_close(h(got), want, _bound_fwd(xx, wd, a, b, 0.5, bias))
+    cpu = nl.qlora_forward(xx, t, a, b, 0.5, bias)
+    assert_close(h(got), cpu.astype(np.float64), _bound_fwd(xx, wd, a, b, 0.5, bias))
+    base = nl.nf4_matmul(d(xx), dt)
+    assert_close(h(base), np.asarray(xx, np.float64) @ wd.T, np.abs(np.asarray(xx, np.float64)) @ np.abs(wd.T))
+
+
+@cuda_test
+def test_nf4_matmul_t_and_qlora_backward():
+    rng = np.random.default_rng(21)
+    x, t, wd, a, b, _ = _nf4_setup(rng, 3, 16, 6, 2, 8)
+    g = f32(rng, 3, 6)
+    dt = nl.to_device(t)
+    G = np.abs(g.astype(np.float64))
+    assert_close(h(nl.nf4_matmul_t(d(g), dt)), g.astype(np.float64) @ wd, G @ np.abs(wd))
+    dx, ga, gb = nl.qlora_backward(d(x), dt, d(a), d(b), 0.5, d(g))
+    rx, ra, rb = _backward_ref(x, wd, a, b, 0.5, g)
+    X, W, A, B = (np.abs(np.asarray(t_, np.float64)) for t_ in (x, wd, a, b))
+    assert_close(h(dx), rx, G @ W + 0.5 * (G @ B) @ A)
+    assert_close(h(ga), ra, 0.5 * (G @ B).T @ X)
+    assert_close(h(gb), rb, 0.5 * G.T @ (X @ A.T))
+    cx, ca, cb = nl.qlora_backward(x, t, a, b, 0.5, g)
+    assert_close(h(dx), cx.astype(np.float64), G @ W + 0.5 * (G @ B) @ A)
+
+
+# --- AdamW ---------------------------------------------------------------------------------------------
+
+@cuda_test
+def test_adamw_update_matches_the_cpu_optimizer():
+    from numlora.cuda import ops as C
+
+    rng = np.random.default_rng(4)
+    value, grad = f32(rng, 3, 5), f32(rng, 3, 5)
+    p = nl.Parameter(value.copy(), grad.copy())
+    opt = nl.AdamW([p], lr=0.01, weight_decay=0.1)
+    dv, dg, dm, dvv = d(value), d(grad), d(np.zeros_like(value)), d(np.zeros_like(value))
+    for step in (1, 2):
+        opt.step()
+        C.adamw_update(dv, dg, dm, dvv, lr=0.01, weight_decay=0.1, step=step)
+    _, m, vv = opt.state(p)
+    np.testing.assert_allclose(h(dv), p.value, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(h(dm), m, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(h(dvv), vv, rtol=1e-6, atol=1e-9)
+
+
+# --- errors and moves ------------------------------------------------------------------------------------
+
+@cuda_test
+def test_device_errors_say_expected_and_got():
+    rng = np.random.default_rng(0)
+    x, w, a, b, _ = _dense(rng, 2, 6, 4, 2)
+    with pytest.raises(DeviceError, match="expected weight on the GPU.*numlora.to_device"):
+        nl.lora_forward(d(x), w, a, b, 0.5)
+    with pytest.raises(DTypeError, match="expected x with dtype float32 on the GPU, got float64"):
+        nl.lora_forward(d(x.astype(np.float64)), d(w), d(a), d(b), 0.5)
+    with pytest.raises(ShapeError, match=r"expected lora_b of shape \(4, 2\), got \(2, 4\)"):
+        nl.lora_forward(d(x), d(w), d(a), d(np.ascontiguousarray(b.T)), 0.5)
+    with pytest.raises(DeviceError, match="NF4 weight on the GPU"):
+        nl.nf4_matmul(d(x), nl.quantize_nf4(w, 2))
+
+
+@cuda_test
+def test_to_device_to_host_round_trip():
+    a = np.arange(6, dtype=np.float32).reshape(2, 3)
+    da = nl.to_device(a)
+    assert nl.is_device_array(da) and nl.to_device(da) is da
+    same_bits(nl.to_host(da), a)
+    t = nl.quantize_nf4(np.linspace(-1, 1, 20, dtype=np.float32), 4)
+    dt = nl.to_device(t)
+    assert dt.to("cuda") is dt
+    same_bits(dt.to("cpu").packed, t.packed)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not GPU, reason="needs a real GPU (__cuda_array_interface__ objects)")
+def test_cuda_array_interface_inputs_are_used_zero_copy():
+    from numba import cuda
+
+    class Foreign:  # what CuPy arrays and torch CUDA tensors expose
+        def __init__(self, dev):
+            self._dev = dev
+            self.__cuda_array_interface__ = dev.__cuda_array_interface__
+
+    rng = np.random.default_rng(2)
+    x, w, a, b, _ = _dense(rng, 2, 8, 4, 2)
+    out = cuda.device_array((2, 4), np.float32)
+    got = nl.lora_forward(Foreign(d(x)), Foreign(d(w)), Foreign(d(a)), Foreign(d(b)), 0.5, out=Foreign(out))
+    assert got.__cuda_array_interface__["data"][0] == out.__cuda_array_interface__["data"][0]
+    assert_close(out.copy_to_host(), ref.lora_forward_ref(x, w, a, b, 0.5), _bound_fwd(x, w, a, b, 0.5, None))
