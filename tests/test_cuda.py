@@ -408,3 +408,15 @@ def test_cuda_array_interface_inputs_are_used_zero_copy():
     got = nl.lora_forward(Foreign(d(x)), Foreign(d(w)), Foreign(d(a)), Foreign(d(b)), 0.5, out=Foreign(out))
     assert got.__cuda_array_interface__["data"][0] == out.__cuda_array_interface__["data"][0]
     assert_close(out.copy_to_host(), ref.lora_forward_ref(x, w, a, b, 0.5), _bound_fwd(x, w, a, b, 0.5, None))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(SIM, reason="the smoke run starts its own simulator process")
+def test_gpu_check_sim_smoke():
+    """benchmarks/gpu_check.py --sim-smoke: every check of the GPU script, tiny sizes, simulator."""
+    env = dict(os.environ)
+    env.pop("NUMBA_DISABLE_JIT", None)
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--sim-smoke"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    assert "0 check(s) failed" in r.stdout and "bit-identical" in r.stdout

@@ -1,0 +1,287 @@
+"""Check every numlora.cuda kernel against the CPU kernels on real sizes, and time them.
+
+    python benchmarks/gpu_check.py              # on a machine with an NVIDIA GPU (< 8 min)
+    python benchmarks/gpu_check.py --sim-smoke  # tiny sizes on the CUDA simulator (no GPU)
+
+Shapes: W (out, in) = 4096 x 4096 and 8192 x 28672, rank 16, batches 1 / 16 / 128.
+Correctness first (NF4 codes, scales, dequantized values and the xorshift stream bit for
+bit; float results within 1e-5 of the CPU relative to the sum of |terms|), then timings
+with CUDA events after warm-up (median of several runs, data already on the device),
+against PyTorch ``F.linear`` (cuBLAS float32 and bf16) when torch with CUDA is installed.
+Achieved GB/s (bytes the kernel must read and write / time) is printed next to the
+device-to-device copy bandwidth measured here (2 x bytes / time of a 1 GiB copy).
+At the end: the three figures of issue 7 with PASS / FAIL.
+Exit status: 0 all checks passed (figures are reported, not enforced), 1 a check
+failed, 2 no GPU (nothing to do).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+SIM = "--sim-smoke" in sys.argv
+if SIM:
+    os.environ["NUMBA_ENABLE_CUDASIM"] = "1"  # before numba.cuda is imported
+
+import numpy as np  # noqa: E402
+
+import numlora as nl  # noqa: E402
+
+FAILED: list = []
+T0 = time.time()
+
+
+def say(*a):
+    print(*a, flush=True)
+
+
+def check(name, ok, detail=""):
+    say(f"  {'ok  ' if ok else 'FAIL'} {name}" + (f"  ({detail})" if detail else ""))
+    if not ok:
+        FAILED.append(name)
+
+
+def rel_err(got, want64, bound):
+    err = np.abs(np.asarray(got, np.float64) - want64) / (bound + 1e-30)
+    return float(err.max()) if err.size else 0.0
+
+
+def close(name, got, want, bound):
+    e = rel_err(got, want, bound)
+    check(name, e <= 1e-5, f"max err / sum|terms| = {e:.2e}")
+
+
+def bits(name, got, want):
+    got, want = np.asarray(got), np.asarray(want)
+    ok = got.shape == want.shape and got.dtype == want.dtype and np.array_equal(got.view(np.uint8), want.view(np.uint8))
+    check(name, ok, "bit-identical" if ok else f"{int((got.view(np.uint8) != want.view(np.uint8)).sum())} bytes differ")
+
+
+class Timer:
+    def __init__(self, cuda, reps):
+        self.cuda, self.reps = cuda, reps
+
+    def __call__(self, fn, warm=2):
+        cuda = self.cuda
+        for _ in range(warm):
+            fn()
+        cuda.synchronize()
+        times = []
+        for _ in range(self.reps):
+            a, b = cuda.event(), cuda.event()
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b) / 1e3)
+        return float(np.median(times))
+
+
+def torch_cuda():
+    try:
+        import torch
+    except Exception as exc:
+        say(f"torch not importable ({exc}): PyTorch comparisons skipped")
+        return None
+    if SIM or not torch.cuda.is_available():
+        say("torch has no CUDA device here: PyTorch comparisons skipped")
+        return None
+    return torch
+
+
+def gbs(nbytes, t):
+    return nbytes / t / 1e9 if t > 0 else float("nan")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sim-smoke", action="store_true", help="tiny sizes on the CUDA simulator")
+    ap.add_argument("--reps", type=int, default=10)
+    args = ap.parse_args()
+    if not nl.device.cuda_available():
+        say("no NVIDIA GPU found by numba.cuda: nothing to check. Run this on a machine with a GPU and "
+            "`pip install numlora[cuda]`, or try `--sim-smoke` (CUDA simulator, tiny sizes).")
+        return 2
+    from numba import cuda
+
+    from numlora.cuda import kernels as K
+    from numlora.cuda import ops as C
+
+    if SIM:
+        K.THREADS, K.REDUCE_THREADS, K.GEMV_THREADS, K.GEMV_ROWS = 8, 4, 4, 2
+        K.GEMM_TILE, K.RNG_CHUNK_LOG2 = (4, 4, 2, 2, 2), 2
+        sys.setswitchinterval(5e-5)
+        shapes, batches, rank, reps = [(8, 16), (6, 24)], (1, 3), 2, 1
+    else:
+        shapes, batches, rank, reps = [(4096, 4096), (8192, 28672)], (1, 16, 128), 16, args.reps
+        say(f"device: {cuda.get_current_device().name.decode() if hasattr(cuda.get_current_device().name, 'decode') else cuda.get_current_device().name}")
+    timer = Timer(cuda, reps)
+    torch = torch_cuda()
+    rng = np.random.default_rng(0)
+
+    # copy bandwidth (device to device)
+    nbytes = (1 << 30) if not SIM else 1 << 12
+    src = cuda.device_array(nbytes // 4, np.float32)
+    dst = cuda.device_array(nbytes // 4, np.float32)
+    t_copy = timer(lambda: dst.copy_to_device(src))
+    copy_bw = gbs(2 * nbytes, t_copy)
+    say(f"device-to-device copy: {copy_bw:.0f} GB/s (2 x {nbytes >> 20} MiB / {t_copy * 1e3:.3f} ms)")
+    del src, dst
+
+    # xorshift
+    say("xorshift64 fill")
+    n = 1 << 24 if not SIM else 50
+    out = cuda.device_array(n, np.float32)
+    state = C.xorshift64_fill(12345, out)
+    from numlora.kernels import rng as hr
+
+    host = np.empty(n, np.float32)
+    hstate = int(hr.xorshift64_fill(np.uint64(12345), host))
+    bits("stream", out.copy_to_host(), host)
+    check("final state", state == hstate)
+    t = timer(lambda: C.xorshift64_fill(12345, out))
+    say(f"  {n} values: {t * 1e3:.3f} ms, {gbs(4 * n, t):.0f} GB/s written")
+
+    figures = {}
+    rows = []
+    for out_f, in_f in shapes:
+        say(f"W = {out_f} x {in_f}, rank {rank}")
+        w = (rng.standard_normal((out_f, in_f), dtype=np.float32) * 0.02).astype(np.float32)
+        a = (rng.standard_normal((rank, in_f), dtype=np.float32) * 0.02).astype(np.float32)
+        b = (rng.standard_normal((out_f, rank), dtype=np.float32) * 0.02).astype(np.float32)
+        dw, da, db = cuda.to_device(w), cuda.to_device(a), cuda.to_device(b)
+        # NF4 quantize / dequantize
+        ht = nl.quantize_nf4(w, 64)
+        gt = C.quantize_nf4(dw, 64)
+        bits("quantize codes", gt.packed.copy_to_host(), ht.packed)
+        bits("quantize absmax", gt.scales.copy_to_host(), ht.absmax)
+        bits("dequantize", C.dequantize_nf4(gt).copy_to_host(), nl.dequantize_nf4(ht))
+        packed = cuda.device_array(gt.packed.size, np.uint8)
+        absmax = cuda.device_array(gt.scales.size, np.float32)
+        bad = cuda.to_device(np.zeros(1, np.int32))
+        xf = dw.reshape(dw.size)
+        tq = timer(lambda: C.quantize_raw(xf, 64, packed, absmax, bad))
+        q_gbs = gbs(w.nbytes, tq)
+        say(f"  quantize: {tq * 1e3:.3f} ms, {q_gbs:.0f} GB/s of input")
+        dq_out = cuda.device_array(w.shape, np.float32)
+        td = timer(lambda: C.dequantize_nf4(gt, dq_out))
+        say(f"  dequantize: {td * 1e3:.3f} ms, {gbs(w.nbytes + gt.packed.size + 4 * gt.scales.size, td):.0f} GB/s")
+        if (out_f, in_f) == shapes[-1]:
+            figures["quantize"] = q_gbs
+        wdq = nl.dequantize_nf4(ht).astype(np.float64)
+        nf4_bytes = gt.packed.size + 4 * gt.scales.size
+        for nb in batches:
+            x = rng.standard_normal((nb, in_f), dtype=np.float32)
+            dx = cuda.to_device(x)
+            X = np.abs(x.astype(np.float64))
+            # dense LoRA forward
+            y = C.lora_forward(dx, dw, da, db, 2.0)
+            cpu = nl.lora_forward(x, w, a, b, 2.0)
+            bound = X @ np.abs(w.T.astype(np.float64)) + 2.0 * (X @ np.abs(a.T)) @ np.abs(b.T)
+            close(f"lora_forward batch {nb}", y.copy_to_host(), cpu.astype(np.float64), bound)
+            yo = cuda.device_array((nb, out_f), np.float32)
+            t_lf = timer(lambda: C.lora_forward(dx, dw, da, db, 2.0, out=yo))
+            # NF4 forward
+            yq = C.qlora_forward(dx, gt, da, db, 2.0)
+            cpuq = nl.qlora_forward(x, ht, a, b, 2.0)
+            boundq = X @ np.abs(wdq.T) + 2.0 * (X @ np.abs(a.T)) @ np.abs(b.T)
+            close(f"qlora_forward batch {nb}", yq.copy_to_host(), cpuq.astype(np.float64), boundq)
+            t_qf = timer(lambda: C.qlora_forward(dx, gt, da, db, 2.0, out=yo))
+            row = {"shape": f"{out_f}x{in_f}", "batch": nb, "lora_ms": t_lf * 1e3, "qlora_ms": t_qf * 1e3,
+                   "qlora_gbs": gbs(nf4_bytes + 4 * nb * (in_f + out_f), t_qf)}
+            if torch is not None:
+                import torch.nn.functional as F
+
+                tw = torch.as_tensor(dw, device="cuda")
+                ta, tb = torch.as_tensor(da, device="cuda"), torch.as_tensor(db, device="cuda")
+                tx = torch.as_tensor(dx, device="cuda")
+                row["torch_fp32_ms"] = timer(lambda: F.linear(tx, tw)) * 1e3
+                row["torch_lora_fp32_ms"] = timer(lambda: F.linear(tx, tw).add_(F.linear(F.linear(tx, ta), tb),
+                                                                                alpha=2.0)) * 1e3
+                tw16, tx16 = tw.to(torch.bfloat16), tx.to(torch.bfloat16)
+                row["torch_bf16_ms"] = timer(lambda: F.linear(tx16, tw16)) * 1e3
+            rows.append(row)
+            say("  " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+            if nb == 1 and (out_f, in_f) == shapes[-1]:
+                figures["gemv"] = row
+            if nb == batches[-1]:
+                figures.setdefault("lora", []).append(row)
+        # backward (one batch), merge, on the first shape only (the CPU side is slow on the big one)
+        if (out_f, in_f) == shapes[0]:
+            nb = batches[1] if len(batches) > 1 else 1
+            x = rng.standard_normal((nb, in_f), dtype=np.float32)
+            g = rng.standard_normal((nb, out_f), dtype=np.float32)
+            X, G = np.abs(x.astype(np.float64)), np.abs(g.astype(np.float64))
+            A, B, W = np.abs(a.astype(np.float64)), np.abs(b.astype(np.float64)), np.abs(w.astype(np.float64))
+            for name, fn_gpu, fn_cpu, Wb in (
+                ("lora_backward", lambda: C.lora_backward(cuda.to_device(x), dw, da, db, 2.0, cuda.to_device(g)),
+                 lambda: nl.lora_backward(x, w, a, b, 2.0, g), W),
+                ("qlora_backward", lambda: C.qlora_backward(cuda.to_device(x), gt, da, db, 2.0, cuda.to_device(g)),
+                 lambda: nl.qlora_backward(x, ht, a, b, 2.0, g), np.abs(wdq))):
+                gx, ga, gb = (r.copy_to_host() for r in fn_gpu())
+                cx, ca, cb = fn_cpu()
+                close(f"{name} grad_x", gx, cx.astype(np.float64), G @ Wb + 2.0 * (G @ B) @ A)
+                close(f"{name} grad_a", ga, ca.astype(np.float64), 2.0 * (G @ B).T @ X)
+                close(f"{name} grad_b", gb, cb.astype(np.float64), 2.0 * G.T @ (X @ A.T))
+            dx_, dg_ = cuda.to_device(x), cuda.to_device(g)
+            tb_ = timer(lambda: C.lora_backward(dx_, dw, da, db, 2.0, dg_))
+            say(f"  lora_backward batch {nb}: {tb_ * 1e3:.3f} ms")
+            wm = cuda.to_device(w)
+            C.merge_lora(wm, da, db, 2.0)
+            hm = w.copy()
+            nl.merge_lora(hm, a, b, 2.0)
+            close("merge_lora", wm.copy_to_host(), hm.astype(np.float64), W + 2.0 * B @ A)
+            C.unmerge_lora(wm, da, db, 2.0)
+            close("unmerge_lora", wm.copy_to_host(), w.astype(np.float64), W + 2.0 * B @ A)
+            tm = timer(lambda: C.merge_lora(wm, da, db, 0.0))
+            say(f"  merge: {tm * 1e3:.3f} ms, {gbs(2 * w.nbytes, tm):.0f} GB/s")
+            # AdamW on the adapter's parameters
+            p = nl.Parameter(a.copy(), (a * 0.1).astype(np.float32))
+            opt = nl.AdamW([p], lr=1e-3, weight_decay=0.01)
+            opt.step()
+            dv, dgr = cuda.to_device(a), cuda.to_device((a * 0.1).astype(np.float32))
+            dm, dvv = cuda.to_device(np.zeros_like(a)), cuda.to_device(np.zeros_like(a))
+            C.adamw_update(dv, dgr, dm, dvv, lr=1e-3, weight_decay=0.01, step=1)
+            e = float(np.max(np.abs(dv.copy_to_host() - p.value) / (np.abs(p.value) + 1e-6)))
+            check("adamw step", e <= 1e-5, f"max rel err {e:.1e}")
+        del dw, gt
+
+    say("")
+    say("| shape | batch | numlora LoRA fp32 ms | numlora QLoRA NF4 ms | NF4 GB/s | torch fp32 ms | torch fp32+LoRA ms "
+        "| torch bf16 ms |")
+    say("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        say(f"| {r['shape']} | {r['batch']} | {r['lora_ms']:.3f} | {r['qlora_ms']:.3f} | {r['qlora_gbs']:.0f} | "
+            f"{r.get('torch_fp32_ms', float('nan')):.3f} | {r.get('torch_lora_fp32_ms', float('nan')):.3f} | "
+            f"{r.get('torch_bf16_ms', float('nan')):.3f} |")
+    say("")
+    say(f"figures (copy bandwidth {copy_bw:.0f} GB/s):")
+    if SIM:
+        say("  (simulator: no timings, so no figures; the checks above are what --sim-smoke tests)")
+        figures = {}
+    gv = figures.get("gemv")
+    if gv:
+        frac = gv["qlora_gbs"] / copy_bw if copy_bw == copy_bw and copy_bw > 0 else float("nan")
+        say(f"  fused NF4 GEMV batch 1 {gv['shape']}: {gv['qlora_gbs']:.0f} GB/s = {frac:.0%} of copy "
+            f"[{'PASS' if frac >= 0.6 else 'FAIL'} >= 60%]")
+        if "torch_bf16_ms" in gv:
+            sp = gv["torch_bf16_ms"] / gv["qlora_ms"]
+            say(f"    vs torch bf16 F.linear: {sp:.2f}x faster [{'PASS' if sp >= 2.5 else 'FAIL'} >= 2.5x]")
+    for r in figures.get("lora", []):
+        if "torch_lora_fp32_ms" in r:
+            ratio = r["lora_ms"] / r["torch_lora_fp32_ms"]
+            say(f"  dense LoRA forward batch {r['batch']} {r['shape']}: {ratio:.2f}x torch fp32 F.linear + LoRA "
+                f"[{'PASS' if ratio <= 1.2 else 'FAIL'} <= 1.2x]")
+    if "quantize" in figures:
+        q = figures["quantize"]
+        say(f"  NF4 quantize {shapes[-1][0]}x{shapes[-1][1]} float32: {q:.0f} GB/s of input "
+            f"[{'PASS' if q >= 100 else 'FAIL'} >= 100 GB/s]")
+    say(f"\n{len(FAILED)} check(s) failed{': ' + ', '.join(FAILED) if FAILED else ''}; {time.time() - T0:.0f} s")
+    return 1 if FAILED else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
