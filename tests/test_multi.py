@@ -141,20 +141,36 @@ def test_rows_bit_identical_whatever_the_batch_dense(rng, dense):
     _stability_check(rng, bank, len(ads), IN)
 
 
-def test_rows_bit_identical_whatever_the_batch_nf4(rng):
+@pytest.mark.parametrize("path", ["tiles", "fused"])
+def test_rows_bit_identical_whatever_the_batch_nf4(rng, path):
     t = nl.quantize_nf4(rng.standard_normal((OUT, IN), dtype=np.float32), blocksize=64)
-    bank, ads = _bank(rng, t, RANKS)
+    bank, ads = _bank(rng, t, RANKS, nf4_path=path)
     _stability_check(rng, bank, len(ads), IN)
 
 
+def test_nf4_fused_path_matches_reference_and_refuses_unknown(rng):
+    w = rng.standard_normal((OUT, IN), dtype=np.float32)
+    t = nl.quantize_nf4(w, blocksize=64)
+    bank, ads = _bank(rng, t, RANKS, nf4_path="fused")
+    n = 40
+    x = rng.standard_normal((n, IN), dtype=np.float32)
+    ids = rng.integers(-1, len(ads), n)
+    got = bank.forward(x, ids)
+    want = multi_lora_ref(x, nl.dequantize_nf4(t), ads, ids)
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * np.abs(want).max())
+    with pytest.raises(nl.ConfigError, match="nf4_path"):
+        LoraBank(t, nf4_path="fast")
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["dense", "nf4"])
-def test_rows_bit_identical_large_layer(rng, kind):
+@pytest.mark.parametrize("kind, path", [("dense", None), ("nf4", "tiles"), ("nf4", "fused")])
+def test_rows_bit_identical_large_layer(rng, kind, path):
     """At a serving-sized layer (BLAS takes its GEMV / GEMM / small-matrix paths)."""
     out_f, in_f = 1024, 2048
     w = rng.standard_normal((out_f, in_f), dtype=np.float32) * np.float32(0.02)
     base = w if kind == "dense" else nl.quantize_nf4(w)
-    bank, ads = _bank(rng, base, [8, 16, 64, 32, 8, 24])
+    kw = {} if kind == "dense" else {"nf4_path": path}
+    bank, ads = _bank(rng, base, [8, 16, 64, 32, 8, 24], **kw)
     _stability_check(rng, bank, len(ads), in_f, sizes=(1, 2, 7, 64, 256, 300))
 
 
