@@ -3,6 +3,8 @@
     python benchmarks/gpu_check.py              # on a machine with an NVIDIA GPU (< 8 min)
     python benchmarks/gpu_check.py --sim-smoke  # tiny sizes on the CUDA simulator (no GPU)
 
+Run from the repository root (numlora is imported from this checkout; no install needed).
+
 Shapes: W (out, in) = 4096 x 4096 and 8192 x 28672, rank 16, batches 1 / 16 / 128.
 Correctness first (NF4 codes, scales, dequantized values and the xorshift stream bit for
 bit; float results within 1e-5 of the CPU relative to the sum of |terms|), then timings
@@ -21,6 +23,13 @@ import argparse
 import os
 import sys
 import time
+from pathlib import Path
+
+# the device machine gets a bare copy of the tree (no editable install): import numlora
+# from this checkout, whatever the working directory
+ROOT = str(Path(__file__).resolve().parents[1])
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
 
 SIM = "--sim-smoke" in sys.argv
 if SIM:
