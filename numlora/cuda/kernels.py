@@ -18,6 +18,8 @@ Nothing here compiles at import: ``@cuda.jit`` compiles on first launch.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from numba import cuda
 
@@ -246,6 +248,17 @@ def nf4_absmax():
 
 
 @cuda.jit(device=True)
+def _nibble(packed, k):
+    """NF4 code k of a packed array (high nibble first). Both branches int64: a uint8
+    shifted (uint64) unified with a uint8 masked (int64) would type as float64, which
+    the simulator accepts and the CUDA compiler refuses as an index."""
+    b = np.int64(packed[k >> 1])
+    if (k & 1) == 0:
+        return b >> 4
+    return b & 15
+
+
+@cuda.jit(device=True)
 def _code_at(x, k, blocksize, nfull, absmax):
     b = k // blocksize
     if b < nfull:
@@ -283,9 +296,7 @@ def nf4_dequantize_range():
             cuda.syncthreads()
             k = start + cuda.blockIdx.x * T + tid
             if k < stop:
-                byte = packed[k >> 1]
-                nib = (byte >> 4) if (k & 1) == 0 else (byte & 15)
-                out[k - start] = cs[nib] * absmax[k // blocksize]
+                out[k - start] = cs[_nibble(packed, k)] * absmax[k // blocksize]
 
         return nf4_dequantize_range_k
 
@@ -429,9 +440,7 @@ def gemm(nf4: bool):
                     if o < N and k < K:
                         idx = o * swo + k * swk
                         if NF4:
-                            byte = packed[idx >> 1]
-                            nib = (byte >> 4) if (idx & 1) == 0 else (byte & 15)
-                            v = cs[nib] * scales[idx // blocksize]
+                            v = cs[_nibble(packed, idx)] * scales[idx // blocksize]
                         else:
                             v = W[idx]
                     Ws[kk, r] = v
@@ -536,4 +545,4 @@ def adamw_step(value, grad, m, v, lr, beta1, beta2, eps, decay, bc1, bc2_sqrt):
     m[k] = mk
     v[k] = vk
     p = np.float64(value[k]) * decay
-    value[k] = p - step_size * np.float64(m[k]) / (np.sqrt(np.float64(v[k])) / bc2_sqrt + eps)
+    value[k] = p - step_size * np.float64(m[k]) / (math.sqrt(np.float64(v[k])) / bc2_sqrt + eps)
