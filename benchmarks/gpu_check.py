@@ -24,6 +24,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 # the device machine gets a bare copy of the tree (no editable install): import numlora
 # from this checkout, whatever the working directory
@@ -69,24 +70,115 @@ def bits(name, got, want):
     check(name, ok, "bit-identical" if ok else f"{int((got.view(np.uint8) != want.view(np.uint8)).sum())} bytes differ")
 
 
-class Timer:
-    def __init__(self, cuda, reps):
-        self.cuda, self.reps = cuda, reps
+class Timing(NamedTuple):
+    gpu: float  # seconds of GPU time per call (launch overhead hidden behind a hold kernel)
+    wall: float  # seconds of wall time per call, host launch overhead included
+
+    def __str__(self):
+        return f"{self.gpu * 1e3:.3f} ms GPU ({self.wall * 1e3:.3f} ms wall/call)"
+
+
+class GpuTimer:
+    """``timer(fn)``: the GPU time of one call of ``fn`` and its wall time.
+
+    GPU time (``gpu_time``): a one-thread *hold* kernel (a loop of ``cuda.nanosleep``,
+    ~HOLD_S of GPU time) is launched first, so the host can queue ``inner`` calls while the
+    stream is busy; events are recorded around the ``inner`` calls and the elapsed time is
+    divided by ``inner``: what the GPU spends, not the Python launch overhead. If queuing
+    took longer than the hold (the GPU may have waited for the host), a warning is printed.
+    Wall time: ``inner`` calls back to back then a synchronize, divided by ``inner``.
+    Everything inside ``cuda.defer_cleanup()`` (no frees, which synchronize, while timing).
+    Under the simulator there is no hold (no ``nanosleep``) and the GPU times are meaningless."""
+
+    HOLD_S = 0.02
+
+    def __init__(self, cuda, reps, inner=20, sim=False):
+        self.cuda, self.reps, self.inner = cuda, reps, inner
+        self.sim = sim
+        self.hold = None
+        self.warnings = 0
+        if not sim:
+            self._make_hold()
+
+    def _make_hold(self):
+        cuda = self.cuda
+
+        @cuda.jit
+        def hold_k(ns, iters):
+            for _ in range(iters):
+                cuda.nanosleep(ns)
+
+        self.ns = np.uint32(10_000)  # 10 us per sleep (nanosleep takes at most ~1 ms)
+        hold_k[1, 1](self.ns, 10)  # compile
+        cuda.synchronize()
+        per = []
+        for _ in range(3):
+            a, b = cuda.event(), cuda.event()
+            a.record()
+            hold_k[1, 1](self.ns, 200)
+            b.record()
+            b.synchronize()
+            per.append(a.elapsed_time(b) / 1e3 / 200)
+        per_iter = max(float(np.median(per)), 1e-7)
+        self.iters = max(1, int(self.HOLD_S / per_iter))
+        self.hold = hold_k
+        say(f"hold kernel: {per_iter * 1e6:.1f} us per nanosleep(10 us), {self.iters} iterations ~ "
+            f"{self.HOLD_S * 1e3:.0f} ms")
+
+    def gpu_time(self, fn, reps=None, inner=None):
+        cuda = self.cuda
+        reps = reps or self.reps
+        inner = inner or self.inner
+        times = []
+        queue_s = 0.0
+        starved = False
+        for _ in range(reps):
+            a, b = cuda.event(), cuda.event()
+            if self.hold is not None:
+                self.hold[1, 1](self.ns, self.iters)
+            h0 = time.perf_counter()
+            a.record()
+            for _ in range(inner):
+                fn()
+            b.record()
+            q = time.perf_counter() - h0
+            # the event after the hold already done: the GPU ran dry while the host queued
+            done_early = bool(a.query()) if self.hold is not None and hasattr(a, "query") else False
+            b.synchronize()
+            queue_s = max(queue_s, q)
+            starved = starved or done_early or (self.hold is not None and q > self.HOLD_S)
+            times.append(a.elapsed_time(b) / 1e3 / inner)
+        if starved:
+            self.warnings += 1
+            say(f"    WARNING: queuing {inner} calls took {queue_s * 1e3:.1f} ms, longer than the "
+                f"{self.HOLD_S * 1e3:.0f} ms hold: the GPU may have waited for the host; the GPU time includes gaps")
+        return float(np.median(times))
+
+    def wall_time(self, fn, reps=None, inner=None):
+        cuda = self.cuda
+        inner = inner or self.inner
+        reps = reps or min(3, self.reps)
+        times = []
+        for _ in range(reps):
+            cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            cuda.synchronize()
+            times.append((time.perf_counter() - t0) / inner)
+        return float(np.median(times))
 
     def __call__(self, fn, warm=2):
         cuda = self.cuda
-        for _ in range(warm):
-            fn()
-        cuda.synchronize()
-        times = []
-        for _ in range(self.reps):
-            a, b = cuda.event(), cuda.event()
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b) / 1e3)
-        return float(np.median(times))
+        if self.sim:
+            warm = 0
+        with cuda.defer_cleanup():
+            for _ in range(warm):
+                fn()
+            cuda.synchronize()
+            g = self.gpu_time(fn)
+            w = self.wall_time(fn)
+        return Timing(g, w)
 
 
 def torch_cuda():
@@ -114,8 +206,12 @@ def main():
         say("no NVIDIA GPU found by numba.cuda: nothing to check. Run this on a machine with a GPU and "
             "`pip install numlora[cuda]`, or try `--sim-smoke` (CUDA simulator, tiny sizes).")
         return 2
+    import warnings
+
     from numba import cuda
 
+    if SIM:
+        warnings.filterwarnings("ignore", message="Simulator timings are bogus")
     from numlora.cuda import kernels as K
     from numlora.cuda import ops as C
 
@@ -127,7 +223,7 @@ def main():
     else:
         shapes, batches, rank, reps = [(4096, 4096), (8192, 28672)], (1, 16, 128), 16, args.reps
         say(f"device: {cuda.get_current_device().name.decode() if hasattr(cuda.get_current_device().name, 'decode') else cuda.get_current_device().name}")
-    timer = Timer(cuda, reps)
+    timer = GpuTimer(cuda, reps, inner=1 if SIM else 20, sim=SIM)
     torch = torch_cuda()
     rng = np.random.default_rng(0)
 
@@ -136,8 +232,8 @@ def main():
     src = cuda.device_array(nbytes // 4, np.float32)
     dst = cuda.device_array(nbytes // 4, np.float32)
     t_copy = timer(lambda: dst.copy_to_device(src))
-    copy_bw = gbs(2 * nbytes, t_copy)
-    say(f"device-to-device copy: {copy_bw:.0f} GB/s (2 x {nbytes >> 20} MiB / {t_copy * 1e3:.3f} ms)")
+    copy_bw = gbs(2 * nbytes, t_copy.gpu)
+    say(f"device-to-device copy: {copy_bw:.0f} GB/s (2 x {nbytes >> 20} MiB / {t_copy})")
     del src, dst
 
     # xorshift
@@ -152,7 +248,7 @@ def main():
     bits("stream", out.copy_to_host(), host)
     check("final state", state == hstate)
     t = timer(lambda: C.xorshift64_fill(12345, out))
-    say(f"  {n} values: {t * 1e3:.3f} ms, {gbs(4 * n, t):.0f} GB/s written")
+    say(f"  {n} values: {t}, {gbs(4 * n, t.gpu):.0f} GB/s written")
 
     figures = {}
     rows = []
@@ -173,11 +269,11 @@ def main():
         bad = cuda.to_device(np.zeros(1, np.int32))
         xf = dw.reshape(dw.size)
         tq = timer(lambda: C.quantize_raw(xf, 64, packed, absmax, bad))
-        q_gbs = gbs(w.nbytes, tq)
-        say(f"  quantize: {tq * 1e3:.3f} ms, {q_gbs:.0f} GB/s of input")
+        q_gbs = gbs(w.nbytes, tq.gpu)
+        say(f"  quantize: {tq}, {q_gbs:.0f} GB/s of input")
         dq_out = cuda.device_array(w.shape, np.float32)
         td = timer(lambda: C.dequantize_nf4(gt, dq_out))
-        say(f"  dequantize: {td * 1e3:.3f} ms, {gbs(w.nbytes + gt.packed.size + 4 * gt.scales.size, td):.0f} GB/s")
+        say(f"  dequantize: {td}, {gbs(w.nbytes + gt.packed.size + 4 * gt.scales.size, td.gpu):.0f} GB/s")
         if (out_f, in_f) == shapes[-1]:
             figures["quantize"] = q_gbs
         wdq = nl.dequantize_nf4(ht).astype(np.float64)
@@ -199,19 +295,20 @@ def main():
             boundq = X @ np.abs(wdq.T) + 2.0 * (X @ np.abs(a.T)) @ np.abs(b.T)
             close(f"qlora_forward batch {nb}", yq.copy_to_host(), cpuq.astype(np.float64), boundq)
             t_qf = timer(lambda: C.qlora_forward(dx, gt, da, db, 2.0, out=yo))
-            row = {"shape": f"{out_f}x{in_f}", "batch": nb, "lora_ms": t_lf * 1e3, "qlora_ms": t_qf * 1e3,
-                   "qlora_gbs": gbs(nf4_bytes + 4 * nb * (in_f + out_f), t_qf)}
+            row = {"shape": f"{out_f}x{in_f}", "batch": nb, "lora_ms": t_lf.gpu * 1e3, "lora_wall_ms": t_lf.wall * 1e3,
+                   "qlora_ms": t_qf.gpu * 1e3, "qlora_wall_ms": t_qf.wall * 1e3,
+                   "qlora_gbs": gbs(nf4_bytes + 4 * nb * (in_f + out_f), t_qf.gpu)}
             if torch is not None:
                 import torch.nn.functional as F
 
                 tw = torch.as_tensor(dw, device="cuda")
                 ta, tb = torch.as_tensor(da, device="cuda"), torch.as_tensor(db, device="cuda")
                 tx = torch.as_tensor(dx, device="cuda")
-                row["torch_fp32_ms"] = timer(lambda: F.linear(tx, tw)) * 1e3
+                row["torch_fp32_ms"] = timer(lambda: F.linear(tx, tw)).gpu * 1e3
                 row["torch_lora_fp32_ms"] = timer(lambda: F.linear(tx, tw).add_(F.linear(F.linear(tx, ta), tb),
-                                                                                alpha=2.0)) * 1e3
+                                                                                alpha=2.0)).gpu * 1e3
                 tw16, tx16 = tw.to(torch.bfloat16), tx.to(torch.bfloat16)
-                row["torch_bf16_ms"] = timer(lambda: F.linear(tx16, tw16)) * 1e3
+                row["torch_bf16_ms"] = timer(lambda: F.linear(tx16, tw16)).gpu * 1e3
             rows.append(row)
             say("  " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
             if nb == 1 and (out_f, in_f) == shapes[-1]:
@@ -237,7 +334,7 @@ def main():
                 close(f"{name} grad_b", gb, cb.astype(np.float64), 2.0 * G.T @ (X @ A.T))
             dx_, dg_ = cuda.to_device(x), cuda.to_device(g)
             tb_ = timer(lambda: C.lora_backward(dx_, dw, da, db, 2.0, dg_))
-            say(f"  lora_backward batch {nb}: {tb_ * 1e3:.3f} ms")
+            say(f"  lora_backward batch {nb}: {tb_}")
             wm = cuda.to_device(w)
             C.merge_lora(wm, da, db, 2.0)
             hm = w.copy()
@@ -246,7 +343,7 @@ def main():
             C.unmerge_lora(wm, da, db, 2.0)
             close("unmerge_lora", wm.copy_to_host(), w.astype(np.float64), W + 2.0 * B @ A)
             tm = timer(lambda: C.merge_lora(wm, da, db, 0.0))
-            say(f"  merge: {tm * 1e3:.3f} ms, {gbs(2 * w.nbytes, tm):.0f} GB/s")
+            say(f"  merge: {tm}, {gbs(2 * w.nbytes, tm.gpu):.0f} GB/s")
             # AdamW on the adapter's parameters
             p = nl.Parameter(a.copy(), (a * 0.1).astype(np.float32))
             opt = nl.AdamW([p], lr=1e-3, weight_decay=0.01)
@@ -288,6 +385,8 @@ def main():
         q = figures["quantize"]
         say(f"  NF4 quantize {shapes[-1][0]}x{shapes[-1][1]} float32: {q:.0f} GB/s of input "
             f"[{'PASS' if q >= 100 else 'FAIL'} >= 100 GB/s]")
+    if timer.warnings:
+        say(f"  {timer.warnings} timing(s) warned that the host could not keep the GPU busy (see above)")
     say(f"\n{len(FAILED)} check(s) failed{': ' + ', '.join(FAILED) if FAILED else ''}; {time.time() - T0:.0f} s")
     return 1 if FAILED else 0
 
