@@ -63,6 +63,7 @@ def _tiny_blocks(request, monkeypatch):
 
     monkeypatch.setattr(K, "THREADS", 8)
     monkeypatch.setattr(K, "REDUCE_THREADS", 4)
+    monkeypatch.setattr(K, "SHRINK_THREADS", 4)
     monkeypatch.setattr(K, "GEMV_THREADS", 4)
     monkeypatch.setattr(K, "GEMV_ROWS", 2)
     monkeypatch.setattr(K, "GEMM_TILE", (4, 4, 2, 2, 2))

@@ -30,8 +30,11 @@ from .._tables import NF4_MIDPOINTS
 #: threads per block of the 1-D kernels (elementwise, NF4 quantize / dequantize, RNG).
 #: A power of two.
 THREADS = 256
-#: threads per block of the reduction kernels (LoRA shrink, generic NF4 absmax). Power of two.
+#: threads per block of the generic NF4 absmax reduction. Power of two.
 REDUCE_THREADS = 128
+#: threads per block of the LoRA shrink (one block per output element, a long reduction
+#: into a small (n, r) output: wide blocks keep enough loads in flight). Power of two.
+SHRINK_THREADS = 1024
 #: fused NF4 GEMV (batch 1): threads per block (power of two) and output rows per block.
 GEMV_THREADS = 128
 GEMV_ROWS = 4
@@ -480,8 +483,8 @@ def lora_shrink():
     """``u[i, t] = scale * sum_j X(i, j) Y(t, j)`` (flat operands with element strides):
     one block per (i, t), coalesced strided loads, shared-memory tree. The LoRA shrink
     ``s x A^T`` and the backward's ``s G B``: long reductions into a small output, which
-    a tiled matmul would spread over too few blocks."""
-    T = REDUCE_THREADS
+    a tiled matmul would spread over too few blocks. SHRINK_THREADS per block."""
+    T = SHRINK_THREADS
 
     def build():
         @cuda.jit

@@ -129,7 +129,7 @@ def shrink(X, sxi, sxj, K_, Y, syt, syj, scale, u):
     if K_ == 0:
         _fill_zero(u)
         return
-    K.lora_shrink()[u.size, K.REDUCE_THREADS](X, sxi, sxj, K_, Y, syt, syj, np.float32(scale), u)
+    K.lora_shrink()[u.size, K.SHRINK_THREADS](X, sxi, sxj, K_, Y, syt, syj, np.float32(scale), u)
 
 
 def _fill_zero(a):
