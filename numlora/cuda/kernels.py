@@ -40,8 +40,13 @@ GEMV_THREADS = 128
 GEMV_ROWS = 4
 #: tiled matmul: (BM, BN, BK, TM, TN): a block computes a BM x BN tile of the output,
 #: stepping BK along the reduction; each thread owns TM x TN outputs, so a block has
-#: (BM / TM) * (BN / TN) threads.
+#: (BM / TM) * (BN / TN) threads. The tile is chosen from the number of output rows M
+#: (:func:`gemm_tile`): the first ``(max_m, tile)`` of GEMM_TILES with M <= max_m, else
+#: GEMM_TILE, so that small batches still launch enough blocks to fill the SMs.
+GEMM_TILES = ((16, (16, 64, 16, 2, 4)), (128, (64, 64, 8, 4, 4)))
 GEMM_TILE = (128, 128, 8, 8, 8)
+#: shared-memory row padding of the gemm tiles (floats), against bank conflicts.
+GEMM_PAD = 4
 #: log2 of the number of consecutive RNG values one thread generates.
 RNG_CHUNK_LOG2 = 10
 
@@ -262,6 +267,17 @@ def _nibble(packed, k):
 
 
 @cuda.jit(device=True)
+def _block_of(k, blocksize, bshift):
+    """k // blocksize for k >= 0: a shift when ``bshift`` >= 0 (blocksize = 2**bshift), a
+    32-bit division when ``bshift`` == -1 (indices < 2**32), else a 64-bit one."""
+    if bshift >= 0:
+        return k >> bshift
+    if bshift == -1:
+        return np.int64(np.uint32(k) // np.uint32(blocksize))
+    return k // blocksize
+
+
+@cuda.jit(device=True)
 def _code_at(x, k, blocksize, nfull, absmax):
     b = k // blocksize
     if b < nfull:
@@ -381,25 +397,43 @@ def nf4_gemv():
 
 # --- tiled matmul (dense or NF4 weight, LoRA expand and bias fused in the epilogue) ---------
 
-def gemm(nf4: bool):
+def gemm_tile(M):
+    """The GEMM tile for M output rows (GEMM_TILES, else GEMM_TILE)."""
+    for max_m, tile in GEMM_TILES:
+        if M <= max_m:
+            return tuple(tile)
+    return tuple(GEMM_TILE)
+
+
+def gemm(nf4: bool, tile=None):
     """``C[i, o] = alpha * sum_k X(i, k) W(o, k) + sum_t U(i, t) Bm(o, t) + bias[o]
     (+ C[i, o] when accumulate)`` for i < M, o < N, with every operand a flat array and
     element strides, so one kernel serves the forward (x W^T + s (x A^T) B^T + b), the
     fan_in_fan_out layout, and every product of the backward. With ``nf4`` the weight
     element (o, k) is flat index ``o * swo + k * swk`` of an NF4 tensor, decoded while
-    its tile is loaded into shared memory (never materialised). Tiles as GEMM_TILE;
-    loads map consecutive threads to the operand's contiguous dimension."""
-    BM, BN, BK, TM, TN = GEMM_TILE
+    its tile is loaded into shared memory (never materialised); ``bshift`` >= 0 is
+    log2(blocksize) (a shift instead of a division), -1 a 32-bit division, -2 a 64-bit one.
+
+    ``tile`` (default GEMM_TILE; :func:`gemm_tile` picks one from M) is compiled once per
+    value. Loads map consecutive threads to the operand's contiguous dimension; the
+    shared tiles are padded by GEMM_PAD floats per row, and thread (ty, tx) owns rows
+    ``ty + m * NY`` and columns ``tx + q * NX`` (strided by the thread grid), so the reads
+    of a warp from shared memory hit distinct banks (or broadcast) and its stores of C
+    are coalesced."""
+    BM, BN, BK, TM, TN = tile if tile is not None else GEMM_TILE
     NT = (BM // TM) * (BN // TN)
     NX = BN // TN
+    NY = BM // TM
+    XW = BM + GEMM_PAD  # padded row lengths: plain closure constants (a shared-array shape
+    WW = BN + GEMM_PAD  # must be a compile-time constant; `BM + P` inside the kernel is not)
     NF4 = bool(nf4)
 
     def build():
         @cuda.jit
-        def gemm_k(X, sxi, sxk, W, swo, swk, packed, scales, blocksize, code, M, N, K, alpha,
+        def gemm_k(X, sxi, sxk, W, swo, swk, packed, scales, blocksize, bshift, code, M, N, K, alpha,
                    U, sui, sut, Bm, sbo, sbt, R, bias, use_bias, C, ldc, accumulate):
-            Xs = cuda.shared.array((BK, BM), np.float32)
-            Ws = cuda.shared.array((BK, BN), np.float32)
+            Xs = cuda.shared.array((BK, XW), np.float32)
+            Ws = cuda.shared.array((BK, WW), np.float32)
             cs = cuda.shared.array(16, np.float32)
             tid = cuda.threadIdx.x
             ty = tid // NX
@@ -443,25 +477,25 @@ def gemm(nf4: bool):
                     if o < N and k < K:
                         idx = o * swo + k * swk
                         if NF4:
-                            v = cs[_nibble(packed, idx)] * scales[idx // blocksize]
+                            v = cs[_nibble(packed, idx)] * scales[_block_of(idx, blocksize, bshift)]
                         else:
                             v = W[idx]
                     Ws[kk, r] = v
                 cuda.syncthreads()
                 for kk in range(BK):
                     for m in range(TM):
-                        a[m] = Xs[kk, ty * TM + m]
+                        a[m] = Xs[kk, ty + m * NY]
                     for q in range(TN):
-                        b[q] = Ws[kk, tx * TN + q]
+                        b[q] = Ws[kk, tx + q * NX]
                     for m in range(TM):
                         for q in range(TN):
                             acc[m, q] += a[m] * b[q]
                 cuda.syncthreads()
             for m in range(TM):
-                i = i0 + ty * TM + m
+                i = i0 + ty + m * NY
                 if i < M:
                     for q in range(TN):
-                        o = o0 + tx * TN + q
+                        o = o0 + tx + q * NX
                         if o < N:
                             v = alpha * acc[m, q]
                             lo = np.float32(0.0)
@@ -476,7 +510,7 @@ def gemm(nf4: bool):
 
         return gemm_k
 
-    return _cached(("gemm", NF4, BM, BN, BK, TM, TN), build)
+    return _cached(("gemm", NF4, BM, BN, BK, TM, TN, XW, WW), build)
 
 
 def lora_shrink():

@@ -122,6 +122,15 @@ def _tensor(t):
 
 # --- launch helpers -------------------------------------------------------------------------
 
+def block_shift(blocksize, n):
+    """The ``bshift`` kernel argument: log2(blocksize) for a power of two (index >> bshift),
+    -1 when every index fits in 32 bits (a 32-bit division), else -2 (64-bit)."""
+    bs = int(blocksize)
+    if bs & (bs - 1) == 0:
+        return bs.bit_length() - 1
+    return -1 if n < 2**32 else -2
+
+
 def shrink(X, sxi, sxj, K_, Y, syt, syj, scale, u):
     """u[i, t] = scale * sum_j X(i, j) Y(t, j) (flat operands, element strides)."""
     if u.size == 0:
@@ -142,15 +151,16 @@ def matmul(X, sxi, sxk, M, N, K_, C, ldc, *, W=None, swo=0, swk=0, t=None, alpha
     the tiled kernel, dense W or the NF4 tensor ``t`` (flat element index o*swo + k*swk)."""
     if M == 0 or N == 0:
         return
-    bm, bn, _, tm, tn = K.GEMM_TILE
+    tile = K.gemm_tile(M)
+    bm, bn, _, tm, tn = tile
     nt = (bm // tm) * (bn // tn)
     f32, u8 = _const("f32"), _const("u8")
     if t is not None:
-        kern = K.gemm(True)
-        args = (f32, swo, swk, t.packed, t.scales, t.blocksize, _const("code"))
+        kern = K.gemm(True, tile)
+        args = (f32, swo, swk, t.packed, t.scales, t.blocksize, block_shift(t.blocksize, t.numel), _const("code"))
     else:
-        kern = K.gemm(False)
-        args = (W, swo, swk, u8, f32, 1, f32)
+        kern = K.gemm(False, tile)
+        args = (W, swo, swk, u8, f32, 1, 0, f32)
     kern[(_grid(N, bn), _grid(M, bm)), nt](
         X, sxi, sxk, *args, M, N, K_, np.float32(alpha),
         f32 if U is None else U, sui, sut, f32 if Bm is None else Bm, sbo, sbt, R,
