@@ -233,10 +233,52 @@ def gbs(nbytes, t):
     return nbytes / t / 1e9 if t > 0 else float("nan")
 
 
+GEMV_SWEEP = ((128, 4), (128, 8), (256, 8), (128, 16))  # (GEMV_THREADS, GEMV_ROWS)
+GEMV_SWEEP_SIM = ((4, 2), (4, 4), (8, 2))
+
+
+def gemv_sweep(cuda, K, C, timer, shapes, rng):
+    """nf4_matmul batch 1 (the fused GEMV) for each (GEMV_THREADS, GEMV_ROWS) setting."""
+    settings = GEMV_SWEEP_SIM if SIM else GEMV_SWEEP
+    default = (K.GEMV_THREADS, K.GEMV_ROWS)
+    say(f"GEMV sweep: nf4_matmul batch 1, (GEMV_THREADS, GEMV_ROWS) in {settings} (default {default})")
+    res = []
+    try:
+        for out_f, in_f in shapes:
+            w = (rng.standard_normal((out_f, in_f), dtype=np.float32) * 0.02).astype(np.float32)
+            ht = nl.quantize_nf4(w, 64)
+            gt = nl.to_device(ht)
+            wdq = nl.dequantize_nf4(ht).astype(np.float64)
+            x = rng.standard_normal((1, in_f), dtype=np.float32)
+            want, bound = x.astype(np.float64) @ wdq.T, np.abs(x.astype(np.float64)) @ np.abs(wdq.T)
+            dx = cuda.to_device(x)
+            y = cuda.device_array((1, out_f), np.float32)
+            nbytes = gt.packed.size + 4 * gt.scales.size + 4 * (in_f + out_f)
+            del w, wdq
+            for T, R in settings:
+                K.GEMV_THREADS, K.GEMV_ROWS = T, R
+                close(f"nf4_matmul {out_f}x{in_f} threads {T} rows {R}", C.nf4_matmul(dx, gt, out=y).copy_to_host(),
+                      want, bound)
+                t = timer(lambda: C.nf4_matmul(dx, gt, out=y))
+                res.append((f"{out_f}x{in_f}", T, R, t))
+                say(f"  {out_f}x{in_f} threads {T:4d} rows {R:3d}: {t}, {gbs(nbytes, t.gpu):.0f} GB/s")
+    finally:
+        K.GEMV_THREADS, K.GEMV_ROWS = default
+    say("| shape | GEMV_THREADS | GEMV_ROWS | GPU ms | wall ms | GB/s |")
+    say("|---|---|---|---|---|---|")
+    for shape, T, R, t in res:
+        o, i = (int(v) for v in shape.split("x"))
+        nbytes = o * i // 2 + 4 * (o * i // 64) + 4 * (o + i)
+        say(f"| {shape} | {T} | {R} | {t.gpu * 1e3:.4f} | {t.wall * 1e3:.4f} | {gbs(nbytes, t.gpu):.0f} |")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sim-smoke", action="store_true", help="tiny sizes on the CUDA simulator")
     ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--sweep", action="store_true",
+                    help="only re-time nf4_matmul batch 1 for (GEMV_THREADS, GEMV_ROWS) in " + str(GEMV_SWEEP)
+                    + " (checked against the CPU first), then exit")
     args = ap.parse_args()
     if not nl.device.cuda_available():
         say("no NVIDIA GPU found by numba.cuda: nothing to check. Run this on a machine with a GPU and "
@@ -264,6 +306,11 @@ def main():
     timer = GpuTimer(cuda, reps, inner=1 if SIM else 20, sim=SIM)
     torch = torch_cuda()
     rng = np.random.default_rng(0)
+
+    if args.sweep:
+        gemv_sweep(cuda, K, C, timer, shapes, rng)
+        say(f"\n{len(FAILED)} check(s) failed{': ' + ', '.join(FAILED) if FAILED else ''}; {time.time() - T0:.0f} s")
+        return 1 if FAILED else 0
 
     # copy bandwidth (device to device)
     nbytes = (1 << 30) if not SIM else 1 << 12

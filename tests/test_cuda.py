@@ -353,7 +353,8 @@ def _nf4_setup(rng, n, i, o, r, bs):
 
 
 @cuda_test
-@pytest.mark.parametrize("n,i,bs", [(1, 16, 8), (3, 16, 8), (2, 10, 5)], ids=["gemv", "tiled", "odd"])
+@pytest.mark.parametrize("n,i,bs", [(1, 16, 8), (1, 40, 8), (1, 48, 24), (3, 16, 8), (2, 10, 5), (5, 40, 8)],
+                         ids=["gemv", "gemv-chunks", "gemv-bs24", "tiled", "odd", "tiled-big"])
 def test_qlora_forward_and_nf4_matmul(n, i, bs):
     rng = np.random.default_rng(n + i)
     x, t, wd, a, b, bias = _nf4_setup(rng, n, i, 7, 2, bs)

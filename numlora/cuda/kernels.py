@@ -328,18 +328,25 @@ def nf4_gemv():
     (8 codes): a block's threads stride over the words of GEMV_ROWS rows together (each
     load coalesced, each x value loaded once for all the rows), decode through the
     16-entry table in shared memory, apply the block scale per word, and reduce in
-    shared memory. u: (1, r) already scaled; y: (out,)."""
+    shared memory. x is staged in shared memory one chunk of GEMV_THREADS words
+    (8 * GEMV_THREADS floats) at a time: a coalesced global read, stored transposed as
+    ``xs[c, w] = x[8 w + c]`` with rows padded by 4 floats, so that both the staging
+    stores and the per-lane reads ``xs[c, tid]`` are free of bank conflicts.
+    ``bshift``: log2(blocksize) or -1 / -2 (see :func:`_block_of`). u: (1, r) already
+    scaled; y: (out,)."""
     T, R = GEMV_THREADS, GEMV_ROWS
+    TP = T + 4  # padded row of the staged x (a closure constant: shared shapes must be)
+    T8 = 8 * T
 
     def build():
         @cuda.jit
-        def nf4_gemv_k(words, scales, blocksize, code, x, u, lora_b, bias, use_bias, y):
+        def nf4_gemv_k(words, scales, blocksize, bshift, code, x, u, lora_b, bias, use_bias, y):
             cs = cuda.shared.array(16, np.float32)
+            xs = cuda.shared.array((8, TP), np.float32)
             part = cuda.shared.array((R, T), np.float32)
             tid = cuda.threadIdx.x
             for c in range(tid, 16, T):
                 cs[c] = code[c]
-            cuda.syncthreads()
             in_f = x.size
             out_f = y.size
             wpr = in_f // 8
@@ -348,26 +355,37 @@ def nf4_gemv():
             acc = cuda.local.array(R, np.float32)
             for r in range(R):
                 acc[r] = 0
-            for w in range(tid, wpr, T):
-                j = w * 8
-                x0 = x[j]
-                x1 = x[j + 1]
-                x2 = x[j + 2]
-                x3 = x[j + 3]
-                x4 = x[j + 4]
-                x5 = x[j + 5]
-                x6 = x[j + 6]
-                x7 = x[j + 7]
-                jb = j // blocksize
-                for r in range(R):
-                    o = o0 + r
-                    if o < out_f:
-                        wd = words[o * wpr + w]
-                        d = (cs[(wd >> 4) & 15] * x0 + cs[wd & 15] * x1
-                             + cs[(wd >> 12) & 15] * x2 + cs[(wd >> 8) & 15] * x3
-                             + cs[(wd >> 20) & 15] * x4 + cs[(wd >> 16) & 15] * x5
-                             + cs[(wd >> 28) & 15] * x6 + cs[(wd >> 24) & 15] * x7)
-                        acc[r] += scales[o * bpr + jb] * d
+            for w0 in range(0, wpr, T):
+                # stage x[8 w0 : 8 (w0 + T)]: consecutive threads read consecutive floats
+                j0 = w0 * 8
+                for s_ in range(8):
+                    e = s_ * T + tid
+                    v = np.float32(0.0)
+                    if j0 + e < in_f:
+                        v = x[j0 + e]
+                    xs[e & 7, e >> 3] = v
+                cuda.syncthreads()
+                w = w0 + tid
+                if w < wpr:
+                    x0 = xs[0, tid]
+                    x1 = xs[1, tid]
+                    x2 = xs[2, tid]
+                    x3 = xs[3, tid]
+                    x4 = xs[4, tid]
+                    x5 = xs[5, tid]
+                    x6 = xs[6, tid]
+                    x7 = xs[7, tid]
+                    jb = _block_of(w * 8, blocksize, bshift)
+                    for r in range(R):
+                        o = o0 + r
+                        if o < out_f:
+                            wd = words[o * wpr + w]
+                            d = (cs[(wd >> 4) & 15] * x0 + cs[wd & 15] * x1
+                                 + cs[(wd >> 12) & 15] * x2 + cs[(wd >> 8) & 15] * x3
+                                 + cs[(wd >> 20) & 15] * x4 + cs[(wd >> 16) & 15] * x5
+                                 + cs[(wd >> 28) & 15] * x6 + cs[(wd >> 24) & 15] * x7)
+                            acc[r] += scales[o * bpr + jb] * d
+                cuda.syncthreads()
             for r in range(R):
                 part[r, tid] = acc[r]
             cuda.syncthreads()

@@ -392,8 +392,9 @@ def _nf4_forward(x, t, lora_a, lora_b, s, bias, out):
         lora_b = cuda.device_array((out_f, 0), np.float32)
     if gemv_ok(t, n):
         T, R = K.GEMV_THREADS, K.GEMV_ROWS
-        K.nf4_gemv()[_grid(out_f, R), T](t.packed.view(np.uint32), t.scales, t.blocksize, _const("code"), xf,
-                                          us, lora_b, b, use_bias, _flat(out))
+        K.nf4_gemv()[_grid(out_f, R), T](t.packed.view(np.uint32), t.scales, t.blocksize,
+                                          block_shift(t.blocksize, t.numel), _const("code"), xf, us, lora_b, b,
+                                          use_bias, _flat(out))
     else:
         matmul(xf, in_f, 1, n, out_f, in_f, _flat(out), out_f, t=t, swo=in_f, swk=1,
                U=_flat(us) if r else None, sui=r, sut=1, Bm=_flat(lora_b) if r else None, sbo=r, sbt=1, R=r,
