@@ -169,7 +169,7 @@ def nf4_quantize_fused():
 
     def build():
         @cuda.jit
-        def nf4_quantize_fused_k(x, blocksize, nfull, packed, absmax, bad):
+        def nf4_quantize_fused_k(x, blocksize, bshift, nfull, packed, absmax, bad):
             sm = cuda.shared.array(T, np.float32)
             tid = cuda.threadIdx.x
             p = cuda.blockIdx.x * T + tid
@@ -192,7 +192,7 @@ def nf4_quantize_fused():
                 s //= 2
             if e0 < n:
                 am = sm[tid - lane]
-                b = e0 // blocksize
+                b = e0 >> bshift  # blocksize = 2**bshift on this path
                 if b < nfull:
                     if lane == 0:
                         absmax[b] = am
@@ -278,25 +278,25 @@ def _block_of(k, blocksize, bshift):
 
 
 @cuda.jit(device=True)
-def _code_at(x, k, blocksize, nfull, absmax):
-    b = k // blocksize
+def _code_at(x, k, blocksize, bshift, nfull, absmax):
+    b = _block_of(k, blocksize, bshift)
     if b < nfull:
         return _code(x[k] * (ONE / max(absmax[b], TINY)))
     return _code(x[k] / absmax[b])
 
 
 @cuda.jit
-def nf4_codes(x, blocksize, nfull, absmax, packed):
+def nf4_codes(x, blocksize, bshift, nfull, absmax, packed):
     """Generic code pass (after :func:`nf4_absmax`): one thread per output byte."""
     p = cuda.grid(1)
     n = x.size
     if p >= packed.size:
         return
     k = 2 * p
-    q0 = _code_at(x, k, blocksize, nfull, absmax)
+    q0 = _code_at(x, k, blocksize, bshift, nfull, absmax)
     q1 = 7
     if k + 1 < n:
-        q1 = _code_at(x, k + 1, blocksize, nfull, absmax)
+        q1 = _code_at(x, k + 1, blocksize, bshift, nfull, absmax)
     packed[p] = (q0 << 4) | q1
 
 
@@ -307,7 +307,7 @@ def nf4_dequantize_range():
 
     def build():
         @cuda.jit
-        def nf4_dequantize_range_k(packed, absmax, blocksize, code, start, stop, out):
+        def nf4_dequantize_range_k(packed, absmax, blocksize, bshift, code, start, stop, out):
             cs = cuda.shared.array(16, np.float32)
             tid = cuda.threadIdx.x
             for c in range(tid, 16, T):
@@ -315,7 +315,7 @@ def nf4_dequantize_range():
             cuda.syncthreads()
             k = start + cuda.blockIdx.x * T + tid
             if k < stop:
-                out[k - start] = cs[_nibble(packed, k)] * absmax[k // blocksize]
+                out[k - start] = cs[_nibble(packed, k)] * absmax[_block_of(k, blocksize, bshift)]
 
         return nf4_dequantize_range_k
 
@@ -575,8 +575,11 @@ def merge_plain(w, p, q, scale):
     m, k = w.shape
     if idx >= m * k:
         return
-    i = idx // k
-    j = idx % k
+    if m * k <= 4294967295:  # 32-bit division when the indices fit
+        i = np.int64(np.uint32(idx) // np.uint32(k))
+    else:
+        i = np.int64(idx // k)
+    j = idx - i * k
     acc = np.float32(0.0)
     for t in range(p.shape[1]):
         acc += p[i, t] * q[t, j]

@@ -310,10 +310,12 @@ def quantize_raw(xf, blocksize, packed, absmax, bad):
     n = xf.size
     nfull = n // blocksize
     if _fused_ok(blocksize):
-        K.nf4_quantize_fused()[_grid(packed.size, K.THREADS), K.THREADS](xf, blocksize, nfull, packed, absmax, bad)
+        K.nf4_quantize_fused()[_grid(packed.size, K.THREADS), K.THREADS](xf, blocksize, int(blocksize).bit_length() - 1,
+                                                                          nfull, packed, absmax, bad)
     else:
         K.nf4_absmax()[absmax.size, K.REDUCE_THREADS](xf, blocksize, nfull, absmax, bad)
-        K.nf4_codes[_grid(packed.size, K.THREADS), K.THREADS](xf, blocksize, nfull, absmax, packed)
+        K.nf4_codes[_grid(packed.size, K.THREADS), K.THREADS](xf, blocksize, block_shift(blocksize, n), nfull, absmax,
+                                                              packed)
 
 
 def quantize_nf4(w, blocksize=64, double_quant=False):
@@ -362,8 +364,9 @@ def dequantize_nf4(t, out=None):
         v.expect_shape("out", out, t.shape)
     n = t.numel
     if n:
-        K.nf4_dequantize_range()[_grid(n, K.THREADS), K.THREADS](t.packed, t.scales, t.blocksize, _const("code"),
-                                                                 0, n, _flat(out))
+        K.nf4_dequantize_range()[_grid(n, K.THREADS), K.THREADS](t.packed, t.scales, t.blocksize,
+                                                                 block_shift(t.blocksize, n), _const("code"), 0, n,
+                                                                 _flat(out))
     return out
 
 
