@@ -297,7 +297,7 @@ def main():
         _lock_sim_shared_arrays()
         K.THREADS, K.REDUCE_THREADS, K.SHRINK_THREADS, K.GEMV_THREADS, K.GEMV_ROWS = 8, 4, 4, 4, 2
         K.GEMM_TILES, K.GEMM_TILE = ((1, (2, 4, 2, 1, 2)), (3, (4, 4, 4, 2, 2))), (4, 8, 2, 2, 2)
-        K.RNG_CHUNK_LOG2 = 2
+        K.RNG_CHUNK_LOG2, K.RNG_STAGE = 2, 2
         sys.setswitchinterval(5e-5)
         shapes, batches, rank, reps = [(8, 16), (6, 24)], (1, 3), 2, 1
     else:

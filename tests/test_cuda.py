@@ -109,6 +109,7 @@ def _tiny_blocks(request, monkeypatch):
     monkeypatch.setattr(K, "GEMM_TILES", ((1, (2, 4, 2, 1, 2)), (3, (4, 4, 4, 2, 2))))
     monkeypatch.setattr(K, "GEMM_TILE", (4, 8, 2, 2, 2))
     monkeypatch.setattr(K, "RNG_CHUNK_LOG2", 2)
+    monkeypatch.setattr(K, "RNG_STAGE", 2)  # two staging rounds per chunk
     old = sys.getswitchinterval()
     sys.setswitchinterval(5e-5)
     yield

@@ -47,8 +47,11 @@ GEMM_TILES = ((16, (16, 64, 16, 2, 4)), (128, (64, 64, 8, 4, 4)))
 GEMM_TILE = (128, 128, 8, 8, 8)
 #: shared-memory row padding of the gemm tiles (floats), against bank conflicts.
 GEMM_PAD = 4
-#: log2 of the number of consecutive RNG values one thread generates.
-RNG_CHUNK_LOG2 = 10
+#: log2 of the number of consecutive RNG values one thread generates (16 M values: 65536
+#: threads; a thread first jumps ahead, popcount(thread) GF(2) matrix products).
+RNG_CHUNK_LOG2 = 8
+#: values a thread generates between two coalesced block-wide writes (shared staging).
+RNG_STAGE = 32
 
 F32 = np.float32
 TINY = np.float32(1e-38)
@@ -89,28 +92,54 @@ def _gf2_apply(jumps, row, s):
     return r
 
 
-@cuda.jit
-def xorshift64_fill(state, jumps, chunk, out):
-    """Thread t writes out[t * chunk : (t + 1) * chunk] of the stream started at ``state``:
-    it jumps ahead t * chunk steps (``jumps[l]`` = the step matrix to the power
-    ``chunk * 2**l``), then steps serially. Bit-identical to the CPU kernel."""
-    t = cuda.grid(1)
-    n = out.size
-    start = t * chunk
-    if start >= n:
-        return
-    s = np.uint64(state)
-    k = t
-    lvl = 0
-    while k > 0:
-        if k & 1:
-            s = _gf2_apply(jumps, lvl, s)
-        k >>= 1
-        lvl += 1
-    stop = min(n, start + chunk)
-    for i in range(start, stop):
-        s = _xs_step(s)
-        out[i] = np.float32(np.float64(s) / _U64_MAX_F64 * 2.0 - 1.0)
+def xorshift64_fill():
+    """The xorshift64 stream started at ``state`` into ``out``: thread t owns
+    ``out[t * CH : (t + 1) * CH]`` (CH = 2**RNG_CHUNK_LOG2): it jumps ahead t * CH steps
+    (``jumps[l]`` = the step matrix to the power ``CH * 2**l``), then steps serially,
+    S = min(RNG_STAGE, CH) values at a time into a padded shared-memory buffer, which the
+    block then writes out with consecutive threads on consecutive addresses (runs of S
+    floats: coalesced, where writing each thread's own chunk directly would stride by CH).
+    Bit-identical to the CPU kernel."""
+    T = THREADS
+    CH = 1 << RNG_CHUNK_LOG2
+    S = min(RNG_STAGE, CH)
+    SP = S + 1  # odd row length: the per-thread stores st[tid, q] hit distinct banks
+
+    def build():
+        @cuda.jit
+        def xorshift64_fill_k(state, jumps, out):
+            st = cuda.shared.array((T, SP), np.float32)
+            tid = cuda.threadIdx.x
+            t = cuda.blockIdx.x * T + tid
+            n = out.size
+            start = t * CH
+            s = np.uint64(state)
+            if start < n:
+                k = t
+                lvl = 0
+                while k > 0:
+                    if k & 1:
+                        s = _gf2_apply(jumps, lvl, s)
+                    k >>= 1
+                    lvl += 1
+            base = cuda.blockIdx.x * T * CH
+            for r0 in range(0, CH, S):
+                if start + r0 < n:
+                    for q in range(S):
+                        s = _xs_step(s)
+                        st[tid, q] = np.float32(np.float64(s) / _U64_MAX_F64 * 2.0 - 1.0)
+                cuda.syncthreads()
+                for e in range(tid, T * S, T):
+                    seg = e // S
+                    q = e % S
+                    i = base + seg * CH + r0 + q
+                    if i < n:
+                        out[i] = st[seg, q]
+                cuda.syncthreads()
+
+        return xorshift64_fill_k
+
+    return _cached(("rng", T, CH, S), build)
 
 
 # --- NF4 ------------------------------------------------------------------------------------

@@ -495,14 +495,24 @@ def xorshift64_fill(state: int, out) -> int:
     if n == 0:
         return state
     c = K.RNG_CHUNK_LOG2
-    chunk = 1 << c
-    nthreads = -(-n // chunk)
-    levels = max(1, (nthreads - 1).bit_length())
-    pw = _powers()
-    jumps = np.array([pw[c + lvl] if c + lvl < 64 else [0] * 64 for lvl in range(levels)], dtype=np.uint64)
-    cuda = _cuda()
-    K.xorshift64_fill[_grid(nthreads, K.THREADS), K.THREADS](np.uint64(state), cuda.to_device(jumps), chunk, out)
+    nthreads = -(-n // (1 << c))
+    K.xorshift64_fill()[_grid(nthreads, K.THREADS), K.THREADS](np.uint64(state), _jumps(c), out)
     return xorshift_jump(state, n)
+
+
+_JUMPS: dict = {}
+
+
+def _jumps(c):
+    """The jump matrices for chunks of 2**c steps, ``[T^(2^(c + l)) for l < 64]`` (zero
+    beyond 2^63), copied to the device once per c and kept there (no host-to-device copy,
+    which would synchronise, per call)."""
+    d = _JUMPS.get(c)
+    if d is None:
+        pw = _powers()
+        jumps = np.array([pw[c + lvl] if c + lvl < 64 else [0] * 64 for lvl in range(64)], dtype=np.uint64)
+        d = _JUMPS[c] = _cuda().to_device(jumps)
+    return d
 
 
 def uniform(rng, shape):
