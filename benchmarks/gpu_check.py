@@ -217,6 +217,43 @@ def _lock_sim_shared_arrays():
     cls._numlora_locked = True
 
 
+_RES_SEEN: set = set()
+
+
+def kernel_resources(K, extra=()):
+    """Registers and local memory (bytes) per thread, and static shared memory per block,
+    of every kernel compiled so far (numba-cuda dispatcher API, guarded: printed as n/a
+    where it is missing). Local memory > 0 means an array the compiler could not keep in
+    registers (or a spill): shown without a profiler."""
+    kernels = [(k, v) for k, v in K._cache.items()]
+    for name in ("nf4_codes", "merge_plain", "adamw_step"):
+        kernels.append(((name,), getattr(K, name)))
+    kernels += list(extra)
+    for key, d in kernels:
+        label = " ".join(str(p) for p in key)
+        try:
+            regs = d.get_regs_per_thread()
+            local = d.get_local_mem_per_thread()
+            shared = d.get_shared_mem_per_block()
+        except Exception as exc:  # simulator, or an older numba without the API
+            if label not in _RES_SEEN:
+                _RES_SEEN.add(label)
+                say(f"  {label}: resources n/a ({type(exc).__name__})")
+            continue
+        if not isinstance(regs, dict):
+            regs, local, shared = {"": regs}, {"": local}, {"": shared}
+        for n, (sig, r) in enumerate(regs.items()):
+            tag = f"{label} {sig}"
+            if tag in _RES_SEEN:
+                continue
+            _RES_SEEN.add(tag)
+            shown = f"{label} [signature {n}]" if len(regs) > 1 else label
+            lm = local.get(sig) if isinstance(local, dict) else local
+            sm = shared.get(sig) if isinstance(shared, dict) else shared
+            flag = "  <- local memory (spill or local array)" if lm else ""
+            say(f"  {shown}: {r} registers/thread, {lm} B local/thread, {sm} B shared/block{flag}")
+
+
 def torch_cuda():
     try:
         import torch
@@ -445,6 +482,8 @@ def main():
             e = float(np.max(np.abs(dv.copy_to_host() - p.value) / (np.abs(p.value) + 1e-6)))
             check("adamw step", e <= 1e-5, f"max rel err {e:.1e}")
         del dw, gt
+        say("kernel resources after first launch (registers / local memory per thread):")
+        kernel_resources(K, [(("hold",), timer.hold)] if timer.hold is not None else [])
 
     say("")
     say("GPU ms per call (launch overhead hidden; wall ms per call in the *wall* columns)")
