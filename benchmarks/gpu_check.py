@@ -263,6 +263,10 @@ def torch_cuda():
     if SIM or not torch.cuda.is_available():
         say("torch has no CUDA device here: PyTorch comparisons skipped")
         return None
+    # cuBLAS float32 in true float32 (no TF32 tensor cores), like numlora's kernels
+    torch.backends.cuda.matmul.allow_tf32 = False
+    say(f"torch {torch.__version__}: torch.backends.cuda.matmul.allow_tf32 = "
+        f"{torch.backends.cuda.matmul.allow_tf32} (float32 F.linear timed as true float32)")
     return torch
 
 
@@ -325,6 +329,15 @@ def main():
 
     from numba import cuda
 
+    # "grid size < 2 x SMs" and the like: the launch sizes are chosen on purpose here.
+    # numba-cuda has its own NumbaPerformanceWarning class (not numba's): filter both.
+    import importlib
+
+    for mod in ("numba.core.errors", "numba.cuda.core.errors"):
+        try:
+            warnings.filterwarnings("ignore", category=importlib.import_module(mod).NumbaPerformanceWarning)
+        except (ImportError, AttributeError):
+            pass
     if SIM:
         warnings.filterwarnings("ignore", message="Simulator timings are bogus")
     from numlora.cuda import kernels as K
@@ -386,6 +399,15 @@ def main():
         bits("quantize codes", gt.packed.copy_to_host(), ht.packed)
         bits("quantize absmax", gt.scales.copy_to_host(), ht.absmax)
         bits("dequantize", C.dequantize_nf4(gt).copy_to_host(), nl.dequantize_nf4(ht))
+        if (out_f, in_f) == shapes[0]:
+            # the generic quantize path (absmax pass + code pass): a blocksize too big for the
+            # one-pass kernel, and one that is not a power of two (partial last block)
+            for bs in ((32, 12) if SIM else (4096, 96)):
+                hb, gb = nl.quantize_nf4(w, bs), C.quantize_nf4(dw, bs)
+                bits(f"quantize blocksize {bs} (generic path) codes", gb.packed.copy_to_host(), hb.packed)
+                bits(f"quantize blocksize {bs} (generic path) absmax", gb.scales.copy_to_host(), hb.absmax)
+                bits(f"dequantize blocksize {bs}", C.dequantize_nf4(gb).copy_to_host(), nl.dequantize_nf4(hb))
+                del hb, gb
         packed = cuda.device_array(gt.packed.size, np.uint8)
         absmax = cuda.device_array(gt.scales.size, np.float32)
         bad = cuda.to_device(np.zeros(1, np.int32))
@@ -460,6 +482,16 @@ def main():
                 close(f"{name} grad_x", gx, cx.astype(np.float64), G @ Wb + 2.0 * (G @ B) @ A)
                 close(f"{name} grad_a", ga, ca.astype(np.float64), 2.0 * (G @ B).T @ X)
                 close(f"{name} grad_b", gb, cb.astype(np.float64), 2.0 * G.T @ (X @ A.T))
+            # fan_in_fan_out (weight stored (in, out)) and the NF4 transposed product g deq(W)
+            wt = np.ascontiguousarray(w.T)
+            yf = C.lora_forward(cuda.to_device(x), cuda.to_device(wt), da, db, 2.0, fan_in_fan_out=True)
+            cf = nl.lora_forward(x, wt, a, b, 2.0, fan_in_fan_out=True)
+            close(f"lora_forward fan_in_fan_out batch {nb}", yf.copy_to_host(), cf.astype(np.float64),
+                  X @ W.T + 2.0 * (X @ A.T) @ B.T)
+            del wt, yf
+            gtd = C.nf4_matmul_t(cuda.to_device(g), gt)
+            close(f"nf4_matmul_t batch {nb}", gtd.copy_to_host(), nl.nf4_matmul_t(g, ht).astype(np.float64),
+                  G @ np.abs(wdq))
             dx_, dg_ = cuda.to_device(x), cuda.to_device(g)
             tb_ = timer(lambda: C.lora_backward(dx_, dw, da, db, 2.0, dg_))
             say(f"  lora_backward batch {nb}: {tb_}")

@@ -70,12 +70,39 @@ def cuda_available() -> bool:
     return True
 
 
+_AS_CUDA_SYNC_KW: list = []
+
+
+def _as_cuda_takes_sync(cuda) -> bool:
+    """Whether ``cuda.as_cuda_array`` accepts ``sync=`` (numba-cuda and numba >= 0.57)."""
+    if not _AS_CUDA_SYNC_KW:
+        import inspect
+
+        try:
+            ok = "sync" in inspect.signature(cuda.as_cuda_array).parameters
+        except (TypeError, ValueError, AttributeError):
+            ok = False
+        _AS_CUDA_SYNC_KW.append(ok)
+    return _AS_CUDA_SYNC_KW[0]
+
+
 def as_cuda(x):
     """A numba device array for a device array (zero-copy for ``__cuda_array_interface__``
-    objects)."""
+    objects).
+
+    Stream semantics: the wrap passes ``sync=False`` where numba supports it, so it does
+    not synchronise on the stream the producer exported (PyTorch exports its current
+    stream; synchronising on it would block the host on every call and stall the launch
+    queue). numlora launches on the legacy default stream, which orders its kernels after
+    the work already queued on PyTorch's default stream and on any other blocking stream.
+    Data produced on a *non-blocking* stream (``torch.cuda.Stream()`` side streams, CuPy
+    non-blocking streams) must be synchronised by the caller before the numlora call
+    (``stream.synchronize()``), as with any CUDA library on another stream."""
     cuda = cuda_module()
     if type(x).__module__.startswith(_SIM_MODULES) or hasattr(x, "copy_to_host"):
         return x  # already a numba (or simulator) device array
+    if _as_cuda_takes_sync(cuda):
+        return cuda.as_cuda_array(x, sync=False)
     return cuda.as_cuda_array(x)
 
 
