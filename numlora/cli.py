@@ -37,6 +37,11 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--train", action="store_true",
                    help="time a training step instead (forward + backward + AdamW, dense and NF4 base) against "
                         "hand-written numpy and torch + PEFT / bitsandbytes; one --batch (default 128)")
+    b.add_argument("--multi", action="store_true",
+                   help="time many adapters in one batch (LoraBank) on Punica's workloads against a numpy "
+                        "gather-einsum and PEFT's mixed-batch forward; with --quick only batch 64 x 64 "
+                        "adapters; --repeat rounds (default 5)")
+    b.add_argument("--quick", action="store_true", help="with --multi: the issue's figures only")
 
     m = sub.add_parser("merge", help="merge a PEFT LoRA adapter into a safetensors checkpoint, tensor by tensor",
                        description="Write BASE with the adapter merged (W + s B A) to OUT. BASE is a .safetensors "
@@ -91,6 +96,13 @@ def main(argv=None) -> int:
         if args.command == "bench":
             if args.size < 64 or args.rank < 1 or args.repeat < 1:
                 parser.error("--size must be >= 64, --rank and --repeat >= 1")
+            if args.multi:
+                from .bench_multi import main as bench_multi
+
+                argv2 = ["--repeats", str(args.repeat if args.repeat != 7 else 5)]
+                argv2 += ["--quick"] if args.quick else []
+                argv2 += ["--json", args.json] if args.json else []
+                return bench_multi(argv2) or 0
             if args.train:
                 if args.batch and len(args.batch) > 1:
                     parser.error("--train takes one --batch")

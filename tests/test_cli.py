@@ -76,3 +76,13 @@ def test_numpy_train_step_matches_float64():
     # first AdamW step: m / sqrt(v) after bias correction is sign(g) (up to eps)
     np.testing.assert_allclose(a, a0 - 0.01 * np.sign(ga), atol=1e-6)
     np.testing.assert_allclose(b, b0 - 0.01 * np.sign(gb), atol=1e-6)
+
+
+def test_bench_multi_passes_its_options(monkeypatch):
+    import numlora.bench_multi as bm
+    from numlora.cli import main
+
+    seen = []
+    monkeypatch.setattr(bm, "main", lambda argv=None: seen.append(argv) or 0)
+    assert main(["bench", "--multi", "--quick", "--repeat", "3", "--json", "out.json"]) == 0
+    assert seen == [["--repeats", "3", "--quick", "--json", "out.json"]]
