@@ -181,40 +181,6 @@ class GpuTimer:
         return Timing(g, w)
 
 
-def _lock_sim_shared_arrays():
-    """Work around a race in the CUDA simulator: ``cuda.shared.array`` looks up the
-    block's array for the calling line and creates it when missing, without a lock, so two
-    simulated threads can each create one and then use different "shared" arrays (a rare,
-    wrong result, more likely with the short switch interval used here). Same semantics,
-    with a lock (and without the slow traceback walk)."""
-    import threading
-
-    from numba.cuda.simulator import kernelapi
-
-    cls = kernelapi.FakeCUDAShared
-    if getattr(cls, "_numlora_locked", False):
-        return
-    orig = cls.array
-    lock = threading.Lock()
-
-    def array(self, shape, dtype, alignment=None):
-        if shape == 0:  # dynamic shared memory: no per-line allocation
-            return orig(self, shape, dtype)
-        f = sys._getframe(1)
-        caller = (f.f_code.co_filename, f.f_lineno)
-        with lock:
-            res = self._allocations.get(caller)
-            if res is None:
-                from numba.core import types
-                from numba.np import numpy_support
-
-                dt = numpy_support.as_dtype(dtype) if isinstance(dtype, types.Type) else dtype
-                res = np.empty(shape, dt)
-                self._allocations[caller] = res
-        return res
-
-    cls.array = array
-    cls._numlora_locked = True
 
 
 _RES_SEEN: set = set()
@@ -344,7 +310,9 @@ def main():
     from numlora.cuda import ops as C
 
     if SIM:
-        _lock_sim_shared_arrays()
+        from numlora.device import lock_simulator_shared_arrays
+
+        lock_simulator_shared_arrays()
         K.THREADS, K.REDUCE_THREADS, K.SHRINK_THREADS, K.GEMV_THREADS, K.GEMV_ROWS = 8, 4, 4, 4, 2
         K.GEMM_TILES, K.GEMM_TILE = ((1, (2, 4, 2, 1, 2)), (3, (4, 4, 4, 2, 2))), (4, 8, 2, 2, 2)
         K.RNG_CHUNK_LOG2, K.RNG_STAGE = 2, 2
