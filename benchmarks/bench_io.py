@@ -756,8 +756,14 @@ def main(argv=None) -> int:
             if r:
                 r.pop("stdout_last", None)
         res["markdown"] = text
+        # no paths of this machine in a results file that may be committed
+        blob = json.dumps(res, indent=2, default=str)
+        blob = blob.replace(os.path.abspath(args.workdir), "<workdir>")
+        for p in sorted({os.path.dirname(np.__file__).rsplit(os.sep, 1)[0], os.path.expanduser("~")}, key=len,
+                        reverse=True):
+            blob = blob.replace(p, "<site>" if "site-packages" in p else "~")
         with open(args.json, "w") as f:
-            json.dump(res, f, indent=2, default=str)
+            f.write(blob)
         print(f"wrote {args.json}")
     return 1 if res["problems"] else 0
 
