@@ -66,6 +66,35 @@ class LoraAdapter:
             raise DTypeError(f"expected a LoraConfig, got {type(config).__name__}")
         self._config = config
         self._layers: dict[str, LoraLinear] = {}
+        self._device = "cpu"
+
+    @property
+    def device(self) -> str:
+        """Where the layers' arrays live: ``"cpu"`` or ``"cuda"`` (see :meth:`to`)."""
+        return self._device
+
+    def to(self, device: str) -> "LoraAdapter":
+        """A new adapter with every layer moved to ``device`` (``"cuda"`` or ``"cpu"``, see
+        :meth:`LoraLinear.to`); ``self`` when it is there already. This adapter is left as
+        it was. Layers added to a GPU adapter later are built on the host and moved. Every
+        layer is checked (merged, DoRA, LoRA bias, float64) before any is copied."""
+        if not isinstance(device, str) or device not in ("cuda", "cpu"):
+            raise ConfigError(f"device must be 'cuda' or 'cpu', got {device!r}")
+        if device == self._device:
+            return self
+        if device == "cuda":
+            for name, layer in self._layers.items():
+                try:
+                    layer._check_movable()
+                except NumloraError as e:
+                    raise type(e)(f"layer '{name}': {e}") from None
+        new = LoraAdapter(self._config)
+        new._layers = {name: layer.to(device) for name, layer in self._layers.items()}
+        new._device = device
+        return new
+
+    def _place(self, layer):
+        return layer if self._device == "cpu" else layer.to(self._device)
 
     @property
     def config(self) -> LoraConfig:
@@ -89,6 +118,7 @@ class LoraAdapter:
                                        use_rslora=c.use_rslora, fan_in_fan_out=c.fan_in_fan_out,
                                        use_dora=c.use_dora, lora_bias=c.lora_bias, dropout=c.dropout,
                                        dropout_seed=_name_seed(name))
+        layer = self._place(layer)
         self._layers[name] = layer
         return layer
 
@@ -127,6 +157,7 @@ class LoraAdapter:
                                                    layer.fan_in_fan_out)
         elif bias is not None:
             raise ConfigError(f"layer '{name}': bias belongs to the base layer: give it with weight")
+        layer = self._place(layer)
         self._layers[name] = layer
         return layer
 
@@ -174,7 +205,7 @@ class LoraAdapter:
         """Write the adapter as a PEFT folder (see :func:`numlora.io.peft.save_peft`)."""
         from .io.peft import save_peft
 
-        save_peft(self, path, dtype=dtype)
+        save_peft(self.to("cpu"), path, dtype=dtype)
 
     @classmethod
     def load_peft(cls, path) -> "LoraAdapter":

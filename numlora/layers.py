@@ -11,7 +11,8 @@ import numpy as np
 from . import _validate as v
 from .config import lora_scaling
 from .dora import dora_forward, dora_weight_norm, merge_dora
-from .errors import ConfigError, DetachedLayerError, MergeStateError, ShapeError
+from .device import is_device_array
+from .errors import ConfigError, DetachedLayerError, DeviceError, DTypeError, MergeStateError, ShapeError
 from .nf4 import NF4Tensor, _nf4_forward, _nf4_grad_input, _weight_2d, dequantize_nf4, nf4_matmul, qlora_forward
 from .nf4 import quantize_nf4
 from .ops import _backward_core, _drop_args, _input_rows, _prepare_out, _seed64, dropout_p, linear_forward
@@ -60,6 +61,7 @@ class _LowRank:
     """What LoraLinear and QLoraLinear share: A, B, alpha, scaling, the enabled flag."""
 
     _dtype = np.dtype(np.float32)
+    _device = "cpu"
 
     def _init_low_rank(self, out_f, in_f, lora_a, lora_b, alpha, use_rslora):
         self._out_f, self._in_f = out_f, in_f
@@ -107,6 +109,9 @@ class _LowRank:
     def _set(self, name, a, shape):
         if self._merged:
             raise MergeStateError(f"cannot set {name} while the layer is merged; unmerge() first")
+        if self._device == "cuda":
+            setattr(self, "_" + name, _dev_copy(name, a, shape))
+            return
         a = v.float_array(name, a, 2)
         v.expect_shape(name, a, shape)
         setattr(self, "_" + name, np.array(a, dtype=self._dtype, order="C", copy=True))
@@ -210,6 +215,8 @@ class _LowRank:
         Returns the layer."""
         if not isinstance(mode, (bool, np.bool_)):
             raise ConfigError(f"mode must be True or False, got {mode!r}")
+        if mode:
+            self._check_gpu_dropout()
         self._training = bool(mode)
         if not mode:
             self._cache = None
@@ -241,7 +248,7 @@ class _LowRank:
         backward)."""
         for g in (self._grad_a, self._grad_b):
             if g is not None:
-                g[...] = 0
+                _zero_fill(g)
 
     def _train_dtype(self, x):
         return np.dtype(np.float32)
@@ -252,6 +259,8 @@ class _LowRank:
         if self._merged:
             raise TrainStateError("cannot run a training forward on a merged layer: unmerge() first")
         self._check_trainable()
+        if self._device == "cuda":
+            return self._forward_train_gpu(x, out)
         in_f, out_f = self._in_f, self._out_f
         x = _input_rows(x, in_f)
         dtype = self._train_dtype(x)
@@ -288,6 +297,8 @@ class _LowRank:
         if self._cache is None:
             raise TrainStateError("backward needs a forward in training mode first: call layer.train(), then "
                                   "forward, then backward (once per forward)")
+        if self._device == "cuda":
+            return self._backward_gpu(grad_out, need_grad_x)
         x2, xd2, us, drop, one_d, lora, dtype = self._cache
         in_f, out_f = self._in_f, self._out_f
         g = _input_rows(grad_out, out_f, "grad_out", "out_features")
@@ -319,13 +330,142 @@ class _LowRank:
         """Bytes held between a training forward and its backward beyond the input x
         (referenced, not copied, when it is C-contiguous in the compute dtype): the
         (n, r) product ``s x_drop A^T`` and, with dropout, the dropped input (n, in)."""
-        if self._cache is None:
-            return 0
+        if self._cache is None or self._device == "cuda":
+            return 0  # the GPU training forward keeps only a reference to x
         x2, xd2, us, *_ = self._cache
         return us.nbytes + (xd2.nbytes if xd2 is not x2 else 0)
 
     def _check_trainable(self):
         pass
+
+    # the GPU ------------------------------------------------------------------------------
+    @property
+    def device(self) -> str:
+        """Where the layer's arrays live: ``"cpu"`` (numpy) or ``"cuda"`` (numba device
+        arrays, see :meth:`to`)."""
+        return self._device
+
+    _ARRAYS = ("_lora_a", "_lora_b", "_bias", "_grad_a", "_grad_b")
+
+    def to(self, device: str):
+        """A copy of the layer with its arrays on ``device`` (``"cuda"`` or ``"cpu"``);
+        ``self`` when it is there already. The layer it is called on is left as it was
+        (a new layer is returned, its arrays copied: the GPU layer does not share memory
+        with the host one). Flags, sizes, dropout settings and accumulated gradients
+        travel; what a training forward kept for backward does not (run the forward
+        again). See docs/gpu.md ("The layer classes on the GPU")."""
+        from .device import _move
+
+        if not isinstance(device, str) or device not in ("cuda", "cpu"):
+            raise ConfigError(f"device must be 'cuda' or 'cpu', got {device!r}")
+        if device == self._device:
+            return self
+        if device == "cuda":
+            self._check_movable()
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        for name in self._ARRAYS:
+            a = getattr(self, name, None)
+            if a is not None:
+                setattr(new, name, _move(a, device))
+        new._device = device
+        new._cache = None
+        new._xd_buf = None
+        return new
+
+    def _check_movable(self):
+        if self._merged:
+            raise MergeStateError("cannot move a merged layer to the GPU (its bit-exact merge record is CPU "
+                                  "only); unmerge() first, then move it and merge there")
+        for name in ("_lora_a", "_lora_b", "_bias"):
+            a = getattr(self, name)
+            if a is not None and a.dtype != np.float32:
+                raise DTypeError(f"the GPU path is float32 only: {name[1:]} is {a.dtype}; build the layer from "
+                                 "float32 arrays to move it to the GPU")
+
+    def _check_gpu_dropout(self):
+        if self._device == "cuda" and self._dropout > 0:
+            raise ConfigError(f"dropout > 0 is not supported for training on the GPU (this layer has dropout="
+                              f"{self._dropout}); set layer.dropout = 0.0, or train on the CPU")
+
+    def _forward_train_gpu(self, x, out):
+        """The GPU training forward (no dropout): the eval forward's kernels; keeps a
+        reference to x (``s x A^T`` is recomputed in backward, an (n, r) shrink)."""
+        lora = self._enabled
+        if lora:
+            self._check_gpu_dropout()
+        if not is_device_array(x):
+            raise DeviceError(f"expected x on the GPU like the layer (device='cuda'), got a host "
+                              f"{type(x).__name__}; move it with numlora.to_device(x)")
+        from .device import as_cuda
+
+        x = as_cuda(x)
+        y = self._gpu_forward(x, out, lora)
+        self._cache = ("cuda", x, len(x.shape) == 1, lora)
+        return y
+
+    def _backward_gpu(self, grad_out, need_grad_x):
+        _, x, one_d, lora = self._cache
+        if not is_device_array(grad_out):
+            raise DeviceError(f"expected grad_out on the GPU like the layer (device='cuda'), got a host "
+                              f"{type(grad_out).__name__}; move it with numlora.to_device(grad_out)")
+        from .device import as_cuda
+
+        g = as_cuda(grad_out)
+        want = (self._out_f,) if one_d else (x.shape[0], self._out_f)
+        if tuple(g.shape) != want:
+            raise ShapeError(f"expected grad_out of shape {want} (the shape of the forward's output), "
+                             f"got {tuple(g.shape)}")
+        if lora:
+            dx, ga, gb = self._gpu_backward(x, g, bool(need_grad_x))
+            self._grad_a, self._grad_b = ga, gb
+        elif need_grad_x:
+            dx = self._gpu_grad_input(g)
+        else:
+            dx = None
+        self._cache = None
+        return dx
+
+
+def _dev_copy(name, a, shape):
+    """A float32 device copy of the device array ``a`` of ``shape`` (a host array is a
+    DeviceError: a GPU layer takes GPU arrays)."""
+    from .device import as_cuda, cuda_module
+
+    if not is_device_array(a):
+        raise DeviceError(f"this layer is on the GPU: expected {name} as a device array, got a host "
+                          f"{type(a).__name__}; move it with numlora.to_device({name})")
+    a = as_cuda(a)
+    if np.dtype(a.dtype) != np.float32:
+        raise DTypeError(f"expected {name} with dtype float32 on the GPU, got {np.dtype(a.dtype)}")
+    if tuple(a.shape) != tuple(shape):
+        raise ShapeError(f"expected {name} of shape {tuple(shape)}, got {tuple(a.shape)}")
+    out = cuda_module().device_array(tuple(shape), np.float32)
+    if out.size:
+        out.copy_to_device(a)
+    return out
+
+
+def _dev_view(name, a, shape):
+    """The caller's float32 device array of ``shape`` itself (``attach(copy=False)``)."""
+    from .device import as_cuda
+
+    if not is_device_array(a):
+        raise DeviceError(f"this layer is on the GPU: expected {name} as a device array, got a host "
+                          f"{type(a).__name__}; move it with numlora.to_device({name})")
+    a = as_cuda(a)
+    if np.dtype(a.dtype) != np.float32 or tuple(a.shape) != tuple(shape) or (a.size and not a.is_c_contiguous()):
+        raise ShapeError(f"expected {name} as a C-contiguous float32 device array of shape {tuple(shape)}, got "
+                         f"{np.dtype(a.dtype)} {tuple(a.shape)}")
+    return a
+
+
+def _zero_fill(g):
+    """``g[...] = 0`` for numpy and device arrays."""
+    if isinstance(g, np.ndarray):
+        g[...] = 0
+    elif g.size:
+        g.copy_to_device(np.zeros(g.shape, np.dtype(g.dtype)))
 
 
 class LoraLinear(_LowRank):
@@ -433,6 +573,9 @@ class LoraLinear(_LowRank):
     def check_base(self, weight, bias=None):
         """Validate a base weight (and bias) for this layer without attaching it; return
         them as arrays. Raises ShapeError naming the expected shape."""
+        if self._device == "cuda":
+            return (_dev_view("weight", weight, self.base_shape),
+                    None if bias is None else _dev_view("bias", bias, (self._out_f,)))
         weight = v.float_array("weight", weight, 2)
         want = self.base_shape
         if tuple(weight.shape) != want:
@@ -455,6 +598,12 @@ class LoraLinear(_LowRank):
         caller's array (merge() then changes it in place). Returns the layer."""
         if self._merged:
             raise MergeStateError("cannot attach a base weight while the layer is merged; unmerge() first")
+        if self._device == "cuda":
+            self._weight = _dev_copy("weight", weight, self.base_shape) if copy else _dev_view("weight", weight,
+                                                                                             self.base_shape)
+            self._bias = None if bias is None else _dev_copy("bias", bias, (self._out_f,))
+            self._norm_cache = None
+            return self
         weight, bias = self.check_base(weight, bias)
         if copy:
             weight = np.array(weight, copy=True)
@@ -481,6 +630,9 @@ class LoraLinear(_LowRank):
     def _set_vector(self, name, value):
         if self._merged:
             raise MergeStateError(f"cannot set {name} while the layer is merged; unmerge() first")
+        if self._device == "cuda" and value is not None:
+            raise ConfigError(f"{name} (DoRA / LoRA bias) is CPU only: set it on the host layer "
+                              "(layer.to('cpu'))")
         if value is not None:
             value = v.float_array(name, value, 1)
             v.expect_shape(name, value, (self._out_f,))
@@ -592,6 +744,35 @@ class LoraLinear(_LowRank):
         w = self._weight.astype(dx.dtype, copy=False)
         np.dot(g2, w.T if self._fan_in_fan_out else w, out=dx)
 
+    # the GPU ----------------------------------------------------------------------------
+    _ARRAYS = _LowRank._ARRAYS + ("_weight", "_saved_weight", "_saved_bias")
+
+    def _check_movable(self):
+        if self._magnitude is not None or self._lora_bias is not None:
+            raise ConfigError("DoRA layers and layers with a LoRA bias are CPU only (no GPU kernels for them "
+                              "yet); keep this layer on the host")
+        super()._check_movable()
+        if self._weight is not None and self._weight.dtype != np.float32:
+            raise DTypeError(f"the GPU path is float32 only: the weight is {self._weight.dtype}; build the layer "
+                             "from a float32 weight to move it to the GPU")
+
+    def _gpu_forward(self, x, out, lora):
+        if lora:
+            return lora_forward(x, self._weight, self._lora_a, self._lora_b, self.scaling, self._bias, out=out,
+                                fan_in_fan_out=self._fan_in_fan_out)
+        return linear_forward(x, self._weight, self._bias, out=out, fan_in_fan_out=self._fan_in_fan_out)
+
+    def _gpu_backward(self, x, g, need_grad_x):
+        from .cuda import ops as C
+
+        return C.lora_backward(x, self._weight, self._lora_a, self._lora_b, self.scaling, g,
+                               fan_in_fan_out=self._fan_in_fan_out, grad_a=self._grad_a, grad_b=self._grad_b,
+                               need_grad_x=need_grad_x)
+
+    def _gpu_grad_input(self, g):
+        # dx = G W: W (out, in) read as the (in', out') = (out, in) fan_in_fan_out layout, and back
+        return linear_forward(g, self._weight, None, fan_in_fan_out=not self._fan_in_fan_out)
+
     def merge(self) -> None:
         """``W += scaling * B @ A`` in place (DoRA: ``W <- (m / n)(W + scaling * B @ A)``;
         with a LoRA bias, ``b += scaling * lora_bias``). Raises if already merged, disabled
@@ -601,6 +782,16 @@ class LoraLinear(_LowRank):
             raise MergeStateError("LoRA weights are already merged")
         if not self._enabled:
             raise MergeStateError("cannot merge a disabled layer; enable() first")
+        if self._device == "cuda":
+            from .device import cuda_module
+
+            saved = cuda_module().device_array(self._weight.shape, np.float32)
+            saved.copy_to_device(self._weight)
+            merge_lora(self._weight, self._lora_a, self._lora_b, self.scaling, self._fan_in_fan_out)
+            self._saved_weight = saved
+            self._saved_bias = self._bias
+            self._merged = True
+            return
         new_bias = self._lora_path_bias() if self._lora_bias is not None else self._bias
         if new_bias is not None:
             new_bias = np.array(new_bias, dtype=self._weight.dtype if self._bias is None else self._bias.dtype)
@@ -621,7 +812,10 @@ class LoraLinear(_LowRank):
         if not self._merged:
             raise MergeStateError("LoRA weights are not merged")
         if self._saved_weight is not None:
-            self._weight[...] = self._saved_weight
+            if isinstance(self._weight, np.ndarray):
+                self._weight[...] = self._saved_weight
+            else:
+                self._weight.copy_to_device(self._saved_weight)
             self._saved_weight = None
         else:
             unmerge_lora(self._weight, self._lora_a, self._lora_b, self.scaling, self._fan_in_fan_out,
@@ -706,6 +900,8 @@ class QLoraLinear(_LowRank):
         if self._training:
             return self._forward_train(x, out)
         self._cache = None
+        if self._device == "cuda":
+            return self._gpu_forward(x, out, self._enabled)
         if not self._enabled:
             out = nf4_matmul(x, self._nf4, out=out)
             if self._bias is not None:
@@ -714,6 +910,32 @@ class QLoraLinear(_LowRank):
         return qlora_forward(x, self._nf4, self._lora_a, self._lora_b, self.scaling, self._bias, out=out)
 
     __call__ = forward
+
+    # the GPU ----------------------------------------------------------------------------
+    _ARRAYS = _LowRank._ARRAYS + ("_nf4",)
+
+    def _check_movable(self):
+        super()._check_movable()
+        if self._nf4.dtype != "float32":
+            raise DTypeError(f"the GPU path is float32 only: the NF4 weight decodes to {self._nf4.dtype}")
+
+    def _gpu_forward(self, x, out, lora):
+        if lora:
+            return qlora_forward(x, self._nf4, self._lora_a, self._lora_b, self.scaling, self._bias, out=out)
+        from .cuda import ops as C
+
+        return C._nf4_forward(x, C._tensor(self._nf4), None, None, 0.0, self._bias, out)
+
+    def _gpu_backward(self, x, g, need_grad_x):
+        from .cuda import ops as C
+
+        return C.qlora_backward(x, self._nf4, self._lora_a, self._lora_b, self.scaling, g, grad_a=self._grad_a,
+                                grad_b=self._grad_b, need_grad_x=need_grad_x)
+
+    def _gpu_grad_input(self, g):
+        from .nf4 import nf4_matmul_t
+
+        return nf4_matmul_t(g, self._nf4)
 
     def _train_forward_impl(self, x2, xd2, out2, lora, dtype):
         if not lora:
@@ -739,7 +961,8 @@ class QLoraLinear(_LowRank):
 
     def memory_saved_bytes(self) -> int:
         """float32 bytes of the weight minus the bytes of its NF4 storage."""
-        return max(0, 4 * self._nf4.numel - self._nf4.nbytes)
+        nbytes = self._nf4.nbytes if self._device == "cpu" else self._nf4.packed.nbytes + self._nf4.scales.nbytes
+        return max(0, 4 * self._nf4.numel - nbytes)
 
     def __repr__(self) -> str:
         return (f"QLoraLinear(out_features={self._out_f}, in_features={self._in_f}, rank={self._rank}, "

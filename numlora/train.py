@@ -12,7 +12,8 @@ import math
 import numpy as np
 
 from . import _validate as v
-from .errors import ConfigError, DTypeError, ShapeError, TrainStateError
+from .device import is_device_array
+from .errors import ConfigError, DeviceError, DTypeError, ShapeError, TrainStateError
 
 __all__ = ["Parameter", "AdamW", "clip_grad_norm", "TrainStateError"]
 
@@ -53,7 +54,7 @@ class Parameter:
         """Fill the gradient with zeros in place (no-op while it is None)."""
         g = self.grad
         if g is not None:
-            g[...] = 0
+            _zero_fill(g)
 
     def __repr__(self) -> str:
         value = self.value
@@ -84,6 +85,15 @@ class _BoundParameter(Parameter):
 
 
 def _param_array(name, a):
+    if is_device_array(a):
+        from .device import as_cuda
+
+        a = as_cuda(a)
+        if np.dtype(a.dtype) != np.float32:
+            raise DTypeError(f"{name}: a Parameter on the GPU must be float32, got {np.dtype(a.dtype)}")
+        if a.size and not a.is_c_contiguous():
+            raise ShapeError(f"{name}: a Parameter's value must be C-contiguous (it is updated in place)")
+        return a
     if not isinstance(a, np.ndarray):
         raise DTypeError(f"{name}: a Parameter's value must be a numpy array (updated in place), "
                          f"got {type(a).__name__}")
@@ -97,6 +107,21 @@ def _check_grad(p, g):
     if g is None:
         return None
     value = p.value
+    dev_v, dev_g = is_device_array(value), is_device_array(g)
+    if dev_v != dev_g:
+        where = ("on the GPU like its value" if dev_v else "on the host like its value")
+        hint = "numlora.to_device(grad)" if dev_v else "numlora.to_host(grad)"
+        raise DeviceError(f"expected the gradient of {p.name or 'the parameter'} {where}, got a "
+                          f"{'device' if dev_g else 'host'} {type(g).__name__}; move it with {hint}")
+    if dev_v:
+        from .device import as_cuda
+
+        g = as_cuda(g)
+        if np.dtype(g.dtype) != np.dtype(value.dtype):
+            raise DTypeError(f"expected the gradient of {p.name or 'the parameter'} to be a {np.dtype(value.dtype)} "
+                             f"device array, got {np.dtype(g.dtype)}")
+        v.expect_shape(f"gradient of {p.name or 'the parameter'}", g, tuple(value.shape))
+        return g
     if not isinstance(g, np.ndarray) or g.dtype != value.dtype:
         got = g.dtype if isinstance(g, np.ndarray) else type(g).__name__
         raise DTypeError(f"expected the gradient of {p.name or 'the parameter'} to be a {value.dtype} array, "
@@ -168,11 +193,15 @@ class AdamW:
             if g is None:
                 continue
             value = p.value
-            _check_grad(p, g)
+            g = _check_grad(p, g)
+            if is_device_array(value):
+                self._step_device(p, value, g)
+                continue
             if not value.flags.c_contiguous or not value.flags.writeable:
                 raise ShapeError(f"{p.name or 'parameter'}: value must be C-contiguous and writable")
             st = self._state.get(id(p))
-            if st is None or st[1].shape != value.shape or st[1].dtype != value.dtype:
+            if st is None or not isinstance(st[1], np.ndarray) or st[1].shape != value.shape \
+                    or st[1].dtype != value.dtype:
                 st = [0, np.zeros_like(value), np.zeros_like(value)]
                 self._state[id(p)] = st
             st[0] += 1
@@ -182,6 +211,24 @@ class AdamW:
             decay = 1.0 - self._lr * self.weight_decay
             k.adamw_step(value.reshape(-1), np.ascontiguousarray(g).reshape(-1), st[1].reshape(-1),
                          st[2].reshape(-1), self._lr, b1, b2, self.eps, decay, bc1, bc2_sqrt)
+
+    def _step_device(self, p, value, g):
+        """One step for a parameter whose value lives on the GPU: the state (m, v) is
+        kept on the GPU too, updated by :func:`numlora.cuda.adamw_update` (no host copy)."""
+        from .cuda import ops as C
+        from .device import as_cuda, cuda_module
+
+        value = as_cuda(value)
+        st = self._state.get(id(p))
+        if st is None or isinstance(st[1], np.ndarray) or tuple(st[1].shape) != tuple(value.shape):
+            cuda = cuda_module()
+            zeros = np.zeros(tuple(value.shape), np.float32)
+            st = [0, cuda.to_device(zeros), cuda.to_device(zeros)]
+            self._state[id(p)] = st
+        st[0] += 1
+        b1, b2 = self.betas
+        C.adamw_update(value, g, st[1], st[2], lr=self._lr, beta1=b1, beta2=b2, eps=self.eps,
+                       weight_decay=self.weight_decay, step=st[0])
 
     def zero_grad(self) -> None:
         """Fill every parameter's gradient with zeros in place (gradients that are None
@@ -216,6 +263,8 @@ def clip_grad_norm(parameters, max_norm) -> float:
     params = _param_list(parameters)
     max_norm = _nonneg("max_norm", max_norm)
     grads = [p.grad for p in params if p.grad is not None]
+    if any(is_device_array(g) for g in grads):
+        return _clip_device(grads, max_norm)
     total = math.sqrt(sum(float(np.dot(g.reshape(-1).astype(np.float64, copy=False),
                                        g.reshape(-1).astype(np.float64, copy=False))) for g in grads))
     if not math.isfinite(total):
@@ -227,3 +276,28 @@ def clip_grad_norm(parameters, max_norm) -> float:
         for g in grads:
             g *= g.dtype.type(coef)
     return total
+
+
+def _clip_device(grads, max_norm):
+    """clip_grad_norm for GPU gradients: the norm is computed on the host (one copy of each
+    gradient, small for LoRA), the scaled gradients copied back."""
+    host = [g.copy_to_host() if hasattr(g, "copy_to_host") else np.asarray(g) for g in grads]
+    total = math.sqrt(sum(float(np.dot(h.reshape(-1).astype(np.float64), h.reshape(-1).astype(np.float64)))
+                          for h in host))
+    if not math.isfinite(total):
+        from .errors import NonFiniteError
+
+        raise NonFiniteError(f"the gradient norm is {total}: a gradient holds NaN or inf")
+    coef = max_norm / (total + 1e-6)
+    if coef < 1.0:
+        for g, h in zip(grads, host):
+            h *= h.dtype.type(coef)
+            g.copy_to_device(h)
+    return total
+
+
+def _zero_fill(g):
+    if isinstance(g, np.ndarray):
+        g[...] = 0
+    elif g.size:
+        g.copy_to_device(np.zeros(tuple(g.shape), np.dtype(g.dtype)))
