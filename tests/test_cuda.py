@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,60 +26,8 @@ import numlora as nl
 from numlora.errors import ConfigError, DeviceError, DTypeError, NonFiniteError, ShapeError
 
 import reference as ref
-from numlora.device import lock_simulator_shared_arrays as _lock_sim_shared_arrays
 
-SIM = os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0")
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _real_gpu() -> bool:
-    if SIM:
-        return False
-    try:
-        from numba import cuda
-
-        return bool(cuda.is_available())
-    except Exception:
-        return False
-
-
-
-
-if SIM:
-    _lock_sim_shared_arrays()
-
-GPU = _real_gpu()
-needs_cuda = pytest.mark.skipif(not (SIM or GPU), reason="no GPU here; the simulator run is "
-                                "test_cuda_kernels_on_the_simulator (or NUMBA_ENABLE_CUDASIM=1)")
-
-
-def cuda_test(f):
-    return pytest.mark.gpu(needs_cuda(f))
-
-
-@pytest.fixture(autouse=True)
-def _tiny_blocks(request, monkeypatch):
-    """Under the simulator: tiny launch sizes (as stumpy patches THREADS_PER_BLOCK) and a
-    short GIL switch interval (the simulator's syncthreads polls between Python threads)."""
-    if not SIM or "gpu" not in request.keywords:
-        yield
-        return
-    from numlora.cuda import kernels as K
-
-    monkeypatch.setattr(K, "THREADS", 8)
-    monkeypatch.setattr(K, "REDUCE_THREADS", 4)
-    monkeypatch.setattr(K, "SHRINK_THREADS", 4)
-    monkeypatch.setattr(K, "GEMV_THREADS", 4)
-    monkeypatch.setattr(K, "GEMV_ROWS", 2)
-    # one tile per size class, so the tests cross the per-shape tile choice (M = 1, 2-3, more)
-    monkeypatch.setattr(K, "GEMM_TILES", ((1, (2, 4, 2, 1, 2)), (3, (4, 4, 4, 2, 2))))
-    monkeypatch.setattr(K, "GEMM_TILE", (4, 8, 2, 2, 2))
-    monkeypatch.setattr(K, "RNG_CHUNK_LOG2", 2)
-    monkeypatch.setattr(K, "RNG_STAGE", 2)  # two staging rounds per chunk
-    old = sys.getswitchinterval()
-    sys.setswitchinterval(5e-5)
-    yield
-    sys.setswitchinterval(old)
+from cuda_sim import GPU, ROOT, SIM, cuda_test, run_simulator_pass, tiny_blocks  # noqa: F401
 
 
 # --- the launcher (normal test runs) ------------------------------------------------------------
@@ -88,17 +35,7 @@ def _tiny_blocks(request, monkeypatch):
 @pytest.mark.slow
 @pytest.mark.skipif(SIM or GPU, reason="the kernel tests run directly in this process")
 def test_cuda_kernels_on_the_simulator():
-    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
-    env.pop("NUMBA_DISABLE_JIT", None)
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu",
-                        str(Path(__file__).resolve())],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    tail = r.stdout[-6000:] + r.stderr[-3000:]
-    assert r.returncode == 0, tail
-    import re
-
-    m = re.search(r"(\d+) passed", r.stdout)
-    assert m and int(m.group(1)) >= 25 and "failed" not in r.stdout, tail
+    run_simulator_pass(__file__, 25)
 
 
 def test_no_gpu_gives_one_clear_error():
