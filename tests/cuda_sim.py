@@ -10,7 +10,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+
+import numlora as nl
 
 SIM = os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0")
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,3 +81,16 @@ def run_simulator_pass(test_file, min_passed: int) -> None:
     assert r.returncode == 0, tail
     m = re.search(r"(\d+) passed", r.stdout)
     assert m and int(m.group(1)) >= min_passed and "failed" not in r.stdout, tail
+
+
+# small helpers of the CUDA tests
+def d(a):
+    return nl.to_device(np.ascontiguousarray(a))
+
+
+def h(a):
+    return nl.to_host(a)
+
+
+def f32(rng, *shape):
+    return rng.standard_normal(shape).astype(np.float32)

@@ -28,6 +28,7 @@ from numlora.errors import ConfigError, DeviceError, DTypeError, NonFiniteError,
 import reference as ref
 
 from cuda_sim import GPU, ROOT, SIM, cuda_test, run_simulator_pass, tiny_blocks  # noqa: F401
+from cuda_sim import d, f32, h  # noqa: E402
 
 
 # --- the launcher (normal test runs) ------------------------------------------------------------
@@ -49,16 +50,6 @@ def test_no_gpu_gives_one_clear_error():
 
 # --- helpers ------------------------------------------------------------------------------------
 
-def d(a):
-    return nl.to_device(np.ascontiguousarray(a))
-
-
-def h(a):
-    return nl.to_host(a)
-
-
-def f32(rng, *shape):
-    return rng.standard_normal(shape).astype(np.float32)
 
 
 def assert_close(got, want64, bound):

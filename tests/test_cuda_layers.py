@@ -16,6 +16,7 @@ from numlora.errors import ConfigError, DeviceError, DTypeError, MergeStateError
 from numlora.train import TrainStateError
 
 from cuda_sim import GPU, SIM, cuda_test, run_simulator_pass, tiny_blocks  # noqa: F401
+from cuda_sim import d, f32, h  # noqa: E402
 
 
 @pytest.mark.slow
@@ -35,16 +36,6 @@ def test_cpu_layer_device_is_cpu_and_to_cpu_is_self():
 
 # --- helpers -------------------------------------------------------------------------------------
 
-def d(a):
-    return nl.to_device(np.ascontiguousarray(a))
-
-
-def h(a):
-    return nl.to_host(a)
-
-
-def f32(rng, *shape):
-    return rng.standard_normal(shape).astype(np.float32)
 
 
 def close(got, want, rtol=1e-5):
