@@ -100,18 +100,11 @@ def _add_low_rank(x2, lora_a, lora_b, s, out2):
 
     All BLAS: a numba-parallel kernel right after the base GEMM fights OpenBLAS's
     still-spinning threads for the cores and was measured 2-6x slower here."""
-    n = x2.shape[0]
-    if n == 0:
+    if x2.shape[0] == 0:
         return
     u = np.dot(x2, lora_a.T)
     u *= u.dtype.type(s)
-    bt = lora_b.T
-    tmp = np.empty((min(n, ROW_CHUNK), out2.shape[1]), out2.dtype)
-    for r0 in range(0, n, ROW_CHUNK):
-        r1 = min(n, r0 + ROW_CHUNK)
-        t = tmp[: r1 - r0]
-        np.dot(u[r0:r1], bt, out=t)
-        out2[r0:r1] += t
+    _expand_into(u, lora_b, out2)
 
 
 def lora_forward(x, weight, lora_a, lora_b, scaling, bias=None, out=None, *, fan_in_fan_out=False):
