@@ -536,13 +536,22 @@ def _nf4_blas(x2, t, scales, out2):
     TILE_ELEMS floats, serially: a parallel decode right after a BLAS call fights
     OpenBLAS's spinning threads), multiply each by the whole batch with BLAS into y^T,
     transpose once."""
+    yt = np.empty((t.shape[0], x2.shape[0]), np.float32)
+    xt = x2.T
+    for r0, r1, cur in _row_tiles(t, scales):
+        np.dot(cur, xt, out=yt[r0:r1])
+    out2[...] = yt.T
+
+
+def _row_tiles(t, scales):
+    """Yield ``(r0, r1, tile)``: rows r0:r1 of deq(W), decoded (serially) into one reused
+    buffer of at most TILE_ELEMS floats, for the large-batch paths that multiply them with
+    BLAS (the forward's ``x W^T`` and the backward's ``G W``)."""
     from .kernels import nf4 as k
 
     out_f, in_f = t.shape
     rows = max(1, min(out_f, TILE_ELEMS // in_f))
     tile = np.empty((rows, in_f), np.float32)
-    yt = np.empty((out_f, x2.shape[0]), np.float32)
-    xt = x2.T
     bs = t.blocksize
     simd = in_f % bs == 0 and _simd_ok(k, bs)
     for r0 in range(0, out_f, rows):
@@ -552,8 +561,7 @@ def _nf4_blas(x2, t, scales, out2):
             k.nf4_decode_simd_tile(t.packed, scales, bs, NF4_CODE, r0 * in_f // bs, r1 * in_f // bs, cur.reshape(-1))
         else:
             k.nf4_dequantize_tile(t.packed, scales, bs, NF4_CODE, r0 * in_f, r1 * in_f, cur.reshape(-1))
-        np.dot(cur, xt, out=yt[r0:r1])
-    out2[...] = yt.T
+        yield r0, r1, cur
 
 
 def nf4_matmul_t(g, t: NF4Tensor, out=None) -> np.ndarray:
@@ -583,26 +591,17 @@ def _nf4_grad_input(g2, t, dx):
     n = g2.shape[0]
     if n == 0:
         return
-    out_f, in_f = t.shape
     scales = t.scales()
     if n <= FUSED_MAX_ROWS:
         k.nf4_matmul_t(t.packed, scales, t.blocksize, NF4_CODE, g2, dx)
         return
-    rows = max(1, min(out_f, TILE_ELEMS // in_f))
-    tile = np.empty((rows, in_f), np.float32)
-    tmp = np.empty_like(dx) if rows < out_f else None
-    bs = t.blocksize
-    simd = in_f % bs == 0 and _simd_ok(k, bs)
-    for r0 in range(0, out_f, rows):
-        r1 = min(out_f, r0 + rows)
-        cur = tile[: r1 - r0]
-        if simd:
-            k.nf4_decode_simd_tile(t.packed, scales, bs, NF4_CODE, r0 * in_f // bs, r1 * in_f // bs, cur.reshape(-1))
-        else:
-            k.nf4_dequantize_tile(t.packed, scales, bs, NF4_CODE, r0 * in_f, r1 * in_f, cur.reshape(-1))
+    tmp = None
+    for r0, r1, cur in _row_tiles(t, scales):
         if r0 == 0:
             np.dot(g2[:, r0:r1], cur, out=dx)
         else:
+            if tmp is None:
+                tmp = np.empty_like(dx)
             np.dot(g2[:, r0:r1], cur, out=tmp)
             dx += tmp
 
