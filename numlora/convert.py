@@ -152,17 +152,12 @@ class _Buffers:
 
 
 def _load_f32(f: SafetensorsFile, name: str, bufs: _Buffers, slot: str = "x") -> np.ndarray:
-    """Tensor ``name`` as a float32 array in a reused buffer (writable, C-contiguous)."""
-    from .io.safetensors import bf16_to_f32
+    """Floating tensor ``name`` as a float32 array in a reused buffer (writable,
+    C-contiguous)."""
+    from .io.safetensors import to_float32
 
     t = f.info(name)
-    x = bufs.get(slot, t.numel, np.float32).reshape(t.shape)
-    raw = f.raw(name)
-    if t.dtype == "BF16":
-        bf16_to_f32(raw, out=x)
-    else:
-        np.copyto(x, raw, casting="unsafe")
-    return x
+    return to_float32(f.raw(name), t.dtype, out=bufs.get(slot, t.numel, np.float32).reshape(t.shape))
 
 
 def _store(w: SafetensorsWriter, name: str, x: np.ndarray, st: str, bufs: _Buffers) -> None:

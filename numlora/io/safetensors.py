@@ -124,15 +124,19 @@ def f32_to_bf16(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     return out
 
 
-def to_float32(raw: np.ndarray, dtype: str) -> np.ndarray:
-    """A stored tensor (as returned by :meth:`SafetensorsFile.raw`) as float32."""
+def to_float32(raw: np.ndarray, dtype: str, out: np.ndarray | None = None) -> np.ndarray:
+    """A stored tensor (as returned by :meth:`SafetensorsFile.raw`) as float32. Without
+    ``out`` a float32 tensor comes back as it is (read-only when mapped); with ``out`` (a
+    float32 array of the tensor's shape, e.g. a reused work buffer) the values are written
+    there."""
+    if dtype not in FLOAT_DTYPES:
+        raise DTypeError(f"expected a floating tensor (F32, F16, BF16, F64), got {dtype}")
     if dtype == "BF16":
-        return bf16_to_f32(raw)
-    if dtype in ("F16", "F64"):
-        return raw.astype(np.float32)
-    if dtype == "F32":
-        return raw
-    raise DTypeError(f"expected a floating tensor (F32, F16, BF16, F64), got {dtype}")
+        return bf16_to_f32(raw, out=out)
+    if out is not None:
+        np.copyto(out, raw, casting="same_kind")
+        return out
+    return raw if dtype == "F32" else raw.astype(np.float32)
 
 
 def from_float32(x: np.ndarray, dtype: str) -> np.ndarray:
