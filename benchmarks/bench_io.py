@@ -96,15 +96,9 @@ def _version(dist: str) -> str:
 
 
 def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    from numlora.bench import cpu_name
+
+    cpu = cpu_name()
     mem = ""
     try:
         with open("/proc/meminfo") as f:

@@ -104,15 +104,7 @@ class _Peers:
         wt = torch.from_numpy(w)
         out_f, in_f = w.shape
 
-        class Net(torch.nn.Module):
-            """A model holding one layer named "lin", for PEFT to wrap."""
-
-            def __init__(self, lin):
-                super().__init__()
-                self.lin = lin
-
-            def forward(self, x):
-                return self.lin(x)
+        Net = _one_layer_net(torch)
 
         try:
             from peft import LoraConfig, get_peft_model
@@ -371,18 +363,22 @@ def compile_times():
     return out
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
+def cpu_name() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo), else what ``platform`` knows."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> str:
     import numba
 
+    cpu = cpu_name()
     return (f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, numpy {np.__version__}, "
             f"numba {numba.__version__} ({numba.get_num_threads()} threads)")
 
@@ -534,10 +530,8 @@ class _TorchTrainStep:
         self.opt.step()
 
 
-def _peft_models(torch, w, a, b, rank, alpha, notes):
-    """(PEFT LoRA over nn.Linear, PEFT QLoRA over bitsandbytes Linear4bit nf4 with float32
-    compute), each None when unavailable (reason appended to notes)."""
-    out_f, in_f = w.shape
+def _one_layer_net(torch):
+    """A torch model class holding one layer named "lin", for PEFT to wrap."""
 
     class Net(torch.nn.Module):
         def __init__(self, lin):
@@ -546,6 +540,16 @@ def _peft_models(torch, w, a, b, rank, alpha, notes):
 
         def forward(self, x):
             return self.lin(x)
+
+    return Net
+
+
+def _peft_models(torch, w, a, b, rank, alpha, notes):
+    """(PEFT LoRA over nn.Linear, PEFT QLoRA over bitsandbytes Linear4bit nf4 with float32
+    compute), each None when unavailable (reason appended to notes)."""
+    out_f, in_f = w.shape
+
+    Net = _one_layer_net(torch)
 
     def wrap(base):
         from peft import LoraConfig, get_peft_model

@@ -39,6 +39,7 @@ import time
 import numpy as np
 
 import numlora
+from numlora.bench import cpu_name
 from numlora.multi import LoraBank
 
 SIDE = 4096
@@ -235,20 +236,9 @@ def main(argv=None):
 def env():
     import numba
 
-    return {"date": time.strftime("%Y-%m-%d"), "cpu": platform.processor() or platform.machine(),
+    return {"date": time.strftime("%Y-%m-%d"), "cpu": cpu_name(),
             "cores": os.cpu_count(), "python": platform.python_version(), "numpy": np.__version__,
             "numba": numba.__version__}
-
-
-def _cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
 
 
 def _part_ratio(other, other_base, ours, our_base):
@@ -270,7 +260,7 @@ def print_report(rows, add_times, reserved_times, n_ads, elapsed, args):
     except ImportError:
         tv = ""
     print(f"Measured {time.strftime('%Y-%m-%d')} with `python benchmarks/bench_multi.py"
-          f"{' --quick' if args.quick else ''}` on {_cpu_name()}, {os.cpu_count()} cores, Python "
+          f"{' --quick' if args.quick else ''}` on {cpu_name()}, {os.cpu_count()} cores, Python "
           f"{platform.python_version()}, numpy {np.__version__}, numba {numba.__version__}{tv}; "
           f"4096 x 4096 base, ranks from {{8, 16, 32, 64}}, median of {args.repeats} interleaved rounds "
           f"(whole run {elapsed:.0f} s).\n")
