@@ -6,7 +6,8 @@ Shapes: an N x N base (float32 or NF4, N = 4096 unless NUMLORA_ASV_N says otherw
 ``zipf`` (popularity (k + 1)^-1.5). The bank is built once per process (cached) and
 every setup runs the benchmarked call once, so JIT compilation and the bank's one-time
 calibration of the base product are never timed. ``benchmarks/bench_multi.py`` has the
-full grid with the PEFT and numpy baselines.
+full grid with the PEFT and numpy baselines (``numlora bench --multi``), and draws the
+workloads for both.
 """
 
 import functools
@@ -40,15 +41,10 @@ def bank(kind: str, n: int, n_ad: int = N_ADAPTERS):
 
 
 def workload(kind, batch, n_ad=N_ADAPTERS):
-    g = rng(200 + batch)
-    if kind == "identical":
-        return np.zeros(batch, np.int64)
-    if kind == "distinct":
-        return np.arange(batch, dtype=np.int64) % n_ad
-    if kind == "uniform":
-        return g.integers(0, n_ad, batch).astype(np.int64)
-    p = (np.arange(n_ad) + 1.0) ** -1.5
-    return g.choice(n_ad, batch, p=p / p.sum()).astype(np.int64)
+    """The rows' adapter ids, as ``numlora bench --multi`` draws them."""
+    from numlora.bench_multi import workload as draw
+
+    return draw(kind, batch, n_ad)
 
 
 class MultiForward:
