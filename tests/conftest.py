@@ -15,6 +15,18 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(params=["simd", "portable"])
+def kernel_path(request, monkeypatch):
+    """Run a test on the SIMD decode (where this CPU has it) and on the portable kernels."""
+    from numlora.kernels import nf4 as k
+
+    if request.param == "portable":
+        monkeypatch.setattr(k, "SIMD_LANES", 0)
+    elif k.SIMD_LANES == 0:
+        pytest.skip("this CPU (or NUMLORA_SIMD=0) has no SIMD NF4 decode")
+    return request.param
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(12345)

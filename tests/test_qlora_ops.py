@@ -79,16 +79,6 @@ def test_transposed_product(rng, shape, bs, n):
         nl.nf4_matmul_t(np.ones((n, shape[0] + 1), np.float32), t)
 
 
-@pytest.fixture(params=["simd", "portable"])
-def kernel_path(request, monkeypatch):
-    """Run a test on the SIMD decode (where this CPU has it) and on the portable kernels."""
-    from numlora.kernels import nf4 as k
-
-    if request.param == "portable":
-        monkeypatch.setattr(k, "SIMD_LANES", 0)
-    elif k.SIMD_LANES == 0:
-        pytest.skip("this CPU (or NUMLORA_SIMD=0) has no SIMD NF4 decode")
-    return request.param
 
 
 @pytest.mark.parametrize("shape,bs", [((70, 128), 64), ((33, 256), 32), ((18, 4096), 4096), ((40, 96), 16)])

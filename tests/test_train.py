@@ -221,15 +221,6 @@ def test_lora_backward_errors(rng):
 
 # --- NF4 base ----------------------------------------------------------------------------
 
-@pytest.fixture(params=["simd", "portable"])
-def kernel_path(request, monkeypatch):
-    from numlora.kernels import nf4 as k
-
-    if request.param == "portable":
-        monkeypatch.setattr(k, "SIMD_LANES", 0)
-    elif k.SIMD_LANES == 0:
-        pytest.skip("this CPU (or NUMLORA_SIMD=0) has no SIMD NF4 decode")
-    return request.param
 
 
 @pytest.mark.parametrize("n", [3, 40])
