@@ -325,7 +325,8 @@ def load_file(path, float32: bool = True) -> tuple[dict[str, np.ndarray], dict[s
         tensors = {}
         for name in f.keys():
             a = f.get(name, float32)
-            tensors[name] = np.array(a, copy=True)
+            # a converted tensor is already a fresh array; a mapped one is copied out of the map
+            tensors[name] = a if a.flags.owndata else np.array(a, copy=True)
         return tensors, dict(f.metadata)
 
 
