@@ -215,8 +215,6 @@ class _LowRank:
         Returns the layer."""
         if not isinstance(mode, (bool, np.bool_)):
             raise ConfigError(f"mode must be True or False, got {mode!r}")
-        if mode:
-            self._check_gpu_dropout()
         self._training = bool(mode)
         if not mode:
             self._cache = None
@@ -330,8 +328,11 @@ class _LowRank:
         """Bytes held between a training forward and its backward beyond the input x
         (referenced, not copied, when it is C-contiguous in the compute dtype): the
         (n, r) product ``s x_drop A^T`` and, with dropout, the dropped input (n, in)."""
-        if self._cache is None or self._device == "cuda":
-            return 0  # the GPU training forward keeps only a reference to x
+        if self._cache is None:
+            return 0
+        if self._device == "cuda":  # the GPU keeps x by reference and, with dropout, the dropped x
+            xd = self._cache[2]
+            return 0 if xd is None else int(xd.size) * 4
         x2, xd2, us, *_ = self._cache
         return us.nbytes + (xd2.nbytes if xd2 is not x2 else 0)
 
@@ -383,29 +384,35 @@ class _LowRank:
                 raise DTypeError(f"the GPU path is float32 only: {name[1:]} is {a.dtype}; build the layer from "
                                  "float32 arrays to move it to the GPU")
 
-    def _check_gpu_dropout(self):
-        if self._device == "cuda" and self._dropout > 0:
-            raise ConfigError(f"dropout > 0 is not supported for training on the GPU (this layer has dropout="
-                              f"{self._dropout}); set layer.dropout = 0.0, or train on the CPU")
-
     def _forward_train_gpu(self, x, out):
-        """The GPU training forward (no dropout): the eval forward's kernels; keeps a
-        reference to x (``s x A^T`` is recomputed in backward, an (n, r) shrink)."""
+        """The GPU training forward: the eval forward's kernels, the LoRA branch on the
+        dropped input (the same masks as on the CPU, drawn on the device); keeps
+        references to x and the dropped x (``s x_drop A^T`` is recomputed in backward, an
+        (n, r) shrink)."""
         lora = self._enabled
-        if lora:
-            self._check_gpu_dropout()
         if not is_device_array(x):
             raise DeviceError(f"expected x on the GPU like the layer (device='cuda'), got a host "
                               f"{type(x).__name__}; move it with numlora.to_device(x)")
         from .device import as_cuda
 
         x = as_cuda(x)
-        y = self._gpu_forward(x, out, lora)
-        self._cache = ("cuda", x, len(x.shape) == 1, lora)
+        xd = drop = None
+        if lora and self._dropout > 0:
+            from .cuda import ops as C
+
+            seed = mix_seed(self._dropout_seed, self._calls)
+            self._calls += 1
+            buf = self._xd_buf
+            if buf is None or tuple(buf.shape) != tuple(x.shape):
+                buf = None
+            xd, drop = C.lora_dropout(x, self._dropout, seed, out=buf)
+            self._xd_buf = xd
+        y = self._gpu_forward(x, out, lora, xd)
+        self._cache = ("cuda", x, xd, drop, len(x.shape) == 1, lora)
         return y
 
     def _backward_gpu(self, grad_out, need_grad_x):
-        _, x, one_d, lora = self._cache
+        _, x, xd, drop, one_d, lora = self._cache
         if not is_device_array(grad_out):
             raise DeviceError(f"expected grad_out on the GPU like the layer (device='cuda'), got a host "
                               f"{type(grad_out).__name__}; move it with numlora.to_device(grad_out)")
@@ -417,7 +424,7 @@ class _LowRank:
             raise ShapeError(f"expected grad_out of shape {want} (the shape of the forward's output), "
                              f"got {tuple(g.shape)}")
         if lora:
-            dx, ga, gb = self._gpu_backward(x, g, bool(need_grad_x))
+            dx, ga, gb = self._gpu_backward(x, g, bool(need_grad_x), xd, drop)
             self._grad_a, self._grad_b = ga, gb
         elif need_grad_x:
             dx = self._gpu_grad_input(g)
@@ -756,18 +763,20 @@ class LoraLinear(_LowRank):
             raise DTypeError(f"the GPU path is float32 only: the weight is {self._weight.dtype}; build the layer "
                              "from a float32 weight to move it to the GPU")
 
-    def _gpu_forward(self, x, out, lora):
+    def _gpu_forward(self, x, out, lora, x_lora=None):
         if lora:
-            return lora_forward(x, self._weight, self._lora_a, self._lora_b, self.scaling, self._bias, out=out,
-                                fan_in_fan_out=self._fan_in_fan_out)
+            from .cuda import ops as C
+
+            return C.lora_forward(x, self._weight, self._lora_a, self._lora_b, self.scaling, self._bias, out=out,
+                                  fan_in_fan_out=self._fan_in_fan_out, x_lora=x_lora)
         return linear_forward(x, self._weight, self._bias, out=out, fan_in_fan_out=self._fan_in_fan_out)
 
-    def _gpu_backward(self, x, g, need_grad_x):
+    def _gpu_backward(self, x, g, need_grad_x, x_drop=None, dropout=None):
         from .cuda import ops as C
 
         return C.lora_backward(x, self._weight, self._lora_a, self._lora_b, self.scaling, g,
-                               fan_in_fan_out=self._fan_in_fan_out, grad_a=self._grad_a, grad_b=self._grad_b,
-                               need_grad_x=need_grad_x)
+                               fan_in_fan_out=self._fan_in_fan_out, dropout=dropout, x_drop=x_drop,
+                               grad_a=self._grad_a, grad_b=self._grad_b, need_grad_x=need_grad_x)
 
     def _gpu_grad_input(self, g):
         # dx = G W: W (out, in) read as the (in', out') = (out, in) fan_in_fan_out layout, and back
@@ -919,18 +928,19 @@ class QLoraLinear(_LowRank):
         if self._nf4.dtype != "float32":
             raise DTypeError(f"the GPU path is float32 only: the NF4 weight decodes to {self._nf4.dtype}")
 
-    def _gpu_forward(self, x, out, lora):
-        if lora:
-            return qlora_forward(x, self._nf4, self._lora_a, self._lora_b, self.scaling, self._bias, out=out)
+    def _gpu_forward(self, x, out, lora, x_lora=None):
         from .cuda import ops as C
 
+        if lora:
+            s = self.scaling
+            return C._nf4_forward(x, C._tensor(self._nf4), self._lora_a, self._lora_b, s, self._bias, out, x_lora)
         return C._nf4_forward(x, C._tensor(self._nf4), None, None, 0.0, self._bias, out)
 
-    def _gpu_backward(self, x, g, need_grad_x):
+    def _gpu_backward(self, x, g, need_grad_x, x_drop=None, dropout=None):
         from .cuda import ops as C
 
-        return C.qlora_backward(x, self._nf4, self._lora_a, self._lora_b, self.scaling, g, grad_a=self._grad_a,
-                                grad_b=self._grad_b, need_grad_x=need_grad_x)
+        return C.qlora_backward(x, self._nf4, self._lora_a, self._lora_b, self.scaling, g, dropout=dropout,
+                                x_drop=x_drop, grad_a=self._grad_a, grad_b=self._grad_b, need_grad_x=need_grad_x)
 
     def _gpu_grad_input(self, g):
         from .nf4 import nf4_matmul_t

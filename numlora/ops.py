@@ -378,8 +378,11 @@ def lora_dropout(x, p, seed, out=None):
     itself (or copies it into ``out``).
 
     Returns ``(x_drop, DropoutState(p, seed))``: the state is what
-    :func:`lora_backward` needs to regenerate the mask.
+    :func:`lora_backward` needs to regenerate the mask. On GPU arrays the same masks are
+    drawn on the device (bit-identical).
     """
+    if _on_device(x, out):
+        return _gpu().lora_dropout(x, p, seed, out)
     x = v.float_array("x", x, (1, 2), allow_empty=True)
     p = dropout_p(p)
     seed = _seed64(seed)

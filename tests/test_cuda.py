@@ -236,8 +236,67 @@ def test_lora_backward(fio):
     assert dx2 is None and ga2 is ga0 and gb2 is gb0
     assert_close(h(ga0), ra + 1, 0.5 * (G @ B).T @ X + 1)
     assert_close(h(gb0), rb + 1, 0.5 * G.T @ (X @ A.T) + 1)
-    with pytest.raises(ConfigError, match="dropout"):
-        nl.lora_backward(d(x), d(wl), d(a), d(b), 0.5, d(g), fan_in_fan_out=fio, dropout=(0.1, 3))
+    with pytest.raises(ConfigError, match="dropout must be"):
+        nl.lora_backward(d(x), d(wl), d(a), d(b), 0.5, d(g), fan_in_fan_out=fio, dropout=0.1)
+
+
+# --- dropout ---------------------------------------------------------------------------------------
+
+@cuda_test
+@pytest.mark.parametrize("shape,p,seed", [((37,), 0.3, 5), ((3, 10), 0.5, 2**64 - 1), ((5, 8), 0.1, 0),
+                                          ((2, 33), 0.9, 123456789)])
+def test_lora_dropout_bit_identical(shape, p, seed):
+    """The device draws the CPU's masks: one xorshift64 stream per row (rows of several
+    chunks exercise the jump-ahead; a partial last chunk the row end)."""
+    rng = np.random.default_rng(len(shape) + int(p * 10))
+    x = f32(rng, *shape)
+    got, st = nl.lora_dropout(d(x), p, seed)
+    want, st_cpu = nl.lora_dropout(x, p, seed)
+    assert st == st_cpu and nl.is_device_array(got)
+    same_bits(h(got), want)
+    # the keep mask is the CPU's too (independent check of the kept / zeroed split)
+    keep = nl.ops.dropout_keep_mask(shape, p, seed)
+    assert np.array_equal(h(got) != 0, keep & (x != 0))
+    out = d(np.full(shape, 7.0, np.float32))
+    got2, _ = nl.lora_dropout(d(x), p, seed, out=out)
+    assert got2 is out
+    same_bits(h(out), want)
+    same_bits(h(nl.lora_dropout(d(x), 0.0, seed)[0]), x)
+
+
+@cuda_test
+@pytest.mark.parametrize("kind", ["dense", "dense-fio", "nf4"])
+def test_backward_with_dropout_matches_the_cpu(kind):
+    rng = np.random.default_rng(13)
+    n, i, o, r, p, seed = 3, 16, 7, 2, 0.25, 99
+    x, a, b, g = f32(rng, n, i), f32(rng, r, i), f32(rng, o, r), f32(rng, n, o)
+    if kind == "nf4":
+        t = nl.quantize_nf4(f32(rng, o, i), 8)
+        args_c, args_g = (x, t, a, b, 0.5, g), (d(x), nl.to_device(t), d(a), d(b), 0.5, d(g))
+        fn, kw = nl.qlora_backward, {}
+        wd = nl.dequantize_nf4(t).astype(np.float64)
+    else:
+        w = f32(rng, o, i)
+        wl = np.ascontiguousarray(w.T) if kind == "dense-fio" else w
+        args_c, args_g = (x, wl, a, b, 0.5, g), (d(x), d(wl), d(a), d(b), 0.5, d(g))
+        fn, kw = nl.lora_backward, {"fan_in_fan_out": kind == "dense-fio"}
+        wd = w.astype(np.float64)
+    xd, st = nl.lora_dropout(x, p, seed)
+    want = fn(*args_c, dropout=st, **kw)
+    X, A, B, G = (np.abs(np.asarray(v, np.float64)) for v in (xd, a, b, g))
+    bounds = (G @ np.abs(wd) + 0.5 * (G @ B) @ A / (1 - p), 0.5 * (G @ B).T @ X, 0.5 * G.T @ (X @ A.T))
+    # the mask regenerated on the device from (p, seed), and the forward's x_drop passed in
+    for extra in ({}, {"x_drop": nl.lora_dropout(d(x), p, seed)[0]}):
+        got = fn(*args_g, dropout=st, **kw, **extra)
+        for gv, wv, bound in zip(got, want, bounds):
+            assert_close(h(gv), wv.astype(np.float64), bound)
+    # an independent reference: the masked input through the float64 formulas
+    rx, ra, rb = _backward_ref(xd, wd, a, b, 0.5, g)
+    keep = nl.ops.dropout_keep_mask(x.shape, p, seed)
+    rx = g.astype(np.float64) @ wd + (rx - g.astype(np.float64) @ wd) * keep / (1 - p)
+    got = fn(*args_g, dropout=st, **kw)
+    for gv, wv, bound in zip(got, (rx, ra, rb), bounds):
+        assert_close(h(gv), wv, bound)
 
 
 # --- NF4 matmuls --------------------------------------------------------------------------------------

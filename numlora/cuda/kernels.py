@@ -52,6 +52,9 @@ GEMM_PAD = 4
 RNG_CHUNK_LOG2 = 8
 #: values a thread generates between two coalesced block-wide writes (shared staging).
 RNG_STAGE = 32
+#: log2 of the elements of a row one dropout thread draws the keep bits of (at most 5:
+#: one uint32 word of bits per thread).
+DROP_CHUNK_LOG2 = 5
 
 F32 = np.float32
 TINY = np.float32(1e-38)
@@ -140,6 +143,96 @@ def xorshift64_fill():
         return xorshift64_fill_k
 
     return _cached(("rng", T, CH, S), build)
+
+
+# --- LoRA dropout ---------------------------------------------------------------------------
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+
+
+@cuda.jit(device=True)
+def _row_state(seed, i):
+    """The start state of row i's dropout stream: splitmix64(seed + (i + 1) * golden),
+    0 replaced by 1 (as ``numlora.ops._row_states``)."""
+    z = seed + np.uint64(i + 1) * _GOLDEN
+    z = (z ^ (z >> np.uint64(30))) * _MIX1
+    z = (z ^ (z >> np.uint64(27))) * _MIX2
+    z = z ^ (z >> np.uint64(31))
+    if z == np.uint64(0):
+        z = np.uint64(1)
+    return z
+
+
+def dropout_apply():
+    """Inverted dropout with the CPU kernels' streams (:mod:`numlora.kernels.train`):
+    row i of the (n, m) flat arrays draws from its own xorshift64 stream, element j kept
+    iff ``(s >> 11) >= thresh`` after j + 1 steps. Thread g owns chunk c = g % cpr of row
+    i = g // cpr (CH = 2**DROP_CHUNK_LOG2 <= 32 elements, cpr = ceil(m / CH) chunks per
+    row): it derives the row's start state (splitmix64 of (seed, i)), jumps c * CH steps
+    ahead (``jumps[l]`` = the step matrix to the power ``CH * 2**l``) and draws its CH
+    keep bits into one uint32 word in shared memory; then the block applies the words
+    with consecutive threads on consecutive elements (coalesced).
+
+    ``add`` False: ``dst = src * scale`` where kept, else 0 (:func:`dropout_fill`,
+    bit-identical to the CPU); True: ``dst += src * scale`` where kept
+    (:func:`dropout_mul_add`, the input gradient through the dropout)."""
+    T = THREADS
+    CH = 1 << DROP_CHUNK_LOG2
+
+    def build():
+        @cuda.jit
+        def dropout_apply_k(src, n, m, seed, thresh, scale, jumps, dst, add):
+            words = cuda.shared.array(T, np.uint32)
+            tid = cuda.threadIdx.x
+            cpr = (m + CH - 1) // CH
+            total = n * cpr
+            g0 = cuda.blockIdx.x * T
+            g = g0 + tid
+            w = np.uint32(0)
+            if g < total:
+                i = g // cpr
+                c = g - i * cpr
+                s = _row_state(seed, i)
+                k = c
+                lvl = 0
+                while k > 0:
+                    if k & 1:
+                        s = _gf2_apply(jumps, lvl, s)
+                    k >>= 1
+                    lvl += 1
+                cnt = min(CH, m - c * CH)
+                for q in range(cnt):
+                    s = _xs_step(s)
+                    if (s >> np.uint64(11)) >= thresh:
+                        w |= np.uint32(1) << np.uint32(q)
+            words[tid] = w
+            cuda.syncthreads()
+            i = g0 // cpr  # row and chunk of the block's first chunk
+            c = g0 - i * cpr
+            for e in range(tid, T * CH, T):
+                seg = e // CH
+                q = e - seg * CH
+                gg = g0 + seg
+                if gg >= total:
+                    break
+                cc = np.uint32(c + seg)  # < cpr + T: a 32-bit division
+                ii = i + np.int64(cc // np.uint32(cpr))
+                j = np.int64(cc % np.uint32(cpr)) * CH + q
+                if j < m:
+                    if (words[seg] >> np.uint32(q)) & np.uint32(1):
+                        idx = ii * m + j
+                        if add:
+                            dst[idx] += src[idx] * scale
+                        else:
+                            dst[idx] = src[idx] * scale
+                    elif not add:
+                        dst[ii * m + j] = np.float32(0.0)
+
+        return dropout_apply_k
+
+    return _cached(("dropout", T, CH), build)
 
 
 # --- NF4 ------------------------------------------------------------------------------------

@@ -85,6 +85,15 @@ def _rows(name, x, width, what="in_features"):
     return x, n
 
 
+def _same_rows(name, a, x):
+    """``a`` (a device array of x's shape), or x itself when a is None."""
+    if a is None:
+        return x
+    a = _dev(name, a, len(x.shape), allow_empty=True)
+    v.expect_shape(name, a, tuple(x.shape))
+    return a
+
+
 def _out(out, x, width):
     shape = (width,) if len(x.shape) == 1 else (x.shape[0], width)
     if out is None:
@@ -177,21 +186,23 @@ def _weight(weight, fan_in_fan_out):
     return weight, out_f, in_f, sw
 
 
-def lora_forward(x, weight, lora_a, lora_b, scaling, bias=None, out=None, *, fan_in_fan_out=False):
+def lora_forward(x, weight, lora_a, lora_b, scaling, bias=None, out=None, *, fan_in_fan_out=False, x_lora=None):
     """GPU :func:`numlora.ops.lora_forward`: the LoRA shrink ``s x A^T`` (one reduction
     kernel), then one tiled kernel for ``x W^T`` with ``u B^T`` and the bias added in its
-    epilogue (never ``B @ A``, no (n, out) temporary)."""
+    epilogue (never ``B @ A``, no (n, out) temporary). ``x_lora``: the LoRA branch's
+    input when it differs from x (the dropped input of a training forward)."""
     weight, out_f, in_f, sw = _weight(weight, fan_in_fan_out)
     lora_a, lora_b, r = _low_rank(lora_a, lora_b, out_f, in_f)
     s = v.real_scalar("scaling", scaling)
     x, n = _rows("x", x, in_f)
+    xl = _same_rows("x_lora", x_lora, x)
     b, use_bias = _bias(bias, out_f)
     out = _out(out, x, out_f)
     if n == 0:
         return out
     us = _cuda().device_array((n, r), np.float32)
     xf = _flat(x)
-    shrink(xf, in_f, 1, in_f, _flat(lora_a), in_f, 1, s, us)
+    shrink(_flat(xl), in_f, 1, in_f, _flat(lora_a), in_f, 1, s, us)
     matmul(xf, in_f, 1, n, out_f, in_f, _flat(out), out_f, W=_flat(weight), swo=sw[0], swk=sw[1],
            U=_flat(us), sui=r, sut=1, Bm=_flat(lora_b), sbo=r, sbt=1, R=r, bias=b if use_bias else None)
     return out
@@ -232,11 +243,10 @@ def unmerge_lora(weight, lora_a, lora_b, scaling, fan_in_fan_out=False, *, recor
 
 def _backward(x, out_f, in_f, w_strides, t, weight_flat, lora_a, lora_b, r, s, grad_out, dropout, x_drop, u,
               grad_a, grad_b, need_grad_x):
-    if dropout is not None and not (isinstance(dropout, tuple) and len(dropout) == 2 and float(dropout[0]) == 0):
-        raise ConfigError("dropout > 0 in the backward is CPU only for now; on the GPU train with dropout=0 "
-                          f"(got dropout={dropout!r})")
-    if x_drop is not None:
-        raise ConfigError("x_drop is CPU only (the GPU backward runs without dropout); leave it None")
+    from ..ops import _check_x_drop_alone
+
+    _check_x_drop_alone(x_drop, dropout, need_grad_x)
+    drop = _drop_state(dropout)
     x, n = _rows("x", x, in_f)
     g, ng = _rows("grad_out", grad_out, out_f, "out_features")
     if len(g.shape) != len(x.shape) or ng != n:
@@ -251,10 +261,17 @@ def _backward(x, out_f, in_f, w_strides, t, weight_flat, lora_a, lora_b, r, s, g
     out_a = ga if ga is not None else cuda.device_array((r, in_f), np.float32)
     out_b = gb if gb is not None else cuda.device_array((out_f, r), np.float32)
     xf, gf, af, bf = _flat(x), _flat(g), _flat(lora_a), _flat(lora_b)
+    if x_drop is not None:
+        xdf = _flat(_same_rows("x_drop", x_drop, x))
+    elif drop is not None and n:
+        xdf = cuda.device_array(x.size, np.float32)
+        _dropout_launch(xf, n, in_f, drop, xdf, add=False)
+    else:
+        xdf = xf
     us = cuda.device_array((max(n, 1), r), np.float32)
     hs = cuda.device_array((max(n, 1), r), np.float32)
     if n:
-        shrink(xf, in_f, 1, in_f, af, in_f, 1, s, us)  # s x A^T
+        shrink(xdf, in_f, 1, in_f, af, in_f, 1, s, us)  # s x_drop A^T
         shrink(gf, out_f, 1, out_f, bf, 1, r, s, hs)  # s G B
     usf, hsf = _flat(us), _flat(hs)
     if n == 0:
@@ -265,15 +282,78 @@ def _backward(x, out_f, in_f, w_strides, t, weight_flat, lora_a, lora_b, r, s, g
     else:
         # grad_b (out, r) = G^T us ; grad_a (r, in) = hs^T x
         matmul(gf, 1, out_f, out_f, r, n, _flat(out_b), r, W=usf, swo=1, swk=r, accumulate=gb is not None)
-        matmul(hsf, 1, r, r, in_f, n, _flat(out_a), in_f, W=xf, swo=1, swk=in_f, accumulate=ga is not None)
+        matmul(hsf, 1, r, r, in_f, n, _flat(out_a), in_f, W=xdf, swo=1, swk=in_f, accumulate=ga is not None)
     dx = None
     if need_grad_x:
         dx = cuda.device_array(x.shape, np.float32)
-        if n:
+        if n and drop is None:
             # dx (n, in) = G W + hs A: W(o=j, k=o') from the weight's strides, A via the epilogue
             matmul(gf, out_f, 1, n, in_f, out_f, _flat(dx), in_f, W=weight_flat, swo=w_strides[0],
                    swk=w_strides[1], t=t, U=hsf, sui=r, sut=1, Bm=af, sbo=1, sbt=in_f, R=r)
+        elif n:
+            # dx = G W + (hs A) * mask / (1 - p): the low-rank term through the dropout mask
+            matmul(gf, out_f, 1, n, in_f, out_f, _flat(dx), in_f, W=weight_flat, swo=w_strides[0],
+                   swk=w_strides[1], t=t)
+            ha = cuda.device_array(x.size, np.float32)
+            matmul(hsf, r, 1, n, in_f, r, ha, in_f, W=af, swo=1, swk=in_f)
+            _dropout_launch(ha, n, in_f, drop, _flat(dx), add=True)
     return dx, out_a, out_b
+
+
+# --- dropout ---------------------------------------------------------------------------------------
+
+def _drop_state(dropout):
+    """None, or the validated (p, seed) of a backward's ``dropout`` argument with p > 0."""
+    if dropout is None:
+        return None
+    from ..ops import _seed64, dropout_p
+
+    if not isinstance(dropout, tuple) or len(dropout) != 2:
+        raise ConfigError(f"dropout must be the (p, seed) lora_dropout returned, got {dropout!r}")
+    p, seed = dropout_p(dropout[0]), _seed64(dropout[1])
+    return (p, seed) if p > 0 else None
+
+
+def _dropout_launch(src, n, m, drop, dst, *, add):
+    """The dropout kernel over flat (n, m) arrays: dst = src * mask / (1 - p), or
+    dst += that (``add``)."""
+    if n * m == 0:
+        return
+    p, seed = drop
+    thresh = np.uint64(math.ceil(p * 2.0 ** 53))
+    scale = np.float32(1.0 / (1.0 - p))
+    c = K.DROP_CHUNK_LOG2
+    if not 0 <= c <= 5:
+        raise ConfigError(f"numlora.cuda.kernels.DROP_CHUNK_LOG2 must be in 0..5 (one uint32 of keep bits), got {c}")
+    chunks = n * -(-m // (1 << c))
+    K.dropout_apply()[_grid(chunks, K.THREADS), K.THREADS](src, n, m, np.uint64(seed), thresh, scale, _jumps(c),
+                                                           dst, bool(add))
+
+
+def lora_dropout(x, p, seed, out=None):
+    """GPU :func:`numlora.ops.lora_dropout`: the same masks, bit for bit (one xorshift64
+    stream per row, seeded from (seed, row)); returns ``(x_drop, DropoutState(p, seed))``."""
+    from ..ops import DropoutState, _seed64, dropout_p
+
+    x = _dev("x", x, (1, 2), allow_empty=True)
+    p = dropout_p(p)
+    seed = _seed64(seed)
+    state = DropoutState(p, seed)
+    if out is not None:
+        out = _dev("out", out, len(x.shape), allow_empty=True)
+        v.expect_shape("out", out, tuple(x.shape))
+    if p == 0.0:
+        if out is None:
+            return x, state
+        if x.size:
+            out.copy_to_device(x)
+        return out, state
+    if out is None:
+        out = _cuda().device_array(x.shape, np.float32)
+    m = tuple(x.shape)[-1]
+    n = x.size // m if m else 0
+    _dropout_launch(_flat(x), n, m, (p, seed), _flat(out), add=False)
+    return out, state
 
 
 def _grad(name, g, shape):
@@ -376,9 +456,10 @@ def gemv_ok(t, n):
     return n == 1 and in_f % 8 == 0 and bs % 8 == 0 and in_f % bs == 0
 
 
-def _nf4_forward(x, t, lora_a, lora_b, s, bias, out):
+def _nf4_forward(x, t, lora_a, lora_b, s, bias, out, x_lora=None, *, fused_gemv=True):
     out_f, in_f = t.shape
     x, n = _rows("x", x, in_f)
+    xl = _same_rows("x_lora", x_lora, x)
     b, use_bias = _bias(bias, out_f)
     out = _out(out, x, out_f)
     if n == 0:
@@ -388,12 +469,12 @@ def _nf4_forward(x, t, lora_a, lora_b, s, bias, out):
     if lora_a is not None:
         lora_a, lora_b, r = _low_rank(lora_a, lora_b, out_f, in_f)
         us = cuda.device_array((n, r), np.float32)
-        shrink(xf, in_f, 1, in_f, _flat(lora_a), in_f, 1, s, us)
+        shrink(_flat(xl), in_f, 1, in_f, _flat(lora_a), in_f, 1, s, us)
     else:
         r = 0
         us = cuda.device_array((n, 0), np.float32)
         lora_b = cuda.device_array((out_f, 0), np.float32)
-    if gemv_ok(t, n):
+    if fused_gemv and gemv_ok(t, n):
         T, R = K.GEMV_THREADS, K.GEMV_ROWS
         K.nf4_gemv()[_grid(out_f, R), T](t.packed.view(np.uint32), t.scales, t.blocksize,
                                           block_shift(t.blocksize, t.numel), _const("code"), xf, us, lora_b, b,
