@@ -33,7 +33,8 @@ from collections.abc import Mapping
 import numpy as np
 
 from . import _validate as v
-from .errors import ConfigError, DTypeError, DuplicateLayerError, LayerNotFoundError, ShapeError
+from .device import is_device_array
+from .errors import ConfigError, DeviceError, DTypeError, DuplicateLayerError, LayerNotFoundError, ShapeError
 
 __all__ = ["LoraBank", "multi_lora_forward", "BUCKETS", "REF_ROWS"]
 
@@ -149,7 +150,12 @@ class LoraBank:
     Adapter ids are small integers, stable while the adapter lives; a removed adapter's
     id may be given to a later one. Not safe for concurrent ``add`` / ``remove`` /
     ``forward`` from several threads without a lock of your own.
+
+    ``bank.to("cuda")`` gives a copy of the bank whose base, bias and pool live on the
+    GPU (see :meth:`to` and docs/gpu.md).
     """
+
+    _device = "cpu"
 
     def __init__(self, base, *, bias=None, block_pages=None, row_stable=True, nf4_path="tiles"):
         from .nf4 import NF4Tensor
@@ -268,6 +274,15 @@ class LoraBank:
     def lora_arrays(self, name: str):
         """(lora_a (r, in), lora_b (out, r)) copies of adapter ``name`` as stored (float32)."""
         k = self.index(name)
+        if self._device == "cuda":  # device arrays, through the host (an inspection, not a hot path)
+            from .device import to_device
+
+            r = int(self._ad_rank[k])
+            off = int(self._ad_off[k])
+            flat = self._blocks[self._ad_block[k]][off:off + r * (self._in_f + self._out_f)].copy_to_host()
+            at = flat[:self._in_f * r].reshape(self._in_f, r)
+            bt = flat[self._in_f * r:].reshape(r, self._out_f)
+            return to_device(np.ascontiguousarray(at.T)), to_device(np.ascontiguousarray(bt.T))
         at, bt = self._views(k)
         return np.ascontiguousarray(at.T), np.ascontiguousarray(bt.T)
 
@@ -285,20 +300,26 @@ class LoraBank:
         ``free`` (``pool - adapters``: free pages in the blocks), ``padded`` (what one
         tensor padded to the largest rank would take for the same adapters, for
         comparison), and ``blocks`` (number of allocated blocks)."""
-        base = self._weight.nbytes if self._nf4 is None else self._nf4.nbytes
+        if self._nf4 is None:
+            base = _nbytes(self._weight)
+        elif self._device == "cuda":
+            base = _nbytes(self._nf4.packed) + _nbytes(self._nf4.scales)
+        else:
+            base = self._nf4.nbytes
         live = self._live[: self._next_id]
         ranks = self._ad_rank[: self._next_id][live]
         page_bytes = 4 * (self._in_f + self._out_f)
         used = int(ranks.sum()) * page_bytes
-        pool = sum(b.nbytes for b in self._blocks)
+        pool = sum(_nbytes(b) for b in self._blocks)
         padded = int(ranks.size * (ranks.max() if ranks.size else 0)) * page_bytes
         return {"base": base, "adapters": used, "pool": pool, "free": pool - used, "padded": padded,
                 "blocks": sum(1 for b in self._blocks if b.size)}
 
     def __repr__(self) -> str:
         kind = "NF4" if self._nf4 is not None else "float32"
+        where = ", device='cuda'" if self._device == "cuda" else ""
         return (f"LoraBank({kind} base {self._out_f} x {self._in_f}, {len(self)} adapters, "
-                f"row_stable={self._row_stable})")
+                f"row_stable={self._row_stable}{where})")
 
     # --- add / remove ----------------------------------------------------------------
     def add(self, name: str, lora_a, lora_b, scaling=1.0) -> int:
@@ -312,19 +333,38 @@ class LoraBank:
             raise ConfigError("adapter name must be a non-empty str")
         if name in self._names:
             raise DuplicateLayerError(f"adapter {name!r} is already in the bank; remove it first to replace it")
-        from .ops import _low_rank_arrays
+        on_gpu = is_device_array(lora_a) or is_device_array(lora_b)
+        if on_gpu:
+            if self._device != "cuda":
+                raise DeviceError("this bank is on the CPU: expected lora_a and lora_b as host arrays, got a device "
+                                  "array; copy them with numlora.to_host, or move the bank with bank.to('cuda')")
+            from .cuda import ops as C
 
-        lora_a, lora_b, r = _low_rank_arrays(lora_a, lora_b, self._out_f, self._in_f)
+            lora_a, lora_b, r = C._low_rank(lora_a, lora_b, self._out_f, self._in_f)
+        else:
+            from .ops import _low_rank_arrays
+
+            lora_a, lora_b, r = _low_rank_arrays(lora_a, lora_b, self._out_f, self._in_f)
         s = v.real_scalar("scaling", scaling)
         if not np.isfinite(np.float32(s)):
             raise ConfigError(f"scaling must fit float32, got {s}")
-        a32 = np.ascontiguousarray(lora_a, np.float32)
-        b32 = np.ascontiguousarray(lora_b, np.float32)
         bid, page = self._alloc(r)
         k = self._new_id()
         off = page * (self._in_f + self._out_f)
-        blk = self._blocks[bid]
-        _kernels().pack_adapter(a32, b32, blk[off:off + r * (self._in_f + self._out_f)])
+        dst = self._blocks[bid][off:off + r * (self._in_f + self._out_f)]
+        if on_gpu:
+            from .cuda import kernels as K
+
+            K.pack_adapter[max(1, -(-dst.size // K.THREADS)), K.THREADS](lora_a, lora_b, dst)
+        else:
+            a32 = np.ascontiguousarray(lora_a, np.float32)
+            b32 = np.ascontiguousarray(lora_b, np.float32)
+            if self._device == "cuda":  # packed on the host, one copy of this adapter to the device
+                tmp = np.empty(dst.size, np.float32)
+                _kernels().pack_adapter(a32, b32, tmp)
+                dst.copy_to_device(tmp)
+            else:
+                _kernels().pack_adapter(a32, b32, dst)
         self._ad_block[k], self._ad_off[k], self._ad_page[k] = bid, off, page
         self._ad_rank[k], self._ad_scaling[k] = r, np.float32(s)
         self._live[k] = True
@@ -353,7 +393,8 @@ class LoraBank:
         free = sum(run[1] for bid, runs in enumerate(self._free) if not self._dedicated[bid] for run in runs)
         while free < pages:
             bid = self._new_block(self._block_pages, dedicated=False)
-            self._blocks[bid].fill(0)
+            if self._device == "cpu":  # touch the pages now (device memory is mapped when allocated)
+                self._blocks[bid].fill(0)
             self._free[bid] = [[0, self._block_pages]]
             free += self._block_pages
 
@@ -393,7 +434,13 @@ class LoraBank:
         return bid, 0
 
     def _new_block(self, pages, dedicated):
-        arr = np.empty(pages * (self._in_f + self._out_f), np.float32)
+        size = pages * (self._in_f + self._out_f)
+        if self._device == "cuda":
+            from .device import cuda_module
+
+            arr = cuda_module().device_array(size, np.float32)
+        else:
+            arr = np.empty(size, np.float32)
         if self._spare_ids:
             bid = self._spare_ids.pop()
             self._blocks[bid] = arr
@@ -548,19 +595,13 @@ class LoraBank:
         Returns ``out``. Rows sharing an adapter are grouped internally, so each
         adapter's A and B are read once per batch.
         """
+        if self._device == "cuda":
+            return self._forward_gpu(x, adapters, scale, out)
         from .ops import _input_rows, _prepare_out
 
         x = _input_rows(x, self._in_f)
         n = 1 if x.ndim == 1 else x.shape[0]
-        if x.ndim == 1 and (isinstance(adapters, (str, int, np.integer)) or adapters is None):
-            adapters = [adapters]
-        ids = self._row_ids(adapters, n)
-        if scale is None:
-            rowscale = np.ones(n, np.float32)
-        else:
-            sc = v.float_array("scale", np.atleast_1d(scale) if x.ndim == 1 else scale, 1, allow_empty=True)
-            v.expect_shape("scale", sc, (n,))
-            rowscale = np.ascontiguousarray(sc, np.float32)
+        ids, rowscale = self._rows_of(adapters, scale, n, x.ndim == 1)
         out = _prepare_out(out, x, self._out_f, np.float32)
         x2 = np.ascontiguousarray(x.reshape(-1, self._in_f), np.float32)
         out2 = out.reshape(-1, self._out_f)
@@ -573,6 +614,24 @@ class LoraBank:
         return out
 
     __call__ = forward
+
+    def _rows_of(self, adapters, scale, n, one_d):
+        """(ids (n,) int64, rowscale (n,) float32) of a forward's ``adapters`` and ``scale``
+        (host values; device arrays are copied to the host: the grouping is planned there)."""
+        from .device import to_host
+
+        if is_device_array(adapters):
+            adapters = to_host(adapters)
+        if one_d and (isinstance(adapters, (str, int, np.integer)) or adapters is None):
+            adapters = [adapters]
+        ids = self._row_ids(adapters, n)
+        if scale is None:
+            return ids, np.ones(n, np.float32)
+        if is_device_array(scale):
+            scale = to_host(scale)
+        sc = v.float_array("scale", np.atleast_1d(scale) if one_d else scale, 1, allow_empty=True)
+        v.expect_shape("scale", sc, (n,))
+        return ids, np.ascontiguousarray(sc, np.float32)
 
     def _add_low_rank(self, x2, ids, rowscale, out2):
         order = np.argsort(ids, kind="stable")
@@ -594,6 +653,95 @@ class LoraBank:
         # out by batch row through `order`
         _kernels().multi_lora_add_serial(x2, order, seg_start, seg_adapter, rowscale, self._kernel_blocks(),
                                          self._ad_block, self._ad_off, self._ad_rank, self._ad_scaling, u, out2)
+
+
+    # --- the GPU ---------------------------------------------------------------------
+    @property
+    def device(self) -> str:
+        """Where the base, bias and adapter pool live: ``"cpu"`` or ``"cuda"``."""
+        return self._device
+
+    def to(self, device: str) -> "LoraBank":
+        """A copy of the bank with its base weight (dense or NF4), bias and adapter pool on
+        ``device`` (``"cuda"`` or ``"cpu"``); ``self`` when it is there already. The bank it
+        is called on is left as it was. Names, ids, ranks, scalings and the pool layout
+        (blocks, pages, free runs) travel unchanged; the adapters' values come back from
+        ``to("cpu")`` bit for bit. On the GPU, ``forward`` takes device ``x`` (and host or
+        device ``adapters`` / ``scale``) and returns a device array; ``add`` takes host or
+        device arrays. See docs/gpu.md."""
+        from .device import _move, to_device, to_host
+
+        if not isinstance(device, str) or device not in ("cuda", "cpu"):
+            raise ConfigError(f"device must be 'cuda' or 'cpu', got {device!r}")
+        if device == self._device:
+            return self
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        if self._weight is not None:
+            new._weight = _move(self._weight, device)
+        if self._nf4 is not None:
+            if device == "cuda" and self._nf4.dtype != "float32":
+                raise DTypeError(f"the GPU path is float32 only: the NF4 base decodes to {self._nf4.dtype}")
+            new._nf4 = to_device(self._nf4) if device == "cuda" else to_host(self._nf4)
+        if self._bias is not None:
+            new._bias = _move(self._bias, device)
+        new._blocks = [_move(b, device) if b.size else np.empty(0, np.float32) for b in self._blocks]
+        new._free = [[list(run) for run in runs] for runs in self._free]
+        for attr in ("_dedicated", "_spare_ids", "_free_ids"):
+            setattr(new, attr, list(getattr(self, attr)))
+        for attr in ("_ad_block", "_ad_off", "_ad_page", "_ad_rank", "_ad_scaling", "_live"):
+            setattr(new, attr, getattr(self, attr).copy())
+        new._names = dict(self._names)
+        new._id_names = dict(self._id_names)
+        new._kblocks = None
+        new._device = device
+        new._stable = (_RowStableBase(new._raw_base, self._in_f, self._out_f)
+                       if device == "cpu" and self._row_stable else None)
+        return new
+
+    def _forward_gpu(self, x, adapters, scale, out):
+        """The forward on the GPU: the base product (the tiled kernel; over NF4 the fused
+        GEMV for one row when ``row_stable=False``) with the bias in its epilogue, then per
+        pool block one shrink and one expand launch over the rows grouped by (block,
+        adapter). The grouping is planned on the host from the row ids (small copies to
+        the device)."""
+        from .cuda import ops as C
+
+        if not is_device_array(x):
+            raise DeviceError(f"this bank is on the GPU: expected x as a device array, got a host "
+                              f"{type(x).__name__}; move it with numlora.to_device(x)")
+        x, n = C._rows("x", x, self._in_f)
+        ids, rowscale = self._rows_of(adapters, scale, n, len(x.shape) == 1)
+        out = C._out(out, x, self._out_f)
+        if n == 0:
+            return out
+        in_f, out_f = self._in_f, self._out_f
+        if self._nf4 is None:
+            C.matmul(C._flat(x), in_f, 1, n, out_f, in_f, C._flat(out), out_f, W=C._flat(self._weight), swo=in_f,
+                     swk=1, bias=self._bias)
+        else:
+            C._nf4_forward(x, self._nf4, None, None, 0.0, self._bias, out, fused_gemv=not self._row_stable)
+        rows = np.flatnonzero(ids >= 0)
+        if rows.size == 0:
+            return out
+        k = ids[rows]
+        blk = self._ad_block[k]
+        order = np.lexsort((k, blk))  # by pool block, then adapter (each adapter's A, B read together)
+        rows, k, blk = rows[order], k[order], blk[order]
+        table = np.ascontiguousarray(np.stack([rows, self._ad_off[k], self._ad_rank[k]]), np.int64)
+        rs = np.ascontiguousarray(self._ad_scaling[k] * rowscale[rows], np.float32)
+        cuts = np.flatnonzero(blk[1:] != blk[:-1]) + 1
+        starts = np.concatenate([[0], cuts])
+        ends = np.concatenate([cuts, [rows.size]])
+        runs = [(self._blocks[int(blk[p0])], int(p0), int(p1), int(table[2, p0:p1].max()))
+                for p0, p1 in zip(starts, ends)]
+        C.multi_lora_add(x, out, table, rs, runs)
+        return out
+
+
+def _nbytes(a) -> int:
+    """Bytes of a numpy or device array."""
+    return int(a.size) * np.dtype(a.dtype).itemsize
 
 
 def multi_lora_forward(x, bank: LoraBank, adapters, scale=None, out=None):

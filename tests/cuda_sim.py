@@ -63,6 +63,8 @@ def tiny_blocks(request, monkeypatch):
     monkeypatch.setattr(K, "GEMM_TILE", (4, 8, 2, 2, 2))
     monkeypatch.setattr(K, "RNG_CHUNK_LOG2", 2)
     monkeypatch.setattr(K, "RNG_STAGE", 2)  # two staging rounds per chunk
+    monkeypatch.setattr(K, "MULTI_THREADS", 4)
+    monkeypatch.setattr(K, "MULTI_RANKS", 2)  # ranks 1..5 cross rank chunks
     monkeypatch.setattr(K, "DROP_CHUNK_LOG2", 2)  # 4-element dropout chunks: jumps and row ends in tiny rows
     old = sys.getswitchinterval()
     sys.setswitchinterval(5e-5)

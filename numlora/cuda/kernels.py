@@ -52,6 +52,11 @@ GEMM_PAD = 4
 RNG_CHUNK_LOG2 = 8
 #: values a thread generates between two coalesced block-wide writes (shared staging).
 RNG_STAGE = 32
+#: many-adapter forward (LoraBank on the GPU): threads per block of the per-row shrink
+#: and expand kernels (power of two), and the ranks one shrink block accumulates
+#: (registers per thread).
+MULTI_THREADS = 256
+MULTI_RANKS = 8
 #: log2 of the elements of a row one dropout thread draws the keep bits of (at most 5:
 #: one uint32 word of bits per thread).
 DROP_CHUNK_LOG2 = 5
@@ -685,6 +690,106 @@ def lora_shrink():
         return lora_shrink_k
 
     return _cached(("shrink", T), build)
+
+
+# --- many adapters in one batch (LoraBank on the GPU) --------------------------------------
+
+def multi_lora_shrink():
+    """``u[p, t] = rs[p] * sum_j x[src_p, j] A_k^T[j, t]`` for the grouped row p of one
+    pool block (the first half of the CPU's :func:`multi_lora_add`). ``rows`` (3, N) int64
+    per grouped row: the batch row ``src_p``, the float offset of its adapter in ``pool``
+    (A^T (in, r) row-major, then B^T (r, out)) and the rank r; ``rs`` (N,) float32 the
+    row's ``scaling_k * scale_p``. Block (blockIdx.x = p - p0, blockIdx.y = rank chunk):
+    MULTI_THREADS threads stride over j, each keeping MULTI_RANKS accumulators; a
+    shared-memory tree per rank. Each row's sums run in one fixed order whatever else is
+    in the batch (row-stable)."""
+    T = MULTI_THREADS
+    RT = MULTI_RANKS
+
+    def build():
+        @cuda.jit
+        def multi_lora_shrink_k(x, in_f, rows, rs, pool, p0, u):
+            sm = cuda.shared.array((RT, T), np.float32)
+            tid = cuda.threadIdx.x
+            p = p0 + cuda.blockIdx.x
+            t0 = cuda.blockIdx.y * RT
+            src = rows[0, p]
+            off = rows[1, p]
+            r = rows[2, p]
+            nt = min(RT, r - t0)
+            acc = cuda.local.array(RT, np.float32)
+            for q in range(RT):
+                acc[q] = 0
+            if nt > 0:
+                xrow = src * in_f
+                for j in range(tid, in_f, T):
+                    xv = x[xrow + j]
+                    base = off + j * r + t0
+                    for q in range(RT):
+                        if q < nt:
+                            acc[q] += xv * pool[base + q]
+            for q in range(RT):
+                sm[q, tid] = acc[q]
+            cuda.syncthreads()
+            h = T // 2
+            while h > 0:
+                if tid < h:
+                    for q in range(RT):
+                        sm[q, tid] += sm[q, tid + h]
+                cuda.syncthreads()
+                h //= 2
+            if tid < nt:
+                u[p, t0 + tid] = rs[p] * sm[tid, 0]
+
+        return multi_lora_shrink_k
+
+    return _cached(("multi_shrink", T, RT), build)
+
+
+def multi_lora_expand():
+    """``y[src_p, o] += sum_t u[p, t] B_k^T[t, o]`` (summed in order over t, as the CPU
+    kernel) for the grouped row p of one pool block: block (blockIdx.x = p - p0,
+    blockIdx.y = column chunk), consecutive threads on consecutive columns (coalesced
+    reads of B^T and of y)."""
+    T = MULTI_THREADS
+
+    def build():
+        @cuda.jit
+        def multi_lora_expand_k(u, rows, pool, in_f, out_f, p0, y):
+            p = p0 + cuda.blockIdx.x
+            o = cuda.blockIdx.y * T + cuda.threadIdx.x
+            if o >= out_f:
+                return
+            src = rows[0, p]
+            r = rows[2, p]
+            bt = rows[1, p] + in_f * r
+            idx = src * out_f + o
+            v = y[idx]
+            for t in range(r):
+                v += u[p, t] * pool[bt + t * out_f + o]
+            y[idx] = v
+
+        return multi_lora_expand_k
+
+    return _cached(("multi_expand", T), build)
+
+
+@cuda.jit
+def pack_adapter(lora_a, lora_b, dst):
+    """dst[: in * r] = A^T (in, r) row-major, dst[in * r:] = B^T (r, out) row-major, from
+    device lora_a (r, in) and lora_b (out, r): the bank's layout (the CPU
+    :func:`pack_adapter`), one thread per element."""
+    idx = cuda.grid(1)
+    r, in_f = lora_a.shape
+    out_f = lora_b.shape[0]
+    na = in_f * r
+    if idx < na:
+        j = idx // r
+        dst[idx] = lora_a[idx - j * r, j]
+    elif idx < na + out_f * r:
+        e = idx - na
+        t = e // out_f
+        dst[idx] = lora_b[e - t * out_f, t]
 
 
 # --- merge and AdamW -------------------------------------------------------------------------

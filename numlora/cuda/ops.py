@@ -523,6 +523,29 @@ def qlora_backward(x, t, lora_a, lora_b, scaling, grad_out, *, dropout=None, x_d
                      grad_a, grad_b, need_grad_x)
 
 
+# --- many adapters (LoraBank on the GPU) -------------------------------------------------------
+
+def multi_lora_add(x, y, table, rs, runs):
+    """``y[src_p] += rs[p] (x[src_p] A_k^T) B_k^T`` for every grouped row p (the GPU
+    :func:`numlora.kernels.multi.multi_lora_add`). ``table`` (3, N) int64 host: per grouped
+    row the batch row, the adapter's float offset in its pool block and its rank; ``rs``
+    (N,) float32 host; ``runs``: ``(pool block, p0, p1, max rank)`` per block, rows
+    ``p0:p1`` of the table using that block. Validated by :class:`numlora.LoraBank`."""
+    cuda = _cuda()
+    n_rows = table.shape[1]
+    rmax = max(run[3] for run in runs)
+    dtable = cuda.to_device(table)
+    drs = cuda.to_device(rs)
+    u = cuda.device_array((n_rows, rmax), np.float32)
+    xf, yf = _flat(x), _flat(y)
+    in_f, out_f = tuple(x.shape)[-1], tuple(y.shape)[-1]
+    T, RT = K.MULTI_THREADS, K.MULTI_RANKS
+    shrink_k, expand_k = K.multi_lora_shrink(), K.multi_lora_expand()
+    for pool, p0, p1, r in runs:
+        shrink_k[(p1 - p0, _grid(r, RT)), T](xf, in_f, dtable, drs, pool, p0, u)
+        expand_k[(p1 - p0, _grid(out_f, T)), T](u, dtable, pool, in_f, out_f, p0, yf)
+
+
 # --- RNG and AdamW -----------------------------------------------------------------------------
 
 _MASK = (1 << 64) - 1
