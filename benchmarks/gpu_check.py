@@ -279,6 +279,70 @@ def gemv_sweep(cuda, K, C, timer, shapes, rng):
         say(f"| {shape} | {T} | {R} | {t.gpu * 1e3:.4f} | {t.wall * 1e3:.4f} | {gbs(nbytes, t.gpu):.0f} |")
 
 
+def dropout_section(cuda, C, timer, w, a, b, nb, rng):
+    """LoRA dropout on the device: the CPU's masks bit for bit, the backward through them."""
+    out_f, in_f = w.shape
+    p, seed = 0.1, 2024
+    x = rng.standard_normal((nb, in_f), dtype=np.float32)
+    g = rng.standard_normal((nb, out_f), dtype=np.float32)
+    dx_, dg_ = cuda.to_device(x), cuda.to_device(g)
+    xd_gpu, st = C.lora_dropout(dx_, p, seed)
+    xd_cpu, _ = nl.lora_dropout(x, p, seed)
+    bits(f"lora_dropout {nb} x {in_f} (masks)", xd_gpu.copy_to_host(), xd_cpu)
+    xo = cuda.device_array(x.shape, np.float32)
+    t = timer(lambda: C.lora_dropout(dx_, p, seed, out=xo))
+    say(f"  lora_dropout {nb} x {in_f}: {t}, {gbs(2 * x.nbytes, t.gpu):.0f} GB/s")
+    dw, da, db = cuda.to_device(w), cuda.to_device(a), cuda.to_device(b)
+    gx, ga, gb = (r.copy_to_host() for r in C.lora_backward(dx_, dw, da, db, 2.0, dg_, dropout=st))
+    cx, ca, cb = nl.lora_backward(x, w, a, b, 2.0, g, dropout=st)
+    X, G = np.abs(xd_cpu.astype(np.float64)), np.abs(g.astype(np.float64))
+    A, B, W = (np.abs(v.astype(np.float64)) for v in (a, b, w))
+    close("lora_backward with dropout grad_x", gx, cx.astype(np.float64), G @ W + 2.0 / (1 - p) * (G @ B) @ A)
+    close("lora_backward with dropout grad_a", ga, ca.astype(np.float64), 2.0 * (G @ B).T @ X)
+    close("lora_backward with dropout grad_b", gb, cb.astype(np.float64), 2.0 * G.T @ (X @ A.T))
+    tb = timer(lambda: C.lora_backward(dx_, dw, da, db, 2.0, dg_, dropout=st, x_drop=xd_gpu))
+    say(f"  lora_backward with dropout batch {nb}: {tb}")
+
+
+def bank_section(cuda, timer, w, n_adapters, ranks, batch, rng):
+    """LoraBank on the GPU (dense and NF4 base): checked against the CPU bank; timed for a
+    Zipf mix of adapters, every row its own adapter, and every row the same one."""
+    from numlora.multi import LoraBank
+
+    out_f, in_f = w.shape
+    res = []
+    for kind in ("dense", "nf4"):
+        base = w if kind == "dense" else nl.quantize_nf4(w, 64)
+        cpu = LoraBank(base)
+        for k in range(n_adapters):
+            r = int(ranks[k % len(ranks)])
+            cpu.add(f"a{k}", (rng.standard_normal((r, in_f), dtype=np.float32) * 0.02).astype(np.float32),
+                    (rng.standard_normal((out_f, r), dtype=np.float32) * 0.02).astype(np.float32), 2.0)
+        gpu = cpu.to("cuda")
+        x = rng.standard_normal((batch, in_f), dtype=np.float32)
+        dx = cuda.to_device(x)
+        zipf = np.minimum(rng.zipf(1.3, batch) - 1, n_adapters - 1)
+        mixes = {"zipf": zipf, "distinct": np.arange(batch) % n_adapters, "same": np.zeros(batch, np.int64)}
+        wd = np.abs(w.astype(np.float64) if kind == "dense" else nl.dequantize_nf4(base).astype(np.float64))
+        X = np.abs(x.astype(np.float64))
+        y = cuda.device_array((batch, out_f), np.float32)
+        times = {}
+        for mix, ids in mixes.items():
+            got = gpu.forward(dx, ids, out=y).copy_to_host()
+            want = cpu.forward(x, ids).astype(np.float64)
+            bound = X @ wd.T
+            for i, k in enumerate(ids):
+                a_, b_ = cpu.lora_arrays(f"a{k}")
+                bound[i] += 2.0 * np.abs(b_.astype(np.float64)) @ (np.abs(a_.astype(np.float64)) @ X[i])
+            close(f"LoraBank {kind} batch {batch}, {n_adapters} adapters, {mix} rows", got, want, bound)
+            times[mix] = timer(lambda: gpu.forward(dx, ids, out=y))
+            say(f"  LoraBank {kind} {mix}: {times[mix]}")
+        res.append({"kind": kind, **{m: t.gpu * 1e3 for m, t in times.items()},
+                    **{f"{m}_wall": t.wall * 1e3 for m, t in times.items()}})
+        del gpu, cpu
+    return res
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sim-smoke", action="store_true", help="tiny sizes on the CUDA simulator")
@@ -316,6 +380,7 @@ def main():
         K.THREADS, K.REDUCE_THREADS, K.SHRINK_THREADS, K.GEMV_THREADS, K.GEMV_ROWS = 8, 4, 4, 4, 2
         K.GEMM_TILES, K.GEMM_TILE = ((1, (2, 4, 2, 1, 2)), (3, (4, 4, 4, 2, 2))), (4, 8, 2, 2, 2)
         K.RNG_CHUNK_LOG2, K.RNG_STAGE = 2, 2
+        K.MULTI_THREADS, K.MULTI_RANKS, K.DROP_CHUNK_LOG2 = 4, 2, 2
         sys.setswitchinterval(5e-5)
         shapes, batches, rank, reps = [(8, 16), (6, 24)], (1, 3), 2, 1
     else:
@@ -354,6 +419,7 @@ def main():
     say(f"  {n} values: {t}, {gbs(4 * n, t.gpu):.0f} GB/s written")
 
     figures = {}
+    bank_rows = []
     rows = []
     for out_f, in_f in shapes:
         say(f"W = {out_f} x {in_f}, rank {rank}")
@@ -481,6 +547,9 @@ def main():
             C.adamw_update(dv, dgr, dm, dvv, lr=1e-3, weight_decay=0.01, step=1)
             e = float(np.max(np.abs(dv.copy_to_host() - p.value) / (np.abs(p.value) + 1e-6)))
             check("adamw step", e <= 1e-5, f"max rel err {e:.1e}")
+            dropout_section(cuda, C, timer, w, a, b, nb, rng)
+            bank_rows = bank_section(cuda, timer, w, 5 if SIM else 64, (2, 3) if SIM else (8, 16, 32, 64),
+                                     3 if SIM else 64, rng)
         del dw, gt
         say("kernel resources after first launch (registers / local memory per thread):")
         kernel_resources(K, [(("hold",), timer.hold)] if timer.hold is not None else [])
@@ -496,6 +565,13 @@ def main():
             f"{r['nf4_wall_ms']:.3f} | {r['nf4_gbs']:.0f} | {r['qlora_ms']:.3f} | {r['qlora_wall_ms']:.3f} | "
             f"{r.get('torch_fp32_ms', nan):.3f} | {r.get('torch_lora_fp32_ms', nan):.3f} | "
             f"{r.get('torch_bf16_ms', nan):.3f} |")
+    say("")
+    say(f"LoraBank forward on the GPU, W = {shapes[0][0]} x {shapes[0][1]}, GPU ms per call (wall ms)")
+    say("| base | Zipf mix | every row its own adapter | every row the same | own / same |")
+    say("|---|---|---|---|---|")
+    for r in bank_rows:
+        say(f"| {r['kind']} | {r['zipf']:.3f} ({r['zipf_wall']:.3f}) | {r['distinct']:.3f} ({r['distinct_wall']:.3f}) | "
+            f"{r['same']:.3f} ({r['same_wall']:.3f}) | {r['distinct'] / r['same'] if r['same'] else float('nan'):.2f}x |")
     say("")
     say(f"figures (copy bandwidth {copy_bw:.0f} GB/s):")
     if SIM:

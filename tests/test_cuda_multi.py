@@ -171,3 +171,23 @@ def test_errors_say_expected_and_got():
     with pytest.raises(ShapeError):
         gpu.add("bad", d(f32(rng, 2, IN)), d(f32(rng, OUT, 3)))
     assert "bad" not in gpu
+
+
+@cuda_test
+def test_row_plans_staged_through_a_reused_ring(monkeypatch):
+    """The per-call row plan goes through a ring of pinned staging slots: with 2 slots and
+    growing batches, slots are reused and regrown and every forward still reads its own plan."""
+    from numlora.cuda import ops as C
+
+    monkeypatch.setattr(C._Staging, "SLOTS", 2)
+    monkeypatch.setattr(C, "_STAGING", C._Staging())
+    rng = np.random.default_rng(21)
+    cpu, gpu, ads, wd, bias = _banks(rng, False)
+    outs, wants = [], []
+    for n in (1, 3, 2, 300, 5):  # 300 rows > the first capacity (256): the slot grows
+        x = f32(rng, n, IN)
+        ids = rng.integers(-1, len(ads), n)
+        outs.append(gpu(d(x), ids))  # queued; checked after all
+        wants.append((multi_lora_ref(x, wd, ads, ids, None, bias), _bound(x, wd, ads, ids, None, bias)))
+    for y, (want, bound) in zip(outs, wants):
+        _close(h(y), want, bound)

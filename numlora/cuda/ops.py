@@ -525,6 +525,54 @@ def qlora_backward(x, t, lora_a, lora_b, scaling, grad_out, *, dropout=None, x_d
 
 # --- many adapters (LoraBank on the GPU) -------------------------------------------------------
 
+class _Staging:
+    """Small per-call host tables (the bank's row plan) to the device without blocking
+    the host: a ring of SLOTS pinned host buffers and device buffers; each call writes
+    the next slot's pinned buffer and queues an asynchronous copy on the default stream
+    (ordered before the kernels that read it), then records an event. A slot is reused
+    only after its previous copy has completed (waiting on its event, which only blocks
+    when SLOTS calls are queued on the GPU). A plain synchronous copy from pageable
+    memory would first wait for all the work already queued on the stream."""
+
+    SLOTS = 32
+
+    def __init__(self):
+        self._slots = [None] * self.SLOTS
+        self._next = 0
+
+    def put(self, table, rs):
+        """Device copies of ``table`` ((3, N) int64) and ``rs`` ((N,) float32), valid for
+        the kernels queued after this call on the default stream."""
+        cuda = _cuda()
+        i = self._next
+        self._next = (i + 1) % self.SLOTS
+        n = rs.size
+        slot = self._slots[i]
+        if slot is not None:
+            slot[4].synchronize()  # the copy that last read this slot's pinned buffers is done
+        if slot is None or slot[1].size < n:
+            cap = max(256, 1 << (n - 1).bit_length())
+            slot = [cuda.pinned_array(3 * cap, np.int64), cuda.pinned_array(cap, np.float32),
+                    cuda.device_array(3 * cap, np.int64), cuda.device_array(cap, np.float32), cuda.event()]
+            self._slots[i] = slot
+        hi, hf, di, df, ev = slot
+        hi[:3 * n] = table.reshape(-1)
+        hf[:n] = rs
+        stream = cuda.default_stream() if hasattr(cuda, "default_stream") else 0  # (the simulator has none)
+        dt = di[:3 * n]
+        dt.copy_to_device(hi[:3 * n], stream=stream)
+        dr = df[:n]
+        dr.copy_to_device(hf[:n], stream=stream)
+        if stream:
+            ev.record(stream=stream)
+        else:
+            ev.record()
+        return dt.reshape(3, n), dr
+
+
+_STAGING = _Staging()
+
+
 def multi_lora_add(x, y, table, rs, runs):
     """``y[src_p] += rs[p] (x[src_p] A_k^T) B_k^T`` for every grouped row p (the GPU
     :func:`numlora.kernels.multi.multi_lora_add`). ``table`` (3, N) int64 host: per grouped
@@ -534,8 +582,7 @@ def multi_lora_add(x, y, table, rs, runs):
     cuda = _cuda()
     n_rows = table.shape[1]
     rmax = max(run[3] for run in runs)
-    dtable = cuda.to_device(table)
-    drs = cuda.to_device(rs)
+    dtable, drs = _STAGING.put(table, rs)
     u = cuda.device_array((n_rows, rmax), np.float32)
     xf, yf = _flat(x), _flat(y)
     in_f, out_f = tuple(x.shape)[-1], tuple(y.shape)[-1]
