@@ -181,8 +181,10 @@ def dropout_apply():
     with consecutive threads on consecutive elements (coalesced).
 
     ``add`` False: ``dst = src * scale`` where kept, else 0 (:func:`dropout_fill`,
-    bit-identical to the CPU); True: ``dst += src * scale`` where kept
-    (:func:`dropout_mul_add`, the input gradient through the dropout)."""
+    bit-identical to the CPU for non-NaN inputs: one float32 product; a GPU returns the
+    canonical NaN where x86 keeps a NaN's payload); True: ``dst += src * scale`` where
+    kept (:func:`dropout_mul_add`, the input gradient through the dropout; the compiler
+    may fuse it into one FMA, so it agrees with the CPU to float32 rounding)."""
     T = THREADS
     CH = 1 << DROP_CHUNK_LOG2
 
@@ -542,6 +544,85 @@ def nf4_gemv():
 
 # --- tiled matmul (dense or NF4 weight, LoRA expand and bias fused in the epilogue) ---------
 
+def _gemm_source(nf4, BM, BN, BK, TM, TN, x_k1=True, w_k1=True):
+    """The source of the tiled matmul kernel for one tile shape. Generated so that each
+    thread's TM x TN accumulators and its TM + TN operands are scalar variables: a
+    ``cuda.local.array`` indexed in loops the compiler does not fully unroll lives in
+    local memory (ptxas showed a 256-byte stack frame for 8 x 8), while scalars stay in
+    registers. The reduction over k is one ``acc += a * b`` per step, in k order, for every
+    tile shape (so a row's result does not depend on the tile chosen for the batch).
+    ``x_k1`` / ``w_k1``: whether X / W is contiguous along k (element stride 1), which
+    decides how the threads map to a tile's elements in the loads (consecutive threads on
+    the contiguous dimension). Specialised at build time: a run-time branch on the
+    strides made the compiler keep both mappings' addresses live (166 registers for a
+    2 x 4 tile against 126 with one)."""
+    NT = (BM // TM) * (BN // TN)
+    NX, NY = BN // TN, BM // TM
+    XW, WW = BM + GEMM_PAD, BN + GEMM_PAD
+    ms, qs = range(TM), range(TN)
+    L = ["def gemm_k(X, sxi, sxk, W, swo, swk, packed, scales, blocksize, bshift, code, M, N, K, alpha,",
+         "           U, sui, sut, Bm, sbo, sbt, R, bias, use_bias, C, ldc, accumulate):",
+         f"    Xs = cuda.shared.array(({BK}, {XW}), np.float32)",
+         f"    Ws = cuda.shared.array(({BK}, {WW}), np.float32)",
+         "    tid = cuda.threadIdx.x",
+         f"    ty = tid // {NX}",
+         f"    tx = tid % {NX}",
+         f"    i0 = cuda.blockIdx.y * {BM}",
+         f"    o0 = cuda.blockIdx.x * {BN}"]
+    if nf4:
+        L += ["    cs = cuda.shared.array(16, np.float32)",
+              f"    for c in range(tid, 16, {NT}):",
+              "        cs[c] = code[c]",
+              "    cuda.syncthreads()"]
+    L += [f"    c{m}_{q} = np.float32(0.0)" for m in ms for q in qs]
+    w_load = ("                v = cs[_nibble(packed, idx)] * scales[_block_of(idx, blocksize, bshift)]" if nf4
+              else "                v = W[idx]")
+    L += [f"    for k0 in range(0, K, {BK}):",
+          # X tile: element e of the BM x BK tile; consecutive threads on X's contiguous dimension
+          f"        for e in range(tid, {BM * BK}, {NT}):",
+          f"            r = e // {BK}" if x_k1 else f"            kk = e // {BM}",
+          f"            kk = e % {BK}" if x_k1 else f"            r = e % {BM}",
+          "            i = i0 + r",
+          "            k = k0 + kk",
+          "            v = np.float32(0.0)",
+          "            if i < M and k < K:",
+          "                v = X[i * sxi + k * sxk]",
+          "            Xs[kk, r] = v",
+          f"        for e in range(tid, {BN * BK}, {NT}):",
+          f"            r = e // {BK}" if w_k1 else f"            kk = e // {BN}",
+          f"            kk = e % {BK}" if w_k1 else f"            r = e % {BN}",
+          "            o = o0 + r",
+          "            k = k0 + kk",
+          "            v = np.float32(0.0)",
+          "            if o < N and k < K:",
+          "                idx = o * swo + k * swk",
+          w_load,
+          "            Ws[kk, r] = v",
+          "        cuda.syncthreads()",
+          f"        for kk in range({BK}):"]
+    L += [f"            a{m} = Xs[kk, ty + {m * NY}]" for m in ms]
+    L += [f"            b{q} = Ws[kk, tx + {q * NX}]" for q in qs]
+    L += [f"            c{m}_{q} += a{m} * b{q}" for m in ms for q in qs]
+    L += ["        cuda.syncthreads()"]
+    for m in ms:
+        L += [f"    i = i0 + ty + {m * NY}",
+              "    if i < M:"]
+        for q in qs:
+            L += [f"        o = o0 + tx + {q * NX}",
+                  "        if o < N:",
+                  f"            v = alpha * c{m}_{q}",
+                  "            lo = np.float32(0.0)",
+                  "            for t in range(R):",
+                  "                lo += U[i * sui + t * sut] * Bm[o * sbo + t * sbt]",
+                  "            v += lo",
+                  "            if use_bias:",
+                  "                v += bias[o]",
+                  "            if accumulate:",
+                  "                v += C[i * ldc + o]",
+                  "            C[i * ldc + o] = v"]
+    return "\n".join(L) + "\n"
+
+
 def gemm_tile(M):
     """The GEMM tile for M output rows (GEMM_TILES, else GEMM_TILE)."""
     for max_m, tile in GEMM_TILES:
@@ -550,7 +631,7 @@ def gemm_tile(M):
     return tuple(GEMM_TILE)
 
 
-def gemm(nf4: bool, tile=None):
+def gemm(nf4: bool, tile=None, x_k1=True, w_k1=True):
     """``C[i, o] = alpha * sum_k X(i, k) W(o, k) + sum_t U(i, t) Bm(o, t) + bias[o]
     (+ C[i, o] when accumulate)`` for i < M, o < N, with every operand a flat array and
     element strides, so one kernel serves the forward (x W^T + s (x A^T) B^T + b), the
@@ -560,102 +641,25 @@ def gemm(nf4: bool, tile=None):
     log2(blocksize) (a shift instead of a division), -1 a 32-bit division, -2 a 64-bit one.
 
     ``tile`` (default GEMM_TILE; :func:`gemm_tile` picks one from M) is compiled once per
-    value. Loads map consecutive threads to the operand's contiguous dimension; the
+    value, and per layout: ``x_k1`` / ``w_k1`` say whether ``sxk`` / ``swk`` is 1 (the
+    launch must agree). Loads map consecutive threads to the operand's contiguous dimension; the
     shared tiles are padded by GEMM_PAD floats per row, and thread (ty, tx) owns rows
     ``ty + m * NY`` and columns ``tx + q * NX`` (strided by the thread grid), so the reads
     of a warp from shared memory hit distinct banks (or broadcast) and its stores of C
     are coalesced."""
     BM, BN, BK, TM, TN = tile if tile is not None else GEMM_TILE
-    NT = (BM // TM) * (BN // TN)
-    NX = BN // TN
-    NY = BM // TM
-    XW = BM + GEMM_PAD  # padded row lengths: plain closure constants (a shared-array shape
-    WW = BN + GEMM_PAD  # must be a compile-time constant; `BM + P` inside the kernel is not)
+    XW = BM + GEMM_PAD  # the padded row lengths are part of the compiled kernel's key
+    WW = BN + GEMM_PAD
     NF4 = bool(nf4)
+    XK1, WK1 = bool(x_k1), bool(w_k1)
 
     def build():
-        @cuda.jit
-        def gemm_k(X, sxi, sxk, W, swo, swk, packed, scales, blocksize, bshift, code, M, N, K, alpha,
-                   U, sui, sut, Bm, sbo, sbt, R, bias, use_bias, C, ldc, accumulate):
-            Xs = cuda.shared.array((BK, XW), np.float32)
-            Ws = cuda.shared.array((BK, WW), np.float32)
-            cs = cuda.shared.array(16, np.float32)
-            tid = cuda.threadIdx.x
-            ty = tid // NX
-            tx = tid % NX
-            i0 = cuda.blockIdx.y * BM
-            o0 = cuda.blockIdx.x * BN
-            if NF4:
-                for c in range(tid, 16, NT):
-                    cs[c] = code[c]
-                cuda.syncthreads()
-            acc = cuda.local.array((TM, TN), np.float32)
-            for m in range(TM):
-                for q in range(TN):
-                    acc[m, q] = 0
-            a = cuda.local.array(TM, np.float32)
-            b = cuda.local.array(TN, np.float32)
-            for k0 in range(0, K, BK):
-                for e in range(tid, BM * BK, NT):
-                    if sxk == 1:
-                        r = e // BK
-                        kk = e % BK
-                    else:
-                        kk = e // BM
-                        r = e % BM
-                    i = i0 + r
-                    k = k0 + kk
-                    v = np.float32(0.0)
-                    if i < M and k < K:
-                        v = X[i * sxi + k * sxk]
-                    Xs[kk, r] = v
-                for e in range(tid, BN * BK, NT):
-                    if swk == 1:
-                        r = e // BK
-                        kk = e % BK
-                    else:
-                        kk = e // BN
-                        r = e % BN
-                    o = o0 + r
-                    k = k0 + kk
-                    v = np.float32(0.0)
-                    if o < N and k < K:
-                        idx = o * swo + k * swk
-                        if NF4:
-                            v = cs[_nibble(packed, idx)] * scales[_block_of(idx, blocksize, bshift)]
-                        else:
-                            v = W[idx]
-                    Ws[kk, r] = v
-                cuda.syncthreads()
-                for kk in range(BK):
-                    for m in range(TM):
-                        a[m] = Xs[kk, ty + m * NY]
-                    for q in range(TN):
-                        b[q] = Ws[kk, tx + q * NX]
-                    for m in range(TM):
-                        for q in range(TN):
-                            acc[m, q] += a[m] * b[q]
-                cuda.syncthreads()
-            for m in range(TM):
-                i = i0 + ty + m * NY
-                if i < M:
-                    for q in range(TN):
-                        o = o0 + tx + q * NX
-                        if o < N:
-                            v = alpha * acc[m, q]
-                            lo = np.float32(0.0)
-                            for t in range(R):
-                                lo += U[i * sui + t * sut] * Bm[o * sbo + t * sbt]
-                            v += lo
-                            if use_bias:
-                                v += bias[o]
-                            if accumulate:
-                                v += C[i * ldc + o]
-                            C[i * ldc + o] = v
+        src = _gemm_source(NF4, BM, BN, BK, TM, TN, XK1, WK1)
+        ns = {"__name__": __name__, "cuda": cuda, "np": np, "_nibble": _nibble, "_block_of": _block_of}
+        exec(compile(src, f"<numlora.cuda.kernels.gemm nf4={NF4} tile={(BM, BN, BK, TM, TN)}>", "exec"), ns)
+        return cuda.jit(ns["gemm_k"])
 
-        return gemm_k
-
-    return _cached(("gemm", NF4, BM, BN, BK, TM, TN, XW, WW), build)
+    return _cached(("gemm", NF4, BM, BN, BK, TM, TN, XW, WW, XK1, WK1), build)
 
 
 def lora_shrink():

@@ -165,10 +165,10 @@ def matmul(X, sxi, sxk, M, N, K_, C, ldc, *, W=None, swo=0, swk=0, t=None, alpha
     nt = (bm // tm) * (bn // tn)
     f32, u8 = _const("f32"), _const("u8")
     if t is not None:
-        kern = K.gemm(True, tile)
+        kern = K.gemm(True, tile, sxk == 1, swk == 1)
         args = (f32, swo, swk, t.packed, t.scales, t.blocksize, block_shift(t.blocksize, t.numel), _const("code"))
     else:
-        kern = K.gemm(False, tile)
+        kern = K.gemm(False, tile, sxk == 1, swk == 1)
         args = (W, swo, swk, u8, f32, 1, 0, f32)
     kern[(_grid(N, bn), _grid(M, bm)), nt](
         X, sxi, sxk, *args, M, N, K_, np.float32(alpha),
@@ -325,7 +325,11 @@ def _dropout_launch(src, n, m, drop, dst, *, add):
     c = K.DROP_CHUNK_LOG2
     if not 0 <= c <= 5:
         raise ConfigError(f"numlora.cuda.kernels.DROP_CHUNK_LOG2 must be in 0..5 (one uint32 of keep bits), got {c}")
-    chunks = n * -(-m // (1 << c))
+    cpr = -(-m // (1 << c))
+    if cpr >= 2**32 - K.THREADS:  # the kernel's 32-bit chunk arithmetic
+        raise ShapeError(f"rows of {m} elements are too long for the GPU dropout kernel (at most "
+                         f"{(2**32 - K.THREADS - 1) << c})")
+    chunks = n * cpr
     K.dropout_apply()[_grid(chunks, K.THREADS), K.THREADS](src, n, m, np.uint64(seed), thresh, scale, _jumps(c),
                                                            dst, bool(add))
 
@@ -530,44 +534,74 @@ class _Staging:
     the host: a ring of SLOTS pinned host buffers and device buffers; each call writes
     the next slot's pinned buffer and queues an asynchronous copy on the default stream
     (ordered before the kernels that read it), then records an event. A slot is reused
-    only after its previous copy has completed (waiting on its event, which only blocks
-    when SLOTS calls are queued on the GPU). A plain synchronous copy from pageable
-    memory would first wait for all the work already queued on the stream."""
+    only after the work of its previous use has completed: the caller records the slot's
+    event after the kernels that read it (:meth:`done`), and :meth:`put` waits on it, which
+    only blocks when SLOTS calls are queued on the GPU. A plain synchronous copy from
+    pageable memory would first wait for all the work already queued on the stream. A lock
+    makes the ring safe for forwards from several host threads."""
 
     SLOTS = 32
 
     def __init__(self):
+        import threading
+
         self._slots = [None] * self.SLOTS
         self._next = 0
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _stream(cuda):
+        return cuda.default_stream() if hasattr(cuda, "default_stream") else 0  # (the simulator has none)
 
     def put(self, table, rs):
         """Device copies of ``table`` ((3, N) int64) and ``rs`` ((N,) float32), valid for
-        the kernels queued after this call on the default stream."""
+        the kernels queued after this call on the default stream, and the slot's event:
+        pass it to :meth:`done` once those kernels are launched."""
         cuda = _cuda()
-        i = self._next
-        self._next = (i + 1) % self.SLOTS
         n = rs.size
-        slot = self._slots[i]
-        if slot is not None:
-            slot[4].synchronize()  # the copy that last read this slot's pinned buffers is done
-        if slot is None or slot[1].size < n:
-            cap = max(256, 1 << (n - 1).bit_length())
-            slot = [cuda.pinned_array(3 * cap, np.int64), cuda.pinned_array(cap, np.float32),
-                    cuda.device_array(3 * cap, np.int64), cuda.device_array(cap, np.float32), cuda.event()]
-            self._slots[i] = slot
-        hi, hf, di, df, ev = slot
-        hi[:3 * n] = table.reshape(-1)
-        hf[:n] = rs
-        stream = cuda.default_stream() if hasattr(cuda, "default_stream") else 0  # (the simulator has none)
-        dt = di[:3 * n]
-        dt.copy_to_device(hi[:3 * n], stream=stream)
-        dr = df[:n]
-        dr.copy_to_device(hf[:n], stream=stream)
+        with self._lock:
+            i = self._next
+            self._next = (i + 1) % self.SLOTS
+            slot = self._slots[i]
+            if slot is not None:
+                slot[4].synchronize()  # the copies and kernels of this slot's last use are done
+            if slot is None or slot[1].size < n:
+                cap = max(256, 1 << (n - 1).bit_length())
+                slot = [cuda.pinned_array(3 * cap, np.int64), cuda.pinned_array(cap, np.float32),
+                        cuda.device_array(3 * cap, np.int64), cuda.device_array(cap, np.float32),
+                        _event(cuda)]
+                self._slots[i] = slot
+            hi, hf, di, df, ev = slot
+            hi[:3 * n] = table.reshape(-1)
+            hf[:n] = rs
+            stream = self._stream(cuda)
+            dt = di[:3 * n]
+            dt.copy_to_device(hi[:3 * n], stream=stream)
+            dr = df[:n]
+            dr.copy_to_device(hf[:n], stream=stream)
+            # recorded now too, so that the slot is never reused before its copies even if
+            # the caller fails before done()
+            self._record(ev, stream)
+        return dt.reshape(3, n), dr, ev
+
+    def done(self, ev):
+        """Record ``ev`` after the kernels that read the slot (on the default stream)."""
+        self._record(ev, self._stream(_cuda()))
+
+    @staticmethod
+    def _record(ev, stream):
         if stream:
             ev.record(stream=stream)
         else:
             ev.record()
-        return dt.reshape(3, n), dr
+
+
+def _event(cuda):
+    """An event without timing (cheaper to record); the simulator's takes no arguments."""
+    try:
+        return cuda.event(timing=False)
+    except TypeError:
+        return cuda.event()
 
 
 _STAGING = _Staging()
@@ -582,7 +616,7 @@ def multi_lora_add(x, y, table, rs, runs):
     cuda = _cuda()
     n_rows = table.shape[1]
     rmax = max(run[3] for run in runs)
-    dtable, drs = _STAGING.put(table, rs)
+    dtable, drs, ev = _STAGING.put(table, rs)
     u = cuda.device_array((n_rows, rmax), np.float32)
     xf, yf = _flat(x), _flat(y)
     in_f, out_f = tuple(x.shape)[-1], tuple(y.shape)[-1]
@@ -591,6 +625,7 @@ def multi_lora_add(x, y, table, rs, runs):
     for pool, p0, p1, r in runs:
         shrink_k[(p1 - p0, _grid(r, RT)), T](xf, in_f, dtable, drs, pool, p0, u)
         expand_k[(p1 - p0, _grid(out_f, T)), T](u, dtable, pool, in_f, out_f, p0, yf)
+    _STAGING.done(ev)
 
 
 # --- RNG and AdamW -----------------------------------------------------------------------------
