@@ -242,6 +242,48 @@ def gbs(nbytes, t):
 
 GEMV_SWEEP = ((128, 4), (128, 8), (256, 8), (128, 16))  # (GEMV_THREADS, GEMV_ROWS)
 GEMV_SWEEP_SIM = ((4, 2), (4, 4), (8, 2))
+#: gemm tiles (BM, BN, BK, TM, TN) tried per batch size by --sweep (dense lora_forward)
+GEMM_SWEEP = {16: ((16, 64, 16, 2, 4), (16, 128, 16, 2, 8), (16, 32, 16, 1, 4), (16, 64, 8, 1, 4)),
+              128: ((64, 64, 8, 4, 4), (32, 64, 8, 2, 4), (64, 128, 8, 4, 8), (128, 128, 8, 8, 8),
+                    (32, 128, 8, 2, 8))}
+GEMM_SWEEP_SIM = {3: ((2, 4, 2, 1, 2), (4, 4, 4, 2, 2), (4, 8, 2, 2, 2))}
+
+
+def gemm_sweep(cuda, K, C, timer, shapes, rng):
+    """Dense lora_forward (the tiled kernel, LoRA in its epilogue) for each candidate tile
+    of each batch size, checked against the CPU first: pick GEMM_TILES from this."""
+    sweep = GEMM_SWEEP_SIM if SIM else GEMM_SWEEP
+    default = (K.GEMM_TILES, K.GEMM_TILE)
+    say(f"GEMM sweep: lora_forward, tiles (BM, BN, BK, TM, TN) per batch: {sweep}")
+    res = []
+    try:
+        out_f, in_f = shapes[0]
+        r = 2 if SIM else 16
+        w = (rng.standard_normal((out_f, in_f), dtype=np.float32) * 0.02).astype(np.float32)
+        a = (rng.standard_normal((r, in_f), dtype=np.float32) * 0.02).astype(np.float32)
+        b = (rng.standard_normal((out_f, r), dtype=np.float32) * 0.02).astype(np.float32)
+        dw, da, db = cuda.to_device(w), cuda.to_device(a), cuda.to_device(b)
+        for nb, tiles in sweep.items():
+            x = rng.standard_normal((nb, in_f), dtype=np.float32)
+            dx = cuda.to_device(x)
+            want = nl.lora_forward(x, w, a, b, 2.0).astype(np.float64)
+            X = np.abs(x.astype(np.float64))
+            bound = X @ np.abs(w.T.astype(np.float64)) + 2.0 * (X @ np.abs(a.T)) @ np.abs(b.T)
+            y = cuda.device_array((nb, out_f), np.float32)
+            for tile in tiles:
+                K.GEMM_TILES, K.GEMM_TILE = (), tile
+                close(f"lora_forward batch {nb} tile {tile}", C.lora_forward(dx, dw, da, db, 2.0, out=y).copy_to_host(),
+                      want, bound)
+                t = timer(lambda: C.lora_forward(dx, dw, da, db, 2.0, out=y))
+                res.append((nb, tile, t))
+                say(f"  batch {nb} tile {tile}: {t}, {2 * nb * out_f * in_f / t.gpu / 1e12 if t.gpu else 0:.1f} TFLOP/s")
+    finally:
+        K.GEMM_TILES, K.GEMM_TILE = default
+    say(f"| batch | tile (BM, BN, BK, TM, TN) | GPU ms | wall ms | TFLOP/s |  ({shapes[0][0]} x {shapes[0][1]})")
+    say("|---|---|---|---|---|")
+    for nb, tile, t in res:
+        tf = 2 * nb * shapes[0][0] * shapes[0][1] / t.gpu / 1e12 if t.gpu else float("nan")
+        say(f"| {nb} | {tile} | {t.gpu * 1e3:.4f} | {t.wall * 1e3:.4f} | {tf:.1f} |")
 
 
 def gemv_sweep(cuda, K, C, timer, shapes, rng):
@@ -349,7 +391,8 @@ def main():
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--sweep", action="store_true",
                     help="only re-time nf4_matmul batch 1 for (GEMV_THREADS, GEMV_ROWS) in " + str(GEMV_SWEEP)
-                    + " (checked against the CPU first), then exit")
+                    + " and the dense lora_forward at batch 16 / 128 for the gemm tiles in GEMM_SWEEP (each "
+                    "checked against the CPU first), then exit")
     args = ap.parse_args()
     if not nl.device.cuda_available():
         say("no NVIDIA GPU found by numba.cuda: nothing to check. Run this on a machine with a GPU and "
@@ -392,6 +435,7 @@ def main():
 
     if args.sweep:
         gemv_sweep(cuda, K, C, timer, shapes, rng)
+        gemm_sweep(cuda, K, C, timer, shapes, rng)
         say(f"\n{len(FAILED)} check(s) failed{': ' + ', '.join(FAILED) if FAILED else ''}; {time.time() - T0:.0f} s")
         return 1 if FAILED else 0
 
