@@ -12,6 +12,7 @@ state).
 from __future__ import annotations
 
 import math
+import threading
 
 import numpy as np
 
@@ -41,6 +42,27 @@ def _const(name):
             a = cuda.to_device(np.zeros(1, np.uint8))
         _consts[name] = a
     return a
+
+
+_local = threading.local()
+
+
+def _scratch(tag, shape):
+    """A float32 device array of ``shape`` for a temporary that never leaves the call (the
+    LoRA ``s x A^T``, the backward's ``s G B``, ...): one buffer per tag and host thread,
+    grown when too small, reused by the next call instead of a new allocation each time.
+    Safe because every kernel of a thread runs on that thread's default stream, in order:
+    the next call's writes come after this call's reads."""
+    n = 1
+    for d in shape:
+        n *= int(d)
+    bufs = getattr(_local, "scratch", None)
+    if bufs is None:
+        bufs = _local.scratch = {}
+    buf = bufs.get(tag)
+    if buf is None or buf.size < n:
+        buf = bufs[tag] = _cuda().device_array(max(n, 2 * (buf.size if buf is not None else 0), 256), np.float32)
+    return buf[:n].reshape(tuple(int(d) for d in shape))
 
 
 def _grid(n, threads):
@@ -200,7 +222,7 @@ def lora_forward(x, weight, lora_a, lora_b, scaling, bias=None, out=None, *, fan
     out = _out(out, x, out_f)
     if n == 0:
         return out
-    us = _cuda().device_array((n, r), np.float32)
+    us = _scratch("us", (n, r))
     xf = _flat(x)
     shrink(_flat(xl), in_f, 1, in_f, _flat(lora_a), in_f, 1, s, us)
     matmul(xf, in_f, 1, n, out_f, in_f, _flat(out), out_f, W=_flat(weight), swo=sw[0], swk=sw[1],
@@ -264,12 +286,12 @@ def _backward(x, out_f, in_f, w_strides, t, weight_flat, lora_a, lora_b, r, s, g
     if x_drop is not None:
         xdf = _flat(_same_rows("x_drop", x_drop, x))
     elif drop is not None and n:
-        xdf = cuda.device_array(x.size, np.float32)
+        xdf = _scratch("xd", (x.size,))
         _dropout_launch(xf, n, in_f, drop, xdf, add=False)
     else:
         xdf = xf
-    us = cuda.device_array((max(n, 1), r), np.float32)
-    hs = cuda.device_array((max(n, 1), r), np.float32)
+    us = _scratch("us", (max(n, 1), r))
+    hs = _scratch("hs", (max(n, 1), r))
     if n:
         shrink(xdf, in_f, 1, in_f, af, in_f, 1, s, us)  # s x_drop A^T
         shrink(gf, out_f, 1, out_f, bf, 1, r, s, hs)  # s G B
@@ -294,7 +316,7 @@ def _backward(x, out_f, in_f, w_strides, t, weight_flat, lora_a, lora_b, r, s, g
             # dx = G W + (hs A) * mask / (1 - p): the low-rank term through the dropout mask
             matmul(gf, out_f, 1, n, in_f, out_f, _flat(dx), in_f, W=weight_flat, swo=w_strides[0],
                    swk=w_strides[1], t=t)
-            ha = cuda.device_array(x.size, np.float32)
+            ha = _scratch("ha", (x.size,))
             matmul(hsf, r, 1, n, in_f, r, ha, in_f, W=af, swo=1, swk=in_f)
             _dropout_launch(ha, n, in_f, drop, _flat(dx), add=True)
     return dx, out_a, out_b
@@ -472,7 +494,7 @@ def _nf4_forward(x, t, lora_a, lora_b, s, bias, out, x_lora=None, *, fused_gemv=
     xf = _flat(x)
     if lora_a is not None:
         lora_a, lora_b, r = _low_rank(lora_a, lora_b, out_f, in_f)
-        us = cuda.device_array((n, r), np.float32)
+        us = _scratch("us", (n, r))
         shrink(_flat(xl), in_f, 1, in_f, _flat(lora_a), in_f, 1, s, us)
     else:
         r = 0
@@ -617,7 +639,7 @@ def multi_lora_add(x, y, table, rs, runs):
     n_rows = table.shape[1]
     rmax = max(run[3] for run in runs)
     dtable, drs, ev = _STAGING.put(table, rs)
-    u = cuda.device_array((n_rows, rmax), np.float32)
+    u = _scratch("multi_u", (n_rows, rmax))
     xf, yf = _flat(x), _flat(y)
     in_f, out_f = tuple(x.shape)[-1], tuple(y.shape)[-1]
     T, RT = K.MULTI_THREADS, K.MULTI_RANKS
