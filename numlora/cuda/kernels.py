@@ -100,6 +100,21 @@ def _gf2_apply(jumps, row, s):
     return r
 
 
+@cuda.jit(device=True)
+def _block_sum_rows(sm, rows, tid, threads):
+    """``sm[q, 0] = sum of sm[q, :threads]`` for q < rows: a shared-memory tree (pairs at
+    distance threads/2, threads/4, ...; threads a power of two), one fixed order. Every
+    thread of the block must call it (it synchronises), after the writes of sm are
+    synchronised."""
+    h = threads // 2
+    while h > 0:
+        if tid < h:
+            for q in range(rows):
+                sm[q, tid] += sm[q, tid + h]
+        cuda.syncthreads()
+        h //= 2
+
+
 def xorshift64_fill():
     """The xorshift64 stream started at ``state`` into ``out``: thread t owns
     ``out[t * CH : (t + 1) * CH]`` (CH = 2**RNG_CHUNK_LOG2): it jumps ahead t * CH steps
@@ -518,13 +533,7 @@ def nf4_gemv():
             for r in range(R):
                 part[r, tid] = acc[r]
             cuda.syncthreads()
-            s = T // 2
-            while s > 0:
-                if tid < s:
-                    for r in range(R):
-                        part[r, tid] += part[r, tid + s]
-                cuda.syncthreads()
-                s //= 2
+            _block_sum_rows(part, R, tid, T)
             if tid < R:
                 o = o0 + tid
                 if o < out_f:
@@ -751,13 +760,7 @@ def multi_lora_shrink():
             for q in range(RT):
                 sm[q, tid] = acc[q]
             cuda.syncthreads()
-            h = T // 2
-            while h > 0:
-                if tid < h:
-                    for q in range(RT):
-                        sm[q, tid] += sm[q, tid + h]
-                cuda.syncthreads()
-                h //= 2
+            _block_sum_rows(sm, RT, tid, T)
             if tid < nt:
                 u[p, t0 + tid] = rs[p] * sm[tid, 0]
 
