@@ -101,6 +101,19 @@ def _gf2_apply(jumps, row, s):
 
 
 @cuda.jit(device=True)
+def _jump(jumps, s, k):
+    """The state ``k`` chunks after ``s``: ``jumps[l]`` is the step matrix to the power
+    (chunk length) * 2**l, applied for each set bit l of k."""
+    lvl = 0
+    while k > 0:
+        if k & 1:
+            s = _gf2_apply(jumps, lvl, s)
+        k >>= 1
+        lvl += 1
+    return s
+
+
+@cuda.jit(device=True)
 def _block_sum_rows(sm, rows, tid, threads):
     """``sm[q, 0] = sum of sm[q, :threads]`` for q < rows: a shared-memory tree (pairs at
     distance threads/2, threads/4, ...; threads a power of two), one fixed order. Every
@@ -138,13 +151,7 @@ def xorshift64_fill():
             start = t * CH
             s = np.uint64(state)
             if start < n:
-                k = t
-                lvl = 0
-                while k > 0:
-                    if k & 1:
-                        s = _gf2_apply(jumps, lvl, s)
-                    k >>= 1
-                    lvl += 1
+                s = _jump(jumps, s, t)
             base = cuda.blockIdx.x * T * CH
             for r0 in range(0, CH, S):
                 if start + r0 < n:
@@ -216,14 +223,7 @@ def dropout_apply():
             if g < total:
                 i = g // cpr
                 c = g - i * cpr
-                s = _row_state(seed, i)
-                k = c
-                lvl = 0
-                while k > 0:
-                    if k & 1:
-                        s = _gf2_apply(jumps, lvl, s)
-                    k >>= 1
-                    lvl += 1
+                s = _jump(jumps, _row_state(seed, i), c)
                 cnt = min(CH, m - c * CH)
                 for q in range(cnt):
                     s = _xs_step(s)
