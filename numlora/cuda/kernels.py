@@ -584,29 +584,25 @@ def _gemm_source(nf4, BM, BN, BK, TM, TN, x_k1=True, w_k1=True):
               "        cs[c] = code[c]",
               "    cuda.syncthreads()"]
     L += [f"    c{m}_{q} = np.float32(0.0)" for m in ms for q in qs]
-    w_load = ("                v = cs[_nibble(packed, idx)] * scales[_block_of(idx, blocksize, bshift)]" if nf4
-              else "                v = W[idx]")
+    def tile_load(dst, rows, k1, row0, limit, value):
+        """Source lines loading the rows x BK tile ``dst`` of one operand: element e of the
+        tile; consecutive threads on the operand's contiguous dimension (k when k1)."""
+        return [f"        for e in range(tid, {rows * BK}, {NT}):",
+                f"            r = e // {BK}" if k1 else f"            kk = e // {rows}",
+                f"            kk = e % {BK}" if k1 else f"            r = e % {rows}",
+                f"            g = {row0} + r",
+                "            k = k0 + kk",
+                "            v = np.float32(0.0)",
+                f"            if g < {limit} and k < K:",
+                *value,
+                f"            {dst}[kk, r] = v"]
+
+    w_value = (["                idx = g * swo + k * swk",
+                "                v = cs[_nibble(packed, idx)] * scales[_block_of(idx, blocksize, bshift)]"] if nf4
+               else ["                v = W[g * swo + k * swk]"])
     L += [f"    for k0 in range(0, K, {BK}):",
-          # X tile: element e of the BM x BK tile; consecutive threads on X's contiguous dimension
-          f"        for e in range(tid, {BM * BK}, {NT}):",
-          f"            r = e // {BK}" if x_k1 else f"            kk = e // {BM}",
-          f"            kk = e % {BK}" if x_k1 else f"            r = e % {BM}",
-          "            i = i0 + r",
-          "            k = k0 + kk",
-          "            v = np.float32(0.0)",
-          "            if i < M and k < K:",
-          "                v = X[i * sxi + k * sxk]",
-          "            Xs[kk, r] = v",
-          f"        for e in range(tid, {BN * BK}, {NT}):",
-          f"            r = e // {BK}" if w_k1 else f"            kk = e // {BN}",
-          f"            kk = e % {BK}" if w_k1 else f"            r = e % {BN}",
-          "            o = o0 + r",
-          "            k = k0 + kk",
-          "            v = np.float32(0.0)",
-          "            if o < N and k < K:",
-          "                idx = o * swo + k * swk",
-          w_load,
-          "            Ws[kk, r] = v",
+          *tile_load("Xs", BM, x_k1, "i0", "M", ["                v = X[g * sxi + k * sxk]"]),
+          *tile_load("Ws", BN, w_k1, "o0", "N", w_value),
           "        cuda.syncthreads()",
           f"        for kk in range({BK}):"]
     L += [f"            a{m} = Xs[kk, ty + {m * NY}]" for m in ms]
