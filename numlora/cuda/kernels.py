@@ -13,6 +13,19 @@ could contract into FMAs), so their outputs are identical bit for bit. The matmu
 merge and AdamW kernels sum in a different order than the CPU and may use FMAs: they
 agree with the CPU to float32 rounding, not to the bit.
 
+Where one CPU kernel became two launches or two CPU kernels one (the names otherwise
+match :mod:`numlora.kernels`):
+
+- ``kernels.train.dropout_fill`` / ``dropout_mul_add`` -> :func:`dropout_apply` (``add``
+  False / True; it derives the row states itself, from the seed, instead of taking them);
+- ``kernels.multi.multi_lora_add`` -> :func:`multi_lora_shrink` then
+  :func:`multi_lora_expand` (``numlora.cuda.ops.multi_lora_add`` launches both);
+- ``kernels.lora`` / ``kernels.nf4`` forward and backward products -> :func:`gemm` (one
+  tiled kernel, dense or NF4 weight, LoRA expand and bias in its epilogue),
+  :func:`lora_shrink` and, for one NF4 row, :func:`nf4_gemv`;
+- ``kernels.lora`` merge -> :func:`merge_plain`; ``kernels.train.adamw_step`` ->
+  :func:`adamw_step`.
+
 Nothing here compiles at import: ``@cuda.jit`` compiles on first launch.
 """
 
