@@ -418,3 +418,28 @@ def test_gpu_check_sim_smoke():
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     assert "0 check(s) failed" in r.stdout and "bit-identical" in r.stdout
+
+
+@cuda_test
+def test_gemm_source_keeps_accumulators_in_scalars():
+    """The tiled kernel is generated per tile and operand layout so that each thread's
+    accumulators are scalar variables (a local array indexed in loops the compiler does not
+    unroll lands in local memory: benchmarks/ptx_check.py measured a 256-byte stack frame
+    for 8 x 8): every tile the launcher may pick, both layouts of each operand."""
+    import re
+
+    from numlora.cuda import kernels as K
+
+    shipped = [(16, 64, 16, 2, 4), (64, 64, 8, 4, 4), (128, 128, 8, 8, 8)]  # the defaults (patched small here)
+    for tile in [t for _, t in K.GEMM_TILES] + [K.GEMM_TILE] + shipped:
+        bm, bn, bk, tm, tn = tile
+        for nf4 in (False, True):
+            for xk in (True, False):
+                for wk in (True, False):
+                    src = K._gemm_source(nf4, *tile, xk, wk)
+                    compile(src, "<gemm>", "exec")
+                    assert "local.array" not in src
+                    accs = set(re.findall(r"\bc(\d+)_(\d+) \+= a", src))
+                    assert accs == {(str(m), str(q)) for m in range(tm) for q in range(tn)}
+                    # the load mapping follows the layout: consecutive threads along k when contiguous
+                    assert (f"r = e // {bk}" in src) == (xk or wk)
