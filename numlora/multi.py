@@ -147,6 +147,8 @@ class LoraBank:
         ``numlora.nf4.FUSED_MAX_ROWS`` rows, never decoding W to memory: several times
         faster for batches of 1-16 rows, about twice slower at 256). Ignored otherwise.
 
+    Notes
+    -----
     Adapter ids are small integers, stable while the adapter lives; a removed adapter's
     id may be given to a later one. Not safe for concurrent ``add`` / ``remove`` /
     ``forward`` from several threads without a lock of your own.
@@ -592,8 +594,12 @@ class LoraBank:
         scale : optional (n,) per-row multiplier of the adapter's scaling
         out : optional C-contiguous float32 buffer of shape (out,) or (n, out)
 
-        Returns ``out``. Rows sharing an adapter are grouped internally, so each
-        adapter's A and B are read once per batch.
+        Returns
+        -------
+        out
+            Rows sharing an adapter are grouped internally, so each adapter's A and B
+            are read once per batch. On a GPU bank (:meth:`to`) ``x`` and ``out`` are
+            device arrays and so is the result.
         """
         if self._device == "cuda":
             return self._forward_gpu(x, adapters, scale, out)

@@ -119,9 +119,11 @@ def lora_forward(x, weight, lora_a, lora_b, scaling, bias=None, out=None, *, fan
     out : optional preallocated C-contiguous output of shape (out,) or (n, out) and the
         compute dtype, so repeated calls allocate nothing large.
 
-    The compute dtype is float64 if any array is float64, else float32 (pass float32
-    everywhere for speed: a float64 ``x`` upcasts a float32 weight, with a copy).
-    Returns ``out``.
+    Returns
+    -------
+    out
+        The compute dtype is float64 if any array is float64, else float32 (pass float32
+        everywhere for speed: a float64 ``x`` upcasts a float32 weight, with a copy).
     """
     if _on_device(x, weight, lora_a, lora_b, bias, out):
         return _gpu().lora_forward(x, weight, lora_a, lora_b, scaling, bias, out, fan_in_fan_out=fan_in_fan_out)
@@ -549,8 +551,10 @@ def lora_backward(x, weight, lora_a, lora_b, scaling, grad_out, *, fan_in_fan_ou
     need_grad_x : False skips ``grad_x`` (returned as None): the ``G W`` product is most
         of the cost, and the first layer of a model does not need it
 
-    Returns ``(grad_x, grad_a, grad_b)``. The compute dtype is float64 if any input is
-    float64, else float32.
+    Returns
+    -------
+    (grad_x, grad_a, grad_b)
+        In the compute dtype: float64 if any input is float64, else float32.
     """
     if _on_device(x, weight, lora_a, lora_b, grad_out):
         return _gpu().lora_backward(x, weight, lora_a, lora_b, scaling, grad_out, fan_in_fan_out=fan_in_fan_out, dropout=dropout, x_drop=x_drop, u=u, grad_a=grad_a, grad_b=grad_b, need_grad_x=need_grad_x)
