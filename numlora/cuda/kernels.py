@@ -317,6 +317,20 @@ def _nanmax(m, a):
     return m
 
 
+@cuda.jit(device=True)
+def _segment_nanmax(sm, tid, lane, width):
+    """``sm[segment start] = _nanmax over its width entries`` for the segments of ``width``
+    (a power of two) consecutive threads; ``lane`` = the thread's index in its segment
+    (``tid`` itself for one segment spanning the block). A shared-memory tree; every
+    thread of the block must call it, after the writes of sm are synchronised."""
+    s = width // 2
+    while s > 0:
+        if lane < s:
+            sm[tid] = _nanmax(sm[tid], sm[tid + s])
+        cuda.syncthreads()
+        s //= 2
+
+
 def nf4_quantize_fused():
     """Quantize kernel for a power-of-two blocksize with blocksize / 2 <= THREADS: one
     thread per output byte (two elements, coalesced 8-byte loads), the block's absmax by a
@@ -341,12 +355,7 @@ def nf4_quantize_fused():
             sm[tid] = m
             cuda.syncthreads()
             lane = tid & (half - 1)
-            s = half // 2
-            while s > 0:
-                if lane < s:
-                    sm[tid] = _nanmax(sm[tid], sm[tid + s])
-                cuda.syncthreads()
-                s //= 2
+            _segment_nanmax(sm, tid, lane, half)
             if e0 < n:
                 am = sm[tid - lane]
                 b = e0 >> bshift  # blocksize = 2**bshift on this path
@@ -393,12 +402,7 @@ def nf4_absmax():
                 m = _nanmax(m, abs(x[k]))
             sm[tid] = m
             cuda.syncthreads()
-            s = T // 2
-            while s > 0:
-                if tid < s:
-                    sm[tid] = _nanmax(sm[tid], sm[tid + s])
-                cuda.syncthreads()
-                s //= 2
+            _segment_nanmax(sm, tid, tid, T)
             if tid == 0:
                 am = sm[0]
                 if b >= nfull:
@@ -706,7 +710,7 @@ def lora_shrink():
     def build():
         @cuda.jit
         def lora_shrink_k(X, sxi, sxj, K, Y, syt, syj, scale, u):
-            sm = cuda.shared.array(T, np.float32)
+            sm = cuda.shared.array((1, T), np.float32)
             tid = cuda.threadIdx.x
             r = u.shape[1]
             i = cuda.blockIdx.x // r
@@ -714,16 +718,11 @@ def lora_shrink():
             acc = np.float32(0.0)
             for j in range(tid, K, T):
                 acc += X[i * sxi + j * sxj] * Y[t * syt + j * syj]
-            sm[tid] = acc
+            sm[0, tid] = acc
             cuda.syncthreads()
-            s = T // 2
-            while s > 0:
-                if tid < s:
-                    sm[tid] += sm[tid + s]
-                cuda.syncthreads()
-                s //= 2
+            _block_sum_rows(sm, 1, tid, T)
             if tid == 0:
-                u[i, t] = scale * sm[0]
+                u[i, t] = scale * sm[0, 0]
 
         return lora_shrink_k
 
