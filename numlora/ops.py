@@ -365,6 +365,17 @@ class _Drop(NamedTuple):
         return _row_states(self.seed, n)
 
 
+def _dropout_arg(dropout):
+    """The ``dropout`` argument of a backward validated: None, or ``(p, seed)`` with
+    p > 0 (p == 0 is no dropout)."""
+    if dropout is None:
+        return None
+    if not isinstance(dropout, tuple) or len(dropout) != 2:
+        raise ConfigError(f"dropout must be the (p, seed) lora_dropout returned, got {dropout!r}")
+    p, seed = dropout_p(dropout[0]), _seed64(dropout[1])
+    return (p, seed) if p > 0 else None
+
+
 def _drop_args(p, seed, dtype):
     return _Drop(np.uint64(math.ceil(p * 2.0 ** 53)), int(seed), np.dtype(dtype).type(1.0 / (1.0 - p)))
 
@@ -489,18 +500,15 @@ def _backward_inputs(x, in_f, out_f, grad_out, dtype, dropout, x_drop, u, rank):
     g2 = np.ascontiguousarray(g.reshape(-1, out_f), dtype)
     drop = None
     xd2 = x2
-    if dropout is not None:
-        if not isinstance(dropout, tuple) or len(dropout) != 2:
-            raise ConfigError(f"dropout must be the (p, seed) lora_dropout returned, got {dropout!r}")
-        p, seed = dropout_p(dropout[0]), _seed64(dropout[1])
-        if p > 0:
-            drop = _drop_args(p, seed, dtype)
-            if x_drop is None:
-                xd2 = np.empty_like(x2)
-                if x2.size:
-                    from .kernels import train as k
+    ps = _dropout_arg(dropout)
+    if ps is not None:
+        drop = _drop_args(*ps, dtype)
+        if x_drop is None:
+            xd2 = np.empty_like(x2)
+            if x2.size:
+                from .kernels import train as k
 
-                    k.dropout_fill(x2, drop.thresh, drop.states(x2.shape[0]), drop.scale, xd2)
+                k.dropout_fill(x2, drop.thresh, drop.states(x2.shape[0]), drop.scale, xd2)
     if x_drop is not None:
         xd = _input_rows(x_drop, in_f, "x_drop")
         if xd.shape != x.shape:

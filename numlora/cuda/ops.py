@@ -265,10 +265,10 @@ def unmerge_lora(weight, lora_a, lora_b, scaling, fan_in_fan_out=False, *, recor
 
 def _backward(x, out_f, in_f, w_strides, t, weight_flat, lora_a, lora_b, r, s, grad_out, dropout, x_drop, u,
               grad_a, grad_b, need_grad_x):
-    from ..ops import _check_x_drop_alone
+    from ..ops import _check_x_drop_alone, _dropout_arg
 
     _check_x_drop_alone(x_drop, dropout, need_grad_x)
-    drop = _drop_state(dropout)
+    drop = _dropout_arg(dropout)
     x, n = _rows("x", x, in_f)
     g, ng = _rows("grad_out", grad_out, out_f, "out_features")
     if len(g.shape) != len(x.shape) or ng != n:
@@ -324,26 +324,14 @@ def _backward(x, out_f, in_f, w_strides, t, weight_flat, lora_a, lora_b, r, s, g
 
 # --- dropout ---------------------------------------------------------------------------------------
 
-def _drop_state(dropout):
-    """None, or the validated (p, seed) of a backward's ``dropout`` argument with p > 0."""
-    if dropout is None:
-        return None
-    from ..ops import _seed64, dropout_p
-
-    if not isinstance(dropout, tuple) or len(dropout) != 2:
-        raise ConfigError(f"dropout must be the (p, seed) lora_dropout returned, got {dropout!r}")
-    p, seed = dropout_p(dropout[0]), _seed64(dropout[1])
-    return (p, seed) if p > 0 else None
-
-
 def _dropout_launch(src, n, m, drop, dst, *, add):
     """The dropout kernel over flat (n, m) arrays: dst = src * mask / (1 - p), or
     dst += that (``add``)."""
     if n * m == 0:
         return
-    p, seed = drop
-    thresh = np.uint64(math.ceil(p * 2.0 ** 53))
-    scale = np.float32(1.0 / (1.0 - p))
+    from ..ops import _drop_args
+
+    d = _drop_args(*drop, np.float32)  # the CPU kernels' threshold and scale
     c = K.DROP_CHUNK_LOG2
     if not 0 <= c <= 5:
         raise ConfigError(f"numlora.cuda.kernels.DROP_CHUNK_LOG2 must be in 0..5 (one uint32 of keep bits), got {c}")
@@ -352,8 +340,8 @@ def _dropout_launch(src, n, m, drop, dst, *, add):
         raise ShapeError(f"rows of {m} elements are too long for the GPU dropout kernel (at most "
                          f"{(2**32 - K.THREADS - 1) << c})")
     chunks = n * cpr
-    K.dropout_apply()[_grid(chunks, K.THREADS), K.THREADS](src, n, m, np.uint64(seed), thresh, scale, _jumps(c),
-                                                           dst, bool(add))
+    K.dropout_apply()[_grid(chunks, K.THREADS), K.THREADS](src, n, m, np.uint64(d.seed), d.thresh, d.scale,
+                                                           _jumps(c), dst, bool(add))
 
 
 def lora_dropout(x, p, seed, out=None):
