@@ -158,6 +158,8 @@ class LoraBank:
     """
 
     _device = "cpu"
+    #: the per-adapter-id tables (numpy arrays indexed by id, grown together)
+    _TABLES = ("_ad_block", "_ad_off", "_ad_page", "_ad_rank", "_ad_scaling", "_live")
 
     def __init__(self, base, *, bias=None, block_pages=None, row_stable=True, nf4_path="tiles"):
         from .nf4 import NF4Tensor
@@ -406,7 +408,7 @@ class LoraBank:
         k = self._next_id
         if k >= self._live.size:
             cap = 2 * self._live.size
-            for attr in ("_ad_block", "_ad_off", "_ad_page", "_ad_rank", "_ad_scaling", "_live"):
+            for attr in self._TABLES:
                 old = getattr(self, attr)
                 new = np.zeros(cap, old.dtype)
                 new[: old.size] = old
@@ -695,7 +697,7 @@ class LoraBank:
         new._free = [[list(run) for run in runs] for runs in self._free]
         for attr in ("_dedicated", "_spare_ids", "_free_ids"):
             setattr(new, attr, list(getattr(self, attr)))
-        for attr in ("_ad_block", "_ad_off", "_ad_page", "_ad_rank", "_ad_scaling", "_live"):
+        for attr in self._TABLES:
             setattr(new, attr, getattr(self, attr).copy())
         new._names = dict(self._names)
         new._id_names = dict(self._id_names)
