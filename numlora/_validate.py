@@ -11,6 +11,7 @@ import numpy as np
 from .errors import ConfigError, DTypeError, NonFiniteError, ShapeError
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+F32_MAX = float(np.finfo(np.float32).max)
 
 
 def float_array(name: str, a, ndims=None, *, allow_empty: bool = False) -> np.ndarray:
@@ -44,11 +45,19 @@ def expect_shape(name: str, a: np.ndarray, shape: tuple) -> None:
 
 
 def real_scalar(name: str, value, *, positive: bool = False) -> float:
+    """``value`` as a Python float. The one rule for every scalar numlora computes with:
+    a real number (not a bool) that is finite *in float32*, the compute type, so that a
+    finite 1e39 cannot turn into inf inside a kernel."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise DTypeError(f"{name} must be a real number, got {type(value).__name__}")
-    v = float(value)
+    try:
+        v = float(value)
+    except (OverflowError, ValueError):  # an int too large for a float
+        raise ConfigError(f"{name} must be finite in float32 (|{name}| <= {F32_MAX:.8g}), got an integer of {len(str(abs(int(value))))} digits") from None
     if not np.isfinite(v):
         raise ConfigError(f"{name} must be finite, got {v}")
+    if abs(v) > F32_MAX:
+        raise ConfigError(f"{name} must be finite in float32 (|{name}| <= {F32_MAX:.8g}), got {v:g}")
     if positive and not v > 0:
         raise ConfigError(f"{name} must be > 0, got {v}")
     return v
