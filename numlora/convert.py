@@ -40,30 +40,74 @@ DEFAULT_QUANT_EXCLUDE = r"(embed|norm|lm_head|(^|\.)wte|(^|\.)wpe|(^|\.)ln_)"
 
 
 # --- output -----------------------------------------------------------------------------
-def _same_file(a: str, b: str) -> bool:
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return os.path.realpath(a) == os.path.realpath(b)
+def _real(p: str) -> str:
+    """``p`` with every symlink of its existing part resolved (a path that does not exist
+    yet resolves through its existing parents)."""
+    return os.path.realpath(os.path.abspath(os.fspath(p)))
+
+
+def _within(inner: str, outer: str) -> bool:
+    """True when the resolved path ``inner`` is ``outer`` or lies inside it."""
+    return inner == outer or inner.startswith(outer.rstrip(os.sep) + os.sep)
+
+
+def _input_paths(paths: list[str]) -> list[str]:
+    """Every path an input consists of, resolved: the paths themselves and, for a folder,
+    each entry in it (a model folder in a hub cache holds symlinks to blobs elsewhere)."""
+    found = []
+    for p in paths:
+        found.append(_real(p))
+        if os.path.isdir(p):
+            for n in os.listdir(p):
+                found.append(_real(os.path.join(p, n)))
+    return sorted(set(found))
+
+
+def check_output_path(out, inputs: list[str]) -> str:
+    """Refuse an output path that is, contains, or lies inside an input (after resolving
+    symlinks), so that neither writing nor ``--overwrite`` can touch an input. Returns the
+    output's absolute path."""
+    if out is None or str(out) == "":
+        raise ConfigError("an output path is required (-o OUT)")
+    absout = os.path.abspath(os.fspath(out))
+    real = _real(absout)
+    paths = _input_paths(inputs)
+    for p in paths:
+        if real == p:
+            raise FormatError(f"output {out} is one of the inputs ({p}); inputs are never overwritten: choose an "
+                              f"output path outside every input")
+    for p in paths:
+        if _within(real, p):
+            raise FormatError(f"output {out} lies inside the input {p}; inputs are never written to: choose an "
+                              f"output path outside every input")
+        if _within(p, real):
+            raise FormatError(f"output {out} contains the input {p}; inputs are never overwritten or deleted: "
+                              f"choose an output path outside every input")
+    parent = os.path.dirname(absout)
+    probe = parent
+    while probe and not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if probe and not os.path.isdir(probe):
+        raise FormatError(f"the output's parent {probe} is a file, not a folder")
+    return absout
 
 
 class _Output:
     """Where a converted checkpoint goes: a ``.safetensors`` file for a file, a folder for
-    a folder. Refuses a path that is one of the inputs, or an existing output unless
-    ``overwrite``."""
+    a folder. Refuses a path that is, contains or lies inside one of the inputs, and an
+    existing output unless ``overwrite``; ``overwrite`` replaces only what looks like a
+    previous output (a ``.safetensors`` file, or a folder holding ``*.safetensors``)."""
 
     def __init__(self, ckpt: Checkpoint, out, inputs: list[str], overwrite: bool):
-        if out is None or str(out) == "":
-            raise ConfigError("an output path is required (-o OUT)")
-        self.out = os.path.abspath(os.fspath(out))
-        for p in inputs + [ckpt.path]:
-            if os.path.exists(self.out) and _same_file(self.out, p):
-                raise FormatError(f"output {out} is one of the inputs ({p}); inputs are never overwritten")
-            if os.path.isdir(p) and self.out == os.path.abspath(p):
-                raise FormatError(f"output {out} is one of the inputs; inputs are never overwritten")
+        self.out = check_output_path(out, inputs + [ckpt.path])
         self.ckpt = ckpt
         self.dir = None
         if ckpt.is_dir:
+            if overwrite and os.path.isdir(self.out) and os.listdir(self.out) and not any(
+                    n.endswith(".safetensors") for n in os.listdir(self.out)):
+                raise FormatError(f"output folder {out} exists and holds no *.safetensors file, so it is not a "
+                                  f"previous output; --overwrite only replaces a previous output: choose a new "
+                                  f"path")
             self.dir = AtomicDir(self.out, overwrite=overwrite)
         else:
             if os.path.isdir(self.out):
@@ -71,7 +115,7 @@ class _Output:
                                   f"{out} is a folder")
             if not self.out.endswith(".safetensors"):
                 raise FormatError(f"expected an output path ending in .safetensors, got {out}")
-            if os.path.exists(self.out) and not overwrite:
+            if os.path.lexists(self.out) and not overwrite:
                 raise FormatError(f"output {out} exists; choose a new path or pass overwrite (--overwrite)")
             if not os.path.isdir(os.path.dirname(self.out)):
                 raise FormatError(f"the output's folder {os.path.dirname(self.out)} does not exist")

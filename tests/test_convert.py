@@ -394,3 +394,71 @@ def test_conversion_kernels_match_the_definitions(rng):
     kc.abs_err_stats(a, b, ps, pm)
     d = np.abs(a.astype(np.float64) - b)
     assert ps.sum() == pytest.approx(d.sum(), rel=1e-6) and pm.max() == np.float32(np.abs(a - b).max())
+
+
+# --- outputs that would touch an input (data loss) ----------------------------------------
+def _tree_hashes(root):
+    import hashlib
+
+    out = {}
+    for dirpath, _, files in os.walk(root):
+        for n in files:
+            p = os.path.join(dirpath, n)
+            with open(p, "rb") as f:
+                out[os.path.relpath(p, root)] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+@pytest.mark.parametrize("command", ["merge", "quantize"])
+def test_output_never_is_contains_or_lies_inside_an_input(tmp_path, rng, command, capsys):
+    """`-o` that contains an input folder (with --overwrite), lies inside one, or reaches one
+    through a symlink is refused with exit 2, and every input file is left as it was."""
+    work = tmp_path / "work"
+    base, adapter = work / "models" / "base", work / "adapters" / "ad"
+    _write_model(base, _model_tensors(rng, layers=1))
+    os.makedirs(adapter.parent)
+    _write_adapter(adapter, rng, ["layers.0.self_attn.q_proj"])
+    os.symlink(base, tmp_path / "link-to-base")
+    os.symlink(work / "models", tmp_path / "link-to-models")
+    before = _tree_hashes(work)
+    outs = [work / "models", work, work / "models" / "base" / "out", base, tmp_path / "link-to-base",
+            tmp_path / "link-to-models", tmp_path / "link-to-models" / "base" / "sub"]
+    if command == "merge":
+        outs += [work / "adapters", adapter, adapter / "merged"]
+    for out in outs:
+        for extra in ([], ["--overwrite"]):
+            args = ([command, str(base), str(adapter)] if command == "merge" else [command, str(base)])
+            rc = main(args + ["-o", str(out)] + extra)
+            err = capsys.readouterr().err
+            assert rc == 2, (out, extra, err)
+            assert "input" in err, err
+            assert _tree_hashes(work) == before, (out, extra)
+    # a file output inside the adapter folder, for a single-file base
+    _write_model(tmp_path / "b.safetensors", _model_tensors(rng, layers=1))
+    rc = main(["merge", str(tmp_path / "b.safetensors"), str(adapter), "-o", str(adapter / "m.safetensors")])
+    assert rc == 2 and "lies inside the input" in capsys.readouterr().err
+    assert _tree_hashes(work) == before
+    assert not (adapter / "m.safetensors").exists()
+
+
+def test_overwrite_replaces_only_a_previous_output(tmp_path, rng, capsys):
+    base = tmp_path / "base"
+    _write_model(base, _model_tensors(rng, layers=1))
+    keep = tmp_path / "documents"
+    keep.mkdir()
+    (keep / "thesis.tex").write_text("years of work")
+    assert main(["quantize", str(base), "-o", str(keep), "--overwrite"]) == 2
+    assert "not a previous output" in capsys.readouterr().err
+    assert (keep / "thesis.tex").read_text() == "years of work"
+    # a real previous output is replaced
+    out = tmp_path / "q"
+    assert main(["quantize", str(base), "-o", str(out)]) == 0
+    assert main(["quantize", str(base), "-o", str(out)]) == 2  # exists, no --overwrite
+    assert main(["quantize", str(base), "-o", str(out), "--overwrite", "--blocksize", "32"]) == 0
+    capsys.readouterr()
+    with Checkpoint(out) as ck:
+        assert any(k.endswith("quant_state.bitsandbytes__nf4") for k in ck.keys())
+    # an output whose parent is a file
+    (tmp_path / "afile").write_text("x")
+    assert main(["quantize", str(base), "-o", str(tmp_path / "afile" / "q")]) == 2
+    assert "is a file" in capsys.readouterr().err
