@@ -29,6 +29,9 @@ __all__ = [
     "nf4_matmul_t",
     "qlora_forward",
     "qlora_backward",
+    "BLOCKSIZE_MIN",
+    "BLOCKSIZE_MAX",
+    "check_blocksize",
 ]
 
 
@@ -43,6 +46,27 @@ _MIDS16 = np.append(NF4_MIDPOINTS, np.float32(np.inf)).astype(np.float32)
 
 #: Group size of the double quantization of absmax (bitsandbytes' nested blocksize).
 DQ_GROUP = 256
+
+#: The NF4 blocksizes numlora accepts, from a caller or from a file: ``BLOCKSIZE_MIN <=
+#: blocksize <= BLOCKSIZE_MAX``. bitsandbytes uses 32 ... 4096; the kernels take any size
+#: in this range (the quantizer keeps one block of codes per thread, 4 MiB at the top).
+#: Anything larger is refused: its products with block indices overflow 64-bit integers
+#: in the kernels (a blocksize of 2**63 gave garbage and a matmul that never returned).
+BLOCKSIZE_MIN = 2
+BLOCKSIZE_MAX = 1 << 20
+
+
+def check_blocksize(value, name: str = "blocksize") -> int:
+    """``value`` as a Python int if it is an integer blocksize numlora accepts
+    (``BLOCKSIZE_MIN <= value <= BLOCKSIZE_MAX``); otherwise raise
+    :class:`~numlora.errors.DTypeError` (not an integer; bools are refused) or
+    :class:`~numlora.errors.ConfigError` (out of range), naming ``name``. The one check
+    for every blocksize read from a user (arguments, the CLI) or a file."""
+    bs = v.int_scalar(name, value)
+    if not BLOCKSIZE_MIN <= bs <= BLOCKSIZE_MAX:
+        raise ConfigError(f"{name} must be >= {BLOCKSIZE_MIN} and <= {BLOCKSIZE_MAX} (2**20; bitsandbytes uses "
+                          f"32 ... 4096), got {bs}")
+    return bs
 
 
 @dataclass(eq=False)
@@ -76,7 +100,7 @@ class NF4Tensor:
     def __post_init__(self):
         self.shape = tuple(int(d) for d in self.shape)
         n = self.numel
-        bs = v.int_scalar("blocksize", self.blocksize, minimum=2)
+        bs = check_blocksize(self.blocksize)
         self.blocksize = bs
         if not isinstance(self.packed, np.ndarray) or self.packed.dtype != np.uint8:
             raise ShapeError("packed must be a uint8 numpy array")
@@ -211,13 +235,15 @@ def quantize_nf4(w, blocksize: int = 64, double_quant: bool = False) -> NF4Tenso
 
     ``w`` is float32 (float64 is rounded to float32 first), any shape, non-empty, finite:
     a NaN or inf raises :class:`~numlora.errors.NonFiniteError` naming its index. Any
-    ``blocksize >= 2`` works (bitsandbytes uses 32 ... 4096). ``double_quant=True``
+    blocksize in ``[BLOCKSIZE_MIN, BLOCKSIZE_MAX]`` = [2, 2**20] works (bitsandbytes uses
+    32 ... 4096; others raise :class:`~numlora.errors.ConfigError`, see
+    :func:`check_blocksize`). ``double_quant=True``
     also quantizes the block scales to 8 bits (QLoRA's double quantization).
     """
     if _on_device(w):
         return _gpu().quantize_nf4(w, blocksize, double_quant)
     w = v.float_array("w", w, None)
-    bs = v.int_scalar("blocksize", blocksize, minimum=2)
+    bs = check_blocksize(blocksize)
     if not isinstance(double_quant, (bool, np.bool_)):
         raise ConfigError(f"double_quant must be True or False, got {double_quant!r}")
     from .kernels import nf4 as k
@@ -339,8 +365,9 @@ def _read_quant_state(tensors, w):
     if meta["quant_type"] != "nf4":
         raise FormatError(f"expected quant_type 'nf4' in {key!r}, got {meta['quant_type']!r}")
     bs = meta["blocksize"]
-    if not _is_int(bs) or bs < 2:
-        raise FormatError(f"expected blocksize in {key!r} to be an integer >= 2, got {bs!r}")
+    if not _is_int(bs) or not BLOCKSIZE_MIN <= bs <= BLOCKSIZE_MAX:
+        raise FormatError(f"expected blocksize in {key!r} to be an integer >= {BLOCKSIZE_MIN} and <= "
+                          f"{BLOCKSIZE_MAX} (2**20), got {bs!r}")
     if meta["dtype"] not in _STATE_DTYPES:
         raise DTypeError(f"expected dtype in {key!r} to be one of {list(_STATE_DTYPES)}, got {meta['dtype']!r}")
     shape = meta["shape"]

@@ -304,3 +304,36 @@ def test_simd_and_portable_quantize_agree(rng, monkeypatch, bs):
     pk, am = nf4_quantize_ref(w, bs)
     assert np.array_equal(fast.packed, pk) and np.array_equal(slow.packed, pk)
     assert np.array_equal(_bits(fast.absmax), _bits(am)) and np.array_equal(_bits(slow.absmax), _bits(am))
+
+
+@pytest.mark.parametrize("bs", [nl.nf4.BLOCKSIZE_MAX + 1, 2**63 - 1, 2**63, 2**64, np.uint64(2**64 - 1)])
+def test_blocksize_too_large(bs):
+    # 2**63 and up used to reach the kernels (a numba TypingError, or garbage and a matmul
+    # that never returned); every absurd blocksize is a ConfigError naming it
+    with pytest.raises(nl.ConfigError, match=f"blocksize must be >= 2 and <= {nl.nf4.BLOCKSIZE_MAX}.*got {int(bs)}"):
+        nl.quantize_nf4(np.ones(8, np.float32), blocksize=bs)
+    t = nl.quantize_nf4(np.ones(8, np.float32), 8)
+    with pytest.raises(nl.ConfigError, match="blocksize"):
+        nl.NF4Tensor(t.packed, t.absmax, t.shape, bs)
+
+
+def test_check_blocksize_helper():
+    from numlora.nf4 import BLOCKSIZE_MAX, BLOCKSIZE_MIN, check_blocksize
+
+    assert check_blocksize(64) == 64 and type(check_blocksize(np.int32(64))) is int
+    assert check_blocksize(BLOCKSIZE_MIN) == 2 and check_blocksize(BLOCKSIZE_MAX) == 2**20
+    with pytest.raises(nl.ConfigError, match="--blocksize must be >= 2"):
+        check_blocksize(1, "--blocksize")
+    for bad in (64.0, True, "64", None):
+        with pytest.raises(nl.DTypeError, match="blocksize must be an integer"):
+            check_blocksize(bad)
+
+
+def test_blocksize_max_roundtrips():
+    # the top of the range still quantizes and decodes like any other blocksize
+    w = np.random.default_rng(0).standard_normal(2**20 + 6).astype(np.float32)
+    t = nl.quantize_nf4(w, 2**20)
+    assert t.absmax.shape == (2,)
+    ref = nl.NF4_CODE[np.stack([t.packed >> 4, t.packed & 15], 1).reshape(-1)[: w.size]] \
+        * np.repeat(t.absmax, 2**20)[: w.size]
+    np.testing.assert_array_equal(nl.dequantize_nf4(t), ref)

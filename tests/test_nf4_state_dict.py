@@ -315,7 +315,7 @@ def test_quant_state_unknown_field(good):
             "packing_format_for_cpu")
 
 
-@pytest.mark.parametrize("bad", [0, 1, 64.0, True, "64", None])
+@pytest.mark.parametrize("bad", [0, 1, 64.0, True, "64", None, 2**20 + 1, 2**63, 2**64])
 def test_quant_state_bad_blocksize(good, bad):
     _raises(FormatError, _with_meta(good, blocksize=bad), "blocksize", ">= 2", repr(bad))
 

@@ -417,7 +417,9 @@ def quantize_nf4(w, blocksize=64, double_quant=False):
     :class:`~numlora.device.DeviceNF4Tensor`. One 4-byte device-to-host copy checks for
     NaN / inf (then the input is copied to the host to name the first bad index)."""
     w = _dev("w", w)
-    bs = v.int_scalar("blocksize", blocksize, minimum=2)
+    from ..nf4 import check_blocksize
+
+    bs = check_blocksize(blocksize)
     if not isinstance(double_quant, (bool, np.bool_)):
         raise ConfigError(f"double_quant must be True or False, got {double_quant!r}")
     cuda = _cuda()
