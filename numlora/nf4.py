@@ -8,6 +8,8 @@ The format, exactly as bitsandbytes' CPU path writes it, is described in
 from __future__ import annotations
 
 import json
+import math
+import operator
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -69,6 +71,46 @@ def check_blocksize(value, name: str = "blocksize") -> int:
     return bs
 
 
+#: The largest element count numlora accepts in a shape (int64, the kernels' index type).
+MAX_NUMEL = (1 << 63) - 1
+
+
+def _check_shape(name, shape, error=ShapeError) -> tuple:
+    """``shape`` as a tuple of Python ints >= 0 whose product fits in int64."""
+    if isinstance(shape, (str, bytes)) or not isinstance(shape, (tuple, list, np.ndarray)):
+        raise DTypeError(f"{name} must be a tuple of non-negative integers, got {type(shape).__name__}")
+    dims = []
+    for d in (shape.tolist() if isinstance(shape, np.ndarray) else shape):
+        if isinstance(d, (bool, np.bool_)):
+            raise error(f"expected {name} to hold non-negative integers, got {tuple(shape)!r} (a bool)")
+        try:
+            d = operator.index(d)
+        except TypeError:
+            raise error(f"expected {name} to hold non-negative integers, got {tuple(shape)!r}") from None
+        if d < 0:
+            raise error(f"expected {name} to hold non-negative integers, got {tuple(shape)!r}")
+        dims.append(d)
+    if math.prod(dims) > MAX_NUMEL or any(d > MAX_NUMEL for d in dims):
+        raise error(f"expected {name} with at most 2**63 - 1 elements, got {tuple(dims)} "
+                    f"({math.prod(dims)} elements)")
+    return tuple(dims)
+
+
+def _tensor_array(name, a, dtypes, shape, why):
+    """An NF4Tensor field: a numpy array of one of ``dtypes`` and ``shape``, returned
+    C-contiguous (copied when it is not)."""
+    if not isinstance(a, np.ndarray):
+        hint = " (numpy.asarray(..., dtype=...) it first)" if isinstance(a, (list, tuple)) else ""
+        raise DTypeError(f"{name} must be a numpy array of {' or '.join(np.dtype(d).name for d in dtypes)}, "
+                         f"got {type(a).__name__}{hint}")
+    if a.dtype not in tuple(np.dtype(d) for d in dtypes):
+        raise DTypeError(f"expected {name} with dtype {' or '.join(np.dtype(d).name for d in dtypes)}, "
+                         f"got {a.dtype}")
+    if tuple(a.shape) != tuple(shape):
+        raise ShapeError(f"expected {name} of shape {tuple(shape)} {why}".rstrip() + f", got {tuple(a.shape)}")
+    return np.ascontiguousarray(a)
+
+
 @dataclass(eq=False)
 class NF4Tensor:
     """A weight quantized to NF4, in bitsandbytes' layout.
@@ -98,26 +140,36 @@ class NF4Tensor:
     _scales: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
-        self.shape = tuple(int(d) for d in self.shape)
-        n = self.numel
+        self.shape = _check_shape("shape", self.shape)
+        n = math.prod(self.shape)
         bs = check_blocksize(self.blocksize)
         self.blocksize = bs
-        if not isinstance(self.packed, np.ndarray) or self.packed.dtype != np.uint8:
-            raise ShapeError("packed must be a uint8 numpy array")
-        v.expect_shape("packed", self.packed, ((n + 1) // 2,))
+        # The kernels read every array as C-contiguous: a reversed or strided view is
+        # copied here (the SIMD path would otherwise decode garbage).
+        self.packed = _tensor_array("packed", self.packed, (np.uint8,), ((n + 1) // 2,),
+                                    f"(ceil(numel / 2) for shape {self.shape})")
         nblocks = -(-n // bs)
-        v.expect_shape("absmax", self.absmax, (nblocks,))
-        if self.double_quant:
-            if self.absmax.dtype != np.uint8 or self.offset is None or self.code8 is None:
-                raise ShapeError("a double-quantized NF4Tensor needs uint8 absmax codes, absmax2, offset and code8")
-            v.expect_shape("absmax2", self.absmax2, (-(-nblocks // DQ_GROUP),))
-            v.expect_shape("code8", self.code8, (256,))
-        elif self.absmax.dtype != np.float32:
-            raise ShapeError(f"expected absmax with dtype float32, got {self.absmax.dtype}")
+        want = f"(ceil(numel / blocksize) for shape {self.shape} and blocksize {bs})"
+        if self.absmax2 is not None:
+            if self.offset is None or self.code8 is None:
+                raise ConfigError("a double-quantized NF4Tensor (absmax2 given) needs uint8 absmax codes, absmax2, "
+                                  "offset and code8; got " + ", ".join(
+                                      f"{k}=None" for k in ("offset", "code8") if getattr(self, k) is None))
+            self.absmax = _tensor_array("absmax", self.absmax, (np.uint8,), (nblocks,),
+                                        want + "; double quantization stores uint8 codes")
+            self.absmax2 = _tensor_array("absmax2", self.absmax2, (np.float32,), (-(-nblocks // DQ_GROUP),),
+                                         f"(ceil(n_blocks / {DQ_GROUP}))")
+            self.code8 = _tensor_array("code8", self.code8, (np.float32,), (256,), "")
+            off = v.real_scalar("offset", self.offset)
+            self.offset = np.float32(off)
+        else:
+            if self.offset is not None or self.code8 is not None:
+                raise ConfigError("offset and code8 belong to double quantization: give absmax2 too, or neither")
+            self.absmax = _tensor_array("absmax", self.absmax, (np.float32,), (nblocks,), want)
 
     @property
     def numel(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
+        return math.prod(self.shape)
 
     @property
     def double_quant(self) -> bool:
@@ -373,6 +425,9 @@ def _read_quant_state(tensors, w):
     shape = meta["shape"]
     if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
         raise ShapeError(f"expected shape in {key!r} to be a list of non-negative integers, got {shape!r}")
+    if math.prod(shape) > MAX_NUMEL or any(d > MAX_NUMEL for d in shape):
+        raise ShapeError(f"expected shape in {key!r} with at most 2**63 - 1 elements, got {shape!r} "
+                         f"({math.prod(shape)} elements)")
     nested = [f for f in _NESTED_FIELDS if f in meta]
     if nested and len(nested) != len(_NESTED_FIELDS):
         raise FormatError(f"expected all of {list(_NESTED_FIELDS)} in {key!r} (double quantization) or none, "
@@ -403,7 +458,7 @@ def _from_state_dict(cls, tensors, prefix):
     meta, nested = _read_quant_state(tensors, w)
     shape = tuple(meta["shape"])
     bs = meta["blocksize"]
-    n = int(np.prod(shape, dtype=np.int64))
+    n = math.prod(shape)
     nblocks = -(-n // bs)
     packed = _state_array(tensors, w, np.uint8, ((n + 1) // 2, 1), " (packed 4-bit codes)")
     qm = _state_array(tensors, f"{w}.quant_map", np.float32, (16,))

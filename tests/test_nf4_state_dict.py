@@ -335,6 +335,13 @@ def test_quant_state_bad_shape(good, bad):
     _raises(ShapeError, _with_meta(good, shape=bad), "shape", repr(bad))
 
 
+@pytest.mark.parametrize("bad", [[2**40, 2**40], [2**64], [2**100, 0, 3], [3, 2**62]])
+def test_quant_state_shape_overflowing_int64(good, bad):
+    # the element count used to wrap around in int64 (2**80 -> 0: an empty packed tensor
+    # matched) or to raise OverflowError; refused, naming the shape
+    _raises(ShapeError, _with_meta(good, shape=bad), "shape", "2**63 - 1", repr(bad))
+
+
 def test_quant_state_shape_must_fit_packed(good):
     m = good[W].shape[0]
     _raises(ShapeError, _with_meta(good, shape=[41, 70]), repr(W), f"({41 * 35}, 1)", f"({m}, 1)")
