@@ -96,7 +96,7 @@ def _version(dist: str) -> str:
 
 
 def machine() -> dict:
-    from numlora.bench import cpu_name
+    from numlora.bench.harness import cpu_name
 
     cpu = cpu_name()
     mem = ""

@@ -97,7 +97,7 @@ def main(argv=None) -> int:
             if args.size < 64 or args.rank < 1 or args.repeat < 1:
                 parser.error("--size must be >= 64, --rank and --repeat >= 1")
             if args.multi:
-                from .bench_multi import main as bench_multi
+                from .bench.multi import main as bench_multi
 
                 argv2 = ["--repeats", str(args.repeat if args.repeat != 7 else 5)]
                 argv2 += ["--quick"] if args.quick else []

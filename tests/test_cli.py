@@ -79,7 +79,7 @@ def test_numpy_train_step_matches_float64():
 
 
 def test_bench_multi_passes_its_options(monkeypatch):
-    import numlora.bench_multi as bm
+    import numlora.bench.multi as bm
     from numlora.cli import main
 
     seen = []

@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
+
+from . import harness, inputs
+from .harness import cpu_name, machine, peak_rss_delta_mb  # noqa: F401  (re-exported)
 
 PAUSE_S = 0.12
 
@@ -33,6 +35,8 @@ class Row:
     competitor_ms: float
     bytes_moved: int = 0
     goal: str = ""
+    numlora_spread: float = 0.0
+    competitor_spread: float = 0.0
 
     @property
     def ratio(self) -> float:
@@ -49,26 +53,9 @@ CALLS_PER_ROUND = 3
 
 
 def time_interleaved(fns, repeat, pause=None):
-    """Median milliseconds of each function, timed as described in the module docstring
-    (``pause``: seconds of sleep before each competitor's warm-up call, default
-    ``PAUSE_S``). An entry may be a pair ``(f, after)``: ``after`` runs untimed after every
-    call of f (to undo what f did, e.g. unmerge after a timed merge)."""
-    pause = PAUSE_S if pause is None else pause
-    pairs = [f if isinstance(f, tuple) else (f, None) for f in fns]
-    times = [[] for _ in fns]
-    for _ in range(repeat):
-        for k, (f, after) in enumerate(pairs):
-            time.sleep(pause)
-            f()
-            if after:
-                after()
-            for _ in range(CALLS_PER_ROUND):
-                t0 = time.perf_counter()
-                f()
-                times[k].append(time.perf_counter() - t0)
-                if after:
-                    after()
-    return [float(np.median(t)) * 1e3 for t in times]
+    """:func:`numlora.bench.harness.time_interleaved` with this module's ``PAUSE_S`` and
+    ``CALLS_PER_ROUND`` (read at call time)."""
+    return harness.time_interleaved(fns, repeat, PAUSE_S if pause is None else pause, CALLS_PER_ROUND)
 
 
 def numpy_quantize_nf4(x, blocksize, mid):
@@ -157,36 +144,15 @@ class _Peers:
         return f
 
 
-def peak_rss_delta_mb(f) -> float:
-    """Peak resident memory added by one call of f (Linux: VmHWM after resetting it)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-    except OSError:
-        return float("nan")
-
-    def status(key):
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith(key):
-                    return int(line.split()[1]) / 1024
-        return float("nan")
-
-    before = status("VmRSS")
-    f()
-    return status("VmHWM") - before
-
-
 def run(size=4096, rank=16, repeat=7, batches=(1, 8, 128), lora_batches=(1, 8, 128, 1024), peers=True):
     import numlora as nl
 
-    rng = np.random.default_rng(0)
+    rng = inputs.rng(0)
     out_f = in_f = size
     alpha = 2 * rank
     s = alpha / rank
-    w = (rng.standard_normal((out_f, in_f), dtype=np.float32) * 0.02).astype(np.float32)
-    a = (rng.standard_normal((rank, in_f), dtype=np.float32) * 0.01).astype(np.float32)
-    b = (rng.standard_normal((out_f, rank), dtype=np.float32) * 0.01).astype(np.float32)
+    w = inputs.weight(out_f, in_f)
+    a, b = inputs.adapter(out_f, in_f, rank)
     wbytes = w.nbytes
     P = _Peers(w, a, b, alpha, rank) if peers else None
     torch = P.torch if P else None
@@ -196,14 +162,16 @@ def run(size=4096, rank=16, repeat=7, batches=(1, 8, 128), lora_batches=(1, 8, 1
         if not others:
             return
         fns = [ours] + [f for _, f in others]
+        harness.progress(f"  {case} ...")
         ts = time_interleaved(fns, rep)
         for (name, _), t in zip(others, ts[1:]):
-            rows.append(Row(case, ts[0], name, t, nbytes, (goals or {}).get(name, "")))
+            rows.append(Row(case, ts[0].median_ms, name, t.median_ms, nbytes, (goals or {}).get(name, ""),
+                            ts[0].spread, t.spread))
 
     t = nl.quantize_nf4(w)
     # --- QLoRA forward -------------------------------------------------------------------
     for n in batches:
-        x = rng.standard_normal((n, in_f), dtype=np.float32)
+        x = inputs.activations(n, in_f)
         o1, o2 = np.empty((n, out_f), np.float32), np.empty((n, out_f), np.float32)
         nl.qlora_forward(x, t, a, b, s, out=o1)
         others = [("numpy dense float32 x @ W.T", lambda: np.dot(x, w.T, out=o2))]
@@ -218,7 +186,7 @@ def run(size=4096, rank=16, repeat=7, batches=(1, 8, 128), lora_batches=(1, 8, 1
 
     # --- LoRA forward ----------------------------------------------------------------------
     for n in lora_batches:
-        x = rng.standard_normal((n, in_f), dtype=np.float32)
+        x = inputs.activations(n, in_f)
         o1, o2 = np.empty((n, out_f), np.float32), np.empty((n, out_f), np.float32)
         nl.lora_forward(x, w, a, b, s, out=o1)
         others = [("numpy base-only x @ W.T", lambda: np.dot(x, w.T, out=o2))]
@@ -363,34 +331,27 @@ def compile_times():
     return out
 
 
-def cpu_name() -> str:
-    """The CPU's model name (Linux /proc/cpuinfo), else what ``platform`` knows."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine() -> str:
-    import numba
-
-    cpu = cpu_name()
-    return (f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, numpy {np.__version__}, "
-            f"numba {numba.__version__} ({numba.get_num_threads()} threads)")
-
-
 def to_markdown(rows) -> str:
     lines = ["| case | numlora ms | competitor | competitor ms | ratio | goal | numlora GB/s |",
              "|---|---:|---|---:|---:|---|---:|"]
+
+    def ms(t, spread):
+        return f"{t:.2f} ±{spread:.0%}" if spread else f"{t:.2f}"
+
     for r in rows:
         gb = f"{r.gbps:.1f}" if r.bytes_moved else "-"
-        lines.append(f"| {r.case} | {r.numlora_ms:.2f} | {r.competitor} | {r.competitor_ms:.2f} | "
-                     f"{r.ratio:.2f}x | {r.goal} | {gb} |")
+        lines.append(f"| {r.case} | {ms(r.numlora_ms, r.numlora_spread)} | {r.competitor} | "
+                     f"{ms(r.competitor_ms, r.competitor_spread)} | {r.ratio:.2f}x | {r.goal} | {gb} |")
     return "\n".join(lines)
+
+
+def _noise_line(rows) -> str:
+    """The harness's noise warning for a table's rows (spreads kept in the rows)."""
+    worst = max([r.numlora_spread for r in rows] + [r.competitor_spread for r in rows], default=0.0)
+    if worst > harness.NOISY_SPREAD:
+        return (f"warning: the machine was noisy during this run (spread up to ±{worst:.0%}, above "
+                f"±{harness.NOISY_SPREAD:.0%}): close other programs or raise --repeat before trusting these ratios")
+    return ""
 
 
 def main(args) -> int:
@@ -403,6 +364,8 @@ def main(args) -> int:
     print(f"numlora bench, {date}: {args.size} x {args.size} float32 weight, rank {args.rank}; median of "
           f"{args.repeat} interleaved rounds (ratio = numlora / competitor)\n\nMachine: {mach}\n")
     print(to_markdown(rows))
+    if _noise_line(rows):
+        print(f"\n{_noise_line(rows)}")
     if mem:
         print("\nPeak resident memory added by one call (MiB):\n")
         for k, mb in mem.items():
@@ -428,7 +391,7 @@ def main(args) -> int:
     for n in notes:
         print(f"\nnote: {n}")
     if args.json:
-        from .io import write_text_atomic
+        from ..io import write_text_atomic
 
         write_text_atomic(args.json, json.dumps(result, indent=2))
         print(f"\nwrote {args.json}")
@@ -588,15 +551,13 @@ def run_train(size=4096, rank=16, batch=128, repeat=7, peers=True):
     import numlora as nl
     from numlora.train import AdamW
 
-    rng = np.random.default_rng(0)
     out_f = in_f = size
     alpha = 2 * rank
     s = alpha / rank
-    w = (rng.standard_normal((out_f, in_f), dtype=np.float32) * 0.02).astype(np.float32)
-    a = (rng.standard_normal((rank, in_f), dtype=np.float32) * 0.01).astype(np.float32)
-    b = (rng.standard_normal((out_f, rank), dtype=np.float32) * 0.01).astype(np.float32)
-    x = rng.standard_normal((batch, in_f), dtype=np.float32)
-    g = (rng.standard_normal((batch, out_f), dtype=np.float32) / batch).astype(np.float32)
+    w = inputs.weight(out_f, in_f)
+    a, b = (v.copy() for v in inputs.adapter(out_f, in_f, rank))  # trained in place: not the cached arrays
+    x = inputs.activations(batch, in_f)
+    g = inputs.activations(batch, out_f, stream=5) / np.float32(batch)
     notes, checks = [], {}
 
     def numlora_step(layer):
@@ -648,20 +609,24 @@ def run_train(size=4096, rank=16, batch=128, repeat=7, peers=True):
                 fns["PEFT QLoRA (bitsandbytes Linear4bit nf4)"] = _TorchTrainStep(torch, qlora, x, g)
 
     names = list(fns)
+    harness.progress(f"  timing {len(names)} training steps, {repeat} rounds ...")
     ts = time_interleaved([fns[k] for k in names], repeat, pause=TRAIN_PAUSE_S)
-    med = dict(zip(names, ts))
+    med = {k: t.median_ms for k, t in zip(names, ts)}
+    spread = {k: t.spread for k, t in zip(names, ts)}
 
     dense_k, np_k, nf4_k = names[0], names[1], names[2]
     case_d = f"LoRA training step, dense base, batch {batch}"
     case_q = f"QLoRA training step, NF4 base, batch {batch}"
-    rows = [Row(case_d, med[dense_k], np_k, med[np_k], goal="<= 1.1x")]
+    def row(case, ours, other, goal):
+        return Row(case, med[ours], other, med[other], goal=goal, numlora_spread=spread[ours],
+                   competitor_spread=spread[other])
+
+    rows = [row(case_d, dense_k, np_k, "<= 1.1x")]
     if "torch + PEFT LoRA (nn.Linear)" in med:
-        rows.append(Row(case_d, med[dense_k], "torch + PEFT LoRA (nn.Linear)", med["torch + PEFT LoRA (nn.Linear)"],
-                        goal="< 1x (faster)"))
+        rows.append(row(case_d, dense_k, "torch + PEFT LoRA (nn.Linear)", "< 1x (faster)"))
     if "PEFT QLoRA (bitsandbytes Linear4bit nf4)" in med:
-        rows.append(Row(case_q, med[nf4_k], "PEFT QLoRA (bitsandbytes Linear4bit nf4)",
-                        med["PEFT QLoRA (bitsandbytes Linear4bit nf4)"], goal="<= 0.6x"))
-    rows.append(Row(case_q, med[nf4_k], dense_k, med[dense_k], goal="<= 1.3x"))
+        rows.append(row(case_q, nf4_k, "PEFT QLoRA (bitsandbytes Linear4bit nf4)", "<= 0.6x"))
+    rows.append(row(case_q, nf4_k, dense_k, "<= 1.3x"))
     return rows, med, notes, checks
 
 
@@ -669,8 +634,8 @@ def train_markdown(rows) -> str:
     lines = ["| case | numlora ms | competitor | competitor ms | ratio | goal |",
              "|---|---:|---|---:|---:|---|"]
     for r in rows:
-        lines.append(f"| {r.case} | {r.numlora_ms:.2f} | {r.competitor} | {r.competitor_ms:.2f} | {r.ratio:.2f}x | "
-                     f"{r.goal} |")
+        lines.append(f"| {r.case} | {r.numlora_ms:.2f} ±{r.numlora_spread:.0%} | {r.competitor} | "
+                     f"{r.competitor_ms:.2f} ±{r.competitor_spread:.0%} | {r.ratio:.2f}x | {r.goal} |")
     return "\n".join(lines)
 
 
@@ -684,6 +649,8 @@ def main_train(args) -> int:
           f"median of {args.repeat} interleaved rounds x {CALLS_PER_ROUND} steps (ratio = numlora / competitor)"
           f"\n\nMachine: {mach}\n")
     print(train_markdown(rows))
+    if _noise_line(rows):
+        print(f"\n{_noise_line(rows)}")
     print("\nMedian ms per training step, every competitor (same run):\n")
     for k, ms in med.items():
         print(f"- {k}: {ms:.2f}")
@@ -695,7 +662,7 @@ def main_train(args) -> int:
     for n in notes:
         print(f"\nnote: {n}")
     if args.json:
-        from .io import write_text_atomic
+        from ..io import write_text_atomic
 
         result = {"machine": mach, "date": date, "size": args.size, "rank": args.rank, "batch": batch,
                   "repeat": args.repeat, "calls_per_round": CALLS_PER_ROUND, "pause_s": TRAIN_PAUSE_S,

@@ -1,4 +1,4 @@
-"""Issue 6's figures: many adapters in one batch (numlora.LoraBank) on Punica's workloads.
+"""Many adapters in one batch (numlora.LoraBank) on Punica's workloads.
 
     numlora bench --multi [--quick] [--json PATH] [--repeats R]
     python benchmarks/bench_multi.py [--quick] [--json PATH] [--repeats R]   (the same)
@@ -32,61 +32,32 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 
 import numpy as np
 
 import numlora
-from numlora.bench import cpu_name
 from numlora.multi import LoraBank
 
+from . import harness
+from .harness import cpu_name
+from .inputs import BANK_RANKS as RANKS, SCALING, WORKLOADS, activations, bank_adapter, nf4_weight, weight, workload  # noqa: F401,E501
+
 SIDE = 4096
-RANKS = (8, 16, 32, 64)
-SCALING = 2.0
 PAUSE = 0.1
-WORKLOADS = ("identical", "distinct", "uniform", "zipf")
 
 
 def adapter(k, side=SIDE):
-    g = np.random.default_rng([6, k])
-    r = int(g.choice(RANKS))
-    a = g.standard_normal((r, side), dtype=np.float32) * np.float32(0.01)
-    b = g.standard_normal((side, r), dtype=np.float32) * np.float32(0.01)
-    return a, b
-
-
-def workload(kind, batch, n_ad):
-    g = np.random.default_rng([61, batch, n_ad, WORKLOADS.index(kind) if kind in WORKLOADS else 9])
-    if kind == "base":
-        return -np.ones(batch, np.int64)
-    if kind == "identical":
-        return np.zeros(batch, np.int64)
-    if kind == "distinct":
-        return np.arange(batch, dtype=np.int64) % n_ad
-    if kind == "uniform":
-        return g.integers(0, n_ad, batch).astype(np.int64)
-    p = (np.arange(n_ad) + 1.0) ** -1.5
-    return g.choice(n_ad, batch, p=p / p.sum()).astype(np.int64)
-
-
-def timed(fn):
-    time.sleep(PAUSE)
-    fn()
-    time.sleep(PAUSE)
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
+    """The k-th adapter of the bank (see :func:`numlora.bench.inputs.bank_adapter`)."""
+    return bank_adapter(k, side)
 
 
 def race(fns, repeats):
-    """{name: median seconds}, the competitors interleaved round by round."""
-    samples = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, f in fns.items():
-            samples[k].append(timed(f))
-    return {k: statistics.median(v) for k, v in samples.items()}
+    """{name: median seconds}, the competitors interleaved round by round (the harness,
+    one timed call per turn after a pause and a warm-up call)."""
+    ts = harness.time_interleaved(list(fns.values()), repeats, PAUSE, calls=1)
+    return {k: t.median_ms * 1e-3 for k, t in zip(fns, ts)}
 
 
 class GatherEinsum:
@@ -165,10 +136,9 @@ def main(argv=None):
     args = ap.parse_args(argv)
     batches = (64,) if args.quick else (1, 16, 64, 256)
     n_ads = (64,) if args.quick else (8, 64, 512)
-    g = np.random.default_rng(5)
-    w = g.standard_normal((SIDE, SIDE), dtype=np.float32) * np.float32(0.02)
-    t = numlora.quantize_nf4(w, blocksize=64)
-    xs = {b: g.standard_normal((b, SIDE), dtype=np.float32) for b in batches}
+    w = weight(SIDE)
+    t = nf4_weight(SIDE)
+    xs = {b: activations(b, SIDE) for b in batches}
     outs = {b: np.empty((b, SIDE), np.float32) for b in batches}
     rows = []
     add_times = []
