@@ -1,90 +1,137 @@
-"""Dense LoRA kernels: lora_forward, merge_lora, unmerge_lora.
+"""Dense LoRA: lora_forward (every layout and dtype), linear_forward, merge_lora /
+unmerge_lora, DoRA, combine_adapters.
 
-Shapes: an N x N float32 base weight (N = 4096 unless NUMLORA_ASV_N says otherwise)
-with a rank-16 adapter. Every setup calls each benchmarked kernel once, so JIT
-compilation (or loading numba's on-disk cache) is never timed.
+Shapes: an N x N base weight (N = 4096 unless NUMLORA_ASV_N says otherwise), a rank-16
+adapter. Every setup calls the benchmarked kernel once with the same shapes and dtypes
+(the same specialisation), so JIT compilation is never timed; outputs go to
+preallocated ``out=`` buffers (a fresh 64 MiB array costs page faults, not kernel time).
 """
 
 import numpy as np
 
 import numlora
 
-from ._shared import N, RANK, SCALING, activations, adapter, median_gbps, weight
+from ._shared import N, RANK, SCALING, activations, adapter, fresh, rng, weight
 
 
 class LoraForward:
-    """``y = x W^T + scaling * (x A^T) B^T`` into a preallocated ``out``."""
+    """``y = x W^T + scaling * (x A^T) B^T`` into a preallocated ``out``, float32."""
 
     params = [1, 8, 128, 1024]
     param_names = ["batch"]
 
     def setup(self, batch):
-        self.weight = weight(N)
-        self.lora_a, self.lora_b = adapter(N, RANK)
+        self.w = weight(N)
+        self.a, self.b = adapter(N)
         self.x = activations(batch, N)
         self.out = np.empty((batch, N), np.float32)
-        numlora.lora_forward(self.x, self.weight, self.lora_a, self.lora_b, SCALING, out=self.out)
+        self.time_lora_forward(batch)
 
     def time_lora_forward(self, batch):
-        numlora.lora_forward(self.x, self.weight, self.lora_a, self.lora_b, SCALING, out=self.out)
+        numlora.lora_forward(self.x, self.w, self.a, self.b, SCALING, out=self.out)
 
 
-class LoraForwardBandwidth:
-    """Achieved bandwidth of batch-1 lora_forward (a GEMV: bound by reading W)."""
+class LoraForwardVariants:
+    """The other paths of lora_forward at batch 8: a bias, a weight stored (in, out)
+    (``fan_in_fan_out``, GPT-2's Conv1D) and float64 throughout."""
 
-    unit = "GB/s"
+    params = ["bias", "fan_in_fan_out", "float64"]
+    param_names = ["variant"]
+
+    def setup(self, variant):
+        dt = np.float64 if variant == "float64" else np.float32
+        self.w = weight(N, dtype=dt)
+        if variant == "fan_in_fan_out":
+            self.w = np.ascontiguousarray(self.w.T)
+        self.a, self.b = adapter(N, dtype=dt)
+        self.x = activations(8, N, dtype=dt)
+        self.bias = activations(1, N, dtype=dt)[0] if variant == "bias" else None
+        self.fifo = variant == "fan_in_fan_out"
+        self.out = np.empty((8, N), dt)
+        self.time_lora_forward(variant)
+
+    def time_lora_forward(self, variant):
+        numlora.lora_forward(self.x, self.w, self.a, self.b, SCALING, self.bias, out=self.out,
+                             fan_in_fan_out=self.fifo)
+
+
+class LinearForward:
+    """``y = x W^T + b`` (the base alone) at batch 8."""
 
     def setup(self):
-        self.weight = weight(N)
-        self.lora_a, self.lora_b = adapter(N, RANK)
-        self.x = activations(1, N)
-        self.out = np.empty((1, N), np.float32)
-        numlora.lora_forward(self.x, self.weight, self.lora_a, self.lora_b, SCALING, out=self.out)
+        self.w = weight(N)
+        self.x = activations(8, N)
+        self.bias = activations(1, N)[0]
+        self.out = np.empty((8, N), np.float32)
+        self.time_linear_forward()
 
-    def track_lora_forward_batch1_gbps(self):
-        """Weight bytes read (W, A and B) / median time per call."""
-        nbytes = self.weight.nbytes + self.lora_a.nbytes + self.lora_b.nbytes
-
-        def call():
-            numlora.lora_forward(self.x, self.weight, self.lora_a, self.lora_b, SCALING, out=self.out)
-
-        return median_gbps(call, nbytes)
+    def time_linear_forward(self):
+        numlora.linear_forward(self.x, self.w, self.bias, out=self.out)
 
 
 class Merge:
-    """In-place ``W += scaling * B A`` (plain and tracked) and the bit-exact
-    merge + unmerge round trip.
+    """In-place ``W += scaling * B A`` and the bit-exact merge + unmerge round trip.
 
-    Each setup starts from a fresh copy of the base weight. Successive plain merges
-    alternate the sign of ``scaling`` so that, however many calls asv makes per setup,
-    the weight stays at W or W + dW instead of drifting (the work per call is the same
-    for either sign).
-    """
+    Each setup starts from a private copy of the base weight. Successive plain merges
+    alternate the sign of ``scaling``, so however many calls asv makes the weight stays at
+    W or W + dW (the work per call is the same for either sign)."""
 
     def setup(self):
-        self.base = weight(N)
-        self.lora_a, self.lora_b = adapter(N, RANK)
-        self.weight = self.base.copy()
-        # Compile/load every kernel used below: merge_plain, merge_tracked, unmerge_tracked.
-        numlora.merge_lora(self.weight, self.lora_a, self.lora_b, SCALING)
-        rec = numlora.merge_lora(self.weight, self.lora_a, self.lora_b, -SCALING, record=True)
-        numlora.unmerge_lora(self.weight, self.lora_a, self.lora_b, -SCALING, record=rec)
-        np.copyto(self.weight, self.base)
+        self.w = fresh(weight(N))
+        self.a, self.b = adapter(N)
         self.sign = 1.0
-
-    def _scaling(self):
-        s = SCALING * self.sign
-        self.sign = -self.sign
-        return s
+        self.time_merge_lora()
+        self.time_merge_lora()
+        self.time_merge_unmerge_cycle()
 
     def time_merge_lora(self):
-        numlora.merge_lora(self.weight, self.lora_a, self.lora_b, self._scaling())
-
-    def time_merge_lora_record(self):
-        """Tracked merge: also fills the MergeRecord (one byte per weight element)."""
-        numlora.merge_lora(self.weight, self.lora_a, self.lora_b, self._scaling(), record=True)
+        self.sign = -self.sign
+        numlora.merge_lora(self.w, self.a, self.b, SCALING * self.sign)
 
     def time_merge_unmerge_cycle(self):
-        """Tracked merge then unmerge with its record: the weight comes back bit for bit."""
-        rec = numlora.merge_lora(self.weight, self.lora_a, self.lora_b, SCALING, record=True)
-        numlora.unmerge_lora(self.weight, self.lora_a, self.lora_b, SCALING, record=rec)
+        """Tracked merge then unmerge with its record (LoraLinear.merge / unmerge): the
+        weight comes back bit for bit."""
+        rec = numlora.merge_lora(self.w, self.a, self.b, SCALING, record=True)
+        numlora.unmerge_lora(self.w, self.a, self.b, SCALING, record=rec)
+
+
+class Dora:
+    """DoRA: the column norms of W + s B A, and the forward at batch 8."""
+
+    def setup(self):
+        self.w = weight(N)
+        self.a, self.b = adapter(N)
+        self.m = numlora.dora_weight_norm(self.w, self.a, self.b, SCALING)
+        self.x = activations(8, N)
+        self.out = np.empty((8, N), np.float32)
+        self.time_dora_weight_norm()
+        self.time_dora_forward()
+
+    def time_dora_weight_norm(self):
+        numlora.dora_weight_norm(self.w, self.a, self.b, SCALING)
+
+    def time_dora_forward(self):
+        numlora.dora_forward(self.x, self.w, self.a, self.b, SCALING, self.m, out=self.out)
+
+
+class Combine:
+    """combine_adapters of four rank-16 adapters given as ``(A, B, scaling)``:
+    concatenation (``cat``) and the rank-16 re-factorisation (``svd``: QR of the stacked
+    factors and an SVD of the small core; the N x N delta is never formed)."""
+
+    params = ["cat", "svd"]
+    param_names = ["method"]
+
+    def setup(self, method):
+        self.adapters = []
+        for k in range(4):
+            g = rng(40 + k)
+            a = g.standard_normal((RANK, N), dtype=np.float32) * np.float32(0.01)
+            b = g.standard_normal((N, RANK), dtype=np.float32) * np.float32(0.01)
+            self.adapters.append((a, b, SCALING))
+        self.weights = [1.0, 0.5, 0.25, 0.25]
+        self.rank = RANK if method == "svd" else None
+        self.time_combine_adapters(method)
+
+    def time_combine_adapters(self, method):
+        numlora.combine_adapters(self.adapters, self.weights, method=method, rank=self.rank)

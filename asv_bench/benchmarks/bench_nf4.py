@@ -13,11 +13,9 @@ import numlora
 from ._shared import (
     BLOCKSIZE,
     N,
-    RANK,
     SCALING,
     activations,
     adapter,
-    median_gbps,
     nf4_weight,
     random_nf4,
     reset_peak_rss,
@@ -43,7 +41,7 @@ class Dequantize:
     """NF4 -> float32 into a preallocated ``out``."""
 
     def setup(self):
-        self.t = nf4_weight(N, False)
+        self.t = nf4_weight(N)
         self.out = np.empty((N, N), np.float32)
         numlora.dequantize_nf4(self.t, out=self.out)
 
@@ -54,14 +52,14 @@ class Dequantize:
 class QloraForward:
     """``x deq(W)^T`` (nf4_matmul) and ``+ scaling * (x A^T) B^T`` (qlora_forward) into a
     preallocated ``out``. Batches up to 16 run the fused kernels (batch 1: the lookup-table
-    GEMV), larger ones decode 1 MiB tiles of W for BLAS."""
+    GEMV), larger ones decode tiles of W for BLAS (batch 1024: the prefill size)."""
 
-    params = [1, 8, 128]
+    params = [1, 8, 128, 1024]
     param_names = ["batch"]
 
     def setup(self, batch):
-        self.t = nf4_weight(N, False)
-        self.lora_a, self.lora_b = adapter(N, RANK)
+        self.t = nf4_weight(N)
+        self.lora_a, self.lora_b = adapter(N)
         self.x = activations(batch, N)
         self.out = np.empty((batch, N), np.float32)
         numlora.qlora_forward(self.x, self.t, self.lora_a, self.lora_b, SCALING, out=self.out)
@@ -80,50 +78,13 @@ class Nf4MatmulT:
     batch = 8
 
     def setup(self):
-        self.t = nf4_weight(N, False)
+        self.t = nf4_weight(N)
         self.g = activations(self.batch, N)
         self.out = np.empty((self.batch, N), np.float32)
         numlora.nf4_matmul_t(self.g, self.t, out=self.out)
 
     def time_nf4_matmul_t(self):
         numlora.nf4_matmul_t(self.g, self.t, out=self.out)
-
-
-class Bandwidth:
-    """Achieved GB/s (1e9 bytes/s): bytes of weight data moved / median time per call,
-    timed inside each track function (see ``_shared.median_gbps``)."""
-
-    unit = "GB/s"
-
-    def setup(self):
-        self.weight = weight(N)
-        self.t = nf4_weight(N, False)
-        self.lora_a, self.lora_b = adapter(N, RANK)
-        self.x = activations(1, N)
-        self.y = np.empty((1, N), np.float32)
-        self.deq = np.empty((N, N), np.float32)
-        numlora.quantize_nf4(self.weight, blocksize=BLOCKSIZE)
-        numlora.dequantize_nf4(self.t, out=self.deq)
-        numlora.qlora_forward(self.x, self.t, self.lora_a, self.lora_b, SCALING, out=self.y)
-
-    def track_quantize_nf4_gbps(self):
-        """float32 weight read + NF4 codes and scales written."""
-        nbytes = self.weight.nbytes + self.t.nbytes
-        return median_gbps(lambda: numlora.quantize_nf4(self.weight, blocksize=BLOCKSIZE), nbytes)
-
-    def track_dequantize_nf4_gbps(self):
-        """NF4 codes and scales read + float32 weight written."""
-        nbytes = self.t.nbytes + self.deq.nbytes
-        return median_gbps(lambda: numlora.dequantize_nf4(self.t, out=self.deq), nbytes)
-
-    def track_qlora_forward_batch1_gbps(self):
-        """NF4 codes and scales + A and B read (the weight side of a batch-1 forward)."""
-        nbytes = self.t.nbytes + self.lora_a.nbytes + self.lora_b.nbytes
-
-        def call():
-            numlora.qlora_forward(self.x, self.t, self.lora_a, self.lora_b, SCALING, out=self.y)
-
-        return median_gbps(call, nbytes)
 
 
 class QloraForwardPeakMem:
@@ -138,7 +99,7 @@ class QloraForwardPeakMem:
 
     def setup(self, batch):
         self.t = random_nf4(N)
-        self.lora_a, self.lora_b = adapter(N, RANK)
+        self.lora_a, self.lora_b = adapter(N)
         self.x = activations(batch, N)
         self.out = np.empty((batch, N), np.float32)
         numlora.qlora_forward(self.x, self.t, self.lora_a, self.lora_b, SCALING, out=self.out)
