@@ -140,7 +140,7 @@ def test_streaming_writer_order_and_deferred_length(tmp_path):
 @pytest.mark.parametrize("case, match", [
     ("short", "8-byte header length"),
     ("hlen", "runs past the end of the file"),
-    ("json", "not UTF-8 JSON"),
+    ("json", "header: not valid JSON"),
     ("size", r"needs 24 bytes, data_offsets \[0, 20\] give 20"),
     ("trunc", "truncated"),
     ("overlap", "overlaps"),
@@ -171,10 +171,157 @@ def test_bad_files_are_refused(tmp_path, case, match):
         SafetensorsFile(p)
 
 
+def _header_file(path, text: bytes, data: bytes = bytes(8)):
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text + data)
+
+
+_T = '"dtype": "F32", "shape": [2], "data_offsets": [0, 8]'
+
+
+@pytest.mark.parametrize("header, match", [
+    # the spec disallows duplicate keys (json's default keeps the last one silently)
+    ('{"a": {%s}, "a": {%s}}' % (_T, _T), "key 'a' appears twice"),
+    ('{"a": {"dtype": "F32", "dtype": "F16", "shape": [2], "data_offsets": [0, 8]}}', "key 'dtype' appears twice"),
+    ('{"__metadata__": ' + "[" * 50000 + "]" * 50000 + "}", "nested too deeply"),
+    ('{"a": {"dtype": "F32", "shape": [' + "9" * 5000 + '], "data_offsets": [0, 8]}}', "JSON value out of range"),
+    ('{"__metadata__": [], "a": {%s}}' % _T, "__metadata__ must be an object mapping str to str, got list"),
+    ('{"__metadata__": "x", "a": {%s}}' % _T, "__metadata__ must be an object mapping str to str, got str"),
+    ('{"__metadata__": {"k": 1}, "a": {%s}}' % _T, "the value of 'k' is int 1"),
+    ('{"__metadata__": {"k": {"n": "v"}}, "a": {%s}}' % _T, "the value of 'k' is dict"),
+    ('{"a": {"dtype": "F32", "shape": [true, 2], "data_offsets": [0, 8]}}', r"holding bool True"),
+    ('{"a": {"dtype": "F32", "shape": [2.0], "data_offsets": [0, 8]}}', r"holding float 2.0"),
+    ('{"a": {"dtype": "F32", "shape": ["2"], "data_offsets": [0, 8]}}', r"holding str '2'"),
+    ('{"a": {"dtype": "F32", "shape": [[2]], "data_offsets": [0, 8]}}', r"holding list"),
+    ('{"a": {"dtype": "F32", "shape": 2, "data_offsets": [0, 8]}}', "shape must be a list .* got int 2"),
+    ('{"a": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}', "holding a negative integer -2"),
+    ('{"a": {"dtype": "F32", "shape": [4611686018427387904, 4, 0], "data_offsets": [0, 0]}}', "2\\*\\*63 - 1 bytes"),
+    ('{"a": {"dtype": "F32", "shape": [%s], "data_offsets": [0, 8]}}' % ",".join(["1"] * 40), "40 dimensions"),
+    ('{"a": {"dtype": ["F32"], "shape": [2], "data_offsets": [0, 8]}}', "dtype must be a string .* got list"),
+    ('{"a": {"dtype": 32, "shape": [2], "data_offsets": [0, 8]}}', "dtype must be a string .* got int"),
+    ('{"a": {"dtype": "F32", "shape": [2], "data_offsets": [false, 8]}}', r"two integers \[begin, end\], got \[False"),
+    ('{"a": {"dtype": "F32", "shape": [2], "data_offsets": [0.0, 8]}}', r"two integers"),
+    ('{"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8, 9]}}', r"two integers"),
+    ('{"a": {"dtype": "F32", "shape": [2], "data_offsets": {"0": 8}}}', r"two integers"),
+    ('{"a": {"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}}', r"0 <= begin <= end"),
+    ('{"a": [1, 2]}', "expected an object with dtype, shape and data_offsets, got list"),
+    ('{"a": {"dtype": "F32", "shape": [2]}}', "data_offsets missing"),
+    ('[1, 2]', "header must be a JSON object, got list"),
+])
+def test_hostile_headers_are_clean_format_errors(tmp_path, header, match):
+    """Every malformed header is a FormatError naming the file and what was wrong, never a
+    RecursionError / TypeError / ValueError from deeper down, and never accepted."""
+    p = tmp_path / "bad.safetensors"
+    _header_file(p, header.encode())
+    with pytest.raises(FormatError, match=match) as info:
+        SafetensorsFile(p)
+    assert str(p) in str(info.value)
+    assert len(str(info.value)) < 600  # a hostile value does not blow up the message
+    with pytest.raises(FormatError):
+        load_file(p)
+
+
+def _fifo_open_returns(target, timeout=10.0):
+    """Call ``target()`` in a thread; if it is still blocked after ``timeout`` (a FIFO open
+    waiting for a writer), unblock it and fail."""
+    import threading
+
+    box = {}
+
+    def run():
+        try:
+            box["value"] = target()
+        except BaseException as e:  # noqa: BLE001 - handed to the test
+            box["error"] = e
+
+    th = threading.Thread(target=run, daemon=True)
+    th.start()
+    th.join(timeout)
+    return th, box
+
+
+def test_non_regular_files_are_refused_without_blocking(tmp_path, rng):
+    fifo = tmp_path / "pipe.safetensors"
+    os.mkfifo(fifo)
+    th, box = _fifo_open_returns(lambda: SafetensorsFile(fifo))
+    if th.is_alive():  # the regression: open() blocks until a writer appears
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        pytest.fail("opening a FIFO named *.safetensors blocked")
+    assert isinstance(box.get("error"), FormatError), box
+    assert "FIFO" in str(box["error"]) and str(fifo) in str(box["error"])
+    os.symlink("/dev/zero", tmp_path / "zero.safetensors")
+    with pytest.raises(FormatError, match="character device"):
+        SafetensorsFile(tmp_path / "zero.safetensors")
+    with pytest.raises(FormatError, match="character device"):
+        Checkpoint(tmp_path / "zero.safetensors")
+    # a model folder whose single file or index is a FIFO
+    (tmp_path / "m").mkdir()
+    os.mkfifo(tmp_path / "m" / "model.safetensors")
+    with pytest.raises(FormatError, match="FIFO"):
+        Checkpoint(tmp_path / "m")
+    _sharded(tmp_path / "n", rng)
+    os.remove(tmp_path / "n" / "model.safetensors.index.json")
+    os.mkfifo(tmp_path / "n" / "model.safetensors.index.json")
+    with pytest.raises(FormatError, match="FIFO"):
+        Checkpoint(tmp_path / "n")
+
+
+def test_a_file_truncated_after_opening_is_a_format_error(tmp_path):
+    p = tmp_path / "t.safetensors"
+    save_file(p, {"a": np.arange(1000, dtype=np.float32), "b": np.arange(3000, dtype=np.float32)})
+    with SafetensorsFile(p) as f:
+        os.truncate(p, f.info("b").begin + 10)
+        assert np.array_equal(f.read_into("a", np.empty(1000, np.float32)), np.arange(1000))
+        for read in (lambda: f.read_into("b", np.empty(3000, np.float32)), lambda: f.read_bytes("b"),
+                     lambda: f.copy_bytes_to("b", open(os.devnull, "wb")), lambda: f.raw("b")):
+            with pytest.raises(FormatError, match="truncated while it was being read"):
+                read()
+    save_file(p, {"a": np.arange(4, dtype=np.float32)})
+    with SafetensorsFile(p) as f:
+        with pytest.raises(ShapeError, match="writable C-contiguous"):
+            f.read_into("a", np.empty(4, np.float64))
+        with pytest.raises(ShapeError, match="writable C-contiguous"):
+            f.read_into("a", np.empty(8, np.float32)[::2])
+
+
+@pytest.mark.parametrize("index, match", [
+    ({"weight_map": {"a.weight": "../outside.safetensors"}}, "is not a plain file name"),
+    ({"weight_map": {"a.weight": "/etc/passwd.safetensors"}}, "is not a plain file name"),
+    ({"weight_map": {"a.weight": "sub/model.safetensors"}}, "is not a plain file name"),
+    ({"weight_map": {"a.weight": ".."}}, "is not a plain file name"),
+    ({"weight_map": {"a.weight": "config.json"}}, "expected a \\*.safetensors shard name"),
+    ({"weight_map": {"a.weight": 3}}, "must be a shard file name .* got int 3"),
+    ({"weight_map": ["model-00001-of-00002.safetensors"]}, "expected a 'weight_map' object .* got list"),
+    ({"weight_map": {}}, "'weight_map' is empty"),
+    ({"metadata": {}}, "got none"),
+    ({"metadata": "x", "weight_map": {"a.weight": "model-00001-of-00002.safetensors"}}, "'metadata' must be an object"),
+    ([1], "expected a JSON object with a 'weight_map', got list"),
+])
+def test_checkpoint_index_is_checked(tmp_path, rng, index, match):
+    """A hostile model.safetensors.index.json cannot make numlora read outside the folder
+    and cannot raise anything but a FormatError naming it."""
+    (tmp_path / "outside.safetensors").write_bytes(b"")
+    _sharded(tmp_path / "m", rng)
+    path = tmp_path / "m" / "model.safetensors.index.json"
+    path.write_text(json.dumps(index))
+    with pytest.raises(FormatError, match=match) as info:
+        Checkpoint(tmp_path / "m")
+    assert str(path) in str(info.value)
+
+
+def test_checkpoint_index_duplicate_key(tmp_path, rng):
+    _sharded(tmp_path / "m", rng)
+    path = tmp_path / "m" / "model.safetensors.index.json"
+    path.write_text('{"weight_map": {"a.weight": "model-00001-of-00002.safetensors", '
+                    '"a.weight": "model-00002-of-00002.safetensors"}}')
+    with pytest.raises(FormatError, match="'a.weight' appears twice"):
+        Checkpoint(tmp_path / "m")
+
+
 def test_missing_and_directory(tmp_path):
     with pytest.raises(FormatError, match="no such safetensors file"):
         SafetensorsFile(tmp_path / "nope.safetensors")
-    with pytest.raises(FormatError, match="directory"):
+    with pytest.raises(FormatError, match="regular file, got a folder"):
         SafetensorsFile(tmp_path)
 
 

@@ -4,11 +4,11 @@
 from __future__ import annotations
 
 import glob
-import json
 import os
 from dataclasses import dataclass
 
 from ..errors import FormatError
+from ._files import brief, read_json
 from .safetensors import SafetensorsFile, TensorInfo
 
 __all__ = ["Checkpoint", "Shard"]
@@ -62,25 +62,11 @@ class Checkpoint:
             raise FormatError(f"{self.path}: expected one *.safetensors.index.json, found {names}")
         if indexes:
             self.index_name = os.path.basename(indexes[0])
-            try:
-                with open(indexes[0], encoding="utf-8") as f:
-                    index = json.load(f)
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise FormatError(f"{indexes[0]}: not a readable JSON index ({e})") from None
-            wmap = index.get("weight_map") if isinstance(index, dict) else None
-            if not isinstance(wmap, dict) or not all(isinstance(v, str) for v in wmap.values()):
-                raise FormatError(f"{indexes[0]}: expected a 'weight_map' object of tensor -> file name")
-            self.index_metadata = dict(index.get("metadata") or {})
-            self._index_map = dict(wmap)
-            names = []
-            for v in wmap.values():
-                if v not in names:
-                    names.append(v)
-            for n in sorted(names):
+            index = read_json(indexes[0], "checkpoint index")
+            self._index_map = self._read_index(indexes[0], index)
+            for n in sorted(set(self._index_map.values())):
                 p = os.path.join(self.path, n)
-                if os.path.basename(n) != n:
-                    raise FormatError(f"{indexes[0]}: shard name {n!r} is not a plain file name")
-                if not os.path.isfile(p):
+                if not os.path.lexists(p):
                     raise FormatError(f"{indexes[0]} names shard {n!r}, which is missing from {self.path}")
                 self._add(n, p)
             return
@@ -98,6 +84,37 @@ class Checkpoint:
             raise FormatError(f"{self.path}: no model.safetensors or *.safetensors.index.json{hint}")
         raise FormatError(f"{self.path}: several .safetensors files {[os.path.basename(p) for p in found]} "
                           "and no index naming them")
+
+    def _read_index(self, path: str, index) -> dict:
+        """The index's weight map, checked: an object of tensor name -> shard file name,
+        each shard a plain ``*.safetensors`` name inside the folder (no folder part, no
+        ``..``), so an index cannot make numlora read outside the model folder."""
+        if not isinstance(index, dict):
+            raise FormatError(f"{path}: expected a JSON object with a 'weight_map', got {type(index).__name__}")
+        wmap = index.get("weight_map")
+        if not isinstance(wmap, dict):
+            got = "none" if wmap is None else f"{type(wmap).__name__} {brief(wmap)}"
+            raise FormatError(f"{path}: expected a 'weight_map' object of tensor name -> shard file name, got {got}")
+        if not wmap:
+            raise FormatError(f"{path}: the 'weight_map' is empty; expected tensor name -> shard file name")
+        for tensor, shard in wmap.items():
+            if not isinstance(shard, str):
+                raise FormatError(f"{path}: weight_map[{brief(tensor)}] must be a shard file name (a string), got "
+                                  f"{type(shard).__name__} {brief(shard)}")
+            if (shard in ("", ".", "..") or "/" in shard or "\\" in shard or "\0" in shard
+                    or os.path.basename(shard) != shard or os.path.isabs(shard)):
+                raise FormatError(f"{path}: weight_map[{brief(tensor)}] = {brief(shard)} is not a plain file name; "
+                                  f"shards must lie in the model folder itself (no folders, no '..')")
+            if not shard.endswith(".safetensors"):
+                raise FormatError(f"{path}: weight_map[{brief(tensor)}] = {brief(shard)}; expected a "
+                                  f"*.safetensors shard name")
+        meta = index.get("metadata")
+        if meta is None:
+            meta = {}
+        if not isinstance(meta, dict):
+            raise FormatError(f"{path}: 'metadata' must be an object, got {type(meta).__name__} {brief(meta)}")
+        self.index_metadata = dict(meta)
+        return dict(wmap)
 
     def _check_index(self):
         for tensor, shard in self._index_map.items():

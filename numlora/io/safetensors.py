@@ -28,6 +28,7 @@ from typing import Iterable, Mapping
 import numpy as np
 
 from ..errors import DTypeError, FormatError, ShapeError
+from ._files import brief, describe_os_error, open_regular, parse_json
 from .atomic import AtomicFile, Transaction
 
 __all__ = [
@@ -68,6 +69,8 @@ _NUMPY_TO_ST = {
     np.dtype("bool"): "BOOL",
 }
 MAX_HEADER = 100 * 1024 * 1024  # the reference implementation's limit
+MAX_NDIM = 32  # numpy's limit before 2.0
+MAX_INDEX = 2 ** 63 - 1  # element counts and byte counts must fit an int64
 _ALIGN = 8  # pad the header so tensor data starts 8-byte aligned (as the reference writer does)
 
 
@@ -176,14 +179,12 @@ class SafetensorsFile:
 
     def __init__(self, path):
         self.path = os.fspath(path)
-        try:
-            self._file = open(self.path, "rb")
-        except FileNotFoundError:
-            raise FormatError(f"no such safetensors file: {self.path}") from None
-        except IsADirectoryError:
-            raise FormatError(f"expected a .safetensors file, got a directory: {self.path}") from None
+        self._file = open_regular(self.path, "safetensors file")
         try:
             self._parse()
+        except OSError as e:
+            self._file.close()
+            raise FormatError(f"cannot read the safetensors file {self.path}: {describe_os_error(e)}") from None
         except BaseException:
             self._file.close()
             raise
@@ -203,45 +204,75 @@ class SafetensorsFile:
         if 8 + n > size:
             self._fail(f"header length {n} runs past the end of the file ({size} bytes): truncated?")
         raw = self._file.read(n)
-        try:
-            header = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            self._fail(f"header is not UTF-8 JSON ({e})")
+        if len(raw) < n:
+            self._fail(f"the file ended after {8 + len(raw)} bytes while reading its {n}-byte header: it shrank "
+                       f"while being read")
+        header = parse_json(raw, f"{self.path}: not a valid safetensors file: header")
         if not isinstance(header, dict):
             self._fail(f"header must be a JSON object, got {type(header).__name__}")
-        meta = header.pop("__metadata__", None) or {}
-        if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
-            self._fail("__metadata__ must map str to str")
+        meta = header.pop("__metadata__", None)
+        if meta is None:
+            meta = {}
+        if not isinstance(meta, dict):
+            self._fail(f"__metadata__ must be an object mapping str to str, got {type(meta).__name__}")
+        for k, v in meta.items():
+            if not isinstance(v, str):
+                self._fail(f"__metadata__ must map str to str; the value of {brief(k)} is "
+                           f"{type(v).__name__} {brief(v)}")
         self.metadata: dict[str, str] = dict(meta)
         self.data_start = 8 + n
         data_len = size - self.data_start
         infos = []
         for name, entry in header.items():
-            if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
-                self._fail(f"tensor {name!r}: expected dtype, shape and data_offsets, got {entry!r}")
-            dtype, shape, offs = entry["dtype"], entry["shape"], entry["data_offsets"]
-            if dtype not in DTYPES:
-                self._fail(f"tensor {name!r}: unknown dtype {dtype!r}")
-            if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
-                self._fail(f"tensor {name!r}: shape must be a list of non-negative integers, got {shape!r}")
-            if not (isinstance(offs, list) and len(offs) == 2 and all(isinstance(o, int) for o in offs)
-                    and 0 <= offs[0] <= offs[1]):
-                self._fail(f"tensor {name!r}: bad data_offsets {offs!r}")
-            nbytes = math.prod(shape) * DTYPES[dtype].itemsize
-            if offs[1] - offs[0] != nbytes:
-                self._fail(f"tensor {name!r}: {dtype} {tuple(shape)} needs {nbytes} bytes, "
-                           f"data_offsets {offs} give {offs[1] - offs[0]}")
-            if offs[1] > data_len:
-                self._fail(f"tensor {name!r}: data ends at byte {offs[1]} of the data section, which has only "
-                           f"{data_len} bytes: truncated?")
-            infos.append(TensorInfo(name, dtype, tuple(shape), self.data_start + offs[0], nbytes))
+            infos.append(self._tensor_info(name, entry, data_len))
         infos.sort(key=lambda t: (t.begin, t.nbytes))
         end = self.data_start
         for t in infos:
             if t.begin < end:
-                self._fail(f"tensor {t.name!r} overlaps the tensor before it")
+                self._fail(f"tensor {brief(t.name)} overlaps the tensor before it")
             end = t.begin + t.nbytes
         self._infos = {t.name: t for t in infos}
+
+    def _tensor_info(self, name: str, entry, data_len: int) -> TensorInfo:
+        what = f"tensor {brief(name)}"
+        if not isinstance(entry, dict):
+            self._fail(f"{what}: expected an object with dtype, shape and data_offsets, got "
+                       f"{type(entry).__name__} {brief(entry)}")
+        missing = [k for k in ("dtype", "shape", "data_offsets") if k not in entry]
+        if missing:
+            self._fail(f"{what}: expected dtype, shape and data_offsets, {', '.join(missing)} missing")
+        dtype, shape, offs = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if not isinstance(dtype, str):
+            self._fail(f"{what}: dtype must be a string such as \"F32\", got {type(dtype).__name__} {brief(dtype)}")
+        if dtype not in DTYPES:
+            self._fail(f"{what}: unknown dtype {brief(dtype)}; expected one of {sorted(DTYPES)}")
+        if not isinstance(shape, list):
+            self._fail(f"{what}: shape must be a list of non-negative integers, got {type(shape).__name__} "
+                       f"{brief(shape)}")
+        if len(shape) > MAX_NDIM:
+            self._fail(f"{what}: shape has {len(shape)} dimensions; at most {MAX_NDIM} are supported")
+        for d in shape:
+            if type(d) is not int or d < 0:  # bool is an int subclass: refused too
+                kind = "a negative integer" if type(d) is int else type(d).__name__
+                self._fail(f"{what}: shape must be a list of non-negative integers, got {brief(shape)} "
+                           f"(holding {kind} {brief(d)})")
+        nonzero = math.prod(d for d in shape if d)
+        itemsize = DTYPES[dtype].itemsize
+        if nonzero * itemsize > MAX_INDEX:
+            self._fail(f"{what}: shape {brief(shape)}: its nonzero dimensions make {nonzero} elements of {itemsize} "
+                       f"bytes, more than 2**63 - 1 bytes (the int64 limit of any index)")
+        if not (isinstance(offs, list) and len(offs) == 2 and all(type(o) is int for o in offs)):
+            self._fail(f"{what}: data_offsets must be a list of two integers [begin, end], got {brief(offs)}")
+        if not 0 <= offs[0] <= offs[1]:
+            self._fail(f"{what}: data_offsets {offs} must satisfy 0 <= begin <= end")
+        nbytes = math.prod(shape) * itemsize
+        if offs[1] - offs[0] != nbytes:
+            self._fail(f"{what}: {dtype} {tuple(shape)} needs {nbytes} bytes, data_offsets {offs} give "
+                       f"{offs[1] - offs[0]}")
+        if offs[1] > data_len:
+            self._fail(f"{what}: data ends at byte {offs[1]} of the data section, which has only {data_len} bytes: "
+                       f"truncated?")
+        return TensorInfo(name, dtype, tuple(shape), self.data_start + offs[0], nbytes)
 
     # mapping-like access -------------------------------------------------------------
     def keys(self) -> list[str]:
@@ -266,11 +297,17 @@ class SafetensorsFile:
         return list(self._infos.values())
 
     def raw(self, name: str) -> np.ndarray:
-        """The tensor as stored, read-only, memory-mapped (only its own pages)."""
+        """The tensor as stored, read-only, memory-mapped (only its own pages).
+
+        A mapped file that is truncated by someone else while the array is in use makes
+        the process die of SIGBUS when the missing pages are touched; :meth:`read_into`
+        (used by ``numlora merge`` / ``quantize``) reads with ``pread`` instead and raises
+        :class:`~numlora.errors.FormatError`."""
         t = self.info(name)
         dt = DTYPES[t.dtype]
         if t.nbytes == 0:
             return np.zeros(t.shape, dt)
+        self._check_size(t)
         gran = mmap.ALLOCATIONGRANULARITY
         start = t.begin - t.begin % gran
         mm = mmap.mmap(self._file.fileno(), t.begin + t.nbytes - start, offset=start, access=mmap.ACCESS_READ)
@@ -279,6 +316,50 @@ class SafetensorsFile:
             buf = buf.copy()  # unaligned data: a copy keeps numpy and numba happy
             buf.flags.writeable = False
         return buf.view(dt).reshape(t.shape)
+
+    def _check_size(self, t: TensorInfo) -> None:
+        size = os.fstat(self._file.fileno()).st_size
+        if size < t.begin + t.nbytes:
+            self._shrank(t.name, size)
+
+    def _shrank(self, name: str, size=None):
+        now = f" (now {size} bytes)" if size is not None else ""
+        raise FormatError(f"{self.path}: the file was truncated while it was being read{now}: tensor {name!r} "
+                          f"ends at byte {self._infos[name].begin + self._infos[name].nbytes}, but the file had "
+                          f"{self.file_size} bytes when it was opened")
+
+    def _pread_into(self, name: str, view: memoryview, pos: int) -> None:
+        """Fill ``view`` (bytes) from file offset ``pos``."""
+        fd = self._file.fileno()
+        done, total = 0, len(view)
+        while done < total:
+            part = view[done:done + (1 << 26)]
+            try:
+                if hasattr(os, "preadv"):
+                    got = os.preadv(fd, [part], pos + done)
+                else:  # pragma: no cover - every platform numlora runs on has preadv
+                    data = os.pread(fd, len(part), pos + done)
+                    got = len(data)
+                    part[:got] = data
+            except OSError as e:
+                raise FormatError(f"cannot read tensor {name!r} of {self.path}: {describe_os_error(e)}") from None
+            if got == 0:
+                self._shrank(name)
+            done += got
+
+    def read_into(self, name: str, out: np.ndarray) -> np.ndarray:
+        """Read tensor ``name`` as stored into ``out`` (a writable C-contiguous array of its
+        storage dtype and shape, e.g. a reused work buffer) with ``pread``: no mapping, so a
+        file truncated meanwhile raises :class:`~numlora.errors.FormatError` instead of
+        killing the process."""
+        t = self.info(name)
+        dt = DTYPES[t.dtype]
+        if out.dtype != dt or out.shape != t.shape or not out.flags.c_contiguous or not out.flags.writeable:
+            raise ShapeError(f"out must be a writable C-contiguous {dt} array of shape {t.shape}, got "
+                             f"{out.dtype} {out.shape}")
+        if t.nbytes:
+            self._pread_into(name, memoryview(out.reshape(-1).view(np.uint8)), t.begin)
+        return out
 
     def get(self, name: str, float32: bool = True) -> np.ndarray:
         """The tensor as a numpy array; floating tensors as float32 unless ``float32=False``."""
@@ -290,7 +371,10 @@ class SafetensorsFile:
 
     def read_bytes(self, name: str) -> bytes:
         t = self.info(name)
-        return os.pread(self._file.fileno(), t.nbytes, t.begin)
+        buf = bytearray(t.nbytes)
+        if t.nbytes:
+            self._pread_into(name, memoryview(buf), t.begin)
+        return bytes(buf)
 
     def copy_bytes_to(self, name: str, dst, chunk: int = 1 << 24) -> None:
         """Copy a tensor's stored bytes into the binary file object ``dst`` in chunks
@@ -299,9 +383,12 @@ class SafetensorsFile:
         fd = self._file.fileno()
         pos, end = t.begin, t.begin + t.nbytes
         while pos < end:
-            data = os.pread(fd, min(chunk, end - pos), pos)
+            try:
+                data = os.pread(fd, min(chunk, end - pos), pos)
+            except OSError as e:
+                raise FormatError(f"cannot read tensor {name!r} of {self.path}: {describe_os_error(e)}") from None
             if not data:
-                raise FormatError(f"{self.path}: file shrank while reading {name!r}")
+                self._shrank(name)
             dst.write(data)
             pos += len(data)
 
@@ -319,14 +406,14 @@ class SafetensorsFile:
 
 
 def load_file(path, float32: bool = True) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Every tensor of a file (copied into memory) and its metadata. Floating tensors come as
+    """Every tensor of a file (read into memory) and its metadata. Floating tensors come as
     float32 unless ``float32=False`` (then bfloat16 arrives as uint16 bits)."""
     with SafetensorsFile(path) as f:
         tensors = {}
         for name in f.keys():
-            a = f.get(name, float32)
-            # a converted tensor is already a fresh array; a mapped one is copied out of the map
-            tensors[name] = a if a.flags.owndata else np.array(a, copy=True)
+            t = f.info(name)
+            a = f.read_into(name, np.empty(t.shape, DTYPES[t.dtype]))
+            tensors[name] = to_float32(a, t.dtype) if float32 and t.is_float else a
         return tensors, dict(f.metadata)
 
 
@@ -451,6 +538,8 @@ class SafetensorsWriter(Transaction):
         self._next += 1
 
     def commit(self) -> None:
+        if self._file._done:  # committed (or aborted) already
+            return
         if self._next != len(self.entries):
             missing = [n for n, _, _ in self.entries[self._next:]]
             self.abort()
