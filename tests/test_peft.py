@@ -248,6 +248,69 @@ def test_config_problems_name_the_file(tmp_path, rng):
         nl.load_peft_adapter(tmp_path / "bias")
 
 
+_CFG = '{"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q"]%s}'
+
+
+@pytest.mark.parametrize("extra, match", [
+    (', "r": 4', "the key 'r' appears twice"),  # json would keep r=4 silently
+    (', "rank_pattern": {"q": 2, "q": 3}', "the key 'q' appears twice"),
+    (', "x": ' + "[" * 50000 + "]" * 50000, "nested too deeply"),
+    (', "x": ' + "7" * 5000, "JSON value out of range"),
+])
+def test_config_json_that_cannot_be_read_unambiguously(tmp_path, rng, extra, match):
+    _write_folder(tmp_path, {}, _good_tensors(rng))
+    (tmp_path / CONFIG_NAME).write_text(_CFG % extra)
+    with pytest.raises(FormatError, match=match) as info:
+        nl.load_peft_adapter(tmp_path)
+    assert str(tmp_path / CONFIG_NAME) in str(info.value)
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("r", True, "r must be an integer in 1..65536, got bool True"),
+    ("r", 2.0, "r must be an integer in 1..65536, got float 2.0"),
+    ("r", "2", "r must be an integer in 1..65536, got str '2'"),
+    ("r", 2 ** 70, r"r must be an integer in 1..65536 \(2\*\*16"),
+    ("r", 0, "r must be an integer in 1..65536"),
+    ("lora_alpha", "8", "lora_alpha must be a number, got str '8'"),
+    ("lora_alpha", False, "lora_alpha must be a number, got bool False"),
+    ("lora_alpha", [8], "lora_alpha must be a number, got list"),
+    ("lora_dropout", "0.1", "lora_dropout must be a number"),
+    ("target_modules", 5, "target_modules must be a list of module names"),
+    ("target_modules", ["q", 1], "target_modules must be a list of module names"),
+    ("target_modules", {"q": 1}, "target_modules must be a list of module names"),
+    ("rank_pattern", ["q"], "rank_pattern must be an object"),
+    ("rank_pattern", {"q": "2"}, r"rank_pattern\['q'\] must be an integer in 1..65536, got str"),
+    ("rank_pattern", {"q": 10 ** 9}, r"rank_pattern\['q'\] must be an integer in 1..65536"),
+    ("alpha_pattern", {"q": None}, r"alpha_pattern\['q'\] must be a number, got NoneType"),
+    ("use_dora", "yes", "use_dora must be true or false, got str 'yes'"),
+    ("fan_in_fan_out", 1, "fan_in_fan_out must be true or false, got int 1"),
+])
+def test_config_types_are_checked_where_the_file_is_read(tmp_path, rng, key, value, match):
+    cfg = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q"], key: value}
+    _write_folder(tmp_path, cfg, _good_tensors(rng))
+    with pytest.raises(FormatError, match=match) as info:
+        nl.load_peft_adapter(tmp_path)
+    assert str(tmp_path / CONFIG_NAME) in str(info.value)
+
+
+def test_config_that_is_not_a_regular_file(tmp_path, rng):
+    _write_folder(tmp_path, {}, _good_tensors(rng))
+    os.remove(tmp_path / CONFIG_NAME)
+    os.mkfifo(tmp_path / CONFIG_NAME)  # would block json.load forever
+    with pytest.raises(FormatError, match="adapter_config.json to be a regular file, got a FIFO"):
+        nl.load_peft_adapter(tmp_path)
+    os.remove(tmp_path / CONFIG_NAME)
+    os.mkdir(tmp_path / CONFIG_NAME)
+    with pytest.raises(FormatError, match="regular file, got a folder"):
+        nl.load_peft_adapter(tmp_path)
+    os.rmdir(tmp_path / CONFIG_NAME)
+    _write_folder(tmp_path, {"peft_type": "LORA", "r": 2, "target_modules": ["q"]}, None)
+    os.remove(tmp_path / WEIGHTS_NAME)
+    os.mkfifo(tmp_path / WEIGHTS_NAME)
+    with pytest.raises(FormatError, match="adapter_model.safetensors to be a regular file, got a FIFO"):
+        nl.load_peft_adapter(tmp_path)
+
+
 @pytest.mark.parametrize("case", ["shape", "missing_b", "missing_a", "rank", "int", "conv", "embedding",
                                   "magnitude_unexpected", "magnitude_missing", "lora_bias_missing", "bad_vector"])
 def test_bad_tensors(tmp_path, rng, case):

@@ -21,6 +21,7 @@ import numpy as np
 from ..adapter import LoraAdapter
 from ..config import LoraConfig, pattern_key
 from ..errors import ConfigError, DTypeError, FormatError, NumloraError, ShapeError
+from ._files import brief, read_json
 from .atomic import write_text_atomic
 from .safetensors import load_file, save_file
 
@@ -32,6 +33,8 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 KEY_PREFIX = "base_model.model."
 SAVE_DTYPES = ("F32", "F16", "BF16")
+MAX_RANK = 2 ** 16  # r and rank_pattern values read from a file
+MAX_CONFIG = 16 * 1024 * 1024  # bytes of adapter_config.json (real ones are about 1 KB)
 
 # key suffix -> part of the layer
 _SUFFIXES = (
@@ -66,23 +69,20 @@ def load_peft_adapter(path) -> LoraAdapter:
         raise FormatError(f"expected a PEFT adapter folder ({CONFIG_NAME} and {WEIGHTS_NAME}), got a file: {path}")
     cfg_path = os.path.join(path, CONFIG_NAME)
     weights_path = os.path.join(path, WEIGHTS_NAME)
-    if not os.path.isfile(cfg_path):
+    if not os.path.lexists(cfg_path):
         raise FormatError(f"{path}: no {CONFIG_NAME}; a PEFT adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")
-    if not os.path.isfile(weights_path):
-        if os.path.isfile(os.path.join(path, LEGACY_WEIGHTS_NAME)):
+    if not os.path.lexists(weights_path):
+        if os.path.lexists(os.path.join(path, LEGACY_WEIGHTS_NAME)):
             raise FormatError(
                 f"{path}: has {LEGACY_WEIGHTS_NAME} but no {WEIGHTS_NAME}. {LEGACY_WEIGHTS_NAME} is a pickled "
                 "PyTorch file and numlora never unpickles (loading a pickle can run arbitrary code). Convert it "
                 "once where you trust it: PeftModel.from_pretrained(model, path).save_pretrained(out) writes "
                 f"{WEIGHTS_NAME}")
         raise FormatError(f"{path}: no {WEIGHTS_NAME}; a PEFT adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")
-    try:
-        with open(cfg_path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FormatError(f"{cfg_path}: not valid JSON ({e})") from None
+    data = read_json(cfg_path, "PEFT adapter config", limit=MAX_CONFIG)
     if not isinstance(data, dict):
         raise FormatError(f"{cfg_path}: expected a JSON object, got {type(data).__name__}")
+    _check_config_types(data, cfg_path)
     # the warnings name the file; re-issue them at the caller of load_peft_adapter
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -91,6 +91,51 @@ def load_peft_adapter(path) -> LoraAdapter:
         warnings.warn(w.message, w.category, stacklevel=2)
     tensors, _ = load_file(weights_path)
     return adapter_from_tensors(config, tensors, source=weights_path, stacklevel=3)
+
+
+def _check_config_types(data: dict, source: str) -> None:
+    """The types and bounds of the keys numlora uses, checked where the file is read so the
+    message names the file: ``r`` and ``rank_pattern`` values integers in
+    ``1..MAX_RANK``, ``lora_alpha`` and ``alpha_pattern`` values real numbers (not
+    booleans), ``target_modules`` a list of strings, a string or null, the patterns
+    objects, the switches booleans. (LoraConfig checks the values' ranges.)"""
+
+    def bad(key, expected, value):
+        raise FormatError(f"{source}: {key} must be {expected}, got {type(value).__name__} {brief(value)}")
+
+    def rank(key, value):
+        if type(value) is not int:
+            bad(key, f"an integer in 1..{MAX_RANK}", value)
+        if not 1 <= value <= MAX_RANK:
+            raise FormatError(f"{source}: {key} must be an integer in 1..{MAX_RANK} (2**16; a LoRA rank is far "
+                              f"smaller than the layer it adapts), got {brief(value)}")
+
+    def real(key, value):
+        if type(value) not in (int, float):
+            bad(key, "a number", value)
+
+    if data.get("r") is not None:
+        rank("r", data["r"])
+    if data.get("lora_alpha") is not None:
+        real("lora_alpha", data["lora_alpha"])
+    if data.get("lora_dropout") is not None:
+        real("lora_dropout", data["lora_dropout"])
+    targets = data.get("target_modules")
+    if targets is not None and not isinstance(targets, str):
+        if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+            bad("target_modules", "a list of module names (strings), a regex string or null", targets)
+    for key, check in (("rank_pattern", rank), ("alpha_pattern", real)):
+        pattern = data.get(key)
+        if pattern is None:
+            continue
+        if not isinstance(pattern, dict):
+            bad(key, "an object of module regex -> value", pattern)
+        for k, v in pattern.items():
+            check(f"{key}[{brief(k)}]", v)
+    for key in ("fan_in_fan_out", "use_rslora", "use_dora", "lora_bias", "inference_mode"):
+        value = data.get(key)
+        if value is not None and not isinstance(value, bool):
+            bad(key, "true or false", value)
 
 
 def _split_key(key: str):
