@@ -388,6 +388,95 @@ def test_atomic_dir_leaves_nothing_on_error(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["out"]
 
 
+def _dead_pid():
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_temp_names_and_stale_temp_cleanup(tmp_path):
+    from numlora.io import atomic
+
+    host = atomic._HOST
+    dead = _dead_pid()
+    stale_file = f".numlora-{dead}-{host}-00112233aabb.tmp"
+    stale_dir = f".numlora-{dead}-{host}-44556677ccdd.tmp"
+    stale_old = f".numlora-old-{dead}-{host}-8899aabbccdd.tmp"
+    keep = [f".numlora-1-{host}-0123456789ab.tmp",  # pid 1 is alive
+            f".numlora-{dead}-0badc0de-0123456789ab.tmp",  # another host: cannot tell
+            ".numlora-abcdef.tmp",  # the old unnamed pattern: cannot tell
+            f"numlora-{dead}-{host}-0123456789ab.tmp", "notes.txt"]
+    for n in [stale_file] + keep:
+        (tmp_path / n).write_text("x")
+    for n in (stale_dir, stale_old):
+        (tmp_path / n).mkdir()
+        (tmp_path / n / "model.safetensors").write_text("x")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / stale_file).write_text("x")  # only the output's own folder is cleaned
+    with atomic.AtomicFile(tmp_path / "out.bin") as f:
+        name = os.path.basename(f.tmp)
+        assert atomic.is_numlora_temp(name) and name.startswith(f".numlora-{os.getpid()}-{host}-")
+        f.write(b"data")
+    assert sorted(os.listdir(tmp_path)) == sorted(keep + ["out.bin", "sub"])
+    assert os.listdir(tmp_path / "sub") == [stale_file]
+    (tmp_path / stale_dir).mkdir()
+    with AtomicDir(tmp_path / "d") as d:
+        assert atomic.is_numlora_temp(os.path.basename(d.tmp))
+    assert not (tmp_path / stale_dir).exists()
+
+
+def test_atomic_writes_clean_up_after_os_errors(tmp_path, monkeypatch):
+    """Disk full (writes go to /dev/full, so the error arrives at a flush), no permission to
+    create the temporary file, a failing commit: an OSError naming the destination, with
+    the same errno, and no file left behind."""
+    import errno
+
+    from numlora.io import atomic
+
+    real = atomic._open_temp
+
+    def full(path):
+        fd = real(path)
+        dev = os.open("/dev/full", os.O_WRONLY)
+        os.dup2(dev, fd)
+        os.close(dev)
+        return fd
+
+    monkeypatch.setattr(atomic, "_open_temp", full)
+    with pytest.raises(OSError) as info:
+        save_file(tmp_path / "a.safetensors", {"x": np.zeros(1 << 16, np.float32)})
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(tmp_path / "a.safetensors")
+    with pytest.raises(OSError) as info:
+        atomic.write_text_atomic(tmp_path / "c.json", "{}")  # small: fails only at the commit's flush
+    assert info.value.errno == errno.ENOSPC
+    assert os.listdir(tmp_path) == []
+
+    def denied(path):
+        raise PermissionError(errno.EACCES, "Permission denied", path)
+
+    monkeypatch.setattr(atomic, "_open_temp", denied)
+    with pytest.raises(PermissionError) as info:
+        save_file(tmp_path / "a.safetensors", {"x": np.zeros(4, np.float32)})
+    assert info.value.filename == str(tmp_path / "a.safetensors")
+    assert os.listdir(tmp_path) == []
+
+
+def test_atomic_dir_removes_the_parents_it_made(tmp_path):
+    out = tmp_path / "a" / "b" / "out"
+    with pytest.raises(RuntimeError):
+        with AtomicDir(out):
+            assert (tmp_path / "a" / "b").is_dir()
+            raise RuntimeError("boom")
+    assert os.listdir(tmp_path) == []
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError):
+        AtomicDir(tmp_path / "file" / "sub" / "out")
+    assert os.listdir(tmp_path) == ["file"]
+
+
 # --- against the reference implementation ------------------------------------------------
 torch = None
 try:  # optional peers

@@ -1,21 +1,120 @@
 """Atomic file writes: a temporary file in the destination folder, then a rename.
 
 An interrupted write leaves the destination as it was (absent or the old file) and no
-temporary file behind.
+temporary file behind. Temporary names say who wrote them:
+``.numlora-<pid>-<host>-<random>.tmp`` (``<host>``: 8 hex digits of a hash of the host
+name). A process killed outright (SIGKILL, a power cut) cannot remove its temporary file;
+the next atomic write into the same folder removes the ones it can prove are stale:
+written on this host by a process that no longer exists (:func:`remove_stale_temps`).
+
+OS failures (disk full, no permission, a file-size limit) are raised as ``OSError`` whose
+``filename`` is the destination, after the temporary file is removed.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import hashlib
 import os
+import re
+import secrets
 import shutil
-import tempfile
+import socket
 
-__all__ = ["AtomicFile", "AtomicDir", "Transaction", "write_text_atomic", "write_bytes_atomic"]
+__all__ = ["AtomicFile", "AtomicDir", "Transaction", "write_text_atomic", "write_bytes_atomic",
+           "remove_stale_temps", "is_numlora_temp", "point_of_no_return", "past_point_of_no_return"]
+
+_HOST = hashlib.sha1(socket.gethostname().encode("utf-8", "replace")).hexdigest()[:8]
+_TEMP_RE = re.compile(r"^\.numlora-(?:old-)?(\d{1,10})-([0-9a-f]{8})-[0-9a-f]{8,32}\.tmp$")
+
+
+def _temp_name(kind: str = "") -> str:
+    return f".numlora-{kind}{os.getpid()}-{_HOST}-{secrets.token_hex(6)}.tmp"
+
+
+def is_numlora_temp(name: str) -> bool:
+    """True when ``name`` (a file name, no folder) is one of numlora's temporary names."""
+    return _TEMP_RE.match(name) is not None
+
+
+def _pid_is_dead(pid: int) -> bool:
+    if not 0 < pid < 2 ** 31 or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # EPERM: it exists, owned by someone else
+        return False
+    return False
+
+
+def remove_stale_temps(folder) -> list[str]:
+    """Remove numlora temporary files and folders in ``folder`` (not below it) that were
+    written on this host by a process that no longer exists; return their names. Anything
+    else is left alone: other names, another host's files, files of a live process (a
+    reused pid included). Errors are ignored (best effort)."""
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        m = _TEMP_RE.match(entry.name)
+        if m is None or m.group(2) != _HOST or not _pid_is_dead(int(m.group(1))):
+            continue
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
+            removed.append(entry.name)
+        except OSError:
+            pass
+    return removed
+
+
+# --- the point of no return -------------------------------------------------------------------
+# A job's final commit (the rename that makes its output visible) must not be cut in two by
+# an interrupt. numlora's CLI installs signal handlers that raise KeyboardInterrupt only
+# while past_point_of_no_return() is False: an interrupt before the final commit removes
+# everything, an interrupt during or after it lets the job finish with its output complete.
+_committing = [False]
+
+
+@contextlib.contextmanager
+def point_of_no_return():
+    """Mark the final commit of a job: from here on an interrupt no longer aborts it. If
+    the block raises, the mark is taken back (the job failed and will be cleaned up)."""
+    _committing[0] = True
+    try:
+        yield
+    except BaseException:
+        _committing[0] = False
+        raise
+
+
+def past_point_of_no_return() -> bool:
+    return _committing[0]
+
+
+def reset_point_of_no_return() -> None:
+    _committing[0] = False
+
+
+def _os_error(e: OSError, path: str) -> OSError:
+    """``e`` with ``path`` as its filename (same errno, so the same OSError subclass)."""
+    if e.errno is None:
+        return e
+    new = OSError(e.errno, e.strerror or os.strerror(e.errno), path)
+    new.__cause__ = e
+    return new
 
 
 class Transaction:
     """A ``with`` block that calls ``commit()`` when it ends normally and ``abort()`` when
-    it ends with an exception (Ctrl-C included)."""
+    it ends with an exception (Ctrl-C included), or when ``commit()`` itself fails."""
 
     def commit(self) -> None:
         raise NotImplementedError
@@ -28,28 +127,65 @@ class Transaction:
 
     def __exit__(self, exc_type, exc, tb):
         if exc_type is None:
-            self.commit()
+            try:
+                self.commit()
+            except BaseException:
+                self.abort()
+                raise
         else:
             self.abort()
+
+
+def _open_temp(path: str) -> int:
+    """Create ``path`` exclusively for writing; the one place a temporary file is created
+    (tests replace it to inject faults)."""
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
 
 
 class AtomicFile(Transaction):
     """A binary file that appears at ``path`` only on :meth:`commit` (fsync, rename).
 
-    :meth:`abort` (or an exception inside ``with``) removes the temporary file."""
+    :meth:`abort` (or an exception inside ``with``) removes the temporary file. An
+    ``OSError`` from any step is raised with ``path`` as its filename, after the
+    temporary file is removed."""
 
     def __init__(self, path):
         self.path = os.fspath(path)
         folder = os.path.dirname(os.path.abspath(self.path))
-        fd, self.tmp = tempfile.mkstemp(prefix=".numlora-", suffix=".tmp", dir=folder)
-        self._f = os.fdopen(fd, "wb")
+        remove_stale_temps(folder)
+        self._f = None
         self._done = False
+        for _ in range(100):
+            self.tmp = os.path.join(folder, _temp_name())
+            try:
+                fd = _open_temp(self.tmp)
+                break
+            except FileExistsError:
+                continue
+            except OSError as e:
+                self._done = True
+                raise _os_error(e, self.path) from None
+        else:  # pragma: no cover - 100 collisions of 48 random bits
+            raise FileExistsError(errno.EEXIST, "no free temporary name", folder)
+        try:
+            self._f = os.fdopen(fd, "wb")
+        except BaseException:
+            os.close(fd)
+            self.abort()
+            raise
+
+    def _io(self, fn, *args):
+        try:
+            return fn(*args)
+        except OSError as e:
+            self.abort()
+            raise _os_error(e, self.path) from None
 
     def write(self, data) -> int:
-        return self._f.write(data)
+        return self._io(self._f.write, data)
 
     def seek(self, pos: int) -> int:
-        return self._f.seek(pos)
+        return self._io(self._f.seek, pos)
 
     def tell(self) -> int:
         return self._f.tell()
@@ -57,11 +193,18 @@ class AtomicFile(Transaction):
     def commit(self) -> None:
         if self._done:
             return
-        self._f.flush()
-        os.fsync(self._f.fileno())
-        self._f.close()
-        os.chmod(self.tmp, 0o644 & ~_umask())
-        os.replace(self.tmp, self.path)
+        try:
+            self._f.flush()
+            os.fsync(self._f.fileno())
+            self._f.close()
+            os.chmod(self.tmp, 0o644 & ~_umask())
+            os.replace(self.tmp, self.path)
+        except OSError as e:
+            self.abort()
+            raise _os_error(e, self.path) from None
+        except BaseException:
+            self.abort()
+            raise
         self._done = True
 
     def abort(self) -> None:
@@ -69,13 +212,16 @@ class AtomicFile(Transaction):
             return
         self._done = True
         try:
-            self._f.close()
+            if self._f is not None:
+                try:
+                    self._f.close()
+                except OSError:  # the buffered bytes cannot be written (disk full): drop them
+                    pass
         finally:
             try:
                 os.unlink(self.tmp)
             except OSError:
                 pass
-
 
 
 def _umask() -> int:
@@ -97,22 +243,46 @@ class AtomicDir(Transaction):
     """A folder built under a temporary name beside ``path`` and renamed into place on
     :meth:`commit`. ``path`` must not exist, or be an empty folder, unless
     ``overwrite=True`` (then the old folder is replaced as a whole, after the new one is
-    complete). On an exception inside ``with`` the temporary folder is removed."""
+    complete). On an exception inside ``with`` the temporary folder is removed, and so are
+    parent folders this object created."""
 
     def __init__(self, path, overwrite: bool = False):
         from ..errors import FormatError
 
         self.path = os.path.abspath(os.fspath(path))
-        if os.path.exists(self.path):
+        if os.path.lexists(self.path):
             if not os.path.isdir(self.path):
                 raise FormatError(f"output {path} exists and is not a folder")
             if os.listdir(self.path) and not overwrite:
                 raise FormatError(f"output folder {path} exists and is not empty; choose a new path "
                                   f"or pass overwrite (--overwrite)")
         parent = os.path.dirname(self.path)
-        os.makedirs(parent, exist_ok=True)
-        self.tmp = tempfile.mkdtemp(prefix=".numlora-", suffix=".tmp", dir=parent)
+        self._made = []  # parent folders created here, deepest last
+        probe = parent
+        while not os.path.lexists(probe):
+            self._made.append(probe)
+            probe = os.path.dirname(probe)
+        self._made.reverse()
         self._done = False
+        self.tmp = None
+        try:
+            for d in self._made:
+                os.mkdir(d)
+            remove_stale_temps(parent)
+            for _ in range(100):
+                tmp = os.path.join(parent, _temp_name())
+                try:
+                    os.mkdir(tmp, 0o700)
+                    self.tmp = tmp
+                    break
+                except FileExistsError:
+                    continue
+        except OSError as e:
+            self.abort()
+            raise _os_error(e, self.path) from None
+        except BaseException:
+            self.abort()
+            raise
 
     def join(self, *names) -> str:
         return os.path.join(self.tmp, *names)
@@ -120,13 +290,25 @@ class AtomicDir(Transaction):
     def commit(self) -> None:
         if self._done:
             return
-        os.chmod(self.tmp, 0o755 & ~_umask())
-        old = None
-        if os.path.exists(self.path):
-            old = tempfile.mkdtemp(prefix=".numlora-old-", dir=os.path.dirname(self.path))
-            os.rmdir(old)
-            os.rename(self.path, old)
-        os.rename(self.tmp, self.path)
+        parent = os.path.dirname(self.path)
+        try:
+            os.chmod(self.tmp, 0o755 & ~_umask())
+            old = None
+            if os.path.lexists(self.path):
+                old = os.path.join(parent, _temp_name("old-"))
+                os.rename(self.path, old)
+            try:
+                os.rename(self.tmp, self.path)
+            except BaseException:
+                if old is not None:
+                    os.rename(old, self.path)  # put the previous output back
+                raise
+        except OSError as e:
+            self.abort()
+            raise _os_error(e, self.path) from None
+        except BaseException:
+            self.abort()
+            raise
         self._done = True
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
@@ -135,5 +317,10 @@ class AtomicDir(Transaction):
         if self._done:
             return
         self._done = True
-        shutil.rmtree(self.tmp, ignore_errors=True)
-
+        if self.tmp is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        for d in reversed(self._made):
+            try:
+                os.rmdir(d)
+            except OSError:
+                break
