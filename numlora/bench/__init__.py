@@ -354,7 +354,21 @@ def _noise_line(rows) -> str:
     return ""
 
 
+#: ``--quick``: the largest weight side and the repeats of a quick run (every mode).
+QUICK_SIZE, QUICK_REPEAT = 1024, 3
+
+
+def _quick(args) -> None:
+    """``--quick``: a smaller weight, fewer rounds, two batch sizes - a smoke run of the
+    whole table in seconds (its ratios are not the documented ones)."""
+    if getattr(args, "quick", False):
+        args.size = min(args.size, QUICK_SIZE)
+        args.repeat = min(args.repeat, QUICK_REPEAT)
+        args.batch = args.batch or [1, 128]
+
+
 def main(args) -> int:
+    _quick(args)
     batches = tuple(args.batch) if args.batch else (1, 8, 128)
     lora_batches = tuple(args.batch) if args.batch else (1, 8, 128, 1024)
     rows, notes, mem, accuracy = run(size=args.size, rank=args.rank, repeat=args.repeat, batches=batches,
@@ -640,6 +654,8 @@ def train_markdown(rows) -> str:
 
 
 def main_train(args) -> int:
+    if getattr(args, "quick", False):
+        args.size, args.repeat = min(args.size, QUICK_SIZE), min(args.repeat, QUICK_REPEAT)
     batch = args.batch[0] if args.batch else 128
     rows, med, notes, checks = run_train(size=args.size, rank=args.rank, batch=batch, repeat=args.repeat,
                                          peers=not args.no_peers)

@@ -32,7 +32,6 @@ import argparse
 import json
 import os
 import platform
-import sys
 import time
 
 import numpy as np
@@ -133,7 +132,9 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="batch 64 and N = 64 only (the issue's figures)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--no-peers", action="store_true", help="skip PEFT even if installed")
     args = ap.parse_args(argv)
+    notes = set()
     batches = (64,) if args.quick else (1, 16, 64, 256)
     n_ads = (64,) if args.quick else (8, 64, 512)
     w = weight(SIDE)
@@ -154,7 +155,12 @@ def main(argv=None):
         for n_ad in n_ads:
             bank = build_bank(base, n_ad, add_times if (base_name == "dense" and n_ad == max(n_ads)) else None)
             ge = GatherEinsum(n_ad, base_fn) if n_ad <= 64 else None
-            pm = peft_model(n_ad, w) if (base_name == "dense" and n_ad == 64 and 64 in batches) else None
+            pm = None
+            if base_name == "dense" and n_ad == 64 and 64 in batches and not args.no_peers:
+                try:
+                    pm = peft_model(n_ad, w)
+                except ImportError as exc:
+                    notes.add(f"PEFT column skipped: {exc} (pip install -e '.[peers]' brings torch and peft)")
             for batch in batches:
                 x, out = xs[batch], outs[batch]
                 for kind in ("base",) + WORKLOADS:
@@ -182,8 +188,8 @@ def main(argv=None):
                     med = race(fns, args.repeats)
                     rows.append({"base": base_name, "batch": batch, "adapters": n_ad, "workload": kind,
                                  **{k + "_ms": v * 1e3 for k, v in med.items()}})
-                    print(f"  {base_name} batch {batch} N {n_ad} {kind}: "
-                          + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in med.items()), file=sys.stderr, flush=True)
+                    harness.progress(f"  {base_name} batch {batch} N {n_ad} {kind}: "
+                                     + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in med.items()))
             del bank, ge, pm
     # adds into a bank whose pool was reserved up front (no page faults while adding)
     reserved_times = []
@@ -197,6 +203,8 @@ def main(argv=None):
     del bank
     elapsed = time.perf_counter() - t_start
     print_report(rows, add_times, reserved_times, n_ads, elapsed, args)
+    for n in sorted(notes):
+        print(f"\nnote: {n}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"rows": rows, "add_ms": [a * 1e3 for a in add_times],
