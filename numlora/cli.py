@@ -1,14 +1,61 @@
-"""The ``numlora`` command."""
+"""The ``numlora`` command.
+
+Exit status: 0 done, 2 an error (one line ``numlora: error: ...`` on stderr, nothing
+written), 130 / 143 interrupted by SIGINT / SIGTERM (nothing written), 1 stdout closed
+early (``numlora inspect --json DIR | head``).
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import signal
 import sys
+import threading
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("numlora")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        import numlora
+
+        return str(getattr(numlora, "__version__", "unknown (not installed)"))
+
+
+def _batch_sizes(text: str) -> list[int]:
+    """``--batch`` values: one size or a comma list (``1,8,128``), each a positive int."""
+    try:
+        sizes = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or a comma list such as 1,8,128, "
+                                         f"got {text!r}") from None
+    if not sizes or any(b < 1 for b in sizes):
+        raise argparse.ArgumentTypeError(f"batch sizes must be >= 1, got {text!r}")
+    return sizes
+
+
+def _blocksize(text: str) -> int:
+    from .errors import NumloraError
+    from .nf4 import check_blocksize
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    try:
+        return check_blocksize(value, "--blocksize")
+    except NumloraError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="numlora", description="LoRA and QLoRA kernels over numpy arrays.")
+    p.add_argument("--version", action="version", version=f"numlora {_version()}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     d = sub.add_parser("demo", help="fine-tune a QLoRA adapter on real data (scikit-learn's digits), end to end",
@@ -26,11 +73,17 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--base-epochs", type=int, default=20, help=argparse.SUPPRESS)
     d.add_argument("--hidden", type=int, default=256, help=argparse.SUPPRESS)
 
-    b = sub.add_parser("bench", help="time numlora against numpy baselines; print a Markdown table")
+    b = sub.add_parser("bench", help="time numlora against numpy baselines; print a Markdown table",
+                       description="Time numlora's kernels (LoRA forward, QLoRA / NF4 matmul, merge, quantize) "
+                                   "against plain numpy and, when installed, torch + PEFT / bitsandbytes, on "
+                                   "random weights of the given size; print a Markdown table of the medians. "
+                                   "--train times a training step instead, --multi many adapters in one batch.")
     b.add_argument("--size", type=int, default=4096, help="weight is SIZE x SIZE (default 4096)")
     b.add_argument("--rank", type=int, default=16, help="LoRA rank (default 16)")
     b.add_argument("--repeat", type=int, default=7, help="timed runs per competitor (default 7)")
-    b.add_argument("--batch", type=int, action="append", help="batch size(s) (default 1, 8, 128 and 1024)")
+    b.add_argument("--batch", type=_batch_sizes, action="append",
+                   help="batch size; for several, repeat the option or give a comma list (--batch 1 --batch 64, "
+                        "or --batch 1,64) (default 1, 8, 128 and 1024)")
     b.add_argument("--no-peers", action="store_true", help="skip torch / PEFT / bitsandbytes even if installed")
     b.add_argument("--compile", action="store_true", help="also measure first-call compile times")
     b.add_argument("--json", metavar="PATH", help="also write the results as JSON")
@@ -60,17 +113,91 @@ def _parser() -> argparse.ArgumentParser:
                                    "--include says so) to NF4 and copy the rest.")
     q.add_argument("input", metavar="INPUT")
     q.add_argument("-o", "--output", required=True, metavar="OUT")
-    q.add_argument("--blocksize", type=int, default=64, help="elements per NF4 block (default 64)")
+    q.add_argument("--blocksize", type=_blocksize, default=64,
+                   help="elements per NF4 block, 2 ... 2**20 (default 64, as bitsandbytes)")
     q.add_argument("--double-quant", action="store_true", help="also quantize the block scales to 8 bits")
     q.add_argument("--include", metavar="REGEX", help="quantize only tensors whose name matches (re.search)")
     q.add_argument("--exclude", metavar="REGEX", help="do not quantize tensors whose name matches")
     q.add_argument("--overwrite", action="store_true", help="replace a previous output at OUT (never an input, nor a path that contains or lies inside one)")
     q.add_argument("--json", action="store_true", help="print the report as JSON")
 
-    i = sub.add_parser("inspect", help="describe a PEFT adapter folder or a checkpoint")
-    i.add_argument("path", metavar="PATH")
+    i = sub.add_parser("inspect", help="describe a PEFT adapter folder or a checkpoint",
+                       description="Describe PATH without changing it: for a PEFT adapter folder its modules "
+                                   "(rank, alpha, scaling, shapes, parameters); for a .safetensors file or a model "
+                                   "folder (single or sharded) its tensors by dtype, size, shards, metadata and "
+                                   "the NF4 tensors it holds. Reads the headers and NF4 states, not the weights.")
+    i.add_argument("path", metavar="PATH", help="a PEFT adapter folder, a .safetensors file or a model folder")
     i.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return p
+
+
+class _Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM, raised by the CLI's handler so that every abort path runs."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _job_signals():
+    """For the duration of a command: SIGINT and SIGTERM raise :class:`_Interrupted`
+    (once; a second signal while the first is being handled, or one arriving during a
+    final commit or a cleanup, is noted and does not cut them short), and SIGXFSZ is
+    ignored, so a file-size limit makes ``write`` fail with EFBIG instead of killing the
+    process with its temporary files. The previous handlers are restored afterwards.
+    Signals that were ignored when numlora started (``nohup``) stay ignored."""
+    from .io.atomic import interrupts_deferred, reset_point_of_no_return
+
+    state = {"raised": False, "late": []}
+    if threading.current_thread() is not threading.main_thread():
+        yield state
+        return
+
+    def handler(signum, frame):
+        if state["raised"] or interrupts_deferred():
+            state["late"].append(signum)
+            return
+        state["raised"] = True
+        raise _Interrupted(signum)
+
+    old = {}
+    reset_point_of_no_return()
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            if signal.getsignal(sig) is not signal.SIG_IGN:
+                old[sig] = signal.signal(sig, handler)
+        if hasattr(signal, "SIGXFSZ"):
+            old[signal.SIGXFSZ] = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        yield state
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h if h is not None else signal.SIG_DFL)
+        reset_point_of_no_return()
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+def _stdout_gone() -> None:
+    """stdout's reader went away (``| head``): send what is left to /dev/null, so that the
+    interpreter's final flush does not fail too (the recipe in Python's signal docs)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+def _error(text: str) -> None:
+    try:
+        print(f"numlora: error: {text}", file=sys.stderr)
+    except (OSError, ValueError):
+        pass
 
 
 def main(argv=None) -> int:
@@ -80,51 +207,80 @@ def main(argv=None) -> int:
         parser.print_help()
         return 0
     from .errors import NumloraError
+    from .io._files import describe_os_error
 
-    try:
-        if args.command == "demo":
-            if args.epochs < 1 or args.base_epochs < 1 or args.seed < 0:
-                parser.error("--epochs must be >= 1 and --seed >= 0")
-            if not 1 <= args.rank <= 10:
-                parser.error("--rank must be in 1..10 (the last layer has 10 outputs)")
-            if args.hidden < 16:
-                parser.error("--hidden must be >= 16")
-            from .demo import DEFAULT_OUT, main as demo
+    if getattr(args, "batch", None):
+        args.batch = [b for group in args.batch for b in group]
+    writes = args.command in ("merge", "quantize", "demo")
+    with _job_signals() as state:
+        try:
+            rc = _run(parser, args)
+            sys.stdout.flush()
+        except NumloraError as exc:
+            _error(exc)
+            return 2
+        except KeyboardInterrupt as exc:
+            signum = getattr(exc, "signum", signal.SIGINT)
+            tail = "; the partial output was removed, the inputs are untouched" if writes else ""
+            _error(f"interrupted by {_signal_name(signum)}{tail}")
+            return 128 + int(signum)
+        except BrokenPipeError:
+            _stdout_gone()
+            return 1
+        except MemoryError:
+            _error("out of memory; the largest tensor must fit in memory (as float32) a few times over")
+            return 2
+        except OSError as exc:
+            where = f" {exc.filename}" if exc.filename else ""
+            _error(f"{args.command} failed:{where} {describe_os_error(exc)}")
+            return 2
+        if state["late"]:
+            names = ", ".join(sorted({_signal_name(s) for s in state["late"]}))
+            print(f"numlora: {names} arrived after the output was complete; it was kept", file=sys.stderr)
+    return rc
 
-            return demo(seed=args.seed, out_dir=args.out or DEFAULT_OUT, epochs=args.epochs,
-                        base_epochs=args.base_epochs, rank=args.rank, hidden=args.hidden)
-        if args.command == "bench":
-            if args.size < 64 or args.rank < 1 or args.repeat < 1:
-                parser.error("--size must be >= 64, --rank and --repeat >= 1")
-            if args.multi:
-                from .bench.multi import main as bench_multi
 
-                argv2 = ["--repeats", str(args.repeat if args.repeat != 7 else 5)]
-                argv2 += ["--quick"] if args.quick else []
-                argv2 += ["--json", args.json] if args.json else []
-                return bench_multi(argv2) or 0
-            if args.train:
-                if args.batch and len(args.batch) > 1:
-                    parser.error("--train takes one --batch")
-                from .bench import main_train
+def _run(parser, args) -> int:
+    if args.command == "demo":
+        if args.epochs < 1 or args.base_epochs < 1 or args.seed < 0:
+            parser.error("--epochs must be >= 1 and --seed >= 0")
+        if not 1 <= args.rank <= 10:
+            parser.error("--rank must be in 1..10 (the last layer has 10 outputs)")
+        if args.hidden < 16:
+            parser.error("--hidden must be >= 16")
+        from .demo import DEFAULT_OUT, main as demo
 
-                return main_train(args)
-            from .bench import main as bench
+        return demo(seed=args.seed, out_dir=args.out or DEFAULT_OUT, epochs=args.epochs,
+                    base_epochs=args.base_epochs, rank=args.rank, hidden=args.hidden)
+    if args.command == "bench":
+        if args.size < 64 or args.rank < 1 or args.repeat < 1:
+            parser.error("--size must be >= 64, --rank and --repeat >= 1")
+        if args.multi:
+            from .bench.multi import main as bench_multi
 
-            return bench(args)
-        if args.command == "merge":
-            return _merge(args)
-        if args.command == "quantize":
-            return _quantize(args)
-        if args.command == "inspect":
-            from .convert import format_inspect, inspect_path
+            argv2 = ["--repeats", str(args.repeat if args.repeat != 7 else 5)]
+            argv2 += ["--quick"] if args.quick else []
+            argv2 += ["--json", args.json] if args.json else []
+            return bench_multi(argv2) or 0
+        if args.train:
+            if args.batch and len(args.batch) > 1:
+                parser.error("--train takes one --batch")
+            from .bench import main_train
 
-            info = inspect_path(args.path)
-            print(json.dumps(info, indent=2) if args.json else format_inspect(info))
-            return 0
-    except NumloraError as exc:
-        print(f"numlora: error: {exc}", file=sys.stderr)
-        return 2
+            return main_train(args)
+        from .bench import main as bench
+
+        return bench(args)
+    if args.command == "merge":
+        return _merge(args)
+    if args.command == "quantize":
+        return _quantize(args)
+    if args.command == "inspect":
+        from .convert import format_inspect, inspect_path
+
+        info = inspect_path(args.path)
+        print(json.dumps(info, indent=2) if args.json else format_inspect(info))
+        return 0
     return 0
 
 

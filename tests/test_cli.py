@@ -86,3 +86,87 @@ def test_bench_multi_passes_its_options(monkeypatch):
     monkeypatch.setattr(bm, "main", lambda argv=None: seen.append(argv) or 0)
     assert main(["bench", "--multi", "--quick", "--repeat", "3", "--json", "out.json"]) == 0
     assert seen == [["--repeats", "3", "--quick", "--json", "out.json"]]
+
+
+def test_version(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"numlora {version('numlora')}"
+
+
+@pytest.mark.parametrize("command, words", [("bench", "Time numlora's kernels"), ("inspect", "Describe PATH"),
+                                            ("merge", "Write BASE"), ("quantize", "Quantize 2-D")])
+def test_every_command_has_a_description(capsys, command, words):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    out = capsys.readouterr().out
+    assert words in out.split("options:")[0].replace("\n", " "), out
+
+
+def test_batch_takes_repeats_and_comma_lists(monkeypatch, capsys):
+    import numlora.bench as nb
+
+    seen = []
+    monkeypatch.setattr(nb, "main", lambda args: seen.append(args.batch) or 0)
+    assert main(["bench", "--batch", "1,8", "--batch", "64", "--no-peers"]) == 0
+    assert main(["bench", "--no-peers"]) == 0
+    assert seen == [[1, 8, 64], None]
+    assert "repeat the option or give a comma list" in " ".join(_help(capsys, ["bench", "--help"]).split())
+    for bad in ("0", "1,,2", "x", "-4", "8,0"):
+        with pytest.raises(SystemExit) as info:
+            main(["bench", "--batch", bad])
+        assert info.value.code == 2 and "argument --batch" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["bench", "--train", "--batch", "1,8"])
+    assert "--train takes one --batch" in capsys.readouterr().err
+
+
+def _help(capsys, argv):
+    with pytest.raises(SystemExit):
+        main(argv)
+    return capsys.readouterr().out
+
+
+def _cli(args, **kw):
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.Popen([sys.executable, "-m", "numlora.cli"] + args, env=env, **kw)
+
+
+def test_inspect_into_a_closed_pipe_exits_quietly(tmp_path):
+    """`numlora inspect --json DIR | head -1`: the reader goes away; no BrokenPipeError
+    traceback, exit 1 (Python's recipe)."""
+    import subprocess
+
+    from numlora.io.safetensors import save_file
+
+    save_file(tmp_path / "m.safetensors", {"w": np.zeros(2, np.float32)}, {"note": "x" * 300_000})
+    p = _cli(["inspect", "--json", str(tmp_path / "m.safetensors")], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert p.stdout.read(10) == b'{\n  "kind"'
+    p.stdout.close()  # like head after its first line
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=60) == 1
+    assert err == "", err
+
+
+def test_inspect_a_fifo_does_not_block(tmp_path):
+    import os
+    import subprocess
+
+    os.mkfifo(tmp_path / "x.safetensors")
+    p = _cli(["inspect", str(tmp_path / "x.safetensors")], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        out, err = p.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        pytest.fail("numlora inspect blocked on a FIFO")
+    assert p.returncode == 2 and out == b""
+    assert err.decode().strip() == (f"numlora: error: expected the safetensors file {tmp_path / 'x.safetensors'} "
+                                    "to be a regular file, got a FIFO (named pipe)")
