@@ -8,7 +8,10 @@ the next atomic write into the same folder removes the ones it can prove are sta
 written on this host by a process that no longer exists (:func:`remove_stale_temps`).
 
 OS failures (disk full, no permission, a file-size limit) are raised as ``OSError`` whose
-``filename`` is the destination, after the temporary file is removed.
+``filename`` is the destination, after the temporary file is removed. A job wraps its
+writes in :func:`cleanup_scope`, so whatever point an exception (or an interrupt) strikes
+at, every temporary file and folder it created is removed, and marks its final rename
+with :func:`point_of_no_return`, which an interrupt does not cut in two.
 """
 
 from __future__ import annotations
@@ -21,9 +24,11 @@ import re
 import secrets
 import shutil
 import socket
+import threading
 
 __all__ = ["AtomicFile", "AtomicDir", "Transaction", "write_text_atomic", "write_bytes_atomic",
-           "remove_stale_temps", "is_numlora_temp", "point_of_no_return", "past_point_of_no_return"]
+           "remove_stale_temps", "is_numlora_temp", "point_of_no_return", "past_point_of_no_return",
+           "interrupts_deferred", "cleanup_scope"]
 
 _HOST = hashlib.sha1(socket.gethostname().encode("utf-8", "replace")).hexdigest()[:8]
 _TEMP_RE = re.compile(r"^\.numlora-(?:old-)?(\d{1,10})-([0-9a-f]{8})-[0-9a-f]{8,32}\.tmp$")
@@ -75,32 +80,72 @@ def remove_stale_temps(folder) -> list[str]:
     return removed
 
 
-# --- the point of no return -------------------------------------------------------------------
-# A job's final commit (the rename that makes its output visible) must not be cut in two by
-# an interrupt. numlora's CLI installs signal handlers that raise KeyboardInterrupt only
-# while past_point_of_no_return() is False: an interrupt before the final commit removes
-# everything, an interrupt during or after it lets the job finish with its output complete.
-_committing = [False]
+# --- interrupts --------------------------------------------------------------------------------
+# numlora's CLI turns SIGINT / SIGTERM into KeyboardInterrupt so that every abort path runs.
+# An interrupt must not cut a job's final commit (the rename that makes its output visible)
+# in two, nor stop a cleanup half way: the CLI's handlers raise only while
+# interrupts_deferred() is False. An interrupt before the final commit removes everything;
+# one during or after it lets the job finish with its output complete.
+_state = {"final": False, "aborting": 0}
+_local = threading.local()
 
 
 @contextlib.contextmanager
 def point_of_no_return():
     """Mark the final commit of a job: from here on an interrupt no longer aborts it. If
     the block raises, the mark is taken back (the job failed and will be cleaned up)."""
-    _committing[0] = True
+    _state["final"] = True
     try:
         yield
     except BaseException:
-        _committing[0] = False
+        _state["final"] = False
         raise
 
 
+@contextlib.contextmanager
+def _aborting():
+    _state["aborting"] += 1
+    try:
+        yield
+    finally:
+        _state["aborting"] -= 1
+
+
+def interrupts_deferred() -> bool:
+    """True while a job's final commit runs or has run, or while a cleanup runs."""
+    return _state["final"] or _state["aborting"] > 0
+
+
 def past_point_of_no_return() -> bool:
-    return _committing[0]
+    return _state["final"]
 
 
 def reset_point_of_no_return() -> None:
-    _committing[0] = False
+    _state["final"] = False
+
+
+@contextlib.contextmanager
+def cleanup_scope():
+    """Abort every :class:`AtomicFile` / :class:`AtomicDir` this thread creates inside the
+    block if the block raises, wherever the exception struck (even between a constructor
+    and the ``with`` that would have aborted it)."""
+    scopes = _local.__dict__.setdefault("scopes", [])
+    mine = []
+    scopes.append(mine)
+    try:
+        yield
+    except BaseException:
+        with _aborting():
+            for t in reversed(mine):
+                t.abort()
+        raise
+    finally:
+        scopes.pop()
+
+
+def _register(t) -> None:
+    for scope in getattr(_local, "scopes", ()):
+        scope.append(t)
 
 
 def _os_error(e: OSError, path: str) -> OSError:
@@ -155,12 +200,14 @@ class AtomicFile(Transaction):
         remove_stale_temps(folder)
         self._f = None
         self._done = False
+        self.tmp = os.path.join(folder, _temp_name())
+        _register(self)  # before the file exists: an interrupt from here on is cleaned up
         for _ in range(100):
-            self.tmp = os.path.join(folder, _temp_name())
             try:
                 fd = _open_temp(self.tmp)
                 break
             except FileExistsError:
+                self.tmp = os.path.join(folder, _temp_name())
                 continue
             except OSError as e:
                 self._done = True
@@ -211,17 +258,18 @@ class AtomicFile(Transaction):
         if self._done:
             return
         self._done = True
-        try:
-            if self._f is not None:
-                try:
-                    self._f.close()
-                except OSError:  # the buffered bytes cannot be written (disk full): drop them
-                    pass
-        finally:
+        with _aborting():
             try:
-                os.unlink(self.tmp)
-            except OSError:
-                pass
+                if self._f is not None:
+                    try:
+                        self._f.close()
+                    except OSError:  # the buffered bytes cannot be written (disk full): drop them
+                        pass
+            finally:
+                try:
+                    os.unlink(self.tmp)
+                except OSError:
+                    pass
 
 
 def _umask() -> int:
@@ -265,15 +313,15 @@ class AtomicDir(Transaction):
         self._made.reverse()
         self._done = False
         self.tmp = None
+        _register(self)
         try:
             for d in self._made:
                 os.mkdir(d)
             remove_stale_temps(parent)
             for _ in range(100):
-                tmp = os.path.join(parent, _temp_name())
+                self.tmp = os.path.join(parent, _temp_name())
                 try:
-                    os.mkdir(tmp, 0o700)
-                    self.tmp = tmp
+                    os.mkdir(self.tmp, 0o700)
                     break
                 except FileExistsError:
                     continue
@@ -317,10 +365,13 @@ class AtomicDir(Transaction):
         if self._done:
             return
         self._done = True
-        if self.tmp is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-        for d in reversed(self._made):
-            try:
-                os.rmdir(d)
-            except OSError:
-                break
+        with _aborting():
+            if self.tmp is not None:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+            for d in reversed(self._made):
+                try:
+                    os.rmdir(d)
+                except FileNotFoundError:  # interrupted before it was made
+                    continue
+                except OSError:  # not empty: someone else put something there
+                    break
