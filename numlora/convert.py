@@ -4,8 +4,11 @@ Both converters stream: one tensor is in memory at a time (as float32 while it i
 worked on), so peak memory follows the largest tensor, not the model. Tensors that are
 not changed are copied byte for byte in chunks, never decoded. The output (a file, or a
 folder for a folder) appears only when it is complete: files are written under temporary
-names and renamed at the end; an interrupted run leaves nothing behind. The inputs are
-never written to.
+names and renamed at the end; an interrupted or failed run (an exception, Ctrl-C,
+SIGTERM under the CLI, disk full, a file-size limit, an input that changes) leaves
+nothing behind, and an OS error becomes a :class:`~numlora.errors.FormatError` naming the
+file and the cause. Inputs are read with ``pread`` (a truncated input is an error, not
+SIGBUS) and never written to.
 """
 
 from __future__ import annotations
@@ -20,9 +23,10 @@ import numpy as np
 
 from ._progress import Progress
 from .errors import ConfigError, FormatError, NonFiniteError, ShapeError
-from .io.atomic import AtomicDir, write_text_atomic
+from .io._files import brief, describe_os_error, parse_json, read_json, regular_file_error
+from .io.atomic import AtomicDir, cleanup_scope, is_numlora_temp, point_of_no_return, write_text_atomic
 from .io.checkpoint import Checkpoint
-from .io.safetensors import FLOAT_DTYPES, SafetensorsFile, SafetensorsWriter
+from .io.safetensors import DTYPES, FLOAT_DTYPES, SafetensorsFile, SafetensorsWriter
 
 __all__ = [
     "DTYPE_NAMES",
@@ -102,6 +106,7 @@ class _Output:
         self.out = check_output_path(out, inputs + [ckpt.path])
         self.ckpt = ckpt
         self.dir = None
+        self._others: list[str] = []
         if ckpt.is_dir:
             if overwrite and os.path.isdir(self.out) and os.listdir(self.out) and not any(
                     n.endswith(".safetensors") for n in os.listdir(self.out)):
@@ -123,27 +128,59 @@ class _Output:
     def shard_path(self, shard_name: str) -> str:
         return self.dir.join(shard_name) if self.dir else self.out
 
+    def check_other_files(self) -> None:
+        """List, before anything is written, the model folder entries to carry over (the
+        list is kept: one that disappears during the run is an error, not a silent gap),
+        and refuse one that is neither a regular file nor a folder (a FIFO would block the
+        copy forever)."""
+        self._others = self.ckpt.other_files()
+        for name in self._others:
+            src = os.path.join(self.ckpt.path, name)
+            if os.path.isdir(src):
+                files = [os.path.join(d, n) for d, _, names in os.walk(src) for n in names]
+            else:
+                files = [src]
+            for path in files:
+                if os.path.islink(path) and not os.path.exists(path):
+                    continue  # a dangling symlink is copied as a symlink
+                err = regular_file_error(path, "model folder entry")
+                if err is not None:
+                    raise FormatError(f"{err}; numlora copies a model folder's other entries into the output, and "
+                                      f"only regular files and folders")
+
     def finish(self, index: dict | None, config_update=None) -> None:
         if self.dir is None:
             return
         if index is not None:
             write_text_atomic(self.dir.join(self.ckpt.index_name), json.dumps(index, indent=2, sort_keys=True) + "\n")
-        for name in self.ckpt.other_files():
+        for name in self._others:
             src = os.path.join(self.ckpt.path, name)
             if name == "config.json" and config_update is not None:
-                with open(src, encoding="utf-8") as f:
-                    cfg = json.load(f)
+                cfg = read_json(src, "model config")
+                if not isinstance(cfg, dict):
+                    raise FormatError(f"{src}: expected a JSON object, got {type(cfg).__name__}")
                 config_update(cfg)
                 write_text_atomic(self.dir.join(name), json.dumps(cfg, indent=2, sort_keys=True) + "\n")
             elif os.path.isdir(src):
                 shutil.copytree(src, self.dir.join(name), symlinks=True)
             else:
+                err = regular_file_error(src, "model folder entry")
+                if err is not None:
+                    raise err
                 shutil.copy2(src, self.dir.join(name))
-        self.dir.commit()
+        with point_of_no_return():
+            self.dir.commit()
 
     def abort(self) -> None:
         if self.dir is not None:
             self.dir.abort()
+
+
+def _make_output(ckpt: Checkpoint, out, inputs: list[str], overwrite: bool, job: str) -> _Output:
+    try:
+        return _Output(ckpt, out, inputs, overwrite)
+    except OSError as e:
+        raise FormatError(_os_failure(e, os.path.abspath(os.fspath(out)), job)) from e
 
 
 def _index(ckpt: Checkpoint, sizes: dict[str, int], weight_map: dict[str, str]) -> dict | None:
@@ -158,9 +195,12 @@ def _stream(ckpt: Checkpoint, dest: _Output, desc: str, progress, plan, write, c
     """The loop both converters share: shard by shard, declare the output tensors
     (``plan(info) -> [(name, dtype, shape or None), ...]`` for each input tensor), write
     them (``write(file, writer, info, entries)``), keep the shard layout, write the index
-    and the folder's other files, and commit. On any exception the output is removed."""
+    and the folder's other files, and commit. On any exception the output is removed; an
+    ``OSError`` (disk full, no permission, a file-size limit, an input that vanished)
+    becomes a :class:`~numlora.errors.FormatError` saying which file and why."""
     try:
         wmap, shards = {}, []
+        dest.check_other_files()
         with Progress(ckpt.total_bytes, desc, enabled=progress) as bar:
             for shard in ckpt.shards:
                 f = shard.file
@@ -171,12 +211,38 @@ def _stream(ckpt: Checkpoint, dest: _Output, desc: str, progress, plan, write, c
                     for t, es in planned:
                         write(f, w, t, es)
                         bar.update(t.nbytes, t.name)
+                    if dest.dir is None:  # a single file: this rename is the job's last step
+                        with point_of_no_return():
+                            w.commit()
                 shards.append(shard.name)
         index = _index(ckpt, {k: _data_bytes(dest.shard_path(k)) for k in shards}, wmap) if dest.dir else None
         dest.finish(index, config_update)
+    except OSError as e:
+        dest.abort()
+        raise FormatError(_os_failure(e, dest.out, desc)) from e
     except BaseException:
         dest.abort()
         raise
+
+
+def _os_failure(e: OSError, out: str, job: str) -> str:
+    """One sentence for an OS error met while writing ``out`` (or reading an input)."""
+    paths = [p for p in (e.filename, getattr(e, "filename2", None)) if p]
+    parent = os.path.dirname(out)
+    shown = []
+    for p in paths:
+        p = os.path.abspath(os.fsdecode(p))
+        parts = os.path.relpath(p, parent).split(os.sep) if p.startswith(parent + os.sep) else []
+        if parts and is_numlora_temp(parts[0]):  # a file inside the temporary output folder
+            p = os.path.join(out, *parts[1:])
+        shown.append(p)
+    writing = [p for p in shown if p == out or p.startswith(out.rstrip(os.sep) + os.sep)]
+    reason = describe_os_error(e)
+    if writing or not shown:
+        where = writing[0] if writing else out
+        return f"{job} failed: cannot write {where}: {reason}; nothing was written (the partial output was removed)"
+    return (f"{job} failed: cannot read {shown[0]}: {reason}; nothing was written (was the input changed or "
+            f"removed during the run?)")
 
 
 # --- tensors in and out as float32, through buffers reused from tensor to tensor ----------
@@ -197,11 +263,16 @@ class _Buffers:
 
 def _load_f32(f: SafetensorsFile, name: str, bufs: _Buffers, slot: str = "x") -> np.ndarray:
     """Floating tensor ``name`` as a float32 array in a reused buffer (writable,
-    C-contiguous)."""
+    C-contiguous). Read with ``pread`` (:meth:`SafetensorsFile.read_into`), not a memory
+    map: an input truncated during the run raises FormatError instead of SIGBUS."""
     from .io.safetensors import to_float32
 
     t = f.info(name)
-    return to_float32(f.raw(name), t.dtype, out=bufs.get(slot, t.numel, np.float32).reshape(t.shape))
+    out = bufs.get(slot, t.numel, np.float32).reshape(t.shape)
+    if t.dtype == "F32":
+        return f.read_into(name, out)
+    raw = f.read_into(name, bufs.get("raw-" + t.dtype, t.numel, DTYPES[t.dtype]).reshape(t.shape))
+    return to_float32(raw, t.dtype, out=out)
 
 
 def _store(w: SafetensorsWriter, name: str, x: np.ndarray, st: str, bufs: _Buffers) -> None:
@@ -304,7 +375,7 @@ def merge_checkpoint(base, adapter, out, *, dtype: str | None = None, overwrite:
             adapter_inputs += [os.path.join(adapter_dir, n) for n in os.listdir(adapter_dir)]
         adapter = load_peft_adapter(adapter_dir)
     out_st = DTYPE_NAMES.get(dtype) if dtype else None
-    with Checkpoint(base) as ckpt:
+    with cleanup_scope(), Checkpoint(base) as ckpt:
         layers = dict(adapter.items())
         if not layers:
             raise FormatError("the adapter has no LoRA modules")
@@ -331,7 +402,7 @@ def merge_checkpoint(base, adapter, out, *, dtype: str | None = None, overwrite:
                                       f"{bkey!r} to add it to")
                 bias_add[bkey] = layer
         report = MergeReport(output=os.path.abspath(os.fspath(out)))
-        dest = _Output(ckpt, out, ckpt.files + adapter_inputs, overwrite)
+        dest = _make_output(ckpt, out, ckpt.files + adapter_inputs, overwrite, "merge")
         bufs = _Buffers()
 
         def plan(t):
@@ -454,19 +525,18 @@ def quantize_checkpoint(src, out, *, blocksize: int = 64, double_quant: bool = F
     ``quantization_config`` transformers reads."""
     import time
 
-    from .nf4 import quantize_nf4
+    from .nf4 import check_blocksize, quantize_nf4
 
     t0 = time.perf_counter()
-    if not isinstance(blocksize, int) or isinstance(blocksize, bool) or blocksize < 2:
-        raise ConfigError(f"blocksize must be an integer >= 2, got {blocksize!r}")
-    with Checkpoint(src) as ckpt:
+    blocksize = check_blocksize(blocksize)
+    with cleanup_scope(), Checkpoint(src) as ckpt:
         infos = ckpt.infos()
         chosen = set(select_for_quantization(infos, include, exclude))
         if not chosen:
             raise ConfigError("no tensor selected for quantization (2-D floating *.weight tensors; check "
                               "--include / --exclude)")
         rep = QuantizeReport(output=os.path.abspath(os.fspath(out)), blocksize=blocksize, double_quant=double_quant)
-        dest = _Output(ckpt, out, ckpt.files, overwrite)
+        dest = _make_output(ckpt, out, ckpt.files, overwrite, "quantize")
         bufs = _Buffers()
         from .kernels import convert as kc
 
@@ -578,18 +648,45 @@ def _inspect_checkpoint(p: str) -> dict:
         nf4 = []
         for t in infos:
             if t.name.endswith(suffix):
-                prefix = t.name[: -len(suffix)]
-                state = {}
-                try:
-                    state = json.loads(bytes(ckpt.get(t.name)).decode("utf-8"))
-                except (UnicodeDecodeError, json.JSONDecodeError):
-                    pass
-                nf4.append({"module": prefix, "shape": state.get("shape"), "blocksize": state.get("blocksize"),
-                            "double_quant": "nested_blocksize" in state, "dtype": state.get("dtype")})
+                nf4.append(_nf4_summary(ckpt, t, t.name[: -len(suffix)]))
         return {"kind": "checkpoint", "path": ckpt.path, "sharded": bool(ckpt.index_name),
                 "shards": [s.name for s in ckpt.shards], "tensors": len(infos),
                 "total_bytes": int(sum(t.nbytes for t in infos)), "dtypes": dtypes,
                 "metadata": {s.name: s.file.metadata for s in ckpt.shards}, "nf4": nf4}
+
+
+def _nf4_summary(ckpt: Checkpoint, t, prefix: str) -> dict:
+    """What inspect shows of one NF4 quant state: shape, blocksize, double quant, dtype;
+    a state that cannot be read is shown with ``error`` saying why (inspect describes a
+    broken file rather than failing on it)."""
+    row = {"module": prefix, "shape": None, "blocksize": None, "double_quant": None, "dtype": None}
+    if t.dtype != "U8" or len(t.shape) != 1 or t.nbytes > (1 << 20):
+        row["error"] = f"expected a U8 vector of JSON (at most 1 MiB), got {t.dtype} {list(t.shape)}"
+        return row
+    try:
+        state = parse_json(ckpt.shard_of(t.name).file.read_bytes(t.name), t.name)
+    except FormatError as e:
+        row["error"] = str(e)
+        return row
+    if not isinstance(state, dict):
+        row["error"] = f"expected a JSON object, got {type(state).__name__}"
+        return row
+    problems = []
+    shape, bs, dtype = state.get("shape"), state.get("blocksize"), state.get("dtype")
+    if isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape):
+        row["shape"] = shape
+    else:
+        problems.append(f"shape {brief(shape)}")
+    if type(bs) is int:
+        row["blocksize"] = bs
+    else:
+        problems.append(f"blocksize {brief(bs)}")
+    if isinstance(dtype, str):
+        row["dtype"] = dtype[:40]
+    row["double_quant"] = "nested_blocksize" in state
+    if problems:
+        row["error"] = "invalid " + ", ".join(problems)
+    return row
 
 
 def format_inspect(info: dict) -> str:
@@ -623,6 +720,9 @@ def format_inspect(info: dict) -> str:
             rows.append((q["module"], "x".join(map(str, q["shape"] or [])), str(q["blocksize"]),
                          str(q["double_quant"]), str(q["dtype"])))
         lines += _table(rows)
+        for q in info["nf4"]:
+            if q.get("error"):
+                lines.append(f"warning: {q['module']}: unreadable NF4 quant state: {q['error']}")
     else:
         lines.append("no NF4 tensors")
     return "\n".join(lines)

@@ -462,3 +462,221 @@ def test_overwrite_replaces_only_a_previous_output(tmp_path, rng, capsys):
     (tmp_path / "afile").write_text("x")
     assert main(["quantize", str(base), "-o", str(tmp_path / "afile" / "q")]) == 2
     assert "is a file" in capsys.readouterr().err
+
+
+# --- faults: signals, OS errors, inputs that change during the run -----------------------
+def _fault_setup(tmp_path, rng):
+    base, adapter = tmp_path / "in" / "base", tmp_path / "in" / "ad"
+    os.makedirs(base.parent)
+    _write_model(base, _model_tensors(rng), "BF16", shards=2)
+    _write_adapter(adapter, rng, LAYER_MODS)
+    (tmp_path / "out").mkdir()
+    return base, adapter, _tree_hashes(tmp_path / "in")
+
+
+def _one_error_line(err):
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.mark.parametrize("sig, rc", [("SIGINT", 130), ("SIGTERM", 143)])
+@pytest.mark.parametrize("command", ["merge", "quantize"])
+def test_a_signal_mid_job_removes_everything(tmp_path, rng, monkeypatch, capsys, sig, rc, command):
+    """SIGTERM is handled as Ctrl-C: the abort paths run, one line on stderr, exit 128 + signal."""
+    import signal
+
+    import numlora.convert as conv
+
+    base, adapter, before = _fault_setup(tmp_path, rng)
+    calls = []
+    target = "_merge_one" if command == "merge" else "_load_f32"
+    real = getattr(conv, target)
+
+    def interrupted(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), getattr(signal, sig))
+        return real(*a, **k)
+
+    monkeypatch.setattr(conv, target, interrupted)
+
+    def outside_the_job(signum, frame):  # what the test process does if numlora installs no handler
+        raise AssertionError(f"{signum} reached the test's handler")
+
+    previous = signal.signal(signal.SIGTERM, outside_the_job)
+    try:
+        args = [command, str(base)] + ([str(adapter)] if command == "merge" else [])
+        assert main(args + ["-o", str(tmp_path / "out" / "m"), "--json"]) == rc
+        assert signal.getsignal(signal.SIGTERM) is outside_the_job  # restored after the job
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    line = _one_error_line(capsys.readouterr().err)
+    assert line == f"numlora: error: interrupted by {sig}; the partial output was removed, the inputs are untouched"
+    assert os.listdir(tmp_path / "out") == []
+    assert _tree_hashes(tmp_path / "in") == before
+
+
+def test_a_signal_after_the_final_commit_keeps_the_complete_output(tmp_path, rng, monkeypatch, capsys):
+    import signal
+
+    from numlora.io import atomic
+
+    base, adapter, before = _fault_setup(tmp_path, rng)
+    real = atomic.AtomicDir.commit
+
+    def commit_then_signal(self):
+        real(self)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(atomic.AtomicDir, "commit", commit_then_signal)
+    out = tmp_path / "out" / "m"
+    assert main(["merge", str(base), str(adapter), "-o", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.strip() == "numlora: SIGTERM arrived after the output was complete; it was kept"
+    assert "merged 8 LoRA modules" in captured.out
+    got, _ = _read_all(out)
+    assert len(got) == len(_model_tensors(rng))
+    assert _leftovers(tmp_path / "out") == []
+
+
+def _full_disk(monkeypatch):
+    """Every temporary file numlora creates writes to /dev/full (ENOSPC)."""
+    from numlora.io import atomic
+
+    real = atomic._open_temp
+
+    def full(path):
+        fd = real(path)
+        dev = os.open("/dev/full", os.O_WRONLY)
+        os.dup2(dev, fd)
+        os.close(dev)
+        return fd
+
+    monkeypatch.setattr(atomic, "_open_temp", full)
+
+
+@pytest.mark.parametrize("fault, expect", [
+    ("enospc", "No space left on device (ENOSPC); free some space or write elsewhere"),
+    ("eacces", "Permission denied (EACCES); check the folder's permissions or write elsewhere"),
+    ("erofs", "Read-only file system (EROFS); the file system is mounted read-only: write elsewhere"),
+    ("efbig", "File too large (EFBIG); the output exceeds the file-size limit"),
+])
+@pytest.mark.parametrize("command", ["merge", "quantize"])
+@pytest.mark.parametrize("layout", ["folder", "file"])
+def test_os_errors_are_one_line_and_leave_nothing(tmp_path, rng, monkeypatch, capsys, fault, expect, command, layout):
+    """Disk full, an unwritable or read-only output folder, a file-size limit: exit 2 with
+    one line naming the output and the cause; no output, no temporary file, inputs as they
+    were. (Root ignores permissions, so EACCES / EROFS / EFBIG are injected where the
+    temporary file is created or written.)"""
+    import errno
+
+    from numlora.io import atomic
+
+    base, adapter, before = _fault_setup(tmp_path, rng)
+    if layout == "file":
+        _write_model(tmp_path / "in" / "b.safetensors", _model_tensors(rng))
+        base = tmp_path / "in" / "b.safetensors"
+        before = _tree_hashes(tmp_path / "in")
+    out = tmp_path / "out" / ("m.safetensors" if layout == "file" else "m")
+    if fault == "enospc":
+        _full_disk(monkeypatch)
+    elif fault == "efbig":  # the third write of a file fails, as write() does past RLIMIT_FSIZE
+        real_write, n = atomic.AtomicFile.write, []
+
+        def too_big(data):
+            raise OSError(errno.EFBIG, os.strerror(errno.EFBIG))
+
+        def write(self, data):
+            n.append(1)
+            return self._io(too_big, data) if len(n) == 3 else real_write(self, data)
+
+        monkeypatch.setattr(atomic.AtomicFile, "write", write)
+    else:
+        code = {"eacces": errno.EACCES, "erofs": errno.EROFS}[fault]
+
+        def failing(path):
+            raise OSError(code, os.strerror(code), path)
+
+        monkeypatch.setattr(atomic, "_open_temp", failing)
+    args = [command, str(base)] + ([str(adapter)] if command == "merge" else []) + ["-o", str(out), "--json"]
+    assert main(args) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert line.startswith(f"numlora: error: {command} failed: cannot write {out}"), line
+    assert expect in line and line.endswith("nothing was written (the partial output was removed)"), line
+    assert os.listdir(tmp_path / "out") == []
+    assert _tree_hashes(tmp_path / "in") == before
+
+
+def test_inputs_truncated_or_removed_during_the_run(tmp_path, rng, monkeypatch, capsys):
+    import numlora.convert as conv
+
+    base, adapter, before = _fault_setup(tmp_path, rng)
+    real = conv._merge_one
+    shard = base / "model-00002-of-00002.safetensors"
+    size = os.path.getsize(shard)
+
+    def truncate_then_merge(w, layer):
+        os.truncate(shard, size // 2)
+        real(w, layer)
+
+    monkeypatch.setattr(conv, "_merge_one", truncate_then_merge)
+    assert main(["merge", str(base), str(adapter), "-o", str(tmp_path / "out" / "m")]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert f"{shard}: the file was truncated while it was being read" in line, line
+    assert os.listdir(tmp_path / "out") == []
+    monkeypatch.setattr(conv, "_merge_one", real)
+    _write_model(tmp_path / "b2", _model_tensors(rng), shards=2)
+
+    def remove_config(w, layer):
+        if (tmp_path / "b2" / "config.json").exists():
+            os.remove(tmp_path / "b2" / "config.json")
+        real(w, layer)
+
+    monkeypatch.setattr(conv, "_merge_one", remove_config)
+    for extra in ([], ["--dtype", "bfloat16"]):  # copied, or read and rewritten
+        (tmp_path / "b2" / "config.json").write_text("{}")
+        assert main(["merge", str(tmp_path / "b2"), str(adapter), "-o", str(tmp_path / "out" / "m")] + extra) == 2
+        line = _one_error_line(capsys.readouterr().err)
+        assert "config.json" in line and "no such model" in line, line
+        assert os.listdir(tmp_path / "out") == [] and sorted(os.listdir(tmp_path)) == ["b2", "in", "out"]
+
+
+def test_model_folder_entries_that_are_not_files_are_refused_first(tmp_path, rng, capsys):
+    base, adapter, _ = _fault_setup(tmp_path, rng)
+    os.mkfifo(base / "tokenizer.fifo")
+    assert main(["quantize", str(base), "-o", str(tmp_path / "out" / "q"), "--json"]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert "tokenizer.fifo to be a regular file, got a FIFO" in line, line
+    assert os.listdir(tmp_path / "out") == []
+
+
+def test_quantize_blocksize_is_bounded(tmp_path, rng, capsys):
+    base, _, _ = _fault_setup(tmp_path, rng)
+    for bs in ("9223372036854775808", "1", "2097152", "x"):
+        with pytest.raises(SystemExit) as info:
+            main(["quantize", str(base), "-o", str(tmp_path / "out" / "q"), "--blocksize", bs])
+        assert info.value.code == 2
+        assert "argument --blocksize" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="blocksize must be >= 2 and <= 1048576"):
+        quantize_checkpoint(base, tmp_path / "out" / "q", blocksize=2 ** 63)
+    assert os.listdir(tmp_path / "out") == []
+
+
+def test_inspect_shows_a_broken_nf4_state_instead_of_failing(tmp_path, capsys):
+    bad = np.frombuffer(b'{"shape": "x", "blocksize": [64]}', np.uint8).copy()
+    save_file(tmp_path / "q.safetensors", {"l.weight.quant_state.bitsandbytes__nf4": bad,
+                                           "k.weight.quant_state.bitsandbytes__nf4": np.frombuffer(b"[1]", np.uint8).copy()})
+    assert main(["inspect", str(tmp_path / "q.safetensors")]) == 0
+    out = capsys.readouterr().out
+    assert "warning: l: unreadable NF4 quant state: invalid shape 'x', blocksize [64]" in out
+    assert "warning: k: unreadable NF4 quant state: expected a JSON object, got list" in out
+
+
+def test_a_fifo_deep_in_a_carried_subfolder_is_refused_first(tmp_path, rng, capsys):
+    base, _, before = _fault_setup(tmp_path, rng)
+    os.mkfifo(base / "extra" / "pipe")
+    assert main(["quantize", str(base), "-o", str(tmp_path / "out" / "q"), "--json"]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert f"{base / 'extra' / 'pipe'} to be a regular file, got a FIFO" in line, line
+    assert os.listdir(tmp_path / "out") == []
