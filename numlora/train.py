@@ -127,7 +127,45 @@ def _check_grad(p, g):
         raise DTypeError(f"expected the gradient of {p.name or 'the parameter'} to be a {value.dtype} array, "
                          f"got {got}")
     v.expect_shape(f"gradient of {p.name or 'the parameter'}", g, value.shape)
+    if v.shares_memory(g, value):
+        raise ShapeError(f"the gradient of {p.name or 'the parameter'} shares memory with its value: optimizers "
+                         "update the value in place while reading the gradient; give the gradient its own array")
     return g
+
+
+def _byte_bounds(a):
+    """[lo, hi) addresses of the bytes an array spans (numpy's byte_bounds, which moved in
+    numpy 2)."""
+    lo = hi = a.__array_interface__["data"][0]
+    for n, st in zip(a.shape, a.strides):
+        if st < 0:
+            lo += st * (n - 1)
+        else:
+            hi += st * (n - 1)
+    return lo, hi + a.itemsize
+
+
+def _distinct(arrays, what):
+    """Refuse arrays that share memory, given as ``(index, label, array)``: the same
+    parameter twice, or two views of one array, would be updated twice by ``what``.
+    A sweep over the arrays' memory bounds, so n arrays cost O(n log n) when none
+    overlap."""
+    spans = []
+    for i, label, a in arrays:
+        if isinstance(a, np.ndarray) and a.size:
+            lo, hi = _byte_bounds(a)
+            spans.append((lo, hi, i, label, a))
+    spans.sort(key=lambda t: t[:3])
+    live = []  # the spans that may still overlap the next one
+    for span in spans:
+        lo = span[0]
+        live = [t for t in live if t[1] > lo]
+        for other in live:
+            if v.shares_memory(other[4], span[4]):
+                (i, li), (j, lj) = sorted([(other[2], other[3]), (span[2], span[3])])
+                raise ConfigError(f"parameters[{i}] and parameters[{j}] share memory ({li}, {lj}): {what} would "
+                                  "change the same elements twice; give each parameter once")
+        live.append(span)
 
 
 def _param_list(parameters):
@@ -161,6 +199,8 @@ class AdamW:
         self.params = _param_list(parameters)
         if not self.params:
             raise ConfigError("AdamW got an empty parameter list")
+        _distinct([(i, f"values of {p.name or 'unnamed'}", p.value) for i, p in enumerate(self.params)],
+                  "each step")
         self.lr = lr
         try:
             b1, b2 = betas
@@ -169,6 +209,7 @@ class AdamW:
         self.betas = (_unit("betas[0]", b1), _unit("betas[1]", b2))
         self.eps = _nonneg("eps", eps)
         self.weight_decay = _nonneg("weight_decay", weight_decay)
+        _decay(self._lr, self.weight_decay)
         self._state = {}
 
     @property
@@ -178,7 +219,10 @@ class AdamW:
     @lr.setter
     def lr(self, value):
         """The learning rate; may be changed between steps (schedules)."""
-        self._lr = _nonneg("lr", value)
+        lr = _nonneg("lr", value)
+        if hasattr(self, "weight_decay"):
+            _decay(lr, self.weight_decay)
+        self._lr = lr
 
     def state(self, p: Parameter):
         """``(step, m, v)`` of a parameter, or None before its first step."""
@@ -208,7 +252,7 @@ class AdamW:
             t = st[0]
             bc1 = 1.0 - b1 ** t
             bc2_sqrt = math.sqrt(1.0 - b2 ** t)
-            decay = 1.0 - self._lr * self.weight_decay
+            decay = _decay(self._lr, self.weight_decay)
             k.adamw_step(value.reshape(-1), np.ascontiguousarray(g).reshape(-1), st[1].reshape(-1),
                          st[2].reshape(-1), self._lr, b1, b2, self.eps, decay, bc1, bc2_sqrt)
 
@@ -241,6 +285,16 @@ class AdamW:
                 f"parameters={len(self.params)})")
 
 
+def _decay(lr, weight_decay):
+    """The decoupled weight decay factor ``1 - lr * weight_decay``, refused when it is not
+    finite in float32 (two finite scalars whose product overflows the compute type)."""
+    decay = 1.0 - lr * weight_decay
+    if not abs(decay) <= v.F32_MAX:
+        raise ConfigError(f"lr * weight_decay = {lr:g} * {weight_decay:g} overflows float32: the weight decay factor "
+                          f"1 - lr * weight_decay would be {decay:g}; use a smaller lr or weight_decay")
+    return decay
+
+
 def _unit(name, x):
     x = v.real_scalar(name, x)
     if not 0.0 <= x < 1.0:
@@ -262,6 +316,7 @@ def clip_grad_norm(parameters, max_norm) -> float:
     (computed in float64)."""
     params = _param_list(parameters)
     max_norm = _nonneg("max_norm", max_norm)
+    _distinct([(i, f"gradients of {p.name or 'unnamed'}", p.grad) for i, p in enumerate(params)], "clipping")
     grads = [p.grad for p in params if p.grad is not None]
     if any(is_device_array(g) for g in grads):
         return _clip_device(grads, max_norm)

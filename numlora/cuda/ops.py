@@ -732,9 +732,13 @@ def adamw_update(value, grad, m, v_, *, lr, beta1=0.9, beta2=0.999, eps=1e-8, we
     for nm, a in zip(("grad", "m", "v"), arrays[1:]):
         v.expect_shape(nm, a, tuple(arrays[0].shape))
     step = v.int_scalar("step", step, minimum=1)
+    from ..train import _decay, _nonneg, _unit
+
+    lr, eps, weight_decay = _nonneg("lr", lr), _nonneg("eps", eps), _nonneg("weight_decay", weight_decay)
+    beta1, beta2 = _unit("beta1", beta1), _unit("beta2", beta2)
     bc1 = 1.0 - beta1 ** step
     bc2_sqrt = math.sqrt(1.0 - beta2 ** step)
-    decay = 1.0 - lr * weight_decay
+    decay = _decay(lr, weight_decay)
     n = arrays[0].size
     K.adamw_step[_grid(n, K.THREADS), K.THREADS](*[_flat(a) for a in arrays], float(lr), float(beta1), float(beta2),
                                                   float(eps), float(decay), float(bc1), float(bc2_sqrt))
