@@ -63,7 +63,7 @@ def _term(what, item) -> _Term:
         a, b, s = item
         a = v.float_array(f"{what} lora_a", a, 2)
         b = v.float_array(f"{what} lora_b", b, 2)
-        if isinstance(s, numbers.Real) and not isinstance(s, (bool, np.bool_)) and not math.isfinite(s):
+        if isinstance(s, (float, np.floating)) and not math.isfinite(s):
             raise NonFiniteError(f"{what} scaling must be finite, got {float(s)}")
         s = v.real_scalar(f"{what} scaling", s)
         if b.shape[1] != a.shape[0]:
@@ -89,10 +89,9 @@ def _check_weights(weights, n):
     for i, w in enumerate(weights):
         if isinstance(w, (bool, np.bool_)) or not isinstance(w, numbers.Real):
             raise DTypeError(f"weights[{i}] must be a real number, got {type(w).__name__}")
-        w = float(w)
-        if not math.isfinite(w):
-            raise NonFiniteError(f"weights[{i}] must be finite, got {w}")
-        out.append(w)
+        if isinstance(w, (float, np.floating)) and not math.isfinite(w):
+            raise NonFiniteError(f"weights[{i}] must be finite, got {float(w)}")
+        out.append(v.real_scalar(f"weights[{i}]", w))  # and finite in float32
     return out
 
 
@@ -135,7 +134,8 @@ def _combine_terms(module, terms, weights, method, rank):
         for i, t in terms:
             if t.lora_bias is not None:
                 lora_bias += (weights[i] * t.scaling) * t.lora_bias
-        lora_bias = lora_bias.astype(np.float32)
+        with np.errstate(over="ignore"):
+            lora_bias = lora_bias.astype(np.float32)
     if method == "svd":
         full = min(a_all.shape[0], out_f, in_f)
         k = full if rank is None else min(rank, full)
@@ -145,8 +145,15 @@ def _combine_terms(module, terms, weights, method, rank):
         root = np.sqrt(sv[:k])
         b_all = (qb @ u[:, :k]) * root                               # (out, k)
         a_all = root[:, None] * (vt[:k] @ qa.T)                      # (k, in)
-    return (np.ascontiguousarray(a_all, np.float32), np.ascontiguousarray(b_all, np.float32), lora_bias,
-            False if fifo is None else fifo[1])
+    with np.errstate(over="ignore"):  # checked just below
+        a32 = np.ascontiguousarray(a_all, np.float32)
+        b32 = np.ascontiguousarray(b_all, np.float32)
+    for name, arr in (("A", a32), ("B", b32), ("lora_bias", lora_bias)):
+        if arr is not None and not np.isfinite(arr).all():
+            raise NonFiniteError(f"{where}the combined {name} overflows float32 (weights[i] * scaling_i * B_i is too "
+                                 f"large for the float32 result: weights {[weights[i] for i, _ in terms]}, scalings "
+                                 f"{[t.scaling for _, t in terms]}); use smaller weights")
+    return a32, b32, lora_bias, False if fifo is None else fifo[1]
 
 
 def combine_adapters(adapters, weights, method: str = "cat", rank: int | None = None):

@@ -59,11 +59,21 @@ def _check_rank(name, rank) -> int:
 def _check_alpha(name, alpha) -> float:
     if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
         raise DTypeError(f"{name} must be a real number, got {type(alpha).__name__}")
-    alpha = float(alpha)
-    if not (alpha > 0 and math.isfinite(alpha)):
-        raise ConfigError(f"LoRA alpha must be > 0 and finite, got {alpha}" if name == "alpha" else
-                          f"{name}: LoRA alpha must be > 0 and finite, got {alpha}")
+    try:
+        alpha = float(alpha)
+    except OverflowError:  # an integer beyond float64
+        alpha = math.inf
+    # finite in float32, the compute type (numlora._validate.real_scalar's rule), so that
+    # a finite 1e39 cannot become an infinite scaling inside a kernel
+    if not (alpha > 0 and alpha <= _F32_MAX):
+        what = "LoRA alpha must be > 0 and finite in float32 (<= 3.4028235e+38)"
+        raise ConfigError(f"{what}, got {alpha}" if name == "alpha" else f"{name}: {what}, got {alpha}")
     return alpha
+
+
+#: The largest finite float32 (numlora._validate.F32_MAX; not imported, to keep this module
+#: free of numpy).
+_F32_MAX = 3.4028234663852886e38
 
 
 def _json_number(x: float):
@@ -112,7 +122,11 @@ class LoraConfig:
         dropout = self.dropout
         if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real):
             raise DTypeError(f"dropout must be a real number, got {type(dropout).__name__}")
-        object.__setattr__(self, "dropout", float(dropout))
+        try:
+            object.__setattr__(self, "dropout", float(dropout))
+        except OverflowError:  # an integer beyond float64
+            raise ConfigError(f"LoRA dropout must be in [0, 1), got an integer of {len(str(abs(dropout)))} digits") \
+                from None
         if not (0.0 <= self.dropout < 1.0):
             raise ConfigError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
         modules = self.target_modules
