@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch", reason="torch is not installed (pip install torch==2.13.0)")
-bnbf = pytest.importorskip("bitsandbytes.functional", reason="bitsandbytes is not installed")
+torch = pytest.importorskip("torch", reason="needs torch: pip install -e '.[test,peers]'")
+bnbf = pytest.importorskip("bitsandbytes.functional", reason="needs bitsandbytes: pip install -e '.[test,peers]'")
 
 import numlora as nl  # noqa: E402
 from reference import MID_REF  # noqa: E402

@@ -446,8 +446,8 @@ def _assert_peft_uses_float32_weights(peft_d, d, items, w, mm):
 @pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.mark.parametrize("method", ["cat", "svd"])
 def test_matches_peft_on_plain_adapters(rng, method):
-    torch = pytest.importorskip("torch")
-    peft = pytest.importorskip("peft")
+    torch = pytest.importorskip("torch", reason="needs torch: pip install -e '.[test,peers]'")
+    peft = pytest.importorskip("peft", reason="needs peft: pip install -e '.[test,peers]'")
     pm, mods, ours = _peft_pair(torch, peft, rng, rslora=False)
     w = [0.7, -1.3]
     # full rank for PEFT's svd (its default would be the largest input rank, 4)
@@ -479,8 +479,8 @@ def test_peft_overscales_rslora_adapters_numlora_does_not(rng, method):
     ``s_i``, so its delta is ``sqrt(new_rank)`` times the exact sum (fixed upstream by
     huggingface/peft#3449, not in 0.21.2). numlora's is the exact sum (its result has
     scaling exactly 1)."""
-    torch = pytest.importorskip("torch")
-    peft = pytest.importorskip("peft")
+    torch = pytest.importorskip("torch", reason="needs torch: pip install -e '.[test,peers]'")
+    peft = pytest.importorskip("peft", reason="needs peft: pip install -e '.[test,peers]'")
     pm, mods, ours = _peft_pair(torch, peft, rng, rslora=True)
     w = [0.7, -1.3]
     pm.add_weighted_adapter(["one", "two"], w, "mix", combination_type=method,
@@ -508,8 +508,8 @@ def test_peft_svd_default_rank_truncates(rng):
     """PEFT's ``svd`` keeps ``max(r_i)`` by default (here 4 of a combined rank 6), so it is
     not the exact sum; numlora's ``rank=None`` keeps the full combined rank. At the same
     rank both are the Eckart-Young optimum."""
-    torch = pytest.importorskip("torch")
-    peft = pytest.importorskip("peft")
+    torch = pytest.importorskip("torch", reason="needs torch: pip install -e '.[test,peers]'")
+    peft = pytest.importorskip("peft", reason="needs peft: pip install -e '.[test,peers]'")
     pm, mods, ours = _peft_pair(torch, peft, rng, rslora=False)
     w = [1.0, 1.0]
     pm.add_weighted_adapter(["one", "two"], w, "mix", combination_type="svd")
@@ -530,8 +530,8 @@ def test_peft_svd_default_rank_truncates(rng):
 def test_peft_loads_the_combined_adapter(tmp_path, rng):
     """PEFT's loader reads the saved combination (mixed ranks through rank_pattern /
     alpha_pattern) and computes the same delta."""
-    torch = pytest.importorskip("torch")
-    peft = pytest.importorskip("peft")
+    torch = pytest.importorskip("torch", reason="needs torch: pip install -e '.[test,peers]'")
+    peft = pytest.importorskip("peft", reason="needs peft: pip install -e '.[test,peers]'")
     nn = torch.nn
     a = _adapter(rng, ["layers.0.q", "layers.0.v", "layers.1.fc1"], 4, 8.0, rank_of={"layers.1.fc1": 2})
     b = _adapter(rng, ["layers.0.q", "layers.1.q"], 3, 6.0, rslora=True)

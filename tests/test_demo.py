@@ -131,8 +131,8 @@ def test_demo_option_checks():
 def test_saved_adapter_loads_in_peft(tmp_path, capsys):
     """PEFT's own loader applies the demo's adapter to a torch copy of the dequantized base
     and reaches the accuracy the demo printed."""
-    torch = pytest.importorskip("torch")
-    peft = pytest.importorskip("peft")
+    torch = pytest.importorskip("torch", reason="needs torch: pip install -e '.[test,peers]'")
+    peft = pytest.importorskip("peft", reason="needs peft: pip install -e '.[test,peers]'")
     out = tmp_path / "adapter"
     rc, text = _run(capsys, "--out", str(out), "--seed", "0")
     assert rc == 0

@@ -127,7 +127,7 @@ def test_layout_and_bit_exact_round_trip(rng, shape, bs, dq):
 
 @pytest.mark.parametrize("dq", [False, True])
 def test_round_trip_through_a_safetensors_file(rng, tmp_path, dq):
-    st = pytest.importorskip("safetensors.numpy")
+    st = pytest.importorskip("safetensors.numpy", reason="needs safetensors: pip install -e '.[test,peers]'")
     t = nl.quantize_nf4(_weight(rng, (96, 130)), 64, double_quant=dq)
     d = t.to_state_dict(PREFIX)
     d[PREFIX + ".bias"] = rng.standard_normal(96).astype(np.float32)
@@ -425,8 +425,8 @@ def _rows_are_whole_blocks(shape, bs):
 
 
 def _bnb():
-    torch = pytest.importorskip("torch", reason="torch is not installed (pip install torch==2.13.0)")
-    bnbf = pytest.importorskip("bitsandbytes.functional", reason="bitsandbytes is not installed")
+    torch = pytest.importorskip("torch", reason="needs torch: pip install -e '.[test,peers]'")
+    bnbf = pytest.importorskip("bitsandbytes.functional", reason="needs bitsandbytes: pip install -e '.[test,peers]'")
     return torch, bnbf
 
 
@@ -556,7 +556,7 @@ def test_theirs_from_16_bit_weights(rng, name, dq):
 
 
 def _linear4bit_model(torch, w, bias, bs, dq):
-    bnb = pytest.importorskip("bitsandbytes")
+    bnb = pytest.importorskip("bitsandbytes", reason="needs bitsandbytes: pip install -e '.[test,peers]'")
     lin = bnb.nn.Linear4bit(w.shape[1], w.shape[0], bias=True, compute_dtype=torch.float32, quant_type="nf4",
                             compress_statistics=dq)
     lin.weight = bnb.nn.Params4bit(torch.from_numpy(w.copy()), requires_grad=False, blocksize=bs,
@@ -596,9 +596,9 @@ def test_linear4bit_state_dict_loads_in_numlora(rng, shape, dq):
 @pytest.mark.parametrize("dq", [False, True])
 def test_params4bit_from_prequantized_accepts_ours(rng, tmp_path, dq):  # (80, 192): rows are whole blocks
     torch, bnbf = _bnb()
-    bnb = pytest.importorskip("bitsandbytes")
-    stt = pytest.importorskip("safetensors.torch")
-    stn = pytest.importorskip("safetensors.numpy")
+    bnb = pytest.importorskip("bitsandbytes", reason="needs bitsandbytes: pip install -e '.[test,peers]'")
+    stt = pytest.importorskip("safetensors.torch", reason="needs safetensors: pip install -e '.[test,peers]'")
+    stn = pytest.importorskip("safetensors.numpy", reason="needs safetensors: pip install -e '.[test,peers]'")
     t = nl.quantize_nf4(_weight(rng, (80, 192)), 64, double_quant=dq)
     path = tmp_path / "model.safetensors"
     stn.save_file(t.to_state_dict(PREFIX), str(path))

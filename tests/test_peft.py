@@ -96,7 +96,7 @@ def test_round_trip_is_bit_exact(tmp_path, rng):
 
 
 def test_files_read_by_the_safetensors_package(tmp_path, rng):
-    st = pytest.importorskip("safetensors.numpy")
+    st = pytest.importorskip("safetensors.numpy", reason="needs safetensors: pip install -e '.[test,peers]'")
     from safetensors import safe_open
 
     ad = _mixed_adapter(rng)
@@ -174,7 +174,7 @@ def test_half_precision_files(tmp_path, rng):
 
 
 def test_bf16_matches_torch_rounding(tmp_path, rng):
-    torch = pytest.importorskip("torch")
+    torch = pytest.importorskip("torch", reason="needs torch: pip install -e '.[test,peers]'")
     ad = _mixed_adapter(rng)
     ad.save_peft(tmp_path, dtype="BF16")
     back = nl.load_peft_adapter(tmp_path)
@@ -393,8 +393,8 @@ def test_save_refusals(tmp_path, rng):
 # --- against PEFT itself ---------------------------------------------------------------------------
 
 def _torch_stack():
-    torch = pytest.importorskip("torch")
-    peft = pytest.importorskip("peft")
+    torch = pytest.importorskip("torch", reason="needs torch: pip install -e '.[test,peers]'")
+    peft = pytest.importorskip("peft", reason="needs peft: pip install -e '.[test,peers]'")
     return torch, peft
 
 
@@ -548,7 +548,7 @@ def test_numlora_saved_adapter_loads_in_peft(tmp_path, rng, kind, dtype):
 @pytest.mark.parametrize("kind", ["plain", "dora"])
 def test_conv1d_fan_in_fan_out_against_peft(tmp_path, rng, kind):
     torch, peft = _torch_stack()
-    pytest.importorskip("transformers")
+    pytest.importorskip("transformers", reason="needs transformers: pip install -e '.[test,peers]'")
     torch.manual_seed(2)
     cfg = _peft_config(peft, r=4, lora_alpha=16, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True,
                        use_dora=kind == "dora", rank_pattern={"c_proj": 2})
@@ -568,7 +568,7 @@ def test_conv1d_fan_in_fan_out_against_peft(tmp_path, rng, kind):
 @pytest.mark.parametrize("torch_dtype", ["bfloat16", "float16"])
 def test_half_precision_files_written_by_torch(tmp_path, rng, torch_dtype):
     torch, peft = _torch_stack()
-    st_torch = pytest.importorskip("safetensors.torch")
+    st_torch = pytest.importorskip("safetensors.torch", reason="needs safetensors: pip install -e '.[test,peers]'")
     torch.manual_seed(3)
     base = _net(torch)
     keep = copy.deepcopy(base)

@@ -486,7 +486,7 @@ except ImportError:  # pragma: no cover - depends on the environment
     st_torch = None
 
 
-@pytest.mark.skipif(st_torch is None, reason="torch / safetensors not installed")
+@pytest.mark.skipif(st_torch is None, reason="needs torch and safetensors: pip install -e '.[test,peers]'")
 def test_against_reference_package(tmp_path, rng):
     x = torch.from_numpy(rng.standard_normal((33, 17)).astype(np.float32))
     theirs = {"bf": x.to(torch.bfloat16), "h": x.half(), "f": x, "i": torch.arange(5), "u": torch.ones(2, dtype=torch.uint8)}

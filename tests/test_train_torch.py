@@ -5,7 +5,7 @@ import pytest
 
 import numlora as nl
 
-torch = pytest.importorskip("torch")
+torch = pytest.importorskip("torch", reason="needs torch: pip install -e '.[test,peers]'")
 
 
 def _rel(got, ref):
