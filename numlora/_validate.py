@@ -98,3 +98,54 @@ def first_nonfinite(name: str, flat: np.ndarray, shape: tuple, start: int = 0) -
     return NonFiniteError(
         f"{name} must be finite, got {flat[k]} at index {tuple(int(i) for i in index)}"
     )
+
+
+#: Work bound of the exact overlap test (numpy's max_work): a layout too hard to decide
+#: within it counts as overlapping, the safe answer.
+_OVERLAP_WORK = 4096
+_TooHard = getattr(getattr(np, "exceptions", np), "TooHardError", RuntimeError)
+
+
+def shares_memory(a, b) -> bool:
+    """Whether numpy arrays ``a`` and ``b`` have an element in common.
+
+    ``np.may_share_memory`` (a comparison of the memory bounds, ~0.2 us) first, so arrays
+    that do not overlap cost nothing more; then the exact ``np.shares_memory`` with a
+    bounded amount of work (interleaved views of one buffer, such as ``w[:, ::2]`` and
+    ``w[:, 1::2]``, do not share). Anything that is not a numpy array (None, a GPU array)
+    shares nothing."""
+    if not (isinstance(a, np.ndarray) and isinstance(b, np.ndarray)):
+        return False
+    if not np.may_share_memory(a, b):
+        return False
+    try:
+        return bool(np.shares_memory(a, b, max_work=_OVERLAP_WORK))
+    except _TooHard:  # undecided within the bound
+        return True
+
+
+def overlapping(out, arrays: dict):
+    """The name of the first array of ``arrays`` (name -> array or None) that shares
+    memory with ``out``, or None."""
+    if not isinstance(out, np.ndarray):
+        return None
+    for name, a in arrays.items():
+        if shares_memory(out, a):
+            return name
+    return None
+
+
+def refuse_overlap(out_name: str, out, arrays: dict, what: str) -> None:
+    """Raise ShapeError if ``out`` (written in place by ``what``) shares memory with one of
+    ``arrays`` (read while it is written)."""
+    name = overlapping(out, arrays)
+    if name is not None:
+        raise ShapeError(f"{out_name} shares memory with {name}: {what} writes {out_name} in place while reading "
+                         f"{name}, so the result would be wrong; pass a copy of {name} (e.g. {name}.copy())")
+
+
+def same_layout(a, b) -> bool:
+    """Whether ``a`` and ``b`` are the same elements in the same order (same start,
+    shape and strides): an elementwise kernel may then read and write in place."""
+    return (a.shape == b.shape and a.strides == b.strides
+            and a.__array_interface__["data"][0] == b.__array_interface__["data"][0])

@@ -69,10 +69,18 @@ def dora_forward(x, weight, lora_a, lora_b, scaling, magnitude, bias=None, out=N
 
     ``weight_norm`` : ``n`` when the caller has it already (:func:`dora_weight_norm`;
     :class:`~numlora.layers.LoraLinear` caches it), else it is computed. Other arguments
-    as :func:`numlora.ops.lora_forward`. Returns ``out``."""
+    as :func:`numlora.ops.lora_forward`; ``out`` may overlap any input (the result is then
+    computed into a temporary and copied into it). Returns ``out``."""
     weight, lora_a, lora_b, out_f, _, _ = _adapter_arrays(weight, lora_a, lora_b, fan_in_fan_out)
     m = _magnitude(magnitude, out_f)
     s = v.real_scalar("scaling", scaling)
+    if out is not None and v.overlapping(out, {"x": x, "weight": weight, "lora_a": lora_a, "lora_b": lora_b,
+                                               "magnitude": m, "bias": bias, "weight_norm": weight_norm}):
+        res = dora_forward(x, weight, lora_a, lora_b, s, m, bias, fan_in_fan_out=fan_in_fan_out,
+                           weight_norm=weight_norm)
+        v.out_array("out", out, res.shape, res.dtype)
+        out[...] = res
+        return out
     if weight_norm is None:
         weight_norm = dora_weight_norm(weight, lora_a, lora_b, s, fan_in_fan_out)
     else:
@@ -97,13 +105,17 @@ def merge_dora(weight, lora_a, lora_b, scaling, magnitude, fan_in_fan_out=False)
     writable. ``magnitude`` : ``(out,)``. Each chunk of rows is computed in float64 and
     rounded to the weight's dtype once. The base bias is unchanged by a DoRA merge.
     There is no exact inverse: to unmerge, keep a copy of the weight
-    (:meth:`LoraLinear.merge <numlora.layers.LoraLinear.merge>` does).
+    (:meth:`LoraLinear.merge <numlora.layers.LoraLinear.merge>` does). ``lora_a``,
+    ``lora_b`` or ``magnitude`` sharing memory with ``weight`` is refused
+    (:class:`~numlora.errors.ShapeError`), as in :func:`numlora.ops.merge_lora`.
     """
     s = v.real_scalar("scaling", scaling)
     weight, a, b, out_f, _, _ = _adapter_arrays(weight, lora_a, lora_b, fan_in_fan_out)
     if not weight.flags.writeable:
         raise ShapeError("weight is read-only; merge_dora updates it in place")
-    m = _magnitude(magnitude, out_f).astype(np.float64)
+    m = _magnitude(magnitude, out_f)
+    v.refuse_overlap("weight", weight, {"lora_a": a, "lora_b": b, "magnitude": m}, "merge_dora")
+    m = m.astype(np.float64)
     # All norms first, so that a bad row leaves the weight untouched.
     norm = dora_weight_norm(weight, a, b, s, fan_in_fan_out)
     _check_norm(norm)

@@ -33,7 +33,10 @@ class ConfigError(NumloraError, ValueError):
 
 
 class ShapeError(NumloraError, ValueError):
-    """An array has the wrong number of dimensions, the wrong shape, or is empty."""
+    """An array has the wrong number of dimensions, the wrong shape, or is empty; or its
+    memory does not fit the call: an ``out=`` buffer that is not C-contiguous or is
+    read-only, or an array written in place that shares memory with one the call reads
+    (where numlora refuses the overlap instead of computing through a copy)."""
 
 
 class DTypeError(NumloraError, TypeError):

@@ -12,10 +12,12 @@ from . import _validate as v
 from .config import lora_scaling
 from .dora import dora_forward, dora_weight_norm, merge_dora
 from .device import is_device_array
-from .errors import ConfigError, DetachedLayerError, DeviceError, DTypeError, MergeStateError, ShapeError
+from .errors import ConfigError, DetachedLayerError, DeviceError, DTypeError, MergeStateError, NonFiniteError
+from .errors import ShapeError
 from .nf4 import NF4Tensor, _nf4_forward, _nf4_grad_input, _weight_2d, dequantize_nf4, nf4_matmul, qlora_forward
 from .nf4 import quantize_nf4
-from .ops import _backward_core, _drop_args, _input_rows, _prepare_out, _seed64, dropout_p, linear_forward
+from .ops import _Base, _backward_core, _deliver, _drop_args, _input_rows, _low_rank_arrays, _prepare_out, _private_out
+from .ops import _seed64, _weight_array, dropout_p, linear_forward
 from .ops import lora_forward, merge_lora, mix_seed, train_forward_dense, unmerge_lora
 from .rng import XorShift64
 from .train import TrainStateError, _BoundParameter
@@ -44,7 +46,17 @@ def init_lora_a(rank: int, in_features: int, out_features: int, init: str = "see
     ``default_seed + in + out`` (or ``seed``), values times ``float32(sqrt(2 / in))``.
     ``"kaiming"``: PEFT's default, U(-1/sqrt(in), 1/sqrt(in)) (numpy Generator(seed)).
     ``"gaussian"``: PEFT's ``"gaussian"``, N(0, (1/rank)^2) (numpy Generator(seed)).
+
+    ``seed``: None or a non-negative integer (below 2**64 for ``"seed"``, the generator's
+    state); anything else is a :class:`~numlora.errors.NumloraError` naming it.
     """
+    if not isinstance(init, str) or init not in INITS:
+        raise ConfigError(f"init must be one of {INITS}, got {init!r}")
+    rank = v.int_scalar("rank", rank, minimum=1)
+    in_features = v.int_scalar("in_features", in_features, minimum=1)
+    out_features = v.int_scalar("out_features", out_features, minimum=1)
+    if seed is not None:
+        seed = _seed64(seed) if init == "seed" else v.int_scalar("seed", seed, minimum=0)
     if init == "seed":
         rng = XorShift64(default_seed + in_features + out_features if seed is None else seed)
         scale = np.sqrt(np.float32(2.0) / np.float32(in_features))
@@ -63,9 +75,11 @@ class _LowRank:
     _dtype = np.dtype(np.float32)
     _device = "cpu"
 
-    def _init_low_rank(self, out_f, in_f, lora_a, lora_b, alpha, use_rslora):
+    def _init_low_rank(self, out_f, in_f, lora_a, lora_b, alpha, use_rslora, base=None):
         self._out_f, self._in_f = out_f, in_f
-        a = v.float_array("lora_a", lora_a, 2)
+        # A and B checked together first, so that a shape error can say what is likely
+        # wrong (A and B swapped, a transposed weight, an adapter for another base)
+        a, _, _ = _low_rank_arrays(lora_a, lora_b, out_f, in_f, base)
         self._rank = a.shape[0]
         self._alpha = v.real_scalar("alpha", alpha, positive=True)
         self._use_rslora = bool(use_rslora)
@@ -113,7 +127,14 @@ class _LowRank:
             setattr(self, "_" + name, _dev_copy(name, a, shape))
             return
         a = v.float_array(name, a, 2)
-        v.expect_shape(name, a, shape)
+        if tuple(a.shape) != tuple(shape):
+            hint = ""
+            other = ("lora_b", (self._out_f, self._rank)) if name == "lora_a" else ("lora_a", (self._rank, self._in_f))
+            if tuple(a.shape) == other[1]:
+                hint = f": that is the shape of {other[0]}; did you mean layer.{other[0]} = ...?"
+            elif tuple(a.shape) == tuple(shape)[::-1]:
+                hint = f": that is the transpose; pass {name}.T"
+            raise ShapeError(f"expected {name} of shape {tuple(shape)}, got {tuple(a.shape)}{hint}")
         setattr(self, "_" + name, np.array(a, dtype=self._dtype, order="C", copy=True))
 
     # flags and sizes ---------------------------------------------------------------
@@ -262,8 +283,14 @@ class _LowRank:
         in_f, out_f = self._in_f, self._out_f
         x = _input_rows(x, in_f)
         dtype = self._train_dtype(x)
+        dest = None
+        out_given = out is not None
         out = _prepare_out(out, x, out_f, dtype)
+        if out_given:  # out overlapping x or the base: computed into a temporary, copied at the end
+            out, dest = _private_out(out, {"x": x, **self._base_arrays()})
         x2 = np.ascontiguousarray(x.reshape(-1, in_f), dtype)
+        if dest is not None and v.shares_memory(dest, x2):
+            x2 = x2.copy()  # backward reads x: keep it as it was before out overwrites it
         out2 = out.reshape(-1, out_f)
         lora = self._enabled
         drop = None
@@ -282,7 +309,7 @@ class _LowRank:
                 k.dropout_fill(x2, drop.thresh, drop.states(x2.shape[0]), drop.scale, xd2)
         us = self._train_forward_impl(x2, xd2, out2, lora, dtype)
         self._cache = (x2, xd2, us, drop, x.ndim == 1, lora, dtype)
-        return out
+        return _deliver(out, dest)
 
     def backward(self, grad_out, need_grad_x: bool = True):
         """Backpropagate ``grad_out = dL/dy`` (the shape of the last training forward's
@@ -513,14 +540,15 @@ class LoraLinear(_LowRank):
             if bias is not None:
                 raise ConfigError("bias belongs to the base layer: pass it to attach() with the base weight")
         else:
-            weight = v.float_array("weight", weight, 2)
+            weight = _weight_array(weight, self._fan_in_fan_out)
             in_f, out_f = weight.shape if fan_in_fan_out else weight.shape[::-1]
             self._dtype = weight.dtype
         self._weight = weight
         self._magnitude = None
         self._lora_bias = None
         self._norm_cache = None
-        self._init_low_rank(out_f, in_f, lora_a, lora_b, alpha, use_rslora)
+        base = None if weight is None else _Base("the weight", weight.shape, self._fan_in_fan_out)
+        self._init_low_rank(out_f, in_f, lora_a, lora_b, alpha, use_rslora, base)
         self._init_training(dropout, dropout_seed)
         self._set_bias(bias)
         self._record = None
@@ -667,7 +695,14 @@ class LoraLinear(_LowRank):
     def lora_bias(self, lb):
         if lb is not None and self._magnitude is not None:
             raise ConfigError("a LoRA bias is not supported together with DoRA (PEFT refuses it too)")
-        self._lora_bias = self._set_vector("lora_bias", lb)
+        lb = self._set_vector("lora_bias", lb)
+        if lb is not None and lb.size:
+            with np.errstate(over="ignore", invalid="ignore"):
+                top = float(np.max(np.abs(lb))) * self.scaling
+            if not top <= v.F32_MAX:
+                raise NonFiniteError(f"scaling * lora_bias is not finite in float32 (scaling {self.scaling:g}, "
+                                     f"max |lora_bias| {float(np.max(np.abs(lb))):g}): the forward would add inf")
+        self._lora_bias = lb
 
     @property
     def use_dora(self) -> bool:
@@ -709,7 +744,9 @@ class LoraLinear(_LowRank):
     def forward(self, x, out=None) -> np.ndarray:
         """``x`` of shape (in,) or (n, in) -> (out,) or (n, out). In training mode (see
         :meth:`train`) dropout applies to the LoRA input and the layer keeps what
-        :meth:`backward` needs."""
+        :meth:`backward` needs. ``out`` (optional, C-contiguous) may overlap ``x`` or the
+        base weight: the result is then computed into a temporary and copied into it (in
+        training mode the layer keeps its own copy of such an ``x`` for backward)."""
         self._need_weight("run forward")
         if self._training:
             return self._forward_train(x, out)
@@ -732,6 +769,10 @@ class LoraLinear(_LowRank):
 
     def _train_dtype(self, x):
         return np.result_type(x.dtype, self._weight.dtype, self._lora_a.dtype, self._lora_b.dtype)
+
+    def _base_arrays(self):
+        """The caller-visible arrays a forward reads (for the ``out=`` overlap checks)."""
+        return {"weight": self._weight}
 
     def _train_forward_impl(self, x2, xd2, out2, lora, dtype):
         w = self._weight.astype(dtype, copy=False)
@@ -872,7 +913,7 @@ class QLoraLinear(_LowRank):
                  dropout_seed=0):
         out_f, in_f = _weight_2d(nf4)
         self._nf4 = nf4
-        self._init_low_rank(out_f, in_f, lora_a, lora_b, alpha, use_rslora)
+        self._init_low_rank(out_f, in_f, lora_a, lora_b, alpha, use_rslora, _Base("the NF4 weight", nf4.shape, None))
         self._init_training(dropout, dropout_seed)
         _check_rank(self._rank, out_f, in_f)
         self._set_bias(bias)
@@ -905,7 +946,7 @@ class QLoraLinear(_LowRank):
     def forward(self, x, out=None) -> np.ndarray:
         """``x`` of shape (in,) or (n, in) -> (out,) or (n, out), float32. In training
         mode dropout applies to the LoRA input and the layer keeps what :meth:`backward`
-        needs."""
+        needs. ``out`` may overlap ``x`` (as in :meth:`LoraLinear.forward`)."""
         if self._training:
             return self._forward_train(x, out)
         self._cache = None
@@ -957,6 +998,11 @@ class QLoraLinear(_LowRank):
 
     def _grad_input(self, g2, dx):
         _nf4_grad_input(g2, self._nf4, dx)
+
+    def _base_arrays(self):
+        from .nf4 import _tensor_arrays
+
+        return _tensor_arrays(self._nf4)
 
     def dequantize_weight(self, out=None) -> np.ndarray:
         """The float32 base weight as NF4 stores it."""

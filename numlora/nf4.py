@@ -495,22 +495,43 @@ def _check_tensor(t):
 def dequantize_nf4(t: NF4Tensor, out=None) -> np.ndarray:
     """Decode ``t`` to a float32 array of ``t.shape``: ``code[nibble] * absmax[block]``
     (absmax decoded from its 8-bit codes first under double quantization). ``out``: an
-    optional preallocated C-contiguous float32 array of ``t.shape``."""
+    optional preallocated C-contiguous float32 array of ``t.shape``; if it shares memory
+    with the tensor's arrays the result is decoded into a temporary and copied into it."""
     if _on_device(t, out):
         return _gpu().dequantize_nf4(t, out)
     _check_tensor(t)
     from .kernels import nf4 as k
 
+    dest = None
     if out is None:
         out = np.empty(t.shape, np.float32)
     else:
-        v.out_array("out", out, t.shape, np.float32)
+        out, dest = _private_out(v.out_array("out", out, t.shape, np.float32), _tensor_arrays(t))
     n, bs = t.numel, t.blocksize
     if _simd_ok(k, bs) and n % bs == 0:
         k.nf4_decode_simd(t.packed, t.scales(), bs, NF4_CODE, 0, n // bs, out.reshape(-1))
     else:
         k.nf4_dequantize_range(t.packed, t.scales(), bs, NF4_CODE, 0, n, out.reshape(-1))
-    return out
+    return _deliver(out, dest)
+
+
+def _tensor_arrays(t):
+    """The arrays of an NF4Tensor, by name, for the overlap checks of ``out=``."""
+    return {"t.packed": t.packed, "t.absmax": t.absmax, "t.absmax2": t.absmax2, "t.code8": t.code8,
+            "t.scales()": t._scales}
+
+
+def _private_out(out, inputs):
+    from .ops import _private_out as po
+
+    return po(out, inputs)
+
+
+def _deliver(out, dest):
+    if dest is None:
+        return out
+    dest[...] = out
+    return dest
 
 
 def _simd_ok(k, blocksize) -> bool:
@@ -546,6 +567,9 @@ def nf4_matmul(x, t: NF4Tensor, out=None) -> np.ndarray:
     size (up to that limit) and the thread count. Larger batches decode tiles of W (8 MiB
     at most) and multiply them with BLAS. Results agree with ``x @ dequantize_nf4(t).T``
     in float64 to ~1e-6 relative (see docs/performance.md for measured errors).
+
+    ``out`` may overlap ``x`` or the tensor's arrays: the result is then computed into a
+    temporary and copied into ``out``.
     """
     if _on_device(x, t, out):
         return _gpu().nf4_matmul(x, t, out)
@@ -553,10 +577,14 @@ def nf4_matmul(x, t: NF4Tensor, out=None) -> np.ndarray:
     from .ops import _input_rows, _prepare_out
 
     x = _input_rows(x, in_f)
+    dest = None
+    out_given = out is not None
     out = _prepare_out(out, x, out_f, np.float32)
+    if out_given:
+        out, dest = _private_out(out, {"x": x, **_tensor_arrays(t)})
     x2 = np.ascontiguousarray(x.reshape(-1, in_f), np.float32)
     _nf4_forward(x2, t, None, None, 0.0, None, out.reshape(-1, out_f))
-    return out
+    return _deliver(out, dest)
 
 
 def _nf4_forward(x2, t, lora_a, lora_b, s, bias, out2, x_lora=None, u_out=None):
@@ -649,18 +677,22 @@ def _row_tiles(t, scales):
 def nf4_matmul_t(g, t: NF4Tensor, out=None) -> np.ndarray:
     """``g deq(W)`` for an NF4 weight ``W`` (out, in) and ``g`` of shape (out,) or
     (n, out): the input gradient of ``y = x deq(W)^T``, fused the same way (W is decoded a
-    row segment at a time, never whole). Returns (in,) or (n, in)."""
+    row segment at a time, never whole). Returns (in,) or (n, in). ``out`` may overlap
+    ``g`` or the tensor's arrays (computed into a temporary then)."""
     if _on_device(g, t, out):
         return _gpu().nf4_matmul_t(g, t, out)
     out_f, in_f = _weight_2d(t)
-    from .kernels import nf4 as k
     from .ops import _input_rows, _prepare_out
 
     g = _input_rows(g, out_f, "g", "out_features")
+    dest = None
+    out_given = out is not None
     out = _prepare_out(out, g, in_f, np.float32)
+    if out_given:
+        out, dest = _private_out(out, {"g": g, **_tensor_arrays(t)})
     g2 = np.ascontiguousarray(g.reshape(-1, out_f), np.float32)
     _nf4_grad_input(g2, t, out.reshape(-1, in_f))
-    return out
+    return _deliver(out, dest)
 
 
 def _nf4_grad_input(g2, t, dx):
@@ -694,14 +726,15 @@ def qlora_backward(x, t: NF4Tensor, lora_a, lora_b, scaling, grad_out, *, dropou
     weight: as :func:`numlora.ops.lora_backward` (same arguments and results), with the
     ``G deq(W)`` term computed as :func:`nf4_matmul_t` does (fused for small batches,
     decoded tiles and BLAS for large ones; never a whole dequantized copy of W).
-    float32 throughout."""
+    float32 throughout. ``grad_a`` / ``grad_b`` may overlap the inputs (those are copied
+    first, as in :func:`~numlora.ops.lora_backward`)."""
     if _on_device(x, t, lora_a, lora_b, grad_out):
         return _gpu().qlora_backward(x, t, lora_a, lora_b, scaling, grad_out, dropout=dropout, x_drop=x_drop, u=u, grad_a=grad_a, grad_b=grad_b, need_grad_x=need_grad_x)
     out_f, in_f = _weight_2d(t)
     from .ops import _backward_core, _backward_inputs, _check_x_drop_alone, _finish_backward, _grad_buffer
-    from .ops import _low_rank_arrays
+    from .ops import _low_rank_arrays, _unalias_grads
 
-    lora_a, lora_b, rank = _low_rank_arrays(lora_a, lora_b, out_f, in_f)
+    lora_a, lora_b, rank = _low_rank_arrays(lora_a, lora_b, out_f, in_f, base=_nf4_base(t))
     s = v.real_scalar("scaling", scaling)
     _check_x_drop_alone(x_drop, dropout, need_grad_x)
     dt = np.dtype(np.float32)
@@ -710,27 +743,47 @@ def qlora_backward(x, t: NF4Tensor, lora_a, lora_b, scaling, grad_out, *, dropou
         us = us * np.float32(s)
     grad_a = _grad_buffer("grad_a", grad_a, lora_a.shape, dt)
     grad_b = _grad_buffer("grad_b", grad_b, lora_b.shape, dt)
-    dx, grad_a, grad_b = _backward_core(
-        x2, xd2, np.ascontiguousarray(lora_a, dt), np.ascontiguousarray(lora_b, dt), s, g2, us, drop, grad_a,
-        grad_b, bool(need_grad_x), lambda g, d: _nf4_grad_input(g, t, d))
+    a, b = np.ascontiguousarray(lora_a, dt), np.ascontiguousarray(lora_b, dt)
+    x2, xd2, g2, us, a, b = _unalias_grads(grad_a, grad_b, (x2, xd2, g2, us, a, b))
+    if need_grad_x and (grad_a is not None or grad_b is not None):
+        names = [k for k, arr in _tensor_arrays(t).items()
+                 if v.shares_memory(grad_a, arr) or v.shares_memory(grad_b, arr)]
+        if names:
+            raise ShapeError(f"grad_a / grad_b share memory with {names[0]}: they are accumulated in place while "
+                             "the NF4 weight is still read; pass separate arrays")
+    dx, grad_a, grad_b = _backward_core(x2, xd2, a, b, s, g2, us, drop, grad_a, grad_b, bool(need_grad_x),
+                                        lambda g, d: _nf4_grad_input(g, t, d))
     return _finish_backward(dx, grad_a, grad_b, one_d, in_f)
 
 
 def qlora_forward(x, t: NF4Tensor, lora_a, lora_b, scaling, bias=None, out=None) -> np.ndarray:
     """``y = x deq(W)^T + b + scaling * (x A^T) B^T`` for an NF4 base weight, fused as in
     :func:`nf4_matmul` (the LoRA shrink, expand and the bias run inside the same kernel
-    for batches up to ``FUSED_MAX_ROWS``). float32 throughout."""
+    for batches up to ``FUSED_MAX_ROWS``). float32 throughout. ``out`` may overlap the
+    inputs (``out=x``, ``out=lora_a``...): the result is then computed into a temporary
+    and copied into ``out``, the same as without overlap."""
     if _on_device(x, t, lora_a, lora_b, bias, out):
         return _gpu().qlora_forward(x, t, lora_a, lora_b, scaling, bias, out)
     out_f, in_f = _weight_2d(t)
     from .ops import _bias, _input_rows, _low_rank_arrays, _prepare_out
 
-    lora_a, lora_b, _ = _low_rank_arrays(lora_a, lora_b, out_f, in_f)
+    lora_a, lora_b, _ = _low_rank_arrays(lora_a, lora_b, out_f, in_f, base=_nf4_base(t))
     s = v.real_scalar("scaling", scaling)
     x = _input_rows(x, in_f)
     b_arr, use_bias = _bias(bias, out_f, np.float32)
+    dest = None
+    out_given = out is not None
     out = _prepare_out(out, x, out_f, np.float32)
+    if out_given:
+        out, dest = _private_out(out, {"x": x, "lora_a": lora_a, "lora_b": lora_b, "bias": bias,
+                                       **_tensor_arrays(t)})
     x2 = np.ascontiguousarray(x.reshape(-1, in_f), np.float32)
     _nf4_forward(x2, t, np.ascontiguousarray(lora_a, np.float32), np.ascontiguousarray(lora_b, np.float32), s,
                  b_arr if use_bias else None, out.reshape(-1, out_f))
-    return out
+    return _deliver(out, dest)
+
+
+def _nf4_base(t):
+    from .ops import _Base
+
+    return _Base("the NF4 weight", t.shape, None)

@@ -16,7 +16,7 @@ import numpy as np
 
 from . import _validate as v
 from .device import on_device as _on_device
-from .errors import ConfigError, DTypeError, MergeStateError, ShapeError
+from .errors import ConfigError, DTypeError, MergeStateError, NonFiniteError, NumloraError, ShapeError
 
 __all__ = ["lora_forward", "merge_lora", "unmerge_lora", "MergeRecord", "lora_dropout", "lora_backward",
            "DropoutState"]
@@ -38,24 +38,116 @@ def _kernels():
 
 
 def _adapter_arrays(weight, lora_a, lora_b, fan_in_fan_out):
-    """Validate weight, A, B; return (weight, A, B, out_features, in_features, rank)."""
-    weight = v.float_array("weight", weight, 2)
+    """Validate weight, A, B; return (weight, A, B, out_features, in_features, rank).
+    Shape errors say what is likely wrong (a transposed weight, A and B swapped, an
+    adapter for another base) and how to fix it."""
+    weight = _weight_array(weight, fan_in_fan_out)
     if fan_in_fan_out:
         in_f, out_f = weight.shape
     else:
         out_f, in_f = weight.shape
-    lora_a, lora_b, rank = _low_rank_arrays(lora_a, lora_b, out_f, in_f)
+    lora_a, lora_b, rank = _low_rank_arrays(lora_a, lora_b, out_f, in_f,
+                                            base=_Base("the weight", weight.shape, fan_in_fan_out))
     return weight, lora_a, lora_b, out_f, in_f, rank
 
 
-def _low_rank_arrays(lora_a, lora_b, out_f, in_f):
-    """Validate A (r, in) and B (out, r) against the base's shape; return (A, B, r)."""
-    lora_a = v.float_array("lora_a", lora_a, 2)
+def _weight_array(weight, fan_in_fan_out, name="weight"):
+    """A dense base weight: a 2-D float array (a 1-D one gets a hint)."""
+    w = v.float_array(name, weight, None)
+    if w.ndim != 2:
+        layout = "(in_features, out_features) (fan_in_fan_out=True)" if fan_in_fan_out else \
+            "(out_features, in_features)"
+        hint = (": a 1-D array looks like a bias or a flattened weight; pass the 2-D weight, or "
+                "reshape it to its (out_features, in_features)" if w.ndim == 1 else "")
+        raise ShapeError(f"expected {name} to be 2-D, got shape {w.shape}: a Linear weight is a {layout} "
+                         f"matrix{hint}")
+    return w
+
+
+class _Base(NamedTuple):
+    """What the adapter is checked against, for error messages: the base's name ("weight",
+    "the NF4 weight", "the bank's base"), its stored shape, and whether it is stored (in,
+    out) (None: the layout is fixed, (out, in))."""
+
+    name: str
+    shape: tuple
+    fan_in_fan_out: bool | None
+
+
+def _base_desc(base, out_f, in_f):
+    if base is None:
+        return f"the base has out_features {out_f} and in_features {in_f}"
+    layout = "(in, out)" if base.fan_in_fan_out else "(out, in)"
+    return (f"{base.name} has out_features {out_f} and in_features {in_f} (shape {tuple(base.shape)}, read as "
+            f"{layout})")
+
+
+def _transpose_fix(base):
+    if base is None:
+        return "is the base transposed?"
+    if base.fan_in_fan_out is None:
+        return (f"{base.name} looks transposed: it must be (out, in); if you quantized a weight stored (in, out), "
+                "quantize weight.T instead")
+    now = bool(base.fan_in_fan_out)
+    stored = "(out, in)" if now else "(in, out)"
+    return f"if {base.name} is stored transposed, as {stored}, pass fan_in_fan_out={not now}"
+
+
+def _adapter_hint(a_shape, b_shape, out_f, in_f, base, name):
+    """Why A (r, in) / B (out, r) do not fit a base (out_f, in_f): the likely mistake and its
+    fix, or a plain statement of the mismatch. ``b_shape`` may be None (B not a 2-D array)."""
+    desc = _base_desc(base, out_f, in_f)
+    if name == "lora_a":
+        cols = a_shape[1]
+        if b_shape is not None and a_shape == (out_f, b_shape[0]) and b_shape == (a_shape[1], in_f):
+            return (f"lora_a and lora_b look swapped: lora_a has shape {a_shape} and lora_b {b_shape}, the shapes "
+                    f"of B (out_features, rank) and A (rank, in_features) for this base ({desc}); pass "
+                    f"lora_a=A, lora_b=B")
+        if cols == out_f and out_f != in_f:
+            return f"lora_a has {cols} columns but {desc}; {_transpose_fix(base)}"
+        return (f"lora_a has {cols} columns but {desc}; the adapter does not fit this base (an adapter for another "
+                f"model or layer?)")
+    rank = a_shape[0]
+    rows, cols = b_shape
+    if b_shape == (rank, out_f) and rank != out_f:
+        return "lora_b looks transposed: B is (out_features, rank); pass lora_b.T"
+    if rows == out_f:
+        return (f"lora_a has rank {rank} (its first dimension) but lora_b has {cols} columns: A and B must have the "
+                f"same rank (are they from different adapters?)")
+    if rows == in_f and out_f != in_f:
+        return f"lora_b has {rows} rows but {desc}; {_transpose_fix(base)}"
+    return (f"lora_b has {rows} rows but {desc}; the adapter does not fit this base (an adapter for another model "
+            f"or layer?)")
+
+
+def _low_rank_arrays(lora_a, lora_b, out_f, in_f, base=None):
+    """Validate A (r, in) and B (out, r) against the base's shape; return (A, B, r).
+    ``base``: a :class:`_Base` for the messages (what the base is and its stored shape)."""
+    lora_a = _factor("lora_a", lora_a, ": A is (rank, in_features); a rank-1 A is lora_a.reshape(1, -1)")
     rank = lora_a.shape[0]
-    v.expect_shape("lora_a", lora_a, (rank, in_f))
-    lora_b = v.float_array("lora_b", lora_b, 2)
-    v.expect_shape("lora_b", lora_b, (out_f, rank))
+    if lora_a.shape[1] != in_f:
+        try:
+            b_shape = tuple(_factor("lora_b", lora_b, "").shape)
+        except NumloraError:  # B is bad too: the message is about A
+            b_shape = None
+        hint = _adapter_hint(tuple(lora_a.shape), b_shape, out_f, in_f, base, "lora_a")
+        if hint.startswith("lora_a and lora_b look swapped"):
+            rank = b_shape[0]
+        raise ShapeError(f"expected lora_a of shape {(rank, in_f)}, got {tuple(lora_a.shape)}: {hint}")
+    lora_b = _factor("lora_b", lora_b, ": B is (out_features, rank); a rank-1 B is lora_b.reshape(-1, 1)")
+    if tuple(lora_b.shape) != (out_f, rank):
+        hint = _adapter_hint(tuple(lora_a.shape), tuple(lora_b.shape), out_f, in_f, base, "lora_b")
+        raise ShapeError(f"expected lora_b of shape {(out_f, rank)}, got {tuple(lora_b.shape)}: {hint}")
     return lora_a, lora_b, rank
+
+
+def _factor(name, a, hint):
+    a = v.float_array(name, a, None)
+    if a.ndim != 2:
+        raise ShapeError(f"expected {name} to be 2-D, got shape {a.shape}{hint}")
+    if a.size == 0:
+        raise ShapeError(f"expected a non-empty {name}, got shape {a.shape}")
+    return a
 
 
 def _input_rows(x, in_f, name="x", what="in_features"):
@@ -72,6 +164,23 @@ def _prepare_out(out, x, out_f, dtype):
     if out is None:
         return np.empty(shape, dtype)
     return v.out_array("out", out, shape, dtype)
+
+
+def _private_out(out, inputs):
+    """``(buffer, dest)``: the caller's ``out`` itself and None, or, when ``out`` shares
+    memory with one of ``inputs`` (name -> array), a fresh buffer to compute into and the
+    caller's ``out`` to copy it into at the end (so ``out=x`` or ``out=`` a view of the
+    weight gives the right numbers; the extra buffer is only made then)."""
+    if v.overlapping(out, inputs) is None:
+        return out, None
+    return np.empty(out.shape, out.dtype), out
+
+
+def _deliver(out, dest):
+    if dest is None:
+        return out
+    dest[...] = out
+    return dest
 
 
 def _bias(bias, out_f, dtype):
@@ -117,7 +226,9 @@ def lora_forward(x, weight, lora_a, lora_b, scaling, bias=None, out=None, *, fan
     lora_a : (r, in); lora_b : (out, r); bias : (out,) or None
     scaling : real number (``alpha / r``, or ``alpha / sqrt(r)`` for rsLoRA)
     out : optional preallocated C-contiguous output of shape (out,) or (n, out) and the
-        compute dtype, so repeated calls allocate nothing large.
+        compute dtype, so repeated calls allocate nothing large. It may overlap the inputs
+        (``out=x``, a view of the weight): the result is then computed into a temporary
+        and copied into ``out``, so it is the same as without overlap.
 
     Returns
     -------
@@ -133,33 +244,44 @@ def lora_forward(x, weight, lora_a, lora_b, scaling, bias=None, out=None, *, fan
     arrays = [x, weight, lora_a, lora_b] + ([bias] if bias is not None else [])
     dtype = np.result_type(*[np.asarray(a).dtype for a in arrays])
     b_arr, use_bias = _bias(bias, out_f, dtype)
-    out = _prepare_out(out, x, out_f, dtype)
+    dest = None
+    if out is not None:
+        out, dest = _private_out(_prepare_out(out, x, out_f, dtype),
+                                 {"x": x, "weight": weight, "lora_a": lora_a, "lora_b": lora_b, "bias": bias})
+    else:
+        out = _prepare_out(out, x, out_f, dtype)
     x2 = np.ascontiguousarray(x.reshape(-1, in_f), dtype)
     out2 = out.reshape(-1, out_f)
     _base_product(x2, weight.astype(dtype, copy=False), fan_in_fan_out, out2)
     _add_low_rank(x2, lora_a.astype(dtype, copy=False), lora_b.astype(dtype, copy=False), s, out2)
     if use_bias:
         out2 += b_arr
-    return out
+    return _deliver(out, dest)
 
 
 def linear_forward(x, weight, bias=None, out=None, *, fan_in_fan_out=False):
-    """``y = x W^T + b`` (the base path alone; what a disabled or merged layer runs)."""
+    """``y = x W^T + b`` (the base path alone; what a disabled or merged layer runs).
+    ``out`` may overlap the inputs (computed into a temporary then, as in
+    :func:`lora_forward`)."""
     if _on_device(x, weight, bias, out):
         return _gpu().linear_forward(x, weight, bias, out, fan_in_fan_out=fan_in_fan_out)
-    weight = v.float_array("weight", weight, 2)
+    weight = _weight_array(weight, fan_in_fan_out)
     out_f, in_f = weight.shape[::-1] if fan_in_fan_out else weight.shape
     x = _input_rows(x, in_f)
     arrays = [x, weight] + ([bias] if bias is not None else [])
     dtype = np.result_type(*[np.asarray(a).dtype for a in arrays])
     b_arr, use_bias = _bias(bias, out_f, dtype)
-    out = _prepare_out(out, x, out_f, dtype)
+    dest = None
+    if out is not None:
+        out, dest = _private_out(_prepare_out(out, x, out_f, dtype), {"x": x, "weight": weight, "bias": bias})
+    else:
+        out = _prepare_out(out, x, out_f, dtype)
     x2 = np.ascontiguousarray(x.reshape(-1, in_f), dtype)
     out2 = out.reshape(-1, out_f)
     _base_product(x2, weight.astype(dtype, copy=False), fan_in_fan_out, out2)
     if use_bias:
         out2 += b_arr
-    return out
+    return _deliver(out, dest)
 
 
 @dataclass(eq=False)
@@ -173,6 +295,9 @@ class MergeRecord:
     more than that is kept whole. Memory: one byte per weight element (a quarter of a
     float32 weight, an eighth of a float64 one) plus ``rows * 16 * (4 + itemsize)`` bytes of
     slots plus any whole rows kept.
+
+    A record is single-use: :func:`unmerge_lora` marks it :attr:`used` and refuses it
+    afterwards (using it twice would subtract the delta twice).
     """
 
     corr: np.ndarray
@@ -182,6 +307,8 @@ class MergeRecord:
     saved_rows: np.ndarray
     saved: np.ndarray
     fingerprint: tuple = field(repr=False)
+    #: Whether an :func:`unmerge_lora` has used the record (it is single-use).
+    used: bool = False
 
     @property
     def nbytes(self) -> int:
@@ -195,6 +322,7 @@ def _merge_operands(weight, lora_a, lora_b, fan_in_fan_out, what):
     weight, lora_a, lora_b, _, _, _ = _adapter_arrays(weight, lora_a, lora_b, fan_in_fan_out)
     if not weight.flags.writeable:
         raise ShapeError(f"weight is read-only; {what} updates it in place")
+    v.refuse_overlap("weight", weight, {"lora_a": lora_a, "lora_b": lora_b}, what)
     dt = weight.dtype
     a = np.ascontiguousarray(lora_a, dt)
     b = np.ascontiguousarray(lora_b, dt)
@@ -235,9 +363,20 @@ def merge_lora(weight, lora_a, lora_b, scaling, fan_in_fan_out=False, *, record=
     ``fan_in_fan_out``), without forming ``B @ A``.
 
     With ``record=True`` returns a :class:`MergeRecord` that lets :func:`unmerge_lora`
-    restore the weight bit for bit; otherwise returns None. A and B are cast to the
+    restore the weight bit for bit (once); otherwise returns None. A and B are cast to the
     weight's dtype. Non-contiguous and Fortran-ordered weights give the same result as
     C-ordered ones.
+
+    A ``lora_a`` or ``lora_b`` that shares memory with ``weight`` (a view of it) is refused
+    with :class:`~numlora.errors.ShapeError`: the merge would change the adapter while
+    reading it, and no unmerge could undo it. Pass copies.
+
+    A delta that overflows the weight's dtype (``scaling``, A and B finite, but
+    ``scaling * B @ A`` beyond float32's range) raises
+    :class:`~numlora.errors.NonFiniteError` and leaves the weight unchanged. The check
+    costs nothing for ordinary adapters: only when the bound ``|scaling| * r * max|A| *
+    max|B|`` reaches half the dtype's range is the merge computed in a copy and checked
+    (a weight already within that margin of the largest float is not checked).
     """
     if _on_device(weight, lora_a, lora_b):
         return _gpu().merge_lora(weight, lora_a, lora_b, scaling, fan_in_fan_out, record=record)
@@ -247,6 +386,7 @@ def merge_lora(weight, lora_a, lora_b, scaling, fan_in_fan_out=False, *, record=
     scale = w.dtype.type(s)
     simd = _use_simd(k, w)
     rec = None
+    dst, w = _careful_target(w, p, q, s)
     if not record:
         (k.merge_plain_simd if simd else k.merge_plain)(w, p, q, scale)
     else:
@@ -266,9 +406,43 @@ def merge_lora(weight, lora_a, lora_b, scaling, fan_in_fan_out=False, *, record=
             w[rows] = part
         rec = MergeRecord(corr, exc_col, exc_bits, exc_count, rows, saved,
                           _fingerprint(ab, s, w, fan_in_fan_out))
+    w = _careful_commit(dst, w, weight, "merge_lora")
     if writeback is not None:
         writeback[...] = w
     return rec
+
+
+def _careful_target(w, p, q, s):
+    """``(dst, target)``: where the merge kernels write. When ``|s| * r * max|p| * max|q|``
+    (a bound on every element of the delta, O(r (out + in)) to compute) reaches half the
+    dtype's range, the delta may overflow: the kernels then write a copy, which
+    :func:`_careful_commit` checks before it replaces the weight. Otherwise (every sane
+    adapter) the weight itself, at no cost."""
+    if p.size == 0 or q.size == 0:
+        return None, w
+    with np.errstate(over="ignore", invalid="ignore"):
+        bound = abs(s) * p.shape[1] * float(np.max(np.abs(p))) * float(np.max(np.abs(q)))
+    if bound < float(np.finfo(w.dtype).max) / 2:
+        return None, w
+    return w, w.copy()
+
+
+def _careful_commit(dst, w, weight, what):
+    """After a careful merge into the copy ``w``: refuse (weight untouched) if an element
+    that was finite became inf / NaN, else copy the result into ``dst``. Returns the
+    array that now holds the result."""
+    if dst is None:
+        return w
+    bad = ~np.isfinite(w) & np.isfinite(dst)
+    if bad.any():
+        i, j = (int(t) for t in np.unravel_index(int(np.argmax(bad)), bad.shape))
+        if isinstance(weight, np.ndarray) and not weight.flags.c_contiguous and weight.flags.f_contiguous:
+            i, j = j, i  # the kernels ran on weight.T
+        raise NonFiniteError(f"{what}: weight[{i}, {j}] would become {w.reshape(-1)[int(np.argmax(bad))]} "
+                             f"(scaling * B @ A overflows {w.dtype}, or A / B hold NaN / inf); the weight is left "
+                             "unchanged")
+    dst[...] = w
+    return dst
 
 
 def unmerge_lora(weight, lora_a, lora_b, scaling, fan_in_fan_out=False, *, record=None):
@@ -277,7 +451,10 @@ def unmerge_lora(weight, lora_a, lora_b, scaling, fan_in_fan_out=False, *, recor
     Given the :class:`MergeRecord` of the merge, restores the weight bit for bit (and
     raises :class:`~numlora.errors.MergeStateError` if A, B, scaling or the weight's
     shape changed since); without one, subtracts plainly (floating-point rounding may
-    leave the last bit of some elements different from before the merge).
+    leave the last bit of some elements different from before the merge). A record is
+    single-use: a second unmerge with it (which would subtract the delta twice) raises
+    :class:`~numlora.errors.MergeStateError`. As in :func:`merge_lora`, A or B sharing
+    memory with ``weight`` is refused.
     """
     if _on_device(weight, lora_a, lora_b):
         return _gpu().unmerge_lora(weight, lora_a, lora_b, scaling, fan_in_fan_out, record=record)
@@ -287,15 +464,22 @@ def unmerge_lora(weight, lora_a, lora_b, scaling, fan_in_fan_out=False, *, recor
     scale = w.dtype.type(s)
     simd = _use_simd(k, w)
     if record is None:
+        dst, w = _careful_target(w, p, q, s)
         (k.merge_plain_simd if simd else k.merge_plain)(w, p, q, -scale)
+        w = _careful_commit(dst, w, weight, "unmerge_lora")
     else:
         if not isinstance(record, MergeRecord):
             raise MergeStateError(f"record must be the MergeRecord merge_lora returned, got {type(record).__name__}")
+        if record.used:
+            raise MergeStateError("this MergeRecord was already used by an unmerge_lora: the delta has been "
+                                  "subtracted, and a second unmerge would subtract it again; a record restores "
+                                  "the weight once (merge again for a new one)")
         if _fingerprint(ab, s, w, fan_in_fan_out) != record.fingerprint:
             raise MergeStateError(
                 "lora_a, lora_b, scaling or the weight's shape/dtype changed since the merge: "
                 "unmerging now would not restore the base weight"
             )
+        record.used = True
         wi, maxint, minint = _int_view(w)
         (k.unmerge_tracked_simd if simd else k.unmerge_tracked)(
             w, wi, p, q, scale, maxint, minint, record.corr, record.exc_col, record.exc_bits, record.exc_count)
@@ -387,8 +571,9 @@ def lora_dropout(x, p, seed, out=None):
     Row ``i`` draws from its own xorshift64 stream, seeded from ``(seed, i)``, so the
     mask does not depend on the thread count, and a row's mask does not depend on the
     rows around it. ``x``: (in,) or (n, in) float; ``seed``: an integer in [0, 2**64);
-    ``out``: optional C-contiguous buffer of x's shape and dtype. ``p == 0`` returns x
-    itself (or copies it into ``out``).
+    ``out``: optional C-contiguous buffer of x's shape and dtype; ``out=x`` drops in
+    place, and any other overlap with x is computed through a temporary (the result is
+    the same). ``p == 0`` returns x itself (or copies it into ``out``).
 
     Returns ``(x_drop, DropoutState(p, seed))``: the state is what
     :func:`lora_backward` needs to regenerate the mask. On GPU arrays the same masks are
@@ -411,11 +596,14 @@ def lora_dropout(x, p, seed, out=None):
         out = np.empty(x.shape, x.dtype)
     width = x.shape[-1]
     x2 = np.ascontiguousarray(x.reshape(-1, width))
+    out2 = out.reshape(-1, width)
+    if v.shares_memory(out2, x2) and not v.same_layout(out2, x2):
+        x2 = x2.copy()  # a shifted overlap: the elementwise kernel would read what it wrote
     if x2.size:
         from .kernels import train as k
 
         d = _drop_args(p, seed, x.dtype)
-        k.dropout_fill(x2, d.thresh, d.states(x2.shape[0]), d.scale, out.reshape(-1, width))
+        k.dropout_fill(x2, d.thresh, d.states(x2.shape[0]), d.scale, out2)
     return out, state
 
 
@@ -447,6 +635,21 @@ def _grad_buffer(name, g, shape, dtype):
     if not g.flags.writeable:
         raise ShapeError(f"{name} is read-only; lora_backward accumulates into it")
     return g
+
+
+def _unalias_grads(grad_a, grad_b, inputs):
+    """The backward's inputs (a tuple of arrays or None) with a private copy of each one
+    that shares memory with ``grad_a`` or ``grad_b`` (the gradients are accumulated in
+    place while the inputs are still read: ``grad_a=lora_a`` would otherwise change A
+    before ``grad_x`` reads it). ``grad_a`` and ``grad_b`` overlapping each other is
+    refused: the two sums would land on the same elements."""
+    if grad_a is None and grad_b is None:
+        return inputs
+    if v.shares_memory(grad_a, grad_b):
+        raise ShapeError("grad_a shares memory with grad_b: both are accumulated in place, so the two gradients "
+                         "would be added into the same elements; pass separate arrays")
+    return tuple(a.copy() if a is not None and (v.shares_memory(grad_a, a) or v.shares_memory(grad_b, a)) else a
+                 for a in inputs)
 
 
 def _accumulate(dst, value):
@@ -555,7 +758,10 @@ def lora_backward(x, weight, lora_a, lora_b, scaling, grad_out, *, fan_in_fan_ou
     u : optional ``x_drop A^T`` (n, r) from the forward (recomputed when not given)
     grad_a, grad_b : optional arrays shaped like lora_a / lora_b in the compute dtype:
         the gradients are **added** into them (gradient accumulation); fresh arrays are
-        returned when None
+        returned when None. They may share memory with the inputs (``grad_a=lora_a``
+        adds the gradient into A): the inputs they overlap are copied first, so every
+        gradient is computed from the inputs as they were. ``grad_a`` overlapping
+        ``grad_b`` is refused (:class:`~numlora.errors.ShapeError`).
     need_grad_x : False skips ``grad_x`` (returned as None): the ``G W`` product is most
         of the cost, and the first layer of a model does not need it
 
@@ -577,13 +783,16 @@ def lora_backward(x, weight, lora_a, lora_b, scaling, grad_out, *, fan_in_fan_ou
     grad_a = _grad_buffer("grad_a", grad_a, lora_a.shape, dtype)
     grad_b = _grad_buffer("grad_b", grad_b, lora_b.shape, dtype)
     w = weight.astype(dtype, copy=False)
-    w_oi = w.T if fan_in_fan_out else w
+    a, b = lora_a.astype(dtype, copy=False), lora_b.astype(dtype, copy=False)
+    x2, xd2, g2, us, a, b, w = _unalias_grads(grad_a, grad_b, (x2, xd2, g2, us, a, b,
+                                                                w if need_grad_x else None))
+    w_oi = None if w is None else (w.T if fan_in_fan_out else w)
 
     def base_grad(g, dx):
         np.dot(g, w_oi, out=dx)
 
-    dx, grad_a, grad_b = _backward_core(x2, xd2, lora_a.astype(dtype, copy=False), lora_b.astype(dtype, copy=False),
-                                        s, g2, us, drop, grad_a, grad_b, bool(need_grad_x), base_grad)
+    dx, grad_a, grad_b = _backward_core(x2, xd2, a, b, s, g2, us, drop, grad_a, grad_b, bool(need_grad_x),
+                                        base_grad)
     return _finish_backward(dx, grad_a, grad_b, one_d, in_f)
 
 
