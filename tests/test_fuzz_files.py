@@ -722,6 +722,10 @@ def prop_checkpoint(ex, tmp, ctx):
         except (Invalid, ValueError, KeyError, TypeError, RecursionError) as e:
             invalid = invalid or f"index: {type(e).__name__} {e}"
 
+    if target != "single" and invalid is None:
+        named = set(json.loads(idx_bytes if idx_bytes is not None else json.dumps(index))["weight_map"].values())
+        refs = {k: v for k, v in refs.items() if k in named}  # an index opens the shards it names
+
     def load():
         with Checkpoint(path) as c:
             return {k: np.array(c.get(k), copy=True) for k in c.keys()}
