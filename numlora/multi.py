@@ -22,6 +22,12 @@ serving, Punica / S-LoRA style) and its batched forward.
   is never used (the next larger one is). ``row_stable=False`` skips all that and uses
   the fastest base path for the batch size (then a row may differ in the last bits
   between batch sizes).
+- **Threads**: readers (``forward``, ...) work on an immutable *snapshot* (the per-id
+  tables, the names, the tuple of blocks) that writers (``add``, ``remove``,
+  ``reserve``, one at a time under a lock) replace whole, copy-on-write; a reader
+  registers on its snapshot for the length of the call, and the pages of a removed
+  adapter return to the free lists only when no reader of an older snapshot remains.
+  So a kernel never reads a block that was freed, resized or refilled under it.
 """
 
 from __future__ import annotations
@@ -34,7 +40,15 @@ import numpy as np
 
 from . import _validate as v
 from .device import is_device_array
-from .errors import ConfigError, DeviceError, DTypeError, DuplicateLayerError, LayerNotFoundError, ShapeError
+from .errors import (
+    ConfigError,
+    DeviceError,
+    DTypeError,
+    DuplicateLayerError,
+    LayerNotFoundError,
+    NonFiniteError,
+    ShapeError,
+)
 
 __all__ = ["LoraBank", "multi_lora_forward", "BUCKETS", "REF_ROWS"]
 
@@ -125,6 +139,57 @@ class _RowStableBase:
                 out2[c0:c0 + m] = yp[:m]
 
 
+class _Snapshot:
+    """One consistent state of the bank, what a reader (:meth:`LoraBank.forward`,
+    :meth:`~LoraBank.lora_arrays`, ...) uses from start to end: the per-id tables, the
+    name -> id map, the pool blocks. Never changed once published: a writer makes a new
+    one (copy-on-write of the small tables) and swaps it in. Two fields change after
+    publication: ``readers`` (the readers using it, under the bank's reader lock) and
+    ``kblocks`` (``blocks`` as a numba typed list, made on first use by whichever reader
+    needs it first; the same content whoever makes it)."""
+
+    __slots__ = (
+        "ad_block",
+        "ad_off",
+        "ad_rank",
+        "ad_scaling",
+        "blocks",
+        "gen",
+        "kblocks",
+        "live",
+        "names",
+        "next_id",
+        "readers",
+    )
+
+    def __init__(self, gen, blocks, kblocks, tables, next_id, names):
+        self.gen = gen
+        self.blocks = blocks      # tuple of 1-D float32 arrays (numpy or device; size 0: released)
+        self.kblocks = kblocks
+        self.ad_block, self.ad_off, self.ad_rank, self.ad_scaling, self.live = tables
+        self.next_id = next_id
+        self.names = names        # {name: id}
+        self.readers = 0
+
+    def tables(self):
+        return self.ad_block, self.ad_off, self.ad_rank, self.ad_scaling, self.live
+
+
+#: Work bound of numpy's exact overlap test; an undecided layout counts as overlapping.
+_OVERLAP_WORK = 1 << 12
+
+
+def _shares(a, b) -> bool:
+    """Whether numpy arrays ``a`` and ``b`` may have an element in common (bounds first,
+    then numpy's exact test within a work bound; undecided counts as shared)."""
+    if not np.may_share_memory(a, b):
+        return False
+    try:
+        return bool(np.shares_memory(a, b, max_work=_OVERLAP_WORK))
+    except np.exceptions.TooHardError:
+        return True
+
+
 class LoraBank:
     """One base weight and any number of named LoRA adapters, each with its own rank and
     scaling, served together: :meth:`forward` takes a batch whose rows each name their
@@ -150,16 +215,29 @@ class LoraBank:
     Notes
     -----
     Adapter ids are small integers, stable while the adapter lives; a removed adapter's
-    id may be given to a later one. Not safe for concurrent ``add`` / ``remove`` /
-    ``forward`` from several threads without a lock of your own.
+    id may be given to a later one.
+
+    **Threads.** ``forward``, ``add``, ``remove``, ``reserve`` and the inspection methods
+    may be called from any number of threads at once, without a lock of your own. Each
+    reader (``forward``, ``lora_arrays``, ``index``, ...) works on one *snapshot* of the
+    bank, taken when it starts: it sees every adapter added before and none added after,
+    whatever the writers do meanwhile. A name or id that is not in the bank at that
+    moment raises :class:`~numlora.errors.LayerNotFoundError` (nothing is written to
+    ``out``); an adapter removed (or removed and added again under the same name) while
+    a forward runs is computed with the values it had when the forward started. The
+    pages of a removed adapter are recycled only once every reader that started before
+    the removal has finished; until then an ``add`` takes other pages (or a new block).
+    Writers take turns on one lock; readers never wait for a writer's copy. The cost
+    to a forward is two very short lock holds (see benchmarks/bench_bank_safety.py).
 
     ``bank.to("cuda")`` gives a copy of the bank whose base, bias and pool live on the
     GPU (see :meth:`to` and docs/gpu.md).
     """
 
     _device = "cpu"
-    #: the per-adapter-id tables (numpy arrays indexed by id, grown together)
-    _TABLES = ("_ad_block", "_ad_off", "_ad_page", "_ad_rank", "_ad_scaling", "_live")
+    #: the per-adapter-id tables of a snapshot (numpy arrays indexed by id, grown together)
+    _TABLES = ("ad_block", "ad_off", "ad_rank", "ad_scaling", "live")
+    _TABLE_DTYPES = (np.int64, np.int64, np.int64, np.float32, bool)
 
     def __init__(self, base, *, bias=None, block_pages=None, row_stable=True, nf4_path="tiles"):
         from .nf4 import NF4Tensor
@@ -191,25 +269,80 @@ class LoraBank:
         if nf4_path not in ("tiles", "fused"):
             raise ConfigError(f"nf4_path must be 'tiles' or 'fused', got {nf4_path!r}")
         self._nf4_path = nf4_path
-        self._stable = _RowStableBase(self._raw_base, self._in_f, self._out_f) if row_stable else None
-        # pool
-        self._blocks: list = []          # numpy 1-D float32 arrays (size 0: a released block)
-        self._kblocks = None             # the same, as a numba typed List (made on first use)
-        self._free: list = []            # per block: sorted list of [start_page, n_pages] free runs
-        self._dedicated: list = []       # per block: True if it holds one over-sized adapter
-        self._spare_ids: list = []       # ids of released blocks, reusable
-        # adapter table (id -> slot); small arrays that grow geometrically
         cap = 8
-        self._ad_block = np.zeros(cap, np.int64)
-        self._ad_off = np.zeros(cap, np.int64)       # float offset within the block
-        self._ad_page = np.zeros(cap, np.int64)      # first page within the block
-        self._ad_rank = np.zeros(cap, np.int64)
-        self._ad_scaling = np.zeros(cap, np.float32)
-        self._live = np.zeros(cap, bool)
-        self._names: dict[str, int] = {}
-        self._id_names: dict[int, str] = {}
-        self._free_ids: list[int] = []
-        self._next_id = 0
+        self._init_state(blocks=[], free=[], dedicated=[], spare_ids=[], free_ids=[], pending=[],
+                         ad_page=np.zeros(cap, np.int64),
+                         tables=tuple(np.zeros(cap, dt) for dt in self._TABLE_DTYPES), next_id=0, names={})
+
+    def _init_state(self, *, blocks, free, dedicated, spare_ids, free_ids, pending, ad_page, tables, next_id,
+                    names):
+        """The writer's state, the locks and the first snapshot (the constructor, to(),
+        unpickling)."""
+        self._stable = (_RowStableBase(self._raw_base, self._in_f, self._out_f)
+                        if self._row_stable and self._device == "cpu" else None)
+        # writers' state (only touched under _wlock)
+        self._blocks = blocks            # 1-D float32 pool blocks (size 0: a released block)
+        self._free = free                # per block: sorted list of [start_page, n_pages] free runs
+        self._dedicated = dedicated      # per block: True if it holds one over-sized adapter
+        self._spare_ids = spare_ids      # ids of released blocks, reusable
+        self._free_ids = free_ids        # adapter ids to give out again
+        self._pending = pending          # (gen, block, page, rank) of removed adapters not yet recycled
+        self._ad_page = ad_page          # first page of each adapter id within its block
+        self._retired = []               # replaced snapshots that had readers when replaced
+        self._blocks_dirty = False       # _blocks changed since the last snapshot
+        self._wlock = threading.Lock()   # writers take turns
+        self._rlock = threading.Lock()   # short: swapping the snapshot, counting its readers
+        self._snap = _Snapshot(0, tuple(blocks), None, tables, next_id, names)
+        self._reclaim()
+
+    # --- snapshots -------------------------------------------------------------------
+    def _enter(self) -> _Snapshot:
+        """The current snapshot, registered as read until :meth:`_leave`."""
+        with self._rlock:
+            s = self._snap
+            s.readers += 1
+        return s
+
+    def _leave(self, s: _Snapshot) -> None:
+        with self._rlock:
+            s.readers -= 1
+
+    def _publish(self, tables=None, names=None, next_id=None) -> int:
+        """Swap in a snapshot with the given changes (and the current blocks when they
+        changed); returns its generation. Writers only."""
+        old = self._snap
+        blocks = self._blocks_dirty
+        self._blocks_dirty = False
+        new = _Snapshot(old.gen + 1, tuple(self._blocks) if blocks else old.blocks, None if blocks else old.kblocks,
+                        old.tables() if tables is None else tables, old.next_id if next_id is None else next_id,
+                        old.names if names is None else names)
+        with self._rlock:
+            self._snap = new
+            if old.readers:
+                self._retired.append(old)
+        return new.gen
+
+    def _reclaim(self) -> None:
+        """Return the pages of removed adapters to the free lists once no reader that
+        could still read them runs: pages freed by the snapshot of generation g wait
+        while a reader holds a snapshot older than g. Writers only."""
+        if self._pending:
+            with self._rlock:
+                self._retired = [s for s in self._retired if s.readers]
+                oldest = min((s.gen for s in self._retired), default=None)
+            ready = [p for p in self._pending if oldest is None or p[0] <= oldest]
+            if ready:
+                self._pending = [p for p in self._pending if not (oldest is None or p[0] <= oldest)]
+                if self._device == "cuda":
+                    # forwards launch their kernels without waiting (on whichever stream):
+                    # they must be done before their pages are written or freed
+                    from .device import cuda_module
+
+                    cuda_module().synchronize()
+                for _, bid, page, r in ready:
+                    self._release(bid, page, r)
+        if self._blocks_dirty:
+            self._publish()
 
     # --- facts -----------------------------------------------------------------------
     @property
@@ -232,77 +365,87 @@ class LoraBank:
     @property
     def names(self) -> list[str]:
         """Adapter names, in order of their ids."""
-        return [self._id_names[i] for i in sorted(self._id_names)]
+        names = self._snap.names
+        return sorted(names, key=names.__getitem__)
 
     def __len__(self) -> int:
-        return len(self._names)
+        return len(self._snap.names)
 
     def __contains__(self, name) -> bool:
-        return name in self._names
+        try:
+            return name in self._snap.names
+        except TypeError:  # unhashable
+            return False
 
     def __iter__(self):
         return iter(self.names)
 
     def index(self, name: str) -> int:
         """The id of adapter ``name`` (what :meth:`forward` takes per row)."""
-        try:
-            return self._names[name]
-        except (KeyError, TypeError):
-            raise LayerNotFoundError(self._unknown(name)) from None
+        return self._index(self._snap, name)
 
-    def _unknown(self, name):
-        known = ", ".join(repr(n) for n in list(self._names)[:20]) or "none"
-        more = f" (and {len(self._names) - 20} more)" if len(self._names) > 20 else ""
-        return f"adapter {name!r} is not in the bank; known adapters: {known}{more}"
+    @staticmethod
+    def _index(snap, name):
+        try:
+            return snap.names[name]
+        except (KeyError, TypeError):
+            names = snap.names
+            known = ", ".join(repr(n) for n in list(names)[:20]) or "none"
+            more = f" (and {len(names) - 20} more)" if len(names) > 20 else ""
+            raise LayerNotFoundError(f"adapter {name!r} is not in the bank; known adapters: {known}{more}") from None
 
     def ids(self, names) -> np.ndarray:
         """int64 ids of a sequence of adapter names (None or -1: the base alone); keep it
         to call :meth:`forward` repeatedly without looking names up."""
+        return self._ids(self._snap, names)
+
+    def _ids(self, snap, names):
         out = np.empty(len(names), np.int64)
         for i, nm in enumerate(names):
             if nm is None or (isinstance(nm, (int, np.integer)) and not isinstance(nm, bool) and nm == -1):
                 out[i] = -1
             elif isinstance(nm, str):
-                out[i] = self.index(nm)
+                out[i] = self._index(snap, nm)
             else:
                 raise DTypeError(f"expected adapter names (str) or None for the base alone, got "
                                  f"{type(nm).__name__} at row {i}")
         return out
 
     def rank(self, name: str) -> int:
-        return int(self._ad_rank[self.index(name)])
+        snap = self._snap
+        return int(snap.ad_rank[self._index(snap, name)])
 
     def scaling(self, name: str) -> float:
-        return float(self._ad_scaling[self.index(name)])
+        snap = self._snap
+        return float(snap.ad_scaling[self._index(snap, name)])
 
     def lora_arrays(self, name: str):
         """(lora_a (r, in), lora_b (out, r)) copies of adapter ``name`` as stored (float32)."""
-        k = self.index(name)
-        if self._device == "cuda":  # device arrays, through the host (an inspection, not a hot path)
-            from .device import to_device
+        snap = self._enter()
+        try:
+            k = self._index(snap, name)
+            r = int(snap.ad_rank[k])
+            off = int(snap.ad_off[k])
+            flat = snap.blocks[snap.ad_block[k]][off:off + r * (self._in_f + self._out_f)]
+            if self._device == "cuda":  # device arrays, through the host (an inspection, not a hot path)
+                from .device import to_device
 
-            r = int(self._ad_rank[k])
-            off = int(self._ad_off[k])
-            flat = self._blocks[self._ad_block[k]][off:off + r * (self._in_f + self._out_f)].copy_to_host()
+                flat = flat.copy_to_host()
+                wrap = to_device
+            else:
+                wrap = np.ascontiguousarray
             at = flat[:self._in_f * r].reshape(self._in_f, r)
             bt = flat[self._in_f * r:].reshape(r, self._out_f)
-            return to_device(np.ascontiguousarray(at.T)), to_device(np.ascontiguousarray(bt.T))
-        at, bt = self._views(k)
-        return np.ascontiguousarray(at.T), np.ascontiguousarray(bt.T)
-
-    def _views(self, k):
-        r = int(self._ad_rank[k])
-        blk = self._blocks[self._ad_block[k]]
-        off = int(self._ad_off[k])
-        at = blk[off:off + self._in_f * r].reshape(self._in_f, r)
-        bt = blk[off + self._in_f * r:off + r * (self._in_f + self._out_f)].reshape(r, self._out_f)
-        return at, bt
+            return wrap(np.ascontiguousarray(at.T)), wrap(np.ascontiguousarray(bt.T))
+        finally:
+            self._leave(snap)
 
     def memory(self) -> dict:
         """Bytes: ``base`` (the base weight's storage), ``adapters`` (what the live
         adapters need: ``4 * rank * (in + out)`` each), ``pool`` (allocated pool blocks),
-        ``free`` (``pool - adapters``: free pages in the blocks), ``padded`` (what one
-        tensor padded to the largest rank would take for the same adapters, for
+        ``free`` (``pool - adapters``: free pages in the blocks, including those of
+        adapters removed while a forward still ran, recycled once it ends), ``padded``
+        (what one tensor padded to the largest rank would take for the same adapters, for
         comparison), and ``blocks`` (number of allocated blocks)."""
         if self._nf4 is None:
             base = _nbytes(self._weight)
@@ -310,14 +453,17 @@ class LoraBank:
             base = _nbytes(self._nf4.packed) + _nbytes(self._nf4.scales)
         else:
             base = self._nf4.nbytes
-        live = self._live[: self._next_id]
-        ranks = self._ad_rank[: self._next_id][live]
+        with self._wlock:
+            snap = self._snap
+            blocks = list(self._blocks)
+        live = snap.live[: snap.next_id]
+        ranks = snap.ad_rank[: snap.next_id][live]
         page_bytes = 4 * (self._in_f + self._out_f)
         used = int(ranks.sum()) * page_bytes
-        pool = sum(_nbytes(b) for b in self._blocks)
+        pool = sum(_nbytes(b) for b in blocks)
         padded = int(ranks.size * (ranks.max() if ranks.size else 0)) * page_bytes
         return {"base": base, "adapters": used, "pool": pool, "free": pool - used, "padded": padded,
-                "blocks": sum(1 for b in self._blocks if b.size)}
+                "blocks": sum(1 for b in blocks if b.size)}
 
     def __repr__(self) -> str:
         kind = "NF4" if self._nf4 is not None else "float32"
@@ -329,14 +475,15 @@ class LoraBank:
     def add(self, name: str, lora_a, lora_b, scaling=1.0) -> int:
         """Add adapter ``name``: ``lora_a`` (r, in), ``lora_b`` (out, r), float32 or
         float64 (stored as float32), any rank r >= 1, and its ``scaling`` (``alpha / r``,
-        or ``alpha / sqrt(r)`` for rsLoRA). Copies only this adapter into free pool pages
-        (a new pool block when none fits). Returns its id."""
+        or ``alpha / sqrt(r)`` for rsLoRA; a real number finite in float32). Copies only
+        this adapter into free pool pages (a new pool block when none fits). Returns its
+        id. Forwards already running do not see it; those starting after it returns do."""
         if not isinstance(name, str):
             raise DTypeError(f"adapter name must be a str, got {type(name).__name__}")
         if not name:
             raise ConfigError("adapter name must be a non-empty str")
-        if name in self._names:
-            raise DuplicateLayerError(f"adapter {name!r} is already in the bank; remove it first to replace it")
+        if name in self._snap.names:
+            raise self._duplicate(name)
         on_gpu = is_device_array(lora_a) or is_device_array(lora_b)
         if on_gpu:
             if self._device != "cuda":
@@ -349,44 +496,69 @@ class LoraBank:
             from .ops import _low_rank_arrays
 
             lora_a, lora_b, r = _low_rank_arrays(lora_a, lora_b, self._out_f, self._in_f)
-        s = v.real_scalar("scaling", scaling)
-        if not np.isfinite(np.float32(s)):
-            raise ConfigError(f"scaling must fit float32, got {s}")
-        bid, page = self._alloc(r)
-        k = self._new_id()
-        off = page * (self._in_f + self._out_f)
-        dst = self._blocks[bid][off:off + r * (self._in_f + self._out_f)]
+            lora_a = np.ascontiguousarray(lora_a, np.float32)
+            lora_b = np.ascontiguousarray(lora_b, np.float32)
+        s = np.float32(v.real_scalar("scaling", scaling))
+        with self._wlock:
+            snap = self._snap
+            if name in snap.names:
+                raise self._duplicate(name)
+            self._reclaim()
+            bid, page = self._alloc(r)
+            off = page * (self._in_f + self._out_f)
+            try:
+                self._write(self._blocks[bid][off:off + r * (self._in_f + self._out_f)], lora_a, lora_b, on_gpu)
+            except BaseException:
+                self._release(bid, page, r)  # no reader has seen these pages
+                if self._blocks_dirty:
+                    self._publish()
+                raise
+            snap = self._snap
+            k, tables, next_id = self._new_id(snap)
+            ad_block, ad_off, ad_rank, ad_scaling, live = tables
+            ad_block[k], ad_off[k], self._ad_page[k] = bid, off, page
+            ad_rank[k], ad_scaling[k] = r, s
+            live[k] = True
+            names = dict(snap.names)
+            names[name] = k
+            self._publish(tables, names, next_id)
+        return k
+
+    @staticmethod
+    def _duplicate(name):
+        return DuplicateLayerError(f"adapter {name!r} is already in the bank; remove it first to replace it")
+
+    def _write(self, dst, lora_a, lora_b, on_gpu):
+        """Pack A^T and B^T into the pool pages ``dst``."""
         if on_gpu:
             from .cuda import kernels as K
 
             K.pack_adapter[max(1, -(-dst.size // K.THREADS)), K.THREADS](lora_a, lora_b, dst)
+        elif self._device == "cuda":  # packed on the host, one copy of this adapter to the device
+            tmp = np.empty(dst.size, np.float32)
+            _kernels().pack_adapter(lora_a, lora_b, tmp)
+            dst.copy_to_device(tmp)
         else:
-            a32 = np.ascontiguousarray(lora_a, np.float32)
-            b32 = np.ascontiguousarray(lora_b, np.float32)
-            if self._device == "cuda":  # packed on the host, one copy of this adapter to the device
-                tmp = np.empty(dst.size, np.float32)
-                _kernels().pack_adapter(a32, b32, tmp)
-                dst.copy_to_device(tmp)
-            else:
-                _kernels().pack_adapter(a32, b32, dst)
-        self._ad_block[k], self._ad_off[k], self._ad_page[k] = bid, off, page
-        self._ad_rank[k], self._ad_scaling[k] = r, np.float32(s)
-        self._live[k] = True
-        self._names[name] = k
-        self._id_names[k] = name
-        return k
+            _kernels().pack_adapter(lora_a, lora_b, dst)
 
     def remove(self, name: str) -> None:
         """Remove adapter ``name``; its pages return to the pool's free list (a block
-        given to one over-sized adapter is released). Other adapters keep their ids and
-        storage."""
-        k = self.index(name)
-        del self._names[name]
-        del self._id_names[k]
-        self._live[k] = False
-        self._release(int(self._ad_block[k]), int(self._ad_page[k]), int(self._ad_rank[k]))
-        self._ad_rank[k] = 0
-        self._free_ids.append(k)
+        given to one over-sized adapter is released) once no forward that started before
+        the removal still runs. Other adapters keep their ids and storage."""
+        with self._wlock:
+            snap = self._snap
+            k = self._index(snap, name)
+            tables = tuple(t.copy() for t in snap.tables())
+            ad_block, _, ad_rank, _, live = tables
+            bid, page, r = int(ad_block[k]), int(self._ad_page[k]), int(ad_rank[k])
+            live[k] = False
+            ad_rank[k] = 0
+            names = dict(snap.names)
+            del names[name]
+            gen = self._publish(tables, names)
+            self._free_ids.append(k)
+            self._pending.append((gen, bid, page, r))
+            self._reclaim()
 
     def reserve(self, pages: int) -> None:
         """Make sure the pool has at least ``pages`` free pages (rank rows) in regular
@@ -394,27 +566,32 @@ class LoraBank:
         later adds of ranks <= ``block_pages`` write into memory that is already mapped:
         no page faults while serving. ``bank.reserve(sum of ranks)`` before the adds."""
         pages = v.int_scalar("pages", pages, minimum=0)
-        free = sum(run[1] for bid, runs in enumerate(self._free) if not self._dedicated[bid] for run in runs)
-        while free < pages:
-            bid = self._new_block(self._block_pages, dedicated=False)
-            if self._device == "cpu":  # touch the pages now (device memory is mapped when allocated)
-                self._blocks[bid].fill(0)
-            self._free[bid] = [[0, self._block_pages]]
-            free += self._block_pages
+        with self._wlock:
+            self._reclaim()
+            free = sum(run[1] for bid, runs in enumerate(self._free) if not self._dedicated[bid] for run in runs)
+            while free < pages:
+                bid = self._new_block(self._block_pages, dedicated=False)
+                if self._device == "cpu":  # touch the pages now (device memory is mapped when allocated)
+                    self._blocks[bid].fill(0)
+                self._free[bid] = [[0, self._block_pages]]
+                free += self._block_pages
+            if self._blocks_dirty:
+                self._publish()
 
-    def _new_id(self):
+    def _new_id(self, snap):
+        """(id, copies of the snapshot's tables (grown when needed), next_id) for a new
+        adapter. Writers only."""
+        tables = tuple(t.copy() for t in snap.tables())
+        next_id = snap.next_id
         if self._free_ids:
-            return self._free_ids.pop()
-        k = self._next_id
-        if k >= self._live.size:
-            cap = 2 * self._live.size
-            for attr in self._TABLES:
-                old = getattr(self, attr)
-                new = np.zeros(cap, old.dtype)
-                new[: old.size] = old
-                setattr(self, attr, new)
-        self._next_id += 1
-        return k
+            return self._free_ids.pop(), tables, next_id
+        k = next_id
+        if k >= tables[0].size:
+            cap = 2 * tables[0].size
+            tables = tuple(np.concatenate([t, np.zeros(cap - t.size, t.dtype)]) for t in tables)
+        if k >= self._ad_page.size:
+            self._ad_page = np.concatenate([self._ad_page, np.zeros(self._ad_page.size, np.int64)])
+        return k, tables, next_id + 1
 
     def _alloc(self, r):
         """(block id, first page) of r free consecutive pages: first fit over the blocks'
@@ -438,6 +615,7 @@ class LoraBank:
         return bid, 0
 
     def _new_block(self, pages, dedicated):
+        """A new pool block in the writers' list (readers see it with the next snapshot)."""
         size = pages * (self._in_f + self._out_f)
         if self._device == "cuda":
             from .device import cuda_module
@@ -450,25 +628,22 @@ class LoraBank:
             self._blocks[bid] = arr
             self._free[bid] = []
             self._dedicated[bid] = dedicated
-            if self._kblocks is not None:
-                self._kblocks[bid] = arr
         else:
             bid = len(self._blocks)
             self._blocks.append(arr)
             self._free.append([])
             self._dedicated.append(dedicated)
-            if self._kblocks is not None:
-                self._kblocks.append(arr)
+        self._blocks_dirty = True
         return bid
 
     def _release(self, bid, page, r):
+        """Pages back to the free list of their block (a dedicated block is released).
+        Writers only, and only for pages no reader can still read."""
         if self._dedicated[bid]:
-            empty = np.empty(0, np.float32)
-            self._blocks[bid] = empty
-            if self._kblocks is not None:
-                self._kblocks[bid] = empty
+            self._blocks[bid] = np.empty(0, np.float32)
             self._free[bid] = []
             self._spare_ids.append(bid)
+            self._blocks_dirty = True
             return
         runs = self._free[bid]
         i = 0
@@ -483,16 +658,45 @@ class LoraBank:
             runs[i - 1][1] += runs[i][1]
             del runs[i]
 
-    def _kernel_blocks(self):
-        if self._kblocks is None:
+    @staticmethod
+    def _kernel_blocks(snap):
+        """The snapshot's blocks as a numba typed list (what the kernel takes), made once
+        per snapshot whose blocks changed."""
+        lst = snap.kblocks
+        if lst is None:
             from numba import types
             from numba.typed import List
 
             lst = List.empty_list(types.float32[::1])
-            for b in self._blocks:
+            for b in snap.blocks:
                 lst.append(b)
-            self._kblocks = lst
-        return self._kblocks
+            snap.kblocks = lst
+        return lst
+
+    # --- state: to() ------------------------------------------------------------------
+    def _state(self) -> dict:
+        """Everything that defines the bank, as plain values (the pool blocks and tables
+        not copied). Under the writer lock."""
+        snap = self._snap
+        return {"version": 1, "weight": self._weight, "nf4": self._nf4, "bias": self._bias,
+                "in_f": self._in_f, "out_f": self._out_f, "block_pages": self._block_pages,
+                "row_stable": self._row_stable, "nf4_path": self._nf4_path,
+                "blocks": list(self._blocks), "free": [[list(run) for run in runs] for runs in self._free],
+                "dedicated": list(self._dedicated), "spare_ids": list(self._spare_ids),
+                "free_ids": list(self._free_ids), "pending": list(self._pending), "ad_page": self._ad_page.copy(),
+                "tables": snap.tables(), "next_id": snap.next_id, "names": dict(snap.names)}
+
+    def _load(self, st: dict, device: str) -> None:
+        """Become the bank of state ``st`` (from :meth:`_state`) on ``device``; pages
+        still waiting for readers of the old bank are free here."""
+        self._weight, self._nf4, self._bias = st["weight"], st["nf4"], st["bias"]
+        self._in_f, self._out_f, self._block_pages = st["in_f"], st["out_f"], st["block_pages"]
+        self._row_stable, self._nf4_path = st["row_stable"], st["nf4_path"]
+        self._device = device
+        self._init_state(blocks=st["blocks"], free=st["free"], dedicated=st["dedicated"], spare_ids=st["spare_ids"],
+                         free_ids=st["free_ids"], pending=[(0,) + tuple(p[1:]) for p in st["pending"]],
+                         ad_page=st["ad_page"], tables=tuple(st["tables"]), next_id=st["next_id"],
+                         names=st["names"])
 
     # --- PEFT ------------------------------------------------------------------------
     def add_peft(self, name: str, folder, module: str | None = None) -> int:
@@ -562,27 +766,47 @@ class LoraBank:
 
             _nf4_forward(x2, self._nf4, None, None, 0.0, None, out2)
 
-    def _row_ids(self, adapters, n):
+    def _row_ids(self, snap, adapters, n):
+        """int64 ids (n,) of a forward's ``adapters``, checked against ``snap``."""
         if isinstance(adapters, np.ndarray) and adapters.dtype.kind in "iu":
             ids = adapters
         else:
-            if isinstance(adapters, (str, bytes)):
-                raise DTypeError("adapters must hold one entry per row (a sequence), got a single str")
-            seq = list(adapters)
+            if adapters is None or isinstance(adapters, (str, bytes)):
+                what = "None" if adapters is None else f"a single {type(adapters).__name__}"
+                raise DTypeError(f"expected adapters with one entry per row of x (a sequence of {n} names, ids or "
+                                 f"None, or an int array of shape ({n},)), got {what}"
+                                 + ("; pass [None] * n for the base alone" if adapters is None else ""))
+            try:
+                seq = list(adapters)
+            except TypeError:
+                raise DTypeError(f"expected adapters with one entry per row of x (a sequence of {n} names, ids or "
+                                 f"None, or an int array of shape ({n},)), got {type(adapters).__name__}") from None
             if all(isinstance(a, (int, np.integer)) and not isinstance(a, bool) for a in seq):
-                ids = np.asarray(seq, np.int64) if seq else np.zeros(0, np.int64)
+                vals = [int(a) for a in seq]  # exact: no uint64 2**64 - 1 wrapping to -1
+                if vals and (min(vals) < -1 or max(vals) >= snap.next_id):
+                    raise self._bad_ids(snap, vals)
+                ids = np.array(vals, np.int64)
             else:
-                ids = self.ids(seq)
+                ids = self._ids(snap, seq)
         if ids.ndim != 1 or ids.shape[0] != n:
             raise ShapeError(f"expected one adapter per row of x: adapters of shape ({n},), got {ids.shape}")
-        ids = ids.astype(np.int64, copy=False)
         if n:
+            # the range first, on the ids as given: an out-of-range id of any integer dtype
+            # (uint64 2**64 - 1...) is refused before the conversion to int64 could wrap it
             lo, hi = int(ids.min()), int(ids.max())
-            if lo < -1 or hi >= self._next_id or not self._live[ids[ids >= 0]].all():
-                bad = [int(i) for i in ids if i < -1 or i >= self._next_id or (i >= 0 and not self._live[i])]
-                raise LayerNotFoundError(f"adapter id {bad[0]} is not in the bank (ids of live adapters: "
-                                         f"{sorted(self._names.values())[:20]}, or -1 for the base alone)")
-        return ids
+            if lo < -1 or hi >= snap.next_id:
+                raise self._bad_ids(snap, ids.tolist())
+            ids = ids.astype(np.int64, copy=False)
+            if not snap.live[ids[ids >= 0]].all():
+                raise self._bad_ids(snap, ids.tolist())
+            return ids
+        return ids.astype(np.int64, copy=False)
+
+    @staticmethod
+    def _bad_ids(snap, vals):
+        bad = next(i for i in vals if i < -1 or i >= snap.next_id or (i >= 0 and not snap.live[i]))
+        return LayerNotFoundError(f"adapter id {bad} is not in the bank (ids of live adapters: "
+                                  f"{sorted(snap.names.values())[:20]}, or -1 for the base alone)")
 
     def forward(self, x, adapters, scale=None, out=None):
         """``y[i] = x[i] W^T (+ bias) + scale[i] * scaling_k (x[i] A_k^T) B_k^T``, ``k`` the
@@ -592,9 +816,15 @@ class LoraBank:
         ----------
         x : (in,) or (n, in) float32 / float64 (computed in float32)
         adapters : per row, an adapter name (str), or id (int, see :meth:`index` /
-            :meth:`ids`), or None / -1 for the base alone; an int array is used as is
-        scale : optional (n,) per-row multiplier of the adapter's scaling
-        out : optional C-contiguous float32 buffer of shape (out,) or (n, out)
+            :meth:`ids`), or None / -1 for the base alone; an int array (any integer
+            dtype) is used as is. For a 1-D ``x``, one entry. Ids outside the bank
+            (including values no int64 holds) raise LayerNotFoundError.
+        scale : optional (n,) per-row multiplier of the adapter's scaling (a real number
+            for a 1-D ``x``); every value must be finite in float32.
+        out : optional C-contiguous float32 buffer of shape (out,) or (n, out). It may be
+            ``x`` itself, or overlap ``x``, ``adapters`` or ``scale``: those are then read
+            from a copy, so the result is the same as with a separate buffer. It may not
+            overlap the bank's base weight (ShapeError: the forward would overwrite it).
 
         Returns
         -------
@@ -602,28 +832,62 @@ class LoraBank:
             Rows sharing an adapter are grouped internally, so each adapter's A and B
             are read once per batch. On a GPU bank (:meth:`to`) ``x`` and ``out`` are
             device arrays and so is the result.
+
+        Notes
+        -----
+        The names and ids are resolved in the snapshot of the bank taken when the call
+        starts (see the class notes on threads): an adapter not in the bank then raises
+        LayerNotFoundError before anything is written to ``out``; one removed or
+        replaced while the call runs is computed with its values at the start.
         """
         if self._device == "cuda":
             return self._forward_gpu(x, adapters, scale, out)
         from .ops import _input_rows, _prepare_out
 
         x = _input_rows(x, self._in_f)
-        n = 1 if x.ndim == 1 else x.shape[0]
-        ids, rowscale = self._rows_of(adapters, scale, n, x.ndim == 1)
-        out = _prepare_out(out, x, self._out_f, np.float32)
-        x2 = np.ascontiguousarray(x.reshape(-1, self._in_f), np.float32)
-        out2 = out.reshape(-1, self._out_f)
-        if n == 0:
+        one_d = x.ndim == 1
+        n = 1 if one_d else x.shape[0]
+        given = out
+        rlock = self._rlock
+        with rlock:  # self._enter(), inline: this is the hot path
+            snap = self._snap
+            snap.readers += 1
+        try:
+            ids, rowscale = self._rows_of(snap, adapters, scale, n, one_d)
+            out = _prepare_out(out, x, self._out_f, np.float32)
+            if n == 0:
+                return out
+            x2 = np.ascontiguousarray(x.reshape(-1, self._in_f), np.float32)
+            if given is not None:
+                x2, ids, rowscale = self._unaliased(out, x2, ids, rowscale, adapters, scale)
+            out2 = out.reshape(-1, self._out_f)
+            self._base(x2, out2)
+            self._add_low_rank(snap, x2, ids, rowscale, out2)
+            if self._bias is not None:
+                out2 += self._bias
             return out
-        self._base(x2, out2)
-        self._add_low_rank(x2, ids, rowscale, out2)
-        if self._bias is not None:
-            out2 += self._bias
-        return out
+        finally:
+            with rlock:
+                snap.readers -= 1
 
     __call__ = forward
 
-    def _rows_of(self, adapters, scale, n, one_d):
+    def _unaliased(self, out, x2, ids, rowscale, adapters, scale):
+        """The forward's inputs, copied where they share memory with the caller's ``out``
+        (written while they are read); refuses an ``out`` over the base weight."""
+        w = self._weight
+        if w is not None and np.may_share_memory(out, w) and _shares(out, w):
+            raise ShapeError("out shares memory with the bank's base weight: the forward would overwrite the weight "
+                             "while reading it; expected a separate out buffer")
+        if np.may_share_memory(out, x2):
+            x2 = x2.copy()
+        if isinstance(adapters, np.ndarray) and np.may_share_memory(out, ids):
+            ids = ids.copy()
+        if scale is not None and np.may_share_memory(out, rowscale):
+            rowscale = rowscale.copy()
+        return x2, ids, rowscale
+
+    def _rows_of(self, snap, adapters, scale, n, one_d):
         """(ids (n,) int64, rowscale (n,) float32) of a forward's ``adapters`` and ``scale``
         (host values; device arrays are copied to the host: the grouping is planned there)."""
         from .device import to_host
@@ -632,16 +896,24 @@ class LoraBank:
             adapters = to_host(adapters)
         if one_d and (isinstance(adapters, (str, int, np.integer)) or adapters is None):
             adapters = [adapters]
-        ids = self._row_ids(adapters, n)
+        ids = self._row_ids(snap, adapters, n)
         if scale is None:
             return ids, np.ones(n, np.float32)
         if is_device_array(scale):
             scale = to_host(scale)
+        if one_d and not isinstance(scale, np.ndarray) and np.ndim(scale) == 0:
+            return ids, np.full(1, v.real_scalar("scale", scale), np.float32)
         sc = v.float_array("scale", np.atleast_1d(scale) if one_d else scale, 1, allow_empty=True)
         v.expect_shape("scale", sc, (n,))
-        return ids, np.ascontiguousarray(sc, np.float32)
+        with np.errstate(over="ignore"):  # a float64 beyond float32's range: refused just below
+            rowscale = np.ascontiguousarray(sc, np.float32)
+        if not np.isfinite(rowscale).all():
+            i = int(np.flatnonzero(~np.isfinite(rowscale))[0])
+            raise NonFiniteError(f"scale must be finite in float32 (|scale| <= {v.F32_MAX:.8g}), got "
+                                 f"{float(sc[i]):g} at row {i}")
+        return ids, rowscale
 
-    def _add_low_rank(self, x2, ids, rowscale, out2):
+    def _add_low_rank(self, snap, x2, ids, rowscale, out2):
         order = np.argsort(ids, kind="stable")
         sid = ids[order]
         first = int(np.searchsorted(sid, 0))
@@ -655,13 +927,13 @@ class LoraBank:
         seg_start[1:-1] = cuts
         seg_start[-1] = sid.size
         seg_adapter = np.ascontiguousarray(sid[seg_start[:-1]])
-        rmax = int(self._ad_rank[seg_adapter].max())
+        rmax = int(snap.ad_rank[seg_adapter].max())
         u = np.empty((sid.size, rmax), np.float32)
         # positions in u are relative to the grouped rows; the kernel reads x / rowscale /
-        # out by batch row through `order`
-        _kernels().multi_lora_add_serial(x2, order, seg_start, seg_adapter, rowscale, self._kernel_blocks(),
-                                         self._ad_block, self._ad_off, self._ad_rank, self._ad_scaling, u, out2)
-
+        # out by batch row through `order`; every table and block comes from one snapshot
+        # (u is sized by the ranks the kernel reads)
+        _kernels().multi_lora_add_serial(x2, order, seg_start, seg_adapter, rowscale, self._kernel_blocks(snap),
+                                         snap.ad_block, snap.ad_off, snap.ad_rank, snap.ad_scaling, u, out2)
 
     # --- the GPU ---------------------------------------------------------------------
     @property
@@ -676,35 +948,27 @@ class LoraBank:
         (blocks, pages, free runs) travel unchanged; the adapters' values come back from
         ``to("cpu")`` bit for bit. On the GPU, ``forward`` takes device ``x`` (and host or
         device ``adapters`` / ``scale``) and returns a device array; ``add`` takes host or
-        device arrays. See docs/gpu.md."""
+        device arrays. The copy is of one consistent state (writers wait meanwhile); the
+        new bank has its own locks and follows the same thread rules. See docs/gpu.md."""
         from .device import _move, to_device, to_host
 
         if not isinstance(device, str) or device not in ("cuda", "cpu"):
             raise ConfigError(f"device must be 'cuda' or 'cpu', got {device!r}")
         if device == self._device:
             return self
+        if device == "cuda" and self._nf4 is not None and self._nf4.dtype != "float32":
+            raise DTypeError(f"the GPU path is float32 only: the NF4 base decodes to {self._nf4.dtype}")
+        with self._wlock:
+            st = self._state()
+            st["blocks"] = [_move(b, device) if b.size else np.empty(0, np.float32) for b in st["blocks"]]
+        if st["weight"] is not None:
+            st["weight"] = _move(st["weight"], device)
+        if st["nf4"] is not None:
+            st["nf4"] = to_device(st["nf4"]) if device == "cuda" else to_host(st["nf4"])
+        if st["bias"] is not None:
+            st["bias"] = _move(st["bias"], device)
         new = object.__new__(type(self))
-        new.__dict__.update(self.__dict__)
-        if self._weight is not None:
-            new._weight = _move(self._weight, device)
-        if self._nf4 is not None:
-            if device == "cuda" and self._nf4.dtype != "float32":
-                raise DTypeError(f"the GPU path is float32 only: the NF4 base decodes to {self._nf4.dtype}")
-            new._nf4 = to_device(self._nf4) if device == "cuda" else to_host(self._nf4)
-        if self._bias is not None:
-            new._bias = _move(self._bias, device)
-        new._blocks = [_move(b, device) if b.size else np.empty(0, np.float32) for b in self._blocks]
-        new._free = [[list(run) for run in runs] for runs in self._free]
-        for attr in ("_dedicated", "_spare_ids", "_free_ids"):
-            setattr(new, attr, list(getattr(self, attr)))
-        for attr in self._TABLES:
-            setattr(new, attr, getattr(self, attr).copy())
-        new._names = dict(self._names)
-        new._id_names = dict(self._id_names)
-        new._kblocks = None
-        new._device = device
-        new._stable = (_RowStableBase(new._raw_base, self._in_f, self._out_f)
-                       if device == "cpu" and self._row_stable else None)
+        new._load(st, device)
         return new
 
     def _forward_gpu(self, x, adapters, scale, out):
@@ -712,17 +976,32 @@ class LoraBank:
         GEMV for one row when ``row_stable=False``) with the bias in its epilogue, then per
         pool block one shrink and one expand launch over the rows grouped by (block,
         adapter). The grouping is planned on the host from the row ids (small copies to
-        the device)."""
+        the device), in one snapshot of the bank as on the CPU. An ``out`` overlapping
+        ``x`` reads ``x`` from a device copy."""
         from .cuda import ops as C
 
         if not is_device_array(x):
             raise DeviceError(f"this bank is on the GPU: expected x as a device array, got a host "
                               f"{type(x).__name__}; move it with numlora.to_device(x)")
         x, n = C._rows("x", x, self._in_f)
-        ids, rowscale = self._rows_of(adapters, scale, n, len(x.shape) == 1)
-        out = C._out(out, x, self._out_f)
-        if n == 0:
+        snap = self._enter()
+        try:
+            ids, rowscale = self._rows_of(snap, adapters, scale, n, len(x.shape) == 1)
+            out = C._out(out, x, self._out_f)
+            if n == 0:
+                return out
+            if _device_overlap(out, x):
+                from .device import cuda_module
+
+                xc = cuda_module().device_array(tuple(x.shape), np.float32)
+                xc.copy_to_device(x)
+                x = xc
+            self._gpu_products(snap, x, ids, rowscale, out, n, C)
             return out
+        finally:
+            self._leave(snap)
+
+    def _gpu_products(self, snap, x, ids, rowscale, out, n, C):
         in_f, out_f = self._in_f, self._out_f
         if self._nf4 is None:
             C.matmul(C._flat(x), in_f, 1, n, out_f, in_f, C._flat(out), out_f, W=C._flat(self._weight), swo=in_f,
@@ -731,20 +1010,35 @@ class LoraBank:
             C._nf4_forward(x, self._nf4, None, None, 0.0, self._bias, out, fused_gemv=not self._row_stable)
         rows = np.flatnonzero(ids >= 0)
         if rows.size == 0:
-            return out
+            return
         k = ids[rows]
-        blk = self._ad_block[k]
+        blk = snap.ad_block[k]
         order = np.lexsort((k, blk))  # by pool block, then adapter (each adapter's A, B read together)
         rows, k, blk = rows[order], k[order], blk[order]
-        table = np.ascontiguousarray(np.stack([rows, self._ad_off[k], self._ad_rank[k]]), np.int64)
-        rs = np.ascontiguousarray(self._ad_scaling[k] * rowscale[rows], np.float32)
+        table = np.ascontiguousarray(np.stack([rows, snap.ad_off[k], snap.ad_rank[k]]), np.int64)
+        rs = np.ascontiguousarray(snap.ad_scaling[k] * rowscale[rows], np.float32)
         cuts = np.flatnonzero(blk[1:] != blk[:-1]) + 1
         starts = np.concatenate([[0], cuts])
         ends = np.concatenate([cuts, [rows.size]])
-        runs = [(self._blocks[int(blk[p0])], int(p0), int(p1), int(table[2, p0:p1].max()))
+        runs = [(snap.blocks[int(blk[p0])], int(p0), int(p1), int(table[2, p0:p1].max()))
                 for p0, p1 in zip(starts, ends)]
         C.multi_lora_add(x, out, table, rs, runs)
-        return out
+
+
+def _device_span(a):
+    """(first byte, end byte) of a C-contiguous device array (a numba device array, an
+    object with ``__cuda_array_interface__``, or the simulator's stand-in)."""
+    cai = getattr(a, "__cuda_array_interface__", None)
+    if cai is None:  # the CUDA simulator: a numpy array behind the device array
+        cai = a.__array_interface__
+    start = int(cai["data"][0])
+    return start, start + int(np.prod(tuple(a.shape), dtype=np.int64)) * np.dtype(a.dtype).itemsize
+
+
+def _device_overlap(a, b) -> bool:
+    a0, a1 = _device_span(a)
+    b0, b1 = _device_span(b)
+    return a0 < b1 and b0 < a1 and a1 > a0 and b1 > b0
 
 
 def _nbytes(a) -> int:

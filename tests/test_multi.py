@@ -217,8 +217,9 @@ def test_parallel_kernel_equals_serial(rng, dense):
     for fn in (km.multi_lora_add, km.multi_lora_add_serial):
         y = np.zeros((n, OUT), np.float32)
         u = np.empty((n, 64), np.float32)
-        fn(x, order, seg, sa, scale, bank._kernel_blocks(), bank._ad_block, bank._ad_off, bank._ad_rank,
-           bank._ad_scaling, u, y)
+        snap = bank._snap
+        fn(x, order, seg, sa, scale, bank._kernel_blocks(snap), snap.ad_block, snap.ad_off, snap.ad_rank,
+           snap.ad_scaling, u, y)
         outs.append(y)
     assert np.array_equal(_bits(outs[0]), _bits(outs[1]))
 
@@ -433,3 +434,142 @@ def test_reserve_preallocates_pages(rng, dense):
     np.testing.assert_allclose(bank.forward(x, ["a2", "a0", "a1"]), ref, rtol=0, atol=2e-5 * np.abs(ref).max())
     with pytest.raises(nl.ConfigError, match="pages must be >= 0"):
         bank.reserve(-1)
+
+
+# --- out= overlapping the inputs, ids out of range, bad arguments (issue 12) --------------
+
+SQ = 64  # a square base, so that out= can be x itself
+
+
+@pytest.fixture
+def square(rng):
+    w = rng.standard_normal((SQ, SQ), dtype=np.float32) * np.float32(0.2)
+    bank, ads = _bank(rng, w, [3, 8, 5])
+    return bank, ads, w
+
+
+def test_out_overlapping_x_computes_as_with_a_separate_buffer(rng, square):
+    bank, ads, w = square
+    n = 9
+    x = rng.standard_normal((n, SQ), dtype=np.float32)
+    ids = np.array([0, 2, -1, 1, 1, 0, 2, -1, 0])
+    scale = rng.uniform(0.5, 2.0, n).astype(np.float32)
+    want = bank.forward(x.copy(), ids, scale=scale)
+    ref = multi_lora_ref(x, w, ads, ids, scale)
+    np.testing.assert_allclose(want, ref, rtol=0, atol=2e-5 * np.abs(ref).max())
+    # out is x
+    xx = x.copy()
+    got = bank.forward(xx, ids, scale=scale, out=xx)
+    assert got is xx and np.array_equal(_bits(got), _bits(want))
+    # out overlaps x shifted by one row (each row written before the next one is read)
+    for shift in (1, -1):
+        buf = np.empty((n + 1, SQ), np.float32)
+        xin, o = (buf[1:], buf[:-1]) if shift == 1 else (buf[:-1], buf[1:])
+        xin[...] = x
+        got = bank.forward(xin, ids, scale=scale, out=o)
+        assert np.array_equal(_bits(got), _bits(want)), shift
+    # one row, out is x
+    x1 = x[3].copy()
+    assert np.array_equal(_bits(bank.forward(x1, 1, scale=scale[3], out=x1)), _bits(want[3]))
+
+
+def test_out_overlapping_scale_or_adapter_ids(rng, square):
+    bank, _, _ = square
+    n = 6
+    x = rng.standard_normal((n, SQ), dtype=np.float32)
+    ids = np.array([1, 0, 2, 2, -1, 0])
+    scale = rng.uniform(0.5, 2.0, n).astype(np.float32)
+    want = bank.forward(x, ids, scale=scale)
+    out = np.empty((n, SQ), np.float32)
+    view = out.reshape(-1)[:n]  # the scale lives in the first row of out
+    view[...] = scale
+    assert np.array_equal(_bits(bank.forward(x, ids, scale=view, out=out)), _bits(want))
+    out = np.zeros((n, SQ), np.float32)
+    id_view = out.reshape(-1).view(np.int64)[:n]  # the ids live in out's first row
+    id_view[...] = ids
+    assert np.array_equal(_bits(bank.forward(x, id_view, scale=scale, out=out)), _bits(want))
+
+
+def test_out_over_the_base_weight_is_refused(rng, square):
+    bank, _, w = square
+    before = w.copy()
+    x = rng.standard_normal((2, SQ), dtype=np.float32)
+    with pytest.raises(nl.ShapeError, match="out shares memory with the bank's base weight"):
+        bank.forward(x, [0, 1], out=w[:2])
+    with pytest.raises(nl.ShapeError, match="base weight"):
+        bank.forward(w[5], 0, out=w[5])
+    assert np.array_equal(_bits(w), _bits(before))
+
+
+@pytest.mark.parametrize("bad", [
+    np.array([0, 2**64 - 1], np.uint64),
+    np.array([0, 2**63], np.uint64),
+    np.array([0, 200], np.uint8),
+    [0, 2**64 - 1],
+    [0, np.uint64(2**64 - 1)],
+    [0, -2**70],
+    [0, -2],
+])
+def test_adapter_ids_out_of_range_never_wrap_to_the_base(rng, dense, bad):
+    bank, _ = _bank(rng, dense, [4, 8])
+    x = rng.standard_normal((2, IN), dtype=np.float32)
+    out = np.full((2, OUT), 7.0, np.float32)
+    value = int(bad[1])
+    with pytest.raises(nl.LayerNotFoundError, match=rf"adapter id {value} is not in the bank"):
+        bank.forward(x, bad, out=out)
+    assert (out == 7.0).all()  # nothing written
+    with pytest.raises(nl.LayerNotFoundError, match=rf"adapter id {value} "):
+        bank.forward(x[0], bad[1])  # one row
+
+
+def test_small_integer_dtypes_give_the_same_rows(rng, dense):
+    bank, ads = _bank(rng, dense, [4, 8, 2])
+    x = rng.standard_normal((5, IN), dtype=np.float32)
+    ids = [2, -1, 0, 1, 2]
+    want = bank.forward(x, np.array(ids, np.int64))
+    for dt in (np.int8, np.int32, np.uint8, np.uint64):
+        got_ids = np.array(ids, np.int64).astype(dt)  # -1 wraps in the unsigned ones: refused
+        if np.dtype(dt).kind == "u":
+            with pytest.raises(nl.LayerNotFoundError):
+                bank.forward(x, got_ids)
+        else:
+            assert np.array_equal(_bits(bank.forward(x, got_ids)), _bits(want)), dt
+    pos = np.array([2, 0, 1], np.uint16)
+    ref = multi_lora_ref(x[:3], dense, ads, pos)
+    np.testing.assert_allclose(bank.forward(x[:3], pos), ref, rtol=0, atol=2e-5 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("adapters, got", [(None, "got None"), (3.5, "got float"), (object(), "got object"),
+                                           ("ad0", "got a single str")])
+def test_adapters_argument_of_the_wrong_kind(rng, dense, adapters, got):
+    bank, _ = _bank(rng, dense, [4])
+    x = rng.standard_normal((3, IN), dtype=np.float32)
+    with pytest.raises(nl.DTypeError, match=rf"expected adapters with one entry per row of x .*{got}") as e:
+        bank.forward(x, adapters)
+    assert isinstance(e.value, nl.NumloraError)
+
+
+def test_scales_must_be_finite_in_float32(rng, dense):
+    bank, _ = _bank(rng, dense, [4])
+    a, b, _ = _adapters(rng, [4])[0]
+    with pytest.raises(nl.ConfigError, match=r"scaling must be finite in float32 .*got 1e\+39"):
+        bank.add("big", a, b, 1e39)
+    with pytest.raises(nl.ConfigError, match="scaling must be finite"):
+        bank.add("nan", a, b, float("nan"))
+    assert bank.names == ["ad0"]
+    x = rng.standard_normal((3, IN), dtype=np.float32)
+    out = np.full((3, OUT), 7.0, np.float32)
+    for bad, shown in ((1e39, r"1e\+39"), (float("nan"), "nan"), (-float("inf"), "-inf")):
+        s = np.array([1.0, bad, 1.0])
+        with pytest.raises(nl.NonFiniteError, match=rf"scale must be finite in float32 .*got {shown} at row 1"):
+            bank.forward(x, [0, 0, -1], scale=s, out=out)
+    assert (out == 7.0).all()
+    with pytest.raises(nl.ConfigError, match=r"scale must be finite in float32 .*got 1e\+39"):
+        bank.forward(x[0], 0, scale=1e39)
+    with pytest.raises(nl.DTypeError, match="scale must be a real number, got str"):
+        bank.forward(x[0], 0, scale="1")
+    # the largest float32 is fine (and a plain int scale for one row)
+    f32max = float(np.finfo(np.float32).max)
+    assert np.isfinite(bank.forward(x[0], -1, scale=f32max)).all()
+    assert np.array_equal(_bits(bank.forward(x[0], 0, scale=2)), _bits(bank.forward(x[0], 0, scale=2.0)))
+
