@@ -63,6 +63,16 @@ def real_scalar(name: str, value, *, positive: bool = False) -> float:
     return v
 
 
+def flag(name: str, value) -> bool:
+    """A True / False argument: bool, numpy bool, 0 / 1 or None (False). Anything else
+    (an array, whose truth value is ambiguous, a string) is refused, naming it."""
+    if value is None or isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (numbers.Integral, np.integer)) and int(value) in (0, 1):
+        return bool(value)
+    raise ConfigError(f"{name} must be True or False, got {type(value).__name__} {value!r:.60}")
+
+
 def int_scalar(name: str, value, *, minimum: int | None = None) -> int:
     if isinstance(value, (bool, np.bool_)):
         raise DTypeError(f"{name} must be an integer, got bool")
@@ -73,6 +83,27 @@ def int_scalar(name: str, value, *, minimum: int | None = None) -> int:
     if minimum is not None and v < minimum:
         raise ConfigError(f"{name} must be >= {minimum}, got {v}")
     return v
+
+
+def shape_arg(name: str, shape, itemsize: int = 1) -> tuple:
+    """A shape argument (an int, or a tuple / list of ints) as a tuple of Python ints >= 0
+    whose array of ``itemsize``-byte elements numpy can address; refused with
+    DTypeError / ConfigError naming ``name`` otherwise."""
+    if isinstance(shape, (numbers.Integral, np.integer)) and not isinstance(shape, (bool, np.bool_)):
+        shape = (shape,)
+    elif isinstance(shape, np.ndarray) and shape.ndim == 1:
+        shape = shape.tolist()
+    if not isinstance(shape, (tuple, list)):
+        raise DTypeError(f"{name} must be an int or a tuple of ints, got {type(shape).__name__}")
+    dims = tuple(int_scalar(f"{name}[{i}]", d, minimum=0) for i, d in enumerate(shape))
+    limit = np.iinfo(np.intp).max // max(1, itemsize)
+    total = 1
+    for d in dims:
+        total *= d
+    if total > limit or any(d > limit for d in dims):
+        raise ConfigError(f"{name} {dims} is too large: {total} elements of {itemsize} bytes exceed what numpy "
+                          f"can address")
+    return dims
 
 
 def out_array(name: str, out, shape: tuple, dtype) -> np.ndarray:

@@ -215,6 +215,8 @@ class LoraAdapter:
         return load_peft_adapter(path)
 
     def get_layer(self, name: str) -> LoraLinear:
+        if not isinstance(name, str):
+            raise DTypeError(f"layer name must be a str, got {type(name).__name__}")
         try:
             return self._layers[name]
         except KeyError:
@@ -224,7 +226,7 @@ class LoraAdapter:
     __getitem__ = get_layer
 
     def __contains__(self, name) -> bool:
-        return name in self._layers
+        return isinstance(name, str) and name in self._layers
 
     def __len__(self) -> int:
         return len(self._layers)

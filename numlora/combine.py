@@ -96,7 +96,7 @@ def _check_weights(weights, n):
 
 
 def _check_rank_arg(method, rank):
-    if method not in METHODS:
+    if not isinstance(method, str) or method not in METHODS:
         raise ConfigError(f"method must be one of {METHODS}, got {method!r}")
     if rank is None:
         return None

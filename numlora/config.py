@@ -24,6 +24,7 @@ def pattern_key(patterns, name: str):
     matches ``rank_pattern`` / ``alpha_pattern`` keys (``re.match(rf"(.*\\.)?({key})$",
     name)``: the key, as a regex, matches the whole path or a dotted suffix of it), or
     None when none does."""
+    _module_path(name)
     for key in patterns:
         if re.match(rf"(.*\.)?({key})$", name):
             return key
@@ -74,6 +75,12 @@ def _check_alpha(name, alpha) -> float:
 #: The largest finite float32 (numlora._validate.F32_MAX; not imported, to keep this module
 #: free of numpy).
 _F32_MAX = 3.4028234663852886e38
+
+
+def _module_path(name):
+    if not isinstance(name, str):
+        raise DTypeError(f"a module path must be a str (e.g. 'model.layers.0.self_attn.q_proj'), "
+                         f"got {type(name).__name__}")
 
 
 def _json_number(x: float):
@@ -172,11 +179,13 @@ class LoraConfig:
     def rank_for(self, name: str) -> int:
         """The rank PEFT gives module path ``name``: ``rank_pattern``'s first matching key,
         else ``rank``."""
+        _module_path(name)
         key = pattern_key(self.rank_pattern, name)
         return self.rank if key is None else self.rank_pattern[key]
 
     def alpha_for(self, name: str) -> float:
         """The alpha PEFT gives module path ``name`` (``alpha_pattern``, else ``alpha``)."""
+        _module_path(name)
         key = pattern_key(self.alpha_pattern, name)
         return self.alpha if key is None else self.alpha_pattern[key]
 
@@ -187,6 +196,7 @@ class LoraConfig:
         """Whether PEFT would adapt module path ``name``: ``target_regex`` full-matches it
         (``"all-linear"``: any module), or a ``target_modules`` entry equals it or is a
         dotted suffix of it."""
+        _module_path(name)
         if self.target_regex is not None:
             return self.target_regex == "all-linear" or re.fullmatch(self.target_regex, name) is not None
         return any(name == t or name.endswith("." + t) for t in self.target_modules)

@@ -82,7 +82,7 @@ class _LowRank:
         a, _, _ = _low_rank_arrays(lora_a, lora_b, out_f, in_f, base)
         self._rank = a.shape[0]
         self._alpha = v.real_scalar("alpha", alpha, positive=True)
-        self._use_rslora = bool(use_rslora)
+        self._use_rslora = v.flag("use_rslora", use_rslora)
         self._enabled = True
         self._merged = False
         self.lora_a = a
@@ -319,6 +319,7 @@ class _LowRank:
         ``G W`` product, most of the cost: for a first layer). A disabled layer computes
         only ``dL/dx``. Frees what the forward kept, so each training forward allows one
         backward."""
+        need_grad_x = v.flag("need_grad_x", need_grad_x)
         if self._cache is None:
             raise TrainStateError("backward needs a forward in training mode first: call layer.train(), then "
                                   "forward, then backward (once per forward)")
@@ -531,7 +532,7 @@ class LoraLinear(_LowRank):
 
     def __init__(self, weight, lora_a, lora_b, alpha, *, bias=None, use_rslora=False,
                  fan_in_fan_out=False, magnitude=None, lora_bias=None, dropout=0.0, dropout_seed=0):
-        self._fan_in_fan_out = bool(fan_in_fan_out)
+        self._fan_in_fan_out = v.flag("fan_in_fan_out", fan_in_fan_out)
         if weight is None:
             a = v.float_array("lora_a", lora_a, 2)
             b = v.float_array("lora_b", lora_b, 2)
@@ -572,7 +573,9 @@ class LoraLinear(_LowRank):
 
         ``copy=False`` keeps the caller's array (merge() then changes it in place).
         ``dropout`` / ``dropout_seed``: see :attr:`dropout` (training mode only)."""
-        weight = v.float_array("weight", weight, 2)
+        fan_in_fan_out = v.flag("fan_in_fan_out", fan_in_fan_out)
+        copy, use_dora, lora_bias = v.flag("copy", copy), v.flag("use_dora", use_dora), v.flag("lora_bias", lora_bias)
+        weight = _weight_array(weight, fan_in_fan_out)
         in_f, out_f = weight.shape if fan_in_fan_out else weight.shape[::-1]
         rank = _check_rank(rank, out_f, in_f)
         v.real_scalar("alpha", alpha, positive=True)
@@ -633,6 +636,7 @@ class LoraLinear(_LowRank):
         caller's array (merge() then changes it in place). Returns the layer."""
         if self._merged:
             raise MergeStateError("cannot attach a base weight while the layer is merged; unmerge() first")
+        copy = v.flag("copy", copy)
         if self._device == "cuda":
             self._weight = _dev_copy("weight", weight, self.base_shape) if copy else _dev_view("weight", weight,
                                                                                              self.base_shape)
@@ -924,7 +928,7 @@ class QLoraLinear(_LowRank):
         """Quantize ``weight`` (out, in) to NF4 and add a fresh adapter (``init="seed"``:
         the seed module's ``QLoraLinear::from_weight`` init, xorshift seeded
         ``137 + in + out``)."""
-        weight = v.float_array("weight", weight, 2)
+        weight = _weight_array(weight, False)
         out_f, in_f = weight.shape
         rank = _check_rank(rank, out_f, in_f)
         v.real_scalar("alpha", alpha, positive=True)

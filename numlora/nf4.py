@@ -96,6 +96,11 @@ def _check_shape(name, shape, error=ShapeError) -> tuple:
     return tuple(dims)
 
 
+def _finite_field(name, a):
+    if a.size and not np.isfinite(a).all():
+        raise v.first_nonfinite(name, a.reshape(-1), a.shape)
+
+
 def _tensor_array(name, a, dtypes, shape, why):
     """An NF4Tensor field: a numpy array of one of ``dtypes`` and ``shape``, returned
     C-contiguous (copied when it is not)."""
@@ -162,10 +167,13 @@ class NF4Tensor:
             self.code8 = _tensor_array("code8", self.code8, (np.float32,), (256,), "")
             off = v.real_scalar("offset", self.offset)
             self.offset = np.float32(off)
+            _finite_field("absmax2", self.absmax2)
+            _finite_field("code8", self.code8)
         else:
             if self.offset is not None or self.code8 is not None:
                 raise ConfigError("offset and code8 belong to double quantization: give absmax2 too, or neither")
             self.absmax = _tensor_array("absmax", self.absmax, (np.float32,), (nblocks,), want)
+            _finite_field("absmax", self.absmax)  # n / blocksize scales: a small scan
 
     @property
     def numel(self) -> int:
@@ -736,6 +744,7 @@ def qlora_backward(x, t: NF4Tensor, lora_a, lora_b, scaling, grad_out, *, dropou
 
     lora_a, lora_b, rank = _low_rank_arrays(lora_a, lora_b, out_f, in_f, base=_nf4_base(t))
     s = v.real_scalar("scaling", scaling)
+    need_grad_x = v.flag("need_grad_x", need_grad_x)
     _check_x_drop_alone(x_drop, dropout, need_grad_x)
     dt = np.dtype(np.float32)
     x2, xd2, g2, us, drop, one_d = _backward_inputs(x, in_f, out_f, grad_out, dt, dropout, x_drop, u, rank)

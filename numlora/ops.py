@@ -41,6 +41,7 @@ def _adapter_arrays(weight, lora_a, lora_b, fan_in_fan_out):
     """Validate weight, A, B; return (weight, A, B, out_features, in_features, rank).
     Shape errors say what is likely wrong (a transposed weight, A and B swapped, an
     adapter for another base) and how to fix it."""
+    fan_in_fan_out = v.flag("fan_in_fan_out", fan_in_fan_out)
     weight = _weight_array(weight, fan_in_fan_out)
     if fan_in_fan_out:
         in_f, out_f = weight.shape
@@ -265,6 +266,7 @@ def linear_forward(x, weight, bias=None, out=None, *, fan_in_fan_out=False):
     :func:`lora_forward`)."""
     if _on_device(x, weight, bias, out):
         return _gpu().linear_forward(x, weight, bias, out, fan_in_fan_out=fan_in_fan_out)
+    fan_in_fan_out = v.flag("fan_in_fan_out", fan_in_fan_out)
     weight = _weight_array(weight, fan_in_fan_out)
     out_f, in_f = weight.shape[::-1] if fan_in_fan_out else weight.shape
     x = _input_rows(x, in_f)
@@ -381,6 +383,7 @@ def merge_lora(weight, lora_a, lora_b, scaling, fan_in_fan_out=False, *, record=
     if _on_device(weight, lora_a, lora_b):
         return _gpu().merge_lora(weight, lora_a, lora_b, scaling, fan_in_fan_out, record=record)
     s = v.real_scalar("scaling", scaling)
+    record = v.flag("record", record)
     w, p, q, writeback, ab = _merge_operands(weight, lora_a, lora_b, fan_in_fan_out, "merge_lora")
     k = _kernels()
     scale = w.dtype.type(s)
@@ -506,7 +509,7 @@ class DropoutState(NamedTuple):
 def mix_seed(seed: int, counter: int) -> int:
     """A 64-bit seed derived from ``(seed, counter)`` (splitmix64 of their combination):
     the seed of the ``counter``-th training forward of a layer seeded ``seed``."""
-    z = (int(seed) + (int(counter) + 1) * 0xD1B54A32D192ED03) & _U64
+    z = (v.int_scalar("seed", seed) + (v.int_scalar("counter", counter) + 1) * 0xD1B54A32D192ED03) & _U64
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _U64
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _U64
     return z ^ (z >> 31)
@@ -612,7 +615,9 @@ def dropout_keep_mask(shape, p, seed) -> np.ndarray:
     of ``shape`` ((in,) or (n, in))."""
     p = dropout_p(p)
     seed = _seed64(seed)
-    shape = tuple(int(d) for d in shape)
+    shape = v.shape_arg("shape", shape)
+    if len(shape) not in (1, 2):
+        raise ShapeError(f"expected shape to be (in,) or (n, in), got {shape}")
     n, m = (1, shape[0]) if len(shape) == 1 else shape
     out = np.ones((n, m), np.uint8)
     if p > 0 and out.size:
@@ -774,6 +779,7 @@ def lora_backward(x, weight, lora_a, lora_b, scaling, grad_out, *, fan_in_fan_ou
         return _gpu().lora_backward(x, weight, lora_a, lora_b, scaling, grad_out, fan_in_fan_out=fan_in_fan_out, dropout=dropout, x_drop=x_drop, u=u, grad_a=grad_a, grad_b=grad_b, need_grad_x=need_grad_x)
     weight, lora_a, lora_b, out_f, in_f, rank = _adapter_arrays(weight, lora_a, lora_b, fan_in_fan_out)
     s = v.real_scalar("scaling", scaling)
+    need_grad_x = v.flag("need_grad_x", need_grad_x)
     _check_x_drop_alone(x_drop, dropout, need_grad_x)
     arrays = [x, weight, lora_a, lora_b, grad_out]
     dtype = np.result_type(*[np.asarray(a).dtype for a in arrays])

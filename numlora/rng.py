@@ -48,9 +48,7 @@ class XorShift64:
             from . import cuda
 
             return cuda.ops.uniform(self, shape)
-        if isinstance(shape, (int, np.integer)):
-            shape = (int(shape),)
-        shape = tuple(v.int_scalar("shape", d, minimum=0) for d in shape)
+        shape = v.shape_arg("shape", shape, 4)
         out = np.empty(shape, np.float32)
         if out.size:
             from .kernels import rng as k

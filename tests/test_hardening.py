@@ -498,3 +498,52 @@ def test_layer_setters_hint_at_the_other_factor():
         layer.lora_a = np.zeros((16, 4), np.float32)
     with pytest.raises(nl.ShapeError, match=r"got \(4, 16\): that is the transpose; pass lora_b.T"):
         layer.lora_b = np.zeros((4, 16), np.float32)
+
+
+def test_nf4_tensor_refuses_non_finite_scales():
+    t = nl.quantize_nf4(np.ones((4, 64), np.float32), 64, double_quant=True)
+    p = nl.quantize_nf4(np.ones((4, 64), np.float32), 64)
+    bad = p.absmax.copy()
+    bad[2] = np.nan
+    with pytest.raises(nl.NonFiniteError, match=r"absmax must be finite, got nan at index \(2,\)"):
+        nl.NF4Tensor(p.packed, bad, p.shape, 64)
+    bad2 = t.absmax2.copy()
+    bad2[0] = np.inf
+    with pytest.raises(nl.NonFiniteError, match="absmax2 must be finite"):
+        nl.NF4Tensor(t.packed, t.absmax, t.shape, 64, absmax2=bad2, offset=t.offset, code8=t.code8)
+
+
+@pytest.mark.parametrize("shape", [None, -1, (3, -2), (3, True), (2**62, 2**62), "4"])
+def test_shape_arguments_are_checked(shape):
+    with pytest.raises(NumloraError, match="shape"):
+        nl.XorShift64(1).uniform(shape)
+    with pytest.raises(NumloraError, match="shape"):
+        nl.ops.dropout_keep_mask(shape, 0.5, 1)
+    with pytest.raises(nl.ShapeError, match=r"\(in,\) or \(n, in\)"):
+        nl.ops.dropout_keep_mask((2, 3, 4), 0.5, 1)
+    np.testing.assert_array_equal(nl.XorShift64(1).uniform(np.array([2, 3])), nl.XorShift64(1).uniform((2, 3)))
+
+
+def test_flags_and_names_are_checked(rng):
+    _, x, w, a, b, _ = _dense_case(rng)
+    g = np.ones((N, OUT), np.float32)
+    junk = np.ones(3)
+    for call in (lambda: nl.lora_forward(x, w, a, b, 1.0, fan_in_fan_out=junk),
+                 lambda: nl.linear_forward(x, w, fan_in_fan_out="yes"),
+                 lambda: nl.merge_lora(w, a, b, 1.0, record=junk),
+                 lambda: nl.lora_backward(x, w, a, b, 1.0, g, need_grad_x=junk),
+                 lambda: nl.LoraLinear.from_weight(w, 2, 4.0, copy=junk),
+                 lambda: nl.LoraLinear(w, a, b, 4.0, use_rslora="no")):
+        with pytest.raises(nl.ConfigError, match="must be True or False"):
+            call()
+    with pytest.raises(nl.DTypeError, match="seed must be an integer, got str"):
+        nl.ops.mix_seed("1", 0)
+    with pytest.raises(nl.ConfigError, match="method must be one of"):
+        nl.combine_adapters([(a, b, 1.0)], [1.0], method=junk)
+    adapter = nl.LoraAdapter(nl.LoraConfig(2, 4.0))
+    adapter.add_layer("q", w)
+    assert {"q": 1} not in adapter and "q" in adapter
+    with pytest.raises(nl.DTypeError, match="layer name must be a str, got dict"):
+        adapter.get_layer({"q": 1})
+    with pytest.raises(nl.DTypeError, match="module path must be a str"):
+        adapter.config.targets(None)

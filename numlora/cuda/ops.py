@@ -716,9 +716,7 @@ def _jumps(c):
 def uniform(rng, shape):
     """:meth:`numlora.XorShift64.uniform` into a new float32 device array (the stream and
     the generator's state advance exactly as on the host)."""
-    if isinstance(shape, (int, np.integer)):
-        shape = (int(shape),)
-    shape = tuple(v.int_scalar("shape", d, minimum=0) for d in shape)
+    shape = v.shape_arg("shape", shape, 4)
     out = _cuda().device_array(shape, np.float32)
     if out.size:
         rng._state = xorshift64_fill(rng.state, _flat(out))
