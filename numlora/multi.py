@@ -45,6 +45,7 @@ from .errors import (
     DeviceError,
     DTypeError,
     DuplicateLayerError,
+    FormatError,
     LayerNotFoundError,
     NonFiniteError,
     ShapeError,
@@ -175,6 +176,32 @@ class _Snapshot:
         return self.ad_block, self.ad_off, self.ad_rank, self.ad_scaling, self.live
 
 
+class _Lease:
+    """A reader registration on one snapshot (its pages are not recycled while the lease
+    lives), released by :meth:`release` or when the object goes away. A pickled bank's
+    state holds one, so that the pool blocks it refers to without copying keep their
+    contents until the pickler has written them. Pickles as None."""
+
+    __slots__ = ("_bank", "_snap")
+
+    def __init__(self, bank, snap):
+        self._bank, self._snap = bank, snap
+
+    def release(self):
+        snap, self._snap = self._snap, None
+        if snap is not None:
+            self._bank._leave(snap)
+
+    __del__ = release
+
+    def __reduce__(self):
+        return (_no_lease, ())
+
+
+def _no_lease():
+    return None
+
+
 #: Work bound of numpy's exact overlap test; an undecided layout counts as overlapping.
 _OVERLAP_WORK = 1 << 12
 
@@ -229,6 +256,17 @@ class LoraBank:
     the removal has finished; until then an ``add`` takes other pages (or a new block).
     Writers take turns on one lock; readers never wait for a writer's copy. The cost
     to a forward is two very short lock holds (see benchmarks/bench_bank_safety.py).
+
+    **Pickling.** A CPU bank pickles (names, ids, ranks, scalings, pool layout and
+    values, base and bias) and loads as an equal bank whose forwards give the same bits;
+    the pool blocks go into the pickle as plain numpy arrays, so protocol 5 with a
+    ``buffer_callback`` writes them out of band without a copy (those buffers are views
+    of the live pool: use them before changing the bank). Loading uses writable buffers
+    in place and copies read-only ones once (later adds write into the blocks); loading
+    in the same process from the live bank's own buffers would give two banks over one
+    pool, so don't: ``copy.copy`` / ``copy.deepcopy`` give a bank with its own pool. A
+    GPU bank refuses to pickle (:class:`~numlora.errors.DeviceError`): pickle
+    ``bank.to("cpu")``.
 
     ``bank.to("cuda")`` gives a copy of the bank whose base, bias and pool live on the
     GPU (see :meth:`to` and docs/gpu.md).
@@ -673,7 +711,7 @@ class LoraBank:
             snap.kblocks = lst
         return lst
 
-    # --- state: to() ------------------------------------------------------------------
+    # --- state: to(), pickling, copies -----------------------------------------------
     def _state(self) -> dict:
         """Everything that defines the bank, as plain values (the pool blocks and tables
         not copied). Under the writer lock."""
@@ -697,6 +735,41 @@ class LoraBank:
                          free_ids=st["free_ids"], pending=[(0,) + tuple(p[1:]) for p in st["pending"]],
                          ad_page=st["ad_page"], tables=tuple(st["tables"]), next_id=st["next_id"],
                          names=st["names"])
+
+    def __getstate__(self):
+        if self._device != "cpu":
+            raise DeviceError("a LoraBank on the GPU cannot be pickled (device memory is not picklable): expected a "
+                              "CPU bank, got device='cuda'; pickle bank.to('cpu') instead")
+        with self._wlock:
+            st = self._state()
+            st["lease"] = _Lease(self, self._enter())
+        return st
+
+    def __setstate__(self, st):
+        if not isinstance(st, dict) or st.get("version") != 1:
+            raise FormatError(f"expected the state of a pickled LoraBank (version 1), got "
+                              f"{type(st).__name__} {st.get('version') if isinstance(st, dict) else ''}".rstrip())
+        st = dict(st)
+        st.pop("lease", None)
+        # blocks are written by later adds: make sure each is a writable float32 C array
+        st["blocks"] = [b if (b.dtype == np.float32 and b.flags.c_contiguous and b.flags.writeable)
+                        else np.array(b, np.float32) for b in st["blocks"]]
+        st["ad_page"] = np.array(st["ad_page"], np.int64)  # written in place by adds (small)
+        st["tables"] = tuple(np.ascontiguousarray(t, dt) for t, dt in zip(st["tables"], self._TABLE_DTYPES))
+        self._load(st, "cpu")
+
+    def __copy__(self):
+        """A bank with the same adapters in its own pool (a copy of the blocks): two
+        banks never share pages."""
+        st = self.__getstate__()
+        lease = st.pop("lease")
+        try:
+            st["blocks"] = [b.copy() for b in st["blocks"]]
+        finally:
+            lease.release()
+        new = object.__new__(type(self))
+        new.__setstate__(st)
+        return new
 
     # --- PEFT ------------------------------------------------------------------------
     def add_peft(self, name: str, folder, module: str | None = None) -> int:

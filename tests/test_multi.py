@@ -573,3 +573,128 @@ def test_scales_must_be_finite_in_float32(rng, dense):
     assert np.isfinite(bank.forward(x[0], -1, scale=f32max)).all()
     assert np.array_equal(_bits(bank.forward(x[0], 0, scale=2)), _bits(bank.forward(x[0], 0, scale=2.0)))
 
+
+# --- pickling and copies (issue 18) -------------------------------------------------------
+
+def _churned(rng, base, **kw):
+    """A bank with history: several blocks, a dedicated block released, free runs, a freed
+    id given out again."""
+    bank = LoraBank(base, block_pages=16, **kw)
+    ads = {}
+    for k, r in enumerate([4, 20, 9, 3, 16, 7]):  # 20 > 16: a dedicated block
+        a, b, s = _adapters(rng, [r])[0]
+        bank.add(f"n{k}", a, b, s)
+        ads[f"n{k}"] = (a, b, s)
+    for name in ("n1", "n3"):
+        bank.remove(name)
+        del ads[name]
+    a, b, s = _adapters(rng, [2])[0]
+    bank.add("late", a, b, s)
+    ads["late"] = (a, b, s)
+    return bank, ads
+
+
+def _same_bank(got, want, rng):
+    assert got.names == want.names and got.memory() == want.memory()
+    for name in want.names:
+        assert got.index(name) == want.index(name) and got.rank(name) == want.rank(name)
+        assert got.scaling(name) == want.scaling(name)
+        for u, w_ in zip(got.lora_arrays(name), want.lora_arrays(name)):
+            assert np.array_equal(_bits(u), _bits(w_))
+    x = rng.standard_normal((7, want.in_features), dtype=np.float32)
+    ids = want.ids([want.names[i % len(want)] if i % 3 else None for i in range(7)])
+    assert np.array_equal(_bits(got.forward(x, ids, scale=np.linspace(0.5, 2, 7))),
+                          _bits(want.forward(x, ids, scale=np.linspace(0.5, 2, 7))))
+
+
+@pytest.mark.parametrize("kind", ["dense", "nf4"])
+def test_pickle_round_trip_gives_an_equal_bank(rng, dense, kind):
+    import pickle
+
+    base = dense if kind == "dense" else nl.quantize_nf4(dense, blocksize=64)
+    bank, ads = _churned(rng, base, bias=rng.standard_normal(OUT).astype(np.float32))
+    for proto in (2, pickle.HIGHEST_PROTOCOL):
+        back = pickle.loads(pickle.dumps(bank, protocol=proto))
+        assert back.device == "cpu" and back.row_stable and repr(back) == repr(bank)
+        _same_bank(back, bank, rng)
+        # the two banks are independent and evolve alike (same free runs, free ids)
+        a, b, s = _adapters(rng, [5])[0]
+        assert back.add(f"more{proto}", a, b, s) == bank.add(f"more{proto}", a, b, s)
+        back.remove("n0")
+        assert "n0" in bank
+        bank.remove("n0")
+        _same_bank(back, bank, rng)
+        bank.add("n0", *ads["n0"])
+    x = rng.standard_normal((3, IN), dtype=np.float32)
+    want = multi_lora_ref(x, nl.dequantize_nf4(base) if kind == "nf4" else dense, [ads["late"]], [0, 0, -1],
+                          None, bank._bias)
+    np.testing.assert_allclose(back.forward(x, ["late", "late", None]), want, rtol=0,
+                               atol=2e-5 * np.abs(want).max())
+
+
+def test_pickle_protocol_5_takes_the_pool_out_of_band(rng, dense):
+    import pickle
+
+    bank, _ = _churned(rng, dense)
+    bufs = []
+    data = pickle.dumps(bank, protocol=5, buffer_callback=bufs.append)
+    pool = bank.memory()["pool"]
+    assert len(data) < pool // 10  # the blocks are not in the pickle stream
+    assert sum(memoryview(b).nbytes for b in bufs) >= pool
+    # writable buffers (as received into bytearrays) are used where they are, not copied
+    received = [bytearray(memoryview(b).cast("B")) for b in bufs]
+    back = pickle.loads(data, buffers=received)
+    _same_bank(back, bank, rng)
+    raw = [np.frombuffer(r, np.uint8) for r in received]
+    live = [blk for blk in back._blocks if blk.size]
+    assert live and all(any(np.shares_memory(blk, r) for r in raw) for blk in live)
+    # read-only buffers (bytes) are copied once, so that later adds can write
+    back2 = pickle.loads(data, buffers=[bytes(r) for r in received])
+    a, b, s = _adapters(rng, [3])[0]
+    back2.add("w", a, b, s)
+    assert np.array_equal(back2.lora_arrays("w")[0], a)
+    _same_bank(back2.to("cpu"), back2, rng)
+
+
+def test_pickling_holds_the_pages_it_refers_to(rng, dense):
+    """The state of a pickle refers to the pool blocks without a copy: while it lives,
+    the pages of an adapter removed meanwhile are not given to another one."""
+    import pickle
+
+    bank = LoraBank(dense, block_pages=64)
+    a, b, s = _adapters(rng, [8])[0]
+    bank.add("a", a, b, s)
+    state = bank.__getstate__()
+    bank.remove("a")
+    a2, b2, s2 = _adapters(rng, [8])[0]
+    bank.add("b", a2, b2, s2)  # not into a's pages
+    back = LoraBank.__new__(LoraBank)
+    back.__setstate__(pickle.loads(pickle.dumps(state)))
+    assert back.names == ["a"] and np.array_equal(back.lora_arrays("a")[0], a)
+    del state
+    bank.remove("b")
+    bank.add("c", a2, b2, s2)
+    assert bank.memory()["pool"] == 64 * 4 * (IN + OUT)  # once the state is gone, the pages are reused
+    # after pickle.dumps nothing stays registered
+    pickle.dumps(bank)
+    bank.remove("c")
+    bank.add("d", a, b, s)
+    assert bank.memory()["pool"] == 64 * 4 * (IN + OUT) and bank._snap.readers == 0
+
+
+def test_copy_gives_a_bank_with_its_own_pool(rng, dense):
+    import copy
+
+    bank, ads = _churned(rng, dense)
+    for dup in (copy.copy(bank), copy.deepcopy(bank)):
+        _same_bank(dup, bank, rng)
+        assert not any(np.shares_memory(u, w_) for u in dup._blocks for w_ in bank._blocks if u.size and w_.size)
+        a, b, s = _adapters(rng, [6])[0]
+        dup.add("only-here", a, b, s)
+        assert "only-here" not in bank
+        _same_bank(copy.copy(bank), bank, rng)
+
+
+def test_unpickling_refuses_a_foreign_state():
+    with pytest.raises(nl.FormatError, match="expected the state of a pickled LoraBank"):
+        LoraBank.__new__(LoraBank).__setstate__({"version": 99})

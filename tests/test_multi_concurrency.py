@@ -305,7 +305,7 @@ def test_stress_four_readers_one_writer_in_a_subprocess():
 @pytest.mark.slow
 @pytest.mark.skipif(SIM or GPU, reason="the tests run directly in this process")
 def test_gpu_bank_on_the_simulator():
-    run_simulator_pass(__file__, 2)
+    run_simulator_pass(__file__, 3)
 
 
 @cuda_test
@@ -333,6 +333,20 @@ def test_gpu_forward_in_flight_keeps_its_snapshot(monkeypatch):
     want_new = multi_lora_ref(x, w, [new], [0, -1])
     np.testing.assert_allclose(h(gpu.forward(d(x), ["a", None])), want_new, rtol=0,
                                atol=1e-5 * np.abs(want_new).max())
+
+
+@cuda_test
+def test_gpu_bank_refuses_pickling_and_moves_back_to_pickle():
+    import pickle
+
+    rng = np.random.default_rng(5)
+    cpu = LoraBank(rng.standard_normal((9, 12), dtype=np.float32))
+    cpu.add("a", *_adapter(rng, 2, 12, 9))
+    gpu = cpu.to("cuda")
+    with pytest.raises(nl.DeviceError, match=r"expected a CPU bank, got device='cuda'; pickle bank.to\('cpu'\)"):
+        pickle.dumps(gpu)
+    back = pickle.loads(pickle.dumps(gpu.to("cpu")))
+    assert back.names == ["a"] and np.array_equal(back.lora_arrays("a")[1], cpu.lora_arrays("a")[1])
 
 
 @cuda_test
