@@ -895,9 +895,10 @@ class LoraBank:
         scale : optional (n,) per-row multiplier of the adapter's scaling (a real number
             for a 1-D ``x``); every value must be finite in float32.
         out : optional C-contiguous float32 buffer of shape (out,) or (n, out). It may be
-            ``x`` itself, or overlap ``x``, ``adapters`` or ``scale``: those are then read
-            from a copy, so the result is the same as with a separate buffer. It may not
-            overlap the bank's base weight (ShapeError: the forward would overwrite it).
+            ``x`` itself, or overlap ``x``, ``adapters`` or ``scale``; the result is the
+            same as with a separate buffer (``x`` and ``scale`` are then read from a copy,
+            ``adapters`` are read before anything is written). It may not overlap the
+            bank's base weight (ShapeError: the forward would overwrite it).
 
         Returns
         -------
@@ -931,11 +932,12 @@ class LoraBank:
             if n == 0:
                 return out
             x2 = np.ascontiguousarray(x.reshape(-1, self._in_f), np.float32)
+            plan = self._plan(snap, ids)  # ids are not read after this: they may overlap out
             if given is not None:
-                x2, ids, rowscale = self._unaliased(out, x2, ids, rowscale, adapters, scale)
+                x2, rowscale = self._unaliased(out, x2, rowscale, scale)
             out2 = out.reshape(-1, self._out_f)
             self._base(x2, out2)
-            self._add_low_rank(snap, x2, ids, rowscale, out2)
+            self._add_low_rank(snap, plan, x2, rowscale, out2)
             if self._bias is not None:
                 out2 += self._bias
             return out
@@ -945,20 +947,18 @@ class LoraBank:
 
     __call__ = forward
 
-    def _unaliased(self, out, x2, ids, rowscale, adapters, scale):
-        """The forward's inputs, copied where they share memory with the caller's ``out``
-        (written while they are read); refuses an ``out`` over the base weight."""
+    def _unaliased(self, out, x2, rowscale, scale):
+        """``x2`` and ``rowscale``, copied where they share memory with the caller's
+        ``out`` (written while they are read); refuses an ``out`` over the base weight."""
         w = self._weight
         if w is not None and np.may_share_memory(out, w) and _shares(out, w):
             raise ShapeError("out shares memory with the bank's base weight: the forward would overwrite the weight "
                              "while reading it; expected a separate out buffer")
         if np.may_share_memory(out, x2):
             x2 = x2.copy()
-        if isinstance(adapters, np.ndarray) and np.may_share_memory(out, ids):
-            ids = ids.copy()
         if scale is not None and np.may_share_memory(out, rowscale):
             rowscale = rowscale.copy()
-        return x2, ids, rowscale
+        return x2, rowscale
 
     def _rows_of(self, snap, adapters, scale, n, one_d):
         """(ids (n,) int64, rowscale (n,) float32) of a forward's ``adapters`` and ``scale``
@@ -986,12 +986,18 @@ class LoraBank:
                                  f"{float(sc[i]):g} at row {i}")
         return ids, rowscale
 
-    def _add_low_rank(self, snap, x2, ids, rowscale, out2):
+    @staticmethod
+    def _plan(snap, ids):
+        """The grouping of a batch's adapter rows (made before anything is written to
+        ``out``, so ``ids`` may share memory with it): ``(order, seg_start, seg_adapter,
+        u)`` or None when every row is the base alone. ``order[seg_start[g]:seg_start[g +
+        1]]`` are the batch rows of adapter ``seg_adapter[g]``; ``u`` is the kernel's
+        scratch, sized by the largest rank of the snapshot the kernel reads."""
         order = np.argsort(ids, kind="stable")
         sid = ids[order]
         first = int(np.searchsorted(sid, 0))
         if first == sid.size:
-            return
+            return None
         order = order[first:]
         sid = sid[first:]
         cuts = np.flatnonzero(sid[1:] != sid[:-1]) + 1
@@ -1001,10 +1007,15 @@ class LoraBank:
         seg_start[-1] = sid.size
         seg_adapter = np.ascontiguousarray(sid[seg_start[:-1]])
         rmax = int(snap.ad_rank[seg_adapter].max())
-        u = np.empty((sid.size, rmax), np.float32)
+        return order, seg_start, seg_adapter, np.empty((sid.size, rmax), np.float32)
+
+    def _add_low_rank(self, snap, plan, x2, rowscale, out2):
+        """out2 += the low-rank part of the rows of ``plan`` (see :meth:`_plan`)."""
+        if plan is None:
+            return
+        order, seg_start, seg_adapter, u = plan
         # positions in u are relative to the grouped rows; the kernel reads x / rowscale /
         # out by batch row through `order`; every table and block comes from one snapshot
-        # (u is sized by the ranks the kernel reads)
         _kernels().multi_lora_add_serial(x2, order, seg_start, seg_adapter, rowscale, self._kernel_blocks(snap),
                                          snap.ad_block, snap.ad_off, snap.ad_rank, snap.ad_scaling, u, out2)
 
