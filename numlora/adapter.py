@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from . import _validate as v
 from .config import LoraConfig
 from .errors import (ConfigError, DTypeError, DuplicateLayerError, LayerNotFoundError, MergeStateError,
                      NumloraError)
@@ -245,7 +246,18 @@ class LoraAdapter:
         return self.get_layer(name).forward(x, out=out)
 
     def merge_all(self) -> None:
-        """Merge every layer that is not merged yet."""
+        """Merge every layer that is not merged yet.
+
+        Layers whose base weights share memory (attached with ``copy=False`` to one array,
+        tied weights) are refused with :class:`~numlora.errors.MergeStateError` before
+        anything is merged: the deltas would stack in one array, and no unmerge could
+        restore it."""
+        pair = v.overlapping_pair([(i, name, layer.weight) for i, (name, layer) in enumerate(self._layers.items())])
+        if pair is not None:
+            (_, a), (_, b) = pair
+            raise MergeStateError(f"layers '{a}' and '{b}' share their base weight's memory (attached with "
+                                  "copy=False to one array?): merging both would stack their deltas in one array; "
+                                  "attach copies, or merge them one at a time into separate arrays")
         for layer in self._layers.values():
             if not layer.merged:
                 layer.merge()

@@ -524,9 +524,10 @@ def dequantize_nf4(t: NF4Tensor, out=None) -> np.ndarray:
 
 
 def _tensor_arrays(t):
-    """The arrays of an NF4Tensor, by name, for the overlap checks of ``out=``."""
-    return {"t.packed": t.packed, "t.absmax": t.absmax, "t.absmax2": t.absmax2, "t.code8": t.code8,
-            "t.scales()": t._scales}
+    """The arrays of an NF4Tensor a decode reads while it writes, by name, for the overlap
+    checks of ``out=``: the codes and the float32 scales (under double quantization the
+    scales are decoded from absmax, absmax2 and code8 once, before anything is written)."""
+    return {"t.packed": t.packed, "t.scales()": t.scales()}
 
 
 def _private_out(out, inputs):

@@ -133,39 +133,14 @@ def _check_grad(p, g):
     return g
 
 
-def _byte_bounds(a):
-    """[lo, hi) addresses of the bytes an array spans (numpy's byte_bounds, which moved in
-    numpy 2)."""
-    lo = hi = a.__array_interface__["data"][0]
-    for n, st in zip(a.shape, a.strides):
-        if st < 0:
-            lo += st * (n - 1)
-        else:
-            hi += st * (n - 1)
-    return lo, hi + a.itemsize
-
-
 def _distinct(arrays, what):
     """Refuse arrays that share memory, given as ``(index, label, array)``: the same
-    parameter twice, or two views of one array, would be updated twice by ``what``.
-    A sweep over the arrays' memory bounds, so n arrays cost O(n log n) when none
-    overlap."""
-    spans = []
-    for i, label, a in arrays:
-        if isinstance(a, np.ndarray) and a.size:
-            lo, hi = _byte_bounds(a)
-            spans.append((lo, hi, i, label, a))
-    spans.sort(key=lambda t: t[:3])
-    live = []  # the spans that may still overlap the next one
-    for span in spans:
-        lo = span[0]
-        live = [t for t in live if t[1] > lo]
-        for other in live:
-            if v.shares_memory(other[4], span[4]):
-                (i, li), (j, lj) = sorted([(other[2], other[3]), (span[2], span[3])])
-                raise ConfigError(f"parameters[{i}] and parameters[{j}] share memory ({li}, {lj}): {what} would "
-                                  "change the same elements twice; give each parameter once")
-        live.append(span)
+    parameter twice, or two views of one array, would be updated twice by ``what``."""
+    pair = v.overlapping_pair(arrays)
+    if pair is not None:
+        (i, li), (j, lj) = pair
+        raise ConfigError(f"parameters[{i}] and parameters[{j}] share memory ({li}, {lj}): {what} would "
+                          "change the same elements twice; give each parameter once")
 
 
 def _param_list(parameters):

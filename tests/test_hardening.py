@@ -547,3 +547,23 @@ def test_flags_and_names_are_checked(rng):
         adapter.get_layer({"q": 1})
     with pytest.raises(nl.DTypeError, match="module path must be a str"):
         adapter.config.targets(None)
+
+
+def test_merge_all_refuses_layers_sharing_one_weight(rng):
+    w = rng.standard_normal((OUT, IN)).astype(np.float32)
+    before = w.copy()
+    adapter = nl.LoraAdapter(nl.LoraConfig(R, 8.0))
+    for name in ("a", "b"):
+        adapter.add_lora(name, rng.standard_normal((R, IN)).astype(np.float32),
+                         rng.standard_normal((OUT, R)).astype(np.float32))
+    adapter.attach({"a": w, "b": w[:, :]}, copy=False)
+    with pytest.raises(nl.MergeStateError, match="layers 'a' and 'b' share their base weight"):
+        adapter.merge_all()  # the deltas used to stack in w, and unmerge_all did not restore it
+    np.testing.assert_array_equal(w, before)
+    assert not adapter["a"].merged and not adapter["b"].merged
+    adapter.attach({"a": w, "b": w.copy()}, copy=False)
+    adapter.merge_all()
+    np.testing.assert_allclose(w, merge_ref(before, adapter["a"].lora_a, adapter["a"].lora_b, adapter["a"].scaling),
+                               rtol=1e-5, atol=1e-5)
+    adapter.unmerge_all()
+    assert np.array_equal(w.view(np.uint32), before.view(np.uint32))
