@@ -131,38 +131,54 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-class _Interrupted(KeyboardInterrupt):
-    """SIGINT or SIGTERM, raised by the CLI's handler so that every abort path runs."""
-
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.signum = signum
+def _fragile(frame) -> bool:
+    """True when ``frame`` (where a signal struck) is inside numba / llvmlite (a compile
+    or a cache load: not written to survive an exception at any bytecode; interrupted, it
+    leaves half-built objects whose finalizers print tracebacks at exit) or inside a
+    finalizer (where Python prints an exception and drops it)."""
+    while frame is not None:
+        mod = frame.f_globals.get("__name__", "") or ""
+        if mod.startswith(("numba", "llvmlite")) or frame.f_code.co_name == "__del__":
+            return True
+        frame = frame.f_back
+    return False
 
 
 @contextlib.contextmanager
 def _job_signals():
-    """For the duration of a command: SIGINT and SIGTERM raise :class:`_Interrupted`
-    (once; a second signal while the first is being handled, or one arriving during a
-    final commit or a cleanup, is noted and does not cut them short), and SIGXFSZ is
-    ignored, so a file-size limit makes ``write`` fail with EFBIG instead of killing the
-    process with its temporary files. The previous handlers are restored afterwards.
-    Signals that were ignored when numlora started (``nohup``) stay ignored."""
-    from .io.atomic import interrupts_deferred, reset_point_of_no_return
+    """For the duration of a command: SIGINT and SIGTERM raise
+    :class:`numlora.io.atomic.Interrupted` (a KeyboardInterrupt) once, so every abort
+    path runs. A signal arriving during a job's final commit or a cleanup is noted and
+    does not cut them short; one striking inside numba / llvmlite or a finalizer is noted
+    (a job stops at its next check between tensors) and delivered again 20 ms later.
+    SIGXFSZ is ignored, so a file-size limit makes ``write`` fail with EFBIG instead of
+    killing the process with its temporary files. The previous handlers are restored
+    afterwards; signals ignored when numlora started (``nohup``) stay ignored."""
+    from .io import atomic
 
-    state = {"raised": False, "late": []}
+    state = {"late": [], "timers": []}
     if threading.current_thread() is not threading.main_thread():
         yield state
         return
 
+    def again(signum):
+        t = threading.Timer(0.02, os.kill, (os.getpid(), signum))
+        t.daemon = True
+        state["timers"].append(t)
+        t.start()
+
     def handler(signum, frame):
-        if state["raised"] or interrupts_deferred():
+        if state.get("closing") or atomic.interrupt_raised() or atomic.interrupts_deferred():
             state["late"].append(signum)
             return
-        state["raised"] = True
-        raise _Interrupted(signum)
+        atomic.request_interrupt(signum)
+        if _fragile(frame):
+            again(signum)
+            return
+        atomic.raise_interrupt(signum)
 
     old = {}
-    reset_point_of_no_return()
+    atomic.reset_interrupts()
     try:
         for sig in (signal.SIGINT, signal.SIGTERM):
             if signal.getsignal(sig) is not signal.SIG_IGN:
@@ -171,9 +187,15 @@ def _job_signals():
             old[signal.SIGXFSZ] = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         yield state
     finally:
+        state["closing"] = True
+        for t in state["timers"]:
+            t.cancel()
+        for t in state["timers"]:
+            t.join()
+        _ = [None for _ in range(2)]  # a few bytecodes: a signal a timer just sent runs the handler above
         for sig, h in old.items():
             signal.signal(sig, h if h is not None else signal.SIG_DFL)
-        reset_point_of_no_return()
+        atomic.reset_interrupts()
 
 
 def _signal_name(signum: int) -> str:

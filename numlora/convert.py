@@ -24,7 +24,8 @@ import numpy as np
 from ._progress import Progress
 from .errors import ConfigError, FormatError, NonFiniteError, ShapeError
 from .io._files import brief, describe_os_error, parse_json, read_json, regular_file_error
-from .io.atomic import AtomicDir, cleanup_scope, is_numlora_temp, point_of_no_return, write_text_atomic
+from .io.atomic import (AtomicDir, check_interrupt, cleanup_scope, is_numlora_temp, point_of_no_return,
+                        write_text_atomic)
 from .io.checkpoint import Checkpoint
 from .io.safetensors import DTYPES, FLOAT_DTYPES, SafetensorsFile, SafetensorsWriter
 
@@ -209,6 +210,7 @@ def _stream(ckpt: Checkpoint, dest: _Output, desc: str, progress, plan, write, c
                 wmap.update({name: shard.name for name, _, _ in entries})
                 with SafetensorsWriter(dest.shard_path(shard.name), entries, dict(f.metadata)) as w:
                     for t, es in planned:
+                        check_interrupt()
                         write(f, w, t, es)
                         bar.update(t.nbytes, t.name)
                     if dest.dir is None:  # a single file: this rename is the job's last step

@@ -680,3 +680,46 @@ def test_a_fifo_deep_in_a_carried_subfolder_is_refused_first(tmp_path, rng, caps
     line = _one_error_line(capsys.readouterr().err)
     assert f"{base / 'extra' / 'pipe'} to be a regular file, got a FIFO" in line, line
     assert os.listdir(tmp_path / "out") == []
+
+
+def test_a_signal_inside_a_finalizer_or_numba_still_stops_the_job(tmp_path, rng, monkeypatch, capsys):
+    """A KeyboardInterrupt raised inside a __del__ is printed and dropped by Python (the job
+    went on and exited 0), and one raised inside numba / llvmlite (a compile or cache load)
+    leaves half-built objects that print tracebacks at exit. The CLI notes the signal,
+    does not raise there, and the job stops at its next check: exit 143, one line."""
+    import signal
+
+    import numlora.convert as conv
+
+    base, adapter, before = _fault_setup(tmp_path, rng)
+    real = conv._merge_one
+    finished = []
+
+    class SignalsOnDelete:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGTERM)
+            sum(range(1000))  # the handler runs here, inside __del__
+
+    fake_numba = {"__name__": "numba.core.fake_compiler", "os": os, "signal": signal, "finished": finished}
+    exec("def compile_step():\n    os.kill(os.getpid(), signal.SIGTERM)\n    sum(range(1000))\n"
+         "    finished.append(1)\n", fake_numba)
+
+    for where in ("finalizer", "numba"):
+        calls = []
+
+        def merge_with_a_signal(w, layer):
+            calls.append(1)
+            if len(calls) == 2:
+                if where == "finalizer":
+                    SignalsOnDelete()
+                else:
+                    fake_numba["compile_step"]()
+            real(w, layer)
+
+        monkeypatch.setattr(conv, "_merge_one", merge_with_a_signal)
+        assert main(["merge", str(base), str(adapter), "-o", str(tmp_path / "out" / "m")]) == 143
+        err = capsys.readouterr().err
+        assert _one_error_line(err).startswith("numlora: error: interrupted by SIGTERM"), err
+        assert os.listdir(tmp_path / "out") == []
+    assert finished == [1]  # the fake compile step was not cut short
+    assert _tree_hashes(tmp_path / "in") == before

@@ -28,7 +28,8 @@ import threading
 
 __all__ = ["AtomicFile", "AtomicDir", "Transaction", "write_text_atomic", "write_bytes_atomic",
            "remove_stale_temps", "is_numlora_temp", "point_of_no_return", "past_point_of_no_return",
-           "interrupts_deferred", "cleanup_scope"]
+           "interrupts_deferred", "cleanup_scope", "Interrupted", "request_interrupt", "raise_interrupt",
+           "check_interrupt", "reset_interrupts"]
 
 _HOST = hashlib.sha1(socket.gethostname().encode("utf-8", "replace")).hexdigest()[:8]
 _TEMP_RE = re.compile(r"^\.numlora-(?:old-)?(\d{1,10})-([0-9a-f]{8})-[0-9a-f]{8,32}\.tmp$")
@@ -81,19 +82,54 @@ def remove_stale_temps(folder) -> list[str]:
 
 
 # --- interrupts --------------------------------------------------------------------------------
-# numlora's CLI turns SIGINT / SIGTERM into KeyboardInterrupt so that every abort path runs.
-# An interrupt must not cut a job's final commit (the rename that makes its output visible)
-# in two, nor stop a cleanup half way: the CLI's handlers raise only while
-# interrupts_deferred() is False. An interrupt before the final commit removes everything;
-# one during or after it lets the job finish with its output complete.
-_state = {"final": False, "aborting": 0}
+# numlora's CLI turns SIGINT / SIGTERM into KeyboardInterrupt (Interrupted) so that every
+# abort path runs. An interrupt must not cut a job's final commit (the rename that makes
+# its output visible) in two, nor stop a cleanup half way: the CLI's handlers raise only
+# while interrupts_deferred() is False. An interrupt before the final commit removes
+# everything; one during or after it lets the job finish with its output complete. An
+# interrupt is also noted (request_interrupt), and jobs call check_interrupt() between
+# tensors, so one that could not be raised where it struck still stops the job.
+_state = {"final": False, "aborting": 0, "pending": None, "raised": False}
 _local = threading.local()
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM, raised (as a KeyboardInterrupt) so that every abort path runs."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def request_interrupt(signum: int) -> None:
+    """Note that SIGINT / SIGTERM arrived: :func:`check_interrupt` raises it. The CLI's
+    handler also raises at once; this note makes sure an exception lost on the way (one
+    raised inside a finalizer is only printed, never propagated) still stops the job."""
+    if _state["pending"] is None:
+        _state["pending"] = signum
+
+
+def raise_interrupt(signum: int) -> None:
+    _state["raised"] = True
+    raise Interrupted(signum)
+
+
+def interrupt_raised() -> bool:
+    return _state["raised"]
+
+
+def check_interrupt() -> None:
+    """Raise :class:`Interrupted` if an interrupt is pending and may abort the job now.
+    Jobs call this between tensors and before their final commit."""
+    if _state["pending"] is not None and not interrupts_deferred():
+        raise_interrupt(_state["pending"])
 
 
 @contextlib.contextmanager
 def point_of_no_return():
     """Mark the final commit of a job: from here on an interrupt no longer aborts it. If
     the block raises, the mark is taken back (the job failed and will be cleaned up)."""
+    check_interrupt()
     _state["final"] = True
     try:
         yield
@@ -120,8 +156,9 @@ def past_point_of_no_return() -> bool:
     return _state["final"]
 
 
-def reset_point_of_no_return() -> None:
-    _state["final"] = False
+def reset_interrupts() -> None:
+    """Forget the final-commit mark and any pending interrupt (the CLI, between jobs)."""
+    _state.update(final=False, pending=None, raised=False)
 
 
 @contextlib.contextmanager
