@@ -707,7 +707,7 @@ def test_a_signal_inside_a_finalizer_or_numba_still_stops_the_job(tmp_path, rng,
     for where in ("finalizer", "numba"):
         calls = []
 
-        def merge_with_a_signal(w, layer):
+        def merge_with_a_signal(w, layer, calls=calls, where=where):
             calls.append(1)
             if len(calls) == 2:
                 if where == "finalizer":
