@@ -299,7 +299,9 @@ class MergeRecord:
     slots plus any whole rows kept.
 
     A record is single-use: :func:`unmerge_lora` marks it :attr:`used` and refuses it
-    afterwards (using it twice would subtract the delta twice).
+    afterwards (using it twice would subtract the delta twice). It also keeps a CRC of
+    ~4096 evenly spaced elements of the merged weight, so that an unmerge given another
+    array (or a transposed copy) is refused instead of "restoring" it.
     """
 
     corr: np.ndarray
@@ -309,6 +311,8 @@ class MergeRecord:
     saved_rows: np.ndarray
     saved: np.ndarray
     fingerprint: tuple = field(repr=False)
+    #: CRC of evenly spaced elements of the merged weight (see :func:`_weight_sample`).
+    weight_sample: int = field(default=0, repr=False)
     #: Whether an :func:`unmerge_lora` has used the record (it is single-use).
     used: bool = False
 
@@ -339,6 +343,19 @@ def _merge_operands(weight, lora_a, lora_b, fan_in_fan_out, what):
         # the same order, so the result is identical to the C-ordered case.
         return weight.T, np.ascontiguousarray(q.T), np.ascontiguousarray(p.T), None, (a, b)
     return np.ascontiguousarray(weight), p, q, weight, (a, b)
+
+
+#: Elements of the merged weight a MergeRecord checksums (evenly spaced; ~20 us).
+WEIGHT_SAMPLE = 4096
+
+
+def _weight_sample(w):
+    """A CRC of about WEIGHT_SAMPLE evenly spaced elements of the C-contiguous working
+    weight: cheap evidence that an unmerge is given the array (and layout) its merge
+    left, not another one of the same shape."""
+    flat = w.reshape(-1)
+    step = max(1, flat.size // WEIGHT_SAMPLE)
+    return zlib.crc32(np.ascontiguousarray(flat[::step]).view(np.uint8))
 
 
 def _fingerprint(ab, scale, w, fan_in_fan_out):
@@ -408,7 +425,7 @@ def merge_lora(weight, lora_a, lora_b, scaling, fan_in_fan_out=False, *, record=
             k.merge_plain(part, np.ascontiguousarray(p[rows]), q, scale)
             w[rows] = part
         rec = MergeRecord(corr, exc_col, exc_bits, exc_count, rows, saved,
-                          _fingerprint(ab, s, w, fan_in_fan_out))
+                          _fingerprint(ab, s, w, fan_in_fan_out), _weight_sample(w))
     w = _careful_commit(dst, w, weight, "merge_lora")
     if writeback is not None:
         writeback[...] = w
@@ -481,6 +498,11 @@ def unmerge_lora(weight, lora_a, lora_b, scaling, fan_in_fan_out=False, *, recor
             raise MergeStateError(
                 "lora_a, lora_b, scaling or the weight's shape/dtype changed since the merge: "
                 "unmerging now would not restore the base weight"
+            )
+        if _weight_sample(w) != record.weight_sample:
+            raise MergeStateError(
+                "the weight is not the one this record's merge left (another array, a transposed copy, or "
+                "changed since the merge): unmerging it with this record would not restore the base weight"
             )
         record.used = True
         wi, maxint, minint = _int_view(w)

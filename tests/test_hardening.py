@@ -567,3 +567,20 @@ def test_merge_all_refuses_layers_sharing_one_weight(rng):
                                rtol=1e-5, atol=1e-5)
     adapter.unmerge_all()
     assert np.array_equal(w.view(np.uint32), before.view(np.uint32))
+
+
+def test_merge_record_refuses_another_weight(rng):
+    w = rng.standard_normal((OUT, OUT)).astype(np.float32)  # square: the shape cannot tell a transpose
+    a = rng.standard_normal((R, OUT)).astype(np.float32)
+    b = rng.standard_normal((OUT, R)).astype(np.float32)
+    w0 = w.copy()
+    rec = nl.merge_lora(w, a, b, 0.5, record=True)
+    other = rng.standard_normal((OUT, OUT)).astype(np.float32)
+    for wrong in (other, np.ascontiguousarray(w.T)):
+        before = wrong.copy()
+        with pytest.raises(nl.MergeStateError, match="not the one this record's merge left"):
+            nl.unmerge_lora(wrong, a, b, 0.5, record=rec)
+        np.testing.assert_array_equal(wrong, before)
+    assert not rec.used
+    nl.unmerge_lora(w, a, b, 0.5, record=rec)  # the record still works on its own weight
+    assert np.array_equal(w.view(np.uint32), w0.view(np.uint32))
