@@ -55,6 +55,7 @@ def init_lora_a(rank: int, in_features: int, out_features: int, init: str = "see
     rank = v.int_scalar("rank", rank, minimum=1)
     in_features = v.int_scalar("in_features", in_features, minimum=1)
     out_features = v.int_scalar("out_features", out_features, minimum=1)
+    v.shape_arg("(rank, in_features)", (rank, in_features), 4)
     if seed is not None:
         seed = _seed64(seed) if init == "seed" else v.int_scalar("seed", seed, minimum=0)
     if init == "seed":

@@ -437,6 +437,8 @@ def test_init_seed_errors_are_numlora_errors():
         nl.layers.init_lora_a(2, 8, 8, init=None)
     with pytest.raises(nl.ConfigError, match="rank must be >= 1"):
         nl.layers.init_lora_a(0, 8, 8)
+    with pytest.raises(nl.ConfigError, match="too large"):
+        nl.layers.init_lora_a(2**40, 2**40, 8, init="kaiming")  # was numpy's ValueError
 
 
 def test_transposed_weight_says_fan_in_fan_out():
