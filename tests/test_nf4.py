@@ -329,6 +329,7 @@ def test_check_blocksize_helper():
             check_blocksize(bad)
 
 
+@pytest.mark.slow  # a million elements: minutes as interpreted Python
 def test_blocksize_max_roundtrips():
     # the top of the range still quantizes and decodes like any other blocksize
     w = np.random.default_rng(0).standard_normal(2**20 + 6).astype(np.float32)
