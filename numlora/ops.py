@@ -7,6 +7,7 @@ bias into the output in place, so no ``(n, out)`` temporary and never ``B @ A``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import zlib
 from dataclasses import dataclass, field
@@ -407,25 +408,26 @@ def merge_lora(weight, lora_a, lora_b, scaling, fan_in_fan_out=False, *, record=
     simd = _use_simd(k, w)
     rec = None
     dst, w = _careful_target(w, p, q, s)
-    if not record:
-        (k.merge_plain_simd if simd else k.merge_plain)(w, p, q, scale)
-    else:
-        m, n = w.shape
-        wi, maxint, _ = _int_view(w)
-        corr = np.empty((m, n), np.int8)
-        exc_col = np.empty((m, EXCEPTION_SLOTS), np.int32)
-        exc_bits = np.empty((m, EXCEPTION_SLOTS), wi.dtype)
-        exc_count = np.empty(m, np.int64)
-        (k.merge_tracked_simd if simd else k.merge_tracked)(w, wi, p, q, scale, maxint, corr, exc_col, exc_bits,
-                                                            exc_count)
-        rows = np.flatnonzero(exc_count > EXCEPTION_SLOTS)
-        saved = w[rows].copy()
-        if rows.size:
-            part = w[rows]
-            k.merge_plain(part, np.ascontiguousarray(p[rows]), q, scale)
-            w[rows] = part
-        rec = MergeRecord(corr, exc_col, exc_bits, exc_count, rows, saved,
-                          _fingerprint(ab, s, w, fan_in_fan_out), _weight_sample(w))
+    with _quiet(dst):  # a careful merge may overflow in the copy: checked next, not warned
+        if not record:
+            (k.merge_plain_simd if simd else k.merge_plain)(w, p, q, scale)
+        else:
+            m, n = w.shape
+            wi, maxint, _ = _int_view(w)
+            corr = np.empty((m, n), np.int8)
+            exc_col = np.empty((m, EXCEPTION_SLOTS), np.int32)
+            exc_bits = np.empty((m, EXCEPTION_SLOTS), wi.dtype)
+            exc_count = np.empty(m, np.int64)
+            (k.merge_tracked_simd if simd else k.merge_tracked)(w, wi, p, q, scale, maxint, corr, exc_col, exc_bits,
+                                                                exc_count)
+            rows = np.flatnonzero(exc_count > EXCEPTION_SLOTS)
+            saved = w[rows].copy()
+            if rows.size:
+                part = w[rows]
+                k.merge_plain(part, np.ascontiguousarray(p[rows]), q, scale)
+                w[rows] = part
+            rec = MergeRecord(corr, exc_col, exc_bits, exc_count, rows, saved,
+                              _fingerprint(ab, s, w, fan_in_fan_out), _weight_sample(w))
     w = _careful_commit(dst, w, weight, "merge_lora")
     if writeback is not None:
         writeback[...] = w
@@ -445,6 +447,12 @@ def _careful_target(w, p, q, s):
     if bound < float(np.finfo(w.dtype).max) / 2:
         return None, w
     return w, w.copy()
+
+
+def _quiet(dst):
+    """No floating-point warnings while a careful merge writes its copy (the result is
+    checked and the overflow reported as an error); a no-op otherwise."""
+    return np.errstate(all="ignore") if dst is not None else contextlib.nullcontext()
 
 
 def _careful_commit(dst, w, weight, what):
@@ -485,7 +493,8 @@ def unmerge_lora(weight, lora_a, lora_b, scaling, fan_in_fan_out=False, *, recor
     simd = _use_simd(k, w)
     if record is None:
         dst, w = _careful_target(w, p, q, s)
-        (k.merge_plain_simd if simd else k.merge_plain)(w, p, q, -scale)
+        with _quiet(dst):
+            (k.merge_plain_simd if simd else k.merge_plain)(w, p, q, -scale)
         w = _careful_commit(dst, w, weight, "unmerge_lora")
     else:
         if not isinstance(record, MergeRecord):
