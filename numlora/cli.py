@@ -250,7 +250,9 @@ def main(argv=None) -> int:
             _stdout_gone()
             return 1
         except MemoryError:
-            _error("out of memory; the largest tensor must fit in memory (as float32) a few times over")
+            hint = ("; merge / quantize hold one tensor at a time (as float32, a few times over)"
+                    if args.command in ("merge", "quantize") else "")
+            _error(f"{args.command}: out of memory{hint}")
             return 2
         except OSError as exc:
             where = f" {exc.filename}" if exc.filename else ""
