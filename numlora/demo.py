@@ -1,7 +1,8 @@
 """``numlora demo``: a real QLoRA fine-tuning run, end to end, on real data.
 
-1. Data: scikit-learn's bundled handwritten digits (1797 images of 8 x 8 pixels, shipped
-   inside the package: no network), split once into a training and a held-out part.
+1. Data: the UCI handwritten digits (1797 images of 8 x 8 pixels, the copy scikit-learn
+   bundles, shipped inside numlora as ``numlora/data/digits.npz``: no network, no
+   scikit-learn), split once into a training and a held-out part.
 2. Base model: a dense MLP ``64 -> 256 -> 256 -> 10`` (ReLU) trained in plain numpy (Adam)
    to read the digits.
 3. The base is frozen and quantized to NF4 (:class:`numlora.QLoraLinear`, bitsandbytes'
@@ -35,17 +36,23 @@ DEFAULT_OUT = "numlora-demo-adapter"
 
 
 # --- data ---------------------------------------------------------------------------------
+def load_digits():
+    """The 8 x 8 digits shipped with numlora (``numlora/data/digits.npz``; their provenance
+    and CC BY 4.0 licence are in that folder): ``(images, labels)``, uint8 arrays of shapes
+    (1797, 64) (pixels 0..16, row by row) and (1797,) (digits 0..9), equal to scikit-learn's
+    ``load_digits()`` data and target."""
+    from importlib.resources import files
+
+    with files("numlora.data").joinpath("digits.npz").open("rb") as f, np.load(f) as z:
+        return z["images"], z["labels"]
+
+
 def load_digits_split(seed: int, test_fraction: float = 0.25):
-    """scikit-learn's digits as float32 in [0, 1], split per class (the same share of every
-    digit held out) with a generator seeded ``seed``: ``(x_train, y_train, x_test, y_test)``."""
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError as exc:  # pragma: no cover - scikit-learn is a dependency
-        raise SystemExit("numlora demo needs scikit-learn (its bundled digits images): pip install scikit-learn") \
-            from exc
-    d = load_digits()
-    x = (d.data / 16.0).astype(np.float32)
-    y = d.target.astype(np.int64)
+    """The digits as float32 in [0, 1], split per class (the same share of every digit held
+    out) with a generator seeded ``seed``: ``(x_train, y_train, x_test, y_test)``."""
+    images, labels = load_digits()
+    x = (images / 16.0).astype(np.float32)
+    y = labels.astype(np.int64)
     rng = np.random.default_rng(seed)
     test = np.zeros(len(y), bool)
     for c in range(10):
@@ -127,11 +134,13 @@ def one_thread():
     demo's matrices are small (a batch of 32 rows, 256 wide): a second thread buys nothing
     there, while threads that spin after each call (OpenBLAS's, numba's) slow each other and
     slow badly when other work keeps the cores busy. One thread also gives the same BLAS
-    sums on any machine (numlora's kernels give the same results on any thread count)."""
+    sums on any machine (numlora's kernels give the same results on any thread count). BLAS
+    is limited through threadpoolctl where it is installed (scikit-learn brings it); without
+    it, BLAS keeps its own thread count."""
     import numba
 
     try:
-        from threadpoolctl import threadpool_limits  # comes with scikit-learn
+        from threadpoolctl import threadpool_limits  # optional: not a dependency of numlora
     except ImportError:  # pragma: no cover
         threadpool_limits = None
     before = numba.get_num_threads()
@@ -329,8 +338,8 @@ def _main(seed, out_dir, epochs, base_epochs, rank, alpha, dropout, lr, batch, h
     t_start = time.perf_counter()
     x_tr, y_tr, x_te, y_te = load_digits_split(seed)
     xr_tr, xr_te = rotate90(x_tr), rotate90(x_te)
-    out(f"numlora {nl.__version__} demo: QLoRA fine-tuning of a small MLP on scikit-learn's digits (seed {seed})\n")
-    out(f"data: {len(y_tr) + len(y_te)} handwritten digits, 8 x 8 pixels (bundled with scikit-learn), "
+    out(f"numlora {nl.__version__} demo: QLoRA fine-tuning of a small MLP on handwritten digits (seed {seed})\n")
+    out(f"data: {len(y_tr) + len(y_te)} handwritten digits, 8 x 8 pixels (UCI, shipped with numlora), "
         f"{len(y_tr)} for training, {len(y_te)} held out")
     out("new task: the same digits rotated by 90 degrees. The base learned where each digit's strokes lie;")
     out("          rotated, every stroke is elsewhere (a bar becomes a column), so the base reads them badly.\n")

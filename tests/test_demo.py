@@ -1,15 +1,13 @@
-"""``numlora demo``: the QLoRA fine-tuning run on scikit-learn's digits."""
+"""``numlora demo``: the QLoRA fine-tuning run on the 8 x 8 digits numlora ships."""
 
 import re
 
 import numpy as np
 import pytest
 
-pytest.importorskip("sklearn")
-
-import numlora as nl  # noqa: E402
-from numlora import demo  # noqa: E402
-from numlora.cli import main  # noqa: E402
+import numlora as nl
+from numlora import demo
+from numlora.cli import main
 
 SMALL = ["--epochs", "4", "--base-epochs", "8", "--hidden", "64"]
 TIMING = re.compile(r"\d+(\.\d+)? (ms|s)\b")
@@ -24,6 +22,19 @@ def _run(capsys, *args):
 def _untimed(text):
     """The report without its timings and without the note about a replaced folder."""
     return "\n".join(TIMING.sub("<t>", line) for line in text.splitlines() if "replaced the adapter" not in line)
+
+
+def test_shipped_digits_are_scikit_learns():
+    """numlora/data/digits.npz holds exactly what sklearn.datasets.load_digits() returns."""
+    datasets = pytest.importorskip("sklearn.datasets",
+                                   reason="compares with scikit-learn's copy: pip install -e '.[test]'")
+    images, labels = demo.load_digits()
+    assert images.dtype == np.uint8 and images.shape == (1797, 64) and int(images.max()) == 16
+    assert labels.dtype == np.uint8 and labels.shape == (1797,)
+    d = datasets.load_digits()
+    np.testing.assert_array_equal(images, d.data)
+    np.testing.assert_array_equal(labels, d.target)
+    np.testing.assert_array_equal(images.reshape(-1, 8, 8), d.images)
 
 
 def test_split_is_stratified_and_deterministic():
