@@ -58,8 +58,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"numlora {_version()}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
-    d = sub.add_parser("demo", help="fine-tune a QLoRA adapter on real data (scikit-learn's digits), end to end",
-                       description="Train a small MLP on scikit-learn's bundled digits images, freeze and quantize it "
+    d = sub.add_parser("demo", help="fine-tune a QLoRA adapter on real data (handwritten digits), end to end",
+                       description="Train a small MLP on the 8 x 8 handwritten digits shipped with numlora (UCI's, "
+                                   "as scikit-learn distributes them), freeze and quantize it "
                                    "to NF4, train LoRA adapters on its layers to read the digits rotated by 90 "
                                    "degrees (a task the base does not solve), merge, and save the adapter as a PEFT "
                                    "folder. No network needed; deterministic for a given --seed.")
@@ -92,9 +93,12 @@ def _parser() -> argparse.ArgumentParser:
                         "hand-written numpy and torch + PEFT / bitsandbytes; one --batch (default 128)")
     b.add_argument("--multi", action="store_true",
                    help="time many adapters in one batch (LoraBank) on Punica's workloads against a numpy "
-                        "gather-einsum and PEFT's mixed-batch forward; with --quick only batch 64 x 64 "
-                        "adapters; --repeat rounds (default 5)")
-    b.add_argument("--quick", action="store_true", help="with --multi: the issue's figures only")
+                        "gather-einsum and PEFT's mixed-batch forward (--no-peers: without PEFT); with --quick "
+                        "only batch 64 x 64 adapters; --repeat rounds (default 5)")
+    b.add_argument("--quick", action="store_true",
+                   help="a smoke run in every mode (its ratios are not the documented ones): the kernel table "
+                        "and --train on SIZE at most 1024 with at most 3 rounds (the table: batches 1 and 128 "
+                        "unless --batch); --multi on batch 64 x 64 adapters only")
 
     m = sub.add_parser("merge", help="merge a PEFT LoRA adapter into a safetensors checkpoint, tensor by tensor",
                        description="Write BASE with the adapter merged (W + s B A) to OUT. BASE is a .safetensors "
@@ -285,6 +289,7 @@ def _run(parser, args) -> int:
             argv2 = ["--repeats", str(args.repeat if args.repeat != 7 else 5)]
             argv2 += ["--quick"] if args.quick else []
             argv2 += ["--json", args.json] if args.json else []
+            argv2 += ["--no-peers"] if args.no_peers else []
             return bench_multi(argv2) or 0
         if args.train:
             if args.batch and len(args.batch) > 1:

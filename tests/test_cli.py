@@ -85,7 +85,8 @@ def test_bench_multi_passes_its_options(monkeypatch):
     seen = []
     monkeypatch.setattr(bm, "main", lambda argv=None: seen.append(argv) or 0)
     assert main(["bench", "--multi", "--quick", "--repeat", "3", "--json", "out.json"]) == 0
-    assert seen == [["--repeats", "3", "--quick", "--json", "out.json"]]
+    assert main(["bench", "--multi", "--no-peers"]) == 0
+    assert seen == [["--repeats", "3", "--quick", "--json", "out.json"], ["--repeats", "5", "--no-peers"]]
 
 
 def test_version(capsys):

@@ -1,7 +1,7 @@
 """Many adapters in one batch (numlora.LoraBank) on Punica's workloads.
 
-    numlora bench --multi [--quick] [--json PATH] [--repeats R]
-    python benchmarks/bench_multi.py [--quick] [--json PATH] [--repeats R]   (the same)
+    numlora bench --multi [--quick] [--json PATH] [--repeat R] [--no-peers]
+    python benchmarks/bench_multi.py [--quick] [--json PATH] [--repeats R] [--no-peers]   (the same)
 
 Base: a 4096 x 4096 float32 weight (N(0, 0.02)) and its NF4 quantization (blocksize 64).
 Adapters: ranks drawn from {8, 16, 32, 64} (seeded), A and B ~ N(0, 0.01), scaling 2.
