@@ -11,7 +11,7 @@
 # - thread counts and N come from asv.conf.json's env_nobuild matrix (1 thread each);
 # - --interleave-rounds: the two commits alternate round by round, so drift of the
 #   machine (other programs, thermal state) hits both alike;
-# - rounds=4: four processes per commit and benchmark, enough samples for asv's
+# - rounds=4, repeat=10: four processes per commit and benchmark, 40 samples, enough for asv's
 #   Mann-Whitney test to call a 10 % change significant when the spread is a few %;
 # - --factor 1.05: a change must exceed 5 % of the median to be shown at all, so the
 #   sub-5 % noise of a quiet 2-core machine never raises an alarm, and 10 % always can.
@@ -25,4 +25,4 @@ if [[ $# -gt 0 && $1 != -* ]]; then head=$1; shift; fi
 # is the one place they are unset.
 unset OPENBLAS_CORETYPE OPENBLAS_L2_SIZE
 asv machine --yes >/dev/null
-exec asv continuous --interleave-rounds -a rounds=4 --factor 1.05 --split --show-stderr "$@" "$base" "$head"
+exec asv continuous --interleave-rounds -a rounds=4 -a repeat=10 --factor 1.05 --split --show-stderr "$@" "$base" "$head"
