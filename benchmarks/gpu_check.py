@@ -276,7 +276,8 @@ def gemm_sweep(cuda, K, C, timer, shapes, rng):
                       want, bound)
                 t = timer(lambda: C.lora_forward(dx, dw, da, db, 2.0, out=y))
                 res.append((nb, tile, t))
-                say(f"  batch {nb} tile {tile}: {t}, {2 * nb * out_f * in_f / t.gpu / 1e12 if t.gpu else 0:.1f} TFLOP/s")
+                tflops = 2 * nb * out_f * in_f / t.gpu / 1e12 if t.gpu else 0
+                say(f"  batch {nb} tile {tile}: {t}, {tflops:.1f} TFLOP/s")
     finally:
         K.GEMM_TILES, K.GEMM_TILE = default
     say(f"| batch | tile (BM, BN, BK, TM, TN) | GPU ms | wall ms | TFLOP/s |  ({shapes[0][0]} x {shapes[0][1]})")
@@ -381,7 +382,7 @@ def bank_section(cuda, timer, w, n_adapters, ranks, batch, rng):
             say(f"  LoraBank {kind} {mix}: {times[mix]}")
         res.append({"kind": kind, **{m: t.gpu * 1e3 for m, t in times.items()},
                     **{f"{m}_wall": t.wall * 1e3 for m, t in times.items()}})
-        del gpu, cpu
+        gpu = cpu = None  # free the banks (not del: the timed closures above read these names)
     return res
 
 
@@ -398,13 +399,12 @@ def main():
         say("no NVIDIA GPU found by numba.cuda: nothing to check. Run this on a machine with a GPU and "
             "`pip install numlora[cuda]`, or try `--sim-smoke` (CUDA simulator, tiny sizes).")
         return 2
-    import warnings
-
-    from numba import cuda
-
     # "grid size < 2 x SMs" and the like: the launch sizes are chosen on purpose here.
     # numba-cuda has its own NumbaPerformanceWarning class (not numba's): filter both.
     import importlib
+    import warnings
+
+    from numba import cuda
 
     for mod in ("numba.core.errors", "numba.cuda.core.errors"):
         try:
@@ -428,7 +428,8 @@ def main():
         shapes, batches, rank, reps = [(8, 16), (6, 24)], (1, 3), 2, 1
     else:
         shapes, batches, rank, reps = [(4096, 4096), (8192, 28672)], (1, 16, 128), 16, args.reps
-        say(f"device: {cuda.get_current_device().name.decode() if hasattr(cuda.get_current_device().name, 'decode') else cuda.get_current_device().name}")
+        name = cuda.get_current_device().name
+        say(f"device: {name.decode() if hasattr(name, 'decode') else name}")
     timer = GpuTimer(cuda, reps, inner=1 if SIM else 20, sim=SIM)
     torch = torch_cuda()
     rng = np.random.default_rng(0)
@@ -446,7 +447,7 @@ def main():
     t_copy = timer(lambda: dst.copy_to_device(src))
     copy_bw = gbs(2 * nbytes, t_copy.gpu)
     say(f"device-to-device copy: {copy_bw:.0f} GB/s (2 x {nbytes >> 20} MiB / {t_copy})")
-    del src, dst
+    src = dst = None  # free the buffers (not del: the timed closure above reads these names)
 
     # xorshift
     say("xorshift64 fill")
@@ -594,7 +595,7 @@ def main():
             dropout_section(cuda, C, timer, w, a, b, nb, rng)
             bank_rows = bank_section(cuda, timer, w, 5 if SIM else 64, (2, 3) if SIM else (8, 16, 32, 64),
                                      3 if SIM else 64, rng)
-        del dw, gt
+        dw = gt = None  # free the device copies (not del: the timed closures above read these names)
         say("kernel resources after first launch (registers / local memory per thread):")
         kernel_resources(K, [(("hold",), timer.hold)] if timer.hold is not None else [])
 
@@ -614,8 +615,9 @@ def main():
     say("| base | Zipf mix | every row its own adapter | every row the same | own / same |")
     say("|---|---|---|---|---|")
     for r in bank_rows:
-        say(f"| {r['kind']} | {r['zipf']:.3f} ({r['zipf_wall']:.3f}) | {r['distinct']:.3f} ({r['distinct_wall']:.3f}) | "
-            f"{r['same']:.3f} ({r['same_wall']:.3f}) | {r['distinct'] / r['same'] if r['same'] else float('nan'):.2f}x |")
+        ratio = r['distinct'] / r['same'] if r['same'] else float('nan')
+        say(f"| {r['kind']} | {r['zipf']:.3f} ({r['zipf_wall']:.3f}) | "
+            f"{r['distinct']:.3f} ({r['distinct_wall']:.3f}) | {r['same']:.3f} ({r['same_wall']:.3f}) | {ratio:.2f}x |")
     say("")
     say(f"figures (copy bandwidth {copy_bw:.0f} GB/s):")
     if SIM:
@@ -628,9 +630,10 @@ def main():
             f"{gv['nf4_gbs']:.0f} GB/s = {frac:.0%} of copy [{'PASS' if frac >= 0.6 else 'FAIL'} >= 60%]")
         if "torch_bf16_ms" in gv:
             sp = gv["torch_bf16_ms"] / gv["nf4_ms"]
-            say(f"    vs torch bf16 F.linear (no LoRA either): {sp:.2f}x faster [{'PASS' if sp >= 2.5 else 'FAIL'} >= 2.5x]")
-        say(f"  qlora_forward batch 1 {gv['shape']} (LoRA shrink + GEMV with the expand fused): {gv['qlora_ms']:.3f} ms "
-            f"GPU, {gv['qlora_ms'] / gv['nf4_ms']:.2f}x nf4_matmul (reported, no target)")
+            say(f"    vs torch bf16 F.linear (no LoRA either): {sp:.2f}x faster "
+                f"[{'PASS' if sp >= 2.5 else 'FAIL'} >= 2.5x]")
+        say(f"  qlora_forward batch 1 {gv['shape']} (LoRA shrink + GEMV with the expand fused): "
+            f"{gv['qlora_ms']:.3f} ms GPU, {gv['qlora_ms'] / gv['nf4_ms']:.2f}x nf4_matmul (reported, no target)")
     for r in figures.get("lora", []):
         if "torch_lora_fp32_ms" in r:
             ratio = r["lora_ms"] / r["torch_lora_fp32_ms"]

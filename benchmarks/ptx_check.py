@@ -204,7 +204,7 @@ def main():
             bad = r.returncode != 0 or num["stack"] > 0 or num["spill"] > 0
             flagged += bad
             rows.append((label, num, cap, bad))
-    print(f"\n| kernel (settings) | registers | stack B | spill B | shared B |\n|---|---|---|---|---|")
+    print("\n| kernel (settings) | registers | stack B | spill B | shared B |\n|---|---|---|---|---|")
     for label, num, cap, bad in sorted(set((lb, tuple(n.items()), c, b) for lb, n, c, b in rows)):
         n = dict(num)
         capped = f" (cap {cap})" if cap else ""

@@ -109,7 +109,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="a .safetensors file for a file, a folder for a model folder")
     m.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="store every floating tensor in this dtype (default: keep each tensor's dtype)")
-    m.add_argument("--overwrite", action="store_true", help="replace a previous output at OUT (never an input, nor a path that contains or lies inside one)")
+    m.add_argument("--overwrite", action="store_true",
+                   help="replace a previous output at OUT (never an input, nor a path that contains or lies "
+                        "inside one)")
     m.add_argument("--json", action="store_true", help="print the report as JSON")
 
     q = sub.add_parser("quantize", help="quantize a checkpoint's Linear weights to NF4 (bitsandbytes layout)",
@@ -122,7 +124,9 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--double-quant", action="store_true", help="also quantize the block scales to 8 bits")
     q.add_argument("--include", metavar="REGEX", help="quantize only tensors whose name matches (re.search)")
     q.add_argument("--exclude", metavar="REGEX", help="do not quantize tensors whose name matches")
-    q.add_argument("--overwrite", action="store_true", help="replace a previous output at OUT (never an input, nor a path that contains or lies inside one)")
+    q.add_argument("--overwrite", action="store_true",
+                   help="replace a previous output at OUT (never an input, nor a path that contains or lies "
+                        "inside one)")
     q.add_argument("--json", action="store_true", help="print the report as JSON")
 
     i = sub.add_parser("inspect", help="describe a PEFT adapter folder or a checkpoint",
@@ -276,7 +280,8 @@ def _run(parser, args) -> int:
             parser.error("--rank must be in 1..10 (the last layer has 10 outputs)")
         if args.hidden < 16:
             parser.error("--hidden must be >= 16")
-        from .demo import DEFAULT_OUT, main as demo
+        from .demo import DEFAULT_OUT
+        from .demo import main as demo
 
         return demo(seed=args.seed, out_dir=args.out or DEFAULT_OUT, epochs=args.epochs,
                     base_epochs=args.base_epochs, rank=args.rank, hidden=args.hidden)

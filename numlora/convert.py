@@ -24,10 +24,9 @@ import numpy as np
 from ._progress import Progress
 from .errors import ConfigError, FormatError, NonFiniteError, ShapeError
 from .io._files import brief, describe_os_error, parse_json, read_json, regular_file_error
-from .io.atomic import (AtomicDir, check_interrupt, cleanup_scope, is_numlora_temp, point_of_no_return,
-                        write_text_atomic)
+from .io.atomic import AtomicDir, check_interrupt, cleanup_scope, is_numlora_temp, point_of_no_return, write_text_atomic
 from .io.checkpoint import Checkpoint
-from .io.safetensors import DTYPES, FLOAT_DTYPES, SafetensorsFile, SafetensorsWriter
+from .io.safetensors import DTYPES, SafetensorsFile, SafetensorsWriter
 
 __all__ = [
     "DTYPE_NAMES",
@@ -560,7 +559,8 @@ def quantize_checkpoint(src, out, *, blocksize: int = 64, double_quant: bool = F
             sd = q.to_state_dict(t.name[: -len(".weight")])
             names = [n for n, _, _ in entries]
             if set(sd) != set(names):
-                raise FormatError(f"internal: NF4 state dict keys {sorted(sd)} differ from the declared {sorted(names)}")
+                raise FormatError(f"internal: NF4 state dict keys {sorted(sd)} differ from the declared "
+                                  f"{sorted(names)}")
             for n in names:
                 w.write(n, sd[n])
             d = q.dequantize(out=bufs.get("deq", t.numel, np.float32).reshape(t.shape))

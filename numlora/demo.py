@@ -363,7 +363,7 @@ def _main(seed, out_dir, epochs, base_epochs, rank, alpha, dropout, lr, batch, h
     acc_q = accuracy(_evaluate(model, x_te), y_te)  # B = 0: the adapters add nothing yet
     logits_before = _evaluate(model, xr_te)
     acc_before = accuracy(logits_before, y_te)
-    out(f"2. base frozen and quantized to NF4 (blocksize 64, bitsandbytes layout):")
+    out("2. base frozen and quantized to NF4 (blocksize 64, bitsandbytes layout):")
     out(f"   base weights: float32 {_kib(f32)} -> NF4 {_kib(q4)} ({f32 / q4:.1f}x smaller, "
         f"{8 * q4 / (f32 / 4):.2f} bits/weight)")
     out(f"   held-out accuracy on digits: {100 * acc_base:.1f} % float32, {100 * acc_q:.1f} % NF4")

@@ -175,7 +175,8 @@ def run_shell(b: Block, cwd: Path, timeout: float = 300) -> str:
     r = subprocess.run(["bash", "-e", "-o", "pipefail", "-c", shell_script(b)], cwd=cwd, env=child_env(),
                        capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
     if r.returncode:
-        raise AssertionError(f"{b.id}: exit {r.returncode}\n--- stdout\n{r.stdout[-4000:]}\n--- stderr\n{r.stderr[-4000:]}")
+        raise AssertionError(f"{b.id}: exit {r.returncode}\n--- stdout\n{r.stdout[-4000:]}"
+                             f"\n--- stderr\n{r.stderr[-4000:]}")
     return r.stdout
 
 

@@ -59,7 +59,8 @@ def test_every_benchmark_runs_once(asv_package, module):
         methods = [m for m in vars(cls) if m.startswith(("time_", "peakmem_", "track_", "timeraw_", "mem_"))]
         if not methods:
             continue
-        assert not any(m.startswith("track_") for m in methods), f"{cls.__name__}: time_ benchmarks only (asv reads track_ as lower-is-better)"
+        assert not any(m.startswith("track_") for m in methods), \
+            f"{cls.__name__}: time_ benchmarks only (asv reads track_ as lower-is-better)"
         for case in _cases(cls):
             obj = cls()
             try:

@@ -7,6 +7,7 @@ torch = pytest.importorskip("torch", reason="needs torch: pip install -e '.[test
 bnbf = pytest.importorskip("bitsandbytes.functional", reason="needs bitsandbytes: pip install -e '.[test,peers]'")
 
 import numlora as nl  # noqa: E402
+
 from reference import MID_REF  # noqa: E402
 
 

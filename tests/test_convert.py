@@ -15,6 +15,7 @@ from numlora.convert import inspect_path, match_modules, merge_checkpoint, quant
 from numlora.errors import ConfigError, FormatError, ShapeError
 from numlora.io.checkpoint import Checkpoint
 from numlora.io.safetensors import SafetensorsFile, bf16_to_f32, f32_to_bf16, save_file
+
 from reference import merge_ref, nf4_dequantize_ref, nf4_quantize_ref
 
 H, FF, V = 48, 80, 50  # hidden, intermediate, vocab of the generated model
@@ -83,7 +84,8 @@ def _write_adapter(folder, rng, modules, r=4, alpha=8.0, extra_cfg=None, dtype="
         key = f"base_model.model.{prefix}{mod}"
         tensors[key + ".lora_A.weight"] = (rng.standard_normal((r, in_f)) * 0.1).astype(np.float32)
         tensors[key + ".lora_B.weight"] = (rng.standard_normal((out_f, r)) * 0.1).astype(np.float32)
-    cfg = {"peft_type": "LORA", "r": r, "lora_alpha": alpha, "target_modules": sorted({m.split(".")[-1] for m in modules})}
+    cfg = {"peft_type": "LORA", "r": r, "lora_alpha": alpha,
+           "target_modules": sorted({m.split(".")[-1] for m in modules})}
     cfg.update(extra_cfg or {})
     with open(os.path.join(folder, "adapter_config.json"), "w") as f:
         json.dump(cfg, f)
@@ -277,7 +279,8 @@ def test_interrupted_merge_leaves_no_output(tmp_path, rng, monkeypatch):
 
 
 # --- quantize ----------------------------------------------------------------------------
-@pytest.mark.parametrize("dtype, shards, dq, bs", [("F32", 0, False, 64), ("BF16", 2, True, 64), ("F32", 1, False, 128)])
+@pytest.mark.parametrize("dtype, shards, dq, bs",
+                         [("F32", 0, False, 64), ("BF16", 2, True, 64), ("F32", 1, False, 128)])
 def test_quantize_layout_and_values(tmp_path, rng, dtype, shards, dq, bs):
     tensors = _model_tensors(rng)
     base = tmp_path / ("b.safetensors" if shards == 0 else "base")
@@ -359,7 +362,8 @@ def test_inspect_checkpoint_and_adapter(tmp_path, rng, capsys):
                    extra_cfg={"rank_pattern": {}, "alpha_pattern": {"up_proj": 16}}, dtype="BF16")
     a = inspect_path(tmp_path / "ad")
     by = {m["module"]: m for m in a["modules"]}
-    assert by["model.layers.0.mlp.up_proj"]["scaling"] == 4.0 and by["model.layers.0.self_attn.q_proj"]["scaling"] == 2.0
+    assert by["model.layers.0.mlp.up_proj"]["scaling"] == 4.0
+    assert by["model.layers.0.self_attn.q_proj"]["scaling"] == 2.0
     assert a["trainable_params"] == 4 * (H + H) + 4 * (H + FF) and a["stored_dtypes"] == ["BF16"]
     assert main(["inspect", str(tmp_path / "ad")]) == 0
     out = capsys.readouterr().out
@@ -371,6 +375,7 @@ def test_inspect_checkpoint_and_adapter(tmp_path, rng, capsys):
 
 def test_conversion_kernels_match_the_definitions(rng):
     from numlora.kernels import convert as kc
+
     from test_safetensors import _ref_bf16
 
     bits = rng.integers(0, 2**32, 3 * kc.CHUNK + 17, dtype=np.uint64).astype(np.uint32)
@@ -665,8 +670,9 @@ def test_quantize_blocksize_is_bounded(tmp_path, rng, capsys):
 
 def test_inspect_shows_a_broken_nf4_state_instead_of_failing(tmp_path, capsys):
     bad = np.frombuffer(b'{"shape": "x", "blocksize": [64]}', np.uint8).copy()
+    one = np.frombuffer(b"[1]", np.uint8).copy()
     save_file(tmp_path / "q.safetensors", {"l.weight.quant_state.bitsandbytes__nf4": bad,
-                                           "k.weight.quant_state.bitsandbytes__nf4": np.frombuffer(b"[1]", np.uint8).copy()})
+                                           "k.weight.quant_state.bitsandbytes__nf4": one})
     assert main(["inspect", str(tmp_path / "q.safetensors")]) == 0
     out = capsys.readouterr().out
     assert "warning: l: unreadable NF4 quant state: invalid shape 'x', blocksize [64]" in out

@@ -6,12 +6,21 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
 
 import pytest
 
-from docblocks import (PEERS_HINT, RUN_LANGS, TEXT_LANGS, all_blocks, chains, missing_peers, parse,
-                       run_on_simulator, run_shell, ROOT)
+from docblocks import (
+    PEERS_HINT,
+    ROOT,
+    RUN_LANGS,
+    TEXT_LANGS,
+    all_blocks,
+    chains,
+    missing_peers,
+    parse,
+    run_on_simulator,
+    run_shell,
+)
 
 BLOCKS = all_blocks()
 CHAINS = chains(BLOCKS)

@@ -25,8 +25,9 @@ import time
 import numpy as np
 import pytest
 
-from conftest import JIT_DISABLED
 from numlora.io.safetensors import save_file
+
+from conftest import JIT_DISABLED
 
 pytestmark = [
     pytest.mark.skipif(JIT_DISABLED, reason="runs the compiled CLI in subprocesses; minutes without the JIT"),

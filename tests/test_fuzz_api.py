@@ -20,10 +20,28 @@ from hypothesis import strategies as st
 
 import numlora
 from numlora.errors import NumloraError
-from fuzz_util import (F32_MAX, Example, Violation, as_f64, collecting, expect_close, fuzz_guard,  # noqa: F401
-                       fuzz_settings, fuzz_summary, scalar_must_refuse, scalar_value)
-from reference import lora_forward_ref, merge_ref, multi_lora_ref, nf4_dequantize_ref, nf4_quantize_ref, \
-    xorshift_stream, NF4_REF
+
+from fuzz_util import (  # noqa: F401
+    F32_MAX,
+    Example,
+    Violation,
+    as_f64,
+    collecting,
+    expect_close,
+    fuzz_guard,
+    fuzz_settings,
+    fuzz_summary,
+    scalar_must_refuse,
+    scalar_value,
+)
+from reference import (
+    lora_forward_ref,
+    merge_ref,
+    multi_lora_ref,
+    nf4_dequantize_ref,
+    nf4_quantize_ref,
+    xorshift_stream,
+)
 
 
 def _run(name, prop, n):
@@ -165,8 +183,6 @@ def prop_lora_forward(ex):
     refuse = scalar_must_refuse("scaling", c["s"])
 
     def expect(res):
-        for v in pre.values():
-            pass
         s = scalar_value(c["s"])
         ref = lora_forward_ref(pre["x"], pre["w"], pre["a"], pre["b"], s, pre["bias"], c["fifo"])
         bound = _lora_bound(pre["x"], pre["w"], pre["a"], pre["b"], s, pre["bias"], c["fifo"])
@@ -1210,7 +1226,7 @@ def _bank_forward(ex, bank, model, wref, bias64, in_f, out_f, step):
                                     "scalar"])
     entries = []
     if kind in ("names", "ints", "mixed", "junk"):
-        for i in range(rows):
+        for _ in range(rows):
             opts = live + [None, -1] + ([model[k][0] for k in live] if kind != "names" else [])
             if kind in ("junk", "mixed"):
                 opts = opts + ID_JUNK

@@ -26,9 +26,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import numlora
-from numlora.errors import NumloraError
 from numlora.io import SafetensorsFile, load_file, save_file
 from numlora.io.checkpoint import Checkpoint
+
 from fuzz_util import Example, Violation, collecting, expect_close, fuzz_guard, fuzz_settings, fuzz_summary  # noqa: F401
 from reference import nf4_dequantize_ref
 
@@ -114,7 +114,7 @@ def ref_read(blob: bytes):
         out[name] = (dt, tuple(shape), data[b:en])
     spans.sort()
     end = 0
-    for b, en, name in spans:
+    for b, en, _name in spans:
         if b < end and en > b:
             raise Invalid("overlap")
         end = max(end, en)
@@ -349,7 +349,6 @@ def prop_peft(ex, tmp, ctx):
     os.makedirs(folder)
     target = ex.choice("target", ["config", "config", "config", "weights", "weights", "files", "tensors"])
     cfg_out, st_out = cfg_bytes, st_bytes
-    tensors_meta = None
     if target == "config":
         cfg = json.loads(cfg_bytes)
         how = ex.choice("how", ["edit", "edit", "edit", "drop", "deep", "dupkey", "latin1", "list", "empty", "nan"])
@@ -622,7 +621,7 @@ def test_nf4_state_dict_mutated():
     _run("NF4Tensor.from_state_dict", prop_state_dict, 400, _sd_setup)
 
 
-# --- checkpoints -------------------------------------------------------------------------------------------------------
+# --- checkpoints ------------------------------------------------------------------------------------------------------
 def _ckpt_setup(tmp):
     rng = np.random.default_rng(3)
     src = os.path.join(tmp, "ckpt-src")

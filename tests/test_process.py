@@ -1,6 +1,5 @@
 """Behaviour that needs a fresh process: import cost, thread-count independence."""
 
-import hashlib
 import json
 import os
 import subprocess

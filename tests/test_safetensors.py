@@ -480,8 +480,8 @@ def test_atomic_dir_removes_the_parents_it_made(tmp_path):
 # --- against the reference implementation ------------------------------------------------
 torch = None
 try:  # optional peers
-    import torch  # noqa: F811
     import safetensors.torch as st_torch
+    import torch  # noqa: F811
 except ImportError:  # pragma: no cover - depends on the environment
     st_torch = None
 
@@ -489,7 +489,8 @@ except ImportError:  # pragma: no cover - depends on the environment
 @pytest.mark.skipif(st_torch is None, reason="needs torch and safetensors: pip install -e '.[test,peers]'")
 def test_against_reference_package(tmp_path, rng):
     x = torch.from_numpy(rng.standard_normal((33, 17)).astype(np.float32))
-    theirs = {"bf": x.to(torch.bfloat16), "h": x.half(), "f": x, "i": torch.arange(5), "u": torch.ones(2, dtype=torch.uint8)}
+    theirs = {"bf": x.to(torch.bfloat16), "h": x.half(), "f": x, "i": torch.arange(5),
+              "u": torch.ones(2, dtype=torch.uint8)}
     p = tmp_path / "t.safetensors"
     st_torch.save_file(theirs, p, metadata={"format": "pt"})
     ours, meta = load_file(p)
@@ -503,7 +504,8 @@ def test_against_reference_package(tmp_path, rng):
         assert back[k].dtype == v.dtype and torch.equal(back[k], v), k
     # our float32 -> bfloat16 rounding is torch's
     y = rng.standard_normal(100000).astype(np.float32) * np.float32(1e3)
-    assert np.array_equal(f32_to_bf16(y), torch.from_numpy(y).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16))
+    theirs = torch.from_numpy(y).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    assert np.array_equal(f32_to_bf16(y), theirs)
     # a file whose length is declared late (header padded with spaces) loads in the reference
     with SafetensorsWriter(tmp_path / "d.safetensors", [("j", "U8", None)]) as w:
         w.write("j", np.arange(3, dtype=np.uint8))

@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+
 from numlora.bench.inputs import (  # noqa: F401  (re-exported to the benchmark modules)
     BLOCKSIZE,
     RANK,

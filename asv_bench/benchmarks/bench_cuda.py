@@ -5,11 +5,10 @@ timings mean nothing) every setup raises NotImplementedError, which asv reports 
 skip. Each call ends with a device synchronisation, so the kernel time is what is timed.
 """
 
-import numpy as np
 
 import numlora
 
-from ._shared import N, SCALING, activations, adapter, bank_adapter, require_gpu, weight, workload
+from ._shared import SCALING, N, activations, adapter, bank_adapter, require_gpu, weight, workload
 
 
 def _sync():

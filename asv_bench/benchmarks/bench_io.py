@@ -18,7 +18,7 @@ import numlora
 from numlora.convert import merge_checkpoint, quantize_checkpoint
 from numlora.io.safetensors import save_file
 
-from ._shared import N, RANK, rng
+from ._shared import RANK, N, rng
 
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 

@@ -11,7 +11,7 @@ import numpy as np
 
 import numlora
 
-from ._shared import N, RANK, SCALING, activations, adapter, fresh, rng, weight
+from ._shared import RANK, SCALING, N, activations, adapter, fresh, rng, weight
 
 
 class LoraForward:

@@ -16,7 +16,7 @@ import numpy as np
 
 import numlora
 
-from ._shared import N, SCALING, activations, bank_adapter, nf4_weight, reset_peak_rss, rng, weight, workload
+from ._shared import SCALING, N, activations, bank_adapter, nf4_weight, reset_peak_rss, rng, weight, workload
 
 N_ADAPTERS = 64
 

@@ -12,8 +12,8 @@ import numlora
 
 from ._shared import (
     BLOCKSIZE,
-    N,
     SCALING,
+    N,
     activations,
     adapter,
     nf4_weight,

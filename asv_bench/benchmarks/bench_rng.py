@@ -2,7 +2,7 @@
 
 import numlora
 
-from ._shared import N, RANK
+from ._shared import RANK, N
 
 
 class Uniform:

@@ -11,7 +11,7 @@ import numpy as np
 
 import numlora
 
-from ._shared import N, SCALING, activations, adapter, fresh, nf4_weight, weight
+from ._shared import SCALING, N, activations, adapter, fresh, nf4_weight, weight
 
 
 class Backward:

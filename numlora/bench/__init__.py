@@ -322,7 +322,8 @@ def compile_times():
 
     out = {}
     with tempfile.TemporaryDirectory() as cache:
-        for label, env in (("cache off", {"NUMLORA_CACHE": "0"}), ("cache on, 2nd process", {"NUMBA_CACHE_DIR": cache})):
+        for label, env in (("cache off", {"NUMLORA_CACHE": "0"}),
+                           ("cache on, 2nd process", {"NUMBA_CACHE_DIR": cache})):
             e = dict(os.environ, **env)
             if "2nd" in label:
                 subprocess.run([sys.executable, "-c", COMPILE_CODE], env=e, check=True, capture_output=True)
@@ -391,8 +392,8 @@ def main(args) -> int:
     imp, npimp = import_ms(args.repeat)
     print(f"\nimport numlora in a fresh process: {imp:.0f} ms (import numpy alone: {npimp:.0f} ms)")
     result = {"machine": mach, "date": date, "size": args.size, "rank": args.rank, "repeat": args.repeat,
-              "rows": [dict(asdict(r), ratio=r.ratio, gbps=r.gbps) for r in rows], "peak_rss_mb": mem, "accuracy": accuracy,
-              "import_ms": imp, "import_numpy_ms": npimp, "notes": notes}
+              "rows": [dict(asdict(r), ratio=r.ratio, gbps=r.gbps) for r in rows], "peak_rss_mb": mem,
+              "accuracy": accuracy, "import_ms": imp, "import_numpy_ms": npimp, "notes": notes}
     if args.compile:
         ct = compile_times()
         result["compile_s"] = ct
