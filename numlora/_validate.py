@@ -1,14 +1,27 @@
-"""Input checks shared by the functional layer. Every message says what was expected
-and what arrived."""
+"""Input checks and output allocation shared by the functional layer (the designated
+home of the array helpers: every module may import from here). Every message says what
+was expected and what arrived.
+
+Names for the rest of the package (this module is private): scalars and flags
+(:func:`real_scalar`, :func:`int_scalar`, :func:`flag`, :func:`nonneg_scalar`,
+:func:`unit_scalar`, :func:`shape_arg`, :func:`check_blocksize`); arrays
+(:func:`float_array`, :func:`expect_shape`, :func:`out_array`, :func:`first_nonfinite`);
+LoRA operands (:class:`Base`, :func:`weight_array`, :func:`low_rank_arrays`,
+:func:`adapter_arrays`, :func:`input_rows`, :func:`bias_array`); outputs
+(:func:`prepare_out`, :func:`private_out`, :func:`deliver`); memory overlap
+(:func:`shares_memory`, :func:`overlapping`, :func:`refuse_overlap`, :func:`same_layout`,
+:func:`overlapping_pair`).
+"""
 
 from __future__ import annotations
 
 import numbers
 import operator
+from typing import NamedTuple
 
 import numpy as np
 
-from .errors import ConfigError, DTypeError, NonFiniteError, ShapeError
+from .errors import ConfigError, DTypeError, NonFiniteError, NumloraError, ShapeError
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 F32_MAX = float(np.finfo(np.float32).max)
@@ -83,6 +96,47 @@ def int_scalar(name: str, value, *, minimum: int | None = None) -> int:
     if minimum is not None and v < minimum:
         raise ConfigError(f"{name} must be >= {minimum}, got {v}")
     return v
+
+
+def nonneg_scalar(name: str, value) -> float:
+    """A real scalar (see :func:`real_scalar`) that is >= 0."""
+    x = real_scalar(name, value)
+    if x < 0:
+        raise ConfigError(f"{name} must be >= 0, got {x}")
+    return x
+
+
+def unit_scalar(name: str, value) -> float:
+    """A real scalar (see :func:`real_scalar`) in [0, 1)."""
+    x = real_scalar(name, value)
+    if not 0.0 <= x < 1.0:
+        raise ConfigError(f"{name} must be in [0, 1), got {x}")
+    return x
+
+
+#: The NF4 blocksizes numlora accepts, from a caller or from a file: ``BLOCKSIZE_MIN <=
+#: blocksize <= BLOCKSIZE_MAX``. bitsandbytes uses 32 ... 4096; the kernels take any size
+#: in this range (the quantizer keeps one block of codes per thread, 4 MiB at the top).
+#: Anything larger is refused: its products with block indices overflow 64-bit integers
+#: in the kernels (a blocksize of 2**63 gave garbage and a matmul that never returned).
+BLOCKSIZE_MIN = 2
+BLOCKSIZE_MAX = 1 << 20
+
+#: The largest element count numlora accepts in a shape (int64, the kernels' index type).
+MAX_NUMEL = (1 << 63) - 1
+
+
+def check_blocksize(value, name: str = "blocksize") -> int:
+    """``value`` as a Python int if it is an integer blocksize numlora accepts
+    (``BLOCKSIZE_MIN <= value <= BLOCKSIZE_MAX``); otherwise raise
+    :class:`~numlora.errors.DTypeError` (not an integer; bools are refused) or
+    :class:`~numlora.errors.ConfigError` (out of range), naming ``name``. The one check
+    for every blocksize read from a user (arguments, the CLI) or a file."""
+    bs = int_scalar(name, value)
+    if not BLOCKSIZE_MIN <= bs <= BLOCKSIZE_MAX:
+        raise ConfigError(f"{name} must be >= {BLOCKSIZE_MIN} and <= {BLOCKSIZE_MAX} (2**20; bitsandbytes uses "
+                          f"32 ... 4096), got {bs}")
+    return bs
 
 
 def shape_arg(name: str, shape, itemsize: int = 1) -> tuple:
@@ -214,3 +268,161 @@ def overlapping_pair(arrays):
                 return tuple(sorted([(other[3], other[4]), (span[3], span[4])]))
         live.append(span)
     return None
+
+
+# --- LoRA operands and outputs ----------------------------------------------------------------
+
+class Base(NamedTuple):
+    """What the adapter is checked against, for error messages: the base's name ("weight",
+    "the NF4 weight", "the bank's base"), its stored shape, and whether it is stored (in,
+    out) (None: the layout is fixed, (out, in))."""
+
+    name: str
+    shape: tuple
+    fan_in_fan_out: bool | None
+
+
+def _base_desc(base, out_f, in_f):
+    if base is None:
+        return f"the base has out_features {out_f} and in_features {in_f}"
+    layout = "(in, out)" if base.fan_in_fan_out else "(out, in)"
+    return (f"{base.name} has out_features {out_f} and in_features {in_f} (shape {tuple(base.shape)}, read as "
+            f"{layout})")
+
+
+def _transpose_fix(base):
+    if base is None:
+        return "is the base transposed?"
+    if base.fan_in_fan_out is None:
+        return (f"{base.name} looks transposed: it must be (out, in); if you quantized a weight stored (in, out), "
+                "quantize weight.T instead")
+    now = bool(base.fan_in_fan_out)
+    stored = "(out, in)" if now else "(in, out)"
+    return f"if {base.name} is stored transposed, as {stored}, pass fan_in_fan_out={not now}"
+
+
+def _adapter_hint(a_shape, b_shape, out_f, in_f, base, name):
+    """Why A (r, in) / B (out, r) do not fit a base (out_f, in_f): the likely mistake and its
+    fix, or a plain statement of the mismatch. ``b_shape`` may be None (B not a 2-D array)."""
+    desc = _base_desc(base, out_f, in_f)
+    if name == "lora_a":
+        cols = a_shape[1]
+        if b_shape is not None and a_shape == (out_f, b_shape[0]) and b_shape == (a_shape[1], in_f):
+            return (f"lora_a and lora_b look swapped: lora_a has shape {a_shape} and lora_b {b_shape}, the shapes "
+                    f"of B (out_features, rank) and A (rank, in_features) for this base ({desc}); pass "
+                    f"lora_a=A, lora_b=B")
+        if cols == out_f and out_f != in_f:
+            return f"lora_a has {cols} columns but {desc}; {_transpose_fix(base)}"
+        return (f"lora_a has {cols} columns but {desc}; the adapter does not fit this base (an adapter for another "
+                f"model or layer?)")
+    rank = a_shape[0]
+    rows, cols = b_shape
+    if b_shape == (rank, out_f) and rank != out_f:
+        return "lora_b looks transposed: B is (out_features, rank); pass lora_b.T"
+    if rows == out_f:
+        return (f"lora_a has rank {rank} (its first dimension) but lora_b has {cols} columns: A and B must have the "
+                f"same rank (are they from different adapters?)")
+    if rows == in_f and out_f != in_f:
+        return f"lora_b has {rows} rows but {desc}; {_transpose_fix(base)}"
+    return (f"lora_b has {rows} rows but {desc}; the adapter does not fit this base (an adapter for another model "
+            f"or layer?)")
+
+
+def _factor(name, a, hint):
+    a = float_array(name, a, None)
+    if a.ndim != 2:
+        raise ShapeError(f"expected {name} to be 2-D, got shape {a.shape}{hint}")
+    if a.size == 0:
+        raise ShapeError(f"expected a non-empty {name}, got shape {a.shape}")
+    return a
+
+
+def low_rank_arrays(lora_a, lora_b, out_f, in_f, base=None):
+    """Validate A (r, in) and B (out, r) against the base's shape; return (A, B, r).
+    ``base``: a :class:`Base` for the messages (what the base is and its stored shape)."""
+    lora_a = _factor("lora_a", lora_a, ": A is (rank, in_features); a rank-1 A is lora_a.reshape(1, -1)")
+    rank = lora_a.shape[0]
+    if lora_a.shape[1] != in_f:
+        try:
+            b_shape = tuple(_factor("lora_b", lora_b, "").shape)
+        except NumloraError:  # B is bad too: the message is about A
+            b_shape = None
+        hint = _adapter_hint(tuple(lora_a.shape), b_shape, out_f, in_f, base, "lora_a")
+        if hint.startswith("lora_a and lora_b look swapped"):
+            rank = b_shape[0]
+        raise ShapeError(f"expected lora_a of shape {(rank, in_f)}, got {tuple(lora_a.shape)}: {hint}")
+    lora_b = _factor("lora_b", lora_b, ": B is (out_features, rank); a rank-1 B is lora_b.reshape(-1, 1)")
+    if tuple(lora_b.shape) != (out_f, rank):
+        hint = _adapter_hint(tuple(lora_a.shape), tuple(lora_b.shape), out_f, in_f, base, "lora_b")
+        raise ShapeError(f"expected lora_b of shape {(out_f, rank)}, got {tuple(lora_b.shape)}: {hint}")
+    return lora_a, lora_b, rank
+
+
+def weight_array(weight, fan_in_fan_out, name="weight"):
+    """A dense base weight: a 2-D float array (a 1-D one gets a hint)."""
+    w = float_array(name, weight, None)
+    if w.ndim != 2:
+        layout = "(in_features, out_features) (fan_in_fan_out=True)" if fan_in_fan_out else \
+            "(out_features, in_features)"
+        hint = (": a 1-D array looks like a bias or a flattened weight; pass the 2-D weight, or "
+                "reshape it to its (out_features, in_features)" if w.ndim == 1 else "")
+        raise ShapeError(f"expected {name} to be 2-D, got shape {w.shape}: a Linear weight is a {layout} "
+                         f"matrix{hint}")
+    return w
+
+
+def adapter_arrays(weight, lora_a, lora_b, fan_in_fan_out):
+    """Validate weight, A, B; return (weight, A, B, out_features, in_features, rank).
+    Shape errors say what is likely wrong (a transposed weight, A and B swapped, an
+    adapter for another base) and how to fix it."""
+    fan_in_fan_out = flag("fan_in_fan_out", fan_in_fan_out)
+    weight = weight_array(weight, fan_in_fan_out)
+    if fan_in_fan_out:
+        in_f, out_f = weight.shape
+    else:
+        out_f, in_f = weight.shape
+    lora_a, lora_b, rank = low_rank_arrays(lora_a, lora_b, out_f, in_f,
+                                            base=Base("the weight", weight.shape, fan_in_fan_out))
+    return weight, lora_a, lora_b, out_f, in_f, rank
+
+
+def input_rows(x, in_f, name="x", what="in_features"):
+    """Validate a batch of row vectors: (width,) or (n, width), float, n may be 0."""
+    x = float_array(name, x, (1, 2), allow_empty=True)
+    if x.shape[-1] != in_f:
+        want = (in_f,) if x.ndim == 1 else (x.shape[0], in_f)
+        raise ShapeError(f"expected {name} of shape {want} ({what} = {in_f}), got {x.shape}")
+    return x
+
+
+def bias_array(bias, out_f, dtype):
+    if bias is None:
+        return np.zeros(1, dtype), False
+    bias = float_array("bias", bias, 1)
+    expect_shape("bias", bias, (out_f,))
+    return np.ascontiguousarray(bias, dtype), True
+
+
+def prepare_out(out, x, out_f, dtype):
+    shape = (out_f,) if x.ndim == 1 else (x.shape[0], out_f)
+    if out is None:
+        return np.empty(shape, dtype)
+    return out_array("out", out, shape, dtype)
+
+
+def private_out(out, inputs):
+    """``(buffer, dest)``: the caller's ``out`` itself and None, or, when ``out`` shares
+    memory with one of ``inputs`` (name -> array), a fresh buffer to compute into and the
+    caller's ``out`` to copy it into at the end (so ``out=x`` or ``out=`` a view of the
+    weight gives the right numbers; the extra buffer is only made then)."""
+    if overlapping(out, inputs) is None:
+        return out, None
+    return np.empty(out.shape, out.dtype), out
+
+
+def deliver(out, dest):
+    if dest is None:
+        return out
+    dest[...] = out
+    return dest
+

@@ -12,35 +12,14 @@ A *device array* is a numba device array or any object with ``__cuda_array_inter
 
 from __future__ import annotations
 
-import sys
-
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from ._dispatch import SIM_MODULES, check_device, is_device_array
 from .errors import DeviceError
 
-__all__ = ["to_device", "to_host", "is_device_array", "cuda_available", "DeviceNF4Tensor"]
-
-_SIM_MODULES = ("numba.cuda.simulator", "numba_cuda.numba.cuda.simulator")
-
-
-def is_device_array(x) -> bool:
-    """True for numba device arrays and any object exposing ``__cuda_array_interface__``
-    (also the CUDA simulator's arrays). Never imports numba."""
-    if isinstance(x, np.ndarray) or x is None:
-        return False
-    try:
-        if hasattr(x, "__cuda_array_interface__"):
-            return True
-    except Exception:  # some libraries raise other errors from the property on host tensors
-        return False
-    return type(x).__module__.startswith(_SIM_MODULES)
-
-
-def on_device(*objs) -> bool:
-    """True if any of ``objs`` is a device array or a :class:`DeviceNF4Tensor`."""
-    return any(isinstance(o, DeviceNF4Tensor) or is_device_array(o) for o in objs)
+__all__ = ["DeviceNF4Tensor", "cuda_available", "is_device_array", "to_device", "to_host"]
 
 
 def cuda_module():
@@ -101,7 +80,7 @@ def as_cuda(x):
     non-blocking streams) must be synchronised by the caller before the numlora call
     (``stream.synchronize()``), as with any CUDA library on another stream."""
     cuda = cuda_module()
-    if type(x).__module__.startswith(_SIM_MODULES) or hasattr(x, "copy_to_host"):
+    if type(x).__module__.startswith(SIM_MODULES) or hasattr(x, "copy_to_host"):
         return x  # already a numba (or simulator) device array
     if _as_cuda_takes_sync(cuda):
         return cuda.as_cuda_array(x, sync=False)
@@ -114,9 +93,13 @@ class DeviceNF4Tensor:
     live on the GPU (``numlora.to_device(t)``; back with ``numlora.to_host``).
 
     ``packed``: uint8 device array ((n + 1) // 2,); ``scales``: float32 device array
-    (n_blocks,) - the decoded scales when the host tensor was double-quantized, whose
-    8-bit codes are kept on the host in ``host_dq`` so that ``to_host`` gives back the
-    same tensor."""
+    (n_blocks,), an attribute as :attr:`NF4Tensor.scales <numlora.nf4.NF4Tensor.scales>`
+    is - the decoded scales when the host tensor was double-quantized, whose 8-bit codes
+    are kept on the host in ``host_dq`` so that ``to_host`` gives back the same tensor.
+    The numlora functions given one run on the GPU."""
+
+    #: Where a DeviceNF4Tensor lives: numlora's dispatch routes calls with one to the GPU.
+    __numlora_device__ = "cuda"
 
     packed: object
     scales: object
@@ -161,7 +144,7 @@ def to_device(x):
         dq = None
         if x.double_quant:
             dq = (x.absmax, x.absmax2, x.offset, x.code8)
-        return DeviceNF4Tensor(cuda.to_device(x.packed), cuda.to_device(np.ascontiguousarray(x.scales())),
+        return DeviceNF4Tensor(cuda.to_device(x.packed), cuda.to_device(np.ascontiguousarray(x._block_scales())),
                                x.shape, x.blocksize, x.dtype, dq)
     if is_device_array(x):
         return as_cuda(x)
@@ -189,19 +172,18 @@ def to_host(x):
 
 
 def _move(x, device: str):
-    if not isinstance(device, str) or device not in ("cuda", "cpu"):
-        from .errors import ConfigError
-
-        raise ConfigError(f"device must be 'cuda' or 'cpu', got {device!r}")
-    return to_device(x) if device == "cuda" else to_host(x)
+    return to_device(x) if check_device(device) == "cuda" else to_host(x)
 
 
 def lock_simulator_shared_arrays():
+    # compatibility: tests/docblocks.py and benchmarks/gpu_check.py still import this here; the test
+    # suite uses tests/cuda_sim.py's copy; removed once they import it from there
     """(Tests and ``benchmarks/gpu_check.py --sim-smoke``.) Work around a race in the CUDA simulator: ``cuda.shared.array`` looks up the
     block's array for the calling line and creates it when missing, without a lock, so two
     simulated threads can each create one and then use different "shared" arrays (a rare,
     wrong result, more likely with the short switch interval used here). Same semantics,
     with a lock (and without the slow traceback walk)."""
+    import sys
     import threading
 
     from numba.cuda.simulator import kernelapi

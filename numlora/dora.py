@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _validate as v
+from . import _validate as validate
+from ._dispatch import dispatch
 from .errors import NonFiniteError, ShapeError
-from .ops import _adapter_arrays, lora_forward
+from .ops import lora_forward
 
 __all__ = ["dora_weight_norm", "dora_forward", "merge_dora"]
 
@@ -28,8 +29,8 @@ ROW_CHUNK = 256
 
 
 def _magnitude(magnitude, out_f):
-    m = v.float_array("magnitude", magnitude, 1)
-    v.expect_shape("magnitude", m, (out_f,))
+    m = validate.float_array("magnitude", magnitude, 1)
+    validate.expect_shape("magnitude", m, (out_f,))
     return m
 
 
@@ -47,11 +48,12 @@ def _check_norm(norm):
                              "undefined")
 
 
+@dispatch(cpu_only=True)
 def dora_weight_norm(weight, lora_a, lora_b, scaling, fan_in_fan_out=False) -> np.ndarray:
     """``||W + scaling * B @ A||`` per output row, float64 ``(out,)`` (``W`` is the weight as
     a ``(out, in)`` matrix: the transpose of the stored one under ``fan_in_fan_out``)."""
-    s = v.real_scalar("scaling", scaling)
-    weight, a, b, out_f, _, _ = _adapter_arrays(weight, lora_a, lora_b, fan_in_fan_out)
+    s = validate.real_scalar("scaling", scaling)
+    weight, a, b, out_f, _, _ = validate.adapter_arrays(weight, lora_a, lora_b, fan_in_fan_out)
     a64 = a.astype(np.float64)
     norm = np.empty(out_f, np.float64)
     for r0 in range(0, out_f, ROW_CHUNK):
@@ -62,6 +64,7 @@ def dora_weight_norm(weight, lora_a, lora_b, scaling, fan_in_fan_out=False) -> n
     return norm
 
 
+@dispatch(cpu_only=True)
 def dora_forward(x, weight, lora_a, lora_b, scaling, magnitude, bias=None, out=None, *,
                  fan_in_fan_out=False, weight_norm=None) -> np.ndarray:
     """``y = (m / n) * (x W^T + scaling * (x A^T) B^T) + b`` with ``n`` the row norms of
@@ -71,31 +74,32 @@ def dora_forward(x, weight, lora_a, lora_b, scaling, magnitude, bias=None, out=N
     :class:`~numlora.layers.LoraLinear` caches it), else it is computed. Other arguments
     as :func:`numlora.ops.lora_forward`; ``out`` may overlap any input (the result is then
     computed into a temporary and copied into it). Returns ``out``."""
-    weight, lora_a, lora_b, out_f, _, _ = _adapter_arrays(weight, lora_a, lora_b, fan_in_fan_out)
+    weight, lora_a, lora_b, out_f, _, _ = validate.adapter_arrays(weight, lora_a, lora_b, fan_in_fan_out)
     m = _magnitude(magnitude, out_f)
-    s = v.real_scalar("scaling", scaling)
-    if out is not None and v.overlapping(out, {"x": x, "weight": weight, "lora_a": lora_a, "lora_b": lora_b,
+    s = validate.real_scalar("scaling", scaling)
+    if out is not None and validate.overlapping(out, {"x": x, "weight": weight, "lora_a": lora_a, "lora_b": lora_b,
                                                "magnitude": m, "bias": bias, "weight_norm": weight_norm}):
         res = dora_forward(x, weight, lora_a, lora_b, s, m, bias, fan_in_fan_out=fan_in_fan_out,
                            weight_norm=weight_norm)
-        v.out_array("out", out, res.shape, res.dtype)
+        validate.out_array("out", out, res.shape, res.dtype)
         out[...] = res
         return out
     if weight_norm is None:
         weight_norm = dora_weight_norm(weight, lora_a, lora_b, s, fan_in_fan_out)
     else:
-        weight_norm = v.float_array("weight_norm", weight_norm, 1)
-        v.expect_shape("weight_norm", weight_norm, (out_f,))
+        weight_norm = validate.float_array("weight_norm", weight_norm, 1)
+        validate.expect_shape("weight_norm", weight_norm, (out_f,))
     _check_norm(weight_norm)
     out = lora_forward(x, weight, lora_a, lora_b, s, None, out=out, fan_in_fan_out=fan_in_fan_out)
     out *= (m.astype(np.float64) / weight_norm).astype(out.dtype)
     if bias is not None:
-        bias = v.float_array("bias", bias, 1)
-        v.expect_shape("bias", bias, (out_f,))
+        bias = validate.float_array("bias", bias, 1)
+        validate.expect_shape("bias", bias, (out_f,))
         out += bias.astype(out.dtype, copy=False)
     return out
 
 
+@dispatch(cpu_only=True)
 def merge_dora(weight, lora_a, lora_b, scaling, magnitude, fan_in_fan_out=False) -> None:
     """Merge a DoRA adapter into ``weight`` in place: ``W <- (m / n) (W + scaling * B @ A)``,
     ``n`` the row norms of ``W + scaling * B @ A`` (rows of ``W^T`` and columns of the
@@ -109,12 +113,12 @@ def merge_dora(weight, lora_a, lora_b, scaling, magnitude, fan_in_fan_out=False)
     ``lora_b`` or ``magnitude`` sharing memory with ``weight`` is refused
     (:class:`~numlora.errors.ShapeError`), as in :func:`numlora.ops.merge_lora`.
     """
-    s = v.real_scalar("scaling", scaling)
-    weight, a, b, out_f, _, _ = _adapter_arrays(weight, lora_a, lora_b, fan_in_fan_out)
+    s = validate.real_scalar("scaling", scaling)
+    weight, a, b, out_f, _, _ = validate.adapter_arrays(weight, lora_a, lora_b, fan_in_fan_out)
     if not weight.flags.writeable:
         raise ShapeError("weight is read-only; merge_dora updates it in place")
     m = _magnitude(magnitude, out_f)
-    v.refuse_overlap("weight", weight, {"lora_a": a, "lora_b": b, "magnitude": m}, "merge_dora")
+    validate.refuse_overlap("weight", weight, {"lora_a": a, "lora_b": b, "magnitude": m}, "merge_dora")
     m = m.astype(np.float64)
     # All norms first, so that a bad row leaves the weight untouched.
     norm = dora_weight_norm(weight, a, b, s, fan_in_fan_out)

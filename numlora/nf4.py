@@ -7,7 +7,6 @@ The format, exactly as bitsandbytes' CPU path writes it, is described in
 
 from __future__ import annotations
 
-import json
 import math
 import operator
 from collections.abc import Mapping
@@ -15,64 +14,34 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import _validate as v
+from . import _backward as bw
+from . import _validate as validate
+from ._dispatch import dispatch
 from ._tables import CODE8, NF4_CODE, NF4_MIDPOINTS
-from .device import on_device as _on_device
-from .errors import ConfigError, DTypeError, FormatError, NonFiniteError, ShapeError
+from ._validate import BLOCKSIZE_MAX, BLOCKSIZE_MIN, MAX_NUMEL, check_blocksize
+from .errors import ConfigError, DTypeError, ShapeError
+from .io.bnb import DQ_GROUP
 
 __all__ = [
+    "BLOCKSIZE_MAX",
+    "BLOCKSIZE_MIN",
+    "CODE8",
+    "DQ_GROUP",
+    "NF4Tensor",
     "NF4_CODE",
     "NF4_MIDPOINTS",
-    "CODE8",
-    "NF4Tensor",
-    "quantize_nf4",
+    "check_blocksize",
     "dequantize_nf4",
     "nf4_matmul",
     "nf4_matmul_t",
-    "qlora_forward",
     "qlora_backward",
-    "BLOCKSIZE_MIN",
-    "BLOCKSIZE_MAX",
-    "check_blocksize",
+    "qlora_forward",
+    "quantize_nf4",
 ]
-
-
-def _gpu():
-    from . import cuda
-
-    return cuda.ops
 
 
 #: The 15 midpoints and a pad entry (never looked up), as the SIMD encoder loads them.
 _MIDS16 = np.append(NF4_MIDPOINTS, np.float32(np.inf)).astype(np.float32)
-
-#: Group size of the double quantization of absmax (bitsandbytes' nested blocksize).
-DQ_GROUP = 256
-
-#: The NF4 blocksizes numlora accepts, from a caller or from a file: ``BLOCKSIZE_MIN <=
-#: blocksize <= BLOCKSIZE_MAX``. bitsandbytes uses 32 ... 4096; the kernels take any size
-#: in this range (the quantizer keeps one block of codes per thread, 4 MiB at the top).
-#: Anything larger is refused: its products with block indices overflow 64-bit integers
-#: in the kernels (a blocksize of 2**63 gave garbage and a matmul that never returned).
-BLOCKSIZE_MIN = 2
-BLOCKSIZE_MAX = 1 << 20
-
-
-def check_blocksize(value, name: str = "blocksize") -> int:
-    """``value`` as a Python int if it is an integer blocksize numlora accepts
-    (``BLOCKSIZE_MIN <= value <= BLOCKSIZE_MAX``); otherwise raise
-    :class:`~numlora.errors.DTypeError` (not an integer; bools are refused) or
-    :class:`~numlora.errors.ConfigError` (out of range), naming ``name``. The one check
-    for every blocksize read from a user (arguments, the CLI) or a file."""
-    bs = v.int_scalar(name, value)
-    if not BLOCKSIZE_MIN <= bs <= BLOCKSIZE_MAX:
-        raise ConfigError(f"{name} must be >= {BLOCKSIZE_MIN} and <= {BLOCKSIZE_MAX} (2**20; bitsandbytes uses "
-                          f"32 ... 4096), got {bs}")
-    return bs
-
-
-#: The largest element count numlora accepts in a shape (int64, the kernels' index type).
-MAX_NUMEL = (1 << 63) - 1
 
 
 def _check_shape(name, shape, error=ShapeError) -> tuple:
@@ -98,7 +67,7 @@ def _check_shape(name, shape, error=ShapeError) -> tuple:
 
 def _finite_field(name, a):
     if a.size and not np.isfinite(a).all():
-        raise v.first_nonfinite(name, a.reshape(-1), a.shape)
+        raise validate.first_nonfinite(name, a.reshape(-1), a.shape)
 
 
 def _tensor_array(name, a, dtypes, shape, why):
@@ -165,7 +134,7 @@ class NF4Tensor:
             self.absmax2 = _tensor_array("absmax2", self.absmax2, (np.float32,), (-(-nblocks // DQ_GROUP),),
                                          f"(ceil(n_blocks / {DQ_GROUP}))")
             self.code8 = _tensor_array("code8", self.code8, (np.float32,), (256,), "")
-            off = v.real_scalar("offset", self.offset)
+            off = validate.real_scalar("offset", self.offset)
             self.offset = np.float32(off)
             _finite_field("absmax2", self.absmax2)
             _finite_field("code8", self.code8)
@@ -192,8 +161,15 @@ class NF4Tensor:
             n += self.absmax2.nbytes + 4
         return n
 
+    @property
     def scales(self) -> np.ndarray:
-        """The float32 block scales (decoded once and kept, when double-quantized)."""
+        """The float32 block scales ``(n_blocks,)``: :attr:`absmax`, or under double
+        quantization its decoded values (decoded once and kept). A property, as
+        :attr:`DeviceNF4Tensor.scales <numlora.device.DeviceNF4Tensor.scales>`."""
+        return _ScalesView.of(self._block_scales())
+
+    def _block_scales(self) -> np.ndarray:
+        """The float32 block scales as a plain ndarray (what the kernels read)."""
         if not self.double_quant:
             return self.absmax
         if self._scales is None:
@@ -244,20 +220,9 @@ class NF4Tensor:
         The packed codes and block scales are views of this tensor's arrays (no copies);
         the code tables are fresh copies.
         """
-        w = _weight_key(prefix)
-        meta = {"quant_type": "nf4", "blocksize": int(self.blocksize), "dtype": _bnb_dtype_name(self.dtype),
-                "shape": [int(d) for d in self.shape]}
-        out = {w: self.packed.reshape(-1, 1), f"{w}.absmax": self.absmax, f"{w}.quant_map": NF4_CODE.copy()}
-        if self.double_quant:
-            offset = np.float32(self.offset)
-            if not np.isfinite(offset):
-                raise NonFiniteError(f"offset must be finite, got {offset}")
-            meta.update(nested_blocksize=DQ_GROUP, nested_dtype="float32", nested_offset=float(offset))
-            out[f"{w}.nested_absmax"] = self.absmax2
-            out[f"{w}.nested_quant_map"] = np.array(self.code8, np.float32)
-        # json.dumps with its default separators, as bitsandbytes' pack_dict_to_tensor
-        out[f"{w}.{_QS_NAME}"] = np.frombuffer(json.dumps(meta).encode("utf-8"), np.uint8).copy()
-        return out
+        from .io import bnb
+
+        return bnb.to_state_dict(self, prefix)
 
     @classmethod
     def from_state_dict(cls, tensors: Mapping[str, np.ndarray], prefix: str = "") -> "NF4Tensor":
@@ -282,13 +247,16 @@ class NF4Tensor:
         float32). Its ``dtype`` is the JSON's. The packed codes and scales are views of
         the given arrays when they are C-contiguous (no copies).
         """
-        return _from_state_dict(cls, tensors, prefix)
+        from .io import bnb
+
+        return bnb.from_state_dict(cls, tensors, prefix)
 
     def __repr__(self) -> str:
         dq = ", double_quant" if self.double_quant else ""
         return f"NF4Tensor(shape={self.shape}, blocksize={self.blocksize}{dq}, nbytes={self.nbytes})"
 
 
+@dispatch
 def quantize_nf4(w, blocksize: int = 64, double_quant: bool = False) -> NF4Tensor:
     """Quantize ``w`` to NF4, bit-identical to ``bitsandbytes.functional.quantize_4bit(w,
     blocksize=blocksize, quant_type="nf4")`` on the CPU.
@@ -300,9 +268,7 @@ def quantize_nf4(w, blocksize: int = 64, double_quant: bool = False) -> NF4Tenso
     :func:`check_blocksize`). ``double_quant=True``
     also quantizes the block scales to 8 bits (QLoRA's double quantization).
     """
-    if _on_device(w):
-        return _gpu().quantize_nf4(w, blocksize, double_quant)
-    w = v.float_array("w", w, None)
+    w = validate.float_array("w", w, None)
     bs = check_blocksize(blocksize)
     if not isinstance(double_quant, (bool, np.bool_)):
         raise ConfigError(f"double_quant must be True or False, got {double_quant!r}")
@@ -322,7 +288,7 @@ def quantize_nf4(w, blocksize: int = 64, double_quant: bool = False) -> NF4Tenso
     finite = np.isfinite(absmax)
     if not finite.all():
         b = int(np.argmin(finite))
-        raise v.first_nonfinite("w", x, shape, start=b * bs)
+        raise validate.first_nonfinite("w", x, shape, start=b * bs)
     t = NF4Tensor(packed, absmax, shape, bs, dtype=str(w.dtype))
     if double_quant:
         t = _double_quantize(t)
@@ -341,157 +307,21 @@ def _double_quantize(t: NF4Tensor) -> NF4Tensor:
                      code8=CODE8, dtype=t.dtype)
 
 
-#: The name of the packed quant state under ``<prefix>.weight.``.
-_QS_NAME = "quant_state.bitsandbytes__nf4"
+class _ScalesView(np.ndarray):
+    """The value of :attr:`NF4Tensor.scales`: the scales array, also callable (``t.scales()``
+    gives the plain array). compatibility: ``scales`` was a method, and multi.py and some
+    tests still call it; removed once they read the property."""
 
-#: bitsandbytes' name (a torch dtype's) of the original weight dtype, by NF4Tensor.dtype.
-_BNB_DTYPE = {"float32": "float32", "float64": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+    @classmethod
+    def of(cls, a):
+        return a.view(cls)
 
-#: The dtypes bitsandbytes' dequantize_4bit accepts in the quant state.
-_STATE_DTYPES = ("float32", "bfloat16", "float16")
+    def __call__(self):
+        return self.view(np.ndarray)
 
-_META_FIELDS = ("quant_type", "blocksize", "dtype", "shape")
-_NESTED_FIELDS = ("nested_blocksize", "nested_dtype", "nested_offset")
-
-
-def _weight_key(prefix) -> str:
-    """``<prefix>.weight`` (``weight`` for the empty prefix), after checking the prefix."""
-    if not isinstance(prefix, str):
-        raise DTypeError(f"prefix must be a str (a module path such as 'model.layers.0.mlp.up_proj'), "
-                         f"got {type(prefix).__name__}")
-    if prefix.startswith(".") or prefix.endswith(".") or ".." in prefix:
-        raise ConfigError(f"prefix must be a module path without a leading, trailing or doubled dot "
-                          f"(e.g. 'model.layers.0.mlp.up_proj', or '' for a bare module), got {prefix!r}")
-    return f"{prefix}.weight" if prefix else "weight"
-
-
-def _bnb_dtype_name(dtype) -> str:
-    name = str(dtype)
-    if name not in _BNB_DTYPE:
-        raise DTypeError(f"expected the NF4Tensor's dtype to be one of {sorted(_BNB_DTYPE)}, got {name!r}")
-    return _BNB_DTYPE[name]
-
-
-def _state_array(tensors, key, dtype, shape, what=""):
-    """``tensors[key]``, checked to be a numpy array of ``dtype`` and ``shape``."""
-    if key not in tensors:
-        raise FormatError(f"missing key {key!r}{what}")
-    a = tensors[key]
-    if not isinstance(a, np.ndarray):
-        raise DTypeError(f"expected {key!r} to be a numpy array, got {type(a).__name__}"
-                         + (" (convert torch tensors with .numpy())" if hasattr(a, "numpy") else ""))
-    if a.dtype != np.dtype(dtype):
-        raise DTypeError(f"expected {key!r} with dtype {np.dtype(dtype)}{what}, got {a.dtype}")
-    if shape is not None and tuple(a.shape) != tuple(shape):
-        raise ShapeError(f"expected {key!r} of shape {tuple(shape)}{what}, got {tuple(a.shape)}")
-    return np.ascontiguousarray(a)
-
-
-def _check_finite(key, a):
-    finite = np.isfinite(a)
-    if not finite.all():
-        i = int(np.argmin(finite.reshape(-1)))
-        raise NonFiniteError(f"expected finite values in {key!r}, got {a.reshape(-1)[i]} at index {i}")
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _read_quant_state(tensors, w):
-    """The JSON quant state of ``<w>.quant_state.bitsandbytes__nf4``, fields checked."""
-    key = f"{w}.{_QS_NAME}"
-    qs_prefix = f"{w}.quant_state."
-    others = sorted(k for k in tensors if isinstance(k, str) and k.startswith(qs_prefix) and k != key)
-    if others:
-        raise FormatError(f"expected exactly one quant state, {key!r} (numlora reads quant_type 'nf4' only), "
-                          f"got {others + ([key] if key in tensors else [])}")
-    raw = _state_array(tensors, key, np.uint8, None, " (the packed bitsandbytes quant state)")
-    if raw.ndim != 1:
-        raise ShapeError(f"expected {key!r} to be 1-D (UTF-8 JSON bytes), got shape {raw.shape}")
-    try:
-        meta = json.loads(raw.tobytes().decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise FormatError(f"expected {key!r} to hold UTF-8 JSON, got bytes that do not parse ({exc})") from None
-    if not isinstance(meta, dict):
-        raise FormatError(f"expected {key!r} to hold a JSON object, got {type(meta).__name__}")
-    unknown = sorted(set(meta) - set(_META_FIELDS) - set(_NESTED_FIELDS))
-    if unknown:
-        raise FormatError(f"expected only the fields {list(_META_FIELDS + _NESTED_FIELDS)} in {key!r}, "
-                          f"got unknown fields {unknown}")
-    missing = [f for f in _META_FIELDS if f not in meta]
-    if missing:
-        raise FormatError(f"expected the fields {list(_META_FIELDS)} in {key!r}, missing {missing}")
-    if meta["quant_type"] != "nf4":
-        raise FormatError(f"expected quant_type 'nf4' in {key!r}, got {meta['quant_type']!r}")
-    bs = meta["blocksize"]
-    if not _is_int(bs) or not BLOCKSIZE_MIN <= bs <= BLOCKSIZE_MAX:
-        raise FormatError(f"expected blocksize in {key!r} to be an integer >= {BLOCKSIZE_MIN} and <= "
-                          f"{BLOCKSIZE_MAX} (2**20), got {bs!r}")
-    if meta["dtype"] not in _STATE_DTYPES:
-        raise DTypeError(f"expected dtype in {key!r} to be one of {list(_STATE_DTYPES)}, got {meta['dtype']!r}")
-    shape = meta["shape"]
-    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
-        raise ShapeError(f"expected shape in {key!r} to be a list of non-negative integers, got {shape!r}")
-    if math.prod(shape) > MAX_NUMEL or any(d > MAX_NUMEL for d in shape):
-        raise ShapeError(f"expected shape in {key!r} with at most 2**63 - 1 elements, got {shape!r} "
-                         f"({math.prod(shape)} elements)")
-    nested = [f for f in _NESTED_FIELDS if f in meta]
-    if nested and len(nested) != len(_NESTED_FIELDS):
-        raise FormatError(f"expected all of {list(_NESTED_FIELDS)} in {key!r} (double quantization) or none, "
-                          f"got only {nested}")
-    if nested:
-        if meta["nested_blocksize"] != DQ_GROUP or not _is_int(meta["nested_blocksize"]):
-            raise FormatError(f"expected nested_blocksize {DQ_GROUP} in {key!r} (the only one numlora decodes), "
-                              f"got {meta['nested_blocksize']!r}")
-        if meta["nested_dtype"] != "float32":
-            raise DTypeError(f"expected nested_dtype 'float32' in {key!r}, got {meta['nested_dtype']!r}")
-        off = meta["nested_offset"]
-        if isinstance(off, bool) or not isinstance(off, (int, float)):
-            raise FormatError(f"expected nested_offset in {key!r} to be a number, got {off!r}")
-        try:
-            with np.errstate(over="ignore"):
-                off32 = np.float32(float(off))
-        except OverflowError:  # a JSON integer beyond float64
-            off32 = np.float32(np.inf)
-        if not np.isfinite(off32):
-            raise NonFiniteError(f"expected a finite nested_offset in {key!r}, got {off!r}")
-    return meta, bool(nested)
-
-
-def _from_state_dict(cls, tensors, prefix):
-    w = _weight_key(prefix)
-    if not isinstance(tensors, Mapping):
-        raise DTypeError(f"tensors must be a mapping of key to numpy array, got {type(tensors).__name__}")
-    meta, nested = _read_quant_state(tensors, w)
-    shape = tuple(meta["shape"])
-    bs = meta["blocksize"]
-    n = math.prod(shape)
-    nblocks = -(-n // bs)
-    packed = _state_array(tensors, w, np.uint8, ((n + 1) // 2, 1), " (packed 4-bit codes)")
-    qm = _state_array(tensors, f"{w}.quant_map", np.float32, (16,))
-    diff = np.flatnonzero(qm.view(np.uint32) != NF4_CODE.view(np.uint32))
-    if diff.size:
-        i = int(diff[0])
-        raise FormatError(f"expected {w + '.quant_map'!r} to be the NF4 codebook bit for bit, got {qm[i]!r} "
-                          f"at index {i} where NF4 has {NF4_CODE[i]!r}")
-    nested_keys = (f"{w}.nested_absmax", f"{w}.nested_quant_map")
-    if nested:
-        why = " (the quant state says double quantization)"
-        absmax = _state_array(tensors, f"{w}.absmax", np.uint8, (nblocks,), why)
-        absmax2 = _state_array(tensors, nested_keys[0], np.float32, (-(-nblocks // DQ_GROUP),), why)
-        code8 = _state_array(tensors, nested_keys[1], np.float32, (256,), why)
-        _check_finite(nested_keys[0], absmax2)
-        _check_finite(nested_keys[1], code8)
-        return cls(packed.reshape(-1), absmax, shape, bs, absmax2=absmax2,
-                   offset=np.float32(meta["nested_offset"]), code8=code8.copy(), dtype=meta["dtype"])
-    stray = [k for k in nested_keys if k in tensors]
-    if stray:
-        raise FormatError(f"unexpected keys {stray}: the quant state {w + '.' + _QS_NAME!r} has no "
-                          f"double quantization fields {list(_NESTED_FIELDS)}")
-    absmax = _state_array(tensors, f"{w}.absmax", np.float32, (nblocks,), " (no double quantization)")
-    _check_finite(f"{w}.absmax", absmax)
-    return cls(packed.reshape(-1), absmax, shape, bs, dtype=meta["dtype"])
+    def __array_wrap__(self, arr, context=None, return_scalar=False):
+        arr = arr.view(np.ndarray)
+        return arr[()] if return_scalar else arr
 
 
 def _check_tensor(t):
@@ -500,13 +330,12 @@ def _check_tensor(t):
     return t
 
 
+@dispatch
 def dequantize_nf4(t: NF4Tensor, out=None) -> np.ndarray:
     """Decode ``t`` to a float32 array of ``t.shape``: ``code[nibble] * absmax[block]``
     (absmax decoded from its 8-bit codes first under double quantization). ``out``: an
     optional preallocated C-contiguous float32 array of ``t.shape``; if it shares memory
     with the tensor's arrays the result is decoded into a temporary and copied into it."""
-    if _on_device(t, out):
-        return _gpu().dequantize_nf4(t, out)
     _check_tensor(t)
     from .kernels import nf4 as k
 
@@ -514,33 +343,21 @@ def dequantize_nf4(t: NF4Tensor, out=None) -> np.ndarray:
     if out is None:
         out = np.empty(t.shape, np.float32)
     else:
-        out, dest = _private_out(v.out_array("out", out, t.shape, np.float32), _tensor_arrays(t))
+        out, dest = validate.private_out(validate.out_array("out", out, t.shape, np.float32), _tensor_arrays(t))
     n, bs = t.numel, t.blocksize
+    scales = t._block_scales()
     if _simd_ok(k, bs) and n % bs == 0:
-        k.nf4_decode_simd(t.packed, t.scales(), bs, NF4_CODE, 0, n // bs, out.reshape(-1))
+        k.nf4_decode_simd(t.packed, scales, bs, NF4_CODE, 0, n // bs, out.reshape(-1))
     else:
-        k.nf4_dequantize_range(t.packed, t.scales(), bs, NF4_CODE, 0, n, out.reshape(-1))
-    return _deliver(out, dest)
+        k.nf4_dequantize_range(t.packed, scales, bs, NF4_CODE, 0, n, out.reshape(-1))
+    return validate.deliver(out, dest)
 
 
 def _tensor_arrays(t):
     """The arrays of an NF4Tensor a decode reads while it writes, by name, for the overlap
     checks of ``out=``: the codes and the float32 scales (under double quantization the
     scales are decoded from absmax, absmax2 and code8 once, before anything is written)."""
-    return {"t.packed": t.packed, "t.scales()": t.scales()}
-
-
-def _private_out(out, inputs):
-    from .ops import _private_out as po
-
-    return po(out, inputs)
-
-
-def _deliver(out, dest):
-    if dest is None:
-        return out
-    dest[...] = out
-    return dest
+    return {"t.packed": t.packed, "t.scales": t._block_scales()}
 
 
 def _simd_ok(k, blocksize) -> bool:
@@ -549,7 +366,7 @@ def _simd_ok(k, blocksize) -> bool:
 
 
 #: float32 elements per decoded tile on the large-batch path (8 MiB at most, whatever the
-#: weight's size: larger tiles keep BLAS efficient; measured 1.5x faster than 1 MiB at batch 128).
+#: weight's size: larger tiles keep BLAS efficient).
 TILE_ELEMS = 1 << 21
 
 #: Batches up to this many rows run the fused kernels (each byte of W decoded once, in
@@ -566,34 +383,33 @@ def _weight_2d(t):
     return t.shape
 
 
-def nf4_matmul(x, t: NF4Tensor, out=None) -> np.ndarray:
-    """``x deq(W)^T`` for an NF4 weight ``W`` of shape (out, in), without ever holding the
-    dequantized weight.
+@dispatch
+def nf4_matmul(x, t: NF4Tensor, out=None, *, bias=None) -> np.ndarray:
+    """``x deq(W)^T (+ bias)`` for an NF4 weight ``W`` of shape (out, in), without ever
+    holding the dequantized weight.
 
     Batches of up to ``FUSED_MAX_ROWS`` rows run fused kernels that read the packed codes
     and scales directly and decode in registers (AVX-512 / AVX2 permutes where the CPU has
     them, lookup tables otherwise); a row's result is then bit-identical whatever the batch
     size (up to that limit) and the thread count. Larger batches decode tiles of W (8 MiB
     at most) and multiply them with BLAS. Results agree with ``x @ dequantize_nf4(t).T``
-    in float64 to ~1e-6 relative (see docs/performance.md for measured errors).
+    to float32 rounding (see docs/performance.md for measured errors).
 
-    ``out`` may overlap ``x`` or the tensor's arrays: the result is then computed into a
-    temporary and copied into ``out``.
+    ``bias``: optional (out,), added in the same kernel (what a QLoRA layer without its
+    adapter runs). ``out`` may overlap ``x``, the bias or the tensor's arrays: the result
+    is then computed into a temporary and copied into ``out``.
     """
-    if _on_device(x, t, out):
-        return _gpu().nf4_matmul(x, t, out)
     out_f, in_f = _weight_2d(t)
-    from .ops import _input_rows, _prepare_out
-
-    x = _input_rows(x, in_f)
+    x = validate.input_rows(x, in_f)
+    b_arr, use_bias = validate.bias_array(bias, out_f, np.float32)
     dest = None
     out_given = out is not None
-    out = _prepare_out(out, x, out_f, np.float32)
+    out = validate.prepare_out(out, x, out_f, np.float32)
     if out_given:
-        out, dest = _private_out(out, {"x": x, **_tensor_arrays(t)})
+        out, dest = validate.private_out(out, {"x": x, "bias": bias, **_tensor_arrays(t)})
     x2 = np.ascontiguousarray(x.reshape(-1, in_f), np.float32)
-    _nf4_forward(x2, t, None, None, 0.0, None, out.reshape(-1, out_f))
-    return _deliver(out, dest)
+    _nf4_forward(x2, t, None, None, 0.0, b_arr if use_bias else None, out.reshape(-1, out_f))
+    return validate.deliver(out, dest)
 
 
 def _nf4_forward(x2, t, lora_a, lora_b, s, bias, out2, x_lora=None, u_out=None):
@@ -608,7 +424,7 @@ def _nf4_forward(x2, t, lora_a, lora_b, s, bias, out2, x_lora=None, u_out=None):
     if n == 0:
         return
     out_f, in_f = t.shape
-    scales = t.scales()
+    scales = t._block_scales()
     use_bias = bias is not None
     b_arr = bias if use_bias else np.zeros(1, np.float32)
     xl = x2 if x_lora is None else x_lora
@@ -616,15 +432,11 @@ def _nf4_forward(x2, t, lora_a, lora_b, s, bias, out2, x_lora=None, u_out=None):
         _nf4_blas(x2, t, scales, out2)
         if lora_a is not None:
             if x_lora is None and u_out is None:
-                from .ops import _add_low_rank
-
-                _add_low_rank(x2, lora_a, lora_b, s, out2)
+                bw.add_low_rank(x2, lora_a, lora_b, s, out2)
             else:
-                from .ops import _expand_into
-
                 u = np.dot(xl, lora_a.T, out=u_out)
                 u *= np.float32(s)
-                _expand_into(u, lora_b, out2)
+                bw.expand_into(u, lora_b, out2)
         if use_bias:
             out2 += b_arr
         return
@@ -683,25 +495,22 @@ def _row_tiles(t, scales):
         yield r0, r1, cur
 
 
+@dispatch
 def nf4_matmul_t(g, t: NF4Tensor, out=None) -> np.ndarray:
     """``g deq(W)`` for an NF4 weight ``W`` (out, in) and ``g`` of shape (out,) or
     (n, out): the input gradient of ``y = x deq(W)^T``, fused the same way (W is decoded a
     row segment at a time, never whole). Returns (in,) or (n, in). ``out`` may overlap
     ``g`` or the tensor's arrays (computed into a temporary then)."""
-    if _on_device(g, t, out):
-        return _gpu().nf4_matmul_t(g, t, out)
     out_f, in_f = _weight_2d(t)
-    from .ops import _input_rows, _prepare_out
-
-    g = _input_rows(g, out_f, "g", "out_features")
+    g = validate.input_rows(g, out_f, "g", "out_features")
     dest = None
     out_given = out is not None
-    out = _prepare_out(out, g, in_f, np.float32)
+    out = validate.prepare_out(out, g, in_f, np.float32)
     if out_given:
-        out, dest = _private_out(out, {"g": g, **_tensor_arrays(t)})
+        out, dest = validate.private_out(out, {"g": g, **_tensor_arrays(t)})
     g2 = np.ascontiguousarray(g.reshape(-1, out_f), np.float32)
     _nf4_grad_input(g2, t, out.reshape(-1, in_f))
-    return _deliver(out, dest)
+    return validate.deliver(out, dest)
 
 
 def _nf4_grad_input(g2, t, dx):
@@ -714,7 +523,7 @@ def _nf4_grad_input(g2, t, dx):
     n = g2.shape[0]
     if n == 0:
         return
-    scales = t.scales()
+    scales = t._block_scales()
     if n <= FUSED_MAX_ROWS:
         k.nf4_matmul_t(t.packed, scales, t.blocksize, NF4_CODE, g2, dx)
         return
@@ -729,6 +538,7 @@ def _nf4_grad_input(g2, t, dx):
             dx += tmp
 
 
+@dispatch
 def qlora_backward(x, t: NF4Tensor, lora_a, lora_b, scaling, grad_out, *, dropout=None, x_drop=None, u=None,
                    grad_a=None, grad_b=None, need_grad_x=True):
     """Gradients of ``y = x deq(W)^T + b + scaling * dropout(x) A^T B^T`` for an NF4 base
@@ -737,63 +547,61 @@ def qlora_backward(x, t: NF4Tensor, lora_a, lora_b, scaling, grad_out, *, dropou
     decoded tiles and BLAS for large ones; never a whole dequantized copy of W).
     float32 throughout. ``grad_a`` / ``grad_b`` may overlap the inputs (those are copied
     first, as in :func:`~numlora.ops.lora_backward`)."""
-    if _on_device(x, t, lora_a, lora_b, grad_out):
-        return _gpu().qlora_backward(x, t, lora_a, lora_b, scaling, grad_out, dropout=dropout, x_drop=x_drop, u=u, grad_a=grad_a, grad_b=grad_b, need_grad_x=need_grad_x)
     out_f, in_f = _weight_2d(t)
-    from .ops import _backward_core, _backward_inputs, _check_x_drop_alone, _finish_backward, _grad_buffer
-    from .ops import _low_rank_arrays, _unalias_grads
-
-    lora_a, lora_b, rank = _low_rank_arrays(lora_a, lora_b, out_f, in_f, base=_nf4_base(t))
-    s = v.real_scalar("scaling", scaling)
-    need_grad_x = v.flag("need_grad_x", need_grad_x)
-    _check_x_drop_alone(x_drop, dropout, need_grad_x)
+    lora_a, lora_b, rank = validate.low_rank_arrays(lora_a, lora_b, out_f, in_f, base=_nf4_base(t))
+    s = validate.real_scalar("scaling", scaling)
+    need_grad_x = validate.flag("need_grad_x", need_grad_x)
+    bw.check_x_drop_alone(x_drop, dropout, need_grad_x)
     dt = np.dtype(np.float32)
-    x2, xd2, g2, us, drop, one_d = _backward_inputs(x, in_f, out_f, grad_out, dt, dropout, x_drop, u, rank)
+    x2, xd2, g2, us, drop, one_d = bw.backward_inputs(x, in_f, out_f, grad_out, dt, dropout, x_drop, u, rank)
     if us is not None:
         us = us * np.float32(s)
-    grad_a = _grad_buffer("grad_a", grad_a, lora_a.shape, dt)
-    grad_b = _grad_buffer("grad_b", grad_b, lora_b.shape, dt)
+    grad_a = bw.grad_buffer("grad_a", grad_a, lora_a.shape, dt)
+    grad_b = bw.grad_buffer("grad_b", grad_b, lora_b.shape, dt)
     a, b = np.ascontiguousarray(lora_a, dt), np.ascontiguousarray(lora_b, dt)
-    x2, xd2, g2, us, a, b = _unalias_grads(grad_a, grad_b, (x2, xd2, g2, us, a, b))
+    x2, xd2, g2, us, a, b = bw.unalias_grads(grad_a, grad_b, (x2, xd2, g2, us, a, b))
     if need_grad_x and (grad_a is not None or grad_b is not None):
         names = [k for k, arr in _tensor_arrays(t).items()
-                 if v.shares_memory(grad_a, arr) or v.shares_memory(grad_b, arr)]
+                 if validate.shares_memory(grad_a, arr) or validate.shares_memory(grad_b, arr)]
         if names:
             raise ShapeError(f"grad_a / grad_b share memory with {names[0]}: they are accumulated in place while "
                              "the NF4 weight is still read; pass separate arrays")
-    dx, grad_a, grad_b = _backward_core(x2, xd2, a, b, s, g2, us, drop, grad_a, grad_b, bool(need_grad_x),
-                                        lambda g, d: _nf4_grad_input(g, t, d))
-    return _finish_backward(dx, grad_a, grad_b, one_d, in_f)
+    dx, grad_a, grad_b = bw.backward_core(x2, xd2, a, b, s, g2, us, drop, grad_a, grad_b, bool(need_grad_x),
+                                          lambda g, d: _nf4_grad_input(g, t, d))
+    return bw.finish_backward(dx, grad_a, grad_b, one_d, in_f)
 
 
-def qlora_forward(x, t: NF4Tensor, lora_a, lora_b, scaling, bias=None, out=None) -> np.ndarray:
+@dispatch
+def qlora_forward(x, t: NF4Tensor, lora_a, lora_b, scaling, bias=None, out=None, *, x_lora=None) -> np.ndarray:
     """``y = x deq(W)^T + b + scaling * (x A^T) B^T`` for an NF4 base weight, fused as in
     :func:`nf4_matmul` (the LoRA shrink, expand and the bias run inside the same kernel
     for batches up to ``FUSED_MAX_ROWS``). float32 throughout. ``out`` may overlap the
     inputs (``out=x``, ``out=lora_a``...): the result is then computed into a temporary
-    and copied into ``out``, the same as without overlap."""
-    if _on_device(x, t, lora_a, lora_b, bias, out):
-        return _gpu().qlora_forward(x, t, lora_a, lora_b, scaling, bias, out)
+    and copied into ``out``, the same as without overlap. ``x_lora``: optional input of
+    the LoRA branch, of x's shape, when it differs from x (the dropped input of a training
+    forward), as in :func:`~numlora.ops.lora_forward`."""
     out_f, in_f = _weight_2d(t)
-    from .ops import _bias, _input_rows, _low_rank_arrays, _prepare_out
-
-    lora_a, lora_b, _ = _low_rank_arrays(lora_a, lora_b, out_f, in_f, base=_nf4_base(t))
-    s = v.real_scalar("scaling", scaling)
-    x = _input_rows(x, in_f)
-    b_arr, use_bias = _bias(bias, out_f, np.float32)
+    lora_a, lora_b, _ = validate.low_rank_arrays(lora_a, lora_b, out_f, in_f, base=_nf4_base(t))
+    s = validate.real_scalar("scaling", scaling)
+    x = validate.input_rows(x, in_f)
+    xl = None
+    if x_lora is not None:
+        xl = validate.input_rows(x_lora, in_f, "x_lora")
+        if xl.shape != x.shape:
+            raise ShapeError(f"expected x_lora of shape {x.shape} (the shape of x), got {xl.shape}")
+    b_arr, use_bias = validate.bias_array(bias, out_f, np.float32)
     dest = None
     out_given = out is not None
-    out = _prepare_out(out, x, out_f, np.float32)
+    out = validate.prepare_out(out, x, out_f, np.float32)
     if out_given:
-        out, dest = _private_out(out, {"x": x, "lora_a": lora_a, "lora_b": lora_b, "bias": bias,
-                                       **_tensor_arrays(t)})
+        out, dest = validate.private_out(out, {"x": x, "lora_a": lora_a, "lora_b": lora_b, "bias": bias,
+                                               "x_lora": xl, **_tensor_arrays(t)})
     x2 = np.ascontiguousarray(x.reshape(-1, in_f), np.float32)
+    xl2 = None if xl is None else np.ascontiguousarray(xl.reshape(-1, in_f), np.float32)
     _nf4_forward(x2, t, np.ascontiguousarray(lora_a, np.float32), np.ascontiguousarray(lora_b, np.float32), s,
-                 b_arr if use_bias else None, out.reshape(-1, out_f))
-    return _deliver(out, dest)
+                 b_arr if use_bias else None, out.reshape(-1, out_f), x_lora=xl2)
+    return validate.deliver(out, dest)
 
 
 def _nf4_base(t):
-    from .ops import _Base
-
-    return _Base("the NF4 weight", t.shape, None)
+    return validate.Base("the NF4 weight", t.shape, None)

@@ -1,6 +1,7 @@
 """What the CUDA test files share: whether a GPU or the simulator is here, the `cuda_test`
 marker, tiny launch sizes under the simulator (as stumpy patches THREADS_PER_BLOCK), and
-the launcher that re-runs a file's `gpu` tests on the simulator from a normal run."""
+the launcher that re-runs a file's `gpu` tests on the simulator from a normal run, and a
+fix of a race in the simulator's shared arrays (applied when the simulator is on)."""
 
 from __future__ import annotations
 
@@ -30,9 +31,43 @@ def _real_gpu() -> bool:
         return False
 
 
-if SIM:
-    from numlora.device import lock_simulator_shared_arrays
+def lock_simulator_shared_arrays():
+    """Work around a race in the CUDA simulator: ``cuda.shared.array`` looks up the
+    block's array for the calling line and creates it when missing, without a lock, so two
+    simulated threads can each create one and then use different "shared" arrays (a rare,
+    wrong result, more likely with the short switch interval used here). Same semantics,
+    with a lock (and without the slow traceback walk)."""
+    import threading
 
+    from numba.cuda.simulator import kernelapi
+
+    cls = kernelapi.FakeCUDAShared
+    if getattr(cls, "_numlora_locked", False):
+        return
+    orig = cls.array
+    lock = threading.Lock()
+
+    def array(self, shape, dtype, alignment=None):
+        if shape == 0:  # dynamic shared memory: no per-line allocation
+            return orig(self, shape, dtype)
+        f = sys._getframe(1)
+        caller = (f.f_code.co_filename, f.f_lineno)
+        with lock:
+            res = self._allocations.get(caller)
+            if res is None:
+                from numba.core import types
+                from numba.np import numpy_support
+
+                dt = numpy_support.as_dtype(dtype) if isinstance(dtype, types.Type) else dtype
+                res = np.empty(shape, dt)
+                self._allocations[caller] = res
+        return res
+
+    cls.array = array
+    cls._numlora_locked = True
+
+
+if SIM:
     lock_simulator_shared_arrays()
 
 GPU = _real_gpu()

@@ -17,6 +17,7 @@ import threading
 import numpy as np
 
 from .. import _validate as v
+from .._dispatch import register
 from .._tables import CODE8, NF4_CODE
 from ..device import DeviceNF4Tensor, as_cuda, cuda_module, is_device_array
 from ..errors import ConfigError, DeviceError, DTypeError, NonFiniteError, ShapeError
@@ -208,6 +209,7 @@ def _weight(weight, fan_in_fan_out):
     return weight, out_f, in_f, sw
 
 
+@register("cuda")
 def lora_forward(x, weight, lora_a, lora_b, scaling, bias=None, out=None, *, fan_in_fan_out=False, x_lora=None):
     """GPU :func:`numlora.ops.lora_forward`: the LoRA shrink ``s x A^T`` (one reduction
     kernel), then one tiled kernel for ``x W^T`` with ``u B^T`` and the bias added in its
@@ -230,6 +232,7 @@ def lora_forward(x, weight, lora_a, lora_b, scaling, bias=None, out=None, *, fan
     return out
 
 
+@register("cuda")
 def linear_forward(x, weight, bias=None, out=None, *, fan_in_fan_out=False):
     """GPU :func:`numlora.ops.linear_forward` (``x W^T + b``)."""
     weight, out_f, in_f, sw = _weight(weight, fan_in_fan_out)
@@ -242,6 +245,7 @@ def linear_forward(x, weight, bias=None, out=None, *, fan_in_fan_out=False):
     return out
 
 
+@register("cuda")
 def merge_lora(weight, lora_a, lora_b, scaling, fan_in_fan_out=False, *, record=False, _sign=1.0):
     """GPU :func:`numlora.ops.merge_lora` (plain merge, in place). The bit-exact tracked
     merge (``record=True``) is CPU only."""
@@ -256,6 +260,7 @@ def merge_lora(weight, lora_a, lora_b, scaling, fan_in_fan_out=False, *, record=
     return None
 
 
+@register("cuda")
 def unmerge_lora(weight, lora_a, lora_b, scaling, fan_in_fan_out=False, *, record=None):
     """GPU :func:`numlora.ops.unmerge_lora` (plain: subtracts the same delta)."""
     if record is not None:
@@ -344,6 +349,7 @@ def _dropout_launch(src, n, m, drop, dst, *, add):
                                                            _jumps(c), dst, bool(add))
 
 
+@register("cuda")
 def lora_dropout(x, p, seed, out=None):
     """GPU :func:`numlora.ops.lora_dropout`: the same masks, bit for bit (one xorshift64
     stream per row, seeded from (seed, row)); returns ``(x_drop, DropoutState(p, seed))``."""
@@ -378,6 +384,7 @@ def _grad(name, g, shape):
     return g
 
 
+@register("cuda")
 def lora_backward(x, weight, lora_a, lora_b, scaling, grad_out, *, fan_in_fan_out=False, dropout=None,
                   x_drop=None, u=None, grad_a=None, grad_b=None, need_grad_x=True):
     """GPU :func:`numlora.ops.lora_backward` (no dropout): ``grad_b = s G^T U``,
@@ -412,6 +419,7 @@ def quantize_raw(xf, blocksize, packed, absmax, bad):
                                                               packed)
 
 
+@register("cuda")
 def quantize_nf4(w, blocksize=64, double_quant=False):
     """GPU :func:`numlora.nf4.quantize_nf4`: bit-identical codes and scales, returned as a
     :class:`~numlora.device.DeviceNF4Tensor`. One 4-byte device-to-host copy checks for
@@ -449,6 +457,7 @@ def quantize_nf4(w, blocksize=64, double_quant=False):
     return DeviceNF4Tensor(packed, absmax, tuple(int(d) for d in w.shape), bs, "float32", dq)
 
 
+@register("cuda")
 def dequantize_nf4(t, out=None):
     """GPU :func:`numlora.nf4.dequantize_nf4`: bit-identical float32."""
     if not isinstance(t, DeviceNF4Tensor):
@@ -502,21 +511,24 @@ def _nf4_forward(x, t, lora_a, lora_b, s, bias, out, x_lora=None, *, fused_gemv=
     return out
 
 
-def nf4_matmul(x, t, out=None):
+@register("cuda")
+def nf4_matmul(x, t, out=None, *, bias=None):
     """GPU :func:`numlora.nf4.nf4_matmul`: fused GEMV for one row, tiled for more; the
     weight is decoded in registers / shared memory, never materialised."""
-    return _nf4_forward(x, _tensor(t), None, None, 0.0, None, out)
+    return _nf4_forward(x, _tensor(t), None, None, 0.0, bias, out)
 
 
-def qlora_forward(x, t, lora_a, lora_b, scaling, bias=None, out=None):
+@register("cuda")
+def qlora_forward(x, t, lora_a, lora_b, scaling, bias=None, out=None, *, x_lora=None):
     """GPU :func:`numlora.nf4.qlora_forward` (LoRA expand and bias fused)."""
     s = v.real_scalar("scaling", scaling)
     t = _tensor(t)
     if lora_a is None or lora_b is None:
         raise ShapeError("expected lora_a and lora_b arrays, got None")
-    return _nf4_forward(x, t, lora_a, lora_b, s, bias, out)
+    return _nf4_forward(x, t, lora_a, lora_b, s, bias, out, x_lora)
 
 
+@register("cuda")
 def nf4_matmul_t(g, t, out=None):
     """GPU :func:`numlora.nf4.nf4_matmul_t`: ``g deq(W)``, fused."""
     t = _tensor(t)
@@ -528,6 +540,7 @@ def nf4_matmul_t(g, t, out=None):
     return out
 
 
+@register("cuda")
 def qlora_backward(x, t, lora_a, lora_b, scaling, grad_out, *, dropout=None, x_drop=None, u=None, grad_a=None,
                    grad_b=None, need_grad_x=True):
     """GPU :func:`numlora.nf4.qlora_backward` (no dropout); ``G deq(W)`` fused."""
@@ -713,6 +726,7 @@ def _jumps(c):
     return d
 
 
+@register("cuda")
 def uniform(rng, shape):
     """:meth:`numlora.XorShift64.uniform` into a new float32 device array (the stream and
     the generator's state advance exactly as on the host)."""
@@ -723,6 +737,7 @@ def uniform(rng, shape):
     return out
 
 
+@register("cuda")
 def adamw_update(value, grad, m, v_, *, lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, step=1):
     """One AdamW step on device arrays, in place (``value``, ``m``, ``v_``), as
     :class:`numlora.AdamW` does for one parameter at step ``step`` (1-based)."""

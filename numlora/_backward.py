@@ -1,0 +1,182 @@
+"""The LoRA products and the backward core shared by the functional modules
+(:mod:`numlora.ops`, :mod:`numlora.nf4`) and the layers: the designated home of the
+training internals (every module may import from here).
+
+All products go to BLAS through numpy, over validated 2-D arrays of one dtype. Names for
+the rest of the package (this module is private): :func:`base_product`,
+:func:`add_low_rank`, :func:`expand_into`, :data:`ROW_CHUNK` (the forward products);
+:func:`train_forward_dense` (the dense training forward, returning what the backward
+reuses); :func:`backward_inputs`, :func:`check_x_drop_alone`, :func:`grad_buffer`,
+:func:`unalias_grads`, :func:`backward_core`, :func:`finish_backward` (the backward).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import _validate as validate
+from .dropout import DropoutState
+from .errors import ConfigError, DTypeError, ShapeError
+
+#: Rows of the batch per chunk when adding ``u B^T`` (bounds the temporary to
+#: ``ROW_CHUNK * out_features`` elements).
+ROW_CHUNK = 256
+
+
+# --- forward products -------------------------------------------------------------------------
+
+def base_product(x2, weight, fan_in_fan_out, out2):
+    """out2 = x2 W^T (or x2 W under fan_in_fan_out) through BLAS."""
+    wt = weight if fan_in_fan_out else weight.T
+    if x2.shape[0] == 0:
+        return
+    np.dot(x2, wt, out=out2)
+
+
+def add_low_rank(x2, lora_a, lora_b, s, out2):
+    """out2 += s * (x2 A^T) B^T, the scale folded into the (n, r) intermediate.
+
+    All BLAS: a numba-parallel kernel right after the base GEMM fights OpenBLAS's
+    still-spinning threads for the cores."""
+    if x2.shape[0] == 0:
+        return
+    u = np.dot(x2, lora_a.T)
+    u *= u.dtype.type(s)
+    expand_into(u, lora_b, out2)
+
+
+def expand_into(us, lora_b, out2):
+    """out2 += us B^T (us already scaled), in row chunks (bounded temporary)."""
+    n = us.shape[0]
+    if n == 0:
+        return
+    bt = lora_b.T
+    tmp = np.empty((min(n, ROW_CHUNK), out2.shape[1]), out2.dtype)
+    for r0 in range(0, n, ROW_CHUNK):
+        r1 = min(n, r0 + ROW_CHUNK)
+        t = tmp[: r1 - r0]
+        np.dot(us[r0:r1], bt, out=t)
+        out2[r0:r1] += t
+
+
+def train_forward_dense(x2, xd2, weight, lora_a, lora_b, s, bias, out2, fan_in_fan_out):
+    """The training forward over validated 2-D arrays of one dtype: out2 = x2 W^T + b +
+    (s xd2 A^T) B^T. Returns ``us = s xd2 A^T`` (n, r), what the backward reuses."""
+    us = np.dot(xd2, lora_a.T)
+    us *= us.dtype.type(s)
+    base_product(x2, weight, fan_in_fan_out, out2)
+    expand_into(us, lora_b, out2)
+    if bias is not None:
+        out2 += bias
+    return us
+
+
+# --- backward ---------------------------------------------------------------------------------
+
+def grad_buffer(name, g, shape, dtype):
+    """A caller's accumulation buffer: ndarray of ``shape`` and ``dtype``, writable."""
+    if g is None:
+        return None
+    if not isinstance(g, np.ndarray):
+        raise DTypeError(f"{name} must be a numpy array, got {type(g).__name__}")
+    if g.dtype != np.dtype(dtype):
+        raise DTypeError(f"expected {name} with dtype {np.dtype(dtype)}, got {g.dtype}")
+    validate.expect_shape(name, g, shape)
+    if not g.flags.writeable:
+        raise ShapeError(f"{name} is read-only; lora_backward accumulates into it")
+    return g
+
+
+def unalias_grads(grad_a, grad_b, inputs):
+    """The backward's inputs (a tuple of arrays or None) with a private copy of each one
+    that shares memory with ``grad_a`` or ``grad_b`` (the gradients are accumulated in
+    place while the inputs are still read: ``grad_a=lora_a`` would otherwise change A
+    before ``grad_x`` reads it). ``grad_a`` and ``grad_b`` overlapping each other is
+    refused: the two sums would land on the same elements."""
+    if grad_a is None and grad_b is None:
+        return inputs
+    shares = validate.shares_memory
+    if shares(grad_a, grad_b):
+        raise ShapeError("grad_a shares memory with grad_b: both are accumulated in place, so the two gradients "
+                         "would be added into the same elements; pass separate arrays")
+    return tuple(a.copy() if a is not None and (shares(grad_a, a) or shares(grad_b, a)) else a for a in inputs)
+
+
+def _accumulate(dst, value):
+    if dst is None:
+        return value
+    dst += value
+    return dst
+
+
+def backward_core(x2, xd2, a, b, s, g2, us, drop, grad_a, grad_b, need_grad_x, base_grad):
+    """The LoRA backward over validated 2-D arrays of one dtype.
+
+    x2 (n, in); xd2: the dropped input (x2 itself without dropout); a (r, in); b (out, r);
+    g2 (n, out); us: s * xd2 A^T (n, r) or None (computed here); drop: None or the
+    :class:`~numlora.dropout.DropoutMask` of the forward's dropout; base_grad(g2, dx)
+    writes G W into dx. Returns (dx or None, grad_a, grad_b)."""
+    n = x2.shape[0]
+    dt = x2.dtype
+    if us is None:
+        us = np.dot(xd2, a.T)
+        us *= dt.type(s)
+    hs = np.dot(g2, b)  # (n, r)
+    hs *= dt.type(s)
+    grad_b = _accumulate(grad_b, np.dot(g2.T, us))  # s G^T U
+    grad_a = _accumulate(grad_a, np.dot(hs.T, xd2))  # s H^T x_drop
+    if not need_grad_x:
+        return None, grad_a, grad_b
+    dx = np.empty((n, x2.shape[1]), dt)
+    if n == 0:
+        return dx, grad_a, grad_b
+    base_grad(g2, dx)
+    t = np.dot(hs, a)  # s H A
+    if drop is None:
+        dx += t
+    else:
+        drop.mul_add(t, dx)
+    return dx, grad_a, grad_b
+
+
+def backward_inputs(x, in_f, out_f, grad_out, dtype, dropout, x_drop, u, rank):
+    """Validate and convert the batch-shaped inputs of a backward; return
+    (x2, xd2, g2, us_or_None, drop, one_d), ``drop`` the DropoutMask or None."""
+    x = validate.input_rows(x, in_f)
+    g = validate.input_rows(grad_out, out_f, "grad_out", "out_features")
+    if g.shape[:-1] != x.shape[:-1]:
+        want = (out_f,) if x.ndim == 1 else (x.shape[0], out_f)
+        raise ShapeError(f"expected grad_out of shape {want} (one row per row of x), got {g.shape}")
+    x2 = np.ascontiguousarray(x.reshape(-1, in_f), dtype)
+    g2 = np.ascontiguousarray(g.reshape(-1, out_f), dtype)
+    drop = None
+    xd2 = x2
+    state = DropoutState.from_arg(dropout)
+    if state is not None:
+        drop = state.mask(dtype)
+        if x_drop is None:
+            xd2 = np.empty_like(x2)
+            drop.apply(x2, xd2)
+    if x_drop is not None:
+        xd = validate.input_rows(x_drop, in_f, "x_drop")
+        if xd.shape != x.shape:
+            raise ShapeError(f"expected x_drop of shape {x.shape} (the shape of x), got {xd.shape}")
+        xd2 = np.ascontiguousarray(xd.reshape(-1, in_f), dtype)
+    us = None
+    if u is not None:
+        uu = validate.float_array("u", u, (1, 2), allow_empty=True)
+        validate.expect_shape("u", uu, (rank,) if x.ndim == 1 else (x2.shape[0], rank))
+        us = np.ascontiguousarray(uu.reshape(-1, rank), dtype)
+    return x2, xd2, g2, us, drop, x.ndim == 1
+
+
+def finish_backward(dx, grad_a, grad_b, one_d, in_f):
+    if dx is not None and one_d:
+        dx = dx.reshape(in_f)
+    return dx, grad_a, grad_b
+
+
+def check_x_drop_alone(x_drop, dropout, need_grad_x):
+    if x_drop is not None and dropout is None and need_grad_x:
+        raise ConfigError("x_drop given without dropout=(p, seed): grad_x needs the dropout mask; pass the "
+                          "DropoutState lora_dropout returned (or need_grad_x=False)")
