@@ -39,7 +39,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from . import _validate as v
-from .device import is_device_array
+from .device import is_device_array, to_host
 from .errors import (
     ConfigError,
     DeviceError,
@@ -50,6 +50,7 @@ from .errors import (
     NonFiniteError,
     ShapeError,
 )
+from .ops import _input_rows, _prepare_out  # here, not per call: an import statement costs ~1 us per forward
 
 __all__ = ["LoraBank", "multi_lora_forward", "BUCKETS", "REF_ROWS"]
 
@@ -916,8 +917,6 @@ class LoraBank:
         """
         if self._device == "cuda":
             return self._forward_gpu(x, adapters, scale, out)
-        from .ops import _input_rows, _prepare_out
-
         x = _input_rows(x, self._in_f)
         one_d = x.ndim == 1
         n = 1 if one_d else x.shape[0]
@@ -963,8 +962,6 @@ class LoraBank:
     def _rows_of(self, snap, adapters, scale, n, one_d):
         """(ids (n,) int64, rowscale (n,) float32) of a forward's ``adapters`` and ``scale``
         (host values; device arrays are copied to the host: the grouping is planned there)."""
-        from .device import to_host
-
         if is_device_array(adapters):
             adapters = to_host(adapters)
         if one_d and (isinstance(adapters, (str, int, np.integer)) or adapters is None):
