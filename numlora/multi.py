@@ -330,7 +330,9 @@ class LoraBank:
         self._retired = []               # replaced snapshots that had readers when replaced
         self._blocks_dirty = False       # _blocks changed since the last snapshot
         self._wlock = threading.Lock()   # writers take turns
-        self._rlock = threading.Lock()   # short: swapping the snapshot, counting its readers
+        # short: swapping the snapshot, counting its readers. Re-entrant because a _Lease
+        # dropped by the garbage collector leaves its snapshot from whatever code ran then
+        self._rlock = threading.RLock()
         self._snap = _Snapshot(0, tuple(blocks), None, tables, next_id, names)
         self._reclaim()
 

@@ -155,6 +155,30 @@ def test_names_and_ids_are_resolved_in_the_snapshot(rng, monkeypatch):
     np.testing.assert_allclose(bank.forward(x, [k, -1]), ref, rtol=0, atol=2e-5 * np.abs(ref).max())
 
 
+def test_a_pickle_state_collected_inside_a_bank_call_does_not_deadlock(rng):
+    """The state of a pickle holds a reader lease; if the garbage collector frees it (a
+    state in a reference cycle) while the bank holds its reader lock, leaving must not
+    wait for that lock."""
+    import gc
+
+    bank = LoraBank(rng.standard_normal((OUT, IN), dtype=np.float32))
+    bank.add("a", *_adapter(rng, 2))
+    state = bank.__getstate__()
+    state["self"] = state  # a cycle: only the collector frees it
+    del state
+    done = threading.Event()
+
+    def under_the_lock():
+        with bank._rlock:
+            gc.collect()
+        done.set()
+
+    t = threading.Thread(target=under_the_lock, daemon=True)
+    t.start()
+    assert done.wait(10), "deadlock: the lease waited for the lock its own thread held"
+    assert bank._snap.readers == 0
+
+
 # --- the stress test --------------------------------------------------------------------------
 
 NAMES = ("p", "q", "r", "s")
