@@ -474,10 +474,11 @@ class LoraBank:
                 flat = flat.copy_to_host()
                 wrap = to_device
             else:
-                wrap = np.ascontiguousarray
+                wrap = np.asarray
             at = flat[:self._in_f * r].reshape(self._in_f, r)
             bt = flat[self._in_f * r:].reshape(r, self._out_f)
-            return wrap(np.ascontiguousarray(at.T)), wrap(np.ascontiguousarray(bt.T))
+            # always copies (at rank 1 the transposes are contiguous views of the pool)
+            return wrap(np.array(at.T, order="C")), wrap(np.array(bt.T, order="C"))
         finally:
             self._leave(snap)
 

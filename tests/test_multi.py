@@ -281,6 +281,20 @@ def test_churn_keeps_other_adapters_bit_identical(rng, dense):
     np.testing.assert_allclose(bank.forward(xs, ids), ref, rtol=0, atol=2e-5 * np.abs(ref).max())
 
 
+def test_lora_arrays_are_copies_even_at_rank_one(rng, dense):
+    """At rank 1 the stored A^T / B^T transposes are contiguous views of the pool: the
+    returned arrays must still be copies (writing to them must not change the bank)."""
+    bank, ads = _bank(rng, dense, [1, 3])
+    x = rng.standard_normal((2, IN), dtype=np.float32)
+    before = bank.forward(x, [0, 1])
+    for name in ("ad0", "ad1"):
+        a, b = bank.lora_arrays(name)
+        assert a.flags.c_contiguous and a.flags.owndata and b.flags.owndata
+        a[...] = 9.0
+        b[...] = 9.0
+    assert np.array_equal(_bits(bank.forward(x, [0, 1])), _bits(before))
+    assert np.array_equal(bank.lora_arrays("ad0")[0], ads[0][0])
+
 def test_memory_accounting(rng, dense):
     page = 4 * (IN + OUT)
     bank = LoraBank(dense, block_pages=64)
