@@ -7,10 +7,13 @@ the rest of the package (this module is private): :func:`base_product`,
 :func:`add_low_rank`, :func:`expand_into`, :data:`ROW_CHUNK` (the forward products);
 :func:`train_forward_dense` (the dense training forward, returning what the backward
 reuses); :func:`backward_inputs`, :func:`check_x_drop_alone`, :func:`grad_buffer`,
-:func:`unalias_grads`, :func:`backward_core`, :func:`finish_backward` (the backward).
+:func:`unalias_grads`, :func:`backward_core`, :func:`finish_backward` (the backward);
+:func:`decay_factor`, :func:`adamw_scalars` (the AdamW step's scalars, CPU and GPU).
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -180,3 +183,28 @@ def check_x_drop_alone(x_drop, dropout, need_grad_x):
     if x_drop is not None and dropout is None and need_grad_x:
         raise ConfigError("x_drop given without dropout=(p, seed): grad_x needs the dropout mask; pass the "
                           "DropoutState lora_dropout returned (or need_grad_x=False)")
+
+
+# --- the optimizer step --------------------------------------------------------------------------
+
+def decay_factor(lr, weight_decay):
+    """The decoupled weight decay factor ``1 - lr * weight_decay``, refused when it is not
+    finite in float32 (two finite scalars whose product overflows the compute type)."""
+    decay = 1.0 - lr * weight_decay
+    if not abs(decay) <= validate.F32_MAX:
+        raise ConfigError(f"lr * weight_decay = {lr:g} * {weight_decay:g} overflows float32: the weight decay factor "
+                          f"1 - lr * weight_decay would be {decay:g}; use a smaller lr or weight_decay")
+    return decay
+
+
+def adamw_scalars(lr, beta1, beta2, eps, weight_decay, step):
+    """The scalars of one AdamW step at ``step`` (1-based), validated, as the kernels take
+    them: ``(lr, beta1, beta2, eps, decay, bc1, bc2_sqrt)`` with ``decay = 1 - lr * wd``,
+    ``bc1 = 1 - beta1**step`` and ``bc2_sqrt = sqrt(1 - beta2**step)``."""
+    step = validate.int_scalar("step", step, minimum=1)
+    lr, eps = validate.nonneg_scalar("lr", lr), validate.nonneg_scalar("eps", eps)
+    weight_decay = validate.nonneg_scalar("weight_decay", weight_decay)
+    beta1, beta2 = validate.unit_scalar("beta1", beta1), validate.unit_scalar("beta2", beta2)
+    bc1 = 1.0 - beta1 ** step
+    bc2_sqrt = math.sqrt(1.0 - beta2 ** step)
+    return lr, beta1, beta2, eps, decay_factor(lr, weight_decay), bc1, bc2_sqrt

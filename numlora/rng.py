@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _validate as v
-from .errors import ConfigError
+from . import _dispatch
+from . import _validate as validate
+from .dropout import check_seed
+
+__all__ = ["XorShift64"]
 
 _MASK = (1 << 64) - 1
 
@@ -21,10 +24,7 @@ class XorShift64:
     __slots__ = ("_state",)
 
     def __init__(self, seed: int):
-        seed = v.int_scalar("seed", seed, minimum=0)
-        if seed > _MASK:
-            raise ConfigError(f"seed must fit in 64 bits (<= {_MASK}), got {seed}")
-        self._state = max(seed, 1)
+        self._state = max(check_seed(seed), 1)
 
     @property
     def state(self) -> int:
@@ -44,17 +44,20 @@ class XorShift64:
     def uniform(self, shape, *, device: bool = False) -> np.ndarray:
         """A float32 array of ``shape`` filled with the next values of the stream
         (``device=True``: a GPU device array, filled on the GPU, same values)."""
-        if device:
-            from . import cuda
-
-            return cuda.ops.uniform(self, shape)
-        shape = v.shape_arg("shape", shape, 4)
-        out = np.empty(shape, np.float32)
-        if out.size:
-            from .kernels import rng as k
-
-            self._state = int(k.xorshift64_fill(np.uint64(self._state), out.reshape(-1)))
-        return out
+        where = "cuda" if validate.flag("device", device) else "cpu"
+        return _dispatch.backend(where).uniform(self, shape)
 
     def __repr__(self) -> str:
         return f"XorShift64(state={self._state})"
+
+
+@_dispatch.register("cpu", "uniform")
+def _uniform_host(rng: XorShift64, shape) -> np.ndarray:
+    """:meth:`XorShift64.uniform` into a new float32 numpy array."""
+    shape = validate.shape_arg("shape", shape, 4)
+    out = np.empty(shape, np.float32)
+    if out.size:
+        from .kernels import rng as k
+
+        rng._state = int(k.xorshift64_fill(np.uint64(rng._state), out.reshape(-1)))
+    return out

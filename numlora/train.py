@@ -2,7 +2,10 @@
 
 The backward passes live in the functional layer (:func:`numlora.ops.lora_backward`,
 :func:`numlora.nf4.qlora_backward`) and in the layers (``LoraLinear.backward``,
-``QLoraLinear.backward``); this module updates what they computed.
+``QLoraLinear.backward``); this module updates what they computed. Parameters and
+gradients live on the host or on the GPU; the device-specific checks and updates are the
+backends' (``register("cpu", ...)`` here, their GPU twins in :mod:`numlora.cuda.ops`),
+chosen by :mod:`numlora._dispatch` from where the arrays live.
 """
 
 from __future__ import annotations
@@ -11,11 +14,13 @@ import math
 
 import numpy as np
 
-from . import _validate as v
-from .device import is_device_array
-from .errors import ConfigError, DeviceError, DTypeError, ShapeError, TrainStateError
+from . import _backward as bw
+from . import _dispatch
+from . import _validate as validate
+from ._dispatch import dispatch, register
+from .errors import ConfigError, DeviceError, DTypeError, NonFiniteError, ShapeError, TrainStateError
 
-__all__ = ["Parameter", "AdamW", "clip_grad_norm", "TrainStateError"]
+__all__ = ["AdamW", "Parameter", "TrainStateError", "adamw_update", "clip_grad_norm"]
 
 
 class Parameter:
@@ -54,7 +59,7 @@ class Parameter:
         """Fill the gradient with zeros in place (no-op while it is None)."""
         g = self.grad
         if g is not None:
-            _zero_fill(g)
+            _backend_of(g).fill_zero(g)
 
     def __repr__(self) -> str:
         value = self.value
@@ -84,20 +89,21 @@ class _BoundParameter(Parameter):
         setattr(self._owner, self._gattr, _check_grad(self, g))
 
 
-def _param_array(name, a):
-    if is_device_array(a):
-        from .device import as_cuda
+def _backend_of(a):
+    return _dispatch.backend(_dispatch.where(a))
 
-        a = as_cuda(a)
-        if np.dtype(a.dtype) != np.float32:
-            raise DTypeError(f"{name}: a Parameter on the GPU must be float32, got {np.dtype(a.dtype)}")
-        if a.size and not a.is_c_contiguous():
-            raise ShapeError(f"{name}: a Parameter's value must be C-contiguous (it is updated in place)")
-        return a
+
+def _param_array(name, a):
+    return _backend_of(a).param_array(name, a)
+
+
+@register("cpu", "param_array")
+def _param_array_host(name, a):
+    """A parameter's value on the host: a C-contiguous, writable float ndarray."""
     if not isinstance(a, np.ndarray):
         raise DTypeError(f"{name}: a Parameter's value must be a numpy array (updated in place), "
                          f"got {type(a).__name__}")
-    a = v.float_array(name, a, None)
+    a = validate.float_array(name, a, None)
     if not a.flags.c_contiguous or not a.flags.writeable:
         raise ShapeError(f"{name}: a Parameter's value must be C-contiguous and writable (it is updated in place)")
     return a
@@ -107,28 +113,25 @@ def _check_grad(p, g):
     if g is None:
         return None
     value = p.value
-    dev_v, dev_g = is_device_array(value), is_device_array(g)
-    if dev_v != dev_g:
-        where = ("on the GPU like its value" if dev_v else "on the host like its value")
-        hint = "numlora.to_device(grad)" if dev_v else "numlora.to_host(grad)"
+    where_v, where_g = _dispatch.where(value), _dispatch.where(g)
+    if where_v != where_g:
+        on_gpu = where_v == "cuda"
+        where = "on the GPU like its value" if on_gpu else "on the host like its value"
+        hint = "numlora.to_device(grad)" if on_gpu else "numlora.to_host(grad)"
         raise DeviceError(f"expected the gradient of {p.name or 'the parameter'} {where}, got a "
-                          f"{'device' if dev_g else 'host'} {type(g).__name__}; move it with {hint}")
-    if dev_v:
-        from .device import as_cuda
+                          f"{'host' if on_gpu else 'device'} {type(g).__name__}; move it with {hint}")
+    return _dispatch.backend(where_v).grad_array(p.name or "the parameter", g, value)
 
-        g = as_cuda(g)
-        if np.dtype(g.dtype) != np.dtype(value.dtype):
-            raise DTypeError(f"expected the gradient of {p.name or 'the parameter'} to be a {np.dtype(value.dtype)} "
-                             f"device array, got {np.dtype(g.dtype)}")
-        v.expect_shape(f"gradient of {p.name or 'the parameter'}", g, tuple(value.shape))
-        return g
+
+@register("cpu", "grad_array")
+def _grad_array_host(label, g, value):
+    """The gradient ``g`` of the host parameter ``value`` (named ``label``), checked."""
     if not isinstance(g, np.ndarray) or g.dtype != value.dtype:
         got = g.dtype if isinstance(g, np.ndarray) else type(g).__name__
-        raise DTypeError(f"expected the gradient of {p.name or 'the parameter'} to be a {value.dtype} array, "
-                         f"got {got}")
-    v.expect_shape(f"gradient of {p.name or 'the parameter'}", g, value.shape)
-    if v.shares_memory(g, value):
-        raise ShapeError(f"the gradient of {p.name or 'the parameter'} shares memory with its value: optimizers "
+        raise DTypeError(f"expected the gradient of {label} to be a {value.dtype} array, got {got}")
+    validate.expect_shape(f"gradient of {label}", g, value.shape)
+    if validate.shares_memory(g, value):
+        raise ShapeError(f"the gradient of {label} shares memory with its value: optimizers "
                          "update the value in place while reading the gradient; give the gradient its own array")
     return g
 
@@ -136,7 +139,7 @@ def _check_grad(p, g):
 def _distinct(arrays, what):
     """Refuse arrays that share memory, given as ``(index, label, array)``: the same
     parameter twice, or two views of one array, would be updated twice by ``what``."""
-    pair = v.overlapping_pair(arrays)
+    pair = validate.overlapping_pair(arrays)
     if pair is not None:
         (i, li), (j, lj) = pair
         raise ConfigError(f"parameters[{i}] and parameters[{j}] share memory ({li}, {lj}): {what} would "
@@ -181,10 +184,10 @@ class AdamW:
             b1, b2 = betas
         except (TypeError, ValueError):
             raise ConfigError(f"betas must be a pair (beta1, beta2), got {betas!r}") from None
-        self.betas = (_unit("betas[0]", b1), _unit("betas[1]", b2))
-        self.eps = _nonneg("eps", eps)
-        self.weight_decay = _nonneg("weight_decay", weight_decay)
-        _decay(self._lr, self.weight_decay)
+        self.betas = (validate.unit_scalar("betas[0]", b1), validate.unit_scalar("betas[1]", b2))
+        self.eps = validate.nonneg_scalar("eps", eps)
+        self.weight_decay = validate.nonneg_scalar("weight_decay", weight_decay)
+        bw.decay_factor(self._lr, self.weight_decay)
         self._state = {}
 
     @property
@@ -194,9 +197,9 @@ class AdamW:
     @lr.setter
     def lr(self, value):
         """The learning rate; may be changed between steps (schedules)."""
-        lr = _nonneg("lr", value)
+        lr = validate.nonneg_scalar("lr", value)
         if hasattr(self, "weight_decay"):
-            _decay(lr, self.weight_decay)
+            bw.decay_factor(lr, self.weight_decay)
         self._lr = lr
 
     def state(self, p: Parameter):
@@ -204,8 +207,6 @@ class AdamW:
         return self._state.get(id(p))
 
     def step(self) -> None:
-        from .kernels import train as k
-
         b1, b2 = self.betas
         for p in self.params:
             g = p.grad
@@ -213,41 +214,14 @@ class AdamW:
                 continue
             value = p.value
             g = _check_grad(p, g)
-            if is_device_array(value):
-                self._step_device(p, value, g)
-                continue
-            if not value.flags.c_contiguous or not value.flags.writeable:
-                raise ShapeError(f"{p.name or 'parameter'}: value must be C-contiguous and writable")
             st = self._state.get(id(p))
-            if st is None or not isinstance(st[1], np.ndarray) or st[1].shape != value.shape \
-                    or st[1].dtype != value.dtype:
-                st = [0, np.zeros_like(value), np.zeros_like(value)]
+            if st is None or not _same_kind(st[1], value):
+                backend = _backend_of(value)
+                st = [0, backend.zeros_like(value), backend.zeros_like(value)]
                 self._state[id(p)] = st
             st[0] += 1
-            t = st[0]
-            bc1 = 1.0 - b1 ** t
-            bc2_sqrt = math.sqrt(1.0 - b2 ** t)
-            decay = _decay(self._lr, self.weight_decay)
-            k.adamw_step(value.reshape(-1), np.ascontiguousarray(g).reshape(-1), st[1].reshape(-1),
-                         st[2].reshape(-1), self._lr, b1, b2, self.eps, decay, bc1, bc2_sqrt)
-
-    def _step_device(self, p, value, g):
-        """One step for a parameter whose value lives on the GPU: the state (m, v) is
-        kept on the GPU too, updated by :func:`numlora.cuda.adamw_update` (no host copy)."""
-        from .cuda import ops as C
-        from .device import as_cuda, cuda_module
-
-        value = as_cuda(value)
-        st = self._state.get(id(p))
-        if st is None or isinstance(st[1], np.ndarray) or tuple(st[1].shape) != tuple(value.shape):
-            cuda = cuda_module()
-            zeros = np.zeros(tuple(value.shape), np.float32)
-            st = [0, cuda.to_device(zeros), cuda.to_device(zeros)]
-            self._state[id(p)] = st
-        st[0] += 1
-        b1, b2 = self.betas
-        C.adamw_update(value, g, st[1], st[2], lr=self._lr, beta1=b1, beta2=b2, eps=self.eps,
-                       weight_decay=self.weight_decay, step=st[0])
+            adamw_update(value, g, st[1], st[2], lr=self._lr, beta1=b1, beta2=b2, eps=self.eps,
+                         weight_decay=self.weight_decay, step=st[0])
 
     def zero_grad(self) -> None:
         """Fill every parameter's gradient with zeros in place (gradients that are None
@@ -260,28 +234,29 @@ class AdamW:
                 f"parameters={len(self.params)})")
 
 
-def _decay(lr, weight_decay):
-    """The decoupled weight decay factor ``1 - lr * weight_decay``, refused when it is not
-    finite in float32 (two finite scalars whose product overflows the compute type)."""
-    decay = 1.0 - lr * weight_decay
-    if not abs(decay) <= v.F32_MAX:
-        raise ConfigError(f"lr * weight_decay = {lr:g} * {weight_decay:g} overflows float32: the weight decay factor "
-                          f"1 - lr * weight_decay would be {decay:g}; use a smaller lr or weight_decay")
-    return decay
+def _same_kind(a, b) -> bool:
+    """Whether optimizer state ``a`` fits value ``b``: same device, shape and dtype."""
+    return (_dispatch.where(a) == _dispatch.where(b) and tuple(a.shape) == tuple(b.shape)
+            and np.dtype(a.dtype) == np.dtype(b.dtype))
 
 
-def _unit(name, x):
-    x = v.real_scalar(name, x)
-    if not 0.0 <= x < 1.0:
-        raise ConfigError(f"{name} must be in [0, 1), got {x}")
-    return x
+@dispatch
+def adamw_update(value, grad, m, v, *, lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, step=1):
+    """One AdamW step on one parameter, in place, as :meth:`AdamW.step` does at step
+    ``step`` (1-based): ``value`` (C-contiguous, writable), its gradient ``grad`` and the
+    moments ``m`` and ``v`` (C-contiguous, writable), all of one shape and float dtype.
+    On GPU arrays the step runs on the GPU."""
+    value, m, v = (_param_array_host(nm, a) for nm, a in (("value", value), ("m", m), ("v", v)))
+    grad = validate.float_array("grad", grad, None, allow_empty=True)
+    for nm, a in (("grad", grad), ("m", m), ("v", v)):
+        validate.expect_shape(nm, a, value.shape)
+        if a.dtype != value.dtype:
+            raise DTypeError(f"expected {nm} with dtype {value.dtype} (the value's), got {a.dtype}")
+    scalars = bw.adamw_scalars(lr, beta1, beta2, eps, weight_decay, step)
+    from .kernels import train as k
 
-
-def _nonneg(name, x):
-    x = v.real_scalar(name, x)
-    if x < 0:
-        raise ConfigError(f"{name} must be >= 0, got {x}")
-    return x
+    k.adamw_step(value.reshape(-1), np.ascontiguousarray(grad).reshape(-1), m.reshape(-1), v.reshape(-1),
+                 *scalars)
 
 
 def clip_grad_norm(parameters, max_norm) -> float:
@@ -290,44 +265,40 @@ def clip_grad_norm(parameters, max_norm) -> float:
     1). Parameters without a gradient are ignored. Returns the norm before clipping
     (computed in float64)."""
     params = _param_list(parameters)
-    max_norm = _nonneg("max_norm", max_norm)
+    max_norm = validate.nonneg_scalar("max_norm", max_norm)
     _distinct([(i, f"gradients of {p.name or 'unnamed'}", p.grad) for i, p in enumerate(params)], "clipping")
     grads = [p.grad for p in params if p.grad is not None]
-    if any(is_device_array(g) for g in grads):
-        return _clip_device(grads, max_norm)
-    total = math.sqrt(sum(float(np.dot(g.reshape(-1).astype(np.float64, copy=False),
-                                       g.reshape(-1).astype(np.float64, copy=False))) for g in grads))
+    total = math.sqrt(sum(_backend_of(g).sum_squares(g) for g in grads))
     if not math.isfinite(total):
-        from .errors import NonFiniteError
-
         raise NonFiniteError(f"the gradient norm is {total}: a gradient holds NaN or inf")
     coef = max_norm / (total + 1e-6)
     if coef < 1.0:
         for g in grads:
-            g *= g.dtype.type(coef)
+            _backend_of(g).scale_(g, coef)
     return total
 
 
-def _clip_device(grads, max_norm):
-    """clip_grad_norm for GPU gradients: the norm is computed on the host (one copy of each
-    gradient, small for LoRA), the scaled gradients copied back."""
-    host = [g.copy_to_host() if hasattr(g, "copy_to_host") else np.asarray(g) for g in grads]
-    total = math.sqrt(sum(float(np.dot(h.reshape(-1).astype(np.float64), h.reshape(-1).astype(np.float64)))
-                          for h in host))
-    if not math.isfinite(total):
-        from .errors import NonFiniteError
-
-        raise NonFiniteError(f"the gradient norm is {total}: a gradient holds NaN or inf")
-    coef = max_norm / (total + 1e-6)
-    if coef < 1.0:
-        for g, h in zip(grads, host):
-            h *= h.dtype.type(coef)
-            g.copy_to_device(h)
-    return total
+@register("cpu", "sum_squares")
+def _sum_squares_host(g) -> float:
+    """sum(g**2) in float64."""
+    g64 = g.reshape(-1).astype(np.float64, copy=False)
+    return float(np.dot(g64, g64))
 
 
-def _zero_fill(g):
-    if isinstance(g, np.ndarray):
-        g[...] = 0
-    elif g.size:
-        g.copy_to_device(np.zeros(tuple(g.shape), np.dtype(g.dtype)))
+@register("cpu", "scale_")
+def _scale_host(g, coef) -> None:
+    g *= g.dtype.type(coef)
+
+
+@register("cpu", "fill_zero")
+def _fill_zero_host(g) -> None:
+    g[...] = 0
+
+
+register("cpu", "zeros_like")(np.zeros_like)
+
+
+# compatibility: layers/multi still import these here; removed once they move
+_decay = bw.decay_factor
+_nonneg = validate.nonneg_scalar
+_unit = validate.unit_scalar

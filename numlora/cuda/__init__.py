@@ -1,13 +1,18 @@
-"""GPU twins of numlora's kernels (numba.cuda), and the functional API on GPU arrays.
+"""The CUDA backend: GPU twins of numlora's kernels (numba.cuda), and the functional API on
+GPU arrays.
 
-Imported only when a numlora function is given a GPU array or ``numlora.to_device`` is
-called, never by ``import numlora``. Every CUDA import of numlora lies in this package
-(and in :mod:`numlora.device`, which imports ``numba.cuda`` lazily to check for a GPU).
-Importing it raises :class:`~numlora.errors.DeviceError` where numba.cuda finds no GPU
-(and the simulator, ``NUMBA_ENABLE_CUDASIM=1``, is off).
+A plug-in of :mod:`numlora._dispatch`: loaded, by name, the first time a numlora function
+is given a GPU array (or an object asks for ``_dispatch.backend("cuda")`` in its
+``to()``), never by ``import numlora``; importing it registers the implementations of
+:mod:`numlora.cuda.ops` under the names of the public functions they stand in for. Every
+CUDA import of numlora lies in this package (and in :mod:`numlora.device`, which imports
+``numba.cuda`` lazily to check for a GPU). Importing it raises
+:class:`~numlora.errors.DeviceError` where numba.cuda finds no GPU (and the simulator,
+``NUMBA_ENABLE_CUDASIM=1``, is off).
 
-- :mod:`numlora.cuda.kernels`: the ``@cuda.jit`` kernels, same names as
-  :mod:`numlora.kernels` (launch sizes are module settings, patched small in tests);
+- :mod:`numlora.cuda.kernels`: the ``@cuda.jit`` kernels, the names of
+  :mod:`numlora.kernels` (factories of kernels with compile-time sizes are ``make_*``;
+  launch sizes are module settings, patched small in tests);
 - :mod:`numlora.cuda.ops`: validation, allocation and launches for device arrays.
 """
 

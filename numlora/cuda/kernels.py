@@ -1,11 +1,13 @@
 """numba.cuda twins of the CPU kernels in :mod:`numlora.kernels`.
 
-Same names and meaning; the GPU kernels take float32 and write into ``out`` device
+Same names (a factory adds ``make_``) and meaning; the GPU kernels take float32 and write into ``out`` device
 arrays. Launch geometry is not fixed at import: every kernel that needs a compile-time
-size (shared-memory tiles, threads per block) comes from a small factory cached per
-size, reading the module-level settings below at launch time. Tests under the CUDA
-simulator (``NUMBA_ENABLE_CUDASIM=1``, one Python thread per CUDA thread) shrink them
-(``kernels.THREADS = 8`` etc.) as stumpy patches its ``THREADS_PER_BLOCK``.
+size (shared-memory tiles, threads per block) is built by a factory named ``make_*``,
+cached per size, which reads the module-level settings below at launch time
+(``make_gemm(...)[grid, block](...)``); a kernel without ``make_`` is a plain
+``@cuda.jit`` kernel, launched directly (``merge_plain[grid, block](...)``). Tests under
+the CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``, one Python thread per CUDA thread) shrink
+the settings (``kernels.THREADS = 8`` etc.) as stumpy patches its ``THREADS_PER_BLOCK``.
 
 Bit-exactness: the NF4 quantizer and dequantizer and the xorshift64 fill perform the
 same float32 / float64 operations as the CPU kernels (no additions that the compiler
@@ -16,13 +18,13 @@ agree with the CPU to float32 rounding, not to the bit.
 Where one CPU kernel became two launches or two CPU kernels one (the names otherwise
 match :mod:`numlora.kernels`):
 
-- ``kernels.train.dropout_fill`` / ``dropout_mul_add`` -> :func:`dropout_apply` (``add``
+- ``kernels.train.dropout_fill`` / ``dropout_mul_add`` -> :func:`make_dropout_apply` (``add``
   False / True; it derives the row states itself, from the seed, instead of taking them);
-- ``kernels.multi.multi_lora_add`` -> :func:`multi_lora_shrink` then
-  :func:`multi_lora_expand` (``numlora.cuda.ops.multi_lora_add`` launches both);
-- ``kernels.lora`` / ``kernels.nf4`` forward and backward products -> :func:`gemm` (one
+- ``kernels.multi.multi_lora_add`` -> :func:`make_multi_lora_shrink` then
+  :func:`make_multi_lora_expand` (``numlora.cuda.ops.multi_lora_add`` launches both);
+- ``kernels.lora`` / ``kernels.nf4`` forward and backward products -> :func:`make_gemm` (one
   tiled kernel, dense or NF4 weight, LoRA expand and bias in its epilogue),
-  :func:`lora_shrink` and, for one NF4 row, :func:`nf4_gemv`;
+  :func:`make_lora_shrink` and, for one NF4 row, :func:`make_nf4_gemv`;
 - ``kernels.lora`` merge -> :func:`merge_plain`; ``kernels.train.adamw_step`` ->
   :func:`adamw_step`.
 
@@ -141,7 +143,7 @@ def _block_sum_rows(sm, rows, tid, threads):
         h //= 2
 
 
-def xorshift64_fill():
+def make_xorshift64_fill():
     """The xorshift64 stream started at ``state`` into ``out``: thread t owns
     ``out[t * CH : (t + 1) * CH]`` (CH = 2**RNG_CHUNK_LOG2): it jumps ahead t * CH steps
     (``jumps[l]`` = the step matrix to the power ``CH * 2**l``), then steps serially,
@@ -205,7 +207,7 @@ def _row_state(seed, i):
     return z
 
 
-def dropout_apply():
+def make_dropout_apply():
     """Inverted dropout with the CPU kernels' streams (:mod:`numlora.kernels.train`):
     row i of the (n, m) flat arrays draws from its own xorshift64 stream, element j kept
     iff ``(s >> 11) >= thresh`` after j + 1 steps. Thread g owns chunk c = g % cpr of row
@@ -331,7 +333,7 @@ def _segment_nanmax(sm, tid, lane, width):
         s //= 2
 
 
-def nf4_quantize_fused():
+def make_nf4_quantize_fused():
     """Quantize kernel for a power-of-two blocksize with blocksize / 2 <= THREADS: one
     thread per output byte (two elements, coalesced 8-byte loads), the block's absmax by a
     shared-memory tree over the blocksize / 2 threads of each NF4 block, then the codes.
@@ -382,7 +384,7 @@ def nf4_quantize_fused():
     return _cached(("qfused", T), build)
 
 
-def nf4_absmax():
+def make_nf4_absmax():
     """Generic absmax pass (any blocksize): one block of REDUCE_THREADS per NF4 block,
     strided coalesced loads, shared-memory tree; the partial last block stores its
     clamped absmax (as bitsandbytes' CPU path)."""
@@ -448,7 +450,7 @@ def _code_at(x, k, blocksize, bshift, nfull, absmax):
 
 @cuda.jit
 def nf4_codes(x, blocksize, bshift, nfull, absmax, packed):
-    """Generic code pass (after :func:`nf4_absmax`): one thread per output byte."""
+    """Generic code pass (after :func:`make_nf4_absmax`): one thread per output byte."""
     p = cuda.grid(1)
     n = x.size
     if p >= packed.size:
@@ -461,7 +463,7 @@ def nf4_codes(x, blocksize, bshift, nfull, absmax, packed):
     packed[p] = (q0 << 4) | q1
 
 
-def nf4_dequantize_range():
+def make_nf4_dequantize_range():
     """``out[k - start] = code[nibble k] * absmax[k // blocksize]`` for k in [start, stop):
     one thread per element, the 16-entry table in shared memory."""
     T = THREADS
@@ -483,7 +485,7 @@ def nf4_dequantize_range():
     return _cached(("deq", T), build)
 
 
-def nf4_gemv():
+def make_nf4_gemv():
     """Fused NF4 GEMV (batch 1) + LoRA expand + bias, for in % 8 == 0 and
     in % blocksize == 0, blocksize % 8 == 0. The packed codes are read as uint32 words
     (8 codes): a block's threads stride over the words of GEMV_ROWS rows together (each
@@ -497,7 +499,6 @@ def nf4_gemv():
     scaled; y: (out,)."""
     T, R = GEMV_THREADS, GEMV_ROWS
     TP = T + 4  # padded row of the staged x (a closure constant: shared shapes must be)
-    T8 = 8 * T
 
     def build():
         @cuda.jit
@@ -665,7 +666,7 @@ def gemm_tile(M):
     return tuple(GEMM_TILE)
 
 
-def gemm(nf4: bool, tile=None, x_k1=True, w_k1=True):
+def make_gemm(nf4: bool, tile=None, x_k1=True, w_k1=True):
     """``C[i, o] = alpha * sum_k X(i, k) W(o, k) + sum_t U(i, t) Bm(o, t) + bias[o]
     (+ C[i, o] when accumulate)`` for i < M, o < N, with every operand a flat array and
     element strides, so one kernel serves the forward (x W^T + s (x A^T) B^T + b), the
@@ -700,7 +701,7 @@ def gemm(nf4: bool, tile=None, x_k1=True, w_k1=True):
     return _cached(("gemm", NF4, BM, BN, BK, TM, TN, XW, WW, XK1, WK1), build)
 
 
-def lora_shrink():
+def make_lora_shrink():
     """``u[i, t] = scale * sum_j X(i, j) Y(t, j)`` (flat operands with element strides):
     one block per (i, t), coalesced strided loads, shared-memory tree. The LoRA shrink
     ``s x A^T`` and the backward's ``s G B``: long reductions into a small output, which
@@ -731,7 +732,7 @@ def lora_shrink():
 
 # --- many adapters in one batch (LoraBank on the GPU) --------------------------------------
 
-def multi_lora_shrink():
+def make_multi_lora_shrink():
     """``u[p, t] = rs[p] * sum_j x[src_p, j] A_k^T[j, t]`` for the grouped row p of one
     pool block (the first half of the CPU's :func:`multi_lora_add`). ``rows`` (3, N) int64
     per grouped row: the batch row ``src_p``, the float offset of its adapter in ``pool``
@@ -777,7 +778,7 @@ def multi_lora_shrink():
     return _cached(("multi_shrink", T, RT), build)
 
 
-def multi_lora_expand():
+def make_multi_lora_expand():
     """``y[src_p, o] += sum_t u[p, t] B_k^T[t, o]`` (summed in order over t, as the CPU
     kernel) for the grouped row p of one pool block: block (blockIdx.x = p - p0,
     blockIdx.y = column chunk), consecutive threads on consecutive columns (coalesced
@@ -862,3 +863,8 @@ def adamw_step(value, grad, m, v, lr, beta1, beta2, eps, decay, bc1, bc2_sqrt):
     v[k] = vk
     p = np.float64(value[k]) * decay
     value[k] = p - step_size * np.float64(m[k]) / (math.sqrt(np.float64(v[k])) / bc2_sqrt + eps)
+
+
+# compatibility: benchmarks/ptx_check.py still calls the factory by its old name; removed once it
+# calls make_gemm
+gemm = make_gemm

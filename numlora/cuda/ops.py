@@ -11,17 +11,19 @@ state).
 
 from __future__ import annotations
 
-import math
 import threading
 
 import numpy as np
 
-from .. import _validate as v
+from .. import _validate as validate
+from .._backward import adamw_scalars, check_x_drop_alone
 from .._dispatch import register
 from .._tables import CODE8, NF4_CODE
 from ..device import DeviceNF4Tensor, as_cuda, cuda_module, is_device_array
-from ..errors import ConfigError, DeviceError, DTypeError, NonFiniteError, ShapeError
-from . import kernels as K
+from ..dropout import DropoutState
+from ..errors import ConfigError, DeviceError, DTypeError, ShapeError
+from ..io.bnb import DQ_GROUP
+from . import kernels
 
 _consts: dict = {}
 
@@ -113,7 +115,7 @@ def _same_rows(name, a, x):
     if a is None:
         return x
     a = _dev(name, a, len(x.shape), allow_empty=True)
-    v.expect_shape(name, a, tuple(x.shape))
+    validate.expect_shape(name, a, tuple(x.shape))
     return a
 
 
@@ -122,16 +124,16 @@ def _out(out, x, width):
     if out is None:
         return _cuda().device_array(shape, np.float32)
     out = _dev("out", out, len(shape), allow_empty=True)
-    v.expect_shape("out", out, shape)
+    validate.expect_shape("out", out, shape)
     return out
 
 
 def _low_rank(lora_a, lora_b, out_f, in_f):
     lora_a = _dev("lora_a", lora_a, 2)
     r = lora_a.shape[0]
-    v.expect_shape("lora_a", lora_a, (r, in_f))
+    validate.expect_shape("lora_a", lora_a, (r, in_f))
     lora_b = _dev("lora_b", lora_b, 2)
-    v.expect_shape("lora_b", lora_b, (out_f, r))
+    validate.expect_shape("lora_b", lora_b, (out_f, r))
     return lora_a, lora_b, r
 
 
@@ -139,7 +141,7 @@ def _bias(bias, out_f):
     if bias is None:
         return _const("f32"), False
     b = _dev("bias", bias, 1)
-    v.expect_shape("bias", b, (out_f,))
+    validate.expect_shape("bias", b, (out_f,))
     return b, True
 
 
@@ -163,38 +165,38 @@ def block_shift(blocksize, n):
     return -1 if n < 2**32 else -2
 
 
-def shrink(X, sxi, sxj, K_, Y, syt, syj, scale, u):
-    """u[i, t] = scale * sum_j X(i, j) Y(t, j) (flat operands, element strides)."""
+def shrink(X, sxi, sxj, K, Y, syt, syj, scale, u):
+    """u[i, t] = scale * sum_{j < K} X(i, j) Y(t, j) (flat operands, element strides)."""
     if u.size == 0:
         return
-    if K_ == 0:
+    if K == 0:
         _fill_zero(u)
         return
-    K.lora_shrink()[u.size, K.SHRINK_THREADS](X, sxi, sxj, K_, Y, syt, syj, np.float32(scale), u)
+    kernels.make_lora_shrink()[u.size, kernels.SHRINK_THREADS](X, sxi, sxj, K, Y, syt, syj, np.float32(scale), u)
 
 
 def _fill_zero(a):
     a.copy_to_device(np.zeros(a.shape, np.float32))
 
 
-def matmul(X, sxi, sxk, M, N, K_, C, ldc, *, W=None, swo=0, swk=0, t=None, alpha=1.0, U=None, sui=0, sut=0,
+def matmul(X, sxi, sxk, M, N, K, C, ldc, *, W=None, swo=0, swk=0, t=None, alpha=1.0, U=None, sui=0, sut=0,
            Bm=None, sbo=0, sbt=0, R=0, bias=None, accumulate=False):
     """C[i, o] = alpha sum_k X(i, k) W(o, k) + sum_t U(i, t) Bm(o, t) + bias (+ C):
     the tiled kernel, dense W or the NF4 tensor ``t`` (flat element index o*swo + k*swk)."""
     if M == 0 or N == 0:
         return
-    tile = K.gemm_tile(M)
+    tile = kernels.gemm_tile(M)
     bm, bn, _, tm, tn = tile
     nt = (bm // tm) * (bn // tn)
     f32, u8 = _const("f32"), _const("u8")
     if t is not None:
-        kern = K.gemm(True, tile, sxk == 1, swk == 1)
+        kern = kernels.make_gemm(True, tile, sxk == 1, swk == 1)
         args = (f32, swo, swk, t.packed, t.scales, t.blocksize, block_shift(t.blocksize, t.numel), _const("code"))
     else:
-        kern = K.gemm(False, tile, sxk == 1, swk == 1)
+        kern = kernels.make_gemm(False, tile, sxk == 1, swk == 1)
         args = (W, swo, swk, u8, f32, 1, 0, f32)
     kern[(_grid(N, bn), _grid(M, bm)), nt](
-        X, sxi, sxk, *args, M, N, K_, np.float32(alpha),
+        X, sxi, sxk, *args, M, N, K, np.float32(alpha),
         f32 if U is None else U, sui, sut, f32 if Bm is None else Bm, sbo, sbt, R,
         f32 if bias is None else bias, bias is not None, C, ldc, bool(accumulate))
 
@@ -217,7 +219,7 @@ def lora_forward(x, weight, lora_a, lora_b, scaling, bias=None, out=None, *, fan
     input when it differs from x (the dropped input of a training forward)."""
     weight, out_f, in_f, sw = _weight(weight, fan_in_fan_out)
     lora_a, lora_b, r = _low_rank(lora_a, lora_b, out_f, in_f)
-    s = v.real_scalar("scaling", scaling)
+    s = validate.real_scalar("scaling", scaling)
     x, n = _rows("x", x, in_f)
     xl = _same_rows("x_lora", x_lora, x)
     b, use_bias = _bias(bias, out_f)
@@ -252,11 +254,11 @@ def merge_lora(weight, lora_a, lora_b, scaling, fan_in_fan_out=False, *, record=
     if record:
         raise ConfigError("record=True (the bit-exact tracked merge) is CPU only; on the GPU merge plainly "
                           "(record=False), or merge on the host with numlora.to_host(weight)")
-    s = v.real_scalar("scaling", scaling)
+    s = validate.real_scalar("scaling", scaling)
     weight, out_f, in_f, _ = _weight(weight, fan_in_fan_out)
     lora_a, lora_b, _ = _low_rank(lora_a, lora_b, out_f, in_f)
     p, q = (lora_a.T, lora_b.T) if fan_in_fan_out else (lora_b, lora_a)
-    K.merge_plain[_grid(weight.size, K.THREADS), K.THREADS](weight, p, q, np.float32(_sign * s))
+    kernels.merge_plain[_grid(weight.size, kernels.THREADS), kernels.THREADS](weight, p, q, np.float32(_sign * s))
     return None
 
 
@@ -270,10 +272,8 @@ def unmerge_lora(weight, lora_a, lora_b, scaling, fan_in_fan_out=False, *, recor
 
 def _backward(x, out_f, in_f, w_strides, t, weight_flat, lora_a, lora_b, r, s, grad_out, dropout, x_drop, u,
               grad_a, grad_b, need_grad_x):
-    from ..ops import _check_x_drop_alone, _dropout_arg
-
-    _check_x_drop_alone(x_drop, dropout, need_grad_x)
-    drop = _dropout_arg(dropout)
+    check_x_drop_alone(x_drop, dropout, need_grad_x)
+    drop = DropoutState.from_arg(dropout)
     x, n = _rows("x", x, in_f)
     g, ng = _rows("grad_out", grad_out, out_f, "out_features")
     if len(g.shape) != len(x.shape) or ng != n:
@@ -281,7 +281,7 @@ def _backward(x, out_f, in_f, w_strides, t, weight_flat, lora_a, lora_b, r, s, g
         raise ShapeError(f"expected grad_out of shape {want} (one row per row of x), got {tuple(g.shape)}")
     if u is not None:
         uu = _dev("u", u, (1, 2), allow_empty=True)
-        v.expect_shape("u", uu, (r,) if len(x.shape) == 1 else (n, r))  # recomputed on the GPU (cheap)
+        validate.expect_shape("u", uu, (r,) if len(x.shape) == 1 else (n, r))  # recomputed on the GPU (cheap)
     cuda = _cuda()
     ga = _grad("grad_a", grad_a, (r, in_f))
     gb = _grad("grad_b", grad_b, (out_f, r))
@@ -334,35 +334,29 @@ def _dropout_launch(src, n, m, drop, dst, *, add):
     dst += that (``add``)."""
     if n * m == 0:
         return
-    from ..ops import _drop_args
-
-    d = _drop_args(*drop, np.float32)  # the CPU kernels' threshold and scale
-    c = K.DROP_CHUNK_LOG2
+    d = drop.mask(np.float32)  # the CPU kernels' threshold and scale
+    c = kernels.DROP_CHUNK_LOG2
     if not 0 <= c <= 5:
         raise ConfigError(f"numlora.cuda.kernels.DROP_CHUNK_LOG2 must be in 0..5 (one uint32 of keep bits), got {c}")
     cpr = -(-m // (1 << c))
-    if cpr >= 2**32 - K.THREADS:  # the kernel's 32-bit chunk arithmetic
+    if cpr >= 2**32 - kernels.THREADS:  # the kernel's 32-bit chunk arithmetic
         raise ShapeError(f"rows of {m} elements are too long for the GPU dropout kernel (at most "
-                         f"{(2**32 - K.THREADS - 1) << c})")
+                         f"{(2**32 - kernels.THREADS - 1) << c})")
     chunks = n * cpr
-    K.dropout_apply()[_grid(chunks, K.THREADS), K.THREADS](src, n, m, np.uint64(d.seed), d.thresh, d.scale,
-                                                           _jumps(c), dst, bool(add))
+    kernels.make_dropout_apply()[_grid(chunks, kernels.THREADS), kernels.THREADS](
+        src, n, m, np.uint64(d.seed), d.thresh, d.scale, _jumps(c), dst, bool(add))
 
 
 @register("cuda")
 def lora_dropout(x, p, seed, out=None):
-    """GPU :func:`numlora.ops.lora_dropout`: the same masks, bit for bit (one xorshift64
+    """GPU :func:`numlora.dropout.lora_dropout`: the same masks, bit for bit (one xorshift64
     stream per row, seeded from (seed, row)); returns ``(x_drop, DropoutState(p, seed))``."""
-    from ..ops import DropoutState, _seed64, dropout_p
-
     x = _dev("x", x, (1, 2), allow_empty=True)
-    p = dropout_p(p)
-    seed = _seed64(seed)
-    state = DropoutState(p, seed)
+    state = DropoutState.checked(p, seed)
     if out is not None:
         out = _dev("out", out, len(x.shape), allow_empty=True)
-        v.expect_shape("out", out, tuple(x.shape))
-    if p == 0.0:
+        validate.expect_shape("out", out, tuple(x.shape))
+    if state.p == 0.0:
         if out is None:
             return x, state
         if x.size:
@@ -372,7 +366,7 @@ def lora_dropout(x, p, seed, out=None):
         out = _cuda().device_array(x.shape, np.float32)
     m = tuple(x.shape)[-1]
     n = x.size // m if m else 0
-    _dropout_launch(_flat(x), n, m, (p, seed), _flat(out), add=False)
+    _dropout_launch(_flat(x), n, m, state, _flat(out), add=False)
     return out, state
 
 
@@ -380,18 +374,18 @@ def _grad(name, g, shape):
     if g is None:
         return None
     g = _dev(name, g, len(shape))
-    v.expect_shape(name, g, shape)
+    validate.expect_shape(name, g, shape)
     return g
 
 
 @register("cuda")
 def lora_backward(x, weight, lora_a, lora_b, scaling, grad_out, *, fan_in_fan_out=False, dropout=None,
                   x_drop=None, u=None, grad_a=None, grad_b=None, need_grad_x=True):
-    """GPU :func:`numlora.ops.lora_backward` (no dropout): ``grad_b = s G^T U``,
-    ``grad_a = s H^T x``, ``grad_x = G W + s H A`` with ``U = x A^T``, ``H = G B``."""
+    """GPU :func:`numlora.ops.lora_backward`: ``grad_b = s G^T U``, ``grad_a = s H^T x_d``,
+    ``grad_x = G W + s (H A) * mask / (1 - p)`` with ``U = x_d A^T``, ``H = G B``."""
     weight, out_f, in_f, _ = _weight(weight, fan_in_fan_out)
     lora_a, lora_b, r = _low_rank(lora_a, lora_b, out_f, in_f)
-    s = v.real_scalar("scaling", scaling)
+    s = validate.real_scalar("scaling", scaling)
     # dx = G W: W(o = j, k = o'): (out, in) -> flat o' * in + j ; (in, out) -> j * out + o'
     ws = (out_f, 1) if fan_in_fan_out else (1, in_f)
     return _backward(x, out_f, in_f, ws, None, _flat(weight), lora_a, lora_b, r, s, grad_out, dropout, x_drop, u,
@@ -402,8 +396,8 @@ def lora_backward(x, weight, lora_a, lora_b, scaling, grad_out, *, fan_in_fan_ou
 
 def _fused_ok(blocksize):
     half = blocksize // 2
-    return (blocksize % 2 == 0 and half & (half - 1) == 0 and half <= K.THREADS
-            and K.THREADS & (K.THREADS - 1) == 0)
+    return (blocksize % 2 == 0 and half & (half - 1) == 0 and half <= kernels.THREADS
+            and kernels.THREADS & (kernels.THREADS - 1) == 0)
 
 
 def quantize_raw(xf, blocksize, packed, absmax, bad):
@@ -411,12 +405,12 @@ def quantize_raw(xf, blocksize, packed, absmax, bad):
     n = xf.size
     nfull = n // blocksize
     if _fused_ok(blocksize):
-        K.nf4_quantize_fused()[_grid(packed.size, K.THREADS), K.THREADS](xf, blocksize, int(blocksize).bit_length() - 1,
-                                                                          nfull, packed, absmax, bad)
+        kernels.make_nf4_quantize_fused()[_grid(packed.size, kernels.THREADS), kernels.THREADS](
+            xf, blocksize, int(blocksize).bit_length() - 1, nfull, packed, absmax, bad)
     else:
-        K.nf4_absmax()[absmax.size, K.REDUCE_THREADS](xf, blocksize, nfull, absmax, bad)
-        K.nf4_codes[_grid(packed.size, K.THREADS), K.THREADS](xf, blocksize, block_shift(blocksize, n), nfull, absmax,
-                                                              packed)
+        kernels.make_nf4_absmax()[absmax.size, kernels.REDUCE_THREADS](xf, blocksize, nfull, absmax, bad)
+        kernels.nf4_codes[_grid(packed.size, kernels.THREADS), kernels.THREADS](
+            xf, blocksize, block_shift(blocksize, n), nfull, absmax, packed)
 
 
 @register("cuda")
@@ -425,9 +419,7 @@ def quantize_nf4(w, blocksize=64, double_quant=False):
     :class:`~numlora.device.DeviceNF4Tensor`. One 4-byte device-to-host copy checks for
     NaN / inf (then the input is copied to the host to name the first bad index)."""
     w = _dev("w", w)
-    from ..nf4 import check_blocksize
-
-    bs = check_blocksize(blocksize)
+    bs = validate.check_blocksize(blocksize)
     if not isinstance(double_quant, (bool, np.bool_)):
         raise ConfigError(f"double_quant must be True or False, got {double_quant!r}")
     cuda = _cuda()
@@ -439,11 +431,10 @@ def quantize_nf4(w, blocksize=64, double_quant=False):
     quantize_raw(xf, bs, packed, absmax, bad)
     if bad.copy_to_host()[0]:
         host = xf.copy_to_host()
-        raise v.first_nonfinite("w", host, tuple(w.shape))
+        raise validate.first_nonfinite("w", host, tuple(w.shape))
     dq = None
     if double_quant:
         from ..kernels import nf4 as hk
-        from ..nf4 import DQ_GROUP
 
         am = absmax.copy_to_host()
         offset = np.float32(np.mean(am, dtype=np.float64))
@@ -466,10 +457,10 @@ def dequantize_nf4(t, out=None):
         out = _cuda().device_array(t.shape, np.float32)
     else:
         out = _dev("out", out, len(t.shape))
-        v.expect_shape("out", out, t.shape)
+        validate.expect_shape("out", out, t.shape)
     n = t.numel
     if n:
-        K.nf4_dequantize_range()[_grid(n, K.THREADS), K.THREADS](t.packed, t.scales, t.blocksize,
+        kernels.make_nf4_dequantize_range()[_grid(n, kernels.THREADS), kernels.THREADS](t.packed, t.scales, t.blocksize,
                                                                  block_shift(t.blocksize, n), _const("code"), 0, n,
                                                                  _flat(out))
     return out
@@ -500,8 +491,8 @@ def _nf4_forward(x, t, lora_a, lora_b, s, bias, out, x_lora=None, *, fused_gemv=
         us = cuda.device_array((n, 0), np.float32)
         lora_b = cuda.device_array((out_f, 0), np.float32)
     if fused_gemv and gemv_ok(t, n):
-        T, R = K.GEMV_THREADS, K.GEMV_ROWS
-        K.nf4_gemv()[_grid(out_f, R), T](t.packed.view(np.uint32), t.scales, t.blocksize,
+        T, R = kernels.GEMV_THREADS, kernels.GEMV_ROWS
+        kernels.make_nf4_gemv()[_grid(out_f, R), T](t.packed.view(np.uint32), t.scales, t.blocksize,
                                           block_shift(t.blocksize, t.numel), _const("code"), xf, us, lora_b, b,
                                           use_bias, _flat(out))
     else:
@@ -521,7 +512,7 @@ def nf4_matmul(x, t, out=None, *, bias=None):
 @register("cuda")
 def qlora_forward(x, t, lora_a, lora_b, scaling, bias=None, out=None, *, x_lora=None):
     """GPU :func:`numlora.nf4.qlora_forward` (LoRA expand and bias fused)."""
-    s = v.real_scalar("scaling", scaling)
+    s = validate.real_scalar("scaling", scaling)
     t = _tensor(t)
     if lora_a is None or lora_b is None:
         raise ShapeError("expected lora_a and lora_b arrays, got None")
@@ -543,11 +534,11 @@ def nf4_matmul_t(g, t, out=None):
 @register("cuda")
 def qlora_backward(x, t, lora_a, lora_b, scaling, grad_out, *, dropout=None, x_drop=None, u=None, grad_a=None,
                    grad_b=None, need_grad_x=True):
-    """GPU :func:`numlora.nf4.qlora_backward` (no dropout); ``G deq(W)`` fused."""
+    """GPU :func:`numlora.nf4.qlora_backward`; ``G deq(W)`` fused."""
     t = _tensor(t)
     out_f, in_f = t.shape
     lora_a, lora_b, r = _low_rank(lora_a, lora_b, out_f, in_f)
-    s = v.real_scalar("scaling", scaling)
+    s = validate.real_scalar("scaling", scaling)
     return _backward(x, out_f, in_f, (1, in_f), t, None, lora_a, lora_b, r, s, grad_out, dropout, x_drop, u,
                      grad_a, grad_b, need_grad_x)
 
@@ -645,15 +636,15 @@ def multi_lora_add(x, y, table, rs, runs):
     u = _scratch("multi_u", (n_rows, rmax))
     xf, yf = _flat(x), _flat(y)
     in_f, out_f = tuple(x.shape)[-1], tuple(y.shape)[-1]
-    T, RT = K.MULTI_THREADS, K.MULTI_RANKS
-    shrink_k, expand_k = K.multi_lora_shrink(), K.multi_lora_expand()
+    T, RT = kernels.MULTI_THREADS, kernels.MULTI_RANKS
+    shrink_k, expand_k = kernels.make_multi_lora_shrink(), kernels.make_multi_lora_expand()
     for pool, p0, p1, r in runs:
         shrink_k[(p1 - p0, _grid(r, RT)), T](xf, in_f, dtable, drs, pool, p0, u)
         expand_k[(p1 - p0, _grid(out_f, T)), T](u, dtable, pool, in_f, out_f, p0, yf)
     _STAGING.done(ev)
 
 
-# --- RNG and AdamW -----------------------------------------------------------------------------
+# --- RNG, AdamW and parameters -----------------------------------------------------------------------------
 
 _MASK = (1 << 64) - 1
 _POW: list = []
@@ -705,9 +696,9 @@ def xorshift64_fill(state: int, out) -> int:
     n = out.size
     if n == 0:
         return state
-    c = K.RNG_CHUNK_LOG2
+    c = kernels.RNG_CHUNK_LOG2
     nthreads = -(-n // (1 << c))
-    K.xorshift64_fill()[_grid(nthreads, K.THREADS), K.THREADS](np.uint64(state), _jumps(c), out)
+    kernels.make_xorshift64_fill()[_grid(nthreads, kernels.THREADS), kernels.THREADS](np.uint64(state), _jumps(c), out)
     return xorshift_jump(state, n)
 
 
@@ -730,7 +721,7 @@ def _jumps(c):
 def uniform(rng, shape):
     """:meth:`numlora.XorShift64.uniform` into a new float32 device array (the stream and
     the generator's state advance exactly as on the host)."""
-    shape = v.shape_arg("shape", shape, 4)
+    shape = validate.shape_arg("shape", shape, 4)
     out = _cuda().device_array(shape, np.float32)
     if out.size:
         rng._state = xorshift64_fill(rng.state, _flat(out))
@@ -738,20 +729,65 @@ def uniform(rng, shape):
 
 
 @register("cuda")
-def adamw_update(value, grad, m, v_, *, lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, step=1):
-    """One AdamW step on device arrays, in place (``value``, ``m``, ``v_``), as
-    :class:`numlora.AdamW` does for one parameter at step ``step`` (1-based)."""
-    arrays = [_dev(nm, a) for nm, a in (("value", value), ("grad", grad), ("m", m), ("v", v_))]
+def adamw_update(value, grad, m, v, *, lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, step=1):
+    """GPU :func:`numlora.train.adamw_update`: one AdamW step on device arrays, in place
+    (``value``, ``m``, ``v``)."""
+    arrays = [_dev(nm, a) for nm, a in (("value", value), ("grad", grad), ("m", m), ("v", v))]
     for nm, a in zip(("grad", "m", "v"), arrays[1:]):
-        v.expect_shape(nm, a, tuple(arrays[0].shape))
-    step = v.int_scalar("step", step, minimum=1)
-    from ..train import _decay, _nonneg, _unit
-
-    lr, eps, weight_decay = _nonneg("lr", lr), _nonneg("eps", eps), _nonneg("weight_decay", weight_decay)
-    beta1, beta2 = _unit("beta1", beta1), _unit("beta2", beta2)
-    bc1 = 1.0 - beta1 ** step
-    bc2_sqrt = math.sqrt(1.0 - beta2 ** step)
-    decay = _decay(lr, weight_decay)
+        validate.expect_shape(nm, a, tuple(arrays[0].shape))
+    scalars = adamw_scalars(lr, beta1, beta2, eps, weight_decay, step)
     n = arrays[0].size
-    K.adamw_step[_grid(n, K.THREADS), K.THREADS](*[_flat(a) for a in arrays], float(lr), float(beta1), float(beta2),
-                                                  float(eps), float(decay), float(bc1), float(bc2_sqrt))
+    kernels.adamw_step[_grid(n, kernels.THREADS), kernels.THREADS](*[_flat(a) for a in arrays],
+                                                                   *[float(c) for c in scalars])
+
+
+@register("cuda")
+def param_array(name, a):
+    """A parameter's value on the GPU: a C-contiguous float32 device array."""
+    a = as_cuda(a)
+    if np.dtype(a.dtype) != np.float32:
+        raise DTypeError(f"{name}: a Parameter on the GPU must be float32, got {np.dtype(a.dtype)}")
+    if a.size and not a.is_c_contiguous():
+        raise ShapeError(f"{name}: a Parameter's value must be C-contiguous (it is updated in place)")
+    return a
+
+
+@register("cuda")
+def grad_array(label, g, value):
+    """The gradient ``g`` of the GPU parameter ``value`` (named ``label``), checked."""
+    g = as_cuda(g)
+    if np.dtype(g.dtype) != np.dtype(value.dtype):
+        raise DTypeError(f"expected the gradient of {label} to be a {np.dtype(value.dtype)} device array, got "
+                         f"{np.dtype(g.dtype)}")
+    validate.expect_shape(f"gradient of {label}", g, tuple(value.shape))
+    return g
+
+
+@register("cuda")
+def zeros_like(a):
+    return _cuda().to_device(np.zeros(tuple(a.shape), np.dtype(a.dtype)))
+
+
+def _host_copy(g):
+    return g.copy_to_host() if hasattr(g, "copy_to_host") else as_cuda(g).copy_to_host()
+
+
+@register("cuda")
+def sum_squares(g) -> float:
+    """sum(g**2) in float64, computed on the host (a copy of the gradient: small for LoRA)."""
+    h = _host_copy(g).reshape(-1).astype(np.float64)
+    return float(np.dot(h, h))
+
+
+@register("cuda")
+def scale_(g, coef) -> None:
+    """g *= coef, through the host (as :func:`sum_squares`)."""
+    h = _host_copy(g)
+    h *= h.dtype.type(coef)
+    as_cuda(g).copy_to_device(h)
+
+
+@register("cuda")
+def fill_zero(g) -> None:
+    if g.size:
+        as_cuda(g).copy_to_device(np.zeros(tuple(g.shape), np.dtype(g.dtype)))
