@@ -5,14 +5,18 @@ compiled on first use (and cached on disk; see ``numlora._config``).
 """
 
 from .adapter import LoraAdapter, LoraAdapterSummary
+from .combine import combine_adapters
 from .config import LoraConfig
+from .device import DeviceNF4Tensor, is_device_array, to_device, to_host
 from .dora import dora_forward, dora_weight_norm, merge_dora
+from .dropout import DropoutState, dropout_keep_mask, lora_dropout, mix_seed
 from .errors import (
     ConfigError,
     DetachedLayerError,
-    FormatError,
+    DeviceError,
     DTypeError,
     DuplicateLayerError,
+    FormatError,
     LayerNotFoundError,
     MergeStateError,
     NonFiniteError,
@@ -21,6 +25,7 @@ from .errors import (
 )
 from .io.peft import load_peft_adapter
 from .layers import LoraLinear, QLoraLinear
+from .multi import LoraBank, multi_lora_forward
 from .nf4 import (
     CODE8,
     NF4_CODE,
@@ -29,18 +34,13 @@ from .nf4 import (
     dequantize_nf4,
     nf4_matmul,
     nf4_matmul_t,
+    qlora_backward,
     qlora_forward,
     quantize_nf4,
 )
-from .ops import MergeRecord, linear_forward, lora_forward, merge_lora, unmerge_lora
+from .ops import MergeRecord, linear_forward, lora_backward, lora_forward, merge_lora, unmerge_lora
 from .rng import XorShift64
-from .nf4 import qlora_backward
-from .ops import DropoutState, lora_backward, lora_dropout
-from .train import AdamW, Parameter, TrainStateError, clip_grad_norm
-from .multi import LoraBank, multi_lora_forward
-from .combine import combine_adapters
-from .device import DeviceNF4Tensor, is_device_array, to_device, to_host
-from .errors import DeviceError
+from .train import AdamW, Parameter, TrainStateError, adamw_update, clip_grad_norm
 
 __version__ = "0.1.0"
 
@@ -48,12 +48,19 @@ __all__ = [
     "CODE8",
     "NF4_CODE",
     "NF4_MIDPOINTS",
+    "AdamW",
     "ConfigError",
     "DTypeError",
+    "DetachedLayerError",
+    "DeviceError",
+    "DeviceNF4Tensor",
+    "DropoutState",
     "DuplicateLayerError",
+    "FormatError",
     "LayerNotFoundError",
     "LoraAdapter",
     "LoraAdapterSummary",
+    "LoraBank",
     "LoraConfig",
     "LoraLinear",
     "MergeRecord",
@@ -61,38 +68,34 @@ __all__ = [
     "NF4Tensor",
     "NonFiniteError",
     "NumloraError",
+    "Parameter",
     "QLoraLinear",
     "ShapeError",
+    "TrainStateError",
     "XorShift64",
+    "adamw_update",
+    "clip_grad_norm",
+    "combine_adapters",
     "dequantize_nf4",
-    "linear_forward",
-    "lora_forward",
-    "merge_lora",
-    "nf4_matmul",
-    "nf4_matmul_t",
-    "qlora_forward",
-    "quantize_nf4",
-    "unmerge_lora",
-    "DetachedLayerError",
-    "FormatError",
     "dora_forward",
     "dora_weight_norm",
+    "dropout_keep_mask",
+    "is_device_array",
+    "linear_forward",
     "load_peft_adapter",
-    "merge_dora",
-    "AdamW",
-    "DropoutState",
-    "Parameter",
-    "TrainStateError",
-    "clip_grad_norm",
     "lora_backward",
     "lora_dropout",
-    "qlora_backward",
-    "combine_adapters",
-    "LoraBank",
+    "lora_forward",
+    "merge_dora",
+    "merge_lora",
+    "mix_seed",
     "multi_lora_forward",
-    "DeviceError",
-    "DeviceNF4Tensor",
-    "is_device_array",
+    "nf4_matmul",
+    "nf4_matmul_t",
+    "qlora_backward",
+    "qlora_forward",
+    "quantize_nf4",
     "to_device",
     "to_host",
+    "unmerge_lora",
 ]

@@ -66,7 +66,9 @@ def real_scalar(name: str, value, *, positive: bool = False) -> float:
     try:
         v = float(value)
     except (OverflowError, ValueError):  # an int too large for a float
-        raise ConfigError(f"{name} must be finite in float32 (|{name}| <= {F32_MAX:.8g}), got an integer of {len(str(abs(int(value))))} digits") from None
+        digits = len(str(abs(int(value))))
+        raise ConfigError(f"{name} must be finite in float32 (|{name}| <= {F32_MAX:.8g}), got an integer of {digits} "
+                          "digits") from None
     if not np.isfinite(v):
         raise ConfigError(f"{name} must be finite, got {v}")
     if abs(v) > F32_MAX:

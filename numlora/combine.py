@@ -16,11 +16,14 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from . import _validate as v
+from . import _validate as validate
 from .adapter import LoraAdapter
 from .config import LoraConfig
 from .errors import ConfigError, DTypeError, NonFiniteError, ShapeError
-from .layers import LoraLinear, _LowRank
+from .layers import LoraLinear, QLoraLinear
+
+#: The layers whose delta is ``scaling * B @ A`` (what can be combined).
+_LAYERS = (LoraLinear, QLoraLinear)
 
 __all__ = ["combine_adapters"]
 
@@ -42,14 +45,14 @@ def _finite64(what, arr):
     arr = np.asarray(arr, dtype=np.float64)
     if not np.isfinite(arr).all():
         flat = arr.reshape(-1)
-        raise v.first_nonfinite(what, flat, arr.shape)
+        raise validate.first_nonfinite(what, flat, arr.shape)
     return arr
 
 
 def _term(what, item) -> _Term:
     """A :class:`_Term` from a LoraLinear / QLoraLinear or an ``(lora_a, lora_b, scaling)``
     tuple."""
-    if isinstance(item, _LowRank):
+    if isinstance(item, _LAYERS):
         if getattr(item, "use_dora", False):
             raise ConfigError(f"{what} is a DoRA layer: its delta is not scaling * B @ A (the magnitude rescales "
                               "the merged weight), so it cannot be combined exactly; combine plain LoRA layers")
@@ -61,11 +64,11 @@ def _term(what, item) -> _Term:
             raise DTypeError(f"{what} must be a LoraLinear or a (lora_a, lora_b, scaling) tuple, "
                              f"got a tuple of {len(item)} items")
         a, b, s = item
-        a = v.float_array(f"{what} lora_a", a, 2)
-        b = v.float_array(f"{what} lora_b", b, 2)
+        a = validate.float_array(f"{what} lora_a", a, 2)
+        b = validate.float_array(f"{what} lora_b", b, 2)
         if isinstance(s, (float, np.floating)) and not math.isfinite(s):
             raise NonFiniteError(f"{what} scaling must be finite, got {float(s)}")
-        s = v.real_scalar(f"{what} scaling", s)
+        s = validate.real_scalar(f"{what} scaling", s)
         if b.shape[1] != a.shape[0]:
             raise ShapeError(f"{what}: lora_a has shape {a.shape} (rank {a.shape[0]}), so lora_b must have shape "
                              f"(out_features, {a.shape[0]}); got {b.shape}")
@@ -91,7 +94,7 @@ def _check_weights(weights, n):
             raise DTypeError(f"weights[{i}] must be a real number, got {type(w).__name__}")
         if isinstance(w, (float, np.floating)) and not math.isfinite(w):
             raise NonFiniteError(f"weights[{i}] must be finite, got {float(w)}")
-        out.append(v.real_scalar(f"weights[{i}]", w))  # and finite in float32
+        out.append(validate.real_scalar(f"weights[{i}]", w))  # and finite in float32
     return out
 
 
@@ -103,7 +106,7 @@ def _check_rank_arg(method, rank):
     if method == "cat":
         raise ConfigError("rank applies to method='svd' only; method='cat' is exact and its rank is the sum of "
                           "the adapters' ranks")
-    rank = v.int_scalar("rank", rank)
+    rank = validate.int_scalar("rank", rank)
     if rank <= 0:
         raise ConfigError(f"rank must be a positive integer (or None for the full combined rank), got {rank}")
     return rank
@@ -196,7 +199,7 @@ def combine_adapters(adapters, weights, method: str = "cat", rank: int | None = 
         ``alpha_pattern`` when saved, ``target_modules`` the union, dropout and metadata
         from the first adapter.
     """
-    if isinstance(adapters, (str, bytes, LoraAdapter, _LowRank)) or not isinstance(adapters, Sequence):
+    if isinstance(adapters, (str, bytes, LoraAdapter, *_LAYERS)) or not isinstance(adapters, Sequence):
         raise DTypeError(f"adapters must be a list of LoraLinear layers, (lora_a, lora_b, scaling) tuples or "
                          f"LoraAdapter objects, got {type(adapters).__name__}")
     adapters = list(adapters)

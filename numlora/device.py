@@ -175,10 +175,10 @@ def _move(x, device: str):
     return to_device(x) if check_device(device) == "cuda" else to_host(x)
 
 
+# compatibility: tests/docblocks.py and benchmarks/gpu_check.py still import this here (the test suite
+# uses tests/cuda_sim.py's copy); removed once they import it from there
 def lock_simulator_shared_arrays():
-    # compatibility: tests/docblocks.py and benchmarks/gpu_check.py still import this here; the test
-    # suite uses tests/cuda_sim.py's copy; removed once they import it from there
-    """(Tests and ``benchmarks/gpu_check.py --sim-smoke``.) Work around a race in the CUDA simulator: ``cuda.shared.array`` looks up the
+    """Work around a race in the CUDA simulator: ``cuda.shared.array`` looks up the
     block's array for the calling line and creates it when missing, without a lock, so two
     simulated threads can each create one and then use different "shared" arrays (a rare,
     wrong result, more likely with the short switch interval used here). Same semantics,

@@ -22,7 +22,7 @@ from ._dispatch import dispatch
 from .errors import NonFiniteError, ShapeError
 from .ops import lora_forward
 
-__all__ = ["dora_weight_norm", "dora_forward", "merge_dora"]
+__all__ = ["dora_forward", "dora_weight_norm", "merge_dora"]
 
 #: Output rows per chunk (bounds the float64 temporary to ``ROW_CHUNK * in_features``).
 ROW_CHUNK = 256

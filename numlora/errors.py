@@ -9,18 +9,18 @@ the builtin they already expect.
 from __future__ import annotations
 
 __all__ = [
-    "NumloraError",
     "ConfigError",
-    "ShapeError",
     "DTypeError",
-    "NonFiniteError",
-    "MergeStateError",
-    "LayerNotFoundError",
+    "DetachedLayerError",
+    "DeviceError",
     "DuplicateLayerError",
     "FormatError",
-    "DetachedLayerError",
+    "LayerNotFoundError",
+    "MergeStateError",
+    "NonFiniteError",
+    "NumloraError",
+    "ShapeError",
     "TrainStateError",
-    "DeviceError",
 ]
 
 

@@ -81,7 +81,8 @@ def _permute(builder, table, idx, lanes):
     """table[idx] for a 16-entry float table held in registers (see _load_codes) and
     <lanes x i32> indices in 0..15."""
     if lanes == 16:
-        perm = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_vec(F32, 16), [_vec(F32, 16), _vec(I32, 16)]),
+        perm = cgutils.get_or_insert_function(builder.module,
+                                              ir.FunctionType(_vec(F32, 16), [_vec(F32, 16), _vec(I32, 16)]),
                                               "llvm.x86.avx512.permvar.sf.512")
         return builder.call(perm, [table, idx])
     # AVX2: the table is a pair (low 8, high 8); vpermps uses the low 3 bits of each index
@@ -214,7 +215,8 @@ def _make_decode(lanes, nontemporal):
                 s = _splat(builder, builder.load(builder.gep(sc.data, [b])), lanes)
                 with cgutils.for_range(builder, nchunks) as cl:
                     k = builder.add(base, builder.mul(cl.index, ir.Constant(I64, lanes)))
-                    w = _decode_chunk(builder, builder.gep(pk.data, [builder.lshr(k, ir.Constant(I64, 1))]), codes, lanes)
+                    src = builder.gep(pk.data, [builder.lshr(k, ir.Constant(I64, 1))])
+                    w = _decode_chunk(builder, src, codes, lanes)
                     st = builder.store(builder.fmul(w, s), builder.bitcast(builder.gep(oa.data, [k]), vt.as_pointer()),
                                        align=4)
                     if nontemporal:
@@ -285,7 +287,8 @@ def _make_encode(lanes):
             odd = ir.Constant(_vec(I32, half), list(range(1, lanes, 2)))
             with cgutils.for_range(builder, builder.udiv(n, ir.Constant(I64, lanes))) as cl:
                 k = builder.mul(cl.index, ir.Constant(I64, lanes))
-                y = builder.fmul(builder.load(builder.bitcast(builder.gep(xa.data, [k]), vt.as_pointer()), align=4), inv_v)
+                xk = builder.load(builder.bitcast(builder.gep(xa.data, [k]), vt.as_pointer()), align=4)
+                y = builder.fmul(xk, inv_v)
                 q = ir.Constant(it, None)
                 for step in (8, 4, 2, 1):
                     m = _permute(builder, table, builder.add(q, ir.Constant(it, [step - 1] * lanes)), lanes)
@@ -335,7 +338,8 @@ def _make_delta_rows(rows, apply):
             vt = _vec(F32, lanes)
             vp = vt.as_pointer()
             L = ir.Constant(I64, lanes)
-            prow = [builder.gep(pa.data, [builder.mul(builder.add(first, ir.Constant(I64, g)), r)]) for g in range(rows)]
+            prow = [builder.gep(pa.data, [builder.mul(builder.add(first, ir.Constant(I64, g)), r)])
+                    for g in range(rows)]
             acc_p = [cgutils.alloca_once_value(builder, ir.Constant(vt, None)) for _ in range(rows)]
             with cgutils.for_range(builder, builder.udiv(k, L)) as jl:
                 j = builder.mul(jl.index, L)

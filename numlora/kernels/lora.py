@@ -17,7 +17,8 @@ import numpy as np
 from ._jit import inline_helper, kernel, prange
 from ._simd import CACHEABLE as SIMD_CACHEABLE
 from ._simd import DELTA_LANES, DELTA_ROWS, delta_rows, merge_rows
-from ._simd import LANES as SIMD_LANES
+from ._simd import LANES as SIMD_LANES  # noqa: F401  (read as kernels.<family>.SIMD_LANES)
+
 
 @inline_helper
 def _delta_row(p, q, i, acc):

@@ -23,8 +23,6 @@ same bits. Kernels never validate; :mod:`numlora.multi` does.
 
 from __future__ import annotations
 
-import numpy as np
-
 from ._jit import kernel, prange, serial_twin
 
 #: Rows of a segment shrunk together (each row of A^T is loaded once for all of them).

@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from .._tables import NF4_MIDPOINTS
 from ._jit import inline_helper, kernel, prange, serial_twin
 from ._simd import CACHEABLE as SIMD_CACHEABLE
 from ._simd import GROUP as SIMD_GROUP
-from ._simd import LANES as SIMD_LANES
+from ._simd import LANES as SIMD_LANES  # noqa: F401  (read as kernels.<family>.SIMD_LANES)
 from ._simd import decode_blocks, decode_blocks_stream, encode_block, row_dot, rows_dot
-
-from .._tables import NF4_MIDPOINTS
 
 TINY = np.float32(1e-38)
 ONE = np.float32(1.0)
