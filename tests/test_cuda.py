@@ -255,7 +255,7 @@ def test_lora_dropout_bit_identical(shape, p, seed):
     assert st == st_cpu and nl.is_device_array(got)
     same_bits(h(got), want)
     # the keep mask is the CPU's too (independent check of the kept / zeroed split)
-    keep = nl.ops.dropout_keep_mask(shape, p, seed)
+    keep = nl.dropout_keep_mask(shape, p, seed)
     assert np.array_equal(h(got) != 0, keep & (x != 0))
     out = d(np.full(shape, 7.0, np.float32))
     got2, _ = nl.lora_dropout(d(x), p, seed, out=out)
@@ -292,7 +292,7 @@ def test_backward_with_dropout_matches_the_cpu(kind):
             assert_close(h(gv), wv.astype(np.float64), bound)
     # an independent reference: the masked input through the float64 formulas
     rx, ra, rb = _backward_ref(xd, wd, a, b, 0.5, g)
-    keep = nl.ops.dropout_keep_mask(x.shape, p, seed)
+    keep = nl.dropout_keep_mask(x.shape, p, seed)
     rx = g.astype(np.float64) @ wd + (rx - g.astype(np.float64) @ wd) * keep / (1 - p)
     got = fn(*args_g, dropout=st, **kw)
     for gv, wv, bound in zip(got, (rx, ra, rb), bounds):
@@ -360,6 +360,23 @@ def test_adamw_update_matches_the_cpu_optimizer():
     np.testing.assert_allclose(h(dv), p.value, rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(h(dm), m, rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(h(dvv), vv, rtol=1e-6, atol=1e-9)
+    # the public numlora.adamw_update routes device arrays to the same GPU step
+    dv2, dm2, dv22 = d(value), d(np.zeros_like(value)), d(np.zeros_like(value))
+    for step in (1, 2):
+        nl.adamw_update(dv2, dg, dm2, dv22, lr=0.01, weight_decay=0.1, step=step)
+    same_bits(h(dv2), h(dv))
+
+
+@cuda_test
+def test_clip_grad_norm_with_host_and_device_gradients():
+    """Each gradient is measured and scaled where it lives (mixing them raised before)."""
+    rng = np.random.default_rng(5)
+    g1, g2 = f32(rng, 3, 4) * 10, f32(rng, 5) * 10
+    ref = [nl.Parameter(f32(rng, 3, 4), g1.copy()), nl.Parameter(f32(rng, 5), g2.copy())]
+    mixed = [nl.Parameter(d(f32(rng, 3, 4)), d(g1)), nl.Parameter(f32(rng, 5), g2.copy())]
+    assert nl.clip_grad_norm(mixed, 1.0) == nl.clip_grad_norm(ref, 1.0)
+    same_bits(h(mixed[0].grad), ref[0].grad)
+    same_bits(mixed[1].grad, ref[1].grad)
 
 
 # --- errors and moves ------------------------------------------------------------------------------------

@@ -225,8 +225,8 @@ def test_double_quant(rng):
         vv = np.float32(centered[i] / t.absmax2[i // 256])
         assert t.absmax[i] == code8_nearest_ref(nl.CODE8, vv)
     dec = nl.CODE8[t.absmax] * np.repeat(t.absmax2, 256)[:nb] + offset
-    assert np.array_equal(t.scales(), dec.astype(np.float32))
-    rel = np.abs(t.scales() - plain.absmax) / plain.absmax
+    assert np.array_equal(t.scales, dec.astype(np.float32))
+    rel = np.abs(t.scales - plain.absmax) / plain.absmax
     assert rel.max() < 0.02
     assert t.nbytes < plain.nbytes
     d = t.dequantize()
@@ -237,7 +237,7 @@ def test_double_quant_constant_absmax():
     w = np.tile(np.array([1.0, -0.5, 0.25, 0.0], np.float32), 64)  # every block absmax 1.0
     t = nl.quantize_nf4(w, 4, double_quant=True)
     assert np.all(t.absmax2 == 0)
-    assert np.all(t.scales() == 1.0)
+    assert np.all(t.scales == 1.0)
     assert np.array_equal(t.dequantize(), nl.quantize_nf4(w, 4).dequantize())
 
 

@@ -98,4 +98,4 @@ def test_both_paths_match_reference_and_are_batch_independent(rng, kernel_path, 
     assert np.abs(yb - np.concatenate([ref, ref])).max() <= 1e-5 * np.abs(ref).max()
     assert np.array_equal(nl.dequantize_nf4(t).view(np.uint32),
                           (nl.NF4_CODE[np.stack([t.packed >> 4, t.packed & 15], 1).reshape(-1)[: w.size]]
-                           * np.repeat(t.scales(), bs)[: w.size]).reshape(shape).view(np.uint32))
+                           * np.repeat(t.scales, bs)[: w.size]).reshape(shape).view(np.uint32))

@@ -38,7 +38,7 @@ def keep_mask_ref(n, m, p, seed):
 
 
 def layer_seed_ref(seed, k):
-    """Seed of a layer's k-th training forward (numlora.ops.mix_seed, as documented)."""
+    """Seed of a layer's k-th training forward (numlora.dropout.mix_seed, as documented)."""
     return _splitmix(seed + (k + 1) * 0xD1B54A32D192ED03)
 
 
@@ -92,7 +92,7 @@ def test_dropout_matches_reference_bit_for_bit(rng, p, seed):
     mask = keep_mask_ref(5, 37, p, seed)
     want = np.where(mask, x * np.float32(1.0 / (1.0 - p)), np.float32(0))
     assert xd.dtype == np.float32 and np.array_equal(xd.view(np.uint32), want.view(np.uint32))
-    assert np.array_equal(nl.ops.dropout_keep_mask(x.shape, p, seed), mask)
+    assert np.array_equal(nl.dropout_keep_mask(x.shape, p, seed), mask)
     # 1-D input is row 0; a row's mask does not depend on the rows around it
     assert np.array_equal(nl.lora_dropout(x[0], p, seed)[0], xd[0])
     assert np.array_equal(nl.lora_dropout(x[:2], p, seed)[0], xd[:2])
