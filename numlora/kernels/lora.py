@@ -1,7 +1,7 @@
 """LoRA kernels: merge / unmerge of the low-rank delta into a weight, in place.
 
-The forward is not here: its products go to BLAS from the functional layer (measured
-fastest on this machine, see ``numlora.ops``). Merging with BLAS would need a full-size
+The forward is not here: its products go to BLAS from the functional layer (see
+``numlora._backward``). Merging with BLAS would need a full-size
 temporary ``B @ A``; these kernels add the delta row by row with no temporary.
 
 Merge delta convention (shared by every merge / unmerge kernel, so that they agree to

@@ -11,7 +11,7 @@ Bit-identical to bitsandbytes' CPU path (see docs/nf4-format.md):
 
 Indexing note: numba cannot prove that an index computed from a ``prange`` variable is
 non-negative, so it guards every such access against negative wraparound, which stops
-LLVM from vectorising the loop (measured 4-7x slower). The kernels therefore slice a view
+LLVM from vectorising the loop. The kernels therefore slice a view
 per block or row and index it with ``range`` variables only.
 
 absmax is found as the integer maximum of ``bits & 0x7fffffff`` (for non-negative floats
@@ -43,8 +43,7 @@ _PACK_CHUNK = 8192  # bytes per parallel task in the generic (odd blocksize) pat
 @inline_helper
 def _code(y):
     """Number of NF4 midpoints strictly below y (the midpoints are compile-time constants).
-    Written as int32 selects: measured 3x faster
-    than summing booleans, which LLVM did not vectorise."""
+    Written as int32 selects, which LLVM vectorises (a sum of booleans it does not)."""
     return ((_I1 if y > _M0 else _I0) + (_I1 if y > _M1 else _I0) + (_I1 if y > _M2 else _I0)
             + (_I1 if y > _M3 else _I0) + (_I1 if y > _M4 else _I0) + (_I1 if y > _M5 else _I0)
             + (_I1 if y > _M6 else _I0) + (_I1 if y > _M7 else _I0) + (_I1 if y > _M8 else _I0)
