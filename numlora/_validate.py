@@ -7,8 +7,8 @@ Names for the rest of the package (this module is private): scalars and flags
 :func:`unit_scalar`, :func:`shape_arg`, :func:`check_blocksize`); arrays
 (:func:`float_array`, :func:`expect_shape`, :func:`out_array`, :func:`first_nonfinite`);
 LoRA operands (:class:`Base`, :func:`weight_array`, :func:`low_rank_arrays`,
-:func:`adapter_arrays`, :func:`input_rows`, :func:`bias_array`); outputs
-(:func:`prepare_out`, :func:`private_out`, :func:`deliver`); memory overlap
+:func:`adapter_arrays`, :func:`input_rows`, :func:`lora_input`, :func:`bias_array`);
+outputs (:func:`output`, :func:`prepare_out`, :func:`private_out`, :func:`deliver`); memory overlap
 (:func:`shares_memory`, :func:`overlapping`, :func:`refuse_overlap`, :func:`same_layout`,
 :func:`overlapping_pair`).
 """
@@ -420,6 +420,27 @@ def private_out(out, inputs):
     if overlapping(out, inputs) is None:
         return out, None
     return np.empty(out.shape, out.dtype), out
+
+
+def output(out, x, width, dtype, inputs):
+    """``(out, dest)`` for a function writing ``width`` values per row of ``x``: a fresh
+    array and None, or the caller's ``out``, checked, with :func:`private_out`'s answer
+    when it shares memory with ``inputs`` (name -> array). Return :func:`deliver`
+    ``(out, dest)`` at the end."""
+    if out is None:
+        return prepare_out(None, x, width, dtype), None
+    return private_out(prepare_out(out, x, width, dtype), inputs)
+
+
+def lora_input(x_lora, x, in_f):
+    """The ``x_lora`` argument of a forward (the LoRA branch's input when it differs from
+    x) checked against x; None stays None."""
+    if x_lora is None:
+        return None
+    xl = input_rows(x_lora, in_f, "x_lora")
+    if xl.shape != x.shape:
+        raise ShapeError(f"expected x_lora of shape {x.shape} (the shape of x), got {xl.shape}")
+    return xl
 
 
 def deliver(out, dest):

@@ -402,11 +402,7 @@ def nf4_matmul(x, t: NF4Tensor, out=None, *, bias=None) -> np.ndarray:
     out_f, in_f = _weight_2d(t)
     x = validate.input_rows(x, in_f)
     b_arr, use_bias = validate.bias_array(bias, out_f, np.float32)
-    dest = None
-    out_given = out is not None
-    out = validate.prepare_out(out, x, out_f, np.float32)
-    if out_given:
-        out, dest = validate.private_out(out, {"x": x, "bias": bias, **_tensor_arrays(t)})
+    out, dest = validate.output(out, x, out_f, np.float32, {"x": x, "bias": bias, **_tensor_arrays(t)})
     x2 = np.ascontiguousarray(x.reshape(-1, in_f), np.float32)
     _nf4_forward(x2, t, None, None, 0.0, b_arr if use_bias else None, out.reshape(-1, out_f))
     return validate.deliver(out, dest)
@@ -503,11 +499,7 @@ def nf4_matmul_t(g, t: NF4Tensor, out=None) -> np.ndarray:
     ``g`` or the tensor's arrays (computed into a temporary then)."""
     out_f, in_f = _weight_2d(t)
     g = validate.input_rows(g, out_f, "g", "out_features")
-    dest = None
-    out_given = out is not None
-    out = validate.prepare_out(out, g, in_f, np.float32)
-    if out_given:
-        out, dest = validate.private_out(out, {"g": g, **_tensor_arrays(t)})
+    out, dest = validate.output(out, g, in_f, np.float32, {"g": g, **_tensor_arrays(t)})
     g2 = np.ascontiguousarray(g.reshape(-1, out_f), np.float32)
     _nf4_grad_input(g2, t, out.reshape(-1, in_f))
     return validate.deliver(out, dest)
@@ -584,18 +576,10 @@ def qlora_forward(x, t: NF4Tensor, lora_a, lora_b, scaling, bias=None, out=None,
     lora_a, lora_b, _ = validate.low_rank_arrays(lora_a, lora_b, out_f, in_f, base=_nf4_base(t))
     s = validate.real_scalar("scaling", scaling)
     x = validate.input_rows(x, in_f)
-    xl = None
-    if x_lora is not None:
-        xl = validate.input_rows(x_lora, in_f, "x_lora")
-        if xl.shape != x.shape:
-            raise ShapeError(f"expected x_lora of shape {x.shape} (the shape of x), got {xl.shape}")
+    xl = validate.lora_input(x_lora, x, in_f)
     b_arr, use_bias = validate.bias_array(bias, out_f, np.float32)
-    dest = None
-    out_given = out is not None
-    out = validate.prepare_out(out, x, out_f, np.float32)
-    if out_given:
-        out, dest = validate.private_out(out, {"x": x, "lora_a": lora_a, "lora_b": lora_b, "bias": bias,
-                                               "x_lora": xl, **_tensor_arrays(t)})
+    out, dest = validate.output(out, x, out_f, np.float32, {"x": x, "lora_a": lora_a, "lora_b": lora_b,
+                                                            "bias": bias, "x_lora": xl, **_tensor_arrays(t)})
     x2 = np.ascontiguousarray(x.reshape(-1, in_f), np.float32)
     xl2 = None if xl is None else np.ascontiguousarray(xl.reshape(-1, in_f), np.float32)
     _nf4_forward(x2, t, np.ascontiguousarray(lora_a, np.float32), np.ascontiguousarray(lora_b, np.float32), s,

@@ -59,17 +59,12 @@ def lora_forward(x, weight, lora_a, lora_b, scaling, bias=None, out=None, *, fan
     weight, lora_a, lora_b, out_f, in_f, _ = validate.adapter_arrays(weight, lora_a, lora_b, fan_in_fan_out)
     x = validate.input_rows(x, in_f)
     s = validate.real_scalar("scaling", scaling)
-    xl = _lora_input(x_lora, x, in_f)
+    xl = validate.lora_input(x_lora, x, in_f)
     arrays = [x, weight, lora_a, lora_b] + [a for a in (bias, xl) if a is not None]
     dtype = np.result_type(*[np.asarray(a).dtype for a in arrays])
     b_arr, use_bias = validate.bias_array(bias, out_f, dtype)
-    dest = None
-    if out is not None:
-        out, dest = validate.private_out(validate.prepare_out(out, x, out_f, dtype),
-                                         {"x": x, "weight": weight, "lora_a": lora_a, "lora_b": lora_b,
-                                          "bias": bias, "x_lora": xl})
-    else:
-        out = validate.prepare_out(out, x, out_f, dtype)
+    out, dest = validate.output(out, x, out_f, dtype, {"x": x, "weight": weight, "lora_a": lora_a,
+                                                        "lora_b": lora_b, "bias": bias, "x_lora": xl})
     x2 = np.ascontiguousarray(x.reshape(-1, in_f), dtype)
     xl2 = x2 if xl is None else np.ascontiguousarray(xl.reshape(-1, in_f), dtype)
     out2 = out.reshape(-1, out_f)
@@ -78,16 +73,6 @@ def lora_forward(x, weight, lora_a, lora_b, scaling, bias=None, out=None, *, fan
     if use_bias:
         out2 += b_arr
     return validate.deliver(out, dest)
-
-
-def _lora_input(x_lora, x, in_f):
-    """The ``x_lora`` argument checked against x (None stays None)."""
-    if x_lora is None:
-        return None
-    xl = validate.input_rows(x_lora, in_f, "x_lora")
-    if xl.shape != x.shape:
-        raise ShapeError(f"expected x_lora of shape {x.shape} (the shape of x), got {xl.shape}")
-    return xl
 
 
 @dispatch
@@ -102,12 +87,7 @@ def linear_forward(x, weight, bias=None, out=None, *, fan_in_fan_out=False):
     arrays = [x, weight] + ([bias] if bias is not None else [])
     dtype = np.result_type(*[np.asarray(a).dtype for a in arrays])
     b_arr, use_bias = validate.bias_array(bias, out_f, dtype)
-    dest = None
-    if out is not None:
-        out, dest = validate.private_out(validate.prepare_out(out, x, out_f, dtype),
-                                         {"x": x, "weight": weight, "bias": bias})
-    else:
-        out = validate.prepare_out(out, x, out_f, dtype)
+    out, dest = validate.output(out, x, out_f, dtype, {"x": x, "weight": weight, "bias": bias})
     x2 = np.ascontiguousarray(x.reshape(-1, in_f), dtype)
     out2 = out.reshape(-1, out_f)
     bw.base_product(x2, weight.astype(dtype, copy=False), fan_in_fan_out, out2)
