@@ -712,3 +712,11 @@ def test_copy_gives_a_bank_with_its_own_pool(rng, dense):
 def test_unpickling_refuses_a_foreign_state():
     with pytest.raises(nl.FormatError, match="expected the state of a pickled LoraBank"):
         LoraBank.__new__(LoraBank).__setstate__({"version": 99})
+
+
+def test_a_pickle_naming_the_lease_loader_at_its_old_path_loads():
+    """Pickles of a bank made while numlora.multi was one module name the loader of the
+    reader lease as numlora.multi._no_lease: that name keeps loading (as None)."""
+    import pickle
+
+    assert pickle.loads(b"cnumlora.multi\n_no_lease\n)R.") is None

@@ -38,9 +38,9 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from . import _validate as v
-from .device import is_device_array, to_host
-from .errors import (
+from .. import _validate as v
+from ..device import is_device_array, to_host
+from ..errors import (
     ConfigError,
     DeviceError,
     DTypeError,
@@ -50,7 +50,7 @@ from .errors import (
     NonFiniteError,
     ShapeError,
 )
-from .ops import _input_rows, _prepare_out  # here, not per call: an import statement costs ~1 us per forward
+from ..ops import _input_rows, _prepare_out  # here, not per call: an import statement costs ~1 us per forward
 
 __all__ = ["LoraBank", "multi_lora_forward", "BUCKETS", "REF_ROWS"]
 
@@ -64,7 +64,7 @@ BLOCK_BYTES = 16 << 20
 
 
 def _kernels():
-    from .kernels import multi
+    from ..kernels import multi
 
     return multi
 
@@ -279,7 +279,7 @@ class LoraBank:
     _TABLE_DTYPES = (np.int64, np.int64, np.int64, np.float32, bool)
 
     def __init__(self, base, *, bias=None, block_pages=None, row_stable=True, nf4_path="tiles"):
-        from .nf4 import NF4Tensor
+        from ..nf4 import NF4Tensor
 
         if isinstance(base, NF4Tensor):
             if len(base.shape) != 2:
@@ -377,7 +377,7 @@ class LoraBank:
                 if self._device == "cuda":
                     # forwards launch their kernels without waiting (on whichever stream):
                     # they must be done before their pages are written or freed
-                    from .device import cuda_module
+                    from ..device import cuda_module
 
                     cuda_module().synchronize()
                 for _, bid, page, r in ready:
@@ -469,7 +469,7 @@ class LoraBank:
             off = int(snap.ad_off[k])
             flat = snap.blocks[snap.ad_block[k]][off:off + r * (self._in_f + self._out_f)]
             if self._device == "cuda":  # device arrays, through the host (an inspection, not a hot path)
-                from .device import to_device
+                from ..device import to_device
 
                 flat = flat.copy_to_host()
                 wrap = to_device
@@ -531,11 +531,11 @@ class LoraBank:
             if self._device != "cuda":
                 raise DeviceError("this bank is on the CPU: expected lora_a and lora_b as host arrays, got a device "
                                   "array; copy them with numlora.to_host, or move the bank with bank.to('cuda')")
-            from .cuda import ops as C
+            from ..cuda import ops as C
 
             lora_a, lora_b, r = C._low_rank(lora_a, lora_b, self._out_f, self._in_f)
         else:
-            from .ops import _low_rank_arrays
+            from ..ops import _low_rank_arrays
 
             lora_a, lora_b, r = _low_rank_arrays(lora_a, lora_b, self._out_f, self._in_f)
             lora_a = np.ascontiguousarray(lora_a, np.float32)
@@ -573,7 +573,7 @@ class LoraBank:
     def _write(self, dst, lora_a, lora_b, on_gpu):
         """Pack A^T and B^T into the pool pages ``dst``."""
         if on_gpu:
-            from .cuda import kernels as K
+            from ..cuda import kernels as K
 
             K.pack_adapter[max(1, -(-dst.size // K.THREADS)), K.THREADS](lora_a, lora_b, dst)
         elif self._device == "cuda":  # packed on the host, one copy of this adapter to the device
@@ -660,7 +660,7 @@ class LoraBank:
         """A new pool block in the writers' list (readers see it with the next snapshot)."""
         size = pages * (self._in_f + self._out_f)
         if self._device == "cuda":
-            from .device import cuda_module
+            from ..device import cuda_module
 
             arr = cuda_module().device_array(size, np.float32)
         else:
@@ -781,7 +781,7 @@ class LoraBank:
         :func:`numlora.load_peft_adapter`) as adapter ``name``; ``module`` may be omitted
         when the folder holds a single layer. DoRA and LoRA-bias layers are refused
         (the bank computes plain LoRA). Returns the id."""
-        from .io.peft import load_peft_adapter
+        from ..io.peft import load_peft_adapter
 
         adapter = load_peft_adapter(folder)
         if module is None:
@@ -823,13 +823,13 @@ class LoraBank:
         if self._nf4 is None:
             np.dot(x2, self._weight.T, out=out2)
         elif self._nf4_path == "fused":
-            from .nf4 import FUSED_MAX_ROWS, _nf4_forward
+            from ..nf4 import FUSED_MAX_ROWS, _nf4_forward
 
             for c0 in range(0, x2.shape[0], FUSED_MAX_ROWS):
                 c1 = min(x2.shape[0], c0 + FUSED_MAX_ROWS)
                 _nf4_forward(x2[c0:c1], self._nf4, None, None, 0.0, None, out2[c0:c1])
         else:
-            from .nf4 import _nf4_blas
+            from ..nf4 import _nf4_blas
 
             _nf4_blas(x2, self._nf4, self._nf4.scales(), out2)
 
@@ -839,7 +839,7 @@ class LoraBank:
         elif self._nf4 is None:
             np.dot(x2, self._weight.T, out=out2)
         else:
-            from .nf4 import _nf4_forward
+            from ..nf4 import _nf4_forward
 
             _nf4_forward(x2, self._nf4, None, None, 0.0, None, out2)
 
@@ -1034,7 +1034,7 @@ class LoraBank:
         device ``adapters`` / ``scale``) and returns a device array; ``add`` takes host or
         device arrays. The copy is of one consistent state (writers wait meanwhile); the
         new bank has its own locks and follows the same thread rules. See docs/gpu.md."""
-        from .device import _move, to_device, to_host
+        from ..device import _move, to_device, to_host
 
         if not isinstance(device, str) or device not in ("cuda", "cpu"):
             raise ConfigError(f"device must be 'cuda' or 'cpu', got {device!r}")
@@ -1062,7 +1062,7 @@ class LoraBank:
         adapter). The grouping is planned on the host from the row ids (small copies to
         the device), in one snapshot of the bank as on the CPU. An ``out`` overlapping
         ``x`` reads ``x`` from a device copy."""
-        from .cuda import ops as C
+        from ..cuda import ops as C
 
         if not is_device_array(x):
             raise DeviceError(f"this bank is on the GPU: expected x as a device array, got a host "
@@ -1075,7 +1075,7 @@ class LoraBank:
             if n == 0:
                 return out
             if _device_overlap(out, x):
-                from .device import cuda_module
+                from ..device import cuda_module
 
                 xc = cuda_module().device_array(tuple(x.shape), np.float32)
                 xc.copy_to_device(x)
