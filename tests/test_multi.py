@@ -178,11 +178,11 @@ def test_calibration_records_buckets(rng, dense):
     bank, _ = _bank(rng, dense, [2])
     x = rng.standard_normal((3, IN), dtype=np.float32)
     bank.forward(x, [0, 0, -1])
-    checked = bank._stable.checked
+    checked = bank._base.checked
     assert checked[REF_ROWS] is True
     assert set(checked) <= set(BUCKETS)
     # the bucket used for 3 rows is the smallest passing one >= 3
-    b = bank._stable.bucket(3)
+    b = bank._base.bucket(3)
     assert b >= 3 and checked[b] and all(not checked.get(c, False) for c in BUCKETS if 3 <= c < b)
 
 

@@ -39,6 +39,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from .. import _validate as v
+from .._validate import input_rows, low_rank_arrays, prepare_out
 from ..device import is_device_array, to_host
 from ..errors import (
     ConfigError,
@@ -50,15 +51,10 @@ from ..errors import (
     NonFiniteError,
     ShapeError,
 )
-from ..ops import _input_rows, _prepare_out  # here, not per call: an import statement costs ~1 us per forward
+from .product import BUCKETS, REF_ROWS, base_product
 
 __all__ = ["LoraBank", "multi_lora_forward", "BUCKETS", "REF_ROWS"]
 
-#: Largest batch chunk of one base product; larger batches run in chunks of this size.
-REF_ROWS = 256
-#: Batch sizes the base product is called with in row-stable mode (a batch is padded up
-#: to the smallest calibrated one that holds it).
-BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 #: Default bytes per pool block.
 BLOCK_BYTES = 16 << 20
 
@@ -67,78 +63,6 @@ def _kernels():
     from ..kernels import multi
 
     return multi
-
-
-class _RowStableBase:
-    """The base product ``y = x W^T`` (dense or NF4) in calibrated batch sizes.
-
-    ``product(x2, out2)`` is the raw product (any number of rows). For each bucket size N
-    it is used only after a check: two probe rows computed at positions (N-1, 0) of an
-    N-row batch (the rest random) must match bit for bit the same rows computed at
-    positions (0, REF_ROWS-1) of a REF_ROWS-row batch. REF_ROWS itself is the reference.
-    The check runs once per bucket, on first use (a few products' time).
-    """
-
-    def __init__(self, product, in_f, out_f):
-        self._product = product
-        self.in_f, self.out_f = in_f, out_f
-        self.checked: dict[int, bool] = {REF_ROWS: True}
-        self._ref = None
-        self._lock = threading.Lock()
-        self._xpad = None
-        self._ypad = None
-
-    def _run(self, n, places, seed):
-        """The product of an n-row batch of random rows with probe row ``i`` at position
-        ``pos`` for each ``(i, pos)`` of ``places``; returns the probe rows' results."""
-        g = np.random.default_rng([7, n, seed])
-        xb = g.standard_normal((n, self.in_f), dtype=np.float32)
-        probe = np.random.default_rng(99).standard_normal((2, self.in_f), dtype=np.float32)
-        for i, pos in places:
-            xb[pos] = probe[i]
-        yb = np.empty((n, self.out_f), np.float32)
-        self._product(xb, yb)
-        return np.stack([yb[pos] for _, pos in places])
-
-    def _check(self, n):
-        if self._ref is None:
-            self._ref = self._run(REF_ROWS, [(0, 0), (1, REF_ROWS - 1)], 0)
-        if n == 1:
-            got = np.concatenate([self._run(1, [(0, 0)], 1), self._run(1, [(1, 0)], 2)])
-        else:
-            got = self._run(n, [(0, n - 1), (1, 0)], 1)
-        return bool(np.array_equal(got.view(np.uint32), self._ref.view(np.uint32)))
-
-    def bucket(self, m):
-        """The smallest bucket >= m that passed its check (checking as needed)."""
-        for b in BUCKETS:
-            if b < m:
-                continue
-            ok = self.checked.get(b)
-            if ok is None:
-                ok = self.checked[b] = self._check(b)
-            if ok:
-                return b
-        return REF_ROWS
-
-    def __call__(self, x2, out2):
-        n = x2.shape[0]
-        with self._lock:
-            for c0 in range(0, n, REF_ROWS):
-                m = min(REF_ROWS, n - c0)
-                nb = self.bucket(m)
-                if nb == m:
-                    self._product(x2[c0:c0 + m], out2[c0:c0 + m])
-                    continue
-                if self._xpad is None or self._xpad.shape[0] < nb:
-                    self._xpad = np.zeros((nb, self.in_f), np.float32)
-                    self._ypad = np.empty((nb, self.out_f), np.float32)
-                xp = self._xpad[:nb]
-                xp[:m] = x2[c0:c0 + m]
-                xp[m:] = 0
-                yp = self._ypad[:nb]
-                self._product(xp, yp)
-                out2[c0:c0 + m] = yp[:m]
 
 
 class _Snapshot:
@@ -317,8 +241,8 @@ class LoraBank:
                     names):
         """The writer's state, the locks and the first snapshot (the constructor, to(),
         unpickling)."""
-        self._stable = (_RowStableBase(self._raw_base, self._in_f, self._out_f)
-                        if self._row_stable and self._device == "cpu" else None)
+        self._base = (base_product(self._weight, self._nf4, self._row_stable, self._nf4_path)
+                      if self._device == "cpu" else None)
         # writers' state (only touched under _wlock)
         self._blocks = blocks            # 1-D float32 pool blocks (size 0: a released block)
         self._free = free                # per block: sorted list of [start_page, n_pages] free runs
@@ -535,9 +459,7 @@ class LoraBank:
 
             lora_a, lora_b, r = C._low_rank(lora_a, lora_b, self._out_f, self._in_f)
         else:
-            from ..ops import _low_rank_arrays
-
-            lora_a, lora_b, r = _low_rank_arrays(lora_a, lora_b, self._out_f, self._in_f)
+            lora_a, lora_b, r = low_rank_arrays(lora_a, lora_b, self._out_f, self._in_f)
             lora_a = np.ascontiguousarray(lora_a, np.float32)
             lora_b = np.ascontiguousarray(lora_b, np.float32)
         s = np.float32(v.real_scalar("scaling", scaling))
@@ -816,33 +738,6 @@ class LoraBank:
         return bank
 
     # --- forward ---------------------------------------------------------------------
-    def _raw_base(self, x2, out2):
-        """out2 = x2 W^T through BLAS (dense) or decoded tiles + BLAS (NF4)."""
-        if x2.shape[0] == 0:
-            return
-        if self._nf4 is None:
-            np.dot(x2, self._weight.T, out=out2)
-        elif self._nf4_path == "fused":
-            from ..nf4 import FUSED_MAX_ROWS, _nf4_forward
-
-            for c0 in range(0, x2.shape[0], FUSED_MAX_ROWS):
-                c1 = min(x2.shape[0], c0 + FUSED_MAX_ROWS)
-                _nf4_forward(x2[c0:c1], self._nf4, None, None, 0.0, None, out2[c0:c1])
-        else:
-            from ..nf4 import _nf4_blas
-
-            _nf4_blas(x2, self._nf4, self._nf4.scales(), out2)
-
-    def _base(self, x2, out2):
-        if self._stable is not None:
-            self._stable(x2, out2)
-        elif self._nf4 is None:
-            np.dot(x2, self._weight.T, out=out2)
-        else:
-            from ..nf4 import _nf4_forward
-
-            _nf4_forward(x2, self._nf4, None, None, 0.0, None, out2)
-
     def _row_ids(self, snap, adapters, n):
         """int64 ids (n,) of a forward's ``adapters``, checked against ``snap``."""
         if isinstance(adapters, np.ndarray) and adapters.dtype.kind in "iu":
@@ -920,7 +815,7 @@ class LoraBank:
         """
         if self._device == "cuda":
             return self._forward_gpu(x, adapters, scale, out)
-        x = _input_rows(x, self._in_f)
+        x = input_rows(x, self._in_f)
         one_d = x.ndim == 1
         n = 1 if one_d else x.shape[0]
         given = out
@@ -930,7 +825,7 @@ class LoraBank:
             snap.readers += 1
         try:
             ids, rowscale = self._rows_of(snap, adapters, scale, n, one_d)
-            out = _prepare_out(out, x, self._out_f, np.float32)
+            out = prepare_out(out, x, self._out_f, np.float32)
             if n == 0:
                 return out
             x2 = np.ascontiguousarray(x.reshape(-1, self._in_f), np.float32)

@@ -1,0 +1,158 @@
+"""The bank's base product ``y = x W^T`` on the CPU (dense or NF4 ``W``), and
+:class:`RowStableProduct`, which runs a product in calibrated batch sizes so that a row's
+result does not depend on the rest of its batch.
+
+Why calibration: BLAS picks different kernels for different batch sizes (GEMV for one
+row, small-matrix kernels for small products), and those sum in different orders. So a
+row-stable bank pads each batch (or chunk of :data:`REF_ROWS` rows) up to a bucket size
+of :data:`BUCKETS` that was checked, on first use, to give the same bits as a
+``REF_ROWS``-row product for probe rows at other positions; a bucket that fails is never
+used (the next larger one is).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+from ..nf4 import FUSED_MAX_ROWS, _nf4_blas, _nf4_forward
+
+__all__ = ["BUCKETS", "REF_ROWS", "RowStableProduct", "base_product"]
+
+#: Largest batch chunk of one base product; larger batches run in chunks of this size.
+REF_ROWS = 256
+#: Batch sizes the base product is called with in row-stable mode (a batch is padded up
+#: to the smallest calibrated one that holds it).
+BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class RowStableProduct:
+    """A product ``product(x2, out2)`` (``out2 = x2 W^T``, any number of rows) run in
+    calibrated batch sizes: calling it gives each row the bits a ``REF_ROWS``-row product
+    gives it, whatever the other rows.
+
+    For each bucket size N the product is used only after a check: two probe rows
+    computed at positions (N-1, 0) of an N-row batch (the rest random) must match bit for
+    bit the same rows computed at positions (0, REF_ROWS-1) of a REF_ROWS-row batch.
+    REF_ROWS itself is the reference. The check runs once per bucket, on first use.
+    ``checked`` maps the buckets checked so far to their outcome.
+    """
+
+    def __init__(self, product, in_f, out_f):
+        self._product = product
+        self.in_f, self.out_f = in_f, out_f
+        self.checked: dict[int, bool] = {REF_ROWS: True}
+        self._ref = None
+        self._lock = threading.Lock()
+        self._xpad = None
+        self._ypad = None
+
+    def _run(self, n, places, seed):
+        """The product of an n-row batch of random rows with probe row ``i`` at position
+        ``pos`` for each ``(i, pos)`` of ``places``; returns the probe rows' results."""
+        g = np.random.default_rng([7, n, seed])
+        xb = g.standard_normal((n, self.in_f), dtype=np.float32)
+        probe = np.random.default_rng(99).standard_normal((2, self.in_f), dtype=np.float32)
+        for i, pos in places:
+            xb[pos] = probe[i]
+        yb = np.empty((n, self.out_f), np.float32)
+        self._product(xb, yb)
+        return np.stack([yb[pos] for _, pos in places])
+
+    def _check(self, n):
+        if self._ref is None:
+            self._ref = self._run(REF_ROWS, [(0, 0), (1, REF_ROWS - 1)], 0)
+        if n == 1:
+            got = np.concatenate([self._run(1, [(0, 0)], 1), self._run(1, [(1, 0)], 2)])
+        else:
+            got = self._run(n, [(0, n - 1), (1, 0)], 1)
+        return bool(np.array_equal(got.view(np.uint32), self._ref.view(np.uint32)))
+
+    def bucket(self, m):
+        """The smallest bucket >= m that passed its check (checking as needed)."""
+        for b in BUCKETS:
+            if b < m:
+                continue
+            ok = self.checked.get(b)
+            if ok is None:
+                ok = self.checked[b] = self._check(b)
+            if ok:
+                return b
+        return REF_ROWS
+
+    def __call__(self, x2, out2):
+        n = x2.shape[0]
+        with self._lock:
+            for c0 in range(0, n, REF_ROWS):
+                m = min(REF_ROWS, n - c0)
+                nb = self.bucket(m)
+                if nb == m:
+                    self._product(x2[c0:c0 + m], out2[c0:c0 + m])
+                    continue
+                if self._xpad is None or self._xpad.shape[0] < nb:
+                    self._xpad = np.zeros((nb, self.in_f), np.float32)
+                    self._ypad = np.empty((nb, self.out_f), np.float32)
+                xp = self._xpad[:nb]
+                xp[:m] = x2[c0:c0 + m]
+                xp[m:] = 0
+                yp = self._ypad[:nb]
+                self._product(xp, yp)
+                out2[c0:c0 + m] = yp[:m]
+
+
+def base_product(weight, nf4, row_stable: bool, nf4_path: str):
+    """``product(x2, out2)``: ``out2 = x2 W^T`` for float32 C-contiguous (n, in) ``x2``
+    and (n, out) ``out2``, ``W`` the dense float32 ``weight`` or the NF4Tensor ``nf4``.
+
+    Row-stable: one arithmetic for every batch size (BLAS for dense; over NF4, decoded
+    tiles of W with BLAS for ``nf4_path="tiles"``, the fused kernel in chunks of
+    ``FUSED_MAX_ROWS`` rows for ``"fused"``) in a :class:`RowStableProduct`. Otherwise
+    the fastest path for each batch size (BLAS; over NF4, the path ``nf4_matmul`` takes)."""
+    if nf4 is None:
+        product = _dense(weight)
+    elif not row_stable:
+        product = _nf4_by_size(nf4)
+    elif nf4_path == "fused":
+        product = _nf4_fused(nf4)
+    else:
+        product = _nf4_tiles(nf4)
+    if not row_stable:
+        return product
+    out_f, in_f = (weight if nf4 is None else nf4).shape
+    return RowStableProduct(product, in_f, out_f)
+
+
+def _dense(weight):
+    wt = weight.T
+
+    def product(x2, out2):
+        np.dot(x2, wt, out=out2)
+
+    return product
+
+
+def _nf4_by_size(t):
+    def product(x2, out2):
+        _nf4_forward(x2, t, None, None, 0.0, None, out2)
+
+    return product
+
+
+def _nf4_fused(t):
+    def product(x2, out2):
+        n = x2.shape[0]
+        for c0 in range(0, n, FUSED_MAX_ROWS):
+            c1 = min(n, c0 + FUSED_MAX_ROWS)
+            _nf4_forward(x2[c0:c1], t, None, None, 0.0, None, out2[c0:c1])
+
+    return product
+
+
+def _nf4_tiles(t):
+    scales = np.asarray(t.scales)
+
+    def product(x2, out2):
+        _nf4_blas(x2, t, scales, out2)
+
+    return product
