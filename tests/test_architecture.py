@@ -41,8 +41,8 @@ INTERNAL = (
 #: train and device re-export, and numlora.cuda.ops directly. The layers / bank owners
 #: remove their line when their module (package) has switched.
 EXEMPT = {
-    "numlora.layers",  # being split into numlora/layers/ (layers engineer)
-    "numlora.multi",  # being split into numlora/multi/ (bank engineer)
+    "numlora.layers",  # and numlora.layers.*: being split into numlora/layers/ (layers engineer)
+    "numlora.multi",  # and numlora.multi.*: being split into numlora/multi/ (bank engineer)
 }
 
 #: Import edges (importer, imported) allowed to close a cycle through imports inside
@@ -164,8 +164,16 @@ def cycles(nodes, edges) -> list:
     return comps
 
 
+def _within(module: str, names) -> bool:
+    return any(module == m or module.startswith(m + ".") for m in names)
+
+
 def _internal(module: str) -> bool:
-    return any(module == m or module.startswith(m + ".") for m in INTERNAL)
+    return _within(module, INTERNAL)
+
+
+def _exempt(module: str) -> bool:
+    return _within(module, EXEMPT)
 
 
 def _private(module: str) -> bool:
@@ -205,7 +213,7 @@ def test_no_import_cycles_counting_imports_inside_functions():
 
 def test_private_names_come_only_from_the_designated_internal_modules():
     mods, edges = import_graph()
-    bad = [t for t in private_imports(mods, edges) if t[0] not in EXEMPT]
+    bad = [t for t in private_imports(mods, edges) if not _exempt(t[0])]
     assert bad == [], "\n".join(f"{a} imports {n} from {b}" for a, b, n in bad)
 
 
@@ -216,7 +224,7 @@ def test_the_cuda_backend_is_loaded_only_through_dispatch():
     mods, edges = import_graph()
     users = sorted({a for a, b, _, _ in edges
                     if (b == "numlora.cuda" or b.startswith("numlora.cuda."))
-                    and not a.startswith("numlora.cuda") and a not in EXEMPT})
+                    and not a.startswith("numlora.cuda") and not _exempt(a)})
     assert users == []
 
 
@@ -225,7 +233,7 @@ def test_the_exemptions_are_still_needed():
     mods, edges = import_graph()
     bad_modules = {a for a, _, _ in private_imports(mods, edges)}
     bad_modules |= {a for a, b, _, _ in edges if b.startswith("numlora.cuda") and not a.startswith("numlora.cuda")}
-    stale = sorted(m for m in EXEMPT if m not in bad_modules)
+    stale = sorted(m for m in EXEMPT if not any(_within(b, [m]) for b in bad_modules))
     assert stale == [], f"remove these from EXEMPT: {stale}"
     all_cycles = cycles(mods, [(a, b) for a, b, _, _ in edges])
     for a, b in CYCLE_EXEMPT:
