@@ -86,7 +86,7 @@ class LoraAdapter:
         if device == "cuda":
             for name, layer in self._layers.items():
                 try:
-                    layer._check_movable()
+                    layer._check_move(device)
                 except NumloraError as e:
                     raise type(e)(f"layer '{name}': {e}") from None
         new = LoraAdapter(self._config)

@@ -4,6 +4,8 @@ import numpy as np
 import pytest
 
 import numlora as nl
+from numlora.ops import mix_seed
+
 from conftest import make_weight
 from reference import xorshift_stream
 
@@ -442,3 +444,102 @@ def test_attach_refused_while_merged(rng):
         layer.detach()
     with pytest.raises(nl.MergeStateError, match="unmerge"):
         layer.magnitude = np.ones(16, np.float32)
+
+
+# --- the layers over the functional API -------------------------------------------------------
+
+def _bits(a):
+    return np.ascontiguousarray(a).view(np.uint8)
+
+
+def test_variant_follows_the_optional_vectors_and_runs_the_functional_api(rng):
+    """The magnitude and the LoRA bias choose the layer's variant when they are set; the
+    forward, merge and parameter count then run that variant's functional call."""
+    from numlora.layers import variants
+
+    w, bias = _f32(rng, 6, 8), _f32(rng, 6)
+    layer = nl.LoraLinear.from_weight(w, 2, 4.0, init="kaiming", seed=1, bias=bias)
+    layer.lora_b = _f32(rng, 6, 2)
+    a, b, s = layer.lora_a, layer.lora_b, layer.scaling
+    x = _f32(rng, 3, 8)
+    assert layer._variant is variants.LORA and layer.trainable_params == 2 * (8 + 6)
+    assert np.array_equal(_bits(layer(x)), _bits(nl.lora_forward(x, w, a, b, s, bias)))
+    lb = _f32(rng, 6)
+    layer.lora_bias = lb
+    assert layer._variant is variants.LORA_BIAS and layer.trainable_params == 2 * (8 + 6) + 6
+    path_bias = bias + lb * np.float32(s)
+    assert np.array_equal(_bits(layer(x)), _bits(nl.lora_forward(x, w, a, b, s, path_bias)))
+    layer.lora_bias = None
+    m = np.abs(_f32(rng, 6)) + 1
+    layer.magnitude = m
+    assert layer._variant is variants.DORA and layer.trainable_params == 2 * (8 + 6) + 6
+    assert np.array_equal(_bits(layer(x)), _bits(nl.dora_forward(x, w, a, b, s, m, bias)))
+    merged = w.copy()
+    nl.merge_dora(merged, a, b, s, m)
+    layer.merge()
+    assert np.array_equal(_bits(layer.weight), _bits(merged))
+    layer.unmerge()
+    layer.magnitude = None
+    assert layer._variant is variants.LORA and "dora" not in repr(layer)
+
+
+@pytest.mark.parametrize("fan_in_fan_out", [False, True])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_dense_training_step_is_the_functional_api_bit_for_bit(rng, fan_in_fan_out, dtype):
+    """A training forward and backward of LoraLinear give what lora_dropout, lora_forward
+    and lora_backward give, bit for bit: the k-th forward draws its mask with the seed
+    mix_seed(dropout_seed, k)."""
+    w = rng.standard_normal((9, 7) if fan_in_fan_out else (7, 9)).astype(dtype)
+    bias = rng.standard_normal(7).astype(dtype)
+    layer = nl.LoraLinear.from_weight(w, 3, 6.0, init="kaiming", seed=2, bias=bias, fan_in_fan_out=fan_in_fan_out,
+                                      dropout=0.3, dropout_seed=21).train()
+    layer.lora_b = rng.standard_normal((7, 3)).astype(dtype)
+    a, b, s = layer.lora_a.copy(), layer.lora_b.copy(), layer.scaling
+    ga = gb = None
+    for k, n in enumerate((5, 1, 300)):
+        x = rng.standard_normal((n, 9)).astype(dtype)
+        g = rng.standard_normal((n, 7)).astype(dtype)
+        xd, state = nl.lora_dropout(x, 0.3, mix_seed(21, k))
+        want = nl.lora_forward(x, w, a, b, s, bias, fan_in_fan_out=fan_in_fan_out, x_lora=xd)
+        assert np.array_equal(_bits(layer(x)), _bits(want))
+        dx, ga1, gb1 = nl.lora_backward(x, w, a, b, s, g, fan_in_fan_out=fan_in_fan_out, dropout=state)
+        ga, gb = (ga1, gb1) if ga is None else (ga + ga1, gb + gb1)
+        assert np.array_equal(_bits(layer.backward(g)), _bits(dx))
+        assert np.array_equal(_bits(layer.grad_a), _bits(ga.astype(layer.grad_a.dtype)))
+        assert np.array_equal(_bits(layer.grad_b), _bits(gb))
+
+
+@pytest.mark.parametrize("n", [3, 40])
+def test_qlora_training_step_is_the_functional_api(rng, n):
+    """The QLoRA training forward is qlora_forward on the dropped input, bit for bit; the
+    backward is qlora_backward's (bit for bit once the batch takes the BLAS path; a fused
+    small batch reuses the forward's s x_drop A^T, which the kernel sums in its own order)."""
+    w = _f32(rng, 24, 64)
+    layer = nl.QLoraLinear.from_weight(w, 4, 8.0, blocksize=32, bias=_f32(rng, 24), dropout=0.25,
+                                       dropout_seed=5).train()
+    layer.lora_b = _f32(rng, 24, 4)
+    x, g = _f32(rng, n, 64), _f32(rng, n, 24)
+    xd, state = nl.lora_dropout(x, 0.25, mix_seed(5, 0))
+    args = (layer.nf4, layer.lora_a, layer.lora_b, layer.scaling)
+    want = nl.qlora_forward(x, *args, layer.bias, x_lora=xd)
+    assert np.array_equal(_bits(layer(x)), _bits(want))
+    dx, ga, gb = nl.qlora_backward(x, *args, g, dropout=state)
+    got = (layer.backward(g), layer.grad_a, layer.grad_b)
+    for mine, theirs in zip(got, (dx, ga, gb)):
+        if n > 16:
+            assert np.array_equal(_bits(mine), _bits(theirs))
+        else:
+            np.testing.assert_allclose(mine, theirs, rtol=1e-5, atol=1e-5 * np.abs(theirs).max())
+
+
+def test_layers_pickle_and_hold_the_one_host_backend(rng):
+    import pickle
+
+    from numlora.layers._host import HOST
+
+    layer = nl.LoraLinear.from_weight(_f32(rng, 6, 8), 2, 4.0, bias=_f32(rng, 6))
+    layer.lora_b = _f32(rng, 6, 2)
+    back = pickle.loads(pickle.dumps(layer))
+    assert back._backend is HOST and back.to("cpu") is back and back.device == "cpu"
+    x = _f32(rng, 2, 8)
+    assert np.array_equal(back(x), layer(x))

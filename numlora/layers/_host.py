@@ -1,0 +1,131 @@
+"""The layers' CPU backend: numpy arrays, validated and copied on the way in, and the
+training forward and backward over them.
+
+A layer holds :data:`HOST` while its arrays are on the host (the GPU twin is
+:mod:`numlora.layers._gpu`); what depends on the layer type (its products, its compute
+dtype) comes from the layer's hooks (see :class:`~numlora.layers.base.LoraLayer`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import _validate as validate
+from .._backward import backward_core
+from .._dispatch import backend
+from ..device import to_host
+from ..errors import ShapeError
+
+
+class HostBackend:
+    """A layer's arrays and computations on the CPU."""
+
+    name = "cpu"
+    #: The functional API's CPU implementations, called without per-call routing.
+    fn = backend("cpu")
+
+    def __reduce__(self):
+        return "HOST"  # one per process: a pickled layer comes back holding it
+
+    # arrays ---------------------------------------------------------------------------
+    @staticmethod
+    def move(a):
+        return to_host(a)
+
+    def check_move(self, layer) -> None:
+        """Anything may come back to the host."""
+
+    def check_variant(self, name, variant) -> None:
+        """Every variant runs on the CPU."""
+
+    @staticmethod
+    def check_array(name, a, shape, message=None):
+        """The caller's float array ``a`` of ``shape``, validated (not copied); a wrong
+        shape is a ShapeError saying ``message(got)`` when given."""
+        a = validate.float_array(name, a, len(shape))
+        if tuple(a.shape) != tuple(shape):
+            raise ShapeError(message(tuple(a.shape)) if message else
+                             f"expected {name} of shape {tuple(shape)}, got {tuple(a.shape)}")
+        return a
+
+    def attach_array(self, name, a, shape, copy, message=None):
+        """A base array for the layer: ``a`` validated, copied when ``copy``."""
+        a = self.check_array(name, a, shape, message)
+        return np.array(a, copy=True) if copy else a
+
+    def own(self, name, a, shape, dtype, message=None):
+        """A private C-contiguous copy of the float array ``a`` of ``shape`` in ``dtype``."""
+        return np.array(self.check_array(name, a, shape, message), dtype=dtype, order="C", copy=True)
+
+    def vector(self, name, value, n, dtype):
+        """A private copy of the vector ``value`` (n,) in ``dtype``, or None."""
+        return None if value is None else np.array(self.check_array(name, value, (n,)), dtype=dtype, copy=True)
+
+    @staticmethod
+    def zero(g):
+        g[...] = 0
+
+    @staticmethod
+    def save(w):
+        """A copy of the base weight, to restore it exactly."""
+        return w.copy(order="K")
+
+    @staticmethod
+    def restore(w, saved):
+        w[...] = saved
+
+    def merge_lora(self, weight, lora_a, lora_b, scaling, fan_in_fan_out):
+        """``W += s B A`` in place, tracked: returns ``(record, None)``, the
+        :class:`~numlora.ops.MergeRecord` that makes the unmerge bit-exact."""
+        return self.fn.merge_lora(weight, lora_a, lora_b, scaling, fan_in_fan_out, record=True), None
+
+    @staticmethod
+    def nf4_nbytes(t) -> int:
+        return t.nbytes
+
+    # training ---------------------------------------------------------------------------
+    def train_forward(self, layer, x, out):
+        """The training forward through the layer's ``_train_product`` over 2-D arrays in
+        its compute dtype; ``out`` may overlap x or the base (computed into a temporary
+        then), and x is kept as it was for backward."""
+        in_f, out_f = layer._in_f, layer._out_f
+        x = validate.input_rows(x, in_f)
+        dtype = layer._train_dtype(x)
+        out, dest = validate.output(out, x, out_f, dtype, {"x": x, **layer._base_arrays()})
+        x2 = np.ascontiguousarray(x.reshape(-1, in_f), dtype)
+        if dest is not None and validate.shares_memory(dest, x2):
+            x2 = x2.copy()
+        xd2, state = layer._dropped(x2)
+        u = layer._train_product(x2, xd2, out.reshape(-1, out_f), layer._enabled, dtype)
+        layer._keep(x2, xd2, u, state, x.ndim == 1, layer._enabled, dtype)
+        return validate.deliver(out, dest)
+
+    def backward(self, layer, saved, grad_out, need_grad_x):
+        in_f, out_f = layer._in_f, layer._out_f
+        x2, xd2, us, state, one_d, lora, dtype = saved
+        g = validate.input_rows(grad_out, out_f, "grad_out", "out_features")
+        want = (out_f,) if one_d else (x2.shape[0], out_f)
+        if g.shape != want:
+            raise ShapeError(f"expected grad_out of shape {want} (the shape of the forward's output), got {g.shape}")
+        g2 = np.ascontiguousarray(g.reshape(-1, out_f), dtype)
+        if lora:
+            if layer._grad_a is None:
+                layer._grad_a = np.zeros(layer._lora_a.shape, layer._lora_a.dtype)
+                layer._grad_b = np.zeros(layer._lora_b.shape, layer._lora_b.dtype)
+            a = layer._lora_a.astype(dtype, copy=False)
+            b = layer._lora_b.astype(dtype, copy=False)
+            drop = None if state is None else state.mask(dtype)
+            dx, _, _ = backward_core(x2, xd2, a, b, layer.scaling, g2, us, drop, layer._grad_a, layer._grad_b,
+                                     need_grad_x, layer._host_grad_input)
+        elif need_grad_x:
+            dx = np.empty((x2.shape[0], in_f), dtype)
+            if x2.shape[0]:
+                layer._host_grad_input(g2, dx)
+        else:
+            dx = None
+        if dx is not None and one_d:
+            dx = dx.reshape(in_f)
+        return dx
+
+
+HOST = HostBackend()

@@ -1,0 +1,131 @@
+"""``QLoraLinear``: a LoRA adapter over an NF4-quantized frozen weight (QLoRA)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import _validate as validate
+from ..errors import DTypeError
+from ..nf4 import NF4Tensor, _nf4_forward, _nf4_grad_input, _tensor_arrays, _weight_2d, quantize_nf4
+from .base import LoraLayer, check_rank, init_lora_a
+
+__all__ = ["QLoraLinear"]
+
+
+class QLoraLinear(LoraLayer):
+    """A LoRA adapter over an NF4-quantized frozen weight (QLoRA).
+
+    The base weight lives only as an :class:`~numlora.nf4.NF4Tensor`; forward decodes it
+    tile by tile and never holds a float32 copy. There is no in-place merge (it would
+    have to re-quantize, silently losing the adapter's precision):
+    :meth:`merged_weight` returns the dense ``deq(W) + scaling * B @ A`` instead.
+
+    Training works as for :class:`~numlora.layers.LoraLinear` (``train()``, ``backward``,
+    ``parameters()``); the backward's ``G deq(W)`` term never dequantizes W whole (see
+    :func:`~numlora.nf4.qlora_backward`).
+    """
+
+    _ARRAYS = LoraLayer._ARRAYS + ("_nf4",)
+
+    def __init__(self, nf4: NF4Tensor, lora_a, lora_b, alpha, *, bias=None, use_rslora=False, dropout=0.0,
+                 dropout_seed=0):
+        out_f, in_f = _weight_2d(nf4)
+        self._nf4 = nf4
+        base = validate.Base("the NF4 weight", nf4.shape, None)
+        self._init_low_rank(out_f, in_f, lora_a, lora_b, alpha, use_rslora, base)
+        self._init_training(dropout, dropout_seed)
+        check_rank(self._rank, out_f, in_f)
+        self._set_bias(bias)
+
+    @classmethod
+    def from_weight(cls, weight, rank, alpha, blocksize=64, double_quant=False, init="seed",
+                    seed=None, *, bias=None, use_rslora=False, dropout=0.0, dropout_seed=0) -> "QLoraLinear":
+        """Quantize ``weight`` (out, in) to NF4 and add a fresh adapter (``init="seed"``:
+        the seed module's ``QLoraLinear::from_weight`` init, xorshift seeded
+        ``137 + in + out``)."""
+        weight = validate.weight_array(weight, False)
+        out_f, in_f = weight.shape
+        rank = check_rank(rank, out_f, in_f)
+        validate.real_scalar("alpha", alpha, positive=True)
+        nf4 = quantize_nf4(weight, blocksize=blocksize, double_quant=double_quant)
+        a = init_lora_a(rank, in_f, out_f, init, seed, default_seed=137)
+        b = np.zeros((out_f, rank), np.float32)
+        return cls(nf4, a, b, alpha, bias=bias, use_rslora=use_rslora, dropout=dropout, dropout_seed=dropout_seed)
+
+    @property
+    def nf4(self) -> NF4Tensor:
+        return self._nf4
+
+    @property
+    def blocksize(self) -> int:
+        return self._nf4.blocksize
+
+    group_size = blocksize
+
+    def forward(self, x, out=None) -> np.ndarray:
+        """``x`` of shape (in,) or (n, in) -> (out,) or (n, out), float32. In training
+        mode dropout applies to the LoRA input and the layer keeps what :meth:`backward`
+        needs. ``out`` may overlap ``x`` (as in :meth:`LoraLinear.forward
+        <numlora.layers.LoraLinear.forward>`)."""
+        if self._training:
+            return self._forward_train(x, out)
+        self._cache = None
+        return self._forward_on(x, out, self._enabled)
+
+    __call__ = forward
+
+    def _forward_on(self, x, out, lora, x_lora=None):
+        """The forward through the functional API: ``x deq(W)^T + b``, plus the LoRA
+        branch on ``x_lora`` (x when None) when ``lora``."""
+        fn = self._backend.fn
+        if lora:
+            return fn.qlora_forward(x, self._nf4, self._lora_a, self._lora_b, self.scaling, self._bias, out=out,
+                                    x_lora=x_lora)
+        return fn.nf4_matmul(x, self._nf4, out=out, bias=self._bias)
+
+    def _train_product(self, x2, xd2, out2, lora, dtype):
+        if not lora:
+            _nf4_forward(x2, self._nf4, None, None, 0.0, self._bias, out2)
+            return None
+        us = np.empty((x2.shape[0], self._rank), np.float32)
+        _nf4_forward(x2, self._nf4, self._lora_a, self._lora_b, self.scaling, self._bias, out2, x_lora=xd2, u_out=us)
+        return us
+
+    def _host_grad_input(self, g2, dx):
+        _nf4_grad_input(g2, self._nf4, dx)
+
+    def _base_arrays(self):
+        return _tensor_arrays(self._nf4)
+
+    def _check_float32_base(self):
+        if self._nf4.dtype != "float32":
+            raise DTypeError(f"the GPU path is float32 only: the NF4 weight decodes to {self._nf4.dtype}")
+
+    def _lora_backward(self, x, g, need_grad_x, dropout, x_drop, u):
+        return self._backend.fn.qlora_backward(x, self._nf4, self._lora_a, self._lora_b, self.scaling, g,
+                                               dropout=dropout, x_drop=x_drop, u=u, grad_a=self._grad_a,
+                                               grad_b=self._grad_b, need_grad_x=need_grad_x)
+
+    def _grad_input(self, g):
+        """``G deq(W)``, W never decoded whole."""
+        return self._backend.fn.nf4_matmul_t(g, self._nf4)
+
+    def dequantize_weight(self, out=None) -> np.ndarray:
+        """The float32 base weight as NF4 stores it."""
+        return self._backend.fn.dequantize_nf4(self._nf4, out=out)
+
+    def merged_weight(self, out=None) -> np.ndarray:
+        """Dense float32 ``deq(W) + scaling * B @ A`` (the base stays quantized and
+        untouched; nothing is re-quantized)."""
+        w = self._backend.fn.dequantize_nf4(self._nf4, out=out)
+        self._backend.fn.merge_lora(w, self._lora_a, self._lora_b, self.scaling)
+        return w
+
+    def memory_saved_bytes(self) -> int:
+        """float32 bytes of the weight minus the bytes of its NF4 storage."""
+        return max(0, 4 * self._nf4.numel - self._backend.nf4_nbytes(self._nf4))
+
+    def __repr__(self) -> str:
+        return (f"QLoraLinear(out_features={self._out_f}, in_features={self._in_f}, rank={self._rank}, "
+                f"alpha={self._alpha}, blocksize={self.blocksize}, double_quant={self._nf4.double_quant}, "
+                f"enabled={self._enabled})")
