@@ -89,7 +89,7 @@ def test_cat_is_the_exact_sum(layers):
     assert isinstance(c, nl.LoraLinear) and not c.attached
     assert c.rank == 4 + 3 + 6 and c.scaling == 1.0 and not c.use_rslora
     assert c.lora_a.dtype == np.float32 and c.lora_b.dtype == np.float32
-    assert np.array_equal(c.lora_a, np.vstack([l.lora_a for l in layers]))
+    assert np.array_equal(c.lora_a, np.vstack([layer.lora_a for layer in layers]))
     err = np.linalg.norm(_delta(c) - d)
     assert err <= U32 * m
     assert np.linalg.norm(d) > 1.0  # not a vacuous comparison

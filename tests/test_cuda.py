@@ -26,10 +26,7 @@ import numlora as nl
 from numlora.errors import ConfigError, DeviceError, DTypeError, NonFiniteError, ShapeError
 
 import reference as ref
-
-from cuda_sim import GPU, ROOT, SIM, cuda_test, run_simulator_pass, tiny_blocks  # noqa: F401
-from cuda_sim import d, f32, h  # noqa: E402
-
+from cuda_sim import GPU, ROOT, SIM, cuda_test, d, f32, h, run_simulator_pass, tiny_blocks  # noqa: F401
 
 # --- the launcher (normal test runs) ------------------------------------------------------------
 

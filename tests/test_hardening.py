@@ -270,12 +270,12 @@ def test_merge_with_interleaved_columns_is_not_an_overlap(rng):
 @pytest.mark.parametrize("kind", ["dense", "nf4"])
 def test_training_forward_out_is_x_keeps_backward_right(rng, kind):
     w = rng.standard_normal((OUT, IN)).astype(np.float32)
-    if kind == "dense":
-        make = lambda: nl.LoraLinear.from_weight(w, R, 8.0, init="kaiming", seed=1)
-        base = w
-    else:
-        make = lambda: nl.QLoraLinear.from_weight(w, R, 8.0, blocksize=16, init="kaiming", seed=1)
-        base = nl.dequantize_nf4(make().nf4)
+    def make():
+        if kind == "dense":
+            return nl.LoraLinear.from_weight(w, R, 8.0, init="kaiming", seed=1)
+        return nl.QLoraLinear.from_weight(w, R, 8.0, blocksize=16, init="kaiming", seed=1)
+
+    base = w if kind == "dense" else nl.dequantize_nf4(make().nf4)
     ref_layer, layer = make().train(), make().train()
     for lay in (ref_layer, layer):
         lay.lora_b = rng.standard_normal((OUT, R)).astype(np.float32) if lay is ref_layer else ref_layer.lora_b

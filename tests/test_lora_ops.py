@@ -4,6 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import numlora as nl
+
 from reference import lora_forward_ref, merge_ref
 
 

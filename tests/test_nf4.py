@@ -4,6 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import numlora as nl
+
 from reference import (
     MID_REF,
     NF4_REF,

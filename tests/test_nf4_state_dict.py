@@ -11,6 +11,7 @@ import pytest
 
 import numlora as nl
 from numlora.errors import ConfigError, DTypeError, FormatError, NonFiniteError, NumloraError, ShapeError
+
 from reference import NF4_REF, nf4_dequantize_ref
 
 PREFIX = "model.layers.0.mlp.up_proj"

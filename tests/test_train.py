@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import numlora as nl
+
 from conftest import JIT_DISABLED
 from test_process import _run
 
@@ -405,7 +406,7 @@ def test_training_loop_learns_a_low_rank_task(rng):
         layer.train()
         opt = nl.AdamW(layer.parameters(), lr=0.02)
         losses = []
-        for step in range(300):
+        for _ in range(300):
             x = rng.standard_normal((32, in_f)).astype(np.float32)
             y = layer(x)
             err = y - x @ target.T
