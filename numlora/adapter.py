@@ -7,10 +7,11 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from . import _validate as v
+from . import _validate as validate
+from ._dispatch import check_device
 from .config import LoraConfig
-from .errors import (ConfigError, DTypeError, DuplicateLayerError, LayerNotFoundError, MergeStateError,
-                     NumloraError)
+from .dora import dora_weight_norm
+from .errors import ConfigError, DTypeError, DuplicateLayerError, LayerNotFoundError, MergeStateError, NumloraError
 from .layers import LoraLinear
 
 __all__ = ["LoraAdapter", "LoraAdapterSummary"]
@@ -79,23 +80,21 @@ class LoraAdapter:
         :meth:`LoraLinear.to`); ``self`` when it is there already. This adapter is left as
         it was. Layers added to a GPU adapter later are built on the host and moved. Every
         layer is checked (merged, DoRA, LoRA bias, float64) before any is copied."""
-        if not isinstance(device, str) or device not in ("cuda", "cpu"):
-            raise ConfigError(f"device must be 'cuda' or 'cpu', got {device!r}")
+        device = check_device(device)
         if device == self._device:
             return self
-        if device == "cuda":
-            for name, layer in self._layers.items():
-                try:
-                    layer._check_move(device)
-                except NumloraError as e:
-                    raise type(e)(f"layer '{name}': {e}") from None
+        for name, layer in self._layers.items():
+            try:
+                layer._check_move(device)
+            except NumloraError as e:
+                raise type(e)(f"layer '{name}': {e}") from None
         new = LoraAdapter(self._config)
         new._layers = {name: layer.to(device) for name, layer in self._layers.items()}
         new._device = device
         return new
 
     def _place(self, layer):
-        return layer if self._device == "cpu" else layer.to(self._device)
+        return layer.to(self._device)
 
     @property
     def config(self) -> LoraConfig:
@@ -152,8 +151,6 @@ class LoraAdapter:
         if weight is not None:
             layer.attach(weight, bias, copy=copy)
             if c.use_dora and magnitude is None:
-                from .dora import dora_weight_norm
-
                 layer.magnitude = dora_weight_norm(layer.weight, layer.lora_a, layer.lora_b, layer.scaling,
                                                    layer.fan_in_fan_out)
         elif bias is not None:
@@ -252,7 +249,8 @@ class LoraAdapter:
         tied weights) are refused with :class:`~numlora.errors.MergeStateError` before
         anything is merged: the deltas would stack in one array, and no unmerge could
         restore it."""
-        pair = v.overlapping_pair([(i, name, layer.weight) for i, (name, layer) in enumerate(self._layers.items())])
+        weights = [(i, name, layer.weight) for i, (name, layer) in enumerate(self._layers.items())]
+        pair = validate.overlapping_pair(weights)
         if pair is not None:
             (_, a), (_, b) = pair
             raise MergeStateError(f"layers '{a}' and '{b}' share their base weight's memory (attached with "
