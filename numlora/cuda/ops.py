@@ -11,200 +11,40 @@ state).
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 
 from .. import _validate as validate
 from .._backward import adamw_scalars, check_x_drop_alone
 from .._dispatch import register
-from .._tables import CODE8, NF4_CODE
-from ..device import DeviceNF4Tensor, as_cuda, cuda_module, is_device_array
+from .._tables import CODE8
+from ..device import DeviceNF4Tensor, as_cuda
 from ..dropout import DropoutState
 from ..errors import ConfigError, DeviceError, DTypeError, ShapeError
 from ..io.bnb import DQ_GROUP
 from . import kernels
-
-_consts: dict = {}
-
-
-def _cuda():
-    return cuda_module()
-
-
-def _const(name):
-    """Small device arrays reused by every call (the NF4 table, 1-element dummies)."""
-    a = _consts.get(name)
-    if a is None:
-        cuda = _cuda()
-        if name == "code":
-            a = cuda.to_device(np.ascontiguousarray(NF4_CODE))
-        elif name == "f32":
-            a = cuda.to_device(np.zeros(1, np.float32))
-        elif name == "u8":
-            a = cuda.to_device(np.zeros(1, np.uint8))
-        _consts[name] = a
-    return a
-
-
-_local = threading.local()
-
-
-def _scratch(tag, shape):
-    """A float32 device array of ``shape`` for a temporary that never leaves the call (the
-    LoRA ``s x A^T``, the backward's ``s G B``, ...): one buffer per tag and host thread,
-    grown when too small, reused by the next call instead of a new allocation each time.
-    Safe because every kernel of a thread runs on that thread's default stream, in order:
-    the next call's writes come after this call's reads."""
-    n = 1
-    for d in shape:
-        n *= int(d)
-    bufs = getattr(_local, "scratch", None)
-    if bufs is None:
-        bufs = _local.scratch = {}
-    buf = bufs.get(tag)
-    if buf is None or buf.size < n:
-        buf = bufs[tag] = _cuda().device_array(max(n, 2 * (buf.size if buf is not None else 0), 256), np.float32)
-    return buf[:n].reshape(tuple(int(d) for d in shape))
-
-
-def _grid(n, threads):
-    return max(1, -(-n // threads))
-
-
-# --- validation of device inputs -----------------------------------------------------------
-
-def _dev(name, a, ndims=None, *, dtype=np.float32, allow_empty=False):
-    """A C-contiguous numba device array of ``dtype``; refuses host arrays (mixing host
-    and GPU inputs would copy silently) with one clear error."""
-    if a is None:
-        raise DTypeError(f"{name} must be an array, got None")
-    if not is_device_array(a):
-        raise DeviceError(f"expected {name} on the GPU like the other inputs, got a host "
-                          f"{type(a).__name__}; move it with numlora.to_device({name})")
-    a = as_cuda(a)
-    if np.dtype(a.dtype) != np.dtype(dtype):
-        raise DTypeError(f"expected {name} with dtype {np.dtype(dtype)} on the GPU, got {np.dtype(a.dtype)}")
-    if ndims is not None:
-        allowed = (ndims,) if isinstance(ndims, int) else tuple(ndims)
-        if len(a.shape) not in allowed:
-            want = " or ".join(f"{d}-D" for d in allowed)
-            raise ShapeError(f"expected {name} to be {want}, got shape {tuple(a.shape)}")
-    if a.size == 0 and not allow_empty:
-        raise ShapeError(f"expected a non-empty {name}, got shape {tuple(a.shape)}")
-    if a.size and not a.is_c_contiguous():
-        raise ShapeError(f"expected {name} to be C-contiguous on the GPU")
-    return a
-
-
-def _flat(a):
-    return a.reshape(a.size)
-
-
-def _rows(name, x, width, what="in_features"):
-    x = _dev(name, x, (1, 2), allow_empty=True)
-    if tuple(x.shape)[-1] != width:
-        want = (width,) if len(x.shape) == 1 else (x.shape[0], width)
-        raise ShapeError(f"expected {name} of shape {want} ({what} = {width}), got {tuple(x.shape)}")
-    n = 1 if len(x.shape) == 1 else x.shape[0]
-    return x, n
-
-
-def _same_rows(name, a, x):
-    """``a`` (a device array of x's shape), or x itself when a is None."""
-    if a is None:
-        return x
-    a = _dev(name, a, len(x.shape), allow_empty=True)
-    validate.expect_shape(name, a, tuple(x.shape))
-    return a
-
-
-def _out(out, x, width):
-    shape = (width,) if len(x.shape) == 1 else (x.shape[0], width)
-    if out is None:
-        return _cuda().device_array(shape, np.float32)
-    out = _dev("out", out, len(shape), allow_empty=True)
-    validate.expect_shape("out", out, shape)
-    return out
-
-
-def _low_rank(lora_a, lora_b, out_f, in_f):
-    lora_a = _dev("lora_a", lora_a, 2)
-    r = lora_a.shape[0]
-    validate.expect_shape("lora_a", lora_a, (r, in_f))
-    lora_b = _dev("lora_b", lora_b, 2)
-    validate.expect_shape("lora_b", lora_b, (out_f, r))
-    return lora_a, lora_b, r
-
-
-def _bias(bias, out_f):
-    if bias is None:
-        return _const("f32"), False
-    b = _dev("bias", bias, 1)
-    validate.expect_shape("bias", b, (out_f,))
-    return b, True
-
-
-def _tensor(t):
-    if not isinstance(t, DeviceNF4Tensor):
-        raise DeviceError(f"expected the NF4 weight on the GPU (numlora.to_device(t)) like the other inputs, "
-                          f"got {type(t).__name__}")
-    if len(t.shape) != 2:
-        raise ShapeError(f"expected a 2-D NF4 weight, got shape {t.shape}")
-    return t
-
-
-# --- launch helpers -------------------------------------------------------------------------
-
-def block_shift(blocksize, n):
-    """The ``bshift`` kernel argument: log2(blocksize) for a power of two (index >> bshift),
-    -1 when every index fits in 32 bits (a 32-bit division), else -2 (64-bit)."""
-    bs = int(blocksize)
-    if bs & (bs - 1) == 0:
-        return bs.bit_length() - 1
-    return -1 if n < 2**32 else -2
-
-
-def shrink(X, sxi, sxj, K, Y, syt, syj, scale, u):
-    """u[i, t] = scale * sum_{j < K} X(i, j) Y(t, j) (flat operands, element strides)."""
-    if u.size == 0:
-        return
-    if K == 0:
-        _fill_zero(u)
-        return
-    kernels.make_lora_shrink()[u.size, kernels.SHRINK_THREADS](X, sxi, sxj, K, Y, syt, syj, np.float32(scale), u)
-
-
-def _fill_zero(a):
-    a.copy_to_device(np.zeros(a.shape, np.float32))
-
-
-def matmul(X, sxi, sxk, M, N, K, C, ldc, *, W=None, swo=0, swk=0, t=None, alpha=1.0, U=None, sui=0, sut=0,
-           Bm=None, sbo=0, sbt=0, R=0, bias=None, accumulate=False):
-    """C[i, o] = alpha sum_k X(i, k) W(o, k) + sum_t U(i, t) Bm(o, t) + bias (+ C):
-    the tiled kernel, dense W or the NF4 tensor ``t`` (flat element index o*swo + k*swk)."""
-    if M == 0 or N == 0:
-        return
-    tile = kernels.gemm_tile(M)
-    bm, bn, _, tm, tn = tile
-    nt = (bm // tm) * (bn // tn)
-    f32, u8 = _const("f32"), _const("u8")
-    if t is not None:
-        kern = kernels.make_gemm(True, tile, sxk == 1, swk == 1)
-        args = (f32, swo, swk, t.packed, t.scales, t.blocksize, block_shift(t.blocksize, t.numel), _const("code"))
-    else:
-        kern = kernels.make_gemm(False, tile, sxk == 1, swk == 1)
-        args = (W, swo, swk, u8, f32, 1, 0, f32)
-    kern[(_grid(N, bn), _grid(M, bm)), nt](
-        X, sxi, sxk, *args, M, N, K, np.float32(alpha),
-        f32 if U is None else U, sui, sut, f32 if Bm is None else Bm, sbo, sbt, R,
-        f32 if bias is None else bias, bias is not None, C, ldc, bool(accumulate))
-
+from ._launch import (
+    bias_arg,
+    block_shift,
+    const,
+    dev,
+    fill_zero,
+    flat,
+    grid,
+    low_rank,
+    matmul,
+    numba_cuda,
+    output,
+    rows,
+    same_rows,
+    scratch,
+    shrink,
+    tensor,
+)
 
 # --- dense LoRA ---------------------------------------------------------------------------------
 
 def _weight(weight, fan_in_fan_out):
-    weight = _dev("weight", weight, 2)
+    weight = dev("weight", weight, 2)
     in_f, out_f = tuple(weight.shape) if fan_in_fan_out else tuple(weight.shape)[::-1]
     # W(o, k) as flat strides
     sw = (1, out_f) if fan_in_fan_out else (in_f, 1)
@@ -218,19 +58,19 @@ def lora_forward(x, weight, lora_a, lora_b, scaling, bias=None, out=None, *, fan
     epilogue (never ``B @ A``, no (n, out) temporary). ``x_lora``: the LoRA branch's
     input when it differs from x (the dropped input of a training forward)."""
     weight, out_f, in_f, sw = _weight(weight, fan_in_fan_out)
-    lora_a, lora_b, r = _low_rank(lora_a, lora_b, out_f, in_f)
+    lora_a, lora_b, r = low_rank(lora_a, lora_b, out_f, in_f)
     s = validate.real_scalar("scaling", scaling)
-    x, n = _rows("x", x, in_f)
-    xl = _same_rows("x_lora", x_lora, x)
-    b, use_bias = _bias(bias, out_f)
-    out = _out(out, x, out_f)
+    x, n = rows("x", x, in_f)
+    xl = same_rows("x_lora", x_lora, x)
+    b, use_bias = bias_arg(bias, out_f)
+    out = output(out, x, out_f)
     if n == 0:
         return out
-    us = _scratch("us", (n, r))
-    xf = _flat(x)
-    shrink(_flat(xl), in_f, 1, in_f, _flat(lora_a), in_f, 1, s, us)
-    matmul(xf, in_f, 1, n, out_f, in_f, _flat(out), out_f, W=_flat(weight), swo=sw[0], swk=sw[1],
-           U=_flat(us), sui=r, sut=1, Bm=_flat(lora_b), sbo=r, sbt=1, R=r, bias=b if use_bias else None)
+    us = scratch("us", (n, r))
+    xf = flat(x)
+    shrink(flat(xl), in_f, 1, in_f, flat(lora_a), in_f, 1, s, us)
+    matmul(xf, in_f, 1, n, out_f, in_f, flat(out), out_f, W=flat(weight), swo=sw[0], swk=sw[1],
+           U=flat(us), sui=r, sut=1, Bm=flat(lora_b), sbo=r, sbt=1, R=r, bias=b if use_bias else None)
     return out
 
 
@@ -238,11 +78,11 @@ def lora_forward(x, weight, lora_a, lora_b, scaling, bias=None, out=None, *, fan
 def linear_forward(x, weight, bias=None, out=None, *, fan_in_fan_out=False):
     """GPU :func:`numlora.ops.linear_forward` (``x W^T + b``)."""
     weight, out_f, in_f, sw = _weight(weight, fan_in_fan_out)
-    x, n = _rows("x", x, in_f)
-    b, use_bias = _bias(bias, out_f)
-    out = _out(out, x, out_f)
+    x, n = rows("x", x, in_f)
+    b, use_bias = bias_arg(bias, out_f)
+    out = output(out, x, out_f)
     if n:
-        matmul(_flat(x), in_f, 1, n, out_f, in_f, _flat(out), out_f, W=_flat(weight), swo=sw[0], swk=sw[1],
+        matmul(flat(x), in_f, 1, n, out_f, in_f, flat(out), out_f, W=flat(weight), swo=sw[0], swk=sw[1],
                bias=b if use_bias else None)
     return out
 
@@ -256,9 +96,9 @@ def merge_lora(weight, lora_a, lora_b, scaling, fan_in_fan_out=False, *, record=
                           "(record=False), or merge on the host with numlora.to_host(weight)")
     s = validate.real_scalar("scaling", scaling)
     weight, out_f, in_f, _ = _weight(weight, fan_in_fan_out)
-    lora_a, lora_b, _ = _low_rank(lora_a, lora_b, out_f, in_f)
+    lora_a, lora_b, _ = low_rank(lora_a, lora_b, out_f, in_f)
     p, q = (lora_a.T, lora_b.T) if fan_in_fan_out else (lora_b, lora_a)
-    kernels.merge_plain[_grid(weight.size, kernels.THREADS), kernels.THREADS](weight, p, q, np.float32(_sign * s))
+    kernels.merge_plain[grid(weight.size, kernels.THREADS), kernels.THREADS](weight, p, q, np.float32(_sign * s))
     return None
 
 
@@ -274,56 +114,56 @@ def _backward(x, out_f, in_f, w_strides, t, weight_flat, lora_a, lora_b, r, s, g
               grad_a, grad_b, need_grad_x):
     check_x_drop_alone(x_drop, dropout, need_grad_x)
     drop = DropoutState.from_arg(dropout)
-    x, n = _rows("x", x, in_f)
-    g, ng = _rows("grad_out", grad_out, out_f, "out_features")
+    x, n = rows("x", x, in_f)
+    g, ng = rows("grad_out", grad_out, out_f, "out_features")
     if len(g.shape) != len(x.shape) or ng != n:
         want = (out_f,) if len(x.shape) == 1 else (n, out_f)
         raise ShapeError(f"expected grad_out of shape {want} (one row per row of x), got {tuple(g.shape)}")
     if u is not None:
-        uu = _dev("u", u, (1, 2), allow_empty=True)
+        uu = dev("u", u, (1, 2), allow_empty=True)
         validate.expect_shape("u", uu, (r,) if len(x.shape) == 1 else (n, r))  # recomputed on the GPU (cheap)
-    cuda = _cuda()
+    cuda = numba_cuda()
     ga = _grad("grad_a", grad_a, (r, in_f))
     gb = _grad("grad_b", grad_b, (out_f, r))
     out_a = ga if ga is not None else cuda.device_array((r, in_f), np.float32)
     out_b = gb if gb is not None else cuda.device_array((out_f, r), np.float32)
-    xf, gf, af, bf = _flat(x), _flat(g), _flat(lora_a), _flat(lora_b)
+    xf, gf, af, bf = flat(x), flat(g), flat(lora_a), flat(lora_b)
     if x_drop is not None:
-        xdf = _flat(_same_rows("x_drop", x_drop, x))
+        xdf = flat(same_rows("x_drop", x_drop, x))
     elif drop is not None and n:
-        xdf = _scratch("xd", (x.size,))
+        xdf = scratch("xd", (x.size,))
         _dropout_launch(xf, n, in_f, drop, xdf, add=False)
     else:
         xdf = xf
-    us = _scratch("us", (max(n, 1), r))
-    hs = _scratch("hs", (max(n, 1), r))
+    us = scratch("us", (max(n, 1), r))
+    hs = scratch("hs", (max(n, 1), r))
     if n:
         shrink(xdf, in_f, 1, in_f, af, in_f, 1, s, us)  # s x_drop A^T
         shrink(gf, out_f, 1, out_f, bf, 1, r, s, hs)  # s G B
-    usf, hsf = _flat(us), _flat(hs)
+    usf, hsf = flat(us), flat(hs)
     if n == 0:
         if ga is None:
-            _fill_zero(out_a)
+            fill_zero(out_a)
         if gb is None:
-            _fill_zero(out_b)
+            fill_zero(out_b)
     else:
         # grad_b (out, r) = G^T us ; grad_a (r, in) = hs^T x
-        matmul(gf, 1, out_f, out_f, r, n, _flat(out_b), r, W=usf, swo=1, swk=r, accumulate=gb is not None)
-        matmul(hsf, 1, r, r, in_f, n, _flat(out_a), in_f, W=xdf, swo=1, swk=in_f, accumulate=ga is not None)
+        matmul(gf, 1, out_f, out_f, r, n, flat(out_b), r, W=usf, swo=1, swk=r, accumulate=gb is not None)
+        matmul(hsf, 1, r, r, in_f, n, flat(out_a), in_f, W=xdf, swo=1, swk=in_f, accumulate=ga is not None)
     dx = None
     if need_grad_x:
         dx = cuda.device_array(x.shape, np.float32)
         if n and drop is None:
             # dx (n, in) = G W + hs A: W(o=j, k=o') from the weight's strides, A via the epilogue
-            matmul(gf, out_f, 1, n, in_f, out_f, _flat(dx), in_f, W=weight_flat, swo=w_strides[0],
+            matmul(gf, out_f, 1, n, in_f, out_f, flat(dx), in_f, W=weight_flat, swo=w_strides[0],
                    swk=w_strides[1], t=t, U=hsf, sui=r, sut=1, Bm=af, sbo=1, sbt=in_f, R=r)
         elif n:
             # dx = G W + (hs A) * mask / (1 - p): the low-rank term through the dropout mask
-            matmul(gf, out_f, 1, n, in_f, out_f, _flat(dx), in_f, W=weight_flat, swo=w_strides[0],
+            matmul(gf, out_f, 1, n, in_f, out_f, flat(dx), in_f, W=weight_flat, swo=w_strides[0],
                    swk=w_strides[1], t=t)
-            ha = _scratch("ha", (x.size,))
+            ha = scratch("ha", (x.size,))
             matmul(hsf, r, 1, n, in_f, r, ha, in_f, W=af, swo=1, swk=in_f)
-            _dropout_launch(ha, n, in_f, drop, _flat(dx), add=True)
+            _dropout_launch(ha, n, in_f, drop, flat(dx), add=True)
     return dx, out_a, out_b
 
 
@@ -343,7 +183,7 @@ def _dropout_launch(src, n, m, drop, dst, *, add):
         raise ShapeError(f"rows of {m} elements are too long for the GPU dropout kernel (at most "
                          f"{(2**32 - kernels.THREADS - 1) << c})")
     chunks = n * cpr
-    kernels.make_dropout_apply()[_grid(chunks, kernels.THREADS), kernels.THREADS](
+    kernels.make_dropout_apply()[grid(chunks, kernels.THREADS), kernels.THREADS](
         src, n, m, np.uint64(d.seed), d.thresh, d.scale, _jumps(c), dst, bool(add))
 
 
@@ -351,10 +191,10 @@ def _dropout_launch(src, n, m, drop, dst, *, add):
 def lora_dropout(x, p, seed, out=None):
     """GPU :func:`numlora.dropout.lora_dropout`: the same masks, bit for bit (one xorshift64
     stream per row, seeded from (seed, row)); returns ``(x_drop, DropoutState(p, seed))``."""
-    x = _dev("x", x, (1, 2), allow_empty=True)
+    x = dev("x", x, (1, 2), allow_empty=True)
     state = DropoutState.checked(p, seed)
     if out is not None:
-        out = _dev("out", out, len(x.shape), allow_empty=True)
+        out = dev("out", out, len(x.shape), allow_empty=True)
         validate.expect_shape("out", out, tuple(x.shape))
     if state.p == 0.0:
         if out is None:
@@ -363,17 +203,17 @@ def lora_dropout(x, p, seed, out=None):
             out.copy_to_device(x)
         return out, state
     if out is None:
-        out = _cuda().device_array(x.shape, np.float32)
+        out = numba_cuda().device_array(x.shape, np.float32)
     m = tuple(x.shape)[-1]
     n = x.size // m if m else 0
-    _dropout_launch(_flat(x), n, m, state, _flat(out), add=False)
+    _dropout_launch(flat(x), n, m, state, flat(out), add=False)
     return out, state
 
 
 def _grad(name, g, shape):
     if g is None:
         return None
-    g = _dev(name, g, len(shape))
+    g = dev(name, g, len(shape))
     validate.expect_shape(name, g, shape)
     return g
 
@@ -384,11 +224,11 @@ def lora_backward(x, weight, lora_a, lora_b, scaling, grad_out, *, fan_in_fan_ou
     """GPU :func:`numlora.ops.lora_backward`: ``grad_b = s G^T U``, ``grad_a = s H^T x_d``,
     ``grad_x = G W + s (H A) * mask / (1 - p)`` with ``U = x_d A^T``, ``H = G B``."""
     weight, out_f, in_f, _ = _weight(weight, fan_in_fan_out)
-    lora_a, lora_b, r = _low_rank(lora_a, lora_b, out_f, in_f)
+    lora_a, lora_b, r = low_rank(lora_a, lora_b, out_f, in_f)
     s = validate.real_scalar("scaling", scaling)
     # dx = G W: W(o = j, k = o'): (out, in) -> flat o' * in + j ; (in, out) -> j * out + o'
     ws = (out_f, 1) if fan_in_fan_out else (1, in_f)
-    return _backward(x, out_f, in_f, ws, None, _flat(weight), lora_a, lora_b, r, s, grad_out, dropout, x_drop, u,
+    return _backward(x, out_f, in_f, ws, None, flat(weight), lora_a, lora_b, r, s, grad_out, dropout, x_drop, u,
                      grad_a, grad_b, need_grad_x)
 
 
@@ -405,11 +245,11 @@ def quantize_raw(xf, blocksize, packed, absmax, bad):
     n = xf.size
     nfull = n // blocksize
     if _fused_ok(blocksize):
-        kernels.make_nf4_quantize_fused()[_grid(packed.size, kernels.THREADS), kernels.THREADS](
+        kernels.make_nf4_quantize_fused()[grid(packed.size, kernels.THREADS), kernels.THREADS](
             xf, blocksize, int(blocksize).bit_length() - 1, nfull, packed, absmax, bad)
     else:
         kernels.make_nf4_absmax()[absmax.size, kernels.REDUCE_THREADS](xf, blocksize, nfull, absmax, bad)
-        kernels.nf4_codes[_grid(packed.size, kernels.THREADS), kernels.THREADS](
+        kernels.nf4_codes[grid(packed.size, kernels.THREADS), kernels.THREADS](
             xf, blocksize, block_shift(blocksize, n), nfull, absmax, packed)
 
 
@@ -418,12 +258,12 @@ def quantize_nf4(w, blocksize=64, double_quant=False):
     """GPU :func:`numlora.nf4.quantize_nf4`: bit-identical codes and scales, returned as a
     :class:`~numlora.device.DeviceNF4Tensor`. One 4-byte device-to-host copy checks for
     NaN / inf (then the input is copied to the host to name the first bad index)."""
-    w = _dev("w", w)
+    w = dev("w", w)
     bs = validate.check_blocksize(blocksize)
     if not isinstance(double_quant, (bool, np.bool_)):
         raise ConfigError(f"double_quant must be True or False, got {double_quant!r}")
-    cuda = _cuda()
-    xf = _flat(w)
+    cuda = numba_cuda()
+    xf = flat(w)
     n = xf.size
     packed = cuda.device_array((n + 1) // 2, np.uint8)
     absmax = cuda.device_array(-(-n // bs), np.float32)
@@ -454,15 +294,15 @@ def dequantize_nf4(t, out=None):
     if not isinstance(t, DeviceNF4Tensor):
         raise DeviceError(f"expected a DeviceNF4Tensor (numlora.to_device(t)), got {type(t).__name__}")
     if out is None:
-        out = _cuda().device_array(t.shape, np.float32)
+        out = numba_cuda().device_array(t.shape, np.float32)
     else:
-        out = _dev("out", out, len(t.shape))
+        out = dev("out", out, len(t.shape))
         validate.expect_shape("out", out, t.shape)
     n = t.numel
     if n:
-        kernels.make_nf4_dequantize_range()[_grid(n, kernels.THREADS), kernels.THREADS](t.packed, t.scales, t.blocksize,
-                                                                 block_shift(t.blocksize, n), _const("code"), 0, n,
-                                                                 _flat(out))
+        kernels.make_nf4_dequantize_range()[grid(n, kernels.THREADS), kernels.THREADS](t.packed, t.scales, t.blocksize,
+                                                                 block_shift(t.blocksize, n), const("code"), 0, n,
+                                                                 flat(out))
     return out
 
 
@@ -472,32 +312,34 @@ def gemv_ok(t, n):
     return n == 1 and in_f % 8 == 0 and bs % 8 == 0 and in_f % bs == 0
 
 
-def _nf4_forward(x, t, lora_a, lora_b, s, bias, out, x_lora=None, *, fused_gemv=True):
+def nf4_forward(x, t, lora_a, lora_b, s, bias, out, x_lora=None, *, fused_gemv=True):
+    """``out = x deq(W)^T (+ s (x_lora A^T) B^T) (+ bias)`` on the GPU (A, B, bias may be None):
+    the fused GEMV for one row (``fused_gemv``), the tiled kernel otherwise."""
     out_f, in_f = t.shape
-    x, n = _rows("x", x, in_f)
-    xl = _same_rows("x_lora", x_lora, x)
-    b, use_bias = _bias(bias, out_f)
-    out = _out(out, x, out_f)
+    x, n = rows("x", x, in_f)
+    xl = same_rows("x_lora", x_lora, x)
+    b, use_bias = bias_arg(bias, out_f)
+    out = output(out, x, out_f)
     if n == 0:
         return out
-    cuda = _cuda()
-    xf = _flat(x)
+    cuda = numba_cuda()
+    xf = flat(x)
     if lora_a is not None:
-        lora_a, lora_b, r = _low_rank(lora_a, lora_b, out_f, in_f)
-        us = _scratch("us", (n, r))
-        shrink(_flat(xl), in_f, 1, in_f, _flat(lora_a), in_f, 1, s, us)
+        lora_a, lora_b, r = low_rank(lora_a, lora_b, out_f, in_f)
+        us = scratch("us", (n, r))
+        shrink(flat(xl), in_f, 1, in_f, flat(lora_a), in_f, 1, s, us)
     else:
         r = 0
         us = cuda.device_array((n, 0), np.float32)
         lora_b = cuda.device_array((out_f, 0), np.float32)
     if fused_gemv and gemv_ok(t, n):
         T, R = kernels.GEMV_THREADS, kernels.GEMV_ROWS
-        kernels.make_nf4_gemv()[_grid(out_f, R), T](t.packed.view(np.uint32), t.scales, t.blocksize,
-                                          block_shift(t.blocksize, t.numel), _const("code"), xf, us, lora_b, b,
-                                          use_bias, _flat(out))
+        kernels.make_nf4_gemv()[grid(out_f, R), T](t.packed.view(np.uint32), t.scales, t.blocksize,
+                                          block_shift(t.blocksize, t.numel), const("code"), xf, us, lora_b, b,
+                                          use_bias, flat(out))
     else:
-        matmul(xf, in_f, 1, n, out_f, in_f, _flat(out), out_f, t=t, swo=in_f, swk=1,
-               U=_flat(us) if r else None, sui=r, sut=1, Bm=_flat(lora_b) if r else None, sbo=r, sbt=1, R=r,
+        matmul(xf, in_f, 1, n, out_f, in_f, flat(out), out_f, t=t, swo=in_f, swk=1,
+               U=flat(us) if r else None, sui=r, sut=1, Bm=flat(lora_b) if r else None, sbo=r, sbt=1, R=r,
                bias=b if use_bias else None)
     return out
 
@@ -506,28 +348,28 @@ def _nf4_forward(x, t, lora_a, lora_b, s, bias, out, x_lora=None, *, fused_gemv=
 def nf4_matmul(x, t, out=None, *, bias=None):
     """GPU :func:`numlora.nf4.nf4_matmul`: fused GEMV for one row, tiled for more; the
     weight is decoded in registers / shared memory, never materialised."""
-    return _nf4_forward(x, _tensor(t), None, None, 0.0, bias, out)
+    return nf4_forward(x, tensor(t), None, None, 0.0, bias, out)
 
 
 @register("cuda")
 def qlora_forward(x, t, lora_a, lora_b, scaling, bias=None, out=None, *, x_lora=None):
     """GPU :func:`numlora.nf4.qlora_forward` (LoRA expand and bias fused)."""
     s = validate.real_scalar("scaling", scaling)
-    t = _tensor(t)
+    t = tensor(t)
     if lora_a is None or lora_b is None:
         raise ShapeError("expected lora_a and lora_b arrays, got None")
-    return _nf4_forward(x, t, lora_a, lora_b, s, bias, out, x_lora)
+    return nf4_forward(x, t, lora_a, lora_b, s, bias, out, x_lora)
 
 
 @register("cuda")
 def nf4_matmul_t(g, t, out=None):
     """GPU :func:`numlora.nf4.nf4_matmul_t`: ``g deq(W)``, fused."""
-    t = _tensor(t)
+    t = tensor(t)
     out_f, in_f = t.shape
-    g, n = _rows("g", g, out_f, "out_features")
-    out = _out(out, g, in_f)
+    g, n = rows("g", g, out_f, "out_features")
+    out = output(out, g, in_f)
     if n:
-        matmul(_flat(g), out_f, 1, n, in_f, out_f, _flat(out), in_f, t=t, swo=1, swk=in_f)
+        matmul(flat(g), out_f, 1, n, in_f, out_f, flat(out), in_f, t=t, swo=1, swk=in_f)
     return out
 
 
@@ -535,9 +377,9 @@ def nf4_matmul_t(g, t, out=None):
 def qlora_backward(x, t, lora_a, lora_b, scaling, grad_out, *, dropout=None, x_drop=None, u=None, grad_a=None,
                    grad_b=None, need_grad_x=True):
     """GPU :func:`numlora.nf4.qlora_backward`; ``G deq(W)`` fused."""
-    t = _tensor(t)
+    t = tensor(t)
     out_f, in_f = t.shape
-    lora_a, lora_b, r = _low_rank(lora_a, lora_b, out_f, in_f)
+    lora_a, lora_b, r = low_rank(lora_a, lora_b, out_f, in_f)
     s = validate.real_scalar("scaling", scaling)
     return _backward(x, out_f, in_f, (1, in_f), t, None, lora_a, lora_b, r, s, grad_out, dropout, x_drop, u,
                      grad_a, grad_b, need_grad_x)
@@ -573,7 +415,7 @@ class _Staging:
         """Device copies of ``table`` ((3, N) int64) and ``rs`` ((N,) float32), valid for
         the kernels queued after this call on the default stream, and the slot's event:
         pass it to :meth:`done` once those kernels are launched."""
-        cuda = _cuda()
+        cuda = numba_cuda()
         n = rs.size
         with self._lock:
             i = self._next
@@ -602,7 +444,7 @@ class _Staging:
 
     def done(self, ev):
         """Record ``ev`` after the kernels that read the slot (on the default stream)."""
-        self._record(ev, self._stream(_cuda()))
+        self._record(ev, self._stream(numba_cuda()))
 
     @staticmethod
     def _record(ev, stream):
@@ -629,18 +471,17 @@ def multi_lora_add(x, y, table, rs, runs):
     row the batch row, the adapter's float offset in its pool block and its rank; ``rs``
     (N,) float32 host; ``runs``: ``(pool block, p0, p1, max rank)`` per block, rows
     ``p0:p1`` of the table using that block. Validated by :class:`numlora.LoraBank`."""
-    cuda = _cuda()
     n_rows = table.shape[1]
     rmax = max(run[3] for run in runs)
     dtable, drs, ev = _STAGING.put(table, rs)
-    u = _scratch("multi_u", (n_rows, rmax))
-    xf, yf = _flat(x), _flat(y)
+    u = scratch("multi_u", (n_rows, rmax))
+    xf, yf = flat(x), flat(y)
     in_f, out_f = tuple(x.shape)[-1], tuple(y.shape)[-1]
     T, RT = kernels.MULTI_THREADS, kernels.MULTI_RANKS
     shrink_k, expand_k = kernels.make_multi_lora_shrink(), kernels.make_multi_lora_expand()
     for pool, p0, p1, r in runs:
-        shrink_k[(p1 - p0, _grid(r, RT)), T](xf, in_f, dtable, drs, pool, p0, u)
-        expand_k[(p1 - p0, _grid(out_f, T)), T](u, dtable, pool, in_f, out_f, p0, yf)
+        shrink_k[(p1 - p0, grid(r, RT)), T](xf, in_f, dtable, drs, pool, p0, u)
+        expand_k[(p1 - p0, grid(out_f, T)), T](u, dtable, pool, in_f, out_f, p0, yf)
     _STAGING.done(ev)
 
 
@@ -698,7 +539,7 @@ def xorshift64_fill(state: int, out) -> int:
         return state
     c = kernels.RNG_CHUNK_LOG2
     nthreads = -(-n // (1 << c))
-    kernels.make_xorshift64_fill()[_grid(nthreads, kernels.THREADS), kernels.THREADS](np.uint64(state), _jumps(c), out)
+    kernels.make_xorshift64_fill()[grid(nthreads, kernels.THREADS), kernels.THREADS](np.uint64(state), _jumps(c), out)
     return xorshift_jump(state, n)
 
 
@@ -713,7 +554,7 @@ def _jumps(c):
     if d is None:
         pw = _powers()
         jumps = np.array([pw[c + lvl] if c + lvl < 64 else [0] * 64 for lvl in range(64)], dtype=np.uint64)
-        d = _JUMPS[c] = _cuda().to_device(jumps)
+        d = _JUMPS[c] = numba_cuda().to_device(jumps)
     return d
 
 
@@ -722,9 +563,9 @@ def uniform(rng, shape):
     """:meth:`numlora.XorShift64.uniform` into a new float32 device array (the stream and
     the generator's state advance exactly as on the host)."""
     shape = validate.shape_arg("shape", shape, 4)
-    out = _cuda().device_array(shape, np.float32)
+    out = numba_cuda().device_array(shape, np.float32)
     if out.size:
-        rng._state = xorshift64_fill(rng.state, _flat(out))
+        rng._state = xorshift64_fill(rng.state, flat(out))
     return out
 
 
@@ -732,12 +573,12 @@ def uniform(rng, shape):
 def adamw_update(value, grad, m, v, *, lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, step=1):
     """GPU :func:`numlora.train.adamw_update`: one AdamW step on device arrays, in place
     (``value``, ``m``, ``v``)."""
-    arrays = [_dev(nm, a) for nm, a in (("value", value), ("grad", grad), ("m", m), ("v", v))]
+    arrays = [dev(nm, a) for nm, a in (("value", value), ("grad", grad), ("m", m), ("v", v))]
     for nm, a in zip(("grad", "m", "v"), arrays[1:]):
         validate.expect_shape(nm, a, tuple(arrays[0].shape))
     scalars = adamw_scalars(lr, beta1, beta2, eps, weight_decay, step)
     n = arrays[0].size
-    kernels.adamw_step[_grid(n, kernels.THREADS), kernels.THREADS](*[_flat(a) for a in arrays],
+    kernels.adamw_step[grid(n, kernels.THREADS), kernels.THREADS](*[flat(a) for a in arrays],
                                                                    *[float(c) for c in scalars])
 
 
@@ -765,7 +606,7 @@ def grad_array(label, g, value):
 
 @register("cuda")
 def zeros_like(a):
-    return _cuda().to_device(np.zeros(tuple(a.shape), np.dtype(a.dtype)))
+    return numba_cuda().to_device(np.zeros(tuple(a.shape), np.dtype(a.dtype)))
 
 
 def _host_copy(g):
@@ -787,7 +628,11 @@ def scale_(g, coef) -> None:
     as_cuda(g).copy_to_device(h)
 
 
-@register("cuda")
-def fill_zero(g) -> None:
-    if g.size:
-        as_cuda(g).copy_to_device(np.zeros(tuple(g.shape), np.dtype(g.dtype)))
+register("cuda", "fill_zero")(fill_zero)
+
+
+# compatibility: layers, multi and cuda/bank.py still use these names here; removed once they import
+# the helpers from numlora.cuda._launch (and nf4_forward by that name)
+_bias, _const, _cuda, _dev, _fill_zero, _flat, _grid = bias_arg, const, numba_cuda, dev, fill_zero, flat, grid
+_low_rank, _out, _rows, _same_rows, _scratch, _tensor = low_rank, output, rows, same_rows, scratch, tensor
+_nf4_forward = nf4_forward
