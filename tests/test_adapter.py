@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 import numlora as nl
+
 from conftest import make_weight
 
 
@@ -19,7 +20,8 @@ def test_multi_layer():
     for name in ad:
         assert ad.forward_layer(name, x).shape == (32,)
         assert ad[name] is ad.get_layer(name)
-    with pytest.raises(nl.LayerNotFoundError, match="'nonexistent' not found; known layers: 'q_proj', 'k_proj', 'v_proj'"):
+    with pytest.raises(nl.LayerNotFoundError,
+                       match="'nonexistent' not found; known layers: 'q_proj', 'k_proj', 'v_proj'"):
         ad.forward_layer("nonexistent", x)
     with pytest.raises(KeyError):
         ad["nonexistent"]

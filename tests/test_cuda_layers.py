@@ -12,11 +12,10 @@ import numpy as np
 import pytest
 
 import numlora as nl
-from numlora.errors import ConfigError, DeviceError, DTypeError, MergeStateError, ShapeError
-from numlora.train import TrainStateError
+from numlora.errors import ConfigError, DeviceError, DTypeError, MergeStateError, ShapeError, TrainStateError
+from numlora.ops import mix_seed
 
-from cuda_sim import GPU, SIM, cuda_test, run_simulator_pass, tiny_blocks  # noqa: F401
-from cuda_sim import d, f32, h  # noqa: E402
+from cuda_sim import GPU, SIM, cuda_test, d, f32, h, run_simulator_pass, tiny_blocks  # noqa: F401
 
 
 @pytest.mark.slow
@@ -211,6 +210,30 @@ def test_training_with_dropout_draws_the_cpu_masks(kind):
     cpu.eval()
     close(h(g(d(x))), cpu(x))
     assert g.saved_bytes == 0
+
+
+@cuda_test
+@pytest.mark.parametrize("kind", ["dense", "qlora"])
+def test_training_step_is_the_functional_api_bit_for_bit(kind):
+    """A GPU layer's training step is lora_dropout (the seed mix_seed(dropout_seed, k) for
+    the k-th forward), the forward on the dropped input and the public backward, on the
+    device, bit for bit."""
+    rng = np.random.default_rng(9)
+    cpu = _qlora(rng) if kind == "qlora" else _dense(rng)
+    cpu.dropout = 0.4
+    g = cpu.to("cuda").train()
+    forward, backward = (nl.qlora_forward, nl.qlora_backward) if kind == "qlora" else (nl.lora_forward,
+                                                                                         nl.lora_backward)
+    args = (g.nf4 if kind == "qlora" else g.weight, g.lora_a, g.lora_b, g.scaling)
+    for k in range(2):
+        x, go = d(f32(rng, 3, cpu.in_features)), d(f32(rng, 3, cpu.out_features))
+        xd, state = nl.lora_dropout(x, 0.4, mix_seed(cpu.dropout_seed, k))
+        np.testing.assert_array_equal(h(g(x)), h(forward(x, *args, g.bias, x_lora=xd)))
+        g.zero_grad()
+        dx, ga, gb = backward(x, *args, go, dropout=state)
+        np.testing.assert_array_equal(h(g.backward(go)), h(dx))
+        np.testing.assert_array_equal(h(g.grad_a), h(ga))
+        np.testing.assert_array_equal(h(g.grad_b), h(gb))
 
 
 @cuda_test
