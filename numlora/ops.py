@@ -389,28 +389,3 @@ def lora_backward(x, weight, lora_a, lora_b, scaling, grad_out, *, fan_in_fan_ou
     dx, grad_a, grad_b = bw.backward_core(x2, xd2, a, b, s, g2, us, drop, grad_a, grad_b, bool(need_grad_x),
                                           base_grad)
     return bw.finish_backward(dx, grad_a, grad_b, one_d, in_f)
-
-
-# compatibility: layers/multi still import these here; removed once they move
-from ._backward import backward_core as _backward_core  # noqa: E402, F401
-from ._backward import base_product as _base_product  # noqa: E402, F401
-from ._backward import check_x_drop_alone as _check_x_drop_alone  # noqa: E402, F401
-from ._backward import train_forward_dense  # noqa: E402, F401
-from ._validate import Base as _Base  # noqa: E402, F401
-from ._validate import deliver as _deliver  # noqa: E402, F401
-from ._validate import input_rows as _input_rows  # noqa: E402, F401
-from ._validate import low_rank_arrays as _low_rank_arrays  # noqa: E402, F401
-from ._validate import prepare_out as _prepare_out  # noqa: E402, F401
-from ._validate import private_out as _private_out  # noqa: E402, F401
-from ._validate import weight_array as _weight_array  # noqa: E402, F401
-from .dropout import check_p as dropout_p  # noqa: E402, F401
-from .dropout import check_seed as _seed64  # noqa: E402, F401
-
-
-def _dropout_arg(dropout):  # compatibility: layers/multi still import this here; removed once they move
-    state = DropoutState.from_arg(dropout)
-    return None if state is None else tuple(state)
-
-
-def _drop_args(p, seed, dtype):  # compatibility: layers/multi still import this here; removed once they move
-    return DropoutState(p, seed).mask(dtype)

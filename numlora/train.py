@@ -296,9 +296,3 @@ def _fill_zero_host(g) -> None:
 
 
 register("cpu", "zeros_like")(np.zeros_like)
-
-
-# compatibility: layers/multi still import these here; removed once they move
-_decay = bw.decay_factor
-_nonneg = validate.nonneg_scalar
-_unit = validate.unit_scalar

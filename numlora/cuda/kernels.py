@@ -197,7 +197,7 @@ _MIX2 = np.uint64(0x94D049BB133111EB)
 @cuda.jit(device=True)
 def _row_state(seed, i):
     """The start state of row i's dropout stream: splitmix64(seed + (i + 1) * golden),
-    0 replaced by 1 (as ``numlora.ops._row_states``)."""
+    0 replaced by 1 (as ``numlora.dropout.row_states``)."""
     z = seed + np.uint64(i + 1) * _GOLDEN
     z = (z ^ (z >> np.uint64(30))) * _MIX1
     z = (z ^ (z >> np.uint64(27))) * _MIX2

@@ -631,8 +631,6 @@ def scale_(g, coef) -> None:
 register("cuda", "fill_zero")(fill_zero)
 
 
-# compatibility: layers, multi and cuda/bank.py still use these names here; removed once they import
-# the helpers from numlora.cuda._launch (and nf4_forward by that name)
-_bias, _const, _cuda, _dev, _fill_zero, _flat, _grid = bias_arg, const, numba_cuda, dev, fill_zero, flat, grid
-_low_rank, _out, _rows, _same_rows, _scratch, _tensor = low_rank, output, rows, same_rows, scratch, tensor
-_nf4_forward = nf4_forward
+# compatibility: the bank (multi/) still uses these names here; removed once it imports the helpers
+# from numlora.cuda._launch (and nf4_forward by that name)
+_flat, _low_rank, _out, _rows, _nf4_forward = flat, low_rank, output, rows, nf4_forward
