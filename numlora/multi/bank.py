@@ -32,9 +32,7 @@ serving, Punica / S-LoRA style) and its batched forward.
 
 from __future__ import annotations
 
-import os
 import threading
-from collections.abc import Mapping
 
 import numpy as np
 
@@ -51,6 +49,7 @@ from ..errors import (
     NonFiniteError,
     ShapeError,
 )
+from .peft import named_folders, peft_layer
 from .product import BUCKETS, REF_ROWS, base_product
 
 __all__ = ["LoraBank", "multi_lora_forward", "BUCKETS", "REF_ROWS"]
@@ -703,21 +702,7 @@ class LoraBank:
         :func:`numlora.load_peft_adapter`) as adapter ``name``; ``module`` may be omitted
         when the folder holds a single layer. DoRA and LoRA-bias layers are refused
         (the bank computes plain LoRA). Returns the id."""
-        from ..io.peft import load_peft_adapter
-
-        adapter = load_peft_adapter(folder)
-        if module is None:
-            layers = list(adapter.layer_names)
-            if len(layers) != 1:
-                raise ConfigError(f"the adapter in {os.fspath(folder)!r} has {len(layers)} layers "
-                                  f"({', '.join(layers[:8])}{', ...' if len(layers) > 8 else ''}): "
-                                  "say which one with module=")
-            module = layers[0]
-        layer = adapter.get_layer(module)
-        if layer.use_dora or layer.lora_bias is not None:
-            what = "DoRA" if layer.use_dora else "a LoRA bias"
-            raise ConfigError(f"layer {module!r} of {os.fspath(folder)!r} uses {what}; LoraBank serves plain LoRA only")
-        return self.add(name, layer.lora_a, layer.lora_b, layer.scaling)
+        return self.add(name, *peft_layer(folder, module))
 
     @classmethod
     def from_peft(cls, base, folders, module: str | None = None, **kwargs) -> "LoraBank":
@@ -726,14 +711,7 @@ class LoraBank:
         component). ``module``: the layer to take from each folder (see
         :meth:`add_peft`). Other keyword arguments go to the constructor."""
         bank = cls(base, **kwargs)
-        if isinstance(folders, Mapping):
-            items = list(folders.items())
-        elif isinstance(folders, (str, os.PathLike)):
-            raise DTypeError("folders must be a sequence of folders or a {name: folder} mapping, got one path; "
-                             "wrap it in a list")
-        else:
-            items = [(os.path.basename(os.path.normpath(os.fspath(f))), f) for f in folders]
-        for name, folder in items:
+        for name, folder in named_folders(folders):
             bank.add_peft(name, folder, module)
         return bank
 
