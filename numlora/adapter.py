@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -15,6 +16,24 @@ from .errors import ConfigError, DTypeError, DuplicateLayerError, LayerNotFoundE
 from .layers import LoraLinear
 
 __all__ = ["LoraAdapter", "LoraAdapterSummary"]
+
+#: The PEFT folder format :meth:`LoraAdapter.load_peft` and :meth:`LoraAdapter.save_peft`
+#: delegate to. It is built on this module (:mod:`numlora.io.peft` makes adapters), so it
+#: registers itself here when imported (``import numlora`` imports it) rather than this
+#: module importing it back.
+_PEFT = SimpleNamespace(load=None, save=None)
+
+
+def register_peft_format(*, load, save) -> None:
+    """Set the PEFT folder reader ``load(path) -> LoraAdapter`` and writer
+    ``save(adapter, path, *, dtype)`` (called by :mod:`numlora.io.peft`)."""
+    _PEFT.load, _PEFT.save = load, save
+
+
+def _peft_format():
+    if _PEFT.load is None:
+        raise ConfigError("the PEFT folder format (numlora.io.peft) is not loaded: import numlora first")
+    return _PEFT
 
 
 def _name_seed(name: str) -> int:
@@ -201,16 +220,12 @@ class LoraAdapter:
 
     def save_peft(self, path, *, dtype: str = "F32") -> None:
         """Write the adapter as a PEFT folder (see :func:`numlora.io.peft.save_peft`)."""
-        from .io.peft import save_peft
-
-        save_peft(self.to("cpu"), path, dtype=dtype)
+        _peft_format().save(self.to("cpu"), path, dtype=dtype)
 
     @classmethod
     def load_peft(cls, path) -> "LoraAdapter":
         """Read a PEFT folder (see :func:`numlora.io.peft.load_peft_adapter`)."""
-        from .io.peft import load_peft_adapter
-
-        return load_peft_adapter(path)
+        return _peft_format().load(path)
 
     def get_layer(self, name: str) -> LoraLinear:
         if not isinstance(name, str):

@@ -47,8 +47,8 @@ EXEMPT = {
 }
 
 #: Import edges (importer, imported) allowed to close a cycle through imports inside
-#: functions. The layers engineer removes this one with the adapter / io.peft redesign.
-CYCLE_EXEMPT = {("numlora.adapter", "numlora.io.peft")}
+#: functions.
+CYCLE_EXEMPT = set()
 
 #: The functional modules: their public functions are routed by numlora._dispatch and
 #: never test where their arrays live.

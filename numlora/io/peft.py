@@ -18,7 +18,7 @@ import warnings
 
 import numpy as np
 
-from ..adapter import LoraAdapter
+from ..adapter import LoraAdapter, register_peft_format
 from ..config import LoraConfig, pattern_key
 from ..errors import ConfigError, DTypeError, FormatError, NumloraError, ShapeError
 from ._files import brief, read_json
@@ -314,3 +314,6 @@ def save_peft(adapter: LoraAdapter, path, *, dtype: str = "F32") -> None:
     # top-level keys sorted as PEFT writes them; the patterns keep their order (first match wins)
     text = json.dumps({k: cfg[k] for k in sorted(cfg)}, indent=2)
     write_text_atomic(os.path.join(path, CONFIG_NAME), text + "\n")
+
+
+register_peft_format(load=load_peft_adapter, save=save_peft)
