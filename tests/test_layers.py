@@ -543,3 +543,17 @@ def test_layers_pickle_and_hold_the_one_host_backend(rng):
     assert back._backend is HOST and back.to("cpu") is back and back.device == "cpu"
     x = _f32(rng, 2, 8)
     assert np.array_equal(back(x), layer(x))
+
+
+def test_a_layer_pickled_before_the_layers_package_loads(rng):
+    """Layers pickled by numlora before numlora/layers/ kept a device name and no variant."""
+    from numlora.layers import variants
+
+    layer = nl.LoraLinear.from_weight(_f32(rng, 6, 8), 2, 4.0, use_dora=True)
+    layer.lora_b = _f32(rng, 6, 2)
+    state = {k: val for k, val in layer.__dict__.items() if k not in ("_backend", "_variant")}
+    old = nl.LoraLinear.__new__(nl.LoraLinear)
+    old.__setstate__({**state, "_device": "cpu"})
+    x = _f32(rng, 3, 8)
+    assert old._variant is variants.DORA and old.device == "cpu" and "_device" not in old.__dict__
+    assert np.array_equal(old(x), layer(x))

@@ -18,7 +18,4 @@ from .base import LoraLayer, init_lora_a
 from .dense import LoraLinear
 from .nf4 import QLoraLinear
 
-#: The old name of the shared base class (numlora.combine uses it).
-_LowRank = LoraLayer
-
-__all__ = ["LoraLinear", "QLoraLinear", "init_lora_a"]
+__all__ = ["LoraLayer", "LoraLinear", "QLoraLinear", "init_lora_a"]

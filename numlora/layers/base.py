@@ -393,6 +393,12 @@ class LoraLayer:
         return (0 if c.u is None else _nbytes(c.u)) + (0 if c.x_drop is c.x else _nbytes(c.x_drop))
 
     # devices ------------------------------------------------------------------------------
+    def __setstate__(self, state):
+        # a layer pickled before numlora.layers became a package kept a device name
+        if "_backend" not in state:
+            state["_backend"] = backend_on(state.pop("_device", "cpu"))
+        self.__dict__.update(state)
+
     @property
     def device(self) -> str:
         """Where the layer's arrays live: ``"cpu"`` (numpy) or ``"cuda"`` (numba device

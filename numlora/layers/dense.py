@@ -208,6 +208,11 @@ class LoraLinear(LoraLayer):
         self._lora_bias = lb
         self._choose_variant()
 
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        if "_variant" not in state:  # pickled before the variants existed
+            self._choose_variant()
+
     @property
     def use_dora(self) -> bool:
         return self._magnitude is not None
