@@ -3,6 +3,10 @@
 ``x W^T`` goes to BLAS through numpy (it is as fast as this machine allows); the LoRA
 path folds the scale into the small ``(n, r)`` intermediate and adds ``u B^T`` and the
 bias into the output in place, so no ``(n, out)`` temporary and never ``B @ A``.
+
+Dropout (:class:`DropoutState`, :func:`lora_dropout`, :func:`dropout_keep_mask`,
+:func:`mix_seed`) lives in :mod:`numlora.dropout`; its public names are importable from
+here too.
 """
 
 from __future__ import annotations
