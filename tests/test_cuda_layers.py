@@ -311,6 +311,17 @@ def test_errors():
     with pytest.raises(DeviceError):
         p = nl.Parameter(d(np.zeros(3, np.float32)))
         p.grad = np.zeros(3, np.float32)
+    for host in (cpu, nl.QLoraLinear.from_weight(f32(rng, 7, 16), 2, 4.0, blocksize=8)):  # a device x, host layer
+        x = d(f32(rng, 2, host.in_features))
+        with pytest.raises(DeviceError, match=r"numlora.to_host\(x\)"):
+            host(x)
+        host.train()
+        with pytest.raises(DeviceError, match="on the host like the layer"):
+            host(x)
+        host(h(x))
+        with pytest.raises(DeviceError, match=r"to_host\(grad_out\)"):
+            host.backward(d(f32(rng, 2, host.out_features)))
+        host.eval()
     w64 = nl.LoraLinear.from_weight(np.ones((4, 6)), 2, 4.0)
     with pytest.raises(DTypeError, match="float32"):
         w64.to("cuda")

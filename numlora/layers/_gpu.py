@@ -86,6 +86,11 @@ class CudaBackend:
                               "(layer.to('cpu'))")
 
     @staticmethod
+    def input(name, a):
+        """An input of the layer's computations: a device array."""
+        return _input(name, a)
+
+    @staticmethod
     def check_array(name, a, shape, message=None):
         return _view(name, a, shape)
 

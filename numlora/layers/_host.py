@@ -12,9 +12,9 @@ import numpy as np
 
 from .. import _validate as validate
 from .._backward import backward_core
-from .._dispatch import backend
+from .._dispatch import backend, is_device_array
 from ..device import to_host
-from ..errors import ShapeError
+from ..errors import DeviceError, ShapeError
 
 
 class HostBackend:
@@ -34,6 +34,14 @@ class HostBackend:
 
     def check_move(self, layer) -> None:
         """Anything may come back to the host."""
+
+    @staticmethod
+    def input(name, a):
+        """An input of the layer's computations: not a device array."""
+        if is_device_array(a):
+            raise DeviceError(f"expected {name} on the host like the layer (device='cpu'), got a device array; "
+                              f"move it with numlora.to_host({name}), or the layer with layer.to('cuda')")
+        return a
 
     def check_variant(self, name, variant) -> None:
         """Every variant runs on the CPU."""
@@ -89,7 +97,7 @@ class HostBackend:
         its compute dtype; ``out`` may overlap x or the base (computed into a temporary
         then), and x is kept as it was for backward."""
         in_f, out_f = layer._in_f, layer._out_f
-        x = validate.input_rows(x, in_f)
+        x = validate.input_rows(self.input("x", x), in_f)
         dtype = layer._train_dtype(x)
         out, dest = validate.output(out, x, out_f, dtype, {"x": x, **layer._base_arrays()})
         x2 = np.ascontiguousarray(x.reshape(-1, in_f), dtype)
@@ -103,7 +111,7 @@ class HostBackend:
     def backward(self, layer, saved, grad_out, need_grad_x):
         in_f, out_f = layer._in_f, layer._out_f
         x2, xd2, us, state, one_d, lora, dtype = saved
-        g = validate.input_rows(grad_out, out_f, "grad_out", "out_features")
+        g = validate.input_rows(self.input("grad_out", grad_out), out_f, "grad_out", "out_features")
         want = (out_f,) if one_d else (x2.shape[0], out_f)
         if g.shape != want:
             raise ShapeError(f"expected grad_out of shape {want} (the shape of the forward's output), got {g.shape}")

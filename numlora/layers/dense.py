@@ -236,6 +236,7 @@ class LoraLinear(LoraLayer):
         if self._training:
             return self._forward_train(x, out)
         self._cache = None
+        x = self._backend.input("x", x)
         if self._merged or not self._enabled:
             return self._forward_on(x, out, False)
         return self._variant.forward(self, x, out)

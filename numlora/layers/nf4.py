@@ -70,7 +70,7 @@ class QLoraLinear(LoraLayer):
         if self._training:
             return self._forward_train(x, out)
         self._cache = None
-        return self._forward_on(x, out, self._enabled)
+        return self._forward_on(self._backend.input("x", x), out, self._enabled)
 
     __call__ = forward
 
