@@ -144,7 +144,7 @@ def to_device(x):
         dq = None
         if x.double_quant:
             dq = (x.absmax, x.absmax2, x.offset, x.code8)
-        return DeviceNF4Tensor(cuda.to_device(x.packed), cuda.to_device(np.ascontiguousarray(x._block_scales())),
+        return DeviceNF4Tensor(cuda.to_device(x.packed), cuda.to_device(np.ascontiguousarray(x.scales)),
                                x.shape, x.blocksize, x.dtype, dq)
     if is_device_array(x):
         return as_cuda(x)
