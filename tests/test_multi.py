@@ -660,7 +660,7 @@ def test_pickle_protocol_5_takes_the_pool_out_of_band(rng, dense):
     back = pickle.loads(data, buffers=received)
     _same_bank(back, bank, rng)
     raw = [np.frombuffer(r, np.uint8) for r in received]
-    live = [blk for blk in back._blocks if blk.size]
+    live = [blk for blk in back._pool.blocks if blk.size]
     assert live and all(any(np.shares_memory(blk, r) for r in raw) for blk in live)
     # read-only buffers (bytes) are copied once, so that later adds can write
     back2 = pickle.loads(data, buffers=[bytes(r) for r in received])
@@ -702,7 +702,8 @@ def test_copy_gives_a_bank_with_its_own_pool(rng, dense):
     bank, ads = _churned(rng, dense)
     for dup in (copy.copy(bank), copy.deepcopy(bank)):
         _same_bank(dup, bank, rng)
-        assert not any(np.shares_memory(u, w_) for u in dup._blocks for w_ in bank._blocks if u.size and w_.size)
+        assert not any(np.shares_memory(u, w_) for u in dup._pool.blocks for w_ in bank._pool.blocks
+                       if u.size and w_.size)
         a, b, s = _adapters(rng, [6])[0]
         dup.add("only-here", a, b, s)
         assert "only-here" not in bank

@@ -303,7 +303,7 @@ def _stress(seconds: float, seed: int = 0) -> dict:
     bank.add(NAMES[0], *versions[NAMES[0]][0])
     m = bank.memory()
     live = sum(bank.rank(nm) for nm in NAMES)
-    assert m["adapters"] == live * 4 * (IN + OUT) and not bank._pending
+    assert m["adapters"] == live * 4 * (IN + OUT) and not bank._pool.pending
     assert m["pool"] <= 8 * 16 * 4 * (IN + OUT) + 3 * max(RANKS) * 4 * (IN + OUT), m  # no leak of pages
     return stats
 

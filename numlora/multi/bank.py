@@ -50,6 +50,7 @@ from ..errors import (
     ShapeError,
 )
 from .peft import named_folders, peft_layer
+from .pool import PagePool, nbytes
 from .product import BUCKETS, REF_ROWS, base_product
 
 __all__ = ["LoraBank", "multi_lora_forward", "BUCKETS", "REF_ROWS"]
@@ -224,7 +225,7 @@ class LoraBank:
         page = self._in_f + self._out_f
         if block_pages is None:
             block_pages = min(1024, max(64, BLOCK_BYTES // (4 * page)))
-        self._block_pages = v.int_scalar("block_pages", block_pages, minimum=1)
+        block_pages = v.int_scalar("block_pages", block_pages, minimum=1)
         if not isinstance(row_stable, (bool, np.bool_)):
             raise ConfigError(f"row_stable must be True or False, got {row_stable!r}")
         self._row_stable = bool(row_stable)
@@ -232,26 +233,21 @@ class LoraBank:
             raise ConfigError(f"nf4_path must be 'tiles' or 'fused', got {nf4_path!r}")
         self._nf4_path = nf4_path
         cap = 8
-        self._init_state(blocks=[], free=[], dedicated=[], spare_ids=[], free_ids=[], pending=[],
-                         ad_page=np.zeros(cap, np.int64),
-                         tables=tuple(np.zeros(cap, dt) for dt in self._TABLE_DTYPES), next_id=0, names={})
+        self._init_state(block_pages=block_pages, blocks=[], free=[], dedicated=[], spare_ids=[], free_ids=[],
+                         pending=[], tables=tuple(np.zeros(cap, dt) for dt in self._TABLE_DTYPES), next_id=0,
+                         names={})
 
-    def _init_state(self, *, blocks, free, dedicated, spare_ids, free_ids, pending, ad_page, tables, next_id,
+    def _init_state(self, *, block_pages, blocks, free, dedicated, spare_ids, free_ids, pending, tables, next_id,
                     names):
         """The writer's state, the locks and the first snapshot (the constructor, to(),
         unpickling)."""
         self._base = (base_product(self._weight, self._nf4, self._row_stable, self._nf4_path)
                       if self._device == "cpu" else None)
         # writers' state (only touched under _wlock)
-        self._blocks = blocks            # 1-D float32 pool blocks (size 0: a released block)
-        self._free = free                # per block: sorted list of [start_page, n_pages] free runs
-        self._dedicated = dedicated      # per block: True if it holds one over-sized adapter
-        self._spare_ids = spare_ids      # ids of released blocks, reusable
+        self._pool = PagePool(self._in_f + self._out_f, block_pages, self._new_block, blocks=blocks, free=free,
+                              dedicated=dedicated, spare_ids=spare_ids, pending=pending)
         self._free_ids = free_ids        # adapter ids to give out again
-        self._pending = pending          # (gen, block, page, rank) of removed adapters not yet recycled
-        self._ad_page = ad_page          # first page of each adapter id within its block
         self._retired = []               # replaced snapshots that had readers when replaced
-        self._blocks_dirty = False       # _blocks changed since the last snapshot
         self._wlock = threading.Lock()   # writers take turns
         # short: swapping the snapshot, counting its readers. Re-entrant because a _Lease
         # dropped by the garbage collector leaves its snapshot from whatever code ran then
@@ -275,9 +271,8 @@ class LoraBank:
         """Swap in a snapshot with the given changes (and the current blocks when they
         changed); returns its generation. Writers only."""
         old = self._snap
-        blocks = self._blocks_dirty
-        self._blocks_dirty = False
-        new = _Snapshot(old.gen + 1, tuple(self._blocks) if blocks else old.blocks, None if blocks else old.kblocks,
+        blocks = self._pool.take_blocks()
+        new = _Snapshot(old.gen + 1, old.blocks if blocks is None else blocks, old.kblocks if blocks is None else None,
                         old.tables() if tables is None else tables, old.next_id if next_id is None else next_id,
                         old.names if names is None else names)
         with self._rlock:
@@ -290,23 +285,21 @@ class LoraBank:
         """Return the pages of removed adapters to the free lists once no reader that
         could still read them runs: pages freed by the snapshot of generation g wait
         while a reader holds a snapshot older than g. Writers only."""
-        if self._pending:
+        if self._pool.pending:
             with self._rlock:
                 self._retired = [s for s in self._retired if s.readers]
                 oldest = min((s.gen for s in self._retired), default=None)
-            ready = [p for p in self._pending if oldest is None or p[0] <= oldest]
-            if ready:
-                self._pending = [p for p in self._pending if not (oldest is None or p[0] <= oldest)]
-                if self._device == "cuda":
-                    # forwards launch their kernels without waiting (on whichever stream):
-                    # they must be done before their pages are written or freed
-                    from ..device import cuda_module
-
-                    cuda_module().synchronize()
-                for _, bid, page, r in ready:
-                    self._release(bid, page, r)
-        if self._blocks_dirty:
+            self._pool.recycle(oldest, self._settle)
+        if self._pool.changed:
             self._publish()
+
+    def _settle(self):
+        if self._device == "cuda":
+            # forwards launch their kernels without waiting (on whichever stream):
+            # they must be done before their pages are written or freed
+            from ..device import cuda_module
+
+            cuda_module().synchronize()
 
     # --- facts -----------------------------------------------------------------------
     @property
@@ -413,19 +406,19 @@ class LoraBank:
         (what one tensor padded to the largest rank would take for the same adapters, for
         comparison), and ``blocks`` (number of allocated blocks)."""
         if self._nf4 is None:
-            base = _nbytes(self._weight)
+            base = nbytes(self._weight)
         elif self._device == "cuda":
-            base = _nbytes(self._nf4.packed) + _nbytes(self._nf4.scales)
+            base = nbytes(self._nf4.packed) + nbytes(self._nf4.scales)
         else:
             base = self._nf4.nbytes
         with self._wlock:
             snap = self._snap
-            blocks = list(self._blocks)
+            blocks = list(self._pool.blocks)
         live = snap.live[: snap.next_id]
         ranks = snap.ad_rank[: snap.next_id][live]
         page_bytes = 4 * (self._in_f + self._out_f)
         used = int(ranks.sum()) * page_bytes
-        pool = sum(_nbytes(b) for b in blocks)
+        pool = sum(nbytes(b) for b in blocks)
         padded = int(ranks.size * (ranks.max() if ranks.size else 0)) * page_bytes
         return {"base": base, "adapters": used, "pool": pool, "free": pool - used, "padded": padded,
                 "blocks": sum(1 for b in blocks if b.size)}
@@ -467,19 +460,19 @@ class LoraBank:
             if name in snap.names:
                 raise self._duplicate(name)
             self._reclaim()
-            bid, page = self._alloc(r)
+            bid, page = self._pool.alloc(r)
             off = page * (self._in_f + self._out_f)
             try:
-                self._write(self._blocks[bid][off:off + r * (self._in_f + self._out_f)], lora_a, lora_b, on_gpu)
+                self._write(self._pool.pages(bid, page, r), lora_a, lora_b, on_gpu)
             except BaseException:
-                self._release(bid, page, r)  # no reader has seen these pages
-                if self._blocks_dirty:
+                self._pool.release(bid, page, r)  # no reader has seen these pages
+                if self._pool.changed:
                     self._publish()
                 raise
             snap = self._snap
             k, tables, next_id = self._new_id(snap)
             ad_block, ad_off, ad_rank, ad_scaling, live = tables
-            ad_block[k], ad_off[k], self._ad_page[k] = bid, off, page
+            ad_block[k], ad_off[k] = bid, off
             ad_rank[k], ad_scaling[k] = r, s
             live[k] = True
             names = dict(snap.names)
@@ -513,14 +506,15 @@ class LoraBank:
             k = self._index(snap, name)
             tables = tuple(t.copy() for t in snap.tables())
             ad_block, _, ad_rank, _, live = tables
-            bid, page, r = int(ad_block[k]), int(self._ad_page[k]), int(ad_rank[k])
+            ad_off = tables[1]
+            bid, page, r = int(ad_block[k]), int(ad_off[k]) // self._pool.page, int(ad_rank[k])
             live[k] = False
             ad_rank[k] = 0
             names = dict(snap.names)
             del names[name]
             gen = self._publish(tables, names)
             self._free_ids.append(k)
-            self._pending.append((gen, bid, page, r))
+            self._pool.defer(gen, bid, page, r)
             self._reclaim()
 
     def reserve(self, pages: int) -> None:
@@ -531,14 +525,8 @@ class LoraBank:
         pages = v.int_scalar("pages", pages, minimum=0)
         with self._wlock:
             self._reclaim()
-            free = sum(run[1] for bid, runs in enumerate(self._free) if not self._dedicated[bid] for run in runs)
-            while free < pages:
-                bid = self._new_block(self._block_pages, dedicated=False)
-                if self._device == "cpu":  # touch the pages now (device memory is mapped when allocated)
-                    self._blocks[bid].fill(0)
-                self._free[bid] = [[0, self._block_pages]]
-                free += self._block_pages
-            if self._blocks_dirty:
+            self._pool.reserve(pages, self._touch)
+            if self._pool.changed:
                 self._publish()
 
     def _new_id(self, snap):
@@ -552,74 +540,19 @@ class LoraBank:
         if k >= tables[0].size:
             cap = 2 * tables[0].size
             tables = tuple(np.concatenate([t, np.zeros(cap - t.size, t.dtype)]) for t in tables)
-        if k >= self._ad_page.size:
-            self._ad_page = np.concatenate([self._ad_page, np.zeros(self._ad_page.size, np.int64)])
         return k, tables, next_id + 1
 
-    def _alloc(self, r):
-        """(block id, first page) of r free consecutive pages: first fit over the blocks'
-        free runs, else a new block (a dedicated one when r > block_pages)."""
-        if r <= self._block_pages:
-            for bid, runs in enumerate(self._free):
-                if self._dedicated[bid]:
-                    continue
-                for run in runs:
-                    if run[1] >= r:
-                        page = run[0]
-                        run[0] += r
-                        run[1] -= r
-                        if run[1] == 0:
-                            runs.remove(run)
-                        return bid, page
-        pages = max(r, self._block_pages)
-        bid = self._new_block(pages, dedicated=r > self._block_pages)
-        if pages > r:
-            self._free[bid] = [[r, pages - r]]
-        return bid, 0
-
-    def _new_block(self, pages, dedicated):
-        """A new pool block in the writers' list (readers see it with the next snapshot)."""
-        size = pages * (self._in_f + self._out_f)
+    def _new_block(self, size):
+        """A new pool block of ``size`` floats on the bank's device."""
         if self._device == "cuda":
             from ..device import cuda_module
 
-            arr = cuda_module().device_array(size, np.float32)
-        else:
-            arr = np.empty(size, np.float32)
-        if self._spare_ids:
-            bid = self._spare_ids.pop()
-            self._blocks[bid] = arr
-            self._free[bid] = []
-            self._dedicated[bid] = dedicated
-        else:
-            bid = len(self._blocks)
-            self._blocks.append(arr)
-            self._free.append([])
-            self._dedicated.append(dedicated)
-        self._blocks_dirty = True
-        return bid
+            return cuda_module().device_array(size, np.float32)
+        return np.empty(size, np.float32)
 
-    def _release(self, bid, page, r):
-        """Pages back to the free list of their block (a dedicated block is released).
-        Writers only, and only for pages no reader can still read."""
-        if self._dedicated[bid]:
-            self._blocks[bid] = np.empty(0, np.float32)
-            self._free[bid] = []
-            self._spare_ids.append(bid)
-            self._blocks_dirty = True
-            return
-        runs = self._free[bid]
-        i = 0
-        while i < len(runs) and runs[i][0] < page:
-            i += 1
-        runs.insert(i, [page, r])
-        # coalesce with the neighbours
-        if i + 1 < len(runs) and runs[i][0] + runs[i][1] == runs[i + 1][0]:
-            runs[i][1] += runs[i + 1][1]
-            del runs[i + 1]
-        if i > 0 and runs[i - 1][0] + runs[i - 1][1] == runs[i][0]:
-            runs[i - 1][1] += runs[i][1]
-            del runs[i]
+    def _touch(self, block):
+        if self._device == "cpu":  # touch the pages now (device memory is mapped when allocated)
+            block.fill(0)
 
     @staticmethod
     def _kernel_blocks(snap):
@@ -642,24 +575,22 @@ class LoraBank:
         not copied). Under the writer lock."""
         snap = self._snap
         return {"version": 1, "weight": self._weight, "nf4": self._nf4, "bias": self._bias,
-                "in_f": self._in_f, "out_f": self._out_f, "block_pages": self._block_pages,
+                "in_f": self._in_f, "out_f": self._out_f, "block_pages": self._pool.block_pages,
                 "row_stable": self._row_stable, "nf4_path": self._nf4_path,
-                "blocks": list(self._blocks), "free": [[list(run) for run in runs] for runs in self._free],
-                "dedicated": list(self._dedicated), "spare_ids": list(self._spare_ids),
-                "free_ids": list(self._free_ids), "pending": list(self._pending), "ad_page": self._ad_page.copy(),
+                **self._pool.state(), "free_ids": list(self._free_ids), "ad_page": snap.ad_off // self._pool.page,
                 "tables": snap.tables(), "next_id": snap.next_id, "names": dict(snap.names)}
 
     def _load(self, st: dict, device: str) -> None:
         """Become the bank of state ``st`` (from :meth:`_state`) on ``device``; pages
         still waiting for readers of the old bank are free here."""
         self._weight, self._nf4, self._bias = st["weight"], st["nf4"], st["bias"]
-        self._in_f, self._out_f, self._block_pages = st["in_f"], st["out_f"], st["block_pages"]
+        self._in_f, self._out_f = st["in_f"], st["out_f"]
         self._row_stable, self._nf4_path = st["row_stable"], st["nf4_path"]
         self._device = device
-        self._init_state(blocks=st["blocks"], free=st["free"], dedicated=st["dedicated"], spare_ids=st["spare_ids"],
-                         free_ids=st["free_ids"], pending=[(0,) + tuple(p[1:]) for p in st["pending"]],
-                         ad_page=st["ad_page"], tables=tuple(st["tables"]), next_id=st["next_id"],
-                         names=st["names"])
+        self._init_state(block_pages=st["block_pages"], blocks=st["blocks"], free=st["free"],
+                         dedicated=st["dedicated"], spare_ids=st["spare_ids"], free_ids=st["free_ids"],
+                         pending=[(0,) + tuple(p[1:]) for p in st["pending"]], tables=tuple(st["tables"]),
+                         next_id=st["next_id"], names=st["names"])
 
     def __getstate__(self):
         if self._device != "cpu":
@@ -679,7 +610,6 @@ class LoraBank:
         # blocks are written by later adds: make sure each is a writable float32 C array
         st["blocks"] = [b if (b.dtype == np.float32 and b.flags.c_contiguous and b.flags.writeable)
                         else np.array(b, np.float32) for b in st["blocks"]]
-        st["ad_page"] = np.array(st["ad_page"], np.int64)  # written in place by adds (small)
         st["tables"] = tuple(np.ascontiguousarray(t, dt) for t, dt in zip(st["tables"], self._TABLE_DTYPES))
         self._load(st, "cpu")
 
@@ -996,11 +926,6 @@ def _device_overlap(a, b) -> bool:
     a0, a1 = _device_span(a)
     b0, b1 = _device_span(b)
     return a0 < b1 and b0 < a1 and a1 > a0 and b1 > b0
-
-
-def _nbytes(a) -> int:
-    """Bytes of a numpy or device array."""
-    return int(a.size) * np.dtype(a.dtype).itemsize
 
 
 def multi_lora_forward(x, bank: LoraBank, adapters, scale=None, out=None):
