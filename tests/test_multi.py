@@ -217,7 +217,7 @@ def test_parallel_kernel_equals_serial(rng, dense):
     for fn in (km.multi_lora_add, km.multi_lora_add_serial):
         y = np.zeros((n, OUT), np.float32)
         u = np.empty((n, 64), np.float32)
-        snap = bank._snap
+        snap = bank._registry.snap
         fn(x, order, seg, sa, scale, bank._kernel_blocks(snap), snap.ad_block, snap.ad_off, snap.ad_rank,
            snap.ad_scaling, u, y)
         outs.append(y)
@@ -693,7 +693,7 @@ def test_pickling_holds_the_pages_it_refers_to(rng, dense):
     pickle.dumps(bank)
     bank.remove("c")
     bank.add("d", a, b, s)
-    assert bank.memory()["pool"] == 64 * 4 * (IN + OUT) and bank._snap.readers == 0
+    assert bank.memory()["pool"] == 64 * 4 * (IN + OUT) and bank._registry.snap.readers == 0
 
 
 def test_copy_gives_a_bank_with_its_own_pool(rng, dense):

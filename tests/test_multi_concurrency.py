@@ -95,7 +95,7 @@ def test_a_forward_in_flight_keeps_its_snapshot(rng, monkeypatch):
     bank.add("a", *new)
     page = IN + OUT
     assert bank.memory()["pool"] == pool  # into the free pages 12..19, not old a's 0..7 still read
-    assert bank._snap.ad_off[bank.index("a")] == 12 * page
+    assert bank._registry.snap.ad_off[bank.index("a")] == 12 * page
     assert np.array_equal(bank.lora_arrays("a")[0], new[0])
     gate.go.set()
     t.join(30)
@@ -110,7 +110,7 @@ def test_a_forward_in_flight_keeps_its_snapshot(rng, monkeypatch):
     assert not np.array_equal(_bits(y_new[0]), _bits(want_old[0]))
     # the forward is over: old a's pages are free again (first fit puts the next 8 there)
     bank.add("a2", *old)
-    assert bank._snap.ad_off[bank.index("a2")] == 0 and bank.memory()["pool"] == pool
+    assert bank._registry.snap.ad_off[bank.index("a2")] == 0 and bank.memory()["pool"] == pool
     assert np.array_equal(_bits(bank.forward(x, ["a2", "o", None, "a2", "a2"])), _bits(want_old))
 
 
@@ -169,14 +169,14 @@ def test_a_pickle_state_collected_inside_a_bank_call_does_not_deadlock(rng):
     done = threading.Event()
 
     def under_the_lock():
-        with bank._rlock:
+        with bank._registry.rlock:
             gc.collect()
         done.set()
 
     t = threading.Thread(target=under_the_lock, daemon=True)
     t.start()
     assert done.wait(10), "deadlock: the lease waited for the lock its own thread held"
-    assert bank._snap.readers == 0
+    assert bank._registry.snap.readers == 0
 
 
 # --- the stress test --------------------------------------------------------------------------

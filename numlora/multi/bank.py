@@ -37,21 +37,13 @@ import threading
 import numpy as np
 
 from .. import _validate as v
-from .._validate import input_rows, low_rank_arrays, prepare_out
+from .._validate import input_rows, low_rank_arrays, prepare_out, shares_memory
 from ..device import is_device_array, to_host
-from ..errors import (
-    ConfigError,
-    DeviceError,
-    DTypeError,
-    DuplicateLayerError,
-    FormatError,
-    LayerNotFoundError,
-    NonFiniteError,
-    ShapeError,
-)
+from ..errors import ConfigError, DeviceError, DTypeError, FormatError, ShapeError
 from .peft import named_folders, peft_layer
 from .pool import PagePool, nbytes
 from .product import BUCKETS, REF_ROWS, base_product
+from .registry import TABLE_DTYPES, Registry, duplicate, empty_tables
 
 __all__ = ["LoraBank", "multi_lora_forward", "BUCKETS", "REF_ROWS"]
 
@@ -63,83 +55,6 @@ def _kernels():
     from ..kernels import multi
 
     return multi
-
-
-class _Snapshot:
-    """One consistent state of the bank, what a reader (:meth:`LoraBank.forward`,
-    :meth:`~LoraBank.lora_arrays`, ...) uses from start to end: the per-id tables, the
-    name -> id map, the pool blocks. Never changed once published: a writer makes a new
-    one (copy-on-write of the small tables) and swaps it in. Two fields change after
-    publication: ``readers`` (the readers using it, under the bank's reader lock) and
-    ``kblocks`` (``blocks`` as a numba typed list, made on first use by whichever reader
-    needs it first; the same content whoever makes it)."""
-
-    __slots__ = (
-        "ad_block",
-        "ad_off",
-        "ad_rank",
-        "ad_scaling",
-        "blocks",
-        "gen",
-        "kblocks",
-        "live",
-        "names",
-        "next_id",
-        "readers",
-    )
-
-    def __init__(self, gen, blocks, kblocks, tables, next_id, names):
-        self.gen = gen
-        self.blocks = blocks      # tuple of 1-D float32 arrays (numpy or device; size 0: released)
-        self.kblocks = kblocks
-        self.ad_block, self.ad_off, self.ad_rank, self.ad_scaling, self.live = tables
-        self.next_id = next_id
-        self.names = names        # {name: id}
-        self.readers = 0
-
-    def tables(self):
-        return self.ad_block, self.ad_off, self.ad_rank, self.ad_scaling, self.live
-
-
-class _Lease:
-    """A reader registration on one snapshot (its pages are not recycled while the lease
-    lives), released by :meth:`release` or when the object goes away. A pickled bank's
-    state holds one, so that the pool blocks it refers to without copying keep their
-    contents until the pickler has written them. Pickles as None."""
-
-    __slots__ = ("_bank", "_snap")
-
-    def __init__(self, bank, snap):
-        self._bank, self._snap = bank, snap
-
-    def release(self):
-        snap, self._snap = self._snap, None
-        if snap is not None:
-            self._bank._leave(snap)
-
-    __del__ = release
-
-    def __reduce__(self):
-        return (_no_lease, ())
-
-
-def _no_lease():
-    return None
-
-
-#: Work bound of numpy's exact overlap test; an undecided layout counts as overlapping.
-_OVERLAP_WORK = 1 << 12
-
-
-def _shares(a, b) -> bool:
-    """Whether numpy arrays ``a`` and ``b`` may have an element in common (bounds first,
-    then numpy's exact test within a work bound; undecided counts as shared)."""
-    if not np.may_share_memory(a, b):
-        return False
-    try:
-        return bool(np.shares_memory(a, b, max_work=_OVERLAP_WORK))
-    except np.exceptions.TooHardError:
-        return True
 
 
 class LoraBank:
@@ -198,9 +113,6 @@ class LoraBank:
     """
 
     _device = "cpu"
-    #: the per-adapter-id tables of a snapshot (numpy arrays indexed by id, grown together)
-    _TABLES = ("ad_block", "ad_off", "ad_rank", "ad_scaling", "live")
-    _TABLE_DTYPES = (np.int64, np.int64, np.int64, np.float32, bool)
 
     def __init__(self, base, *, bias=None, block_pages=None, row_stable=True, nf4_path="tiles"):
         from ..nf4 import NF4Tensor
@@ -232,10 +144,8 @@ class LoraBank:
         if nf4_path not in ("tiles", "fused"):
             raise ConfigError(f"nf4_path must be 'tiles' or 'fused', got {nf4_path!r}")
         self._nf4_path = nf4_path
-        cap = 8
         self._init_state(block_pages=block_pages, blocks=[], free=[], dedicated=[], spare_ids=[], free_ids=[],
-                         pending=[], tables=tuple(np.zeros(cap, dt) for dt in self._TABLE_DTYPES), next_id=0,
-                         names={})
+                         pending=[], tables=empty_tables(), next_id=0, names={})
 
     def _init_state(self, *, block_pages, blocks, free, dedicated, spare_ids, free_ids, pending, tables, next_id,
                     names):
@@ -246,52 +156,20 @@ class LoraBank:
         # writers' state (only touched under _wlock)
         self._pool = PagePool(self._in_f + self._out_f, block_pages, self._new_block, blocks=blocks, free=free,
                               dedicated=dedicated, spare_ids=spare_ids, pending=pending)
-        self._free_ids = free_ids        # adapter ids to give out again
-        self._retired = []               # replaced snapshots that had readers when replaced
+        self._registry = Registry(blocks, tables, next_id, names, free_ids)
         self._wlock = threading.Lock()   # writers take turns
-        # short: swapping the snapshot, counting its readers. Re-entrant because a _Lease
-        # dropped by the garbage collector leaves its snapshot from whatever code ran then
-        self._rlock = threading.RLock()
-        self._snap = _Snapshot(0, tuple(blocks), None, tables, next_id, names)
         self._reclaim()
-
-    # --- snapshots -------------------------------------------------------------------
-    def _enter(self) -> _Snapshot:
-        """The current snapshot, registered as read until :meth:`_leave`."""
-        with self._rlock:
-            s = self._snap
-            s.readers += 1
-        return s
-
-    def _leave(self, s: _Snapshot) -> None:
-        with self._rlock:
-            s.readers -= 1
-
-    def _publish(self, tables=None, names=None, next_id=None) -> int:
-        """Swap in a snapshot with the given changes (and the current blocks when they
-        changed); returns its generation. Writers only."""
-        old = self._snap
-        blocks = self._pool.take_blocks()
-        new = _Snapshot(old.gen + 1, old.blocks if blocks is None else blocks, old.kblocks if blocks is None else None,
-                        old.tables() if tables is None else tables, old.next_id if next_id is None else next_id,
-                        old.names if names is None else names)
-        with self._rlock:
-            self._snap = new
-            if old.readers:
-                self._retired.append(old)
-        return new.gen
 
     def _reclaim(self) -> None:
         """Return the pages of removed adapters to the free lists once no reader that
         could still read them runs: pages freed by the snapshot of generation g wait
         while a reader holds a snapshot older than g. Writers only."""
-        if self._pool.pending:
-            with self._rlock:
-                self._retired = [s for s in self._retired if s.readers]
-                oldest = min((s.gen for s in self._retired), default=None)
-            self._pool.recycle(oldest, self._settle)
-        if self._pool.changed:
-            self._publish()
+        pool = self._pool
+        if pool.pending:
+            pool.recycle(self._registry.oldest_reader(), self._settle)
+        blocks = pool.take_blocks()
+        if blocks is not None:
+            self._registry.publish(blocks)
 
     def _settle(self):
         if self._device == "cuda":
@@ -322,15 +200,15 @@ class LoraBank:
     @property
     def names(self) -> list[str]:
         """Adapter names, in order of their ids."""
-        names = self._snap.names
+        names = self._registry.snap.names
         return sorted(names, key=names.__getitem__)
 
     def __len__(self) -> int:
-        return len(self._snap.names)
+        return len(self._registry.snap.names)
 
     def __contains__(self, name) -> bool:
         try:
-            return name in self._snap.names
+            return name in self._registry.snap.names
         except TypeError:  # unhashable
             return False
 
@@ -339,48 +217,26 @@ class LoraBank:
 
     def index(self, name: str) -> int:
         """The id of adapter ``name`` (what :meth:`forward` takes per row)."""
-        return self._index(self._snap, name)
-
-    @staticmethod
-    def _index(snap, name):
-        try:
-            return snap.names[name]
-        except (KeyError, TypeError):
-            names = snap.names
-            known = ", ".join(repr(n) for n in list(names)[:20]) or "none"
-            more = f" (and {len(names) - 20} more)" if len(names) > 20 else ""
-            raise LayerNotFoundError(f"adapter {name!r} is not in the bank; known adapters: {known}{more}") from None
+        return self._registry.snap.index(name)
 
     def ids(self, names) -> np.ndarray:
         """int64 ids of a sequence of adapter names (None or -1: the base alone); keep it
         to call :meth:`forward` repeatedly without looking names up."""
-        return self._ids(self._snap, names)
-
-    def _ids(self, snap, names):
-        out = np.empty(len(names), np.int64)
-        for i, nm in enumerate(names):
-            if nm is None or (isinstance(nm, (int, np.integer)) and not isinstance(nm, bool) and nm == -1):
-                out[i] = -1
-            elif isinstance(nm, str):
-                out[i] = self._index(snap, nm)
-            else:
-                raise DTypeError(f"expected adapter names (str) or None for the base alone, got "
-                                 f"{type(nm).__name__} at row {i}")
-        return out
+        return self._registry.snap.ids(names)
 
     def rank(self, name: str) -> int:
-        snap = self._snap
-        return int(snap.ad_rank[self._index(snap, name)])
+        snap = self._registry.snap
+        return int(snap.ad_rank[snap.index(name)])
 
     def scaling(self, name: str) -> float:
-        snap = self._snap
-        return float(snap.ad_scaling[self._index(snap, name)])
+        snap = self._registry.snap
+        return float(snap.ad_scaling[snap.index(name)])
 
     def lora_arrays(self, name: str):
         """(lora_a (r, in), lora_b (out, r)) copies of adapter ``name`` as stored (float32)."""
-        snap = self._enter()
+        snap = self._registry.enter()
         try:
-            k = self._index(snap, name)
+            k = snap.index(name)
             r = int(snap.ad_rank[k])
             off = int(snap.ad_off[k])
             flat = snap.blocks[snap.ad_block[k]][off:off + r * (self._in_f + self._out_f)]
@@ -396,7 +252,7 @@ class LoraBank:
             # always copies (at rank 1 the transposes are contiguous views of the pool)
             return wrap(np.array(at.T, order="C")), wrap(np.array(bt.T, order="C"))
         finally:
-            self._leave(snap)
+            self._registry.leave(snap)
 
     def memory(self) -> dict:
         """Bytes: ``base`` (the base weight's storage), ``adapters`` (what the live
@@ -412,7 +268,7 @@ class LoraBank:
         else:
             base = self._nf4.nbytes
         with self._wlock:
-            snap = self._snap
+            snap = self._registry.snap
             blocks = list(self._pool.blocks)
         live = snap.live[: snap.next_id]
         ranks = snap.ad_rank[: snap.next_id][live]
@@ -440,8 +296,8 @@ class LoraBank:
             raise DTypeError(f"adapter name must be a str, got {type(name).__name__}")
         if not name:
             raise ConfigError("adapter name must be a non-empty str")
-        if name in self._snap.names:
-            raise self._duplicate(name)
+        if name in self._registry.snap.names:
+            raise duplicate(name)
         on_gpu = is_device_array(lora_a) or is_device_array(lora_b)
         if on_gpu:
             if self._device != "cuda":
@@ -456,33 +312,18 @@ class LoraBank:
             lora_b = np.ascontiguousarray(lora_b, np.float32)
         s = np.float32(v.real_scalar("scaling", scaling))
         with self._wlock:
-            snap = self._snap
-            if name in snap.names:
-                raise self._duplicate(name)
+            registry, pool = self._registry, self._pool
+            if name in registry.snap.names:
+                raise duplicate(name)
             self._reclaim()
-            bid, page = self._pool.alloc(r)
-            off = page * (self._in_f + self._out_f)
+            bid, page = pool.alloc(r)
             try:
-                self._write(self._pool.pages(bid, page, r), lora_a, lora_b, on_gpu)
+                self._write(pool.pages(bid, page, r), lora_a, lora_b, on_gpu)
             except BaseException:
-                self._pool.release(bid, page, r)  # no reader has seen these pages
-                if self._pool.changed:
-                    self._publish()
+                pool.release(bid, page, r)  # no reader has seen these pages
+                self._reclaim()
                 raise
-            snap = self._snap
-            k, tables, next_id = self._new_id(snap)
-            ad_block, ad_off, ad_rank, ad_scaling, live = tables
-            ad_block[k], ad_off[k] = bid, off
-            ad_rank[k], ad_scaling[k] = r, s
-            live[k] = True
-            names = dict(snap.names)
-            names[name] = k
-            self._publish(tables, names, next_id)
-        return k
-
-    @staticmethod
-    def _duplicate(name):
-        return DuplicateLayerError(f"adapter {name!r} is already in the bank; remove it first to replace it")
+            return registry.add(name, bid, page * pool.page, r, s, pool.take_blocks())
 
     def _write(self, dst, lora_a, lora_b, on_gpu):
         """Pack A^T and B^T into the pool pages ``dst``."""
@@ -502,19 +343,9 @@ class LoraBank:
         given to one over-sized adapter is released) once no forward that started before
         the removal still runs. Other adapters keep their ids and storage."""
         with self._wlock:
-            snap = self._snap
-            k = self._index(snap, name)
-            tables = tuple(t.copy() for t in snap.tables())
-            ad_block, _, ad_rank, _, live = tables
-            ad_off = tables[1]
-            bid, page, r = int(ad_block[k]), int(ad_off[k]) // self._pool.page, int(ad_rank[k])
-            live[k] = False
-            ad_rank[k] = 0
-            names = dict(snap.names)
-            del names[name]
-            gen = self._publish(tables, names)
-            self._free_ids.append(k)
-            self._pool.defer(gen, bid, page, r)
+            pool = self._pool
+            gen, bid, off, r = self._registry.remove(name, pool.take_blocks())
+            pool.defer(gen, bid, off // pool.page, r)
             self._reclaim()
 
     def reserve(self, pages: int) -> None:
@@ -526,21 +357,7 @@ class LoraBank:
         with self._wlock:
             self._reclaim()
             self._pool.reserve(pages, self._touch)
-            if self._pool.changed:
-                self._publish()
-
-    def _new_id(self, snap):
-        """(id, copies of the snapshot's tables (grown when needed), next_id) for a new
-        adapter. Writers only."""
-        tables = tuple(t.copy() for t in snap.tables())
-        next_id = snap.next_id
-        if self._free_ids:
-            return self._free_ids.pop(), tables, next_id
-        k = next_id
-        if k >= tables[0].size:
-            cap = 2 * tables[0].size
-            tables = tuple(np.concatenate([t, np.zeros(cap - t.size, t.dtype)]) for t in tables)
-        return k, tables, next_id + 1
+            self._reclaim()
 
     def _new_block(self, size):
         """A new pool block of ``size`` floats on the bank's device."""
@@ -573,11 +390,12 @@ class LoraBank:
     def _state(self) -> dict:
         """Everything that defines the bank, as plain values (the pool blocks and tables
         not copied). Under the writer lock."""
-        snap = self._snap
+        snap = self._registry.snap
         return {"version": 1, "weight": self._weight, "nf4": self._nf4, "bias": self._bias,
                 "in_f": self._in_f, "out_f": self._out_f, "block_pages": self._pool.block_pages,
                 "row_stable": self._row_stable, "nf4_path": self._nf4_path,
-                **self._pool.state(), "free_ids": list(self._free_ids), "ad_page": snap.ad_off // self._pool.page,
+                **self._pool.state(), "free_ids": list(self._registry.free_ids),
+                "ad_page": snap.ad_off // self._pool.page,
                 "tables": snap.tables(), "next_id": snap.next_id, "names": dict(snap.names)}
 
     def _load(self, st: dict, device: str) -> None:
@@ -598,7 +416,7 @@ class LoraBank:
                               "CPU bank, got device='cuda'; pickle bank.to('cpu') instead")
         with self._wlock:
             st = self._state()
-            st["lease"] = _Lease(self, self._enter())
+            st["lease"] = self._registry.lease()
         return st
 
     def __setstate__(self, st):
@@ -610,7 +428,7 @@ class LoraBank:
         # blocks are written by later adds: make sure each is a writable float32 C array
         st["blocks"] = [b if (b.dtype == np.float32 and b.flags.c_contiguous and b.flags.writeable)
                         else np.array(b, np.float32) for b in st["blocks"]]
-        st["tables"] = tuple(np.ascontiguousarray(t, dt) for t, dt in zip(st["tables"], self._TABLE_DTYPES))
+        st["tables"] = tuple(np.ascontiguousarray(t, dt) for t, dt in zip(st["tables"], TABLE_DTYPES))
         self._load(st, "cpu")
 
     def __copy__(self):
@@ -646,48 +464,6 @@ class LoraBank:
         return bank
 
     # --- forward ---------------------------------------------------------------------
-    def _row_ids(self, snap, adapters, n):
-        """int64 ids (n,) of a forward's ``adapters``, checked against ``snap``."""
-        if isinstance(adapters, np.ndarray) and adapters.dtype.kind in "iu":
-            ids = adapters
-        else:
-            if adapters is None or isinstance(adapters, (str, bytes)):
-                what = "None" if adapters is None else f"a single {type(adapters).__name__}"
-                raise DTypeError(f"expected adapters with one entry per row of x (a sequence of {n} names, ids or "
-                                 f"None, or an int array of shape ({n},)), got {what}"
-                                 + ("; pass [None] * n for the base alone" if adapters is None else ""))
-            try:
-                seq = list(adapters)
-            except TypeError:
-                raise DTypeError(f"expected adapters with one entry per row of x (a sequence of {n} names, ids or "
-                                 f"None, or an int array of shape ({n},)), got {type(adapters).__name__}") from None
-            if all(isinstance(a, (int, np.integer)) and not isinstance(a, bool) for a in seq):
-                vals = [int(a) for a in seq]  # exact: no uint64 2**64 - 1 wrapping to -1
-                if vals and (min(vals) < -1 or max(vals) >= snap.next_id):
-                    raise self._bad_ids(snap, vals)
-                ids = np.array(vals, np.int64)
-            else:
-                ids = self._ids(snap, seq)
-        if ids.ndim != 1 or ids.shape[0] != n:
-            raise ShapeError(f"expected one adapter per row of x: adapters of shape ({n},), got {ids.shape}")
-        if n:
-            # the range first, on the ids as given: an out-of-range id of any integer dtype
-            # (uint64 2**64 - 1...) is refused before the conversion to int64 could wrap it
-            lo, hi = int(ids.min()), int(ids.max())
-            if lo < -1 or hi >= snap.next_id:
-                raise self._bad_ids(snap, ids.tolist())
-            ids = ids.astype(np.int64, copy=False)
-            if not snap.live[ids[ids >= 0]].all():
-                raise self._bad_ids(snap, ids.tolist())
-            return ids
-        return ids.astype(np.int64, copy=False)
-
-    @staticmethod
-    def _bad_ids(snap, vals):
-        bad = next(i for i in vals if i < -1 or i >= snap.next_id or (i >= 0 and not snap.live[i]))
-        return LayerNotFoundError(f"adapter id {bad} is not in the bank (ids of live adapters: "
-                                  f"{sorted(snap.names.values())[:20]}, or -1 for the base alone)")
-
     def forward(self, x, adapters, scale=None, out=None):
         """``y[i] = x[i] W^T (+ bias) + scale[i] * scaling_k (x[i] A_k^T) B_k^T``, ``k`` the
         adapter of row i.
@@ -727,12 +503,13 @@ class LoraBank:
         one_d = x.ndim == 1
         n = 1 if one_d else x.shape[0]
         given = out
-        rlock = self._rlock
-        with rlock:  # self._enter(), inline: this is the hot path
-            snap = self._snap
+        registry = self._registry
+        rlock = registry.rlock
+        with rlock:  # registry.enter(), inline: this is the hot path
+            snap = registry.snap
             snap.readers += 1
         try:
-            ids, rowscale = self._rows_of(snap, adapters, scale, n, one_d)
+            ids, rowscale = snap.rows(adapters, scale, n, one_d)
             out = prepare_out(out, x, self._out_f, np.float32)
             if n == 0:
                 return out
@@ -756,7 +533,7 @@ class LoraBank:
         """``x2`` and ``rowscale``, copied where they share memory with the caller's
         ``out`` (written while they are read); refuses an ``out`` over the base weight."""
         w = self._weight
-        if w is not None and np.may_share_memory(out, w) and _shares(out, w):
+        if w is not None and shares_memory(out, w):
             raise ShapeError("out shares memory with the bank's base weight: the forward would overwrite the weight "
                              "while reading it; expected a separate out buffer")
         if np.may_share_memory(out, x2):
@@ -764,30 +541,6 @@ class LoraBank:
         if scale is not None and np.may_share_memory(out, rowscale):
             rowscale = rowscale.copy()
         return x2, rowscale
-
-    def _rows_of(self, snap, adapters, scale, n, one_d):
-        """(ids (n,) int64, rowscale (n,) float32) of a forward's ``adapters`` and ``scale``
-        (host values; device arrays are copied to the host: the grouping is planned there)."""
-        if is_device_array(adapters):
-            adapters = to_host(adapters)
-        if one_d and (isinstance(adapters, (str, int, np.integer)) or adapters is None):
-            adapters = [adapters]
-        ids = self._row_ids(snap, adapters, n)
-        if scale is None:
-            return ids, np.ones(n, np.float32)
-        if is_device_array(scale):
-            scale = to_host(scale)
-        if one_d and not isinstance(scale, np.ndarray) and np.ndim(scale) == 0:
-            return ids, np.full(1, v.real_scalar("scale", scale), np.float32)
-        sc = v.float_array("scale", np.atleast_1d(scale) if one_d else scale, 1, allow_empty=True)
-        v.expect_shape("scale", sc, (n,))
-        with np.errstate(over="ignore"):  # a float64 beyond float32's range: refused just below
-            rowscale = np.ascontiguousarray(sc, np.float32)
-        if not np.isfinite(rowscale).all():
-            i = int(np.flatnonzero(~np.isfinite(rowscale))[0])
-            raise NonFiniteError(f"scale must be finite in float32 (|scale| <= {v.F32_MAX:.8g}), got "
-                                 f"{float(sc[i]):g} at row {i}")
-        return ids, rowscale
 
     @staticmethod
     def _plan(snap, ids):
@@ -837,7 +590,7 @@ class LoraBank:
         device ``adapters`` / ``scale``) and returns a device array; ``add`` takes host or
         device arrays. The copy is of one consistent state (writers wait meanwhile); the
         new bank has its own locks and follows the same thread rules. See docs/gpu.md."""
-        from ..device import _move, to_device, to_host
+        from ..device import _move, to_device
 
         if not isinstance(device, str) or device not in ("cuda", "cpu"):
             raise ConfigError(f"device must be 'cuda' or 'cpu', got {device!r}")
@@ -871,9 +624,10 @@ class LoraBank:
             raise DeviceError(f"this bank is on the GPU: expected x as a device array, got a host "
                               f"{type(x).__name__}; move it with numlora.to_device(x)")
         x, n = C._rows("x", x, self._in_f)
-        snap = self._enter()
+        registry = self._registry
+        snap = registry.enter()
         try:
-            ids, rowscale = self._rows_of(snap, adapters, scale, n, len(x.shape) == 1)
+            ids, rowscale = snap.rows(adapters, scale, n, len(x.shape) == 1)
             out = C._out(out, x, self._out_f)
             if n == 0:
                 return out
@@ -886,7 +640,7 @@ class LoraBank:
             self._gpu_products(snap, x, ids, rowscale, out, n, C)
             return out
         finally:
-            self._leave(snap)
+            registry.leave(snap)
 
     def _gpu_products(self, snap, x, ids, rowscale, out, n, C):
         in_f, out_f = self._in_f, self._out_f
