@@ -15,8 +15,7 @@ import numlora as nl
 from numlora.errors import DeviceError, LayerNotFoundError, ShapeError
 from numlora.multi import LoraBank
 
-from cuda_sim import GPU, SIM, cuda_test, run_simulator_pass, tiny_blocks  # noqa: F401
-from cuda_sim import d, f32, h  # noqa: E402
+from cuda_sim import GPU, SIM, cuda_test, d, f32, h, run_simulator_pass, tiny_blocks  # noqa: F401
 from reference import multi_lora_ref
 
 OUT, IN = 9, 12

@@ -259,7 +259,6 @@ def test_add_remove_ids_and_names(rng, dense):
 def test_churn_keeps_other_adapters_bit_identical(rng, dense):
     bank = LoraBank(dense, block_pages=40)
     live = {}
-    x = rng.standard_normal((4, IN), dtype=np.float32)
     for step in range(60):
         if live and rng.random() < 0.4:
             name = rng.choice(sorted(live))
@@ -271,7 +270,7 @@ def test_churn_keeps_other_adapters_bit_identical(rng, dense):
             a, b, s = _adapters(rng, [r])[0]
             bank.add(name, a, b, s)
             live[name] = (a, b, s)
-        for nm, (a, b, s) in live.items():
+        for nm, (a, b, _) in live.items():
             ga, gb = bank.lora_arrays(nm)
             assert np.array_equal(ga, a) and np.array_equal(gb, b)
     names = sorted(live)
