@@ -81,7 +81,7 @@ def added_us(bank, x, ids, out, reps=2000, rounds=200) -> tuple[float, float]:
     over many short rounds (what the step costs when nothing else runs)."""
     x2 = np.ascontiguousarray(x.reshape(-1, x.shape[-1]), np.float32)
     ones = np.ones(x2.shape[0], np.float32)
-    enter, leave, unaliased = bank._registry.enter, bank._registry.leave, bank._unaliased
+    enter, leave, unaliased = bank._registry.enter, bank._registry.leave, bank._backend._unaliased
     best = [float("inf"), float("inf")]
     for _ in range(rounds):
         t0 = time.perf_counter()

@@ -178,11 +178,11 @@ def test_calibration_records_buckets(rng, dense):
     bank, _ = _bank(rng, dense, [2])
     x = rng.standard_normal((3, IN), dtype=np.float32)
     bank.forward(x, [0, 0, -1])
-    checked = bank._base.checked
+    checked = bank._backend.base.checked
     assert checked[REF_ROWS] is True
     assert set(checked) <= set(BUCKETS)
     # the bucket used for 3 rows is the smallest passing one >= 3
-    b = bank._base.bucket(3)
+    b = bank._backend.base.bucket(3)
     assert b >= 3 and checked[b] and all(not checked.get(c, False) for c in BUCKETS if 3 <= c < b)
 
 
@@ -203,6 +203,7 @@ def test_not_row_stable_mode_matches_reference(rng, dense):
 
 def test_parallel_kernel_equals_serial(rng, dense):
     from numlora.kernels import multi as km
+    from numlora.multi.cpu import kernel_blocks
 
     bank, ads = _bank(rng, dense, RANKS)
     n = 40
@@ -218,7 +219,7 @@ def test_parallel_kernel_equals_serial(rng, dense):
         y = np.zeros((n, OUT), np.float32)
         u = np.empty((n, 64), np.float32)
         snap = bank._registry.snap
-        fn(x, order, seg, sa, scale, bank._kernel_blocks(snap), snap.ad_block, snap.ad_off, snap.ad_rank,
+        fn(x, order, seg, sa, scale, kernel_blocks(snap), snap.ad_block, snap.ad_off, snap.ad_rank,
            snap.ad_scaling, u, y)
         outs.append(y)
     assert np.array_equal(_bits(outs[0]), _bits(outs[1]))

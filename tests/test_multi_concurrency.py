@@ -48,16 +48,17 @@ class _Gate:
     """Blocks a forward inside its base product (after it took its snapshot) until
     released, so that a test can change the bank while that forward is in flight."""
 
-    def __init__(self, bank, monkeypatch, attr="_base"):
+    def __init__(self, bank, monkeypatch):
         self.inside, self.go = threading.Event(), threading.Event()
-        orig = getattr(bank, attr)
+        backend = bank._backend
+        orig = backend.base
 
         def held(*args):
             self.inside.set()
             assert self.go.wait(30)
             return orig(*args)
 
-        monkeypatch.setattr(bank, attr, held)
+        monkeypatch.setattr(backend, "base", held)
 
     def run(self, fn):
         box = {}
@@ -344,7 +345,7 @@ def test_gpu_forward_in_flight_keeps_its_snapshot(monkeypatch):
     gpu = cpu.to("cuda")
     x = rng.standard_normal((2, 12), dtype=np.float32)
     want_old = multi_lora_ref(x, w, [old], [0, -1])
-    gate = _Gate(gpu, monkeypatch, "_gpu_products")
+    gate = _Gate(gpu, monkeypatch)
     t, box = gate.run(lambda: h(gpu.forward(d(x), ["a", None])))
     gpu.remove("a")
     gpu.add("a", *new)  # the 1 free page is too small: a new block, not a's pages
