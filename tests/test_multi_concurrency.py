@@ -180,6 +180,23 @@ def test_a_pickle_state_collected_inside_a_bank_call_does_not_deadlock(rng):
     assert bank._registry.snap.readers == 0
 
 
+def test_replaced_snapshots_are_kept_only_while_read(rng):
+    """A snapshot replaced while a reader uses it is kept (its pages wait for that reader);
+    once no reader uses it, the next replacement drops it, with or without pages waiting
+    for recycling (adds while forwards run do not pile snapshots up)."""
+    bank = LoraBank(rng.standard_normal((OUT, IN), dtype=np.float32))
+    registry = bank._registry
+    held = registry.enter()  # a forward in flight, over every add below
+    for k in range(20):
+        inner = registry.enter()  # a short forward, over one add
+        bank.add(f"a{k}", *_adapter(rng, 2))
+        registry.leave(inner)
+    assert [s.gen for s in registry._retired] == [held.gen, registry.snap.gen - 1]
+    registry.leave(held)
+    bank.add("last", *_adapter(rng, 2))
+    assert registry.oldest_reader() is None and registry._retired == []
+
+
 # --- the stress test --------------------------------------------------------------------------
 
 NAMES = ("p", "q", "r", "s")

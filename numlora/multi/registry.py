@@ -222,6 +222,7 @@ class Registry:
         with self.rlock:
             self.snap = new
             if old.readers:
+                self._retired = [s for s in self._retired if s.readers]
                 self._retired.append(old)
         return new.gen
 
