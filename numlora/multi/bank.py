@@ -286,7 +286,7 @@ class LoraBank:
         the removal still runs. Other adapters keep their ids and storage."""
         with self._wlock:
             pool = self._pool
-            gen, bid, off, r = self._registry.remove(name, pool.take_blocks())
+            gen, bid, off, r = self._registry.remove(name)
             pool.defer(gen, bid, off // pool.page, r)
             self._reclaim()
 

@@ -235,8 +235,8 @@ class Registry:
             return min((s.gen for s in self._retired), default=None)
 
     def add(self, name, block, off, rank, scaling, blocks) -> int:
-        """Publish adapter ``name`` (not in the bank; its pages written already); returns
-        its id."""
+        """Publish adapter ``name`` (not in the bank yet; its pages written already) with
+        the pool's ``blocks`` when they changed for it (None otherwise); returns its id."""
         snap = self.snap
         tables = tuple(t.copy() for t in snap.tables())
         next_id = snap.next_id
@@ -256,7 +256,7 @@ class Registry:
         self.publish(blocks, tables, names, next_id)
         return k
 
-    def remove(self, name, blocks):
+    def remove(self, name):
         """Unpublish adapter ``name``: ``(generation, block, offset, rank)`` of the
         snapshot without it and of its pages, which readers of older snapshots may still
         read."""
@@ -269,7 +269,7 @@ class Registry:
         ad_rank[k] = 0
         names = dict(snap.names)
         del names[name]
-        gen = self.publish(blocks, tables, names)
+        gen = self.publish(tables=tables, names=names)
         self.free_ids.append(k)
         return (gen,) + where
 
