@@ -1,8 +1,9 @@
 """Many adapters in one batch: the low-rank part of ``y[i] += s_i (x[i] A_k^T) B_k^T``.
 
-Storage (see :mod:`numlora.multi`): adapters live in 1-D float32 pool blocks. Adapter ``k``
-occupies ``rank * (in + out)`` consecutive floats of block ``ad_block[k]`` from float
-offset ``ad_off[k]``: first ``A_k^T`` (in, r) row-major, then ``B_k^T`` (r, out) row-major.
+Storage (see :mod:`numlora.multi.pool`): adapters live in 1-D float32 pool blocks.
+Adapter ``k`` occupies ``rank * (in + out)`` consecutive floats of block ``ad_block[k]``
+from float offset ``ad_off[k]``: first ``A_k^T`` (in, r) row-major, then ``B_k^T``
+(r, out) row-major.
 
 Rows arrive grouped (SGMV-style): ``order[seg_start[g]:seg_start[g + 1]]`` are the batch
 rows of segment ``g``, all using adapter ``seg_adapter[g]``, so each adapter's A and B
@@ -18,7 +19,7 @@ or the thread count):
   vectorised across o.
 
 No FMA contraction (numlora never enables fastmath), so vector and scalar code give the
-same bits. Kernels never validate; :mod:`numlora.multi` does.
+same bits. Kernels never validate; the bank (:mod:`numlora.multi`) does.
 """
 
 from __future__ import annotations
