@@ -721,3 +721,22 @@ def test_a_pickle_naming_the_lease_loader_at_its_old_path_loads():
     import pickle
 
     assert pickle.loads(b"cnumlora.multi\n_no_lease\n)R.") is None
+
+
+def test_add_refuses_non_finite_adapter_values():
+    """A NaN / inf in A or B (or a float64 value beyond float32's range, which the pool
+    would store as inf) is refused by add, naming the first bad element; nothing is added."""
+    from numlora.errors import NonFiniteError
+
+    bank = LoraBank(np.ones((8, 6), np.float32))
+    a, b = np.ones((2, 6), np.float32), np.ones((8, 2), np.float32)
+    for bad_a, bad_b, where in ((np.nan, None, "lora_a"), (None, np.inf, "lora_b"), (1e39, None, "lora_a")):
+        aa, bb = a.astype(np.float64), b.copy()
+        if bad_a is not None:
+            aa[1, 3] = bad_a
+        if bad_b is not None:
+            bb[5, 0] = bad_b
+        with pytest.raises(NonFiniteError, match=where):
+            bank.add("x", aa, bb)
+        assert "x" not in bank and len(bank) == 0
+    assert bank.add("x", a, b) == 0

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from .._dispatch import is_device_array
-from .._validate import input_rows, low_rank_arrays, prepare_out, shares_memory
+from .._validate import first_nonfinite, input_rows, low_rank_arrays, prepare_out, shares_memory
 from ..device import to_host
 from ..errors import DeviceError, ShapeError
 from .product import base_product
@@ -115,6 +115,9 @@ class CpuBank:
         lora_a, lora_b, r = low_rank_arrays(lora_a, lora_b, self._out_f, self._in_f)
         lora_a = np.ascontiguousarray(lora_a, np.float32)
         lora_b = np.ascontiguousarray(lora_b, np.float32)
+        for name, m in (("lora_a", lora_a), ("lora_b", lora_b)):
+            if not np.isfinite(m).all():  # NaN / inf, or a float64 value beyond float32's range
+                raise first_nonfinite(f"{name} (as stored: float32)", m.reshape(-1), m.shape)
         pack_adapter = self._kernels.pack_adapter
 
         def pack(pages):
