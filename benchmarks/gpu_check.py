@@ -417,7 +417,8 @@ def main():
     from numlora.cuda import ops as C
 
     if SIM:
-        from numlora.device import lock_simulator_shared_arrays
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+        from sim_patch import lock_simulator_shared_arrays
 
         lock_simulator_shared_arrays()
         K.THREADS, K.REDUCE_THREADS, K.SHRINK_THREADS, K.GEMV_THREADS, K.GEMV_ROWS = 8, 4, 4, 4, 2

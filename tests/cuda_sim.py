@@ -16,6 +16,8 @@ import pytest
 
 import numlora as nl
 
+from sim_patch import lock_simulator_shared_arrays
+
 SIM = os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0")
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,42 +31,6 @@ def _real_gpu() -> bool:
         return bool(cuda.is_available())
     except Exception:
         return False
-
-
-def lock_simulator_shared_arrays():
-    """Work around a race in the CUDA simulator: ``cuda.shared.array`` looks up the
-    block's array for the calling line and creates it when missing, without a lock, so two
-    simulated threads can each create one and then use different "shared" arrays (a rare,
-    wrong result, more likely with the short switch interval used here). Same semantics,
-    with a lock (and without the slow traceback walk)."""
-    import threading
-
-    from numba.cuda.simulator import kernelapi
-
-    cls = kernelapi.FakeCUDAShared
-    if getattr(cls, "_numlora_locked", False):
-        return
-    orig = cls.array
-    lock = threading.Lock()
-
-    def array(self, shape, dtype, alignment=None):
-        if shape == 0:  # dynamic shared memory: no per-line allocation
-            return orig(self, shape, dtype)
-        f = sys._getframe(1)
-        caller = (f.f_code.co_filename, f.f_lineno)
-        with lock:
-            res = self._allocations.get(caller)
-            if res is None:
-                from numba.core import types
-                from numba.np import numpy_support
-
-                dt = numpy_support.as_dtype(dtype) if isinstance(dtype, types.Type) else dtype
-                res = np.empty(shape, dt)
-                self._allocations[caller] = res
-        return res
-
-    cls.array = array
-    cls._numlora_locked = True
 
 
 if SIM:

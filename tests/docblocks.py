@@ -182,9 +182,10 @@ def run_shell(b: Block, cwd: Path, timeout: float = 300) -> str:
 
 # Tiny launch sizes for the simulator (one Python thread per CUDA thread), as
 # tests/cuda_sim.py's tiny_blocks fixture sets them for the GPU tests.
-SIM_PRELUDE = """
+SIM_PRELUDE = f"""
 import sys
-from numlora.device import lock_simulator_shared_arrays
+sys.path.insert(0, {str(ROOT / "tests")!r})
+from sim_patch import lock_simulator_shared_arrays
 lock_simulator_shared_arrays()
 from numlora.cuda import kernels as K
 K.THREADS, K.REDUCE_THREADS, K.SHRINK_THREADS = 8, 4, 4
