@@ -198,6 +198,19 @@ class Transaction:
     """A ``with`` block that calls ``commit()`` when it ends normally and ``abort()`` when
     it ends with an exception (Ctrl-C included), or when ``commit()`` itself fails."""
 
+    @contextlib.contextmanager
+    def _aborting_on_error(self):
+        """Abort if the block raises; an ``OSError`` comes out with the output path as its
+        filename (same errno, so the same OSError subclass)."""
+        try:
+            yield
+        except OSError as e:
+            self.abort()
+            raise _os_error(e, self.path) from None
+        except BaseException:
+            self.abort()
+            raise
+
     def commit(self) -> None:
         raise NotImplementedError
 
@@ -277,18 +290,12 @@ class AtomicFile(Transaction):
     def commit(self) -> None:
         if self._done:
             return
-        try:
+        with self._aborting_on_error():
             self._f.flush()
             os.fsync(self._f.fileno())
             self._f.close()
             os.chmod(self.tmp, 0o644 & ~_umask())
             os.replace(self.tmp, self.path)
-        except OSError as e:
-            self.abort()
-            raise _os_error(e, self.path) from None
-        except BaseException:
-            self.abort()
-            raise
         self._done = True
 
     def abort(self) -> None:
@@ -351,7 +358,7 @@ class AtomicDir(Transaction):
         self._done = False
         self.tmp = None
         _register(self)
-        try:
+        with self._aborting_on_error():
             for d in self._made:
                 os.mkdir(d)
             remove_stale_temps(parent)
@@ -362,12 +369,6 @@ class AtomicDir(Transaction):
                     break
                 except FileExistsError:
                     continue
-        except OSError as e:
-            self.abort()
-            raise _os_error(e, self.path) from None
-        except BaseException:
-            self.abort()
-            raise
 
     def join(self, *names) -> str:
         return os.path.join(self.tmp, *names)
@@ -376,9 +377,9 @@ class AtomicDir(Transaction):
         if self._done:
             return
         parent = os.path.dirname(self.path)
-        try:
+        old = None
+        with self._aborting_on_error():
             os.chmod(self.tmp, 0o755 & ~_umask())
-            old = None
             if os.path.lexists(self.path):
                 old = os.path.join(parent, _temp_name("old-"))
                 os.rename(self.path, old)
@@ -388,12 +389,6 @@ class AtomicDir(Transaction):
                 if old is not None:
                     os.rename(old, self.path)  # put the previous output back
                 raise
-        except OSError as e:
-            self.abort()
-            raise _os_error(e, self.path) from None
-        except BaseException:
-            self.abort()
-            raise
         self._done = True
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
