@@ -36,3 +36,20 @@ def make_weight(out: int, inp: int) -> np.ndarray:
     """The seed tests' helper: w[i, j] = (i * in + j) * 0.01."""
     i, j = np.meshgrid(np.arange(out), np.arange(inp), indexing="ij")
     return ((i * inp + j).astype(np.float32) * np.float32(0.01)).astype(np.float32)
+
+
+def full_disk(monkeypatch) -> None:
+    """Make every temporary file numlora creates write to /dev/full, so the disk is full
+    (ENOSPC) at the first flush (for the fault tests of the writers and converters)."""
+    from numlora.io import atomic
+
+    real = atomic._open_temp
+
+    def full(path):
+        fd = real(path)
+        dev = os.open("/dev/full", os.O_WRONLY)
+        os.dup2(dev, fd)
+        os.close(dev)
+        return fd
+
+    monkeypatch.setattr(atomic, "_open_temp", full)

@@ -16,6 +16,7 @@ from numlora.errors import ConfigError, FormatError, ShapeError
 from numlora.io.checkpoint import Checkpoint
 from numlora.io.safetensors import SafetensorsFile, bf16_to_f32, f32_to_bf16, save_file
 
+from conftest import full_disk
 from reference import merge_ref, nf4_dequantize_ref, nf4_quantize_ref
 
 H, FF, V = 48, 80, 50  # hidden, intermediate, vocab of the generated model
@@ -545,22 +546,6 @@ def test_a_signal_after_the_final_commit_keeps_the_complete_output(tmp_path, rng
     assert _leftovers(tmp_path / "out") == []
 
 
-def _full_disk(monkeypatch):
-    """Every temporary file numlora creates writes to /dev/full (ENOSPC)."""
-    from numlora.io import atomic
-
-    real = atomic._open_temp
-
-    def full(path):
-        fd = real(path)
-        dev = os.open("/dev/full", os.O_WRONLY)
-        os.dup2(dev, fd)
-        os.close(dev)
-        return fd
-
-    monkeypatch.setattr(atomic, "_open_temp", full)
-
-
 @pytest.mark.parametrize("fault, expect", [
     ("enospc", "No space left on device (ENOSPC); free some space or write elsewhere"),
     ("eacces", "Permission denied (EACCES); check the folder's permissions or write elsewhere"),
@@ -585,7 +570,7 @@ def test_os_errors_are_one_line_and_leave_nothing(tmp_path, rng, monkeypatch, ca
         before = _tree_hashes(tmp_path / "in")
     out = tmp_path / "out" / ("m.safetensors" if layout == "file" else "m")
     if fault == "enospc":
-        _full_disk(monkeypatch)
+        full_disk(monkeypatch)
     elif fault == "efbig":  # the third write of a file fails, as write() does past RLIMIT_FSIZE
         real_write, n = atomic.AtomicFile.write, []
 

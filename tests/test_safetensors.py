@@ -21,6 +21,8 @@ from numlora.io.safetensors import (
     save_file,
 )
 
+from conftest import full_disk
+
 
 def _raw_file(path, header: dict, data: bytes, pad: int = 0):
     text = json.dumps(header).encode() + b" " * pad
@@ -436,16 +438,7 @@ def test_atomic_writes_clean_up_after_os_errors(tmp_path, monkeypatch):
 
     from numlora.io import atomic
 
-    real = atomic._open_temp
-
-    def full(path):
-        fd = real(path)
-        dev = os.open("/dev/full", os.O_WRONLY)
-        os.dup2(dev, fd)
-        os.close(dev)
-        return fd
-
-    monkeypatch.setattr(atomic, "_open_temp", full)
+    full_disk(monkeypatch)
     with pytest.raises(OSError) as info:
         save_file(tmp_path / "a.safetensors", {"x": np.zeros(1 << 16, np.float32)})
     assert info.value.errno == errno.ENOSPC and info.value.filename == str(tmp_path / "a.safetensors")
