@@ -348,11 +348,7 @@ def to_markdown(rows) -> str:
 
 def _noise_line(rows) -> str:
     """The harness's noise warning for a table's rows (spreads kept in the rows)."""
-    worst = max([r.numlora_spread for r in rows] + [r.competitor_spread for r in rows], default=0.0)
-    if worst > harness.NOISY_SPREAD:
-        return (f"warning: the machine was noisy during this run (spread up to ±{worst:.0%}, above "
-                f"±{harness.NOISY_SPREAD:.0%}): close other programs or raise --repeat before trusting these ratios")
-    return ""
+    return harness.noise_warning([s for r in rows for s in (r.numlora_spread, r.competitor_spread)])
 
 
 #: ``--quick``: the largest weight side and the repeats of a quick run (every mode).
@@ -379,8 +375,8 @@ def main(args) -> int:
     print(f"numlora bench, {date}: {args.size} x {args.size} float32 weight, rank {args.rank}; median of "
           f"{args.repeat} interleaved rounds (ratio = numlora / competitor)\n\nMachine: {mach}\n")
     print(to_markdown(rows))
-    if _noise_line(rows):
-        print(f"\n{_noise_line(rows)}")
+    if warning := _noise_line(rows):
+        print(f"\n{warning}")
     if mem:
         print("\nPeak resident memory added by one call (MiB):\n")
         for k, mb in mem.items():
@@ -666,8 +662,8 @@ def main_train(args) -> int:
           f"median of {args.repeat} interleaved rounds x {CALLS_PER_ROUND} steps (ratio = numlora / competitor)"
           f"\n\nMachine: {mach}\n")
     print(train_markdown(rows))
-    if _noise_line(rows):
-        print(f"\n{_noise_line(rows)}")
+    if warning := _noise_line(rows):
+        print(f"\n{warning}")
     print("\nMedian ms per training step, every competitor (same run):\n")
     for k, ms in med.items():
         print(f"- {k}: {ms:.2f}")

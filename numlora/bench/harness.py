@@ -40,10 +40,6 @@ class Timing:
         q1, med, q3 = np.percentile(self.samples, [25, 50, 75])
         return float((q3 - q1) / 2 / med) if med > 0 else 0.0
 
-    @property
-    def noisy(self) -> bool:
-        return len(self.samples) >= 4 and self.spread > NOISY_SPREAD
-
 
 def time_interleaved(fns, repeat: int, pause: float, calls: int = 1) -> list[Timing]:
     """One :class:`Timing` per function, timed as the module docstring says. An entry may
@@ -67,13 +63,13 @@ def time_interleaved(fns, repeat: int, pause: float, calls: int = 1) -> list[Tim
     return timings
 
 
-def noise_warning(timings) -> str:
-    """A warning line when any of ``timings`` is too noisy to trust, else ''."""
-    worst = max((t.spread for t in timings if t.samples), default=0.0)
-    if any(t.noisy for t in timings):
-        return (f"warning: the machine was noisy during this run (spread up to +-{worst:.0%}, above "
-                f"+-{NOISY_SPREAD:.0%}): close other programs, pin threads, or raise --repeat before trusting "
-                f"these ratios")
+def noise_warning(spreads) -> str:
+    """A warning line when any of ``spreads`` (see :attr:`Timing.spread`) is above
+    ``NOISY_SPREAD``, i.e. the machine was too noisy to trust the figures; else ''."""
+    worst = max(spreads, default=0.0)
+    if worst > NOISY_SPREAD:
+        return (f"warning: the machine was noisy during this run (spread up to ±{worst:.0%}, above "
+                f"±{NOISY_SPREAD:.0%}): close other programs or raise --repeat before trusting these ratios")
     return ""
 
 
