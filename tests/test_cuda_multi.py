@@ -190,3 +190,17 @@ def test_row_plans_staged_through_a_reused_ring(monkeypatch):
         wants.append((multi_lora_ref(x, wd, ads, ids, None, bias), _bound(x, wd, ads, ids, None, bias)))
     for y, (want, bound) in zip(outs, wants):
         _close(h(y), want, bound)
+
+
+@cuda_test
+def test_gpu_add_refuses_non_finite_host_adapters():
+    """A GPU bank checks adapters given as host arrays as the CPU bank does."""
+    from numlora.errors import NonFiniteError
+
+    rng = np.random.default_rng(21)
+    _, gpu, ads, _, _ = _banks(rng, False)
+    a, b = f32(rng, 3, IN), f32(rng, OUT, 3)
+    a[2, 1] = np.nan
+    with pytest.raises(NonFiniteError, match="lora_a"):
+        gpu.add("nan", a, b)
+    assert "nan" not in gpu and len(gpu) == len(ads)

@@ -23,6 +23,20 @@ from .product import base_product
 __all__ = ["CpuBank", "kernel_blocks", "plan_rows"]
 
 
+
+def host_adapter(lora_a, lora_b, out_f: int, in_f: int):
+    """``(lora_a, lora_b, rank)`` of an adapter given as host arrays, checked against the
+    base's shape and stored as the pool stores them: C-contiguous float32, finite (NaN /
+    inf, or a float64 value beyond float32's range, is refused, naming the element). Both
+    backends' ``add`` from host arrays go through here."""
+    lora_a, lora_b, r = low_rank_arrays(lora_a, lora_b, out_f, in_f)
+    lora_a = np.ascontiguousarray(lora_a, np.float32)
+    lora_b = np.ascontiguousarray(lora_b, np.float32)
+    for name, m in (("lora_a", lora_a), ("lora_b", lora_b)):
+        if not np.isfinite(m).all():
+            raise first_nonfinite(f"{name} (as stored: float32)", m.reshape(-1), m.shape)
+    return lora_a, lora_b, r
+
 class CpuBank:
     """The CPU backend of a bank over ``weight`` (dense float32) or ``nf4`` (an
     NF4Tensor), with an optional float32 ``bias``. ``base(x2, out2)`` is its base
@@ -112,12 +126,7 @@ class CpuBank:
         if is_device_array(lora_a) or is_device_array(lora_b):
             raise DeviceError("this bank is on the CPU: expected lora_a and lora_b as host arrays, got a device "
                               "array; copy them with numlora.to_host, or move the bank with bank.to('cuda')")
-        lora_a, lora_b, r = low_rank_arrays(lora_a, lora_b, self._out_f, self._in_f)
-        lora_a = np.ascontiguousarray(lora_a, np.float32)
-        lora_b = np.ascontiguousarray(lora_b, np.float32)
-        for name, m in (("lora_a", lora_a), ("lora_b", lora_b)):
-            if not np.isfinite(m).all():  # NaN / inf, or a float64 value beyond float32's range
-                raise first_nonfinite(f"{name} (as stored: float32)", m.reshape(-1), m.shape)
+        lora_a, lora_b, r = host_adapter(lora_a, lora_b, self._out_f, self._in_f)
         pack_adapter = self._kernels.pack_adapter
 
         def pack(pages):

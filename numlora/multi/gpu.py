@@ -9,11 +9,11 @@ from __future__ import annotations
 import numpy as np
 
 from .._dispatch import is_device_array
-from .._validate import low_rank_arrays
 from ..cuda import bank as launch
 from ..cuda.ops import _low_rank, _out, _rows
 from ..device import cuda_module, to_device
 from ..errors import DeviceError
+from .cpu import host_adapter
 from .pool import nbytes
 
 __all__ = ["CudaBank"]
@@ -84,9 +84,7 @@ class CudaBank:
         if is_device_array(lora_a) or is_device_array(lora_b):
             lora_a, lora_b, r = _low_rank(lora_a, lora_b, self._out_f, self._in_f)
             return r, lambda pages: launch.pack_adapter(lora_a, lora_b, pages)
-        lora_a, lora_b, r = low_rank_arrays(lora_a, lora_b, self._out_f, self._in_f)
-        lora_a = np.ascontiguousarray(lora_a, np.float32)
-        lora_b = np.ascontiguousarray(lora_b, np.float32)
+        lora_a, lora_b, r = host_adapter(lora_a, lora_b, self._out_f, self._in_f)
         from ..kernels.multi import pack_adapter
 
         def pack_on_host(pages):
