@@ -41,8 +41,6 @@ from numlora.bench.inputs import (  # noqa: F401  (re-exported to the benchmark 
 
 #: Side of the square base weight (part of the result's identity through asv.conf.json).
 N = int(os.environ.get("NUMLORA_ASV_N", "4096"))
-#: Threads numba and BLAS run with (part of the result's identity through asv.conf.json).
-THREADS = int(os.environ.get("NUMBA_NUM_THREADS", "0") or 0) or None
 
 
 def reset_peak_rss() -> None:
