@@ -371,9 +371,7 @@ def merge_checkpoint(base, adapter, out, *, dtype: str | None = None, overwrite:
     adapter_inputs = []
     if isinstance(adapter, (str, os.PathLike)):
         adapter_dir = os.fspath(adapter)
-        adapter_inputs = [adapter_dir]
-        if os.path.isdir(adapter_dir):
-            adapter_inputs += [os.path.join(adapter_dir, n) for n in os.listdir(adapter_dir)]
+        adapter_inputs = [adapter_dir]  # check_output_path also covers every entry of the folder
         adapter = load_peft_adapter(adapter_dir)
     out_st = DTYPE_NAMES.get(dtype) if dtype else None
     with cleanup_scope(), Checkpoint(base) as ckpt:
