@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Mapping
 
+from . import _validate as validate
 from .errors import ConfigError, DTypeError
 
 __all__ = ["LoraConfig", "lora_scaling", "pattern_key"]
@@ -58,23 +59,15 @@ def _check_rank(name, rank) -> int:
 
 
 def _check_alpha(name, alpha) -> float:
-    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
-        raise DTypeError(f"{name} must be a real number, got {type(alpha).__name__}")
+    """``alpha`` by the one rule for scalars (:func:`numlora._validate.real_scalar`: a real
+    number, finite in float32, here also > 0), the message prefixed with ``name`` when it
+    is a pattern entry."""
     try:
-        alpha = float(alpha)
-    except OverflowError:  # an integer beyond float64
-        alpha = math.inf
-    # finite in float32, the compute type (numlora._validate.real_scalar's rule), so that
-    # a finite 1e39 cannot become an infinite scaling inside a kernel
-    if not (alpha > 0 and alpha <= _F32_MAX):
-        what = "LoRA alpha must be > 0 and finite in float32 (<= 3.4028235e+38)"
-        raise ConfigError(f"{what}, got {alpha}" if name == "alpha" else f"{name}: {what}, got {alpha}")
-    return alpha
-
-
-#: The largest finite float32 (numlora._validate.F32_MAX; not imported, to keep this module
-#: free of numpy).
-_F32_MAX = 3.4028234663852886e38
+        return validate.real_scalar("LoRA alpha", alpha, positive=True)
+    except (ConfigError, DTypeError) as e:
+        if name == "alpha":
+            raise
+        raise type(e)(f"{name}: {e}") from None
 
 
 def _module_path(name):
