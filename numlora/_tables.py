@@ -27,3 +27,22 @@ NF4_MIDPOINTS.setflags(write=False)
 
 #: bitsandbytes' signed dynamic 8-bit map (256 float32, ascending), for double quantization.
 CODE8 = _from_hex(CODE8_HEX)
+
+#: The 16 FP4 values (float32) by nibble, bit for bit bitsandbytes' table: 1 sign bit,
+#: 2 exponent bits, 1 mantissa bit, normalised by 12 so the largest is 1. Nibbles 0 and 8
+#: are both 0.0.
+FP4_CODE = _from_hex([
+    "00000000", "3baaaaab", "3f2aaaab", "3f800000", "3eaaaaab", "3f000000", "3e2aaaab", "3e800000",
+    "00000000", "bbaaaaab", "bf2aaaab", "bf800000", "beaaaaab", "bf000000", "be2aaaab", "be800000",
+])
+
+#: FP4's nibbles in ascending order of value (a stable sort: of the two zeros, nibble 0
+#: comes first, as in bitsandbytes' quantizer).
+FP4_ORDER = np.argsort(FP4_CODE, kind="stable").astype(np.int32)
+FP4_ORDER.setflags(write=False)
+
+#: float32 midpoints between consecutive sorted FP4 values (float32 sum, then halved), as
+#: bitsandbytes computes them. A value's sorted index is the number of midpoints strictly
+#: below it; its nibble is ``FP4_ORDER`` of that index.
+FP4_MIDPOINTS = ((FP4_CODE[FP4_ORDER[:-1]] + FP4_CODE[FP4_ORDER[1:]]) / np.float32(2)).astype(np.float32)
+FP4_MIDPOINTS.setflags(write=False)
