@@ -26,7 +26,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import numlora
-from numlora.io import SafetensorsFile, load_file, save_file
+from numlora.io import SafetensorsFile, load_file, load_metadata, save_file
 from numlora.io.checkpoint import Checkpoint
 
 from fuzz_util import Example, Violation, collecting, expect_close, fuzz_guard, fuzz_settings, fuzz_summary  # noqa: F401
@@ -272,7 +272,7 @@ def _check_safetensors_load(ex, path, blob):
         with SafetensorsFile(path) as f:
             got = {k: (f.get(k), f.raw(k), f.info(k)) for k in f.keys()}
             meta = dict(f.metadata)
-        full, meta2 = load_file(path)
+        full, meta2 = load_file(path, float32=True), load_metadata(path)
         return got, meta, full, meta2
 
     def expect(res):

@@ -17,7 +17,7 @@ import pytest
 import numlora as nl
 from numlora.errors import FormatError
 from numlora.io.peft import CONFIG_NAME, KEY_PREFIX, WEIGHTS_NAME
-from numlora.io.safetensors import load_file, save_file
+from numlora.io.safetensors import load_file, load_metadata, save_file
 
 
 def _f32(rng, *shape, scale=1.0):
@@ -83,8 +83,8 @@ def test_round_trip_is_bit_exact(tmp_path, rng):
         (4, 8, 0.05, True, True)
     assert cfg["target_modules"] == ["q", "v"]
     assert cfg["rank_pattern"] == {r"^layers\.1\.attn\.q": 2} and cfg["alpha_pattern"] == {r"^layers\.1\.attn\.q": 3}
-    tensors, meta = load_file(out / WEIGHTS_NAME)
-    assert meta == {"format": "pt"}
+    tensors = load_file(out / WEIGHTS_NAME)
+    assert load_metadata(out / WEIGHTS_NAME) == {"format": "pt"}
     assert sorted(tensors) == sorted(KEY_PREFIX + n + s for n in ad for s in
                                      (".lora_A.weight", ".lora_B.weight", ".lora_B.bias"))
     # saving over an existing folder replaces both files and keeps others
@@ -156,14 +156,14 @@ def test_half_precision_files(tmp_path, rng):
     ad = _mixed_adapter(rng)
     ad.save_peft(tmp_path / "f16", dtype="F16")
     back = nl.load_peft_adapter(tmp_path / "f16")
-    raw, _ = load_file(tmp_path / "f16" / WEIGHTS_NAME, float32=False)
+    raw = load_file(tmp_path / "f16" / WEIGHTS_NAME)
     assert all(a.dtype == np.float16 for a in raw.values())
     for name, layer in ad.items():
         assert back[name].lora_a.dtype == np.float32
         assert _bits_equal(back[name].lora_a, layer.lora_a.astype(np.float16).astype(np.float32))
         assert _bits_equal(back[name].lora_bias, layer.lora_bias.astype(np.float16).astype(np.float32))
     ad.save_peft(tmp_path / "bf16", dtype="BF16")
-    raw, _ = load_file(tmp_path / "bf16" / WEIGHTS_NAME, float32=False)
+    raw = load_file(tmp_path / "bf16" / WEIGHTS_NAME)
     assert all(a.dtype == np.uint16 for a in raw.values())  # bfloat16 bits
     back = nl.load_peft_adapter(tmp_path / "bf16")
     for name, layer in ad.items():
@@ -188,7 +188,7 @@ def test_dora_round_trip(tmp_path, rng):
     for i in range(2):
         ad.add_lora(f"h.{i}.attn.c_attn", _f32(rng, 2, 8), _f32(rng, 24, 2), magnitude=np.abs(_f32(rng, 24)))
     ad.save_peft(tmp_path)
-    tensors, _ = load_file(tmp_path / WEIGHTS_NAME)
+    tensors = load_file(tmp_path / WEIGHTS_NAME)
     assert KEY_PREFIX + "h.0.attn.c_attn.lora_magnitude_vector" in tensors
     back = nl.load_peft_adapter(tmp_path)
     _assert_same_adapter(back, ad)

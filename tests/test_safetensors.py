@@ -9,7 +9,7 @@ import struct
 import numpy as np
 import pytest
 
-from numlora.errors import DTypeError, FormatError, ShapeError
+from numlora.errors import ConfigError, DTypeError, FormatError, ShapeError
 from numlora.io.atomic import AtomicDir
 from numlora.io.checkpoint import Checkpoint
 from numlora.io.safetensors import (
@@ -18,6 +18,7 @@ from numlora.io.safetensors import (
     bf16_to_f32,
     f32_to_bf16,
     load_file,
+    load_metadata,
     save_file,
 )
 
@@ -76,8 +77,8 @@ def test_round_trip_every_dtype(tmp_path, rng):
     }
     p = tmp_path / "r.safetensors"
     save_file(p, tensors, {"k": "v"})
-    back, meta = load_file(p, float32=False)
-    assert meta == {"k": "v"}
+    back = load_file(p)
+    assert load_metadata(p) == {"k": "v"}
     for k, v in tensors.items():
         assert back[k].dtype == v.dtype and back[k].shape == v.shape
         assert np.array_equal(back[k], v)
@@ -486,8 +487,8 @@ def test_against_reference_package(tmp_path, rng):
               "u": torch.ones(2, dtype=torch.uint8)}
     p = tmp_path / "t.safetensors"
     st_torch.save_file(theirs, p, metadata={"format": "pt"})
-    ours, meta = load_file(p)
-    assert meta == {"format": "pt"}
+    ours = load_file(p, float32=True)
+    assert load_metadata(p) == {"format": "pt"}
     assert np.array_equal(ours["bf"], x.to(torch.bfloat16).float().numpy())
     assert np.array_equal(ours["h"], x.half().float().numpy())
     q = tmp_path / "o.safetensors"
@@ -503,3 +504,92 @@ def test_against_reference_package(tmp_path, rng):
     with SafetensorsWriter(tmp_path / "d.safetensors", [("j", "U8", None)]) as w:
         w.write("j", np.arange(3, dtype=np.uint8))
     assert st_torch.load_file(tmp_path / "d.safetensors")["j"].tolist() == [0, 1, 2]
+
+
+# --- load_file / load_metadata: the contract of safetensors.numpy --------------------------
+try:
+    import safetensors.numpy as st_numpy
+    from safetensors import safe_open
+except ImportError:  # pragma: no cover - depends on the environment
+    st_numpy = None
+
+
+def _numpy_dtypes_file(path, rng):
+    tensors = {
+        "w": rng.standard_normal((5, 3)).astype(np.float32),
+        "d": rng.standard_normal(7),
+        "h": rng.standard_normal((2, 3)).astype(np.float16),
+        "i64": np.array([-(2 ** 40), 0, 3], np.int64),
+        "i16": np.array([[-7, 8]], np.int16),
+        "u32": np.array([2 ** 31 + 5], np.uint32),
+        "b": np.array([True, False, True]),
+        "empty": np.zeros((0, 2), np.float32),
+        "scalar": np.array(2.5, np.float64),
+    }
+    save_file(path, tensors, {"format": "np", "note": "x"})
+    return tensors
+
+
+@pytest.mark.skipif(st_numpy is None, reason="needs safetensors: pip install -e '.[test,peers]'")
+def test_load_file_returns_what_safetensors_numpy_returns(tmp_path, rng):
+    p = tmp_path / "n.safetensors"
+    _numpy_dtypes_file(p, rng)
+    theirs = st_numpy.load_file(p)
+    for kwargs in ({}, {"backend": "pread"}, {"backend": "mmap"}):
+        ours = load_file(p, **kwargs)
+        assert type(ours) is dict and list(ours) == list(theirs)
+        for k, v in theirs.items():
+            assert ours[k].dtype == v.dtype and ours[k].shape == v.shape, k
+            assert ours[k].tobytes() == v.tobytes(), k
+            assert ours[k].flags.writeable and ours[k].flags.c_contiguous
+    with safe_open(p, "np") as f:
+        assert load_metadata(p) == f.metadata() == {"format": "np", "note": "x"}
+    # a file written by the package reads back the same here, str and PathLike alike
+    q = tmp_path / "from_package.safetensors"
+    st_numpy.save_file(theirs, str(q), metadata={"a": "b"})
+    ours, again = load_file(str(q)), st_numpy.load_file(str(q))
+    assert list(ours) == list(again)  # file order (the package writes in its own order)
+    assert all(ours[k].dtype == v.dtype and ours[k].tobytes() == v.tobytes() for k, v in theirs.items())
+    assert load_metadata(q) == {"a": "b"}
+    # no metadata: the package says None, load_metadata an empty dict
+    st_numpy.save_file({"z": np.zeros(2, np.float32)}, str(tmp_path / "m.safetensors"))
+    with safe_open(tmp_path / "m.safetensors", "np") as f:
+        assert f.metadata() is None
+    assert load_metadata(tmp_path / "m.safetensors") == {}
+
+
+@pytest.mark.skipif(st_torch is None, reason="needs torch and safetensors: pip install -e '.[test,peers]'")
+def test_load_file_bf16_where_safetensors_numpy_refuses(tmp_path, rng):
+    """safetensors.numpy cannot load bfloat16 (numpy has no such dtype): load_file gives the
+    uint16 bit patterns, or float32 values with float32=True, both torch's own bits."""
+    x = torch.from_numpy(rng.standard_normal((6, 4)).astype(np.float32))
+    p = tmp_path / "bf.safetensors"
+    st_torch.save_file({"bf": x.to(torch.bfloat16), "h": x.half(), "f": x.double()}, p)
+    if st_numpy is not None:
+        with pytest.raises(TypeError):
+            st_numpy.load_file(p)
+    bits = load_file(p)
+    assert bits["bf"].dtype == np.uint16 and bits["h"].dtype == np.float16 and bits["f"].dtype == np.float64
+    assert np.array_equal(bits["bf"], x.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16))
+    floats = load_file(p, float32=True)
+    assert all(v.dtype == np.float32 for v in floats.values())
+    assert np.array_equal(floats["bf"], x.to(torch.bfloat16).float().numpy())
+    assert np.array_equal(floats["h"], x.half().float().numpy())
+    assert np.array_equal(floats["f"], x.double().float().numpy())
+    # the bits go back out as BF16 unchanged
+    q = tmp_path / "back.safetensors"
+    save_file(q, bits, dtypes={"bf": "BF16"})
+    assert torch.equal(st_torch.load_file(q)["bf"], x.to(torch.bfloat16))
+
+
+def test_load_file_arguments_are_checked(tmp_path, rng):
+    p = tmp_path / "a.safetensors"
+    save_file(p, {"a": np.zeros(3, np.float32)})
+    with pytest.raises(ConfigError, match="backend must be 'mmap' or 'pread', got 'disk'"):
+        load_file(p, backend="disk")
+    with pytest.raises(ConfigError, match="float32 must be True or False"):
+        load_file(p, float32="yes")
+    with pytest.raises(TypeError):
+        load_file(p, True)  # float32 is keyword-only, as the package has no second positional argument
+    with pytest.raises(FormatError, match="no-such"):
+        load_metadata(tmp_path / "no-such.safetensors")

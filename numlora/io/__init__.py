@@ -2,7 +2,7 @@
 Nothing here imports numba."""
 
 from .atomic import AtomicDir, AtomicFile, write_bytes_atomic, write_text_atomic
-from .safetensors import SafetensorsFile, SafetensorsWriter, load_file, save_file
+from .safetensors import SafetensorsFile, SafetensorsWriter, load_file, load_metadata, save_file
 
 __all__ = [
     "AtomicDir",
@@ -10,6 +10,7 @@ __all__ = [
     "SafetensorsFile",
     "SafetensorsWriter",
     "load_file",
+    "load_metadata",
     "save_file",
     "write_bytes_atomic",
     "write_text_atomic",

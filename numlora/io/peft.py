@@ -89,7 +89,7 @@ def load_peft_adapter(path) -> LoraAdapter:
         config = LoraConfig.from_peft(data, source=cfg_path)
     for w in caught:
         warnings.warn(w.message, w.category, stacklevel=2)
-    tensors, _ = load_file(weights_path)
+    tensors = load_file(weights_path, float32=True)
     return adapter_from_tensors(config, tensors, source=weights_path, stacklevel=3)
 
 

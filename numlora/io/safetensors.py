@@ -27,7 +27,8 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
-from ..errors import DTypeError, FormatError, ShapeError
+from .._validate import flag
+from ..errors import ConfigError, DTypeError, FormatError, ShapeError
 from ._files import brief, describe_os_error, open_regular, parse_json
 from .atomic import AtomicFile, Transaction
 
@@ -39,6 +40,7 @@ __all__ = [
     "bf16_to_f32",
     "f32_to_bf16",
     "load_file",
+    "load_metadata",
     "save_file",
     "storage_dtype",
 ]
@@ -405,16 +407,39 @@ class SafetensorsFile:
         return f"SafetensorsFile({self.path!r}, tensors={len(self)})"
 
 
-def load_file(path, float32: bool = True) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Every tensor of a file (read into memory) and its metadata. Floating tensors come as
-    float32 unless ``float32=False`` (then bfloat16 arrives as uint16 bits)."""
-    with SafetensorsFile(path) as f:
+def load_file(filename, *, float32: bool = False, backend: str = "mmap") -> dict[str, np.ndarray]:
+    """Every tensor of a safetensors file, read into memory: a dict of writable numpy arrays
+    in file order, as ``safetensors.numpy.load_file(filename)`` returns (same keys, same
+    values, same dtypes), so code written for one works with the other. The metadata comes
+    from :func:`load_metadata`.
+
+    Where the two differ: numpy has no bfloat16 or float8, and ``safetensors.numpy`` refuses
+    files holding them (``TypeError``); here BF16 tensors arrive as their uint16 bit patterns
+    and F8_E4M3 / F8_E5M2 as uint8, as :meth:`SafetensorsFile.raw` gives them (:func:`save_file`
+    with ``dtypes={name: "BF16"}`` writes such bits back unchanged). ``float32=True`` converts
+    every floating tensor (F64, F32, F16, BF16) to float32 instead (exact for F16 and BF16).
+
+    ``backend`` (``"mmap"`` or ``"pread"``) is accepted as ``safetensors.numpy`` accepts it;
+    both read with ``pread``, so a file truncated while it is read raises
+    :class:`~numlora.errors.FormatError` instead of a bus error."""
+    float32 = flag("float32", float32)
+    if backend not in ("mmap", "pread"):
+        raise ConfigError(f"backend must be 'mmap' or 'pread', got {backend!r:.60}")
+    with SafetensorsFile(filename) as f:
         tensors = {}
         for name in f.keys():
             t = f.info(name)
             a = f.read_into(name, np.empty(t.shape, DTYPES[t.dtype]))
             tensors[name] = to_float32(a, t.dtype) if float32 and t.is_float else a
-        return tensors, dict(f.metadata)
+        return tensors
+
+
+def load_metadata(filename) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file (``{}`` when it has none), as
+    ``safetensors.safe_open(filename, "np").metadata()`` gives it (which is ``None`` for a
+    file without metadata); only the header is read."""
+    with SafetensorsFile(filename) as f:
+        return dict(f.metadata)
 
 
 # --- writing --------------------------------------------------------------------------------
