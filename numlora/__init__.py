@@ -7,9 +7,17 @@ compiled on first use (and cached on disk; see ``numlora._config``).
 from .adapter import LoraAdapter, LoraAdapterSummary
 from .combine import combine_adapters
 from .config import LoraConfig
+from .conv import conv_forward, conv_lora_backward, conv_lora_forward, merge_conv, unmerge_conv
 from .device import DeviceNF4Tensor, is_device_array, to_device, to_host
 from .dora import dora_forward, dora_weight_norm, merge_dora
 from .dropout import DropoutState, dropout_keep_mask, lora_dropout, mix_seed
+from .embedding import (
+    embedding_forward,
+    embedding_lora_backward,
+    embedding_lora_forward,
+    merge_embedding,
+    unmerge_embedding,
+)
 from .errors import (
     ConfigError,
     DetachedLayerError,
@@ -76,17 +84,25 @@ __all__ = [
     "adamw_update",
     "clip_grad_norm",
     "combine_adapters",
+    "conv_forward",
+    "conv_lora_backward",
+    "conv_lora_forward",
     "dequantize_nf4",
     "dora_forward",
     "dora_weight_norm",
     "dropout_keep_mask",
+    "embedding_forward",
+    "embedding_lora_backward",
+    "embedding_lora_forward",
     "is_device_array",
     "linear_forward",
     "load_peft_adapter",
     "lora_backward",
     "lora_dropout",
     "lora_forward",
+    "merge_conv",
     "merge_dora",
+    "merge_embedding",
     "merge_lora",
     "mix_seed",
     "multi_lora_forward",
@@ -97,5 +113,7 @@ __all__ = [
     "quantize_nf4",
     "to_device",
     "to_host",
+    "unmerge_conv",
+    "unmerge_embedding",
     "unmerge_lora",
 ]

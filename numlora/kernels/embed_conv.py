@@ -1,0 +1,108 @@
+"""Kernels of LoRA on embeddings and convolutions.
+
+Embedding: the gather of the base rows fused with the low-rank term, and the
+scatter-add of A's gradient. Convolution: ``im2col`` (one image's input unfolded into
+columns, so that the convolution is a matrix product for BLAS) and its adjoint
+``col2im_add`` (the columns' gradient folded back onto the input). A 1-D convolution is
+the 2-D one with a height of 1.
+
+The column layout of one image: row ``(c * kh + i) * kw + j``, column ``oy * ow + ox``
+holds ``x[c, oy * sh - ph + i * dh, ox * sw - pw + j * dw]`` (0 outside the input), so
+that ``W.reshape(out, -1) @ cols`` is the convolution's output ``(out, oh * ow)``, the
+layout of torch's ``(N, C, H, W)``.
+"""
+
+from __future__ import annotations
+
+from ._jit import kernel, prange
+
+
+@kernel(parallel=True)
+def embedding_lora_forward(ids, weight, lora_a, bt, scale, out):
+    """``out[i, :] = weight[ids[i], :] + sum_t (scale * lora_a[t, ids[i]]) * bt[t, :]``
+    with ``bt = B^T`` (r, dim), the terms added in order t = 0, 1, ..."""
+    n = ids.shape[0]
+    dim = weight.shape[1]
+    r = lora_a.shape[0]
+    for i in prange(n):
+        v = ids[i]
+        for d in range(dim):
+            out[i, d] = weight[v, d]
+        for t in range(r):
+            c = scale * lora_a[t, v]
+            for d in range(dim):
+                out[i, d] += c * bt[t, d]
+
+
+@kernel(parallel=True)
+def embedding_gather(ids, weight, out):
+    """``out[i, :] = weight[ids[i], :]`` (the base embedding alone)."""
+    for i in prange(ids.shape[0]):
+        v = ids[i]
+        for d in range(weight.shape[1]):
+            out[i, d] = weight[v, d]
+
+
+@kernel()
+def gather_columns(ids, lora_a, u):
+    """``u[i, t] = lora_a[t, ids[i]]``: the rows of ``F.embedding(ids, A^T)``."""
+    for i in range(ids.shape[0]):
+        v = ids[i]
+        for t in range(lora_a.shape[0]):
+            u[i, t] = lora_a[t, v]
+
+
+@kernel()
+def scatter_columns_add(ids, h, skip, grad_a):
+    """``grad_a[t, ids[i]] += h[i, t]`` for every i with ``ids[i] != skip`` (the
+    padding index; -1 skips nothing). Serial: two tokens may share an id."""
+    for i in range(ids.shape[0]):
+        v = ids[i]
+        if v == skip:
+            continue
+        for t in range(h.shape[1]):
+            grad_a[t, v] += h[i, t]
+
+
+@kernel(parallel=True)
+def im2col(x, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow, cols):
+    """One image ``x`` (C, H, W) unfolded into ``cols`` (C * kh * kw, oh * ow)."""
+    c_in, h, w = x.shape
+    rows = c_in * kh * kw
+    for row in prange(rows):
+        c = row // (kh * kw)
+        i = (row // kw) % kh
+        j = row % kw
+        for oy in range(oh):
+            y = oy * sh - ph + i * dh
+            base = oy * ow
+            if y < 0 or y >= h:
+                for ox in range(ow):
+                    cols[row, base + ox] = 0
+                continue
+            for ox in range(ow):
+                xx = ox * sw - pw + j * dw
+                if xx >= 0 and xx < w:
+                    cols[row, base + ox] = x[c, y, xx]
+                else:
+                    cols[row, base + ox] = 0
+
+
+@kernel(parallel=True)
+def col2im_add(cols, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow, dx):
+    """The adjoint of :func:`im2col`: ``dx[c, y, x] +=`` every column entry that
+    im2col read from ``(c, y, x)``. Parallel over channels (no two write one element)."""
+    c_in, h, w = dx.shape
+    for c in prange(c_in):
+        for i in range(kh):
+            for j in range(kw):
+                row = (c * kh + i) * kw + j
+                for oy in range(oh):
+                    y = oy * sh - ph + i * dh
+                    if y < 0 or y >= h:
+                        continue
+                    base = oy * ow
+                    for ox in range(ow):
+                        xx = ox * sw - pw + j * dw
+                        if xx >= 0 and xx < w:
+                            dx[c, y, xx] += cols[row, base + ox]
