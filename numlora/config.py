@@ -163,6 +163,12 @@ class LoraConfig:
         return hash(tuple(tuple(v.items()) if isinstance(v, Mapping) else v
                           for v in (getattr(self, f) for f in _FIELDS)))
 
+    def __reduce__(self):
+        # the patterns are read-only mapping proxies, which do not pickle: rebuilt (and
+        # checked again) from plain dicts
+        kw = {f: (dict(v) if isinstance(v, Mapping) else v) for f, v in ((f, getattr(self, f)) for f in _FIELDS)}
+        return (_config_from_fields, (kw,))
+
     @property
     def scaling(self) -> float:
         """``alpha / rank``, or ``alpha / sqrt(rank)`` with rsLoRA."""
@@ -360,3 +366,8 @@ _UNSUPPORTED_WHY = {
 
 def lora_scaling(alpha: float, rank: int, use_rslora: bool = False) -> float:
     return float(alpha) / (math.sqrt(rank) if use_rslora else rank)
+
+
+def _config_from_fields(fields: dict) -> LoraConfig:
+    """A pickled :class:`LoraConfig` from its fields."""
+    return LoraConfig(**fields)

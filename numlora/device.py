@@ -125,6 +125,10 @@ class DeviceNF4Tensor:
 
         return dequantize_nf4(self)
 
+    def __reduce__(self):
+        raise DeviceError("a DeviceNF4Tensor cannot be pickled (device memory is not picklable): expected a host "
+                          "NF4Tensor, got one on the GPU; pickle numlora.to_host(t) instead")
+
     def __repr__(self) -> str:
         dq = ", double_quant" if self.double_quant else ""
         return f"DeviceNF4Tensor(shape={self.shape}, blocksize={self.blocksize}{dq})"

@@ -251,6 +251,13 @@ class NF4Tensor:
 
         return bnb.from_state_dict(cls, tensors, prefix)
 
+    def __getstate__(self):
+        """Pickling: the arrays as they are (protocol 5 sends them out of band), without
+        the decoded double-quant scales, a cache rebuilt on first use."""
+        state = dict(self.__dict__)
+        state["_scales"] = None
+        return state
+
     def __repr__(self) -> str:
         dq = ", double_quant" if self.double_quant else ""
         return f"NF4Tensor(shape={self.shape}, blocksize={self.blocksize}{dq}, nbytes={self.nbytes})"

@@ -229,6 +229,18 @@ class AdamW:
         for p in self.params:
             p.zero_grad()
 
+    def __getstate__(self):
+        # the moments are keyed by id(parameter), which pickling does not keep: by position
+        state = dict(self.__dict__)
+        state["_state"] = [self._state.get(id(p)) for p in self.params]
+        return state
+
+    def __setstate__(self, state):
+        state = dict(state)
+        moments = state.pop("_state")
+        self.__dict__.update(state)
+        self._state = {id(p): st for p, st in zip(self.params, moments) if st is not None}
+
     def __repr__(self) -> str:
         return (f"AdamW(lr={self._lr}, betas={self.betas}, eps={self.eps}, weight_decay={self.weight_decay}, "
                 f"parameters={len(self.params)})")

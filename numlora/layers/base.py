@@ -21,7 +21,7 @@ from .. import _validate as validate
 from .._dispatch import check_device
 from ..config import lora_scaling
 from ..dropout import check_p, check_seed, mix_seed
-from ..errors import ConfigError, MergeStateError, TrainStateError
+from ..errors import ConfigError, DeviceError, MergeStateError, TrainStateError
 from ..rng import XorShift64
 from ..train import _BoundParameter
 from ._host import HOST
@@ -393,6 +393,20 @@ class LoraLayer:
         return (0 if c.u is None else _nbytes(c.u)) + (0 if c.x_drop is c.x else _nbytes(c.x_drop))
 
     # devices ------------------------------------------------------------------------------
+    def __getstate__(self):
+        """Pickling: a host layer's arrays as they are (protocol 5 sends them out of band);
+        what a training forward kept for backward and the derived caches are not pickled
+        (rebuilt on use, as after :meth:`to`). A GPU layer refuses: pickle ``layer.to("cpu")``."""
+        if self._backend.name != "cpu":
+            raise DeviceError(f"a {type(self).__name__} on the GPU cannot be pickled (device memory is not "
+                              f"picklable): expected a layer with device='cpu', got device={self._backend.name!r}; "
+                              f"pickle layer.to('cpu') instead")
+        state = dict(self.__dict__)
+        for name in ("_cache", "_xd_buf", "_norm_cache"):
+            if name in state:
+                state[name] = None
+        return state
+
     def __setstate__(self, state):
         # a layer pickled before numlora.layers became a package kept a device name
         if "_backend" not in state:
