@@ -1,13 +1,13 @@
 """The LoRA products and the backward core shared by the functional modules
-(:mod:`numlora.ops`, :mod:`numlora.nf4`) and the layers: the designated home of the
-training internals (every module may import from here).
+(:mod:`numlora.ops`, :mod:`numlora.nf4`): the designated home of the training internals
+(every module may import from here).
 
 All products go to BLAS through numpy, over validated 2-D arrays of one dtype. Names for
 the rest of the package (this module is private): :func:`base_product`,
 :func:`add_low_rank`, :func:`expand_into`, :data:`ROW_CHUNK` (the forward products);
-:func:`train_forward_dense` (the dense training forward, returning what the backward
-reuses); :func:`backward_inputs`, :func:`check_x_drop_alone`, :func:`grad_buffer`,
-:func:`unalias_grads`, :func:`backward_core`, :func:`finish_backward` (the backward);
+:func:`u_buffer` (a forward's ``u_out=``); :func:`backward_inputs`,
+:func:`check_x_drop_alone`, :func:`grad_buffer`, :func:`unalias_grads`,
+:func:`backward_core`, :func:`finish_backward` (the backward);
 :func:`decay_factor`, :func:`adamw_scalars` (the AdamW step's scalars, CPU and GPU).
 """
 
@@ -36,15 +36,19 @@ def base_product(x2, weight, fan_in_fan_out, out2):
     np.dot(x2, wt, out=out2)
 
 
-def add_low_rank(x2, lora_a, lora_b, s, out2):
-    """out2 += s * (x2 A^T) B^T, the scale folded into the (n, r) intermediate.
+def add_low_rank(x2, lora_a, lora_b, s, out2, u_out=None):
+    """out2 += s * (x2 A^T) B^T, the scale folded into the (n, r) intermediate; ``u_out``
+    (optional, (n, r)) receives ``x2 A^T`` unscaled (what a backward takes as ``u``).
 
     All BLAS: a numba-parallel kernel right after the base GEMM fights OpenBLAS's
     still-spinning threads for the cores."""
     if x2.shape[0] == 0:
         return
-    u = np.dot(x2, lora_a.T)
-    u *= u.dtype.type(s)
+    u = np.dot(x2, lora_a.T, out=u_out)
+    if u_out is None:
+        u *= u.dtype.type(s)
+    else:
+        u = u * u.dtype.type(s)
     expand_into(u, lora_b, out2)
 
 
@@ -62,16 +66,15 @@ def expand_into(us, lora_b, out2):
         out2[r0:r1] += t
 
 
-def train_forward_dense(x2, xd2, weight, lora_a, lora_b, s, bias, out2, fan_in_fan_out):
-    """The training forward over validated 2-D arrays of one dtype: out2 = x2 W^T + b +
-    (s xd2 A^T) B^T. Returns ``us = s xd2 A^T`` (n, r), what the backward reuses."""
-    us = np.dot(xd2, lora_a.T)
-    us *= us.dtype.type(s)
-    base_product(x2, weight, fan_in_fan_out, out2)
-    expand_into(us, lora_b, out2)
-    if bias is not None:
-        out2 += bias
-    return us
+def u_buffer(u_out, x, rank, dtype, arrays, what):
+    """A forward's ``u_out=`` (None, or a C-contiguous array of ``dtype`` shaped (rank,) for
+    a 1-D ``x``, else (n, rank)) as a 2-D view; one sharing memory with ``arrays`` (the
+    inputs and ``out``, name -> array) is refused: it is written while they are read."""
+    if u_out is None:
+        return None
+    shape = (rank,) if x.ndim == 1 else (x.shape[0], rank)
+    validate.refuse_overlap("u_out", validate.out_array("u_out", u_out, shape, dtype), arrays, what)
+    return u_out.reshape(-1, rank)
 
 
 # --- backward ---------------------------------------------------------------------------------

@@ -419,8 +419,9 @@ def _nf4_forward(x2, t, lora_a, lora_b, s, bias, out2, x_lora=None, u_out=None):
     """out2 = x2 deq(W)^T (+ s (x_lora A^T) B^T) (+ bias); A, B, bias float32 or None.
 
     x_lora: the LoRA path's input (the dropped x in training; x2 when None). u_out: an
-    optional (n, r) float32 buffer that receives ``s x_lora A^T`` (what the backward
-    reuses)."""
+    optional (n, r) float32 buffer that receives ``x_lora A^T`` unscaled (what the backward
+    reuses): the shrink then runs with scale 1 and the scale is applied to a copy (the
+    same bits as the shrink with the scale)."""
     from .kernels import nf4 as k
 
     n = x2.shape[0]
@@ -434,21 +435,19 @@ def _nf4_forward(x2, t, lora_a, lora_b, s, bias, out2, x_lora=None, u_out=None):
     if n > FUSED_MAX_ROWS:
         _nf4_blas(x2, t, scales, out2)
         if lora_a is not None:
-            if x_lora is None and u_out is None:
-                bw.add_low_rank(x2, lora_a, lora_b, s, out2)
-            else:
-                u = np.dot(xl, lora_a.T, out=u_out)
-                u *= np.float32(s)
-                bw.expand_into(u, lora_b, out2)
+            bw.add_low_rank(xl, lora_a, lora_b, s, out2, u_out)
         if use_bias:
             out2 += b_arr
         return
     if lora_a is None:
         u = np.zeros((n, 0), np.float32)
         lora_b = np.zeros((out_f, 0), np.float32)
-    else:
-        u = np.empty((n, lora_a.shape[0]), np.float32) if u_out is None else u_out
+    elif u_out is None:
+        u = np.empty((n, lora_a.shape[0]), np.float32)
         k.lora_shrink(xl, lora_a, np.float32(s), u)
+    else:
+        k.lora_shrink(xl, lora_a, np.float32(1.0), u_out)
+        u = u_out * np.float32(s)
     bs = t.blocksize
     if in_f % bs == 0 and _simd_ok(k, bs) and bs % (2 * k.SIMD_LANES) == 0:
         xe = np.ascontiguousarray(x2[:, 0::2])
@@ -571,26 +570,30 @@ def qlora_backward(x, t: NF4Tensor, lora_a, lora_b, scaling, grad_out, *, dropou
 
 
 @dispatch
-def qlora_forward(x, t: NF4Tensor, lora_a, lora_b, scaling, bias=None, out=None, *, x_lora=None) -> np.ndarray:
+def qlora_forward(x, t: NF4Tensor, lora_a, lora_b, scaling, bias=None, out=None, *, x_lora=None,
+                  u_out=None) -> np.ndarray:
     """``y = x deq(W)^T + b + scaling * (x A^T) B^T`` for an NF4 base weight, fused as in
     :func:`nf4_matmul` (the LoRA shrink, expand and the bias run inside the same kernel
     for batches up to ``FUSED_MAX_ROWS``). float32 throughout. ``out`` may overlap the
     inputs (``out=x``, ``out=lora_a``...): the result is then computed into a temporary
     and copied into ``out``, the same as without overlap. ``x_lora``: optional input of
     the LoRA branch, of x's shape, when it differs from x (the dropped input of a training
-    forward), as in :func:`~numlora.ops.lora_forward`."""
+    forward), as in :func:`~numlora.ops.lora_forward`. ``u_out``: optional float32
+    (r,) or (n, r) array that receives ``x_lora A^T`` unscaled (the ``u`` of
+    :func:`qlora_backward`), as in :func:`~numlora.ops.lora_forward`."""
     out_f, in_f = _weight_2d(t)
-    lora_a, lora_b, _ = validate.low_rank_arrays(lora_a, lora_b, out_f, in_f, base=_nf4_base(t))
+    lora_a, lora_b, rank = validate.low_rank_arrays(lora_a, lora_b, out_f, in_f, base=_nf4_base(t))
     s = validate.real_scalar("scaling", scaling)
     x = validate.input_rows(x, in_f)
     xl = validate.lora_input(x_lora, x, in_f)
     b_arr, use_bias = validate.bias_array(bias, out_f, np.float32)
-    out, dest = validate.output(out, x, out_f, np.float32, {"x": x, "lora_a": lora_a, "lora_b": lora_b,
-                                                            "bias": bias, "x_lora": xl, **_tensor_arrays(t)})
+    inputs = {"x": x, "lora_a": lora_a, "lora_b": lora_b, "bias": bias, "x_lora": xl, **_tensor_arrays(t)}
+    u2 = bw.u_buffer(u_out, x, rank, np.float32, {**inputs, "out": out}, "qlora_forward")
+    out, dest = validate.output(out, x, out_f, np.float32, inputs)
     x2 = np.ascontiguousarray(x.reshape(-1, in_f), np.float32)
     xl2 = None if xl is None else np.ascontiguousarray(xl.reshape(-1, in_f), np.float32)
     _nf4_forward(x2, t, np.ascontiguousarray(lora_a, np.float32), np.ascontiguousarray(lora_b, np.float32), s,
-                 b_arr if use_bias else None, out.reshape(-1, out_f), x_lora=xl2)
+                 b_arr if use_bias else None, out.reshape(-1, out_f), x_lora=xl2, u_out=u2)
     return validate.deliver(out, dest)
 
 

@@ -37,7 +37,8 @@ def _kernels():
 
 
 @dispatch
-def lora_forward(x, weight, lora_a, lora_b, scaling, bias=None, out=None, *, fan_in_fan_out=False, x_lora=None):
+def lora_forward(x, weight, lora_a, lora_b, scaling, bias=None, out=None, *, fan_in_fan_out=False, x_lora=None,
+                 u_out=None):
     """``y = x W^T + b + scaling * (x A^T) B^T``.
 
     Parameters
@@ -53,6 +54,10 @@ def lora_forward(x, weight, lora_a, lora_b, scaling, bias=None, out=None, *, fan
     x_lora : optional input of the LoRA branch, of x's shape, when it differs from x: the
         training forward ``x W^T + b + scaling * (x_drop A^T) B^T`` with ``x_lora=x_drop``
         from :func:`~numlora.dropout.lora_dropout`.
+    u_out : optional preallocated C-contiguous array of shape (r,) or (n, r) and the
+        compute dtype that receives ``u = x_lora A^T`` (unscaled), the ``u`` that
+        :func:`lora_backward` reuses instead of recomputing it. It may not share memory
+        with the inputs or ``out``.
 
     Returns
     -------
@@ -60,20 +65,21 @@ def lora_forward(x, weight, lora_a, lora_b, scaling, bias=None, out=None, *, fan
         The compute dtype is float64 if any array is float64, else float32 (pass float32
         everywhere for speed: a float64 ``x`` upcasts a float32 weight, with a copy).
     """
-    weight, lora_a, lora_b, out_f, in_f, _ = validate.adapter_arrays(weight, lora_a, lora_b, fan_in_fan_out)
+    weight, lora_a, lora_b, out_f, in_f, rank = validate.adapter_arrays(weight, lora_a, lora_b, fan_in_fan_out)
     x = validate.input_rows(x, in_f)
     s = validate.real_scalar("scaling", scaling)
     xl = validate.lora_input(x_lora, x, in_f)
     arrays = [x, weight, lora_a, lora_b] + [a for a in (bias, xl) if a is not None]
     dtype = np.result_type(*[np.asarray(a).dtype for a in arrays])
     b_arr, use_bias = validate.bias_array(bias, out_f, dtype)
-    out, dest = validate.output(out, x, out_f, dtype, {"x": x, "weight": weight, "lora_a": lora_a,
-                                                        "lora_b": lora_b, "bias": bias, "x_lora": xl})
+    inputs = {"x": x, "weight": weight, "lora_a": lora_a, "lora_b": lora_b, "bias": bias, "x_lora": xl}
+    u2 = bw.u_buffer(u_out, x, rank, dtype, {**inputs, "out": out}, "lora_forward")
+    out, dest = validate.output(out, x, out_f, dtype, inputs)
     x2 = np.ascontiguousarray(x.reshape(-1, in_f), dtype)
     xl2 = x2 if xl is None else np.ascontiguousarray(xl.reshape(-1, in_f), dtype)
     out2 = out.reshape(-1, out_f)
     bw.base_product(x2, weight.astype(dtype, copy=False), fan_in_fan_out, out2)
-    bw.add_low_rank(xl2, lora_a.astype(dtype, copy=False), lora_b.astype(dtype, copy=False), s, out2)
+    bw.add_low_rank(xl2, lora_a.astype(dtype, copy=False), lora_b.astype(dtype, copy=False), s, out2, u2)
     if use_bias:
         out2 += b_arr
     return validate.deliver(out, dest)

@@ -177,6 +177,13 @@ def test_lora_forward(n, fio, with_bias):
     assert_close(h(got), want, _bound_fwd(x, w, a, b, 0.75, bias))
     cpu = nl.lora_forward(x, wl, a, b, 0.75, bias, fan_in_fan_out=fio)
     assert_close(h(got), cpu.astype(np.float64), _bound_fwd(x, w, a, b, 0.75, bias))
+    # u_out receives x A^T unscaled and changes nothing in the result
+    u = d(np.full(a.shape[:1] if n == 1 else (n, a.shape[0]), np.nan, np.float32))
+    got_u = nl.lora_forward(d(x), d(wl), d(a), d(b), 0.75, None if bias is None else d(bias), fan_in_fan_out=fio,
+                            u_out=u)
+    np.testing.assert_array_equal(h(got_u), h(got))
+    x2 = np.asarray(x, np.float64).reshape(-1, x.shape[-1])
+    assert_close(h(u).reshape(-1, a.shape[0]), x2 @ a.T.astype(np.float64), np.abs(x2) @ np.abs(a.T))
 
 
 @cuda_test
@@ -317,6 +324,10 @@ def test_qlora_forward_and_nf4_matmul(n, i, bs):
     assert_close(h(got), want, _bound_fwd(xx, wd, a, b, 0.5, bias))
     cpu = nl.qlora_forward(xx, t, a, b, 0.5, bias)
     assert_close(h(got), cpu.astype(np.float64), _bound_fwd(xx, wd, a, b, 0.5, bias))
+    u = d(np.full((2,) if n == 1 else (n, 2), np.nan, np.float32))
+    np.testing.assert_array_equal(h(nl.qlora_forward(d(xx), dt, d(a), d(b), 0.5, d(bias), u_out=u)), h(got))
+    x2 = np.asarray(x, np.float64)
+    assert_close(h(u).reshape(n, 2), x2 @ a.T.astype(np.float64), np.abs(x2) @ np.abs(a.T))
     base = nl.nf4_matmul(d(xx), dt)
     assert_close(h(base), np.asarray(xx, np.float64) @ wd.T, np.abs(np.asarray(xx, np.float64)) @ np.abs(wd.T))
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import numlora as nl
-from numlora import _backward, _dispatch
+from numlora import _dispatch
 from numlora.errors import ConfigError, DeviceError
 
 
@@ -95,41 +95,71 @@ def test_nf4_scales_is_a_property_on_both_tensors():
     assert "scales" in nl.DeviceNF4Tensor.__dataclass_fields__  # a plain attribute there
 
 
-def test_x_lora_is_the_training_forward_bit_for_bit():
+def test_x_lora_and_u_out_are_the_training_forward_bit_for_bit():
     rng = np.random.default_rng(1)
     x, w, a, b, bias = f32(rng, 5, 12), f32(rng, 7, 12), f32(rng, 3, 12), f32(rng, 7, 3), f32(rng, 7)
     xd, _ = nl.lora_dropout(x, 0.3, 99)
-    out2 = np.empty((5, 7), np.float32)
-    us = _backward.train_forward_dense(x, xd, w, a, b, 0.5, bias, out2, False)
-    y = nl.lora_forward(x, w, a, b, 0.5, bias, x_lora=xd)
-    assert np.array_equal(y.view(np.uint32), out2.view(np.uint32))
+    u = np.full((5, 3), np.nan, np.float32)
+    y = nl.lora_forward(x, w, a, b, 0.5, bias, x_lora=xd, u_out=u)
+    # the same BLAS products in the same order, written out with numpy
+    ref = np.dot(x, w.T)
+    ref += np.dot(np.dot(xd, a.T) * np.float32(0.5), b.T)
+    ref += bias
+    assert np.array_equal(y.view(np.uint32), ref.view(np.uint32))
+    assert np.array_equal(u.view(np.uint32), np.dot(xd, a.T).view(np.uint32))  # unscaled
+    assert np.array_equal(nl.lora_forward(x, w, a, b, 0.5, bias, x_lora=xd).view(np.uint32), y.view(np.uint32))
     assert np.array_equal(nl.lora_forward(x, w, a, b, 0.5, bias, x_lora=x), nl.lora_forward(x, w, a, b, 0.5, bias))
-    # the backward from x_drop recomputes s x_drop A^T: the same gradients as from the forward's us
+    # the backward given the forward's u computes what it computes from x_drop alone, bit for bit
     g = f32(rng, 5, 7)
     state = nl.DropoutState(0.3, 99)
-    gx, ga, gb = nl.lora_backward(x, w, a, b, 0.5, g, dropout=state, x_drop=xd)
-    gx2, ga2, gb2 = nl.lora_backward(x, w, a, b, 0.5, g, dropout=state, x_drop=xd, u=us / np.float32(0.5))
-    assert np.allclose(ga, ga2, rtol=1e-6) and np.allclose(gb, gb2, rtol=1e-6) and np.array_equal(gx, gx2)
+    got = nl.lora_backward(x, w, a, b, 0.5, g, dropout=state, x_drop=xd, u=u)
+    want = nl.lora_backward(x, w, a, b, 0.5, g, dropout=state)
+    for gv, wv in zip(got, want):
+        assert np.array_equal(gv.view(np.uint32), wv.view(np.uint32))
+    u1 = np.empty(3, np.float32)  # one row: u_out (r,)
+    nl.lora_forward(x[0], w, a, b, 0.5, u_out=u1)
+    assert np.array_equal(u1, np.dot(x[:1], a.T)[0])
     with pytest.raises(nl.ShapeError, match=r"expected x_lora of shape \(5, 12\)"):
         nl.lora_forward(x, w, a, b, 0.5, x_lora=x[:4])
+    with pytest.raises(nl.ShapeError, match=r"expected u_out of shape \(5, 3\), got \(5, 4\)"):
+        nl.lora_forward(x, w, a, b, 0.5, u_out=np.empty((5, 4), np.float32))
+    with pytest.raises(nl.DTypeError, match="expected u_out with dtype float32, got float64"):
+        nl.lora_forward(x, w, a, b, 0.5, u_out=np.empty((5, 3)))
+    big = np.empty(35, np.float32)
+    with pytest.raises(nl.ShapeError, match="u_out shares memory with out"):
+        nl.lora_forward(x, w, a, b, 0.5, out=big.reshape(5, 7), u_out=big[:15].reshape(5, 3))
+    with pytest.raises(nl.ShapeError, match="u_out shares memory with x"):
+        nl.lora_forward(x, w, a, b, 0.5, u_out=x.reshape(-1)[:15].reshape(5, 3))
 
 
 @pytest.mark.parametrize("n", [1, 3, 40])  # fused kernels and the tiled BLAS path
-def test_qlora_x_lora_and_nf4_bias(n):
-    from numlora.nf4 import _nf4_forward
-
+def test_qlora_x_lora_u_out_and_nf4_bias(n):
     rng = np.random.default_rng(2)
     t = nl.quantize_nf4(f32(rng, 24, 64), 64)
     x, a, b, bias = f32(rng, n, 64), f32(rng, 4, 64), f32(rng, 24, 4), f32(rng, 24)
     xd, _ = nl.lora_dropout(x, 0.25, 7)
-    ref = np.empty((n, 24), np.float32)
-    _nf4_forward(x, t, a, b, 0.5, bias, ref, x_lora=xd, u_out=np.empty((n, 4), np.float32))
-    got = nl.qlora_forward(x, t, a, b, 0.5, bias, x_lora=xd)
-    assert np.array_equal(got.view(np.uint32), ref.view(np.uint32))
-    _nf4_forward(x, t, None, None, 0.0, bias, ref)
-    got = nl.nf4_matmul(x, t, bias=bias)
-    assert np.array_equal(got.view(np.uint32), ref.view(np.uint32))
-    assert np.array_equal(nl.nf4_matmul(x, t, bias=None), nl.nf4_matmul(x, t))
+    u = np.full((n, 4), np.nan, np.float32)
+    got = nl.qlora_forward(x, t, a, b, 0.5, bias, x_lora=xd, u_out=u)
+    # u_out changes nothing in the result
+    assert np.array_equal(got.view(np.uint32), nl.qlora_forward(x, t, a, b, 0.5, bias, x_lora=xd).view(np.uint32))
+    w64 = nl.dequantize_nf4(t).astype(np.float64)
+    u64 = xd.astype(np.float64) @ a.T
+    ref = x.astype(np.float64) @ w64.T + 0.5 * u64 @ b.T + bias
+    assert np.allclose(got, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    assert np.allclose(u, u64, rtol=1e-5, atol=1e-5 * np.abs(u64).max())
+    # the backward given the forward's u: as qlora_backward with that u, scaled as the forward scaled it
+    g = f32(rng, n, 24)
+    state = nl.DropoutState(0.25, 7)
+    got_b = nl.qlora_backward(x, t, a, b, 0.5, g, dropout=state, x_drop=xd, u=u)
+    ref_ga = 0.5 * (g.astype(np.float64) @ b).T @ xd
+    ref_gb = 0.5 * g.T.astype(np.float64) @ u.astype(np.float64)
+    assert np.allclose(got_b[1], ref_ga, rtol=1e-5, atol=1e-5 * np.abs(ref_ga).max())
+    assert np.array_equal(got_b[2].view(np.uint32), np.dot(g.T, u * np.float32(0.5)).view(np.uint32))
+    assert np.allclose(got_b[2], ref_gb, rtol=1e-5, atol=1e-5 * np.abs(ref_gb).max())
+    # the bias of nf4_matmul: added last, as a separate addition would
+    plain = nl.nf4_matmul(x, t)
+    assert np.array_equal(nl.nf4_matmul(x, t, bias=bias).view(np.uint32), (plain + bias).view(np.uint32))
+    assert np.array_equal(nl.nf4_matmul(x, t, bias=None), plain)
 
 
 def test_adamw_update_is_one_adamw_step():

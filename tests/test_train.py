@@ -441,6 +441,52 @@ def test_qlora_layer_backward_matches_functional(rng, n):
     assert layer(x[:1]).shape == (1, 16) and layer.backward(c[:1], need_grad_x=False) is None
 
 
+def _bits(a):
+    return None if a is None else (a.dtype, a.shape, a.tobytes())
+
+
+@pytest.mark.parametrize("kind,n,p,xdt", [("dense", 3, 0.3, np.float32), ("dense", 40, 0.0, np.float32),
+                                          ("dense", 5, 0.2, np.float64), ("dense-fio", 1, 0.5, np.float32),
+                                          ("nf4", 3, 0.25, np.float32), ("nf4", 40, 0.25, np.float32),
+                                          ("nf4", 1, 0.0, np.float32)])
+def test_layer_training_step_is_the_public_functional_api_bit_for_bit(rng, kind, n, p, xdt):
+    """A layer's training forward and backward are lora_dropout, lora_forward (x_lora,
+    u_out) and lora_backward (u) (qlora_* over NF4), with the seed mix_seed(dropout_seed, k)
+    for the k-th forward: the same bits, gradients accumulated over two steps."""
+    w = rng.standard_normal((24, 64)).astype(np.float32)
+    bias = rng.standard_normal(24).astype(np.float32)
+    fio = kind == "dense-fio"
+    if kind == "nf4":
+        layer = nl.QLoraLinear.from_weight(w, 4, 8.0, bias=bias, dropout=p, dropout_seed=5)
+        base = layer.nf4
+        forward, backward, kw = nl.qlora_forward, nl.qlora_backward, {}
+    else:
+        wl = np.ascontiguousarray(w.T) if fio else w
+        layer = nl.LoraLinear.from_weight(wl, 4, 8.0, bias=bias, fan_in_fan_out=fio, dropout=p, dropout_seed=5)
+        base = layer.weight
+        forward, backward, kw = nl.lora_forward, nl.lora_backward, {"fan_in_fan_out": fio}
+    layer.lora_b = rng.standard_normal(layer.lora_b.shape).astype(np.float32)
+    a, b, s = layer.lora_a.copy(), layer.lora_b.copy(), layer.scaling
+    layer.train()
+    dtype = np.result_type(xdt, np.float32)
+    ga, gb = np.zeros(a.shape, np.float32), np.zeros(b.shape, np.float32)  # the layer's gradients
+    into = dtype == np.float32  # else each step's float64 gradients are added into them
+    for k in range(2):
+        x = rng.standard_normal((n, 64)).astype(xdt)
+        g = rng.standard_normal((n, 24)).astype(xdt)
+        y, dx = layer(x), layer.backward(g)
+        xd, st = nl.lora_dropout(x.astype(dtype), p, nl.mix_seed(5, k))
+        u = np.empty((n, 4), dtype)
+        y_ref = forward(x, base, a, b, s, bias, x_lora=xd, u_out=u, **kw)
+        dx_ref, ga_k, gb_k = backward(x, base, a, b, s, g, dropout=st if p else None, x_drop=xd if p else None,
+                                      u=u, grad_a=ga if into else None, grad_b=gb if into else None, **kw)
+        if not into:
+            ga += ga_k
+            gb += gb_k
+        assert _bits(y) == _bits(y_ref) and _bits(dx) == _bits(dx_ref)
+    assert _bits(layer.grad_a) == _bits(ga) and _bits(layer.grad_b) == _bits(gb)
+
+
 # --- AdamW and clipping ----------------------------------------------------------------------
 
 def adamw_ref(p, grads, lr, b1, b2, eps, wd):

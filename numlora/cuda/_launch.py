@@ -125,6 +125,17 @@ def output(out, x, width):
     return out
 
 
+def keep_u(u_out, x, xl, n, in_f, lora_a, r):
+    """A forward's ``u_out=``: ``x_lora A^T`` (unscaled) into the device array ``u_out``
+    ((r,) or (n, r), float32); nothing when it is None."""
+    if u_out is None:
+        return
+    u_out = dev("u_out", u_out, len(x.shape), allow_empty=True)
+    validate.expect_shape("u_out", u_out, (r,) if len(x.shape) == 1 else (n, r))
+    if n:
+        shrink(flat(xl), in_f, 1, in_f, flat(lora_a), in_f, 1, 1.0, u_out.reshape(n, r))
+
+
 def low_rank(lora_a, lora_b, out_f, in_f):
     lora_a = dev("lora_a", lora_a, 2)
     r = lora_a.shape[0]

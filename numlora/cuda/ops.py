@@ -30,6 +30,7 @@ from ._launch import (
     fill_zero,
     flat,
     grid,
+    keep_u,
     low_rank,
     matmul,
     numba_cuda,
@@ -52,11 +53,13 @@ def _weight(weight, fan_in_fan_out):
 
 
 @register("cuda")
-def lora_forward(x, weight, lora_a, lora_b, scaling, bias=None, out=None, *, fan_in_fan_out=False, x_lora=None):
+def lora_forward(x, weight, lora_a, lora_b, scaling, bias=None, out=None, *, fan_in_fan_out=False, x_lora=None,
+                 u_out=None):
     """GPU :func:`numlora.ops.lora_forward`: the LoRA shrink ``s x A^T`` (one reduction
     kernel), then one tiled kernel for ``x W^T`` with ``u B^T`` and the bias added in its
     epilogue (never ``B @ A``, no (n, out) temporary). ``x_lora``: the LoRA branch's
-    input when it differs from x (the dropped input of a training forward)."""
+    input when it differs from x (the dropped input of a training forward); ``u_out``:
+    receives ``x_lora A^T`` unscaled (one more shrink)."""
     weight, out_f, in_f, sw = _weight(weight, fan_in_fan_out)
     lora_a, lora_b, r = low_rank(lora_a, lora_b, out_f, in_f)
     s = validate.real_scalar("scaling", scaling)
@@ -64,6 +67,7 @@ def lora_forward(x, weight, lora_a, lora_b, scaling, bias=None, out=None, *, fan
     xl = same_rows("x_lora", x_lora, x)
     b, use_bias = bias_arg(bias, out_f)
     out = output(out, x, out_f)
+    keep_u(u_out, x, xl, n, in_f, lora_a, r)
     if n == 0:
         return out
     us = scratch("us", (n, r))
@@ -312,9 +316,10 @@ def gemv_ok(t, n):
     return n == 1 and in_f % 8 == 0 and bs % 8 == 0 and in_f % bs == 0
 
 
-def nf4_forward(x, t, lora_a, lora_b, s, bias, out, x_lora=None, *, fused_gemv=True):
+def nf4_forward(x, t, lora_a, lora_b, s, bias, out, x_lora=None, u_out=None, *, fused_gemv=True):
     """``out = x deq(W)^T (+ s (x_lora A^T) B^T) (+ bias)`` on the GPU (A, B, bias may be None):
-    the fused GEMV for one row (``fused_gemv``), the tiled kernel otherwise."""
+    the fused GEMV for one row (``fused_gemv``), the tiled kernel otherwise; ``x_lora A^T``
+    into ``u_out`` when given."""
     out_f, in_f = t.shape
     x, n = rows("x", x, in_f)
     xl = same_rows("x_lora", x_lora, x)
@@ -326,6 +331,7 @@ def nf4_forward(x, t, lora_a, lora_b, s, bias, out, x_lora=None, *, fused_gemv=T
     xf = flat(x)
     if lora_a is not None:
         lora_a, lora_b, r = low_rank(lora_a, lora_b, out_f, in_f)
+        keep_u(u_out, x, xl, n, in_f, lora_a, r)
         us = scratch("us", (n, r))
         shrink(flat(xl), in_f, 1, in_f, flat(lora_a), in_f, 1, s, us)
     else:
@@ -352,13 +358,13 @@ def nf4_matmul(x, t, out=None, *, bias=None):
 
 
 @register("cuda")
-def qlora_forward(x, t, lora_a, lora_b, scaling, bias=None, out=None, *, x_lora=None):
+def qlora_forward(x, t, lora_a, lora_b, scaling, bias=None, out=None, *, x_lora=None, u_out=None):
     """GPU :func:`numlora.nf4.qlora_forward` (LoRA expand and bias fused)."""
     s = validate.real_scalar("scaling", scaling)
     t = tensor(t)
     if lora_a is None or lora_b is None:
         raise ShapeError("expected lora_a and lora_b arrays, got None")
-    return nf4_forward(x, t, lora_a, lora_b, s, bias, out, x_lora)
+    return nf4_forward(x, t, lora_a, lora_b, s, bias, out, x_lora, u_out)
 
 
 @register("cuda")

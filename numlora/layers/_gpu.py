@@ -153,7 +153,8 @@ class CudaBackend:
         if not saved.lora:
             return layer._grad_input(g) if need_grad_x else None
         x_drop = None if saved.dropout is None else saved.x_drop
-        dx, layer._grad_a, layer._grad_b = layer._lora_backward(saved.x, g, need_grad_x, saved.dropout, x_drop, None)
+        dx, layer._grad_a, layer._grad_b = layer._lora_backward(saved.x, g, need_grad_x, saved.dropout, x_drop, None,
+                                                                layer._grad_a, layer._grad_b)
         return dx
 
 

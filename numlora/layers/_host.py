@@ -11,7 +11,6 @@ from __future__ import annotations
 import numpy as np
 
 from .. import _validate as validate
-from .._backward import backward_core
 from .._dispatch import backend, is_device_array
 from ..device import to_host
 from ..errors import DeviceError, ShapeError
@@ -93,24 +92,27 @@ class HostBackend:
 
     # training ---------------------------------------------------------------------------
     def train_forward(self, layer, x, out):
-        """The training forward through the layer's ``_train_product`` over 2-D arrays in
-        its compute dtype; ``out`` may overlap x or the base (computed into a temporary
-        then), and x is kept as it was for backward."""
+        """The training forward through the layer's public forward over 2-D arrays in its
+        compute dtype, the LoRA branch on the dropped input, ``u = x_drop A^T`` kept for
+        backward (``u_out=``); ``out`` may overlap x (computed into a temporary then), and
+        x is kept as it was for backward."""
         in_f, out_f = layer._in_f, layer._out_f
         x = validate.input_rows(self.input("x", x), in_f)
         dtype = layer._train_dtype(x)
-        out, dest = validate.output(out, x, out_f, dtype, {"x": x, **layer._base_arrays()})
+        out, dest = validate.output(out, x, out_f, dtype, {"x": x})
         x2 = np.ascontiguousarray(x.reshape(-1, in_f), dtype)
         if dest is not None and validate.shares_memory(dest, x2):
             x2 = x2.copy()
+        lora = layer._enabled
         xd2, state = layer._dropped(x2)
-        u = layer._train_product(x2, xd2, out.reshape(-1, out_f), layer._enabled, dtype)
-        layer._keep(x2, xd2, u, state, x.ndim == 1, layer._enabled, dtype)
+        u = np.empty((x2.shape[0], layer._rank), dtype) if lora else None
+        layer._forward_on(x2, out.reshape(-1, out_f), lora, xd2, u)
+        layer._keep(x2, xd2, u, state, x.ndim == 1, lora, dtype)
         return validate.deliver(out, dest)
 
     def backward(self, layer, saved, grad_out, need_grad_x):
         in_f, out_f = layer._in_f, layer._out_f
-        x2, xd2, us, state, one_d, lora, dtype = saved
+        x2, xd2, u, state, one_d, lora, dtype = saved
         g = validate.input_rows(self.input("grad_out", grad_out), out_f, "grad_out", "out_features")
         want = (out_f,) if one_d else (x2.shape[0], out_f)
         if g.shape != want:
@@ -120,17 +122,16 @@ class HostBackend:
             if layer._grad_a is None:
                 layer._grad_a = np.zeros(layer._lora_a.shape, layer._lora_a.dtype)
                 layer._grad_b = np.zeros(layer._lora_b.shape, layer._lora_b.dtype)
-            a = layer._lora_a.astype(dtype, copy=False)
-            b = layer._lora_b.astype(dtype, copy=False)
-            drop = None if state is None else state.mask(dtype)
-            dx, _, _ = backward_core(x2, xd2, a, b, layer.scaling, g2, us, drop, layer._grad_a, layer._grad_b,
-                                     need_grad_x, layer._host_grad_input)
-        elif need_grad_x:
-            dx = np.empty((x2.shape[0], in_f), dtype)
-            if x2.shape[0]:
-                layer._host_grad_input(g2, dx)
+            # the public backward accumulates into gradients of its compute dtype; a float32
+            # layer given float64 x adds the float64 gradients into its own afterwards
+            into = layer._grad_a.dtype == dtype
+            ga, gb = (layer._grad_a, layer._grad_b) if into else (None, None)
+            dx, ga, gb = layer._lora_backward(x2, g2, need_grad_x, state, None if state is None else xd2, u, ga, gb)
+            if not into:
+                layer._grad_a += ga
+                layer._grad_b += gb
         else:
-            dx = None
+            dx = layer._grad_input(g2) if need_grad_x else None
         if dx is not None and one_d:
             dx = dx.reshape(in_f)
         return dx

@@ -111,15 +111,14 @@ class LoraLayer:
     A layer type calls :meth:`_init_low_rank` and :meth:`_init_training` and defines
     ``forward`` and these hooks, which the backends call:
 
-    - ``_forward_on(x, out, lora, x_lora=None)``: its forward through ``self._backend.fn``,
-      the LoRA branch (when ``lora``) on ``x_lora`` (x when None);
-    - ``_lora_backward(x, g, need_grad_x, dropout, x_drop, u)``: the public backward of
-      its base with the layer's arrays and gradients, returning ``(dx, grad_a, grad_b)``;
+    - ``_forward_on(x, out, lora, x_lora=None, u_out=None)``: its public forward through
+      ``self._backend.fn``, the LoRA branch (when ``lora``) on ``x_lora`` (x when None),
+      ``x_lora A^T`` into ``u_out`` when given;
+    - ``_lora_backward(x, g, need_grad_x, dropout, x_drop, u, grad_a, grad_b)``: the public
+      backward of its base with the layer's arrays, accumulating into ``grad_a`` /
+      ``grad_b`` (fresh when None), returning ``(dx, grad_a, grad_b)``;
     - ``_grad_input(g)``: ``G W`` alone (a disabled layer's backward);
-    - on the CPU, over validated 2-D arrays of the compute dtype:
-      ``_train_product(x2, xd2, out2, lora, dtype)``, the training forward, returning the
-      product the backward reuses (or None); ``_host_grad_input(g2, dx)``, ``G W`` into dx;
-      ``_train_dtype(x)``; ``_base_arrays()`` (what ``out=`` may not overlap);
+    - ``_train_dtype(x)``: the compute dtype of a training forward on the CPU;
     - ``_check_float32_base()``: refuse a base the GPU path cannot run.
     """
 

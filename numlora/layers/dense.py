@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 
 from .. import _validate as validate
-from .._backward import base_product, train_forward_dense
 from ..dora import dora_weight_norm
 from ..errors import ConfigError, DetachedLayerError, DTypeError, MergeStateError, NonFiniteError
 from .base import LoraLayer, check_rank, init_lora_a
@@ -243,46 +242,27 @@ class LoraLinear(LoraLayer):
 
     __call__ = forward
 
-    def _forward_on(self, x, out, lora, x_lora=None):
+    def _forward_on(self, x, out, lora, x_lora=None, u_out=None):
         """The plain forward through the functional API: ``x W^T + b``, plus the LoRA
-        branch on ``x_lora`` (x when None) when ``lora``."""
+        branch on ``x_lora`` (x when None) when ``lora``, ``x_lora A^T`` into ``u_out``."""
         fn = self._backend.fn
         if lora:
             return fn.lora_forward(x, self._weight, self._lora_a, self._lora_b, self.scaling, self._bias, out=out,
-                                   fan_in_fan_out=self._fan_in_fan_out, x_lora=x_lora)
+                                   fan_in_fan_out=self._fan_in_fan_out, x_lora=x_lora, u_out=u_out)
         return fn.linear_forward(x, self._weight, self._bias, out=out, fan_in_fan_out=self._fan_in_fan_out)
-
-    def _train_product(self, x2, xd2, out2, lora, dtype):
-        w = self._weight.astype(dtype, copy=False)
-        bias = None if self._bias is None else self._bias.astype(dtype, copy=False)
-        if lora:
-            return train_forward_dense(x2, xd2, w, self._lora_a.astype(dtype, copy=False),
-                                       self._lora_b.astype(dtype, copy=False), self.scaling, bias, out2,
-                                       self._fan_in_fan_out)
-        base_product(x2, w, self._fan_in_fan_out, out2)
-        if bias is not None:
-            out2 += bias
-        return None
-
-    def _host_grad_input(self, g2, dx):
-        base_product(g2, self._weight.astype(dx.dtype, copy=False), not self._fan_in_fan_out, dx)
 
     def _train_dtype(self, x):
         return np.result_type(x.dtype, self._weight.dtype, self._lora_a.dtype, self._lora_b.dtype)
-
-    def _base_arrays(self):
-        return {"weight": self._weight}
 
     def _check_float32_base(self):
         if self._weight is not None and self._weight.dtype != np.float32:
             raise DTypeError(f"the GPU path is float32 only: the weight is {self._weight.dtype}; build the layer "
                              "from a float32 weight to move it to the GPU")
 
-    def _lora_backward(self, x, g, need_grad_x, dropout, x_drop, u):
+    def _lora_backward(self, x, g, need_grad_x, dropout, x_drop, u, grad_a, grad_b):
         return self._backend.fn.lora_backward(x, self._weight, self._lora_a, self._lora_b, self.scaling, g,
                                               fan_in_fan_out=self._fan_in_fan_out, dropout=dropout, x_drop=x_drop,
-                                              u=u, grad_a=self._grad_a, grad_b=self._grad_b,
-                                              need_grad_x=need_grad_x)
+                                              u=u, grad_a=grad_a, grad_b=grad_b, need_grad_x=need_grad_x)
 
     def _grad_input(self, g):
         """``G W`` (``G W^T`` under fan_in_fan_out): W read in the transposed layout."""

@@ -6,7 +6,7 @@ import numpy as np
 
 from .. import _validate as validate
 from ..errors import DTypeError
-from ..nf4 import NF4Tensor, _nf4_forward, _nf4_grad_input, _tensor_arrays, _weight_2d, quantize_nf4
+from ..nf4 import NF4Tensor, _weight_2d, quantize_nf4
 from .base import LoraLayer, check_rank, init_lora_a
 
 __all__ = ["QLoraLinear"]
@@ -74,37 +74,23 @@ class QLoraLinear(LoraLayer):
 
     __call__ = forward
 
-    def _forward_on(self, x, out, lora, x_lora=None):
+    def _forward_on(self, x, out, lora, x_lora=None, u_out=None):
         """The forward through the functional API: ``x deq(W)^T + b``, plus the LoRA
-        branch on ``x_lora`` (x when None) when ``lora``."""
+        branch on ``x_lora`` (x when None) when ``lora``, ``x_lora A^T`` into ``u_out``."""
         fn = self._backend.fn
         if lora:
             return fn.qlora_forward(x, self._nf4, self._lora_a, self._lora_b, self.scaling, self._bias, out=out,
-                                    x_lora=x_lora)
+                                    x_lora=x_lora, u_out=u_out)
         return fn.nf4_matmul(x, self._nf4, out=out, bias=self._bias)
-
-    def _train_product(self, x2, xd2, out2, lora, dtype):
-        if not lora:
-            _nf4_forward(x2, self._nf4, None, None, 0.0, self._bias, out2)
-            return None
-        us = np.empty((x2.shape[0], self._rank), np.float32)
-        _nf4_forward(x2, self._nf4, self._lora_a, self._lora_b, self.scaling, self._bias, out2, x_lora=xd2, u_out=us)
-        return us
-
-    def _host_grad_input(self, g2, dx):
-        _nf4_grad_input(g2, self._nf4, dx)
-
-    def _base_arrays(self):
-        return _tensor_arrays(self._nf4)
 
     def _check_float32_base(self):
         if self._nf4.dtype != "float32":
             raise DTypeError(f"the GPU path is float32 only: the NF4 weight decodes to {self._nf4.dtype}")
 
-    def _lora_backward(self, x, g, need_grad_x, dropout, x_drop, u):
+    def _lora_backward(self, x, g, need_grad_x, dropout, x_drop, u, grad_a, grad_b):
         return self._backend.fn.qlora_backward(x, self._nf4, self._lora_a, self._lora_b, self.scaling, g,
-                                               dropout=dropout, x_drop=x_drop, u=u, grad_a=self._grad_a,
-                                               grad_b=self._grad_b, need_grad_x=need_grad_x)
+                                               dropout=dropout, x_drop=x_drop, u=u, grad_a=grad_a, grad_b=grad_b,
+                                               need_grad_x=need_grad_x)
 
     def _grad_input(self, g):
         """``G deq(W)``, W never decoded whole."""
