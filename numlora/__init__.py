@@ -31,6 +31,7 @@ from .errors import (
     NumloraError,
     ShapeError,
 )
+from .init import LoftQInit, LoraInit, init_lora, loftq_init
 from .io.peft import load_peft_adapter
 from .layers import LoraLinear, QLoraLinear
 from .multi import LoraBank, multi_lora_forward
@@ -66,10 +67,12 @@ __all__ = [
     "DuplicateLayerError",
     "FormatError",
     "LayerNotFoundError",
+    "LoftQInit",
     "LoraAdapter",
     "LoraAdapterSummary",
     "LoraBank",
     "LoraConfig",
+    "LoraInit",
     "LoraLinear",
     "MergeRecord",
     "MergeStateError",
@@ -91,12 +94,14 @@ __all__ = [
     "dora_forward",
     "dora_weight_norm",
     "dropout_keep_mask",
+    "init_lora",
     "embedding_forward",
     "embedding_lora_backward",
     "embedding_lora_forward",
     "is_device_array",
     "linear_forward",
     "load_peft_adapter",
+    "loftq_init",
     "lora_backward",
     "lora_dropout",
     "lora_forward",
