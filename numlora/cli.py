@@ -95,6 +95,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="time many adapters in one batch (LoraBank) on Punica's workloads against a numpy "
                         "gather-einsum and PEFT's mixed-batch forward (--no-peers: without PEFT); with --quick "
                         "only batch 64 x 64 adapters; --repeat rounds (default 5)")
+    b.add_argument("--pipeline", action="store_true",
+                   help="time numlora's layers inside a transformer-block-shaped numpy model run back to back "
+                        "(forward and a training step, batches 1, 8, 128): each numlora call inside against "
+                        "isolated, each numpy product against a phase without numlora, the whole pass against "
+                        "torch + PEFT + bitsandbytes; --size sets d_model (default 1024, d_ff 4 x d_model)")
     b.add_argument("--quick", action="store_true",
                    help="a smoke run in every mode (its ratios are not the documented ones): the kernel table "
                         "and --train on SIZE at most 1024 with at most 3 rounds (the table: batches 1 and 128 "
@@ -296,6 +301,10 @@ def _run(parser, args) -> int:
             argv2 += ["--json", args.json] if args.json else []
             argv2 += ["--no-peers"] if args.no_peers else []
             return bench_multi(argv2) or 0
+        if args.pipeline:
+            from .bench.pipeline import main as bench_pipeline
+
+            return bench_pipeline(args)
         if args.train:
             if args.batch and len(args.batch) > 1:
                 parser.error("--train takes one --batch")

@@ -1,5 +1,8 @@
 """``numlora bench``: numlora against the obvious numpy baselines and, when installed,
-torch / PEFT / bitsandbytes, in one process.
+torch / PEFT / bitsandbytes, in one process. The other modes live beside it: ``--train``
+below, ``--multi`` in :mod:`numlora.bench.multi`, ``--pipeline`` (the kernels inside a
+numpy model run back to back, against their isolated times) in
+:mod:`numlora.bench.pipeline`.
 
 Method: the competitors of a case are timed in rounds, interleaved (A, B, C, A, B, C,
 ...). Before each timed call the competitor sleeps ``PAUSE_S`` (so OpenBLAS's or OpenMP's
