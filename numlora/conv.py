@@ -186,11 +186,11 @@ def _setup(x, weight, stride, padding, dilation, groups, padding_mode):
 
 
 def _im2col(k, x3, g, cols):
-    k.im2col(x3, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, g.oh, g.ow, cols)
+    k.im2col_serial(x3, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, g.oh, g.ow, cols)
 
 
 def _col2im(k, cols, g, dx3):
-    k.col2im_add(cols, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, g.oh, g.ow, dx3)
+    k.col2im_add_serial(cols, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, g.oh, g.ow, dx3)
 
 
 def _run(x4, w2, a2, b2, s, bias, out4, g, xl4):

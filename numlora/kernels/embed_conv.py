@@ -14,7 +14,7 @@ layout of torch's ``(N, C, H, W)``.
 
 from __future__ import annotations
 
-from ._jit import kernel, prange
+from ._jit import inline_helper, kernel, prange, serial_twin
 
 
 @kernel(parallel=True)
@@ -64,15 +64,33 @@ def scatter_columns_add(ids, h, skip, grad_a):
             grad_a[t, v] += h[i, t]
 
 
+@inline_helper
+def _span(n_out, start, step, size):
+    """``(lo, hi)``: the outputs ``o`` in ``lo .. hi - 1`` whose input ``start + o * step``
+    lies in ``0 .. size - 1``."""
+    lo = 0
+    if start < 0:
+        lo = (-start + step - 1) // step
+    hi = n_out
+    if n_out > 0 and start + (n_out - 1) * step >= size:
+        hi = (size - 1 - start) // step + 1 if size - 1 - start >= 0 else 0
+    if hi < lo:
+        hi = lo
+    return lo, hi
+
+
 @kernel(parallel=True)
 def im2col(x, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow, cols):
-    """One image ``x`` (C, H, W) unfolded into ``cols`` (C * kh * kw, oh * ow)."""
+    """One image ``x`` (C, H, W) unfolded into ``cols`` (C * kh * kw, oh * ow). The valid
+    output range of each kernel tap is computed once, so the copy loop has no branch."""
     c_in, h, w = x.shape
     rows = c_in * kh * kw
     for row in prange(rows):
         c = row // (kh * kw)
         i = (row // kw) % kh
         j = row % kw
+        x0 = j * dw - pw
+        lo, hi = _span(ow, x0, sw, w)
         for oy in range(oh):
             y = oy * sh - ph + i * dh
             base = oy * ow
@@ -80,12 +98,12 @@ def im2col(x, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow, cols):
                 for ox in range(ow):
                     cols[row, base + ox] = 0
                 continue
-            for ox in range(ow):
-                xx = ox * sw - pw + j * dw
-                if xx >= 0 and xx < w:
-                    cols[row, base + ox] = x[c, y, xx]
-                else:
-                    cols[row, base + ox] = 0
+            for ox in range(lo):
+                cols[row, base + ox] = 0
+            for ox in range(lo, hi):
+                cols[row, base + ox] = x[c, y, x0 + ox * sw]
+            for ox in range(hi, ow):
+                cols[row, base + ox] = 0
 
 
 @kernel(parallel=True)
@@ -97,12 +115,18 @@ def col2im_add(cols, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow, dx):
         for i in range(kh):
             for j in range(kw):
                 row = (c * kh + i) * kw + j
+                x0 = j * dw - pw
+                lo, hi = _span(ow, x0, sw, w)
                 for oy in range(oh):
                     y = oy * sh - ph + i * dh
                     if y < 0 or y >= h:
                         continue
                     base = oy * ow
-                    for ox in range(ow):
-                        xx = ox * sw - pw + j * dw
-                        if xx >= 0 and xx < w:
-                            dx[c, y, xx] += cols[row, base + ox]
+                    for ox in range(lo, hi):
+                        dx[c, y, x0 + ox * sw] += cols[row, base + ox]
+
+
+#: Serial builds of the unfolding kernels, for calls between BLAS products (numba's
+#: threads waking while OpenBLAS's still spin cost more than the copy).
+im2col_serial = serial_twin(im2col)
+col2im_add_serial = serial_twin(col2im_add)

@@ -1,0 +1,145 @@
+"""Embedding and Conv2d LoRA forward: numlora against torch + PEFT, in the same run.
+
+Embedding: 128 token ids, a 32000 x 4096 table, rank 16. Conv2d: 64 -> 64 channels, 3x3,
+padding 1, 56x56, batch 8, rank 16. float32; numlora writes into preallocated ``out=``
+buffers; torch runs under ``torch.no_grad()`` with its default threads. Prints the median
+of ``--repeat`` timed calls (after warm-up) per case, and the ratio.
+
+    python benchmarks/bench_embed_conv.py [--repeat 30] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+import numpy as np
+
+import numlora as nl
+
+
+def medians_ms(fns, repeat, warmup=3):
+    """Median milliseconds of each of ``fns``, timed in turns (one call of each per
+    round), so that noise from other work on the machine falls on all of them alike."""
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    times = [[] for _ in fns]
+    for _ in range(repeat):
+        for fn, t in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            t.append(time.perf_counter() - t0)
+    return [1e3 * statistics.median(t) for t in times]
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def embedding_case(repeat, rng):
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    vocab, dim, r, n = 32000, 4096, 16, 128
+    w = rng.standard_normal((vocab, dim), np.float32)
+    a = rng.standard_normal((r, vocab), np.float32)
+    b = rng.standard_normal((dim, r), np.float32) * np.float32(0.01)
+    ids = rng.integers(0, vocab, n)
+    out = np.empty((n, dim), np.float32)
+    s = 32 / r
+
+    def ours():
+        nl.embedding_lora_forward(ids, w, a, b, s, out=out)
+
+    model = torch.nn.Sequential()
+    model.add_module("emb", torch.nn.Embedding(vocab, dim))
+    model.emb.weight.data = torch.from_numpy(w)
+    peft = get_peft_model(model, LoraConfig(r=r, lora_alpha=32, target_modules=["emb"]))
+    layer = peft.base_model.model.emb
+    layer.lora_embedding_A["default"].data = torch.from_numpy(a)
+    layer.lora_embedding_B["default"].data = torch.from_numpy(b)
+    tids = torch.from_numpy(ids)
+
+    def theirs():
+        with torch.no_grad():
+            layer(tids)
+
+    with torch.no_grad():
+        diff = float(np.max(np.abs(layer(tids).numpy() - nl.embedding_lora_forward(ids, w, a, b, s))))
+    ours_ms, peft_ms = medians_ms([ours, theirs], repeat)
+    return {"case": "embedding 32000x4096 r16, 128 ids", "numlora_ms": ours_ms, "peft_ms": peft_ms,
+            "max_abs_diff": diff}
+
+
+def conv_case(repeat, rng):
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    n, c, hw, r = 8, 64, 56, 16
+    x = rng.standard_normal((n, c, hw, hw), np.float32)
+    w = rng.standard_normal((c, c, 3, 3), np.float32) * np.float32(0.05)
+    bias = rng.standard_normal(c, np.float32)
+    a = rng.standard_normal((r, c, 3, 3), np.float32) * np.float32(0.05)
+    b = rng.standard_normal((c, r, 1, 1), np.float32) * np.float32(0.05)
+    s = 32 / r
+    out = np.empty((n, c, hw, hw), np.float32)
+
+    def ours():
+        nl.conv_lora_forward(x, w, a, b, s, bias, out=out, padding=1)
+
+    model = torch.nn.Sequential()
+    model.add_module("conv", torch.nn.Conv2d(c, c, 3, padding=1))
+    model.conv.weight.data = torch.from_numpy(w)
+    model.conv.bias.data = torch.from_numpy(bias)
+    peft = get_peft_model(model, LoraConfig(r=r, lora_alpha=32, target_modules=["conv"]))
+    layer = peft.base_model.model.conv
+    layer.lora_A["default"].weight.data = torch.from_numpy(a)
+    layer.lora_B["default"].weight.data = torch.from_numpy(b)
+    tx = torch.from_numpy(x)
+
+    def theirs():
+        with torch.no_grad():
+            layer(tx)
+
+    with torch.no_grad():
+        diff = float(np.max(np.abs(layer(tx).numpy() - nl.conv_lora_forward(x, w, a, b, s, bias, padding=1))))
+    ours_ms, peft_ms = medians_ms([ours, theirs], repeat)
+    return {"case": "conv2d 64->64 3x3 56x56 batch 8 r16", "numlora_ms": ours_ms, "peft_ms": peft_ms,
+            "max_abs_diff": diff}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--repeat", type=int, default=30)
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    import torch
+
+    rng = np.random.default_rng(0)
+    rows = [embedding_case(args.repeat, rng), conv_case(args.repeat, rng)]
+    meta = {"cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "repeat": args.repeat}
+    for row in rows:
+        row["speedup"] = row["peft_ms"] / row["numlora_ms"]
+        print(f"{row['case']:<40} numlora {row['numlora_ms']:8.3f} ms   torch+PEFT {row['peft_ms']:8.3f} ms   "
+              f"x{row['speedup']:.2f}   max|diff| {row['max_abs_diff']:.2e}")
+    print(json.dumps(meta))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
