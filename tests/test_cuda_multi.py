@@ -176,7 +176,7 @@ def test_errors_say_expected_and_got():
 def test_row_plans_staged_through_a_reused_ring(monkeypatch):
     """The per-call row plan goes through a ring of pinned staging slots: with 2 slots and
     growing batches, slots are reused and regrown and every forward still reads its own plan."""
-    from numlora.cuda import ops as C
+    from numlora.cuda import bank as C
 
     monkeypatch.setattr(C._Staging, "SLOTS", 2)
     monkeypatch.setattr(C, "_STAGING", C._Staging())

@@ -13,13 +13,16 @@ CUDA import of numlora lies in this package (and in :mod:`numlora.device`, which
 - :mod:`numlora.cuda.kernels`: the ``@cuda.jit`` kernels, the names of
   :mod:`numlora.kernels` (factories of kernels with compile-time sizes are ``make_*``;
   launch sizes are module settings, patched small in tests);
-- :mod:`numlora.cuda.ops`: validation, allocation and launches for device arrays.
+- :mod:`numlora.cuda.ops`: validation, allocation and launches for device arrays;
+- :mod:`numlora.cuda.bank`: the launches of :class:`~numlora.LoraBank` on the GPU,
+  registered as ``"bank"``.
 """
 
 from ..device import cuda_module as _cuda_module
 
 _cuda_module()
 
+from . import bank  # noqa: E402, F401  (registers the bank's launches)
 from .ops import (  # noqa: E402
     adamw_update,
     dequantize_nf4,

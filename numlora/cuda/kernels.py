@@ -21,7 +21,7 @@ match :mod:`numlora.kernels`):
 - ``kernels.train.dropout_fill`` / ``dropout_mul_add`` -> :func:`make_dropout_apply` (``add``
   False / True; it derives the row states itself, from the seed, instead of taking them);
 - ``kernels.multi.multi_lora_add`` -> :func:`make_multi_lora_shrink` then
-  :func:`make_multi_lora_expand` (``numlora.cuda.ops.multi_lora_add`` launches both);
+  :func:`make_multi_lora_expand` (``numlora.cuda.bank.multi_lora_add`` launches both);
 - ``kernels.lora`` / ``kernels.nf4`` forward and backward products -> :func:`make_gemm` (one
   tiled kernel, dense or NF4 weight, LoRA expand and bias in its epilogue),
   :func:`make_lora_shrink` and, for one NF4 row, :func:`make_nf4_gemv`;

@@ -1,22 +1,24 @@
 """The bank on the GPU: :class:`CudaBank`, the twin of :class:`~numlora.multi.cpu.CpuBank`
-(the same methods) over device memory. It checks the device inputs; the launches and
-their planning are :mod:`numlora.cuda.bank`'s. Imported by the bank's ``to("cuda")``
-only: importing it loads numlora.cuda (a DeviceError where there is no GPU).
+(the same methods) over device memory. The device input checks, the launches and their
+planning are :mod:`numlora.cuda.bank`'s, which the CUDA backend registers with
+:mod:`numlora._dispatch` as ``"bank"``. Imported by the bank's ``to("cuda")`` only:
+importing it loads the CUDA backend (a DeviceError where there is no GPU).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from .._dispatch import is_device_array
-from ..cuda import bank as launch
-from ..cuda.ops import _low_rank, _out, _rows
+from .._dispatch import backend, is_device_array
 from ..device import cuda_module, to_device
 from ..errors import DeviceError
 from .cpu import host_adapter
 from .pool import nbytes
 
 __all__ = ["CudaBank"]
+
+#: The bank's launches and device checks (numlora.cuda.bank, loaded through the dispatch).
+launch = backend("cuda").bank
 
 
 class CudaBank:
@@ -43,11 +45,11 @@ class CudaBank:
         if not is_device_array(x):
             raise DeviceError(f"this bank is on the GPU: expected x as a device array, got a host "
                               f"{type(x).__name__}; move it with numlora.to_device(x)")
-        x, n = _rows("x", x, self._in_f)
+        x, n = launch.rows("x", x, self._in_f)
         snap = registry.enter()
         try:
             ids, rowscale = snap.rows(adapters, scale, n, len(x.shape) == 1)
-            out = _out(out, x, self._out_f)
+            out = launch.output(out, x, self._out_f)
             if n == 0:
                 return out
             if launch.device_overlap(out, x):
@@ -82,7 +84,7 @@ class CudaBank:
         writes its ``A^T`` and ``B^T`` into the device pool pages ``pages`` (device
         arrays by a kernel; host arrays packed on the host, then one copy)."""
         if is_device_array(lora_a) or is_device_array(lora_b):
-            lora_a, lora_b, r = _low_rank(lora_a, lora_b, self._out_f, self._in_f)
+            lora_a, lora_b, r = launch.low_rank(lora_a, lora_b, self._out_f, self._in_f)
             return r, lambda pages: launch.pack_adapter(lora_a, lora_b, pages)
         lora_a, lora_b, r = host_adapter(lora_a, lora_b, self._out_f, self._in_f)
         from ..kernels.multi import pack_adapter
