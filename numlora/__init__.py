@@ -34,6 +34,8 @@ from .errors import (
 from .init import LoftQInit, LoraInit, init_lora, loftq_init
 from .io.peft import load_peft_adapter
 from .layers import LoraLinear, QLoraLinear
+from .layers.conv import LoraConv
+from .layers.embedding import LoraEmbedding
 from .multi import LoraBank, multi_lora_forward
 from .nf4 import (
     CODE8,
@@ -72,6 +74,8 @@ __all__ = [
     "LoraAdapterSummary",
     "LoraBank",
     "LoraConfig",
+    "LoraConv",
+    "LoraEmbedding",
     "LoraInit",
     "LoraLinear",
     "MergeRecord",
