@@ -15,8 +15,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import _backward as bw
+from . import _nf4_products as products
 from . import _validate as validate
 from ._dispatch import dispatch
+from ._nf4_products import FUSED_MAX_ROWS  # noqa: F401  (a documented limit of nf4_matmul)
 from ._tables import CODE8, NF4_CODE, NF4_MIDPOINTS
 from ._validate import BLOCKSIZE_MAX, BLOCKSIZE_MIN, MAX_NUMEL, check_blocksize
 from .errors import ConfigError, DTypeError, ShapeError
@@ -287,7 +289,7 @@ def quantize_nf4(w, blocksize: int = 64, double_quant: bool = False) -> NF4Tenso
     nblocks = -(-n // bs)
     packed = np.empty((n + 1) // 2, np.uint8)
     absmax = np.empty(nblocks, np.float32)
-    if _simd_ok(k, bs):
+    if products.simd_ok(k, bs):
         k.nf4_quantize_simd(x, x.view(np.int32), bs, _MIDS16, packed, absmax, absmax.view(np.int32))
     else:
         kern = k.nf4_quantize_even if bs % 2 == 0 else k.nf4_quantize_any
@@ -350,40 +352,20 @@ def dequantize_nf4(t: NF4Tensor, out=None) -> np.ndarray:
     if out is None:
         out = np.empty(t.shape, np.float32)
     else:
-        out, dest = validate.private_out(validate.out_array("out", out, t.shape, np.float32), _tensor_arrays(t))
+        out, dest = validate.private_out(validate.out_array("out", out, t.shape, np.float32), products.tensor_arrays(t))
     n, bs = t.numel, t.blocksize
     scales = t._block_scales()
-    if _simd_ok(k, bs) and n % bs == 0:
+    if products.simd_ok(k, bs) and n % bs == 0:
         k.nf4_decode_simd(t.packed, scales, bs, NF4_CODE, 0, n // bs, out.reshape(-1))
     else:
         k.nf4_dequantize_range(t.packed, scales, bs, NF4_CODE, 0, n, out.reshape(-1))
     return validate.deliver(out, dest)
 
 
-def _tensor_arrays(t):
-    """The arrays of an NF4Tensor a decode reads while it writes, by name, for the overlap
-    checks of ``out=``: the codes and the float32 scales (under double quantization the
-    scales are decoded from absmax, absmax2 and code8 once, before anything is written)."""
-    return {"t.packed": t.packed, "t.scales": t._block_scales()}
-
-
-def _simd_ok(k, blocksize) -> bool:
-    """Whether the SIMD decode applies (the CPU has it and blocks hold whole chunks)."""
-    return k.SIMD_LANES > 0 and blocksize % k.SIMD_LANES == 0
-
-
-#: float32 elements per decoded tile on the large-batch path (8 MiB at most, whatever the
-#: weight's size: larger tiles keep BLAS efficient).
-TILE_ELEMS = 1 << 21
-
-#: Batches up to this many rows run the fused kernels (each byte of W decoded once, in
-#: registers, for every row); larger batches decode tiles of W and hand them to BLAS,
-#: whose GEMM is faster than anything that decodes as it multiplies once the decode cost
-#: is spread over this many rows.
-FUSED_MAX_ROWS = 16
-
-
-def _weight_2d(t):
+def weight_shape(t) -> tuple:
+    """``(out, in)``, the shape of the 2-D NF4 weight ``t``: a DTypeError for anything but
+    an :class:`NF4Tensor`, a ShapeError for another number of dimensions. What the
+    functions and layers that take an NF4 weight check it with."""
     _check_tensor(t)
     if len(t.shape) != 2:
         raise ShapeError(f"expected a 2-D NF4 weight, got shape {t.shape}")
@@ -406,95 +388,13 @@ def nf4_matmul(x, t: NF4Tensor, out=None, *, bias=None) -> np.ndarray:
     adapter runs). ``out`` may overlap ``x``, the bias or the tensor's arrays: the result
     is then computed into a temporary and copied into ``out``.
     """
-    out_f, in_f = _weight_2d(t)
+    out_f, in_f = weight_shape(t)
     x = validate.input_rows(x, in_f)
     b_arr, use_bias = validate.bias_array(bias, out_f, np.float32)
-    out, dest = validate.output(out, x, out_f, np.float32, {"x": x, "bias": bias, **_tensor_arrays(t)})
+    out, dest = validate.output(out, x, out_f, np.float32, {"x": x, "bias": bias, **products.tensor_arrays(t)})
     x2 = np.ascontiguousarray(x.reshape(-1, in_f), np.float32)
-    _nf4_forward(x2, t, None, None, 0.0, b_arr if use_bias else None, out.reshape(-1, out_f))
+    products.forward(x2, t, None, None, 0.0, b_arr if use_bias else None, out.reshape(-1, out_f))
     return validate.deliver(out, dest)
-
-
-def _nf4_forward(x2, t, lora_a, lora_b, s, bias, out2, x_lora=None, u_out=None):
-    """out2 = x2 deq(W)^T (+ s (x_lora A^T) B^T) (+ bias); A, B, bias float32 or None.
-
-    x_lora: the LoRA path's input (the dropped x in training; x2 when None). u_out: an
-    optional (n, r) float32 buffer that receives ``x_lora A^T`` unscaled (what the backward
-    reuses): the shrink then runs with scale 1 and the scale is applied to a copy (the
-    same bits as the shrink with the scale)."""
-    from .kernels import nf4 as k
-
-    n = x2.shape[0]
-    if n == 0:
-        return
-    out_f, in_f = t.shape
-    scales = t._block_scales()
-    use_bias = bias is not None
-    b_arr = bias if use_bias else np.zeros(1, np.float32)
-    xl = x2 if x_lora is None else x_lora
-    if n > FUSED_MAX_ROWS:
-        _nf4_blas(x2, t, scales, out2)
-        if lora_a is not None:
-            bw.add_low_rank(xl, lora_a, lora_b, s, out2, u_out)
-        if use_bias:
-            out2 += b_arr
-        return
-    if lora_a is None:
-        u = np.zeros((n, 0), np.float32)
-        lora_b = np.zeros((out_f, 0), np.float32)
-    elif u_out is None:
-        u = np.empty((n, lora_a.shape[0]), np.float32)
-        k.lora_shrink(xl, lora_a, np.float32(s), u)
-    else:
-        k.lora_shrink(xl, lora_a, np.float32(1.0), u_out)
-        u = u_out * np.float32(s)
-    bs = t.blocksize
-    if in_f % bs == 0 and _simd_ok(k, bs) and bs % (2 * k.SIMD_LANES) == 0:
-        xe = np.ascontiguousarray(x2[:, 0::2])
-        xo = np.ascontiguousarray(x2[:, 1::2])
-        k.nf4_matmul_simd(t.packed, scales, bs, NF4_CODE, xe, xo, u, lora_b, b_arr, use_bias, out2)
-    elif in_f % bs == 0 and bs % 2 == 0:
-        if n == 1:
-            k.nf4_gemv_lut(t.packed, scales, bs, NF4_CODE, x2[0], u, lora_b, b_arr, use_bias, out2[0])
-        else:
-            k.nf4_gemm_pairs(t.packed, scales, bs, NF4_CODE, np.ascontiguousarray(x2.T), u, lora_b, b_arr,
-                             use_bias, out2)
-    else:
-        k.nf4_gemm_any(t.packed, scales, bs, NF4_CODE, np.ascontiguousarray(x2.T), u, lora_b, b_arr,
-                       use_bias, out2)
-
-
-def _nf4_blas(x2, t, scales, out2):
-    """out2 = x2 deq(W)^T for large batches: decode tiles of rows of W (at most
-    TILE_ELEMS floats, serially: a parallel decode right after a BLAS call fights
-    OpenBLAS's spinning threads), multiply each by the whole batch with BLAS into y^T,
-    transpose once."""
-    yt = np.empty((t.shape[0], x2.shape[0]), np.float32)
-    xt = x2.T
-    for r0, r1, cur in _row_tiles(t, scales):
-        np.dot(cur, xt, out=yt[r0:r1])
-    out2[...] = yt.T
-
-
-def _row_tiles(t, scales):
-    """Yield ``(r0, r1, tile)``: rows r0:r1 of deq(W), decoded (serially) into one reused
-    buffer of at most TILE_ELEMS floats, for the large-batch paths that multiply them with
-    BLAS (the forward's ``x W^T`` and the backward's ``G W``)."""
-    from .kernels import nf4 as k
-
-    out_f, in_f = t.shape
-    rows = max(1, min(out_f, TILE_ELEMS // in_f))
-    tile = np.empty((rows, in_f), np.float32)
-    bs = t.blocksize
-    simd = in_f % bs == 0 and _simd_ok(k, bs)
-    for r0 in range(0, out_f, rows):
-        r1 = min(out_f, r0 + rows)
-        cur = tile[: r1 - r0]
-        if simd:
-            k.nf4_decode_simd_tile(t.packed, scales, bs, NF4_CODE, r0 * in_f // bs, r1 * in_f // bs, cur.reshape(-1))
-        else:
-            k.nf4_dequantize_tile(t.packed, scales, bs, NF4_CODE, r0 * in_f, r1 * in_f, cur.reshape(-1))
-        yield r0, r1, cur
 
 
 @dispatch
@@ -503,37 +403,12 @@ def nf4_matmul_t(g, t: NF4Tensor, out=None) -> np.ndarray:
     (n, out): the input gradient of ``y = x deq(W)^T``, fused the same way (W is decoded a
     row segment at a time, never whole). Returns (in,) or (n, in). ``out`` may overlap
     ``g`` or the tensor's arrays (computed into a temporary then)."""
-    out_f, in_f = _weight_2d(t)
+    out_f, in_f = weight_shape(t)
     g = validate.input_rows(g, out_f, "g", "out_features")
-    out, dest = validate.output(out, g, in_f, np.float32, {"g": g, **_tensor_arrays(t)})
+    out, dest = validate.output(out, g, in_f, np.float32, {"g": g, **products.tensor_arrays(t)})
     g2 = np.ascontiguousarray(g.reshape(-1, out_f), np.float32)
-    _nf4_grad_input(g2, t, out.reshape(-1, in_f))
+    products.grad_input(g2, t, out.reshape(-1, in_f))
     return validate.deliver(out, dest)
-
-
-def _nf4_grad_input(g2, t, dx):
-    """dx = g2 deq(W) (overwritten). Up to FUSED_MAX_ROWS rows: the fused kernel (W
-    decoded a row segment at a time, in registers). More rows: decode tiles of rows of W
-    (TILE_ELEMS floats at most, serially, as the forward's large-batch path does) and
-    accumulate ``G[:, rows] @ tile`` with BLAS; never a whole dequantized copy of W."""
-    from .kernels import nf4 as k
-
-    n = g2.shape[0]
-    if n == 0:
-        return
-    scales = t._block_scales()
-    if n <= FUSED_MAX_ROWS:
-        k.nf4_matmul_t(t.packed, scales, t.blocksize, NF4_CODE, g2, dx)
-        return
-    tmp = None
-    for r0, r1, cur in _row_tiles(t, scales):
-        if r0 == 0:
-            np.dot(g2[:, r0:r1], cur, out=dx)
-        else:
-            if tmp is None:
-                tmp = np.empty_like(dx)
-            np.dot(g2[:, r0:r1], cur, out=tmp)
-            dx += tmp
 
 
 @dispatch
@@ -545,7 +420,7 @@ def qlora_backward(x, t: NF4Tensor, lora_a, lora_b, scaling, grad_out, *, dropou
     decoded tiles and BLAS for large ones; never a whole dequantized copy of W).
     float32 throughout. ``grad_a`` / ``grad_b`` may overlap the inputs (those are copied
     first, as in :func:`~numlora.ops.lora_backward`)."""
-    out_f, in_f = _weight_2d(t)
+    out_f, in_f = weight_shape(t)
     lora_a, lora_b, rank = validate.low_rank_arrays(lora_a, lora_b, out_f, in_f, base=_nf4_base(t))
     s = validate.real_scalar("scaling", scaling)
     need_grad_x = validate.flag("need_grad_x", need_grad_x)
@@ -559,13 +434,13 @@ def qlora_backward(x, t: NF4Tensor, lora_a, lora_b, scaling, grad_out, *, dropou
     a, b = np.ascontiguousarray(lora_a, dt), np.ascontiguousarray(lora_b, dt)
     x2, xd2, g2, us, a, b = bw.unalias_grads(grad_a, grad_b, (x2, xd2, g2, us, a, b))
     if need_grad_x and (grad_a is not None or grad_b is not None):
-        names = [k for k, arr in _tensor_arrays(t).items()
+        names = [k for k, arr in products.tensor_arrays(t).items()
                  if validate.shares_memory(grad_a, arr) or validate.shares_memory(grad_b, arr)]
         if names:
             raise ShapeError(f"grad_a / grad_b share memory with {names[0]}: they are accumulated in place while "
                              "the NF4 weight is still read; pass separate arrays")
     dx, grad_a, grad_b = bw.backward_core(x2, xd2, a, b, s, g2, us, drop, grad_a, grad_b, bool(need_grad_x),
-                                          lambda g, d: _nf4_grad_input(g, t, d))
+                                          lambda g, d: products.grad_input(g, t, d))
     return bw.finish_backward(dx, grad_a, grad_b, one_d, in_f)
 
 
@@ -581,18 +456,18 @@ def qlora_forward(x, t: NF4Tensor, lora_a, lora_b, scaling, bias=None, out=None,
     forward), as in :func:`~numlora.ops.lora_forward`. ``u_out``: optional float32
     (r,) or (n, r) array that receives ``x_lora A^T`` unscaled (the ``u`` of
     :func:`qlora_backward`), as in :func:`~numlora.ops.lora_forward`."""
-    out_f, in_f = _weight_2d(t)
+    out_f, in_f = weight_shape(t)
     lora_a, lora_b, rank = validate.low_rank_arrays(lora_a, lora_b, out_f, in_f, base=_nf4_base(t))
     s = validate.real_scalar("scaling", scaling)
     x = validate.input_rows(x, in_f)
     xl = validate.lora_input(x_lora, x, in_f)
     b_arr, use_bias = validate.bias_array(bias, out_f, np.float32)
-    inputs = {"x": x, "lora_a": lora_a, "lora_b": lora_b, "bias": bias, "x_lora": xl, **_tensor_arrays(t)}
+    inputs = {"x": x, "lora_a": lora_a, "lora_b": lora_b, "bias": bias, "x_lora": xl, **products.tensor_arrays(t)}
     u2 = bw.u_buffer(u_out, x, rank, np.float32, {**inputs, "out": out}, "qlora_forward")
     out, dest = validate.output(out, x, out_f, np.float32, inputs)
     x2 = np.ascontiguousarray(x.reshape(-1, in_f), np.float32)
     xl2 = None if xl is None else np.ascontiguousarray(xl.reshape(-1, in_f), np.float32)
-    _nf4_forward(x2, t, np.ascontiguousarray(lora_a, np.float32), np.ascontiguousarray(lora_b, np.float32), s,
+    products.forward(x2, t, np.ascontiguousarray(lora_a, np.float32), np.ascontiguousarray(lora_b, np.float32), s,
                  b_arr if use_bias else None, out.reshape(-1, out_f), x_lora=xl2, u_out=u2)
     return validate.deliver(out, dest)
 

@@ -67,8 +67,9 @@ class Parameter:
                 f"grad={'None' if self.grad is None else 'set'})")
 
 
-class _BoundParameter(Parameter):
-    """A parameter whose value and gradient are attributes of an owner (a layer)."""
+class BoundParameter(Parameter):
+    """A parameter whose value and gradient are attributes of an owner: what a layer's
+    ``parameters()`` returns (it reads the layer's current arrays)."""
 
     __slots__ = ("_owner", "_vattr", "_gattr")
 

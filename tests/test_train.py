@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import numlora as nl
+from numlora import _nf4_products
 
 from conftest import JIT_DISABLED
 from test_process import _run
@@ -235,7 +236,7 @@ def test_qlora_backward_finite_differences(rng, kernel_path, monkeypatch, n, p, 
     w = rng.standard_normal((out_f, in_f)).astype(np.float32)
     t = nl.quantize_nf4(w, 32, double_quant=True)
     if tile_rows:
-        monkeypatch.setattr(nl.nf4, "TILE_ELEMS", tile_rows * in_f)
+        monkeypatch.setattr(_nf4_products, "TILE_ELEMS", tile_rows * in_f)
     wd = t.dequantize().astype(np.float64)
     x = rng.standard_normal((n, in_f)).astype(np.float32)
     a = rng.standard_normal((r, in_f)).astype(np.float32)

@@ -23,7 +23,7 @@ from ..config import lora_scaling
 from ..dropout import check_p, check_seed, mix_seed
 from ..errors import ConfigError, DeviceError, MergeStateError, TrainStateError
 from ..rng import XorShift64
-from ..train import _BoundParameter
+from ..train import BoundParameter
 from ._host import HOST
 from .variants import LORA
 
@@ -313,8 +313,8 @@ class LoraLayer:
     def parameters(self) -> list:
         """``[Parameter for lora_a, Parameter for lora_b]``, sharing this layer's arrays
         and gradients (an optimizer updates the layer's A and B in place)."""
-        return [_BoundParameter(self, "_lora_a", "_grad_a", "lora_a"),
-                _BoundParameter(self, "_lora_b", "_grad_b", "lora_b")]
+        return [BoundParameter(self, "_lora_a", "_grad_a", "lora_a"),
+                BoundParameter(self, "_lora_b", "_grad_b", "lora_b")]
 
     def zero_grad(self) -> None:
         """Fill grad_a and grad_b with zeros in place (they stay None before the first

@@ -6,7 +6,7 @@ import numpy as np
 
 from .. import _validate as validate
 from ..errors import DTypeError
-from ..nf4 import NF4Tensor, _weight_2d, quantize_nf4
+from ..nf4 import NF4Tensor, quantize_nf4, weight_shape
 from .base import LoraLayer, check_rank, init_lora_a
 
 __all__ = ["QLoraLinear"]
@@ -29,7 +29,7 @@ class QLoraLinear(LoraLayer):
 
     def __init__(self, nf4: NF4Tensor, lora_a, lora_b, alpha, *, bias=None, use_rslora=False, dropout=0.0,
                  dropout_seed=0):
-        out_f, in_f = _weight_2d(nf4)
+        out_f, in_f = weight_shape(nf4)
         self._nf4 = nf4
         base = validate.Base("the NF4 weight", nf4.shape, None)
         self._init_low_rank(out_f, in_f, lora_a, lora_b, alpha, use_rslora, base)

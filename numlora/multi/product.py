@@ -16,7 +16,8 @@ import threading
 
 import numpy as np
 
-from ..nf4 import FUSED_MAX_ROWS, _nf4_blas, _nf4_forward
+from .._nf4_products import FUSED_MAX_ROWS, blas_product
+from .._nf4_products import forward as nf4_product
 
 __all__ = ["BUCKETS", "REF_ROWS", "RowStableProduct", "base_product"]
 
@@ -134,7 +135,7 @@ def _dense(weight):
 
 def _nf4_by_size(t):
     def product(x2, out2):
-        _nf4_forward(x2, t, None, None, 0.0, None, out2)
+        nf4_product(x2, t, None, None, 0.0, None, out2)
 
     return product
 
@@ -144,7 +145,7 @@ def _nf4_fused(t):
         n = x2.shape[0]
         for c0 in range(0, n, FUSED_MAX_ROWS):
             c1 = min(n, c0 + FUSED_MAX_ROWS)
-            _nf4_forward(x2[c0:c1], t, None, None, 0.0, None, out2[c0:c1])
+            nf4_product(x2[c0:c1], t, None, None, 0.0, None, out2[c0:c1])
 
     return product
 
@@ -153,6 +154,6 @@ def _nf4_tiles(t):
     scales = np.asarray(t.scales)
 
     def product(x2, out2):
-        _nf4_blas(x2, t, scales, out2)
+        blas_product(x2, t, scales, out2)
 
     return product

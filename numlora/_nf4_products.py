@@ -1,0 +1,148 @@
+"""The NF4 products over validated 2-D float32 arrays: the fused and tiled forward, the
+large-batch path through BLAS, the input gradient ``G deq(W)``; the designated home of
+the NF4 internals that :mod:`numlora.nf4` and the bank's base product
+(:mod:`numlora.multi.product`) share (every module may import from here).
+
+Names for the rest of the package (this module is private): :func:`forward`,
+:func:`blas_product`, :func:`row_tiles`, :func:`grad_input`, :func:`tensor_arrays`,
+:func:`simd_ok`, :data:`FUSED_MAX_ROWS`, :data:`TILE_ELEMS`. They take an NF4Tensor
+already checked (2-D) and arrays already validated; nothing here validates or raises on
+user input.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import _backward as bw
+from ._tables import NF4_CODE
+
+
+def tensor_arrays(t):
+    """The arrays of an NF4Tensor a decode reads while it writes, by name, for the overlap
+    checks of ``out=``: the codes and the float32 scales (under double quantization the
+    scales are decoded from absmax, absmax2 and code8 once, before anything is written)."""
+    return {"t.packed": t.packed, "t.scales": t._block_scales()}
+
+
+def simd_ok(k, blocksize) -> bool:
+    """Whether the SIMD decode applies (the CPU has it and blocks hold whole chunks)."""
+    return k.SIMD_LANES > 0 and blocksize % k.SIMD_LANES == 0
+
+
+#: float32 elements per decoded tile on the large-batch path (8 MiB at most, whatever the
+#: weight's size: larger tiles keep BLAS efficient).
+TILE_ELEMS = 1 << 21
+
+#: Batches up to this many rows run the fused kernels (each byte of W decoded once, in
+#: registers, for every row); larger batches decode tiles of W and hand them to BLAS,
+#: whose GEMM is faster than anything that decodes as it multiplies once the decode cost
+#: is spread over this many rows.
+FUSED_MAX_ROWS = 16
+
+
+def forward(x2, t, lora_a, lora_b, s, bias, out2, x_lora=None, u_out=None):
+    """out2 = x2 deq(W)^T (+ s (x_lora A^T) B^T) (+ bias); A, B, bias float32 or None.
+
+    x_lora: the LoRA path's input (the dropped x in training; x2 when None). u_out: an
+    optional (n, r) float32 buffer that receives ``x_lora A^T`` unscaled (what the backward
+    reuses): the shrink then runs with scale 1 and the scale is applied to a copy (the
+    same bits as the shrink with the scale)."""
+    from .kernels import nf4 as k
+
+    n = x2.shape[0]
+    if n == 0:
+        return
+    out_f, in_f = t.shape
+    scales = t._block_scales()
+    use_bias = bias is not None
+    b_arr = bias if use_bias else np.zeros(1, np.float32)
+    xl = x2 if x_lora is None else x_lora
+    if n > FUSED_MAX_ROWS:
+        blas_product(x2, t, scales, out2)
+        if lora_a is not None:
+            bw.add_low_rank(xl, lora_a, lora_b, s, out2, u_out)
+        if use_bias:
+            out2 += b_arr
+        return
+    if lora_a is None:
+        u = np.zeros((n, 0), np.float32)
+        lora_b = np.zeros((out_f, 0), np.float32)
+    elif u_out is None:
+        u = np.empty((n, lora_a.shape[0]), np.float32)
+        k.lora_shrink(xl, lora_a, np.float32(s), u)
+    else:
+        k.lora_shrink(xl, lora_a, np.float32(1.0), u_out)
+        u = u_out * np.float32(s)
+    bs = t.blocksize
+    if in_f % bs == 0 and simd_ok(k, bs) and bs % (2 * k.SIMD_LANES) == 0:
+        xe = np.ascontiguousarray(x2[:, 0::2])
+        xo = np.ascontiguousarray(x2[:, 1::2])
+        k.nf4_matmul_simd(t.packed, scales, bs, NF4_CODE, xe, xo, u, lora_b, b_arr, use_bias, out2)
+    elif in_f % bs == 0 and bs % 2 == 0:
+        if n == 1:
+            k.nf4_gemv_lut(t.packed, scales, bs, NF4_CODE, x2[0], u, lora_b, b_arr, use_bias, out2[0])
+        else:
+            k.nf4_gemm_pairs(t.packed, scales, bs, NF4_CODE, np.ascontiguousarray(x2.T), u, lora_b, b_arr,
+                             use_bias, out2)
+    else:
+        k.nf4_gemm_any(t.packed, scales, bs, NF4_CODE, np.ascontiguousarray(x2.T), u, lora_b, b_arr,
+                       use_bias, out2)
+
+
+def blas_product(x2, t, scales, out2):
+    """out2 = x2 deq(W)^T for large batches: decode tiles of rows of W (at most
+    TILE_ELEMS floats, serially: a parallel decode right after a BLAS call fights
+    OpenBLAS's spinning threads), multiply each by the whole batch with BLAS into y^T,
+    transpose once."""
+    yt = np.empty((t.shape[0], x2.shape[0]), np.float32)
+    xt = x2.T
+    for r0, r1, cur in row_tiles(t, scales):
+        np.dot(cur, xt, out=yt[r0:r1])
+    out2[...] = yt.T
+
+
+def row_tiles(t, scales):
+    """Yield ``(r0, r1, tile)``: rows r0:r1 of deq(W), decoded (serially) into one reused
+    buffer of at most TILE_ELEMS floats, for the large-batch paths that multiply them with
+    BLAS (the forward's ``x W^T`` and the backward's ``G W``)."""
+    from .kernels import nf4 as k
+
+    out_f, in_f = t.shape
+    rows = max(1, min(out_f, TILE_ELEMS // in_f))
+    tile = np.empty((rows, in_f), np.float32)
+    bs = t.blocksize
+    simd = in_f % bs == 0 and simd_ok(k, bs)
+    for r0 in range(0, out_f, rows):
+        r1 = min(out_f, r0 + rows)
+        cur = tile[: r1 - r0]
+        if simd:
+            k.nf4_decode_simd_tile(t.packed, scales, bs, NF4_CODE, r0 * in_f // bs, r1 * in_f // bs, cur.reshape(-1))
+        else:
+            k.nf4_dequantize_tile(t.packed, scales, bs, NF4_CODE, r0 * in_f, r1 * in_f, cur.reshape(-1))
+        yield r0, r1, cur
+
+
+def grad_input(g2, t, dx):
+    """dx = g2 deq(W) (overwritten). Up to FUSED_MAX_ROWS rows: the fused kernel (W
+    decoded a row segment at a time, in registers). More rows: decode tiles of rows of W
+    (TILE_ELEMS floats at most, serially, as the forward's large-batch path does) and
+    accumulate ``G[:, rows] @ tile`` with BLAS; never a whole dequantized copy of W."""
+    from .kernels import nf4 as k
+
+    n = g2.shape[0]
+    if n == 0:
+        return
+    scales = t._block_scales()
+    if n <= FUSED_MAX_ROWS:
+        k.nf4_matmul_t(t.packed, scales, t.blocksize, NF4_CODE, g2, dx)
+        return
+    tmp = None
+    for r0, r1, cur in row_tiles(t, scales):
+        if r0 == 0:
+            np.dot(g2[:, r0:r1], cur, out=dx)
+        else:
+            if tmp is None:
+                tmp = np.empty_like(dx)
+            np.dot(g2[:, r0:r1], cur, out=tmp)
+            dx += tmp
