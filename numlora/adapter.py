@@ -14,6 +14,8 @@ from .config import LoraConfig
 from .dora import dora_weight_norm
 from .errors import ConfigError, DTypeError, DuplicateLayerError, LayerNotFoundError, MergeStateError, NumloraError
 from .layers import LoraLinear
+from .layers.conv import LoraConv
+from .layers.embedding import LoraEmbedding
 
 __all__ = ["LoraAdapter", "LoraAdapterSummary"]
 
@@ -175,6 +177,52 @@ class LoraAdapter:
         elif bias is not None:
             raise ConfigError(f"layer '{name}': bias belongs to the base layer: give it with weight")
         layer = self._place(layer)
+        self._layers[name] = layer
+        return layer
+
+    def _plain_lora_only(self, name, kind):
+        c = self._config
+        for flag in ("use_dora", "lora_bias"):
+            if getattr(c, flag):
+                raise ConfigError(f"layer '{name}': the adapter's config has {flag}=True, which numlora supports on "
+                                  f"Linear layers only, not on {kind} layers")
+
+    def add_embedding(self, name: str, lora_a, lora_b, *, alpha=None, weight=None, padding_idx=None,
+                      copy=True) -> LoraEmbedding:
+        """Add a LoRA embedding layer (:class:`~numlora.layers.embedding.LoraEmbedding`)
+        from PEFT's ``lora_embedding_A`` (r, num_embeddings) and ``lora_embedding_B``
+        (embedding_dim, r); ``alpha`` defaults to the config's for ``name``. Without
+        ``weight`` (the table) the layer is detached (see :meth:`attach`)."""
+        self._new_name(name)
+        self._plain_lora_only(name, "embedding")
+        c = self._config
+        alpha = c.alpha_for(name) if alpha is None else alpha
+        layer = LoraEmbedding(None, lora_a, lora_b, alpha, use_rslora=c.use_rslora, padding_idx=padding_idx)
+        if weight is not None:
+            layer.attach(weight, copy=copy)
+        self._place(layer)
+        self._layers[name] = layer
+        return layer
+
+    def add_conv(self, name: str, lora_a, lora_b, *, alpha=None, weight=None, bias=None, stride=1, padding=0,
+                 dilation=1, copy=True) -> LoraConv:
+        """Add a LoRA convolution layer (:class:`~numlora.layers.conv.LoraConv`) from
+        PEFT's ``lora_A`` (r, C_in, *kernel) and ``lora_B`` (C_out, r, 1[, 1]) weights;
+        ``stride`` / ``padding`` / ``dilation`` are the base convolution's (an adapter
+        file does not hold them). Without ``weight`` the layer is detached (see
+        :meth:`attach`; :meth:`LoraConv.attach <numlora.layers.conv.LoraConv.attach>`
+        also takes the options)."""
+        self._new_name(name)
+        self._plain_lora_only(name, "convolution")
+        c = self._config
+        alpha = c.alpha_for(name) if alpha is None else alpha
+        layer = LoraConv(None, lora_a, lora_b, alpha, stride=stride, padding=padding, dilation=dilation,
+                         use_rslora=c.use_rslora, dropout=c.dropout, dropout_seed=_name_seed(name))
+        if weight is not None:
+            layer.attach(weight, bias, copy=copy)
+        elif bias is not None:
+            raise ConfigError(f"layer '{name}': bias belongs to the base layer: give it with weight")
+        self._place(layer)
         self._layers[name] = layer
         return layer
 

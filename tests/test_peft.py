@@ -324,8 +324,9 @@ def test_bad_tensors(tmp_path, rng, case):
         "missing_a": (FormatError, r"layer 'm.q' has no base_model.model.m.q.lora_A.weight"),
         "rank": (FormatError, r"layer 'm.q': the config gives rank 4 \(r\), but lora_A has shape \(2, 6\)"),
         "int": (nl.DTypeError, r"lora_A.weight: expected a floating tensor .* got int32"),
-        "conv": (FormatError, r"expected a 2-D tensor .* got shape \(2, 6, 1, 1\)"),
-        "embedding": (FormatError, "embedding layers is not supported"),
+        "conv": (nl.ShapeError, r"lora_A has shape \(2, 6, 1, 1\) \(a Conv2d of rank 2\), so lora_B must have "
+                                r"shape \(C_out, 2, 1, 1\); got \(4, 2\)"),
+        "embedding": (FormatError, r"layer 'emb' has no base_model.model.emb.lora_embedding_B"),
         "magnitude_unexpected": (FormatError, "lora_magnitude_vector is present but the config has use_dora=false"),
         "magnitude_missing": (FormatError, "use_dora=true but layer 'm.q' has no .*lora_magnitude_vector"),
         "lora_bias_missing": (FormatError, "lora_bias=true but layer 'm.q' has no .*lora_B.bias"),

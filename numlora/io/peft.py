@@ -5,7 +5,12 @@ what numlora writes (:func:`save_peft`) ``PeftModel.from_pretrained`` loads. Ten
 are ``base_model.model.<module path>.lora_A.weight`` ``(r, in)``, ``...lora_B.weight``
 ``(out, r)``, with ``lora_bias`` ``...lora_B.bias`` ``(out,)``, with DoRA
 ``...lora_magnitude_vector`` ``(out,)``; numlora names a layer by its module path (the
-key without the ``base_model.model.`` prefix and the suffix). The legacy
+key without the ``base_model.model.`` prefix and the suffix). Embedding layers have
+``...lora_embedding_A`` ``(r, num_embeddings)`` and ``...lora_embedding_B``
+``(embedding_dim, r)`` (:class:`~numlora.layers.embedding.LoraEmbedding`); convolutions
+have 3-D / 4-D ``lora_A.weight`` ``(r, C_in, *kernel)`` and ``lora_B.weight``
+``(C_out, r, 1[, 1])`` (:class:`~numlora.layers.conv.LoraConv`, detached: attach gives the
+base weight and the stride, padding and dilation, which an adapter file does not hold). The legacy
 ``adapter_model.bin`` is a pickle and is never loaded.
 """
 
@@ -21,6 +26,8 @@ import numpy as np
 from ..adapter import LoraAdapter, register_peft_format
 from ..config import LoraConfig, pattern_key
 from ..errors import ConfigError, DTypeError, FormatError, NumloraError, ShapeError
+from ..layers.conv import LoraConv
+from ..layers.embedding import LoraEmbedding
 from ._files import brief, read_json
 from .atomic import write_text_atomic
 from .safetensors import load_file, save_file
@@ -43,9 +50,12 @@ _SUFFIXES = (
     (".lora_B.bias", "lora_bias"),
     (".lora_magnitude_vector", "magnitude"),
     (".lora_magnitude_vector.weight", "magnitude"),
+    (".lora_embedding_A", "embedding_a"),
+    (".lora_embedding_B", "embedding_b"),
 )
 _KEY_OF = {"lora_a": ".lora_A.weight", "lora_b": ".lora_B.weight", "lora_bias": ".lora_B.bias",
-           "magnitude": ".lora_magnitude_vector"}
+           "magnitude": ".lora_magnitude_vector", "embedding_a": ".lora_embedding_A",
+           "embedding_b": ".lora_embedding_B"}
 
 
 # --- reading ------------------------------------------------------------------------------
@@ -159,9 +169,6 @@ def adapter_from_tensors(config: LoraConfig, tensors, *, source: str = "adapter 
     for key, arr in tensors.items():
         name, part = _split_key(key)
         if name is None:
-            if "lora_embedding_A" in key or "lora_embedding_B" in key:
-                raise FormatError(f"{source}: {key}: LoRA on embedding layers is not supported by numlora "
-                                  "(only Linear / Conv1D layers)")
             if "lora_" in key:
                 raise FormatError(f"{source}: {key}: not a LoRA tensor numlora understands; expected keys ending "
                                   f"in {', '.join(s for s, _ in _SUFFIXES)}")
@@ -181,6 +188,12 @@ def adapter_from_tensors(config: LoraConfig, tensors, *, source: str = "adapter 
         arrays = {}
         for part, (key, arr) in layer.items():
             arrays[part] = _float32(source, key, arr)
+        if "embedding_a" in arrays or "embedding_b" in arrays:
+            _add_embedding(adapter, config, name, layer, arrays, source)
+            continue
+        if "lora_a" in arrays and arrays["lora_a"].ndim in (3, 4):
+            _add_conv(adapter, config, name, layer, arrays, source)
+            continue
         for part in ("lora_a", "lora_b"):
             if part not in arrays:
                 have = ", ".join(k for k, _ in layer.values())
@@ -189,8 +202,8 @@ def adapter_from_tensors(config: LoraConfig, tensors, *, source: str = "adapter 
         a, b = arrays["lora_a"], arrays["lora_b"]
         for part, arr in (("lora_a", a), ("lora_b", b)):
             if arr.ndim != 2:
-                raise FormatError(f"{source}: {layer[part][0]}: expected a 2-D tensor (LoRA on Linear / Conv1D "
-                                  f"layers), got shape {arr.shape}; LoRA on convolutions is not supported")
+                raise FormatError(f"{source}: {layer[part][0]}: expected a 2-D tensor (Linear / Conv1D layers) or "
+                                  f"a 3-D / 4-D lora_A (Conv1d / Conv2d), got shape {arr.shape}")
         r = a.shape[0]
         if b.shape[1] != r:
             raise ShapeError(f"{source}: layer '{name}': lora_A has shape {a.shape} (rank {r}), so lora_B must have "
@@ -214,6 +227,61 @@ def adapter_from_tensors(config: LoraConfig, tensors, *, source: str = "adapter 
         except NumloraError as e:
             raise type(e)(f"{source}: layer '{name}': {e}") from None
     return adapter
+
+
+def _check_rank(config, name, r, shape, source):
+    want_r = config.rank_for(name)
+    if want_r != r:
+        key = pattern_key(config.rank_pattern, name)
+        why = f"rank_pattern[{key!r}]" if key is not None else "r"
+        raise FormatError(f"{source}: layer '{name}': the config gives rank {want_r} ({why}), but its A has "
+                          f"shape {shape} (rank {r})")
+
+
+def _plain_parts(config, name, layer, arrays, source, kind, allowed):
+    """Refuse parts and switches numlora has only for Linear layers (DoRA, a LoRA bias)."""
+    extra = [layer[p][0] for p in arrays if p not in allowed]
+    if extra:
+        raise FormatError(f"{source}: layer '{name}' is {kind} layer but has {extra}; numlora supports plain LoRA "
+                          f"(no DoRA magnitude, no LoRA bias) on {kind} layers")
+    for flag in ("use_dora", "lora_bias"):
+        if getattr(config, flag):
+            raise FormatError(f"{source}: the config has {flag}=true, which numlora supports on Linear layers "
+                              f"only, and layer '{name}' is {kind} layer")
+    for part in allowed:
+        if part not in arrays:
+            have = ", ".join(k for k, _ in layer.values())
+            raise FormatError(f"{source}: layer '{name}' has no {KEY_PREFIX}{name}{_KEY_OF[part]} (it has {have})")
+
+
+def _add_embedding(adapter, config, name, layer, arrays, source):
+    _plain_parts(config, name, layer, arrays, source, "an embedding", ("embedding_a", "embedding_b"))
+    a, b = arrays["embedding_a"], arrays["embedding_b"]
+    for part, arr in (("embedding_a", a), ("embedding_b", b)):
+        if arr.ndim != 2:
+            raise FormatError(f"{source}: {layer[part][0]}: expected a 2-D tensor, got shape {arr.shape}")
+    if b.shape[1] != a.shape[0]:
+        raise ShapeError(f"{source}: layer '{name}': lora_embedding_A has shape {a.shape} (rank {a.shape[0]}), so "
+                         f"lora_embedding_B must have shape (embedding_dim, {a.shape[0]}); got {b.shape}")
+    _check_rank(config, name, a.shape[0], a.shape, source)
+    try:
+        adapter.add_embedding(name, a, b, alpha=config.alpha_for(name))
+    except NumloraError as e:
+        raise type(e)(f"{source}: layer '{name}': {e}") from None
+
+
+def _add_conv(adapter, config, name, layer, arrays, source):
+    _plain_parts(config, name, layer, arrays, source, "a convolution", ("lora_a", "lora_b"))
+    a, b = arrays["lora_a"], arrays["lora_b"]
+    nd = a.ndim - 2
+    if b.shape != (b.shape[0], a.shape[0]) + (1,) * nd:
+        raise ShapeError(f"{source}: layer '{name}': lora_A has shape {a.shape} (a Conv{nd}d of rank {a.shape[0]}), "
+                         f"so lora_B must have shape (C_out, {a.shape[0]}{', 1' * nd}); got {b.shape}")
+    _check_rank(config, name, a.shape[0], a.shape, source)
+    try:
+        adapter.add_conv(name, a, b, alpha=config.alpha_for(name))
+    except NumloraError as e:
+        raise type(e)(f"{source}: layer '{name}': {e}") from None
 
 
 def _float32(source, key, arr) -> np.ndarray:
@@ -269,6 +337,9 @@ def adapter_tensors(adapter: LoraAdapter) -> dict:
     c = adapter.config
     out = {}
     for name, layer in adapter.items():
+        if isinstance(layer, (LoraEmbedding, LoraConv)):
+            _other_tensors(c, name, layer, out)
+            continue
         for flag, have in (("use_dora", layer.use_dora), ("use_rslora", layer.use_rslora),
                            ("fan_in_fan_out", layer.fan_in_fan_out)):
             if have != getattr(c, flag):
@@ -286,6 +357,24 @@ def adapter_tensors(adapter: LoraAdapter) -> dict:
         if c.use_dora:
             out[key + ".lora_magnitude_vector"] = np.ascontiguousarray(layer.magnitude, np.float32)
     return out
+
+
+def _other_tensors(c, name, layer, out):
+    """An embedding's or a convolution's tensors under PEFT's keys (plain LoRA only)."""
+    if layer.use_rslora != c.use_rslora:
+        raise ConfigError(f"layer '{name}' has use_rslora={layer.use_rslora} but the adapter's config has "
+                          f"use_rslora={c.use_rslora}; PEFT has one setting for every layer")
+    for flag in ("use_dora", "lora_bias"):
+        if getattr(c, flag):
+            raise ConfigError(f"the adapter's config has {flag}=True, which numlora supports on Linear layers only; "
+                              f"layer '{name}' is a {type(layer).__name__}")
+    key = KEY_PREFIX + name
+    if isinstance(layer, LoraEmbedding):
+        out[key + ".lora_embedding_A"] = np.ascontiguousarray(layer.lora_a, np.float32)
+        out[key + ".lora_embedding_B"] = np.ascontiguousarray(layer.lora_b, np.float32)
+    else:
+        out[key + ".lora_A.weight"] = np.ascontiguousarray(layer.lora_a, np.float32)
+        out[key + ".lora_B.weight"] = np.ascontiguousarray(layer.lora_b, np.float32)
 
 
 def save_peft(adapter: LoraAdapter, path, *, dtype: str = "F32") -> None:

@@ -171,6 +171,21 @@ class LoraConv(HostOnly, LoraLayer):
         validate.expect_shape("bias", bias, (self._out_f,))
         return bias
 
+    def attach(self, weight, bias=None, *, copy=True, stride=None, padding=None, dilation=None) -> "LoraConv":
+        """Give the layer its base weight (C_out, C_in, *kernel) and optional bias (C_out,),
+        and (when given) the base convolution's ``stride`` / ``padding`` / ``dilation``
+        (an adapter file does not hold them). Returns the layer."""
+        options = dict(self._options)
+        for key, value in (("stride", stride), ("padding", padding), ("dilation", dilation)):
+            if value is not None:
+                options[key] = value
+        nd = len(self._kernel)
+        stride_t, dilation_t, _ = conv_options(nd, self._kernel, options["stride"], options["padding"],
+                                               options["dilation"])
+        super().attach(weight, bias, copy=copy)
+        self._options = {"stride": stride_t, "dilation": dilation_t, "padding": options["padding"]}
+        return self
+
     _merge_fn = staticmethod(merge_conv)
     _unmerge_fn = staticmethod(unmerge_conv)
 
