@@ -340,6 +340,10 @@ class MergeReport:
 
 def _merge_one(w: np.ndarray, layer) -> None:
     """``W + s B A`` (DoRA: ``(m / ||W + s B A||) (W + s B A)``) in place on float32 ``w``."""
+    merge_into = getattr(layer, "merge_into", None)
+    if merge_into is not None:  # embedding / convolution layers add their delta in their own layout
+        merge_into(w)
+        return
     if getattr(layer, "use_dora", False):
         from .dora import merge_dora
 
@@ -386,6 +390,8 @@ def merge_checkpoint(base, adapter, out, *, dtype: str | None = None, overwrite:
             info = ckpt.info(key)
             want = (layer.in_features, layer.out_features) if layer.fan_in_fan_out else \
                 (layer.out_features, layer.in_features)
+            if hasattr(layer, "merge_into"):  # embedding (vocab, dim) / convolution (out, in, *kernel)
+                want = tuple(layer.base_shape)
             if info.shape != want:
                 raise ShapeError(f"adapter module {m!r}: expected checkpoint weight {key!r} of shape {want}, "
                                  f"got {info.shape}")
