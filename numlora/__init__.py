@@ -31,7 +31,7 @@ from .errors import (
     NumloraError,
     ShapeError,
 )
-from .init import LoftQInit, LoraInit, init_lora, loftq_init
+from .init import LoftQInit, LoraInit, as_plain_lora, init_lora, loftq_init
 from .io.peft import load_peft_adapter
 from .layers import LoraLinear, QLoraLinear
 from .layers.conv import LoraConv
@@ -89,6 +89,7 @@ __all__ = [
     "TrainStateError",
     "XorShift64",
     "adamw_update",
+    "as_plain_lora",
     "clip_grad_norm",
     "combine_adapters",
     "conv_forward",

@@ -35,7 +35,7 @@ from . import _validate as validate
 from .errors import ConfigError
 from .nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
 
-__all__ = ["INIT_METHODS", "LoftQInit", "LoraInit", "init_lora", "loftq_init", "lora_scaling"]
+__all__ = ["INIT_METHODS", "LoftQInit", "LoraInit", "as_plain_lora", "init_lora", "loftq_init", "lora_scaling"]
 
 #: The names :func:`init_lora` accepts (plus ``"pissa_niter_N"`` for any N >= 0, and
 #: ``True``, PEFT's spelling of ``"kaiming"``).
@@ -210,3 +210,22 @@ def loftq_init(weight, rank, alpha, *, iters: int = 1, blocksize: int = 64, doub
         if i + 1 < iters:
             target = w64 - s * (b.astype(np.float64) @ a.astype(np.float64))
     return LoftQInit(nf4, a, b)
+
+
+def as_plain_lora(lora_a, lora_b, init_a, init_b, alpha, *, use_rslora: bool = False):
+    """A PiSSA / OLoRA adapter trained from ``(init_a, init_b)`` (what :func:`init_lora`
+    returned) to ``(lora_a, lora_b)``, as a plain LoRA adapter over the *original* weight:
+    ``s (B A - B0 A0) = s' [B, -B0] [A; A0]``, of rank ``2 r``. Returns ``(lora_a, lora_b,
+    alpha)`` with the alpha that keeps the scaling (``2 alpha``, or ``sqrt(2) alpha`` with
+    rsLoRA), as PEFT's ``save_pretrained(..., path_initial_model_for_weight_conversion=...)``
+    converts them, so the adapter applies to the unmodified base model."""
+    a = validate.float_array("lora_a", lora_a, 2)
+    b = validate.float_array("lora_b", lora_b, 2)
+    rank = a.shape[0]
+    validate.expect_shape("lora_b", b, (b.shape[0], rank))
+    validate.expect_shape("init_a", validate.float_array("init_a", init_a, 2), a.shape)
+    validate.expect_shape("init_b", validate.float_array("init_b", init_b, 2), b.shape)
+    alpha = validate.real_scalar("alpha", alpha)
+    new_alpha = alpha * math.sqrt(2.0) if validate.flag("use_rslora", use_rslora) else 2.0 * alpha
+    return (np.concatenate([a, np.asarray(init_a, a.dtype)], axis=0),
+            np.concatenate([b, -np.asarray(init_b, b.dtype)], axis=1), new_alpha)

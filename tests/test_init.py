@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 import numlora as nl
-from numlora.errors import ConfigError, DTypeError, NonFiniteError
-from numlora.init import init_lora, loftq_init, lora_scaling
+from numlora.errors import ConfigError, DTypeError, NonFiniteError, ShapeError
+from numlora.init import as_plain_lora, init_lora, loftq_init, lora_scaling
 
 
 def _spectrum_weight(rng, out_f=24, in_f=40, top=8.0, bottom=0.25, dtype=np.float32):
@@ -273,3 +273,21 @@ def test_bad_arguments_are_refused(rng):
     for call in (lambda: init_lora(bad, 2, 4, "pissa"), lambda: loftq_init(bad, 2, 4)):
         with pytest.raises(NonFiniteError, match=r"\(3, 5\)"):
             call()
+
+
+@pytest.mark.parametrize("init, use_rslora", [("pissa", False), ("olora", True)])
+def test_as_plain_lora_applies_to_the_original_weight(rng, init, use_rslora):
+    """After training, the (A, B) of a PiSSA / OLoRA adapter over the residual equal a rank
+    2r plain adapter over the original weight (PEFT's weight conversion)."""
+    w = rng.standard_normal((20, 30))
+    x = rng.standard_normal((4, 30))
+    a0, b0, res = init_lora(w, 3, 6, init, use_rslora=use_rslora)
+    a, b = a0 + 0.1 * rng.standard_normal(a0.shape), b0 + 0.1 * rng.standard_normal(b0.shape)  # "trained"
+    a2, b2, alpha2 = as_plain_lora(a, b, a0, b0, 6, use_rslora=use_rslora)
+    assert a2.shape == (6, 30) and b2.shape == (20, 6)
+    assert lora_scaling(6, alpha2, use_rslora) == pytest.approx(lora_scaling(3, 6, use_rslora), rel=1e-15)
+    trained = nl.LoraLinear(res, a, b, 6, use_rslora=use_rslora).forward(x)
+    converted = nl.LoraLinear(w, a2, b2, alpha2, use_rslora=use_rslora).forward(x)
+    np.testing.assert_allclose(converted, trained, rtol=0, atol=1e-10)
+    with pytest.raises(ShapeError, match=r"init_a of shape \(3, 30\), got \(2, 30\)"):
+        as_plain_lora(a, b, a0[:2], b0, 6)
