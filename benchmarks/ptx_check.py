@@ -92,12 +92,12 @@ def kernels(K):
         add(getattr(K, name))
     for name in ("dropout_apply", "xorshift64_fill", "nf4_quantize_fused", "nf4_absmax", "nf4_dequantize_range",
                  "nf4_gemv", "lora_shrink", "multi_lora_shrink", "multi_lora_expand"):
-        add(getattr(K, name)())
+        add(getattr(K, "make_" + name)())
     for tile in [t for _, t in K.GEMM_TILES] + [K.GEMM_TILE]:
         for nf4 in (False, True):
             for xk in (True, False):
                 for wk in (True, False):
-                    add(K.gemm(nf4, tile, xk, wk))
+                    add(K.make_gemm(nf4, tile, xk, wk))
     return out
 
 

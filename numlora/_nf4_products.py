@@ -22,7 +22,7 @@ def tensor_arrays(t):
     """The arrays of an NF4Tensor a decode reads while it writes, by name, for the overlap
     checks of ``out=``: the codes and the float32 scales (under double quantization the
     scales are decoded from absmax, absmax2 and code8 once, before anything is written)."""
-    return {"t.packed": t.packed, "t.scales": t._block_scales()}
+    return {"t.packed": t.packed, "t.scales": t.scales}
 
 
 def simd_ok(k, blocksize) -> bool:
@@ -54,7 +54,7 @@ def forward(x2, t, lora_a, lora_b, s, bias, out2, x_lora=None, u_out=None):
     if n == 0:
         return
     out_f, in_f = t.shape
-    scales = t._block_scales()
+    scales = t.scales
     use_bias = bias is not None
     b_arr = bias if use_bias else np.zeros(1, np.float32)
     xl = x2 if x_lora is None else x_lora
@@ -133,7 +133,7 @@ def grad_input(g2, t, dx):
     n = g2.shape[0]
     if n == 0:
         return
-    scales = t._block_scales()
+    scales = t.scales
     if n <= FUSED_MAX_ROWS:
         k.nf4_matmul_t(t.packed, scales, t.blocksize, NF4_CODE, g2, dx)
         return

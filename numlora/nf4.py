@@ -168,10 +168,6 @@ class NF4Tensor:
         """The float32 block scales ``(n_blocks,)``: :attr:`absmax`, or under double
         quantization its decoded values (decoded once and kept). A property, as
         :attr:`DeviceNF4Tensor.scales <numlora.device.DeviceNF4Tensor.scales>`."""
-        return _ScalesView.of(self._block_scales())
-
-    def _block_scales(self) -> np.ndarray:
-        """The float32 block scales as a plain ndarray (what the kernels read)."""
         if not self.double_quant:
             return self.absmax
         if self._scales is None:
@@ -316,23 +312,6 @@ def _double_quantize(t: NF4Tensor) -> NF4Tensor:
                      code8=CODE8, dtype=t.dtype)
 
 
-class _ScalesView(np.ndarray):
-    """The value of :attr:`NF4Tensor.scales`: the scales array, also callable (``t.scales()``
-    gives the plain array). compatibility: ``scales`` was a method, and multi.py and some
-    tests still call it; removed once they read the property."""
-
-    @classmethod
-    def of(cls, a):
-        return a.view(cls)
-
-    def __call__(self):
-        return self.view(np.ndarray)
-
-    def __array_wrap__(self, arr, context=None, return_scalar=False):
-        arr = arr.view(np.ndarray)
-        return arr[()] if return_scalar else arr
-
-
 def _check_tensor(t):
     if not isinstance(t, NF4Tensor):
         raise DTypeError(f"expected an NF4Tensor, got {type(t).__name__}")
@@ -354,7 +333,7 @@ def dequantize_nf4(t: NF4Tensor, out=None) -> np.ndarray:
     else:
         out, dest = validate.private_out(validate.out_array("out", out, t.shape, np.float32), products.tensor_arrays(t))
     n, bs = t.numel, t.blocksize
-    scales = t._block_scales()
+    scales = t.scales
     if products.simd_ok(k, bs) and n % bs == 0:
         k.nf4_decode_simd(t.packed, scales, bs, NF4_CODE, 0, n // bs, out.reshape(-1))
     else:

@@ -99,7 +99,7 @@ def test_qlora_forward_and_round_trip_bit_exact():
         back = g.to("cpu")
         t0, t1 = cpu.nf4, back.nf4
         np.testing.assert_array_equal(t1.packed, t0.packed)
-        np.testing.assert_array_equal(t1.scales(), t0.scales())
+        np.testing.assert_array_equal(t1.scales, t0.scales)
         assert t1.double_quant == dq
         np.testing.assert_array_equal(back.lora_a, cpu.lora_a)
         np.testing.assert_array_equal(back.bias, cpu.bias)

@@ -863,8 +863,3 @@ def adamw_step(value, grad, m, v, lr, beta1, beta2, eps, decay, bc1, bc2_sqrt):
     v[k] = vk
     p = np.float64(value[k]) * decay
     value[k] = p - step_size * np.float64(m[k]) / (math.sqrt(np.float64(v[k])) / bc2_sqrt + eps)
-
-
-# compatibility: benchmarks/ptx_check.py still calls the factory by its old name; removed once it
-# calls make_gemm
-gemm = make_gemm
