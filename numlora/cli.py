@@ -118,6 +118,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="replace a previous output at OUT (never an input, nor a path that contains or lies "
                         "inside one)")
     m.add_argument("--json", action="store_true", help="print the report as JSON")
+    _dask_arguments(m)
 
     q = sub.add_parser("quantize", help="quantize a checkpoint's Linear weights to NF4 (bitsandbytes layout)",
                        description="Quantize 2-D floating *.weight tensors (not embeddings or norms, unless "
@@ -133,6 +134,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="replace a previous output at OUT (never an input, nor a path that contains or lies "
                         "inside one)")
     q.add_argument("--json", action="store_true", help="print the report as JSON")
+    _dask_arguments(q)
 
     i = sub.add_parser("inspect", help="describe a PEFT adapter folder or a checkpoint",
                        description="Describe PATH without changing it: for a PEFT adapter folder its modules "
@@ -142,6 +144,27 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("path", metavar="PATH", help="a PEFT adapter folder, a .safetensors file or a model folder")
     i.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return p
+
+
+def _workers(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of worker processes, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected at least 1 worker, got {n}")
+    return n
+
+
+def _dask_arguments(p) -> None:
+    """--scheduler / --workers of merge and quantize (the optional Dask extra)."""
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--scheduler", metavar="ADDRESS",
+                   help="convert the shards of a model folder as tasks on this Dask scheduler (tcp://host:8786); "
+                        "its workers must see the input and output paths (needs numlora[dask])")
+    g.add_argument("--workers", type=_workers, metavar="N",
+                   help="convert the shards of a model folder as Dask tasks on a local cluster of N worker "
+                        "processes (needs numlora[dask])")
 
 
 def _fragile(frame) -> bool:
@@ -330,7 +353,8 @@ def _run(parser, args) -> int:
 def _merge(args) -> int:
     from .convert import merge_checkpoint
 
-    rep = merge_checkpoint(args.base, args.adapter, args.output, dtype=args.dtype, overwrite=args.overwrite)
+    rep = merge_checkpoint(args.base, args.adapter, args.output, dtype=args.dtype, overwrite=args.overwrite,
+                           scheduler=args.scheduler, workers=args.workers)
     if args.json:
         print(json.dumps(rep.to_dict(), indent=2))
     else:
@@ -349,7 +373,8 @@ def _quantize(args) -> int:
         shown = chosen if len(chosen) <= 12 else chosen[:6] + [f"... ({len(chosen) - 12} more) ..."] + chosen[-6:]
         print(f"quantizing {len(chosen)} tensors to NF4:", *shown, sep="\n  ")
     rep = quantize_checkpoint(args.input, args.output, blocksize=args.blocksize, double_quant=args.double_quant,
-                              include=args.include, exclude=args.exclude, overwrite=args.overwrite)
+                              include=args.include, exclude=args.exclude, overwrite=args.overwrite,
+                              scheduler=args.scheduler, workers=args.workers)
     print(json.dumps(rep.to_dict(), indent=2) if args.json else rep)
     return 0
 

@@ -13,10 +13,13 @@ SIGBUS) and never written to.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
 import re
 import shutil
+import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -191,33 +194,54 @@ def _index(ckpt: Checkpoint, sizes: dict[str, int], weight_map: dict[str, str]) 
     return {"metadata": meta, "weight_map": dict(sorted(weight_map.items()))}
 
 
-def _stream(ckpt: Checkpoint, dest: _Output, desc: str, progress, plan, write, config_update=None) -> None:
-    """The loop both converters share: shard by shard, declare the output tensors
-    (``plan(info) -> [(name, dtype, shape or None), ...]`` for each input tensor), write
-    them (``write(file, writer, info, entries)``), keep the shard layout, write the index
-    and the folder's other files, and commit. On any exception the output is removed; an
-    ``OSError`` (disk full, no permission, a file-size limit, an input that vanished)
+def _convert_shard(job, f: SafetensorsFile, dst: str, *, final: bool = False, on_tensor=None,
+                   check=check_interrupt) -> dict:
+    """Convert one shard: the one code path of the single-process run and of each Dask
+    task. Declares the output tensors of ``f`` (``job.plan(info) -> [(name, dtype, shape
+    or None), ...]``), writes them to ``dst`` (``job.write(file, writer, info, entries,
+    part)``) and returns ``part``, what the job noted for its report. ``dst`` is complete
+    when this returns: inside the output's temporary folder, or (``final``: a single-file
+    output) committed by this function's last step. ``check()`` runs between tensors (an
+    interrupt, or a stop requested by the client of a Dask run)."""
+    part = job.new_part()
+    planned = [(t, job.plan(t)) for t in f.infos()]
+    entries = [e for _, es in planned for e in es]
+    with SafetensorsWriter(dst, entries, dict(f.metadata)) as w:
+        for t, es in planned:
+            check()
+            job.write(f, w, t, es, part)
+            if on_tensor is not None:
+                on_tensor(t)
+        check()
+        if final:  # a single file: this rename is the job's last step
+            with point_of_no_return():
+                w.commit()
+    return part
+
+
+def _stream(ckpt: Checkpoint, dest: _Output, desc: str, progress, job, config_update=None, dask=None) -> list:
+    """The loop both converters share: shard by shard, :func:`_convert_shard` (in this
+    process, or as Dask tasks when ``dask`` is given and the input is a model folder),
+    keep the shard layout, write the index and the folder's other files, and commit.
+    Returns the shards' parts, in shard order. On any exception the output is removed;
+    an ``OSError`` (disk full, no permission, a file-size limit, an input that vanished)
     becomes a :class:`~numlora.errors.FormatError` saying which file and why."""
     try:
-        wmap, shards = {}, []
         dest.check_other_files()
+        wmap = {name: shard.name for shard in ckpt.shards for t in shard.file.infos()
+                for name, _, _ in job.plan(t)}
         with Progress(ckpt.total_bytes, desc, enabled=progress) as bar:
-            for shard in ckpt.shards:
-                f = shard.file
-                planned = [(t, plan(t)) for t in f.infos()]
-                entries = [e for _, es in planned for e in es]
-                wmap.update({name: shard.name for name, _, _ in entries})
-                with SafetensorsWriter(dest.shard_path(shard.name), entries, dict(f.metadata)) as w:
-                    for t, es in planned:
-                        check_interrupt()
-                        write(f, w, t, es)
-                        bar.update(t.nbytes, t.name)
-                    if dest.dir is None:  # a single file: this rename is the job's last step
-                        with point_of_no_return():
-                            w.commit()
-                shards.append(shard.name)
+            if dask is not None and dest.dir is not None:
+                parts = dask.run(job, [(s.path, s.file.file_size, dest.shard_path(s.name),
+                                        sum(t.nbytes for t in s.file.infos())) for s in ckpt.shards], bar)
+            else:
+                parts = [_convert_shard(job, shard.file, dest.shard_path(shard.name), final=dest.dir is None,
+                                        on_tensor=lambda t: bar.update(t.nbytes, t.name))
+                         for shard in ckpt.shards]
+        shards = [s.name for s in ckpt.shards]
         index = _index(ckpt, {k: _data_bytes(dest.shard_path(k)) for k in shards}, wmap) if dest.dir else None
         dest.finish(index, config_update)
+        return parts
     except OSError as e:
         dest.abort()
         raise FormatError(_os_failure(e, dest.out, desc)) from e
@@ -244,6 +268,135 @@ def _os_failure(e: OSError, out: str, job: str) -> str:
         return f"{job} failed: cannot write {where}: {reason}; nothing was written (the partial output was removed)"
     return (f"{job} failed: cannot read {shown[0]}: {reason}; nothing was written (was the input changed or "
             f"removed during the run?)")
+
+
+# --- the shards as Dask tasks ------------------------------------------------------------------
+@contextlib.contextmanager
+def _runner(scheduler, workers):
+    """A :class:`_DaskRunner` for ``scheduler`` / ``workers`` (closed afterwards), or None
+    when neither is given (this process does the work)."""
+    if scheduler is None and workers is None:
+        yield None
+        return
+    runner = _DaskRunner(scheduler, workers)
+    try:
+        yield runner
+    finally:
+        runner.close()
+
+
+def _import_distributed():
+    try:
+        import distributed
+    except ImportError as e:
+        raise ConfigError(f"a Dask run (--scheduler / --workers) needs the optional dependencies dask and distributed "
+                          f"(pip install 'numlora[dask]'); they could not be imported: {e}") from None
+    return distributed
+
+
+class _DaskRunner:
+    """Runs :func:`_convert_shard` for each shard of a model folder as a Dask task.
+
+    Workers read the input shards and write the output shards at the paths they are given
+    (both on a filesystem they share with this process: the output's temporary folder is
+    created here). The job (its adapter layers, for a merge) is scattered to every worker
+    once. If a task fails or this process is interrupted, a stop flag (a
+    ``distributed.Event``) makes the running tasks stop at their next tensor, this process
+    waits for them, and only then is the temporary folder removed."""
+
+    def __init__(self, scheduler=None, workers=None):
+        distributed = _import_distributed()
+        if scheduler is not None and workers is not None:
+            raise ConfigError("give a Dask scheduler (--scheduler) or a number of local workers (--workers), not both")
+        self._cluster = None
+        self._own = True
+        t0 = time.perf_counter()
+        if workers is not None:
+            if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+                raise ConfigError(f"workers must be an integer >= 1, got {workers!r}")
+            self._cluster = distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                                                     dashboard_address=None)
+            self.client = distributed.Client(self._cluster)
+        elif isinstance(scheduler, distributed.Client):
+            self.client, self._own = scheduler, False
+        elif isinstance(scheduler, str) and scheduler:
+            try:
+                self.client = distributed.Client(scheduler, timeout="20s")
+            except OSError as e:
+                raise ConfigError(f"cannot connect to the Dask scheduler at {scheduler!r}: {e}") from None
+        else:
+            raise ConfigError(f"scheduler must be an address (tcp://host:8786) or a distributed.Client, got "
+                              f"{scheduler!r}")
+        self.startup = time.perf_counter() - t0
+        self.wall = 0.0
+        self.tasks: list[dict] = []
+
+    def run(self, job, shards, bar) -> list:
+        """``shards``: ``(input path, its size, output path, tensor bytes)`` each. Returns
+        the tasks' parts in shard order; raises the first task's error."""
+        import uuid
+
+        distributed = _import_distributed()
+        client = self.client
+        token = uuid.uuid4().hex[:12]
+        stop = distributed.Event(f"numlora-stop-{token}", client=client)
+        t0 = time.perf_counter()
+        [job_f] = client.scatter([job], broadcast=True, hash=False)
+        futures = [client.submit(_shard_task, job_f, src, size, dst, stop.name, pure=False,
+                                 key=f"numlora-shard-{i}-{token}") for i, (src, size, dst, _) in enumerate(shards)]
+        order = {f.key: i for i, f in enumerate(futures)}
+        parts = [None] * len(futures)
+        try:
+            for fut in distributed.as_completed(futures):
+                i = order[fut.key]
+                parts[i] = fut.result()  # a task's error is raised here
+                bar.update(shards[i][3], os.path.basename(shards[i][2]))
+        except BaseException:
+            stop.set()  # the running tasks stop at their next tensor; wait for them before cleaning up
+            with contextlib.suppress(Exception):
+                distributed.wait(futures, timeout=120)
+            raise
+        finally:
+            with contextlib.suppress(Exception):
+                client.cancel([job_f])
+        self.wall = time.perf_counter() - t0
+        self.tasks = [p.pop("_task") for p in parts]
+        return parts
+
+    def summary(self) -> dict:
+        info = self.client.scheduler_info()
+        return {"workers": len(info.get("workers", {})), "startup_seconds": self.startup,
+                "wall_seconds": self.wall, "tasks": self.tasks}
+
+    def close(self) -> None:
+        if self._own:
+            with contextlib.suppress(Exception):
+                self.client.close()
+            if self._cluster is not None:
+                with contextlib.suppress(Exception):
+                    self._cluster.close()
+
+
+def _shard_task(job, src: str, size: int, dst: str, stop_name: str) -> dict:
+    """A Dask task: :func:`_convert_shard` of the input shard ``src`` into ``dst``,
+    stopping between tensors when the client sets the event ``stop_name``."""
+    distributed = _import_distributed()
+    t0 = time.perf_counter()
+    stop = distributed.Event(stop_name)
+
+    def check():
+        if stop.is_set():
+            raise FormatError(f"stopped before {dst} was complete: the run was interrupted or another shard failed")
+
+    check()
+    with SafetensorsFile(src) as f:
+        if f.file_size != size:
+            raise FormatError(f"{src}: expected {size} bytes (its size when the run started), found {f.file_size}; "
+                              f"was the input changed during the run?")
+        part = _convert_shard(job, f, dst, check=check)
+    part["_task"] = {"shard": os.path.basename(dst), "worker": distributed.get_worker().address,
+                     "seconds": time.perf_counter() - t0}
+    return part
 
 
 # --- tensors in and out as float32, through buffers reused from tensor to tensor ----------
@@ -333,6 +486,7 @@ class MergeReport:
     bytes_in: int = 0
     bytes_out: int = 0
     seconds: float = 0.0
+    dask: dict | None = None  # a Dask run: workers, cluster start, wall time, each shard's task
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -354,8 +508,62 @@ def _merge_one(w: np.ndarray, layer) -> None:
         merge_lora(w, layer.lora_a, layer.lora_b, layer.scaling, layer.fan_in_fan_out)
 
 
+class _Job:
+    """What a converter does to each tensor: ``plan`` declares a tensor's outputs,
+    ``write`` writes them and notes what the report needs in the shard's ``part``. Pickles
+    (without its work buffers) so that Dask workers can run it."""
+
+    def __init__(self):
+        self._bufs = None
+
+    @property
+    def bufs(self) -> _Buffers:
+        if self._bufs is None:
+            self._bufs = _Buffers()
+        return self._bufs
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_bufs"] = None
+        return state
+
+
+class _MergeJob(_Job):
+    def __init__(self, layers_by_key: dict, modules_by_key: dict, bias_add: dict, out_st: str | None):
+        super().__init__()
+        self.layers, self.modules, self.bias_add, self.out_st = layers_by_key, modules_by_key, bias_add, out_st
+
+    @staticmethod
+    def new_part() -> dict:
+        return {"merged": [], "copied": 0, "converted": 0}
+
+    def plan(self, t):
+        return [(t.name, self.out_st if (self.out_st and t.is_float) else t.dtype, t.shape)]
+
+    def write(self, f, w, t, entries, part):
+        name, st, shape = entries[0]
+        bufs = self.bufs
+        if name in self.layers or name in self.bias_add:
+            x = _load_f32(f, name, bufs)
+            if name in self.layers:
+                _merge_one(x, self.layers[name])
+                part["merged"].append({"module": self.modules[name], "key": name, "shape": list(shape), "dtype": st})
+            else:
+                layer = self.bias_add[name]
+                x += np.float32(layer.scaling) * np.asarray(layer.lora_bias, np.float32)
+            if not np.isfinite(x).all():
+                raise NonFiniteError(f"the merged {name!r} holds NaN or infinity; nothing was written")
+            _store(w, name, x, st, bufs)
+        elif st != t.dtype:
+            _store(w, name, _load_f32(f, name, bufs), st, bufs)
+            part["converted"] += 1
+        else:
+            w.copy_from(f, name)
+            part["copied"] += 1
+
+
 def merge_checkpoint(base, adapter, out, *, dtype: str | None = None, overwrite: bool = False,
-                     progress: bool | None = None) -> MergeReport:
+                     progress: bool | None = None, scheduler=None, workers: int | None = None) -> MergeReport:
     """Merge a PEFT adapter (a folder, or a :class:`~numlora.LoraAdapter`) into a checkpoint
     (a ``.safetensors`` file or a model folder, single or sharded) and write the merged
     checkpoint to ``out``.
@@ -364,9 +572,10 @@ def merge_checkpoint(base, adapter, out, *, dtype: str | None = None, overwrite:
     tensor's dtype, or in ``dtype`` (``"float32"``, ``"bfloat16"``, ``"float16"``), which
     then applies to every floating tensor. Everything else is copied byte for byte
     (integer tensors always). Metadata and shard layout are kept. ``progress``: a bar on
-    stderr (default: when stderr is a terminal)."""
-    import time
-
+    stderr (default: when stderr is a terminal). ``scheduler`` (a Dask scheduler address
+    or a ``distributed.Client``) or ``workers`` (a local cluster of that many worker
+    processes): the shards of a model folder are converted as Dask tasks (see
+    docs/dask.md); same output bytes, same guarantees."""
     t0 = time.perf_counter()
     from .io.peft import load_peft_adapter
 
@@ -378,7 +587,7 @@ def merge_checkpoint(base, adapter, out, *, dtype: str | None = None, overwrite:
         adapter_inputs = [adapter_dir]  # check_output_path also covers every entry of the folder
         adapter = load_peft_adapter(adapter_dir)
     out_st = DTYPE_NAMES.get(dtype) if dtype else None
-    with cleanup_scope(), Checkpoint(base) as ckpt:
+    with _runner(scheduler, workers) as runner, cleanup_scope(), Checkpoint(base) as ckpt:
         layers = dict(adapter.items())
         if not layers:
             raise FormatError("the adapter has no LoRA modules")
@@ -408,36 +617,18 @@ def merge_checkpoint(base, adapter, out, *, dtype: str | None = None, overwrite:
                 bias_add[bkey] = layer
         report = MergeReport(output=os.path.abspath(os.fspath(out)))
         dest = _make_output(ckpt, out, ckpt.files + adapter_inputs, overwrite, "merge")
-        bufs = _Buffers()
-
-        def plan(t):
-            return [(t.name, out_st if (out_st and t.is_float) else t.dtype, t.shape)]
-
-        def write(f, w, t, entries):
-            name, st, shape = entries[0]
-            if name in by_key or name in bias_add:
-                layer = layers[by_key[name]] if name in by_key else bias_add[name]
-                x = _load_f32(f, name, bufs)
-                if name in by_key:
-                    _merge_one(x, layer)
-                    report.merged.append({"module": by_key[name], "key": name, "shape": list(shape), "dtype": st})
-                else:
-                    x += np.float32(layer.scaling) * np.asarray(layer.lora_bias, np.float32)
-                if not np.isfinite(x).all():
-                    raise NonFiniteError(f"the merged {name!r} holds NaN or infinity; nothing was written")
-                _store(w, name, x, st, bufs)
-            elif st != t.dtype:
-                _store(w, name, _load_f32(f, name, bufs), st, bufs)
-                report.converted += 1
-            else:
-                w.copy_from(f, name)
-                report.copied += 1
+        job = _MergeJob({k: layers[m] for k, m in by_key.items()}, by_key, bias_add, out_st)
 
         def cfg_update(cfg):
             cfg["torch_dtype"] = dtype
 
-        _stream(ckpt, dest, "merge", progress, plan, write, cfg_update if dtype else None)
+        parts = _stream(ckpt, dest, "merge", progress, job, cfg_update if dtype else None, runner)
+        for part in parts:
+            report.merged += part["merged"]
+            report.copied += part["copied"]
+            report.converted += part["converted"]
         report.bytes_in = ckpt.total_bytes
+        report.dask = runner.summary() if runner is not None and ckpt.is_dir else None
     report.bytes_out = _output_bytes(report.output)
     report.seconds = time.perf_counter() - t0
     return report
@@ -469,6 +660,7 @@ class QuantizeReport:
     mean_abs_err: float = 0.0
     max_abs_err: float = 0.0
     seconds: float = 0.0
+    dask: dict | None = None  # a Dask run: workers, cluster start, wall time, each shard's task
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -481,7 +673,15 @@ class QuantizeReport:
                 f"checkpoint: {self.total_in / mib:,.1f} MiB -> {self.total_out / mib:,.1f} MiB\n"
                 f"reconstruction error: mean |w - deq(q(w))| = {self.mean_abs_err:.3g}, "
                 f"max = {self.max_abs_err:.3g}\n"
-                f"{self.seconds:.2f} s -> {self.output}")
+                f"{self.seconds:.2f} s -> {self.output}" + _dask_line(self.dask))
+
+
+def _dask_line(info: dict | None) -> str:
+    if not info:
+        return ""
+    busy = sum(t["seconds"] for t in info["tasks"])
+    return (f"\nDask: {len(info['tasks'])} shard tasks on {info['workers']} workers in {info['wall_seconds']:.2f} s "
+            f"({busy:.2f} s inside the tasks; cluster start {info['startup_seconds']:.2f} s)")
 
 
 def select_for_quantization(infos, include: str | None = None, exclude: str | None = None) -> list[str]:
@@ -521,20 +721,62 @@ def _nf4_entries(prefix: str, numel: int, blocksize: int, double_quant: bool):
     return e
 
 
+class _QuantizeJob(_Job):
+    def __init__(self, chosen, blocksize: int, double_quant: bool):
+        super().__init__()
+        self.chosen, self.blocksize, self.double_quant = frozenset(chosen), blocksize, double_quant
+
+    @staticmethod
+    def new_part() -> dict:
+        return {"quantized": [], "copied": 0}
+
+    def plan(self, t):
+        if t.name in self.chosen:
+            return _nf4_entries(t.name[: -len(".weight")], t.numel, self.blocksize, self.double_quant)
+        return [(t.name, t.dtype, t.shape)]
+
+    def write(self, f, w, t, entries, part):
+        from .kernels import convert as kc
+        from .nf4 import quantize_nf4
+
+        if t.name not in self.chosen:
+            w.copy_from(f, t.name)
+            part["copied"] += 1
+            return
+        bufs = self.bufs
+        x = _load_f32(f, t.name, bufs)
+        q = quantize_nf4(x, self.blocksize, double_quant=self.double_quant)
+        q.dtype = _ST_TO_NAME[t.dtype]
+        sd = q.to_state_dict(t.name[: -len(".weight")])
+        names = [n for n, _, _ in entries]
+        if set(sd) != set(names):
+            raise FormatError(f"internal: NF4 state dict keys {sorted(sd)} differ from the declared "
+                              f"{sorted(names)}")
+        for n in names:
+            w.write(n, sd[n])
+        d = q.dequantize(out=bufs.get("deq", t.numel, np.float32).reshape(t.shape))
+        nchunks = -(-t.numel // kc.CHUNK)
+        psum, pmax = bufs.get("psum", nchunks, np.float64), bufs.get("pmax", nchunks, np.float32)
+        kc.abs_err_stats(x.reshape(-1), d.reshape(-1), psum, pmax)
+        part["quantized"].append({"key": t.name, "shape": list(t.shape), "dtype": t.dtype,
+                                  "mean_abs_err": float(psum.sum()) / t.numel, "max_abs_err": float(pmax.max()),
+                                  "bytes_before": t.nbytes,
+                                  "bytes_after": sum(np.asarray(sd[n]).nbytes for n in names)})
+
+
 def quantize_checkpoint(src, out, *, blocksize: int = 64, double_quant: bool = False, include: str | None = None,
                         exclude: str | None = None, overwrite: bool = False,
-                        progress: bool | None = None) -> QuantizeReport:
+                        progress: bool | None = None, scheduler=None, workers: int | None = None) -> QuantizeReport:
     """Quantize the Linear weights of a checkpoint to NF4 in the bitsandbytes /
     transformers layout (see :meth:`~numlora.NF4Tensor.to_state_dict`) and copy every other
     tensor byte for byte. A model folder's ``config.json`` gets the
-    ``quantization_config`` transformers reads."""
-    import time
-
-    from .nf4 import check_blocksize, quantize_nf4
+    ``quantization_config`` transformers reads. ``scheduler`` / ``workers``: the shards of
+    a model folder as Dask tasks, as in :func:`merge_checkpoint`."""
+    from .nf4 import check_blocksize
 
     t0 = time.perf_counter()
     blocksize = check_blocksize(blocksize)
-    with cleanup_scope(), Checkpoint(src) as ckpt:
+    with _runner(scheduler, workers) as runner, cleanup_scope(), Checkpoint(src) as ckpt:
         infos = ckpt.infos()
         chosen = set(select_for_quantization(infos, include, exclude))
         if not chosen:
@@ -542,43 +784,7 @@ def quantize_checkpoint(src, out, *, blocksize: int = 64, double_quant: bool = F
                               "--include / --exclude)")
         rep = QuantizeReport(output=os.path.abspath(os.fspath(out)), blocksize=blocksize, double_quant=double_quant)
         dest = _make_output(ckpt, out, ckpt.files, overwrite, "quantize")
-        bufs = _Buffers()
-        from .kernels import convert as kc
-
-        err = [0.0, 0]  # sum of |w - deq(q(w))|, element count
-
-        def plan(t):
-            if t.name in chosen:
-                return _nf4_entries(t.name[: -len(".weight")], t.numel, blocksize, double_quant)
-            return [(t.name, t.dtype, t.shape)]
-
-        def write(f, w, t, entries):
-            if t.name not in chosen:
-                w.copy_from(f, t.name)
-                rep.copied += 1
-                return
-            x = _load_f32(f, t.name, bufs)
-            q = quantize_nf4(x, blocksize, double_quant=double_quant)
-            q.dtype = _ST_TO_NAME[t.dtype]
-            sd = q.to_state_dict(t.name[: -len(".weight")])
-            names = [n for n, _, _ in entries]
-            if set(sd) != set(names):
-                raise FormatError(f"internal: NF4 state dict keys {sorted(sd)} differ from the declared "
-                                  f"{sorted(names)}")
-            for n in names:
-                w.write(n, sd[n])
-            d = q.dequantize(out=bufs.get("deq", t.numel, np.float32).reshape(t.shape))
-            nchunks = -(-t.numel // kc.CHUNK)
-            psum, pmax = bufs.get("psum", nchunks, np.float64), bufs.get("pmax", nchunks, np.float32)
-            kc.abs_err_stats(x.reshape(-1), d.reshape(-1), psum, pmax)
-            mean, mx = float(psum.sum()) / t.numel, float(pmax.max())
-            err[0] += mean * t.numel
-            err[1] += t.numel
-            rep.max_abs_err = max(rep.max_abs_err, mx)
-            rep.bytes_before += t.nbytes
-            rep.bytes_after += sum(np.asarray(sd[n]).nbytes for n in names)
-            rep.quantized.append({"key": t.name, "shape": list(t.shape), "dtype": t.dtype,
-                                  "mean_abs_err": mean, "max_abs_err": mx})
+        job = _QuantizeJob(chosen, blocksize, double_quant)
 
         skipped = sorted({t.name[: -len(".weight")] for t in infos
                           if t.name.endswith(".weight") and t.name not in chosen and len(t.shape) == 2})
@@ -596,9 +802,20 @@ def quantize_checkpoint(src, out, *, blocksize: int = 64, double_quant: bool = F
                 "llm_int8_skip_modules": skipped,
             }
 
-        _stream(ckpt, dest, "quantize", progress, plan, write, cfg_update)
-        err_sum, err_n = err
+        parts = _stream(ckpt, dest, "quantize", progress, job, cfg_update, runner)
+        err_sum, err_n = 0.0, 0
+        for part in parts:  # tensor by tensor, in checkpoint order, whichever process did the work
+            rep.copied += part["copied"]
+            for q in part["quantized"]:
+                n = math.prod(q["shape"])
+                err_sum += q["mean_abs_err"] * n
+                err_n += n
+                rep.max_abs_err = max(rep.max_abs_err, q["max_abs_err"])
+                rep.bytes_before += q.pop("bytes_before")
+                rep.bytes_after += q.pop("bytes_after")
+                rep.quantized.append(q)
         rep.total_in = ckpt.total_bytes
+        rep.dask = runner.summary() if runner is not None and ckpt.is_dir else None
     rep.total_out = _output_bytes(rep.output)
     rep.mean_abs_err = err_sum / err_n if err_n else 0.0
     rep.seconds = time.perf_counter() - t0

@@ -714,3 +714,30 @@ def test_a_signal_inside_a_finalizer_or_numba_still_stops_the_job(tmp_path, rng,
         assert os.listdir(tmp_path / "out") == []
     assert finished == [1]  # the fake compile step was not cut short
     assert _tree_hashes(tmp_path / "in") == before
+
+
+# --- Dask options (the runs themselves are in test_dask.py) -----------------------------------
+def test_dask_options_without_dask_are_a_clear_error(tmp_path, rng, monkeypatch, capsys):
+    import sys
+
+    base = tmp_path / "base"
+    _write_model(base, _model_tensors(rng), "F32", shards=2)
+    monkeypatch.setitem(sys.modules, "distributed", None)  # as if not installed: import fails
+    with pytest.raises(ConfigError, match=r"needs the optional dependencies dask and distributed "
+                                          r"\(pip install 'numlora\[dask\]'\)"):
+        quantize_checkpoint(base, tmp_path / "q", workers=2)
+    assert main(["quantize", str(base), "-o", str(tmp_path / "q"), "--scheduler", "tcp://127.0.0.1:1"]) == 2
+    assert "numlora[dask]" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "q") and _leftovers(tmp_path) == []
+
+
+def test_dask_options_are_checked(tmp_path, capsys):
+    for extra in (["--workers", "0"], ["--workers", "two"], ["--workers", "2", "--scheduler", "tcp://h:1"]):
+        with pytest.raises(SystemExit):
+            main(["quantize", "in", "-o", str(tmp_path / "q")] + extra)
+        assert "--workers" in capsys.readouterr().err
+    pytest.importorskip("distributed")
+    with pytest.raises(ConfigError, match="not both"):
+        quantize_checkpoint("in", tmp_path / "q", workers=2, scheduler="tcp://h:1")
+    with pytest.raises(ConfigError, match="workers must be an integer >= 1, got 0"):
+        quantize_checkpoint("in", tmp_path / "q", workers=0)
