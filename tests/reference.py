@@ -136,3 +136,50 @@ def multi_lora_ref(x, weight, adapters, ids, scale=None, bias=None):
         if bias is not None:
             y[i] += np.asarray(bias, np.float64)
     return y
+
+
+# --- LoRA on embeddings and convolutions (PEFT's lora.Embedding / lora.Conv1d / lora.Conv2d) ---
+
+def embedding_lora_ref(ids, weight, lora_a, lora_b, scaling):
+    """Token by token in float64: ``weight[v] + scaling * B @ A[:, v]`` (A (r, vocab), B (dim, r))."""
+    ids = np.asarray(ids)
+    w, a, b = (np.asarray(t, np.float64) for t in (weight, lora_a, lora_b))
+    out = np.empty(ids.shape + (w.shape[1],))
+    for idx in np.ndindex(ids.shape):
+        v = int(ids[idx])
+        out[idx] = w[v] + scaling * (b @ a[:, v])
+    return out
+
+
+def conv_ref(x, weight, bias=None, stride=1, pads=0, dilation=1):
+    """A direct N-d (1-D or 2-D) convolution in float64 by explicit windows over a
+    zero-padded input: ``y[n, o, p] = sum_{c, k} W[o, c, k] x_pad[n, c, p * stride + k *
+    dilation] + bias[o]``. ``pads``: an int or per-dim ``(before, after)`` pairs. ``x``
+    is batched (N, C, *spatial)."""
+    x = np.asarray(x, np.float64)
+    w = np.asarray(weight, np.float64)
+    nd = w.ndim - 2
+    stride = (stride,) * nd if np.isscalar(stride) else tuple(stride)
+    dilation = (dilation,) * nd if np.isscalar(dilation) else tuple(dilation)
+    pads = ((pads, pads),) * nd if np.isscalar(pads) else tuple(pads)
+    xp = np.pad(x, ((0, 0), (0, 0)) + tuple(pads))
+    kernel = w.shape[2:]
+    outs = [(xp.shape[2 + d] - dilation[d] * (kernel[d] - 1) - 1) // stride[d] + 1 for d in range(nd)]
+    y = np.zeros((x.shape[0], w.shape[0]) + tuple(outs))
+    for pos in np.ndindex(*outs):
+        for k in np.ndindex(*kernel):
+            idx = tuple(pos[d] * stride[d] + k[d] * dilation[d] for d in range(nd))
+            patch = xp[(slice(None), slice(None)) + idx]  # (N, C)
+            y[(slice(None), slice(None)) + pos] += patch @ w[(slice(None), slice(None)) + k].T
+    if bias is not None:
+        y += np.asarray(bias, np.float64).reshape((1, -1) + (1,) * nd)
+    return y
+
+
+def conv_lora_ref(x, weight, lora_a, lora_b, scaling, bias=None, stride=1, pads=0, dilation=1, x_lora=None):
+    """PEFT's conv LoRA: ``conv(x, W) + b + scaling * conv1x1(conv(x_lora, A), B)``, with A
+    run at the base's stride, padding and dilation, B a 1x1 convolution."""
+    base = conv_ref(x, weight, bias, stride, pads, dilation)
+    u = conv_ref(x if x_lora is None else x_lora, lora_a, None, stride, pads, dilation)
+    b = np.asarray(lora_b, np.float64).reshape(np.shape(lora_b)[0], np.shape(lora_b)[1])
+    return base + scaling * np.einsum("or,nr...->no...", b, u)
