@@ -66,6 +66,30 @@ def test_pissa_and_olora_match_peft(rng, init, rank, alpha, use_rslora):
     np.testing.assert_allclose(res, pw, rtol=0, atol=1e-5)
 
 
+def test_pissa_fan_in_fan_out_matches_peft_on_conv1d(rng):
+    """GPT-2's Conv1D stores the weight (in, out): PEFT's PiSSA transposes it
+    (fan_in_fan_out=True), and so does init_lora. (PEFT's OLoRA does not: it factors the
+    stored (in, out) matrix, giving A and B the shapes of the transposed layer.)"""
+    torch = pytest.importorskip("torch", reason="needs torch: pip install -e '.[test,peers]'")
+    peft = pytest.importorskip("peft", reason="needs peft: pip install -e '.[test,peers]'")
+    pytorch_utils = pytest.importorskip("transformers.pytorch_utils", reason="needs transformers")
+    w = _spectrum_weight(rng)  # (out, in) = (24, 40)
+    model = torch.nn.Sequential()
+    model.add_module("c", pytorch_utils.Conv1D(24, 40))
+    with torch.no_grad():
+        model.c.weight.copy_(torch.from_numpy(np.ascontiguousarray(w.T)))
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c"], init_lora_weights="pissa", fan_in_fan_out=True)
+    layer = peft.get_peft_model(model, cfg).base_model.model.c
+    pa, pb = layer.lora_A["default"].weight.detach().numpy(), layer.lora_B["default"].weight.detach().numpy()
+    pw = layer.base_layer.weight.detach().numpy()
+    a, b, res = init_lora(np.ascontiguousarray(w.T), 4, 8, "pissa", fan_in_fan_out=True)
+    assert res.shape == pw.shape == (40, 24)
+    sign = np.sign(np.sum(b * pb, axis=0))
+    np.testing.assert_allclose(a * sign[:, None], pa, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(b * sign, pb, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(res, pw, rtol=0, atol=1e-5)
+
+
 # --- kaiming / gaussian ------------------------------------------------------------------
 @pytest.mark.parametrize("init", ["kaiming", True, "gaussian"])
 def test_random_inits_leave_the_weight_and_zero_b(rng, init):
