@@ -235,6 +235,25 @@ def test_loftq_error_below_nf4_and_falls_with_iterations(rng, use_rslora, alpha)
     assert errs[1] < errs[0]
 
 
+def test_loftq_randomized_svd_is_close_to_the_exact_one(rng):
+    w = (0.02 * rng.standard_normal((128, 256))).astype(np.float32)
+    plain = _rel_err(w, nl.dequantize_nf4(nl.quantize_nf4(w)))
+    res = {}
+    for iters in (1, 3):
+        for niter in (None, 4):
+            nf4, a, b = loftq_init(w, 8, 8, iters=iters, svd_niter=niter, seed=0)
+            res[iters, niter] = _rel_err(w, _effective(a, b, nl.dequantize_nf4(nf4), 1.0))
+    # one iteration: the exact SVD gives the optimal correction, the randomized one is close
+    assert res[1, None] <= res[1, 4] < res[1, None] * 1.01
+    # more alternations need not favour the exact SVD (the alternation is not a descent
+    # of the final error), but the two stay within 1 % and below plain NF4
+    assert abs(res[3, 4] - res[3, None]) < 0.01 * res[3, None] and max(res.values()) < plain
+    again = loftq_init(w, 8, 8, iters=3, svd_niter=4, seed=0)
+    assert np.array_equal(again.lora_a, loftq_init(w, 8, 8, iters=3, svd_niter=4, seed=0).lora_a)
+    with pytest.raises(ConfigError, match="svd_niter must be >= 0, got -1"):
+        loftq_init(w, 8, 8, svd_niter=-1)
+
+
 def test_loftq_options_reach_the_quantizer(rng):
     w = rng.standard_normal((16, 128)).astype(np.float32)
     nf4, a, b = loftq_init(w, 4, 4, iters=2, blocksize=128, double_quant=True)
