@@ -5,9 +5,9 @@
 All products go to BLAS through numpy, over validated 2-D arrays of one dtype. Names for
 the rest of the package (this module is private): :func:`base_product`,
 :func:`add_low_rank`, :func:`expand_into`, :data:`ROW_CHUNK` (the forward products);
-:func:`u_buffer` (a forward's ``u_out=``); :func:`backward_inputs`,
-:func:`check_x_drop_alone`, :func:`grad_buffer`, :func:`unalias_grads`,
-:func:`backward_core`, :func:`finish_backward` (the backward);
+:func:`u_buffer` (a forward's ``u_out=``); :func:`lora_grads` (a public backward after
+its adapter checks) and its parts :func:`backward_inputs`, :func:`check_x_drop_alone`,
+:func:`grad_buffer`, :func:`unalias_grads`, :func:`backward_core`;
 :func:`decay_factor`, :func:`adamw_scalars` (the AdamW step's scalars, CPU and GPU).
 """
 
@@ -145,6 +145,32 @@ def backward_core(x2, xd2, a, b, s, g2, us, drop, grad_a, grad_b, need_grad_x, b
     return dx, grad_a, grad_b
 
 
+def lora_grads(x, a, b, s, grad_out, dtype, dropout, x_drop, u, grad_a, grad_b, need_grad_x, base, base_grad,
+               refuse=None):
+    """A public backward after its adapter checks and :func:`check_x_drop_alone`:
+    ``(grad_x, grad_a, grad_b)``.
+
+    a (r, in), b (out, r): the validated factors, in ``dtype``; ``base``: the dense weight
+    ``base_grad(base, g2, dx)`` reads for G W (None when it reads no caller array), copied
+    with the other inputs when a gradient buffer overlaps it; ``refuse(grad_a, grad_b)``:
+    an optional last check of the buffers against what ``base_grad`` reads."""
+    (rank, in_f), out_f = a.shape, b.shape[0]
+    x2, xd2, g2, us, drop, one_d = backward_inputs(x, in_f, out_f, grad_out, dtype, dropout, x_drop, u, rank)
+    if us is not None:
+        us = us * dtype.type(s)
+    grad_a = grad_buffer("grad_a", grad_a, a.shape, dtype)
+    grad_b = grad_buffer("grad_b", grad_b, b.shape, dtype)
+    x2, xd2, g2, us, a, b, base = unalias_grads(grad_a, grad_b, (x2, xd2, g2, us, a, b,
+                                                                 base if need_grad_x else None))
+    if refuse is not None:
+        refuse(grad_a, grad_b)
+    dx, grad_a, grad_b = backward_core(x2, xd2, a, b, s, g2, us, drop, grad_a, grad_b, need_grad_x,
+                                       lambda g, d: base_grad(base, g, d))
+    if dx is not None and one_d:
+        dx = dx.reshape(in_f)
+    return dx, grad_a, grad_b
+
+
 def backward_inputs(x, in_f, out_f, grad_out, dtype, dropout, x_drop, u, rank):
     """Validate and convert the batch-shaped inputs of a backward; return
     (x2, xd2, g2, us_or_None, drop, one_d), ``drop`` the DropoutMask or None."""
@@ -174,12 +200,6 @@ def backward_inputs(x, in_f, out_f, grad_out, dtype, dropout, x_drop, u, rank):
         validate.expect_shape("u", uu, (rank,) if x.ndim == 1 else (x2.shape[0], rank))
         us = np.ascontiguousarray(uu.reshape(-1, rank), dtype)
     return x2, xd2, g2, us, drop, x.ndim == 1
-
-
-def finish_backward(dx, grad_a, grad_b, one_d, in_f):
-    if dx is not None and one_d:
-        dx = dx.reshape(in_f)
-    return dx, grad_a, grad_b
 
 
 def check_x_drop_alone(x_drop, dropout, need_grad_x):

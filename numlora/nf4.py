@@ -405,22 +405,18 @@ def qlora_backward(x, t: NF4Tensor, lora_a, lora_b, scaling, grad_out, *, dropou
     need_grad_x = validate.flag("need_grad_x", need_grad_x)
     bw.check_x_drop_alone(x_drop, dropout, need_grad_x)
     dt = np.dtype(np.float32)
-    x2, xd2, g2, us, drop, one_d = bw.backward_inputs(x, in_f, out_f, grad_out, dt, dropout, x_drop, u, rank)
-    if us is not None:
-        us = us * np.float32(s)
-    grad_a = bw.grad_buffer("grad_a", grad_a, lora_a.shape, dt)
-    grad_b = bw.grad_buffer("grad_b", grad_b, lora_b.shape, dt)
-    a, b = np.ascontiguousarray(lora_a, dt), np.ascontiguousarray(lora_b, dt)
-    x2, xd2, g2, us, a, b = bw.unalias_grads(grad_a, grad_b, (x2, xd2, g2, us, a, b))
-    if need_grad_x and (grad_a is not None or grad_b is not None):
-        names = [k for k, arr in products.tensor_arrays(t).items()
-                 if validate.shares_memory(grad_a, arr) or validate.shares_memory(grad_b, arr)]
-        if names:
-            raise ShapeError(f"grad_a / grad_b share memory with {names[0]}: they are accumulated in place while "
-                             "the NF4 weight is still read; pass separate arrays")
-    dx, grad_a, grad_b = bw.backward_core(x2, xd2, a, b, s, g2, us, drop, grad_a, grad_b, bool(need_grad_x),
-                                          lambda g, d: products.grad_input(g, t, d))
-    return bw.finish_backward(dx, grad_a, grad_b, one_d, in_f)
+
+    def refuse(grad_a, grad_b):
+        if need_grad_x and (grad_a is not None or grad_b is not None):
+            names = [k for k, arr in products.tensor_arrays(t).items()
+                     if validate.shares_memory(grad_a, arr) or validate.shares_memory(grad_b, arr)]
+            if names:
+                raise ShapeError(f"grad_a / grad_b share memory with {names[0]}: they are accumulated in place "
+                                 "while the NF4 weight is still read; pass separate arrays")
+
+    return bw.lora_grads(x, np.ascontiguousarray(lora_a, dt), np.ascontiguousarray(lora_b, dt), s, grad_out, dt,
+                         dropout, x_drop, u, grad_a, grad_b, need_grad_x, None,
+                         lambda _, g, d: products.grad_input(g, t, d), refuse)
 
 
 @dispatch

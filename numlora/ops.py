@@ -376,26 +376,14 @@ def lora_backward(x, weight, lora_a, lora_b, scaling, grad_out, *, fan_in_fan_ou
     (grad_x, grad_a, grad_b)
         In the compute dtype: float64 if any input is float64, else float32.
     """
-    weight, lora_a, lora_b, out_f, in_f, rank = validate.adapter_arrays(weight, lora_a, lora_b, fan_in_fan_out)
+    weight, lora_a, lora_b, _, _, _ = validate.adapter_arrays(weight, lora_a, lora_b, fan_in_fan_out)
     s = validate.real_scalar("scaling", scaling)
     need_grad_x = validate.flag("need_grad_x", need_grad_x)
     bw.check_x_drop_alone(x_drop, dropout, need_grad_x)
-    arrays = [x, weight, lora_a, lora_b, grad_out]
-    dtype = np.result_type(*[np.asarray(a).dtype for a in arrays])
-    x2, xd2, g2, us, drop, one_d = bw.backward_inputs(x, in_f, out_f, grad_out, dtype, dropout, x_drop, u, rank)
-    if us is not None:
-        us = us * dtype.type(s)
-    grad_a = bw.grad_buffer("grad_a", grad_a, lora_a.shape, dtype)
-    grad_b = bw.grad_buffer("grad_b", grad_b, lora_b.shape, dtype)
-    w = weight.astype(dtype, copy=False)
-    a, b = lora_a.astype(dtype, copy=False), lora_b.astype(dtype, copy=False)
-    x2, xd2, g2, us, a, b, w = bw.unalias_grads(grad_a, grad_b, (x2, xd2, g2, us, a, b,
-                                                                  w if need_grad_x else None))
-    w_oi = None if w is None else (w.T if fan_in_fan_out else w)
+    dtype = np.result_type(*[np.asarray(a).dtype for a in (x, weight, lora_a, lora_b, grad_out)])
 
-    def base_grad(g, dx):
-        np.dot(g, w_oi, out=dx)
+    def base_grad(w, g, dx):  # G W (G W^T under fan_in_fan_out: W stored (in, out))
+        np.dot(g, w.T if fan_in_fan_out else w, out=dx)
 
-    dx, grad_a, grad_b = bw.backward_core(x2, xd2, a, b, s, g2, us, drop, grad_a, grad_b, bool(need_grad_x),
-                                          base_grad)
-    return bw.finish_backward(dx, grad_a, grad_b, one_d, in_f)
+    return bw.lora_grads(x, lora_a.astype(dtype, copy=False), lora_b.astype(dtype, copy=False), s, grad_out, dtype,
+                         dropout, x_drop, u, grad_a, grad_b, need_grad_x, weight.astype(dtype, copy=False), base_grad)
