@@ -741,3 +741,17 @@ def test_dask_options_are_checked(tmp_path, capsys):
         quantize_checkpoint("in", tmp_path / "q", workers=2, scheduler="tcp://h:1")
     with pytest.raises(ConfigError, match="workers must be an integer >= 1, got 0"):
         quantize_checkpoint("in", tmp_path / "q", workers=0)
+
+
+def test_numlora_dask_without_dask_is_a_clear_error(monkeypatch):
+    import sys
+
+    import numlora as nl
+    from numlora.dask import apply_layer  # importable without dask
+
+    monkeypatch.setitem(sys.modules, "dask", None)
+    monkeypatch.setitem(sys.modules, "dask.array", None)
+    layer = nl.LoraLinear.from_weight(np.ones((4, 8), np.float32), 2, 4.0)
+    with pytest.raises(ConfigError, match=r"needs the optional dependency dask\[array\] "
+                                          r"\(pip install 'numlora\[dask\]'\)"):
+        apply_layer(layer, np.ones((3, 8), np.float32))

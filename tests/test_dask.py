@@ -194,3 +194,106 @@ def conv_job():
     from numlora.convert import _QuantizeJob
 
     return _QuantizeJob(set(), 64, False)
+
+
+# --- layers over dask arrays -------------------------------------------------------------------
+from numlora.dask import apply_layer, layer_ref  # noqa: E402
+
+
+def _bits(a):
+    return np.asarray(a).view(np.uint32)
+
+
+def _layers(rng):
+    w = rng.standard_normal((96, 160)).astype(np.float32)
+    plain = nl.LoraLinear(w, rng.standard_normal((8, 160)).astype(np.float32),
+                          rng.standard_normal((96, 8)).astype(np.float32), 16.0, bias=np.ones(96, np.float32))
+    dora = nl.LoraLinear.from_weight(w, 4, 8.0, use_dora=True)
+    dora.lora_b = rng.standard_normal((96, 4)).astype(np.float32)
+    q = nl.QLoraLinear.from_weight(w, 8, 16.0, double_quant=True)
+    q.lora_b = rng.standard_normal((96, 8)).astype(np.float32)
+    return {"LoraLinear": plain, "DoRA": dora, "QLoraLinear": q}
+
+
+@pytest.mark.parametrize("kind", ["LoraLinear", "DoRA", "QLoraLinear"])
+@pytest.mark.parametrize("scatter", [True, False])
+def test_apply_layer_block_by_block(rng, client, kind, scatter):
+    layer = _layers(rng)[kind]
+    xn = rng.standard_normal((700, 160)).astype(np.float32)
+    x = da.from_array(xn, chunks=(128, 80))  # several column chunks: joined first
+    y = apply_layer(layer, x, client=client if scatter else None)
+    assert y.shape == (700, 96) and y.chunks[0] == x.chunks[0] and y.dtype == np.float32
+    got = client.compute(y).result()
+    want = np.concatenate([layer.forward(xn[i:i + 128]) for i in range(0, 700, 128)])
+    assert np.array_equal(_bits(got), _bits(want))
+
+
+def test_apply_a_bank_with_a_per_row_adapter_column(rng, client):
+    w = rng.standard_normal((48, 64)).astype(np.float32)
+    bank = nl.LoraBank(nl.quantize_nf4(w, 64))
+    for k, r in enumerate((2, 5, 3)):
+        bank.add(f"user{k}", rng.standard_normal((r, 64)).astype(np.float32),
+                 rng.standard_normal((48, r)).astype(np.float32), 1.0 + k)
+    xn = rng.standard_normal((500, 64)).astype(np.float32)
+    ids = rng.integers(-1, 3, 500)
+    x = da.from_array(xn, chunks=(100, 64))
+    for adapters in (ids, da.from_array(ids, chunks=250)):  # a numpy column, a dask column chunked otherwise
+        got = client.compute(apply_layer(bank, x, adapters, client=client)).result()
+        # a row-stable bank gives each row the same bits whatever its batch
+        assert np.array_equal(_bits(got), _bits(bank.forward(xn, ids)))
+
+
+def _task_sizes(y):
+    """The pickled size of every task in y's graph (what the scheduler sends per task)."""
+    import pickle
+
+    return {k: len(pickle.dumps(v)) for k, v in dict(y.__dask_graph__()).items()}
+
+
+@pytest.mark.parametrize("scatter", [True, False])
+def test_the_layer_is_sent_once_per_worker_not_per_task(rng, client, scatter):
+    import pickle
+
+    w = rng.standard_normal((512, 512)).astype(np.float32)
+    layer = nl.QLoraLinear.from_weight(w, 16, 32.0)
+    layer_bytes = len(pickle.dumps(layer, protocol=5))
+    assert layer_bytes > 150_000
+    x = da.random.default_rng(1).standard_normal((4000, 512), chunks=(200, 512), dtype=np.float32)
+    ref = layer_ref(layer, client if scatter else None)
+    y = apply_layer(layer, x, ref=ref)
+    sizes = _task_sizes(y)
+    big = [k for k, n in sizes.items() if n >= layer_bytes]
+    if scatter:  # the layer is on the workers already: not in the graph at all
+        assert big == [] and ref.key not in sizes
+        assert set(client.who_has([ref])[ref.key]) == set(client.scheduler_info()["workers"])
+    else:  # one key of the graph, whatever the number of blocks
+        assert big == [ref.key]
+    small = [n for k, n in sizes.items() if k != getattr(ref, "key", None)]
+    assert len(small) == 2 * 20 and max(small) < 2048  # 20 random blocks + 20 layer blocks, no weights inside
+    client.run(lambda dask_worker: dask_worker.transfer_incoming_log.clear())
+    client.compute(y).result()
+    # what the workers fetched from each other: the layer at most once per worker (the
+    # delayed key, computed on one worker), never per task
+    logs = client.run(lambda dask_worker: [dict(t["keys"]) for t in dask_worker.transfer_incoming_log])
+    key = ref.key
+    fetched = [sum(1 for t in log if key in t) for log in logs.values()]
+    assert all(n <= (0 if scatter else 1) for n in fetched), fetched
+
+
+def test_apply_layer_refuses_what_it_cannot_run(rng, client):
+    layer = _layers(rng)["LoraLinear"]
+    x = da.zeros((10, 160), chunks=5, dtype=np.float32)
+    with pytest.raises(nl.ShapeError, match="160 columns"):
+        apply_layer(layer, da.zeros((10, 12), chunks=5))
+    with pytest.raises(nl.DTypeError, match="LoraLinear, QLoraLinear or LoraBank"):
+        apply_layer(object(), x)
+    layer.train()
+    with pytest.raises(nl.TrainStateError, match="eval mode"):
+        apply_layer(layer, x)
+    bank = nl.LoraBank(np.zeros((4, 160), np.float32))
+    with pytest.raises(nl.ConfigError, match="needs adapters"):
+        apply_layer(bank, x)
+    with pytest.raises(nl.ShapeError, match="one adapter id per row"):
+        apply_layer(bank, x, np.zeros(3, np.int64))
+    with pytest.raises(nl.DTypeError, match="integers"):
+        apply_layer(bank, x, np.zeros(10))
