@@ -385,7 +385,7 @@ class LoraLayer:
     def saved_bytes(self) -> int:
         """Bytes held between a training forward and its backward beyond the input x
         (referenced, not copied, when it is C-contiguous in the compute dtype): on the
-        CPU the (n, r) product ``s x_drop A^T``, and, with dropout, the dropped input."""
+        CPU the (n, r) product ``x_drop A^T``, and, with dropout, the dropped input."""
         c = self._cache
         if c is None:
             return 0

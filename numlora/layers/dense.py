@@ -36,7 +36,7 @@ class LoraLinear(LoraLayer):
 
     Training (see docs/training.md): ``train()`` / ``eval()``; in training mode forward
     applies ``dropout`` to the LoRA input and keeps what :meth:`backward` needs (a
-    reference to x, ``s x_drop A^T`` (n, r) and, with dropout, the dropped x);
+    reference to x, ``x_drop A^T`` (n, r) and, with dropout, the dropped x);
     ``backward(grad_out)`` accumulates :attr:`grad_a` / :attr:`grad_b` and returns dL/dx;
     ``parameters()`` gives them to :class:`numlora.train.AdamW`.
     """
