@@ -159,8 +159,9 @@ def init_lora(weight, rank, alpha, init="kaiming", *, use_rslora: bool = False, 
         else:
             a = rng.normal(0.0, 1.0 / rank, (rank, in_f))
         return LoraInit(a.astype(dtype), np.zeros((out_f, rank), dtype), w)
-    if s == 0.0:
-        raise ConfigError(f"init {init!r} divides by the LoRA scaling alpha / rank; alpha must not be 0")
+    if method != "olora" and not s > 0.0:
+        raise ConfigError(f"init {init!r} splits sqrt(S / s) over A and B (s = alpha / rank, the LoRA scaling): "
+                          f"alpha must be > 0, got {alpha}")
     w64 = wt.astype(np.float64)
     if method == "olora":
         q, r = np.linalg.qr(w64)
@@ -202,8 +203,9 @@ def loftq_init(weight, rank, alpha, *, iters: int = 1, blocksize: int = 64, doub
     w, rank = _weight(weight, rank)
     iters = validate.int_scalar("iters", iters, minimum=1)
     s = lora_scaling(rank, alpha, use_rslora)
-    if s == 0.0:
-        raise ConfigError("loftq_init divides by the LoRA scaling alpha / rank; alpha must not be 0")
+    if not s > 0.0:
+        raise ConfigError(f"loftq_init splits sqrt(S / s) over A and B (s = alpha / rank, the LoRA scaling): "
+                          f"alpha must be > 0, got {alpha}")
     if svd_niter is not None:
         svd_niter = validate.int_scalar("svd_niter", svd_niter, minimum=0)
     rng = np.random.default_rng(_seed(seed))

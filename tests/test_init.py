@@ -101,6 +101,7 @@ def test_random_inits_leave_the_weight_and_zero_b(rng, init):
     again = init_lora(w, 8, 16, init, seed=3).lora_a
     assert np.array_equal(a, again)  # seeded: reproducible
     assert not np.array_equal(a, init_lora(w, 8, 16, init, seed=4).lora_a)
+    assert np.array_equal(a, init_lora(w, 8, 16, init, seed=np.random.default_rng(3)).lora_a)  # a Generator
     # the same A as the layers draw for the same seed
     layer = nl.LoraLinear.from_weight(w, 8, 16, init="kaiming" if init is True else init, seed=3)
     assert np.array_equal(layer.lora_a, a)
@@ -303,8 +304,13 @@ def test_bad_arguments_are_refused(rng):
         init_lora(w, 9, 4)
     with pytest.raises(ConfigError, match="got 0"):
         loftq_init(w, 0, 4)
-    with pytest.raises(ConfigError, match="alpha must not be 0"):
-        init_lora(w, 2, 0, "pissa")
+    for call in (lambda: init_lora(w, 2, 0, "pissa"), lambda: init_lora(w, 2, -4, "pissa_niter_1"),
+                 lambda: loftq_init(w, 2, -1)):
+        with pytest.raises(ConfigError, match="alpha must be > 0, got -?[014]"):
+            call()
+    # OLoRA does not divide by the scaling: any alpha, the residual is W - s B A
+    a, b, res = init_lora(w, 2, -4, "olora")
+    np.testing.assert_allclose(_effective(a, b, res, -2.0), w, atol=1e-5)
     with pytest.raises(DTypeError, match="float16"):
         init_lora(w.astype(np.float16), 2, 4)
     with pytest.raises(ConfigError, match="iters must be >= 1, got 0"):
