@@ -39,14 +39,17 @@ from .layers.embedding import LoraEmbedding
 from .multi import LoraBank, multi_lora_forward
 from .nf4 import (
     CODE8,
+    FP4_CODE,
     NF4_CODE,
     NF4_MIDPOINTS,
     NF4Tensor,
+    dequantize_4bit,
     dequantize_nf4,
     nf4_matmul,
     nf4_matmul_t,
     qlora_backward,
     qlora_forward,
+    quantize_4bit,
     quantize_nf4,
 )
 from .ops import MergeRecord, linear_forward, lora_backward, lora_forward, merge_lora, unmerge_lora
@@ -57,6 +60,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CODE8",
+    "FP4_CODE",
     "NF4_CODE",
     "NF4_MIDPOINTS",
     "AdamW",
@@ -95,6 +99,7 @@ __all__ = [
     "conv_forward",
     "conv_lora_backward",
     "conv_lora_forward",
+    "dequantize_4bit",
     "dequantize_nf4",
     "dora_forward",
     "dora_weight_norm",
@@ -120,6 +125,7 @@ __all__ = [
     "nf4_matmul_t",
     "qlora_backward",
     "qlora_forward",
+    "quantize_4bit",
     "quantize_nf4",
     "to_device",
     "to_host",

@@ -15,7 +15,6 @@ from __future__ import annotations
 import numpy as np
 
 from . import _backward as bw
-from ._tables import NF4_CODE
 
 
 def tensor_arrays(t):
@@ -78,15 +77,15 @@ def forward(x2, t, lora_a, lora_b, s, bias, out2, x_lora=None, u_out=None):
     if in_f % bs == 0 and simd_ok(k, bs) and bs % (2 * k.SIMD_LANES) == 0:
         xe = np.ascontiguousarray(x2[:, 0::2])
         xo = np.ascontiguousarray(x2[:, 1::2])
-        k.nf4_matmul_simd(t.packed, scales, bs, NF4_CODE, xe, xo, u, lora_b, b_arr, use_bias, out2)
+        k.nf4_matmul_simd(t.packed, scales, bs, t.code, xe, xo, u, lora_b, b_arr, use_bias, out2)
     elif in_f % bs == 0 and bs % 2 == 0:
         if n == 1:
-            k.nf4_gemv_lut(t.packed, scales, bs, NF4_CODE, x2[0], u, lora_b, b_arr, use_bias, out2[0])
+            k.nf4_gemv_lut(t.packed, scales, bs, t.code, x2[0], u, lora_b, b_arr, use_bias, out2[0])
         else:
-            k.nf4_gemm_pairs(t.packed, scales, bs, NF4_CODE, np.ascontiguousarray(x2.T), u, lora_b, b_arr,
+            k.nf4_gemm_pairs(t.packed, scales, bs, t.code, np.ascontiguousarray(x2.T), u, lora_b, b_arr,
                              use_bias, out2)
     else:
-        k.nf4_gemm_any(t.packed, scales, bs, NF4_CODE, np.ascontiguousarray(x2.T), u, lora_b, b_arr,
+        k.nf4_gemm_any(t.packed, scales, bs, t.code, np.ascontiguousarray(x2.T), u, lora_b, b_arr,
                        use_bias, out2)
 
 
@@ -117,9 +116,9 @@ def row_tiles(t, scales):
         r1 = min(out_f, r0 + rows)
         cur = tile[: r1 - r0]
         if simd:
-            k.nf4_decode_simd_tile(t.packed, scales, bs, NF4_CODE, r0 * in_f // bs, r1 * in_f // bs, cur.reshape(-1))
+            k.nf4_decode_simd_tile(t.packed, scales, bs, t.code, r0 * in_f // bs, r1 * in_f // bs, cur.reshape(-1))
         else:
-            k.nf4_dequantize_tile(t.packed, scales, bs, NF4_CODE, r0 * in_f, r1 * in_f, cur.reshape(-1))
+            k.nf4_dequantize_tile(t.packed, scales, bs, t.code, r0 * in_f, r1 * in_f, cur.reshape(-1))
         yield r0, r1, cur
 
 
@@ -135,7 +134,7 @@ def grad_input(g2, t, dx):
         return
     scales = t.scales
     if n <= FUSED_MAX_ROWS:
-        k.nf4_matmul_t(t.packed, scales, t.blocksize, NF4_CODE, g2, dx)
+        k.nf4_matmul_t(t.packed, scales, t.blocksize, t.code, g2, dx)
         return
     tmp = None
     for r0, r1, cur in row_tiles(t, scales):

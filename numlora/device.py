@@ -143,6 +143,9 @@ def to_device(x):
 
     if isinstance(x, DeviceNF4Tensor):
         return x
+    if isinstance(x, NF4Tensor) and x.quant_type != "nf4":
+        raise DeviceError(f"expected an NF4 weight: the CUDA kernels decode NF4 only, got quant_type "
+                          f"{x.quant_type!r} (run FP4 weights on the CPU)")
     cuda = cuda_module()
     if isinstance(x, NF4Tensor):
         dq = None

@@ -1,8 +1,9 @@
-"""NF4 ("4-bit NormalFloat") in the bitsandbytes layout: quantize, dequantize, and the
-matmul of an NF4 weight (the QLoRA forward).
+"""4-bit weights in the bitsandbytes layout, NF4 ("4-bit NormalFloat") and FP4: quantize,
+dequantize, and the matmul of a 4-bit weight (the QLoRA forward).
 
 The format, exactly as bitsandbytes' CPU path writes it, is described in
-``docs/nf4-format.md``.
+``docs/nf4-format.md``. The two code books share every kernel but the quantizer's code
+search (:mod:`numlora.kernels.fp4`); a tensor records its ``quant_type``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from . import _nf4_products as products
 from . import _validate as validate
 from ._dispatch import dispatch
 from ._nf4_products import FUSED_MAX_ROWS  # noqa: F401  (a documented limit of nf4_matmul)
-from ._tables import CODE8, NF4_CODE, NF4_MIDPOINTS
+from ._tables import CODE8, FP4_CODE, NF4_CODE, NF4_MIDPOINTS
 from ._validate import BLOCKSIZE_MAX, BLOCKSIZE_MIN, MAX_NUMEL, check_blocksize
 from .errors import ConfigError, DTypeError, ShapeError
 from .io.bnb import DQ_GROUP
@@ -29,21 +30,34 @@ __all__ = [
     "BLOCKSIZE_MIN",
     "CODE8",
     "DQ_GROUP",
+    "FP4_CODE",
     "NF4_CODE",
     "NF4_MIDPOINTS",
     "NF4Tensor",
+    "QUANT_TYPES",
     "check_blocksize",
+    "dequantize_4bit",
     "dequantize_nf4",
     "nf4_matmul",
     "nf4_matmul_t",
     "qlora_backward",
     "qlora_forward",
+    "quantize_4bit",
     "quantize_nf4",
 ]
 
 
 #: The 15 midpoints and a pad entry (never looked up), as the SIMD encoder loads them.
 _MIDS16 = np.append(NF4_MIDPOINTS, np.float32(np.inf)).astype(np.float32)
+
+#: The 4-bit code books by ``quant_type``, as bitsandbytes names them.
+QUANT_TYPES = {"nf4": NF4_CODE, "fp4": FP4_CODE}
+
+
+def _quant_type(value, name="quant_type") -> str:
+    if not isinstance(value, str) or value not in QUANT_TYPES:
+        raise ConfigError(f"{name} must be one of {sorted(QUANT_TYPES)}, got {value!r:.60}")
+    return value
 
 
 def _check_shape(name, shape, error=ShapeError) -> tuple:
@@ -89,12 +103,13 @@ def _tensor_array(name, a, dtypes, shape, why):
 
 @dataclass(eq=False)
 class NF4Tensor:
-    """A weight quantized to NF4, in bitsandbytes' layout.
+    """A weight quantized to 4 bits (NF4, or FP4 with ``quant_type="fp4"``), in
+    bitsandbytes' layout.
 
     Attributes
     ----------
     packed : uint8 (ceil(n / 2),) - element 2i in the high nibble of byte i; an odd
-        count pads the last low nibble with code 7.
+        count pads the last low nibble with the code of 0.0 (7 in NF4, 0 in FP4).
     absmax : float32 (n_blocks,) block scales; with double quantization the uint8 codes
         of the scales instead.
     shape : the original shape.
@@ -103,6 +118,7 @@ class NF4Tensor:
     offset : float32 mean subtracted from absmax before its 8-bit quantization (double quant only).
     code8 : float32 (256,) the 8-bit map used for absmax (double quant only).
     dtype : the dtype the weight had, as a name (kept for writing the bitsandbytes metadata).
+    quant_type : ``"nf4"`` or ``"fp4"``, the code book (:attr:`code`).
     """
 
     packed: np.ndarray
@@ -113,9 +129,11 @@ class NF4Tensor:
     offset: np.float32 | None = None
     code8: np.ndarray | None = None
     dtype: str = "float32"
+    quant_type: str = "nf4"
     _scales: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
+        self.quant_type = _quant_type(self.quant_type)
         self.shape = _check_shape("shape", self.shape)
         n = math.prod(self.shape)
         bs = check_blocksize(self.blocksize)
@@ -145,6 +163,11 @@ class NF4Tensor:
                 raise ConfigError("offset and code8 belong to double quantization: give absmax2 too, or neither")
             self.absmax = _tensor_array("absmax", self.absmax, (np.float32,), (nblocks,), want)
             _finite_field("absmax", self.absmax)  # n / blocksize scales: a small scan
+
+    @property
+    def code(self) -> np.ndarray:
+        """The 16 float32 values of the code book, by nibble (``NF4_CODE`` or ``FP4_CODE``)."""
+        return QUANT_TYPES[self.quant_type]
 
     @property
     def numel(self) -> int:
@@ -258,13 +281,15 @@ class NF4Tensor:
 
     def __repr__(self) -> str:
         dq = ", double_quant" if self.double_quant else ""
-        return f"NF4Tensor(shape={self.shape}, blocksize={self.blocksize}{dq}, nbytes={self.nbytes})"
+        qt = ", quant_type='fp4'" if self.quant_type != "nf4" else ""
+        return f"NF4Tensor(shape={self.shape}, blocksize={self.blocksize}{dq}{qt}, nbytes={self.nbytes})"
 
 
 @dispatch
-def quantize_nf4(w, blocksize: int = 64, double_quant: bool = False) -> NF4Tensor:
-    """Quantize ``w`` to NF4, bit-identical to ``bitsandbytes.functional.quantize_4bit(w,
-    blocksize=blocksize, quant_type="nf4")`` on the CPU.
+def quantize_nf4(w, blocksize: int = 64, double_quant: bool = False, quant_type: str = "nf4") -> NF4Tensor:
+    """Quantize ``w`` to NF4 (or FP4), bit-identical to
+    ``bitsandbytes.functional.quantize_4bit(w, blocksize=blocksize, quant_type=quant_type)``
+    on the CPU. :func:`quantize_4bit` is the same function under bitsandbytes' name.
 
     ``w`` is float32 (float64 is rounded to float32 first), any shape, non-empty, finite:
     a NaN or inf raises :class:`~numlora.errors.NonFiniteError` naming its index. Any
@@ -272,11 +297,16 @@ def quantize_nf4(w, blocksize: int = 64, double_quant: bool = False) -> NF4Tenso
     32 ... 4096; others raise :class:`~numlora.errors.ConfigError`, see
     :func:`check_blocksize`). ``double_quant=True``
     also quantizes the block scales to 8 bits (QLoRA's double quantization).
+    ``quant_type="fp4"`` uses bitsandbytes' FP4 code book (:data:`FP4_CODE
+    <numlora._tables.FP4_CODE>`: 1 sign, 2 exponent and 1 mantissa bit) instead of NF4's;
+    everything else (blocks, scales, packing, double quantization, the fused products,
+    state dicts) is the same.
     """
     w = validate.float_array("w", w, None)
     bs = check_blocksize(blocksize)
     if not isinstance(double_quant, (bool, np.bool_)):
         raise ConfigError(f"double_quant must be True or False, got {double_quant!r}")
+    quant_type = _quant_type(quant_type)
     from .kernels import nf4 as k
 
     shape = w.shape
@@ -285,7 +315,12 @@ def quantize_nf4(w, blocksize: int = 64, double_quant: bool = False) -> NF4Tenso
     nblocks = -(-n // bs)
     packed = np.empty((n + 1) // 2, np.uint8)
     absmax = np.empty(nblocks, np.float32)
-    if products.simd_ok(k, bs):
+    if quant_type == "fp4":
+        from .kernels import fp4
+
+        kern = fp4.fp4_quantize_even if bs % 2 == 0 else fp4.fp4_quantize_any
+        kern(x, x.view(np.int32), bs, packed, absmax, absmax.view(np.int32))
+    elif products.simd_ok(k, bs):
         k.nf4_quantize_simd(x, x.view(np.int32), bs, _MIDS16, packed, absmax, absmax.view(np.int32))
     else:
         kern = k.nf4_quantize_even if bs % 2 == 0 else k.nf4_quantize_any
@@ -294,7 +329,7 @@ def quantize_nf4(w, blocksize: int = 64, double_quant: bool = False) -> NF4Tenso
     if not finite.all():
         b = int(np.argmin(finite))
         raise validate.first_nonfinite("w", x, shape, start=b * bs)
-    t = NF4Tensor(packed, absmax, shape, bs, dtype=str(w.dtype))
+    t = NF4Tensor(packed, absmax, shape, bs, dtype=str(w.dtype), quant_type=quant_type)
     if double_quant:
         t = _double_quantize(t)
     return t
@@ -309,7 +344,7 @@ def _double_quantize(t: NF4Tensor) -> NF4Tensor:
     absmax2 = np.empty(-(-absmax.size // DQ_GROUP), np.float32)
     k.code8_encode(absmax, offset, DQ_GROUP, CODE8, q8, absmax2)
     return NF4Tensor(t.packed, q8, t.shape, t.blocksize, absmax2=absmax2, offset=offset,
-                     code8=CODE8, dtype=t.dtype)
+                     code8=CODE8, dtype=t.dtype, quant_type=t.quant_type)
 
 
 def _check_tensor(t):
@@ -335,10 +370,15 @@ def dequantize_nf4(t: NF4Tensor, out=None) -> np.ndarray:
     n, bs = t.numel, t.blocksize
     scales = t.scales
     if products.simd_ok(k, bs) and n % bs == 0:
-        k.nf4_decode_simd(t.packed, scales, bs, NF4_CODE, 0, n // bs, out.reshape(-1))
+        k.nf4_decode_simd(t.packed, scales, bs, t.code, 0, n // bs, out.reshape(-1))
     else:
-        k.nf4_dequantize_range(t.packed, scales, bs, NF4_CODE, 0, n, out.reshape(-1))
+        k.nf4_dequantize_range(t.packed, scales, bs, t.code, 0, n, out.reshape(-1))
     return validate.deliver(out, dest)
+
+
+#: bitsandbytes' names: the same functions (``quant_type="nf4"`` or ``"fp4"``).
+quantize_4bit = quantize_nf4
+dequantize_4bit = dequantize_nf4
 
 
 def weight_shape(t) -> tuple:

@@ -279,7 +279,9 @@ def test_quant_map_must_be_the_nf4_codebook(good):
     _raises(FormatError, d, "NF4 codebook")
 
 
-def test_fp4_is_refused(good):
+def test_quant_type_must_match_its_key(good):
+    """FP4 state dicts are read (tests/test_fp4.py); a JSON quant_type that disagrees with
+    the key's suffix is refused either way round."""
     _raises(FormatError, _with_meta(good, quant_type="fp4"), "quant_type 'nf4'", "'fp4'")
     d = dict(good)
     d[W + ".quant_state.bitsandbytes__fp4"] = d.pop(QS)

@@ -258,14 +258,18 @@ def quantize_raw(xf, blocksize, packed, absmax, bad):
 
 
 @register("cuda")
-def quantize_nf4(w, blocksize=64, double_quant=False):
+def quantize_nf4(w, blocksize=64, double_quant=False, quant_type="nf4"):
     """GPU :func:`numlora.nf4.quantize_nf4`: bit-identical codes and scales, returned as a
     :class:`~numlora.device.DeviceNF4Tensor`. One 4-byte device-to-host copy checks for
-    NaN / inf (then the input is copied to the host to name the first bad index)."""
+    NaN / inf (then the input is copied to the host to name the first bad index). NF4
+    only: ``quant_type="fp4"`` raises :class:`~numlora.errors.DeviceError`."""
     w = dev("w", w)
     bs = validate.check_blocksize(blocksize)
     if not isinstance(double_quant, (bool, np.bool_)):
         raise ConfigError(f"double_quant must be True or False, got {double_quant!r}")
+    if quant_type != "nf4":
+        raise DeviceError(f"expected quant_type 'nf4' on the GPU (the CUDA kernels quantize NF4 only), got "
+                          f"{quant_type!r:.40}; quantize FP4 on the CPU")
     cuda = numba_cuda()
     xf = flat(w)
     n = xf.size

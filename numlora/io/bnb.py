@@ -1,6 +1,6 @@
 """The bitsandbytes 4-bit state dict: what ``Linear4bit.state_dict()`` (``Params4bit`` data
-plus ``QuantState.as_dict(packed=True)``) and transformers write for an NF4 weight, read
-and written byte for byte. :meth:`NF4Tensor.to_state_dict
+plus ``QuantState.as_dict(packed=True)``) and transformers write for an NF4 or FP4 weight,
+read and written byte for byte. :meth:`NF4Tensor.to_state_dict
 <numlora.nf4.NF4Tensor.to_state_dict>` and :meth:`NF4Tensor.from_state_dict
 <numlora.nf4.NF4Tensor.from_state_dict>` are the public entry points; they call
 :func:`to_state_dict` and :func:`from_state_dict` here.
@@ -16,7 +16,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from .._tables import NF4_CODE
+from .._tables import FP4_CODE, NF4_CODE
 from .._validate import BLOCKSIZE_MAX, BLOCKSIZE_MIN, MAX_NUMEL
 from ..errors import ConfigError, DTypeError, FormatError, NonFiniteError, ShapeError
 
@@ -25,14 +25,17 @@ __all__ = ["DQ_GROUP", "from_state_dict", "to_state_dict"]
 #: Group size of the double quantization of absmax (bitsandbytes' nested blocksize).
 DQ_GROUP = 256
 
+#: The code book of each quant type bitsandbytes writes (its ``quant_map``).
+_CODES = {"nf4": NF4_CODE, "fp4": FP4_CODE}
+
 
 def to_state_dict(t, prefix: str = "") -> dict:
     """The tensors of NF4 weight ``t`` under module path ``prefix``; see
     :meth:`NF4Tensor.to_state_dict <numlora.nf4.NF4Tensor.to_state_dict>`."""
     w = _weight_key(prefix)
-    meta = {"quant_type": "nf4", "blocksize": int(t.blocksize), "dtype": _bnb_dtype_name(t.dtype),
+    meta = {"quant_type": t.quant_type, "blocksize": int(t.blocksize), "dtype": _bnb_dtype_name(t.dtype),
             "shape": [int(d) for d in t.shape]}
-    out = {w: t.packed.reshape(-1, 1), f"{w}.absmax": t.absmax, f"{w}.quant_map": NF4_CODE.copy()}
+    out = {w: t.packed.reshape(-1, 1), f"{w}.absmax": t.absmax, f"{w}.quant_map": _CODES[t.quant_type].copy()}
     if t.double_quant:
         offset = np.float32(t.offset)
         if not np.isfinite(offset):
@@ -41,12 +44,12 @@ def to_state_dict(t, prefix: str = "") -> dict:
         out[f"{w}.nested_absmax"] = t.absmax2
         out[f"{w}.nested_quant_map"] = np.array(t.code8, np.float32)
     # json.dumps with its default separators, as bitsandbytes' pack_dict_to_tensor
-    out[f"{w}.{_QS_NAME}"] = np.frombuffer(json.dumps(meta).encode("utf-8"), np.uint8).copy()
+    out[f"{w}.{_QS_PREFIX}{t.quant_type}"] = np.frombuffer(json.dumps(meta).encode("utf-8"), np.uint8).copy()
     return out
 
 
-#: The name of the packed quant state under ``<prefix>.weight.``.
-_QS_NAME = "quant_state.bitsandbytes__nf4"
+#: The name of the packed quant state under ``<prefix>.weight.``, less its quant type.
+_QS_PREFIX = "quant_state.bitsandbytes__"
 
 
 #: bitsandbytes' name (a torch dtype's) of the original weight dtype, by NF4Tensor.dtype.
@@ -108,13 +111,18 @@ def _is_int(x) -> bool:
 
 
 def _read_quant_state(tensors, w):
-    """The JSON quant state of ``<w>.quant_state.bitsandbytes__nf4``, fields checked."""
-    key = f"{w}.{_QS_NAME}"
+    """The JSON quant state of ``<w>.quant_state.bitsandbytes__<nf4|fp4>``, fields checked;
+    returns it, whether it has double quantization fields, and its key."""
     qs_prefix = f"{w}.quant_state."
-    others = sorted(k for k in tensors if isinstance(k, str) and k.startswith(qs_prefix) and k != key)
-    if others:
-        raise FormatError(f"expected exactly one quant state, {key!r} (numlora reads quant_type 'nf4' only), "
-                          f"got {others + ([key] if key in tensors else [])}")
+    found = sorted(k for k in tensors if isinstance(k, str) and k.startswith(qs_prefix))
+    names = [f"{w}.{_QS_PREFIX}{q}" for q in _CODES]
+    if not found:
+        raise FormatError(f"missing key {names[0]!r} (or {names[1]!r} for FP4): the packed bitsandbytes quant state")
+    if len(found) != 1 or found[0] not in names:
+        raise FormatError(f"expected exactly one quant state, {' or '.join(repr(n) for n in names)}, "
+                          f"got {found if found else 'none'}")
+    key = found[0]
+    key_type = key[len(f"{w}.{_QS_PREFIX}"):]
     raw = _state_array(tensors, key, np.uint8, None, " (the packed bitsandbytes quant state)")
     if raw.ndim != 1:
         raise ShapeError(f"expected {key!r} to be 1-D (UTF-8 JSON bytes), got shape {raw.shape}")
@@ -131,8 +139,8 @@ def _read_quant_state(tensors, w):
     missing = [f for f in _META_FIELDS if f not in meta]
     if missing:
         raise FormatError(f"expected the fields {list(_META_FIELDS)} in {key!r}, missing {missing}")
-    if meta["quant_type"] != "nf4":
-        raise FormatError(f"expected quant_type 'nf4' in {key!r}, got {meta['quant_type']!r}")
+    if meta["quant_type"] != key_type:
+        raise FormatError(f"expected quant_type {key_type!r} in {key!r} (the key's), got {meta['quant_type']!r}")
     bs = meta["blocksize"]
     if not _is_int(bs) or not BLOCKSIZE_MIN <= bs <= BLOCKSIZE_MAX:
         raise FormatError(f"expected blocksize in {key!r} to be an integer >= {BLOCKSIZE_MIN} and <= "
@@ -165,7 +173,7 @@ def _read_quant_state(tensors, w):
             off32 = np.float32(np.inf)
         if not np.isfinite(off32):
             raise NonFiniteError(f"expected a finite nested_offset in {key!r}, got {off!r}")
-    return meta, bool(nested)
+    return meta, bool(nested), key
 
 
 def from_state_dict(cls, tensors, prefix=""):
@@ -175,18 +183,20 @@ def from_state_dict(cls, tensors, prefix=""):
     w = _weight_key(prefix)
     if not isinstance(tensors, Mapping):
         raise DTypeError(f"tensors must be a mapping of key to numpy array, got {type(tensors).__name__}")
-    meta, nested = _read_quant_state(tensors, w)
+    meta, nested, qs_key = _read_quant_state(tensors, w)
+    qt = meta["quant_type"]
+    code = _CODES[qt]
     shape = tuple(meta["shape"])
     bs = meta["blocksize"]
     n = math.prod(shape)
     nblocks = -(-n // bs)
     packed = _state_array(tensors, w, np.uint8, ((n + 1) // 2, 1), " (packed 4-bit codes)")
     qm = _state_array(tensors, f"{w}.quant_map", np.float32, (16,))
-    diff = np.flatnonzero(qm.view(np.uint32) != NF4_CODE.view(np.uint32))
+    diff = np.flatnonzero(qm.view(np.uint32) != code.view(np.uint32))
     if diff.size:
         i = int(diff[0])
-        raise FormatError(f"expected {w + '.quant_map'!r} to be the NF4 codebook bit for bit, got {qm[i]!r} "
-                          f"at index {i} where NF4 has {NF4_CODE[i]!r}")
+        raise FormatError(f"expected {w + '.quant_map'!r} to be the {qt.upper()} codebook bit for bit (the quant "
+                          f"state says {qt!r}), got {qm[i]!r} at index {i} where {qt.upper()} has {code[i]!r}")
     nested_keys = (f"{w}.nested_absmax", f"{w}.nested_quant_map")
     if nested:
         why = " (the quant state says double quantization)"
@@ -196,12 +206,13 @@ def from_state_dict(cls, tensors, prefix=""):
         _check_finite(nested_keys[0], absmax2)
         _check_finite(nested_keys[1], code8)
         return cls(packed.reshape(-1), absmax, shape, bs, absmax2=absmax2,
-                   offset=np.float32(meta["nested_offset"]), code8=code8.copy(), dtype=meta["dtype"])
+                   offset=np.float32(meta["nested_offset"]), code8=code8.copy(), dtype=meta["dtype"],
+                   quant_type=qt)
     stray = [k for k in nested_keys if k in tensors]
     if stray:
-        raise FormatError(f"unexpected keys {stray}: the quant state {w + '.' + _QS_NAME!r} has no "
+        raise FormatError(f"unexpected keys {stray}: the quant state {qs_key!r} has no "
                           f"double quantization fields {list(_NESTED_FIELDS)}")
     absmax = _state_array(tensors, f"{w}.absmax", np.float32, (nblocks,), " (no double quantization)")
     _check_finite(f"{w}.absmax", absmax)
-    return cls(packed.reshape(-1), absmax, shape, bs, dtype=meta["dtype"])
+    return cls(packed.reshape(-1), absmax, shape, bs, dtype=meta["dtype"], quant_type=qt)
 
