@@ -61,20 +61,41 @@ def lora_forward(x, weight, lora_a, lora_b, scaling, bias=None, out=None, *, fan
     input when it differs from x (the dropped input of a training forward); ``u_out``:
     receives ``x_lora A^T`` unscaled (one more shrink)."""
     weight, out_f, in_f, sw = _weight(weight, fan_in_fan_out)
-    lora_a, lora_b, r = low_rank(lora_a, lora_b, out_f, in_f)
+    lora = low_rank(lora_a, lora_b, out_f, in_f)
     s = validate.real_scalar("scaling", scaling)
+    return _forward(x, out_f, in_f, lora, s, bias, out, x_lora, u_out, weight=weight, sw=sw)
+
+
+def _forward(x, out_f, in_f, lora, s, bias, out, x_lora=None, u_out=None, *, weight=None, sw=None, t=None):
+    """``out = x W^T (+ s (x_lora A^T) B^T) (+ bias)`` on the GPU, ``W`` the dense ``weight``
+    (``W(o, k)`` at flat ``o * sw[0] + k * sw[1]``) or the DeviceNF4Tensor ``t`` (one row:
+    the fused GEMV where it applies, else the tiled kernel); ``lora``: the checked
+    ``(A, B, r)`` or None; ``x_lora A^T`` into ``u_out`` when given."""
     x, n = rows("x", x, in_f)
     xl = same_rows("x_lora", x_lora, x)
     b, use_bias = bias_arg(bias, out_f)
     out = output(out, x, out_f)
-    keep_u(u_out, x, xl, n, in_f, lora_a, r)
+    if lora is not None:
+        lora_a, lora_b, r = lora
+        keep_u(u_out, x, xl, n, in_f, lora_a, r)
     if n == 0:
         return out
-    us = scratch("us", (n, r))
-    xf = flat(x)
-    shrink(flat(xl), in_f, 1, in_f, flat(lora_a), in_f, 1, s, us)
-    matmul(xf, in_f, 1, n, out_f, in_f, flat(out), out_f, W=flat(weight), swo=sw[0], swk=sw[1],
-           U=flat(us), sui=r, sut=1, Bm=flat(lora_b), sbo=r, sbt=1, R=r, bias=b if use_bias else None)
+    xf, low = flat(x), {}
+    if lora is not None:
+        us = scratch("us", (n, r))
+        shrink(flat(xl), in_f, 1, in_f, flat(lora_a), in_f, 1, s, us)
+        low = dict(U=flat(us), sui=r, sut=1, Bm=flat(lora_b), sbo=r, sbt=1, R=r)
+    if t is not None and gemv_ok(t, n):
+        if lora is None:
+            cuda = numba_cuda()
+            us, lora_b = cuda.device_array((n, 0), np.float32), cuda.device_array((out_f, 0), np.float32)
+        T, R = kernels.GEMV_THREADS, kernels.GEMV_ROWS
+        kernels.make_nf4_gemv()[grid(out_f, R), T](t.packed.view(np.uint32), t.scales, t.blocksize,
+                                                   block_shift(t.blocksize, t.numel), const("code"), xf, us, lora_b,
+                                                   b, use_bias, flat(out))
+        return out
+    base = dict(t=t, swo=in_f, swk=1) if t is not None else dict(W=flat(weight), swo=sw[0], swk=sw[1])
+    matmul(xf, in_f, 1, n, out_f, in_f, flat(out), out_f, **base, **low, bias=b if use_bias else None)
     return out
 
 
@@ -82,13 +103,7 @@ def lora_forward(x, weight, lora_a, lora_b, scaling, bias=None, out=None, *, fan
 def linear_forward(x, weight, bias=None, out=None, *, fan_in_fan_out=False):
     """GPU :func:`numlora.ops.linear_forward` (``x W^T + b``)."""
     weight, out_f, in_f, sw = _weight(weight, fan_in_fan_out)
-    x, n = rows("x", x, in_f)
-    b, use_bias = bias_arg(bias, out_f)
-    out = output(out, x, out_f)
-    if n:
-        matmul(flat(x), in_f, 1, n, out_f, in_f, flat(out), out_f, W=flat(weight), swo=sw[0], swk=sw[1],
-               bias=b if use_bias else None)
-    return out
+    return _forward(x, out_f, in_f, None, 0.0, bias, out, weight=weight, sw=sw)
 
 
 @register("cuda")
@@ -320,45 +335,12 @@ def gemv_ok(t, n):
     return n == 1 and in_f % 8 == 0 and bs % 8 == 0 and in_f % bs == 0
 
 
-def nf4_forward(x, t, lora_a, lora_b, s, bias, out, x_lora=None, u_out=None, *, fused_gemv=True):
-    """``out = x deq(W)^T (+ s (x_lora A^T) B^T) (+ bias)`` on the GPU (A, B, bias may be None):
-    the fused GEMV for one row (``fused_gemv``), the tiled kernel otherwise; ``x_lora A^T``
-    into ``u_out`` when given."""
-    out_f, in_f = t.shape
-    x, n = rows("x", x, in_f)
-    xl = same_rows("x_lora", x_lora, x)
-    b, use_bias = bias_arg(bias, out_f)
-    out = output(out, x, out_f)
-    if n == 0:
-        return out
-    cuda = numba_cuda()
-    xf = flat(x)
-    if lora_a is not None:
-        lora_a, lora_b, r = low_rank(lora_a, lora_b, out_f, in_f)
-        keep_u(u_out, x, xl, n, in_f, lora_a, r)
-        us = scratch("us", (n, r))
-        shrink(flat(xl), in_f, 1, in_f, flat(lora_a), in_f, 1, s, us)
-    else:
-        r = 0
-        us = cuda.device_array((n, 0), np.float32)
-        lora_b = cuda.device_array((out_f, 0), np.float32)
-    if fused_gemv and gemv_ok(t, n):
-        T, R = kernels.GEMV_THREADS, kernels.GEMV_ROWS
-        kernels.make_nf4_gemv()[grid(out_f, R), T](t.packed.view(np.uint32), t.scales, t.blocksize,
-                                          block_shift(t.blocksize, t.numel), const("code"), xf, us, lora_b, b,
-                                          use_bias, flat(out))
-    else:
-        matmul(xf, in_f, 1, n, out_f, in_f, flat(out), out_f, t=t, swo=in_f, swk=1,
-               U=flat(us) if r else None, sui=r, sut=1, Bm=flat(lora_b) if r else None, sbo=r, sbt=1, R=r,
-               bias=b if use_bias else None)
-    return out
-
-
 @register("cuda")
 def nf4_matmul(x, t, out=None, *, bias=None):
     """GPU :func:`numlora.nf4.nf4_matmul`: fused GEMV for one row, tiled for more; the
     weight is decoded in registers / shared memory, never materialised."""
-    return nf4_forward(x, tensor(t), None, None, 0.0, bias, out)
+    t = tensor(t)
+    return _forward(x, t.shape[0], t.shape[1], None, 0.0, bias, out, t=t)
 
 
 @register("cuda")
@@ -368,7 +350,8 @@ def qlora_forward(x, t, lora_a, lora_b, scaling, bias=None, out=None, *, x_lora=
     t = tensor(t)
     if lora_a is None or lora_b is None:
         raise ShapeError("expected lora_a and lora_b arrays, got None")
-    return nf4_forward(x, t, lora_a, lora_b, s, bias, out, x_lora, u_out)
+    lora = low_rank(lora_a, lora_b, *t.shape)
+    return _forward(x, t.shape[0], t.shape[1], lora, s, bias, out, x_lora, u_out, t=t)
 
 
 @register("cuda")

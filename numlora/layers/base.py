@@ -326,9 +326,6 @@ class LoraLayer:
     def _train_dtype(self, x):
         return np.dtype(np.float32)
 
-    def _base_arrays(self) -> dict:
-        return {}
-
     def _check_float32_base(self):
         pass
 
