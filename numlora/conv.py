@@ -14,13 +14,17 @@ Since ``lora_b`` is 1x1, the LoRA path is ``conv(x, scaling * B @ A)``, so mergi
 :func:`unmerge_conv` are :func:`numlora.ops.merge_lora` on that view, with the same
 bit-exact :class:`~numlora.ops.MergeRecord`.
 
-How it computes (measured against a direct loop, see docs/embedding-conv.md): each
-image is unfolded into columns (``im2col``), then one BLAS product with ``[W; A]``
-stacked gives the base output and ``A``'s output together, and ``(s B) @ (A cols)`` is
-added. Supported: ``groups=1``, ``padding_mode="zeros"``, any stride / dilation,
-padding as integers, per-side pairs, ``"valid"`` or ``"same"``. Anything else is refused
-with :class:`~numlora.errors.ConfigError`. Inputs are ``(N, C, L)`` / ``(N, C, H, W)`` as
-in torch, or unbatched ``(C, L)`` / ``(C, H, W)``.
+How it computes (im2col measured against a direct numba loop, see
+docs/embedding-conv.md): each image is unfolded into columns (``im2col``) and multiplied by the kernel with BLAS.
+Without dropout the LoRA branch is folded into the kernel, ``conv(x, W + s B A)`` (B is
+1x1, and the (out, in * K) kernel is tiny next to the activations); with a separate
+``x_lora`` it runs as ``(s B) @ (A @ cols(x_lora))``. The images of a batch are unfolded
+in parallel, in chunks of at most :data:`COLUMN_BYTES` of columns, before their products.
+
+Supported: ``groups=1``, ``padding_mode="zeros"``, any stride / dilation, padding as
+integers, per-side pairs, ``"valid"`` or ``"same"``. Anything else is refused with
+:class:`~numlora.errors.ConfigError`. Inputs are ``(N, C, L)`` / ``(N, C, H, W)`` as in
+torch, or unbatched ``(C, L)`` / ``(C, H, W)``.
 
 Dropout (training): pass ``x_lora = lora_dropout(x.reshape(n, -1), p, seed)[0]``
 reshaped back (one dropout row per image; ``n = 1`` for an unbatched x), and give
@@ -193,39 +197,46 @@ def _col2im(k, cols, g, dx3):
     k.col2im_add_serial(cols, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, g.oh, g.ow, dx3)
 
 
+#: Bytes of unfolded columns a forward holds at once: the images of a batch are unfolded
+#: in chunks of this size (at least one image), in parallel, before their BLAS products.
+COLUMN_BYTES = 32 * 1024 * 1024
+
+
 def _run(x4, w2, a2, b2, s, bias, out4, g, xl4):
     """The forward over (N, C, H, W) arrays of one dtype into ``out4`` (N, out, oh, ow);
-    ``a2 is None``: the base alone."""
+    ``a2 is None``: the base alone.
+
+    When the LoRA branch reads x itself (no dropout), it runs folded into the kernel:
+    ``conv(x, W + s B A)``, since B is 1x1. The folded kernel is (out, in * K), tiny next
+    to the activations, so the LoRA branch then costs nothing per output pixel (one
+    product per image instead of three)."""
     k = _kernels()
     n, out_c = x4.shape[0], w2.shape[0]
     cols_n = g.oh * g.ow
     dtype = x4.dtype
-    cols = np.empty((w2.shape[1], cols_n), dtype)
-    lora = a2 is not None
-    if lora:
+    per_image = w2.shape[1] * cols_n * dtype.itemsize
+    chunk = max(1, min(n, COLUMN_BYTES // max(per_image, 1)))
+    cols = np.empty((chunk, w2.shape[1], cols_n), dtype)
+    unfold = a2 is not None and xl4 is not None
+    if a2 is not None and xl4 is None:
+        w2 = w2 + np.dot(b2 * dtype.type(s), a2)
+    if unfold:
         sb = b2 * dtype.type(s)
-        if xl4 is None:
-            wcat = np.concatenate([w2, a2])
-            y = np.empty((wcat.shape[0], cols_n), dtype)
-        else:
-            cols_d = np.empty_like(cols)
+        cols_d = np.empty(cols.shape[1:], dtype)
         tmp = np.empty((out_c, cols_n), dtype)
-    for i in range(n):
-        _im2col(k, x4[i], g, cols)
-        o = out4[i].reshape(out_c, cols_n)
-        if not lora:
-            np.dot(w2, cols, out=o)
-        elif xl4 is None:
-            np.dot(wcat, cols, out=y)
-            np.dot(sb, y[out_c:], out=tmp)
-            np.add(y[:out_c], tmp, out=o)
-        else:
-            np.dot(w2, cols, out=o)
-            _im2col(k, xl4[i], g, cols_d)
-            np.dot(sb, np.dot(a2, cols_d), out=tmp)
-            o += tmp
-        if bias is not None:
-            o += bias[:, None]
+    for i0 in range(0, n, chunk):
+        m = min(chunk, n - i0)
+        k.im2col_batch(x4, i0, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, g.oh, g.ow, cols[:m])
+        for j in range(m):
+            i = i0 + j
+            o = out4[i].reshape(out_c, cols_n)
+            np.dot(w2, cols[j], out=o)
+            if unfold:
+                _im2col(k, xl4[i], g, cols_d)
+                np.dot(sb, np.dot(a2, cols_d), out=tmp)
+                o += tmp
+            if bias is not None:
+                o += bias[:, None]
 
 
 def _forward(x, weight, lora, bias, out, stride, padding, dilation, groups, padding_mode, x_lora):

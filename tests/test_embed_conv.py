@@ -411,3 +411,15 @@ def test_peft_folder_refuses_dora_on_conv(tmp_path, rng):
     back = nl.load_peft_adapter(tmp_path / "a")
     assert np.array_equal(back["e"].lora_a, ad["e"].lora_a) and np.array_equal(back["e"].lora_b, ad["e"].lora_b)
     assert os.path.exists(tmp_path / "a" / "adapter_config.json")
+
+
+def test_conv_chunks_of_columns_give_the_same_result(rng, monkeypatch):
+    import numlora.conv as conv_module
+
+    w, a, b, bias = _conv_adapter(rng, (4, 3, 3, 3))
+    x = _f(rng, 5, 3, 8, 7)
+    whole = nl.conv_lora_forward(x, w, a, b, 0.5, bias, padding=1)
+    cols_per_image = 3 * 9 * 8 * 7 * 4
+    for images in (1, 2, 3):
+        monkeypatch.setattr(conv_module, "COLUMN_BYTES", images * cols_per_image)
+        np.testing.assert_array_equal(nl.conv_lora_forward(x, w, a, b, 0.5, bias, padding=1), whole)

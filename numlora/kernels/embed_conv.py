@@ -107,6 +107,38 @@ def im2col(x, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow, cols):
 
 
 @kernel(parallel=True)
+def im2col_batch(x, i0, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow, cols):
+    """Images ``i0 .. i0 + len(cols) - 1`` of ``x`` (N, C, H, W) unfolded into ``cols``
+    (n, C * kh * kw, oh * ow) as :func:`im2col` does, in parallel over images and rows:
+    called before a run of BLAS products, not between them."""
+    n = cols.shape[0]
+    rows = cols.shape[1]
+    w = x.shape[3]
+    h = x.shape[2]
+    for job in prange(n * rows):
+        b = job // rows
+        row = job % rows
+        c = row // (kh * kw)
+        i = (row // kw) % kh
+        j = row % kw
+        x0 = j * dw - pw
+        lo, hi = _span(ow, x0, sw, w)
+        for oy in range(oh):
+            y = oy * sh - ph + i * dh
+            base = oy * ow
+            if y < 0 or y >= h:
+                for ox in range(ow):
+                    cols[b, row, base + ox] = 0
+                continue
+            for ox in range(lo):
+                cols[b, row, base + ox] = 0
+            for ox in range(lo, hi):
+                cols[b, row, base + ox] = x[i0 + b, c, y, x0 + ox * sw]
+            for ox in range(hi, ow):
+                cols[b, row, base + ox] = 0
+
+
+@kernel(parallel=True)
 def col2im_add(cols, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow, dx):
     """The adjoint of :func:`im2col`: ``dx[c, y, x] +=`` every column entry that
     im2col read from ``(c, y, x)``. Parallel over channels (no two write one element)."""
