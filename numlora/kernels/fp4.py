@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._jit import inline_helper, kernel, prange
 from .._tables import FP4_MIDPOINTS
+from ._jit import inline_helper, kernel, prange
 from .nf4 import ONE, TINY, _absmax_bits
 
 _I1 = np.int32(1)
