@@ -25,6 +25,8 @@ rendered page):
 - ``<!-- docs-test: gpu -->``: a GPU example; it runs in a subprocess on numba's CUDA
   simulator (``NUMBA_ENABLE_CUDASIM=1``) with tiny launch sizes, so at the page's small
   sizes it takes seconds. The simulator checks that the example is right, not that it is fast.
+- ``<!-- docs-test: dask -->``: the chain needs the ``dask`` extra (dask, distributed);
+  where it is missing the chain is skipped with a reason naming ``pip install -e '.[dask]'``.
 - ``<!-- docs-test: gpu-only REASON -->``: needs a real GPU; counted as not run.
 - ``<!-- docs-test: skip REASON -->``: not run, for the reason given (installs, or tools
   that download gigabytes); counted, and tests/test_docs.py caps the count.
@@ -46,7 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 RUN_LANGS = {"python", "bash", "sh", "shell", "console"}
 TEXT_LANGS = {"", "text"}
-FLAGS = {"continue", "peer", "gpu"}
+FLAGS = {"continue", "peer", "gpu", "dask"}
 REASONED = {"skip", "gpu-only"}
 PEERS = ("torch", "peft", "bitsandbytes", "transformers")
 PEERS_HINT = "pip install -e '.[test,peers]'"
@@ -151,6 +153,11 @@ def chains(blocks: list[Block]) -> list[list[Block]]:
             out.append([b])
         prev = b
     return out
+
+
+def missing_dask() -> list[str]:
+    """The packages of the ``dask`` extra that are not installed (a `dask` chain needs them)."""
+    return [p for p in ("dask", "distributed") if importlib.util.find_spec(p) is None]
 
 
 def missing_peers() -> list[str]:

@@ -16,6 +16,7 @@ from docblocks import (
     TEXT_LANGS,
     all_blocks,
     chains,
+    missing_dask,
     missing_peers,
     parse,
     run_on_simulator,
@@ -43,6 +44,8 @@ def test_block_runs(chain, tmp_path, monkeypatch):
         assert all(b.lang == "python" and "gpu" in b.flags for b in chain), "a gpu chain is python blocks only"
         run_on_simulator(chain, tmp_path)
         return
+    if "dask" in first.flags and missing_dask():
+        pytest.skip(f"needs {', '.join(missing_dask())}: pip install -e '.[dask]'")
     missing = missing_peers()
     left_out = [b for b in chain if "peer" in b.flags and missing]
     monkeypatch.chdir(tmp_path)
