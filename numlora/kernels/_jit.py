@@ -1,7 +1,10 @@
-"""All numba machinery in one place: how a numlora kernel is compiled."""
+"""All numba machinery in one place: how a numlora kernel is compiled, and how numba's
+threads are started (before numlora's first parallel kernel; see :func:`_setup_threads`)."""
 
 from __future__ import annotations
 
+import os
+import types
 import warnings
 
 import numba
@@ -9,6 +12,68 @@ import numba
 from .. import _config
 
 prange = numba.prange
+
+#: Environment variables by which a user chooses numba's threads; numlora then leaves
+#: numba's threading alone.
+USER_THREAD_VARS = ("NUMBA_THREADING_LAYER", "NUMBA_NUM_THREADS", "OMP_WAIT_POLICY")
+
+
+def _libgomp_loaded() -> bool:
+    """Whether a libgomp is already mapped into this process (Linux; False elsewhere)."""
+    try:
+        with open("/proc/self/maps") as f:
+            return any("libgomp" in line for line in f)
+    except OSError:
+        return False
+
+
+def _setup_threads() -> str:
+    """Start numba's thread pool before numlora's first parallel kernel, with OpenMP's
+    *passive* wait policy for numba's OpenMP threads unless the user chose otherwise.
+
+    Why: numpy's OpenBLAS threads and numba's OpenMP threads both spin on the cores for a
+    while after their work. With the OpenMP default (spin, then sleep), a numlora kernel
+    started right after a BLAS product, or a BLAS product right after a numlora kernel,
+    waits for time slices the spinning threads hold: 3-28x slower on a 2-core machine.
+    Passive threads sleep as soon as their share of a kernel is done, so nothing of
+    numba's spins while numpy works (docs/performance.md has the measurements).
+
+    ``OMP_WAIT_POLICY`` is set only while numba loads its OpenMP layer (libgomp reads it
+    once, when it is loaded) and then restored, so other OpenMP runtimes loaded later
+    (torch's) and child processes see the environment the user gave. Nothing is changed
+    when the user set any of :data:`USER_THREAD_VARS`, when the program chose
+    ``numba.config.THREADING_LAYER``, when numba's threads are already running, or with
+    ``NUMLORA_PARALLEL=0``. Returns a line saying what was done."""
+    if not _config.PARALLEL:
+        return "none: serial kernels (NUMLORA_PARALLEL=0)"
+    chosen = [v for v in USER_THREAD_VARS if os.environ.get(v, "").strip()]
+    if chosen:
+        return f"left to the user ({', '.join(chosen)} set)"
+    if numba.config.THREADING_LAYER != "default":
+        return f"left to the program (numba.config.THREADING_LAYER = {numba.config.THREADING_LAYER!r})"
+    try:
+        from numba.np.ufunc import parallel
+
+        if parallel._is_initialized:
+            return f"left as found: numba's threads were already running ({numba.threading_layer()} layer)"
+        gomp_before = _libgomp_loaded()
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+        try:
+            parallel._launch_threads()
+        finally:
+            del os.environ["OMP_WAIT_POLICY"]
+        layer = numba.threading_layer()
+    except Exception as exc:  # noqa: BLE001 - numba's own error surfaces at the first parallel call
+        return f"not set up: {exc}"
+    if layer != "omp":
+        return f"{layer} layer (numba's choice; its threads sleep when idle)"
+    if gomp_before:
+        return "omp layer; a libgomp was loaded before numlora, so its wait policy is the program's"
+    return "omp layer, OMP_WAIT_POLICY=PASSIVE for numba's OpenMP threads"
+
+
+#: What :func:`_setup_threads` did in this process (``numlora bench`` prints it).
+THREADS = _setup_threads()
 
 
 def kernel(parallel: bool = False, cache: bool = True):
@@ -18,7 +83,9 @@ def kernel(parallel: bool = False, cache: bool = True):
     not see)."""
 
     def wrap(fn):
-        return _compile(fn, parallel and _config.PARALLEL, cache=cache)
+        d = _compile(fn, parallel and _config.PARALLEL, cache=cache)
+        d._numlora_cache = cache  # a serial twin is cached when its original is
+        return d
 
     return wrap
 
@@ -28,9 +95,17 @@ def serial_twin(dispatcher):
     a BLAS call, where waking numba's threads while OpenBLAS's threads still spin costs
     more than the work itself.
 
-    Not cached on disk: numba's cache index does not tell a parallel build of a function
-    from a serial one, so the twin would share (and clash with) the original's entries."""
-    return _compile(getattr(dispatcher, "py_func", dispatcher), False, cache=False)
+    numba's cache index does not tell a parallel build of a function from a serial one
+    (it names its files after the function's qualified name and line), so the twin is
+    compiled from a copy of the function named ``<name>_serial``: cached on disk under
+    its own name, it never shares (or clashes with) the original's entries."""
+    fn = getattr(dispatcher, "py_func", dispatcher)
+    twin = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_serial", fn.__defaults__,
+                              fn.__closure__)
+    twin.__qualname__ = fn.__qualname__ + "_serial"
+    twin.__module__ = fn.__module__
+    twin.__doc__ = fn.__doc__
+    return _compile(twin, False, cache=getattr(dispatcher, "_numlora_cache", True))
 
 
 def _compile(fn, par, cache=True):

@@ -1,0 +1,114 @@
+"""numlora starts numba's threads with OpenMP's passive wait policy (numlora.kernels._jit),
+unless the user chose numba's threading: each case runs in a fresh process, because
+libgomp reads its settings once, when it is loaded."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from numlora.kernels._jit import USER_THREAD_VARS
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+PROBE = r"""
+import ctypes, json, os, sys
+import numpy as np
+import numlora as nl
+nl.quantize_nf4(np.ones((64, 64), np.float32))  # a parallel kernel ran
+import numba
+from numlora.kernels import _jit
+try:
+    layer = numba.threading_layer()
+except ValueError:  # numba's threads never started
+    layer = "none"
+spin = None
+if layer == "omp":
+    path = next(line.split()[-1] for line in open("/proc/self/maps") if "libgomp" in line)
+    r, w = os.pipe()
+    saved = os.dup(2)
+    os.dup2(w, 2)
+    ctypes.CDLL(path).omp_display_env(1)  # libgomp's settings, as it read them
+    os.dup2(saved, 2)
+    os.close(w)
+    text = os.read(r, 1 << 16).decode()
+    spin = next(line.split("=")[1].strip().strip("'") for line in text.splitlines() if "GOMP_SPINCOUNT" in line)
+print(json.dumps({"layer": layer, "threads": _jit.THREADS, "spincount": spin,
+                  "env_wait_policy": os.environ.get("OMP_WAIT_POLICY")}))
+"""
+
+
+def probe(**env):
+    clean = {k: v for k, v in os.environ.items() if k not in USER_THREAD_VARS + ("NUMLORA_PARALLEL", "GOMP_SPINCOUNT")}
+    clean.update(env)
+    clean["PYTHONPATH"] = ROOT + os.pathsep + clean.get("PYTHONPATH", "")
+    r = subprocess.run([sys.executable, "-c", PROBE], env=clean, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def default_run():
+    got = probe()
+    if got["layer"] != "omp":
+        pytest.skip(f"numba chose the {got['layer']} layer here; the wait policy concerns OpenMP only")
+    return got
+
+
+def test_numba_openmp_threads_are_passive_by_default(default_run):
+    assert default_run["spincount"] == "0"  # what libgomp sets for OMP_WAIT_POLICY=PASSIVE
+    assert "PASSIVE" in default_run["threads"]
+
+
+def test_the_environment_is_restored_after_numba_loaded_openmp(default_run):
+    # later OpenMP runtimes (torch's) and child processes see the user's environment
+    assert default_run["env_wait_policy"] is None
+
+
+def test_an_explicit_wait_policy_is_kept(default_run):
+    got = probe(OMP_WAIT_POLICY="active")
+    assert got["spincount"] not in ("0", "300000")  # active: libgomp spins (practically) forever
+    assert "left to the user" in got["threads"] and "OMP_WAIT_POLICY" in got["threads"]
+    assert got["env_wait_policy"] == "active"
+
+
+def test_an_explicit_thread_count_leaves_openmp_at_its_default(default_run):
+    got = probe(NUMBA_NUM_THREADS="2")
+    assert got["spincount"] == "300000"  # libgomp's own default: spin, then sleep
+    assert "left to the user" in got["threads"]
+
+
+def test_an_explicit_threading_layer_is_kept():
+    got = probe(NUMBA_THREADING_LAYER="workqueue")
+    assert got["layer"] == "workqueue"
+    assert "left to the user" in got["threads"] and "NUMBA_THREADING_LAYER" in got["threads"]
+
+
+@pytest.mark.slow
+def test_threads_numba_already_started_are_left_alone():
+    code = ("import numba, numpy as np\n"
+            "@numba.njit(parallel=True)\n"
+            "def f(a):\n"
+            "    for i in numba.prange(a.size):\n"
+            "        a[i] += 1\n"
+            "f(np.zeros(10))\n" + PROBE)
+    env = {k: v for k, v in os.environ.items() if k not in USER_THREAD_VARS + ("NUMLORA_PARALLEL",)}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert "already running" in got["threads"]
+    if got["layer"] == "omp":
+        assert got["spincount"] == "300000"
+
+
+@pytest.mark.slow
+def test_serial_kernels_leave_numba_alone():
+    # no on-disk cache: numba's cache index does not tell serial builds from parallel ones
+    got = probe(NUMLORA_PARALLEL="0", NUMLORA_CACHE="0")
+    assert "NUMLORA_PARALLEL=0" in got["threads"]
+    assert got["layer"] == "none"  # numba's threads were never started
