@@ -143,6 +143,16 @@ def test_state_dict_round_trip_and_keys(rng):
         nl.NF4Tensor.from_state_dict(both, "m")
 
 
+def test_qlora_layer_over_fp4_trains_like_the_functions(rng):
+    w = rng.standard_normal((48, 128)).astype(np.float32)
+    layer = nl.QLoraLinear.from_weight(w, rank=4, alpha=8, quant_type="fp4")
+    assert layer.nf4.quant_type == "fp4"
+    layer.lora_b[...] = (rng.standard_normal(layer.lora_b.shape) * 0.1).astype(np.float32)
+    x = rng.standard_normal((5, 128)).astype(np.float32)
+    t = nl.quantize_nf4(w, quant_type="fp4")
+    assert np.array_equal(layer.forward(x), nl.qlora_forward(x, t, layer.lora_a, layer.lora_b, 2.0))
+
+
 def test_gpu_refuses_fp4_clearly(rng):
     t = nl.quantize_nf4(rng.standard_normal((8, 64)).astype(np.float32), quant_type="fp4")
     with pytest.raises(nl.DeviceError, match="NF4 only.*'fp4'"):

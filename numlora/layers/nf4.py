@@ -39,15 +39,16 @@ class QLoraLinear(LoraLayer):
 
     @classmethod
     def from_weight(cls, weight, rank, alpha, blocksize=64, double_quant=False, init="seed",
-                    seed=None, *, bias=None, use_rslora=False, dropout=0.0, dropout_seed=0) -> "QLoraLinear":
-        """Quantize ``weight`` (out, in) to NF4 and add a fresh adapter (``init="seed"``:
-        the seed module's ``QLoraLinear::from_weight`` init, xorshift seeded
-        ``137 + in + out``)."""
+                    seed=None, *, bias=None, use_rslora=False, dropout=0.0, dropout_seed=0,
+                    quant_type="nf4") -> "QLoraLinear":
+        """Quantize ``weight`` (out, in) to NF4 (or FP4 with ``quant_type="fp4"``) and add a
+        fresh adapter (``init="seed"``: the seed module's ``QLoraLinear::from_weight`` init,
+        xorshift seeded ``137 + in + out``)."""
         weight = validate.weight_array(weight, False)
         out_f, in_f = weight.shape
         rank = check_rank(rank, out_f, in_f)
         validate.real_scalar("alpha", alpha, positive=True)
-        nf4 = quantize_nf4(weight, blocksize=blocksize, double_quant=double_quant)
+        nf4 = quantize_nf4(weight, blocksize=blocksize, double_quant=double_quant, quant_type=quant_type)
         a = init_lora_a(rank, in_f, out_f, init, seed, default_seed=137)
         b = np.zeros((out_f, rank), np.float32)
         return cls(nf4, a, b, alpha, bias=bias, use_rslora=use_rslora, dropout=dropout, dropout_seed=dropout_seed)
