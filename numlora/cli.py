@@ -136,6 +136,13 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true", help="print the report as JSON")
     _dask_arguments(q)
 
+    wu = sub.add_parser("warmup", help="compile every kernel once (in parallel processes), so later programs "
+                                       "load them from numba's cache",
+                        description="Run every public numlora path once on small inputs, one job per kernel "
+                                    "family in parallel processes, so numba's on-disk cache (next to the package, "
+                                    "or NUMBA_CACHE_DIR) holds the compiled kernels and a later process pays no "
+                                    "compile time. Run it after installing or upgrading numlora or numba.")
+    wu.add_argument("--jobs", type=int, default=None, help="parallel processes (default: the CPU count)")
     i = sub.add_parser("inspect", help="describe a PEFT adapter folder or a checkpoint",
                        description="Describe PATH without changing it: for a PEFT adapter folder its modules "
                                    "(rank, alpha, scaling, shapes, parameters); for a .safetensors file or a model "
@@ -341,12 +348,29 @@ def _run(parser, args) -> int:
         return _merge(args)
     if args.command == "quantize":
         return _quantize(args)
+    if args.command == "warmup":
+        if args.jobs is not None and args.jobs < 1:
+            parser.error("--jobs must be >= 1")
+        return _warmup(args)
     if args.command == "inspect":
         from .convert import format_inspect, inspect_path
 
         info = inspect_path(args.path)
         print(json.dumps(info, indent=2) if args.json else format_inspect(info))
         return 0
+    return 0
+
+
+def _warmup(args) -> int:
+    import time
+
+    from .warmup import warmup
+
+    t0 = time.perf_counter()
+    seconds = warmup(jobs=args.jobs)
+    slowest = max(seconds, key=seconds.get)
+    print(f"compiled {len(seconds)} kernel families in {time.perf_counter() - t0:.1f} s "
+          f"(slowest: {slowest}, {seconds[slowest]:.1f} s); later processes load them from numba's cache")
     return 0
 
 
