@@ -18,8 +18,11 @@ How it computes (im2col measured against a direct numba loop, see
 docs/embedding-conv.md): each image is unfolded into columns (``im2col``) and multiplied by the kernel with BLAS.
 Without dropout the LoRA branch is folded into the kernel, ``conv(x, W + s B A)`` (B is
 1x1, and the (out, in * K) kernel is tiny next to the activations); with a separate
-``x_lora`` it runs as ``(s B) @ (A @ cols(x_lora))``. The images of a batch are unfolded
-in parallel, in chunks of at most :data:`COLUMN_BYTES` of columns, before their products.
+``x_lora`` it runs as ``(s B) @ (A @ cols(x_lora))``, image by image. Otherwise the images
+of a batch are unfolded side by side, in parallel, in chunks of at most
+:data:`COLUMN_BYTES` of columns, and each chunk is one BLAS product (on this shared
+2-core machine OpenBLAS's threads lose far more to one product per image than the
+chunk's reordering into ``(N, C, H, W)`` costs).
 
 Supported: ``groups=1``, ``padding_mode="zeros"``, any stride / dilation, padding as
 integers, per-side pairs, ``"valid"`` or ``"same"``. Anything else is refused with
@@ -214,29 +217,49 @@ def _run(x4, w2, a2, b2, s, bias, out4, g, xl4):
     n, out_c = x4.shape[0], w2.shape[0]
     cols_n = g.oh * g.ow
     dtype = x4.dtype
+    if a2 is not None and xl4 is not None:
+        _run_unfolded(k, x4, w2, a2, b2, s, bias, out4, g, xl4)
+        return
+    if a2 is not None:
+        w2 = w2 + np.dot(b2 * dtype.type(s), a2)
     per_image = w2.shape[1] * cols_n * dtype.itemsize
     chunk = max(1, min(n, COLUMN_BYTES // max(per_image, 1)))
-    cols = np.empty((chunk, w2.shape[1], cols_n), dtype)
-    unfold = a2 is not None and xl4 is not None
-    if a2 is not None and xl4 is None:
-        w2 = w2 + np.dot(b2 * dtype.type(s), a2)
-    if unfold:
-        sb = b2 * dtype.type(s)
-        cols_d = np.empty(cols.shape[1:], dtype)
-        tmp = np.empty((out_c, cols_n), dtype)
+    cols_buf = np.empty(w2.shape[1] * chunk * cols_n, dtype)
+    y_buf = np.empty(out_c * chunk * cols_n, dtype)
     for i0 in range(0, n, chunk):
         m = min(chunk, n - i0)
-        k.im2col_batch(x4, i0, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, g.oh, g.ow, cols[:m])
-        for j in range(m):
-            i = i0 + j
-            o = out4[i].reshape(out_c, cols_n)
-            np.dot(w2, cols[j], out=o)
-            if unfold:
-                _im2col(k, xl4[i], g, cols_d)
-                np.dot(sb, np.dot(a2, cols_d), out=tmp)
-                o += tmp
-            if bias is not None:
-                o += bias[:, None]
+        cols = cols_buf[: w2.shape[1] * m * cols_n].reshape(w2.shape[1], m * cols_n)
+        k.im2col_batch(x4, i0, m, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, g.oh, g.ow, cols)
+        ym = y_buf[: out_c * m * cols_n].reshape(out_c, m * cols_n)
+        np.dot(w2, cols, out=ym)
+        # (out, m, pixels) -> the images' (m, out, pixels), the bias added in the same pass
+        dst = out4[i0:i0 + m].reshape(m, out_c, cols_n)
+        src = ym.reshape(out_c, m, cols_n).transpose(1, 0, 2)
+        if bias is None:
+            dst[...] = src
+        else:
+            np.add(src, bias[None, :, None], out=dst)
+
+
+def _run_unfolded(k, x4, w2, a2, b2, s, bias, out4, g, xl4):
+    """The forward with a LoRA input of its own (dropout): image by image, the base product
+    on the columns of x, the LoRA branch on those of ``xl4``."""
+    n, out_c = x4.shape[0], w2.shape[0]
+    cols_n = g.oh * g.ow
+    dtype = x4.dtype
+    cols = np.empty((w2.shape[1], cols_n), dtype)
+    cols_d = np.empty_like(cols)
+    sb = b2 * dtype.type(s)
+    tmp = np.empty((out_c, cols_n), dtype)
+    for i in range(n):
+        _im2col(k, x4[i], g, cols)
+        o = out4[i].reshape(out_c, cols_n)
+        np.dot(w2, cols, out=o)
+        _im2col(k, xl4[i], g, cols_d)
+        np.dot(sb, np.dot(a2, cols_d), out=tmp)
+        o += tmp
+        if bias is not None:
+            o += bias[:, None]
 
 
 def _forward(x, weight, lora, bias, out, stride, padding, dilation, groups, padding_mode, x_lora):

@@ -107,14 +107,15 @@ def im2col(x, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow, cols):
 
 
 @kernel(parallel=True)
-def im2col_batch(x, i0, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow, cols):
-    """Images ``i0 .. i0 + len(cols) - 1`` of ``x`` (N, C, H, W) unfolded into ``cols``
-    (n, C * kh * kw, oh * ow) as :func:`im2col` does, in parallel over images and rows:
-    called before a run of BLAS products, not between them."""
-    n = cols.shape[0]
-    rows = cols.shape[1]
+def im2col_batch(x, i0, n, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow, cols):
+    """Images ``i0 .. i0 + n - 1`` of ``x`` (N, C, H, W) unfolded side by side into
+    ``cols`` (C * kh * kw, >= n * oh * ow): image ``b`` in columns ``b * oh * ow ..``, each
+    as :func:`im2col` lays it out. Parallel over images and rows: called before one
+    BLAS product over all of them, not between products."""
+    rows = cols.shape[0]
     w = x.shape[3]
     h = x.shape[2]
+    npix = oh * ow
     for job in prange(n * rows):
         b = job // rows
         row = job % rows
@@ -125,17 +126,17 @@ def im2col_batch(x, i0, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow, cols):
         lo, hi = _span(ow, x0, sw, w)
         for oy in range(oh):
             y = oy * sh - ph + i * dh
-            base = oy * ow
+            base = b * npix + oy * ow
             if y < 0 or y >= h:
                 for ox in range(ow):
-                    cols[b, row, base + ox] = 0
+                    cols[row, base + ox] = 0
                 continue
             for ox in range(lo):
-                cols[b, row, base + ox] = 0
+                cols[row, base + ox] = 0
             for ox in range(lo, hi):
-                cols[b, row, base + ox] = x[i0 + b, c, y, x0 + ox * sw]
+                cols[row, base + ox] = x[i0 + b, c, y, x0 + ox * sw]
             for ox in range(hi, ow):
-                cols[b, row, base + ox] = 0
+                cols[row, base + ox] = 0
 
 
 @kernel(parallel=True)
