@@ -9,6 +9,12 @@ SIGTERM under the CLI, disk full, a file-size limit, an input that changes) leav
 nothing behind, and an OS error becomes a :class:`~numlora.errors.FormatError` naming the
 file and the cause. Inputs are read with ``pread`` (a truncated input is an error, not
 SIGBUS) and never written to.
+
+With ``scheduler=`` / ``workers=`` (``--scheduler`` / ``--workers``) the shards of a model
+folder are converted as Dask tasks (:class:`_DaskRunner`): each task runs
+:func:`_convert_shard`, the function the single-process loop runs, on a worker that reads
+the input shard and writes the output shard into this process's temporary folder (a
+path both see); the folder is committed here once every task has succeeded.
 """
 
 from __future__ import annotations

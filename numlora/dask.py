@@ -6,7 +6,9 @@ task per row block. The layer travels to each worker once, not with every task: 
 ``distributed.Client`` it is scattered to every worker up front
 (``client.scatter(..., broadcast=True)``), otherwise it is one key of the graph
 (``dask.delayed``) that every block task depends on. Each block task then carries only
-its own rows (or the key of a block computed on the worker).
+its own rows (or the key of a block computed on the worker). A worker that lost its
+copy (distributed's active memory manager drops extra replicas between computations)
+fetches the layer again once, at its first task that needs it.
 
 Importing this module needs neither dask nor distributed; calling it without them
 raises :class:`~numlora.errors.ConfigError` naming the extra. See docs/dask.md.

@@ -272,12 +272,13 @@ def test_the_layer_is_sent_once_per_worker_not_per_task(rng, client, scatter):
     assert len(small) == 2 * 20 and max(small) < 2048  # 20 random blocks + 20 layer blocks, no weights inside
     client.run(lambda dask_worker: dask_worker.transfer_incoming_log.clear())
     client.compute(y).result()
-    # what the workers fetched from each other: the layer at most once per worker (the
-    # delayed key, computed on one worker), never per task
+    # what the workers fetched from each other: the layer at most once per worker, never
+    # per task (the delayed key is computed on one worker; a scattered copy may have been
+    # dropped by distributed's active memory manager since, then it is fetched once again)
     logs = client.run(lambda dask_worker: [dict(t["keys"]) for t in dask_worker.transfer_incoming_log])
     key = ref.key
     fetched = [sum(1 for t in log if key in t) for log in logs.values()]
-    assert all(n <= (0 if scatter else 1) for n in fetched), fetched
+    assert all(n <= 1 for n in fetched), fetched
 
 
 def test_apply_layer_refuses_what_it_cannot_run(rng, client):
