@@ -17,14 +17,18 @@ from __future__ import annotations
 from ._jit import inline_helper, kernel, prange, serial_twin
 
 
-@kernel(parallel=True)
+@kernel()
 def embedding_lora_forward(ids, weight, lora_a, bt, scale, out):
     """``out[i, :] = weight[ids[i], :] + sum_t (scale * lora_a[t, ids[i]]) * bt[t, :]``
-    with ``bt = B^T`` (r, dim), the terms added in order t = 0, 1, ..."""
+    with ``bt = B^T`` (r, dim), the terms added in order t = 0, 1, ...
+
+    Serial: a batch of ids moves a few MB, which one core does in about the time numba's
+    threads take to wake, and on a busy machine a parallel version waits for them (measured
+    in benchmarks/bench_embed_conv.py)."""
     n = ids.shape[0]
     dim = weight.shape[1]
     r = lora_a.shape[0]
-    for i in prange(n):
+    for i in range(n):
         v = ids[i]
         for d in range(dim):
             out[i, d] = weight[v, d]
@@ -34,10 +38,10 @@ def embedding_lora_forward(ids, weight, lora_a, bt, scale, out):
                 out[i, d] += c * bt[t, d]
 
 
-@kernel(parallel=True)
+@kernel()
 def embedding_gather(ids, weight, out):
-    """``out[i, :] = weight[ids[i], :]`` (the base embedding alone)."""
-    for i in prange(ids.shape[0]):
+    """``out[i, :] = weight[ids[i], :]`` (the base embedding alone; serial, as above)."""
+    for i in range(ids.shape[0]):
         v = ids[i]
         for d in range(weight.shape[1]):
             out[i, d] = weight[v, d]
