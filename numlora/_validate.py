@@ -61,6 +61,8 @@ def real_scalar(name: str, value, *, positive: bool = False) -> float:
     """``value`` as a Python float. The one rule for every scalar numlora computes with:
     a real number (not a bool) that is finite *in float32*, the compute type, so that a
     finite 1e39 cannot turn into inf inside a kernel."""
+    if type(value) is float and -F32_MAX <= value <= F32_MAX and (value > 0 or not positive):
+        return value  # the common case, without the slower general checks below
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise DTypeError(f"{name} must be a real number, got {type(value).__name__}")
     try:

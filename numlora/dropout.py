@@ -64,7 +64,16 @@ def mix_seed(seed: int, counter: int) -> int:
 
 def row_states(seed, n):
     """Start states of the rows' xorshift64 streams: splitmix64(seed + (i + 1) * golden),
-    0 replaced by 1 (uint64 array arithmetic wraps modulo 2**64)."""
+    0 replaced by 1 (uint64 array arithmetic wraps modulo 2**64; a few rows in Python
+    integers, where numpy's per-call cost dominates)."""
+    if n <= 16:
+        z, states = int(seed), []
+        for _ in range(n):
+            z = (z + 0x9E3779B97F4A7C15) & _U64
+            y = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _U64
+            y = ((y ^ (y >> 27)) * 0x94D049BB133111EB) & _U64
+            states.append((y ^ (y >> 31)) or 1)
+        return np.array(states, np.uint64)
     z = np.arange(1, n + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15) + np.uint64(seed)
     z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
     z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)

@@ -94,21 +94,22 @@ class HostBackend:
     def train_forward(self, layer, x, out):
         """The training forward through the layer's public forward over 2-D arrays in its
         compute dtype, the LoRA branch on the dropped input, ``u = x_drop A^T`` kept for
-        backward (``u_out=``); ``out`` may overlap x (computed into a temporary then), and
-        x is kept as it was for backward."""
+        backward (``u_out=``); ``out`` may overlap x (the public forward then computes
+        into a temporary), and x is kept as it was for backward."""
         in_f, out_f = layer._in_f, layer._out_f
         x = validate.input_rows(self.input("x", x), in_f)
         dtype = layer._train_dtype(x)
-        out, dest = validate.output(out, x, out_f, dtype, {"x": x})
         x2 = np.ascontiguousarray(x.reshape(-1, in_f), dtype)
-        if dest is not None and validate.shares_memory(dest, x2):
-            x2 = x2.copy()
+        if out is not None:
+            out = validate.prepare_out(out, x, out_f, dtype)
+            if validate.shares_memory(out, x2):
+                x2 = x2.copy()
         lora = layer._enabled
         xd2, state = layer._dropped(x2)
         u = np.empty((x2.shape[0], layer._rank), dtype) if lora else None
-        layer._forward_on(x2, out.reshape(-1, out_f), lora, xd2, u)
+        y = layer._forward_on(x2, None if out is None else out.reshape(-1, out_f), lora, xd2, u)
         layer._keep(x2, xd2, u, state, x.ndim == 1, lora, dtype)
-        return validate.deliver(out, dest)
+        return y.reshape(out_f) if out is None and x.ndim == 1 else (y if out is None else out)
 
     def backward(self, layer, saved, grad_out, need_grad_x):
         in_f, out_f = layer._in_f, layer._out_f
@@ -119,17 +120,15 @@ class HostBackend:
             raise ShapeError(f"expected grad_out of shape {want} (the shape of the forward's output), got {g.shape}")
         g2 = np.ascontiguousarray(g.reshape(-1, out_f), dtype)
         if lora:
+            # fresh gradients from the public backward, added into the layer's (adding
+            # into zeros or into the previous sum, as the backward would accumulate them)
+            dx, ga, gb = layer._lora_backward(x2, g2, need_grad_x, state, None if state is None else xd2, u, None,
+                                              None)
             if layer._grad_a is None:
                 layer._grad_a = np.zeros(layer._lora_a.shape, layer._lora_a.dtype)
                 layer._grad_b = np.zeros(layer._lora_b.shape, layer._lora_b.dtype)
-            # the public backward accumulates into gradients of its compute dtype; a float32
-            # layer given float64 x adds the float64 gradients into its own afterwards
-            into = layer._grad_a.dtype == dtype
-            ga, gb = (layer._grad_a, layer._grad_b) if into else (None, None)
-            dx, ga, gb = layer._lora_backward(x2, g2, need_grad_x, state, None if state is None else xd2, u, ga, gb)
-            if not into:
-                layer._grad_a += ga
-                layer._grad_b += gb
+            layer._grad_a += ga
+            layer._grad_b += gb
         else:
             dx = layer._grad_input(g2) if need_grad_x else None
         if dx is not None and one_d:
