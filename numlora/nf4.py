@@ -43,6 +43,7 @@ __all__ = [
     "qlora_backward",
     "qlora_forward",
     "quantize_4bit",
+    "quantize_bf16_bits",
     "quantize_nf4",
 ]
 
@@ -291,8 +292,12 @@ def quantize_nf4(w, blocksize: int = 64, double_quant: bool = False, quant_type:
     ``bitsandbytes.functional.quantize_4bit(w, blocksize=blocksize, quant_type=quant_type)``
     on the CPU. :func:`quantize_4bit` is the same function under bitsandbytes' name.
 
-    ``w`` is float32 (float64 is rounded to float32 first), any shape, non-empty, finite:
-    a NaN or inf raises :class:`~numlora.errors.NonFiniteError` naming its index. Any
+    ``w`` is float32, float64 (rounded to float32 first), float16 or bfloat16
+    (``ml_dtypes.bfloat16``, as JAX and TensorFlow give it; both are quantized as their
+    exact float32 values, as bitsandbytes does, bfloat16 straight from its bits without a
+    float32 copy; raw bf16 bit patterns in a uint16 array go to :func:`quantize_bf16_bits`),
+    any shape, non-empty, finite: a NaN or inf raises
+    :class:`~numlora.errors.NonFiniteError` naming its index. Any
     blocksize in ``[BLOCKSIZE_MIN, BLOCKSIZE_MAX]`` = [2, 2**20] works (bitsandbytes uses
     32 ... 4096; others raise :class:`~numlora.errors.ConfigError`, see
     :func:`check_blocksize`). ``double_quant=True``
@@ -302,22 +307,65 @@ def quantize_nf4(w, blocksize: int = 64, double_quant: bool = False, quant_type:
     everything else (blocks, scales, packing, double quantization, the fused products,
     state dicts) is the same.
     """
+    if isinstance(w, np.ndarray) and w.dtype.name == "bfloat16" and w.dtype.itemsize == 2:
+        if w.size == 0:
+            raise ShapeError(f"expected a non-empty w, got shape {w.shape}")
+        return quantize_bf16_bits(np.ascontiguousarray(w).view(np.uint16), w.shape, blocksize, double_quant,
+                                  quant_type)
+    if isinstance(w, np.ndarray) and w.dtype == np.float16:
+        w16, w = w, validate.float_array("w", w.astype(np.float32), None)
+        return _quantize(w.reshape(-1), w16.shape, "float16", blocksize, double_quant, quant_type)
     w = validate.float_array("w", w, None)
+    return _quantize(np.ascontiguousarray(w, dtype=np.float32).reshape(-1), w.shape, str(w.dtype), blocksize,
+                     double_quant, quant_type)
+
+
+def quantize_bf16_bits(bits, shape, blocksize: int = 64, double_quant: bool = False,
+                       quant_type: str = "nf4") -> NF4Tensor:
+    """:func:`quantize_nf4` of a bfloat16 weight given as its bit patterns: ``bits`` a uint16
+    array (what :func:`numlora.io.safetensors.load_file` returns for a BF16 tensor) holding
+    ``prod(shape)`` values in row-major order. Each block is widened to float32 inside the
+    kernel (exact), so there is no float32 copy of the weight; the result is bit-identical
+    to quantizing ``bf16_to_f32(bits)``, and records ``dtype="bfloat16"``."""
+    if not isinstance(bits, np.ndarray) or bits.dtype != np.uint16:
+        raise DTypeError(f"bits must be a numpy uint16 array of bfloat16 bit patterns, got "
+                         f"{getattr(bits, 'dtype', type(bits).__name__)}")
+    shape = _check_shape("shape", shape)
+    if bits.size != math.prod(shape) or bits.size == 0:
+        raise ShapeError(f"expected {math.prod(shape)} non-zero bit patterns for shape {shape}, got {bits.size}")
+    return _quantize(None, shape, "bfloat16", blocksize, double_quant, quant_type,
+                     bits=np.ascontiguousarray(bits).reshape(-1))
+
+
+def _quantize(x, shape, dtype, blocksize, double_quant, quant_type, bits=None) -> NF4Tensor:
+    """Quantize the flat float32 ``x``, or the flat bf16 bit patterns ``bits`` (x None)."""
     bs = check_blocksize(blocksize)
     if not isinstance(double_quant, (bool, np.bool_)):
         raise ConfigError(f"double_quant must be True or False, got {double_quant!r}")
     quant_type = _quant_type(quant_type)
     from .kernels import nf4 as k
 
-    shape = w.shape
-    x = np.ascontiguousarray(w, dtype=np.float32).reshape(-1)
-    n = x.size
+    n = x.size if x is not None else bits.size
     nblocks = -(-n // bs)
     packed = np.empty((n + 1) // 2, np.uint8)
     absmax = np.empty(nblocks, np.float32)
-    if quant_type == "fp4":
-        from .kernels import fp4
+    if x is None and bs % 2 == 1:  # blocks start mid-byte: the float32 kernels handle that
+        x = _bf16_values(bits)
+    from .kernels import fp4
 
+    if x is None:
+        nfull = n // bs
+        if quant_type == "fp4":
+            fp4.fp4_quantize_bf16(bits, nfull, bs, packed, absmax, absmax.view(np.int32))
+        elif products.simd_ok(k, bs):
+            k.nf4_quantize_bf16_simd(bits, nfull, bs, _MIDS16, packed, absmax, absmax.view(np.int32))
+        else:
+            k.nf4_quantize_bf16(bits, nfull, bs, packed, absmax, absmax.view(np.int32))
+        if nfull < nblocks:  # the partial last block, widened (it starts on a byte: bs even)
+            xt = _bf16_values(bits[nfull * bs:])
+            kern = fp4.fp4_quantize_even if quant_type == "fp4" else k.nf4_quantize_even
+            kern(xt, xt.view(np.int32), bs, packed[nfull * bs // 2:], absmax[nfull:], absmax[nfull:].view(np.int32))
+    elif quant_type == "fp4":
         kern = fp4.fp4_quantize_even if bs % 2 == 0 else fp4.fp4_quantize_any
         kern(x, x.view(np.int32), bs, packed, absmax, absmax.view(np.int32))
     elif products.simd_ok(k, bs):
@@ -328,11 +376,16 @@ def quantize_nf4(w, blocksize: int = 64, double_quant: bool = False, quant_type:
     finite = np.isfinite(absmax)
     if not finite.all():
         b = int(np.argmin(finite))
-        raise validate.first_nonfinite("w", x, shape, start=b * bs)
-    t = NF4Tensor(packed, absmax, shape, bs, dtype=str(w.dtype), quant_type=quant_type)
+        raise validate.first_nonfinite("w", x if x is not None else _bf16_values(bits), shape, start=b * bs)
+    t = NF4Tensor(packed, absmax, shape, bs, dtype=dtype, quant_type=quant_type)
     if double_quant:
         t = _double_quantize(t)
     return t
+
+
+def _bf16_values(bits):
+    """float32 values of bf16 bit patterns (exact)."""
+    return (bits.astype(np.uint32) << np.uint32(16)).view(np.float32)
 
 
 def _double_quantize(t: NF4Tensor) -> NF4Tensor:

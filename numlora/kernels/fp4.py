@@ -22,7 +22,7 @@ import numpy as np
 
 from .._tables import FP4_MIDPOINTS
 from ._jit import inline_helper, kernel, prange
-from .nf4 import ONE, TINY, _absmax_bits
+from .nf4 import ONE, TINY, _absmax_bits, _widen_bf16
 
 _I1 = np.int32(1)
 _I0 = np.int32(0)
@@ -119,3 +119,23 @@ def fp4_quantize_any(x, xi, blocksize, packed, absmax, absmax_i):
                 else:
                     q1 = _nibble(x[k + 1] / absmax[b])
             packed[p] = (q0 << 4) | q1
+
+
+@kernel(parallel=True)
+def fp4_quantize_bf16(bits, nfull, blocksize, packed, absmax, absmax_i):
+    """:func:`fp4_quantize_even` over the first ``nfull`` whole blocks of the bf16 bit
+    patterns ``bits`` (uint16), widened block by block (see ``nf4_quantize_bf16``)."""
+    half = blocksize // 2
+    ntasks = (nfull + _CODES_CHUNK - 1) // _CODES_CHUNK
+    for task in prange(ntasks):
+        xi = np.empty(blocksize, np.int32)
+        xb = xi.view(np.float32)
+        codes = np.empty(blocksize, np.int32)
+        for b in range(task * _CODES_CHUNK, min(nfull, (task + 1) * _CODES_CHUNK)):
+            absmax_i[b] = _widen_bf16(bits[b * blocksize:(b + 1) * blocksize], xi)
+            inv = ONE / max(absmax[b], TINY)
+            for k in range(blocksize):
+                codes[k] = _nibble(xb[k] * inv)
+            pb = packed[b * half:(b + 1) * half]
+            for p in range(half):
+                pb[p] = (codes[2 * p] << 4) | codes[2 * p + 1]

@@ -555,3 +555,58 @@ def nf4_quantize_simd(x, xi, blocksize, mids16, packed, absmax, absmax_i):
             encode_block(x[start:start + blocksize], inv, mids16, packed[b * half:(b + 1) * half])
     if nfull * blocksize < n:
         _quantize_partial_tail(x, xi, nfull * blocksize, packed, absmax, absmax_i, nfull)
+
+
+# --- quantize straight from bfloat16 bits ----------------------------------------------------
+# bitsandbytes quantizes a bf16 weight as its exact float32 value, so these read the uint16
+# bit patterns and widen each block into a float32 scratch (bits << 16) instead of the
+# caller converting the whole weight first: no 2x-sized float32 copy, one pass over memory.
+# Full blocks only (blocksize even); the caller quantizes a partial last block as float32.
+
+
+@inline_helper
+def _widen_bf16(bits, xi):
+    """xi[k] = bits[k] << 16 (the float32 bits of a bf16 value); returns the integer max of
+    the magnitudes' bits (the absmax's float32 bits, as :func:`_absmax_bits`)."""
+    mb = np.int32(0)
+    for k in range(bits.size):
+        v = np.int32(bits[k]) << np.int32(16)
+        xi[k] = v
+        a = v & np.int32(0x7FFFFFFF)
+        if a > mb:
+            mb = a
+    return mb
+
+
+@kernel(parallel=True)
+def nf4_quantize_bf16(bits, nfull, blocksize, packed, absmax, absmax_i):
+    """:func:`nf4_quantize_even` over the first ``nfull`` whole blocks of the bf16 bit
+    patterns ``bits`` (uint16)."""
+    half = blocksize // 2
+    ntasks = (nfull + _CODES_CHUNK - 1) // _CODES_CHUNK
+    for task in prange(ntasks):
+        xi = np.empty(blocksize, np.int32)
+        xb = xi.view(np.float32)
+        codes = np.empty(blocksize, np.int32)
+        for b in range(task * _CODES_CHUNK, min(nfull, (task + 1) * _CODES_CHUNK)):
+            absmax_i[b] = _widen_bf16(bits[b * blocksize:(b + 1) * blocksize], xi)
+            inv = ONE / max(absmax[b], TINY)
+            for k in range(blocksize):
+                codes[k] = _code(xb[k] * inv)
+            pb = packed[b * half:(b + 1) * half]
+            for p in range(half):
+                pb[p] = (codes[2 * p] << 4) | codes[2 * p + 1]
+
+
+@kernel(parallel=True, cache=SIMD_CACHEABLE)
+def nf4_quantize_bf16_simd(bits, nfull, blocksize, mids16, packed, absmax, absmax_i):
+    """:func:`nf4_quantize_bf16` with the SIMD code search (blocksize % SIMD_LANES == 0)."""
+    half = blocksize // 2
+    ntasks = (nfull + _CODES_CHUNK - 1) // _CODES_CHUNK
+    for task in prange(ntasks):
+        xi = np.empty(blocksize, np.int32)
+        xb = xi.view(np.float32)
+        for b in range(task * _CODES_CHUNK, min(nfull, (task + 1) * _CODES_CHUNK)):
+            absmax_i[b] = _widen_bf16(bits[b * blocksize:(b + 1) * blocksize], xi)
+            inv = ONE / max(absmax[b], TINY)
+            encode_block(xb, inv, mids16, packed[b * half:(b + 1) * half])
