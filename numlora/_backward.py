@@ -1,14 +1,8 @@
 """The LoRA products and the backward core shared by the functional modules
 (:mod:`numlora.ops`, :mod:`numlora.nf4`): the designated home of the training internals
-(every module may import from here).
-
-All products go to BLAS through numpy, over validated 2-D arrays of one dtype. Names for
-the rest of the package (this module is private): :func:`base_product`,
-:func:`add_low_rank`, :func:`expand_into`, :data:`ROW_CHUNK` (the forward products);
-:func:`u_buffer` (a forward's ``u_out=``); :func:`lora_grads` (a public backward after
-its adapter checks) and its parts :func:`backward_inputs`, :func:`check_x_drop_alone`,
-:func:`grad_buffer`, :func:`unalias_grads`, :func:`backward_core`;
-:func:`decay_factor`, :func:`adamw_scalars` (the AdamW step's scalars, CPU and GPU).
+(every module may import from here): the forward products, a forward's ``u_out=``, one
+backward pipeline (:func:`lora_grads`) and the AdamW step's scalars. All products go to
+BLAS through numpy, over validated 2-D arrays of one dtype.
 """
 
 from __future__ import annotations

@@ -1,16 +1,7 @@
 """Input checks and output allocation shared by the functional layer (the designated
-home of the array helpers: every module may import from here). Every message says what
-was expected and what arrived.
-
-Names for the rest of the package (this module is private): scalars and flags
-(:func:`real_scalar`, :func:`int_scalar`, :func:`flag`, :func:`nonneg_scalar`,
-:func:`unit_scalar`, :func:`shape_arg`, :func:`check_blocksize`); arrays
-(:func:`float_array`, :func:`expect_shape`, :func:`out_array`, :func:`first_nonfinite`);
-LoRA operands (:class:`Base`, :func:`weight_array`, :func:`low_rank_arrays`,
-:func:`adapter_arrays`, :func:`input_rows`, :func:`lora_input`, :func:`bias_array`);
-outputs (:func:`output`, :func:`prepare_out`, :func:`private_out`, :func:`deliver`); memory overlap
-(:func:`shares_memory`, :func:`overlapping`, :func:`refuse_overlap`, :func:`same_layout`,
-:func:`overlapping_pair`).
+home of the array helpers: every module may import from here): scalars and flags,
+arrays, LoRA operands, ``out=`` buffers and memory overlap. Every message says what was
+expected and what arrived.
 """
 
 from __future__ import annotations
@@ -216,13 +207,10 @@ def shares_memory(a, b) -> bool:
 def overlapping(out, arrays: dict):
     """The name of the first array of ``arrays`` (name -> array or None) that shares
     memory with ``out``, or None. About 0.2 us per array when nothing overlaps."""
-    if not isinstance(out, np.ndarray):
-        return None
-    may = np.may_share_memory
-    ndarray = np.ndarray
-    for name, a in arrays.items():
-        if isinstance(a, ndarray) and may(out, a) and shares_memory(out, a):
-            return name
+    if isinstance(out, np.ndarray):
+        for name, a in arrays.items():
+            if isinstance(a, np.ndarray) and np.may_share_memory(out, a) and shares_memory(out, a):
+                return name
     return None
 
 
@@ -334,10 +322,8 @@ def _adapter_hint(a_shape, b_shape, out_f, in_f, base, name):
 
 def _factor(name, a, hint):
     a = float_array(name, a, None)
-    if a.ndim != 2:
+    if a.ndim != 2:  # (float_array refused an empty one)
         raise ShapeError(f"expected {name} to be 2-D, got shape {a.shape}{hint}")
-    if a.size == 0:
-        raise ShapeError(f"expected a non-empty {name}, got shape {a.shape}")
     return a
 
 

@@ -5,13 +5,9 @@ what :func:`numlora.ops.lora_backward` needs to draw the same mask again. Row ``
 batch draws its keep bits from its own xorshift64 stream, seeded from ``(seed, i)``
 (:func:`row_states`), so a mask does not depend on the thread count or on the rows
 around it, and the GPU draws the same masks bit for bit. :meth:`DropoutState.mask`
-gives the state in the form the kernels take (:class:`DropoutMask`: the keep threshold,
-the seed, the scale ``1 / (1 - p)`` in the compute dtype).
-
-Public: :class:`DropoutState`, :func:`lora_dropout`, :func:`dropout_keep_mask`,
-:func:`mix_seed`. For the rest of the package: :class:`DropoutMask`, :func:`check_p`,
-:func:`check_seed`, :func:`row_states`, :meth:`DropoutState.checked`,
-:meth:`DropoutState.from_arg`.
+gives the state in the form the kernels take (:class:`DropoutMask`). Beside the public
+names (``__all__``), the package uses :class:`DropoutMask`, :func:`check_p`,
+:func:`check_seed` and :func:`row_states`.
 """
 
 from __future__ import annotations
@@ -38,10 +34,7 @@ def _kernels():
 
 def check_p(p) -> float:
     """Validate a dropout probability: a real number in [0, 1)."""
-    p = validate.real_scalar("dropout", p)
-    if not 0.0 <= p < 1.0:
-        raise ConfigError(f"dropout must be in [0, 1), got {p}")
-    return p
+    return validate.unit_scalar("dropout", p)
 
 
 def check_seed(seed) -> int:
