@@ -423,3 +423,35 @@ def test_conv_chunks_of_columns_give_the_same_result(rng, monkeypatch):
     for images in (1, 2, 3):
         monkeypatch.setattr(conv_module, "COLUMN_BYTES", images * cols_per_image)
         np.testing.assert_array_equal(nl.conv_lora_forward(x, w, a, b, 0.5, bias, padding=1), whole)
+
+
+def test_out_may_overlap_the_inputs(rng):
+    w, a, b, bias = _conv_adapter(rng, (3, 3, 1, 1))
+    x = _f(rng, 2, 3, 4, 4)
+    want = nl.conv_lora_forward(x, w, a, b, 0.5, bias)
+    xc = x.copy()
+    assert nl.conv_lora_forward(xc, w, a, b, 0.5, bias, out=xc) is xc
+    np.testing.assert_array_equal(xc, want)
+    table, ea, eb = _table(rng)
+    want = nl.embedding_lora_forward([1, 2], table, ea, eb, 1.0)
+    tc = table.copy()
+    got = nl.embedding_lora_forward([1, 2], tc, ea, eb, 1.0, out=tc[:2])
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(tc[:2], want)
+
+
+def test_detached_conv_layer_from_a_folder_takes_its_options_on_attach(tmp_path, rng):
+    w, a, b, bias = _conv_adapter(rng, (4, 3, 3))
+    ad = nl.LoraAdapter(nl.LoraConfig(rank=2, alpha=4, target_modules=["c"]))
+    ad.add_conv("c", a, b)
+    ad.save_peft(tmp_path / "a")
+    layer = nl.load_peft_adapter(tmp_path / "a")["c"]
+    assert not layer.attached and layer.kernel_size == (3,)
+    with pytest.raises(nl.DetachedLayerError, match="attach"):
+        layer(_f(rng, 1, 3, 9))
+    layer.attach(w, bias, stride=2, padding=1)
+    x = _f(rng, 2, 3, 9)
+    np.testing.assert_allclose(layer(x), conv_lora_ref(x, w, a, b, 2.0, bias, stride=2, pads=((1, 1),)),
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(ShapeError, match=r"expected weight of shape \(4, 3, 3\)"):
+        layer.attach(w[:, :, :2])
