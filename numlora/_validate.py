@@ -170,6 +170,11 @@ def out_array(name: str, out, shape: tuple, dtype) -> np.ndarray:
     return out
 
 
+def nbytes(a) -> int:
+    """Bytes of a numpy or device array."""
+    return int(a.size) * np.dtype(a.dtype).itemsize
+
+
 def first_nonfinite(name: str, flat: np.ndarray, shape: tuple, start: int = 0) -> NonFiniteError:
     """Build the error naming the first NaN / inf at or after flat index ``start``."""
     bad = np.flatnonzero(~np.isfinite(flat[start:]))

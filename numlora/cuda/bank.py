@@ -27,7 +27,7 @@ from . import kernels
 from ._launch import flat, grid, low_rank, matmul, numba_cuda, output, rows, scratch
 from .ops import gemv_ok, nf4_matmul
 
-__all__ = ["add_low_rank", "base_product", "device_overlap", "multi_lora_add", "pack_adapter", "plan_rows"]
+__all__ = ["base_product", "device_overlap", "multi_lora_add", "pack_adapter", "plan_rows"]
 
 
 def base_product(weight, nf4, bias, row_stable: bool):
@@ -68,7 +68,8 @@ def plan_rows(snap, ids, rowscale):
     then adapter (each adapter's A and B read together); ``table`` (3, N) int64: per
     grouped row its batch row, its adapter's float offset in the block and its rank;
     ``rs`` (N,) float32: the adapter's scaling times the row's scale; ``runs``:
-    ``(block, p0, p1, max rank)`` per block, rows ``p0:p1`` of the table."""
+    ``(block, p0, p1, max rank)`` per block, rows ``p0:p1`` of the table: the arguments
+    of :func:`multi_lora_add` after ``x`` and ``y``."""
     rows = np.flatnonzero(ids >= 0)
     if rows.size == 0:
         return None
@@ -84,12 +85,6 @@ def plan_rows(snap, ids, rowscale):
     runs = [(snap.blocks[int(blk[p0])], int(p0), int(p1), int(table[2, p0:p1].max()))
             for p0, p1 in zip(starts, ends)]
     return table, rs, runs
-
-
-def add_low_rank(x, out, plan) -> None:
-    """``out +=`` the low-rank part of the rows of ``plan`` (:func:`plan_rows`): the plan
-    staged to the device, then one shrink and one expand launch per pool block."""
-    multi_lora_add(x, out, *plan)
 
 
 # --- the low-rank part: the row plan staged to the device, the shrink and expand launches -------
@@ -218,4 +213,4 @@ def device_overlap(a, b) -> bool:
 
 register("cuda", "bank")(SimpleNamespace(
     rows=rows, output=output, low_rank=low_rank, base_product=base_product, plan_rows=plan_rows,
-    add_low_rank=add_low_rank, pack_adapter=pack_adapter, device_overlap=device_overlap))
+    multi_lora_add=multi_lora_add, pack_adapter=pack_adapter, device_overlap=device_overlap))

@@ -1,13 +1,5 @@
-"""What every LoRA layer shares: A and B, alpha and the scaling, the enabled and merged
-flags, parameter counts, the training state (dropout, gradients, what a training forward
-keeps for backward) and the move between devices (:meth:`LoraLayer.to`).
-
-A layer type (:mod:`~numlora.layers.dense`, :mod:`~numlora.layers.nf4`) adds its base
-weight, its forward and the hooks listed in :class:`LoraLayer`. A layer holds the backend
-of the device its arrays live on (:mod:`~numlora.layers._host`,
-:mod:`~numlora.layers._gpu`), chosen in :meth:`~LoraLayer.to`: its methods call that
-backend and the functional API it resolved (``self._backend.fn``), and never ask where
-they run.
+"""What every LoRA layer shares (:class:`LoraLayer`), the rank check and the
+initialisation of A (:func:`init_lora_a`).
 """
 
 from __future__ import annotations
@@ -88,10 +80,6 @@ class Saved(NamedTuple):
     one_d: bool
     lora: bool
     dtype: np.dtype
-
-
-def _nbytes(a) -> int:
-    return int(a.size) * np.dtype(a.dtype).itemsize
 
 
 def backend_on(device: str):
@@ -386,7 +374,7 @@ class LoraLayer:
         c = self._cache
         if c is None:
             return 0
-        return (0 if c.u is None else _nbytes(c.u)) + (0 if c.x_drop is c.x else _nbytes(c.x_drop))
+        return (0 if c.u is None else validate.nbytes(c.u)) + (0 if c.x_drop is c.x else validate.nbytes(c.x_drop))
 
     # devices ------------------------------------------------------------------------------
     def __getstate__(self):

@@ -165,11 +165,16 @@ class LoraLinear(LoraLayer):
                 f"rank={self._rank}) has no base weight attached; call attach(weight) first")
 
     # the variant: DoRA's magnitude, the LoRA bias ---------------------------------------
-    def _check_vector(self, name, value, variant):
-        """``value`` validated as the optional vector ``name`` of a layer of ``variant``."""
+    def _check_vector(self, name, value):
+        """``value`` validated as the optional vector ``name`` (``"magnitude"`` or
+        ``"lora_bias"``; at most one of them is set)."""
+        other = self._lora_bias if name == "magnitude" else self._magnitude
+        if value is not None and other is not None:
+            raise ConfigError("a LoRA bias is not supported together with DoRA (PEFT refuses it too)")
         if self._merged:
             raise MergeStateError(f"cannot set {name} while the layer is merged; unmerge() first")
-        self._backend.check_variant(name, variant)
+        self._backend.check_variant(name, variant_for(value, None) if name == "magnitude" else
+                                    variant_for(None, value))
         return self._backend.vector(name, value, self._out_f, self._dtype)
 
     def _choose_variant(self):
@@ -183,9 +188,7 @@ class LoraLinear(LoraLayer):
 
     @magnitude.setter
     def magnitude(self, m):
-        if m is not None and self._lora_bias is not None:
-            raise ConfigError("a LoRA bias is not supported together with DoRA (PEFT refuses it too)")
-        self._magnitude = self._check_vector("magnitude", m, variant_for(m, None))
+        self._magnitude = self._check_vector("magnitude", m)
         self._choose_variant()
 
     @property
@@ -195,9 +198,7 @@ class LoraLinear(LoraLayer):
 
     @lora_bias.setter
     def lora_bias(self, lb):
-        if lb is not None and self._magnitude is not None:
-            raise ConfigError("a LoRA bias is not supported together with DoRA (PEFT refuses it too)")
-        lb = self._check_vector("lora_bias", lb, variant_for(None, lb))
+        lb = self._check_vector("lora_bias", lb)
         if lb is not None and lb.size:
             with np.errstate(over="ignore", invalid="ignore"):
                 top = float(np.max(np.abs(lb))) * self.scaling

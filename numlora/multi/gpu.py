@@ -10,10 +10,10 @@ from __future__ import annotations
 import numpy as np
 
 from .._dispatch import backend, is_device_array
+from .._validate import nbytes
 from ..device import cuda_module, to_device
 from ..errors import DeviceError
 from .cpu import host_adapter
-from .pool import nbytes
 
 __all__ = ["CudaBank"]
 
@@ -59,7 +59,7 @@ class CudaBank:
             self.base(x, out, n)
             plan = launch.plan_rows(snap, ids, rowscale)
             if plan is not None:
-                launch.add_low_rank(x, out, plan)
+                launch.multi_lora_add(x, out, *plan)
             return out
         finally:
             registry.leave(snap)

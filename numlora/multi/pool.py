@@ -17,12 +17,9 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["PagePool", "nbytes"]
+from .._validate import nbytes
 
-
-def nbytes(a) -> int:
-    """Bytes of a numpy or device array."""
-    return int(a.size) * np.dtype(a.dtype).itemsize
+__all__ = ["PagePool"]
 
 
 class PagePool:

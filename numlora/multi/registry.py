@@ -105,16 +105,15 @@ class Snapshot:
         if isinstance(adapters, np.ndarray) and adapters.dtype.kind in "iu":
             ids = adapters
         else:
+            want = (f"expected adapters with one entry per row of x (a sequence of {n} names, ids or None, or an "
+                    f"int array of shape ({n},)), got ")
             if adapters is None or isinstance(adapters, (str, bytes)):
                 what = "None" if adapters is None else f"a single {type(adapters).__name__}"
-                raise DTypeError(f"expected adapters with one entry per row of x (a sequence of {n} names, ids or "
-                                 f"None, or an int array of shape ({n},)), got {what}"
-                                 + ("; pass [None] * n for the base alone" if adapters is None else ""))
+                raise DTypeError(want + what + ("; pass [None] * n for the base alone" if adapters is None else ""))
             try:
                 seq = list(adapters)
             except TypeError:
-                raise DTypeError(f"expected adapters with one entry per row of x (a sequence of {n} names, ids or "
-                                 f"None, or an int array of shape ({n},)), got {type(adapters).__name__}") from None
+                raise DTypeError(want + type(adapters).__name__) from None
             if all(isinstance(a, (int, np.integer)) and not isinstance(a, bool) for a in seq):
                 vals = [int(a) for a in seq]  # exact: no uint64 2**64 - 1 wrapping to -1
                 if vals and (min(vals) < -1 or max(vals) >= self.next_id):
