@@ -196,10 +196,6 @@ def _im2col(k, x3, g, cols):
     k.im2col_serial(x3, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, g.oh, g.ow, cols)
 
 
-def _col2im(k, cols, g, dx3):
-    k.col2im_add_serial(cols, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, g.oh, g.ow, dx3)
-
-
 #: Bytes of unfolded columns a forward holds at once: the images of a batch are unfolded
 #: in chunks of this size (at least one image), in parallel, before their BLAS products.
 COLUMN_BYTES = 32 * 1024 * 1024
@@ -378,7 +374,11 @@ def conv_lora_backward(x, weight, lora_a, lora_b, scaling, grad_out, *, stride=1
     x4, xd4, g4, a2, b2, w2 = bw.unalias_grads(grad_a, grad_b, (x4, xd4, g4, a2, b2, w2))
     k = _kernels()
     cols_n = g.oh * g.ow
-    cols = np.empty((w2.shape[1], cols_n), dtype)
+    ck = w2.shape[1]
+    chunk = max(1, min(n, COLUMN_BYTES // max(ck * cols_n * dtype.itemsize, 1)))
+    cols_buf = np.empty(ck * chunk * cols_n, dtype)
+    stack_buf = np.empty((out_c + rank) * chunk * cols_n, dtype)
+    dcols_buf = np.empty(ck * chunk * cols_n, dtype) if need_grad_x else None
     ga = np.zeros(a2.shape, dtype)
     gb = np.zeros(b2.shape, dtype)
     st = dtype.type(s)
@@ -386,28 +386,32 @@ def conv_lora_backward(x, weight, lora_a, lora_b, scaling, grad_out, *, stride=1
     dl4 = np.zeros(x4.shape, dtype) if need_grad_x and state is not None else None
     if need_grad_x and state is None:
         wcat_t = np.ascontiguousarray(np.concatenate([w2, a2]).T)
-        stack = np.empty((out_c + rank, cols_n), dtype)
-    dcols = np.empty_like(cols) if need_grad_x else None
-    for i in range(n):
-        _im2col(k, xd4[i], g, cols)
-        gi = g4[i]
+    geo = (g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, g.oh, g.ow)
+    for i0 in range(0, n, chunk):
+        m = min(chunk, n - i0)
+        width = m * cols_n
+        cols = cols_buf[: ck * width].reshape(ck, width)
+        k.im2col_batch(xd4, i0, m, *geo, cols)
+        # [G; H] for the chunk, G reordered from (m, out, pixels) to (out, m * pixels)
+        stack = stack_buf[: (out_c + rank) * width].reshape(out_c + rank, width)
+        gc, h = stack[:out_c], stack[out_c:]
+        np.copyto(gc.reshape(out_c, m, cols_n), g4[i0:i0 + m].transpose(1, 0, 2))
         u = np.dot(a2, cols)
-        h = np.dot(b2.T, gi)
+        np.dot(b2.T, gc, out=h)
         h *= st
-        gb += np.dot(gi, u.T)
+        gb += np.dot(gc, u.T)
         ga += np.dot(h, cols.T)
         if not need_grad_x:
             continue
+        dcols = dcols_buf[: ck * width].reshape(ck, width)
         if state is None:
-            stack[:out_c] = gi
-            stack[out_c:] = h
-            np.dot(wcat_t, stack, out=dcols)
-            _col2im(k, dcols, g, dx4[i])
+            np.dot(wcat_t, stack, out=dcols)  # W^T G + A^T H
+            k.col2im_batch(dcols, i0, m, *geo, dx4)
         else:
-            np.dot(w2.T, gi, out=dcols)
-            _col2im(k, dcols, g, dx4[i])
+            np.dot(w2.T, gc, out=dcols)
+            k.col2im_batch(dcols, i0, m, *geo, dx4)
             np.dot(a2.T, h, out=dcols)
-            _col2im(k, dcols, g, dl4[i])
+            k.col2im_batch(dcols, i0, m, *geo, dl4)
     gb *= st
     if dl4 is not None:
         state.mask(dtype).mul_add(dl4.reshape(n, -1), dx4.reshape(n, -1))

@@ -419,10 +419,17 @@ def test_conv_chunks_of_columns_give_the_same_result(rng, monkeypatch):
     w, a, b, bias = _conv_adapter(rng, (4, 3, 3, 3))
     x = _f(rng, 5, 3, 8, 7)
     whole = nl.conv_lora_forward(x, w, a, b, 0.5, bias, padding=1)
+    g = _f(rng, *whole.shape)
+    grads = nl.conv_lora_backward(x, w, a, b, 0.5, g, padding=1)
+    grads_drop = nl.conv_lora_backward(x, w, a, b, 0.5, g, padding=1, dropout=(0.3, 4))
     cols_per_image = 3 * 9 * 8 * 7 * 4
     for images in (1, 2, 3):
         monkeypatch.setattr(conv_module, "COLUMN_BYTES", images * cols_per_image)
         np.testing.assert_array_equal(nl.conv_lora_forward(x, w, a, b, 0.5, bias, padding=1), whole)
+        for want, got in ((grads, nl.conv_lora_backward(x, w, a, b, 0.5, g, padding=1)),
+                          (grads_drop, nl.conv_lora_backward(x, w, a, b, 0.5, g, padding=1, dropout=(0.3, 4)))):
+            for u, v in zip(want, got):
+                np.testing.assert_allclose(v, u, rtol=1e-5, atol=1e-5)
 
 
 def test_out_may_overlap_the_inputs(rng):

@@ -1,9 +1,9 @@
 """Kernels of LoRA on embeddings and convolutions.
 
 Embedding: the gather of the base rows fused with the low-rank term, and the
-scatter-add of A's gradient. Convolution: ``im2col`` (one image's input unfolded into
-columns, so that the convolution is a matrix product for BLAS) and its adjoint
-``col2im_add`` (the columns' gradient folded back onto the input). A 1-D convolution is
+scatter-add of A's gradient. Convolution: ``im2col`` / ``im2col_batch`` (images unfolded
+into columns, so that the convolution is a matrix product for BLAS) and the adjoint
+``col2im_batch`` (the columns' gradient folded back onto the input). A 1-D convolution is
 the 2-D one with a height of 1.
 
 The column layout of one image: row ``(c * kh + i) * kw + j``, column ``oy * ow + ox``
@@ -143,12 +143,21 @@ def im2col_batch(x, i0, n, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow, cols):
                 cols[row, base + ox] = 0
 
 
+#: A serial build of :func:`im2col`, for calls between BLAS products (numba's threads
+#: waking while OpenBLAS's still spin cost more than the copy).
+im2col_serial = serial_twin(im2col)
+
+
 @kernel(parallel=True)
-def col2im_add(cols, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow, dx):
-    """The adjoint of :func:`im2col`: ``dx[c, y, x] +=`` every column entry that
-    im2col read from ``(c, y, x)``. Parallel over channels (no two write one element)."""
-    c_in, h, w = dx.shape
-    for c in prange(c_in):
+def col2im_batch(cols, i0, n, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow, dx):
+    """The adjoint of :func:`im2col_batch`: images ``i0 .. i0 + n - 1`` of ``dx``
+    (N, C, H, W) receive ``+=`` the column entries read from them. Parallel over
+    (image, channel) pairs (no two write one element)."""
+    c_in, h, w = dx.shape[1], dx.shape[2], dx.shape[3]
+    npix = oh * ow
+    for job in prange(n * c_in):
+        b = job // c_in
+        c = job % c_in
         for i in range(kh):
             for j in range(kw):
                 row = (c * kh + i) * kw + j
@@ -158,12 +167,6 @@ def col2im_add(cols, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow, dx):
                     y = oy * sh - ph + i * dh
                     if y < 0 or y >= h:
                         continue
-                    base = oy * ow
+                    base = b * npix + oy * ow
                     for ox in range(lo, hi):
-                        dx[c, y, x0 + ox * sw] += cols[row, base + ox]
-
-
-#: Serial builds of the unfolding kernels, for calls between BLAS products (numba's
-#: threads waking while OpenBLAS's still spin cost more than the copy).
-im2col_serial = serial_twin(im2col)
-col2im_add_serial = serial_twin(col2im_add)
+                        dx[i0 + b, c, y, x0 + ox * sw] += cols[row, base + ox]
