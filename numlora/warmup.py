@@ -45,12 +45,22 @@ def _inputs(n=128, rank=8, batch=32):
     return w, a, b, x
 
 
+def _nf4(n=128, blocksize=64):
+    """An NF4 weight from random codes and scales (no quantize kernel compiled)."""
+    import numlora as nl
+
+    g = np.random.default_rng(1)
+    packed = g.integers(0, 256, size=n * n // 2, dtype=np.uint8)
+    absmax = g.uniform(0.01, 0.1, size=n * n // blocksize).astype(np.float32)
+    return nl.NF4Tensor(packed, absmax, (n, n), blocksize)
+
+
 def _job_qlora_forward():
     import numlora as nl
 
     w, a, b, x = _inputs()
     bias = np.zeros(w.shape[0], np.float32)
-    t = nl.quantize_nf4(w)
+    t = _nf4()
     for rows in (1, 4, x.shape[0]):
         nl.qlora_forward(x[:rows], t, a, b, 2.0)
         nl.qlora_forward(x[:rows], t, a, b, 2.0, bias)
@@ -62,8 +72,8 @@ def _job_training():
     import numlora as nl
 
     w, a, b, x = _inputs()
-    for layer in (nl.QLoraLinear(nl.quantize_nf4(w), a, b, 16.0, dropout=0.1),
-                  nl.LoraLinear(w, a, b, 16.0, dropout=0.1), nl.QLoraLinear(nl.quantize_nf4(w), a, b, 16.0),
+    for layer in (nl.QLoraLinear(_nf4(), a, b, 16.0, dropout=0.1),
+                  nl.LoraLinear(w, a, b, 16.0, dropout=0.1), nl.QLoraLinear(_nf4(), a, b, 16.0),
                   nl.LoraLinear(w, a, b, 16.0)):
         opt = nl.AdamW(layer.parameters(), weight_decay=0.01)
         layer.train()
@@ -100,8 +110,7 @@ def _job_bank():
     import numlora as nl
 
     w, a, b, x = _inputs()
-    t = nl.quantize_nf4(w)
-    for base in (w, t):
+    for base in (w, _nf4()):
         bank = nl.LoraBank(base)
         bank.add("p", a, b)
         bank.add("q", a[:4], b[:, :4])
@@ -113,8 +122,8 @@ def _job_bank():
 def _job_nf4_matmul_t():
     import numlora as nl
 
-    w, _, _, x = _inputs()
-    t = nl.quantize_nf4(w)
+    _, _, _, x = _inputs()
+    t = _nf4()
     for rows in (1, 4, x.shape[0]):
         nl.nf4_matmul_t(x[:rows], t)
 
@@ -145,6 +154,13 @@ def run_job(name: str) -> None:
     _RUN[name]()
 
 
+def _child_env() -> dict:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
 def warmup(jobs: int | None = None, progress: bool | None = None, stream=None) -> dict:
     """Compile every kernel family in ``jobs`` parallel processes (default: the CPU
     count), filling numba's on-disk cache. Returns ``{job: seconds}``; raises
@@ -158,9 +174,7 @@ def warmup(jobs: int | None = None, progress: bool | None = None, stream=None) -
         raise NumloraError("warmup fills numba's on-disk cache, but NUMLORA_CACHE=0 turns it off: "
                            "unset NUMLORA_CACHE (or set it to 1) and run warmup again")
     jobs = max(1, int(jobs or os.cpu_count() or 1))
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ)
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env = _child_env()
     todo = [name for name, _ in JOBS]
     running, seconds, failed = {}, {}, {}
     with Progress(len(todo), desc="numlora warmup", unit="jobs", enabled=progress, stream=stream) as bar:
