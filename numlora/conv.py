@@ -15,14 +15,14 @@ Since ``lora_b`` is 1x1, the LoRA path is ``conv(x, scaling * B @ A)``, so mergi
 bit-exact :class:`~numlora.ops.MergeRecord`.
 
 How it computes (im2col measured against a direct numba loop, see
-docs/embedding-conv.md): each image is unfolded into columns (``im2col``) and multiplied by the kernel with BLAS.
-Without dropout the LoRA branch is folded into the kernel, ``conv(x, W + s B A)`` (B is
-1x1, and the (out, in * K) kernel is tiny next to the activations); with a separate
-``x_lora`` it runs as ``(s B) @ (A @ cols(x_lora))``, image by image. Otherwise the images
-of a batch are unfolded side by side, in parallel, in chunks of at most
-:data:`COLUMN_BYTES` of columns, and each chunk is one BLAS product (on this shared
-2-core machine OpenBLAS's threads lose far more to one product per image than the
-chunk's reordering into ``(N, C, H, W)`` costs).
+docs/embedding-conv.md): images are unfolded into columns (``im2col``) and multiplied by
+the kernel with BLAS. Without dropout the LoRA branch is folded into the kernel,
+``conv(x, W + s B A)`` (B is 1x1, and the (out, in * K) kernel is tiny next to the
+activations), and the images of a batch are unfolded side by side, in parallel, in
+chunks of at most :data:`COLUMN_BYTES` of columns, each chunk one BLAS product (on a busy
+machine OpenBLAS's threads lose far more to one product per image than the chunk's
+reordering into ``(N, C, H, W)`` costs). With a separate ``x_lora`` the branch runs as
+``(s B) @ (A @ cols(x_lora))``, image by image.
 
 Supported: ``groups=1``, ``padding_mode="zeros"``, any stride / dilation, padding as
 integers, per-side pairs, ``"valid"`` or ``"same"``. Anything else is refused with
