@@ -322,6 +322,28 @@ class LoraLayer:
             raise ConfigError("training a DoRA layer or a layer with a LoRA bias is not supported yet "
                               "(numlora trains lora_a and lora_b of plain LoRA layers)")
 
+    def _need_weight(self, what):
+        """Refuse ``what`` while the layer has no base weight (a layer type that can be
+        detached says so)."""
+
+    def forward(self, x, out=None) -> np.ndarray:
+        """``x`` of shape (in,) or (n, in) -> (out,) or (n, out) (float32 over an NF4
+        base). In training mode (see :meth:`train`) dropout applies to the LoRA input and
+        the layer keeps what :meth:`backward` needs. ``out`` (optional, C-contiguous) may
+        overlap ``x`` or the base weight: the result is then computed into a temporary
+        and copied into it (in training mode the layer keeps its own copy of such an
+        ``x`` for backward)."""
+        self._need_weight("run forward")
+        if self._training:
+            return self._forward_train(x, out)
+        self._cache = None
+        x = self._backend.input("x", x)
+        if self._merged or not self._enabled:
+            return self._forward_on(x, out, False)
+        return self._variant.forward(self, x, out)
+
+    __call__ = forward
+
     def _keep(self, *saved):
         """Keep what this training forward's backward needs (the fields of :class:`Saved`)."""
         self._cache = Saved(*saved)

@@ -226,23 +226,6 @@ class LoraLinear(LoraLayer):
         return self._fan_in_fan_out
 
     # computing ------------------------------------------------------------------------
-    def forward(self, x, out=None) -> np.ndarray:
-        """``x`` of shape (in,) or (n, in) -> (out,) or (n, out). In training mode (see
-        :meth:`train`) dropout applies to the LoRA input and the layer keeps what
-        :meth:`backward` needs. ``out`` (optional, C-contiguous) may overlap ``x`` or the
-        base weight: the result is then computed into a temporary and copied into it (in
-        training mode the layer keeps its own copy of such an ``x`` for backward)."""
-        self._need_weight("run forward")
-        if self._training:
-            return self._forward_train(x, out)
-        self._cache = None
-        x = self._backend.input("x", x)
-        if self._merged or not self._enabled:
-            return self._forward_on(x, out, False)
-        return self._variant.forward(self, x, out)
-
-    __call__ = forward
-
     def _forward_on(self, x, out, lora, x_lora=None, u_out=None):
         """The plain forward through the functional API: ``x W^T + b``, plus the LoRA
         branch on ``x_lora`` (x when None) when ``lora``, ``x_lora A^T`` into ``u_out``."""

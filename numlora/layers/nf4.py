@@ -63,18 +63,6 @@ class QLoraLinear(LoraLayer):
 
     group_size = blocksize
 
-    def forward(self, x, out=None) -> np.ndarray:
-        """``x`` of shape (in,) or (n, in) -> (out,) or (n, out), float32. In training
-        mode dropout applies to the LoRA input and the layer keeps what :meth:`backward`
-        needs. ``out`` may overlap ``x`` (as in :meth:`LoraLinear.forward
-        <numlora.layers.LoraLinear.forward>`)."""
-        if self._training:
-            return self._forward_train(x, out)
-        self._cache = None
-        return self._forward_on(self._backend.input("x", x), out, self._enabled)
-
-    __call__ = forward
-
     def _forward_on(self, x, out, lora, x_lora=None, u_out=None):
         """The forward through the functional API: ``x deq(W)^T + b``, plus the LoRA
         branch on ``x_lora`` (x when None) when ``lora``, ``x_lora A^T`` into ``u_out``."""
