@@ -146,10 +146,7 @@ class CudaBackend:
 
     def backward(self, layer, saved, grad_out, need_grad_x):
         g = _input("grad_out", grad_out)
-        want = (layer._out_f,) if saved.one_d else (saved.x.shape[0], layer._out_f)
-        if tuple(g.shape) != want:
-            raise ShapeError(f"expected grad_out of shape {want} (the shape of the forward's output), "
-                             f"got {tuple(g.shape)}")
+        layer._check_grad_out(saved, g)
         if not saved.lora:
             return layer._grad_input(g) if need_grad_x else None
         x_drop = None if saved.dropout is None else saved.x_drop

@@ -115,9 +115,7 @@ class HostBackend:
         in_f, out_f = layer._in_f, layer._out_f
         x2, xd2, u, state, one_d, lora, dtype = saved
         g = validate.input_rows(self.input("grad_out", grad_out), out_f, "grad_out", "out_features")
-        want = (out_f,) if one_d else (x2.shape[0], out_f)
-        if g.shape != want:
-            raise ShapeError(f"expected grad_out of shape {want} (the shape of the forward's output), got {g.shape}")
+        layer._check_grad_out(saved, g)
         g2 = np.ascontiguousarray(g.reshape(-1, out_f), dtype)
         if lora:
             # fresh gradients from the public backward, added into the layer's (adding

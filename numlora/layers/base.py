@@ -13,7 +13,7 @@ from .. import _validate as validate
 from .._dispatch import check_device
 from ..config import lora_scaling
 from ..dropout import check_p, check_seed, mix_seed
-from ..errors import ConfigError, DeviceError, MergeStateError, TrainStateError
+from ..errors import ConfigError, DeviceError, MergeStateError, ShapeError, TrainStateError
 from ..rng import XorShift64
 from ..train import BoundParameter
 from ._host import HOST
@@ -387,6 +387,13 @@ class LoraLayer:
         dx = self._backend.backward(self, self._cache, grad_out, need_grad_x)
         self._cache = None
         return dx
+
+    def _check_grad_out(self, saved, g):
+        """Refuse a ``grad_out`` that is not the shape of the saved forward's output."""
+        want = (self._out_f,) if saved.one_d else (saved.x.shape[0], self._out_f)
+        if tuple(g.shape) != want:
+            raise ShapeError(f"expected grad_out of shape {want} (the shape of the forward's output), got "
+                             f"{tuple(g.shape)}")
 
     @property
     def saved_bytes(self) -> int:
