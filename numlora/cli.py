@@ -120,14 +120,19 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--json", action="store_true", help="print the report as JSON")
     _dask_arguments(m)
 
-    q = sub.add_parser("quantize", help="quantize a checkpoint's Linear weights to NF4 (bitsandbytes layout)",
+    q = sub.add_parser("quantize", help="quantize a checkpoint's Linear weights to NF4 / FP4 (bitsandbytes layout)",
                        description="Quantize 2-D floating *.weight tensors (not embeddings or norms, unless "
-                                   "--include says so) to NF4 and copy the rest.")
+                                   "--include says so) to NF4 (or FP4) and copy the rest.")
     q.add_argument("input", metavar="INPUT")
     q.add_argument("-o", "--output", required=True, metavar="OUT")
     q.add_argument("--blocksize", type=_blocksize, default=64,
                    help="elements per NF4 block, 2 ... 2**20 (default 64, as bitsandbytes)")
     q.add_argument("--double-quant", action="store_true", help="also quantize the block scales to 8 bits")
+    q.add_argument("--quant-type", choices=("nf4", "fp4"), default="nf4",
+                   help="the 4-bit code book, as bitsandbytes' bnb_4bit_quant_type (default nf4)")
+    q.add_argument("--no-error-stats", dest="error_stats", action="store_false",
+                   help="skip the reconstruction-error pass (faster; bf16 weights are then quantized straight "
+                        "from their bits); the output is the same")
     q.add_argument("--include", metavar="REGEX", help="quantize only tensors whose name matches (re.search)")
     q.add_argument("--exclude", metavar="REGEX", help="do not quantize tensors whose name matches")
     q.add_argument("--overwrite", action="store_true",
@@ -395,10 +400,11 @@ def _quantize(args) -> int:
         with Checkpoint(args.input) as ck:
             chosen = select_for_quantization(ck.infos(), args.include, args.exclude)
         shown = chosen if len(chosen) <= 12 else chosen[:6] + [f"... ({len(chosen) - 12} more) ..."] + chosen[-6:]
-        print(f"quantizing {len(chosen)} tensors to NF4:", *shown, sep="\n  ")
+        print(f"quantizing {len(chosen)} tensors to {args.quant_type.upper()}:", *shown, sep="\n  ")
     rep = quantize_checkpoint(args.input, args.output, blocksize=args.blocksize, double_quant=args.double_quant,
                               include=args.include, exclude=args.exclude, overwrite=args.overwrite,
-                              scheduler=args.scheduler, workers=args.workers)
+                              scheduler=args.scheduler, workers=args.workers, quant_type=args.quant_type,
+                              error_stats=args.error_stats)
     print(json.dumps(rep.to_dict(), indent=2) if args.json else rep)
     return 0
 

@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from ._progress import Progress
+from ._validate import flag
 from .errors import ConfigError, FormatError, NonFiniteError, ShapeError
 from .io._files import brief, describe_os_error, parse_json, read_json, regular_file_error
 from .io.atomic import AtomicDir, check_interrupt, cleanup_scope, is_numlora_temp, point_of_no_return, write_text_atomic
@@ -657,14 +658,15 @@ class QuantizeReport:
     output: str
     blocksize: int
     double_quant: bool
+    quant_type: str = "nf4"
     quantized: list = field(default_factory=list)  # [{key, shape, dtype, mean_abs_err, max_abs_err}]
     copied: int = 0
     bytes_before: int = 0  # of the quantized tensors, as stored in the input
     bytes_after: int = 0  # of their NF4 state (codes, scales, maps, JSON)
     total_in: int = 0
     total_out: int = 0
-    mean_abs_err: float = 0.0
-    max_abs_err: float = 0.0
+    mean_abs_err: float | None = 0.0  # None: the error pass was skipped (error_stats=False)
+    max_abs_err: float | None = 0.0
     seconds: float = 0.0
     dask: dict | None = None  # a Dask run: workers, cluster start, wall time, each shard's task
 
@@ -673,12 +675,13 @@ class QuantizeReport:
 
     def __str__(self) -> str:
         mib = 1 << 20
-        return (f"quantized {len(self.quantized)} tensors to NF4 (blocksize {self.blocksize}"
+        err = ("reconstruction error: not measured (--no-error-stats)" if self.mean_abs_err is None else
+               f"reconstruction error: mean |w - deq(q(w))| = {self.mean_abs_err:.3g}, max = {self.max_abs_err:.3g}")
+        return (f"quantized {len(self.quantized)} tensors to {self.quant_type.upper()} (blocksize {self.blocksize}"
                 f"{', double quant' if self.double_quant else ''}), copied {self.copied}\n"
                 f"quantized tensors: {self.bytes_before / mib:,.1f} MiB -> {self.bytes_after / mib:,.1f} MiB\n"
                 f"checkpoint: {self.total_in / mib:,.1f} MiB -> {self.total_out / mib:,.1f} MiB\n"
-                f"reconstruction error: mean |w - deq(q(w))| = {self.mean_abs_err:.3g}, "
-                f"max = {self.max_abs_err:.3g}\n"
+                f"{err}\n"
                 f"{self.seconds:.2f} s -> {self.output}" + _dask_line(self.dask))
 
 
@@ -715,7 +718,7 @@ def select_for_quantization(infos, include: str | None = None, exclude: str | No
     return out
 
 
-def _nf4_entries(prefix: str, numel: int, blocksize: int, double_quant: bool):
+def _nf4_entries(prefix: str, numel: int, blocksize: int, double_quant: bool, quant_type: str = "nf4"):
     nblocks = -(-numel // blocksize)
     e = [(f"{prefix}.weight", "U8", ((numel + 1) // 2, 1)),
          (f"{prefix}.weight.absmax", "U8" if double_quant else "F32", (nblocks,)),
@@ -723,14 +726,15 @@ def _nf4_entries(prefix: str, numel: int, blocksize: int, double_quant: bool):
     if double_quant:
         e += [(f"{prefix}.weight.nested_absmax", "F32", (-(-nblocks // 256),)),
               (f"{prefix}.weight.nested_quant_map", "F32", (256,))]
-    e.append((f"{prefix}.weight.quant_state.bitsandbytes__nf4", "U8", None))
+    e.append((f"{prefix}.weight.quant_state.bitsandbytes__{quant_type}", "U8", None))
     return e
 
 
 class _QuantizeJob(_Job):
-    def __init__(self, chosen, blocksize: int, double_quant: bool):
+    def __init__(self, chosen, blocksize: int, double_quant: bool, quant_type: str = "nf4", error_stats: bool = True):
         super().__init__()
         self.chosen, self.blocksize, self.double_quant = frozenset(chosen), blocksize, double_quant
+        self.quant_type, self.error_stats = quant_type, error_stats
 
     @staticmethod
     def new_part() -> dict:
@@ -738,20 +742,27 @@ class _QuantizeJob(_Job):
 
     def plan(self, t):
         if t.name in self.chosen:
-            return _nf4_entries(t.name[: -len(".weight")], t.numel, self.blocksize, self.double_quant)
+            return _nf4_entries(t.name[: -len(".weight")], t.numel, self.blocksize, self.double_quant,
+                                self.quant_type)
         return [(t.name, t.dtype, t.shape)]
 
     def write(self, f, w, t, entries, part):
         from .kernels import convert as kc
-        from .nf4 import quantize_nf4
+        from .nf4 import quantize_bf16_bits, quantize_nf4
 
         if t.name not in self.chosen:
             w.copy_from(f, t.name)
             part["copied"] += 1
             return
         bufs = self.bufs
-        x = _load_f32(f, t.name, bufs)
-        q = quantize_nf4(x, self.blocksize, double_quant=self.double_quant)
+        if t.dtype == "BF16" and not self.error_stats:
+            # straight from the bits: the kernel widens block by block, no float32 copy
+            bits = f.read_into(t.name, bufs.get("raw-BF16", t.numel, np.uint16).reshape(t.shape))
+            q = quantize_bf16_bits(bits, t.shape, self.blocksize, self.double_quant, self.quant_type)
+            x = None
+        else:
+            x = _load_f32(f, t.name, bufs)
+            q = quantize_nf4(x, self.blocksize, double_quant=self.double_quant, quant_type=self.quant_type)
         q.dtype = _ST_TO_NAME[t.dtype]
         sd = q.to_state_dict(t.name[: -len(".weight")])
         names = [n for n, _, _ in entries]
@@ -760,37 +771,50 @@ class _QuantizeJob(_Job):
                               f"{sorted(names)}")
         for n in names:
             w.write(n, sd[n])
-        d = q.dequantize(out=bufs.get("deq", t.numel, np.float32).reshape(t.shape))
-        nchunks = -(-t.numel // kc.CHUNK)
-        psum, pmax = bufs.get("psum", nchunks, np.float64), bufs.get("pmax", nchunks, np.float32)
-        kc.abs_err_stats(x.reshape(-1), d.reshape(-1), psum, pmax)
+        mean_err = max_err = None
+        if self.error_stats:
+            d = q.dequantize(out=bufs.get("deq", t.numel, np.float32).reshape(t.shape))
+            nchunks = -(-t.numel // kc.CHUNK)
+            psum, pmax = bufs.get("psum", nchunks, np.float64), bufs.get("pmax", nchunks, np.float32)
+            kc.abs_err_stats(x.reshape(-1), d.reshape(-1), psum, pmax)
+            mean_err, max_err = float(psum.sum()) / t.numel, float(pmax.max())
         part["quantized"].append({"key": t.name, "shape": list(t.shape), "dtype": t.dtype,
-                                  "mean_abs_err": float(psum.sum()) / t.numel, "max_abs_err": float(pmax.max()),
+                                  "mean_abs_err": mean_err, "max_abs_err": max_err,
                                   "bytes_before": t.nbytes,
                                   "bytes_after": sum(np.asarray(sd[n]).nbytes for n in names)})
 
 
 def quantize_checkpoint(src, out, *, blocksize: int = 64, double_quant: bool = False, include: str | None = None,
                         exclude: str | None = None, overwrite: bool = False,
-                        progress: bool | None = None, scheduler=None, workers: int | None = None) -> QuantizeReport:
-    """Quantize the Linear weights of a checkpoint to NF4 in the bitsandbytes /
-    transformers layout (see :meth:`~numlora.NF4Tensor.to_state_dict`) and copy every other
-    tensor byte for byte. A model folder's ``config.json`` gets the
+                        progress: bool | None = None, scheduler=None, workers: int | None = None,
+                        quant_type: str = "nf4", error_stats: bool = True) -> QuantizeReport:
+    """Quantize the Linear weights of a checkpoint to NF4 (or FP4: ``quant_type="fp4"``) in
+    the bitsandbytes / transformers layout (see :meth:`~numlora.NF4Tensor.to_state_dict`)
+    and copy every other tensor byte for byte. A model folder's ``config.json`` gets the
     ``quantization_config`` transformers reads. ``scheduler`` / ``workers``: the shards of
-    a model folder as Dask tasks, as in :func:`merge_checkpoint`."""
-    from .nf4 import check_blocksize
+    a model folder as Dask tasks, as in :func:`merge_checkpoint`.
+
+    ``error_stats=False`` skips the reconstruction-error pass (a dequantize and a
+    comparison per tensor; the report's errors are then None), and bf16 weights are then
+    quantized straight from their bits, without a float32 copy: the output bytes are the
+    same either way."""
+    from .nf4 import QUANT_TYPES, check_blocksize
 
     t0 = time.perf_counter()
     blocksize = check_blocksize(blocksize)
+    if quant_type not in QUANT_TYPES:
+        raise ConfigError(f"quant_type must be one of {sorted(QUANT_TYPES)}, got {quant_type!r:.40}")
+    error_stats = flag("error_stats", error_stats)
     with _runner(scheduler, workers) as runner, cleanup_scope(), Checkpoint(src) as ckpt:
         infos = ckpt.infos()
         chosen = set(select_for_quantization(infos, include, exclude))
         if not chosen:
             raise ConfigError("no tensor selected for quantization (2-D floating *.weight tensors; check "
                               "--include / --exclude)")
-        rep = QuantizeReport(output=os.path.abspath(os.fspath(out)), blocksize=blocksize, double_quant=double_quant)
+        rep = QuantizeReport(output=os.path.abspath(os.fspath(out)), blocksize=blocksize, double_quant=double_quant,
+                             quant_type=quant_type)
         dest = _make_output(ckpt, out, ckpt.files, overwrite, "quantize")
-        job = _QuantizeJob(chosen, blocksize, double_quant)
+        job = _QuantizeJob(chosen, blocksize, double_quant, quant_type, error_stats)
 
         skipped = sorted({t.name[: -len(".weight")] for t in infos
                           if t.name.endswith(".weight") and t.name not in chosen and len(t.shape) == 2})
@@ -801,7 +825,7 @@ def quantize_checkpoint(src, out, *, blocksize: int = 64, double_quant: bool = F
                 "quant_method": "bitsandbytes",
                 "load_in_4bit": True,
                 "load_in_8bit": False,
-                "bnb_4bit_quant_type": "nf4",
+                "bnb_4bit_quant_type": quant_type,
                 "bnb_4bit_use_double_quant": bool(double_quant),
                 "bnb_4bit_compute_dtype": compute,
                 "bnb_4bit_quant_storage": "uint8",
@@ -813,17 +837,20 @@ def quantize_checkpoint(src, out, *, blocksize: int = 64, double_quant: bool = F
         for part in parts:  # tensor by tensor, in checkpoint order, whichever process did the work
             rep.copied += part["copied"]
             for q in part["quantized"]:
-                n = math.prod(q["shape"])
-                err_sum += q["mean_abs_err"] * n
-                err_n += n
-                rep.max_abs_err = max(rep.max_abs_err, q["max_abs_err"])
+                if error_stats:
+                    n = math.prod(q["shape"])
+                    err_sum += q["mean_abs_err"] * n
+                    err_n += n
+                    rep.max_abs_err = max(rep.max_abs_err, q["max_abs_err"])
                 rep.bytes_before += q.pop("bytes_before")
                 rep.bytes_after += q.pop("bytes_after")
                 rep.quantized.append(q)
         rep.total_in = ckpt.total_bytes
         rep.dask = runner.summary() if runner is not None and ckpt.is_dir else None
     rep.total_out = _output_bytes(rep.output)
-    rep.mean_abs_err = err_sum / err_n if err_n else 0.0
+    rep.mean_abs_err = (err_sum / err_n if err_n else 0.0) if error_stats else None
+    if not error_stats:
+        rep.max_abs_err = None
     rep.seconds = time.perf_counter() - t0
     return rep
 
@@ -873,11 +900,12 @@ def _inspect_checkpoint(p: str) -> dict:
             d["tensors"] += 1
             d["bytes"] += t.nbytes
             d["params"] += t.numel
-        suffix = ".weight.quant_state.bitsandbytes__nf4"
         nf4 = []
         for t in infos:
-            if t.name.endswith(suffix):
-                nf4.append(_nf4_summary(ckpt, t, t.name[: -len(suffix)]))
+            for qt in ("nf4", "fp4"):
+                suffix = f".weight.quant_state.bitsandbytes__{qt}"
+                if t.name.endswith(suffix):
+                    nf4.append(_nf4_summary(ckpt, t, t.name[: -len(suffix)]))
         return {"kind": "checkpoint", "path": ckpt.path, "sharded": bool(ckpt.index_name),
                 "shards": [s.name for s in ckpt.shards], "tensors": len(infos),
                 "total_bytes": int(sum(t.nbytes for t in infos)), "dtypes": dtypes,

@@ -9,7 +9,7 @@ import struct
 import numpy as np
 import pytest
 
-from numlora import NF4Tensor
+from numlora import NF4Tensor, quantize_nf4
 from numlora.cli import main
 from numlora.convert import inspect_path, match_modules, merge_checkpoint, quantize_checkpoint
 from numlora.errors import ConfigError, FormatError, ShapeError
@@ -326,6 +326,39 @@ def test_quantize_layout_and_values(tmp_path, rng, dtype, shards, dq, bs):
             if shards > 1:
                 assert ck.index_metadata["total_size"] == ck.total_bytes
     assert _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_quantize_fp4_and_without_error_stats_same_bytes(tmp_path, rng, capsys, quant_type):
+    """--quant-type picks the code book (each tensor equals quantize_nf4 of its stored
+    values); --no-error-stats (bf16 straight from its bits) writes the same bytes."""
+    tensors = _model_tensors(rng, layers=1)
+    _write_model(tmp_path / "base", tensors, "BF16", shards=2)
+    outs = {}
+    for stats in (True, False):
+        out = tmp_path / f"q-{stats}"
+        args = ["quantize", str(tmp_path / "base"), "-o", str(out), "--quant-type", quant_type, "--double-quant"]
+        assert main(args + ([] if stats else ["--no-error-stats"])) == 0
+        text = capsys.readouterr().out
+        assert f"to {quant_type.upper()}" in text
+        assert ("not measured" in text) != stats
+        outs[stats] = out
+    assert sorted(os.listdir(outs[True])) == sorted(os.listdir(outs[False]))
+    for name in os.listdir(outs[True]):
+        if name.endswith(".safetensors"):
+            assert (outs[True] / name).read_bytes() == (outs[False] / name).read_bytes(), name
+    got, _ = _read_all(outs[False])
+    src = _stored(tensors, "BF16")
+    key = next(k for k in tensors if k.endswith("_proj.weight"))
+    p = key[: -len(".weight")]
+    t = NF4Tensor.from_state_dict({n: got[n] for n in got if n.startswith(p + ".weight")}, p)
+    want = quantize_nf4(src[key], 64, double_quant=True, quant_type=quant_type)
+    assert t.quant_type == quant_type and np.array_equal(t.packed, want.packed)
+    assert np.array_equal(t.dequantize(), want.dequantize())
+    cfg = json.loads((outs[False] / "config.json").read_text())
+    assert cfg["quantization_config"]["bnb_4bit_quant_type"] == quant_type
+    info = inspect_path(outs[False])
+    assert len(info["nf4"]) == sum(k.endswith("_proj.weight") for k in tensors)
 
 
 def test_quantize_selection_and_errors(tmp_path, rng, capsys):
