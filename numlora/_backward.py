@@ -184,9 +184,7 @@ def backward_inputs(x, in_f, out_f, grad_out, dtype, dropout, x_drop, u, rank):
             xd2 = np.empty_like(x2)
             drop.apply(x2, xd2)
     if x_drop is not None:
-        xd = validate.input_rows(x_drop, in_f, "x_drop")
-        if xd.shape != x.shape:
-            raise ShapeError(f"expected x_drop of shape {x.shape} (the shape of x), got {xd.shape}")
+        xd = validate.lora_input(x_drop, x, in_f, "x_drop")
         xd2 = np.ascontiguousarray(xd.reshape(-1, in_f), dtype)
     us = None
     if u is not None:

@@ -425,14 +425,14 @@ def output(out, x, width, dtype, inputs):
     return private_out(prepare_out(out, x, width, dtype), inputs)
 
 
-def lora_input(x_lora, x, in_f):
+def lora_input(x_lora, x, in_f, name="x_lora"):
     """The ``x_lora`` argument of a forward (the LoRA branch's input when it differs from
-    x) checked against x; None stays None."""
+    x; a backward's ``x_drop``) checked against x; None stays None."""
     if x_lora is None:
         return None
-    xl = input_rows(x_lora, in_f, "x_lora")
+    xl = input_rows(x_lora, in_f, name)
     if xl.shape != x.shape:
-        raise ShapeError(f"expected x_lora of shape {x.shape} (the shape of x), got {xl.shape}")
+        raise ShapeError(f"expected {name} of shape {x.shape} (the shape of x), got {xl.shape}")
     return xl
 
 
