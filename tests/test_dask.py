@@ -298,3 +298,36 @@ def test_apply_layer_refuses_what_it_cannot_run(rng, client):
         apply_layer(bank, x, np.zeros(3, np.int64))
     with pytest.raises(nl.DTypeError, match="integers"):
         apply_layer(bank, x, np.zeros(10))
+
+
+def test_ctrl_c_on_the_cli_with_local_workers_removes_everything(tmp_path, rng):
+    """SIGINT to `numlora quantize --workers 2` while its tasks run: exit 130, one line,
+    no output, no temporary folder, and nothing written afterwards by a worker."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    base = tmp_path / "in" / "base"
+    os.makedirs(base.parent)
+    tensors = {f"layers.{i}.proj.weight": rng.standard_normal((512, 512)).astype(np.float32) for i in range(48)}
+    _write_model(base, tensors, "BF16", shards=4)
+    before = _tree_hashes(tmp_path / "in")
+    out = tmp_path / "out"
+    out.mkdir()
+    p = subprocess.Popen([sys.executable, "-m", "numlora", "quantize", str(base), "-o", str(out / "q"), "--workers",
+                          "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not _leftovers(out) and p.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)  # the temporary output folder appears once the cluster is up
+        assert _leftovers(out), "the job ended before its temporary folder was seen"
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=180)
+    finally:
+        p.kill()
+    assert p.returncode == 130, err
+    assert "interrupted by SIGINT; the partial output was removed, the inputs are untouched" in err
+    assert os.listdir(out) == []
+    time.sleep(1.0)
+    assert os.listdir(out) == [] and _tree_hashes(tmp_path / "in") == before
