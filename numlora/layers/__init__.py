@@ -9,9 +9,7 @@
 - :mod:`~numlora.layers._host` and :mod:`~numlora.layers._gpu`: the CPU and GPU backends
   a layer holds (chosen in ``to()``).
 
-A new layer type (Embedding, Conv) is a module beside ``dense`` with its class (a
-:class:`~numlora.layers.base.LoraLayer`) and its CPU backend, and a GPU backend class in
-``_gpu``.
+Where a new layer type goes: docs/architecture.md.
 """
 
 from .base import LoraLayer, init_lora_a
