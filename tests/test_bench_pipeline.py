@@ -1,0 +1,72 @@
+"""The pipeline benchmark's model (numlora.bench.pipeline.Block) computes what it claims:
+its hand-written numpy backward (layer norms, GELU, causal attention, the frozen products)
+chained with the layers' backward gives the input gradient that finite differences of its
+forward give, and its forward matches a plain numpy transcription of the block."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from numlora.bench.inputs import SCALING
+from numlora.bench.pipeline import Block, Sizes, bank_factors, causal_softmax, gelu, layer_norm
+
+SIZES = Sizes(d_model=16, d_ff=32, heads=2, rank=2, n_adapters=2)
+
+
+def test_training_backward_matches_finite_differences():
+    blk = Block(SIZES, 4)
+    blk.train(True)
+    x0 = np.array(blk.x, np.float32)
+    g = blk.g.astype(np.float64)
+
+    def loss(x):
+        blk.x = x
+        return float((blk.forward().astype(np.float64) * g).sum())
+
+    eps = np.float32(1e-2)
+    num = np.zeros(x0.shape)
+    for idx in np.ndindex(*x0.shape):
+        xp, xm = x0.copy(), x0.copy()
+        xp[idx] += eps
+        xm[idx] -= eps
+        num[idx] = (loss(xp) - loss(xm)) / (2 * float(eps))
+    blk.x = x0.copy()
+    blk.forward()
+    dx = blk.backward()
+    assert np.abs(dx - num).max() <= 2e-3 * np.abs(num).max()
+
+
+def test_forward_matches_a_plain_numpy_block():
+    blk = Block(SIZES, 5)
+    blk.train(False)
+    y = blk.forward()
+    d, h = SIZES.d_model, SIZES.heads
+    dh = d // h
+    x = blk.x.astype(np.float64)
+
+    def lora(layer_w, a, b, v):
+        return v @ layer_w.T + SIZES.alpha / SIZES.rank * (v @ a.T) @ b.T
+
+    W = blk.w
+    wq = blk.q.dequantize_weight().astype(np.float64)
+    wup = blk.up.dequantize_weight().astype(np.float64)
+    hh = layer_norm(x.astype(np.float32))[0].astype(np.float64)
+    q = lora(wq, W["q"][1], W["q"][2], hh)
+    k = hh @ W["k"][0].T
+    v = lora(W["v"][0], W["v"][1], W["v"][2], hh)
+    ctx = np.zeros_like(q)
+    for j in range(h):
+        s = slice(j * dh, (j + 1) * dh)
+        sc = (q[:, s] @ k[:, s].T / np.sqrt(dh))[None]
+        p = causal_softmax(sc.astype(np.float64))[0]
+        ctx[:, s] = p @ v[:, s]
+    x1 = x + ctx @ W["o"][0].T
+    f = lora(wup, W["up"][1], W["up"][2], layer_norm(x1.astype(np.float32))[0].astype(np.float64))
+    gl = gelu(f)[0]
+
+    down = gl @ W["down"][0].T
+    for i, k_ in enumerate(blk.ids):
+        a, b = bank_factors(SIZES, int(k_))
+        down[i] += SCALING * (gl[i] @ a.T) @ b.T
+    ref = x1 + down
+    assert np.abs(y - ref).max() <= 1e-4 * np.abs(ref).max()
