@@ -59,12 +59,13 @@ def model(tmp_path, rng):
     return base, adapter
 
 
-@pytest.mark.parametrize("double_quant", [False, True])
-def test_quantize_on_dask_writes_the_same_bytes(tmp_path, model, client, double_quant):
+@pytest.mark.parametrize("double_quant, kw", [(False, {}), (True, {}),
+                                               (False, {"quant_type": "fp4", "error_stats": False})])
+def test_quantize_on_dask_writes_the_same_bytes(tmp_path, model, client, double_quant, kw):
     base, _ = model
     before = _tree_hashes(tmp_path / "in")
-    one = quantize_checkpoint(base, tmp_path / "one", double_quant=double_quant)
-    many = quantize_checkpoint(base, tmp_path / "many", double_quant=double_quant, scheduler=client)
+    one = quantize_checkpoint(base, tmp_path / "one", double_quant=double_quant, **kw)
+    many = quantize_checkpoint(base, tmp_path / "many", double_quant=double_quant, scheduler=client, **kw)
     assert _files(tmp_path / "many") == _files(tmp_path / "one")
     assert len(_files(tmp_path / "one")) == 6  # 3 shards, the index, config.json, extra/tokenizer.txt
     assert _comparable(many) == _comparable(one) and one.dask is None
