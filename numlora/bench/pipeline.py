@@ -383,6 +383,28 @@ def _phase(fn, passes, pause=PHASE_PAUSE_S):
     return out
 
 
+def _block_phase(blk, passes, skip_numlora):
+    """A :func:`_phase` of the block (numlora steps skipped or not): the pass times and
+    the per-step times of the timed passes (not the untimed first one)."""
+    blk.skip_numlora = skip_numlora
+    blk.times.clear()
+    first = [True]
+
+    def one():
+        if first[0]:  # the untimed pass: its step times go too
+            first[0] = False
+            blk.step()
+            blk.times.clear()
+        else:
+            blk.step()
+
+    walls = _phase(one, passes)
+    steps = {k: list(v) for k, v in blk.times.items()}
+    blk.times.clear()
+    blk.skip_numlora = False
+    return walls, steps
+
+
 def run_batch(sz: Sizes, batch: int, repeat: int = 5, passes: int = 8, peers: bool = True):
     """Time the block at one batch size (see the module docstring). Returns a dict: per
     mode (``forward`` / ``train``) the per-step rows and the pass totals."""
@@ -397,22 +419,16 @@ def run_batch(sz: Sizes, batch: int, repeat: int = 5, passes: int = 8, peers: bo
         blk.step()  # compile, fill the buffers
         blk.times.clear()
         totals = defaultdict(list)
-        inside = None
+        inside, without = defaultdict(list), defaultdict(list)
         for _ in range(repeat):
-            blk.skip_numlora = False
-            totals["numlora pipeline"] += _phase(blk.step, passes)
-            if inside is None:
-                inside = {}
-            for k, v in blk.times.items():
-                inside.setdefault(k, []).extend(v)
-            blk.times.clear()
-            blk.skip_numlora = True
-            _phase(blk.step, passes)
-            blk.skip_numlora = False
+            walls, steps = _block_phase(blk, passes, skip_numlora=False)
+            totals["numlora pipeline"] += walls
+            for k, v in steps.items():
+                inside[k] += v
+            for k, v in _block_phase(blk, passes, skip_numlora=True)[1].items():
+                without[k] += v
             if tw is not None:
                 totals["torch + PEFT + bitsandbytes"] += _phase(tw[0] if mode == "forward" else tw[1], passes)
-        without = {k: v for k, v in blk.times.items()}
-        blk.times.clear()
         rows = []
         for name, samples in inside.items():
             kind = blk.kinds[name]
