@@ -1,19 +1,11 @@
-"""LoraBank's launches on the GPU: the base product, the plan of the low-rank part, the
-adapter packing.
-
-The forward of a GPU bank (:class:`numlora.multi.gpu.CudaBank`) runs the base product
-(:func:`base_product`: the tiled kernel, or over NF4 the fused GEMV for one row when the
-bank is not row-stable, with the bias in its epilogue), then the low-rank part: planned on
-the host from the row ids of one snapshot of the bank (:func:`plan_rows`: the rows
-grouped by pool block, then adapter), staged to the device through a ring of pinned
-slots (:class:`_Staging`) and launched as one shrink and one expand kernel per pool
-block (:func:`multi_lora_add`). A row's result does not depend on the rest of its batch:
-each output element is summed in a fixed order whatever the batch.
-
-The CUDA backend registers these launches with :mod:`numlora._dispatch` as ``"bank"``:
-the bank's GPU backend (:class:`numlora.multi.gpu.CudaBank`) reaches them as
-``backend("cuda").bank``, together with the device input checks it shares with the
-functional API (:func:`rows`, :func:`output`, :func:`low_rank`).
+"""LoraBank's launches on the GPU: the base product (:func:`base_product`), the row plan
+of the low-rank part (:func:`plan_rows`), its launches through a ring of pinned staging
+slots (:func:`multi_lora_add`), the adapter packing. A row's result does not depend on
+the rest of its batch: each output element is summed in a fixed order whatever the
+batch. Registered with :mod:`numlora._dispatch` as ``"bank"``, with the device input
+checks the bank shares with the functional API (:func:`rows`, :func:`output`,
+:func:`low_rank`): :class:`numlora.multi.gpu.CudaBank` reaches them as
+``backend("cuda").bank``.
 """
 
 from __future__ import annotations

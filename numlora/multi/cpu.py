@@ -4,10 +4,7 @@ The forward: the base product (:func:`~numlora.multi.product.base_product`, row-
 or not), then the low-rank part of every adapter row by the fixed-order kernel of
 :mod:`numlora.kernels.multi`, over the rows grouped by adapter (a stable sort, so each
 adapter's A and B are read once per batch whatever the row order), then the bias.
-
-:class:`CpuBank` is one of the bank's two backends (the other is
-:class:`numlora.multi.gpu.CudaBank`, with the same methods); ``LoraBank`` picks one in
-its constructor and in ``to()`` and calls it without asking where it runs.
+:class:`CpuBank` has the methods of its twin, :class:`numlora.multi.gpu.CudaBank`.
 """
 
 from __future__ import annotations
@@ -23,7 +20,6 @@ from .product import base_product
 __all__ = ["CpuBank", "kernel_blocks", "plan_rows"]
 
 
-
 def host_adapter(lora_a, lora_b, out_f: int, in_f: int):
     """``(lora_a, lora_b, rank)`` of an adapter given as host arrays, checked against the
     base's shape and stored as the pool stores them: C-contiguous float32, finite (NaN /
@@ -36,6 +32,7 @@ def host_adapter(lora_a, lora_b, out_f: int, in_f: int):
         if not np.isfinite(m).all():
             raise first_nonfinite(f"{name} (as stored: float32)", m.reshape(-1), m.shape)
     return lora_a, lora_b, r
+
 
 class CpuBank:
     """The CPU backend of a bank over ``weight`` (dense float32) or ``nf4`` (an
