@@ -381,8 +381,17 @@ def adapter_arrays(weight, lora_a, lora_b, fan_in_fan_out):
     return weight, lora_a, lora_b, out_f, in_f, rank
 
 
+def is_16bit(a) -> bool:
+    """Whether ``a`` is a numpy array of float16 or bfloat16 (``ml_dtypes.bfloat16``)."""
+    return isinstance(a, np.ndarray) and a.dtype.itemsize == 2 and (
+        a.dtype == np.float16 or a.dtype.name == "bfloat16")
+
+
 def input_rows(x, in_f, name="x", what="in_features"):
-    """Validate a batch of row vectors: (width,) or (n, width), float, n may be 0."""
+    """Validate a batch of row vectors: (width,) or (n, width), float, n may be 0. A
+    float16 / bfloat16 batch (an input, never written) is widened to float32, exactly."""
+    if is_16bit(x):
+        x = x.astype(np.float32)
     x = float_array(name, x, (1, 2), allow_empty=True)
     if x.shape[-1] != in_f:
         want = (in_f,) if x.ndim == 1 else (x.shape[0], in_f)

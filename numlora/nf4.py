@@ -312,7 +312,7 @@ def quantize_nf4(w, blocksize: int = 64, double_quant: bool = False, quant_type:
             raise ShapeError(f"expected a non-empty w, got shape {w.shape}")
         return quantize_bf16_bits(np.ascontiguousarray(w).view(np.uint16), w.shape, blocksize, double_quant,
                                   quant_type)
-    if isinstance(w, np.ndarray) and w.dtype == np.float16:
+    if validate.is_16bit(w) and w.dtype == np.float16:
         w16, w = w, validate.float_array("w", w.astype(np.float32), None)
         return _quantize(w.reshape(-1), w16.shape, "float16", blocksize, double_quant, quant_type)
     w = validate.float_array("w", w, None)

@@ -92,3 +92,67 @@ def test_bf16_equals_bitsandbytes_on_a_bf16_tensor(rng):
         t = quantize_bf16_bits(bits, (128, 256), 64, quant_type=qt)
         assert np.array_equal(t.packed, q.numpy().reshape(-1))
         assert np.array_equal(t.absmax, st.absmax.numpy())
+
+
+# --- 16-bit inputs of the forwards and backwards -------------------------------------------
+
+def _half_types():
+    types = [np.float16]
+    try:
+        import ml_dtypes
+
+        types.append(ml_dtypes.bfloat16)
+    except ImportError:
+        pass
+    return types
+
+
+@pytest.mark.parametrize("dt", _half_types(), ids=lambda t: np.dtype(t).name)
+def test_16bit_inputs_compute_as_their_float32_values(rng, dt):
+    """A float16 / bfloat16 input batch is widened to float32 (exactly) and the result is
+    float32: every function that reads x gives what it gives for x.astype(float32)."""
+    out_f, in_f, r = 48, 128, 4
+    w = (rng.standard_normal((out_f, in_f)) * 0.1).astype(np.float32)
+    a = (rng.standard_normal((r, in_f)) * 0.1).astype(np.float32)
+    b = (rng.standard_normal((out_f, r)) * 0.1).astype(np.float32)
+    x16 = rng.standard_normal((5, in_f)).astype(dt)
+    x32 = x16.astype(np.float32)
+    g = rng.standard_normal((5, out_f)).astype(np.float32)
+    t = nl.quantize_nf4(w)
+    pairs = [
+        (lambda x: nl.lora_forward(x, w, a, b, 0.5), "lora_forward"),
+        (lambda x: nl.linear_forward(x, w), "linear_forward"),
+        (lambda x: nl.qlora_forward(x, t, a, b, 0.5), "qlora_forward"),
+        (lambda x: nl.nf4_matmul(x, t), "nf4_matmul"),
+        (lambda x: nl.lora_backward(x, w, a, b, 0.5, g), "lora_backward"),
+        (lambda x: nl.qlora_backward(x, t, a, b, 0.5, g), "qlora_backward"),
+        (lambda x: nl.LoraLinear(w, a, b, alpha=2.0).forward(x), "LoraLinear.forward"),
+    ]
+    for f, name in pairs:
+        got, want = f(x16), f(x32)
+        for u, v in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
+            if v is None:
+                assert u is None
+                continue
+            assert u.dtype == v.dtype == np.float32, name
+            assert np.array_equal(u, v), name
+    # gradients of a batch that arrived in 16 bits: grad_out may be 16-bit too
+    ga, gb = nl.lora_backward(x16, w, a, b, 0.5, g.astype(dt))[:2]
+    ga2, gb2 = nl.lora_backward(x32, w, a, b, 0.5, g.astype(dt).astype(np.float32))[:2]
+    assert np.array_equal(ga, ga2) and np.array_equal(gb, gb2)
+
+
+def test_bank_takes_16bit_batches_and_writes_refuse_them(rng):
+    w = (rng.standard_normal((32, 64)) * 0.1).astype(np.float32)
+    bank = nl.LoraBank(w)
+    bank.add("a", (rng.standard_normal((4, 64)) * 0.1).astype(np.float32),
+             (rng.standard_normal((32, 4)) * 0.1).astype(np.float32), 2.0)
+    x16 = rng.standard_normal((6, 64)).astype(np.float16)
+    ids = np.array([0, -1, 0, 0, -1, 0])
+    assert np.array_equal(bank.forward(x16, ids), bank.forward(x16.astype(np.float32), ids))
+    # an array numlora would write is never widened behind the caller's back
+    with pytest.raises(nl.DTypeError, match="float16"):
+        nl.merge_lora(w.astype(np.float16), np.zeros((4, 64), np.float32), np.zeros((32, 4), np.float32), 1.0)
+    with pytest.raises(nl.DTypeError):
+        nl.lora_forward(x16, w, np.zeros((4, 64), np.float32), np.zeros((32, 4), np.float32), 1.0,
+                        out=np.empty((6, 32), np.float16))
