@@ -340,3 +340,28 @@ def test_as_plain_lora_applies_to_the_original_weight(rng, init, use_rslora):
     np.testing.assert_allclose(converted, trained, rtol=0, atol=1e-10)
     with pytest.raises(ShapeError, match=r"init_a of shape \(3, 30\), got \(2, 30\)"):
         as_plain_lora(a, b, a0[:2], b0, 6)
+
+
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_2", "olora"])
+def test_lora_linear_from_weight_takes_peft_inits(rng, init):
+    w = _spectrum_weight(rng)
+    layer = nl.LoraLinear.from_weight(w, 4, 8, init=init, seed=3)
+    a, b, res = init_lora(w, 4, 8, init, seed=3)
+    assert np.array_equal(layer.lora_a, a) and np.array_equal(layer.lora_b, b)
+    assert np.array_equal(layer.weight, res)
+    x = rng.standard_normal((3, w.shape[1])).astype(np.float32)
+    # the layer starts at the original weight: residual + s B A
+    np.testing.assert_allclose(layer.forward(x), x @ w.T, rtol=1e-4, atol=1e-4)
+
+
+def test_qlora_linear_from_weight_loftq(rng):
+    w = _spectrum_weight(rng)
+    layer = nl.QLoraLinear.from_weight(w, 4, 8, init="loftq", loftq_iters=2)
+    t, a, b = loftq_init(w, 4, 8, iters=2)
+    assert np.array_equal(layer.nf4.packed, t.packed)
+    assert np.array_equal(layer.lora_a, a) and np.array_equal(layer.lora_b, b)
+    plain = nl.dequantize_nf4(nl.quantize_nf4(w))
+    start = layer.merged_weight()
+    assert np.linalg.norm(start - w) < np.linalg.norm(plain - w)
+    with pytest.raises(nl.ConfigError, match="nf4"):
+        nl.QLoraLinear.from_weight(w, 4, 8, init="loftq", quant_type="fp4")

@@ -79,7 +79,11 @@ class LoraLinear(LoraLayer):
                     lora_bias=False, dropout=0.0, dropout_seed=0) -> "LoraLinear":
         """A layer over ``weight`` (out, in) (``(in, out)`` with ``fan_in_fan_out``) with a
         fresh adapter: A initialised by ``init`` (see :func:`init_lora_a`; ``"seed"``
-        reproduces the seed module's ``LoraLinear::new`` bit for bit), B = 0.
+        reproduces the seed module's ``LoraLinear::new`` bit for bit), B = 0; or, with
+        ``init="pissa"``, ``"pissa_niter_N"`` or ``"olora"``, PEFT's initialisations
+        (:func:`numlora.init.init_lora`): A and B from the weight's principal part, and the
+        layer's base weight the residual (a new array; save it, as PEFT users save
+        the modified base model).
         ``use_dora``: a magnitude vector initialised to the row norms of the weight (PEFT's
         init, so the fresh layer computes the base layer's output); ``lora_bias``: a zero
         LoRA bias.
@@ -93,10 +97,16 @@ class LoraLinear(LoraLayer):
         in_f, out_f = weight.shape if fan_in_fan_out else weight.shape[::-1]
         rank = check_rank(rank, out_f, in_f)
         validate.real_scalar("alpha", alpha, positive=True)
-        if copy:
-            weight = np.array(weight, copy=True)
-        a = init_lora_a(rank, in_f, out_f, init, seed, default_seed=42)
-        b = np.zeros((out_f, rank), weight.dtype)
+        if isinstance(init, str) and (init == "olora" or init.startswith("pissa")):
+            from ..init import init_lora
+
+            a, b, weight = init_lora(weight, rank, alpha, init, use_rslora=use_rslora, fan_in_fan_out=fan_in_fan_out,
+                                     seed=seed)
+        else:
+            if copy:
+                weight = np.array(weight, copy=True)
+            a = init_lora_a(rank, in_f, out_f, init, seed, default_seed=42)
+            b = np.zeros((out_f, rank), weight.dtype)
         layer = cls(weight, a, b, alpha, bias=bias, use_rslora=use_rslora, fan_in_fan_out=fan_in_fan_out,
                     dropout=dropout, dropout_seed=dropout_seed)
         if use_dora:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import _validate as validate
-from ..errors import DTypeError
+from ..errors import ConfigError, DTypeError
 from ..nf4 import NF4Tensor, quantize_nf4, weight_shape
 from .base import LoraLayer, check_rank, init_lora_a
 
@@ -40,17 +40,29 @@ class QLoraLinear(LoraLayer):
     @classmethod
     def from_weight(cls, weight, rank, alpha, blocksize=64, double_quant=False, init="seed",
                     seed=None, *, bias=None, use_rslora=False, dropout=0.0, dropout_seed=0,
-                    quant_type="nf4") -> "QLoraLinear":
+                    quant_type="nf4", loftq_iters=1) -> "QLoraLinear":
         """Quantize ``weight`` (out, in) to NF4 (or FP4 with ``quant_type="fp4"``) and add a
         fresh adapter (``init="seed"``: the seed module's ``QLoraLinear::from_weight`` init,
-        xorshift seeded ``137 + in + out``)."""
+        xorshift seeded ``137 + in + out``). ``init="loftq"``: LoftQ
+        (:func:`numlora.init.loftq_init`, ``loftq_iters`` alternations, NF4 only): the
+        quantized base and the adapter are fitted together so that the layer's starting
+        weight is closer to ``weight`` than the NF4 weight alone."""
         weight = validate.weight_array(weight, False)
         out_f, in_f = weight.shape
         rank = check_rank(rank, out_f, in_f)
         validate.real_scalar("alpha", alpha, positive=True)
-        nf4 = quantize_nf4(weight, blocksize=blocksize, double_quant=double_quant, quant_type=quant_type)
-        a = init_lora_a(rank, in_f, out_f, init, seed, default_seed=137)
-        b = np.zeros((out_f, rank), np.float32)
+        if init == "loftq":
+            from ..init import loftq_init
+
+            if quant_type != "nf4":
+                raise ConfigError(f"expected quant_type 'nf4' with init='loftq' (LoftQ fits an NF4 base), got "
+                                  f"{quant_type!r:.40}")
+            nf4, a, b = loftq_init(weight, rank, alpha, iters=loftq_iters, blocksize=blocksize,
+                                   double_quant=double_quant, use_rslora=use_rslora, seed=seed)
+        else:
+            nf4 = quantize_nf4(weight, blocksize=blocksize, double_quant=double_quant, quant_type=quant_type)
+            a = init_lora_a(rank, in_f, out_f, init, seed, default_seed=137)
+            b = np.zeros((out_f, rank), np.float32)
         return cls(nf4, a, b, alpha, bias=bias, use_rslora=use_rslora, dropout=dropout, dropout_seed=dropout_seed)
 
     @property
