@@ -273,6 +273,10 @@ class NF4Tensor:
 
         return bnb.from_state_dict(cls, tensors, prefix)
 
+    def __sizeof__(self) -> int:
+        """:attr:`nbytes` on top of the object, for ``sys.getsizeof`` and Dask's ``sizeof``."""
+        return object.__sizeof__(self) + self.nbytes
+
     def __getstate__(self):
         """Pickling: the arrays as they are (protocol 5 sends them out of band), without
         the decoded double-quant scales, a cache rebuilt on first use."""

@@ -383,3 +383,19 @@ def test_gpu_pickling_on_the_simulator():
     if SIM or GPU:
         pytest.skip("the gpu tests run directly in this session")
     run_simulator_pass(__file__, min_passed=1)
+
+
+def test_sizeof_counts_the_arrays(rng):
+    """sys.getsizeof (and so Dask's sizeof, which places tasks by data size) sees the
+    arrays an object holds, not only the Python object."""
+    import sys
+
+    w = rng.standard_normal((128, 96)).astype(np.float32)
+    dense = nl.LoraLinear.from_weight(w, 8, 16)
+    q = nl.QLoraLinear.from_weight(w, 8, 16)
+    bank = nl.LoraBank(w)
+    bank.add("a", rng.standard_normal((4, 96)).astype(np.float32), rng.standard_normal((128, 4)).astype(np.float32))
+    assert sys.getsizeof(dense) >= w.nbytes + dense.lora_a.nbytes + dense.lora_b.nbytes
+    assert sys.getsizeof(q) >= q.nf4.nbytes + q.lora_a.nbytes + q.lora_b.nbytes
+    assert sys.getsizeof(q.nf4) >= q.nf4.nbytes
+    assert sys.getsizeof(bank) >= w.nbytes + bank.memory()["pool"] > w.nbytes

@@ -457,3 +457,16 @@ class LoraLayer:
         new._cache = None
         new._xd_buf = None
         return new
+
+    def __sizeof__(self) -> int:
+        """The host bytes of the layer's arrays (weight or NF4 weight, adapter, bias,
+        gradients) on top of the object itself, so that ``sys.getsizeof`` and Dask's
+        ``sizeof`` (which place tasks by data size) see what it holds."""
+        n = object.__sizeof__(self)
+        for name in self._ARRAYS:
+            a = getattr(self, name, None)
+            if isinstance(a, np.ndarray):
+                n += a.nbytes
+            elif a is not None and not hasattr(a, "__cuda_array_interface__") and hasattr(a, "nbytes"):
+                n += int(a.nbytes)  # an NF4Tensor
+        return n

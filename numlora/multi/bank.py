@@ -245,6 +245,12 @@ class LoraBank:
         return {"base": self._backend.base_nbytes(), "adapters": used, "pool": pool, "free": pool - used,
                 "padded": padded, "blocks": blocks}
 
+    def __sizeof__(self) -> int:
+        """The bytes the bank holds (base weight and pool, :meth:`memory`) on top of the
+        object, for ``sys.getsizeof`` and Dask's ``sizeof``."""
+        m = self.memory()
+        return object.__sizeof__(self) + m["base"] + m["pool"]
+
     def __repr__(self) -> str:
         kind = "NF4" if self._nf4 is not None else "float32"
         return (f"LoraBank({kind} base {self._out_f} x {self._in_f}, {len(self)} adapters, "
