@@ -279,10 +279,16 @@ def _os_failure(e: OSError, out: str, job: str) -> str:
 
 # --- the shards as Dask tasks ------------------------------------------------------------------
 @contextlib.contextmanager
-def _runner(scheduler, workers):
+def _runner(scheduler, workers, src=None):
     """A :class:`_DaskRunner` for ``scheduler`` / ``workers`` (closed afterwards), or None
-    when neither is given (this process does the work)."""
+    when neither is given or ``src`` is a single file (this process does the work: a file
+    is one task, not worth starting a cluster for)."""
     if scheduler is None and workers is None:
+        yield None
+        return
+    if src is not None and os.path.isfile(os.fspath(src)):
+        if scheduler is not None and workers is not None:
+            raise ConfigError("give a Dask scheduler (--scheduler) or a number of local workers (--workers), not both")
         yield None
         return
     runner = _DaskRunner(scheduler, workers)
@@ -594,7 +600,7 @@ def merge_checkpoint(base, adapter, out, *, dtype: str | None = None, overwrite:
         adapter_inputs = [adapter_dir]  # check_output_path also covers every entry of the folder
         adapter = load_peft_adapter(adapter_dir)
     out_st = DTYPE_NAMES.get(dtype) if dtype else None
-    with _runner(scheduler, workers) as runner, cleanup_scope(), Checkpoint(base) as ckpt:
+    with _runner(scheduler, workers, base) as runner, cleanup_scope(), Checkpoint(base) as ckpt:
         layers = dict(adapter.items())
         if not layers:
             raise FormatError("the adapter has no LoRA modules")
@@ -805,7 +811,7 @@ def quantize_checkpoint(src, out, *, blocksize: int = 64, double_quant: bool = F
     if quant_type not in QUANT_TYPES:
         raise ConfigError(f"quant_type must be one of {sorted(QUANT_TYPES)}, got {quant_type!r:.40}")
     error_stats = flag("error_stats", error_stats)
-    with _runner(scheduler, workers) as runner, cleanup_scope(), Checkpoint(src) as ckpt:
+    with _runner(scheduler, workers, src) as runner, cleanup_scope(), Checkpoint(src) as ckpt:
         infos = ckpt.infos()
         chosen = set(select_for_quantization(infos, include, exclude))
         if not chosen:

@@ -18,7 +18,7 @@ da = pytest.importorskip("dask.array", reason="numlora[dask] (dask[array]) is no
 import numlora as nl  # noqa: E402
 from numlora.cli import main  # noqa: E402
 from numlora.convert import merge_checkpoint, quantize_checkpoint  # noqa: E402
-from numlora.errors import NonFiniteError  # noqa: E402
+from numlora.errors import ConfigError, NonFiniteError  # noqa: E402
 from numlora.io.safetensors import save_file  # noqa: E402
 
 from test_convert import LAYER_MODS, _leftovers, _model_tensors, _tree_hashes, _write_adapter, _write_model  # noqa: E402
@@ -116,6 +116,21 @@ def test_a_single_file_is_converted_in_this_process(tmp_path, rng, client):
     many = quantize_checkpoint(src, tmp_path / "many.safetensors", scheduler=client)
     assert many.dask is None
     assert (tmp_path / "one.safetensors").read_bytes() == (tmp_path / "many.safetensors").read_bytes()
+
+
+def test_a_single_file_starts_no_cluster(tmp_path, rng, monkeypatch):
+    import numlora.convert as conv
+
+    def no_cluster(*a, **k):
+        raise AssertionError("a cluster was started for a single file")
+
+    monkeypatch.setattr(conv, "_DaskRunner", no_cluster)
+    src = tmp_path / "in.safetensors"
+    _write_model(src, _model_tensors(rng), "BF16")
+    rep = quantize_checkpoint(src, tmp_path / "one.safetensors", workers=2)
+    assert rep.dask is None and (tmp_path / "one.safetensors").exists()
+    with pytest.raises(ConfigError, match="not both"):
+        quantize_checkpoint(src, tmp_path / "two.safetensors", workers=2, scheduler="tcp://127.0.0.1:1")
 
 
 def test_a_failing_task_leaves_nothing(tmp_path, rng, client):
