@@ -289,7 +289,7 @@ def _add_block(acc, lanes, scale):
 def lora_shrink(x2, lora_a, scale, u):
     """u[i, t] = scale * (x2[i] . lora_a[t]) in the canonical lane order. Serial: at most
     16 rows times the rank, too little work to pay for waking numba's threads (and a
-    parallel build takes seconds longer to compile)."""
+    parallel build took twice as long to compile)."""
     n = x2.shape[0]
     r = lora_a.shape[0]
     k = x2.shape[1]
