@@ -134,7 +134,11 @@ def grad_input(g2, t, dx):
         return
     scales = t.scales
     if n <= FUSED_MAX_ROWS:
-        k.nf4_matmul_t(t.packed, scales, t.blocksize, t.code, g2, dx)
+        bs = t.blocksize
+        if t.shape[1] % bs == 0 and simd_ok(k, bs):
+            k.nf4_matmul_t_simd(t.packed, scales, bs, t.code, g2, dx)
+        else:
+            k.nf4_matmul_t(t.packed, scales, bs, t.code, g2, dx)
         return
     tmp = None
     for r0, r1, cur in row_tiles(t, scales):

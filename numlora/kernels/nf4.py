@@ -514,6 +514,65 @@ def nf4_matmul_simd(packed, scales, blocksize, code, xe, xo, u, lora_b, bias, us
                 y[i, o] = _finish(res[i], u, i, lora_b, o, bias, use_bias)
 
 
+@kernel(parallel=True, cache=SIMD_CACHEABLE)
+def nf4_matmul_t_simd(packed, scales, blocksize, code, g, out):
+    """:func:`nf4_matmul_t` for ``in % blocksize == 0`` and ``blocksize % SIMD_LANES == 0``,
+    each row segment decoded with SIMD permutes into a small buffer (in L1): the same
+    float32 operations in the same order, so bit-identical to it. Parallel over column
+    chunks of whole blocks (about _TCHUNK columns); each out[i, j] sums over o in order."""
+    n, out_f = g.shape
+    in_f = out.shape[1]
+    bpr = in_f // blocksize
+    bpt = max(1, _TCHUNK // blocksize)
+    half = blocksize // 2
+    nchunks = (bpr + bpt - 1) // bpt
+    for c in prange(nchunks):
+        b0 = c * bpt
+        b1 = min(bpr, b0 + bpt)
+        j0 = b0 * blocksize
+        width = (b1 - b0) * blocksize
+        acc = np.zeros((n, width), np.float32)
+        wbuf = np.empty((4, width), np.float32)
+        w0 = wbuf[0]
+        w1 = wbuf[1]
+        w2 = wbuf[2]
+        w3 = wbuf[3]
+        o = 0
+        while o + 4 <= out_f:  # four rows of W per pass over acc (fewer loads and stores of it)
+            for r in range(4):
+                ob = (o + r) * bpr
+                decode_blocks(packed[(ob + b0) * half:(ob + b1) * half], scales[ob + b0:ob + b1], code, blocksize,
+                              wbuf[r])
+            for i in range(n):
+                g0 = g[i, o]
+                g1 = g[i, o + 1]
+                g2 = g[i, o + 2]
+                g3 = g[i, o + 3]
+                arow = acc[i]
+                for j in range(width):
+                    v = arow[j]
+                    v += g0 * w0[j]
+                    v += g1 * w1[j]
+                    v += g2 * w2[j]
+                    v += g3 * w3[j]
+                    arow[j] = v
+            o += 4
+        while o < out_f:
+            ob = o * bpr
+            decode_blocks(packed[(ob + b0) * half:(ob + b1) * half], scales[ob + b0:ob + b1], code, blocksize, w0)
+            for i in range(n):
+                g0 = g[i, o]
+                arow = acc[i]
+                for j in range(width):
+                    arow[j] += g0 * w0[j]
+            o += 1
+        for i in range(n):
+            orow = out[i, j0:j0 + width]
+            arow = acc[i]
+            for j in range(width):
+                orow[j] = arow[j]
+
+
 _DECODE_BLOCKS_PER_TASK = 256
 
 
