@@ -236,8 +236,10 @@ def merge_lora(weight, lora_a, lora_b, scaling, fan_in_fan_out=False, *, record=
             exc_col = np.empty((m, EXCEPTION_SLOTS), np.int32)
             exc_bits = np.empty((m, EXCEPTION_SLOTS), wi.dtype)
             exc_count = np.empty(m, np.int64)
-            (k.merge_tracked_simd if simd else k.merge_tracked)(w, wi, p, q, scale, maxint, corr, exc_col, exc_bits,
-                                                                exc_count)
+            if simd:
+                k.merge_tracked_fused(w, wi, p, q, scale, corr, exc_col, exc_bits, exc_count)
+            else:
+                k.merge_tracked(w, wi, p, q, scale, maxint, corr, exc_col, exc_bits, exc_count)
             rows = np.flatnonzero(exc_count > EXCEPTION_SLOTS)
             saved = w[rows].copy()
             if rows.size:
@@ -332,8 +334,11 @@ def unmerge_lora(weight, lora_a, lora_b, scaling, fan_in_fan_out=False, *, recor
             )
         record.used = True
         wi, maxint, minint = _int_view(w)
-        (k.unmerge_tracked_simd if simd else k.unmerge_tracked)(
-            w, wi, p, q, scale, maxint, minint, record.corr, record.exc_col, record.exc_bits, record.exc_count)
+        if simd:
+            k.unmerge_tracked_fused(w, wi, p, q, scale, record.corr, record.exc_col, record.exc_bits, record.exc_count)
+        else:
+            k.unmerge_tracked(w, wi, p, q, scale, maxint, minint, record.corr, record.exc_col, record.exc_bits,
+                              record.exc_count)
         if record.saved_rows.size:
             w[record.saved_rows] = record.saved
     if writeback is not None:

@@ -247,3 +247,54 @@ def test_simd_and_portable_merges_agree_to_the_bit(rng, monkeypatch, shape):
     assert np.array_equal(w2.view(np.uint32), portable.view(np.uint32))
     nl.unmerge_lora(w2, a, b, 0.9, record=rec)  # portable unmerge of a SIMD record
     assert np.array_equal(w2.view(np.uint32), w.view(np.uint32))
+
+
+def _records_equal(r1, r2):
+    assert np.array_equal(r1.corr, r2.corr)
+    assert np.array_equal(r1.exc_count, r2.exc_count)
+    assert np.array_equal(r1.saved_rows, r2.saved_rows)
+    assert np.array_equal(r1.saved.view(np.uint32), r2.saved.view(np.uint32))
+    for i, c in enumerate(r1.exc_count.tolist()):
+        if c <= r1.exc_col.shape[1]:  # slots past the count (or of a row kept whole) are unused
+            assert np.array_equal(r1.exc_col[i, :c], r2.exc_col[i, :c])
+            assert np.array_equal(r1.exc_bits[i, :c], r2.exc_bits[i, :c])
+
+
+@pytest.mark.parametrize("shape", [(64, 128), (37, 70), (3, 17), (9, 16), (12, 4099)])
+@pytest.mark.parametrize("scale", [0.9, -2.5])
+def test_fused_tracked_merge_records_what_the_portable_kernels_record(rng, monkeypatch, shape, scale):
+    """The float32 SIMD tracked merge (delta, record and update in one pass) leaves the
+    same weight and the same record as the portable kernels, on weights with signed
+    zeros, subnormals, infinities, values near the largest float and elements absorbed
+    by the delta (a few per row: exception slots; most of a row: the row kept whole);
+    each kernel's unmerge restores the other's merge bit for bit."""
+    from numlora.kernels import lora as k
+
+    if k.SIMD_LANES == 0:
+        pytest.skip("no SIMD kernels on this CPU / configuration")
+    m, n = shape
+    w = (rng.standard_normal(shape) * 0.02).astype(np.float32)
+    w[0, : n // 2] = 1e-30  # more exceptions than slots where n // 2 > 16
+    w[1 % m, :5] = 1e-30  # a few exceptions
+    w[2 % m, ::2] = -0.0
+    w[2 % m, 1::4] = np.finfo(np.float32).smallest_subnormal
+    w[m - 1, n - 1] = np.inf
+    w[m - 1, 0] = -np.finfo(np.float32).max / 4
+    a = rng.standard_normal((5, n)).astype(np.float32)
+    b = rng.standard_normal((m, 5)).astype(np.float32)
+    simd = w.copy()
+    rec_simd = nl.merge_lora(simd, a, b, scale, record=True)
+    with monkeypatch.context() as mp:
+        mp.setattr(k, "SIMD_LANES", 0)
+        portable = w.copy()
+        rec_portable = nl.merge_lora(portable, a, b, scale, record=True)
+    assert np.array_equal(simd.view(np.uint32), portable.view(np.uint32))
+    _records_equal(rec_simd, rec_portable)
+    assert rec_simd.exc_count.max() > 0
+    assert (0 in rec_simd.saved_rows.tolist()) == (n // 2 > 16)
+    nl.unmerge_lora(simd, a, b, scale, record=rec_portable)  # SIMD unmerge, portable record
+    with monkeypatch.context() as mp:
+        mp.setattr(k, "SIMD_LANES", 0)
+        nl.unmerge_lora(portable, a, b, scale, record=rec_simd)  # and the other way round
+    assert np.array_equal(simd.view(np.uint32), w.view(np.uint32))
+    assert np.array_equal(portable.view(np.uint32), w.view(np.uint32))

@@ -13,10 +13,14 @@ for ``fan_in_fan_out`` (``W (in, out)``): ``p = A^T``, ``q = B^T``.
 from __future__ import annotations
 
 import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from ._jit import inline_helper, kernel, prange
 from ._simd import CACHEABLE as SIMD_CACHEABLE
-from ._simd import DELTA_LANES, DELTA_ROWS, delta_rows, merge_rows
+from ._simd import DELTA_LANES, DELTA_ROWS, F32, I8, I32, I64, _splat, _vec, merge_rows
 from ._simd import LANES as SIMD_LANES  # noqa: F401  (read as kernels.<family>.SIMD_LANES)
 
 
@@ -159,22 +163,6 @@ def _tail_delta(p, q, i, acc, j0):
             acc[j] += c * q[t, j]
 
 
-@inline_helper
-def _group_delta(p, q, i0, rows, acc):
-    """acc[g] = the delta sums of row i0 + g, for g < rows (a whole group through the
-    SIMD kernel, a short last group row by row)."""
-    k = q.shape[1]
-    if rows == DELTA_ROWS:
-        delta_rows(p, q, i0, acc, np.float32(0.0))
-        k16 = k - k % DELTA_LANES
-        if k16 < k:
-            for g in range(rows):
-                _tail_delta(p, q, i0 + g, acc[g], k16)
-    else:
-        for g in range(rows):
-            _delta_row(p, q, i0 + g, acc[g])
-
-
 @kernel(parallel=True, cache=SIMD_CACHEABLE)
 def merge_plain_simd(w, p, q, scale):
     """:func:`merge_plain` for float32 (C-contiguous) with the delta of 4 rows at a time
@@ -202,36 +190,218 @@ def merge_plain_simd(w, p, q, scale):
                     wr[j] += scale * acc[j]
 
 
+# --- fused SIMD tracked merge / unmerge (float32): one pass over W per call ---------------------
+#
+# Float bits b (int32) map to the order key ``b ^ ((b >> 31) & 0x7fffffff)``: the same value
+# as _key for every float32 bit pattern, in 32-bit lanes. The key difference is taken with
+# wrap-around and its overflow detected (an overflow means |diff| >= 2**31, an exception).
+# The merge writes ``(w + d)`` where the element is not an exception and leaves w where it
+# is; the scalar pass of the kernel then records the exceptions' bits and merges them. The
+# unmerge writes ``unkey(key(w - d) + corr)`` everywhere; the exceptions' bits are put
+# back after it.
+
+def _ir_key32(builder, v, lanes):
+    sh = builder.ashr(v, ir.Constant(_vec(I32, lanes), [31] * lanes))
+    return builder.xor(v, builder.and_(sh, ir.Constant(_vec(I32, lanes), [0x7FFFFFFF] * lanes)))
+
+
+def _make_track_rows(rows, undo):
+    @intrinsic
+    def track_rows(typingctx, p, q, i0, w, scale, corr, cnt):
+        """For the ``rows`` rows from i0 and the columns j < k - k % 16: the delta sums as
+        :func:`numlora.kernels._simd.delta_rows` forms them, ``d = scale * acc``, then
+        (merge) corr[i, j] = the key distance from w to ``(w + d) - d`` (-128 where it does
+        not fit [-127, 127]), w[i, j] = w + d except there, and cnt[i] = the number of
+        -128; or (``undo``) w[i, j] = unkey(key(w - d) + corr[i, j]). w float32 (m, k),
+        corr int8 (m, k), cnt int64 (m,), all C-contiguous."""
+        sig = types.void(p, q, i0, w, scale, corr, cnt)
+
+        def codegen(context, builder, sig, args):
+            pa = context.make_array(sig.args[0])(context, builder, args[0])
+            qa = context.make_array(sig.args[1])(context, builder, args[1])
+            first = context.cast(builder, args[2], sig.args[2], types.int64)
+            wa = context.make_array(sig.args[3])(context, builder, args[3])
+            lanes = DELTA_LANES
+            sc = _splat(builder, context.cast(builder, args[4], sig.args[4], types.float32), lanes)
+            ca = context.make_array(sig.args[5])(context, builder, args[5])
+            na = context.make_array(sig.args[6])(context, builder, args[6])
+            r = builder.extract_value(pa.shape, 1)
+            k = builder.extract_value(qa.shape, 1)
+            vt = _vec(F32, lanes)
+            it = _vec(I32, lanes)
+            bt = _vec(I8, lanes)
+            L = ir.Constant(I64, lanes)
+            prow = [builder.gep(pa.data, [builder.mul(builder.add(first, ir.Constant(I64, g)), r)])
+                    for g in range(rows)]
+            acc_p = [cgutils.alloca_once_value(builder, ir.Constant(vt, None)) for _ in range(rows)]
+            cnt_p = [cgutils.alloca_once_value(builder, ir.Constant(it, None)) for _ in range(rows)]
+            with cgutils.for_range(builder, builder.udiv(k, L)) as jl:
+                j = builder.mul(jl.index, L)
+                for g in range(rows):
+                    builder.store(ir.Constant(vt, None), acc_p[g])
+                with cgutils.for_range(builder, r) as tl:
+                    t = tl.index
+                    qv = builder.load(builder.bitcast(builder.gep(qa.data, [builder.add(builder.mul(t, k), j)]),
+                                                      vt.as_pointer()), align=4)
+                    for g in range(rows):
+                        c = _splat(builder, builder.load(builder.gep(prow[g], [t])), lanes)
+                        builder.store(builder.fadd(builder.load(acc_p[g]), builder.fmul(c, qv)), acc_p[g])
+                for g in range(rows):
+                    off = builder.add(builder.mul(builder.add(first, ir.Constant(I64, g)), k), j)
+                    wp = builder.bitcast(builder.gep(wa.data, [off]), vt.as_pointer())
+                    cp = builder.bitcast(builder.gep(ca.data, [off]), bt.as_pointer())
+                    d = builder.fmul(sc, builder.load(acc_p[g]))
+                    x = builder.load(wp, align=4)
+                    if undo:
+                        back = builder.fsub(x, d)
+                        kb = _ir_key32(builder, builder.bitcast(back, it), lanes)
+                        cr = builder.sext(builder.load(cp, align=1), it)
+                        orig = _ir_key32(builder, builder.add(kb, cr), lanes)
+                        builder.store(builder.bitcast(orig, vt), wp, align=4)
+                        continue
+                    merged = builder.fadd(x, d)
+                    back = builder.fsub(merged, d)
+                    kx = _ir_key32(builder, builder.bitcast(x, it), lanes)
+                    kb = _ir_key32(builder, builder.bitcast(back, it), lanes)
+                    diff = builder.sub(kx, kb)
+                    zero = ir.Constant(it, None)
+                    ovf = builder.icmp_signed("<", builder.and_(builder.xor(kx, kb), builder.xor(kx, diff)), zero)
+                    hi = builder.icmp_signed(">", diff, ir.Constant(it, [127] * lanes))
+                    lo = builder.icmp_signed("<", diff, ir.Constant(it, [-127] * lanes))
+                    bad = builder.or_(ovf, builder.or_(hi, lo))
+                    cv = builder.select(bad, ir.Constant(it, [-128] * lanes), diff)
+                    builder.store(builder.trunc(cv, bt), cp, align=1)
+                    builder.store(builder.select(bad, x, merged), wp, align=4)
+                    builder.store(builder.add(builder.load(cnt_p[g]), builder.zext(bad, it)), cnt_p[g])
+            if not undo:
+                for g in range(rows):
+                    v = builder.load(cnt_p[g])
+                    tot = builder.extract_element(v, ir.Constant(I32, 0))
+                    for e in range(1, lanes):
+                        tot = builder.add(tot, builder.extract_element(v, ir.Constant(I32, e)))
+                    dst = builder.gep(na.data, [builder.add(first, ir.Constant(I64, g))])
+                    builder.store(builder.sext(tot, I64), dst)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return track_rows
+
+
+#: None where the SIMD kernels are off (the portable tracked kernels run then).
+_track_rows = _make_track_rows(DELTA_ROWS, False) if merge_rows is not None else None
+_untrack_rows = _make_track_rows(DELTA_ROWS, True) if merge_rows is not None else None
+
+
+@inline_helper
+def _col_delta(p, q, i, j, scale):
+    """``scale * acc[j]`` of row i, summed as every merge kernel sums it."""
+    a = np.float32(0.0)
+    for t in range(p.shape[1]):
+        a += p[i, t] * q[t, j]
+    return scale * a
+
+
+@inline_helper
+def _key32(b):
+    return b ^ ((b >> np.int32(31)) & np.int32(0x7FFFFFFF))
+
+
+@inline_helper
+def _finish_track_row(w, wi, p, q, i, j0, scale, corr, exc_col, exc_bits, exc_count):
+    """After track_rows on row i (columns < j0 done): the columns >= j0 element by element,
+    then the exceptions (-128 in corr, whose w still holds the original): their bits go
+    to the slots and w gets w + d; a row with more exceptions than slots is put back to
+    its original values (the caller keeps it whole)."""
+    k = w.shape[1]
+    slots = exc_col.shape[1]
+    wr = w[i]
+    wir = wi[i]
+    cr = corr[i]
+    cnt = exc_count[i]
+    back = np.empty(1, w.dtype)
+    backi = back.view(wi.dtype)
+    for j in range(j0, k):
+        d = _col_delta(p, q, i, j, scale)
+        x = wr[j]
+        merged = x + d
+        back[0] = merged - d
+        kx = np.int64(_key32(wir[j]))
+        kb = np.int64(_key32(backi[0]))
+        diff = kx - kb
+        if diff < -127 or diff > 127:
+            cr[j] = -128
+            cnt += 1
+        else:
+            cr[j] = diff
+            wr[j] = merged
+    exc_count[i] = cnt
+    if cnt == 0:
+        return
+    if cnt <= slots:
+        e = 0
+        for j in range(k):
+            if cr[j] == -128:
+                exc_col[i, e] = j
+                exc_bits[i, e] = wir[j]
+                wr[j] = wr[j] + _col_delta(p, q, i, j, scale)
+                e += 1
+        return
+    for j in range(k):
+        if cr[j] != -128:
+            back[0] = wr[j] - _col_delta(p, q, i, j, scale)
+            wir[j] = _key32(np.int32(_key32(backi[0]) + np.int32(cr[j])))
+
+
 @kernel(parallel=True, cache=SIMD_CACHEABLE)
-def merge_tracked_simd(w, wi, p, q, scale, maxint, corr, exc_col, exc_bits, exc_count):
-    """:func:`merge_tracked` with the SIMD delta; bit-identical."""
+def merge_tracked_fused(w, wi, p, q, scale, corr, exc_col, exc_bits, exc_count):
+    """:func:`merge_tracked` for float32 with delta, record and update fused in one pass
+    over W (see _make_track_rows); bit-identical, with the same record."""
     m, k = w.shape
+    k16 = k - k % DELTA_LANES
     ngroups = (m + DELTA_ROWS - 1) // DELTA_ROWS
     for gi in prange(ngroups):
         i0 = gi * DELTA_ROWS
         rows = min(DELTA_ROWS, m - i0)
-        acc = np.empty((DELTA_ROWS, k), w.dtype)
-        back = np.empty(k, w.dtype)
-        backi = back.view(wi.dtype)
-        _group_delta(p, q, i0, rows, acc)
-        for g in range(rows):
-            _track_row(w, wi, i0 + g, acc[g], back, backi, scale, maxint, corr, exc_col, exc_bits, exc_count)
+        if rows == DELTA_ROWS:
+            _track_rows(p, q, i0, w, scale, corr, exc_count)
+            for g in range(rows):
+                _finish_track_row(w, wi, p, q, i0 + g, k16, scale, corr, exc_col, exc_bits, exc_count)
+        else:
+            for g in range(rows):
+                exc_count[i0 + g] = 0
+                _finish_track_row(w, wi, p, q, i0 + g, 0, scale, corr, exc_col, exc_bits, exc_count)
 
 
 @kernel(parallel=True, cache=SIMD_CACHEABLE)
-def unmerge_tracked_simd(w, wi, p, q, scale, maxint, minint, corr, exc_col, exc_bits, exc_count):
-    """:func:`unmerge_tracked` with the SIMD delta; bit-identical."""
+def unmerge_tracked_fused(w, wi, p, q, scale, corr, exc_col, exc_bits, exc_count):
+    """:func:`unmerge_tracked` for what :func:`merge_tracked_fused` recorded, in one pass
+    over W; rows flagged as overflowed are skipped (the caller restores them)."""
     m, k = w.shape
     slots = exc_bits.shape[1]
+    k16 = k - k % DELTA_LANES
     ngroups = (m + DELTA_ROWS - 1) // DELTA_ROWS
     for gi in prange(ngroups):
         i0 = gi * DELTA_ROWS
         rows = min(DELTA_ROWS, m - i0)
-        acc = np.empty((DELTA_ROWS, k), w.dtype)
-        back = np.empty(k, w.dtype)
-        backi = back.view(wi.dtype)
-        _group_delta(p, q, i0, rows, acc)
+        whole = rows == DELTA_ROWS
         for g in range(rows):
-            if exc_count[i0 + g] <= slots:
-                _untrack_row(w, wi, i0 + g, acc[g], back, backi, scale, maxint, minint, corr, exc_col, exc_bits,
-                             exc_count)
+            if exc_count[i0 + g] > slots:
+                whole = False
+        j0 = k16 if whole else 0
+        if whole:
+            _untrack_rows(p, q, i0, w, scale, corr, exc_count)
+        back = np.empty(1, w.dtype)
+        backi = back.view(wi.dtype)
+        for g in range(rows):
+            i = i0 + g
+            if exc_count[i] > slots:
+                continue
+            wr = w[i]
+            wir = wi[i]
+            cr = corr[i]
+            for j in range(j0, k):
+                back[0] = wr[j] - _col_delta(p, q, i, j, scale)
+                wir[j] = _key32(np.int32(_key32(backi[0]) + np.int32(cr[j])))
+            for e in range(exc_count[i]):
+                wir[exc_col[i, e]] = exc_bits[i, e]
