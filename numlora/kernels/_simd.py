@@ -42,6 +42,7 @@ def _host_lanes(max_lanes: int = 16) -> int:
 
 
 LANES = _host_lanes(_config.SIMD_MAX_LANES)
+
 #: numba's cache key knows the CPU but not NUMLORA_SIMD: cache the SIMD kernels only when
 #: they use the host's natural width (a capped width compiles in memory).
 CACHEABLE = LANES == _host_lanes()
@@ -115,7 +116,7 @@ def _hsum(builder, v, lanes):
     return builder.extract_element(v, ir.Constant(I32, 0))
 
 
-def _emit_dot_rows(builder, pk_data, xe_rows, xo_rows, sc_data, nblocks, bs, codes, lanes):
+def _emit_dot_rows(builder, pk_data, xe_rows, xo_rows, sc_data, nblocks, bs, codes, lanes, wrows=None):
     """The row dot products of one weight row with len(xe_rows) inputs; returns their
     scalar results. x is given split into even elements (xe) and odd elements (xo), so
     the high nibbles (even elements) and low nibbles (odd elements) of each group of
@@ -123,7 +124,12 @@ def _emit_dot_rows(builder, pk_data, xe_rows, xo_rows, sc_data, nblocks, bs, cod
 
     Order of operations, per input row: for each block, blk = 0; for each group of
     ``lanes`` bytes in order: blk += w_hi * xe_chunk; blk += w_lo * xo_chunk; then
-    row += blk * absmax[block]; finally the halving sum of row's lanes."""
+    row += blk * absmax[block]; finally the halving sum of row's lanes.
+
+    wrows: optional list of (packed, scales) pointers, one per entry of xe_rows: then
+    accumulator g takes weight row wrows[g] (the rows of several weight rows with one
+    input, for a GEMV: independent dependency chains that keep the FP units busy) and
+    pk_data / sc_data are unused. Each row's operations are the same either way."""
     vt = _vec(F32, lanes)
     vp = vt.as_pointer()
     zero = ir.Constant(vt, None)
@@ -138,10 +144,29 @@ def _emit_dot_rows(builder, pk_data, xe_rows, xo_rows, sc_data, nblocks, bs, cod
     four = ir.Constant(bt, [4] * lanes)
     fifteen = ir.Constant(bt, [15] * lanes)
 
-    def group(e):  # e: index of the group's first byte = first pair in the row
-        raw = builder.load(builder.bitcast(builder.gep(pk_data, [e]), bt.as_pointer()), align=1)
+    def decode(pk, e):
+        raw = builder.load(builder.bitcast(builder.gep(pk, [e]), bt.as_pointer()), align=1)
+        if lanes == 16:
+            # vpermps reads the low 4 bits of each index: one widening of the bytes
+            # serves both nibbles (the low one as is, the high one shifted down)
+            wide = builder.zext(raw, _vec(I32, lanes))
+            w_hi = _permute(builder, codes, builder.lshr(wide, ir.Constant(_vec(I32, lanes), [4] * lanes)), lanes)
+            w_lo = _permute(builder, codes, wide, lanes)
+            return w_hi, w_lo
         w_hi = _permute(builder, codes, builder.zext(builder.lshr(raw, four), _vec(I32, lanes)), lanes)
         w_lo = _permute(builder, codes, builder.zext(builder.and_(raw, fifteen), _vec(I32, lanes)), lanes)
+        return w_hi, w_lo
+
+    def group(e):  # e: index of the group's first byte = first pair in the row
+        if wrows is not None:
+            for g in range(n):
+                w_hi, w_lo = decode(wrows[g][0], e)
+                xe = builder.load(builder.bitcast(builder.gep(xe_rows[g], [e]), vp), align=4)
+                xo = builder.load(builder.bitcast(builder.gep(xo_rows[g], [e]), vp), align=4)
+                acc = builder.fadd(builder.load(blk_p[g]), builder.fmul(w_hi, xe))
+                builder.store(builder.fadd(acc, builder.fmul(w_lo, xo)), blk_p[g])
+            return
+        w_hi, w_lo = decode(pk_data, e)
         for g in range(n):
             xe = builder.load(builder.bitcast(builder.gep(xe_rows[g], [e]), vp), align=4)
             xo = builder.load(builder.bitcast(builder.gep(xo_rows[g], [e]), vp), align=4)
@@ -160,8 +185,8 @@ def _emit_dot_rows(builder, pk_data, xe_rows, xo_rows, sc_data, nblocks, bs, cod
             with otherwise:
                 with cgutils.for_range(builder, ngroups) as gl:
                     group(builder.add(pbase, builder.mul(gl.index, L)))
-        s = _splat(builder, builder.load(builder.gep(sc_data, [b])), lanes)
         for g in range(n):
+            s = _splat(builder, builder.load(builder.gep(sc_data if wrows is None else wrows[g][1], [b])), lanes)
             builder.store(builder.fadd(builder.load(row_p[g]), builder.fmul(builder.load(blk_p[g]), s)), row_p[g])
     return [_hsum(builder, builder.load(row_p[g]), lanes) for g in range(n)]
 
@@ -262,6 +287,48 @@ def _make_rows_dot(lanes, group):
         return sig, codegen
 
     return rows_dot
+
+
+#: Weight rows per call of ``wrows_dot`` (one input row against each).
+WROWS = 4
+
+
+def _make_wrows_dot(lanes, nrows):
+    @intrinsic
+    def wrows_dot(typingctx, packed, o0, xe, xo, scales, code, blocksize, out):
+        """out[o] = row_dot(row o of packed, xe, xo, row o of scales, code, blocksize) for
+        the ``nrows`` weight rows o = o0 .. o0 + nrows - 1 (packed: (out, in / 2) bytes
+        flat, scales: (out * in / blocksize,) flat, xe / xo: one input row's even and odd
+        elements); bit-identical to row_dot. The rows' accumulations are independent,
+        so they overlap in the FP pipelines where one row alone waits on its adds."""
+        sig = types.void(packed, o0, xe, xo, scales, code, blocksize, out)
+
+        def codegen(context, builder, sig, args):
+            pk = context.make_array(sig.args[0])(context, builder, args[0])
+            first = context.cast(builder, args[1], sig.args[1], types.int64)
+            xe = context.make_array(sig.args[2])(context, builder, args[2])
+            xo = context.make_array(sig.args[3])(context, builder, args[3])
+            sc = context.make_array(sig.args[4])(context, builder, args[4])
+            cd = context.make_array(sig.args[5])(context, builder, args[5])
+            bs = context.cast(builder, args[6], sig.args[6], types.int64)
+            oa = context.make_array(sig.args[7])(context, builder, args[7])
+            half = builder.extract_value(xe.shape, 0)
+            nblocks = builder.udiv(builder.mul(half, ir.Constant(I64, 2)), bs)
+            codes = _load_codes(builder, cd.data, lanes)
+            wr = []
+            for g in range(nrows):
+                o = builder.add(first, ir.Constant(I64, g))
+                wr.append((builder.gep(pk.data, [builder.mul(o, half)]),
+                           builder.gep(sc.data, [builder.mul(o, nblocks)])))
+            res = _emit_dot_rows(builder, None, [xe.data] * nrows, [xo.data] * nrows, None, nblocks, bs, codes, lanes,
+                                 wrows=wr)
+            for g in range(nrows):
+                builder.store(res[g], builder.gep(oa.data, [builder.add(first, ir.Constant(I64, g))]))
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return wrows_dot
 
 
 def _make_encode(lanes):
@@ -373,5 +440,6 @@ delta_rows = _make_delta_rows(DELTA_ROWS, False) if LANES else None
 merge_rows = _make_delta_rows(DELTA_ROWS, True) if LANES else None
 encode_block = _make_encode(LANES) if LANES else None
 rows_dot = _make_rows_dot(LANES, GROUP) if LANES else None
+wrows_dot = _make_wrows_dot(LANES, WROWS) if LANES else None
 decode_blocks = _make_decode(LANES, False) if LANES else None
 decode_blocks_stream = _make_decode(LANES, True) if LANES else None

@@ -28,7 +28,8 @@ from ._jit import inline_helper, kernel, prange, serial_twin
 from ._simd import CACHEABLE as SIMD_CACHEABLE
 from ._simd import GROUP as SIMD_GROUP
 from ._simd import LANES as SIMD_LANES  # noqa: F401  (read as kernels.<family>.SIMD_LANES)
-from ._simd import decode_blocks, decode_blocks_stream, encode_block, row_dot, rows_dot
+from ._simd import WROWS as SIMD_WROWS
+from ._simd import decode_blocks, decode_blocks_stream, encode_block, row_dot, rows_dot, wrows_dot
 
 TINY = np.float32(1e-38)
 ONE = np.float32(1.0)
@@ -497,21 +498,39 @@ def nf4_matmul_simd(packed, scales, blocksize, code, xe, xo, u, lora_b, bias, us
     out_f = y.shape[1]
     bpr = 2 * half // blocksize
     ntasks = (out_f + SIMD_ROWS - 1) // SIMD_ROWS
+    ngroups = n // SIMD_GROUP
     for task in prange(ntasks):
         o0 = task * SIMD_ROWS
         o1 = min(out_f, o0 + SIMD_ROWS)
-        res = np.empty(n, np.float32)
-        ngroups = n // SIMD_GROUP
-        for oo in range(o1 - o0):
-            o = o0 + oo
-            prow = packed[o * half:(o + 1) * half]
-            srow = scales[o * bpr:(o + 1) * bpr]
-            for g in range(ngroups):
-                rows_dot(prow, xe, xo, g * SIMD_GROUP, srow, code, blocksize, res)
-            for i in range(ngroups * SIMD_GROUP, n):
-                res[i] = row_dot(prow, xe[i], xo[i], srow, code, blocksize)
+        nr = o1 - o0
+        ptask = packed[o0 * half:o1 * half]
+        stask = scales[o0 * bpr:o1 * bpr]
+        res = np.empty((nr, n), np.float32)
+        rbuf = np.empty(n, np.float32)
+        for oo in range(nr):
+            prow = ptask[oo * half:(oo + 1) * half]
+            srow = stask[oo * bpr:(oo + 1) * bpr]
+            for g in range(ngroups):  # SIMD_GROUP batch rows per decode of the weight row
+                rows_dot(prow, xe, xo, g * SIMD_GROUP, srow, code, blocksize, rbuf)
+            for i in range(ngroups * SIMD_GROUP):
+                res[oo, i] = rbuf[i]
+        wbuf = np.empty(nr, np.float32)
+        for i in range(ngroups * SIMD_GROUP, n):  # the rest: SIMD_WROWS weight rows at a time
+            xei = xe[i]
+            xoi = xo[i]
+            oo = 0
+            while oo + SIMD_WROWS <= nr:
+                wrows_dot(ptask, oo, xei, xoi, stask, code, blocksize, wbuf)
+                oo += SIMD_WROWS
+            while oo < nr:
+                wbuf[oo] = row_dot(ptask[oo * half:(oo + 1) * half], xei, xoi, stask[oo * bpr:(oo + 1) * bpr], code,
+                                   blocksize)
+                oo += 1
+            for oo in range(nr):
+                res[oo, i] = wbuf[oo]
+        for oo in range(nr):
             for i in range(n):
-                y[i, o] = _finish(res[i], u, i, lora_b, o, bias, use_bias)
+                y[i, o0 + oo] = _finish(res[oo, i], u, i, lora_b, o0 + oo, bias, use_bias)
 
 
 @kernel(parallel=True, cache=SIMD_CACHEABLE)
