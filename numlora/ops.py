@@ -121,7 +121,8 @@ class MergeRecord:
     A record is single-use: :func:`unmerge_lora` marks it :attr:`used` and refuses it
     afterwards (using it twice would subtract the delta twice). It also keeps a CRC of
     ~4096 evenly spaced elements of the merged weight, so that an unmerge given another
-    array (or a transposed copy) is refused instead of "restoring" it.
+    array (or a transposed copy) is refused instead of "restoring" it. A used record can be
+    passed back to :func:`merge_lora` as ``record=`` to be refilled (no new arrays).
     """
 
     corr: np.ndarray
@@ -203,7 +204,11 @@ def merge_lora(weight, lora_a, lora_b, scaling, fan_in_fan_out=False, *, record=
     ``fan_in_fan_out``), without forming ``B @ A``.
 
     With ``record=True`` returns a :class:`MergeRecord` that lets :func:`unmerge_lora`
-    restore the weight bit for bit (once); otherwise returns None. A and B are cast to the
+    restore the weight bit for bit (once); otherwise returns None. ``record=`` may also be
+    a record that an unmerge has used, of a weight of the same shape and dtype: its
+    arrays are refilled instead of allocating new ones (one byte per weight element) and
+    the same record is returned, ready for one unmerge. A record not yet used is refused
+    with :class:`~numlora.errors.MergeStateError` (it still restores a merged weight). A and B are cast to the
     weight's dtype. Non-contiguous and Fortran-ordered weights give the same result as
     C-ordered ones.
 
@@ -219,23 +224,22 @@ def merge_lora(weight, lora_a, lora_b, scaling, fan_in_fan_out=False, *, record=
     (a weight already within that margin of the largest float is not checked).
     """
     s = validate.real_scalar("scaling", scaling)
-    record = validate.flag("record", record)
+    reuse = record if isinstance(record, MergeRecord) else None
+    record = True if reuse is not None else validate.flag("record", record)
     w, p, q, writeback, ab = _merge_operands(weight, lora_a, lora_b, fan_in_fan_out, "merge_lora")
     k = _kernels()
     scale = w.dtype.type(s)
     simd = _use_simd(k, w)
     rec = None
+    if record:
+        buffers = _record_buffers(reuse, w)
     dst, w = _careful_target(w, p, q, s)
     with _quiet(dst):  # a careful merge may overflow in the copy: checked next, not warned
         if not record:
             (k.merge_plain_simd if simd else k.merge_plain)(w, p, q, scale)
         else:
-            m, n = w.shape
             wi, maxint, _ = _int_view(w)
-            corr = np.empty((m, n), np.int8)
-            exc_col = np.empty((m, EXCEPTION_SLOTS), np.int32)
-            exc_bits = np.empty((m, EXCEPTION_SLOTS), wi.dtype)
-            exc_count = np.empty(m, np.int64)
+            corr, exc_col, exc_bits, exc_count = buffers
             if simd:
                 k.merge_tracked_fused(w, wi, p, q, scale, corr, exc_col, exc_bits, exc_count)
             else:
@@ -246,12 +250,50 @@ def merge_lora(weight, lora_a, lora_b, scaling, fan_in_fan_out=False, *, record=
                 part = w[rows]
                 k.merge_plain(part, np.ascontiguousarray(p[rows]), q, scale)
                 w[rows] = part
-            rec = MergeRecord(corr, exc_col, exc_bits, exc_count, rows, saved,
-                              _fingerprint(ab, s, w, fan_in_fan_out), _weight_sample(w))
+            rec = _fill_record(reuse, buffers, rows, saved, _fingerprint(ab, s, w, fan_in_fan_out), _weight_sample(w))
     w = _careful_commit(dst, w, weight, "merge_lora")
     if writeback is not None:
         writeback[...] = w
     return rec
+
+
+def _record_buffers(reuse, w):
+    """``(corr, exc_col, exc_bits, exc_count)`` for a tracked merge of the working weight
+    ``w``: new arrays, or those of ``reuse`` (a record an unmerge has used, of a weight of
+    the same shape and dtype), checked before anything is written."""
+    m, n = w.shape
+    it = _int_view(w)[0].dtype
+    if reuse is None:
+        return (np.empty((m, n), np.int8), np.empty((m, EXCEPTION_SLOTS), np.int32),
+                np.empty((m, EXCEPTION_SLOTS), it), np.empty(m, np.int64))
+    if not reuse.used:
+        raise MergeStateError("merge_lora(record=<MergeRecord>) refills a record after its unmerge_lora, but this "
+                              "one has not been used yet: it still holds what restores a merged weight bit for bit; "
+                              "unmerge with it first, or pass record=True for a new record")
+    want = {"corr": ((m, n), np.int8), "exc_col": ((m, EXCEPTION_SLOTS), np.int32),
+            "exc_bits": ((m, EXCEPTION_SLOTS), it), "exc_count": ((m,), np.int64)}
+    got = []
+    for name, (shape, dt) in want.items():
+        a = getattr(reuse, name)
+        if not (isinstance(a, np.ndarray) and a.shape == shape and a.dtype == dt and a.flags.c_contiguous
+                and a.flags.writeable):
+            what = f"{a.shape} {a.dtype}" if isinstance(a, np.ndarray) else type(a).__name__
+            raise MergeStateError(f"merge_lora(record=<MergeRecord>): the record's {name} is {what}, expected a "
+                                  f"writeable C-contiguous {shape} {np.dtype(dt)} (a record of a weight of this "
+                                  f"shape and dtype; pass record=True for a new one)")
+        got.append(a)
+    return tuple(got)
+
+
+def _fill_record(reuse, buffers, rows, saved, fingerprint, sample):
+    """The MergeRecord of a tracked merge: ``reuse`` refilled (and ready for one unmerge
+    again), or a new one."""
+    if reuse is None:
+        return MergeRecord(*buffers, rows, saved, fingerprint, sample)
+    reuse.saved_rows, reuse.saved = rows, saved
+    reuse.fingerprint, reuse.weight_sample = fingerprint, sample
+    reuse.used = False
+    return reuse
 
 
 def _careful_target(w, p, q, s):

@@ -298,3 +298,60 @@ def test_fused_tracked_merge_records_what_the_portable_kernels_record(rng, monke
         nl.unmerge_lora(portable, a, b, scale, record=rec_simd)  # and the other way round
     assert np.array_equal(simd.view(np.uint32), w.view(np.uint32))
     assert np.array_equal(portable.view(np.uint32), w.view(np.uint32))
+
+
+@pytest.mark.parametrize("fif", [False, True])
+def test_record_refilled_after_its_unmerge_restores_bit_for_bit(rng, fif):
+    """merge_lora(record=<used record>) refills the record's arrays in place (no new
+    record) and the refilled record restores the weight bit for bit, again and again,
+    with exceptions and rows kept whole, for another adapter too."""
+    w = (rng.standard_normal((40, 70)) * 0.02).astype(np.float32)
+    if fif:
+        w = np.ascontiguousarray(w.T)
+    w[3, :30] = 1e-30  # absorbed: the row the kernels see (a row of W, or of W^T stored) is kept whole
+    w[5, :4] = 1e-30  # a few exceptions
+    orig = w.copy()
+    rec = None
+    for _ in range(3):
+        a = rng.standard_normal((4, 70)).astype(np.float32)
+        b = rng.standard_normal((40, 4)).astype(np.float32)
+        fresh = orig.copy()
+        want = nl.merge_lora(fresh, a, b, 1.5, fif, record=True)
+        if rec is None:
+            rec = nl.merge_lora(w, a, b, 1.5, fif, record=True)
+            arrays = (rec.corr, rec.exc_col, rec.exc_bits, rec.exc_count)
+        else:
+            assert nl.merge_lora(w, a, b, 1.5, fif, record=rec) is rec
+            assert all(x is y for x, y in zip((rec.corr, rec.exc_col, rec.exc_bits, rec.exc_count), arrays))
+        assert not rec.used
+        _assert_bit_exact(w, fresh)
+        assert rec.saved_rows.tolist() == want.saved_rows.tolist() and 3 in want.saved_rows.tolist()
+        assert want.exc_count[5] >= 4
+        assert np.array_equal(rec.corr, want.corr)
+        nl.unmerge_lora(w, a, b, 1.5, fif, record=rec)
+        _assert_bit_exact(w, orig)
+        assert rec.used
+
+
+def test_record_refill_refuses_misuse(rng):
+    from numlora.errors import MergeStateError
+
+    w = (rng.standard_normal((16, 24)) * 0.02).astype(np.float32)
+    a = rng.standard_normal((2, 24)).astype(np.float32)
+    b = rng.standard_normal((16, 2)).astype(np.float32)
+    orig = w.copy()
+    rec = nl.merge_lora(w, a, b, 1.0, record=True)
+    merged = w.copy()
+    with pytest.raises(MergeStateError, match="not been used yet"):
+        nl.merge_lora(w, a, b, 1.0, record=rec)  # it still restores the merged weight
+    _assert_bit_exact(w, merged)
+    nl.unmerge_lora(w, a, b, 1.0, record=rec)
+    for other in (np.zeros((24, 16), np.float32), np.zeros((16, 25), np.float32), np.zeros((16, 24))):
+        with pytest.raises(MergeStateError, match="expected a writeable C-contiguous"):
+            nl.merge_lora(other, a[:, : other.shape[1]] if other.shape[1] <= 24 else np.zeros((2, 25)),
+                          np.zeros((other.shape[0], 2)), 1.0, record=rec)
+        assert not other.any()  # refused before anything was written
+    rec.corr = rec.corr[:, ::2]
+    with pytest.raises(MergeStateError, match="corr"):
+        nl.merge_lora(w, a, b, 1.0, record=rec)
+    _assert_bit_exact(w, orig)
