@@ -74,7 +74,10 @@ def forward(x2, t, lora_a, lora_b, s, bias, out2, x_lora=None, u_out=None):
         k.lora_shrink(xl, lora_a, np.float32(1.0), u_out)
         u = u_out * np.float32(s)
     bs = t.blocksize
-    if in_f % bs == 0 and simd_ok(k, bs) and bs % (2 * k.SIMD_LANES) == 0:
+    if simd_ok(k, bs) and k.simd_words_ok(k.SIMD_LANES, in_f, bs):
+        k.nf4_matmul_words(t.packed, scales, bs, t.code, words_layout(x2, k.SIMD_LANES), u, lora_b, b_arr, use_bias,
+                           out2)
+    elif in_f % bs == 0 and simd_ok(k, bs) and bs % (2 * k.SIMD_LANES) == 0:
         xe = np.ascontiguousarray(x2[:, 0::2])
         xo = np.ascontiguousarray(x2[:, 1::2])
         k.nf4_matmul_simd(t.packed, scales, bs, t.code, xe, xo, u, lora_b, b_arr, use_bias, out2)
@@ -87,6 +90,13 @@ def forward(x2, t, lora_a, lora_b, s, bias, out2, x_lora=None, u_out=None):
     else:
         k.nf4_gemm_any(t.packed, scales, bs, t.code, np.ascontiguousarray(x2.T), u, lora_b, b_arr,
                        use_bias, out2)
+
+
+def words_layout(x2, lanes):
+    """x2 (n, in) reordered for the word decode (see ``kernels._simd.dot_words``): each
+    chunk of 8 * lanes elements as 8 vectors, vector m holding elements 8 l + m."""
+    n, in_f = x2.shape
+    return np.ascontiguousarray(x2.reshape(n, in_f // (8 * lanes), lanes, 8).transpose(0, 1, 3, 2)).reshape(n, in_f)
 
 
 def blas_product(x2, t, scales, out2):

@@ -117,3 +117,21 @@ def test_transposed_product_paths_agree_bitwise(rng, kernel_path, shape, bs, n):
     portable = np.empty_like(got)
     k.nf4_matmul_t(t.packed, t.scales, bs, t.code, g, portable)
     assert np.array_equal(got, portable)
+
+
+@pytest.mark.parametrize("shape,bs", [((37, 1024), 64), ((21, 1024), 128), ((19, 512), 256), ((24, 1024), 32),
+                                      ((9, 384), 64)])
+def test_fused_rows_batch_independent_every_group_split(rng, kernel_path, shape, bs):
+    """Every batch size up to FUSED_MAX_ROWS (rows in groups, leftover rows several
+    weight rows at a time, odd weight-row counts): each row bit-identical to its batch-1
+    result and within float32 rounding of the float64 product."""
+    w = rng.standard_normal(shape).astype(np.float32)
+    t = nl.quantize_nf4(w, bs)
+    a = rng.standard_normal((3, shape[1])).astype(np.float32)
+    b = rng.standard_normal((shape[0], 3)).astype(np.float32)
+    x = rng.standard_normal((nl.nf4.FUSED_MAX_ROWS, shape[1])).astype(np.float32)
+    ref = _ref(x, t, a, b, 0.5)
+    singles = np.stack([nl.qlora_forward(x[i], t, a, b, 0.5) for i in range(len(x))])
+    assert np.abs(singles - ref).max() <= 1e-5 * np.abs(ref).max()
+    for n in range(1, len(x) + 1):
+        assert np.array_equal(nl.qlora_forward(x[:n], t, a, b, 0.5), singles[:n])

@@ -331,6 +331,131 @@ def _make_wrows_dot(lanes, nrows):
     return wrows_dot
 
 
+#: Weights per chunk of the word decode (``dot_words``): one load of 4 * LANES bytes.
+def words_chunk(lanes):
+    return 8 * lanes
+
+
+def words_ok(lanes, in_f, blocksize) -> bool:
+    """Whether :func:`dot_words` applies: whole chunks per row, and blocks of whole chunks
+    or of exactly half a chunk."""
+    c = 8 * lanes
+    return lanes > 0 and in_f % c == 0 and ((blocksize % c == 0 and in_f % blocksize == 0) or 2 * blocksize == c)
+
+
+def _make_dot_words(lanes, nw, nx):
+    """Build ``dot_words(packed, o0, xp, i0, scales, code, blocksize, out)``: the dot
+    products of the ``nw`` weight rows o0 .. o0 + nw - 1 with the ``nx`` input rows
+    i0 .. i0 + nx - 1 into out[a * nx + g] (a: weight row, g: input row).
+
+    The word decode: 4 * lanes bytes of a row load as ``lanes`` 32-bit words; word l holds
+    the nibbles of weights 8 l .. 8 l + 7 of the chunk, and ``vpermps`` reads only the low
+    bits of each index, so ``word >> (4 k)`` permuted through the code table decodes the
+    k-th nibble of every word: 8 permutes and shifts per chunk, no widening of bytes.
+    xp is x with each chunk of 8 * lanes elements reordered to match:
+    ``xp[i, c C + m L + l] = x[i, c C + 8 l + m]`` (C = 8 L, L = lanes), so element
+    order m: the high nibble of byte m // 2 for even m, the low one for odd m.
+
+    Arithmetic, per (weight row, input row): blk = 0; blk += V_m * X_m for m = 0 .. 7 over
+    the chunks of a block in order (a block of half a chunk: each chunk's vector then holds
+    two blocks, lanes 0..L/2-1 and L/2..L-1); row += blk * scale vector per block (per
+    chunk); finally the halving sum of row's lanes. No FMA, no reassociation, so each
+    result is the same whichever build (nw, nx) computed it."""
+
+    @intrinsic
+    def dot_words(typingctx, packed, o0, xp, i0, scales, code, blocksize, out):
+        sig = types.void(packed, o0, xp, i0, scales, code, blocksize, out)
+
+        def codegen(context, builder, sig, args):
+            pk = context.make_array(sig.args[0])(context, builder, args[0])
+            wfirst = context.cast(builder, args[1], sig.args[1], types.int64)
+            xa = context.make_array(sig.args[2])(context, builder, args[2])
+            xfirst = context.cast(builder, args[3], sig.args[3], types.int64)
+            sc = context.make_array(sig.args[4])(context, builder, args[4])
+            cd = context.make_array(sig.args[5])(context, builder, args[5])
+            bs = context.cast(builder, args[6], sig.args[6], types.int64)
+            oa = context.make_array(sig.args[7])(context, builder, args[7])
+            L = lanes
+            C = 8 * L
+            vt = _vec(F32, L)
+            it = _vec(I32, L)
+            zero = ir.Constant(vt, None)
+            in_f = builder.extract_value(xa.shape, 1)
+            half = builder.lshr(in_f, ir.Constant(I64, 1))
+            nchunks = builder.udiv(in_f, ir.Constant(I64, C))
+            nblocks = builder.udiv(in_f, bs)
+            codes = _load_codes(builder, cd.data, L)
+            wrow = []
+            for a in range(nw):
+                o = builder.add(wfirst, ir.Constant(I64, a))
+                wrow.append((builder.gep(pk.data, [builder.mul(o, half)]),
+                             builder.gep(sc.data, [builder.mul(o, nblocks)])))
+            xrow = [builder.gep(xa.data, [builder.mul(builder.add(xfirst, ir.Constant(I64, g)), in_f)])
+                    for g in range(nx)]
+            row_p = [[cgutils.alloca_once_value(builder, zero) for _ in range(nx)] for _ in range(nw)]
+            blk_p = [[cgutils.alloca_once_value(builder, zero) for _ in range(nx)] for _ in range(nw)]
+            shifts = [8 * (m // 2) + (4 if m % 2 == 0 else 0) for m in range(8)]
+
+            def chunk(ci):
+                xoff = builder.mul(ci, ir.Constant(I64, C))
+                xs = [[builder.load(builder.bitcast(builder.gep(xrow[g], [builder.add(xoff, ir.Constant(I64, m * L))]),
+                                                    vt.as_pointer()), align=4) for m in range(8)] for g in range(nx)]
+                for a in range(nw):
+                    src = builder.gep(wrow[a][0], [builder.mul(ci, ir.Constant(I64, 4 * L))])
+                    words = builder.load(builder.bitcast(src, it.as_pointer()), align=1)
+                    accs = [builder.load(blk_p[a][g]) for g in range(nx)]
+                    for m in range(8):
+                        idx = builder.lshr(words, ir.Constant(it, [shifts[m]] * L)) if shifts[m] else words
+                        if L != 16:
+                            idx = builder.and_(idx, ir.Constant(it, [15] * L))
+                        w = _permute(builder, codes, idx, L)
+                        accs = [builder.fadd(accs[g], builder.fmul(w, xs[g][m])) for g in range(nx)]
+                    for g in range(nx):
+                        builder.store(accs[g], blk_p[a][g])
+
+            def scale_rows(svec):
+                for a in range(nw):
+                    sv = svec(a)
+                    for g in range(nx):
+                        scaled = builder.fmul(builder.load(blk_p[a][g]), sv)
+                        builder.store(builder.fadd(builder.load(row_p[a][g]), scaled), row_p[a][g])
+                        builder.store(zero, blk_p[a][g])
+
+            halfblocks = builder.icmp_unsigned("==", builder.mul(bs, ir.Constant(I64, 2)), ir.Constant(I64, C))
+            with builder.if_else(halfblocks) as (then, otherwise):
+                with then:
+                    with cgutils.for_range(builder, nchunks) as cl:
+                        chunk(cl.index)
+                        b0 = builder.mul(cl.index, ir.Constant(I64, 2))
+                        mask = ir.Constant(_vec(I32, L), [0] * (L // 2) + [1] * (L // 2))
+
+                        def svec(a, b0=b0, mask=mask):
+                            s0 = builder.load(builder.gep(wrow[a][1], [b0]))
+                            s1 = builder.load(builder.gep(wrow[a][1], [builder.add(b0, ir.Constant(I64, 1))]))
+                            und = ir.Constant(_vec(F32, 2), ir.Undefined)
+                            pair = builder.insert_element(und, s0, ir.Constant(I32, 0))
+                            pair = builder.insert_element(pair, s1, ir.Constant(I32, 1))
+                            return builder.shuffle_vector(pair, und, mask)
+
+                        scale_rows(svec)
+                with otherwise:
+                    cpb = builder.udiv(bs, ir.Constant(I64, C))
+                    with cgutils.for_range(builder, nblocks) as bl:
+                        with cgutils.for_range(builder, cpb) as cl:
+                            chunk(builder.add(builder.mul(bl.index, cpb), cl.index))
+                        b = bl.index
+                        scale_rows(lambda a, b=b: _splat(builder, builder.load(builder.gep(wrow[a][1], [b])), L))
+            for a in range(nw):
+                for g in range(nx):
+                    builder.store(_hsum(builder, builder.load(row_p[a][g]), L),
+                                  builder.gep(oa.data, [ir.Constant(I64, a * nx + g)]))
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return dot_words
+
+
 def _make_encode(lanes):
     @intrinsic
     def encode_block(typingctx, xb, inv, mids, packed):
@@ -441,5 +566,8 @@ merge_rows = _make_delta_rows(DELTA_ROWS, True) if LANES else None
 encode_block = _make_encode(LANES) if LANES else None
 rows_dot = _make_rows_dot(LANES, GROUP) if LANES else None
 wrows_dot = _make_wrows_dot(LANES, WROWS) if LANES else None
+words_group = _make_dot_words(LANES, 1, GROUP) if LANES else None
+words_wrows = _make_dot_words(LANES, WROWS, 1) if LANES else None
+words_one = _make_dot_words(LANES, 1, 1) if LANES else None
 decode_blocks = _make_decode(LANES, False) if LANES else None
 decode_blocks_stream = _make_decode(LANES, True) if LANES else None

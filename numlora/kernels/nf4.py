@@ -29,7 +29,18 @@ from ._simd import CACHEABLE as SIMD_CACHEABLE
 from ._simd import GROUP as SIMD_GROUP
 from ._simd import LANES as SIMD_LANES  # noqa: F401  (read as kernels.<family>.SIMD_LANES)
 from ._simd import WROWS as SIMD_WROWS
-from ._simd import decode_blocks, decode_blocks_stream, encode_block, row_dot, rows_dot, wrows_dot
+from ._simd import (
+    decode_blocks,
+    decode_blocks_stream,
+    encode_block,
+    row_dot,
+    rows_dot,
+    words_group,
+    words_one,
+    words_wrows,
+    wrows_dot,
+)
+from ._simd import words_ok as simd_words_ok  # noqa: F401  (read by the products module)
 
 TINY = np.float32(1e-38)
 ONE = np.float32(1.0)
@@ -528,6 +539,44 @@ def nf4_matmul_simd(packed, scales, blocksize, code, xe, xo, u, lora_b, bias, us
                 oo += 1
             for oo in range(nr):
                 res[oo, i] = wbuf[oo]
+        for oo in range(nr):
+            for i in range(n):
+                y[i, o0 + oo] = _finish(res[oo, i], u, i, lora_b, o0 + oo, bias, use_bias)
+
+
+@kernel(parallel=True, cache=SIMD_CACHEABLE)
+def nf4_matmul_words(packed, scales, blocksize, code, xp, u, lora_b, bias, use_bias, y):
+    """y[i, o] = row o of deq(W) . x[i] (+ LoRA expand of u, + bias) with the word decode
+    of ``_simd.dot_words`` (where ``words_ok``): xp is x reordered per chunk as described
+    there, (n, in) C-contiguous; y: (n, out). Batch rows in groups of SIMD_GROUP per decode
+    of a weight row, the rest SIMD_WROWS weight rows at a time: every (o, i) gets the same
+    operations, so results do not depend on the batch size or the thread count."""
+    n = xp.shape[0]
+    out_f = y.shape[1]
+    ntasks = (out_f + SIMD_ROWS - 1) // SIMD_ROWS
+    ngroups = n // SIMD_GROUP
+    for task in prange(ntasks):
+        o0 = task * SIMD_ROWS
+        o1 = min(out_f, o0 + SIMD_ROWS)
+        nr = o1 - o0
+        res = np.empty((nr, n), np.float32)
+        buf = np.empty(max(SIMD_GROUP, SIMD_WROWS), np.float32)
+        for oo in range(nr):
+            for g in range(ngroups):
+                words_group(packed, o0 + oo, xp, g * SIMD_GROUP, scales, code, blocksize, buf)
+                for q in range(SIMD_GROUP):
+                    res[oo, g * SIMD_GROUP + q] = buf[q]
+        for i in range(ngroups * SIMD_GROUP, n):
+            oo = 0
+            while oo + SIMD_WROWS <= nr:
+                words_wrows(packed, o0 + oo, xp, i, scales, code, blocksize, buf)
+                for a in range(SIMD_WROWS):
+                    res[oo + a, i] = buf[a]
+                oo += SIMD_WROWS
+            while oo < nr:
+                words_one(packed, o0 + oo, xp, i, scales, code, blocksize, buf)
+                res[oo, i] = buf[0]
+                oo += 1
         for oo in range(nr):
             for i in range(n):
                 y[i, o0 + oo] = _finish(res[oo, i], u, i, lora_b, o0 + oo, bias, use_bias)
