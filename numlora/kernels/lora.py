@@ -308,19 +308,18 @@ def _key32(b):
 
 
 @inline_helper
-def _finish_track_row(w, wi, p, q, i, j0, scale, corr, exc_col, exc_bits, exc_count):
+def _finish_track_row(w, wi, p, q, i, j0, scale, corr, exc_col, exc_bits, exc_count, back, backi):
     """After track_rows on row i (columns < j0 done): the columns >= j0 element by element,
     then the exceptions (-128 in corr, whose w still holds the original): their bits go
     to the slots and w gets w + d; a row with more exceptions than slots is put back to
-    its original values (the caller keeps it whole)."""
+    its original values (the caller keeps it whole). back / backi: a 1-element scratch
+    and its integer view."""
     k = w.shape[1]
     slots = exc_col.shape[1]
     wr = w[i]
     wir = wi[i]
     cr = corr[i]
     cnt = exc_count[i]
-    back = np.empty(1, w.dtype)
-    backi = back.view(wi.dtype)
     for j in range(j0, k):
         d = _col_delta(p, q, i, j, scale)
         x = wr[j]
@@ -363,14 +362,16 @@ def merge_tracked_fused(w, wi, p, q, scale, corr, exc_col, exc_bits, exc_count):
     for gi in prange(ngroups):
         i0 = gi * DELTA_ROWS
         rows = min(DELTA_ROWS, m - i0)
+        back = np.empty(1, w.dtype)
+        backi = back.view(wi.dtype)
         if rows == DELTA_ROWS:
             _track_rows(p, q, i0, w, scale, corr, exc_count)
             for g in range(rows):
-                _finish_track_row(w, wi, p, q, i0 + g, k16, scale, corr, exc_col, exc_bits, exc_count)
+                _finish_track_row(w, wi, p, q, i0 + g, k16, scale, corr, exc_col, exc_bits, exc_count, back, backi)
         else:
             for g in range(rows):
                 exc_count[i0 + g] = 0
-                _finish_track_row(w, wi, p, q, i0 + g, 0, scale, corr, exc_col, exc_bits, exc_count)
+                _finish_track_row(w, wi, p, q, i0 + g, 0, scale, corr, exc_col, exc_bits, exc_count, back, backi)
 
 
 @kernel(parallel=True, cache=SIMD_CACHEABLE)
