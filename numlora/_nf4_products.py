@@ -5,7 +5,7 @@ the NF4 internals that :mod:`numlora.nf4` and the bank's base product
 
 Names for the rest of the package (this module is private): :func:`forward`,
 :func:`blas_product`, :func:`row_tiles`, :func:`grad_input`, :func:`tensor_arrays`,
-:func:`simd_ok`, :data:`FUSED_MAX_ROWS`, :data:`TILE_ELEMS`. They take an NF4Tensor
+:func:`simd_ok`, :func:`words_layout`, :data:`FUSED_MAX_ROWS`, :data:`TILE_ELEMS`. They take an NF4Tensor
 already checked (2-D) and arrays already validated; nothing here validates or raises on
 user input.
 """
@@ -134,7 +134,8 @@ def row_tiles(t, scales):
 
 def grad_input(g2, t, dx):
     """dx = g2 deq(W) (overwritten). Up to FUSED_MAX_ROWS rows: the fused kernel (W
-    decoded a row segment at a time, in registers). More rows: decode tiles of rows of W
+    decoded a row segment at a time, with SIMD permutes into an L1 buffer where the CPU
+    has them; the same result either way). More rows: decode tiles of rows of W
     (TILE_ELEMS floats at most, serially, as the forward's large-batch path does) and
     accumulate ``G[:, rows] @ tile`` with BLAS; never a whole dequantized copy of W."""
     from .kernels import nf4 as k

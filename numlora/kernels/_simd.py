@@ -13,6 +13,12 @@ block, the products of consecutive chunks of LANES weights with x are added lane
 (chunk 0, then + chunk 1, ...), the block vector is multiplied by the block's absmax and
 added lane-wise into the row vector; the row vector is summed by halving (lanes 0..L/2-1
 plus L/2..L-1, and so on). No FMA contraction, no reassociation.
+
+The word decode (``dot_words``, used where blocks are whole chunks of 8 * LANES weights or
+exactly half of one, e.g. blocksize 64 on AVX-512) loads 4 * LANES bytes as 32-bit words
+and decodes each nibble position with a shift and one permute, with x reordered to match;
+its order of operations is described there. A given blocksize always takes the same
+decode, so results stay independent of the batch size and the thread count.
 """
 
 from __future__ import annotations

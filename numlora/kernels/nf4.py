@@ -493,8 +493,11 @@ def nf4_matmul_t(packed, scales, blocksize, code, g, out):
 # --- SIMD paths (AVX-512 / AVX2 permute decode, see _simd.py) --------------------------------
 #
 # Used when SIMD_LANES > 0, blocksize % SIMD_LANES == 0 and rows hold whole blocks. Every
-# batch row of every call goes through the same row_dot, so results are bit-identical
-# whatever the batch size (up to the fused limit) and thread count on a given machine.
+# batch row of every call goes through the same row_dot (or, where the word decode applies,
+# the same dot_words arithmetic), so results are bit-identical whatever the batch size (up
+# to the fused limit) and thread count on a given machine. Rows left over after the batch
+# groups (all rows of a GEMV) run several weight rows per call: independent accumulations
+# keep the vector units busy where one row alone would wait on its own adds.
 
 
 SIMD_ROWS = 16  # output rows per parallel task of the SIMD matmul
