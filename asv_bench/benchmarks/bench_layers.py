@@ -28,7 +28,10 @@ class LayerForward:
 
 
 class LayerMerge:
-    """LoraLinear.merge() then unmerge(): the weight comes back bit for bit."""
+    """LoraLinear.merge() then unmerge(): the weight comes back bit for bit. Several calls
+    per sample (``sample_time``): spread 9.4 % -> 2.4 % on a quiet 2-core machine."""
+
+    sample_time = 0.05
 
     def setup(self):
         a, b = adapter(N)
