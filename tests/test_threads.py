@@ -43,7 +43,9 @@ print(json.dumps({"layer": layer, "threads": _jit.THREADS, "spincount": spin,
 
 
 def probe(**env):
-    clean = {k: v for k, v in os.environ.items() if k not in USER_THREAD_VARS + ("NUMLORA_PARALLEL", "GOMP_SPINCOUNT")}
+    # NUMBA_DISABLE_JIT (the coverage run of .ci/run) would leave numba without threads
+    drop = USER_THREAD_VARS + ("NUMLORA_PARALLEL", "GOMP_SPINCOUNT", "NUMBA_DISABLE_JIT")
+    clean = {k: v for k, v in os.environ.items() if k not in drop}
     clean.update(env)
     clean["PYTHONPATH"] = ROOT + os.pathsep + clean.get("PYTHONPATH", "")
     r = subprocess.run([sys.executable, "-c", PROBE], env=clean, capture_output=True, text=True, timeout=300)
