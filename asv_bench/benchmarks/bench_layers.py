@@ -11,8 +11,6 @@ from ._shared import SCALING, N, activations, adapter, fresh, nf4_weight, weight
 
 
 class LayerForward:
-    sample_time = 0.05  # several calls per sample (asv's default 10 ms gives one): a steadier median
-
     params = ["LoraLinear", "QLoraLinear"]
     param_names = ["layer"]
 

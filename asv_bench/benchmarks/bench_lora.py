@@ -17,9 +17,6 @@ from ._shared import RANK, SCALING, N, activations, adapter, fresh, rng, weight
 class LoraForward:
     """``y = x W^T + scaling * (x A^T) B^T`` into a preallocated ``out``, float32."""
 
-    sample_time = 0.05  # several calls per sample (asv's default 10 ms gives one): a steadier median
-
-
     params = [1, 8, 128, 1024]
     param_names = ["batch"]
 
@@ -126,9 +123,6 @@ class Combine:
     """combine_adapters of four rank-16 adapters given as ``(A, B, scaling)``:
     concatenation (``cat``) and the rank-16 re-factorisation (``svd``: QR of the stacked
     factors and an SVD of the small core; the N x N delta is never formed)."""
-
-    sample_time = 0.05  # several calls per sample (asv's default 10 ms gives one): a steadier median
-
 
     params = ["cat", "svd"]
     param_names = ["method"]

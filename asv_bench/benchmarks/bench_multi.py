@@ -33,9 +33,6 @@ def bank(kind: str, n: int, n_ad: int = N_ADAPTERS):
 class MultiForward:
     """``LoraBank.forward(x, adapter_ids, out=out)``."""
 
-    sample_time = 0.05  # several calls per sample (asv's default 10 ms gives one): a steadier median
-
-
     params = [["dense", "nf4"], [1, 64], ["zipf", "distinct"]]
     param_names = ["base", "batch", "workload"]
     timeout = 300
@@ -71,9 +68,6 @@ class BankAdd:
     """``LoraBank.add`` of one adapter into a bank already holding 512 (must not depend on
     the bank's size), then ``remove``, so every call does the same work in a pool with
     free pages."""
-
-    sample_time = 0.05  # several calls per sample (asv's default 10 ms gives one): a steadier median
-
 
     timeout = 300
 

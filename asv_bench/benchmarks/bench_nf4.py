@@ -54,9 +54,6 @@ class QloraForward:
     preallocated ``out``. Batches up to 16 run the fused kernels (batch 1: the lookup-table
     GEMV), larger ones decode tiles of W for BLAS (batch 1024: the prefill size)."""
 
-    sample_time = 0.05  # several calls per sample (asv's default 10 ms gives one): a steadier median
-
-
     params = [1, 8, 128, 1024]
     param_names = ["batch"]
 
@@ -77,9 +74,6 @@ class QloraForward:
 
 class Nf4MatmulT:
     """``g deq(W)``: the input gradient through an NF4 weight, batch 8."""
-
-    sample_time = 0.05  # several calls per sample (asv's default 10 ms gives one): a steadier median
-
 
     batch = 8
 

@@ -28,8 +28,6 @@ class PipelineForward:
 
 
 class PipelineTrainStep:
-    sample_time = 0.05  # several calls per sample (asv's default 10 ms gives one): a steadier median
-
     params = [1, 8, 128]
     param_names = ["batch"]
 

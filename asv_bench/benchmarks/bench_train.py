@@ -17,9 +17,6 @@ from ._shared import SCALING, N, activations, adapter, fresh, nf4_weight, weight
 class Backward:
     """Gradients of x, A and B through a dense (lora_backward) or NF4 (qlora_backward) base."""
 
-    sample_time = 0.05  # several calls per sample (asv's default 10 ms gives one): a steadier median
-
-
     params = [["dense", "nf4"], [8, 128]]
     param_names = ["base", "batch"]
 
@@ -67,9 +64,6 @@ class LayerTrainStep:
     """One training step of a layer: forward in training mode, backward (gradients of x, A
     and B) and an AdamW step, as a training loop calls them. The step changes A and B a
     little each time (the work does not depend on their values)."""
-
-    sample_time = 0.05  # several calls per sample (asv's default 10 ms gives one): a steadier median
-
 
     params = [["LoraLinear", "QLoraLinear"], [8, 128]]
     param_names = ["layer", "batch"]
