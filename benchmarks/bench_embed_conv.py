@@ -13,39 +13,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import statistics
-import time
 
 import numpy as np
 
 import numlora as nl
+from numlora.bench.harness import cpu_name, time_interleaved
 
 
-def medians_ms(fns, repeat, warmup=3):
-    """Median milliseconds of each of ``fns``, timed in turns (one call of each per
-    round), so that noise from other work on the machine falls on all of them alike."""
-    for fn in fns:
-        for _ in range(warmup):
-            fn()
-    times = [[] for _ in fns]
-    for _ in range(repeat):
-        for fn, t in zip(fns, times):
-            t0 = time.perf_counter()
-            fn()
-            t.append(time.perf_counter() - t0)
-    return [1e3 * statistics.median(t) for t in times]
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+def medians_ms(fns, repeat):
+    """Median milliseconds of each of ``fns``, timed in turns by numlora's one harness
+    (one call of each per round), so that noise from other work falls on all alike."""
+    return [t.median_ms for t in time_interleaved(fns, repeat, pause=0.0)]
 
 
 def embedding_case(repeat, rng):
