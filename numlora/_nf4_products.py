@@ -5,9 +5,11 @@ the NF4 internals that :mod:`numlora.nf4` and the bank's base product
 
 Names for the rest of the package (this module is private): :func:`forward`,
 :func:`blas_product`, :func:`row_tiles`, :func:`grad_input`, :func:`tensor_arrays`,
-:func:`simd_ok`, :func:`words_layout`, :data:`FUSED_MAX_ROWS`, :data:`TILE_ELEMS`. They take an NF4Tensor
-already checked (2-D) and arrays already validated; nothing here validates or raises on
-user input.
+:func:`simd_ok`, :func:`words_layout`, :data:`FUSED_MAX_ROWS`, :data:`TILE_ELEMS`, and for the
+16-bit compute dtypes :func:`compute_mode`, :func:`compute_name`, :func:`forward_rounded`,
+:func:`grad_input_rounded`. They take an NF4Tensor already checked (2-D) and arrays
+already validated; nothing here raises on user input but :func:`compute_mode` (the one
+check of a ``compute_dtype`` argument, shared by the functions and the QLoRA layer).
 """
 
 from __future__ import annotations
@@ -15,6 +17,35 @@ from __future__ import annotations
 import numpy as np
 
 from . import _backward as bw
+from .errors import ConfigError
+
+#: The compute dtypes, by name, and their kernel mode numbers (see ``kernels.compute``).
+COMPUTE_DTYPES = {"float32": 0, "bfloat16": 1, "float16": 2}
+
+
+def compute_mode(value) -> int:
+    """The kernel mode of a ``compute_dtype`` argument: None or float32 -> 0 (the float32
+    kernels), bfloat16 -> 1, float16 -> 2. Takes a name ("bfloat16", also torch's
+    "torch.bfloat16"), a numpy dtype or scalar type (``np.float16``,
+    ``ml_dtypes.bfloat16``) or a torch dtype; anything else is a ConfigError."""
+    if value is None:
+        return 0
+    name = value if isinstance(value, str) else getattr(value, "name", None)
+    if name is None:
+        try:
+            name = np.dtype(value).name
+        except TypeError:
+            name = str(value)
+    name = name[len("torch."):] if name.startswith("torch.") else name
+    if name not in COMPUTE_DTYPES:
+        raise ConfigError(f"expected compute_dtype one of {sorted(COMPUTE_DTYPES)} (or None for float32), got "
+                          f"{value!r:.60}")
+    return COMPUTE_DTYPES[name]
+
+
+def compute_name(mode: int) -> str:
+    """The name of a compute mode (the inverse of :func:`compute_mode`)."""
+    return next(k for k, v in COMPUTE_DTYPES.items() if v == mode)
 
 
 def tensor_arrays(t):
@@ -160,3 +191,70 @@ def grad_input(g2, t, dx):
                 tmp = np.empty_like(dx)
             np.dot(g2[:, r0:r1], cur, out=tmp)
             dx += tmp
+
+
+def _rounded(a, mode, k):
+    """A rounded C-contiguous float32 copy of ``a`` (the input of a 16-bit product)."""
+    r = np.array(a, np.float32, order="C", copy=True)
+    k.round_values(r.reshape(-1), mode)
+    return r
+
+
+def _tiles_times(t, mode, rhs, out_t, k):
+    """out_t (out, n) = rnd(deq(W)) rhs, rhs (in, n): rounded tiles of W through BLAS."""
+    for r0, r1, cur in row_tiles(t, t.scales):
+        k.round_values(cur.reshape(-1), mode)
+        np.dot(cur, rhs, out=out_t[r0:r1])
+
+
+def forward_rounded(x2, t, mode, lora_a, lora_b, s, bias, out2, x_lora=None, u_out=None):
+    """:func:`forward` with the base product in a 16-bit compute dtype (``mode`` 1:
+    bfloat16, 2: float16), as bitsandbytes' ``Linear4bit(compute_dtype=...)`` computes it:
+    ``rnd(rnd(x) rnd(deq(W))^T + rnd(b))`` with float32 accumulation and one rounding of
+    each element of ``deq(W)`` (``code * scale`` in float32, then rounded). The LoRA branch
+    is then added in float32 on the unrounded input, as PEFT adds a float32 adapter to the
+    base layer's output. out2 must be C-contiguous (it is rounded in place)."""
+    from .kernels import compute as kc
+    from .kernels import nf4 as k
+
+    n = x2.shape[0]
+    if n == 0:
+        return
+    out_f, in_f = t.shape
+    xr = _rounded(x2, mode, kc)
+    if n > FUSED_MAX_ROWS:
+        yt = np.empty((out_f, n), np.float32)
+        _tiles_times(t, mode, xr.T, yt, kc)
+        out2[...] = yt.T
+    elif in_f % t.blocksize == 0 and simd_ok(k, t.blocksize):
+        kc.nf4_matmul_rounded_simd(t.packed, t.scales, t.blocksize, t.code, mode, xr, out2)
+    else:
+        kc.nf4_matmul_rounded(t.packed, t.scales, t.blocksize, t.code, mode, xr, out2)
+    if bias is not None:
+        out2 += _rounded(bias, mode, kc)
+    kc.round_values(out2.reshape(-1), mode)
+    if lora_a is not None:
+        bw.add_low_rank(x2 if x_lora is None else x_lora, lora_a, lora_b, s, out2, u_out)
+
+
+def grad_input_rounded(g2, t, mode, dx):
+    """dx = rnd(rnd(g2) rnd(deq(W))) (overwritten): :func:`grad_input` in a 16-bit compute
+    dtype, as bitsandbytes' backward of the base product computes it (float32
+    accumulation, one rounding at the end). Decoded, rounded tiles through BLAS for every
+    batch size. dx must be C-contiguous."""
+    from .kernels import compute as kc
+
+    if g2.shape[0] == 0:
+        return
+    gr = _rounded(g2, mode, kc)
+    tmp = None
+    for r0, r1, cur in row_tiles(t, t.scales):
+        kc.round_values(cur.reshape(-1), mode)
+        if r0 == 0:
+            np.dot(gr[:, r0:r1], cur, out=dx)
+        else:
+            if tmp is None:
+                tmp = np.empty_like(dx)
+            np.dot(gr[:, r0:r1], cur, out=tmp)
+            dx += tmp
+    kc.round_values(dx.reshape(-1), mode)

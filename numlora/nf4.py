@@ -449,7 +449,7 @@ def weight_shape(t) -> tuple:
 
 
 @dispatch
-def nf4_matmul(x, t: NF4Tensor, out=None, *, bias=None) -> np.ndarray:
+def nf4_matmul(x, t: NF4Tensor, out=None, *, bias=None, compute_dtype=None) -> np.ndarray:
     """``x deq(W)^T (+ bias)`` for an NF4 weight ``W`` of shape (out, in), without ever
     holding the dequantized weight.
 
@@ -463,40 +463,63 @@ def nf4_matmul(x, t: NF4Tensor, out=None, *, bias=None) -> np.ndarray:
     ``bias``: optional (out,), added in the same kernel (what a QLoRA layer without its
     adapter runs). ``out`` may overlap ``x``, the bias or the tensor's arrays: the result
     is then computed into a temporary and copied into ``out``.
+
+    ``compute_dtype``: None / ``"float32"`` (the above), ``"bfloat16"`` or ``"float16"``
+    (also ``np.float16``, ``ml_dtypes.bfloat16``, ``"torch.bfloat16"``): the product as
+    bitsandbytes computes it in that dtype, ``rnd(rnd(x) rnd(deq(W))^T + rnd(b))`` with
+    float32 accumulation, every rounding to nearest even; the result is still a float32
+    array (holding 16-bit values). See docs/dtypes.md for its accuracy and speed.
     """
     out_f, in_f = weight_shape(t)
+    mode = products.compute_mode(compute_dtype)
     x = validate.input_rows(x, in_f)
     b_arr, use_bias = validate.bias_array(bias, out_f, np.float32)
     out, dest = validate.output(out, x, out_f, np.float32, {"x": x, "bias": bias, **products.tensor_arrays(t)})
     x2 = np.ascontiguousarray(x.reshape(-1, in_f), np.float32)
-    products.forward(x2, t, None, None, 0.0, b_arr if use_bias else None, out.reshape(-1, out_f))
+    if mode:
+        products.forward_rounded(x2, t, mode, None, None, 0.0, b_arr if use_bias else None, out.reshape(-1, out_f))
+    else:
+        products.forward(x2, t, None, None, 0.0, b_arr if use_bias else None, out.reshape(-1, out_f))
     return validate.deliver(out, dest)
 
 
 @dispatch
-def nf4_matmul_t(g, t: NF4Tensor, out=None) -> np.ndarray:
+def nf4_matmul_t(g, t: NF4Tensor, out=None, *, compute_dtype=None) -> np.ndarray:
     """``g deq(W)`` for an NF4 weight ``W`` (out, in) and ``g`` of shape (out,) or
     (n, out): the input gradient of ``y = x deq(W)^T``, fused the same way (W is decoded a
     row segment at a time, never whole). Returns (in,) or (n, in). ``out`` may overlap
-    ``g`` or the tensor's arrays (computed into a temporary then)."""
+    ``g`` or the tensor's arrays (computed into a temporary then). ``compute_dtype``: as
+    in :func:`nf4_matmul`, ``rnd(rnd(g) rnd(deq(W)))`` (bitsandbytes' backward of the
+    base product in that dtype)."""
     out_f, in_f = weight_shape(t)
+    mode = products.compute_mode(compute_dtype)
     g = validate.input_rows(g, out_f, "g", "out_features")
     out, dest = validate.output(out, g, in_f, np.float32, {"g": g, **products.tensor_arrays(t)})
     g2 = np.ascontiguousarray(g.reshape(-1, out_f), np.float32)
-    products.grad_input(g2, t, out.reshape(-1, in_f))
+    _grad_input(mode)(None, g2, t, out.reshape(-1, in_f))
     return validate.deliver(out, dest)
+
+
+def _grad_input(mode):
+    """The ``G deq(W)`` of the backward pipeline for a compute mode, as ``fn(_, g2, t, dx)``."""
+    if mode:
+        return lambda _, g2, t, dx: products.grad_input_rounded(g2, t, mode, dx)
+    return lambda _, g2, t, dx: products.grad_input(g2, t, dx)
 
 
 @dispatch
 def qlora_backward(x, t: NF4Tensor, lora_a, lora_b, scaling, grad_out, *, dropout=None, x_drop=None, u=None,
-                   grad_a=None, grad_b=None, need_grad_x=True):
+                   grad_a=None, grad_b=None, need_grad_x=True, compute_dtype=None):
     """Gradients of ``y = x deq(W)^T + b + scaling * dropout(x) A^T B^T`` for an NF4 base
     weight: as :func:`numlora.ops.lora_backward` (same arguments and results), with the
     ``G deq(W)`` term computed as :func:`nf4_matmul_t` does (fused for small batches,
     decoded tiles and BLAS for large ones; never a whole dequantized copy of W).
-    float32 throughout. ``grad_a`` / ``grad_b`` may overlap the inputs (those are copied
-    first, as in :func:`~numlora.ops.lora_backward`)."""
+    float32 throughout (``compute_dtype``: the ``G deq(W)`` term as :func:`nf4_matmul_t`
+    computes it in that dtype; the adapter's gradients stay float32). ``grad_a`` /
+    ``grad_b`` may overlap the inputs (those are copied first, as in
+    :func:`~numlora.ops.lora_backward`)."""
     out_f, in_f = weight_shape(t)
+    grad_input = _grad_input(products.compute_mode(compute_dtype))
     lora_a, lora_b, rank = validate.low_rank_arrays(lora_a, lora_b, out_f, in_f, base=_nf4_base(t))
     s = validate.real_scalar("scaling", scaling)
     need_grad_x = validate.flag("need_grad_x", need_grad_x)
@@ -513,12 +536,12 @@ def qlora_backward(x, t: NF4Tensor, lora_a, lora_b, scaling, grad_out, *, dropou
 
     return bw.lora_grads(x, np.ascontiguousarray(lora_a, dt), np.ascontiguousarray(lora_b, dt), s, grad_out, dt,
                          dropout, x_drop, u, grad_a, grad_b, need_grad_x, None,
-                         lambda _, g, d: products.grad_input(g, t, d), refuse)
+                         lambda _, g, d: grad_input(None, g, t, d), refuse)
 
 
 @dispatch
 def qlora_forward(x, t: NF4Tensor, lora_a, lora_b, scaling, bias=None, out=None, *, x_lora=None,
-                  u_out=None) -> np.ndarray:
+                  u_out=None, compute_dtype=None) -> np.ndarray:
     """``y = x deq(W)^T + b + scaling * (x A^T) B^T`` for an NF4 base weight, fused as in
     :func:`nf4_matmul` (the LoRA shrink, expand and the bias run inside the same kernel
     for batches up to ``FUSED_MAX_ROWS``). float32 throughout. ``out`` may overlap the
@@ -527,8 +550,12 @@ def qlora_forward(x, t: NF4Tensor, lora_a, lora_b, scaling, bias=None, out=None,
     the LoRA branch, of x's shape, when it differs from x (the dropped input of a training
     forward), as in :func:`~numlora.ops.lora_forward`. ``u_out``: optional float32
     (r,) or (n, r) array that receives ``x_lora A^T`` unscaled (the ``u`` of
-    :func:`qlora_backward`), as in :func:`~numlora.ops.lora_forward`."""
+    :func:`qlora_backward`), as in :func:`~numlora.ops.lora_forward`. ``compute_dtype``: the
+    base product (and bias) as :func:`nf4_matmul` computes it in that dtype; the LoRA
+    branch is then added in float32, as PEFT adds a float32 adapter to a bitsandbytes
+    layer's output."""
     out_f, in_f = weight_shape(t)
+    mode = products.compute_mode(compute_dtype)
     lora_a, lora_b, rank = validate.low_rank_arrays(lora_a, lora_b, out_f, in_f, base=_nf4_base(t))
     s = validate.real_scalar("scaling", scaling)
     x = validate.input_rows(x, in_f)
@@ -539,8 +566,14 @@ def qlora_forward(x, t: NF4Tensor, lora_a, lora_b, scaling, bias=None, out=None,
     out, dest = validate.output(out, x, out_f, np.float32, inputs)
     x2 = np.ascontiguousarray(x.reshape(-1, in_f), np.float32)
     xl2 = None if xl is None else np.ascontiguousarray(xl.reshape(-1, in_f), np.float32)
-    products.forward(x2, t, np.ascontiguousarray(lora_a, np.float32), np.ascontiguousarray(lora_b, np.float32), s,
-                 b_arr if use_bias else None, out.reshape(-1, out_f), x_lora=xl2, u_out=u2)
+    a32 = np.ascontiguousarray(lora_a, np.float32)
+    b32 = np.ascontiguousarray(lora_b, np.float32)
+    if mode:
+        products.forward_rounded(x2, t, mode, a32, b32, s, b_arr if use_bias else None, out.reshape(-1, out_f),
+                                 x_lora=xl2, u_out=u2)
+    else:
+        products.forward(x2, t, a32, b32, s, b_arr if use_bias else None, out.reshape(-1, out_f), x_lora=xl2,
+                         u_out=u2)
     return validate.deliver(out, dest)
 
 

@@ -325,6 +325,13 @@ def test_errors():
     w64 = nl.LoraLinear.from_weight(np.ones((4, 6)), 2, 4.0)
     with pytest.raises(DTypeError, match="float32"):
         w64.to("cuda")
+    bf16 = nl.QLoraLinear.from_weight(f32(rng, 4, 16), 2, 4.0, blocksize=8, compute_dtype="bfloat16")
+    with pytest.raises(DeviceError, match="compute_dtype='bfloat16'"):
+        bf16.to("cuda")
+    t = nl.to_device(nl.quantize_nf4(f32(rng, 4, 16), 8))
+    with pytest.raises(DeviceError, match="CPU only"):
+        nl.nf4_matmul(d(f32(rng, 2, 16)), t, compute_dtype="float16")
+    h(nl.nf4_matmul(d(f32(rng, 2, 16)), t, compute_dtype="float32"))
     dora = nl.LoraLinear.from_weight(f32(rng, 4, 6), 2, 4.0, use_dora=True)
     with pytest.raises(ConfigError, match="CPU only"):
         dora.to("cuda")

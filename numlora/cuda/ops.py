@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import _nf4_products as products
 from .. import _validate as validate
 from .._backward import adamw_scalars, check_x_drop_alone
 from .._dispatch import register
@@ -329,6 +330,13 @@ def dequantize_nf4(t, out=None):
     return out
 
 
+def float32_compute(compute_dtype):
+    """The GPU kernels compute in float32 only: refuse a 16-bit ``compute_dtype``."""
+    if products.compute_mode(compute_dtype):
+        raise DeviceError(f"expected compute_dtype float32 (or None) on the GPU, got {compute_dtype!r:.40}: the "
+                          "16-bit compute dtypes run on the CPU only")
+
+
 def gemv_ok(t, n):
     out_f, in_f = t.shape
     bs = t.blocksize
@@ -336,16 +344,20 @@ def gemv_ok(t, n):
 
 
 @register("cuda")
-def nf4_matmul(x, t, out=None, *, bias=None):
+def nf4_matmul(x, t, out=None, *, bias=None, compute_dtype=None):
     """GPU :func:`numlora.nf4.nf4_matmul`: fused GEMV for one row, tiled for more; the
-    weight is decoded in registers / shared memory, never materialised."""
+    weight is decoded in registers / shared memory, never materialised. float32 compute
+    only."""
+    float32_compute(compute_dtype)
     t = tensor(t)
     return _forward(x, t.shape[0], t.shape[1], None, 0.0, bias, out, t=t)
 
 
 @register("cuda")
-def qlora_forward(x, t, lora_a, lora_b, scaling, bias=None, out=None, *, x_lora=None, u_out=None):
-    """GPU :func:`numlora.nf4.qlora_forward` (LoRA expand and bias fused)."""
+def qlora_forward(x, t, lora_a, lora_b, scaling, bias=None, out=None, *, x_lora=None, u_out=None,
+                  compute_dtype=None):
+    """GPU :func:`numlora.nf4.qlora_forward` (LoRA expand and bias fused; float32 compute)."""
+    float32_compute(compute_dtype)
     s = validate.real_scalar("scaling", scaling)
     t = tensor(t)
     if lora_a is None or lora_b is None:
@@ -355,8 +367,9 @@ def qlora_forward(x, t, lora_a, lora_b, scaling, bias=None, out=None, *, x_lora=
 
 
 @register("cuda")
-def nf4_matmul_t(g, t, out=None):
-    """GPU :func:`numlora.nf4.nf4_matmul_t`: ``g deq(W)``, fused."""
+def nf4_matmul_t(g, t, out=None, *, compute_dtype=None):
+    """GPU :func:`numlora.nf4.nf4_matmul_t`: ``g deq(W)``, fused (float32 compute)."""
+    float32_compute(compute_dtype)
     t = tensor(t)
     out_f, in_f = t.shape
     g, n = rows("g", g, out_f, "out_features")
@@ -368,8 +381,9 @@ def nf4_matmul_t(g, t, out=None):
 
 @register("cuda")
 def qlora_backward(x, t, lora_a, lora_b, scaling, grad_out, *, dropout=None, x_drop=None, u=None, grad_a=None,
-                   grad_b=None, need_grad_x=True):
-    """GPU :func:`numlora.nf4.qlora_backward`; ``G deq(W)`` fused."""
+                   grad_b=None, need_grad_x=True, compute_dtype=None):
+    """GPU :func:`numlora.nf4.qlora_backward`; ``G deq(W)`` fused (float32 compute)."""
+    float32_compute(compute_dtype)
     t = tensor(t)
     out_f, in_f = t.shape
     lora_a, lora_b, r = low_rank(lora_a, lora_b, out_f, in_f)

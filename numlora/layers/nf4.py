@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import _nf4_products as products
 from .. import _validate as validate
-from ..errors import ConfigError, DTypeError
+from ..errors import ConfigError, DeviceError, DTypeError
 from ..nf4 import NF4Tensor, quantize_nf4, weight_shape
 from .base import LoraLayer, check_rank, init_lora_a
 
@@ -23,13 +24,21 @@ class QLoraLinear(LoraLayer):
     Training works as for :class:`~numlora.layers.LoraLinear` (``train()``, ``backward``,
     ``parameters()``); the backward's ``G deq(W)`` term never dequantizes W whole (see
     :func:`~numlora.nf4.qlora_backward`).
+
+    ``compute_dtype``: ``"float32"`` (the default) or ``"bfloat16"`` / ``"float16"`` (also
+    ``np.float16``, ``ml_dtypes.bfloat16``, ``"torch.bfloat16"``), as in bitsandbytes'
+    ``Linear4bit``: the base product ``x deq(W)^T + b`` (and the backward's ``G deq(W)``)
+    computed as that dtype computes it (see :func:`~numlora.nf4.nf4_matmul`); the adapter,
+    its gradients and the result arrays stay float32. CPU only.
     """
 
     _ARRAYS = LoraLayer._ARRAYS + ("_nf4",)
+    _compute_mode = 0  # float32 (also for layers pickled before compute_dtype existed)
 
     def __init__(self, nf4: NF4Tensor, lora_a, lora_b, alpha, *, bias=None, use_rslora=False, dropout=0.0,
-                 dropout_seed=0):
+                 dropout_seed=0, compute_dtype=None):
         out_f, in_f = weight_shape(nf4)
+        self._compute_mode = products.compute_mode(compute_dtype)
         self._nf4 = nf4
         base = validate.Base("the NF4 weight", nf4.shape, None)
         self._init_low_rank(out_f, in_f, lora_a, lora_b, alpha, use_rslora, base)
@@ -40,13 +49,15 @@ class QLoraLinear(LoraLayer):
     @classmethod
     def from_weight(cls, weight, rank, alpha, blocksize=64, double_quant=False, init="seed",
                     seed=None, *, bias=None, use_rslora=False, dropout=0.0, dropout_seed=0,
-                    quant_type="nf4", loftq_iters=1) -> "QLoraLinear":
+                    quant_type="nf4", loftq_iters=1, compute_dtype=None) -> "QLoraLinear":
         """Quantize ``weight`` (out, in) to NF4 (or FP4 with ``quant_type="fp4"``) and add a
         fresh adapter (``init="seed"``: the seed module's ``QLoraLinear::from_weight`` init,
         xorshift seeded ``137 + in + out``). ``init="loftq"``: LoftQ
         (:func:`numlora.init.loftq_init`, ``loftq_iters`` alternations, NF4 only): the
         quantized base and the adapter are fitted together so that the layer's starting
-        weight is closer to ``weight`` than the NF4 weight alone."""
+        weight is closer to ``weight`` than the NF4 weight alone. ``compute_dtype``: as in
+        the constructor."""
+        products.compute_mode(compute_dtype)  # refused before the (long) quantization
         weight = validate.weight_array(weight, False)
         out_f, in_f = weight.shape
         rank = check_rank(rank, out_f, in_f)
@@ -63,7 +74,8 @@ class QLoraLinear(LoraLayer):
             nf4 = quantize_nf4(weight, blocksize=blocksize, double_quant=double_quant, quant_type=quant_type)
             a = init_lora_a(rank, in_f, out_f, init, seed, default_seed=137)
             b = np.zeros((out_f, rank), np.float32)
-        return cls(nf4, a, b, alpha, bias=bias, use_rslora=use_rslora, dropout=dropout, dropout_seed=dropout_seed)
+        return cls(nf4, a, b, alpha, bias=bias, use_rslora=use_rslora, dropout=dropout, dropout_seed=dropout_seed,
+                   compute_dtype=compute_dtype)
 
     @property
     def nf4(self) -> NF4Tensor:
@@ -75,27 +87,39 @@ class QLoraLinear(LoraLayer):
 
     group_size = blocksize
 
+    @property
+    def compute_dtype(self) -> str:
+        """``"float32"``, ``"bfloat16"`` or ``"float16"``: the dtype the base product is
+        computed in (see the class docstring)."""
+        return products.compute_name(self._compute_mode)
+
+    def _compute_kw(self) -> dict:
+        return {"compute_dtype": products.compute_name(self._compute_mode)} if self._compute_mode else {}
+
     def _forward_on(self, x, out, lora, x_lora=None, u_out=None):
         """The forward through the functional API: ``x deq(W)^T + b``, plus the LoRA
         branch on ``x_lora`` (x when None) when ``lora``, ``x_lora A^T`` into ``u_out``."""
         fn = self._backend.fn
         if lora:
             return fn.qlora_forward(x, self._nf4, self._lora_a, self._lora_b, self.scaling, self._bias, out=out,
-                                    x_lora=x_lora, u_out=u_out)
-        return fn.nf4_matmul(x, self._nf4, out=out, bias=self._bias)
+                                    x_lora=x_lora, u_out=u_out, **self._compute_kw())
+        return fn.nf4_matmul(x, self._nf4, out=out, bias=self._bias, **self._compute_kw())
 
     def _check_float32_base(self):
+        if self._compute_mode:
+            raise DeviceError(f"the GPU path computes in float32 only: this layer has compute_dtype="
+                              f"{self.compute_dtype!r}; make it with compute_dtype='float32' to move it")
         if self._nf4.dtype != "float32":
             raise DTypeError(f"the GPU path is float32 only: the NF4 weight decodes to {self._nf4.dtype}")
 
     def _lora_backward(self, x, g, need_grad_x, dropout, x_drop, u, grad_a, grad_b):
         return self._backend.fn.qlora_backward(x, self._nf4, self._lora_a, self._lora_b, self.scaling, g,
                                                dropout=dropout, x_drop=x_drop, u=u, grad_a=grad_a, grad_b=grad_b,
-                                               need_grad_x=need_grad_x)
+                                               need_grad_x=need_grad_x, **self._compute_kw())
 
     def _grad_input(self, g):
         """``G deq(W)``, W never decoded whole."""
-        return self._backend.fn.nf4_matmul_t(g, self._nf4)
+        return self._backend.fn.nf4_matmul_t(g, self._nf4, **self._compute_kw())
 
     def dequantize_weight(self, out=None) -> np.ndarray:
         """The float32 base weight as NF4 stores it."""
@@ -115,4 +139,5 @@ class QLoraLinear(LoraLayer):
     def __repr__(self) -> str:
         return (f"QLoraLinear(out_features={self._out_f}, in_features={self._in_f}, rank={self._rank}, "
                 f"alpha={self._alpha}, blocksize={self.blocksize}, double_quant={self._nf4.double_quant}, "
+                f"{'' if not self._compute_mode else f'compute_dtype={self.compute_dtype!r}, '}"
                 f"enabled={self._enabled})")

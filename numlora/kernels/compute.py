@@ -1,0 +1,137 @@
+"""Kernels of the 16-bit compute dtypes of the NF4 / FP4 products (``compute_dtype``).
+
+bitsandbytes' ``Linear4bit(compute_dtype=torch.bfloat16)`` casts the input to the compute
+dtype, dequantizes the weight to it (``code * absmax`` rounded once), multiplies with
+float32 accumulation and rounds the product to the compute dtype. These kernels give
+numpy programs the same numbers: values stay float32 arrays holding exactly
+representable bfloat16 / float16 values, every rounding is round-to-nearest-even (as
+numpy's float16 cast, ``ml_dtypes.bfloat16`` and torch's casts), computed on the float32
+bits (no 16-bit type is needed in numba).
+
+Mode numbers: :data:`BF16` and :data:`F16` (float32 itself runs the ordinary kernels).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ._jit import inline_helper, kernel, prange
+from ._simd import CACHEABLE as SIMD_CACHEABLE
+from ._simd import decode_blocks
+
+BF16 = 1
+F16 = 2
+
+_TWO24 = np.float32(16777216.0)  # 2**24: float16's subnormal quantum is 2**-24
+_TWO_M24 = np.float32(2.0 ** -24)
+_ACC = 16  # partial sums per dot product (one AVX-512 vector of float32)
+ROWS = 8  # weight rows per parallel task of the fused product
+
+
+@inline_helper
+def _round_at(a, u, j, mode):
+    """Round a[j] (``u`` is the same memory as uint32) to the compute dtype, in place."""
+    b = u[j]
+    ab = b & 0x7FFFFFFF
+    if ab > 0x7F800000:  # NaN stays NaN (made quiet, as the casts do)
+        u[j] = b | 0x00400000 if mode == F16 else (b | 0x00400000) & 0xFFFF0000
+    elif mode == BF16:
+        u[j] = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
+    elif ab < 0x38800000:  # below float16's smallest normal (2**-14): multiples of 2**-24
+        a[j] = np.rint(a[j] * _TWO24) * _TWO_M24
+    elif ab >= 0x477FF000:  # 65520 and up (and inf): past float16's largest value
+        u[j] = (b & 0x80000000) | 0x7F800000
+    else:  # 10 mantissa bits, half to even
+        u[j] = (b + 0xFFF + ((b >> 13) & 1)) & 0xFFFFE000
+
+
+@inline_helper
+def _round_all(a, mode):
+    u = a.view(np.uint32)
+    for j in range(a.size):
+        _round_at(a, u, j, mode)
+
+
+@kernel()
+def round_values(a, mode):
+    """Round every element of the float32 1-D C-contiguous array ``a`` in place to the
+    compute dtype ``mode`` (:data:`BF16` or :data:`F16`), half to even."""
+    _round_all(a, mode)
+
+
+@inline_helper
+def _decode_rows(packed, scales, blocksize, code, e0, e1, out):
+    """out[k - e0] = code[nibble k] * scales[k // blocksize] for k in [e0, e1): the same
+    float32 product as every other decode of numlora (any alignment)."""
+    bs = np.int64(blocksize)
+    for k in range(np.int64(e0), np.int64(e1)):
+        byte = np.int64(packed[k >> 1])
+        nib = (byte >> 4) if (k & 1) == 0 else (byte & 15)
+        out[k - np.int64(e0)] = code[nib] * scales[k // bs]
+
+
+@inline_helper
+def _dot(w, x, acc):
+    """sum(w * x) in float32 with _ACC partial sums (lanes), added in a fixed order: the
+    same operations for every (weight row, input row), whatever the batch or threads."""
+    m = w.size
+    for lane in range(_ACC):
+        acc[lane] = 0.0
+    j = 0
+    while j + _ACC <= m:
+        for lane in range(_ACC):
+            acc[lane] += w[j + lane] * x[j + lane]
+        j += _ACC
+    total = np.float32(0.0)
+    for lane in range(_ACC):
+        total += acc[lane]
+    while j < m:
+        total += w[j] * x[j]
+        j += 1
+    return total
+
+
+@inline_helper
+def _rows_times_inputs(buf, in_f, o0, nr, xr, acc, y):
+    for oo in range(nr):
+        w = buf[oo * in_f:(oo + 1) * in_f]
+        for i in range(xr.shape[0]):
+            y[i, o0 + oo] = _dot(w, xr[i], acc)
+
+
+@kernel(parallel=True)
+def nf4_matmul_rounded(packed, scales, blocksize, code, mode, xr, y):
+    """y[i, o] = sum_j rnd(code * scale)[o, j] * xr[i, j], accumulated in float32 (not
+    rounded: the caller adds the bias and rounds). xr: (n, in) already rounded; y: (n, out).
+    Parallel over tasks of ROWS weight rows, each decoded once into a small buffer,
+    rounded, and used for every input row."""
+    in_f = xr.shape[1]
+    out_f = y.shape[1]
+    ntasks = (out_f + ROWS - 1) // ROWS
+    for task in prange(ntasks):
+        o0 = task * ROWS
+        nr = min(out_f, o0 + ROWS) - o0
+        buf = np.empty(nr * in_f, np.float32)
+        _decode_rows(packed, scales, blocksize, code, o0 * in_f, (o0 + nr) * in_f, buf)
+        _round_all(buf, mode)
+        _rows_times_inputs(buf, in_f, o0, nr, xr, np.empty(_ACC, np.float32), y)
+
+
+@kernel(parallel=True, cache=SIMD_CACHEABLE)
+def nf4_matmul_rounded_simd(packed, scales, blocksize, code, mode, xr, y):
+    """:func:`nf4_matmul_rounded` decoding with SIMD permutes (``in % blocksize == 0`` and
+    ``blocksize`` a multiple of the SIMD width): the same values, the same result bits."""
+    in_f = xr.shape[1]
+    out_f = y.shape[1]
+    bpr = in_f // blocksize
+    half = blocksize // 2
+    ntasks = (out_f + ROWS - 1) // ROWS
+    for task in prange(ntasks):
+        o0 = task * ROWS
+        nr = min(out_f, o0 + ROWS) - o0
+        buf = np.empty(nr * in_f, np.float32)
+        b0 = o0 * bpr
+        b1 = (o0 + nr) * bpr
+        decode_blocks(packed[b0 * half:b1 * half], scales[b0:b1], code, blocksize, buf)
+        _round_all(buf, mode)
+        _rows_times_inputs(buf, in_f, o0, nr, xr, np.empty(_ACC, np.float32), y)

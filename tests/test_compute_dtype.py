@@ -1,0 +1,199 @@
+"""The 16-bit compute dtypes of the NF4 / FP4 products (``compute_dtype``): the rounding
+against numpy's float16 and ml_dtypes' bfloat16 casts, the products against a float64
+reference of the rounded operands and against bitsandbytes' dequantize + torch's 16-bit
+linear, the QLoRA layer's option."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+
+import numlora as nl
+from numlora.errors import ConfigError
+from numlora.layers import QLoraLinear
+
+from conftest import JIT_DISABLED
+
+ml_dtypes = pytest.importorskip("ml_dtypes")
+
+CASTS = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+#: Mantissa bits and the smallest gap (the subnormal spacing) of each compute dtype.
+MANT = {"bfloat16": (7, 2.0 ** -133), "float16": (10, 2.0 ** -24)}
+
+
+def ulp(v, dtype):
+    """The gap between neighbours of the compute dtype at |v| (float64 array)."""
+    bits, tiny = MANT[dtype]
+    with np.errstate(divide="ignore"):
+        e = np.floor(np.log2(np.abs(v)))
+    return np.maximum(np.where(np.isfinite(e), 2.0 ** (e - bits), 0.0), tiny)
+
+
+def rnd(a, dtype):
+    """The independent rounding: numpy's / ml_dtypes' casts (round to nearest even)."""
+    with np.errstate(all="ignore"):
+        return np.asarray(a, np.float32).astype(CASTS[dtype]).astype(np.float32)
+
+
+def check_rounded(got, want, dtype, min_equal=0.99):
+    """Every element within one unit of the compute dtype of the float64 reference
+    (rounded), and nearly all of them bit-equal: they differ only where float32
+    accumulation and float64 land on two sides of a rounding boundary."""
+    assert got.dtype == np.float32 and got.shape == want.shape
+    assert np.array_equal(got, rnd(got, dtype)), "the result holds values of the compute dtype"
+    got64 = got.astype(np.float64)
+    gap = ulp(np.maximum(np.abs(got64), np.abs(want)), dtype)
+    assert (np.abs(got64 - want) <= gap).all(), (np.abs(got64 - want) / gap).max()
+    assert (got == want).mean() >= min_equal, (got == want).mean()
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_rounding_is_the_casts_round_to_nearest_even(dtype):
+    from numlora.kernels import compute as kc
+
+    rng = np.random.default_rng(0)
+    bits = rng.integers(0, 2 ** 32, 400_000, dtype=np.uint64).astype(np.uint32)
+    edges = np.array([0, 0x80000000, 0x7F800000, 0xFF800000, 0x7FC00001, 0x477FEFFF, 0x477FF000, 0x477FE000,
+                      0x38800000, 0x387FFFFF, 0x33000000, 0x33000001, 0x32FFFFFF, 0x7F7FFFFF, 1, 0x007FFFFF,
+                      0x3F808000, 0x3F818000, 0x3F800FFF, 0x3F801000, 0x3F803000], np.uint32)
+    vals = np.concatenate([bits.view(np.float32), edges.view(np.float32), -edges.view(np.float32),
+                           (rng.standard_normal(100_000) * 1e-5).astype(np.float32),
+                           (rng.standard_normal(100_000) * 6e4).astype(np.float32)])
+    got = vals.copy()
+    kc.round_values(got, kc.BF16 if dtype == "bfloat16" else kc.F16)
+    want = rnd(vals, dtype)
+    nan = np.isnan(want)
+    assert np.array_equal(np.isnan(got), nan)
+    assert np.array_equal(got[~nan].view(np.uint32), want[~nan].view(np.uint32))
+
+
+def _operands(rng, out_f, in_f, n, quant_type="nf4", bs=64):
+    w = (rng.standard_normal((out_f, in_f)) * 0.05).astype(np.float32)
+    t = nl.quantize_nf4(w, bs, quant_type=quant_type)
+    x = rng.standard_normal((n, in_f)).astype(np.float32)
+    return t, x, rng.standard_normal(out_f).astype(np.float32)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("shape", [(70, 256, 64), (33, 100, 64), (20, 96, 32), (9, 50, 7)])
+@pytest.mark.parametrize("n", [1, 5, 16, 17, 40])
+def test_products_are_the_rounded_operands_product(dtype, quant_type, shape, n):
+    out_f, in_f, bs = shape
+    rng = np.random.default_rng(out_f + n)
+    t, x, b = _operands(rng, out_f, in_f, n, quant_type, bs)
+    wr = rnd(nl.dequantize_nf4(t), dtype).astype(np.float64)
+    xr = rnd(x, dtype).astype(np.float64)
+    y = nl.nf4_matmul(x, t, bias=b, compute_dtype=dtype)
+    check_rounded(y, rnd(xr @ wr.T + rnd(b, dtype), dtype), dtype)
+    y0 = nl.nf4_matmul(x, t, compute_dtype=dtype)
+    check_rounded(y0, rnd(xr @ wr.T, dtype), dtype)
+    g = rng.standard_normal((n, out_f)).astype(np.float32)
+    dx = nl.nf4_matmul_t(g, t, compute_dtype=dtype)
+    check_rounded(dx, rnd(rnd(g, dtype).astype(np.float64) @ wr, dtype), dtype)
+    # the adapter is added in float32 to the rounded base product, on the unrounded input
+    a = rng.standard_normal((4, in_f)).astype(np.float32)
+    lb = rng.standard_normal((out_f, 4)).astype(np.float32)
+    yq = nl.qlora_forward(x, t, a, lb, 0.5, b, compute_dtype=dtype)
+    lora = 0.5 * (x.astype(np.float64) @ a.T.astype(np.float64)) @ lb.T.astype(np.float64)
+    np.testing.assert_allclose(yq, y.astype(np.float64) + lora, rtol=1e-5, atol=1e-5 * np.abs(lora).max())
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_small_batches_give_each_row_the_same_bits(dtype):
+    rng = np.random.default_rng(5)
+    t, x, b = _operands(rng, 77, 192, 16)
+    full = nl.nf4_matmul(x, t, bias=b, compute_dtype=dtype)
+    for n in (1, 2, 7):
+        assert np.array_equal(nl.nf4_matmul(x[:n], t, bias=b, compute_dtype=dtype), full[:n])
+    assert np.array_equal(nl.nf4_matmul(x[3], t, bias=b, compute_dtype=dtype), full[3])
+
+
+@pytest.mark.skipif(JIT_DISABLED, reason="the SIMD decode exists only compiled")
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_simd_and_portable_decodes_give_the_same_bits(dtype, monkeypatch):
+    from numlora.kernels import nf4 as k
+
+    if not k.SIMD_LANES:
+        pytest.skip("this CPU (or NUMLORA_SIMD=0) has no SIMD decode")
+    rng = np.random.default_rng(6)
+    t, x, b = _operands(rng, 40, 256, 3)
+    simd = nl.nf4_matmul(x, t, bias=b, compute_dtype=dtype)
+    monkeypatch.setattr(k, "SIMD_LANES", 0)
+    assert np.array_equal(nl.nf4_matmul(x, t, bias=b, compute_dtype=dtype), simd)
+
+
+def test_float32_and_none_are_the_float32_kernels_and_aliases_name_the_same_dtype():
+    rng = np.random.default_rng(7)
+    t, x, b = _operands(rng, 30, 128, 3)
+    base = nl.nf4_matmul(x, t, bias=b)
+    for name in ("float32", np.float32, np.dtype("float32")):
+        assert np.array_equal(nl.nf4_matmul(x, t, bias=b, compute_dtype=name), base)
+    bf = nl.nf4_matmul(x, t, compute_dtype="bfloat16")
+    for alias in (ml_dtypes.bfloat16, np.dtype(ml_dtypes.bfloat16), "torch.bfloat16"):
+        assert np.array_equal(nl.nf4_matmul(x, t, compute_dtype=alias), bf)
+    assert np.array_equal(nl.nf4_matmul(x, t, compute_dtype=np.float16), nl.nf4_matmul(x, t, compute_dtype="float16"))
+    for bad in ("int8", "fp8", np.float64, 3):
+        with pytest.raises(ConfigError, match="compute_dtype"):
+            nl.nf4_matmul(x, t, compute_dtype=bad)
+
+
+def test_16bit_inputs_and_overlapping_out():
+    rng = np.random.default_rng(8)
+    t, x, b = _operands(rng, 64, 64, 4)
+    want = nl.nf4_matmul(x, t, bias=b, compute_dtype="bfloat16")
+    xb = x.astype(ml_dtypes.bfloat16)  # rounding a bf16 input again changes nothing
+    assert np.array_equal(nl.nf4_matmul(xb, t, bias=b, compute_dtype="bfloat16"),
+                          nl.nf4_matmul(xb.astype(np.float32), t, bias=b, compute_dtype="bfloat16"))
+    buf = x.copy()
+    got = nl.nf4_matmul(buf, t, bias=b, out=buf, compute_dtype="bfloat16")
+    assert got is buf and np.array_equal(buf, want)
+
+
+def test_layer_compute_dtype_forward_backward_pickle():
+    rng = np.random.default_rng(9)
+    w = (rng.standard_normal((48, 128)) * 0.05).astype(np.float32)
+    layer = QLoraLinear.from_weight(w, 4, 8.0, compute_dtype="bfloat16", bias=rng.standard_normal(48).astype(np.float32))
+    layer.lora_b = rng.standard_normal((48, 4)).astype(np.float32)
+    assert layer.compute_dtype == "bfloat16" and "compute_dtype='bfloat16'" in repr(layer)
+    x = rng.standard_normal((6, 128)).astype(np.float32)
+    want = nl.qlora_forward(x, layer.nf4, layer.lora_a, layer.lora_b, layer.scaling, layer.bias,
+                            compute_dtype="bfloat16")
+    assert np.array_equal(layer(x), want)
+    layer.train()
+    y = layer.forward(x)
+    assert np.array_equal(y, want)
+    g = rng.standard_normal(y.shape).astype(np.float32)
+    dx = layer.backward(g)
+    dx_want, ga, gb = nl.qlora_backward(x, layer.nf4, layer.lora_a, layer.lora_b, layer.scaling, g,
+                                        compute_dtype="bfloat16")
+    assert np.array_equal(dx, dx_want)
+    assert np.array_equal(layer.grad_a, ga) and np.array_equal(layer.grad_b, gb)
+    layer.eval()
+    back = pickle.loads(pickle.dumps(layer, protocol=5))
+    assert back.compute_dtype == "bfloat16" and np.array_equal(back(x), want)
+    plain = QLoraLinear(layer.nf4, layer.lora_a, layer.lora_b, 8.0, bias=layer.bias)
+    assert plain.compute_dtype == "float32" and not np.array_equal(plain(x), want)
+    with pytest.raises(ConfigError, match="compute_dtype"):
+        QLoraLinear.from_weight(w, 4, 8.0, compute_dtype="float64")
+
+
+def test_against_bitsandbytes_dequantize_and_torch_16bit_linear():
+    torch = pytest.importorskip("torch")
+    F = pytest.importorskip("bitsandbytes.functional")
+    rng = np.random.default_rng(10)
+    w = (rng.standard_normal((256, 512)) * 0.02).astype(np.float32)
+    b = rng.standard_normal(256).astype(np.float32)
+    for quant_type in ("nf4", "fp4"):
+        q, state = F.quantize_4bit(torch.from_numpy(w), blocksize=64, quant_type=quant_type)
+        t = nl.quantize_nf4(w, 64, quant_type=quant_type)
+        for dtype, tdt in (("bfloat16", torch.bfloat16), ("float16", torch.float16)):
+            wb = F.dequantize_4bit(q, state).to(tdt)
+            for n in (1, 8, 40):
+                x = rng.standard_normal((n, 512)).astype(np.float32)
+                want = torch.nn.functional.linear(torch.from_numpy(x).to(tdt), wb,
+                                                  torch.from_numpy(b).to(tdt)).float().numpy()
+                got = nl.nf4_matmul(x, t, bias=b, compute_dtype=tdt)
+                check_rounded(got, want.astype(np.float64), dtype, min_equal=0.99)
