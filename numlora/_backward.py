@@ -60,6 +60,19 @@ def expand_into(us, lora_b, out2):
         out2[r0:r1] += t
 
 
+def dense_forward(x2, xl2, weight, a, b, s, bias, fan_in_fan_out, out2, u2=None):
+    """The dense forward over validated 2-D arrays of one dtype (what
+    :func:`numlora.ops.lora_forward` and :func:`~numlora.ops.linear_forward` run after
+    their checks, and a dense layer's training forward over the arrays it owns):
+    ``out2 = x2 W^T (+ s (xl2 A^T) B^T when a is not None) (+ bias)``, ``xl2 A^T`` into
+    ``u2`` when given. ``out2`` must not share memory with the inputs."""
+    base_product(x2, weight, fan_in_fan_out, out2)
+    if a is not None:
+        add_low_rank(xl2, a, b, s, out2, u2)
+    if bias is not None:
+        out2 += bias
+
+
 def u_buffer(u_out, x, rank, dtype, arrays, what):
     """A forward's ``u_out=`` (None, or a C-contiguous array of ``dtype`` shaped (rank,) for
     a 1-D ``x``, else (n, rank)) as a 2-D view; one sharing memory with ``arrays`` (the

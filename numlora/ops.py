@@ -77,11 +77,9 @@ def lora_forward(x, weight, lora_a, lora_b, scaling, bias=None, out=None, *, fan
     out, dest = validate.output(out, x, out_f, dtype, inputs)
     x2 = np.ascontiguousarray(x.reshape(-1, in_f), dtype)
     xl2 = x2 if xl is None else np.ascontiguousarray(xl.reshape(-1, in_f), dtype)
-    out2 = out.reshape(-1, out_f)
-    bw.base_product(x2, weight.astype(dtype, copy=False), fan_in_fan_out, out2)
-    bw.add_low_rank(xl2, lora_a.astype(dtype, copy=False), lora_b.astype(dtype, copy=False), s, out2, u2)
-    if use_bias:
-        out2 += b_arr
+    bw.dense_forward(x2, xl2, weight.astype(dtype, copy=False), lora_a.astype(dtype, copy=False),
+                     lora_b.astype(dtype, copy=False), s, b_arr if use_bias else None, fan_in_fan_out,
+                     out.reshape(-1, out_f), u2)
     return validate.deliver(out, dest)
 
 
@@ -99,10 +97,8 @@ def linear_forward(x, weight, bias=None, out=None, *, fan_in_fan_out=False):
     b_arr, use_bias = validate.bias_array(bias, out_f, dtype)
     out, dest = validate.output(out, x, out_f, dtype, {"x": x, "weight": weight, "bias": bias})
     x2 = np.ascontiguousarray(x.reshape(-1, in_f), dtype)
-    out2 = out.reshape(-1, out_f)
-    bw.base_product(x2, weight.astype(dtype, copy=False), fan_in_fan_out, out2)
-    if use_bias:
-        out2 += b_arr
+    bw.dense_forward(x2, x2, weight.astype(dtype, copy=False), None, None, 0.0, b_arr if use_bias else None,
+                     fan_in_fan_out, out.reshape(-1, out_f))
     return validate.deliver(out, dest)
 
 
