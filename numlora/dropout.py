@@ -7,7 +7,9 @@ batch draws its keep bits from its own xorshift64 stream, seeded from ``(seed, i
 around it, and the GPU draws the same masks bit for bit. :meth:`DropoutState.mask`
 gives the state in the form the kernels take (:class:`DropoutMask`). Beside the public
 names (``__all__``), the package uses :class:`DropoutMask`, :func:`check_p`,
-:func:`check_seed` and :func:`row_states`.
+:func:`check_seed`, :func:`row_states` and :func:`drop_rows` (the draw of
+:func:`lora_dropout` over arrays already checked, which the layers' training forward
+shares).
 """
 
 from __future__ import annotations
@@ -26,10 +28,15 @@ __all__ = ["DropoutState", "dropout_keep_mask", "lora_dropout", "mix_seed"]
 _U64 = (1 << 64) - 1
 
 
-def _kernels():
-    from .kernels import train
+_TRAIN_KERNELS = []
 
-    return train
+
+def _kernels():
+    if not _TRAIN_KERNELS:  # imported on first use (numba compiles then), kept for the next calls
+        from .kernels import train
+
+        _TRAIN_KERNELS.append(train)
+    return _TRAIN_KERNELS[0]
 
 
 def check_p(p) -> float:
@@ -78,15 +85,25 @@ def row_states(seed, n):
 class DropoutMask(NamedTuple):
     """A :class:`DropoutState` as the dropout kernels take it: the keep threshold
     (``ceil(p * 2**53)``: an element is dropped when the top 53 bits of its draw fall
-    below it), the seed, and the scale ``1 / (1 - p)`` in the compute dtype."""
+    below it), the seed, the scale ``1 / (1 - p)`` in the compute dtype, and optionally
+    the start states of the rows' streams for one batch size (see :meth:`with_rows`)."""
 
     thresh: np.uint64
     seed: int
     scale: object
+    rows: object = None
 
     def states(self, n):
         """The start states of the first ``n`` rows' streams."""
+        rows = self.rows
+        if rows is not None and rows.shape[0] == n:
+            return rows
         return row_states(self.seed, n)
+
+    def with_rows(self, n) -> "DropoutMask":
+        """This mask with the start states of ``n`` rows computed once, for a forward and
+        its backward over the same batch."""
+        return self._replace(rows=row_states(self.seed, n))
 
     def apply(self, x2, out2):
         """``out2 = x2 * mask / (1 - p)`` over 2-D C-contiguous arrays (out2 may be x2)."""
@@ -160,8 +177,19 @@ def lora_dropout(x, p, seed, out=None):
     out2 = out.reshape(-1, width)
     if validate.shares_memory(out2, x2) and not validate.same_layout(out2, x2):
         x2 = x2.copy()  # a shifted overlap: the elementwise kernel would read what it wrote
-    state.mask(x.dtype).apply(x2, out2)
+    drop_rows(state, x2, out2)
     return out, state
+
+
+def drop_rows(state, x2, out2) -> DropoutMask:
+    """The draw of :func:`lora_dropout` over arrays already checked: ``out2 = x2 * mask /
+    (1 - p)`` for the :class:`DropoutState` ``state`` (p > 0), ``x2`` 2-D C-contiguous,
+    ``out2`` of its shape and dtype, ``x2`` itself or sharing no memory with it. Returns
+    the :class:`DropoutMask` with the rows' start states (what the backward's
+    ``mul_add`` reuses)."""
+    mask = state.mask(x2.dtype).with_rows(x2.shape[0])
+    mask.apply(x2, out2)
+    return mask
 
 
 def dropout_keep_mask(shape, p, seed) -> np.ndarray:
