@@ -16,11 +16,14 @@ from .errors import ConfigError, DTypeError, NonFiniteError, NumloraError, Shape
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 F32_MAX = float(np.finfo(np.float32).max)
+F32, F64 = FLOAT_DTYPES
 
 
 def float_array(name: str, a, ndims=None, *, allow_empty: bool = False) -> np.ndarray:
     """Return ``a`` as a float32 / float64 ndarray (no copy when it already is one);
     refuse other dtypes, the wrong number of dimensions and (by default) empty arrays."""
+    if type(a) is np.ndarray and (a.dtype is F32 or a.dtype is F64) and a.ndim == ndims and a.size:
+        return a  # the common case (numpy's own float dtype objects), without the general checks below
     if not isinstance(a, np.ndarray):
         if hasattr(a, "__cuda_array_interface__"):
             raise DTypeError(f"{name} is a GPU array; the CPU functions take numpy arrays")
@@ -41,6 +44,15 @@ def float_array(name: str, a, ndims=None, *, allow_empty: bool = False) -> np.nd
     if a.size == 0 and not allow_empty:
         raise ShapeError(f"expected a non-empty {name}, got shape {a.shape}")
     return a
+
+
+def compute_dtype(*dtypes) -> np.dtype:
+    """The compute dtype of float32 / float64 operands (``np.result_type`` of ``dtypes``:
+    float64 if any is, else float32), without numpy's call for the all-float32 case."""
+    for d in dtypes:
+        if d != F32:
+            return np.result_type(*dtypes)
+    return F32
 
 
 def expect_shape(name: str, a: np.ndarray, shape: tuple) -> None:
@@ -189,6 +201,9 @@ def first_nonfinite(name: str, flat: np.ndarray, shape: tuple, start: int = 0) -
 #: within it counts as overlapping, the safe answer.
 _OVERLAP_WORK = 4096
 _TooHard = getattr(getattr(np, "exceptions", np), "TooHardError", RuntimeError)
+#: ``np.may_share_memory`` without numpy's ``__array_function__`` dispatch (half its cost;
+#: called on ndarrays only), where numpy exposes it.
+_may_share = getattr(np.may_share_memory, "_implementation", np.may_share_memory)
 
 
 def shares_memory(a, b) -> bool:
@@ -201,7 +216,7 @@ def shares_memory(a, b) -> bool:
     shares nothing."""
     if not (isinstance(a, np.ndarray) and isinstance(b, np.ndarray)):
         return False
-    if not np.may_share_memory(a, b):
+    if not _may_share(a, b):
         return False
     try:
         return bool(np.shares_memory(a, b, max_work=_OVERLAP_WORK))
@@ -214,7 +229,7 @@ def overlapping(out, arrays: dict):
     memory with ``out``, or None. About 0.2 us per array when nothing overlaps."""
     if isinstance(out, np.ndarray):
         for name, a in arrays.items():
-            if isinstance(a, np.ndarray) and np.may_share_memory(out, a) and shares_memory(out, a):
+            if a is not None and isinstance(a, np.ndarray) and _may_share(out, a) and shares_memory(out, a):
                 return name
     return None
 
@@ -335,6 +350,11 @@ def _factor(name, a, hint):
 def low_rank_arrays(lora_a, lora_b, out_f, in_f, base=None):
     """Validate A (r, in) and B (out, r) against the base's shape; return (A, B, r).
     ``base``: a :class:`Base` for the messages (what the base is and its stored shape)."""
+    if (type(lora_a) is np.ndarray and type(lora_b) is np.ndarray and lora_a.ndim == 2 and lora_b.ndim == 2
+            and (lora_a.dtype is F32 or lora_a.dtype is F64) and (lora_b.dtype is F32 or lora_b.dtype is F64)):
+        rank = lora_a.shape[0]
+        if rank and lora_a.shape[1] == in_f and lora_b.shape == (out_f, rank) and in_f and out_f:
+            return lora_a, lora_b, rank  # the common case, without the checks and hints below
     lora_a = _factor("lora_a", lora_a, ": A is (rank, in_features); a rank-1 A is lora_a.reshape(1, -1)")
     rank = lora_a.shape[0]
     if lora_a.shape[1] != in_f:
@@ -390,6 +410,8 @@ def is_16bit(a) -> bool:
 def input_rows(x, in_f, name="x", what="in_features"):
     """Validate a batch of row vectors: (width,) or (n, width), float, n may be 0. A
     float16 / bfloat16 batch (an input, never written) is widened to float32, exactly."""
+    if type(x) is np.ndarray and (x.dtype is F32 or x.dtype is F64) and 0 < x.ndim < 3 and x.shape[-1] == in_f:
+        return x  # the common case, without the general checks below
     if is_16bit(x):
         x = x.astype(np.float32)
     x = float_array(name, x, (1, 2), allow_empty=True)
