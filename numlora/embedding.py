@@ -84,8 +84,9 @@ def embedding_lora_forward(ids, weight, lora_a, lora_b, scaling, out=None):
     out : optional C-contiguous ``ids.shape + (embedding_dim,)`` array of the compute
         dtype (float64 if any array is, else float32); it may overlap the inputs.
 
-    One pass over the output: each row is the base row plus the r terms, gathered and
-    added in place (no ``(n, r)`` or ``(n, dim)`` temporary).
+    The base rows are gathered into the output and the r terms added to them in place,
+    two rows and up to eight terms per SIMD pass, in order t = 0, 1, ... (no ``(n, dim)``
+    temporary; ``B^T`` and the ``(n, r)`` coefficients are the only ones).
     """
     weight, lora_a, lora_b, vocab, dim, _ = _table_arrays(weight, lora_a, lora_b)
     s = validate.real_scalar("scaling", scaling)
@@ -93,10 +94,9 @@ def embedding_lora_forward(ids, weight, lora_a, lora_b, scaling, out=None):
     dtype = np.result_type(weight.dtype, lora_a.dtype, lora_b.dtype)
     out, dest = _out(out, ids, dim, dtype, {"weight": weight, "lora_a": lora_a, "lora_b": lora_b})
     if flat.size:
-        bt = np.ascontiguousarray(lora_b.T, dtype)
         _kernels().embedding_lora_forward(flat, np.ascontiguousarray(weight, dtype),
-                                          np.ascontiguousarray(lora_a, dtype), bt, dtype.type(s),
-                                          out.reshape(-1, dim))
+                                          np.ascontiguousarray(lora_a, dtype), np.ascontiguousarray(lora_b, dtype),
+                                          dtype.type(s), out.reshape(-1, dim))
     return validate.deliver(out, dest)
 
 
@@ -155,7 +155,7 @@ def embedding_lora_backward(ids, lora_a, lora_b, scaling, grad_out, *, padding_i
     a, b, g2 = bw.unalias_grads(grad_a, grad_b, (a, b, g2))
     k = _kernels()
     u = np.empty((flat.size, rank), dtype)
-    k.gather_columns(flat, a, u)
+    k.embedding_gather(flat, a.T, u)
     u *= dtype.type(s)
     gb = np.dot(g2.T, u)
     h = np.dot(g2, b)

@@ -1,7 +1,7 @@
 """Kernels of LoRA on embeddings and convolutions.
 
-Embedding: the gather of the base rows fused with the low-rank term, and the
-scatter-add of A's gradient. Convolution: ``im2col`` / ``im2col_batch`` (images unfolded
+Embedding: the gather of the base rows (and of A's columns), the low-rank term added to
+them in place, and the scatter-add of A's gradient. Convolution: ``im2col`` / ``im2col_batch`` (images unfolded
 into columns, so that the convolution is a matrix product for BLAS) and the adjoint
 ``col2im_batch`` (the columns' gradient folded back onto the input). A 1-D convolution is
 the 2-D one with a height of 1.
@@ -14,33 +14,18 @@ layout of torch's ``(N, C, H, W)``.
 
 from __future__ import annotations
 
+import numpy as np
+
 from ._jit import inline_helper, kernel, prange, serial_twin
 
 
 @kernel()
-def embedding_lora_forward(ids, weight, lora_a, bt, scale, out):
-    """``out[i, :] = weight[ids[i], :] + sum_t (scale * lora_a[t, ids[i]]) * bt[t, :]``
-    with ``bt = B^T`` (r, dim), the terms added in order t = 0, 1, ...
-
-    Serial: a batch of ids moves a few MB, which one core does in about the time numba's
-    threads take to wake, and on a busy machine a parallel version waits for them (measured
-    in benchmarks/bench_embed_conv.py)."""
-    n = ids.shape[0]
-    dim = weight.shape[1]
-    r = lora_a.shape[0]
-    for i in range(n):
-        v = ids[i]
-        for d in range(dim):
-            out[i, d] = weight[v, d]
-        for t in range(r):
-            c = scale * lora_a[t, v]
-            for d in range(dim):
-                out[i, d] += c * bt[t, d]
-
-
-@kernel()
 def embedding_gather(ids, weight, out):
-    """``out[i, :] = weight[ids[i], :]`` (the base embedding alone; serial, as above)."""
+    """``out[i, :] = weight[ids[i], :]``: the base embedding alone, and (with ``weight =
+    A^T``) the rows of ``F.embedding(ids, A^T)``. Serial, as everything here on embeddings:
+    a batch of ids moves a few MB, which one core does in about the time numba's threads
+    take to wake, and on a busy machine a parallel version waits for them (measured in
+    benchmarks/bench_embed_conv.py)."""
     for i in range(ids.shape[0]):
         v = ids[i]
         for d in range(weight.shape[1]):
@@ -48,12 +33,89 @@ def embedding_gather(ids, weight, out):
 
 
 @kernel()
-def gather_columns(ids, lora_a, u):
-    """``u[i, t] = lora_a[t, ids[i]]``: the rows of ``F.embedding(ids, A^T)``."""
-    for i in range(ids.shape[0]):
-        v = ids[i]
-        for t in range(lora_a.shape[0]):
-            u[i, t] = lora_a[t, v]
+def embedding_lora_forward(ids, weight, lora_a, lora_b, scale, out):
+    """``out[i, :] = weight[ids[i], :] + sum_t (scale * lora_a[t, ids[i]]) * lora_b[:, t]``,
+    the terms added in order t = 0, 1, ... (a product, then a sum, each rounded: no FMA).
+
+    The base rows are gathered into ``out``, then the terms are added two output rows and
+    eight (or four, then one) terms per pass: each pass's inner loop over the columns is
+    one contiguous SIMD loop, it reads eight rows of ``B^T`` once for two tokens, and each
+    output element is loaded and stored once per eight terms. ``B^T`` (r, dim) and the
+    scaled coefficients (n, r) are the only temporaries."""
+    n = ids.shape[0]
+    r = lora_a.shape[0]
+    dim = weight.shape[1]
+    embedding_gather(ids, weight, out)
+    bt = np.empty((r, dim), out.dtype)
+    _transpose(lora_b, bt)
+    # one spare row of coefficients (zero) and of output for the partner of an odd last id
+    c = np.zeros((n + 1, r), out.dtype)
+    embedding_gather(ids, lora_a.T, c)
+    for i in range(n):
+        for t in range(r):
+            c[i, t] = scale * c[i, t]
+    spare = np.zeros(dim, out.dtype)
+    for i in range(0, n, 2):
+        o0 = out[i]
+        o1 = out[i + 1] if i + 1 < n else spare
+        c0 = c[i]
+        c1 = c[i + 1]
+        t = 0
+        while t + 8 <= r:
+            _add8(o0, o1, c0, c1, bt, t)
+            t += 8
+        if t + 4 <= r:
+            _add4(o0, o1, c0, c1, bt, t)
+            t += 4
+        while t < r:
+            _axpy(o0, c0[t], bt[t])
+            _axpy(o1, c1[t], bt[t])
+            t += 1
+
+
+@inline_helper
+def _transpose(b, bt):
+    """``bt[t, d] = b[d, t]``, in blocks of 16 rows of ``b`` (faster than numpy's
+    transposing copy of a (4096, 16) float32 array, which gathers a column at a time)."""
+    for d0 in range(0, b.shape[0], 16):
+        blk = b[d0:d0 + 16]
+        for t in range(b.shape[1]):
+            row = bt[t, d0:d0 + 16]
+            for j in range(blk.shape[0]):
+                row[j] = blk[j, t]
+
+
+@inline_helper
+def _axpy(o, k, b):
+    """``o += k * b``."""
+    for d in range(o.shape[0]):
+        o[d] = o[d] + k * b[d]
+
+
+@inline_helper
+def _add8(o0, o1, c0, c1, bt, t):
+    """``o0 += c0[t] * bt[t] + ... + c0[t + 7] * bt[t + 7]``, added left to right (as
+    eight :func:`_axpy` calls would), and ``o1`` likewise with ``c1``. The rows of ``bt``
+    are separate arguments of one loop (not a loop over them) so that LLVM vectorizes it."""
+    b0, b1, b2, b3, b4, b5, b6, b7 = bt[t], bt[t + 1], bt[t + 2], bt[t + 3], bt[t + 4], bt[t + 5], bt[t + 6], bt[t + 7]
+    p0, p1, p2, p3, p4, p5, p6, p7 = c0[t], c0[t + 1], c0[t + 2], c0[t + 3], c0[t + 4], c0[t + 5], c0[t + 6], c0[t + 7]
+    q0, q1, q2, q3, q4, q5, q6, q7 = c1[t], c1[t + 1], c1[t + 2], c1[t + 3], c1[t + 4], c1[t + 5], c1[t + 6], c1[t + 7]
+    for d in range(o0.shape[0]):
+        x0, x1, x2, x3, x4, x5, x6, x7 = b0[d], b1[d], b2[d], b3[d], b4[d], b5[d], b6[d], b7[d]
+        o0[d] = o0[d] + p0 * x0 + p1 * x1 + p2 * x2 + p3 * x3 + p4 * x4 + p5 * x5 + p6 * x6 + p7 * x7
+        o1[d] = o1[d] + q0 * x0 + q1 * x1 + q2 * x2 + q3 * x3 + q4 * x4 + q5 * x5 + q6 * x6 + q7 * x7
+
+
+@inline_helper
+def _add4(o0, o1, c0, c1, bt, t):
+    """:func:`_add8` with four terms."""
+    b0, b1, b2, b3 = bt[t], bt[t + 1], bt[t + 2], bt[t + 3]
+    p0, p1, p2, p3 = c0[t], c0[t + 1], c0[t + 2], c0[t + 3]
+    q0, q1, q2, q3 = c1[t], c1[t + 1], c1[t + 2], c1[t + 3]
+    for d in range(o0.shape[0]):
+        x0, x1, x2, x3 = b0[d], b1[d], b2[d], b3[d]
+        o0[d] = o0[d] + p0 * x0 + p1 * x1 + p2 * x2 + p3 * x3
+        o1[d] = o1[d] + q0 * x0 + q1 * x1 + q2 * x2 + q3 * x3
 
 
 @kernel()
