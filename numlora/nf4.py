@@ -3,7 +3,7 @@ dequantize, and the matmul of a 4-bit weight (the QLoRA forward).
 
 The format, exactly as bitsandbytes' CPU path writes it, is described in
 ``docs/nf4-format.md``. The two code books share every kernel but the quantizer's code
-search (:mod:`numlora.kernels.fp4`); a tensor records its ``quant_type``.
+search (:func:`numlora.kernels.nf4._nibble`); a tensor records its ``quant_type``.
 """
 
 from __future__ import annotations
@@ -355,27 +355,21 @@ def _quantize(x, shape, dtype, blocksize, double_quant, quant_type, bits=None) -
     absmax = np.empty(nblocks, np.float32)
     if x is None and bs % 2 == 1:  # blocks start mid-byte: the float32 kernels handle that
         x = _bf16_values(bits)
-    from .kernels import fp4
-
+    even, generic, from_bf16 = k.QUANTIZERS[quant_type]
+    simd = quant_type == "nf4" and products.simd_ok(k, bs)
     if x is None:
         nfull = n // bs
-        if quant_type == "fp4":
-            fp4.fp4_quantize_bf16(bits, nfull, bs, packed, absmax, absmax.view(np.int32))
-        elif products.simd_ok(k, bs):
+        if simd:
             k.nf4_quantize_bf16_simd(bits, nfull, bs, _MIDS16, packed, absmax, absmax.view(np.int32))
         else:
-            k.nf4_quantize_bf16(bits, nfull, bs, packed, absmax, absmax.view(np.int32))
+            from_bf16(bits, nfull, bs, packed, absmax, absmax.view(np.int32))
         if nfull < nblocks:  # the partial last block, widened (it starts on a byte: bs even)
             xt = _bf16_values(bits[nfull * bs:])
-            kern = fp4.fp4_quantize_even if quant_type == "fp4" else k.nf4_quantize_even
-            kern(xt, xt.view(np.int32), bs, packed[nfull * bs // 2:], absmax[nfull:], absmax[nfull:].view(np.int32))
-    elif quant_type == "fp4":
-        kern = fp4.fp4_quantize_even if bs % 2 == 0 else fp4.fp4_quantize_any
-        kern(x, x.view(np.int32), bs, packed, absmax, absmax.view(np.int32))
-    elif products.simd_ok(k, bs):
+            even(xt, xt.view(np.int32), bs, packed[nfull * bs // 2:], absmax[nfull:], absmax[nfull:].view(np.int32))
+    elif simd:
         k.nf4_quantize_simd(x, x.view(np.int32), bs, _MIDS16, packed, absmax, absmax.view(np.int32))
     else:
-        kern = k.nf4_quantize_even if bs % 2 == 0 else k.nf4_quantize_any
+        kern = even if bs % 2 == 0 else generic
         kern(x, x.view(np.int32), bs, packed, absmax, absmax.view(np.int32))
     finite = np.isfinite(absmax)
     if not finite.all():

@@ -21,9 +21,11 @@ or inf gets a non-finite absmax, which the caller turns into an error.
 
 from __future__ import annotations
 
+import types
+
 import numpy as np
 
-from .._tables import NF4_MIDPOINTS
+from .._tables import FP4_MIDPOINTS, NF4_MIDPOINTS
 from ._jit import inline_helper, kernel, prange, serial_twin
 from ._simd import CACHEABLE as SIMD_CACHEABLE
 from ._simd import GROUP as SIMD_GROUP
@@ -48,8 +50,25 @@ _I1 = np.int32(1)
 _I0 = np.int32(0)
 (_M0, _M1, _M2, _M3, _M4, _M5, _M6, _M7, _M8, _M9, _M10, _M11, _M12, _M13, _M14) = (
     np.float32(m) for m in NF4_MIDPOINTS)
+(_F0, _F1, _F2, _F3, _F4, _F5, _F6, _F7, _F8, _F9, _F10, _F11, _F12, _F13, _F14) = (
+    np.float32(m) for m in FP4_MIDPOINTS)
 _CODES_CHUNK = 64  # blocks per parallel task of the quantizer
 _PACK_CHUNK = 8192  # bytes per parallel task in the generic (odd blocksize) path
+
+
+# --- quantize ------------------------------------------------------------------------------
+#
+# NF4 and FP4 (bitsandbytes' 1-2-1 float code book, ``numlora._tables.FP4_CODE``) share the
+# block rules above and every loop of the quantizer; only the encoder of a scaled value
+# differs (:func:`_code`, :func:`_nibble`), and the nibble an odd tail is padded with (the
+# code of 0.0: 7 in NF4, 0 in FP4). The loops are written once, as templates that call
+# ``_encode`` and pad with ``_PAD`` (and the inline helpers ``_tail`` and ``_block``, built
+# from the templates ``_partial_tail`` and ``_encode_block`` the same way);
+# :func:`_quantizers` compiles a copy of each template
+# per code book with those names bound to its encoder, so the encoder is inlined with its
+# midpoints as constants (the loops vectorise as hand-written copies did) and each copy is
+# compiled, and cached on disk, under its own name (``nf4_quantize_even``,
+# ``fp4_quantize_even``, ...) on first use only.
 
 
 @inline_helper
@@ -64,6 +83,27 @@ def _code(y):
 
 
 @inline_helper
+def _nibble(y):
+    """The FP4 nibble of y: ``FP4_ORDER[c]``, c the number of FP4 midpoints strictly below y.
+
+    ``FP4_ORDER[c]`` is computed, not looked up, so the loop vectorises: with ``m = c - 8``
+    on the positive side (``c >= 8``) and ``m = 7 - c`` on the other, the magnitude nibble
+    is ``m ^ ((m & 2) << 1)`` and the sign bit is set for negative values except the zero
+    code, and for the smallest positive bucket (bitsandbytes maps (0, 0.0104] to nibble 8,
+    the table's second zero). ``tests/test_fp4.py`` checks the formula against the table."""
+    c = ((_I1 if y > _F0 else _I0) + (_I1 if y > _F1 else _I0) + (_I1 if y > _F2 else _I0)
+         + (_I1 if y > _F3 else _I0) + (_I1 if y > _F4 else _I0) + (_I1 if y > _F5 else _I0)
+         + (_I1 if y > _F6 else _I0) + (_I1 if y > _F7 else _I0) + (_I1 if y > _F8 else _I0)
+         + (_I1 if y > _F9 else _I0) + (_I1 if y > _F10 else _I0) + (_I1 if y > _F11 else _I0)
+         + (_I1 if y > _F12 else _I0) + (_I1 if y > _F13 else _I0) + (_I1 if y > _F14 else _I0))
+    pos = c >= np.int32(8)
+    m = c - np.int32(8) if pos else np.int32(7) - c
+    zero = m == _I0
+    sign = _I1 if pos == zero else _I0
+    return (sign << np.int32(3)) | (m ^ ((m & np.int32(2)) << np.int32(1)))
+
+
+@inline_helper
 def _absmax_bits(xib):
     mb = np.int32(0)
     for k in range(xib.size):
@@ -74,7 +114,20 @@ def _absmax_bits(xib):
 
 
 @inline_helper
-def _quantize_partial_tail(x, xi, start, packed, absmax, absmax_i, b):
+def _widen_bf16(bits, xi):
+    """xi[k] = bits[k] << 16 (the float32 bits of a bf16 value); returns the integer max of
+    the magnitudes' bits (the absmax's float32 bits, as :func:`_absmax_bits`)."""
+    mb = np.int32(0)
+    for k in range(bits.size):
+        v = np.int32(bits[k]) << np.int32(16)
+        xi[k] = v
+        a = v & np.int32(0x7FFFFFFF)
+        if a > mb:
+            mb = a
+    return mb
+
+
+def _partial_tail(x, xi, start, packed, absmax, absmax_i, b):
     """The partial last block b = [start, n) (start even): bitsandbytes divides by the
     clamped absmax there and stores the clamped value."""
     n = x.size
@@ -82,15 +135,23 @@ def _quantize_partial_tail(x, xi, start, packed, absmax, absmax_i, b):
     am = max(absmax[b], TINY)
     absmax[b] = am
     for k in range(start, n, 2):
-        q0 = _code(x[k] / am)
-        q1 = 7
+        q0 = _encode(x[k] / am)  # noqa: F821  (bound per code book by _quantizers)
+        q1 = _PAD  # noqa: F821
         if k + 1 < n:
-            q1 = _code(x[k + 1] / am)
+            q1 = _encode(x[k + 1] / am)  # noqa: F821
         packed[k >> 1] = (q0 << 4) | q1
 
 
-@kernel(parallel=True)
-def nf4_quantize_even(x, xi, blocksize, packed, absmax, absmax_i):
+def _encode_block(xb, inv, codes, pb):
+    """One whole block: the codes of ``xb * inv`` into the int32 scratch ``codes``, then
+    packed two per byte into ``pb`` (the first element high)."""
+    for k in range(xb.size):
+        codes[k] = _encode(xb[k] * inv)  # noqa: F821
+    for p in range(pb.size):
+        pb[p] = (codes[2 * p] << 4) | codes[2 * p + 1]
+
+
+def _quantize_even(x, xi, blocksize, packed, absmax, absmax_i):
     """Quantize the flat float32 ``x`` (``xi`` its int32 view) for an even blocksize:
     one fused pass per block (absmax, then codes, packed two per byte)."""
     n = x.size
@@ -101,20 +162,14 @@ def nf4_quantize_even(x, xi, blocksize, packed, absmax, absmax_i):
         codes = np.empty(blocksize, np.int32)
         for b in range(task * _CODES_CHUNK, min(nfull, (task + 1) * _CODES_CHUNK)):
             start = b * blocksize
-            xb = x[start:start + blocksize]
             absmax_i[b] = _absmax_bits(xi[start:start + blocksize])
             inv = ONE / max(absmax[b], TINY)
-            for k in range(blocksize):
-                codes[k] = _code(xb[k] * inv)
-            pb = packed[b * half:(b + 1) * half]
-            for p in range(half):
-                pb[p] = (codes[2 * p] << 4) | codes[2 * p + 1]
+            _block(x[start:start + blocksize], inv, codes, packed[b * half:(b + 1) * half])  # noqa: F821
     if nfull * blocksize < n:
-        _quantize_partial_tail(x, xi, nfull * blocksize, packed, absmax, absmax_i, nfull)
+        _tail(x, xi, nfull * blocksize, packed, absmax, absmax_i, nfull)  # noqa: F821
 
 
-@kernel(parallel=True)
-def nf4_quantize_any(x, xi, blocksize, packed, absmax, absmax_i):
+def _quantize_any(x, xi, blocksize, packed, absmax, absmax_i):
     """Quantize for any blocksize >= 2 (blocks may start mid-byte): absmax per block
     first, then codes per byte."""
     n = x.size
@@ -135,17 +190,67 @@ def nf4_quantize_any(x, xi, blocksize, packed, absmax, absmax_i):
             k = 2 * p
             b = k // blocksize
             if b < nfull:
-                q0 = _code(x[k] * inv[b])
+                q0 = _encode(x[k] * inv[b])  # noqa: F821
             else:
-                q0 = _code(x[k] / absmax[b])
-            q1 = 7
+                q0 = _encode(x[k] / absmax[b])  # noqa: F821
+            q1 = _PAD  # noqa: F821
             if k + 1 < n:
                 b = (k + 1) // blocksize
                 if b < nfull:
-                    q1 = _code(x[k + 1] * inv[b])
+                    q1 = _encode(x[k + 1] * inv[b])  # noqa: F821
                 else:
-                    q1 = _code(x[k + 1] / absmax[b])
+                    q1 = _encode(x[k + 1] / absmax[b])  # noqa: F821
             packed[p] = (q0 << 4) | q1
+
+
+def _quantize_bf16(bits, nfull, blocksize, packed, absmax, absmax_i):
+    """The even-blocksize quantizer over the first ``nfull`` whole blocks of the bf16 bit
+    patterns ``bits`` (uint16), each block widened into a float32 scratch first (see the
+    bf16 section below); the caller quantizes a partial last block as float32."""
+    half = blocksize // 2
+    ntasks = (nfull + _CODES_CHUNK - 1) // _CODES_CHUNK
+    for task in prange(ntasks):
+        xi = np.empty(blocksize, np.int32)
+        xb = xi.view(np.float32)
+        codes = np.empty(blocksize, np.int32)
+        for b in range(task * _CODES_CHUNK, min(nfull, (task + 1) * _CODES_CHUNK)):
+            absmax_i[b] = _widen_bf16(bits[b * blocksize:(b + 1) * blocksize], xi)
+            inv = ONE / max(absmax[b], TINY)
+            _block(xb, inv, codes, packed[b * half:(b + 1) * half])  # noqa: F821
+
+
+def _bind(template, name, names):
+    """A copy of the plain function ``template`` named ``name``, whose global names
+    ``names`` (a dict) are bound to the given objects. numba resolves a kernel's globals
+    when it compiles it, and its on-disk cache files a function under its qualified name,
+    so every copy compiles and caches apart."""
+    fn = types.FunctionType(template.__code__, dict(template.__globals__, **names), name,
+                            template.__defaults__, template.__closure__)
+    fn.__qualname__ = name
+    fn.__module__ = template.__module__
+    fn.__doc__ = template.__doc__
+    return fn
+
+
+def _quantizers(quant_type, encode, pad):
+    """``(quantize_even, quantize_any, quantize_bf16, partial_tail)`` for one code book:
+    the templates above with ``_encode = encode`` (scaled value -> nibble, an
+    :func:`inline_helper`) and ``_PAD = pad``, named ``<quant_type>_quantize_even`` etc.
+    Called once per code book at import (creating a dispatcher compiles nothing)."""
+    names = {"_encode": encode, "_PAD": pad}
+    names["_tail"] = inline_helper(_bind(_partial_tail, f"_{quant_type}_partial_tail", names))
+    names["_block"] = inline_helper(_bind(_encode_block, f"_{quant_type}_encode_block", names))
+    return tuple(kernel(parallel=True)(_bind(t, f"{quant_type}_quantize_{suffix}", names))
+                 for t, suffix in ((_quantize_even, "even"), (_quantize_any, "any"),
+                                   (_quantize_bf16, "bf16"))) + (names["_tail"],)
+
+
+nf4_quantize_even, nf4_quantize_any, nf4_quantize_bf16, _quantize_partial_tail = _quantizers("nf4", _code, 7)
+fp4_quantize_even, fp4_quantize_any, fp4_quantize_bf16, _fp4_partial_tail = _quantizers("fp4", _nibble, 0)
+
+#: The quantize kernels by ``quant_type``: (even blocksize, any blocksize, bf16 bits).
+QUANTIZERS = {"nf4": (nf4_quantize_even, nf4_quantize_any, nf4_quantize_bf16),
+              "fp4": (fp4_quantize_even, fp4_quantize_any, fp4_quantize_bf16)}
 
 
 @kernel(parallel=True)
@@ -688,44 +793,11 @@ def nf4_quantize_simd(x, xi, blocksize, mids16, packed, absmax, absmax_i):
 
 
 # --- quantize straight from bfloat16 bits ----------------------------------------------------
-# bitsandbytes quantizes a bf16 weight as its exact float32 value, so these read the uint16
+# bitsandbytes quantizes a bf16 weight as its exact float32 value, so these (the SIMD kernel
+# below and the ``*_quantize_bf16`` kernels built from ``_quantize_bf16``) read the uint16
 # bit patterns and widen each block into a float32 scratch (bits << 16) instead of the
 # caller converting the whole weight first: no 2x-sized float32 copy, one pass over memory.
 # Full blocks only (blocksize even); the caller quantizes a partial last block as float32.
-
-
-@inline_helper
-def _widen_bf16(bits, xi):
-    """xi[k] = bits[k] << 16 (the float32 bits of a bf16 value); returns the integer max of
-    the magnitudes' bits (the absmax's float32 bits, as :func:`_absmax_bits`)."""
-    mb = np.int32(0)
-    for k in range(bits.size):
-        v = np.int32(bits[k]) << np.int32(16)
-        xi[k] = v
-        a = v & np.int32(0x7FFFFFFF)
-        if a > mb:
-            mb = a
-    return mb
-
-
-@kernel(parallel=True)
-def nf4_quantize_bf16(bits, nfull, blocksize, packed, absmax, absmax_i):
-    """:func:`nf4_quantize_even` over the first ``nfull`` whole blocks of the bf16 bit
-    patterns ``bits`` (uint16)."""
-    half = blocksize // 2
-    ntasks = (nfull + _CODES_CHUNK - 1) // _CODES_CHUNK
-    for task in prange(ntasks):
-        xi = np.empty(blocksize, np.int32)
-        xb = xi.view(np.float32)
-        codes = np.empty(blocksize, np.int32)
-        for b in range(task * _CODES_CHUNK, min(nfull, (task + 1) * _CODES_CHUNK)):
-            absmax_i[b] = _widen_bf16(bits[b * blocksize:(b + 1) * blocksize], xi)
-            inv = ONE / max(absmax[b], TINY)
-            for k in range(blocksize):
-                codes[k] = _code(xb[k] * inv)
-            pb = packed[b * half:(b + 1) * half]
-            for p in range(half):
-                pb[p] = (codes[2 * p] << 4) | codes[2 * p + 1]
 
 
 @kernel(parallel=True, cache=SIMD_CACHEABLE)
