@@ -142,10 +142,12 @@ def blas_product(x2, t, scales, out2):
     out2[...] = yt.T
 
 
-def row_tiles(t, scales):
+def row_tiles(t, scales, mode=0):
     """Yield ``(r0, r1, tile)``: rows r0:r1 of deq(W), decoded (serially) into one reused
     buffer of at most TILE_ELEMS floats, for the large-batch paths that multiply them with
-    BLAS (the forward's ``x W^T`` and the backward's ``G W``)."""
+    BLAS (the forward's ``x W^T`` and the backward's ``G W``). ``mode`` 1 / 2: each value
+    rounded to bfloat16 / float16 (see :func:`compute_mode`)."""
+    from .kernels import compute as kc
     from .kernels import nf4 as k
 
     out_f, in_f = t.shape
@@ -156,10 +158,15 @@ def row_tiles(t, scales):
     for r0 in range(0, out_f, rows):
         r1 = min(out_f, r0 + rows)
         cur = tile[: r1 - r0]
-        if simd:
+        if simd and mode:
+            kc.nf4_decode_rounded_tile(t.packed, scales, bs, t.code, mode, r0 * in_f // bs, r1 * in_f // bs,
+                                       cur.reshape(-1))
+        elif simd:
             k.nf4_decode_simd_tile(t.packed, scales, bs, t.code, r0 * in_f // bs, r1 * in_f // bs, cur.reshape(-1))
         else:
             k.nf4_dequantize_tile(t.packed, scales, bs, t.code, r0 * in_f, r1 * in_f, cur.reshape(-1))
+            if mode:
+                kc.round_values(cur.reshape(-1), mode)
         yield r0, r1, cur
 
 
@@ -200,11 +207,6 @@ def _rounded(a, mode, k):
     return r
 
 
-def _tiles_times(t, mode, rhs, out_t, k):
-    """out_t (out, n) = rnd(deq(W)) rhs, rhs (in, n): rounded tiles of W through BLAS."""
-    for r0, r1, cur in row_tiles(t, t.scales):
-        k.round_values(cur.reshape(-1), mode)
-        np.dot(cur, rhs, out=out_t[r0:r1])
 
 
 def forward_rounded(x2, t, mode, lora_a, lora_b, s, bias, out2, x_lora=None, u_out=None):
@@ -224,7 +226,8 @@ def forward_rounded(x2, t, mode, lora_a, lora_b, s, bias, out2, x_lora=None, u_o
     xr = _rounded(x2, mode, kc)
     if n > FUSED_MAX_ROWS:
         yt = np.empty((out_f, n), np.float32)
-        _tiles_times(t, mode, xr.T, yt, kc)
+        for r0, r1, cur in row_tiles(t, t.scales, mode):
+            np.dot(cur, xr.T, out=yt[r0:r1])
         out2[...] = yt.T
     elif in_f % t.blocksize == 0 and simd_ok(k, t.blocksize):
         kc.nf4_matmul_rounded_simd(t.packed, t.scales, t.blocksize, t.code, mode, xr, out2)
@@ -248,8 +251,7 @@ def grad_input_rounded(g2, t, mode, dx):
         return
     gr = _rounded(g2, mode, kc)
     tmp = None
-    for r0, r1, cur in row_tiles(t, t.scales):
-        kc.round_values(cur.reshape(-1), mode)
+    for r0, r1, cur in row_tiles(t, t.scales, mode):
         if r0 == 0:
             np.dot(gr[:, r0:r1], cur, out=dx)
         else:

@@ -80,9 +80,15 @@ AVX2_CHECK = """
     d = t.dequantize()
     assert np.array_equal(d, (nl.NF4_CODE[np.stack([t.packed >> 4, t.packed & 15], 1).reshape(-1)]
                               * np.repeat(t.absmax, 64)).reshape(40, 256))
+    x40 = np.concatenate([x] * 5)[:40]
+    half = {cd: (nl.nf4_matmul(x, t, compute_dtype=cd), nl.nf4_matmul(x40, t, compute_dtype=cd))
+            for cd in ("bfloat16", "float16")}
     k.SIMD_LANES = 0  # the portable quantizer must give the same bytes
     t0 = nl.quantize_nf4(w, 64)
     assert np.array_equal(t0.packed, t.packed) and np.array_equal(t0.absmax, t.absmax)
+    for cd, (small, large) in half.items():  # and the portable 16-bit products the same bits
+        assert np.array_equal(nl.nf4_matmul(x, t, compute_dtype=cd), small)
+        assert np.array_equal(nl.nf4_matmul(x40, t, compute_dtype=cd), large)
     print("ok")
 """
 

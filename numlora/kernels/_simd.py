@@ -221,13 +221,33 @@ def _make_row_dot(lanes):
     return row_dot
 
 
-def _make_decode(lanes, nontemporal):
+def round_vector(builder, v, lanes, mode):
+    """<lanes x float> v rounded to bfloat16 (mode 1) or float16 (mode 2), half to even,
+    and widened back: what ``kernels.compute`` computes on scalars (NaN stays NaN, made
+    quiet; float16 overflows to inf and underflows through its subnormals)."""
+    if mode == 2:
+        return builder.fpext(builder.fptrunc(v, _vec(ir.HalfType(), lanes)), _vec(F32, lanes))
+    it = _vec(I32, lanes)
+
+    def c(k):
+        return ir.Constant(it, [k] * lanes)
+
+    b = builder.bitcast(v, it)
+    nan = builder.icmp_unsigned(">", builder.and_(b, c(0x7FFFFFFF)), c(0x7F800000))
+    odd = builder.and_(builder.lshr(b, c(16)), c(1))
+    near = builder.and_(builder.add(builder.add(b, c(0x7FFF)), odd), c(-65536))
+    quiet = builder.and_(builder.or_(b, c(0x400000)), c(-65536))
+    return builder.bitcast(builder.select(nan, quiet, near), _vec(F32, lanes))
+
+
+def _make_decode(lanes, nontemporal, mode=0):
     @intrinsic
     def decode_blocks(typingctx, packed, scales, code, blocksize, out):
         """out[k] = code[nibble k] * scales[k // blocksize] for the blocks of ``scales``
         (packed / out start at the first of those blocks; blocksize % lanes == 0).
         The non-temporal build streams the stores past the caches (for outputs much larger
-        than the caches, which are not read back soon)."""
+        than the caches, which are not read back soon). ``mode`` 1 / 2: each value then
+        rounded to bfloat16 / float16 (:func:`round_vector`)."""
         sig = types.void(packed, scales, code, blocksize, out)
 
         def codegen(context, builder, sig, args):
@@ -247,9 +267,10 @@ def _make_decode(lanes, nontemporal):
                 with cgutils.for_range(builder, nchunks) as cl:
                     k = builder.add(base, builder.mul(cl.index, ir.Constant(I64, lanes)))
                     src = builder.gep(pk.data, [builder.lshr(k, ir.Constant(I64, 1))])
-                    w = _decode_chunk(builder, src, codes, lanes)
-                    st = builder.store(builder.fmul(w, s), builder.bitcast(builder.gep(oa.data, [k]), vt.as_pointer()),
-                                       align=4)
+                    w = builder.fmul(_decode_chunk(builder, src, codes, lanes), s)
+                    if mode:
+                        w = round_vector(builder, w, lanes, mode)
+                    st = builder.store(w, builder.bitcast(builder.gep(oa.data, [k]), vt.as_pointer()), align=4)
                     if nontemporal:
                         st.set_metadata("nontemporal", builder.module.add_metadata([ir.Constant(I32, 1)]))
             return context.get_dummy_value()
@@ -566,7 +587,56 @@ def _make_delta_rows(rows, apply):
     return delta_rows
 
 
+#: Partial sums of :func:`dot16` (and of its portable twin in ``kernels.compute``).
+DOT_LANES = 16
+
+
+def _make_dot16(lanes):
+    @intrinsic
+    def dot16(typingctx, w, w0, x, x0, n):
+        """sum(w[w0:w0+n] * x[x0:x0+n]) in float32, in this order whatever the SIMD width:
+        16 partial sums (element j into sum j % 16) over the whole chunks of 16, summed by
+        halving (sums 0..7 plus 8..15, then 0..3 plus 4..7, ...), then the remaining
+        elements added one by one. No FMA contraction, no reassociation."""
+        sig = types.float32(w, w0, x, x0, n)
+
+        def codegen(context, builder, sig, args):
+            wa = context.make_array(sig.args[0])(context, builder, args[0])
+            xa = context.make_array(sig.args[2])(context, builder, args[2])
+            wp = builder.gep(wa.data, [context.cast(builder, args[1], sig.args[1], types.int64)])
+            xp = builder.gep(xa.data, [context.cast(builder, args[3], sig.args[3], types.int64)])
+            m = context.cast(builder, args[4], sig.args[4], types.int64)
+            vt = _vec(F32, lanes)
+            parts = DOT_LANES // lanes
+            acc_p = [cgutils.alloca_once_value(builder, ir.Constant(vt, None)) for _ in range(parts)]
+            nchunks = builder.udiv(m, ir.Constant(I64, DOT_LANES))
+            with cgutils.for_range(builder, nchunks) as cl:
+                base = builder.mul(cl.index, ir.Constant(I64, DOT_LANES))
+                for q in range(parts):
+                    off = builder.add(base, ir.Constant(I64, q * lanes))
+                    wv = builder.load(builder.bitcast(builder.gep(wp, [off]), vt.as_pointer()), align=4)
+                    xv = builder.load(builder.bitcast(builder.gep(xp, [off]), vt.as_pointer()), align=4)
+                    builder.store(builder.fadd(builder.load(acc_p[q]), builder.fmul(wv, xv)), acc_p[q])
+            v = builder.load(acc_p[0])
+            if parts == 2:  # the first halving step: sums 0..7 plus 8..15
+                v = builder.fadd(v, builder.load(acc_p[1]))
+            total_p = cgutils.alloca_once_value(builder, _hsum(builder, v, lanes))
+            start = builder.mul(nchunks, ir.Constant(I64, DOT_LANES))
+            with cgutils.for_range(builder, builder.sub(m, start)) as tl:
+                j = builder.add(start, tl.index)
+                prod = builder.fmul(builder.load(builder.gep(wp, [j])), builder.load(builder.gep(xp, [j])))
+                builder.store(builder.fadd(builder.load(total_p), prod), total_p)
+            return builder.load(total_p)
+
+        return sig, codegen
+
+    return dot16
+
+
 row_dot = _make_row_dot(LANES) if LANES else None
+dot16 = _make_dot16(LANES) if LANES else None
+decode_blocks_bf16 = _make_decode(LANES, False, 1) if LANES else None
+decode_blocks_f16 = _make_decode(LANES, False, 2) if LANES else None
 delta_rows = _make_delta_rows(DELTA_ROWS, False) if LANES else None
 merge_rows = _make_delta_rows(DELTA_ROWS, True) if LANES else None
 encode_block = _make_encode(LANES) if LANES else None

@@ -17,7 +17,7 @@ import numpy as np
 
 from ._jit import inline_helper, kernel, prange
 from ._simd import CACHEABLE as SIMD_CACHEABLE
-from ._simd import decode_blocks
+from ._simd import decode_blocks_bf16, decode_blocks_f16, dot16
 
 BF16 = 1
 F16 = 2
@@ -72,8 +72,9 @@ def _decode_rows(packed, scales, blocksize, code, e0, e1, out):
 
 @inline_helper
 def _dot(w, x, acc):
-    """sum(w * x) in float32 with _ACC partial sums (lanes), added in a fixed order: the
-    same operations for every (weight row, input row), whatever the batch or threads."""
+    """sum(w * x) in float32 in the order of ``_simd.dot16`` (16 partial sums, summed by
+    halving, then the tail one by one): the portable and SIMD builds give the same bits,
+    and every (weight row, input row) the same operations whatever the batch or threads."""
     m = w.size
     for lane in range(_ACC):
         acc[lane] = 0.0
@@ -82,9 +83,12 @@ def _dot(w, x, acc):
         for lane in range(_ACC):
             acc[lane] += w[j + lane] * x[j + lane]
         j += _ACC
-    total = np.float32(0.0)
-    for lane in range(_ACC):
-        total += acc[lane]
+    width = _ACC // 2
+    while width >= 1:
+        for lane in range(width):
+            acc[lane] = acc[lane] + acc[lane + width]
+        width //= 2
+    total = acc[0]
     while j < m:
         total += w[j] * x[j]
         j += 1
@@ -119,9 +123,10 @@ def nf4_matmul_rounded(packed, scales, blocksize, code, mode, xr, y):
 
 @kernel(parallel=True, cache=SIMD_CACHEABLE)
 def nf4_matmul_rounded_simd(packed, scales, blocksize, code, mode, xr, y):
-    """:func:`nf4_matmul_rounded` decoding with SIMD permutes (``in % blocksize == 0`` and
-    ``blocksize`` a multiple of the SIMD width): the same values, the same result bits."""
-    in_f = xr.shape[1]
+    """:func:`nf4_matmul_rounded` with the SIMD decode (rounding in registers) and the
+    SIMD dot products (``in % blocksize == 0`` and ``blocksize`` a multiple of the SIMD
+    width): the same values, the same order of operations, the same result bits."""
+    n, in_f = xr.shape
     out_f = y.shape[1]
     bpr = in_f // blocksize
     half = blocksize // 2
@@ -130,8 +135,22 @@ def nf4_matmul_rounded_simd(packed, scales, blocksize, code, mode, xr, y):
         o0 = task * ROWS
         nr = min(out_f, o0 + ROWS) - o0
         buf = np.empty(nr * in_f, np.float32)
-        b0 = o0 * bpr
-        b1 = (o0 + nr) * bpr
-        decode_blocks(packed[b0 * half:b1 * half], scales[b0:b1], code, blocksize, buf)
-        _round_all(buf, mode)
-        _rows_times_inputs(buf, in_f, o0, nr, xr, np.empty(_ACC, np.float32), y)
+        _decode_rounded(packed, scales, blocksize, code, mode, o0 * bpr, (o0 + nr) * bpr, half, buf)
+        for oo in range(nr):
+            for i in range(n):
+                y[i, o0 + oo] = dot16(buf, oo * in_f, xr[i], 0, in_f)
+
+
+@inline_helper
+def _decode_rounded(packed, scales, blocksize, code, mode, b0, b1, half, out):
+    if mode == BF16:
+        decode_blocks_bf16(packed[b0 * half:b1 * half], scales[b0:b1], code, blocksize, out)
+    else:
+        decode_blocks_f16(packed[b0 * half:b1 * half], scales[b0:b1], code, blocksize, out)
+
+
+@kernel(cache=SIMD_CACHEABLE)
+def nf4_decode_rounded_tile(packed, scales, blocksize, code, mode, b0, b1, out):
+    """Serial SIMD decode of blocks [b0, b1), each value rounded to the compute dtype,
+    into a tile that BLAS reads next (the large-batch path)."""
+    _decode_rounded(packed, scales, blocksize, code, mode, b0, b1, blocksize // 2, out[:(b1 - b0) * blocksize])
