@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import _backward as bw
 from .. import _validate as validate
 from .._dispatch import backend, is_device_array
 from ..device import to_host
+from ..dropout import drop_rows
 from ..errors import DeviceError, ShapeError
 
 
@@ -92,36 +94,60 @@ class HostBackend:
 
     # training ---------------------------------------------------------------------------
     def train_forward(self, layer, x, out):
-        """The training forward through the layer's public forward over 2-D arrays in its
-        compute dtype, the LoRA branch on the dropped input, ``u = x_drop A^T`` kept for
-        backward (``u_out=``); ``out`` may overlap x (the public forward then computes
-        into a temporary), and x is kept as it was for backward."""
+        """The training forward over 2-D arrays in the layer's compute dtype (the layer's
+        ``_host_forward``), the LoRA branch on the dropped input (drawn as
+        :func:`~numlora.dropout.lora_dropout` draws it, into a buffer the layer reuses),
+        ``u = x_drop A^T`` kept for backward (``u2``); ``out`` may overlap x (x is then
+        copied first: it is kept as it was for backward)."""
         in_f, out_f = layer._in_f, layer._out_f
         x = validate.input_rows(self.input("x", x), in_f)
         dtype = layer._train_dtype(x)
         x2 = np.ascontiguousarray(x.reshape(-1, in_f), dtype)
+        out2 = None
         if out is not None:
             out = validate.prepare_out(out, x, out_f, dtype)
             if validate.shares_memory(out, x2):
                 x2 = x2.copy()
+            out2 = out.reshape(-1, out_f)
         lora = layer._enabled
-        xd2, state = layer._dropped(x2)
+        xd2, state, mask = self._dropped(layer, x2)
         u = np.empty((x2.shape[0], layer._rank), dtype) if lora else None
-        y = layer._forward_on(x2, None if out is None else out.reshape(-1, out_f), lora, xd2, u)
-        layer._keep(x2, xd2, u, state, x.ndim == 1, lora, dtype)
+        y = layer._host_forward(x2, xd2, out2, u, lora)
+        layer._keep(x2, xd2, u, state, x.ndim == 1, lora, dtype, mask)
         return y.reshape(out_f) if out is None and x.ndim == 1 else (y if out is None else out)
 
+    @staticmethod
+    def _dropped(layer, x2):
+        """``(x_drop2, DropoutState, DropoutMask)`` of this training forward (see
+        :meth:`~numlora.layers.base.LoraLayer._next_dropout`), drawn into the layer's
+        reused buffer; ``(x2, None, None)`` without dropout."""
+        state = layer._next_dropout()
+        if state is None:
+            return x2, None, None
+        buf = layer._xd_buf
+        if (buf is None or buf.shape != x2.shape or buf.dtype != x2.dtype
+                or validate.shares_memory(buf, x2)):
+            buf = layer._xd_buf = np.empty(x2.shape, x2.dtype)
+        return buf, state, drop_rows(state, x2, buf)
+
     def backward(self, layer, saved, grad_out, need_grad_x):
+        """The backward pipeline (:func:`numlora._backward.backward_core`, what
+        :func:`~numlora.ops.lora_backward` runs after its checks) over what the training
+        forward kept and the layer's factors; fresh gradients, then added into the
+        layer's (into zeros or the previous sum, as an accumulating backward would)."""
         in_f, out_f = layer._in_f, layer._out_f
-        x2, xd2, u, state, one_d, lora, dtype = saved
+        x2, xd2, u, state, one_d, lora, dtype, mask = saved
         g = validate.input_rows(self.input("grad_out", grad_out), out_f, "grad_out", "out_features")
         layer._check_grad_out(saved, g)
         g2 = np.ascontiguousarray(g.reshape(-1, out_f), dtype)
         if lora:
-            # fresh gradients from the public backward, added into the layer's (adding
-            # into zeros or into the previous sum, as the backward would accumulate them)
-            dx, ga, gb = layer._lora_backward(x2, g2, need_grad_x, state, None if state is None else xd2, u, None,
-                                              None)
+            s = layer.scaling
+            a = layer._lora_a.astype(dtype, copy=False)
+            b = layer._lora_b.astype(dtype, copy=False)
+            if state is not None and mask is None:
+                mask = state.mask(dtype)
+            dx, ga, gb = bw.backward_core(x2, xd2, a, b, s, g2, u * dtype.type(s), mask, None, None, need_grad_x,
+                                          layer._host_grad_input)
             if layer._grad_a is None:
                 layer._grad_a = np.zeros(layer._lora_a.shape, layer._lora_a.dtype)
                 layer._grad_b = np.zeros(layer._lora_b.shape, layer._lora_b.dtype)

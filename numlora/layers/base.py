@@ -12,7 +12,7 @@ import numpy as np
 from .. import _validate as validate
 from .._dispatch import check_device
 from ..config import lora_scaling
-from ..dropout import check_p, check_seed, mix_seed
+from ..dropout import DropoutState, check_p, check_seed, mix_seed
 from ..errors import ConfigError, DeviceError, MergeStateError, ShapeError, TrainStateError
 from ..rng import XorShift64
 from ..train import BoundParameter
@@ -71,7 +71,8 @@ class Saved(NamedTuple):
     it can), the dropped input ``x_drop`` (``x`` itself without dropout), ``u`` (the
     product the CPU forward computed and the backward reuses, or None), the
     :class:`~numlora.dropout.DropoutState` (None without dropout), whether x was 1-D, whether
-    the LoRA path ran, and the compute dtype."""
+    the LoRA path ran, the compute dtype, and (on the CPU, with dropout) the
+    :class:`~numlora.dropout.DropoutMask` the forward drew with, which its backward reuses."""
 
     x: object
     x_drop: object
@@ -80,6 +81,7 @@ class Saved(NamedTuple):
     one_d: bool
     lora: bool
     dtype: np.dtype
+    mask: object = None
 
 
 def backend_on(device: str):
@@ -108,6 +110,14 @@ class LoraLayer:
     - ``_grad_input(g)``: ``G W`` alone (a disabled layer's backward);
     - ``_train_dtype(x)``: the compute dtype of a training forward on the CPU;
     - ``_check_float32_base()``: refuse a base the GPU path cannot run.
+
+    The CPU backend's training step calls two more, whose defaults here go through the
+    hooks above; a layer type whose functional API has an internal pipeline (the
+    products after the checks) may run it directly on the arrays it owns and checked:
+
+    - ``_host_forward(x2, x_lora2, out2, u2, lora)``: the forward over 2-D arrays in the
+      compute dtype (``out2`` None: a new array), as ``_forward_on``;
+    - ``_host_grad_input(g2, dx)``: ``G W`` written into ``dx`` (the backward's base term).
     """
 
     _dtype = np.dtype(np.float32)
@@ -317,6 +327,12 @@ class LoraLayer:
     def _check_float32_base(self):
         pass
 
+    def _host_forward(self, x2, x_lora2, out2, u2, lora):
+        return self._forward_on(x2, out2, lora, x_lora2, u2)
+
+    def _host_grad_input(self, g2, dx):
+        dx[...] = self._grad_input(g2)
+
     def _check_trainable(self):
         if not self._variant.trainable:
             raise ConfigError("training a DoRA layer or a layer with a LoRA bias is not supported yet "
@@ -356,19 +372,28 @@ class LoraLayer:
         self._check_trainable()
         return self._backend.train_forward(self, x, out)
 
-    def _dropped(self, x):
-        """``(x_drop, DropoutState)`` for this training forward's LoRA input, drawn by
-        :func:`~numlora.dropout.lora_dropout` with the seed ``mix_seed(dropout_seed, k)`` for
-        the k-th draw, into a buffer reused from one forward to the next; ``(x, None)``
-        without dropout or with the LoRA path off."""
+    def _next_dropout(self):
+        """The :class:`~numlora.dropout.DropoutState` of this training forward's draw, with
+        the seed ``mix_seed(dropout_seed, k)`` for the k-th draw; None without dropout or
+        with the LoRA path off."""
         if not self._enabled or self._dropout == 0:
-            return x, None
+            return None
         seed = mix_seed(self._dropout_seed, self._calls)
         self._calls += 1
+        return DropoutState(self._dropout, seed)
+
+    def _dropped(self, x):
+        """``(x_drop, DropoutState)`` for this training forward's LoRA input, drawn by
+        :func:`~numlora.dropout.lora_dropout` (see :meth:`_next_dropout`), into a buffer
+        reused from one forward to the next; ``(x, None)`` without dropout or with the LoRA
+        path off."""
+        state = self._next_dropout()
+        if state is None:
+            return x, None
         buf = self._xd_buf
         if buf is not None and (tuple(buf.shape) != tuple(x.shape) or np.dtype(buf.dtype) != np.dtype(x.dtype)):
             buf = None
-        xd, state = self._backend.fn.lora_dropout(x, self._dropout, seed, out=buf)
+        xd, state = self._backend.fn.lora_dropout(x, state.p, state.seed, out=buf)
         self._xd_buf = xd
         return xd, state
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import _backward as bw
 from .. import _validate as validate
 from ..dora import dora_weight_norm
 from ..errors import ConfigError, DetachedLayerError, DTypeError, MergeStateError, NonFiniteError
@@ -246,7 +247,32 @@ class LoraLinear(LoraLayer):
         return fn.linear_forward(x, self._weight, self._bias, out=out, fan_in_fan_out=self._fan_in_fan_out)
 
     def _train_dtype(self, x):
-        return np.result_type(x.dtype, self._weight.dtype, self._lora_a.dtype, self._lora_b.dtype)
+        return validate.compute_dtype(x.dtype, self._weight.dtype, self._lora_a.dtype, self._lora_b.dtype)
+
+    def _host_forward(self, x2, x_lora2, out2, u2, lora):
+        """The CPU training forward: :func:`~numlora.ops.lora_forward`'s pipeline
+        (:func:`numlora._backward.dense_forward`) on the layer's arrays, checked when they
+        were set; an ``out2`` that shares memory with them gets the result through a
+        temporary, as lora_forward does (x2, x_lora2 and u2 are the backend's own)."""
+        dt = x2.dtype
+        w, a, b, bias = self._weight, self._lora_a, self._lora_b, self._bias
+        dest = None
+        if out2 is None:
+            out2 = np.empty((x2.shape[0], self._out_f), dt)
+        elif any(validate.shares_memory(out2, arr) for arr in (w, a, b, bias)):
+            dest, out2 = out2, np.empty(out2.shape, dt)
+        if lora:
+            a, b = a.astype(dt, copy=False), b.astype(dt, copy=False)
+        else:
+            a = b = None
+        bw.dense_forward(x2, x_lora2, w.astype(dt, copy=False), a, b, self.scaling,
+                         None if bias is None else bias.astype(dt, copy=False), self._fan_in_fan_out, out2, u2)
+        return validate.deliver(out2, dest)
+
+    def _host_grad_input(self, g2, dx):
+        """``G W`` into dx (``G W^T`` under fan_in_fan_out), as lora_backward computes it."""
+        w = self._weight.astype(dx.dtype, copy=False)
+        np.dot(g2, w.T if self._fan_in_fan_out else w, out=dx)
 
     def _check_float32_base(self):
         if self._weight is not None and self._weight.dtype != np.float32:

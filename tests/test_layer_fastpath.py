@@ -1,0 +1,161 @@
+"""The CPU training step of the layers runs the functional API's pipelines on the arrays
+the layer owns (numlora.layers._host, LoraLinear._host_forward): the cases that the
+public functions handle with their checks (an ``out`` sharing memory with the inputs,
+1-D inputs, empty batches, the dropout buffer across batch shapes, mixed dtypes, a
+disabled layer) give the public chain's bits."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import numlora as nl
+from numlora import mix_seed
+
+
+def _bits(a):
+    return None if a is None else (a.dtype, a.shape, np.ascontiguousarray(a).tobytes())
+
+
+def _dense(rng, n_out=6, n_in=6, dtype=np.float32, p=0.0, bias=True):
+    w = rng.standard_normal((n_out, n_in)).astype(dtype)
+    b = rng.standard_normal(n_out).astype(dtype) if bias else None
+    layer = nl.LoraLinear.from_weight(w, 2, 4.0, init="kaiming", seed=1, bias=b, dropout=p, dropout_seed=7)
+    layer.lora_b = rng.standard_normal((n_out, 2)).astype(dtype)
+    return layer
+
+
+def _reference(layer, x, g, k):
+    """The public chain for the layer's k-th training forward on x and backward of g."""
+    w, a, b, s, bias = layer.weight, layer.lora_a, layer.lora_b, layer.scaling, layer.bias
+    dtype = np.result_type(x.dtype, w.dtype, a.dtype)
+    x = x.astype(dtype)
+    p = layer.dropout
+    xd, state = nl.lora_dropout(x, p, mix_seed(7, k)) if p else (x, None)
+    y = nl.lora_forward(x, w, a, b, s, bias, x_lora=xd)
+    dx, ga, gb = nl.lora_backward(x, w, a, b, s, g, dropout=state)
+    return y, dx, ga, gb
+
+
+@pytest.mark.parametrize("target", ["weight", "lora_a", "x"])
+def test_out_sharing_memory_with_the_layer_or_x(rng, target):
+    """``out=`` a view of the weight, of A (through the properties) or x itself: the
+    result goes through a temporary, the arrays are read as they were, the backward sees
+    x as it was before the forward overwrote it."""
+    layer = _dense(rng, 6, 6, p=0.25)
+    layer.lora_a = rng.standard_normal((2, 6)).astype(np.float32)
+    layer.lora_b = rng.standard_normal((6, 2)).astype(np.float32)
+    n = {"weight": 6, "lora_a": 2, "x": 3}[target]
+    x = rng.standard_normal((n, 6)).astype(np.float32)
+    g = rng.standard_normal((n, 6)).astype(np.float32)
+    ref = _dense(rng, 6, 6, p=0.25)
+    ref.attach(layer.weight.copy(), layer.bias)
+    ref.lora_a, ref.lora_b = layer.lora_a, layer.lora_b
+    want = _reference(ref, x.copy(), g, 0)
+    out = {"weight": layer.weight, "lora_a": layer.lora_a, "x": x}[target]
+    before = out.copy()
+    layer.train()
+    if target in ("weight", "lora_a"):
+        out = out.reshape(n, 6)
+        y = layer.forward(x, out=out)
+        assert y is out and _bits(y) == _bits(want[0])
+        # the layer's own array was overwritten by the caller's choice of out: put it back
+        if target == "weight":
+            layer.weight[...] = before
+        else:
+            layer.lora_a = before
+        dx = layer.backward(g)
+    else:
+        y = layer.forward(x, out=x)
+        assert y is x and _bits(y) == _bits(want[0])
+        dx = layer.backward(g)
+    assert _bits(dx) == _bits(want[1])
+    assert _bits(layer.grad_a) == _bits(want[2]) and _bits(layer.grad_b) == _bits(want[3])
+
+
+def test_one_d_input_empty_batch_and_buffer_across_shapes(rng):
+    """1-D inputs, empty batches and batch sizes that change from one step to the next
+    (the dropout buffer is remade) give the public chain's bits, step after step."""
+    layer = _dense(rng, 5, 7, p=0.3).train()
+    ref = _dense(rng, 5, 7, p=0.3)
+    ref.attach(layer.weight, layer.bias)
+    ref.lora_a, ref.lora_b = layer.lora_a, layer.lora_b
+    ga = gb = 0
+    for k, shape in enumerate([(7,), (3, 7), (0, 7), (3, 7), (1, 7), (7,), (20, 7)]):
+        x = rng.standard_normal(shape).astype(np.float32)
+        g = rng.standard_normal(shape[:-1] + (5,)).astype(np.float32)
+        y = layer(x)
+        dx = layer.backward(g)
+        want = _reference(ref, x, g, k)
+        assert _bits(y) == _bits(want[0]) and _bits(dx) == _bits(want[1])
+        ga, gb = ga + want[2], gb + want[3]
+        np.testing.assert_array_equal(layer.grad_a, ga)
+        np.testing.assert_array_equal(layer.grad_b, gb)
+
+
+def test_float64_weight_under_a_float32_adapter_and_float64_input(rng):
+    """Compute dtype float64 (a float64 weight attached, or float64 x): the gradients are
+    computed in float64 and added into the layer's float32 ones, as before."""
+    layer = _dense(rng, 4, 6, p=0.2).train()
+    layer.attach(rng.standard_normal((4, 6)), rng.standard_normal(4))
+    x = rng.standard_normal((3, 6)).astype(np.float32)
+    g = rng.standard_normal((3, 4))
+    y, dx = layer(x), layer.backward(g)
+    want = _reference(layer, x, g, 0)
+    assert y.dtype == np.float64 and _bits(y) == _bits(want[0]) and _bits(dx) == _bits(want[1])
+    assert layer.grad_a.dtype == np.float32
+    za, zb = np.zeros((2, 6), np.float32), np.zeros((4, 2), np.float32)
+    za += want[2]
+    zb += want[3]
+    assert _bits(layer.grad_a) == _bits(za) and _bits(layer.grad_b) == _bits(zb)
+
+
+def test_disabled_layer_and_no_bias(rng):
+    """A disabled layer's training step is the base product and ``G W``; a layer without
+    bias runs no bias add."""
+    layer = _dense(rng, 4, 6, bias=False).train()
+    x = rng.standard_normal((3, 6)).astype(np.float32)
+    g = rng.standard_normal((3, 4)).astype(np.float32)
+    want = _reference(layer, x, g, 0)
+    assert _bits(layer(x)) == _bits(want[0]) and _bits(layer.backward(g)) == _bits(want[1])
+    layer.disable()
+    y = layer(x)
+    assert _bits(y) == _bits(nl.linear_forward(x, layer.weight))
+    assert _bits(layer.backward(g)) == _bits(g @ layer.weight)
+    assert _bits(layer.grad_a) == _bits(want[2])  # unchanged by the disabled step
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_qlora_step_uses_the_public_base_gradient(rng, p):
+    """QLoraLinear's backward runs the shared backward core with G deq(W) from its
+    nf4_matmul_t: the same bits as qlora_backward once the batch takes the BLAS path."""
+    w = rng.standard_normal((24, 64)).astype(np.float32)
+    layer = nl.QLoraLinear.from_weight(w, 4, 8.0, blocksize=32, dropout=p, dropout_seed=7).train()
+    layer.lora_b = rng.standard_normal((24, 4)).astype(np.float32)
+    x = rng.standard_normal((40, 64)).astype(np.float32)
+    g = rng.standard_normal((40, 24)).astype(np.float32)
+    xd, state = nl.lora_dropout(x, p, mix_seed(7, 0)) if p else (x, None)
+    args = (layer.nf4, layer.lora_a, layer.lora_b, layer.scaling)
+    y_ref = nl.qlora_forward(x, *args, x_lora=xd)
+    dx, ga, gb = nl.qlora_backward(x, *args, g, dropout=state)
+    assert _bits(layer(x)) == _bits(y_ref)
+    assert _bits(layer.backward(g)) == _bits(dx)
+    assert _bits(layer.grad_a) == _bits(ga) and _bits(layer.grad_b) == _bits(gb)
+
+
+def test_dropout_mask_rows_are_reused_only_for_their_batch(rng):
+    """A DropoutMask with the rows' states of one batch size draws the same masks as
+    one without them, and falls back to computing them for another size."""
+    from numlora.dropout import DropoutState, drop_rows
+
+    x = rng.standard_normal((5, 9)).astype(np.float32)
+    state = DropoutState(0.4, 123)
+    out = np.empty_like(x)
+    mask = drop_rows(state, x, out)
+    assert mask.rows is not None and mask.rows.shape == (5,)
+    assert _bits(out) == _bits(nl.lora_dropout(x, 0.4, 123)[0])
+    t = rng.standard_normal((3, 9)).astype(np.float32)
+    d1, d2 = np.zeros_like(t), np.zeros_like(t)
+    mask.mul_add(t, d1)
+    state.mask(np.float32).mul_add(t, d2)
+    assert _bits(d1) == _bits(d2)
