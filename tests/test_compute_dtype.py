@@ -155,7 +155,8 @@ def test_16bit_inputs_and_overlapping_out():
 def test_layer_compute_dtype_forward_backward_pickle():
     rng = np.random.default_rng(9)
     w = (rng.standard_normal((48, 128)) * 0.05).astype(np.float32)
-    layer = QLoraLinear.from_weight(w, 4, 8.0, compute_dtype="bfloat16", bias=rng.standard_normal(48).astype(np.float32))
+    bias = rng.standard_normal(48).astype(np.float32)
+    layer = QLoraLinear.from_weight(w, 4, 8.0, compute_dtype="bfloat16", bias=bias)
     layer.lora_b = rng.standard_normal((48, 4)).astype(np.float32)
     assert layer.compute_dtype == "bfloat16" and "compute_dtype='bfloat16'" in repr(layer)
     x = rng.standard_normal((6, 128)).astype(np.float32)

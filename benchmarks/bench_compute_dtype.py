@@ -1,0 +1,123 @@
+"""The 16-bit compute dtypes of the QLoRA base product (``compute_dtype``,
+docs/dtypes.md): accuracy against float64 and agreement with bitsandbytes, then speed
+against the float32 kernels and bitsandbytes' ``Linear4bit(compute_dtype=...)``.
+
+Accuracy (out x in weight, NF4, blocksize 64): the largest error of ``nf4_matmul`` over
+the largest output, against the float64 product of the float32 input and the dequantized
+weight (what float32 compute approximates), and the share of outputs bit-equal to
+bitsandbytes' own maths for that dtype (``dequantize_4bit(...).to(dtype)`` and torch's
+16-bit ``linear``), and the largest difference from ``bnb.nn.Linear4bit`` itself (on a CPU
+with AVX-512 BF16 it runs a packed-weight kernel with its own rounding).
+
+Speed: ``nf4_matmul(x, t, out=out, compute_dtype=...)`` (a preallocated ``out``) at
+batch 1, 8 and 128, interleaved with ``Linear4bit`` in the same run (numlora's harness).
+
+    python benchmarks/bench_compute_dtype.py [--size 4096] [--repeat 15] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+import numlora as nl
+from numlora.bench.harness import machine, noise_warning, time_interleaved
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _peers():
+    try:
+        import bitsandbytes as bnb
+        import torch
+    except ImportError:
+        return None, None
+    return torch, bnb
+
+
+def _bnb_layer(torch, bnb, w, dtype, quant_type="nf4"):
+    lin = bnb.nn.Linear4bit(w.shape[1], w.shape[0], bias=False, compute_dtype=getattr(torch, dtype),
+                            quant_type=quant_type)
+    lin.weight = bnb.nn.Params4bit(torch.from_numpy(w), requires_grad=False, quant_type=quant_type)
+    return lin.to("cpu")
+
+
+def accuracy(size: int, torch, bnb) -> None:
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((size, size)) * 0.02).astype(np.float32)
+    x = rng.standard_normal((8, size)).astype(np.float32)
+    t = nl.quantize_nf4(w, 64)
+    ref = x.astype(np.float64) @ nl.dequantize_nf4(t).astype(np.float64).T
+    scale = np.abs(ref).max()
+    print(f"\n## Accuracy ({size} x {size} NF4 weight, batch 8)\n")
+    print("| compute dtype | max error / max output vs float64 | bit-equal to bitsandbytes' dequantize + torch "
+          "linear | max difference from bnb.nn.Linear4bit / max output |")
+    print("|---|---|---|---|")
+    if torch is not None:
+        import bitsandbytes.functional as F
+
+        q, state = F.quantize_4bit(torch.from_numpy(w), blocksize=64, quant_type="nf4")
+    for dtype in DTYPES:
+        y = nl.nf4_matmul(x, t, compute_dtype=dtype)
+        err = np.abs(y - ref).max() / scale
+        equal = module = "(no bitsandbytes)"
+        if torch is not None:
+            tdt = getattr(torch, dtype)
+            with torch.no_grad():
+                want = torch.nn.functional.linear(torch.from_numpy(x).to(tdt), F.dequantize_4bit(q, state).to(tdt))
+                equal = f"{(y == want.float().numpy()).mean():.2%}"
+                got = _bnb_layer(torch, bnb, w, dtype)(torch.from_numpy(x)).float().numpy()
+            module = f"{np.abs(y - got).max() / scale:.1e}"
+        print(f"| {dtype} | {err:.1e} | {equal} | {module} |")
+
+
+def speed(size: int, repeat: int, torch, bnb) -> None:
+    rng = np.random.default_rng(1)
+    w = (rng.standard_normal((size, size)) * 0.02).astype(np.float32)
+    t = nl.quantize_nf4(w, 64)
+    print(f"\n## Speed ({size} x {size} NF4 weight; median ms, spread; out= preallocated for numlora)\n")
+    head = " | ".join(f"numlora {d}" for d in DTYPES)
+    peers = " | bnb Linear4bit bfloat16 | bnb Linear4bit float16" if torch is not None else ""
+    print(f"| batch | {head}{peers} |")
+    print("|---|" + "---|" * (len(DTYPES) + (2 if torch is not None else 0)))
+    layers = [_bnb_layer(torch, bnb, w, d) for d in ("bfloat16", "float16")] if torch is not None else []
+    spreads = []
+    for n in (1, 8, 128):
+        x = rng.standard_normal((n, size)).astype(np.float32)
+        out = np.empty((n, size), np.float32)
+        fns = [lambda d=d: nl.nf4_matmul(x, t, out=out, compute_dtype=d) for d in DTYPES]
+        if torch is not None:
+            xt = torch.from_numpy(x)
+
+            def run(lin):
+                with torch.inference_mode():
+                    lin(xt)
+
+            fns += [lambda lin=lin: run(lin) for lin in layers]
+        timings = time_interleaved(fns, repeat, 0.02)
+        spreads += [tm.spread for tm in timings]
+        print(f"| {n} | " + " | ".join(f"{tm.median_ms:.2f} ±{tm.spread:.0%}" for tm in timings) + " |")
+    warn = noise_warning(spreads)
+    if warn:
+        print("\n" + warn)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--size", type=int, default=4096)
+    p.add_argument("--repeat", type=int, default=15)
+    p.add_argument("--quick", action="store_true", help="512 x 512, 3 rounds (a smoke run)")
+    args = p.parse_args()
+    size, repeat = (512, 3) if args.quick else (args.size, args.repeat)
+    torch, bnb = _peers()
+    print(machine())
+    if torch is None:
+        print("torch / bitsandbytes not installed: numlora's columns only")
+    accuracy(min(size, 2048), torch, bnb)
+    speed(size, repeat, torch, bnb)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
