@@ -208,12 +208,7 @@ def adapter_from_tensors(config: LoraConfig, tensors, *, source: str = "adapter 
         if b.shape[1] != r:
             raise ShapeError(f"{source}: layer '{name}': lora_A has shape {a.shape} (rank {r}), so lora_B must have "
                              f"shape (out_features, {r}); got {b.shape}")
-        want_r = config.rank_for(name)
-        if want_r != r:
-            key = pattern_key(config.rank_pattern, name)
-            why = f"rank_pattern[{key!r}]" if key is not None else "r"
-            raise FormatError(f"{source}: layer '{name}': the config gives rank {want_r} ({why}), but lora_A has "
-                              f"shape {a.shape} (rank {r})")
+        _check_rank(config, name, a, "lora_A", source)
         for part, flag in (("magnitude", "use_dora"), ("lora_bias", "lora_bias")):
             enabled = getattr(config, flag)
             if enabled and part not in arrays:
@@ -221,21 +216,28 @@ def adapter_from_tensors(config: LoraConfig, tensors, *, source: str = "adapter 
                                   f"{KEY_PREFIX}{name}{_KEY_OF[part]}")
             if not enabled and part in arrays:
                 raise FormatError(f"{source}: {layer[part][0]} is present but the config has {flag}=false")
-        try:
-            adapter.add_lora(name, a, b, alpha=config.alpha_for(name), magnitude=arrays.get("magnitude"),
-                             lora_bias=arrays.get("lora_bias"))
-        except NumloraError as e:
-            raise type(e)(f"{source}: layer '{name}': {e}") from None
+        _add(adapter.add_lora, config, name, a, b, source, magnitude=arrays.get("magnitude"),
+             lora_bias=arrays.get("lora_bias"))
     return adapter
 
 
-def _check_rank(config, name, r, shape, source):
-    want_r = config.rank_for(name)
+def _check_rank(config, name, a, a_name, source):
+    """The rank of the A tensor ``a`` (called ``a_name`` in messages) is the config's for the layer."""
+    want_r, r = config.rank_for(name), a.shape[0]
     if want_r != r:
         key = pattern_key(config.rank_pattern, name)
         why = f"rank_pattern[{key!r}]" if key is not None else "r"
-        raise FormatError(f"{source}: layer '{name}': the config gives rank {want_r} ({why}), but its A has "
-                          f"shape {shape} (rank {r})")
+        raise FormatError(f"{source}: layer '{name}': the config gives rank {want_r} ({why}), but {a_name} has "
+                          f"shape {a.shape} (rank {r})")
+
+
+def _add(add, config, name, a, b, source, **kwargs):
+    """``add(name, a, b, alpha=<the config's for the layer>, **kwargs)`` (the adapter's
+    add_lora, add_embedding or add_conv), its errors prefixed with the file and the layer."""
+    try:
+        add(name, a, b, alpha=config.alpha_for(name), **kwargs)
+    except NumloraError as e:
+        raise type(e)(f"{source}: layer '{name}': {e}") from None
 
 
 def _plain_parts(config, name, layer, arrays, source, kind, allowed):
@@ -263,11 +265,8 @@ def _add_embedding(adapter, config, name, layer, arrays, source):
     if b.shape[1] != a.shape[0]:
         raise ShapeError(f"{source}: layer '{name}': lora_embedding_A has shape {a.shape} (rank {a.shape[0]}), so "
                          f"lora_embedding_B must have shape (embedding_dim, {a.shape[0]}); got {b.shape}")
-    _check_rank(config, name, a.shape[0], a.shape, source)
-    try:
-        adapter.add_embedding(name, a, b, alpha=config.alpha_for(name))
-    except NumloraError as e:
-        raise type(e)(f"{source}: layer '{name}': {e}") from None
+    _check_rank(config, name, a, "lora_embedding_A", source)
+    _add(adapter.add_embedding, config, name, a, b, source)
 
 
 def _add_conv(adapter, config, name, layer, arrays, source):
@@ -277,11 +276,8 @@ def _add_conv(adapter, config, name, layer, arrays, source):
     if b.shape != (b.shape[0], a.shape[0]) + (1,) * nd:
         raise ShapeError(f"{source}: layer '{name}': lora_A has shape {a.shape} (a Conv{nd}d of rank {a.shape[0]}), "
                          f"so lora_B must have shape (C_out, {a.shape[0]}{', 1' * nd}); got {b.shape}")
-    _check_rank(config, name, a.shape[0], a.shape, source)
-    try:
-        adapter.add_conv(name, a, b, alpha=config.alpha_for(name))
-    except NumloraError as e:
-        raise type(e)(f"{source}: layer '{name}': {e}") from None
+    _check_rank(config, name, a, "lora_A", source)
+    _add(adapter.add_conv, config, name, a, b, source)
 
 
 def _float32(source, key, arr) -> np.ndarray:
@@ -337,44 +333,38 @@ def adapter_tensors(adapter: LoraAdapter) -> dict:
     c = adapter.config
     out = {}
     for name, layer in adapter.items():
-        if isinstance(layer, (LoraEmbedding, LoraConv)):
-            _other_tensors(c, name, layer, out)
-            continue
-        for flag, have in (("use_dora", layer.use_dora), ("use_rslora", layer.use_rslora),
-                           ("fan_in_fan_out", layer.fan_in_fan_out)):
-            if have != getattr(c, flag):
-                raise ConfigError(f"layer '{name}' has {flag}={have} but the adapter's config has "
-                                  f"{flag}={getattr(c, flag)}; PEFT has one setting for every layer")
-        if layer.lora_bias is not None and not c.lora_bias:
-            raise ConfigError(f"layer '{name}' has a LoRA bias but the adapter's config has lora_bias=False")
+        plain = isinstance(layer, (LoraEmbedding, LoraConv))
+        _check_switches(c, name, layer, plain)
         key = KEY_PREFIX + name
-        out[key + ".lora_A.weight"] = np.ascontiguousarray(layer.lora_a, np.float32)
-        out[key + ".lora_B.weight"] = np.ascontiguousarray(layer.lora_b, np.float32)
+        parts = ("embedding_a", "embedding_b") if isinstance(layer, LoraEmbedding) else ("lora_a", "lora_b")
+        for part, arr in zip(parts, (layer.lora_a, layer.lora_b)):
+            out[key + _KEY_OF[part]] = np.ascontiguousarray(arr, np.float32)
+        if plain:
+            continue
         if c.lora_bias:
             lb = layer.lora_bias
-            out[key + ".lora_B.bias"] = (np.zeros(layer.out_features, np.float32) if lb is None
-                                         else np.ascontiguousarray(lb, np.float32))
+            out[key + _KEY_OF["lora_bias"]] = (np.zeros(layer.out_features, np.float32) if lb is None
+                                               else np.ascontiguousarray(lb, np.float32))
         if c.use_dora:
-            out[key + ".lora_magnitude_vector"] = np.ascontiguousarray(layer.magnitude, np.float32)
+            out[key + _KEY_OF["magnitude"]] = np.ascontiguousarray(layer.magnitude, np.float32)
     return out
 
 
-def _other_tensors(c, name, layer, out):
-    """An embedding's or a convolution's tensors under PEFT's keys (plain LoRA only)."""
-    if layer.use_rslora != c.use_rslora:
-        raise ConfigError(f"layer '{name}' has use_rslora={layer.use_rslora} but the adapter's config has "
-                          f"use_rslora={c.use_rslora}; PEFT has one setting for every layer")
-    for flag in ("use_dora", "lora_bias"):
-        if getattr(c, flag):
-            raise ConfigError(f"the adapter's config has {flag}=True, which numlora supports on Linear layers only; "
-                              f"layer '{name}' is a {type(layer).__name__}")
-    key = KEY_PREFIX + name
-    if isinstance(layer, LoraEmbedding):
-        out[key + ".lora_embedding_A"] = np.ascontiguousarray(layer.lora_a, np.float32)
-        out[key + ".lora_embedding_B"] = np.ascontiguousarray(layer.lora_b, np.float32)
-    else:
-        out[key + ".lora_A.weight"] = np.ascontiguousarray(layer.lora_a, np.float32)
-        out[key + ".lora_B.weight"] = np.ascontiguousarray(layer.lora_b, np.float32)
+def _check_switches(c, name, layer, plain):
+    """The layer's switches are the config's (PEFT has one of each for the whole adapter);
+    an embedding or a convolution (``plain``) has plain LoRA only (no DoRA, no LoRA bias)."""
+    for flag in ("use_rslora",) if plain else ("use_dora", "use_rslora", "fan_in_fan_out"):
+        have = getattr(layer, flag)
+        if have != getattr(c, flag):
+            raise ConfigError(f"layer '{name}' has {flag}={have} but the adapter's config has "
+                              f"{flag}={getattr(c, flag)}; PEFT has one setting for every layer")
+    if plain:
+        for flag in ("use_dora", "lora_bias"):
+            if getattr(c, flag):
+                raise ConfigError(f"the adapter's config has {flag}=True, which numlora supports on Linear layers "
+                                  f"only; layer '{name}' is a {type(layer).__name__}")
+    elif layer.lora_bias is not None and not c.lora_bias:
+        raise ConfigError(f"layer '{name}' has a LoRA bias but the adapter's config has lora_bias=False")
 
 
 def save_peft(adapter: LoraAdapter, path, *, dtype: str = "F32") -> None:
