@@ -145,31 +145,37 @@ def _span(n_out, start, step, size):
     return lo, hi
 
 
+@inline_helper
+def _unfold_row(img, row, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow, cols, col0):
+    """Row ``row`` of one image's columns: ``img`` (C, H, W) into ``cols[row, col0 ..
+    col0 + oh * ow - 1]``. The valid output range of the row's kernel tap is computed
+    once, so the copy loop has no branch."""
+    h, w = img.shape[1], img.shape[2]
+    c = row // (kh * kw)
+    i = (row // kw) % kh
+    j = row % kw
+    x0 = j * dw - pw
+    lo, hi = _span(ow, x0, sw, w)
+    for oy in range(oh):
+        y = oy * sh - ph + i * dh
+        base = col0 + oy * ow
+        if y < 0 or y >= h:
+            for ox in range(ow):
+                cols[row, base + ox] = 0
+            continue
+        for ox in range(lo):
+            cols[row, base + ox] = 0
+        for ox in range(lo, hi):
+            cols[row, base + ox] = img[c, y, x0 + ox * sw]
+        for ox in range(hi, ow):
+            cols[row, base + ox] = 0
+
+
 @kernel(parallel=True)
 def im2col(x, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow, cols):
-    """One image ``x`` (C, H, W) unfolded into ``cols`` (C * kh * kw, oh * ow). The valid
-    output range of each kernel tap is computed once, so the copy loop has no branch."""
-    c_in, h, w = x.shape
-    rows = c_in * kh * kw
-    for row in prange(rows):
-        c = row // (kh * kw)
-        i = (row // kw) % kh
-        j = row % kw
-        x0 = j * dw - pw
-        lo, hi = _span(ow, x0, sw, w)
-        for oy in range(oh):
-            y = oy * sh - ph + i * dh
-            base = oy * ow
-            if y < 0 or y >= h:
-                for ox in range(ow):
-                    cols[row, base + ox] = 0
-                continue
-            for ox in range(lo):
-                cols[row, base + ox] = 0
-            for ox in range(lo, hi):
-                cols[row, base + ox] = x[c, y, x0 + ox * sw]
-            for ox in range(hi, ow):
-                cols[row, base + ox] = 0
+    """One image ``x`` (C, H, W) unfolded into ``cols`` (C * kh * kw, oh * ow)."""
+    for row in prange(x.shape[0] * kh * kw):
+        _unfold_row(x, row, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow, cols, 0)
 
 
 @kernel(parallel=True)
@@ -179,30 +185,9 @@ def im2col_batch(x, i0, n, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow, cols):
     as :func:`im2col` lays it out. Parallel over images and rows: called before one
     BLAS product over all of them, not between products."""
     rows = cols.shape[0]
-    w = x.shape[3]
-    h = x.shape[2]
-    npix = oh * ow
     for job in prange(n * rows):
         b = job // rows
-        row = job % rows
-        c = row // (kh * kw)
-        i = (row // kw) % kh
-        j = row % kw
-        x0 = j * dw - pw
-        lo, hi = _span(ow, x0, sw, w)
-        for oy in range(oh):
-            y = oy * sh - ph + i * dh
-            base = b * npix + oy * ow
-            if y < 0 or y >= h:
-                for ox in range(ow):
-                    cols[row, base + ox] = 0
-                continue
-            for ox in range(lo):
-                cols[row, base + ox] = 0
-            for ox in range(lo, hi):
-                cols[row, base + ox] = x[i0 + b, c, y, x0 + ox * sw]
-            for ox in range(hi, ow):
-                cols[row, base + ox] = 0
+        _unfold_row(x[i0 + b], job % rows, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow, cols, b * oh * ow)
 
 
 #: A serial build of :func:`im2col`, for calls between BLAS products (numba's threads
