@@ -170,6 +170,10 @@ def shape_arg(name: str, shape, itemsize: int = 1) -> tuple:
 def out_array(name: str, out, shape: tuple, dtype) -> np.ndarray:
     """Check a caller's ``out=`` buffer: ndarray, exact shape and dtype, C-contiguous,
     writable."""
+    if type(out) is np.ndarray and out.dtype == dtype and out.shape == shape:
+        flags = out.flags
+        if flags.c_contiguous and flags.writeable:
+            return out  # the common case, one look at the flags
     if not isinstance(out, np.ndarray):
         raise DTypeError(f"{name} must be a numpy array, got {type(out).__name__}")
     if out.dtype != np.dtype(dtype):
@@ -232,6 +236,15 @@ def overlapping(out, arrays: dict):
             if a is not None and isinstance(a, np.ndarray) and _may_share(out, a) and shares_memory(out, a):
                 return name
     return None
+
+
+def overlaps_any(out: np.ndarray, arrays) -> bool:
+    """Whether the ndarray ``out`` shares memory with one of ``arrays`` (ndarrays or None):
+    :func:`overlapping` for a caller that needs no name."""
+    for a in arrays:
+        if a is not None and _may_share(out, a) and shares_memory(out, a):
+            return True
+    return False
 
 
 def refuse_overlap(out_name: str, out, arrays: dict, what: str) -> None:
