@@ -97,8 +97,8 @@ class HostBackend:
         """The training forward over 2-D arrays in the layer's compute dtype (the layer's
         ``_host_forward``), the LoRA branch on the dropped input (drawn as
         :func:`~numlora.dropout.lora_dropout` draws it, into a buffer the layer reuses),
-        ``u = x_drop A^T`` kept for backward (``u2``); ``out`` may overlap x (x is then
-        copied first: it is kept as it was for backward)."""
+        ``us = s x_drop A^T`` kept for backward; ``out`` may overlap x (x is then copied
+        first: it is kept as it was for backward)."""
         in_f, out_f = layer._in_f, layer._out_f
         x = validate.input_rows(self.input("x", x), in_f)
         dtype = layer._train_dtype(x)
@@ -111,9 +111,8 @@ class HostBackend:
             out2 = out.reshape(-1, out_f)
         lora = layer._enabled
         xd2, state, mask = self._dropped(layer, x2)
-        u = np.empty((x2.shape[0], layer._rank), dtype) if lora else None
-        y = layer._host_forward(x2, xd2, out2, u, lora)
-        layer._keep(x2, xd2, u, state, x.ndim == 1, lora, dtype, mask)
+        y, us = layer._host_forward(x2, xd2, out2, lora)
+        layer._keep(x2, xd2, us, state, x.ndim == 1, lora, dtype, mask)
         return y.reshape(out_f) if out is None and x.ndim == 1 else (y if out is None else out)
 
     @staticmethod
@@ -136,7 +135,7 @@ class HostBackend:
         forward kept and the layer's factors; fresh gradients, then added into the
         layer's (into zeros or the previous sum, as an accumulating backward would)."""
         in_f, out_f = layer._in_f, layer._out_f
-        x2, xd2, u, state, one_d, lora, dtype, mask = saved
+        x2, xd2, us, state, one_d, lora, dtype, mask = saved
         g = validate.input_rows(self.input("grad_out", grad_out), out_f, "grad_out", "out_features")
         layer._check_grad_out(saved, g)
         g2 = np.ascontiguousarray(g.reshape(-1, out_f), dtype)
@@ -146,7 +145,7 @@ class HostBackend:
             b = layer._lora_b.astype(dtype, copy=False)
             if state is not None and mask is None:
                 mask = state.mask(dtype)
-            dx, ga, gb = bw.backward_core(x2, xd2, a, b, s, g2, u * dtype.type(s), mask, None, None, need_grad_x,
+            dx, ga, gb = bw.backward_core(x2, xd2, a, b, s, g2, us, mask, None, None, need_grad_x,
                                           layer._host_grad_input)
             if layer._grad_a is None:
                 layer._grad_a = np.zeros(layer._lora_a.shape, layer._lora_a.dtype)

@@ -68,15 +68,15 @@ def init_lora_a(rank: int, in_features: int, out_features: int, init: str = "see
 
 class Saved(NamedTuple):
     """What a training forward keeps for its backward: the input ``x`` (by reference where
-    it can), the dropped input ``x_drop`` (``x`` itself without dropout), ``u`` (the
-    product the CPU forward computed and the backward reuses, or None), the
+    it can), the dropped input ``x_drop`` (``x`` itself without dropout), ``us`` (``s x_drop
+    A^T``, the product the CPU forward computed and the backward reuses, or None), the
     :class:`~numlora.dropout.DropoutState` (None without dropout), whether x was 1-D, whether
     the LoRA path ran, the compute dtype, and (on the CPU, with dropout) the
     :class:`~numlora.dropout.DropoutMask` the forward drew with, which its backward reuses."""
 
     x: object
     x_drop: object
-    u: object
+    us: object
     dropout: object
     one_d: bool
     lora: bool
@@ -115,8 +115,10 @@ class LoraLayer:
     hooks above; a layer type whose functional API has an internal pipeline (the
     products after the checks) may run it directly on the arrays it owns and checked:
 
-    - ``_host_forward(x2, x_lora2, out2, u2, lora)``: the forward over 2-D arrays in the
-      compute dtype (``out2`` None: a new array), as ``_forward_on``;
+    - ``_host_forward(x2, x_lora2, out2, lora)``: the forward over 2-D arrays in the
+      compute dtype (``out2`` None: a new array), as ``_forward_on``; returns ``(y2, us)``,
+      ``us = s x_lora2 A^T`` (the backward's, as the forward's ``u_out`` times the scaling)
+      or None;
     - ``_host_grad_input(g2, dx)``: ``G W`` written into ``dx`` (the backward's base term).
     """
 
@@ -327,8 +329,12 @@ class LoraLayer:
     def _check_float32_base(self):
         pass
 
-    def _host_forward(self, x2, x_lora2, out2, u2, lora):
-        return self._forward_on(x2, out2, lora, x_lora2, u2)
+    def _host_forward(self, x2, x_lora2, out2, lora):
+        if not lora:
+            return self._forward_on(x2, out2, False), None
+        u2 = np.empty((x2.shape[0], self._rank), x2.dtype)
+        y2 = self._forward_on(x2, out2, True, x_lora2, u2)
+        return y2, u2 * x2.dtype.type(self.scaling)
 
     def _host_grad_input(self, g2, dx):
         dx[...] = self._grad_input(g2)
@@ -428,7 +434,7 @@ class LoraLayer:
         c = self._cache
         if c is None:
             return 0
-        return (0 if c.u is None else validate.nbytes(c.u)) + (0 if c.x_drop is c.x else validate.nbytes(c.x_drop))
+        return (0 if c.us is None else validate.nbytes(c.us)) + (0 if c.x_drop is c.x else validate.nbytes(c.x_drop))
 
     # devices ------------------------------------------------------------------------------
     def __getstate__(self):

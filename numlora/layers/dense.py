@@ -249,25 +249,26 @@ class LoraLinear(LoraLayer):
     def _train_dtype(self, x):
         return validate.compute_dtype(x.dtype, self._weight.dtype, self._lora_a.dtype, self._lora_b.dtype)
 
-    def _host_forward(self, x2, x_lora2, out2, u2, lora):
+    def _host_forward(self, x2, x_lora2, out2, lora):
         """The CPU training forward: :func:`~numlora.ops.lora_forward`'s pipeline
         (:func:`numlora._backward.dense_forward`) on the layer's arrays, checked when they
         were set; an ``out2`` that shares memory with them gets the result through a
-        temporary, as lora_forward does (x2, x_lora2 and u2 are the backend's own)."""
+        temporary, as lora_forward does (x2 and x_lora2 are the backend's own). Returns
+        ``(y2, s x_lora2 A^T)``."""
         dt = x2.dtype
         w, a, b, bias = self._weight, self._lora_a, self._lora_b, self._bias
         dest = None
         if out2 is None:
             out2 = np.empty((x2.shape[0], self._out_f), dt)
-        elif any(validate.shares_memory(out2, arr) for arr in (w, a, b, bias)):
+        elif validate.overlaps_any(out2, (w, a, b, bias)):
             dest, out2 = out2, np.empty(out2.shape, dt)
         if lora:
             a, b = a.astype(dt, copy=False), b.astype(dt, copy=False)
         else:
             a = b = None
-        bw.dense_forward(x2, x_lora2, w.astype(dt, copy=False), a, b, self.scaling,
-                         None if bias is None else bias.astype(dt, copy=False), self._fan_in_fan_out, out2, u2)
-        return validate.deliver(out2, dest)
+        us = bw.dense_forward(x2, x_lora2, w.astype(dt, copy=False), a, b, self.scaling,
+                              None if bias is None else bias.astype(dt, copy=False), self._fan_in_fan_out, out2)
+        return validate.deliver(out2, dest), us
 
     def _host_grad_input(self, g2, dx):
         """``G W`` into dx (``G W^T`` under fan_in_fan_out), as lora_backward computes it."""
