@@ -224,7 +224,11 @@ def forward_rounded(x2, t, mode, lora_a, lora_b, s, bias, out2, x_lora=None, u_o
         return
     out_f, in_f = t.shape
     xr = _rounded(x2, mode, kc)
-    if n > FUSED_MAX_ROWS:
+    if mode == COMPUTE_DTYPES["bfloat16"] and bf16_dot_ok(kc, in_f, t.blocksize):
+        # the CPU's bf16 dot products, for every batch size (faster than float32 BLAS on
+        # the rounded tiles even at large batches)
+        kc.nf4_matmul_bf16dot(t.packed, t.scales, t.blocksize, t.code, kc.bf16_layout(xr), out2)
+    elif n > FUSED_MAX_ROWS:
         yt = np.empty((out_f, n), np.float32)
         for r0, r1, cur in row_tiles(t, t.scales, mode):
             np.dot(cur, xr.T, out=yt[r0:r1])
@@ -238,6 +242,13 @@ def forward_rounded(x2, t, mode, lora_a, lora_b, s, bias, out2, x_lora=None, u_o
     kc.round_values(out2.reshape(-1), mode)
     if lora_a is not None:
         bw.add_low_rank(x2 if x_lora is None else x_lora, lora_a, lora_b, s, out2, u_out)
+
+
+def bf16_dot_ok(kc, in_f, blocksize) -> bool:
+    """Whether the bf16 dot-product kernel applies: the CPU has the instruction (AVX512-BF16,
+    ``kernels.compute.BF16_DOT``), rows of whole 128-weight chunks, blocks of 64 or a
+    multiple."""
+    return kc.BF16_DOT and in_f % 128 == 0 and blocksize % 64 == 0 and in_f % blocksize == 0
 
 
 def grad_input_rounded(g2, t, mode, dx):

@@ -118,11 +118,34 @@ def test_simd_and_portable_decodes_give_the_same_bits(dtype, monkeypatch):
 
     if not k.SIMD_LANES:
         pytest.skip("this CPU (or NUMLORA_SIMD=0) has no SIMD decode")
+    from numlora.kernels import compute as kc
+
     rng = np.random.default_rng(6)
     t, x, b = _operands(rng, 40, 256, 3)
+    monkeypatch.setattr(kc, "BF16_DOT", False)  # the dot-product instruction sums in its own order
     simd = nl.nf4_matmul(x, t, bias=b, compute_dtype=dtype)
     monkeypatch.setattr(k, "SIMD_LANES", 0)
     assert np.array_equal(nl.nf4_matmul(x, t, bias=b, compute_dtype=dtype), simd)
+
+
+@pytest.mark.skipif(JIT_DISABLED, reason="the bf16 dot-product kernel exists only compiled")
+def test_bf16_dot_instruction_path(monkeypatch):
+    from numlora.kernels import compute as kc
+
+    if not kc.BF16_DOT:
+        pytest.skip("this CPU has no AVX512-BF16 dot-product instruction (or the AVX-512 build is off)")
+    rng = np.random.default_rng(11)
+    for out_f, in_f, bs in ((70, 256, 64), (37, 384, 128), (20, 512, 256)):
+        t, x, b = _operands(rng, out_f, in_f, 21, bs=bs)
+        got = nl.nf4_matmul(x, t, bias=b, compute_dtype="bfloat16")
+        for n in (1, 3, 8, 9, 17):  # every row the same bits whatever the batch
+            assert np.array_equal(nl.nf4_matmul(x[:n], t, bias=b, compute_dtype="bfloat16"), got[:n])
+        wr = rnd(nl.dequantize_nf4(t), "bfloat16").astype(np.float64)
+        check_rounded(got, rnd(rnd(x, "bfloat16").astype(np.float64) @ wr.T + rnd(b, "bfloat16"), "bfloat16"),
+                      "bfloat16")
+        monkeypatch.setattr(kc, "BF16_DOT", False)
+        check_rounded(got, nl.nf4_matmul(x, t, bias=b, compute_dtype="bfloat16").astype(np.float64), "bfloat16")
+        monkeypatch.setattr(kc, "BF16_DOT", True)
 
 
 def test_float32_and_none_are_the_float32_kernels_and_aliases_name_the_same_dtype():

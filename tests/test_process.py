@@ -46,6 +46,11 @@ CHECKSUMS = """
     h['quant3'] = hashlib.sha256(nl.quantize_nf4(w, 3).packed.tobytes()).hexdigest()
     h['deq'] = hashlib.sha256(t.dequantize().tobytes()).hexdigest()
     h['qlora'] = hashlib.sha256(nl.qlora_forward(x, t, a, b, 2.0).tobytes()).hexdigest()
+    w2 = np.ascontiguousarray(w[:, :256])
+    t2 = (nl.quantize_nf4(w2, 64), nl.quantize_nf4(w2, 32))  # the bf16 dot-product kernel, and not
+    for cd in ('bfloat16', 'float16'):
+        h[cd] = hashlib.sha256(b''.join(nl.nf4_matmul(x[:, :256], q, compute_dtype=cd).tobytes()
+                                        for q in t2)).hexdigest()
     h['fwd'] = hashlib.sha256(nl.lora_forward(x, w, a, b, 2.0).tobytes()).hexdigest()
     wm = w.copy(); rec = nl.merge_lora(wm, a, b, 2.0, record=True)
     h['merge'] = hashlib.sha256(wm.tobytes() + rec.corr.tobytes()).hexdigest()

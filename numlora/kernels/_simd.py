@@ -633,6 +633,126 @@ def _make_dot16(lanes):
     return dot16
 
 
+def _host_bf16_dot() -> bool:
+    """Whether the bfloat16 dot product instruction (AVX512-BF16 ``vdpbf16ps``) is used:
+    the AVX-512 build on a CPU that has it."""
+    if LANES != 16:
+        return False
+    try:
+        return bool(llvm_binding.get_host_cpu_features().get("avx512bf16", False))
+    except Exception:  # pragma: no cover - llvmlite without the query
+        return False
+
+
+#: True where :func:`bf16_rows` runs (``vdpbf16ps``); the 16-bit products then take it.
+BF16_DOT = _host_bf16_dot()
+if BF16_DOT:  # the instruction is emitted as inline assembly (llvmlite's IR has no bfloat type)
+    llvm_binding.initialize_native_asmparser()
+#: Weights per chunk of :func:`bf16_rows`: 64 bytes, one <32 x i16> load.
+BF16_CHUNK = 128
+I16 = ir.IntType(16)
+
+
+def _bf16_half_table(builder, codes, scale):
+    """<16 x i16>: the bf16 bits of rnd(codes * scale), half to even (finite values)."""
+    it = _vec(I32, 16)
+    b = builder.bitcast(builder.fmul(codes, _splat(builder, scale, 16)), it)
+    odd = builder.and_(builder.lshr(b, ir.Constant(it, [16] * 16)), ir.Constant(it, [1] * 16))
+    near = builder.add(builder.add(b, ir.Constant(it, [0x7FFF] * 16)), odd)
+    return builder.trunc(builder.lshr(near, ir.Constant(it, [16] * 16)), _vec(I16, 16))
+
+
+def _make_bf16_rows(nw, nx):
+    """Build ``bf16_rows(packed, o, xb, i, scales, code, blocksize, out)``: out[a * nx + g]
+    = rnd(deq(W))[o + a] . xb[i + g] for a < nw, g < nx, accumulated in float32 by
+    ``vdpbf16ps``.
+
+    xb: bf16 bits (n, in) in ``kernels.compute.bf16_layout``'s order; ``in % 128 == 0`` and
+    ``blocksize % 64 == 0``. Per chunk of 128 weights of a row: the 64 bytes load as 32
+    16-bit words; the 16-entry table of each half chunk (64 weights, within one block) is
+    ``rnd(code * absmax)`` in bf16, the two side by side in one 32-entry table; nibble
+    position k of every word is ``(word >> 4k) & 15`` (+16 in the second half), looked up
+    with one ``vpermw``, and ``vdpbf16ps`` adds the products of its lane pairs with x into
+    the pair's accumulator (k = 0, 1, 2, 3 in order; the instruction flushes subnormals).
+    Finally the accumulator's halving sum. Each (o, i) gets these operations whatever
+    ``nw`` and ``nx``: several weight rows (a GEMV) or several input rows per call only
+    give the CPU independent chains to overlap."""
+
+    @intrinsic
+    def bf16_rows(typingctx, packed, o, xb, i0, scales, code, blocksize, out):
+        sig = types.void(packed, o, xb, i0, scales, code, blocksize, out)
+
+        def codegen(context, builder, sig, args):
+            pk = context.make_array(sig.args[0])(context, builder, args[0])
+            row = context.cast(builder, args[1], sig.args[1], types.int64)
+            xa = context.make_array(sig.args[2])(context, builder, args[2])
+            first = context.cast(builder, args[3], sig.args[3], types.int64)
+            sc = context.make_array(sig.args[4])(context, builder, args[4])
+            cd = context.make_array(sig.args[5])(context, builder, args[5])
+            bs = context.cast(builder, args[6], sig.args[6], types.int64)
+            oa = context.make_array(sig.args[7])(context, builder, args[7])
+            wt = _vec(I16, 32)
+            ft = _vec(F32, 16)
+            in_f = builder.extract_value(xa.shape, 1)
+            nchunks = builder.udiv(in_f, ir.Constant(I64, BF16_CHUNK))
+            prows, srows = [], []
+            for a in range(nw):
+                r = builder.add(row, ir.Constant(I64, a))
+                prows.append(builder.gep(pk.data, [builder.mul(r, builder.lshr(in_f, ir.Constant(I64, 1)))]))
+                srows.append(builder.gep(sc.data, [builder.mul(r, builder.udiv(in_f, bs))]))
+            xrows = [builder.gep(xa.data, [builder.mul(builder.add(first, ir.Constant(I64, g)), in_f)])
+                     for g in range(nx)]
+            codes = _load_codes(builder, cd.data, 16)
+            perm = cgutils.get_or_insert_function(builder.module, ir.FunctionType(wt, [wt, wt]),
+                                                  "llvm.x86.avx512.permvar.hi.512")
+            dot_ty = ir.FunctionType(ft, [ft, wt, wt])
+            acc_p = [[cgutils.alloca_once_value(builder, ir.Constant(ft, None)) for _ in range(nx)]
+                     for _ in range(nw)]
+            fifteen = ir.Constant(wt, [15] * 32)
+            offs = ir.Constant(wt, [0] * 16 + [16] * 16)
+            with cgutils.for_range(builder, nchunks) as cl:
+                e = builder.mul(cl.index, ir.Constant(I64, BF16_CHUNK))
+                ba = builder.udiv(e, bs)
+                bb = builder.udiv(builder.add(e, ir.Constant(I64, 64)), bs)
+
+                def xv(g, k, e=e):
+                    ptr = builder.gep(xrows[g], [builder.add(e, ir.Constant(I64, 32 * k))])
+                    return builder.load(builder.bitcast(ptr, wt.as_pointer()), align=2)
+                for a in range(nw):
+                    words = builder.load(builder.bitcast(builder.gep(prows[a], [builder.lshr(e, ir.Constant(I64, 1))]),
+                                                         wt.as_pointer()), align=1)
+                    table = builder.shuffle_vector(
+                        _bf16_half_table(builder, codes, builder.load(builder.gep(srows[a], [ba]))),
+                        _bf16_half_table(builder, codes, builder.load(builder.gep(srows[a], [bb]))),
+                        ir.Constant(_vec(I32, 32), list(range(32))))
+                    accs = [builder.load(acc_p[a][g]) for g in range(nx)]
+                    for k in range(4):
+                        idx = builder.lshr(words, ir.Constant(wt, [4 * k] * 32)) if k else words
+                        w = builder.call(perm, [table, builder.or_(builder.and_(idx, fifteen), offs)])
+                        accs = [builder.asm(dot_ty, "vdpbf16ps $3, $2, $0", "=v,0,v,v", [accs[g], w, xv(g, k)],
+                                            False, "dpbf16") for g in range(nx)]
+                    for g in range(nx):
+                        builder.store(accs[g], acc_p[a][g])
+            for a in range(nw):
+                for g in range(nx):
+                    builder.store(_hsum(builder, builder.load(acc_p[a][g]), 16),
+                                  builder.gep(oa.data, [ir.Constant(I64, a * nx + g)]))
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return bf16_rows
+
+
+#: Input rows per call of :data:`bf16_rows_x` and weight rows per call of
+#: :data:`bf16_rows_w` (the batch-1 GEMV); :data:`bf16_rows_1` does one pair.
+BF16_NX = 8
+BF16_NW = 4
+bf16_rows_x = _make_bf16_rows(1, BF16_NX) if BF16_DOT else None
+bf16_rows_w = _make_bf16_rows(BF16_NW, 1) if BF16_DOT else None
+bf16_rows_1 = _make_bf16_rows(1, 1) if BF16_DOT else None
+
+
 row_dot = _make_row_dot(LANES) if LANES else None
 dot16 = _make_dot16(LANES) if LANES else None
 decode_blocks_bf16 = _make_decode(LANES, False, 1) if LANES else None

@@ -16,8 +16,19 @@ from __future__ import annotations
 import numpy as np
 
 from ._jit import inline_helper, kernel, prange
+from ._simd import (  # noqa: F401  (BF16_DOT: read by the products module)
+    BF16_CHUNK,
+    BF16_DOT,
+    BF16_NW,
+    BF16_NX,
+    bf16_rows_1,
+    bf16_rows_w,
+    bf16_rows_x,
+    decode_blocks_bf16,
+    decode_blocks_f16,
+    dot16,
+)
 from ._simd import CACHEABLE as SIMD_CACHEABLE
-from ._simd import decode_blocks_bf16, decode_blocks_f16, dot16
 
 BF16 = 1
 F16 = 2
@@ -154,3 +165,50 @@ def nf4_decode_rounded_tile(packed, scales, blocksize, code, mode, b0, b1, out):
     """Serial SIMD decode of blocks [b0, b1), each value rounded to the compute dtype,
     into a tile that BLAS reads next (the large-batch path)."""
     _decode_rounded(packed, scales, blocksize, code, mode, b0, b1, blocksize // 2, out[:(b1 - b0) * blocksize])
+
+
+BF16_ROWS = 16  # weight rows per parallel task of the bf16 dot-product kernel
+
+
+def bf16_layout(xr):
+    """numpy: a float32 (n, in) array of bfloat16 values (already rounded) as the bf16
+    bits :func:`nf4_matmul_bf16dot` reads: uint16, each chunk of ``_simd.BF16_CHUNK``
+    elements reordered so that position ``32 k + q`` holds element ``4 q + (1, 0, 3, 2)[k]``
+    (the order in which the nibble positions of the chunk's 16-bit words decode)."""
+    n, in_f = xr.shape
+    bits = (np.ascontiguousarray(xr).view(np.uint32) >> 16).astype(np.uint16)
+    c = bits.reshape(n, in_f // BF16_CHUNK, 32, 4)[:, :, :, [1, 0, 3, 2]]
+    return np.ascontiguousarray(c.transpose(0, 1, 3, 2)).reshape(n, in_f)
+
+
+@kernel(parallel=True, cache=SIMD_CACHEABLE)
+def nf4_matmul_bf16dot(packed, scales, blocksize, code, xb, y):
+    """y[i, o] = rnd(deq(W))[o] . rnd(x)[i] with the CPU's bf16 dot-product instruction
+    (``_simd.bf16_rows``): xb holds the bf16 bits of x in :func:`bf16_layout`'s order.
+    Input rows BF16_NX at a time (each weight chunk decoded once for all of them); the
+    rest one at a time, BF16_NW weight rows per call. Every (o, i) gets the same
+    operations, so results do not depend on the batch size or the thread count."""
+    n = xb.shape[0]
+    out_f = y.shape[1]
+    ntasks = (out_f + BF16_ROWS - 1) // BF16_ROWS
+    nfull = n - n % BF16_NX
+    for task in prange(ntasks):
+        o0 = task * BF16_ROWS
+        o1 = min(out_f, o0 + BF16_ROWS)
+        buf = np.empty(max(BF16_NX, BF16_NW), np.float32)
+        for i in range(0, nfull, BF16_NX):
+            for o in range(o0, o1):
+                bf16_rows_x(packed, o, xb, i, scales, code, blocksize, buf)
+                for g in range(BF16_NX):
+                    y[i + g, o] = buf[g]
+        for i in range(nfull, n):
+            o = o0
+            while o + BF16_NW <= o1:
+                bf16_rows_w(packed, o, xb, i, scales, code, blocksize, buf)
+                for a in range(BF16_NW):
+                    y[i, o + a] = buf[a]
+                o += BF16_NW
+            while o < o1:
+                bf16_rows_1(packed, o, xb, i, scales, code, blocksize, buf)
+                y[i, o] = buf[0]
+                o += 1
