@@ -4,10 +4,10 @@ against the float32 kernels and bitsandbytes' ``Linear4bit(compute_dtype=...)``.
 
 Accuracy (out x in weight, NF4, blocksize 64): the largest error of ``nf4_matmul`` over
 the largest output, against the float64 product of the float32 input and the dequantized
-weight (what float32 compute approximates), and the share of outputs bit-equal to
-bitsandbytes' own maths for that dtype (``dequantize_4bit(...).to(dtype)`` and torch's
-16-bit ``linear``), and the largest difference from ``bnb.nn.Linear4bit`` itself (on a CPU
-with AVX-512 BF16 it runs a packed-weight kernel with its own rounding).
+weight (what float32 compute approximates), the same for ``bnb.nn.Linear4bit`` itself in
+``eval()`` mode (on a CPU with AVX-512 BF16 it runs a packed-weight kernel with its own
+rounding), and the share of numlora's outputs bit-equal to bitsandbytes' own maths for
+that dtype (``dequantize_4bit(...).to(dtype)`` and torch's 16-bit ``linear``).
 
 Speed: ``nf4_matmul(x, t, out=out, compute_dtype=...)`` (a preallocated ``out``) at
 batch 1, 8 and 128, interleaved with ``Linear4bit`` in the same run (numlora's harness).
@@ -40,7 +40,7 @@ def _bnb_layer(torch, bnb, w, dtype, quant_type="nf4"):
     lin = bnb.nn.Linear4bit(w.shape[1], w.shape[0], bias=False, compute_dtype=getattr(torch, dtype),
                             quant_type=quant_type)
     lin.weight = bnb.nn.Params4bit(torch.from_numpy(w), requires_grad=False, quant_type=quant_type)
-    return lin.to("cpu")
+    return lin.to("cpu").eval()  # inference: its packed CPU kernel where the CPU has AVX512-BF16
 
 
 def accuracy(size: int, torch, bnb) -> None:
@@ -51,8 +51,8 @@ def accuracy(size: int, torch, bnb) -> None:
     ref = x.astype(np.float64) @ nl.dequantize_nf4(t).astype(np.float64).T
     scale = np.abs(ref).max()
     print(f"\n## Accuracy ({size} x {size} NF4 weight, batch 8)\n")
-    print("| compute dtype | max error / max output vs float64 | bit-equal to bitsandbytes' dequantize + torch "
-          "linear | max difference from bnb.nn.Linear4bit / max output |")
+    print("| compute dtype | numlora: max error / max output vs float64 | bnb.nn.Linear4bit (eval): the same | "
+          "numlora outputs bit-equal to bitsandbytes' dequantize + torch linear |")
     print("|---|---|---|---|")
     if torch is not None:
         import bitsandbytes.functional as F
@@ -68,8 +68,8 @@ def accuracy(size: int, torch, bnb) -> None:
                 want = torch.nn.functional.linear(torch.from_numpy(x).to(tdt), F.dequantize_4bit(q, state).to(tdt))
                 equal = f"{(y == want.float().numpy()).mean():.2%}"
                 got = _bnb_layer(torch, bnb, w, dtype)(torch.from_numpy(x)).float().numpy()
-            module = f"{np.abs(y - got).max() / scale:.1e}"
-        print(f"| {dtype} | {err:.1e} | {equal} | {module} |")
+            module = f"{np.abs(got - ref).max() / scale:.1e}"
+        print(f"| {dtype} | {err:.1e} | {module} | {equal} |")
 
 
 def speed(size: int, repeat: int, torch, bnb) -> None:
