@@ -55,6 +55,12 @@ def compute_dtype(*dtypes) -> np.dtype:
     return F32
 
 
+def arrays_dtype(*arrays) -> np.dtype:
+    """``np.result_type`` of the dtypes of ``arrays`` (anything ``np.asarray`` takes; the
+    compute dtype of a function's operands), through :func:`compute_dtype`."""
+    return compute_dtype(*[a.dtype if type(a) is np.ndarray else np.asarray(a).dtype for a in arrays])
+
+
 def expect_shape(name: str, a: np.ndarray, shape: tuple) -> None:
     if tuple(a.shape) != tuple(shape):
         raise ShapeError(f"expected {name} of shape {tuple(shape)}, got {tuple(a.shape)}")

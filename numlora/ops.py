@@ -70,7 +70,7 @@ def lora_forward(x, weight, lora_a, lora_b, scaling, bias=None, out=None, *, fan
     s = validate.real_scalar("scaling", scaling)
     xl = validate.lora_input(x_lora, x, in_f)
     arrays = [x, weight, lora_a, lora_b] + [a for a in (bias, xl) if a is not None]
-    dtype = np.result_type(*[np.asarray(a).dtype for a in arrays])
+    dtype = validate.arrays_dtype(*arrays)
     b_arr, use_bias = validate.bias_array(bias, out_f, dtype)
     inputs = {"x": x, "weight": weight, "lora_a": lora_a, "lora_b": lora_b, "bias": bias, "x_lora": xl}
     u2 = bw.u_buffer(u_out, x, rank, dtype, {**inputs, "out": out}, "lora_forward")
@@ -93,7 +93,7 @@ def linear_forward(x, weight, bias=None, out=None, *, fan_in_fan_out=False):
     out_f, in_f = weight.shape[::-1] if fan_in_fan_out else weight.shape
     x = validate.input_rows(x, in_f)
     arrays = [x, weight] + ([bias] if bias is not None else [])
-    dtype = np.result_type(*[np.asarray(a).dtype for a in arrays])
+    dtype = validate.arrays_dtype(*arrays)
     b_arr, use_bias = validate.bias_array(bias, out_f, dtype)
     out, dest = validate.output(out, x, out_f, dtype, {"x": x, "weight": weight, "bias": bias})
     x2 = np.ascontiguousarray(x.reshape(-1, in_f), dtype)
@@ -423,7 +423,7 @@ def lora_backward(x, weight, lora_a, lora_b, scaling, grad_out, *, fan_in_fan_ou
     s = validate.real_scalar("scaling", scaling)
     need_grad_x = validate.flag("need_grad_x", need_grad_x)
     bw.check_x_drop_alone(x_drop, dropout, need_grad_x)
-    dtype = np.result_type(*[np.asarray(a).dtype for a in (x, weight, lora_a, lora_b, grad_out)])
+    dtype = validate.arrays_dtype(x, weight, lora_a, lora_b, grad_out)
 
     def base_grad(w, g, dx):  # G W (G W^T under fan_in_fan_out: W stored (in, out))
         np.dot(g, w.T if fan_in_fan_out else w, out=dx)
