@@ -1,5 +1,5 @@
-"""NF4 / QLoRA kernels: quantize_nf4, dequantize_nf4, qlora_forward, nf4_matmul,
-nf4_matmul_t.
+"""NF4 / QLoRA kernels: quantize_nf4, dequantize_nf4, qlora_forward, nf4_matmul (also in
+the 16-bit compute dtypes), nf4_matmul_t.
 
 Shapes: an N x N float32 weight (N = 4096 unless NUMLORA_ASV_N says otherwise),
 blocksize 64, a rank-16 adapter. Every setup calls each benchmarked kernel once (with
@@ -70,6 +70,24 @@ class QloraForward:
 
     def time_nf4_matmul(self, batch):
         numlora.nf4_matmul(self.x, self.t, out=self.out)
+
+
+class ComputeDtype:
+    """``nf4_matmul`` in a 16-bit compute dtype (bitsandbytes' ``compute_dtype``): on a CPU
+    with AVX512-BF16 the bfloat16 case runs the ``vdpbf16ps`` kernel, elsewhere (and for
+    float16) the rounded decode in registers; into a preallocated ``out``."""
+
+    params = [[1, 8, 128], ["bfloat16", "float16"]]
+    param_names = ["batch", "compute_dtype"]
+
+    def setup(self, batch, compute_dtype):
+        self.t = nf4_weight(N)
+        self.x = activations(batch, N)
+        self.out = np.empty((batch, N), np.float32)
+        numlora.nf4_matmul(self.x, self.t, out=self.out, compute_dtype=compute_dtype)
+
+    def time_nf4_matmul(self, batch, compute_dtype):
+        numlora.nf4_matmul(self.x, self.t, out=self.out, compute_dtype=compute_dtype)
 
 
 class Nf4MatmulT:
