@@ -1,11 +1,13 @@
 """Embedding and Conv2d LoRA forward: numlora against torch + PEFT, in the same run.
 
-Embedding: 128 token ids, a 32000 x 4096 table, rank 16. Conv2d: 64 -> 64 channels, 3x3,
-padding 1, 56x56, batch 8, rank 16. float32; numlora writes into preallocated ``out=``
-buffers; torch runs under ``torch.no_grad()`` with its default threads. Prints the median
-of ``--repeat`` timed calls (after warm-up) per case, and the ratio.
+Embedding: 128 token ids (``--batches`` for other counts), a 32000 x 4096 table, rank 16.
+Conv2d: 64 -> 64 channels, 3x3, padding 1, 56x56, batch 8, rank 16. float32; numlora writes
+into preallocated ``out=`` buffers; torch runs under ``torch.no_grad()`` with its default
+threads and allocates its output, so the embedding is also timed with numlora allocating
+its own (``numlora_alloc_ms``). All of a case's competitors are timed in turns in the same
+run. Prints the median of ``--repeat`` timed calls (after warm-up) per case, and the ratio.
 
-    python benchmarks/bench_embed_conv.py [--repeat 30] [--json out.json]
+    python benchmarks/bench_embed_conv.py [--repeat 30] [--batches 1,8,128] [--json out.json]
 """
 
 from __future__ import annotations
@@ -26,11 +28,11 @@ def medians_ms(fns, repeat):
     return [t.median_ms for t in time_interleaved(fns, repeat, pause=0.0)]
 
 
-def embedding_case(repeat, rng):
+def embedding_case(repeat, rng, n=128):
     import torch
     from peft import LoraConfig, get_peft_model
 
-    vocab, dim, r, n = 32000, 4096, 16, 128
+    vocab, dim, r = 32000, 4096, 16
     w = rng.standard_normal((vocab, dim), np.float32)
     a = rng.standard_normal((r, vocab), np.float32)
     b = rng.standard_normal((dim, r), np.float32) * np.float32(0.01)
@@ -40,6 +42,9 @@ def embedding_case(repeat, rng):
 
     def ours():
         nl.embedding_lora_forward(ids, w, a, b, s, out=out)
+
+    def ours_alloc():
+        nl.embedding_lora_forward(ids, w, a, b, s)
 
     model = torch.nn.Sequential()
     model.add_module("emb", torch.nn.Embedding(vocab, dim))
@@ -56,9 +61,9 @@ def embedding_case(repeat, rng):
 
     with torch.no_grad():
         diff = float(np.max(np.abs(layer(tids).numpy() - nl.embedding_lora_forward(ids, w, a, b, s))))
-    ours_ms, peft_ms = medians_ms([ours, theirs], repeat)
-    return {"case": "embedding 32000x4096 r16, 128 ids", "numlora_ms": ours_ms, "peft_ms": peft_ms,
-            "max_abs_diff": diff}
+    ours_ms, peft_ms, alloc_ms = medians_ms([ours, theirs, ours_alloc], repeat)
+    return {"case": f"embedding 32000x4096 r16, {n} ids", "numlora_ms": ours_ms, "peft_ms": peft_ms,
+            "numlora_alloc_ms": alloc_ms, "max_abs_diff": diff}
 
 
 def conv_case(repeat, rng):
@@ -144,11 +149,13 @@ def main(argv=None):
     p.add_argument("--repeat", type=int, default=30)
     p.add_argument("--json", default=None)
     p.add_argument("--direct", action="store_true", help="also time a direct numba convolution loop")
+    p.add_argument("--batches", default="128", help="token counts of the embedding case, comma-separated")
     args = p.parse_args(argv)
     import torch
 
     rng = np.random.default_rng(0)
-    rows = [embedding_case(args.repeat, rng), conv_case(args.repeat, rng)]
+    rows = [embedding_case(args.repeat, rng, int(n)) for n in args.batches.split(",")]
+    rows.append(conv_case(args.repeat, rng))
     if args.direct:
         rows.append(direct_case(args.repeat, rng))
     meta = {"cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
@@ -156,8 +163,9 @@ def main(argv=None):
     for row in rows:
         row["speedup"] = row["peft_ms"] / row["numlora_ms"]
         other = row.get("baseline", "torch+PEFT")
+        alloc = f"   (allocating: {row['numlora_alloc_ms']:.3f} ms)" if "numlora_alloc_ms" in row else ""
         print(f"{row['case']:<40} numlora {row['numlora_ms']:8.3f} ms   {other} {row['peft_ms']:8.3f} ms   "
-              f"x{row['speedup']:.2f}   max|diff| {row['max_abs_diff']:.2e}")
+              f"x{row['speedup']:.2f}   max|diff| {row['max_abs_diff']:.2e}{alloc}")
     print(json.dumps(meta))
     if args.json:
         with open(args.json, "w") as f:
