@@ -23,6 +23,7 @@ from ._simd import (  # noqa: F401  (BF16_DOT: read by the products module)
     BF16_NX,
     bf16_rows_1,
     bf16_rows_w,
+    bf16_rows_wx,
     bf16_rows_x,
     decode_blocks_bf16,
     decode_blocks_f16,
@@ -185,8 +186,8 @@ def bf16_layout(xr):
 def nf4_matmul_bf16dot(packed, scales, blocksize, code, xb, y):
     """y[i, o] = rnd(deq(W))[o] . rnd(x)[i] with the CPU's bf16 dot-product instruction
     (``_simd.bf16_rows``): xb holds the bf16 bits of x in :func:`bf16_layout`'s order.
-    Input rows BF16_NX at a time (each weight chunk decoded once for all of them); the
-    rest one at a time, BF16_NW weight rows per call. Every (o, i) gets the same
+    Input rows BF16_NX at a time (each weight chunk decoded once for all of them, two
+    weight rows per call); the rest one at a time, BF16_NW weight rows per call. Every (o, i) gets the same
     operations, so results do not depend on the batch size or the thread count."""
     n = xb.shape[0]
     out_f = y.shape[1]
@@ -195,9 +196,16 @@ def nf4_matmul_bf16dot(packed, scales, blocksize, code, xb, y):
     for task in prange(ntasks):
         o0 = task * BF16_ROWS
         o1 = min(out_f, o0 + BF16_ROWS)
-        buf = np.empty(max(BF16_NX, BF16_NW), np.float32)
+        buf = np.empty(2 * BF16_NX + BF16_NW, np.float32)
         for i in range(0, nfull, BF16_NX):
-            for o in range(o0, o1):
+            o = o0
+            while o + 2 <= o1:
+                bf16_rows_wx(packed, o, xb, i, scales, code, blocksize, buf)
+                for a in range(2):
+                    for g in range(BF16_NX):
+                        y[i + g, o + a] = buf[a * BF16_NX + g]
+                o += 2
+            if o < o1:
                 bf16_rows_x(packed, o, xb, i, scales, code, blocksize, buf)
                 for g in range(BF16_NX):
                     y[i + g, o] = buf[g]
