@@ -9,8 +9,9 @@ A DoRA layer adds a magnitude vector ``m`` ``(out,)`` to LoRA's A and B. With
 - merge: ``W <- (m / n) V`` (the base bias is not scaled).
 
 PEFT's ``peft/tuners/lora/dora.py`` (``DoraLinearLayer``) and ``variants.py``
-(``DoraLinearVariant``) are the reference. Rows are processed in chunks, in float64, so
-temporaries stay small whatever the weight's size and the merged weight is rounded once.
+(``DoraLinearVariant``) are the reference. Rows are processed in chunks, in float64, in
+one scratch buffer per call reused from chunk to chunk (no temporary per chunk), so memory
+stays small whatever the weight's size and the merged weight is rounded once.
 """
 
 from __future__ import annotations
@@ -34,10 +35,38 @@ def _magnitude(magnitude, out_f):
     return m
 
 
-def _rows(weight, fan_in_fan_out, r0, r1):
-    """Output rows r0:r1 of the base weight as float64 ``(r1 - r0, in)``."""
-    part = weight[:, r0:r1].T if fan_in_fan_out else weight[r0:r1]
-    return part.astype(np.float64)
+def _chunks(weight, a, b, s, fan_in_fan_out):
+    """``(r0, r1, rows)`` for each chunk of ``ROW_CHUNK`` output rows, ``rows`` =
+    ``W[r0:r1] + s * B[r0:r1] @ A`` in float64 (W as an ``(out, in)`` matrix). ``rows`` is
+    a view of a scratch buffer made once per call and overwritten by the next chunk.
+
+    Under ``fan_in_fan_out`` the rows are columns of the stored weight and are laid out
+    as its columns are (``rows.T`` C-contiguous): numpy's sums over a row then run in the
+    same order as over a column of the stored weight."""
+    out_f, in_f = b.shape[0], a.shape[1]
+    a64 = a.astype(np.float64)
+    b64 = b.astype(np.float64)
+    n = min(ROW_CHUNK, out_f)
+    prod = np.empty((n, in_f), np.float64)
+    cols = np.empty(in_f * n, np.float64) if fan_in_fan_out else None
+    for r0 in range(0, out_f, ROW_CHUNK):
+        r1 = min(out_f, r0 + ROW_CHUNK)
+        rows = prod[:r1 - r0]
+        np.matmul(b64[r0:r1], a64, out=rows)
+        rows *= s
+        if fan_in_fan_out:
+            rows = np.add(weight[:, r0:r1].T, rows, out=cols[:in_f * (r1 - r0)].reshape(in_f, r1 - r0).T)
+        else:
+            rows += weight[r0:r1]
+        yield r0, r1, rows
+
+
+def _norms(weight, a, b, s, fan_in_fan_out):
+    """The row norms of ``W + s B A`` (checked arrays), float64 ``(out,)``."""
+    norm = np.empty(b.shape[0], np.float64)
+    for r0, r1, rows in _chunks(weight, a, b, s, fan_in_fan_out):
+        np.einsum("ij,ij->i", rows, rows, out=norm[r0:r1])
+    return np.sqrt(norm, out=norm)
 
 
 def _check_norm(norm):
@@ -53,15 +82,8 @@ def dora_weight_norm(weight, lora_a, lora_b, scaling, fan_in_fan_out=False) -> n
     """``||W + scaling * B @ A||`` per output row, float64 ``(out,)`` (``W`` is the weight as
     a ``(out, in)`` matrix: the transpose of the stored one under ``fan_in_fan_out``)."""
     s = validate.real_scalar("scaling", scaling)
-    weight, a, b, out_f, _, _ = validate.adapter_arrays(weight, lora_a, lora_b, fan_in_fan_out)
-    a64 = a.astype(np.float64)
-    norm = np.empty(out_f, np.float64)
-    for r0 in range(0, out_f, ROW_CHUNK):
-        r1 = min(out_f, r0 + ROW_CHUNK)
-        rows = _rows(weight, fan_in_fan_out, r0, r1)
-        rows += s * (b[r0:r1].astype(np.float64) @ a64)
-        norm[r0:r1] = np.sqrt(np.einsum("ij,ij->i", rows, rows))
-    return norm
+    weight, a, b, _, _, _ = validate.adapter_arrays(weight, lora_a, lora_b, fan_in_fan_out)
+    return _norms(weight, a, b, s, fan_in_fan_out)
 
 
 @dispatch(cpu_only=True)
@@ -121,14 +143,10 @@ def merge_dora(weight, lora_a, lora_b, scaling, magnitude, fan_in_fan_out=False)
     validate.refuse_overlap("weight", weight, {"lora_a": a, "lora_b": b, "magnitude": m}, "merge_dora")
     m = m.astype(np.float64)
     # All norms first, so that a bad row leaves the weight untouched.
-    norm = dora_weight_norm(weight, a, b, s, fan_in_fan_out)
+    norm = _norms(weight, a, b, s, fan_in_fan_out)
     _check_norm(norm)
     factor = m / norm
-    a64 = a.astype(np.float64)
-    for r0 in range(0, out_f, ROW_CHUNK):
-        r1 = min(out_f, r0 + ROW_CHUNK)
-        rows = _rows(weight, fan_in_fan_out, r0, r1)
-        rows += s * (b[r0:r1].astype(np.float64) @ a64)
+    for r0, r1, rows in _chunks(weight, a, b, s, fan_in_fan_out):
         rows *= factor[r0:r1, None]
         if fan_in_fan_out:
             weight[:, r0:r1] = rows.T
