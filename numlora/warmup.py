@@ -28,7 +28,7 @@ JOBS = (
     ("qlora_forward", "NF4 forward: batch 1, 2-16 rows, tiles (SIMD or portable decode)"),
     ("training", "QLoraLinear and LoraLinear backward, dropout, AdamW"),
     ("merge", "merge_lora / unmerge_lora, plain and bit-exact"),
-    ("quantize", "quantize_nf4 (and double quantization), dequantize_nf4"),
+    ("quantize", "quantize_nf4 (NF4 and FP4, float32 and bfloat16 bits, double quantization), dequantize_nf4"),
     ("bank", "LoraBank: adapter packing, the multi-adapter kernel (parallel and serial)"),
     ("nf4_matmul_t", "nf4_matmul_t (the NF4 input gradient)"),
     ("convert", "bfloat16 <-> float32 conversion, error statistics (numlora merge / quantize)"),
@@ -99,11 +99,16 @@ def _job_merge():
 def _job_quantize():
     import numlora as nl
 
+    from .io.safetensors import f32_to_bf16
+    from .nf4 import quantize_bf16_bits
+
     w, _, _, _ = _inputs()
-    for dq in (False, True):
-        t = nl.quantize_nf4(w, double_quant=dq)
-        nl.dequantize_nf4(t)
-        t.dequantize()
+    for qt in ("nf4", "fp4"):
+        for dq in (False, True):
+            t = nl.quantize_nf4(w, double_quant=dq, quant_type=qt)
+            nl.dequantize_nf4(t)
+            t.dequantize()
+        quantize_bf16_bits(f32_to_bf16(w), w.shape, quant_type=qt)
 
 
 def _job_bank():
