@@ -143,6 +143,44 @@ def test_qlora_step_uses_the_public_base_gradient(rng, p):
     assert _bits(layer.grad_a) == _bits(ga) and _bits(layer.grad_b) == _bits(gb)
 
 
+@pytest.mark.parametrize("compute_dtype", [None, "bfloat16", "float16"])
+@pytest.mark.parametrize("n", [3, 20])
+@pytest.mark.parametrize("target", [None, "x", "lora_a"])
+def test_qlora_training_forward_is_the_public_chain(rng, compute_dtype, n, target):
+    """QLoraLinear's training forward runs qlora_forward's products on the layer's arrays
+    (QLoraLinear._host_forward): the public chain's bits (the backward given the forward's
+    ``u``) for the fused (3 rows) and the BLAS (20 rows) paths, every compute dtype, out= x
+    or a view of A (through a temporary), and the backward after it."""
+    out_f = 24 if target is None else 128
+    n = 4 if target == "lora_a" else n  # out = A itself, (4, 128)
+    w = rng.standard_normal((out_f, 128)).astype(np.float32)
+    bias = rng.standard_normal(out_f).astype(np.float32)
+    layer = nl.QLoraLinear.from_weight(w, 4, 8.0, dropout=0.3, dropout_seed=7, bias=bias,
+                                       compute_dtype=compute_dtype).train()
+    layer.lora_b = rng.standard_normal((out_f, 4)).astype(np.float32)
+    x = rng.standard_normal((n, 128)).astype(np.float32)
+    g = rng.standard_normal((n, out_f)).astype(np.float32)
+    xd, state = nl.lora_dropout(x, 0.3, mix_seed(7, 0))
+    args = (layer.nf4, layer.lora_a.copy(), layer.lora_b, layer.scaling)
+    u = np.empty((n, 4), np.float32)
+    y_ref = nl.qlora_forward(x, *args, bias, x_lora=xd, u_out=u, compute_dtype=compute_dtype)
+    dx, ga, gb = nl.qlora_backward(x, *args, g, dropout=state, u=u, compute_dtype=compute_dtype)
+    if target == "x":
+        y = layer.forward(x, out=x)
+        assert y is x
+    elif target == "lora_a":  # out is the layer's own A (the property gives the array)
+        a_before = layer.lora_a.copy()
+        y = layer.forward(x, out=layer.lora_a)
+        assert y is layer.lora_a
+        assert _bits(y) == _bits(y_ref)
+        layer.lora_a = a_before  # the caller's choice of out overwrote A: put it back
+    else:
+        y = layer.forward(x)
+    assert _bits(y) == _bits(y_ref)
+    assert _bits(layer.backward(g)) == _bits(dx)
+    assert _bits(layer.grad_a) == _bits(ga) and _bits(layer.grad_b) == _bits(gb)
+
+
 def test_dropout_mask_rows_are_reused_only_for_their_batch(rng):
     """A DropoutMask with the rows' states of one batch size draws the same masks as
     one without them, and falls back to computing them for another size."""

@@ -105,6 +105,36 @@ class QLoraLinear(LoraLayer):
                                     x_lora=x_lora, u_out=u_out, **self._compute_kw())
         return fn.nf4_matmul(x, self._nf4, out=out, bias=self._bias, **self._compute_kw())
 
+    def _host_forward(self, x2, x_lora2, out2, lora):
+        """The CPU training forward: :func:`~numlora.nf4.qlora_forward`'s products
+        (``_nf4_products.forward`` / ``forward_rounded``) on the layer's arrays, checked
+        when they were set; an ``out2`` sharing memory with them gets the result through a
+        temporary, as qlora_forward does. Returns ``(y2, s x_lora2 A^T)`` with the bits of
+        the default hook (the public function's ``u_out`` times the scaling)."""
+        dest = None
+        if out2 is None:
+            out2 = np.empty((x2.shape[0], self._out_f), np.float32)
+        elif validate.overlaps_any(out2, (self._lora_a, self._lora_b, self._bias, self._nf4.packed,
+                                          self._nf4.scales)):
+            dest, out2 = out2, np.empty(out2.shape, np.float32)
+        a = b = u2 = None
+        if lora:
+            a, b, u2 = self._lora_a, self._lora_b, np.empty((x2.shape[0], self._rank), np.float32)
+        s = self.scaling
+        if self._compute_mode:
+            products.forward_rounded(x2, self._nf4, self._compute_mode, a, b, s, self._bias, out2, x_lora=x_lora2,
+                                     u_out=u2)
+        else:
+            products.forward(x2, self._nf4, a, b, s, self._bias, out2, x_lora=x_lora2, u_out=u2)
+        return validate.deliver(out2, dest), (None if u2 is None else u2 * np.float32(s))
+
+    def _host_grad_input(self, g2, dx):
+        """``G deq(W)`` into dx, as :func:`~numlora.nf4.nf4_matmul_t` computes it."""
+        if self._compute_mode:
+            products.grad_input_rounded(g2, self._nf4, self._compute_mode, dx)
+        else:
+            products.grad_input(g2, self._nf4, dx)
+
     def _check_float32_base(self):
         if self._compute_mode:
             raise DeviceError(f"the GPU path computes in float32 only: this layer has compute_dtype="
