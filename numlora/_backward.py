@@ -46,12 +46,21 @@ def add_low_rank(x2, lora_a, lora_b, s, out2, u_out=None):
     if x2.shape[0] == 0:
         return None
     u = _dot(x2, lora_a.T, out=u_out)
-    if u_out is None:
-        u *= u.dtype.type(s)
-    else:
-        u = u * u.dtype.type(s)
+    u = scale_intermediate(u, s, in_place=u_out is None)
     expand_into(u, lora_b, out2)
     return u
+
+
+def scale_intermediate(u, s, in_place=False):
+    """``s u`` (into u when ``in_place``): the scaled shrink of the LoRA branch. With
+    ``s == 0`` the adapter contributes nothing, also where ``x A^T`` overflowed to inf
+    (``inf * 0`` would put NaN into the output and the gradients, where the exact result
+    is the base product alone); every other value keeps its bits."""
+    us = u if in_place else np.empty_like(u)
+    np.multiply(u, u.dtype.type(s), out=us)
+    if s == 0:
+        np.nan_to_num(us, copy=False, nan=0.0)
+    return us
 
 
 def expand_into(us, lora_b, out2):
@@ -145,10 +154,8 @@ def backward_core(x2, xd2, a, b, s, g2, us, drop, grad_a, grad_b, need_grad_x, b
     n = x2.shape[0]
     dt = x2.dtype
     if us is None:
-        us = _dot(xd2, a.T)
-        us *= dt.type(s)
-    hs = _dot(g2, b)  # (n, r)
-    hs *= dt.type(s)
+        us = scale_intermediate(_dot(xd2, a.T), s, in_place=True)
+    hs = scale_intermediate(_dot(g2, b), s, in_place=True)  # (n, r)
     grad_b = _accumulate(grad_b, _dot(g2.T, us))  # s G^T U
     grad_a = _accumulate(grad_a, _dot(hs.T, xd2))  # s H^T x_drop
     if not need_grad_x:

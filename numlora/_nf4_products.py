@@ -103,7 +103,7 @@ def forward(x2, t, lora_a, lora_b, s, bias, out2, x_lora=None, u_out=None):
         k.lora_shrink(xl, lora_a, np.float32(s), u)
     else:
         k.lora_shrink(xl, lora_a, np.float32(1.0), u_out)
-        u = u_out * np.float32(s)
+        u = bw.scale_intermediate(u_out, s)
     bs = t.blocksize
     if simd_ok(k, bs) and k.simd_words_ok(k.SIMD_LANES, in_f, bs):
         k.nf4_matmul_words(t.packed, scales, bs, t.code, words_layout(x2, k.SIMD_LANES), u, lora_b, b_arr, use_bias,

@@ -135,3 +135,36 @@ def test_fused_rows_batch_independent_every_group_split(rng, kernel_path, shape,
     assert np.abs(singles - ref).max() <= 1e-5 * np.abs(ref).max()
     for n in range(1, len(x) + 1):
         assert np.array_equal(nl.qlora_forward(x[:n], t, a, b, 0.5), singles[:n])
+
+
+@pytest.mark.parametrize("n", [1, 3, 17, 20])
+@pytest.mark.parametrize("dense", [False, True])
+def test_scaling_zero_adds_nothing_even_where_x_a_overflows(n, dense):
+    """scaling = 0: the adapter contributes nothing, also where x A^T overflows float32
+    (inf * 0 must not turn the output and the gradients into NaN); the fused (<= 16 rows)
+    and BLAS paths, dense and NF4 bases, forward (with and without u_out) and backward."""
+    rng = np.random.default_rng(n)
+    w = rng.standard_normal((24, 64)).astype(np.float32)
+    t = nl.quantize_nf4(w, 64)
+    base_w = w if dense else nl.dequantize_nf4(t)
+    x = rng.standard_normal((n, 64)).astype(np.float32)
+    x[0, :] = 1e30  # x A^T = 64e60: inf in float32
+    a = np.full((2, 64), 1e30, np.float32)
+    b = rng.standard_normal((24, 2)).astype(np.float32)
+    g = rng.standard_normal((n, 24)).astype(np.float32)
+    ref = x.astype(np.float64) @ base_w.T.astype(np.float64)
+    with np.errstate(over="ignore", invalid="ignore"):
+        for u_out in (None, np.empty((n, 2), np.float32)):
+            if dense:
+                y = nl.lora_forward(x, w, a, b, 0.0, u_out=u_out)
+            else:
+                y = nl.qlora_forward(x, t, a, b, 0.0, u_out=u_out)
+            assert np.isfinite(y).all()
+            np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+        if dense:
+            dx, ga, gb = nl.lora_backward(x, w, a, b, 0.0, g)
+        else:
+            dx, ga, gb = nl.qlora_backward(x, t, a, b, 0.0, g)
+    assert not ga.any() and not gb.any()
+    gref = g.astype(np.float64) @ base_w.astype(np.float64)
+    np.testing.assert_allclose(dx, gref, rtol=1e-5, atol=1e-5 * np.abs(gref).max())

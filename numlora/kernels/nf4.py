@@ -413,7 +413,10 @@ def lora_shrink(x2, lora_a, scale, u):
     for it in prange(n * r):
         i = it // r
         t = it % r
-        u[i, t] = scale * _lane_dot(x2[i], lora_a[t], k)
+        v = scale * _lane_dot(x2[i], lora_a[t], k)
+        if scale == 0 and v != v:  # inf * 0: the adapter adds nothing (_backward.scale_intermediate)
+            v = np.float32(0.0)
+        u[i, t] = v
 
 
 @inline_helper
