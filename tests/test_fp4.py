@@ -74,6 +74,18 @@ def test_kernel_nibble_formula_covers_every_bucket():
     assert np.array_equal(t.packed, ref)
 
 
+def test_fp4_and_nf4_quantizers_are_separate_kernels():
+    """One template per loop, compiled per code book: each copy has its own name, which is
+    what numba's on-disk cache files it under (a shared name would make the two code books
+    evict each other's cached machine code)."""
+    from numlora.kernels import nf4 as k
+
+    names = [kern.py_func.__qualname__ for kerns in k.QUANTIZERS.values() for kern in kerns]
+    assert sorted(names) == sorted(f"{q}_quantize_{s}" for q in ("nf4", "fp4") for s in ("even", "any", "bf16"))
+    assert k.QUANTIZERS["fp4"][0].py_func.__globals__["_encode"] is k._nibble
+    assert k.QUANTIZERS["nf4"][0].py_func.__globals__["_encode"] is k._code
+
+
 @pytest.mark.parametrize("bs", [2, 32, 64, 128, 4096, 33, 7])
 @pytest.mark.parametrize("n", [1, 5, 64, 1001, 4096 + 91])
 def test_quantize_matches_reference(rng, bs, n):
