@@ -83,7 +83,7 @@ class _Peers:
 
     def __init__(self, w, a, b, alpha, rank):
         self.notes = []
-        self.torch = self.peft_lora = self.bnb_linear = self.peft_qlora = self.bnbf = None
+        self.torch = self.peft_lora = self.bnb_linear = self.peft_qlora = self.bnbf = self.bnb_linear_bf16 = None
         try:
             import torch
         except ImportError:
@@ -120,6 +120,9 @@ class _Peers:
             q = bnb.nn.Linear4bit(in_f, out_f, bias=False, compute_dtype=torch.float32, quant_type="nf4")
             q.weight = bnb.nn.Params4bit(wt.clone(), requires_grad=False, quant_type="nf4", blocksize=64)
             self.bnb_linear = q.to("cpu").eval()
+            qb = bnb.nn.Linear4bit(in_f, out_f, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
+            qb.weight = bnb.nn.Params4bit(wt.clone(), requires_grad=False, quant_type="nf4", blocksize=64)
+            self.bnb_linear_bf16 = qb.to("cpu").eval()
             try:
                 from peft import LoraConfig, get_peft_model
 
@@ -186,6 +189,17 @@ def run(size=4096, rank=16, repeat=7, batches=(1, 8, 128), lora_batches=(1, 8, 1
         goal = {1: "<= 0.5x (stretch 0.35x)", 8: "<= 0.6x", 128: "<= 1.25x"}.get(n, "")
         group(f"QLoRA forward, batch {n}", lambda: nl.qlora_forward(x, t, a, b, s, out=o1), others, t.nbytes,
               {"numpy dense float32 x @ W.T": goal})
+
+    # --- QLoRA forward in bfloat16 compute (bitsandbytes' compute_dtype) ------------------------
+    if P and P.bnb_linear_bf16 is not None:
+        for n in batches:
+            x = inputs.activations(n, in_f)
+            o1 = np.empty((n, out_f), np.float32)
+            nl.qlora_forward(x, t, a, b, s, out=o1, compute_dtype="bfloat16")
+            others = [("bitsandbytes Linear4bit, bf16 compute", P.call(P.bnb_linear_bf16, torch.from_numpy(x)))]
+            group(f"QLoRA forward, bf16 compute, batch {n}",
+                  lambda: nl.qlora_forward(x, t, a, b, s, out=o1, compute_dtype="bfloat16"), others, t.nbytes,
+                  {"bitsandbytes Linear4bit, bf16 compute": "<= 1.0x"})
 
     # --- LoRA forward ----------------------------------------------------------------------
     for n in lora_batches:
