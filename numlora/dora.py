@@ -40,25 +40,26 @@ def _chunks(weight, a, b, s, fan_in_fan_out):
     ``W[r0:r1] + s * B[r0:r1] @ A`` in float64 (W as an ``(out, in)`` matrix). ``rows`` is
     a view of a scratch buffer made once per call and overwritten by the next chunk.
 
-    Under ``fan_in_fan_out`` the rows are columns of the stored weight and are laid out
-    as its columns are (``rows.T`` C-contiguous): numpy's sums over a row then run in the
-    same order as over a column of the stored weight."""
+    Under ``fan_in_fan_out`` the rows are columns of the stored weight and are computed
+    in its layout, as ``(in, rows)`` C-contiguous (``A^T @ B^T``, the same dot products
+    over the rank), so numpy sums a row in the order of a column of the stored weight."""
     out_f, in_f = b.shape[0], a.shape[1]
     a64 = a.astype(np.float64)
     b64 = b.astype(np.float64)
-    n = min(ROW_CHUNK, out_f)
-    prod = np.empty((n, in_f), np.float64)
-    cols = np.empty(in_f * n, np.float64) if fan_in_fan_out else None
+    scratch = np.empty(min(ROW_CHUNK, out_f) * in_f, np.float64)
     for r0 in range(0, out_f, ROW_CHUNK):
         r1 = min(out_f, r0 + ROW_CHUNK)
-        rows = prod[:r1 - r0]
-        np.matmul(b64[r0:r1], a64, out=rows)
-        rows *= s
         if fan_in_fan_out:
-            rows = np.add(weight[:, r0:r1].T, rows, out=cols[:in_f * (r1 - r0)].reshape(in_f, r1 - r0).T)
+            buf = scratch[:in_f * (r1 - r0)].reshape(in_f, r1 - r0)
+            np.matmul(a64.T, b64[r0:r1].T, out=buf)
+            base = weight[:, r0:r1]
         else:
-            rows += weight[r0:r1]
-        yield r0, r1, rows
+            buf = scratch[:(r1 - r0) * in_f].reshape(r1 - r0, in_f)
+            np.matmul(b64[r0:r1], a64, out=buf)
+            base = weight[r0:r1]
+        buf *= s
+        buf += base
+        yield r0, r1, (buf.T if fan_in_fan_out else buf)
 
 
 def _norms(weight, a, b, s, fan_in_fan_out):
