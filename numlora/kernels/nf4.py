@@ -1,4 +1,5 @@
-"""NF4 kernels: quantize, dequantize and the 8-bit double quantization of absmax.
+"""NF4 kernels: quantize (NF4 and FP4, one set of loops; see the quantize section), dequantize
+and the 8-bit double quantization of absmax.
 
 Bit-identical to bitsandbytes' CPU path (see docs/nf4-format.md):
 - blocks run over the flat row-major index; the last block may be partial;
