@@ -462,3 +462,38 @@ def test_detached_conv_layer_from_a_folder_takes_its_options_on_attach(tmp_path,
                                rtol=1e-5, atol=1e-5)
     with pytest.raises(ShapeError, match=r"expected weight of shape \(4, 3, 3\)"):
         layer.attach(w[:, :, :2])
+
+
+def test_conv_column_buffers_are_per_thread_and_reused():
+    """The forward / backward reuse their column buffers per thread (numlora.conv._scratch):
+    threads running at once get the single-thread results; free_buffers drops them and the
+    next call makes them again, with the same results."""
+    import threading
+
+    from numlora import conv
+
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((6, 3, 3, 3)).astype(np.float32)
+    a = rng.standard_normal((2, 3, 3, 3)).astype(np.float32)
+    b = rng.standard_normal((6, 2, 1, 1)).astype(np.float32)
+    xs = [rng.standard_normal((2, 3, 9 + i, 8)).astype(np.float32) for i in range(4)]
+    want = [nl.conv_lora_forward(x, w, a, b, 0.5, padding=1) for x in xs]
+    g = [rng.standard_normal(y.shape).astype(np.float32) for y in want]
+    want_b = [nl.conv_lora_backward(x, w, a, b, 0.5, gg, padding=1) for x, gg in zip(xs, g)]
+    got = [None] * len(xs)
+
+    def work(i):
+        for _ in range(5):
+            got[i] = (nl.conv_lora_forward(xs[i], w, a, b, 0.5, padding=1),
+                      nl.conv_lora_backward(xs[i], w, a, b, 0.5, g[i], padding=1))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(xs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for (y, grads), wy, wb in zip(got, want, want_b):
+        assert np.array_equal(y, wy)
+        assert all(np.array_equal(p, q) for p, q in zip(grads, wb))
+    conv.free_buffers()
+    assert np.array_equal(nl.conv_lora_forward(xs[0], w, a, b, 0.5, padding=1), want[0])
