@@ -10,7 +10,11 @@ rounding), and the share of numlora's outputs bit-equal to bitsandbytes' own mat
 that dtype (``dequantize_4bit(...).to(dtype)`` and torch's 16-bit ``linear``).
 
 Speed: ``nf4_matmul(x, t, out=out, compute_dtype=...)`` (a preallocated ``out``) at
-batch 1, 8 and 128, interleaved with ``Linear4bit`` in the same run (numlora's harness).
+batch 1, 8 and 128, interleaved with ``Linear4bit`` in the same run (numlora's harness):
+each turn is a pause (``--pause``), one untimed call and five timed calls back to back,
+since torch's OpenMP threads and OpenBLAS's spin after a call and slow down whoever runs
+next (measured up to 2x at batch 128 on 2 cores with one timed call per turn), while a
+long pause lets the idle machine go cold (4-6 ms at batch 1 after 0.5 s).
 
     python benchmarks/bench_compute_dtype.py [--size 4096] [--repeat 15] [--quick]
 """
@@ -72,7 +76,7 @@ def accuracy(size: int, torch, bnb) -> None:
         print(f"| {dtype} | {err:.1e} | {module} | {equal} |")
 
 
-def speed(size: int, repeat: int, torch, bnb) -> None:
+def speed(size: int, repeat: int, pause: float, torch, bnb) -> None:
     rng = np.random.default_rng(1)
     w = (rng.standard_normal((size, size)) * 0.02).astype(np.float32)
     t = nl.quantize_nf4(w, 64)
@@ -95,7 +99,7 @@ def speed(size: int, repeat: int, torch, bnb) -> None:
                     lin(xt)
 
             fns += [lambda lin=lin: run(lin) for lin in layers]
-        timings = time_interleaved(fns, repeat, 0.02)
+        timings = time_interleaved(fns, repeat, pause, calls=5)
         spreads += [tm.spread for tm in timings]
         print(f"| {n} | " + " | ".join(f"{tm.median_ms:.2f} ±{tm.spread:.0%}" for tm in timings) + " |")
     warn = noise_warning(spreads)
@@ -107,6 +111,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--size", type=int, default=4096)
     p.add_argument("--repeat", type=int, default=15)
+    p.add_argument("--pause", type=float, default=0.05,
+                   help="seconds of sleep before each competitor's turn (default 0.05)")
     p.add_argument("--quick", action="store_true", help="512 x 512, 3 rounds (a smoke run)")
     args = p.parse_args()
     size, repeat = (512, 3) if args.quick else (args.size, args.repeat)
@@ -115,7 +121,7 @@ def main() -> int:
     if torch is None:
         print("torch / bitsandbytes not installed: numlora's columns only")
     accuracy(min(size, 2048), torch, bnb)
-    speed(size, repeat, torch, bnb)
+    speed(size, repeat, 0.0 if args.quick else args.pause, torch, bnb)
     return 0
 
 
