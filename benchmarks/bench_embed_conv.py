@@ -21,11 +21,20 @@ import numpy as np
 import numlora as nl
 from numlora.bench.harness import cpu_name, time_interleaved
 
+#: Sleep before each competitor's turn and timed calls per turn (after one untimed call):
+#: torch's OpenMP threads and OpenBLAS's spin after a call, and on 2 cores whoever runs
+#: right after the other runtime shares the cores with them (measured: the Conv2d forward
+#: 48 ms right after torch's against 25 ms alone); the first call of a turn absorbs that,
+#: the timed ones then measure each library's own speed.
+PAUSE_S = 0.05
+CALLS = 5
+
 
 def medians_ms(fns, repeat):
     """Median milliseconds of each of ``fns``, timed in turns by numlora's one harness
-    (one call of each per round), so that noise from other work falls on all alike."""
-    return [t.median_ms for t in time_interleaved(fns, repeat, pause=0.0)]
+    (CALLS timed calls of each per round, after a pause and an untimed call), so that
+    noise from other work falls on all alike."""
+    return [t.median_ms for t in time_interleaved(fns, repeat, pause=PAUSE_S, calls=CALLS)]
 
 
 def embedding_case(repeat, rng, n=128):
@@ -151,6 +160,13 @@ def main(argv=None):
     p.add_argument("--direct", action="store_true", help="also time a direct numba convolution loop")
     p.add_argument("--batches", default="128", help="token counts of the embedding case, comma-separated")
     args = p.parse_args(argv)
+    # numba's threads are set up (numlora's passive OpenMP wait policy) before torch loads
+    # its own libgomp, as in a program that uses numlora first: the other way round numba
+    # shares torch's libgomp and its spinning wait policy (docs/performance.md), which
+    # measured the Conv2d forward at 48-70 ms instead of 25-39.
+    from numlora.kernels import _jit
+
+    print(f"numba threads: {_jit.THREADS}")
     import torch
 
     rng = np.random.default_rng(0)

@@ -156,19 +156,24 @@ def _unfold_row(img, row, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow, cols, col0):
     j = row % kw
     x0 = j * dw - pw
     lo, hi = _span(ow, x0, sw, w)
+    dst_row = cols[row]
     for oy in range(oh):
         y = oy * sh - ph + i * dh
-        base = col0 + oy * ow
+        # views, indexed from 0 by range variables: the copies vectorise (an index built
+        # from the prange variable would be guarded against negative values, which stops
+        # LLVM from vectorising the loop)
+        dst = dst_row[col0 + oy * ow:col0 + (oy + 1) * ow]
         if y < 0 or y >= h:
-            for ox in range(ow):
-                cols[row, base + ox] = 0
+            dst[:] = 0
             continue
-        for ox in range(lo):
-            cols[row, base + ox] = 0
-        for ox in range(lo, hi):
-            cols[row, base + ox] = img[c, y, x0 + ox * sw]
-        for ox in range(hi, ow):
-            cols[row, base + ox] = 0
+        dst[:lo] = 0
+        if sw == 1:
+            dst[lo:hi] = img[c, y, x0 + lo:x0 + hi]
+        else:
+            src = img[c, y]
+            for ox in range(lo, hi):
+                dst[ox] = src[x0 + ox * sw]
+        dst[hi:] = 0
 
 
 @kernel(parallel=True)
