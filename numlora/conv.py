@@ -199,9 +199,10 @@ def _im2col(k, x3, g, cols):
 
 #: Bytes of unfolded columns a forward holds at once: the images of a batch are unfolded
 #: in chunks of this size (at least one image), in parallel, before their BLAS products
-#: (8 MiB measured faster than 32 MiB on the benchmark's Conv2d, 22.0 against 24.9 ms, the
-#: columns then staying in the last-level cache between the unfolding and the product).
-COLUMN_BYTES = 8 * 1024 * 1024
+#: (fewer, larger chunks hand the cores between numba's and OpenBLAS's threads fewer
+#: times: next to torch's convolutions, 8 MiB chunks measured 12.5-15 ms in some phases but
+#: 28-32 ms in others on the benchmark's Conv2d, 32 MiB chunks 17-20 ms throughout).
+COLUMN_BYTES = 32 * 1024 * 1024
 
 _SCRATCH = threading.local()
 
