@@ -80,10 +80,13 @@ def test_fp4_and_nf4_quantizers_are_separate_kernels():
     evict each other's cached machine code)."""
     from numlora.kernels import nf4 as k
 
-    names = [kern.py_func.__qualname__ for kerns in k.QUANTIZERS.values() for kern in kerns]
+    def py(kern):  # a numba dispatcher's Python function (the function itself with the JIT off)
+        return getattr(kern, "py_func", kern)
+
+    names = [py(kern).__qualname__ for kerns in k.QUANTIZERS.values() for kern in kerns]
     assert sorted(names) == sorted(f"{q}_quantize_{s}" for q in ("nf4", "fp4") for s in ("even", "any", "bf16"))
-    assert k.QUANTIZERS["fp4"][0].py_func.__globals__["_encode"] is k._nibble
-    assert k.QUANTIZERS["nf4"][0].py_func.__globals__["_encode"] is k._code
+    assert py(k.QUANTIZERS["fp4"][0]).__globals__["_encode"] is k._nibble
+    assert py(k.QUANTIZERS["nf4"][0]).__globals__["_encode"] is k._code
 
 
 @pytest.mark.parametrize("bs", [2, 32, 64, 128, 4096, 33, 7])
