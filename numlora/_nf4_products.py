@@ -6,8 +6,8 @@ the NF4 internals that :mod:`numlora.nf4` and the bank's base product
 Names for the rest of the package (this module is private): :func:`forward`,
 :func:`blas_product`, :func:`row_tiles`, :func:`grad_input`, :func:`tensor_arrays`,
 :func:`simd_ok`, :func:`words_layout`, :data:`FUSED_MAX_ROWS`, :data:`TILE_ELEMS`, and for the
-16-bit compute dtypes :func:`compute_mode`, :func:`compute_name`, :func:`forward_rounded`,
-:func:`grad_input_rounded`. They take an NF4Tensor already checked (2-D) and arrays
+16-bit compute dtypes :func:`compute_mode`, :func:`compute_name` (:func:`forward` and
+:func:`grad_input` take the mode). They take an NF4Tensor already checked (2-D) and arrays
 already validated; nothing here raises on user input but :func:`compute_mode` (the one
 check of a ``compute_dtype`` argument, shared by the functions and the QLoRA layer).
 """
@@ -71,8 +71,10 @@ TILE_ELEMS = 1 << 21
 FUSED_MAX_ROWS = 16
 
 
-def forward(x2, t, lora_a, lora_b, s, bias, out2, x_lora=None, u_out=None):
+def forward(x2, t, lora_a, lora_b, s, bias, out2, x_lora=None, u_out=None, mode=0):
     """out2 = x2 deq(W)^T (+ s (x_lora A^T) B^T) (+ bias); A, B, bias float32 or None.
+    ``mode``: the compute dtype (:func:`compute_mode`; a 16-bit one runs
+    :func:`_forward_rounded`).
 
     x_lora: the LoRA path's input (the dropped x in training; x2 when None). u_out: an
     optional (n, r) float32 buffer that receives ``x_lora A^T`` unscaled (what the backward
@@ -80,6 +82,9 @@ def forward(x2, t, lora_a, lora_b, s, bias, out2, x_lora=None, u_out=None):
     same bits as the shrink with the scale)."""
     from .kernels import nf4 as k
 
+    if mode:
+        _forward_rounded(x2, t, mode, lora_a, lora_b, s, bias, out2, x_lora, u_out)
+        return
     n = x2.shape[0]
     if n == 0:
         return
@@ -130,14 +135,14 @@ def words_layout(x2, lanes):
     return np.ascontiguousarray(x2.reshape(n, in_f // (8 * lanes), lanes, 8).transpose(0, 1, 3, 2)).reshape(n, in_f)
 
 
-def blas_product(x2, t, scales, out2):
+def blas_product(x2, t, scales, out2, mode=0):
     """out2 = x2 deq(W)^T for large batches: decode tiles of rows of W (at most
     TILE_ELEMS floats, serially: a parallel decode right after a BLAS call fights
-    OpenBLAS's spinning threads), multiply each by the whole batch with BLAS into y^T,
-    transpose once."""
+    OpenBLAS's spinning threads; ``mode``: rounded to that compute dtype), multiply each
+    by the whole batch with BLAS into y^T, transpose once."""
     yt = np.empty((t.shape[0], x2.shape[0]), np.float32)
     xt = x2.T
-    for r0, r1, cur in row_tiles(t, scales):
+    for r0, r1, cur in row_tiles(t, scales, mode):
         np.dot(cur, xt, out=yt[r0:r1])
     out2[...] = yt.T
 
@@ -170,7 +175,7 @@ def row_tiles(t, scales, mode=0):
         yield r0, r1, cur
 
 
-def grad_input(g2, t, dx):
+def grad_input(g2, t, dx, mode=0):
     """dx = g2 deq(W) (overwritten). Up to FUSED_MAX_ROWS rows: the fused kernel (W
     decoded a row segment at a time, with SIMD permutes into an L1 buffer where the CPU
     has them; the same result either way). More rows: decode tiles of rows of W
@@ -182,6 +187,9 @@ def grad_input(g2, t, dx):
     if n == 0:
         return
     scales = t.scales
+    if mode:
+        _grad_input_rounded(g2, t, mode, dx)
+        return
     if n <= FUSED_MAX_ROWS:
         bs = t.blocksize
         if t.shape[1] % bs == 0 and simd_ok(k, bs):
@@ -189,8 +197,14 @@ def grad_input(g2, t, dx):
         else:
             k.nf4_matmul_t(t.packed, scales, bs, t.code, g2, dx)
         return
+    _tiles_grad(g2, t, scales, dx)
+
+
+def _tiles_grad(g2, t, scales, dx, mode=0):
+    """dx = g2 deq(W) (``mode``: deq(W) rounded to that compute dtype) by decoded tiles of
+    rows of W and BLAS, accumulated; never a whole dequantized copy of W."""
     tmp = None
-    for r0, r1, cur in row_tiles(t, scales):
+    for r0, r1, cur in row_tiles(t, scales, mode):
         if r0 == 0:
             np.dot(g2[:, r0:r1], cur, out=dx)
         else:
@@ -209,7 +223,7 @@ def _rounded(a, mode, k):
 
 
 
-def forward_rounded(x2, t, mode, lora_a, lora_b, s, bias, out2, x_lora=None, u_out=None):
+def _forward_rounded(x2, t, mode, lora_a, lora_b, s, bias, out2, x_lora, u_out):
     """:func:`forward` with the base product in a 16-bit compute dtype (``mode`` 1:
     bfloat16, 2: float16), as bitsandbytes' ``Linear4bit(compute_dtype=...)`` computes it:
     ``rnd(rnd(x) rnd(deq(W))^T + rnd(b))`` with float32 accumulation and one rounding of
@@ -229,10 +243,7 @@ def forward_rounded(x2, t, mode, lora_a, lora_b, s, bias, out2, x_lora=None, u_o
         # the rounded tiles even at large batches)
         kc.nf4_matmul_bf16dot(t.packed, t.scales, t.blocksize, t.code, kc.bf16_layout(xr), out2)
     elif n > FUSED_MAX_ROWS:
-        yt = np.empty((out_f, n), np.float32)
-        for r0, r1, cur in row_tiles(t, t.scales, mode):
-            np.dot(cur, xr.T, out=yt[r0:r1])
-        out2[...] = yt.T
+        blas_product(xr, t, t.scales, out2, mode)
     elif in_f % t.blocksize == 0 and simd_ok(k, t.blocksize):
         kc.nf4_matmul_rounded_simd(t.packed, t.scales, t.blocksize, t.code, mode, xr, out2)
     else:
@@ -251,23 +262,12 @@ def bf16_dot_ok(kc, in_f, blocksize) -> bool:
     return kc.BF16_DOT and in_f % 128 == 0 and blocksize % 64 == 0 and in_f % blocksize == 0
 
 
-def grad_input_rounded(g2, t, mode, dx):
+def _grad_input_rounded(g2, t, mode, dx):
     """dx = rnd(rnd(g2) rnd(deq(W))) (overwritten): :func:`grad_input` in a 16-bit compute
     dtype, as bitsandbytes' backward of the base product computes it (float32
     accumulation, one rounding at the end). Decoded, rounded tiles through BLAS for every
     batch size. dx must be C-contiguous."""
     from .kernels import compute as kc
 
-    if g2.shape[0] == 0:
-        return
-    gr = _rounded(g2, mode, kc)
-    tmp = None
-    for r0, r1, cur in row_tiles(t, t.scales, mode):
-        if r0 == 0:
-            np.dot(gr[:, r0:r1], cur, out=dx)
-        else:
-            if tmp is None:
-                tmp = np.empty_like(dx)
-            np.dot(gr[:, r0:r1], cur, out=tmp)
-            dx += tmp
+    _tiles_grad(_rounded(g2, mode, kc), t, t.scales, dx, mode)
     kc.round_values(dx.reshape(-1), mode)

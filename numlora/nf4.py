@@ -470,10 +470,7 @@ def nf4_matmul(x, t: NF4Tensor, out=None, *, bias=None, compute_dtype=None) -> n
     b_arr, use_bias = validate.bias_array(bias, out_f, np.float32)
     out, dest = validate.output(out, x, out_f, np.float32, {"x": x, "bias": bias, **products.tensor_arrays(t)})
     x2 = np.ascontiguousarray(x.reshape(-1, in_f), np.float32)
-    if mode:
-        products.forward_rounded(x2, t, mode, None, None, 0.0, b_arr if use_bias else None, out.reshape(-1, out_f))
-    else:
-        products.forward(x2, t, None, None, 0.0, b_arr if use_bias else None, out.reshape(-1, out_f))
+    products.forward(x2, t, None, None, 0.0, b_arr if use_bias else None, out.reshape(-1, out_f), mode=mode)
     return validate.deliver(out, dest)
 
 
@@ -490,15 +487,8 @@ def nf4_matmul_t(g, t: NF4Tensor, out=None, *, compute_dtype=None) -> np.ndarray
     g = validate.input_rows(g, out_f, "g", "out_features")
     out, dest = validate.output(out, g, in_f, np.float32, {"g": g, **products.tensor_arrays(t)})
     g2 = np.ascontiguousarray(g.reshape(-1, out_f), np.float32)
-    _grad_input(mode)(None, g2, t, out.reshape(-1, in_f))
+    products.grad_input(g2, t, out.reshape(-1, in_f), mode)
     return validate.deliver(out, dest)
-
-
-def _grad_input(mode):
-    """The ``G deq(W)`` of the backward pipeline for a compute mode, as ``fn(_, g2, t, dx)``."""
-    if mode:
-        return lambda _, g2, t, dx: products.grad_input_rounded(g2, t, mode, dx)
-    return lambda _, g2, t, dx: products.grad_input(g2, t, dx)
 
 
 @dispatch
@@ -513,7 +503,7 @@ def qlora_backward(x, t: NF4Tensor, lora_a, lora_b, scaling, grad_out, *, dropou
     ``grad_b`` may overlap the inputs (those are copied first, as in
     :func:`~numlora.ops.lora_backward`)."""
     out_f, in_f = weight_shape(t)
-    grad_input = _grad_input(products.compute_mode(compute_dtype))
+    mode = products.compute_mode(compute_dtype)
     lora_a, lora_b, rank = validate.low_rank_arrays(lora_a, lora_b, out_f, in_f, base=_nf4_base(t))
     s = validate.real_scalar("scaling", scaling)
     need_grad_x = validate.flag("need_grad_x", need_grad_x)
@@ -530,7 +520,7 @@ def qlora_backward(x, t: NF4Tensor, lora_a, lora_b, scaling, grad_out, *, dropou
 
     return bw.lora_grads(x, np.ascontiguousarray(lora_a, dt), np.ascontiguousarray(lora_b, dt), s, grad_out, dt,
                          dropout, x_drop, u, grad_a, grad_b, need_grad_x, None,
-                         lambda _, g, d: grad_input(None, g, t, d), refuse)
+                         lambda _, g, d: products.grad_input(g, t, d, mode), refuse)
 
 
 @dispatch
@@ -562,12 +552,8 @@ def qlora_forward(x, t: NF4Tensor, lora_a, lora_b, scaling, bias=None, out=None,
     xl2 = None if xl is None else np.ascontiguousarray(xl.reshape(-1, in_f), np.float32)
     a32 = np.ascontiguousarray(lora_a, np.float32)
     b32 = np.ascontiguousarray(lora_b, np.float32)
-    if mode:
-        products.forward_rounded(x2, t, mode, a32, b32, s, b_arr if use_bias else None, out.reshape(-1, out_f),
-                                 x_lora=xl2, u_out=u2)
-    else:
-        products.forward(x2, t, a32, b32, s, b_arr if use_bias else None, out.reshape(-1, out_f), x_lora=xl2,
-                         u_out=u2)
+    products.forward(x2, t, a32, b32, s, b_arr if use_bias else None, out.reshape(-1, out_f), x_lora=xl2, u_out=u2,
+                     mode=mode)
     return validate.deliver(out, dest)
 
 

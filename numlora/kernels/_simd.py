@@ -370,6 +370,19 @@ def words_ok(lanes, in_f, blocksize) -> bool:
     return lanes > 0 and in_f % c == 0 and ((blocksize % c == 0 and in_f % blocksize == 0) or 2 * blocksize == c)
 
 
+def _rows_args(context, builder, sig, args):
+    """The arguments of a ``(packed, o, x, i, scales, code, blocksize, out)`` intrinsic
+    (``dot_words``, ``bf16_rows``): arrays as numba array structs, o, i and blocksize as
+    int64."""
+    def arr(k):
+        return context.make_array(sig.args[k])(context, builder, args[k])
+
+    def i64(k):
+        return context.cast(builder, args[k], sig.args[k], types.int64)
+
+    return arr(0), i64(1), arr(2), i64(3), arr(4), arr(5), i64(6), arr(7)
+
+
 def _make_dot_words(lanes, nw, nx):
     """Build ``dot_words(packed, o0, xp, i0, scales, code, blocksize, out)``: the dot
     products of the ``nw`` weight rows o0 .. o0 + nw - 1 with the ``nx`` input rows
@@ -394,14 +407,7 @@ def _make_dot_words(lanes, nw, nx):
         sig = types.void(packed, o0, xp, i0, scales, code, blocksize, out)
 
         def codegen(context, builder, sig, args):
-            pk = context.make_array(sig.args[0])(context, builder, args[0])
-            wfirst = context.cast(builder, args[1], sig.args[1], types.int64)
-            xa = context.make_array(sig.args[2])(context, builder, args[2])
-            xfirst = context.cast(builder, args[3], sig.args[3], types.int64)
-            sc = context.make_array(sig.args[4])(context, builder, args[4])
-            cd = context.make_array(sig.args[5])(context, builder, args[5])
-            bs = context.cast(builder, args[6], sig.args[6], types.int64)
-            oa = context.make_array(sig.args[7])(context, builder, args[7])
+            pk, wfirst, xa, xfirst, sc, cd, bs, oa = _rows_args(context, builder, sig, args)
             L = lanes
             C = 8 * L
             vt = _vec(F32, L)
@@ -683,14 +689,7 @@ def _make_bf16_rows(nw, nx):
         sig = types.void(packed, o, xb, i0, scales, code, blocksize, out)
 
         def codegen(context, builder, sig, args):
-            pk = context.make_array(sig.args[0])(context, builder, args[0])
-            row = context.cast(builder, args[1], sig.args[1], types.int64)
-            xa = context.make_array(sig.args[2])(context, builder, args[2])
-            first = context.cast(builder, args[3], sig.args[3], types.int64)
-            sc = context.make_array(sig.args[4])(context, builder, args[4])
-            cd = context.make_array(sig.args[5])(context, builder, args[5])
-            bs = context.cast(builder, args[6], sig.args[6], types.int64)
-            oa = context.make_array(sig.args[7])(context, builder, args[7])
+            pk, row, xa, first, sc, cd, bs, oa = _rows_args(context, builder, sig, args)
             wt = _vec(I16, 32)
             ft = _vec(F32, 16)
             in_f = builder.extract_value(xa.shape, 1)

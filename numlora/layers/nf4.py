@@ -107,7 +107,7 @@ class QLoraLinear(LoraLayer):
 
     def _host_forward(self, x2, x_lora2, out2, lora):
         """The CPU training forward: :func:`~numlora.nf4.qlora_forward`'s products
-        (``_nf4_products.forward`` / ``forward_rounded``) on the layer's arrays, checked
+        (``_nf4_products.forward``) on the layer's arrays, checked
         when they were set; an ``out2`` sharing memory with them gets the result through a
         temporary, as qlora_forward does. Returns ``(y2, s x_lora2 A^T)`` with the bits of
         the default hook (the public function's ``u_out`` times the scaling)."""
@@ -121,19 +121,12 @@ class QLoraLinear(LoraLayer):
         if lora:
             a, b, u2 = self._lora_a, self._lora_b, np.empty((x2.shape[0], self._rank), np.float32)
         s = self.scaling
-        if self._compute_mode:
-            products.forward_rounded(x2, self._nf4, self._compute_mode, a, b, s, self._bias, out2, x_lora=x_lora2,
-                                     u_out=u2)
-        else:
-            products.forward(x2, self._nf4, a, b, s, self._bias, out2, x_lora=x_lora2, u_out=u2)
+        products.forward(x2, self._nf4, a, b, s, self._bias, out2, x_lora=x_lora2, u_out=u2, mode=self._compute_mode)
         return validate.deliver(out2, dest), (None if u2 is None else u2 * np.float32(s))
 
     def _host_grad_input(self, g2, dx):
         """``G deq(W)`` into dx, as :func:`~numlora.nf4.nf4_matmul_t` computes it."""
-        if self._compute_mode:
-            products.grad_input_rounded(g2, self._nf4, self._compute_mode, dx)
-        else:
-            products.grad_input(g2, self._nf4, dx)
+        products.grad_input(g2, self._nf4, dx, self._compute_mode)
 
     def _check_float32_base(self):
         if self._compute_mode:
