@@ -42,7 +42,9 @@ def layer_ref(layer, client=None):
     with ``client`` (a ``distributed.Client``) a future of the layer scattered to every
     worker (sent once per worker, now); without, a ``dask.delayed`` of it (one key of the
     graph). Reuse one reference for several :func:`apply_layer` calls to send the layer
-    once for all of them."""
+    once for all of them. Distributed's active memory manager (on by default) may drop
+    the extra copies of a future no task waits for; a worker that needs the layer again
+    then fetches it once more, never once per task."""
     _check_layer(layer)
     dask, _ = _dask_array()
     if client is not None:
