@@ -4,7 +4,9 @@
     ``1`` (default) compiles kernels with numba's on-disk cache, so a second process
     skips compilation. ``0`` turns the cache off. Where the install is read-only and no
     cache directory can be written, numlora falls back quietly to compiling in memory.
-    numba's own ``NUMBA_CACHE_DIR`` chooses where the cache lives.
+    numba's own ``NUMBA_CACHE_DIR`` chooses where the cache lives. An edit to any file
+    of ``numlora/kernels`` makes every cached kernel stale (numba alone would see only
+    an edit to the kernel's own file, not to a helper or intrinsic it calls).
 ``NUMLORA_PARALLEL``
     ``1`` (default) compiles the kernels that have parallel work with
     ``parallel=True``; ``0`` compiles them serial. The number of threads is numba's

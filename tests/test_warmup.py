@@ -95,3 +95,57 @@ def test_cli_refuses_zero_jobs(capsys):
         cli.main(["warmup", "--jobs", "0"])
     assert e.value.code == 2
     assert "--jobs must be >= 1" in capsys.readouterr().err
+
+
+COUNT_DEQUANT_COMPILES = r"""
+import json
+import numba.core.event as ev
+import numpy as np
+import numlora
+
+names = []
+
+class Count(ev.Listener):
+    def on_start(self, event):
+        fn = getattr(event.data.get("dispatcher"), "py_func", None)
+        if fn is not None and fn.__module__.startswith("numlora"):
+            names.append(fn.__qualname__)
+    def on_end(self, event):
+        pass
+
+ev.register("numba:compile", Count())
+t = numlora.quantize_nf4(np.linspace(-1, 1, 256, dtype=np.float32).reshape(4, 64))
+numlora.dequantize_nf4(t)
+print(json.dumps([numlora.__file__, names]))
+"""
+
+
+def test_an_edit_to_any_kernel_file_recompiles_the_cached_kernels(tmp_path):
+    """numba keys its cache by the kernel's own file only; numlora folds the stamps of
+    every file of numlora/kernels in, so an edit to an intrinsic in _simd.py (called by the
+    kernels of nf4.py) cannot leave stale machine code in the cache."""
+    import shutil
+
+    if _config.__dict__.get("CACHE") is False:
+        pytest.skip("NUMLORA_CACHE=0")
+    copy = tmp_path / "src"
+    shutil.copytree(os.path.join(ROOT, "numlora"), copy / "numlora", ignore=shutil.ignore_patterns("__pycache__"))
+    env = {k: v for k, v in os.environ.items() if k not in ("NUMLORA_CACHE", "NUMBA_DISABLE_JIT")}
+    env["NUMBA_CACHE_DIR"] = str(tmp_path / "cache")
+    env["PYTHONPATH"] = str(copy)
+
+    def run():
+        r = subprocess.run([sys.executable, "-c", COUNT_DEQUANT_COMPILES], env=env, capture_output=True, text=True,
+                           timeout=600, cwd=str(tmp_path))
+        assert r.returncode == 0, r.stderr
+        where, names = json.loads(r.stdout.strip().splitlines()[-1])
+        assert where.startswith(str(copy)), where  # the copy, not the checkout
+        return names
+
+    first = run()
+    assert len(first) >= 2  # quantize and dequantize kernels compiled into the empty cache
+    assert run() == []  # loaded from the cache
+    simd = copy / "numlora" / "kernels" / "_simd.py"
+    simd.write_text(simd.read_text() + "\n# edited\n")
+    assert sorted(run()) == sorted(first)  # the same kernels again: the edit made the cache stale
+    assert run() == []

@@ -108,12 +108,43 @@ def serial_twin(dispatcher):
     return _compile(twin, False, cache=getattr(dispatcher, "_numlora_cache", True))
 
 
+def _kernels_stamp() -> tuple:
+    """(name, mtime_ns, size) of every source file of this folder."""
+    folder = os.path.dirname(os.path.abspath(__file__))
+    out = []
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".py"):
+            try:
+                st = os.stat(os.path.join(folder, name))
+            except OSError:
+                continue
+            out.append((name, st.st_mtime_ns, st.st_size))
+    return tuple(out)
+
+
+#: Folded into every cached kernel's source stamp (see :func:`_stamp_with_folder`).
+KERNELS_STAMP = _kernels_stamp()
+
+
+def _stamp_with_folder(dispatcher) -> None:
+    """numba keys a cached kernel by its own source file's time and size only, so an edit
+    to a helper or LLVM intrinsic in another file (``_simd.py``, ``nf4.py``'s inlined
+    decoders) would leave stale machine code in the cache. Every kernel's stamp also
+    carries the stamps of all files of ``numlora/kernels``: any edit there recompiles
+    (an installed package never changes, so users never pay for it)."""
+    cache_file = getattr(getattr(dispatcher, "_cache", None), "_cache_file", None)
+    if cache_file is not None and hasattr(cache_file, "_source_stamp"):
+        cache_file._source_stamp = (cache_file._source_stamp, KERNELS_STAMP)
+
+
 def _compile(fn, par, cache=True):
     if cache and _config.CACHE:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", numba.NumbaWarning)
-                return numba.njit(parallel=par, cache=True, nogil=True)(fn)
+                d = numba.njit(parallel=par, cache=True, nogil=True)(fn)
+            _stamp_with_folder(d)
+            return d
         except RuntimeError:
             # numba found no writable cache location (read-only install and no
             # usable NUMBA_CACHE_DIR): compile in memory instead.
