@@ -221,3 +221,34 @@ def test_against_bitsandbytes_dequantize_and_torch_16bit_linear():
                                                   torch.from_numpy(b).to(tdt)).float().numpy()
                 got = nl.nf4_matmul(x, t, bias=b, compute_dtype=tdt)
                 check_rounded(got, want.astype(np.float64), dtype, min_equal=0.99)
+
+
+@pytest.mark.skipif(JIT_DISABLED, reason="the bf16 dot-product kernel exists only compiled")
+def test_bf16_gemv_table_keeps_the_bits_of_tiny_scales():
+    """The GEMV builds its bf16 table with one conversion instruction that reads float32
+    subnormals as zero; a block whose products are subnormal (absmax just below 2^-126:
+    code 1.0 rounds up to the smallest normal bf16) must keep the rounding on bits, so
+    batch 1 gives the bits of batch 8 and a nonzero output."""
+    from numlora.kernels import compute as kc
+
+    if not kc.BF16_DOT:
+        pytest.skip("this CPU has no AVX512-BF16 dot-product instruction (or the AVX-512 build is off)")
+    rng = np.random.default_rng(12)
+    w = rng.standard_normal((6, 256)).astype(np.float32)
+    tiny = np.float32(0.999 * 2.0 ** -126)  # a float32 subnormal
+    w[2] = 0
+    w[2, :64] = np.linspace(0, tiny, 64, dtype=np.float32)  # one block, absmax = tiny
+    w[4] = 0
+    w[4, 128:192] = tiny
+    t = nl.quantize_nf4(w, 64)
+    x = rng.standard_normal((8, 256)).astype(np.float32)
+    x[:, :64] = 1e30
+    x[:, 128:192] = 1e30
+    full = nl.nf4_matmul(x, t, compute_dtype="bfloat16")
+    one = nl.nf4_matmul(x[:1], t, compute_dtype="bfloat16")
+    assert np.array_equal(one, full[:1])
+    wr = rnd(nl.dequantize_nf4(t), "bfloat16").astype(np.float64)
+    assert wr[4, 128] == 2.0 ** -126  # rounded up to the smallest normal bf16
+    # rows 2 and 4 are their tiny blocks alone: 64 * 1e30 * 2^-126 = 7.5e-7 for row 4
+    assert one[0, 4] == np.float32(64 * np.float64(rnd(x[:1, 128], "bfloat16")[0]) * 2.0 ** -126)
+    assert one[0, 2] > 0  # its largest values round up to 2^-126 too
