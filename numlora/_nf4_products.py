@@ -237,17 +237,20 @@ def _forward_rounded(x2, t, mode, lora_a, lora_b, s, bias, out2, x_lora, u_out):
     if n == 0:
         return
     out_f, in_f = t.shape
-    xr = _rounded(x2, mode, kc)
     if mode == COMPUTE_DTYPES["bfloat16"] and bf16_dot_ok(kc, in_f, t.blocksize):
         # the CPU's bf16 dot products, for every batch size (faster than float32 BLAS on
-        # the rounded tiles even at large batches)
-        kc.nf4_matmul_bf16dot(t.packed, t.scales, t.blocksize, t.code, kc.bf16_layout(xr), out2)
-    elif n > FUSED_MAX_ROWS:
-        blas_product(xr, t, t.scales, out2, mode)
-    elif in_f % t.blocksize == 0 and simd_ok(k, t.blocksize):
-        kc.nf4_matmul_rounded_simd(t.packed, t.scales, t.blocksize, t.code, mode, xr, out2)
+        # the rounded tiles even at large batches); x rounded straight into their layout
+        xb = np.empty((n, in_f), np.uint16)
+        kc.bf16_bits(np.ascontiguousarray(x2, dtype=np.float32), xb)
+        kc.bf16_product(t.packed, t.scales, t.blocksize, t.code, xb, out2)
     else:
-        kc.nf4_matmul_rounded(t.packed, t.scales, t.blocksize, t.code, mode, xr, out2)
+        xr = _rounded(x2, mode, kc)
+        if n > FUSED_MAX_ROWS:
+            blas_product(xr, t, t.scales, out2, mode)
+        elif in_f % t.blocksize == 0 and simd_ok(k, t.blocksize):
+            kc.nf4_matmul_rounded_simd(t.packed, t.scales, t.blocksize, t.code, mode, xr, out2)
+        else:
+            kc.nf4_matmul_rounded(t.packed, t.scales, t.blocksize, t.code, mode, xr, out2)
     if bias is not None:
         out2 += _rounded(bias, mode, kc)
     kc.round_values(out2.reshape(-1), mode)

@@ -140,6 +140,12 @@ def test_bf16_dot_instruction_path(monkeypatch):
         got = nl.nf4_matmul(x, t, bias=b, compute_dtype="bfloat16")
         for n in (1, 3, 8, 9, 17):  # every row the same bits whatever the batch
             assert np.array_equal(nl.nf4_matmul(x[:n], t, bias=b, compute_dtype="bfloat16"), got[:n])
+        # from kc.BF16_DECODED_FROM rows each weight row is decoded once into a buffer of
+        # kc.BF16_DECODED_BYTES per task: tasks of 6 and 12 rows, some cut short
+        for rows in (6, 12):
+            monkeypatch.setattr(kc, "BF16_DECODED_BYTES", 2 * in_f * rows)
+            assert np.array_equal(nl.nf4_matmul(x, t, bias=b, compute_dtype="bfloat16"), got)
+        monkeypatch.undo()
         wr = rnd(nl.dequantize_nf4(t), "bfloat16").astype(np.float64)
         check_rounded(got, rnd(rnd(x, "bfloat16").astype(np.float64) @ wr.T + rnd(b, "bfloat16"), "bfloat16"),
                       "bfloat16")
@@ -252,3 +258,21 @@ def test_bf16_gemv_table_keeps_the_bits_of_tiny_scales():
     # rows 2 and 4 are their tiny blocks alone: 64 * 1e30 * 2^-126 = 7.5e-7 for row 4
     assert one[0, 4] == np.float32(64 * np.float64(rnd(x[:1, 128], "bfloat16")[0]) * 2.0 ** -126)
     assert one[0, 2] > 0  # its largest values round up to 2^-126 too
+
+
+@pytest.mark.skipif(JIT_DISABLED, reason="the bf16 dot-product kernel exists only compiled")
+def test_bf16_bits_is_the_rounding_in_the_dot_products_layout():
+    from numlora.kernels import compute as kc
+
+    rng = np.random.default_rng(13)
+    for n in (1, 3, 10):
+        x = (rng.standard_normal((n, 384)) * 1e3).astype(np.float32)
+        flat = x.reshape(-1)
+        flat[:60].view(np.uint32)[:] = rng.integers(0, 2 ** 32, 60, dtype=np.uint64).astype(np.uint32)
+        flat[60:65] = [np.nan, -np.nan, np.inf, -np.inf, np.float32(3.3895314e38)]  # the last rounds to inf
+        flat[65:67] = [np.float32(2.0 ** -130), np.float32(-(2.0 ** -149))]
+        xr = x.copy()
+        kc.round_values(xr.reshape(-1), kc.BF16)
+        got = np.empty((n, 384), np.uint16)
+        kc.bf16_bits(x, got)
+        assert np.array_equal(got, kc.bf16_layout(xr))

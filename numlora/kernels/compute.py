@@ -17,10 +17,14 @@ import numpy as np
 
 from ._jit import inline_helper, kernel, prange
 from ._simd import (  # noqa: F401  (BF16_DOT: read by the products module)
+    BF16_BW,
+    BF16_BX,
     BF16_CHUNK,
     BF16_DOT,
     BF16_NW,
     BF16_NX,
+    bf16_block,
+    bf16_decode_row,
     bf16_rows_1,
     bf16_rows_w,
     bf16_rows_wx,
@@ -180,6 +184,83 @@ def bf16_layout(xr):
     bits = (np.ascontiguousarray(xr).view(np.uint32) >> 16).astype(np.uint16)
     c = bits.reshape(n, in_f // BF16_CHUNK, 32, 4)[:, :, :, [1, 0, 3, 2]]
     return np.ascontiguousarray(c.transpose(0, 1, 3, 2)).reshape(n, in_f)
+
+
+#: From this many input rows the bf16 product decodes each weight row once into a
+#: per-task buffer (:func:`nf4_matmul_bf16_decoded`) instead of once per group of
+#: BF16_NX input rows.
+BF16_DECODED_FROM = 8
+#: Bytes of decoded rows per task of that kernel (L2-sized, a whole number of BF16_BW rows).
+BF16_DECODED_BYTES = 384 * 1024
+
+
+@kernel()
+def bf16_bits(x, xb):
+    """xb = the bf16 bits of x rounded half to even (NaN made quiet, as
+    :func:`round_values`), in :func:`bf16_layout`'s order: one pass over x for what
+    rounding a copy and reordering it in numpy does in four. x: float32 (n, in),
+    C-contiguous, ``in % BF16_CHUNK == 0``; xb: uint16 (n, in)."""
+    n, in_f = x.shape
+    u = x.view(np.uint32)
+    for i in range(n):
+        for c in range(0, in_f, BF16_CHUNK):
+            for q in range(32):
+                for m in range(4):  # element 4 q + m goes to position 32 k + q, k = m ^ 1
+                    b = np.int64(u[i, c + 4 * q + m])
+                    r = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
+                    if (b & 0x7FFFFFFF) > 0x7F800000:
+                        r = (b | 0x00400000) >> 16
+                    xb[i, c + 32 * (m ^ 1) + q] = np.uint16(r & 0xFFFF)
+
+
+def bf16_product(packed, scales, blocksize, code, xb, y):
+    """y = rnd(deq(W)) . xb with the bf16 dot-product instruction: small batches through
+    :func:`nf4_matmul_bf16dot` (decode fused into the products), large ones through
+    :func:`nf4_matmul_bf16_decoded` for their rows in whole groups of BF16_BX and the
+    fused kernel for the rest. Both give every (o, i) the same operations, so the same
+    bits whatever the batch."""
+    n, in_f = xb.shape
+    if n < BF16_DECODED_FROM:
+        nf4_matmul_bf16dot(packed, scales, blocksize, code, xb, y)
+        return
+    rows = max(BF16_BW, BF16_DECODED_BYTES // (2 * in_f) // BF16_BW * BF16_BW)
+    n4 = n - n % BF16_BX
+    nf4_matmul_bf16_decoded(packed, scales, blocksize, code, xb[:n4], y[:n4], rows)
+    if n4 < n:
+        nf4_matmul_bf16dot(packed, scales, blocksize, code, xb[n4:], y[n4:])
+
+
+@kernel(parallel=True, cache=SIMD_CACHEABLE)
+def nf4_matmul_bf16_decoded(packed, scales, blocksize, code, xb, y, rows):
+    """:func:`nf4_matmul_bf16dot` for a batch that is a whole number of groups of BF16_BX
+    rows: each task decodes ``rows`` weight rows once (``_simd.bf16_decode_row``, into a
+    64-byte aligned buffer: the 64-byte loads must not straddle cache lines) and every
+    group of input rows reads them, BF16_BW x BF16_BX products per call."""
+    n, in_f = xb.shape
+    out_f = y.shape[1]
+    ntasks = (out_f + rows - 1) // rows
+    for task in prange(ntasks):
+        o0 = task * rows
+        o1 = min(out_f, o0 + rows)
+        raw = np.empty(rows * in_f + 32, np.uint16)
+        off = ((64 - raw.ctypes.data % 64) % 64) // 2
+        wbuf = raw[off:off + rows * in_f].reshape((rows, in_f))
+        for o in range(o0, o1):
+            bf16_decode_row(packed, o, scales, code, blocksize, wbuf, o - o0)
+        buf = np.empty(BF16_BW * BF16_BX, np.float32)
+        for i in range(0, n, BF16_BX):
+            o = o0
+            while o + BF16_BW <= o1:
+                bf16_block(wbuf, o - o0, xb, i, buf)
+                for a in range(BF16_BW):
+                    for g in range(BF16_BX):
+                        y[i + g, o + a] = buf[a * BF16_BX + g]
+                o += BF16_BW
+            while o < o1:  # the last task's rows short of BF16_BW
+                for g in range(BF16_BX):
+                    bf16_rows_1(packed, o, xb, i + g, scales, code, blocksize, buf)
+                    y[i + g, o] = buf[0]
+                o += 1
 
 
 @kernel(parallel=True, cache=SIMD_CACHEABLE)
