@@ -70,3 +70,41 @@ def test_forward_matches_a_plain_numpy_block():
         down[i] += SCALING * (gl[i] @ a.T) @ b.T
     ref = x1 + down
     assert np.abs(y - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+def test_footprints_and_cache_matched_references(monkeypatch):
+    """The reference phase reads each skipped numlora step's arrays (its layer's weights,
+    factors, the optimizer's moments), and every row carries both references."""
+    from numlora.bench import pipeline as pl
+
+    blk = Block(SIZES, 3)
+    blk.train(True)
+    blk.step()
+    fp = blk.footprint("q: QLoraLinear")
+    packed = [a for a in fp if a.dtype == np.uint8]
+    assert packed and sum(a.nbytes for a in packed) == SIZES.d_model * SIZES.d_model // 2  # the NF4 codes
+    assert any(a.shape == (SIZES.rank, SIZES.d_model) for a in fp)  # lora A
+    adam = blk.footprint("AdamW step")
+    assert len(adam) >= 3 * 2 * len(blk.layers)  # every factor with its two moments
+    assert len({id(a) for a in adam}) == len(adam)  # each base once
+    others = {id(a) for a in blk.others("q: QLoraLinear")}
+    assert not others & {id(a) for a in fp}  # everything the pass reads but q's own arrays
+    v_own = {id(a) for a in blk.footprint("v: LoraLinear")} - {id(a) for a in fp}  # q and v share their input
+    assert {id(blk.wk), id(blk.wo)} <= others and v_own <= others
+
+    read = []
+    monkeypatch.setattr(pl, "touch", lambda arrays: read.append(len(arrays)))
+    blk.skip_numlora = "touch"
+    blk.step()
+    assert len(read) == sum(kind == Block.NUMLORA for kind in blk.kinds.values()) and all(read)
+    monkeypatch.undo()
+    blk.skip_numlora = False
+
+    res = pl.run_batch(SIZES, 3, repeat=1, passes=1, peers=False)
+    for mode in ("forward", "train"):
+        rows = res[mode]["rows"]
+        assert {r["reference"] for r in rows} == {"isolated, the pass's other memory read before",
+                                                  "without numlora, its memory read"}
+        assert all(r["reference_ms"] > 0 and r["warm_reference_ms"] > 0 for r in rows)
+    assert 0 < res["pass_mib"] < 1
+    assert "warm reference ms" in pl.to_markdown(res)
