@@ -12,6 +12,14 @@
     ``parallel=True``; ``0`` compiles them serial. The number of threads is numba's
     (``NUMBA_NUM_THREADS`` or ``numba.set_num_threads``). Results never depend on it.
 
+``NUMLORA_PARK_BLAS``
+    ``1`` (default) lets numlora park OpenBLAS's worker threads (OpenBLAS's own
+    ``blas_thread_shutdown_``, what it does before a ``fork``) right before a large
+    parallel kernel, in a program with a single Python thread: after a BLAS call those
+    threads spin for up to ~0.1 s and hold a core, so the next numlora kernel ran at one
+    thread's speed (see docs/performance.md); the next BLAS call starts them again.
+    ``0`` never touches them.
+
 ``NUMLORA_SIMD``
     ``1`` (default) decodes NF4 with AVX-512 / AVX2 permutes where the CPU has them (see
     ``numlora.kernels._simd``); ``0`` uses the portable kernels everywhere; ``8`` caps the
@@ -35,5 +43,6 @@ def _flag(name: str, default: bool) -> bool:
 
 CACHE: bool = _flag("NUMLORA_CACHE", True)
 PARALLEL: bool = _flag("NUMLORA_PARALLEL", True)
+PARK_BLAS: bool = _flag("NUMLORA_PARK_BLAS", True)
 SIMD: bool = _flag("NUMLORA_SIMD", True)
 SIMD_MAX_LANES: int = 8 if os.environ.get("NUMLORA_SIMD", "").strip() == "8" else 16

@@ -110,6 +110,7 @@ def forward(x2, t, lora_a, lora_b, s, bias, out2, x_lora=None, u_out=None, mode=
         k.lora_shrink(xl, lora_a, np.float32(1.0), u_out)
         u = bw.scale_intermediate(u_out, s)
     bs = t.blocksize
+    _park(t, n)
     if simd_ok(k, bs) and k.simd_words_ok(k.SIMD_LANES, in_f, bs):
         k.nf4_matmul_words(t.packed, scales, bs, t.code, words_layout(x2, k.SIMD_LANES), u, lora_b, b_arr, use_bias,
                            out2)
@@ -126,6 +127,15 @@ def forward(x2, t, lora_a, lora_b, s, bias, out2, x_lora=None, u_out=None, mode=
     else:
         k.nf4_gemm_any(t.packed, scales, bs, t.code, np.ascontiguousarray(x2.T), u, lora_b, b_arr,
                        use_bias, out2)
+
+
+def _park(t, n) -> None:
+    """Park OpenBLAS's spinning threads before a parallel NF4 kernel large enough to
+    lose a core to them (``kernels._jit.park_blas``)."""
+    from .kernels import _jit
+
+    if n >= _jit.PARK_MIN_ROWS and t.numel >= _jit.PARK_MIN_ELEMS:
+        _jit.park_blas()
 
 
 def words_layout(x2, lanes):
@@ -192,6 +202,7 @@ def grad_input(g2, t, dx, mode=0):
         return
     if n <= FUSED_MAX_ROWS:
         bs = t.blocksize
+        _park(t, n)
         if t.shape[1] % bs == 0 and simd_ok(k, bs):
             k.nf4_matmul_t_simd(t.packed, scales, bs, t.code, g2, dx)
         else:
@@ -240,8 +251,9 @@ def _forward_rounded(x2, t, mode, lora_a, lora_b, s, bias, out2, x_lora, u_out):
     if mode == COMPUTE_DTYPES["bfloat16"] and bf16_dot_ok(kc, in_f, t.blocksize):
         # the CPU's bf16 dot products, for every batch size (faster than float32 BLAS on
         # the rounded tiles even at large batches); x rounded straight into their layout
-        xb = np.empty((n, in_f), np.uint16)
+        xb = kc.bf16_input(n, in_f)
         kc.bf16_bits(np.ascontiguousarray(x2, dtype=np.float32), xb)
+        _park(t, n)
         kc.bf16_product(t.packed, t.scales, t.blocksize, t.code, xb, out2)
     else:
         xr = _rounded(x2, mode, kc)

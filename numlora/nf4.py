@@ -347,10 +347,13 @@ def _quantize(x, shape, dtype, blocksize, double_quant, quant_type, bits=None) -
     if not isinstance(double_quant, (bool, np.bool_)):
         raise ConfigError(f"double_quant must be True or False, got {double_quant!r}")
     quant_type = _quant_type(quant_type)
+    from .kernels import _jit
     from .kernels import nf4 as k
 
     n = x.size if x is not None else bits.size
     nblocks = -(-n // bs)
+    if n >= _jit.PARK_MIN_ELEMS:
+        _jit.park_blas()
     packed = np.empty((n + 1) // 2, np.uint8)
     absmax = np.empty(nblocks, np.float32)
     if x is None and bs % 2 == 1:  # blocks start mid-byte: the float32 kernels handle that
@@ -411,6 +414,7 @@ def dequantize_nf4(t: NF4Tensor, out=None) -> np.ndarray:
     optional preallocated C-contiguous float32 array of ``t.shape``; if it shares memory
     with the tensor's arrays the result is decoded into a temporary and copied into it."""
     _check_tensor(t)
+    from .kernels import _jit
     from .kernels import nf4 as k
 
     dest = None
@@ -420,6 +424,8 @@ def dequantize_nf4(t: NF4Tensor, out=None) -> np.ndarray:
         out, dest = validate.private_out(validate.out_array("out", out, t.shape, np.float32), products.tensor_arrays(t))
     n, bs = t.numel, t.blocksize
     scales = t.scales
+    if n >= _jit.PARK_MIN_ELEMS:
+        _jit.park_blas()
     if products.simd_ok(k, bs) and n % bs == 0:
         k.nf4_decode_simd(t.packed, scales, bs, t.code, 0, n // bs, out.reshape(-1))
     else:

@@ -36,6 +36,15 @@ def _kernels():
     return lora
 
 
+def _park(w) -> None:
+    """Park OpenBLAS's spinning threads before a merge kernel over a large weight
+    (``kernels._jit.park_blas``)."""
+    from .kernels import _jit
+
+    if w.size >= _jit.PARK_MIN_ELEMS:
+        _jit.park_blas()
+
+
 @dispatch
 def lora_forward(x, weight, lora_a, lora_b, scaling, bias=None, out=None, *, fan_in_fan_out=False, x_lora=None,
                  u_out=None):
@@ -226,6 +235,7 @@ def merge_lora(weight, lora_a, lora_b, scaling, fan_in_fan_out=False, *, record=
     k = _kernels()
     scale = w.dtype.type(s)
     simd = _use_simd(k, w)
+    _park(w)
     rec = None
     if record:
         buffers = _record_buffers(reuse, w)
@@ -348,6 +358,7 @@ def unmerge_lora(weight, lora_a, lora_b, scaling, fan_in_fan_out=False, *, recor
     k = _kernels()
     scale = w.dtype.type(s)
     simd = _use_simd(k, w)
+    _park(w)
     if record is None:
         dst, w = _careful_target(w, p, q, s)
         with _quiet(dst):

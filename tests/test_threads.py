@@ -114,3 +114,60 @@ def test_serial_kernels_leave_numba_alone():
     got = probe(NUMLORA_PARALLEL="0", NUMLORA_CACHE="0")
     assert "NUMLORA_PARALLEL=0" in got["threads"]
     assert got["layer"] == "none"  # numba's threads were never started
+
+
+PARK_PROBE = r"""
+import json, os, threading
+import numpy as np
+from numlora.kernels import _jit
+
+def threads():
+    return len(os.listdir("/proc/self/task"))
+
+a = np.random.default_rng(0).standard_normal((256, 256)).astype(np.float32)
+before = a @ a  # OpenBLAS starts its workers
+spinning = threads()
+out = {"found": len(_jit._openblas_shutdowns()), "spinning": spinning}
+ev = threading.Event()
+other = threading.Thread(target=ev.wait)
+other.start()
+out["with_a_second_thread"] = _jit.park_blas()
+out["after_refusal"] = threads() - 1  # the other thread still alive
+ev.set()
+other.join()
+for _ in range(1000):  # until the kernel has reaped the joined thread
+    if threads() <= spinning:
+        break
+    threading.Event().wait(0.001)
+out["parked"] = _jit.park_blas()
+out["after_park"] = threads()
+again = a @ a  # OpenBLAS starts them again
+out["same_bits"] = bool(np.array_equal(before.view(np.uint32), again.view(np.uint32)))
+out["after_next_call"] = threads()
+print(json.dumps(out))
+"""
+
+
+def _park_probe(**env):
+    full = {k: v for k, v in os.environ.items() if k not in ("NUMLORA_PARK_BLAS", "NUMBA_DISABLE_JIT")}
+    full.update(OPENBLAS_NUM_THREADS="2", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), **env)
+    r = subprocess.run([sys.executable, "-c", PARK_PROBE], env=full, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    if not out["found"] or out["spinning"] < 2:
+        pytest.skip("numpy's BLAS here is not a multi-threaded OpenBLAS on Linux")
+    return out
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds OpenBLAS through /proc/self/maps")
+def test_openblas_workers_are_parked_only_in_a_single_threaded_program():
+    out = _park_probe()
+    assert out["with_a_second_thread"] is False and out["after_refusal"] == out["spinning"]
+    assert out["parked"] is True and out["after_park"] < out["spinning"]  # the workers are gone
+    assert out["after_next_call"] == out["spinning"] and out["same_bits"]  # and come back, same results
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds OpenBLAS through /proc/self/maps")
+def test_numlora_park_blas_0_leaves_openblas_alone():
+    out = _park_probe(NUMLORA_PARK_BLAS="0")
+    assert out["parked"] is False and out["after_park"] == out["spinning"]

@@ -76,6 +76,70 @@ def _setup_threads() -> str:
 THREADS = _setup_threads()
 
 
+#: (``len(sys.modules)`` when the process's OpenBLAS libraries were last looked up, their
+#: ``blas_thread_shutdown_`` functions)
+_BLAS = [-1, []]
+
+
+def _openblas_shutdowns() -> list:
+    """``blas_thread_shutdown_`` of every OpenBLAS library mapped into the process
+    (Linux; numpy's and scipy's bundled ones), looked up again after new imports."""
+    import sys
+
+    if _BLAS[0] == len(sys.modules):
+        return _BLAS[1]
+    import ctypes
+
+    found, paths = [], set()
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                path = line.split(maxsplit=5)[-1].strip() if line.count(" ") >= 5 else ""
+                if "openblas" in path.lower() and ".so" in path:
+                    paths.add(path)
+    except OSError:
+        paths = set()
+    for path in sorted(paths):
+        try:
+            fn = ctypes.CDLL(path).blas_thread_shutdown_
+        except (OSError, AttributeError):
+            continue
+        fn.restype = ctypes.c_int
+        found.append(fn)
+    _BLAS[0], _BLAS[1] = len(sys.modules), found
+    return found
+
+
+#: Elements of the weight from which numlora parks OpenBLAS's threads before a parallel
+#: kernel (smaller kernels are over before a park would pay for itself), and rows of
+#: the input from which the NF4 products do (the batch-1 GEMV measured unaffected).
+PARK_MIN_ELEMS = 1 << 20
+PARK_MIN_ROWS = 8
+
+
+def park_blas() -> bool:
+    """Park OpenBLAS's worker threads before a large parallel kernel; True if it did.
+
+    After a BLAS call OpenBLAS's workers spin (up to ~0.1 s; the scipy-openblas build
+    numpy ships does not yield the core), and numba's worker on that core then gets
+    next to nothing: a 10 ms kernel took 20 ms, one thread's time, for as long as they
+    spin. ``blas_thread_shutdown_`` (what OpenBLAS runs before a ``fork``) stops them in
+    20-40 us; the next BLAS call starts them again (~0.05 ms). Done only where it is
+    safe without a lock: no other Python thread exists, so no BLAS call can be running
+    (numpy's BLAS calls return only when OpenBLAS's workers are done), and only with
+    ``NUMLORA_PARK_BLAS`` on (the default) and numba's kernels parallel."""
+    if not (_config.PARK_BLAS and _config.PARALLEL):
+        return False
+    import threading
+
+    if threading.active_count() != 1:
+        return False
+    fns = _openblas_shutdowns()
+    for fn in fns:
+        fn()
+    return bool(fns)
+
+
 def kernel(parallel: bool = False, cache: bool = True):
     """Decorate a kernel: lazy ``njit`` (compiled per signature on first call),
     ``parallel`` when asked and allowed, never fastmath, on-disk cache when possible
