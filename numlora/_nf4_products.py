@@ -134,7 +134,7 @@ def _park(t, n) -> None:
     lose a core to them (``kernels._jit.park_blas``)."""
     from .kernels import _jit
 
-    if n >= _jit.PARK_MIN_ROWS and t.numel >= _jit.PARK_MIN_ELEMS:
+    if n * t.numel >= _jit.PARK_MIN_WORK:
         _jit.park_blas()
 
 
@@ -266,8 +266,21 @@ def _forward_rounded(x2, t, mode, lora_a, lora_b, s, bias, out2, x_lora, u_out):
     if bias is not None:
         out2 += _rounded(bias, mode, kc)
     kc.round_values(out2.reshape(-1), mode)
-    if lora_a is not None:
-        bw.add_low_rank(x2 if x_lora is None else x_lora, lora_a, lora_b, s, out2, u_out)
+    if lora_a is None:
+        return
+    xl = x2 if x_lora is None else x_lora
+    if n > FUSED_MAX_ROWS:
+        bw.add_low_rank(xl, lora_a, lora_b, s, out2, u_out)
+        return
+    # small batches: the LoRA branch in numba kernels, as the float32 fused path, so no
+    # BLAS call leaves OpenBLAS's threads spinning into the next kernel
+    if u_out is None:
+        u = np.empty((n, lora_a.shape[0]), np.float32)
+        k.lora_shrink(np.ascontiguousarray(xl, dtype=np.float32), lora_a, np.float32(s), u)
+    else:
+        k.lora_shrink(np.ascontiguousarray(xl, dtype=np.float32), lora_a, np.float32(1.0), u_out)
+        u = bw.scale_intermediate(u_out, s)
+    kc.lora_expand_add(u, np.ascontiguousarray(lora_b.T), out2)
 
 
 def bf16_dot_ok(kc, in_f, blocksize) -> bool:

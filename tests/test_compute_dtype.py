@@ -189,8 +189,9 @@ def test_layer_compute_dtype_forward_backward_pickle():
     layer.lora_b = rng.standard_normal((48, 4)).astype(np.float32)
     assert layer.compute_dtype == "bfloat16" and "compute_dtype='bfloat16'" in repr(layer)
     x = rng.standard_normal((6, 128)).astype(np.float32)
+    u = np.empty((6, 4), np.float32)  # the forward's x A^T, which the layer's backward reuses
     want = nl.qlora_forward(x, layer.nf4, layer.lora_a, layer.lora_b, layer.scaling, layer.bias,
-                            compute_dtype="bfloat16")
+                            compute_dtype="bfloat16", u_out=u)
     assert np.array_equal(layer(x), want)
     layer.train()
     y = layer.forward(x)
@@ -198,7 +199,7 @@ def test_layer_compute_dtype_forward_backward_pickle():
     g = rng.standard_normal(y.shape).astype(np.float32)
     dx = layer.backward(g)
     dx_want, ga, gb = nl.qlora_backward(x, layer.nf4, layer.lora_a, layer.lora_b, layer.scaling, g,
-                                        compute_dtype="bfloat16")
+                                        compute_dtype="bfloat16", u=u)
     assert np.array_equal(dx, dx_want)
     assert np.array_equal(layer.grad_a, ga) and np.array_equal(layer.grad_b, gb)
     layer.eval()

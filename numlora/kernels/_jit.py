@@ -110,11 +110,14 @@ def _openblas_shutdowns() -> list:
     return found
 
 
-#: Elements of the weight from which numlora parks OpenBLAS's threads before a parallel
-#: kernel (smaller kernels are over before a park would pay for itself), and rows of
-#: the input from which the NF4 products do (the batch-1 GEMV measured unaffected).
-PARK_MIN_ELEMS = 1 << 20
-PARK_MIN_ROWS = 8
+#: Work from which numlora parks OpenBLAS's threads before a parallel kernel: elements of
+#: the weight for quantize / dequantize / merge (4096 x 4096 and up), weight elements
+#: times input rows for the NF4 products (a 4096 x 4096 weight from 64 rows). The next
+#: BLAS call pays for restarting them: measured up to 4 ms inside a numpy + numlora
+#: block at batch 8, more than a 1-3 ms kernel gains, while a 5-20 ms kernel gains half
+#: its time.
+PARK_MIN_ELEMS = 1 << 24
+PARK_MIN_WORK = 1 << 30
 
 
 def park_blas() -> bool:

@@ -213,6 +213,26 @@ def bf16_bits(x, xb):
                     xb[i, c + 32 * (m ^ 1) + q] = np.uint16(r & 0xFFFF)
 
 
+@kernel()
+def lora_expand_add(u, lora_bt, y):
+    """y[i] += sum over t of u[i, t] * lora_bt[t] (lora_bt = B^T, (r, out), C-contiguous):
+    the LoRA expand of a small batch, added to the rounded base product without a BLAS
+    call (whose spinning threads would slow the next parallel kernel). Each output sums
+    its rank terms in order from zero, then adds the sum, as the fused float32 kernels'
+    epilogue does. Serial: at most a few rows times out x r."""
+    n, r = u.shape
+    out_f = y.shape[1]
+    lo = np.empty(out_f, np.float32)
+    for i in range(n):
+        lo[:] = 0.0
+        for t in range(r):
+            c = u[i, t]
+            for o in range(out_f):
+                lo[o] += c * lora_bt[t, o]
+        for o in range(out_f):
+            y[i, o] += lo[o]
+
+
 def bf16_input(n, in_f):
     """An uninitialised uint16 (n, in_f) array for :func:`bf16_bits`, its data 64-byte
     aligned: the bf16 kernels load x 64 bytes at a time, and a row start off a cache line
