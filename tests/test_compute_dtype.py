@@ -277,3 +277,30 @@ def test_bf16_bits_is_the_rounding_in_the_dot_products_layout():
         got = np.empty((n, 384), np.uint16)
         kc.bf16_bits(x, got)
         assert np.array_equal(got, kc.bf16_layout(xr))
+
+
+@pytest.mark.skipif(JIT_DISABLED, reason="the bf16 dot-product kernel exists only compiled")
+def test_bf16_products_from_several_threads_at_once():
+    """The decoded bf16 path keeps its scratch per calling thread: threads running it at
+    once (different shapes, so different scratch sizes) each get their own bits."""
+    import threading
+
+    rng = np.random.default_rng(14)
+    jobs = []
+    for out_f, in_f, n in ((96, 256, 16), (40, 512, 24), (130, 384, 9)):
+        t, x, b = _operands(rng, out_f, in_f, n)
+        jobs.append((t, x, b, nl.nf4_matmul(x, t, bias=b, compute_dtype="bfloat16")))
+    errors = []
+
+    def work(t, x, b, want):
+        for _ in range(30):
+            if not np.array_equal(nl.nf4_matmul(x, t, bias=b, compute_dtype="bfloat16"), want):
+                errors.append(t.shape)
+                return
+
+    threads = [threading.Thread(target=work, args=job) for job in jobs for _ in range(2)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert errors == []

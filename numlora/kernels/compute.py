@@ -13,6 +13,9 @@ Mode numbers: :data:`BF16` and :data:`F16` (float32 itself runs the ordinary ker
 
 from __future__ import annotations
 
+import threading
+
+import numba
 import numpy as np
 
 from ._jit import inline_helper, kernel, prange
@@ -254,42 +257,71 @@ def bf16_product(packed, scales, blocksize, code, xb, y):
         return
     rows = max(BF16_BW, BF16_DECODED_BYTES // (2 * in_f) // BF16_BW * BF16_BW)
     n4 = n - n % BF16_BX
-    nf4_matmul_bf16_decoded(packed, scales, blocksize, code, xb[:n4], y[:n4], rows)
+    nw = max(1, min(numba.get_num_threads(), -(-y.shape[1] // rows)))
+    nf4_matmul_bf16_decoded(packed, scales, blocksize, code, xb[:n4], y[:n4], rows,
+                            _workspace(nw, rows * in_f + 32))
     if n4 < n:
         nf4_matmul_bf16dot(packed, scales, blocksize, code, xb[n4:], y[n4:])
 
 
+_WORKSPACE = threading.local()
+
+
+def _workspace(nw, size):
+    """(nw, size) uint16 scratch reused by the calling thread's bf16 products: allocated per
+    call (or per task), their L2-sized buffers were fresh pages every time, and a program
+    whose allocator had moved them to mmap paid ~1 ms of page faults per call at batch 8."""
+    ws = getattr(_WORKSPACE, "buf", None)
+    if ws is None or ws.shape[0] < nw or ws.shape[1] < size:
+        ws = np.empty((max(nw, 0 if ws is None else ws.shape[0]), max(size, 0 if ws is None else ws.shape[1])),
+                      np.uint16)
+        _WORKSPACE.buf = ws
+    return ws
+
+
 @kernel(parallel=True, cache=SIMD_CACHEABLE)
-def nf4_matmul_bf16_decoded(packed, scales, blocksize, code, xb, y, rows):
+def nf4_matmul_bf16_decoded(packed, scales, blocksize, code, xb, y, rows, ws):
     """:func:`nf4_matmul_bf16dot` for a batch that is a whole number of groups of BF16_BX
     rows: each task decodes ``rows`` weight rows once (``_simd.bf16_decode_row``, into a
-    64-byte aligned buffer: the 64-byte loads must not straddle cache lines) and every
-    group of input rows reads them, BF16_BW x BF16_BX products per call."""
+    64-byte aligned part of its worker's row of the scratch ``ws``: the 64-byte loads must
+    not straddle cache lines) and every group of input rows reads them, BF16_BW x BF16_BX
+    products per call. ws: (workers, >= rows * in + 32) uint16; worker w takes tasks w,
+    w + workers, ..."""
     n, in_f = xb.shape
     out_f = y.shape[1]
     ntasks = (out_f + rows - 1) // rows
-    for task in prange(ntasks):
-        o0 = task * rows
-        o1 = min(out_f, o0 + rows)
-        raw = np.empty(rows * in_f + 32, np.uint16)
+    nw = ws.shape[0]
+    for w in prange(nw):
+        raw = ws[w]
         off = ((64 - raw.ctypes.data % 64) % 64) // 2
         wbuf = raw[off:off + rows * in_f].reshape((rows, in_f))
-        for o in range(o0, o1):
-            bf16_decode_row(packed, o, scales, code, blocksize, wbuf, o - o0)
         buf = np.empty(BF16_BW * BF16_BX, np.float32)
-        for i in range(0, n, BF16_BX):
-            o = o0
-            while o + BF16_BW <= o1:
-                bf16_block(wbuf, o - o0, xb, i, buf)
-                for a in range(BF16_BW):
-                    for g in range(BF16_BX):
-                        y[i + g, o + a] = buf[a * BF16_BX + g]
-                o += BF16_BW
-            while o < o1:  # the last task's rows short of BF16_BW
+        for task in range(w, ntasks, nw):
+            _decoded_task(packed, scales, blocksize, code, xb, y, rows, task, wbuf, buf)
+
+
+@inline_helper
+def _decoded_task(packed, scales, blocksize, code, xb, y, rows, task, wbuf, buf):
+    """One task of :func:`nf4_matmul_bf16_decoded`: weight rows task * rows onwards."""
+    n = xb.shape[0]
+    out_f = y.shape[1]
+    o0 = task * rows
+    o1 = min(out_f, o0 + rows)
+    for o in range(o0, o1):
+        bf16_decode_row(packed, o, scales, code, blocksize, wbuf, o - o0)
+    for i in range(0, n, BF16_BX):
+        o = o0
+        while o + BF16_BW <= o1:
+            bf16_block(wbuf, o - o0, xb, i, buf)
+            for a in range(BF16_BW):
                 for g in range(BF16_BX):
-                    bf16_rows_1(packed, o, xb, i + g, scales, code, blocksize, buf)
-                    y[i + g, o] = buf[0]
-                o += 1
+                    y[i + g, o + a] = buf[a * BF16_BX + g]
+            o += BF16_BW
+        while o < o1:  # the last task's rows short of BF16_BW
+            for g in range(BF16_BX):
+                bf16_rows_1(packed, o, xb, i + g, scales, code, blocksize, buf)
+                y[i + g, o] = buf[0]
+            o += 1
 
 
 @kernel(parallel=True, cache=SIMD_CACHEABLE)
