@@ -269,11 +269,16 @@ def _forward_rounded(x2, t, mode, lora_a, lora_b, s, bias, out2, x_lora, u_out):
     if lora_a is None:
         return
     xl = x2 if x_lora is None else x_lora
+    # the LoRA branch in numba kernels, as the float32 fused path, so no BLAS call leaves
+    # OpenBLAS's threads spinning into the next kernel
+    if n > FUSED_MAX_ROWS and mode == COMPUTE_DTYPES["bfloat16"] and bf16_dot_ok(kc, in_f, t.blocksize):
+        u = np.empty((n, lora_a.shape[0]), np.float32) if u_out is None else u_out
+        kc.lora_rows(np.ascontiguousarray(xl, dtype=np.float32), lora_a, np.float32(s), u,
+                     np.ascontiguousarray(lora_b.T), out2)
+        return
     if n > FUSED_MAX_ROWS:
         bw.add_low_rank(xl, lora_a, lora_b, s, out2, u_out)
         return
-    # small batches: the LoRA branch in numba kernels, as the float32 fused path, so no
-    # BLAS call leaves OpenBLAS's threads spinning into the next kernel
     if u_out is None:
         u = np.empty((n, lora_a.shape[0]), np.float32)
         k.lora_shrink(np.ascontiguousarray(xl, dtype=np.float32), lora_a, np.float32(s), u)

@@ -304,3 +304,28 @@ def test_bf16_products_from_several_threads_at_once():
     for th in threads:
         th.join()
     assert errors == []
+
+
+@pytest.mark.parametrize("n", [6, 20])
+def test_bf16_lora_branch_u_out_and_zero_scaling(n):
+    """The bf16 products' LoRA branch (numba, serial up to 16 rows, parallel rows above):
+    u_out receives x A^T unscaled, the output is the base plus (s u) B^T, and scaling 0
+    adds nothing even where x A^T overflows."""
+    rng = np.random.default_rng(15 + n)
+    t, x, b = _operands(rng, 40, 256, n)
+    a = rng.standard_normal((4, 256)).astype(np.float32)
+    lb = rng.standard_normal((40, 4)).astype(np.float32)
+    base = nl.nf4_matmul(x, t, bias=b, compute_dtype="bfloat16")
+    u = np.empty((n, 4), np.float32)
+    y = nl.qlora_forward(x, t, a, lb, 0.5, b, compute_dtype="bfloat16", u_out=u)
+    u64 = x.astype(np.float64) @ a.T.astype(np.float64)
+    np.testing.assert_allclose(u, u64, rtol=1e-5, atol=1e-5 * np.abs(u64).max())
+    np.testing.assert_allclose(y, base + 0.5 * u64 @ lb.T.astype(np.float64), rtol=1e-5,
+                               atol=1e-5 * np.abs(base).max())
+    assert np.array_equal(nl.qlora_forward(x, t, a, lb, 0.5, b, compute_dtype="bfloat16"), y)
+    big = x.copy()
+    big[:, :] = 3e38
+    a_big = np.abs(a)
+    with np.errstate(over="ignore"):
+        y0 = nl.qlora_forward(big, t, a_big, lb, 0.0, b, compute_dtype="bfloat16")
+    assert np.array_equal(y0, nl.nf4_matmul(big, t, bias=b, compute_dtype="bfloat16"), equal_nan=True)

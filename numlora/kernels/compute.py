@@ -37,6 +37,7 @@ from ._simd import (  # noqa: F401  (BF16_DOT: read by the products module)
     dot16,
 )
 from ._simd import CACHEABLE as SIMD_CACHEABLE
+from .nf4 import _lane_dot
 
 BF16 = 1
 F16 = 2
@@ -230,6 +231,31 @@ def lora_expand_add(u, lora_bt, y):
         lo[:] = 0.0
         for t in range(r):
             c = u[i, t]
+            for o in range(out_f):
+                lo[o] += c * lora_bt[t, o]
+        for o in range(out_f):
+            y[i, o] += lo[o]
+
+
+@kernel(parallel=True)
+def lora_rows(x2, lora_a, scale, u, lora_bt, y):
+    """The LoRA branch of a large batch in numba, row by row in parallel: u[i] = x2[i] A^T
+    unscaled (``nf4.lora_shrink``'s canonical lane order) and y[i] += (scale u[i]) B^T
+    (:func:`lora_expand_add`'s order; ``scale u`` as ``_backward.scale_intermediate``
+    computes it: scale 0 adds nothing, also where u overflowed), instead of two BLAS calls
+    whose spinning workers would slow the next numlora kernel. u: (n, r) float32, filled."""
+    n = x2.shape[0]
+    r = lora_a.shape[0]
+    k = x2.shape[1]
+    out_f = y.shape[1]
+    for i in prange(n):
+        lo = np.zeros(out_f, np.float32)
+        for t in range(r):
+            v = _lane_dot(x2[i], lora_a[t], k)
+            u[i, t] = v
+            c = scale * v
+            if scale == 0 and c != c:
+                c = np.float32(0.0)
             for o in range(out_f):
                 lo[o] += c * lora_bt[t, o]
         for o in range(out_f):
