@@ -31,7 +31,8 @@ JOBS = (
     ("quantize", "quantize_nf4 (NF4 and FP4, float32 and bfloat16 bits, double quantization), dequantize_nf4"),
     ("bank", "LoraBank: adapter packing, the multi-adapter kernel (parallel and serial)"),
     ("nf4_matmul_t", "nf4_matmul_t (the NF4 input gradient)"),
-    ("compute_dtype", "the bfloat16 / float16 compute dtypes of the NF4 products (rounding, fused and tiled)"),
+    ("compute_dtype", "the bfloat16 / float16 compute dtypes of the NF4 products (rounding, fused and tiled, "
+                      "the LoRA branch)"),
     ("convert", "bfloat16 <-> float32 conversion, error statistics (numlora merge / quantize)"),
     ("rng", "XorShift64"),
 )
@@ -137,11 +138,13 @@ def _job_nf4_matmul_t():
 def _job_compute_dtype():
     import numlora as nl
 
-    _, _, _, x = _inputs()
+    _, a, b, x = _inputs()
     t = _nf4()
     for cd in ("bfloat16", "float16"):
         for rows in (1, 4, x.shape[0]):
             nl.nf4_matmul(x[:rows], t, compute_dtype=cd)
+        for rows in (4, x.shape[0]):  # the LoRA branch: serial up to 16 rows, parallel above
+            nl.qlora_forward(x[:rows], t, a, b, 2.0, compute_dtype=cd)
         nl.nf4_matmul_t(x[:4], t, compute_dtype=cd)
 
 
