@@ -698,6 +698,59 @@ def _bf16_table(builder, codes, sa, sb):
     return builder.load(slot)
 
 
+def _bf16_row_ptrs(builder, base, first, count, stride):
+    """Pointers to rows first .. first + count - 1 of a C-contiguous array's data."""
+    return [builder.gep(base, [builder.mul(builder.add(first, ir.Constant(I64, a)), stride)]) for a in range(count)]
+
+
+def _bf16_chunk(builder, prow, srow, e, bs, codes, one_instruction):
+    """The 32 16-bit words (4 nibbles each) and the 32-entry bf16 table of the 128-weight
+    chunk at element e of a weight row (prow: its packed bytes, srow: its scales); the table
+    by :func:`_bf16_table` (``one_instruction``) or by the rounding on bits of each half
+    (same bits)."""
+    wt = _vec(I16, 32)
+    words = builder.load(builder.bitcast(builder.gep(prow, [builder.lshr(e, ir.Constant(I64, 1))]), wt.as_pointer()),
+                         align=1)
+    sa = builder.load(builder.gep(srow, [builder.udiv(e, bs)]))
+    sb = builder.load(builder.gep(srow, [builder.udiv(builder.add(e, ir.Constant(I64, 64)), bs)]))
+    if one_instruction:
+        return words, _bf16_table(builder, codes, sa, sb)
+    return words, builder.shuffle_vector(_bf16_half_table(builder, codes, sa), _bf16_half_table(builder, codes, sb),
+                                         ir.Constant(_vec(I32, 32), list(range(32))))
+
+
+def _bf16_nibbles(builder, words, table, k):
+    """Nibble position k of every word looked up in the table (``vpermw``): bits 4k .. 4k + 3,
+    plus 16 in the second half of the chunk (the second block's half of the table)."""
+    wt = _vec(I16, 32)
+    perm = cgutils.get_or_insert_function(builder.module, ir.FunctionType(wt, [wt, wt]),
+                                          "llvm.x86.avx512.permvar.hi.512")
+    idx = builder.lshr(words, ir.Constant(wt, [4 * k] * 32)) if k else words
+    return builder.call(perm, [table, builder.or_(builder.and_(idx, ir.Constant(wt, [15] * 32)),
+                                                  ir.Constant(wt, [0] * 16 + [16] * 16))])
+
+
+def _bf16_dot(builder, acc, w, x):
+    """acc + the products of the bf16 lane pairs of w and x (``vdpbf16ps``)."""
+    ft, wt = _vec(F32, 16), _vec(I16, 32)
+    return builder.asm(ir.FunctionType(ft, [ft, wt, wt]), "vdpbf16ps $3, $2, $0", "=v,0,v,v", [acc, w, x], False,
+                       "dpbf16")
+
+
+def _bf16_accumulators(builder, nw, nx):
+    """nw x nx float32 <16 x float> accumulators, zero."""
+    ft = _vec(F32, 16)
+    return [[cgutils.alloca_once_value(builder, ir.Constant(ft, None)) for _ in range(nx)] for _ in range(nw)]
+
+
+def _bf16_store_sums(builder, acc_p, out):
+    """out[a * nx + g] = the halving sum of accumulator (a, g)."""
+    nx = len(acc_p[0])
+    for a, row in enumerate(acc_p):
+        for g, p in enumerate(row):
+            builder.store(_hsum(builder, builder.load(p), 16), builder.gep(out, [ir.Constant(I64, a * nx + g)]))
+
+
 def _make_bf16_rows(nw, nx):
     """Build ``bf16_rows(packed, o, xb, i, scales, code, blocksize, out)``: out[a * nx + g]
     = rnd(deq(W))[o + a] . xb[i + g] for a < nw, g < nx, accumulated in float32 by
@@ -722,55 +775,30 @@ def _make_bf16_rows(nw, nx):
         def codegen(context, builder, sig, args):
             pk, row, xa, first, sc, cd, bs, oa = _rows_args(context, builder, sig, args)
             wt = _vec(I16, 32)
-            ft = _vec(F32, 16)
             in_f = builder.extract_value(xa.shape, 1)
             nchunks = builder.udiv(in_f, ir.Constant(I64, BF16_CHUNK))
-            prows, srows = [], []
-            for a in range(nw):
-                r = builder.add(row, ir.Constant(I64, a))
-                prows.append(builder.gep(pk.data, [builder.mul(r, builder.lshr(in_f, ir.Constant(I64, 1)))]))
-                srows.append(builder.gep(sc.data, [builder.mul(r, builder.udiv(in_f, bs))]))
-            xrows = [builder.gep(xa.data, [builder.mul(builder.add(first, ir.Constant(I64, g)), in_f)])
-                     for g in range(nx)]
+            prows = _bf16_row_ptrs(builder, pk.data, row, nw, builder.lshr(in_f, ir.Constant(I64, 1)))
+            srows = _bf16_row_ptrs(builder, sc.data, row, nw, builder.udiv(in_f, bs))
+            xrows = _bf16_row_ptrs(builder, xa.data, first, nx, in_f)
             codes = _load_codes(builder, cd.data, 16)
-            perm = cgutils.get_or_insert_function(builder.module, ir.FunctionType(wt, [wt, wt]),
-                                                  "llvm.x86.avx512.permvar.hi.512")
-            dot_ty = ir.FunctionType(ft, [ft, wt, wt])
-            acc_p = [[cgutils.alloca_once_value(builder, ir.Constant(ft, None)) for _ in range(nx)]
-                     for _ in range(nw)]
-            fifteen = ir.Constant(wt, [15] * 32)
-            offs = ir.Constant(wt, [0] * 16 + [16] * 16)
+            acc_p = _bf16_accumulators(builder, nw, nx)
             with cgutils.for_range(builder, nchunks) as cl:
                 e = builder.mul(cl.index, ir.Constant(I64, BF16_CHUNK))
-                ba = builder.udiv(e, bs)
-                bb = builder.udiv(builder.add(e, ir.Constant(I64, 64)), bs)
 
                 def xv(g, k, e=e):
                     ptr = builder.gep(xrows[g], [builder.add(e, ir.Constant(I64, 32 * k))])
                     return builder.load(builder.bitcast(ptr, wt.as_pointer()), align=2)
                 for a in range(nw):
-                    words = builder.load(builder.bitcast(builder.gep(prows[a], [builder.lshr(e, ir.Constant(I64, 1))]),
-                                                         wt.as_pointer()), align=1)
-                    sa = builder.load(builder.gep(srows[a], [ba]))
-                    sb = builder.load(builder.gep(srows[a], [bb]))
-                    if nx == 1:  # the table is most of a GEMV's work: one instruction
-                        table = _bf16_table(builder, codes, sa, sb)
-                    else:  # shared by nx input rows; a branch here measured 1.3-2x slower
-                        table = builder.shuffle_vector(_bf16_half_table(builder, codes, sa),
-                                                       _bf16_half_table(builder, codes, sb),
-                                                       ir.Constant(_vec(I32, 32), list(range(32))))
+                    # with nx == 1 the table is most of a GEMV's work: one instruction; shared
+                    # by nx input rows, the rounding on bits (a branch there measured 1.3-2x slower)
+                    words, table = _bf16_chunk(builder, prows[a], srows[a], e, bs, codes, nx == 1)
                     accs = [builder.load(acc_p[a][g]) for g in range(nx)]
                     for k in range(4):
-                        idx = builder.lshr(words, ir.Constant(wt, [4 * k] * 32)) if k else words
-                        w = builder.call(perm, [table, builder.or_(builder.and_(idx, fifteen), offs)])
-                        accs = [builder.asm(dot_ty, "vdpbf16ps $3, $2, $0", "=v,0,v,v", [accs[g], w, xv(g, k)],
-                                            False, "dpbf16") for g in range(nx)]
+                        w = _bf16_nibbles(builder, words, table, k)
+                        accs = [_bf16_dot(builder, accs[g], w, xv(g, k)) for g in range(nx)]
                     for g in range(nx):
                         builder.store(accs[g], acc_p[a][g])
-            for a in range(nw):
-                for g in range(nx):
-                    builder.store(_hsum(builder, builder.load(acc_p[a][g]), 16),
-                                  builder.gep(oa.data, [ir.Constant(I64, a * nx + g)]))
+            _bf16_store_sums(builder, acc_p, oa.data)
             return context.get_dummy_value()
 
         return sig, codegen
@@ -800,27 +828,17 @@ def _make_bf16_decode_row():
             wt = _vec(I16, 32)
             in_f = builder.extract_value(wb.shape, 1)
             nchunks = builder.udiv(in_f, ir.Constant(I64, BF16_CHUNK))
-            prow = builder.gep(pk.data, [builder.mul(row, builder.lshr(in_f, ir.Constant(I64, 1)))])
-            srow = builder.gep(sc.data, [builder.mul(row, builder.udiv(in_f, bs))])
-            wrow = builder.gep(wb.data, [builder.mul(r, in_f)])
+            [prow] = _bf16_row_ptrs(builder, pk.data, row, 1, builder.lshr(in_f, ir.Constant(I64, 1)))
+            [srow] = _bf16_row_ptrs(builder, sc.data, row, 1, builder.udiv(in_f, bs))
+            [wrow] = _bf16_row_ptrs(builder, wb.data, r, 1, in_f)
             codes = _load_codes(builder, cd.data, 16)
-            perm = cgutils.get_or_insert_function(builder.module, ir.FunctionType(wt, [wt, wt]),
-                                                  "llvm.x86.avx512.permvar.hi.512")
-            fifteen = ir.Constant(wt, [15] * 32)
-            offs = ir.Constant(wt, [0] * 16 + [16] * 16)
             with cgutils.for_range(builder, nchunks) as cl:
                 e = builder.mul(cl.index, ir.Constant(I64, BF16_CHUNK))
-                ba = builder.udiv(e, bs)
-                bb = builder.udiv(builder.add(e, ir.Constant(I64, 64)), bs)
-                words = builder.load(builder.bitcast(builder.gep(prow, [builder.lshr(e, ir.Constant(I64, 1))]),
-                                                     wt.as_pointer()), align=1)
-                table = _bf16_table(builder, codes, builder.load(builder.gep(srow, [ba])),
-                                    builder.load(builder.gep(srow, [bb])))
+                words, table = _bf16_chunk(builder, prow, srow, e, bs, codes, True)
                 for k in range(4):
-                    idx = builder.lshr(words, ir.Constant(wt, [4 * k] * 32)) if k else words
-                    w = builder.call(perm, [table, builder.or_(builder.and_(idx, fifteen), offs)])
                     ptr = builder.gep(wrow, [builder.add(e, ir.Constant(I64, 32 * k))])
-                    builder.store(w, builder.bitcast(ptr, wt.as_pointer()), align=2)
+                    builder.store(_bf16_nibbles(builder, words, table, k), builder.bitcast(ptr, wt.as_pointer()),
+                                  align=2)
             return context.get_dummy_value()
 
         return sig, codegen
@@ -845,16 +863,11 @@ def _make_bf16_block(nw, nx):
             first = context.cast(builder, args[3], sig.args[3], types.int64)
             oa = context.make_array(sig.args[4])(context, builder, args[4])
             wt = _vec(I16, 32)
-            ft = _vec(F32, 16)
             in_f = builder.extract_value(xa.shape, 1)
             nchunks = builder.udiv(in_f, ir.Constant(I64, BF16_CHUNK))
-            wrows = [builder.gep(wb.data, [builder.mul(builder.add(r, ir.Constant(I64, a)), in_f)])
-                     for a in range(nw)]
-            xrows = [builder.gep(xa.data, [builder.mul(builder.add(first, ir.Constant(I64, g)), in_f)])
-                     for g in range(nx)]
-            dot_ty = ir.FunctionType(ft, [ft, wt, wt])
-            acc_p = [[cgutils.alloca_once_value(builder, ir.Constant(ft, None)) for _ in range(nx)]
-                     for _ in range(nw)]
+            wrows = _bf16_row_ptrs(builder, wb.data, r, nw, in_f)
+            xrows = _bf16_row_ptrs(builder, xa.data, first, nx, in_f)
+            acc_p = _bf16_accumulators(builder, nw, nx)
             with cgutils.for_range(builder, nchunks) as cl:
                 e = builder.mul(cl.index, ir.Constant(I64, BF16_CHUNK))
                 accs = [[builder.load(acc_p[a][g]) for g in range(nx)] for a in range(nw)]
@@ -865,15 +878,11 @@ def _make_bf16_block(nw, nx):
                     for g in range(nx):
                         xv = builder.load(builder.bitcast(builder.gep(xrows[g], [off]), wt.as_pointer()), align=2)
                         for a in range(nw):
-                            accs[a][g] = builder.asm(dot_ty, "vdpbf16ps $3, $2, $0", "=v,0,v,v",
-                                                     [accs[a][g], ws[a], xv], False, "dpbf16")
+                            accs[a][g] = _bf16_dot(builder, accs[a][g], ws[a], xv)
                 for a in range(nw):
                     for g in range(nx):
                         builder.store(accs[a][g], acc_p[a][g])
-            for a in range(nw):
-                for g in range(nx):
-                    builder.store(_hsum(builder, builder.load(acc_p[a][g]), 16),
-                                  builder.gep(oa.data, [ir.Constant(I64, a * nx + g)]))
+            _bf16_store_sums(builder, acc_p, oa.data)
             return context.get_dummy_value()
 
         return sig, codegen
