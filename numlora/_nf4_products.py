@@ -248,7 +248,8 @@ def _forward_rounded(x2, t, mode, lora_a, lora_b, s, bias, out2, x_lora, u_out):
     if n == 0:
         return
     out_f, in_f = t.shape
-    if mode == COMPUTE_DTYPES["bfloat16"] and bf16_dot_ok(kc, in_f, t.blocksize):
+    dot = mode == COMPUTE_DTYPES["bfloat16"] and bf16_dot_ok(kc, in_f, t.blocksize)
+    if dot:
         # the CPU's bf16 dot products, for every batch size (faster than float32 BLAS on
         # the rounded tiles even at large batches); x rounded straight into their layout
         xb = kc.bf16_input(n, in_f)
@@ -271,7 +272,7 @@ def _forward_rounded(x2, t, mode, lora_a, lora_b, s, bias, out2, x_lora, u_out):
     xl = x2 if x_lora is None else x_lora
     # the LoRA branch in numba kernels, as the float32 fused path, so no BLAS call leaves
     # OpenBLAS's threads spinning into the next kernel
-    if n > FUSED_MAX_ROWS and mode == COMPUTE_DTYPES["bfloat16"] and bf16_dot_ok(kc, in_f, t.blocksize):
+    if n > FUSED_MAX_ROWS and dot:
         u = np.empty((n, lora_a.shape[0]), np.float32) if u_out is None else u_out
         kc.lora_rows(np.ascontiguousarray(xl, dtype=np.float32), lora_a, np.float32(s), u,
                      np.ascontiguousarray(lora_b.T), out2)

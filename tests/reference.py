@@ -183,3 +183,13 @@ def conv_lora_ref(x, weight, lora_a, lora_b, scaling, bias=None, stride=1, pads=
     u = conv_ref(x if x_lora is None else x_lora, lora_a, None, stride, pads, dilation)
     b = np.asarray(lora_b, np.float64).reshape(np.shape(lora_b)[0], np.shape(lora_b)[1])
     return base + scaling * np.einsum("or,nr...->no...", b, u)
+
+
+def bf16_layout(xr, chunk=128):
+    """A float32 (n, in) array of bfloat16 values (already rounded) as the bf16 bits the
+    dot-product kernels read: uint16, each chunk of ``chunk`` elements reordered so that
+    position ``32 k + q`` holds element ``4 q + (1, 0, 3, 2)[k]``."""
+    n, in_f = xr.shape
+    bits = (np.ascontiguousarray(xr).view(np.uint32) >> 16).astype(np.uint16)
+    c = bits.reshape(n, in_f // chunk, 32, 4)[:, :, :, [1, 0, 3, 2]]
+    return np.ascontiguousarray(c.transpose(0, 1, 3, 2)).reshape(n, in_f)

@@ -756,7 +756,7 @@ def _make_bf16_rows(nw, nx):
     = rnd(deq(W))[o + a] . xb[i + g] for a < nw, g < nx, accumulated in float32 by
     ``vdpbf16ps``.
 
-    xb: bf16 bits (n, in) in ``kernels.compute.bf16_layout``'s order; ``in % 128 == 0`` and
+    xb: bf16 bits (n, in) in ``kernels.compute.bf16_bits``' order; ``in % 128 == 0`` and
     ``blocksize % 64 == 0``. Per chunk of 128 weights of a row: the 64 bytes load as 32
     16-bit words; the 16-entry table of each half chunk (64 weights, within one block) is
     ``rnd(code * absmax)`` in bf16, the two side by side in one 32-entry table (with

@@ -179,17 +179,6 @@ def nf4_decode_rounded_tile(packed, scales, blocksize, code, mode, b0, b1, out):
 BF16_ROWS = 16  # weight rows per parallel task of the bf16 dot-product kernel
 
 
-def bf16_layout(xr):
-    """numpy: a float32 (n, in) array of bfloat16 values (already rounded) as the bf16
-    bits :func:`nf4_matmul_bf16dot` reads: uint16, each chunk of ``_simd.BF16_CHUNK``
-    elements reordered so that position ``32 k + q`` holds element ``4 q + (1, 0, 3, 2)[k]``
-    (the order in which the nibble positions of the chunk's 16-bit words decode)."""
-    n, in_f = xr.shape
-    bits = (np.ascontiguousarray(xr).view(np.uint32) >> 16).astype(np.uint16)
-    c = bits.reshape(n, in_f // BF16_CHUNK, 32, 4)[:, :, :, [1, 0, 3, 2]]
-    return np.ascontiguousarray(c.transpose(0, 1, 3, 2)).reshape(n, in_f)
-
-
 #: From this many input rows the bf16 product decodes each weight row once into a
 #: per-task buffer (:func:`nf4_matmul_bf16_decoded`) instead of once per group of
 #: BF16_NX input rows.
@@ -201,9 +190,11 @@ BF16_DECODED_BYTES = 384 * 1024
 @kernel()
 def bf16_bits(x, xb):
     """xb = the bf16 bits of x rounded half to even (NaN made quiet, as
-    :func:`round_values`), in :func:`bf16_layout`'s order: one pass over x for what
-    rounding a copy and reordering it in numpy does in four. x: float32 (n, in),
-    C-contiguous, ``in % BF16_CHUNK == 0``; xb: uint16 (n, in)."""
+    :func:`round_values`), in the order the bf16 kernels read: each chunk of
+    ``BF16_CHUNK`` elements reordered so that position ``32 k + q`` holds element
+    ``4 q + (1, 0, 3, 2)[k]`` (the order in which the nibble positions of the chunk's
+    16-bit words decode). x: float32 (n, in), C-contiguous, ``in % BF16_CHUNK == 0``; xb:
+    uint16 (n, in). (tests/reference.py writes the same in numpy.)"""
     n, in_f = x.shape
     u = x.view(np.uint32)
     for i in range(n):
@@ -224,17 +215,22 @@ def lora_expand_add(u, lora_bt, y):
     call (whose spinning threads would slow the next parallel kernel). Each output sums
     its rank terms in order from zero, then adds the sum, as the fused float32 kernels'
     epilogue does. Serial: at most a few rows times out x r."""
-    n, r = u.shape
-    out_f = y.shape[1]
-    lo = np.empty(out_f, np.float32)
-    for i in range(n):
-        lo[:] = 0.0
-        for t in range(r):
-            c = u[i, t]
-            for o in range(out_f):
-                lo[o] += c * lora_bt[t, o]
-        for o in range(out_f):
-            y[i, o] += lo[o]
+    lo = np.empty(y.shape[1], np.float32)
+    for i in range(u.shape[0]):
+        _expand_row(u[i], lora_bt, y, i, lo)
+
+
+@inline_helper
+def _expand_row(c, lora_bt, y, i, lo):
+    """y[i] += sum over t of c[t] * lora_bt[t], the rank terms summed in order from zero
+    into ``lo`` (scratch of y's width) and then added."""
+    lo[:] = 0.0
+    for t in range(c.shape[0]):
+        ct = c[t]
+        for o in range(lo.shape[0]):
+            lo[o] += ct * lora_bt[t, o]
+    for o in range(lo.shape[0]):
+        y[i, o] += lo[o]
 
 
 @kernel(parallel=True)
@@ -244,22 +240,17 @@ def lora_rows(x2, lora_a, scale, u, lora_bt, y):
     (:func:`lora_expand_add`'s order; ``scale u`` as ``_backward.scale_intermediate``
     computes it: scale 0 adds nothing, also where u overflowed), instead of two BLAS calls
     whose spinning workers would slow the next numlora kernel. u: (n, r) float32, filled."""
-    n = x2.shape[0]
     r = lora_a.shape[0]
     k = x2.shape[1]
-    out_f = y.shape[1]
-    for i in prange(n):
-        lo = np.zeros(out_f, np.float32)
+    for i in prange(x2.shape[0]):
+        c = np.empty(r, np.float32)
         for t in range(r):
             v = _lane_dot(x2[i], lora_a[t], k)
             u[i, t] = v
-            c = scale * v
-            if scale == 0 and c != c:
-                c = np.float32(0.0)
-            for o in range(out_f):
-                lo[o] += c * lora_bt[t, o]
-        for o in range(out_f):
-            y[i, o] += lo[o]
+            c[t] = scale * v
+            if scale == 0 and c[t] != c[t]:
+                c[t] = np.float32(0.0)
+        _expand_row(c, lora_bt, y, i, np.empty(y.shape[1], np.float32))
 
 
 def bf16_input(n, in_f):
@@ -353,7 +344,7 @@ def _decoded_task(packed, scales, blocksize, code, xb, y, rows, task, wbuf, buf)
 @kernel(parallel=True, cache=SIMD_CACHEABLE)
 def nf4_matmul_bf16dot(packed, scales, blocksize, code, xb, y):
     """y[i, o] = rnd(deq(W))[o] . rnd(x)[i] with the CPU's bf16 dot-product instruction
-    (``_simd.bf16_rows``): xb holds the bf16 bits of x in :func:`bf16_layout`'s order.
+    (``_simd.bf16_rows``): xb holds the bf16 bits of x in :func:`bf16_bits`' order.
     Input rows BF16_NX at a time (each weight chunk decoded once for all of them, two
     weight rows per call); the rest one at a time, BF16_NW weight rows per call. Every (o, i) gets the same
     operations, so results do not depend on the batch size or the thread count."""
