@@ -130,12 +130,10 @@ def forward(x2, t, lora_a, lora_b, s, bias, out2, x_lora=None, u_out=None, mode=
 
 
 def _park(t, n) -> None:
-    """Park OpenBLAS's spinning threads before a parallel NF4 kernel large enough to
-    lose a core to them (``kernels._jit.park_blas``)."""
+    """Park OpenBLAS's spinning threads before a parallel NF4 kernel of n input rows."""
     from .kernels import _jit
 
-    if n * t.numel >= _jit.PARK_MIN_WORK:
-        _jit.park_blas()
+    _jit.park_before(n * t.numel, _jit.PARK_MIN_WORK)
 
 
 def words_layout(x2, lanes):

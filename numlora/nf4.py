@@ -352,8 +352,7 @@ def _quantize(x, shape, dtype, blocksize, double_quant, quant_type, bits=None) -
 
     n = x.size if x is not None else bits.size
     nblocks = -(-n // bs)
-    if n >= _jit.PARK_MIN_ELEMS:
-        _jit.park_blas()
+    _jit.park_before(n)
     packed = np.empty((n + 1) // 2, np.uint8)
     absmax = np.empty(nblocks, np.float32)
     if x is None and bs % 2 == 1:  # blocks start mid-byte: the float32 kernels handle that
@@ -424,8 +423,7 @@ def dequantize_nf4(t: NF4Tensor, out=None) -> np.ndarray:
         out, dest = validate.private_out(validate.out_array("out", out, t.shape, np.float32), products.tensor_arrays(t))
     n, bs = t.numel, t.blocksize
     scales = t.scales
-    if n >= _jit.PARK_MIN_ELEMS:
-        _jit.park_blas()
+    _jit.park_before(n)
     if products.simd_ok(k, bs) and n % bs == 0:
         k.nf4_decode_simd(t.packed, scales, bs, t.code, 0, n // bs, out.reshape(-1))
     else:

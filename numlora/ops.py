@@ -37,12 +37,10 @@ def _kernels():
 
 
 def _park(w) -> None:
-    """Park OpenBLAS's spinning threads before a merge kernel over a large weight
-    (``kernels._jit.park_blas``)."""
+    """Park OpenBLAS's spinning threads before a merge kernel over w."""
     from .kernels import _jit
 
-    if w.size >= _jit.PARK_MIN_ELEMS:
-        _jit.park_blas()
+    _jit.park_before(w.size)
 
 
 @dispatch

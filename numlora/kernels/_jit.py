@@ -143,6 +143,14 @@ def park_blas() -> bool:
     return bool(fns)
 
 
+def park_before(work: int, minimum: int = PARK_MIN_ELEMS) -> None:
+    """:func:`park_blas` before a parallel kernel of ``work`` weight elements (or, for the
+    NF4 products, weight elements times input rows against :data:`PARK_MIN_WORK`): only
+    from ``minimum`` on, where the kernel gains more than the next BLAS call pays."""
+    if work >= minimum:
+        park_blas()
+
+
 def kernel(parallel: bool = False, cache: bool = True):
     """Decorate a kernel: lazy ``njit`` (compiled per signature on first call),
     ``parallel`` when asked and allowed, never fastmath, on-disk cache when possible
