@@ -36,12 +36,12 @@ reshaped back (one dropout row per image; ``n = 1`` for an unbatched x), and giv
 
 from __future__ import annotations
 
-import threading
 from typing import NamedTuple
 
 import numpy as np
 
 from . import _backward as bw
+from . import _scratch
 from . import _validate as validate
 from ._dispatch import dispatch
 from .dropout import DropoutState, lora_dropout
@@ -204,27 +204,13 @@ def _im2col(k, x3, g, cols):
 #: 28-32 ms in others on the benchmark's Conv2d, 32 MiB chunks 17-20 ms throughout).
 COLUMN_BYTES = 32 * 1024 * 1024
 
-_SCRATCH = threading.local()
-
-
-def _scratch(name, size, dtype):
-    """A 1-D array of ``size`` elements of ``dtype`` for this thread's use during one call,
-    reused from call to call (grown when too small): a fresh tens-of-MiB column buffer per
-    call costs as much in page faults as the unfolding itself. Each thread holds at most
-    one buffer per name (about COLUMN_BYTES each); contents are not kept."""
-    dtype = np.dtype(dtype)
-    nbytes = size * dtype.itemsize
-    buf = getattr(_SCRATCH, name, None)
-    if buf is None or buf.nbytes < nbytes:
-        buf = np.empty(nbytes, np.uint8)
-        setattr(_SCRATCH, name, buf)
-    return buf[:nbytes].view(dtype)
+_BUFFERS = ("conv.cols", "conv.y", "conv.stack", "conv.dcols")
 
 
 def free_buffers() -> None:
     """Drop the calling thread's reused column buffers (the forward keeps up to about
     2 x COLUMN_BYTES, the backward about 3 x; they are made again on the next call)."""
-    _SCRATCH.__dict__.clear()
+    _scratch.free(*_BUFFERS)
 
 
 def _run(x4, w2, a2, b2, s, bias, out4, g, xl4):
@@ -246,8 +232,8 @@ def _run(x4, w2, a2, b2, s, bias, out4, g, xl4):
         w2 = w2 + np.dot(b2 * dtype.type(s), a2)
     per_image = w2.shape[1] * cols_n * dtype.itemsize
     chunk = max(1, min(n, COLUMN_BYTES // max(per_image, 1)))
-    cols_buf = _scratch("cols", w2.shape[1] * chunk * cols_n, dtype)
-    y_buf = _scratch("y", out_c * chunk * cols_n, dtype)
+    cols_buf = _scratch.scratch("conv.cols", w2.shape[1] * chunk * cols_n, dtype)
+    y_buf = _scratch.scratch("conv.y", out_c * chunk * cols_n, dtype)
     for i0 in range(0, n, chunk):
         m = min(chunk, n - i0)
         cols = cols_buf[: w2.shape[1] * m * cols_n].reshape(w2.shape[1], m * cols_n)
@@ -402,9 +388,9 @@ def conv_lora_backward(x, weight, lora_a, lora_b, scaling, grad_out, *, stride=1
     cols_n = g.oh * g.ow
     ck = w2.shape[1]
     chunk = max(1, min(n, COLUMN_BYTES // max(ck * cols_n * dtype.itemsize, 1)))
-    cols_buf = _scratch("cols", ck * chunk * cols_n, dtype)
-    stack_buf = _scratch("stack", (out_c + rank) * chunk * cols_n, dtype)
-    dcols_buf = _scratch("dcols", ck * chunk * cols_n, dtype) if need_grad_x else None
+    cols_buf = _scratch.scratch("conv.cols", ck * chunk * cols_n, dtype)
+    stack_buf = _scratch.scratch("conv.stack", (out_c + rank) * chunk * cols_n, dtype)
+    dcols_buf = _scratch.scratch("conv.dcols", ck * chunk * cols_n, dtype) if need_grad_x else None
     ga = np.zeros(a2.shape, dtype)
     gb = np.zeros(b2.shape, dtype)
     st = dtype.type(s)

@@ -10,7 +10,7 @@ A DoRA layer adds a magnitude vector ``m`` ``(out,)`` to LoRA's A and B. With
 
 PEFT's ``peft/tuners/lora/dora.py`` (``DoraLinearLayer``) and ``variants.py``
 (``DoraLinearVariant``) are the reference. Rows are processed in chunks, in float64, in
-one scratch buffer per call reused from chunk to chunk (no temporary per chunk), so memory
+one scratch buffer per thread reused from chunk to chunk and call to call, so memory
 stays small whatever the weight's size and the merged weight is rounded once.
 """
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import _scratch
 from . import _validate as validate
 from ._dispatch import dispatch
 from .errors import NonFiniteError, ShapeError
@@ -38,7 +39,8 @@ def _magnitude(magnitude, out_f):
 def _chunks(weight, a, b, s, fan_in_fan_out):
     """``(r0, r1, rows)`` for each chunk of ``ROW_CHUNK`` output rows, ``rows`` =
     ``W[r0:r1] + s * B[r0:r1] @ A`` in float64 (W as an ``(out, in)`` matrix). ``rows`` is
-    a view of a scratch buffer made once per call and overwritten by the next chunk.
+    a view of the calling thread's scratch buffer (numlora._scratch), overwritten by the
+    next chunk.
 
     Under ``fan_in_fan_out`` the rows are columns of the stored weight and are computed
     in its layout, as ``(in, rows)`` C-contiguous (``A^T @ B^T``, the same dot products
@@ -46,7 +48,7 @@ def _chunks(weight, a, b, s, fan_in_fan_out):
     out_f, in_f = b.shape[0], a.shape[1]
     a64 = a.astype(np.float64)
     b64 = b.astype(np.float64)
-    scratch = np.empty(min(ROW_CHUNK, out_f) * in_f, np.float64)
+    scratch = _scratch.scratch("dora.rows", min(ROW_CHUNK, out_f) * in_f, np.float64)
     for r0 in range(0, out_f, ROW_CHUNK):
         r1 = min(out_f, r0 + ROW_CHUNK)
         if fan_in_fan_out:

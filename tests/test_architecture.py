@@ -31,6 +31,7 @@ INTERNAL = (
     "numlora._dispatch",
     "numlora._nf4_products",
     "numlora._progress",
+    "numlora._scratch",
     "numlora._tables",
     "numlora._validate",
     "numlora.cuda._launch",

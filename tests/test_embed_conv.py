@@ -465,7 +465,7 @@ def test_detached_conv_layer_from_a_folder_takes_its_options_on_attach(tmp_path,
 
 
 def test_conv_column_buffers_are_per_thread_and_reused():
-    """The forward / backward reuse their column buffers per thread (numlora.conv._scratch):
+    """The forward / backward reuse their column buffers per thread (numlora._scratch):
     threads running at once get the single-thread results; free_buffers drops them and the
     next call makes them again, with the same results."""
     import threading

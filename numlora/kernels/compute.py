@@ -13,11 +13,10 @@ Mode numbers: :data:`BF16` and :data:`F16` (float32 itself runs the ordinary ker
 
 from __future__ import annotations
 
-import threading
-
 import numba
 import numpy as np
 
+from .._scratch import scratch
 from ._jit import inline_helper, kernel, prange
 from ._simd import (  # noqa: F401  (BF16_DOT: read by the products module)
     BF16_BW,
@@ -281,19 +280,10 @@ def bf16_product(packed, scales, blocksize, code, xb, y):
         nf4_matmul_bf16dot(packed, scales, blocksize, code, xb[n4:], y[n4:])
 
 
-_WORKSPACE = threading.local()
-
-
 def _workspace(nw, size):
-    """(nw, size) uint16 scratch reused by the calling thread's bf16 products: allocated per
-    call (or per task), their L2-sized buffers were fresh pages every time, and a program
-    whose allocator had moved them to mmap paid ~1 ms of page faults per call at batch 8."""
-    ws = getattr(_WORKSPACE, "buf", None)
-    if ws is None or ws.shape[0] < nw or ws.shape[1] < size:
-        ws = np.empty((max(nw, 0 if ws is None else ws.shape[0]), max(size, 0 if ws is None else ws.shape[1])),
-                      np.uint16)
-        _WORKSPACE.buf = ws
-    return ws
+    """(nw, size) uint16 scratch of the calling thread's bf16 products, reused from call
+    to call (see numlora._scratch)."""
+    return scratch("bf16.rows", nw * size, np.uint16).reshape(nw, size)
 
 
 @kernel(parallel=True, cache=SIMD_CACHEABLE)

@@ -1,0 +1,84 @@
+"""numlora._scratch: per-thread buffers reused from call to call (no fresh pages per call),
+never shared between threads, and the functions using them give the same results with
+several threads at once as alone."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+import numlora as nl
+from numlora import _scratch
+
+
+def _in_thread(fn):
+    box = []
+    t = threading.Thread(target=lambda: box.append(fn()))
+    t.start()
+    t.join()
+    return box[0]
+
+
+def test_a_buffer_is_reused_aligned_grown_and_per_thread():
+    _scratch.free()
+    a = _scratch.scratch("t.a", 1000, np.float64)
+    assert a.shape == (1000,) and a.dtype == np.float64 and a.ctypes.data % 64 == 0
+    b = _scratch.scratch("t.a", 10, np.float32)  # smaller: the same memory
+    assert np.shares_memory(a, b) and b.ctypes.data % 64 == 0
+    c = _scratch.scratch("t.a", 5000, np.float64)  # larger: grown
+    assert c.shape == (5000,) and c.ctypes.data % 64 == 0
+    assert np.shares_memory(c, _scratch.scratch("t.a", 5000, np.float64))
+    assert not np.shares_memory(c, _scratch.scratch("t.b", 5000, np.float64))
+    other = _in_thread(lambda: _scratch.scratch("t.a", 5000, np.float64))
+    assert not np.shares_memory(c, other)
+    _scratch.free("t.a")
+    assert not np.shares_memory(c, _scratch.scratch("t.a", 5000, np.float64))
+    assert "t.b" in _scratch._LOCAL.__dict__
+    _scratch.free()
+    assert _scratch._LOCAL.__dict__ == {}
+
+
+def test_dora_rows_reuse_the_threads_buffer():
+    """DoRA's float64 row chunks come from the thread's scratch: two calls use the same
+    memory (a fresh 8 MiB chunk per call was fresh pages every other call)."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((300, 64)).astype(np.float32)
+    a = rng.standard_normal((4, 64)).astype(np.float32)
+    b = rng.standard_normal((300, 4)).astype(np.float32)
+    _scratch.free()
+    n1 = nl.dora_weight_norm(w, a, b, 0.5)
+    buf = _scratch._LOCAL.__dict__["dora.rows"]
+    n2 = nl.dora_weight_norm(w, a, b, 0.5)
+    assert _scratch._LOCAL.__dict__["dora.rows"] is buf
+    want = np.linalg.norm(w.astype(np.float64) + 0.5 * b.astype(np.float64) @ a.astype(np.float64), axis=1)
+    np.testing.assert_allclose(n1, want, rtol=1e-12)
+    assert np.array_equal(n1, n2)
+
+
+def test_dora_from_several_threads_at_once_matches_one_thread():
+    rng = np.random.default_rng(1)
+    cases = []
+    for k in range(4):
+        out_f = 200 + 150 * k  # chunk counts differ between threads
+        w = rng.standard_normal((out_f, 96)).astype(np.float32)
+        a = rng.standard_normal((8, 96)).astype(np.float32)
+        b = rng.standard_normal((out_f, 8)).astype(np.float32)
+        m = rng.uniform(0.5, 2, out_f).astype(np.float32)
+        x = rng.standard_normal((5, 96)).astype(np.float32)
+        cases.append((x, w, a, b, m))
+    want = [(nl.dora_weight_norm(w, a, b, 0.7), nl.dora_forward(x, w, a, b, 0.7, m)) for x, w, a, b, m in cases]
+    got = [None] * len(cases)
+
+    def work(i):
+        x, w, a, b, m = cases[i]
+        for _ in range(10):
+            got[i] = (nl.dora_weight_norm(w, a, b, 0.7), nl.dora_forward(x, w, a, b, 0.7, m))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(cases))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for (n, y), (wn, wy) in zip(got, want):
+        assert np.array_equal(n, wn) and np.array_equal(y, wy)
