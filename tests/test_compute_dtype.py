@@ -139,8 +139,21 @@ def test_bf16_dot_instruction_path(monkeypatch):
     for out_f, in_f, bs in ((70, 256, 64), (37, 384, 128), (20, 512, 256)):
         t, x, b = _operands(rng, out_f, in_f, 21, bs=bs)
         got = nl.nf4_matmul(x, t, bias=b, compute_dtype="bfloat16")
-        for n in (1, 3, 8, 9, 17):  # every row the same bits whatever the batch
+        for n in (1, 3, 8, 9, 10, 11, 17):  # every row the same bits whatever the batch
             assert np.array_equal(nl.nf4_matmul(x[:n], t, bias=b, compute_dtype="bfloat16"), got[:n])
+        # a batch's last, partial group of BF16_BX rows: through the decoded rows with zero
+        # rows of padding (bf16_input), or without them through the fused kernel: same bits
+        xq = x[:11]
+        want = np.empty((11, out_f), np.float32)
+        padded = kc.bf16_input(11, in_f)
+        assert padded.shape[0] % kc.BF16_BX == 0 and not padded[11:].any()
+        kc.bf16_bits(xq, padded)
+        kc.bf16_product(t.packed, t.scales, t.blocksize, t.code, padded, want)
+        plain = np.empty((11, in_f), np.uint16)
+        kc.bf16_bits(xq, plain)
+        other = np.empty_like(want)
+        kc.bf16_product(t.packed, t.scales, t.blocksize, t.code, plain, other)
+        assert np.array_equal(want, other)
         # from kc.BF16_DECODED_FROM rows each weight row is decoded once into a buffer of
         # kc.BF16_DECODED_BYTES per task: tasks of 6 and 12 rows, some cut short
         for rows in (6, 12):

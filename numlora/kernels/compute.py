@@ -253,31 +253,43 @@ def lora_rows(x2, lora_a, scale, u, lora_bt, y):
 
 
 def bf16_input(n, in_f):
-    """An uninitialised uint16 (n, in_f) array for :func:`bf16_bits`, its data 64-byte
-    aligned: the bf16 kernels load x 64 bytes at a time, and a row start off a cache line
-    splits every load in two (measured 1.7-2x slower at batch 128)."""
-    raw = np.empty(n * in_f + 32, np.uint16)
+    """A uint16 array for :func:`bf16_bits` of n rows and in_f columns, its data 64-byte
+    aligned (the bf16 kernels load x 64 bytes at a time, and a row start off a cache line
+    splits every load in two: measured 1.7-2x slower at batch 128), with rows up to a
+    whole number of BF16_BX groups: the rows past n are zero, so that
+    :func:`bf16_product` runs a batch's last, partial group through the decoded rows
+    instead of a second pass over the weight. The first n rows are uninitialised."""
+    n_pad = n if n < BF16_DECODED_FROM else -(-n // BF16_BX) * BF16_BX
+    raw = np.empty(n_pad * in_f + 32, np.uint16)
     off = (-raw.ctypes.data % 64) // 2
-    return raw[off:off + n * in_f].reshape(n, in_f)
+    xb = raw[off:off + n_pad * in_f].reshape(n_pad, in_f)
+    xb[n:] = 0
+    return xb
 
 
 def bf16_product(packed, scales, blocksize, code, xb, y):
     """y = rnd(deq(W)) . xb with the bf16 dot-product instruction: small batches through
     :func:`nf4_matmul_bf16dot` (decode fused into the products), large ones through
-    :func:`nf4_matmul_bf16_decoded` for their rows in whole groups of BF16_BX and the
-    fused kernel for the rest. Both give every (o, i) the same operations, so the same
-    bits whatever the batch."""
-    n, in_f = xb.shape
+    :func:`nf4_matmul_bf16_decoded`. xb: the rows of y, or (from :func:`bf16_input`) those
+    rows and zero rows up to a whole number of groups of BF16_BX, all of which the decoded
+    kernel then takes (only y's rows are stored); without them, the rows past the last
+    whole group go through the fused kernel. Both give every (o, i) the same operations,
+    so the same bits whatever the batch."""
+    n = y.shape[0]
+    in_f = xb.shape[1]
     if n < BF16_DECODED_FROM:
-        nf4_matmul_bf16dot(packed, scales, blocksize, code, xb, y)
+        nf4_matmul_bf16dot(packed, scales, blocksize, code, xb[:n], y)
         return
     rows = max(BF16_BW, BF16_DECODED_BYTES // (2 * in_f) // BF16_BW * BF16_BW)
-    n4 = n - n % BF16_BX
     nw = max(1, min(numba.get_num_threads(), -(-y.shape[1] // rows)))
-    nf4_matmul_bf16_decoded(packed, scales, blocksize, code, xb[:n4], y[:n4], rows,
-                            _workspace(nw, rows * in_f + 32))
+    ws = _workspace(nw, rows * in_f + 32)
+    if xb.shape[0] >= -(-n // BF16_BX) * BF16_BX:
+        nf4_matmul_bf16_decoded(packed, scales, blocksize, code, xb[:-(-n // BF16_BX) * BF16_BX], y, rows, ws)
+        return
+    n4 = n - n % BF16_BX
+    nf4_matmul_bf16_decoded(packed, scales, blocksize, code, xb[:n4], y[:n4], rows, ws)
     if n4 < n:
-        nf4_matmul_bf16dot(packed, scales, blocksize, code, xb[n4:], y[n4:])
+        nf4_matmul_bf16dot(packed, scales, blocksize, code, xb[n4:n], y[n4:])
 
 
 def _workspace(nw, size):
@@ -288,11 +300,12 @@ def _workspace(nw, size):
 
 @kernel(parallel=True, cache=SIMD_CACHEABLE)
 def nf4_matmul_bf16_decoded(packed, scales, blocksize, code, xb, y, rows, ws):
-    """:func:`nf4_matmul_bf16dot` for a batch that is a whole number of groups of BF16_BX
-    rows: each task decodes ``rows`` weight rows once (``_simd.bf16_decode_row``, into a
-    64-byte aligned part of its worker's row of the scratch ``ws``: the 64-byte loads must
-    not straddle cache lines) and every group of input rows reads them, BF16_BW x BF16_BX
-    products per call. ws: (workers, >= rows * in + 32) uint16; worker w takes tasks w,
+    """:func:`nf4_matmul_bf16dot` for xb's rows, a whole number of groups of BF16_BX
+    (y's rows, then any zero rows of padding, whose products are not stored): each task
+    decodes ``rows`` weight rows once (``_simd.bf16_decode_row``, into a 64-byte aligned
+    part of its worker's row of the scratch ``ws``: the 64-byte loads must not straddle
+    cache lines) and every group of input rows reads them, BF16_BW x BF16_BX products per
+    call. ws: (workers, >= rows * in + 32) uint16; worker w takes tasks w,
     w + workers, ..."""
     n, in_f = xb.shape
     out_f = y.shape[1]
@@ -311,21 +324,22 @@ def nf4_matmul_bf16_decoded(packed, scales, blocksize, code, xb, y, rows, ws):
 def _decoded_task(packed, scales, blocksize, code, xb, y, rows, task, wbuf, buf):
     """One task of :func:`nf4_matmul_bf16_decoded`: weight rows task * rows onwards."""
     n = xb.shape[0]
-    out_f = y.shape[1]
+    ny, out_f = y.shape
     o0 = task * rows
     o1 = min(out_f, o0 + rows)
     for o in range(o0, o1):
         bf16_decode_row(packed, o, scales, code, blocksize, wbuf, o - o0)
     for i in range(0, n, BF16_BX):
+        gn = min(BF16_BX, ny - i)  # the rows of this group that y has
         o = o0
         while o + BF16_BW <= o1:
             bf16_block(wbuf, o - o0, xb, i, buf)
             for a in range(BF16_BW):
-                for g in range(BF16_BX):
+                for g in range(gn):
                     y[i + g, o + a] = buf[a * BF16_BX + g]
             o += BF16_BW
         while o < o1:  # the last task's rows short of BF16_BW
-            for g in range(BF16_BX):
+            for g in range(gn):
                 bf16_rows_1(packed, o, xb, i + g, scales, code, blocksize, buf)
                 y[i + g, o] = buf[0]
             o += 1
