@@ -14,7 +14,11 @@ batch 1, 8 and 128, interleaved with ``Linear4bit`` in the same run (numlora's h
 each turn is a pause (``--pause``), one untimed call and five timed calls back to back,
 since torch's OpenMP threads and OpenBLAS's spin after a call and slow down whoever runs
 next (measured up to 2x at batch 128 on 2 cores with one timed call per turn), while a
-long pause lets the idle machine go cold (4-6 ms at batch 1 after 0.5 s).
+long pause lets the idle machine go cold (4-6 ms at batch 1 after 0.5 s). Then the
+steady state (``--no-steady`` skips it): each competitor in a
+phase of its own, as a program that calls one library in a loop sees it: a 0.3 s pause,
+20 untimed and 50 timed calls back to back, the phases alternating over 6 rounds (no
+competitor starts right after another's spinning threads).
 
     python benchmarks/bench_compute_dtype.py [--size 4096] [--repeat 15] [--quick]
 """
@@ -76,7 +80,21 @@ def accuracy(size: int, torch, bnb) -> None:
         print(f"| {dtype} | {err:.1e} | {module} | {equal} |")
 
 
-def speed(size: int, repeat: int, pause: float, torch, bnb) -> None:
+def _competitors(x, out, t, torch, layers):
+    """numlora's nf4_matmul in each compute dtype, then each bnb layer, on x."""
+    fns = [lambda d=d: nl.nf4_matmul(x, t, out=out, compute_dtype=d) for d in DTYPES]
+    if torch is not None:
+        xt = torch.from_numpy(x)
+
+        def run(lin):
+            with torch.inference_mode():
+                lin(xt)
+
+        fns += [lambda lin=lin: run(lin) for lin in layers]
+    return fns
+
+
+def speed(size: int, repeat: int, pause: float, torch, bnb, steady: int = 6) -> None:
     rng = np.random.default_rng(1)
     w = (rng.standard_normal((size, size)) * 0.02).astype(np.float32)
     t = nl.quantize_nf4(w, 64)
@@ -86,20 +104,25 @@ def speed(size: int, repeat: int, pause: float, torch, bnb) -> None:
     print(f"| batch | {head}{peers} |")
     print("|---|" + "---|" * (len(DTYPES) + (2 if torch is not None else 0)))
     layers = [_bnb_layer(torch, bnb, w, d) for d in ("bfloat16", "float16")] if torch is not None else []
-    spreads = []
+    spreads, rows = [], []
     for n in (1, 8, 128):
         x = rng.standard_normal((n, size)).astype(np.float32)
-        out = np.empty((n, size), np.float32)
-        fns = [lambda d=d: nl.nf4_matmul(x, t, out=out, compute_dtype=d) for d in DTYPES]
-        if torch is not None:
-            xt = torch.from_numpy(x)
-
-            def run(lin):
-                with torch.inference_mode():
-                    lin(xt)
-
-            fns += [lambda lin=lin: run(lin) for lin in layers]
+        fns = _competitors(x, np.empty((n, size), np.float32), t, torch, layers)
+        rows.append((n, fns))
         timings = time_interleaved(fns, repeat, pause, calls=5)
+        spreads += [tm.spread for tm in timings]
+        print(f"| {n} | " + " | ".join(f"{tm.median_ms:.2f} ±{tm.spread:.0%}" for tm in timings) + " |")
+    warn = noise_warning(spreads)
+    if warn:
+        print("\n" + warn)
+    if not steady:
+        return
+    print(f"\n## Steady state (each competitor's phase: 0.3 s pause, 20 untimed + 50 timed calls; {steady} rounds)\n")
+    print(f"| batch | {head}{peers} |")
+    print("|---|" + "---|" * (len(DTYPES) + (2 if torch is not None else 0)))
+    spreads = []
+    for n, fns in rows:
+        timings = time_interleaved(fns, steady, 0.3, calls=50, warm=20)
         spreads += [tm.spread for tm in timings]
         print(f"| {n} | " + " | ".join(f"{tm.median_ms:.2f} ±{tm.spread:.0%}" for tm in timings) + " |")
     warn = noise_warning(spreads)
@@ -114,6 +137,7 @@ def main() -> int:
     p.add_argument("--pause", type=float, default=0.05,
                    help="seconds of sleep before each competitor's turn (default 0.05)")
     p.add_argument("--quick", action="store_true", help="512 x 512, 3 rounds (a smoke run)")
+    p.add_argument("--no-steady", action="store_true", help="skip the steady-state table")
     args = p.parse_args()
     size, repeat = (512, 3) if args.quick else (args.size, args.repeat)
     torch, bnb = _peers()
@@ -121,7 +145,8 @@ def main() -> int:
     if torch is None:
         print("torch / bitsandbytes not installed: numlora's columns only")
     accuracy(min(size, 2048), torch, bnb)
-    speed(size, repeat, 0.0 if args.quick else args.pause, torch, bnb)
+    speed(size, repeat, 0.0 if args.quick else args.pause, torch, bnb,
+          steady=0 if args.no_steady else (2 if args.quick else 6))
     return 0
 
 

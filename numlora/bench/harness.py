@@ -41,19 +41,21 @@ class Timing:
         return float((q3 - q1) / 2 / med) if med > 0 else 0.0
 
 
-def time_interleaved(fns, repeat: int, pause: float, calls: int = 1) -> list[Timing]:
-    """One :class:`Timing` per function, timed as the module docstring says. An entry may
-    be a pair ``(f, after)``: ``after`` runs untimed after every call of ``f`` (to undo
-    what f did, e.g. unmerge after a timed merge)."""
+def time_interleaved(fns, repeat: int, pause: float, calls: int = 1, warm: int = 1) -> list[Timing]:
+    """One :class:`Timing` per function, timed as the module docstring says (``warm``
+    untimed calls per turn instead of one: a steady-state phase of each competitor). An
+    entry may be a pair ``(f, after)``: ``after`` runs untimed after every call of ``f``
+    (to undo what f did, e.g. unmerge after a timed merge)."""
     pairs = [f if isinstance(f, tuple) else (f, None) for f in fns]
     timings = [Timing() for _ in fns]
     for _ in range(repeat):
         for k, (f, after) in enumerate(pairs):
             if pause:
                 time.sleep(pause)
-            f()
-            if after:
-                after()
+            for _ in range(warm):
+                f()
+                if after:
+                    after()
             for _ in range(calls):
                 t0 = time.perf_counter()
                 f()
