@@ -439,7 +439,10 @@ TRAIN_METHOD = (
     "and the AdamW temporaries into preallocated arrays (out=); numlora's forward writes into a "
     "preallocated out= and accumulates into its persistent grad_a / grad_b (grad_x is a fresh "
     "array, as the API returns it); torch allocates as autograd does (x.grad reset to None each "
-    "step, optimizer zero_grad(set_to_none=False)).")
+    "step, optimizer zero_grad(set_to_none=False)). The bf16 rows: the NF4 layers with a bfloat16 "
+    "compute dtype (numlora's QLoraLinear(compute_dtype=\"bfloat16\"), bitsandbytes' Linear4bit("
+    "compute_dtype=torch.bfloat16) under PEFT), gradients of A and B only (a first layer: "
+    "numlora's backward(need_grad_x=False), x without requires_grad in torch).")
 
 
 class _NumpyTrainStep:
@@ -507,15 +510,16 @@ class _TorchTrainStep:
     (x requires grad, so dx is computed as in the other competitors), AdamW step on the
     LoRA parameters."""
 
-    def __init__(self, torch, model, x, g, lr=TRAIN_LR):
+    def __init__(self, torch, model, x, g, lr=TRAIN_LR, grad_x=True):
         self.torch, self.model = torch, model.train()
-        self.x = torch.from_numpy(x.copy()).requires_grad_(True)
+        self.x = torch.from_numpy(x.copy()).requires_grad_(grad_x)
         self.g = torch.from_numpy(g)
         self.opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
 
     def __call__(self):
         self.opt.zero_grad(set_to_none=False)
-        self.x.grad = None
+        if self.x.requires_grad:
+            self.x.grad = None
         y = self.model(self.x)
         y.backward(self.g)
         self.opt.step()
@@ -537,7 +541,8 @@ def _one_layer_net(torch):
 
 def _peft_models(torch, w, a, b, rank, alpha, notes):
     """(PEFT LoRA over nn.Linear, PEFT QLoRA over bitsandbytes Linear4bit nf4 with float32
-    compute), each None when unavailable (reason appended to notes)."""
+    compute, the same with bfloat16 compute), each None when unavailable (reason appended
+    to notes)."""
     out_f, in_f = w.shape
 
     Net = _one_layer_net(torch)
@@ -553,7 +558,7 @@ def _peft_models(torch, w, a, b, rank, alpha, notes):
             layer.lora_B["default"].weight.copy_(torch.from_numpy(b))
         return model
 
-    lora = qlora = None
+    lora = qlora = qlora_bf16 = None
     try:
         lin = torch.nn.Linear(in_f, out_f, bias=False)
         with torch.no_grad():
@@ -564,13 +569,21 @@ def _peft_models(torch, w, a, b, rank, alpha, notes):
     try:
         import bitsandbytes as bnb
 
-        q = bnb.nn.Linear4bit(in_f, out_f, bias=False, compute_dtype=torch.float32, quant_type="nf4")
-        q.weight = bnb.nn.Params4bit(torch.from_numpy(w).clone(), requires_grad=False, quant_type="nf4",
-                                     blocksize=64)
-        qlora = wrap(q.to("cpu"))
+        def quantized(dtype):
+            q = bnb.nn.Linear4bit(in_f, out_f, bias=False, compute_dtype=dtype, quant_type="nf4")
+            q.weight = bnb.nn.Params4bit(torch.from_numpy(w).clone(), requires_grad=False, quant_type="nf4",
+                                         blocksize=64)
+            return wrap(q.to("cpu"))
+
+        qlora = quantized(torch.float32)
+        qlora_bf16 = quantized(torch.bfloat16)
     except Exception as exc:  # noqa: BLE001
         notes.append(f"PEFT QLoRA (bitsandbytes) unavailable: {exc!r}")
-    return lora, qlora
+    return lora, qlora, qlora_bf16
+
+
+BF16_OURS = "numlora QLoRA step, bf16 compute, grads of A and B only"
+BF16_PEER = "PEFT QLoRA (Linear4bit nf4, bf16 compute), grads of A and B only"
 
 
 def run_train(size=4096, rank=16, batch=128, repeat=7, peers=True):
@@ -588,7 +601,7 @@ def run_train(size=4096, rank=16, batch=128, repeat=7, peers=True):
     g = inputs.activations(batch, out_f, stream=5) / np.float32(batch)
     notes, checks = [], {}
 
-    def numlora_step(layer):
+    def numlora_step(layer, need_grad_x=True):
         opt = AdamW(layer.parameters(), lr=TRAIN_LR)
         layer.train()
         y = np.empty((batch, out_f), np.float32)
@@ -596,7 +609,7 @@ def run_train(size=4096, rank=16, batch=128, repeat=7, peers=True):
         def f():
             opt.zero_grad()
             layer.forward(x, out=y)
-            dx = layer.backward(g)
+            dx = layer.backward(g, need_grad_x=need_grad_x)
             opt.step()
             return dx
 
@@ -608,6 +621,8 @@ def run_train(size=4096, rank=16, batch=128, repeat=7, peers=True):
         "numlora LoRA step, dense base": numlora_step(dense),
         "hand-written numpy (BLAS)": _NumpyTrainStep(w, a.copy(), b.copy(), s, x, g),
         "numlora QLoRA step, NF4 base": numlora_step(qlayer),
+        BF16_OURS: numlora_step(nl.QLoraLinear(nl.quantize_nf4(w, 64), a.copy(), b.copy(), alpha,
+                                               compute_dtype="bfloat16"), need_grad_x=False),
     }
 
     # agreement of the first step: numlora dense against the numpy equivalent (same formulas)
@@ -630,11 +645,13 @@ def run_train(size=4096, rank=16, batch=128, repeat=7, peers=True):
             notes.append("torch not installed: no torch + PEFT rows")
         else:
             torch.manual_seed(0)
-            lora, qlora = _peft_models(torch, w, a, b, rank, alpha, notes)
+            lora, qlora, qlora_bf16 = _peft_models(torch, w, a, b, rank, alpha, notes)
             if lora is not None:
                 fns["torch + PEFT LoRA (nn.Linear)"] = _TorchTrainStep(torch, lora, x, g)
             if qlora is not None:
                 fns["PEFT QLoRA (bitsandbytes Linear4bit nf4)"] = _TorchTrainStep(torch, qlora, x, g)
+            if qlora_bf16 is not None:
+                fns[BF16_PEER] = _TorchTrainStep(torch, qlora_bf16, x, g, grad_x=False)
 
     names = list(fns)
     harness.progress(f"  timing {len(names)} training steps, {repeat} rounds ...")
@@ -655,6 +672,9 @@ def run_train(size=4096, rank=16, batch=128, repeat=7, peers=True):
     if "PEFT QLoRA (bitsandbytes Linear4bit nf4)" in med:
         rows.append(row(case_q, nf4_k, "PEFT QLoRA (bitsandbytes Linear4bit nf4)", "<= 0.6x"))
     rows.append(row(case_q, nf4_k, dense_k, "<= 1.3x"))
+    if BF16_PEER in med:
+        rows.append(row(f"QLoRA training step, bf16 compute, grads of A and B only, batch {batch}", BF16_OURS,
+                        BF16_PEER, "<= 1.0x"))
     return rows, med, notes, checks
 
 
