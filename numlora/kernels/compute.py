@@ -259,7 +259,7 @@ def bf16_input(n, in_f):
     whole number of BF16_BX groups: the rows past n are zero, so that
     :func:`bf16_product` runs a batch's last, partial group through the decoded rows
     instead of a second pass over the weight. The first n rows are uninitialised."""
-    n_pad = n if n < BF16_DECODED_FROM else -(-n // BF16_BX) * BF16_BX
+    n_pad = n if n < BF16_DECODED_FROM else (n + BF16_BX - 1) // BF16_BX * BF16_BX
     raw = np.empty(n_pad * in_f + 32, np.uint16)
     off = (-raw.ctypes.data % 64) // 2
     xb = raw[off:off + n_pad * in_f].reshape(n_pad, in_f)
@@ -283,8 +283,9 @@ def bf16_product(packed, scales, blocksize, code, xb, y):
     rows = max(BF16_BW, BF16_DECODED_BYTES // (2 * in_f) // BF16_BW * BF16_BW)
     nw = max(1, min(numba.get_num_threads(), -(-y.shape[1] // rows)))
     ws = _workspace(nw, rows * in_f + 32)
-    if xb.shape[0] >= -(-n // BF16_BX) * BF16_BX:
-        nf4_matmul_bf16_decoded(packed, scales, blocksize, code, xb[:-(-n // BF16_BX) * BF16_BX], y, rows, ws)
+    n_pad = (n + BF16_BX - 1) // BF16_BX * BF16_BX
+    if xb.shape[0] >= n_pad:
+        nf4_matmul_bf16_decoded(packed, scales, blocksize, code, xb[:n_pad], y, rows, ws)
         return
     n4 = n - n % BF16_BX
     nf4_matmul_bf16_decoded(packed, scales, blocksize, code, xb[:n4], y[:n4], rows, ws)
