@@ -129,6 +129,31 @@ def test_simd_and_portable_decodes_give_the_same_bits(dtype, monkeypatch):
     assert np.array_equal(nl.nf4_matmul(x, t, bias=b, compute_dtype=dtype), simd)
 
 
+@pytest.mark.skipif(JIT_DISABLED, reason="the SIMD decode exists only compiled")
+@pytest.mark.parametrize("mode", [1, 2])
+def test_fused_rounded_product_is_the_decoded_one_bit_for_bit(mode):
+    """nf4_matmul_rounded_fused (a rounded table per block, products in registers) against
+    decoding, rounding and dot16 (nf4_matmul_rounded_simd) and the portable kernel: every
+    weight-row / input-row grouping of the kernel (2 x 4, 1 x 4, 4 x 1, 1 x 1)."""
+    from numlora import _nf4_products as products
+    from numlora.kernels import compute as kc
+    from numlora.kernels import nf4 as k
+
+    if not k.SIMD_LANES:
+        pytest.skip("this CPU (or NUMLORA_SIMD=0) has no SIMD decode")
+    rng = np.random.default_rng(12 + mode)
+    cases = ((13, 256, 64, "nf4"), (23, 384, 128, "fp4"), (9, 96, 16, "nf4"), (17, 96, 32, "nf4"))
+    for out_f, in_f, bs, quant in cases:
+        t, x, _ = _operands(rng, out_f, in_f, 11, quant, bs)
+        for n in (1, 3, 4, 6, 11):
+            xr = products._rounded(x[:n], mode, kc)
+            got, simd, portable = (np.empty((n, out_f), np.float32) for _ in range(3))
+            kc.nf4_matmul_rounded_fused(t.packed, t.scales, bs, t.code, mode, xr, got)
+            kc.nf4_matmul_rounded_simd(t.packed, t.scales, bs, t.code, mode, xr, simd)
+            kc.nf4_matmul_rounded(t.packed, t.scales, bs, t.code, mode, xr, portable)
+            assert np.array_equal(got, simd) and np.array_equal(got, portable), (out_f, in_f, bs, n)
+
+
 @pytest.mark.skipif(JIT_DISABLED, reason="the bf16 dot-product kernel exists only compiled")
 def test_bf16_dot_instruction_path(monkeypatch):
     from numlora.kernels import compute as kc

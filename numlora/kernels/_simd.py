@@ -639,6 +639,88 @@ def _make_dot16(lanes):
     return dot16
 
 
+def _rounded_table(builder, codes, s, is_bf16, lanes):
+    """The 16 code values times the block's scale ``s`` (a splat), each rounded to
+    bfloat16 where ``is_bf16`` else float16 (:func:`round_vector`): the rounded weights
+    of the block, looked up by nibble. In the layout of :func:`_load_codes`."""
+
+    def one(c):
+        v = builder.fmul(c, s)
+        return builder.select(is_bf16, round_vector(builder, v, lanes, 1), round_vector(builder, v, lanes, 2))
+
+    return one(codes) if lanes == 16 else (one(codes[0]), one(codes[1]))
+
+
+def _make_rounded_dot(lanes, nw, nx):
+    @intrinsic
+    def rounded_dot(typingctx, packed, o0, xr, i0, scales, code, blocksize, mode, out):
+        """out[a * nx + g] = sum over j of rnd(code[nibble of W[o0 + a, j]] * scale) *
+        xr[i0 + g, j], for ``nw`` weight rows and ``nx`` input rows, in :func:`dot16`'s
+        order (so bit-identical to decoding, rounding and calling dot16): each row's 16
+        partial sums over the chunks of 16 elements, then the halving sum. The rounded
+        weights come from a 16-entry table per block (the code values times the block's
+        scale, rounded: mode 1 bfloat16, 2 float16), looked up in registers; nothing is
+        stored. packed: W's bytes flat, (out * in / 2,); scales: (out * in / blocksize,);
+        xr: (n, in) C-contiguous, rounded; blocksize % 16 == 0, in % blocksize == 0."""
+        sig = types.void(packed, o0, xr, i0, scales, code, blocksize, mode, out)
+
+        def codegen(context, builder, sig, args):
+            pk = context.make_array(sig.args[0])(context, builder, args[0])
+            first_o = context.cast(builder, args[1], sig.args[1], types.int64)
+            xa = context.make_array(sig.args[2])(context, builder, args[2])
+            first_i = context.cast(builder, args[3], sig.args[3], types.int64)
+            sc = context.make_array(sig.args[4])(context, builder, args[4])
+            cd = context.make_array(sig.args[5])(context, builder, args[5])
+            bs = context.cast(builder, args[6], sig.args[6], types.int64)
+            md = context.cast(builder, args[7], sig.args[7], types.int64)
+            oa = context.make_array(sig.args[8])(context, builder, args[8])
+            in_f = builder.extract_value(xa.shape, 1)
+            nblocks = builder.udiv(in_f, bs)
+            half = builder.lshr(in_f, ir.Constant(I64, 1))
+            is_bf16 = builder.icmp_signed("==", md, ir.Constant(I64, 1))
+            codes = _load_codes(builder, cd.data, lanes)
+            vt = _vec(F32, lanes)
+            parts = DOT_LANES // lanes
+            wrow = []
+            for a in range(nw):
+                o = builder.add(first_o, ir.Constant(I64, a))
+                wrow.append((builder.gep(pk.data, [builder.mul(o, half)]),
+                             builder.gep(sc.data, [builder.mul(o, nblocks)])))
+            xrow = [builder.gep(xa.data, [builder.mul(builder.add(first_i, ir.Constant(I64, g)), in_f)])
+                    for g in range(nx)]
+            acc = [[[cgutils.alloca_once_value(builder, ir.Constant(vt, None)) for _ in range(parts)]
+                    for _ in range(nx)] for _ in range(nw)]
+            nchunks = builder.udiv(bs, ir.Constant(I64, DOT_LANES))
+            with cgutils.for_range(builder, nblocks) as bl:
+                b = bl.index
+                tables = [_rounded_table(builder, codes, _splat(builder, builder.load(builder.gep(wrow[a][1], [b])),
+                                                               lanes), is_bf16, lanes) for a in range(nw)]
+                start = builder.mul(b, bs)
+                with cgutils.for_range(builder, nchunks) as cl:
+                    e0 = builder.add(start, builder.mul(cl.index, ir.Constant(I64, DOT_LANES)))
+                    for q in range(parts):
+                        e = builder.add(e0, ir.Constant(I64, q * lanes))
+                        byte = builder.lshr(e, ir.Constant(I64, 1))
+                        ws = [_decode_chunk(builder, builder.gep(wrow[a][0], [byte]), tables[a], lanes)
+                              for a in range(nw)]
+                        for g in range(nx):
+                            xv = builder.load(builder.bitcast(builder.gep(xrow[g], [e]), vt.as_pointer()), align=4)
+                            for a in range(nw):
+                                p_ = acc[a][g][q]
+                                builder.store(builder.fadd(builder.load(p_), builder.fmul(ws[a], xv)), p_)
+            for a in range(nw):
+                for g in range(nx):
+                    v = builder.load(acc[a][g][0])
+                    if parts == 2:  # dot16's first halving step: sums 0..7 plus 8..15
+                        v = builder.fadd(v, builder.load(acc[a][g][1]))
+                    builder.store(_hsum(builder, v, lanes), builder.gep(oa.data, [ir.Constant(I64, a * nx + g)]))
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return rounded_dot
+
+
 def _host_bf16_dot() -> bool:
     """Whether the bfloat16 dot product instruction (AVX512-BF16 ``vdpbf16ps``) is used:
     the AVX-512 build on a CPU that has it."""
@@ -911,6 +993,10 @@ bf16_block = _make_bf16_block(BF16_BW, BF16_BX) if BF16_DOT else None
 
 row_dot = _make_row_dot(LANES) if LANES else None
 dot16 = _make_dot16(LANES) if LANES else None
+#: (weight rows, input rows) per call of the fused rounded products.
+ROUNDED_SHAPES = ((2, 4), (1, 4), (4, 1), (1, 1))
+rounded_2x4, rounded_1x4, rounded_4x1, rounded_1x1 = (
+    [_make_rounded_dot(LANES, w, x) for w, x in ROUNDED_SHAPES] if LANES else [None] * 4)
 decode_blocks_bf16 = _make_decode(LANES, False, 1) if LANES else None
 decode_blocks_f16 = _make_decode(LANES, False, 2) if LANES else None
 delta_rows = _make_delta_rows(DELTA_ROWS, False) if LANES else None

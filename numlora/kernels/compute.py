@@ -34,6 +34,10 @@ from ._simd import (  # noqa: F401  (BF16_DOT: read by the products module)
     decode_blocks_bf16,
     decode_blocks_f16,
     dot16,
+    rounded_1x1,
+    rounded_1x4,
+    rounded_2x4,
+    rounded_4x1,
 )
 from ._simd import CACHEABLE as SIMD_CACHEABLE
 from .nf4 import _lane_dot
@@ -158,6 +162,47 @@ def nf4_matmul_rounded_simd(packed, scales, blocksize, code, mode, xr, y):
         for oo in range(nr):
             for i in range(n):
                 y[i, o0 + oo] = dot16(buf, oo * in_f, xr[i], 0, in_f)
+
+
+@kernel(parallel=True, cache=SIMD_CACHEABLE)
+def nf4_matmul_rounded_fused(packed, scales, blocksize, code, mode, xr, y):
+    """:func:`nf4_matmul_rounded` with the decode, rounding and products in registers
+    (``_simd.rounded_dot``: a rounded 16-entry table per block, no buffer): the same
+    values in the same order, so the same bits. ``blocksize % 16 == 0``, ``in %
+    blocksize == 0``. Per task of ROWS weight rows: input rows in groups of 4 against 2
+    weight rows at a time, the rest one at a time against 4 weight rows."""
+    n = xr.shape[0]
+    out_f = y.shape[1]
+    ntasks = (out_f + ROWS - 1) // ROWS
+    n4 = n - n % 4
+    for task in prange(ntasks):
+        o0 = task * ROWS
+        o1 = min(out_f, o0 + ROWS)
+        buf = np.empty(8, np.float32)
+        for i in range(0, n4, 4):
+            o = o0
+            while o + 2 <= o1:
+                rounded_2x4(packed, o, xr, i, scales, code, blocksize, mode, buf)
+                for a in range(2):
+                    for g in range(4):
+                        y[i + g, o + a] = buf[a * 4 + g]
+                o += 2
+            while o < o1:
+                rounded_1x4(packed, o, xr, i, scales, code, blocksize, mode, buf)
+                for g in range(4):
+                    y[i + g, o] = buf[g]
+                o += 1
+        for i in range(n4, n):
+            o = o0
+            while o + 4 <= o1:
+                rounded_4x1(packed, o, xr, i, scales, code, blocksize, mode, buf)
+                for a in range(4):
+                    y[i, o + a] = buf[a]
+                o += 4
+            while o < o1:
+                rounded_1x1(packed, o, xr, i, scales, code, blocksize, mode, buf)
+                y[i, o] = buf[0]
+                o += 1
 
 
 @inline_helper
