@@ -96,10 +96,11 @@ class Merge:
         numlora.merge_lora(self.w, self.a, self.b, SCALING * self.sign)
 
     def time_merge_unmerge_cycle(self):
-        """Tracked merge then unmerge with its record, refilled call after call as
-        LoraLinear.merge / unmerge do (a fresh 16 MiB record per call timed its page
-        faults: the first round's samples 8 % above the others'): the weight comes back
-        bit for bit."""
+        """Tracked merge then unmerge with one record refilled call after call
+        (``merge_lora(record=<used record>)``; a fresh 16 MiB record per call timed its
+        page faults too: the first round's samples 8 % above the others'; LayerMerge
+        times the layer, which makes a new record per merge): the weight comes back bit
+        for bit."""
         numlora.merge_lora(self.w, self.a, self.b, SCALING, record=self.record)
         numlora.unmerge_lora(self.w, self.a, self.b, SCALING, record=self.record)
 
