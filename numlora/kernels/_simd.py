@@ -371,8 +371,8 @@ def words_ok(lanes, in_f, blocksize) -> bool:
 
 
 def _rows_args(context, builder, sig, args):
-    """The arguments of a ``(packed, o, x, i, scales, code, blocksize, out)`` intrinsic
-    (``dot_words``, ``bf16_rows``): arrays as numba array structs, o, i and blocksize as
+    """The arguments of a ``(packed, o, x, i, scales, code, blocksize, out, ...)``
+    intrinsic (``dot_words``, ``bf16_rows``, ``rounded_dot``): arrays as numba array structs, o, i and blocksize as
     int64."""
     def arr(k):
         return context.make_array(sig.args[k])(context, builder, args[k])
@@ -381,6 +381,18 @@ def _rows_args(context, builder, sig, args):
         return context.cast(builder, args[k], sig.args[k], types.int64)
 
     return arr(0), i64(1), arr(2), i64(3), arr(4), arr(5), i64(6), arr(7)
+
+
+def _row_ptrs(builder, base, first, count, stride):
+    """Pointers to rows first .. first + count - 1 of a C-contiguous array's data."""
+    return [builder.gep(base, [builder.mul(builder.add(first, ir.Constant(I64, a)), stride)]) for a in range(count)]
+
+
+def _weight_rows(builder, pk, sc, first, count, in_f, bs):
+    """(packed bytes, scales) pointers of the weight rows first .. first + count - 1 (an
+    NF4 weight of rows of in_f elements: in_f / 2 bytes and in_f / bs scales each)."""
+    return list(zip(_row_ptrs(builder, pk.data, first, count, builder.lshr(in_f, ir.Constant(I64, 1))),
+                    _row_ptrs(builder, sc.data, first, count, builder.udiv(in_f, bs))))
 
 
 def _make_dot_words(lanes, nw, nx):
@@ -414,17 +426,11 @@ def _make_dot_words(lanes, nw, nx):
             it = _vec(I32, L)
             zero = ir.Constant(vt, None)
             in_f = builder.extract_value(xa.shape, 1)
-            half = builder.lshr(in_f, ir.Constant(I64, 1))
             nchunks = builder.udiv(in_f, ir.Constant(I64, C))
             nblocks = builder.udiv(in_f, bs)
             codes = _load_codes(builder, cd.data, L)
-            wrow = []
-            for a in range(nw):
-                o = builder.add(wfirst, ir.Constant(I64, a))
-                wrow.append((builder.gep(pk.data, [builder.mul(o, half)]),
-                             builder.gep(sc.data, [builder.mul(o, nblocks)])))
-            xrow = [builder.gep(xa.data, [builder.mul(builder.add(xfirst, ir.Constant(I64, g)), in_f)])
-                    for g in range(nx)]
+            wrow = _weight_rows(builder, pk, sc, wfirst, nw, in_f, bs)
+            xrow = _row_ptrs(builder, xa.data, xfirst, nx, in_f)
             row_p = [[cgutils.alloca_once_value(builder, zero) for _ in range(nx)] for _ in range(nw)]
             blk_p = [[cgutils.alloca_once_value(builder, zero) for _ in range(nx)] for _ in range(nw)]
             shifts = [8 * (m // 2) + (4 if m % 2 == 0 else 0) for m in range(8)]
@@ -563,8 +569,7 @@ def _make_delta_rows(rows, apply):
             vt = _vec(F32, lanes)
             vp = vt.as_pointer()
             L = ir.Constant(I64, lanes)
-            prow = [builder.gep(pa.data, [builder.mul(builder.add(first, ir.Constant(I64, g)), r)])
-                    for g in range(rows)]
+            prow = _row_ptrs(builder, pa.data, first, rows, r)
             acc_p = [cgutils.alloca_once_value(builder, ir.Constant(vt, None)) for _ in range(rows)]
             with cgutils.for_range(builder, builder.udiv(k, L)) as jl:
                 j = builder.mul(jl.index, L)
@@ -653,7 +658,7 @@ def _rounded_table(builder, codes, s, is_bf16, lanes):
 
 def _make_rounded_dot(lanes, nw, nx):
     @intrinsic
-    def rounded_dot(typingctx, packed, o0, xr, i0, scales, code, blocksize, mode, out):
+    def rounded_dot(typingctx, packed, o0, xr, i0, scales, code, blocksize, out, mode):
         """out[a * nx + g] = sum over j of rnd(code[nibble of W[o0 + a, j]] * scale) *
         xr[i0 + g, j], for ``nw`` weight rows and ``nx`` input rows, in :func:`dot16`'s
         order (so bit-identical to decoding, rounding and calling dot16): each row's 16
@@ -662,32 +667,19 @@ def _make_rounded_dot(lanes, nw, nx):
         scale, rounded: mode 1 bfloat16, 2 float16), looked up in registers; nothing is
         stored. packed: W's bytes flat, (out * in / 2,); scales: (out * in / blocksize,);
         xr: (n, in) C-contiguous, rounded; blocksize % 16 == 0, in % blocksize == 0."""
-        sig = types.void(packed, o0, xr, i0, scales, code, blocksize, mode, out)
+        sig = types.void(packed, o0, xr, i0, scales, code, blocksize, out, mode)
 
         def codegen(context, builder, sig, args):
-            pk = context.make_array(sig.args[0])(context, builder, args[0])
-            first_o = context.cast(builder, args[1], sig.args[1], types.int64)
-            xa = context.make_array(sig.args[2])(context, builder, args[2])
-            first_i = context.cast(builder, args[3], sig.args[3], types.int64)
-            sc = context.make_array(sig.args[4])(context, builder, args[4])
-            cd = context.make_array(sig.args[5])(context, builder, args[5])
-            bs = context.cast(builder, args[6], sig.args[6], types.int64)
-            md = context.cast(builder, args[7], sig.args[7], types.int64)
-            oa = context.make_array(sig.args[8])(context, builder, args[8])
+            pk, first_o, xa, first_i, sc, cd, bs, oa = _rows_args(context, builder, sig, args)
+            md = context.cast(builder, args[8], sig.args[8], types.int64)
             in_f = builder.extract_value(xa.shape, 1)
             nblocks = builder.udiv(in_f, bs)
-            half = builder.lshr(in_f, ir.Constant(I64, 1))
             is_bf16 = builder.icmp_signed("==", md, ir.Constant(I64, 1))
             codes = _load_codes(builder, cd.data, lanes)
             vt = _vec(F32, lanes)
             parts = DOT_LANES // lanes
-            wrow = []
-            for a in range(nw):
-                o = builder.add(first_o, ir.Constant(I64, a))
-                wrow.append((builder.gep(pk.data, [builder.mul(o, half)]),
-                             builder.gep(sc.data, [builder.mul(o, nblocks)])))
-            xrow = [builder.gep(xa.data, [builder.mul(builder.add(first_i, ir.Constant(I64, g)), in_f)])
-                    for g in range(nx)]
+            wrow = _weight_rows(builder, pk, sc, first_o, nw, in_f, bs)
+            xrow = _row_ptrs(builder, xa.data, first_i, nx, in_f)
             acc = [[[cgutils.alloca_once_value(builder, ir.Constant(vt, None)) for _ in range(parts)]
                     for _ in range(nx)] for _ in range(nw)]
             nchunks = builder.udiv(bs, ir.Constant(I64, DOT_LANES))
@@ -780,11 +772,6 @@ def _bf16_table(builder, codes, sa, sb):
     return builder.load(slot)
 
 
-def _bf16_row_ptrs(builder, base, first, count, stride):
-    """Pointers to rows first .. first + count - 1 of a C-contiguous array's data."""
-    return [builder.gep(base, [builder.mul(builder.add(first, ir.Constant(I64, a)), stride)]) for a in range(count)]
-
-
 def _bf16_chunk(builder, prow, srow, e, bs, codes, one_instruction):
     """The 32 16-bit words (4 nibbles each) and the 32-entry bf16 table of the 128-weight
     chunk at element e of a weight row (prow: its packed bytes, srow: its scales); the table
@@ -859,9 +846,8 @@ def _make_bf16_rows(nw, nx):
             wt = _vec(I16, 32)
             in_f = builder.extract_value(xa.shape, 1)
             nchunks = builder.udiv(in_f, ir.Constant(I64, BF16_CHUNK))
-            prows = _bf16_row_ptrs(builder, pk.data, row, nw, builder.lshr(in_f, ir.Constant(I64, 1)))
-            srows = _bf16_row_ptrs(builder, sc.data, row, nw, builder.udiv(in_f, bs))
-            xrows = _bf16_row_ptrs(builder, xa.data, first, nx, in_f)
+            wrows = _weight_rows(builder, pk, sc, row, nw, in_f, bs)
+            xrows = _row_ptrs(builder, xa.data, first, nx, in_f)
             codes = _load_codes(builder, cd.data, 16)
             acc_p = _bf16_accumulators(builder, nw, nx)
             with cgutils.for_range(builder, nchunks) as cl:
@@ -873,7 +859,7 @@ def _make_bf16_rows(nw, nx):
                 for a in range(nw):
                     # with nx == 1 the table is most of a GEMV's work: one instruction; shared
                     # by nx input rows, the rounding on bits (a branch there measured 1.3-2x slower)
-                    words, table = _bf16_chunk(builder, prows[a], srows[a], e, bs, codes, nx == 1)
+                    words, table = _bf16_chunk(builder, *wrows[a], e, bs, codes, nx == 1)
                     accs = [builder.load(acc_p[a][g]) for g in range(nx)]
                     for k in range(4):
                         w = _bf16_nibbles(builder, words, table, k)
@@ -910,9 +896,8 @@ def _make_bf16_decode_row():
             wt = _vec(I16, 32)
             in_f = builder.extract_value(wb.shape, 1)
             nchunks = builder.udiv(in_f, ir.Constant(I64, BF16_CHUNK))
-            [prow] = _bf16_row_ptrs(builder, pk.data, row, 1, builder.lshr(in_f, ir.Constant(I64, 1)))
-            [srow] = _bf16_row_ptrs(builder, sc.data, row, 1, builder.udiv(in_f, bs))
-            [wrow] = _bf16_row_ptrs(builder, wb.data, r, 1, in_f)
+            [(prow, srow)] = _weight_rows(builder, pk, sc, row, 1, in_f, bs)
+            [wrow] = _row_ptrs(builder, wb.data, r, 1, in_f)
             codes = _load_codes(builder, cd.data, 16)
             with cgutils.for_range(builder, nchunks) as cl:
                 e = builder.mul(cl.index, ir.Constant(I64, BF16_CHUNK))
@@ -947,8 +932,8 @@ def _make_bf16_block(nw, nx):
             wt = _vec(I16, 32)
             in_f = builder.extract_value(xa.shape, 1)
             nchunks = builder.udiv(in_f, ir.Constant(I64, BF16_CHUNK))
-            wrows = _bf16_row_ptrs(builder, wb.data, r, nw, in_f)
-            xrows = _bf16_row_ptrs(builder, xa.data, first, nx, in_f)
+            wrows = _row_ptrs(builder, wb.data, r, nw, in_f)
+            xrows = _row_ptrs(builder, xa.data, first, nx, in_f)
             acc_p = _bf16_accumulators(builder, nw, nx)
             with cgutils.for_range(builder, nchunks) as cl:
                 e = builder.mul(cl.index, ir.Constant(I64, BF16_CHUNK))

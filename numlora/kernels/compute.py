@@ -182,25 +182,25 @@ def nf4_matmul_rounded_fused(packed, scales, blocksize, code, mode, xr, y):
         for i in range(0, n4, 4):
             o = o0
             while o + 2 <= o1:
-                rounded_2x4(packed, o, xr, i, scales, code, blocksize, mode, buf)
+                rounded_2x4(packed, o, xr, i, scales, code, blocksize, buf, mode)
                 for a in range(2):
                     for g in range(4):
                         y[i + g, o + a] = buf[a * 4 + g]
                 o += 2
             while o < o1:
-                rounded_1x4(packed, o, xr, i, scales, code, blocksize, mode, buf)
+                rounded_1x4(packed, o, xr, i, scales, code, blocksize, buf, mode)
                 for g in range(4):
                     y[i + g, o] = buf[g]
                 o += 1
         for i in range(n4, n):
             o = o0
             while o + 4 <= o1:
-                rounded_4x1(packed, o, xr, i, scales, code, blocksize, mode, buf)
+                rounded_4x1(packed, o, xr, i, scales, code, blocksize, buf, mode)
                 for a in range(4):
                     y[i, o + a] = buf[a]
                 o += 4
             while o < o1:
-                rounded_1x1(packed, o, xr, i, scales, code, blocksize, mode, buf)
+                rounded_1x1(packed, o, xr, i, scales, code, blocksize, buf, mode)
                 y[i, o] = buf[0]
                 o += 1
 
