@@ -298,16 +298,15 @@ def lora_rows(x2, lora_a, scale, u, lora_bt, y):
 
 
 def bf16_input(n, in_f):
-    """A uint16 array for :func:`bf16_bits` of n rows and in_f columns, its data 64-byte
-    aligned (the bf16 kernels load x 64 bytes at a time, and a row start off a cache line
-    splits every load in two: measured 1.7-2x slower at batch 128), with rows up to a
-    whole number of BF16_BX groups: the rows past n are zero, so that
+    """A uint16 array for :func:`bf16_bits` of n rows and in_f columns: the calling
+    thread's scratch (numlora._scratch, reused until its next bf16 product), its data
+    64-byte aligned (the bf16 kernels load x 64 bytes at a time, and a row start off a
+    cache line splits every load in two: measured 1.7-2x slower at batch 128), with rows
+    up to a whole number of BF16_BX groups: the rows past n are zero, so that
     :func:`bf16_product` runs a batch's last, partial group through the decoded rows
     instead of a second pass over the weight. The first n rows are uninitialised."""
     n_pad = n if n < BF16_DECODED_FROM else (n + BF16_BX - 1) // BF16_BX * BF16_BX
-    raw = np.empty(n_pad * in_f + 32, np.uint16)
-    off = (-raw.ctypes.data % 64) // 2
-    xb = raw[off:off + n_pad * in_f].reshape(n_pad, in_f)
+    xb = scratch("bf16.x", n_pad * in_f, np.uint16).reshape(n_pad, in_f)
     xb[n:] = 0
     return xb
 
