@@ -5,9 +5,12 @@ own 2^28 (~0.1 s), in the same run: what a user who sets the variable gains and 
 
 Each setting runs in its own fresh process (OpenBLAS reads the variable when it loads);
 the processes alternate, ``--rounds`` times each, and the table gives the medians over
-all rounds. Per process, each scenario: one untimed call, then ``--calls`` timed calls
-(8 for the idle ones), each right after its trigger (a small ``np.dot``, a pause, an idle
-0.3 s, or nothing). 4096 x 4096 NF4 weight, rank 16; ``out=`` preallocated.
+all rounds. Per process, each scenario through numlora's harness
+(``numlora.bench.harness.time_interleaved``): with a trigger (a small ``np.dot``, a pause,
+an idle 0.3 s), ``--calls`` rounds (8 for the idle ones) of a 5 ms pause, one untimed
+call, the trigger, the timed call; without one, a 0.3 s pause (so that the previous
+scenario's BLAS workers are done spinning), one untimed call and ``--calls`` timed calls
+back to back. 4096 x 4096 NF4 weight, rank 16; ``out=`` preallocated.
 
     python benchmarks/bench_blas_spin.py [--rounds 3] [--calls 25]
 """
@@ -24,6 +27,7 @@ CHILD = r"""
 import json, sys, time
 import numpy as np
 import numlora as nl
+from numlora.bench.harness import time_interleaved
 
 calls = int(sys.argv[1])
 g = np.random.default_rng(0)
@@ -57,16 +61,13 @@ def idle():
 
 
 def med(fn, before=None, n=None):
-    fn()
-    ts = []
-    for _ in range(n or calls):
-        time.sleep(0.005)
-        if before:
-            before()
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return float(np.median(ts)) * 1e3
+    # numlora's harness. With a trigger (run untimed after every call): rounds of a 5 ms
+    # pause, one untimed call, the trigger, the timed call. Without: a 0.3 s pause (the
+    # previous scenario's BLAS workers done spinning), one untimed call, n timed calls
+    # back to back.
+    if before is None:
+        return time_interleaved([fn], 1, 0.3, calls=n or calls)[0].median_ms
+    return time_interleaved([(fn, before)], n or calls, 0.005)[0].median_ms
 
 
 def block():  # numpy and numlora back to back, no pauses
