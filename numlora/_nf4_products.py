@@ -258,10 +258,10 @@ def _forward_rounded(x2, t, mode, lora_a, lora_b, s, bias, out2, x_lora, u_out):
         xr = _rounded(x2, mode, kc)
         if n > FUSED_MAX_ROWS:
             blas_product(xr, t, t.scales, out2, mode)
-        elif in_f % t.blocksize == 0 and simd_ok(k, t.blocksize) and t.blocksize % 16 == 0:
-            kc.nf4_matmul_rounded_fused(t.packed, t.scales, t.blocksize, t.code, mode, xr, out2)
         elif in_f % t.blocksize == 0 and simd_ok(k, t.blocksize):
-            kc.nf4_matmul_rounded_simd(t.packed, t.scales, t.blocksize, t.code, mode, xr, out2)
+            # in registers where blocks are whole 16-element chunks, else decoded into a buffer
+            product = kc.nf4_matmul_rounded_fused if t.blocksize % 16 == 0 else kc.nf4_matmul_rounded_simd
+            product(t.packed, t.scales, t.blocksize, t.code, mode, xr, out2)
         else:
             kc.nf4_matmul_rounded(t.packed, t.scales, t.blocksize, t.code, mode, xr, out2)
     if bias is not None:
