@@ -5,7 +5,8 @@ numba compiles a kernel the first time it is called with a new kind of argument 
 the machine code in its on-disk cache (next to the installed package, or in
 ``NUMBA_CACHE_DIR``); a later process loads it from there in milliseconds. ``warmup``
 runs every public path once on small float32 inputs, in parallel processes (one job per
-kernel family), so the cache holds what those calls need. Run it again after upgrading
+kernel family), with numba's threads and again with one thread (a call made with one
+numba thread runs each kernel's serial build), so the cache holds what those calls need. Run it again after upgrading
 numlora or numba, or after changing ``NUMLORA_SIMD`` / ``NUMLORA_PARALLEL``.
 
 What it does not cover: float64 weights for the merge kernels and NF4 layouts that take
@@ -170,8 +171,21 @@ _RUN = {name: globals()[f"_job_{name}"] for name, _ in JOBS}
 
 
 def run_job(name: str) -> None:
-    """Run one job in this process (what each worker process of :func:`warmup` does)."""
+    """Run one job in this process (what each worker process of :func:`warmup` does):
+    with numba's threads, then with one (the serial builds that calls made with one numba
+    thread run, see ``numlora.kernels._jit.ParallelKernel``)."""
+    import numba
+
+    from ._config import PARALLEL
+
     _RUN[name]()
+    before = numba.get_num_threads()
+    if PARALLEL and before > 1:
+        numba.set_num_threads(1)
+        try:
+            _RUN[name]()
+        finally:
+            numba.set_num_threads(before)
 
 
 def _child_env() -> dict:
