@@ -134,7 +134,9 @@ def one_thread():
     demo's matrices are small (a batch of 32 rows, 256 wide): a second thread buys nothing
     there, while threads that spin after each call (OpenBLAS's, numba's) slow each other and
     slow badly when other work keeps the cores busy. One thread also gives the same BLAS
-    sums on any machine (numlora's kernels give the same results on any thread count). BLAS
+    sums on any machine (numlora's kernels give the same results on any thread count), and
+    with one numba thread numlora runs (and so compiles) only the serial build of each
+    parallel kernel, a third to a half of the cold compile time. BLAS
     is limited through threadpoolctl where it is installed (scikit-learn brings it); without
     it, BLAS keeps its own thread count."""
     import numba
