@@ -12,6 +12,14 @@
     ``parallel=True``; ``0`` compiles them serial. The number of threads is numba's
     (``NUMBA_NUM_THREADS`` or ``numba.set_num_threads``). Results never depend on it.
 
+``NUMLORA_SMALL_SERIAL``
+    ``1`` (default) runs a parallel kernel's serial build when its work is too small to
+    pay for waking numba's threads (60-90 us on a 2-core machine: a 384 x 384 NF4 product
+    at batch 1 took 90 us on two threads, 26 us on one); the thresholds, per kernel
+    family, are measured in ``numlora.kernels._jit``. ``0`` always runs the parallel
+    build (numlora's test suite does, so that the parallel builds stay tested on small
+    inputs). Results never depend on it.
+
 ``NUMLORA_PARK_BLAS``
     ``1`` (default) lets numlora park OpenBLAS's worker threads (OpenBLAS's own
     ``blas_thread_shutdown_``, what it does before a ``fork``) right before a large
@@ -44,5 +52,6 @@ def _flag(name: str, default: bool) -> bool:
 CACHE: bool = _flag("NUMLORA_CACHE", True)
 PARALLEL: bool = _flag("NUMLORA_PARALLEL", True)
 PARK_BLAS: bool = _flag("NUMLORA_PARK_BLAS", True)
+SMALL_SERIAL: bool = _flag("NUMLORA_SMALL_SERIAL", True)
 SIMD: bool = _flag("NUMLORA_SIMD", True)
 SIMD_MAX_LANES: int = 8 if os.environ.get("NUMLORA_SIMD", "").strip() == "8" else 16

@@ -172,15 +172,21 @@ _RUN = {name: globals()[f"_job_{name}"] for name, _ in JOBS}
 
 def run_job(name: str) -> None:
     """Run one job in this process (what each worker process of :func:`warmup` does):
-    with numba's threads, then with one (the serial builds that calls made with one numba
-    thread run, see ``numlora.kernels._jit.ParallelKernel``)."""
+    with numba's threads (its small inputs counted as large, so that the parallel builds
+    compile), then with one thread (the serial builds that calls with one numba thread or
+    small work run, see ``numlora.kernels._jit.ParallelKernel``)."""
     import numba
 
-    from ._config import PARALLEL
+    from . import _config
 
-    _RUN[name]()
+    small_serial = _config.SMALL_SERIAL
+    _config.SMALL_SERIAL = False
+    try:
+        _RUN[name]()
+    finally:
+        _config.SMALL_SERIAL = small_serial
     before = numba.get_num_threads()
-    if PARALLEL and before > 1:
+    if _config.PARALLEL and before > 1:
         numba.set_num_threads(1)
         try:
             _RUN[name]()

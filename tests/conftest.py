@@ -1,7 +1,12 @@
 import os
 
-import numpy as np
-import pytest
+# Small work runs the serial builds of numlora's parallel kernels by default
+# (numlora._config.SMALL_SERIAL); the suite's inputs are small, so it turns that off to
+# keep testing the parallel builds. tests/test_one_thread.py tests the routing itself.
+os.environ["NUMLORA_SMALL_SERIAL"] = "0"
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 JIT_DISABLED = os.environ.get("NUMBA_DISABLE_JIT", "0") not in ("", "0")
 

@@ -1,6 +1,7 @@
-"""A call made with one numba thread runs the serial build of each parallel kernel
-(``numlora.kernels._jit.ParallelKernel``) and gives the same bits as the parallel build
-with every thread; another Python thread's setting is its own."""
+"""A call made with one numba thread, or with work below its kernel's threshold, runs the
+serial build of each parallel kernel (``numlora.kernels._jit.ParallelKernel``) and gives
+the same bits as the parallel build with every thread; another Python thread's setting is
+its own. (conftest.py turns the small-work routing off for the rest of the suite.)"""
 
 from __future__ import annotations
 
@@ -137,3 +138,35 @@ def test_the_thread_count_is_read_per_python_thread():
     th.join()
     assert seen["worker"] == 1
     assert _jit.num_threads() == numba.get_num_threads() >= 2
+
+
+@pytest.mark.skipif(JIT_DISABLED or not _config.PARALLEL, reason="no parallel kernels to route")
+def test_small_work_runs_the_serial_build_and_large_work_the_parallel_one(monkeypatch):
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("numba has one thread here")
+    monkeypatch.setattr(_config, "SMALL_SERIAL", True)
+    fwd = kn.nf4_matmul_words if kn.SIMD_LANES else kn.nf4_gemm_pairs
+    assert fwd._below == _jit.PRODUCT_SERIAL_BELOW > 0
+    g = np.random.default_rng(5)
+    t = nl.quantize_nf4(g.standard_normal((256, 256), dtype=np.float32))  # 64 Ki weights
+    x = g.standard_normal((4, 256), dtype=np.float32)
+    assert _jit.product_work(t.packed, x[:, :1]) == 4 * 256 * 256 < _jit.PRODUCT_SERIAL_BELOW
+    want = nl.nf4_matmul(x, t)
+    fwd.serial  # noqa: B018 - made before it is replaced
+    _forbid(fwd, "parallel", monkeypatch)
+    assert np.array_equal(nl.nf4_matmul(x, t), want)  # small: the serial build
+    monkeypatch.setattr(fwd, "_below", 4 * 256 * 256)  # the same call counted as large
+    with pytest.raises(AssertionError, match="parallel build"):
+        nl.nf4_matmul(x, t)
+    monkeypatch.setattr(_config, "SMALL_SERIAL", False)  # the knob off: parallel whatever the size
+    monkeypatch.setattr(fwd, "_below", _jit.PRODUCT_SERIAL_BELOW)
+    with pytest.raises(AssertionError, match="parallel build"):
+        nl.nf4_matmul(x, t)
+
+
+def test_work_of_the_kernel_families():
+    packed = np.zeros(1000, np.uint8)
+    assert _jit.product_work(packed, np.zeros((3, 7))) == 2000 * 3
+    assert _jit.product_work(packed, np.zeros(7)) == 2000  # a GEMV's output vector
+    assert _jit.first_size(np.zeros((4, 5)), packed) == 20
+    assert _jit.last_size(packed, np.zeros((4, 5))) == 20

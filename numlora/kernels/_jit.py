@@ -151,20 +151,58 @@ def park_before(work: int, minimum: int = PARK_MIN_ELEMS) -> None:
         park_blas()
 
 
-def kernel(parallel: bool = False, cache: bool = True):
+def kernel(parallel: bool = False, cache: bool = True, work=None, serial_below: int = 0):
     """Decorate a kernel: lazy ``njit`` (compiled per signature on first call),
     ``parallel`` when asked and allowed, never fastmath, on-disk cache when possible
     (``cache=False`` for kernels whose code depends on a setting numba's cache key does
-    not see). A parallel kernel comes as a :class:`ParallelKernel` (its serial build
-    runs the calls made with one numba thread)."""
+    not see). A parallel kernel comes as a :class:`ParallelKernel`: its serial build runs
+    the calls made with one numba thread, and, given ``work`` (a function of the call's
+    arguments) and ``serial_below``, the calls whose work is below that (see
+    :data:`PRODUCT_SERIAL_BELOW`)."""
 
     def wrap(fn):
         par = parallel and _config.PARALLEL
         d = _compile(fn, par, cache=cache)
         d._numlora_cache = cache  # a serial twin is cached when its original is
-        return ParallelKernel(d) if par else d
+        return ParallelKernel(d, work, serial_below) if par else d
 
     return wrap
+
+
+# --- Work too small for numba's threads ----------------------------------------------------
+# Waking numba's sleeping threads and waiting for them costs 50-75 us on the 2-core AMD
+# EPYC machine (numlora starts them with OpenMP's passive wait policy, see
+# _setup_threads), more than small kernels take alone. benchmarks/bench_small_work.py,
+# the 2-thread call against the serial build on one thread, back to back: a 384 x 384
+# NF4 product at batch 1 103 against 28 us, 1024 x 1024 140 against 81 us, at batch 8
+# 358 against 379 us; dequantize 1024 x 1024 229 against 178 us, 2048 x 2048 696 against
+# 699 us; quantize 384^2 156 against 109 us, 1536 x 384 283 against 363 us; merge +
+# unmerge 384^2 266 against 142 us, 1024^2 1252 against 1786 us. Below these the
+# serial build runs (the same bits):
+
+#: NF4 products (forward, input gradient, 16-bit compute dtypes): weight elements x rows.
+PRODUCT_SERIAL_BELOW = 1 << 22
+#: Whole-weight dequantize: elements.
+DECODE_SERIAL_BELOW = 1 << 21
+#: Quantize and merge / unmerge: weight elements.
+ELEMENTWISE_SERIAL_BELOW = 1 << 18
+
+
+def product_work(*args) -> int:
+    """Work of an NF4 product kernel ``(packed, ..., y)``: weight elements (two per packed
+    byte) times the rows of its output (1 for a vector)."""
+    y = args[-1]
+    return 2 * args[0].size * (y.shape[0] if y.ndim == 2 else 1)
+
+
+def first_size(*args) -> int:
+    """Work of a kernel over its first array (the weight to quantize or merge into)."""
+    return args[0].size
+
+
+def last_size(*args) -> int:
+    """Work of a kernel that fills its last array (a dequantize)."""
+    return args[-1].size
 
 
 def _threads_getter():
@@ -196,9 +234,10 @@ def num_threads() -> int:
 class ParallelKernel:
     """A kernel compiled with ``parallel=True``, and its serial build for the calls made
     with one numba thread (``numba.set_num_threads(1)`` in the calling thread, or
-    ``NUMBA_NUM_THREADS=1``): a program that runs numlora on one thread (a worker process
-    of a pool, ``numlora demo``) compiles and runs the plain loops, without numba's
-    parallel runtime. The serial build is the same code (:func:`serial_twin`), every
+    ``NUMBA_NUM_THREADS=1``) and, where the kernel declares its work, for calls too small
+    to pay for waking numba's threads (``NUMLORA_SMALL_SERIAL``). A program that runs
+    numlora on one thread (a worker process of a pool, ``numlora demo``) compiles and runs
+    the plain loops, without numba's parallel runtime. The serial build is the same code (:func:`serial_twin`), every
     task's operations in the same order, so the results are the same bits.
 
     Why: numba compiles a ``prange`` kernel as an outer function plus a gufunc, typed and
@@ -209,12 +248,14 @@ class ParallelKernel:
     Calls go through ``__call__`` (0.2-0.3 us more than the dispatcher itself); every
     other attribute is the parallel dispatcher's."""
 
-    __slots__ = ("parallel", "_serial", "_name")
+    __slots__ = ("parallel", "_serial", "_name", "_work", "_below")
 
-    def __init__(self, dispatcher):
+    def __init__(self, dispatcher, work=None, serial_below=0):
         self.parallel = dispatcher
         self._serial = None
         self._name = getattr(dispatcher, "py_func", dispatcher).__qualname__
+        self._work = work
+        self._below = serial_below if work is not None else 0
 
     @property
     def serial(self):
@@ -224,7 +265,7 @@ class ParallelKernel:
         return self._serial
 
     def __call__(self, *args):
-        if num_threads() == 1:
+        if num_threads() == 1 or (self._below and _config.SMALL_SERIAL and self._work(*args) < self._below):
             return self.serial(*args)
         return self.parallel(*args)
 

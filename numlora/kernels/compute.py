@@ -17,7 +17,7 @@ import numba
 import numpy as np
 
 from .._scratch import scratch
-from ._jit import inline_helper, kernel, prange
+from ._jit import PRODUCT_SERIAL_BELOW, inline_helper, kernel, prange, product_work
 from ._simd import (  # noqa: F401  (BF16_DOT: read by the products module)
     BF16_BW,
     BF16_BX,
@@ -126,7 +126,7 @@ def _rows_times_inputs(buf, in_f, o0, nr, xr, acc, y):
             y[i, o0 + oo] = _dot(w, xr[i], acc)
 
 
-@kernel(parallel=True)
+@kernel(parallel=True, work=product_work, serial_below=PRODUCT_SERIAL_BELOW)
 def nf4_matmul_rounded(packed, scales, blocksize, code, mode, xr, y):
     """y[i, o] = sum_j rnd(code * scale)[o, j] * xr[i, j], accumulated in float32 (not
     rounded: the caller adds the bias and rounds). xr: (n, in) already rounded; y: (n, out).
@@ -144,7 +144,7 @@ def nf4_matmul_rounded(packed, scales, blocksize, code, mode, xr, y):
         _rows_times_inputs(buf, in_f, o0, nr, xr, np.empty(_ACC, np.float32), y)
 
 
-@kernel(parallel=True, cache=SIMD_CACHEABLE)
+@kernel(parallel=True, cache=SIMD_CACHEABLE, work=product_work, serial_below=PRODUCT_SERIAL_BELOW)
 def nf4_matmul_rounded_simd(packed, scales, blocksize, code, mode, xr, y):
     """:func:`nf4_matmul_rounded` with the SIMD decode (rounding in registers) and the
     SIMD dot products (``in % blocksize == 0`` and ``blocksize`` a multiple of the SIMD
@@ -164,7 +164,7 @@ def nf4_matmul_rounded_simd(packed, scales, blocksize, code, mode, xr, y):
                 y[i, o0 + oo] = dot16(buf, oo * in_f, xr[i], 0, in_f)
 
 
-@kernel(parallel=True, cache=SIMD_CACHEABLE)
+@kernel(parallel=True, cache=SIMD_CACHEABLE, work=product_work, serial_below=PRODUCT_SERIAL_BELOW)
 def nf4_matmul_rounded_fused(packed, scales, blocksize, code, mode, xr, y):
     """:func:`nf4_matmul_rounded` with the decode, rounding and products in registers
     (``_simd.rounded_dot``: a rounded 16-entry table per block, no buffer): the same
@@ -390,7 +390,7 @@ def _decoded_task(packed, scales, blocksize, code, xb, y, rows, task, wbuf, buf)
             o += 1
 
 
-@kernel(parallel=True, cache=SIMD_CACHEABLE)
+@kernel(parallel=True, cache=SIMD_CACHEABLE, work=product_work, serial_below=PRODUCT_SERIAL_BELOW)
 def nf4_matmul_bf16dot(packed, scales, blocksize, code, xb, y):
     """y[i, o] = rnd(deq(W))[o] . rnd(x)[i] with the CPU's bf16 dot-product instruction
     (``_simd.bf16_rows``): xb holds the bf16 bits of x in :func:`bf16_bits`' order.

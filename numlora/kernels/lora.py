@@ -18,7 +18,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from ._jit import inline_helper, kernel, prange
+from ._jit import ELEMENTWISE_SERIAL_BELOW, first_size, inline_helper, kernel, prange
 from ._simd import CACHEABLE as SIMD_CACHEABLE
 from ._simd import DELTA_LANES, DELTA_ROWS, F32, I8, I32, I64, _splat, _vec, merge_rows
 from ._simd import LANES as SIMD_LANES  # noqa: F401  (read as kernels.<family>.SIMD_LANES)
@@ -34,7 +34,7 @@ def _delta_row(p, q, i, acc):
             acc[j] += c * q[t, j]
 
 
-@kernel(parallel=True)
+@kernel(parallel=True, work=first_size, serial_below=ELEMENTWISE_SERIAL_BELOW)
 def merge_plain(w, p, q, scale):
     """``w[i, j] += scale * acc[j]`` for every row (scale < 0 subtracts exactly the
     delta that ``scale > 0`` adds, since ``(-s) * a == -(s * a)``)."""
@@ -111,7 +111,7 @@ def _untrack_row(w, wi, i, acc, back, backi, scale, maxint, minint, corr, exc_co
         wir[exc_col[i, e]] = exc_bits[i, e]
 
 
-@kernel(parallel=True)
+@kernel(parallel=True, work=first_size, serial_below=ELEMENTWISE_SERIAL_BELOW)
 def merge_tracked(w, wi, p, q, scale, maxint, corr, exc_col, exc_bits, exc_count):
     """Merge ``w += scale * acc`` and record what a bit-exact unmerge needs.
 
@@ -133,7 +133,7 @@ def merge_tracked(w, wi, p, q, scale, maxint, corr, exc_col, exc_bits, exc_count
         _track_row(w, wi, i, acc, back, back.view(wi.dtype), scale, maxint, corr, exc_col, exc_bits, exc_count)
 
 
-@kernel(parallel=True)
+@kernel(parallel=True, work=first_size, serial_below=ELEMENTWISE_SERIAL_BELOW)
 def unmerge_tracked(w, wi, p, q, scale, maxint, minint, corr, exc_col, exc_bits, exc_count):
     """Undo :func:`merge_tracked` bit for bit (rows flagged as overflowed are skipped:
     the caller restores them from its copies)."""
@@ -163,7 +163,7 @@ def _tail_delta(p, q, i, acc, j0):
             acc[j] += c * q[t, j]
 
 
-@kernel(parallel=True, cache=SIMD_CACHEABLE)
+@kernel(parallel=True, cache=SIMD_CACHEABLE, work=first_size, serial_below=ELEMENTWISE_SERIAL_BELOW)
 def merge_plain_simd(w, p, q, scale):
     """:func:`merge_plain` for float32 (C-contiguous) with the delta of 4 rows at a time
     kept in vector registers; bit-identical."""
@@ -352,7 +352,7 @@ def _finish_track_row(w, wi, p, q, i, j0, scale, corr, exc_col, exc_bits, exc_co
             wir[j] = _key32(np.int32(_key32(backi[0]) + np.int32(cr[j])))
 
 
-@kernel(parallel=True, cache=SIMD_CACHEABLE)
+@kernel(parallel=True, cache=SIMD_CACHEABLE, work=first_size, serial_below=ELEMENTWISE_SERIAL_BELOW)
 def merge_tracked_fused(w, wi, p, q, scale, corr, exc_col, exc_bits, exc_count):
     """:func:`merge_tracked` for float32 with delta, record and update fused in one pass
     over W (see _make_track_rows); bit-identical, with the same record."""
@@ -374,7 +374,7 @@ def merge_tracked_fused(w, wi, p, q, scale, corr, exc_col, exc_bits, exc_count):
                 _finish_track_row(w, wi, p, q, i0 + g, 0, scale, corr, exc_col, exc_bits, exc_count, back, backi)
 
 
-@kernel(parallel=True, cache=SIMD_CACHEABLE)
+@kernel(parallel=True, cache=SIMD_CACHEABLE, work=first_size, serial_below=ELEMENTWISE_SERIAL_BELOW)
 def unmerge_tracked_fused(w, wi, p, q, scale, corr, exc_col, exc_bits, exc_count):
     """:func:`unmerge_tracked` for what :func:`merge_tracked_fused` recorded, in one pass
     over W; rows flagged as overflowed are skipped (the caller restores them)."""

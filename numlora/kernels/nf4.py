@@ -27,7 +27,18 @@ import types
 import numpy as np
 
 from .._tables import FP4_MIDPOINTS, NF4_MIDPOINTS
-from ._jit import inline_helper, kernel, prange, serial_twin
+from ._jit import (
+    DECODE_SERIAL_BELOW,
+    ELEMENTWISE_SERIAL_BELOW,
+    PRODUCT_SERIAL_BELOW,
+    first_size,
+    inline_helper,
+    kernel,
+    last_size,
+    prange,
+    product_work,
+    serial_twin,
+)
 from ._simd import CACHEABLE as SIMD_CACHEABLE
 from ._simd import GROUP as SIMD_GROUP
 from ._simd import LANES as SIMD_LANES  # noqa: F401  (read as kernels.<family>.SIMD_LANES)
@@ -241,7 +252,8 @@ def _quantizers(quant_type, encode, pad):
     names = {"_encode": encode, "_PAD": pad}
     names["_tail"] = inline_helper(_bind(_partial_tail, f"_{quant_type}_partial_tail", names))
     names["_block"] = inline_helper(_bind(_encode_block, f"_{quant_type}_encode_block", names))
-    return tuple(kernel(parallel=True)(_bind(t, f"{quant_type}_quantize_{suffix}", names))
+    return tuple(kernel(parallel=True, work=first_size, serial_below=ELEMENTWISE_SERIAL_BELOW)(
+        _bind(t, f"{quant_type}_quantize_{suffix}", names))
                  for t, suffix in ((_quantize_even, "even"), (_quantize_any, "any"),
                                    (_quantize_bf16, "bf16"))) + (names["_tail"],)
 
@@ -254,7 +266,7 @@ QUANTIZERS = {"nf4": (nf4_quantize_even, nf4_quantize_any, nf4_quantize_bf16),
               "fp4": (fp4_quantize_even, fp4_quantize_any, fp4_quantize_bf16)}
 
 
-@kernel(parallel=True)
+@kernel(parallel=True, work=last_size, serial_below=DECODE_SERIAL_BELOW)
 def nf4_dequantize_range(packed, absmax, blocksize, code, start, stop, out):
     """``out[k - start] = code[nibble k] * absmax[k // blocksize]`` for k in [start, stop).
 
@@ -431,7 +443,7 @@ def _finish(base, u, i, lora_b, o, bias, use_bias):
     return v
 
 
-@kernel(parallel=True)
+@kernel(parallel=True, work=product_work, serial_below=PRODUCT_SERIAL_BELOW)
 def nf4_gemv_lut(packed, scales, blocksize, code, x, u, lora_b, bias, use_bias, y):
     """Batch-1 fused NF4 GEMV (+ LoRA expand, + bias) for ``in % blocksize == 0`` and an
     even blocksize. For every input pair (j, j+1) a 256-entry table
@@ -494,7 +506,7 @@ def nf4_gemv_lut(packed, scales, blocksize, code, x, u, lora_b, bias, use_bias, 
             y[o0 + oo] = _finish(acc[oo], u, 0, lora_b, o0 + oo, bias, use_bias)
 
 
-@kernel(parallel=True)
+@kernel(parallel=True, work=product_work, serial_below=PRODUCT_SERIAL_BELOW)
 def nf4_gemm_pairs(packed, scales, blocksize, code, xt, u, lora_b, bias, use_bias, y):
     """Fused NF4 matmul for a small batch (same conditions and the same arithmetic as
     :func:`nf4_gemv_lut`): each byte of W is decoded once and used for every row of the
@@ -533,7 +545,7 @@ def nf4_gemm_pairs(packed, scales, blocksize, code, xt, u, lora_b, bias, use_bia
                 y[i, o] = _finish(acc[i], u, i, lora_b, o, bias, use_bias)
 
 
-@kernel(parallel=True)
+@kernel(parallel=True, work=product_work, serial_below=PRODUCT_SERIAL_BELOW)
 def nf4_gemm_any(packed, scales, blocksize, code, xt, u, lora_b, bias, use_bias, y):
     """Fused NF4 matmul for any shape and blocksize (blocks may span rows, start mid-byte):
     element by element, each segment (block within a row) summed in the canonical lane
@@ -571,7 +583,7 @@ def nf4_gemm_any(packed, scales, blocksize, code, xt, u, lora_b, bias, use_bias,
 _TCHUNK = 256  # input columns per parallel task of the transposed product
 
 
-@kernel(parallel=True)
+@kernel(parallel=True, work=product_work, serial_below=PRODUCT_SERIAL_BELOW)
 def nf4_matmul_t(packed, scales, blocksize, code, g, out):
     """out = g deq(W) (the input gradient of y = x deq(W)^T), fused: W (out_f, in_f) is
     decoded one row segment at a time and never held whole. g: (n, out_f), out: (n, in_f),
@@ -612,7 +624,7 @@ def nf4_matmul_t(packed, scales, blocksize, code, g, out):
 SIMD_ROWS = 16  # output rows per parallel task of the SIMD matmul
 
 
-@kernel(parallel=True, cache=SIMD_CACHEABLE)
+@kernel(parallel=True, cache=SIMD_CACHEABLE, work=product_work, serial_below=PRODUCT_SERIAL_BELOW)
 def nf4_matmul_simd(packed, scales, blocksize, code, xe, xo, u, lora_b, bias, use_bias, y):
     """y[i, o] = row o of deq(W) . x[i] (+ LoRA expand of u, + bias), decoding W with
     SIMD permutes. xe, xo: the even and odd columns of x, each (n, in / 2) C-contiguous;
@@ -656,7 +668,7 @@ def nf4_matmul_simd(packed, scales, blocksize, code, xe, xo, u, lora_b, bias, us
                 y[i, o0 + oo] = _finish(res[oo, i], u, i, lora_b, o0 + oo, bias, use_bias)
 
 
-@kernel(parallel=True, cache=SIMD_CACHEABLE)
+@kernel(parallel=True, cache=SIMD_CACHEABLE, work=product_work, serial_below=PRODUCT_SERIAL_BELOW)
 def nf4_matmul_words(packed, scales, blocksize, code, xp, u, lora_b, bias, use_bias, y):
     """y[i, o] = row o of deq(W) . x[i] (+ LoRA expand of u, + bias) with the word decode
     of ``_simd.dot_words`` (where ``words_ok``): xp is x reordered per chunk as described
@@ -694,7 +706,7 @@ def nf4_matmul_words(packed, scales, blocksize, code, xp, u, lora_b, bias, use_b
                 y[i, o0 + oo] = _finish(res[oo, i], u, i, lora_b, o0 + oo, bias, use_bias)
 
 
-@kernel(parallel=True, cache=SIMD_CACHEABLE)
+@kernel(parallel=True, cache=SIMD_CACHEABLE, work=product_work, serial_below=PRODUCT_SERIAL_BELOW)
 def nf4_matmul_t_simd(packed, scales, blocksize, code, g, out):
     """:func:`nf4_matmul_t` for ``in % blocksize == 0`` and ``blocksize % SIMD_LANES == 0``,
     each row segment decoded with SIMD permutes into a small buffer (in L1): the same
@@ -756,7 +768,7 @@ def nf4_matmul_t_simd(packed, scales, blocksize, code, g, out):
 _DECODE_BLOCKS_PER_TASK = 256
 
 
-@kernel(parallel=True, cache=SIMD_CACHEABLE)
+@kernel(parallel=True, cache=SIMD_CACHEABLE, work=last_size, serial_below=DECODE_SERIAL_BELOW)
 def nf4_decode_simd(packed, scales, blocksize, code, b0, b1, out):
     """out = deq of blocks [b0, b1) (out starts at block b0): SIMD decode, parallel,
     streaming stores (for a whole dequantized weight, far larger than the caches)."""
@@ -778,7 +790,7 @@ def nf4_decode_simd_tile(packed, scales, blocksize, code, b0, b1, out):
     decode_blocks(packed[b0 * half:b1 * half], scales[b0:b1], code, blocksize, out[:(b1 - b0) * blocksize])
 
 
-@kernel(parallel=True, cache=SIMD_CACHEABLE)
+@kernel(parallel=True, cache=SIMD_CACHEABLE, work=first_size, serial_below=ELEMENTWISE_SERIAL_BELOW)
 def nf4_quantize_simd(x, xi, blocksize, mids16, packed, absmax, absmax_i):
     """:func:`nf4_quantize_even` with the codes found by the SIMD binary search
     (blocksize % SIMD_LANES == 0); bit-identical output."""
@@ -804,7 +816,7 @@ def nf4_quantize_simd(x, xi, blocksize, mids16, packed, absmax, absmax_i):
 # Full blocks only (blocksize even); the caller quantizes a partial last block as float32.
 
 
-@kernel(parallel=True, cache=SIMD_CACHEABLE)
+@kernel(parallel=True, cache=SIMD_CACHEABLE, work=first_size, serial_below=ELEMENTWISE_SERIAL_BELOW)
 def nf4_quantize_bf16_simd(bits, nfull, blocksize, mids16, packed, absmax, absmax_i):
     """:func:`nf4_quantize_bf16` with the SIMD code search (blocksize % SIMD_LANES == 0)."""
     half = blocksize // 2
