@@ -174,16 +174,17 @@ def kernel(parallel: bool = False, cache: bool = True, work=None, serial_below: 
 # EPYC machine (numlora starts them with OpenMP's passive wait policy, see
 # _setup_threads), more than small kernels take alone. benchmarks/bench_small_work.py,
 # the 2-thread call against the serial build on one thread, back to back: a 384 x 384
-# NF4 product at batch 1 103 against 28 us, 1024 x 1024 140 against 81 us, at batch 8
-# 358 against 379 us; dequantize 1024 x 1024 229 against 178 us, 2048 x 2048 696 against
-# 699 us; quantize 384^2 156 against 109 us, 1536 x 384 283 against 363 us; merge +
-# unmerge 384^2 266 against 142 us, 1024^2 1252 against 1786 us. Below these the
+# NF4 product at batch 1 103 against 28 us, 1024 x 1024 116-140 against 81 us, at
+# batch 8 317-358 against 379-433 us; dequantize 1536 x 384 132-150 against 103 us,
+# 1024 x 1024 218-229 against 178-268 us (memory-bound: either way from run to run);
+# quantize 384^2 156 against 109 us, 1536 x 384 283 against 363 us; merge + unmerge
+# 384^2 266 against 142 us, 1024^2 1252 against 1786 us. Below these thresholds the
 # serial build runs (the same bits):
 
 #: NF4 products (forward, input gradient, 16-bit compute dtypes): weight elements x rows.
 PRODUCT_SERIAL_BELOW = 1 << 22
 #: Whole-weight dequantize: elements.
-DECODE_SERIAL_BELOW = 1 << 21
+DECODE_SERIAL_BELOW = 1 << 20
 #: Quantize and merge / unmerge: weight elements.
 ELEMENTWISE_SERIAL_BELOW = 1 << 18
 
