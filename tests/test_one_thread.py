@@ -37,6 +37,7 @@ def _workload():
         res.append(nl.nf4_matmul_t(x[:rows, :192], t))
         for cd in ("bfloat16", "float16"):
             res.append(nl.nf4_matmul(x[:rows], t, compute_dtype=cd))
+            res.append(nl.qlora_forward(x[:rows], t, a, b, 2.0, compute_dtype=cd))
     wm = w.copy()
     rec = nl.merge_lora(wm, a, b, 2.0, record=True)
     res.append(wm.copy())

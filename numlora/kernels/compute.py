@@ -277,7 +277,12 @@ def _expand_row(c, lora_bt, y, i, lo):
         y[i, o] += lo[o]
 
 
-@kernel(parallel=True)
+def _lora_rows_work(x2, lora_a, scale, u, lora_bt, y) -> int:
+    """Multiply-adds of :func:`lora_rows`: rows x rank x (in + out)."""
+    return x2.shape[0] * lora_a.shape[0] * (x2.shape[1] + y.shape[1])
+
+
+@kernel(parallel=True, work=_lora_rows_work, serial_below=PRODUCT_SERIAL_BELOW)
 def lora_rows(x2, lora_a, scale, u, lora_bt, y):
     """The LoRA branch of a large batch in numba, row by row in parallel: u[i] = x2[i] A^T
     unscaled (``nf4.lora_shrink``'s canonical lane order) and y[i] += (scale u[i]) B^T
@@ -343,7 +348,12 @@ def _workspace(nw, size):
     return scratch("bf16.rows", nw * size, np.uint16).reshape(nw, size)
 
 
-@kernel(parallel=True, cache=SIMD_CACHEABLE)
+def _decoded_work(packed, scales, blocksize, code, xb, y, rows, ws) -> int:
+    """The work of :func:`nf4_matmul_bf16_decoded`, as ``_jit.product_work`` counts it."""
+    return product_work(packed, y)
+
+
+@kernel(parallel=True, cache=SIMD_CACHEABLE, work=_decoded_work, serial_below=PRODUCT_SERIAL_BELOW)
 def nf4_matmul_bf16_decoded(packed, scales, blocksize, code, xb, y, rows, ws):
     """:func:`nf4_matmul_bf16dot` for xb's rows, a whole number of groups of BF16_BX
     (y's rows, then any zero rows of padding, whose products are not stored): each task
