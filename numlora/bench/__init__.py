@@ -334,14 +334,17 @@ print(json.dumps(res))
 
 def compile_times():
     """Seconds of each first call in a fresh process: cache off, and cache on in a second
-    process (the first one fills the cache)."""
+    process (the first one fills the cache). The calls' inputs are small, so the child
+    runs with ``NUMLORA_SMALL_SERIAL=0``: these are the parallel builds, what a program
+    with numba's threads compiles for a large weight (small work and one-thread programs
+    compile the serial builds, faster: docs/performance.md)."""
     import tempfile
 
     out = {}
     with tempfile.TemporaryDirectory() as cache:
         for label, env in (("cache off", {"NUMLORA_CACHE": "0"}),
                            ("cache on, 2nd process", {"NUMBA_CACHE_DIR": cache})):
-            e = dict(os.environ, **env)
+            e = dict(os.environ, NUMLORA_SMALL_SERIAL="0", **env)
             if "2nd" in label:
                 subprocess.run([sys.executable, "-c", COMPILE_CODE], env=e, check=True, capture_output=True)
             r = subprocess.run([sys.executable, "-c", COMPILE_CODE], env=e, check=True, capture_output=True, text=True)
