@@ -78,9 +78,10 @@ def _same(r1, r2):
 
 
 @pytest.mark.skipif(JIT_DISABLED, reason="thread count is meaningless without the JIT")
-def test_one_thread_gives_the_bits_of_all_threads():
+def test_one_thread_gives_the_bits_of_all_threads(monkeypatch):
     if numba.config.NUMBA_NUM_THREADS < 2:
         pytest.skip("numba has one thread here")
+    monkeypatch.setattr(_config, "SMALL_SERIAL", False)  # the small inputs on the parallel builds
     _same(_workload(), _one_thread(_workload))
 
 
@@ -96,6 +97,7 @@ def _forbid(kernel, build, monkeypatch):
 def test_each_call_runs_the_build_of_its_thread_count(threads, monkeypatch):
     if numba.config.NUMBA_NUM_THREADS < threads:
         pytest.skip("numba has one thread here")
+    monkeypatch.setattr(_config, "SMALL_SERIAL", False)
     kernels = [kn.nf4_quantize_simd, kn.nf4_matmul_t_simd, kn.nf4_decode_simd] if kn.SIMD_LANES else \
         [kn.nf4_quantize_even, kn.nf4_matmul_t, kn.nf4_dequantize_range]
     assert all(isinstance(k, _jit.ParallelKernel) for k in kernels)
@@ -119,6 +121,7 @@ def test_each_call_runs_the_build_of_its_thread_count(threads, monkeypatch):
 
     run()
     monkeypatch.undo()
+    monkeypatch.setattr(_config, "SMALL_SERIAL", False)
     _forbid(kernels[0], "serial" if threads == 1 else "parallel", monkeypatch)
     with pytest.raises(AssertionError, match="build of"):  # the control: its own build refused
         run()
