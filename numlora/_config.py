@@ -14,9 +14,10 @@
 
 ``NUMLORA_SMALL_SERIAL``
     ``1`` (default) runs a parallel kernel's serial build when its work is too small to
-    pay for waking numba's threads (60-90 us on a 2-core machine: a 384 x 384 NF4 product
-    at batch 1 took 90 us on two threads, 26 us on one); the thresholds, per kernel
-    family, are measured in ``numlora.kernels._jit``. ``0`` always runs the parallel
+    pay for waking numba's threads (50-75 us on a 2-core machine: a 384 x 384 NF4 product
+    at batch 1 took 103 us on two threads, 28 us on one); the thresholds, per kernel
+    family, are measured (``benchmarks/bench_small_work.py``) and set in
+    ``numlora.kernels._jit``. ``0`` always runs the parallel
     build (numlora's test suite does, so that the parallel builds stay tested on small
     inputs). Results never depend on it.
 

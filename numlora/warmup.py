@@ -6,8 +6,10 @@ the machine code in its on-disk cache (next to the installed package, or in
 ``NUMBA_CACHE_DIR``); a later process loads it from there in milliseconds. ``warmup``
 runs every public path once on small float32 inputs, in parallel processes (one job per
 kernel family), with numba's threads and again with one thread (a call made with one
-numba thread runs each kernel's serial build), so the cache holds what those calls need. Run it again after upgrading
-numlora or numba, or after changing ``NUMLORA_SIMD`` / ``NUMLORA_PARALLEL``.
+numba thread, or with small work, runs each kernel's serial build), so the cache holds
+what those calls need. Run it again after upgrading numlora or numba, or after changing
+``NUMLORA_SIMD`` / ``NUMLORA_PARALLEL``. With ``NUMBA_NUM_THREADS=1`` only the serial
+builds are compiled.
 
 What it does not cover: float64 weights for the merge kernels and NF4 layouts that take
 the portable kernels (blocksizes not a multiple of 32, or ``NUMLORA_SIMD=0``) compile on
