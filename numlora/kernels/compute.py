@@ -13,11 +13,10 @@ Mode numbers: :data:`BF16` and :data:`F16` (float32 itself runs the ordinary ker
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 
 from .._scratch import scratch
-from ._jit import PRODUCT_SERIAL_BELOW, inline_helper, kernel, prange, product_work
+from ._jit import PRODUCT_SERIAL_BELOW, inline_helper, kernel, num_threads, prange, product_work
 from ._simd import (  # noqa: F401  (BF16_DOT: read by the products module)
     BF16_BW,
     BF16_BX,
@@ -330,7 +329,7 @@ def bf16_product(packed, scales, blocksize, code, xb, y):
         nf4_matmul_bf16dot(packed, scales, blocksize, code, xb[:n], y)
         return
     rows = max(BF16_BW, BF16_DECODED_BYTES // (2 * in_f) // BF16_BW * BF16_BW)
-    nw = max(1, min(numba.get_num_threads(), -(-y.shape[1] // rows)))
+    nw = max(1, min(num_threads(), -(-y.shape[1] // rows)))
     ws = _workspace(nw, rows * in_f + 32)
     n_pad = (n + BF16_BX - 1) // BF16_BX * BF16_BX
     if xb.shape[0] >= n_pad:
