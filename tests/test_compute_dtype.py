@@ -274,7 +274,10 @@ def test_bf16_gemv_table_keeps_the_bits_of_tiny_scales():
     """The GEMV builds its bf16 table with one conversion instruction that reads float32
     subnormals as zero; a block whose products are subnormal (absmax just below 2^-126:
     code 1.0 rounds up to the smallest normal bf16) must keep the rounding on bits, so
-    batch 1 gives the bits of batch 8 and a nonzero output."""
+    batch 1 gives the bits of batch 8 and a nonzero output. The GEMV and the decoded rows
+    of large batches test the scales once per row and take a loop without that
+    instruction for the row (the GEMV: for its group of four rows): rows 0, 1, 3 share
+    row 2's group, row 5 is alone and normal."""
     from numlora.kernels import compute as kc
 
     if not kc.BF16_DOT:
@@ -293,11 +296,40 @@ def test_bf16_gemv_table_keeps_the_bits_of_tiny_scales():
     full = nl.nf4_matmul(x, t, compute_dtype="bfloat16")
     one = nl.nf4_matmul(x[:1], t, compute_dtype="bfloat16")
     assert np.array_equal(one, full[:1])
+    assert kc.BF16_DECODED_FROM <= 8  # batch 8: the decoded rows
     wr = rnd(nl.dequantize_nf4(t), "bfloat16").astype(np.float64)
     assert wr[4, 128] == 2.0 ** -126  # rounded up to the smallest normal bf16
     # rows 2 and 4 are their tiny blocks alone: 64 * 1e30 * 2^-126 = 7.5e-7 for row 4
     assert one[0, 4] == np.float32(64 * np.float64(rnd(x[:1, 128], "bfloat16")[0]) * 2.0 ** -126)
     assert one[0, 2] > 0  # its largest values round up to 2^-126 too
+
+
+@pytest.mark.skipif(JIT_DISABLED, reason="the bf16 dot-product kernel exists only compiled")
+def test_bf16_table_keeps_nan_scales_beside_tiny_ones():
+    """A NaN scale (a corrupt file, say) gives NaN outputs through both ways of building
+    the bf16 table: the conversion instruction (rows without tiny scales) and the rounding
+    on bits (rows with one), which must make a NaN quiet as the instruction does instead
+    of rounding its bits (all-ones payloads carried into the sign or to zero). Rows 0-3
+    form one GEMV group without tiny scales, rows 4-7 one with row 5's tiny block, whose
+    chunk partner block holds a NaN; batch 8 decodes every row on its own."""
+    from numlora.kernels import compute as kc
+
+    if not kc.BF16_DOT:
+        pytest.skip("this CPU has no AVX512-BF16 dot-product instruction (or the AVX-512 build is off)")
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((8, 256)).astype(np.float32)
+    w[5] = 0
+    w[5, :64] = np.float32(0.999 * 2.0 ** -126)
+    t = nl.quantize_nf4(w, 64)
+    bits = t.absmax.reshape(8, 4).view(np.uint32)
+    for row, block, nan in ((1, 0, 0xFFFFFFFF), (2, 2, 0x7FFFFFFF), (5, 1, 0xFFFFFFFF), (6, 3, 0x7FFFFFFF)):
+        bits[row, block] = nan
+    x = rng.standard_normal((8, 256)).astype(np.float32)
+    full = nl.nf4_matmul(x, t, compute_dtype="bfloat16")
+    one = nl.nf4_matmul(x[:1], t, compute_dtype="bfloat16")
+    assert np.array_equal(np.isnan(full), np.broadcast_to([False, True, True, False, False, True, True, False],
+                                                          full.shape))
+    assert np.array_equal(one, full[:1], equal_nan=True)
 
 
 @pytest.mark.skipif(JIT_DISABLED, reason="the bf16 dot-product kernel exists only compiled")

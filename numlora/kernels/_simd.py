@@ -23,6 +23,8 @@ decode, so results stay independent of the batch size and the thread count.
 
 from __future__ import annotations
 
+import struct
+
 from llvmlite import binding as llvm_binding
 from llvmlite import ir
 from numba import types
@@ -734,12 +736,19 @@ I16 = ir.IntType(16)
 
 
 def _bf16_half_table(builder, codes, scale):
-    """<16 x i16>: the bf16 bits of rnd(codes * scale), half to even (finite values)."""
+    """<16 x i16>: the bf16 bits of rnd(codes * scale), half to even; a NaN product as
+    ``vcvtne2ps2bf16`` converts it (its top 16 bits, made quiet), so that both ways of
+    building the table give the same bits for every scale whose products are not
+    subnormal."""
     it = _vec(I32, 16)
     b = builder.bitcast(builder.fmul(codes, _splat(builder, scale, 16)), it)
-    odd = builder.and_(builder.lshr(b, ir.Constant(it, [16] * 16)), ir.Constant(it, [1] * 16))
-    near = builder.add(builder.add(b, ir.Constant(it, [0x7FFF] * 16)), odd)
-    return builder.trunc(builder.lshr(near, ir.Constant(it, [16] * 16)), _vec(I16, 16))
+    top = builder.lshr(b, ir.Constant(it, [16] * 16))
+    odd = builder.and_(top, ir.Constant(it, [1] * 16))
+    near = builder.lshr(builder.add(builder.add(b, ir.Constant(it, [0x7FFF] * 16)), odd), ir.Constant(it, [16] * 16))
+    nan = builder.icmp_unsigned(">", builder.and_(b, ir.Constant(it, [0x7FFFFFFF] * 16)),
+                                ir.Constant(it, [0x7F800000] * 16))
+    quiet = builder.or_(top, ir.Constant(it, [0x40] * 16))
+    return builder.trunc(builder.select(nan, quiet, near), _vec(I16, 16))
 
 
 #: Below this absmax some ``code * absmax`` may be subnormal in float32, where
@@ -748,41 +757,60 @@ def _bf16_half_table(builder, codes, scale):
 _BF16_TINY_SCALE = 2.0 ** -118
 
 
-def _bf16_table(builder, codes, sa, sb):
-    """<32 x i16>: the bf16 bits of rnd(codes * sa) then rnd(codes * sb), half to even.
-    One ``vcvtne2ps2bf16`` where both products are normal or zero (every scale above
-    :data:`_BF16_TINY_SCALE`, NaN and infinity included: the instruction rounds those as
-    the bits do); the rounding on bits otherwise (subnormal products keep their bits)."""
-    wt = _vec(I16, 32)
-    ft = _vec(F32, 16)
-    tiny = builder.or_(
-        builder.fcmp_ordered("<", sa, ir.Constant(F32, _BF16_TINY_SCALE)),
-        builder.fcmp_ordered("<", sb, ir.Constant(F32, _BF16_TINY_SCALE)))
-    slot = cgutils.alloca_once(builder, wt)
+def _bf16_rows_tiny(builder, srows, nblocks):
+    """i1: whether a scale of the given rows (srows: pointers to their nblocks float32
+    scales each) is below :data:`_BF16_TINY_SCALE`, where some ``code * absmax`` may be
+    subnormal in float32 and ``vcvtne2ps2bf16`` reads zero. On the scales' bits: a signed
+    compare below the threshold's bits is the float compare, except that a NaN with its
+    sign bit set counts too (the rounding on bits then taken converts a NaN as the
+    instruction does)."""
+    limit = ir.Constant(I32, struct.unpack("<i", struct.pack("<f", _BF16_TINY_SCALE))[0])
+    i8 = ir.IntType(8)
+    found = cgutils.alloca_once_value(builder, ir.Constant(i8, 0))
+    for srow in srows:
+        bits = builder.bitcast(srow, I32.as_pointer())
+        with cgutils.for_range(builder, nblocks) as bl:
+            below = builder.icmp_signed("<", builder.load(builder.gep(bits, [bl.index]), align=4), limit)
+            builder.store(builder.or_(builder.load(found), builder.zext(below, i8)), found)
+    return builder.icmp_unsigned("!=", builder.load(found), ir.Constant(i8, 0))
+
+
+def _bf16_unswitched(builder, tiny, body):
+    """body(cvt) emitted twice, under ``if tiny`` with cvt False and else with cvt True: the
+    chunk loops of :func:`_bf16_chunk` tables, one whose tables take one instruction each and
+    have no branch (a test of the scales per chunk measured 1.2x slower: one-thread GEMV
+    4096 x 4096, AMD EPYC), one for weights with tiny scales."""
     with builder.if_else(tiny, likely=False) as (small, normal):
         with small:
-            builder.store(builder.shuffle_vector(_bf16_half_table(builder, codes, sa),
-                                                 _bf16_half_table(builder, codes, sb),
-                                                 ir.Constant(_vec(I32, 32), list(range(32)))), slot)
+            body(False)
         with normal:
-            lo = builder.fmul(codes, _splat(builder, sa, 16))
-            hi = builder.fmul(codes, _splat(builder, sb, 16))
-            cvt = ir.FunctionType(wt, [ft, ft])
-            builder.store(builder.asm(cvt, "vcvtne2ps2bf16 $2, $1, $0", "=v,v,v", [hi, lo], False, "cvtne2"), slot)
-    return builder.load(slot)
+            body(True)
 
 
-def _bf16_chunk(builder, prow, srow, e, bs, codes, one_instruction):
+def _bf16_table(builder, codes, sa, sb):
+    """<32 x i16>: the bf16 bits of rnd(codes * sa) then rnd(codes * sb), half to even, by
+    one ``vcvtne2ps2bf16``: for scales whose products are normal or zero (none below
+    :data:`_BF16_TINY_SCALE`; NaN and infinity included: the instruction rounds those as
+    the rounding on bits does)."""
+    wt = _vec(I16, 32)
+    ft = _vec(F32, 16)
+    lo = builder.fmul(codes, _splat(builder, sa, 16))
+    hi = builder.fmul(codes, _splat(builder, sb, 16))
+    return builder.asm(ir.FunctionType(wt, [ft, ft]), "vcvtne2ps2bf16 $2, $1, $0", "=v,v,v", [hi, lo], False,
+                       "cvtne2")
+
+
+def _bf16_chunk(builder, prow, srow, e, bs, codes, cvt):
     """The 32 16-bit words (4 nibbles each) and the 32-entry bf16 table of the 128-weight
     chunk at element e of a weight row (prow: its packed bytes, srow: its scales); the table
-    by :func:`_bf16_table` (``one_instruction``) or by the rounding on bits of each half
-    (same bits)."""
+    by :func:`_bf16_table` (``cvt``: the row has no tiny scale) or by the rounding on bits
+    of each half (same bits where both apply)."""
     wt = _vec(I16, 32)
     words = builder.load(builder.bitcast(builder.gep(prow, [builder.lshr(e, ir.Constant(I64, 1))]), wt.as_pointer()),
                          align=1)
     sa = builder.load(builder.gep(srow, [builder.udiv(e, bs)]))
     sb = builder.load(builder.gep(srow, [builder.udiv(builder.add(e, ir.Constant(I64, 64)), bs)]))
-    if one_instruction:
+    if cvt:
         return words, _bf16_table(builder, codes, sa, sb)
     return words, builder.shuffle_vector(_bf16_half_table(builder, codes, sa), _bf16_half_table(builder, codes, sb),
                                          ir.Constant(_vec(I32, 32), list(range(32))))
@@ -850,22 +878,28 @@ def _make_bf16_rows(nw, nx):
             xrows = _row_ptrs(builder, xa.data, first, nx, in_f)
             codes = _load_codes(builder, cd.data, 16)
             acc_p = _bf16_accumulators(builder, nw, nx)
-            with cgutils.for_range(builder, nchunks) as cl:
-                e = builder.mul(cl.index, ir.Constant(I64, BF16_CHUNK))
 
-                def xv(g, k, e=e):
-                    ptr = builder.gep(xrows[g], [builder.add(e, ir.Constant(I64, 32 * k))])
-                    return builder.load(builder.bitcast(ptr, wt.as_pointer()), align=2)
-                for a in range(nw):
-                    # with nx == 1 the table is most of a GEMV's work: one instruction; shared
-                    # by nx input rows, the rounding on bits (a branch there measured 1.3-2x slower)
-                    words, table = _bf16_chunk(builder, *wrows[a], e, bs, codes, nx == 1)
-                    accs = [builder.load(acc_p[a][g]) for g in range(nx)]
-                    for k in range(4):
-                        w = _bf16_nibbles(builder, words, table, k)
-                        accs = [_bf16_dot(builder, accs[g], w, xv(g, k)) for g in range(nx)]
-                    for g in range(nx):
-                        builder.store(accs[g], acc_p[a][g])
+            def chunks(cvt):
+                with cgutils.for_range(builder, nchunks) as cl:
+                    e = builder.mul(cl.index, ir.Constant(I64, BF16_CHUNK))
+
+                    def xv(g, k, e=e):
+                        ptr = builder.gep(xrows[g], [builder.add(e, ir.Constant(I64, 32 * k))])
+                        return builder.load(builder.bitcast(ptr, wt.as_pointer()), align=2)
+                    for a in range(nw):
+                        words, table = _bf16_chunk(builder, *wrows[a], e, bs, codes, cvt)
+                        accs = [builder.load(acc_p[a][g]) for g in range(nx)]
+                        for k in range(4):
+                            w = _bf16_nibbles(builder, words, table, k)
+                            accs = [_bf16_dot(builder, accs[g], w, xv(g, k)) for g in range(nx)]
+                        for g in range(nx):
+                            builder.store(accs[g], acc_p[a][g])
+
+            if nx == 1:  # the table is most of a GEMV's work: one instruction where it can
+                _bf16_unswitched(builder, _bf16_rows_tiny(builder, [sr for _, sr in wrows], builder.udiv(in_f, bs)),
+                                 chunks)
+            else:  # shared by nx input rows: the rounding on bits (a branch there measured 1.3-2x slower)
+                chunks(False)
             _bf16_store_sums(builder, acc_p, oa.data)
             return context.get_dummy_value()
 
@@ -899,13 +933,17 @@ def _make_bf16_decode_row():
             [(prow, srow)] = _weight_rows(builder, pk, sc, row, 1, in_f, bs)
             [wrow] = _row_ptrs(builder, wb.data, r, 1, in_f)
             codes = _load_codes(builder, cd.data, 16)
-            with cgutils.for_range(builder, nchunks) as cl:
-                e = builder.mul(cl.index, ir.Constant(I64, BF16_CHUNK))
-                words, table = _bf16_chunk(builder, prow, srow, e, bs, codes, True)
-                for k in range(4):
-                    ptr = builder.gep(wrow, [builder.add(e, ir.Constant(I64, 32 * k))])
-                    builder.store(_bf16_nibbles(builder, words, table, k), builder.bitcast(ptr, wt.as_pointer()),
-                                  align=2)
+
+            def chunks(cvt):
+                with cgutils.for_range(builder, nchunks) as cl:
+                    e = builder.mul(cl.index, ir.Constant(I64, BF16_CHUNK))
+                    words, table = _bf16_chunk(builder, prow, srow, e, bs, codes, cvt)
+                    for k in range(4):
+                        ptr = builder.gep(wrow, [builder.add(e, ir.Constant(I64, 32 * k))])
+                        builder.store(_bf16_nibbles(builder, words, table, k), builder.bitcast(ptr, wt.as_pointer()),
+                                      align=2)
+
+            _bf16_unswitched(builder, _bf16_rows_tiny(builder, [srow], builder.udiv(in_f, bs)), chunks)
             return context.get_dummy_value()
 
         return sig, codegen
