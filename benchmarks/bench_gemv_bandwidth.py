@@ -8,7 +8,11 @@ GEMV: ``nf4_matmul(x, t, out=out)`` at batch 1, float32 and bfloat16 compute, we
 N x N (default 4096), bytes read = codes + float32 scales. Interleaved rounds through
 numlora's harness; medians.
 
-    python benchmarks/bench_gemv_bandwidth.py [--size 4096] [--repeat 30]
+    python benchmarks/bench_gemv_bandwidth.py [--size 4096] [--repeat 30] [--warm 1] [--calls 1]
+
+``--warm W --calls C``: per turn of each competitor, W untimed calls then C timed ones back
+to back (a steady state, as in a decode loop that runs one GEMV after another; the default
+1 / 1 times the second call after a 10 ms pause).
 """
 
 from __future__ import annotations
@@ -42,6 +46,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--size", type=int, default=4096)
     p.add_argument("--repeat", type=int, default=30)
+    p.add_argument("--warm", type=int, default=1, help="untimed calls per turn")
+    p.add_argument("--calls", type=int, default=1, help="timed calls per turn, back to back")
     args = p.parse_args()
     rng = np.random.default_rng(0)
     w = (rng.standard_normal((args.size, args.size)) * 0.02).astype(np.float32)
@@ -55,11 +61,12 @@ def main() -> int:
            lambda: nl.nf4_matmul(x, t, out=out, compute_dtype="bfloat16")]
     for f in fns:
         f()
-    ts = time_interleaved(fns, args.repeat, 0.01)
+    ts = time_interleaved(fns, args.repeat, 0.01, calls=args.calls, warm=args.warm)
     bw_same = same.nbytes / ts[0].median_ms / 1e6
     bw_big = big.nbytes / ts[1].median_ms / 1e6
     print(machine())
-    print(f"\nNF4 weight {args.size} x {args.size}: {nbytes / 1e6:.1f} MB read per GEMV\n")
+    print(f"\nNF4 weight {args.size} x {args.size}: {nbytes / 1e6:.1f} MB read per GEMV; per turn {args.warm} "
+          f"untimed and {args.calls} timed calls of each, {args.repeat} turns\n")
     print("| what | median ms | spread | GB/s | of the read bandwidth at the weight's size |")
     print("|---|---|---|---|---|")
     print(f"| read {same.nbytes / 1e6:.1f} MB (numba parallel sum) | {ts[0].median_ms:.3f} | ±{ts[0].spread:.0%} | "
