@@ -100,6 +100,9 @@ def _parser() -> argparse.ArgumentParser:
                         "(forward and a training step, batches 1, 8, 128): each numlora call inside against "
                         "isolated, each numpy product against a phase without numlora, the whole pass against "
                         "torch + PEFT + bitsandbytes; --size sets d_model (default 1024, d_ff 4 x d_model)")
+    b.add_argument("--compute-dtype", choices=["float32", "bfloat16", "float16"],
+                   help="with --pipeline: the QLoraLinear layers' compute dtype (default float32; bitsandbytes' "
+                        "Linear4bit computes in bfloat16 in eval mode on CPUs with AVX512-BF16)")
     b.add_argument("--quick", action="store_true",
                    help="a smoke run in every mode (its ratios are not the documented ones): the kernel table "
                         "and --train on SIZE at most 1024 with at most 3 rounds (the table: batches 1 and 128 "
@@ -328,6 +331,8 @@ def _run(parser, args) -> int:
     if args.command == "bench":
         if args.size < 64 or args.rank < 1 or args.repeat < 1:
             parser.error("--size must be >= 64, --rank and --repeat >= 1")
+        if args.compute_dtype and not args.pipeline:
+            parser.error("--compute-dtype applies to --pipeline only (the main table has bf16 / fp16 rows)")
         if args.multi:
             from .bench.multi import main as bench_multi
 

@@ -108,3 +108,27 @@ def test_footprints_and_cache_matched_references(monkeypatch):
         assert all(r["reference_ms"] > 0 and r["warm_reference_ms"] > 0 for r in rows)
     assert 0 < res["pass_mib"] < 1
     assert "warm reference ms" in pl.to_markdown(res)
+
+
+def test_compute_dtype_reaches_the_qlora_layers_and_the_cli_refuses_it_elsewhere(capsys):
+    """``numlora bench --pipeline --compute-dtype bfloat16`` builds the block's QLoraLinear
+    layers with that compute dtype (their forward then rounds to bf16: close to the float32
+    block, not equal); the option without --pipeline is an error."""
+    import dataclasses
+
+    import pytest
+
+    from numlora.cli import main
+
+    bf = Block(dataclasses.replace(SIZES, compute_dtype="bfloat16"), 5)
+    f32 = Block(SIZES, 5)
+    assert [layer.compute_dtype for layer in (bf.q, bf.up, bf.down_t)] == ["bfloat16"] * 3
+    assert f32.q.compute_dtype == "float32"
+    for blk in (bf, f32):
+        blk.train(False)
+    y, ref = bf.forward(), f32.forward()
+    err = np.abs(y - ref).max() / np.abs(ref).max()
+    assert 0 < err <= 2e-2
+    with pytest.raises(SystemExit):
+        main(["bench", "--compute-dtype", "bfloat16", "--quick"])
+    assert "--compute-dtype applies to --pipeline only" in capsys.readouterr().err

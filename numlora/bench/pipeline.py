@@ -99,6 +99,8 @@ class Sizes:
     heads: int = HEADS
     rank: int = inputs.RANK
     n_adapters: int = N_ADAPTERS
+    #: The QLoraLinear layers' compute dtype (``numlora bench --pipeline --compute-dtype``).
+    compute_dtype: str = "float32"
 
     @property
     def alpha(self) -> float:
@@ -187,10 +189,12 @@ class Block:
         self.w = W
         alpha = sz.alpha
         d, ff = sz.d_model, sz.d_ff
-        self.q = nl.QLoraLinear(nl.quantize_nf4(W["q"][0]), W["q"][1], W["q"][2], alpha)
+        cd = sz.compute_dtype
+        self.q = nl.QLoraLinear(nl.quantize_nf4(W["q"][0]), W["q"][1], W["q"][2], alpha, compute_dtype=cd)
         self.v = nl.LoraLinear(W["v"][0], W["v"][1], W["v"][2], alpha)
-        self.up = nl.QLoraLinear(nl.quantize_nf4(W["up"][0]), W["up"][1], W["up"][2], alpha)
-        self.down_t = nl.QLoraLinear(nl.quantize_nf4(W["down"][0]), W["down"][1], W["down"][2], alpha)
+        self.up = nl.QLoraLinear(nl.quantize_nf4(W["up"][0]), W["up"][1], W["up"][2], alpha, compute_dtype=cd)
+        self.down_t = nl.QLoraLinear(nl.quantize_nf4(W["down"][0]), W["down"][1], W["down"][2], alpha,
+                                     compute_dtype=cd)
         self.wk, self.wo = W["k"][0], W["o"][0]
         self.bank = nl.LoraBank(W["down"][0])
         for k in range(sz.n_adapters):
@@ -594,6 +598,7 @@ def main(args) -> int:
         sz = Sizes(rank=args.rank)
     else:  # --size SIZE: d_model SIZE, d_ff 4 SIZE
         sz = Sizes(args.size, 4 * args.size, HEADS if args.size % HEADS == 0 else 1, rank=args.rank)
+    sz.compute_dtype = getattr(args, "compute_dtype", None) or "float32"
     batches = tuple(args.batch) if args.batch else (QUICK["batches"] if quick else (1, 8, 128))
     repeat = min(args.repeat, QUICK["repeat"]) if quick else args.repeat
     passes = QUICK["passes"] if quick else 8
@@ -607,7 +612,8 @@ def main(args) -> int:
     date = time.strftime("%Y-%m-%d")
     mach = f"{harness.machine()}; numba's threads: {THREADS}"
     print(f"numlora bench --pipeline, {date}: a transformer block (d_model {sz.d_model}, d_ff {sz.d_ff}, "
-          f"{sz.heads} heads, rank {sz.rank}, {sz.n_adapters} bank adapters), {repeat} rounds x {passes} passes "
+          f"{sz.heads} heads, rank {sz.rank}, {sz.n_adapters} bank adapters, QLoraLinear compute dtype "
+          f"{sz.compute_dtype}), {repeat} rounds x {passes} passes "
           f"back to back per phase; medians\n\nMachine: {mach}\n")
     l3 = _l3_bytes()
     print("Reference of a numlora call: the same call isolated (pause, warm-up, timed calls), with what the "
