@@ -112,12 +112,14 @@ def _openblas_shutdowns() -> list:
 
 #: Work from which numlora parks OpenBLAS's threads before a parallel kernel: elements of
 #: the weight for quantize / dequantize / merge (4096 x 4096 and up), weight elements
-#: times input rows for the NF4 products (a 4096 x 4096 weight from 64 rows). The next
-#: BLAS call pays for restarting them: measured up to 4 ms inside a numpy + numlora
-#: block at batch 8, more than a 1-3 ms kernel gains, while a 5-20 ms kernel gains half
-#: its time.
+#: times input rows for the NF4 products (2^27: a 4096 x 4096 weight from 8 rows, 4096 x
+#: 1024 from 32). The next BLAS call pays for restarting them: measured up to 4 ms inside
+#: a numpy + numlora block at batch 8 with products of 2^23-2^25, more than such 1-3 ms
+#: kernels gain; from 2^27 on the products gained more than that in every measurement
+#: (the pipeline block at batch 128, 4096 x 4096 at batch 8-32 after a numpy product;
+#: docs/performance.md).
 PARK_MIN_ELEMS = 1 << 24
-PARK_MIN_WORK = 1 << 30
+PARK_MIN_WORK = 1 << 27
 
 
 def park_blas() -> bool:
