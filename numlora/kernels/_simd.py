@@ -736,19 +736,13 @@ I16 = ir.IntType(16)
 
 
 def _bf16_half_table(builder, codes, scale):
-    """<16 x i16>: the bf16 bits of rnd(codes * scale), half to even; a NaN product as
-    ``vcvtne2ps2bf16`` converts it (its top 16 bits, made quiet), so that both ways of
+    """<16 x i16>: the bf16 bits of rnd(codes * scale), half to even (:func:`round_vector`:
+    a NaN product made quiet as ``vcvtne2ps2bf16`` converts it, so that both ways of
     building the table give the same bits for every scale whose products are not
-    subnormal."""
+    subnormal)."""
     it = _vec(I32, 16)
-    b = builder.bitcast(builder.fmul(codes, _splat(builder, scale, 16)), it)
-    top = builder.lshr(b, ir.Constant(it, [16] * 16))
-    odd = builder.and_(top, ir.Constant(it, [1] * 16))
-    near = builder.lshr(builder.add(builder.add(b, ir.Constant(it, [0x7FFF] * 16)), odd), ir.Constant(it, [16] * 16))
-    nan = builder.icmp_unsigned(">", builder.and_(b, ir.Constant(it, [0x7FFFFFFF] * 16)),
-                                ir.Constant(it, [0x7F800000] * 16))
-    quiet = builder.or_(top, ir.Constant(it, [0x40] * 16))
-    return builder.trunc(builder.select(nan, quiet, near), _vec(I16, 16))
+    rounded = builder.bitcast(round_vector(builder, builder.fmul(codes, _splat(builder, scale, 16)), 16, 1), it)
+    return builder.trunc(builder.lshr(rounded, ir.Constant(it, [16] * 16)), _vec(I16, 16))
 
 
 #: Below this absmax some ``code * absmax`` may be subnormal in float32, where
@@ -824,7 +818,7 @@ def _bf16_nibbles(builder, words, table, k):
                                           "llvm.x86.avx512.permvar.hi.512")
     half = ir.Constant(wt, [0] * 16 + [16] * 16)
     if k == 3:  # the top nibble: nothing above it to mask; shift the half's bit in with it
-        # (a funnel shift: one vpshrdw where the CPU has AVX512-VBMI2)
+        # (a funnel shift: one vpshldw / vpshrdw where the CPU has AVX512-VBMI2)
         fshr = cgutils.get_or_insert_function(builder.module, ir.FunctionType(wt, [wt, wt, wt]), "llvm.fshr.v32i16")
         return builder.call(perm, [table, builder.call(fshr, [ir.Constant(wt, [0] * 16 + [1] * 16), words,
                                                               ir.Constant(wt, [12] * 32)])])
