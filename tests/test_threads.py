@@ -90,6 +90,24 @@ def test_an_explicit_threading_layer_is_kept():
     assert "left to the user" in got["threads"] and "NUMBA_THREADING_LAYER" in got["threads"]
 
 
+def test_numlora_bench_starts_numbas_threads_at_import(default_run):
+    # torch loads its own libgomp: numba's OpenMP layer started after it shares that copy,
+    # with libgomp's spinning default, and the bench would time another setup than a user's
+    code = ("import numlora.bench\n"
+            "from numba.np.ufunc import parallel\n"
+            "from numlora.bench.harness import machine\n"
+            "print(parallel._is_initialized)\n"
+            "print(machine())\n")
+    drop = USER_THREAD_VARS + ("NUMLORA_PARALLEL", "GOMP_SPINCOUNT", "NUMBA_DISABLE_JIT")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    started, line = r.stdout.strip().splitlines()[-2:]
+    assert started == "True"
+    assert default_run["threads"] in line  # the table's machine line says how they run
+
+
 @pytest.mark.slow
 def test_threads_numba_already_started_are_left_alone():
     code = ("import numba, numpy as np\n"

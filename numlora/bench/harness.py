@@ -108,11 +108,14 @@ def cpu_name() -> str:
 
 
 def machine() -> str:
-    """One line naming the CPU, cores, Python, numpy, numba and numba's thread count."""
+    """One line naming the CPU, cores, Python, numpy, numba, numba's thread count and how
+    numba's threads were started (their wait policy changes every parallel timing)."""
     import numba
 
+    from ..kernels._jit import THREADS
+
     return (f"{cpu_name()}, {os.cpu_count()} cores, Python {platform.python_version()}, numpy {np.__version__}, "
-            f"numba {numba.__version__} ({numba.get_num_threads()} threads)")
+            f"numba {numba.__version__} ({numba.get_num_threads()} threads; {THREADS})")
 
 
 def progress(msg: str) -> None:

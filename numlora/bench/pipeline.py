@@ -607,10 +607,8 @@ def main(args) -> int:
     for b in batches:
         harness.progress(f"  pipeline, batch {b} ...")
         results.append(run_batch(sz, b, repeat=repeat, passes=passes, peers=peers))
-    from ..kernels._jit import THREADS
-
     date = time.strftime("%Y-%m-%d")
-    mach = f"{harness.machine()}; numba's threads: {THREADS}"
+    mach = harness.machine()
     print(f"numlora bench --pipeline, {date}: a transformer block (d_model {sz.d_model}, d_ff {sz.d_ff}, "
           f"{sz.heads} heads, rank {sz.rank}, {sz.n_adapters} bank adapters, QLoraLinear compute dtype "
           f"{sz.compute_dtype}), {repeat} rounds x {passes} passes "
