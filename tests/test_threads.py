@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -16,10 +17,19 @@ from numlora.kernels._jit import USER_THREAD_VARS
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 PROBE = r"""
-import ctypes, json, os, sys
+import ctypes, json, os, sys, time
+preload = os.environ.get("PROBE_PRELOAD_GOMP")
+if preload:  # another library's libgomp, loaded first into the global scope (as torch does)
+    ctypes.CDLL(preload, mode=os.RTLD_GLOBAL)
 import numpy as np
 import numlora as nl
-nl.quantize_nf4(np.ones((64, 64), np.float32))  # a parallel kernel ran
+w = np.ones((1024, 1024), np.float32)
+nl.quantize_nf4(w)  # a parallel kernel ran (above the small-work size)
+c0 = time.process_time()
+nl.quantize_nf4(w)
+c1 = time.process_time()
+time.sleep(0.2)
+spin_ms = 1e3 * (time.process_time() - c1)  # CPU time of all threads while the program sleeps
 import numba
 from numlora.kernels import _jit
 try:
@@ -27,8 +37,9 @@ try:
 except ValueError:  # numba's threads never started
     layer = "none"
 spin = None
+gomps = sorted({line.split()[-1] for line in open("/proc/self/maps") if "libgomp" in line})
 if layer == "omp":
-    path = next(line.split()[-1] for line in open("/proc/self/maps") if "libgomp" in line)
+    path = next((p for p in gomps if not preload or not os.path.samefile(p, preload)), gomps[0])
     r, w = os.pipe()
     saved = os.dup(2)
     os.dup2(w, 2)
@@ -37,8 +48,8 @@ if layer == "omp":
     os.close(w)
     text = os.read(r, 1 << 16).decode()
     spin = next(line.split("=")[1].strip().strip("'") for line in text.splitlines() if "GOMP_SPINCOUNT" in line)
-print(json.dumps({"layer": layer, "threads": _jit.THREADS, "spincount": spin,
-                  "env_wait_policy": os.environ.get("OMP_WAIT_POLICY")}))
+print(json.dumps({"layer": layer, "threads": _jit.THREADS, "spincount": spin, "gomps": gomps,
+                  "spin_ms": spin_ms, "env_wait_policy": os.environ.get("OMP_WAIT_POLICY")}))
 """
 
 
@@ -64,6 +75,35 @@ def default_run():
 def test_numba_openmp_threads_are_passive_by_default(default_run):
     assert default_run["spincount"] == "0"  # what libgomp sets for OMP_WAIT_POLICY=PASSIVE
     assert "PASSIVE" in default_run["threads"]
+
+
+def test_passive_threads_do_not_spin_after_a_kernel(default_run):
+    # libgomp's default spins for about 300,000 rounds (milliseconds of CPU) after each kernel
+    assert default_run["spin_ms"] < 2.0
+
+
+def test_another_librarys_libgomp_loaded_first_leaves_numbas_threads_passive(default_run, tmp_path):
+    # torch ships its own libgomp and loads it into the global symbol scope before numlora's
+    # first kernel: numba's OpenMP layer would bind to that copy (spinning threads) unless
+    # it is bound to its own, which read the passive policy
+    if not hasattr(os, "RTLD_DEEPBIND"):
+        pytest.skip("no RTLD_DEEPBIND here (not glibc)")
+    private = tmp_path / "private" / "libgomp.so.1"
+    private.parent.mkdir()
+    shutil.copyfile(default_run["gomps"][0], private)
+    got = probe(PROBE_PRELOAD_GOMP=str(private))
+    assert len(got["gomps"]) == 2  # the private copy and numba's own
+    assert "PASSIVE" in got["threads"] and "beside" in got["threads"]
+    assert got["spincount"] == "0"
+    assert got["spin_ms"] < 2.0  # numba's threads use their own libgomp: they sleep
+
+
+def test_numbas_own_libgomp_loaded_first_keeps_the_programs_policy(default_run):
+    # the same file numba's layer needs, loaded before: numba shares it, as it read its settings
+    got = probe(PROBE_PRELOAD_GOMP=default_run["gomps"][0])
+    assert len(got["gomps"]) == 1
+    assert "program's" in got["threads"]
+    assert got["spincount"] == "300000"
 
 
 def test_the_environment_is_restored_after_numba_loaded_openmp(default_run):

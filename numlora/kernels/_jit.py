@@ -4,6 +4,7 @@ threads are started (before numlora's first parallel kernel; see :func:`_setup_t
 from __future__ import annotations
 
 import os
+import sys
 import types
 import warnings
 
@@ -18,13 +19,20 @@ prange = numba.prange
 USER_THREAD_VARS = ("NUMBA_THREADING_LAYER", "NUMBA_NUM_THREADS", "OMP_WAIT_POLICY")
 
 
-def _libgomp_loaded() -> bool:
-    """Whether a libgomp is already mapped into this process (Linux; False elsewhere)."""
+def _libgomp_files() -> set | None:
+    """The libgomp files mapped into this process (Linux; None where that cannot be read)."""
     try:
         with open("/proc/self/maps") as f:
-            return any("libgomp" in line for line in f)
+            return {line.split(maxsplit=5)[5].strip() for line in f if "libgomp" in line and line.count(" ") >= 5}
     except OSError:
-        return False
+        return None
+
+
+def _deep_binding_ok() -> bool:
+    """Whether numba's OpenMP layer may be loaded with ``RTLD_DEEPBIND`` (glibc): its own
+    dependencies looked up before the libraries already loaded. Not with ``LD_PRELOAD``
+    (a preloaded allocator or sanitizer must see every library's calls)."""
+    return hasattr(os, "RTLD_DEEPBIND") and not os.environ.get("LD_PRELOAD", "").strip()
 
 
 def _setup_threads() -> str:
@@ -40,7 +48,12 @@ def _setup_threads() -> str:
 
     ``OMP_WAIT_POLICY`` is set only while numba loads its OpenMP layer (libgomp reads it
     once, when it is loaded) and then restored, so other OpenMP runtimes loaded later
-    (torch's) and child processes see the environment the user gave. Nothing is changed
+    (torch's) and child processes see the environment the user gave. Where another
+    library loaded a libgomp before (torch loads its own, into the global symbol scope),
+    numba's layer would bind to that copy, whose threads spin after their work: the layer
+    is then loaded with ``RTLD_DEEPBIND`` (where :func:`_deep_binding_ok`), so it binds
+    to its own libgomp, which reads the policy (the other copy and its threads are left
+    as they are). Nothing is changed
     when the user set any of :data:`USER_THREAD_VARS`, when the program chose
     ``numba.config.THREADING_LAYER``, when numba's threads are already running, or with
     ``NUMLORA_PARALLEL=0``. Returns a line saying what was done."""
@@ -56,11 +69,16 @@ def _setup_threads() -> str:
 
         if parallel._is_initialized:
             return f"left as found: numba's threads were already running ({numba.threading_layer()} layer)"
-        gomp_before = _libgomp_loaded()
+        gomp_before = _libgomp_files()
+        deep = bool(gomp_before) and _deep_binding_ok()
+        flags = sys.getdlopenflags()
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
         try:
+            if deep:
+                sys.setdlopenflags(flags | os.RTLD_DEEPBIND)
             parallel._launch_threads()
         finally:
+            sys.setdlopenflags(flags)
             del os.environ["OMP_WAIT_POLICY"]
         layer = numba.threading_layer()
     except Exception as exc:  # noqa: BLE001 - numba's own error surfaces at the first parallel call
@@ -68,7 +86,11 @@ def _setup_threads() -> str:
     if layer != "omp":
         return f"{layer} layer (numba's choice; its threads sleep when idle)"
     if gomp_before:
-        return "omp layer; a libgomp was loaded before numlora, so its wait policy is the program's"
+        gomp_after = _libgomp_files() or set()
+        if not (deep and gomp_after - gomp_before):
+            return "omp layer; its libgomp was loaded before numlora, so its wait policy is the program's"
+        return ("omp layer, OMP_WAIT_POLICY=PASSIVE for numba's OpenMP threads (their own libgomp, beside the one "
+                "another library loaded before)")
     return "omp layer, OMP_WAIT_POLICY=PASSIVE for numba's OpenMP threads"
 
 
