@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _backward as bw
+from . import _scratch
 from .errors import ConfigError
 
 #: The compute dtypes, by name, and their kernel mode numbers (see ``kernels.compute``).
@@ -148,7 +149,7 @@ def blas_product(x2, t, scales, out2, mode=0):
     TILE_ELEMS floats, serially: a parallel decode right after a BLAS call fights
     OpenBLAS's spinning threads; ``mode``: rounded to that compute dtype), multiply each
     by the whole batch with BLAS into y^T, transpose once."""
-    yt = np.empty((t.shape[0], x2.shape[0]), np.float32)
+    yt = _scratch.scratch("nf4.yt", t.shape[0] * x2.shape[0], np.float32).reshape(t.shape[0], x2.shape[0])
     xt = x2.T
     for r0, r1, cur in row_tiles(t, scales, mode):
         np.dot(cur, xt, out=yt[r0:r1])
@@ -156,16 +157,18 @@ def blas_product(x2, t, scales, out2, mode=0):
 
 
 def row_tiles(t, scales, mode=0):
-    """Yield ``(r0, r1, tile)``: rows r0:r1 of deq(W), decoded (serially) into one reused
-    buffer of at most TILE_ELEMS floats, for the large-batch paths that multiply them with
-    BLAS (the forward's ``x W^T`` and the backward's ``G W``). ``mode`` 1 / 2: each value
-    rounded to bfloat16 / float16 (see :func:`compute_mode`)."""
+    """Yield ``(r0, r1, tile)``: rows r0:r1 of deq(W), decoded (serially) into the calling
+    thread's scratch tile of at most TILE_ELEMS floats, for the large-batch paths that
+    multiply them with BLAS (the forward's ``x W^T`` and the backward's ``G W``). The tile
+    starts 64-byte aligned, so the SIMD decode streams its stores (see
+    ``kernels.nf4.nf4_decode_simd_tile``). ``mode`` 1 / 2: each value rounded to bfloat16 /
+    float16 (see :func:`compute_mode`)."""
     from .kernels import compute as kc
     from .kernels import nf4 as k
 
     out_f, in_f = t.shape
     rows = max(1, min(out_f, TILE_ELEMS // in_f))
-    tile = np.empty((rows, in_f), np.float32)
+    tile = _scratch.scratch("nf4.tile", rows * in_f, np.float32).reshape(rows, in_f)
     bs = t.blocksize
     simd = in_f % bs == 0 and simd_ok(k, bs)
     for r0 in range(0, out_f, rows):
@@ -218,7 +221,7 @@ def _tiles_grad(g2, t, scales, dx, mode=0):
             np.dot(g2[:, r0:r1], cur, out=dx)
         else:
             if tmp is None:
-                tmp = np.empty_like(dx)
+                tmp = _scratch.scratch("nf4.dx", dx.size, dx.dtype).reshape(dx.shape)
             np.dot(g2[:, r0:r1], cur, out=tmp)
             dx += tmp
 

@@ -4,9 +4,10 @@ A buffer of a few MiB made fresh in every call is fresh pages every time once th
 allocator serves it with ``mmap``: on the small machines numlora targets that costs as
 much in page faults as the work done in it (convolution columns), makes every other call
 of a function slower than the one before (DoRA's float64 row chunks alternated 36 / 41
-ms), or adds ~1 ms to a 1 ms product (the bf16 products' decoded rows). Each Python
-thread keeps at most one buffer per name, grown when a call needs more; contents are not
-kept between calls, and a buffer is never handed to two threads.
+ms), or adds ~1 ms to a 1 ms product (the bf16 products' decoded rows; the NF4 products'
+decoded tiles too). Each Python thread keeps at most one buffer per name, grown when a
+call needs more; contents are not kept between calls, and a buffer is never handed to
+two threads.
 """
 
 from __future__ import annotations

@@ -339,3 +339,24 @@ def test_blocksize_max_roundtrips():
     ref = nl.NF4_CODE[np.stack([t.packed >> 4, t.packed & 15], 1).reshape(-1)[: w.size]] \
         * np.repeat(t.absmax, 2**20)[: w.size]
     np.testing.assert_array_equal(nl.dequantize_nf4(t), ref)
+
+
+@pytest.mark.parametrize("offset", [0, 1, 4])
+def test_tile_decode_streams_into_an_aligned_tile_and_writes_the_same_values(rng, offset):
+    # the large-batch products decode tiles of W that BLAS reads next: an aligned tile
+    # gets streaming stores (then a store fence), any other one ordinary stores
+    from numlora import dequantize_nf4
+    from numlora.kernels import _simd
+    from numlora.kernels import nf4 as k
+
+    if not k.SIMD_LANES:
+        pytest.skip("no SIMD decode here (NUMLORA_SIMD=0, the JIT off, or no AVX2)")
+    t = nl.quantize_nf4((rng.standard_normal((96, 256)) * 0.1).astype(np.float32), 64)
+    ref = dequantize_nf4(t)
+    n = 32 * 256  # rows 32:64
+    buf = np.full(n + 64, np.nan, np.float32)
+    base = (-buf.ctypes.data % _simd.STREAM_ALIGN) // 4  # an aligned start in buf
+    out = buf[base + offset:base + offset + n]
+    k.nf4_decode_simd_tile(t.packed, t.scales, 64, t.code, 32 * 256 // 64, 64 * 256 // 64, out)
+    assert np.array_equal(out.reshape(32, 256), ref[32:64])
+    assert np.isnan(buf[:base + offset]).all() and np.isnan(buf[base + offset + n:]).all()

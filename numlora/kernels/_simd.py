@@ -242,14 +242,17 @@ def round_vector(builder, v, lanes, mode):
     return builder.bitcast(builder.select(nan, quiet, near), _vec(F32, lanes))
 
 
-def _make_decode(lanes, nontemporal, mode=0):
+def _make_decode(lanes, nontemporal, mode=0, aligned=False):
     @intrinsic
     def decode_blocks(typingctx, packed, scales, code, blocksize, out):
         """out[k] = code[nibble k] * scales[k // blocksize] for the blocks of ``scales``
         (packed / out start at the first of those blocks; blocksize % lanes == 0).
         The non-temporal build streams the stores past the caches (for outputs much larger
-        than the caches, which are not read back soon). ``mode`` 1 / 2: each value then
-        rounded to bfloat16 / float16 (:func:`round_vector`)."""
+        than the caches, which are not read back soon). ``aligned`` (non-temporal only):
+        ``out`` starts on a vector boundary (lanes * 4 bytes), so each store is one aligned
+        streaming vector store (without it LLVM splits them); an unaligned ``out`` would
+        fault. ``mode`` 1 / 2: each value then rounded to bfloat16 / float16
+        (:func:`round_vector`)."""
         sig = types.void(packed, scales, code, blocksize, out)
 
         def codegen(context, builder, sig, args):
@@ -272,7 +275,8 @@ def _make_decode(lanes, nontemporal, mode=0):
                     w = builder.fmul(_decode_chunk(builder, src, codes, lanes), s)
                     if mode:
                         w = round_vector(builder, w, lanes, mode)
-                    st = builder.store(w, builder.bitcast(builder.gep(oa.data, [k]), vt.as_pointer()), align=4)
+                    st = builder.store(w, builder.bitcast(builder.gep(oa.data, [k]), vt.as_pointer()),
+                                       align=4 * lanes if aligned else 4)
                     if nontemporal:
                         st.set_metadata("nontemporal", builder.module.add_metadata([ir.Constant(I32, 1)]))
             return context.get_dummy_value()
@@ -280,6 +284,21 @@ def _make_decode(lanes, nontemporal, mode=0):
         return sig, codegen
 
     return decode_blocks
+
+
+@intrinsic
+def store_fence(typingctx):
+    """``sfence``: the streaming stores before it are visible to every core before any
+    store after it (another thread, e.g. a BLAS worker handed the buffer next, reads
+    them; streaming stores are not ordered by the usual x86 rules)."""
+    sig = types.void()
+
+    def codegen(context, builder, sig, args):
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), []), "llvm.x86.sse.sfence")
+        builder.call(fn, [])
+        return context.get_dummy_value()
+
+    return sig, codegen
 
 
 #: Batch rows per call of ``rows_dot`` (their accumulators stay in registers).
@@ -1031,3 +1050,8 @@ words_wrows = _make_dot_words(LANES, WROWS, 1) if LANES else None
 words_one = _make_dot_words(LANES, 1, 1) if LANES else None
 decode_blocks = _make_decode(LANES, False) if LANES else None
 decode_blocks_stream = _make_decode(LANES, True) if LANES else None
+#: Streaming stores into an output aligned to the vector (the large-batch tiles).
+decode_blocks_stream_aligned = _make_decode(LANES, True, aligned=True) if LANES else None
+#: Alignment (bytes) that :data:`decode_blocks_stream_aligned` needs of its output (the
+#: widest vector).
+STREAM_ALIGN = 64
