@@ -130,6 +130,29 @@ def test_simd_and_portable_decodes_give_the_same_bits(dtype, monkeypatch):
 
 
 @pytest.mark.skipif(JIT_DISABLED, reason="the SIMD decode exists only compiled")
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("offset", [0, 1])
+def test_rounded_tile_decode_is_the_cast_aligned_or_not(dtype, offset):
+    # the large-batch tiles: streaming stores into an aligned tile, ordinary ones otherwise
+    from numlora.kernels import _simd
+    from numlora.kernels import compute as kc
+
+    if not _simd.LANES:
+        pytest.skip("this CPU (or NUMLORA_SIMD=0) has no SIMD decode")
+    rng = np.random.default_rng(11)
+    t = nl.quantize_nf4((rng.standard_normal((64, 256)) * 0.1).astype(np.float32), 64)
+    ref = nl.dequantize_nf4(t)[16:48].astype(CASTS[dtype]).astype(np.float32)
+    n = 32 * 256
+    buf = np.full(n + 64, np.nan, np.float32)
+    base = (-buf.ctypes.data % _simd.STREAM_ALIGN) // 4 + offset
+    mode = 1 if dtype == "bfloat16" else 2
+    kc.nf4_decode_rounded_tile(t.packed, t.scales, 64, t.code, mode, 16 * 256 // 64, 48 * 256 // 64,
+                               buf[base:base + n])
+    assert np.array_equal(buf[base:base + n].reshape(32, 256), ref)
+    assert np.isnan(buf[:base]).all() and np.isnan(buf[base + n:]).all()
+
+
+@pytest.mark.skipif(JIT_DISABLED, reason="the SIMD decode exists only compiled")
 @pytest.mark.parametrize("mode", [1, 2])
 def test_fused_rounded_product_is_the_decoded_one_bit_for_bit(mode):
     """nf4_matmul_rounded_fused (a rounded table per block, products in registers) against

@@ -1040,6 +1040,8 @@ rounded_2x4, rounded_1x4, rounded_4x1, rounded_1x1 = (
     [_make_rounded_dot(LANES, w, x) for w, x in ROUNDED_SHAPES] if LANES else [None] * 4)
 decode_blocks_bf16 = _make_decode(LANES, False, 1) if LANES else None
 decode_blocks_f16 = _make_decode(LANES, False, 2) if LANES else None
+decode_blocks_bf16_stream = _make_decode(LANES, True, 1, aligned=True) if LANES else None
+decode_blocks_f16_stream = _make_decode(LANES, True, 2, aligned=True) if LANES else None
 delta_rows = _make_delta_rows(DELTA_ROWS, False) if LANES else None
 merge_rows = _make_delta_rows(DELTA_ROWS, True) if LANES else None
 encode_block = _make_encode(LANES) if LANES else None

@@ -24,6 +24,7 @@ from ._simd import (  # noqa: F401  (BF16_DOT: read by the products module)
     BF16_DOT,
     BF16_NW,
     BF16_NX,
+    STREAM_ALIGN,
     bf16_block,
     bf16_decode_row,
     bf16_rows_1,
@@ -31,12 +32,15 @@ from ._simd import (  # noqa: F401  (BF16_DOT: read by the products module)
     bf16_rows_wx,
     bf16_rows_x,
     decode_blocks_bf16,
+    decode_blocks_bf16_stream,
     decode_blocks_f16,
+    decode_blocks_f16_stream,
     dot16,
     rounded_1x1,
     rounded_1x4,
     rounded_2x4,
     rounded_4x1,
+    store_fence,
 )
 from ._simd import CACHEABLE as SIMD_CACHEABLE
 from .nf4 import _lane_dot
@@ -215,8 +219,18 @@ def _decode_rounded(packed, scales, blocksize, code, mode, b0, b1, half, out):
 @kernel(cache=SIMD_CACHEABLE)
 def nf4_decode_rounded_tile(packed, scales, blocksize, code, mode, b0, b1, out):
     """Serial SIMD decode of blocks [b0, b1), each value rounded to the compute dtype,
-    into a tile that BLAS reads next (the large-batch path)."""
-    _decode_rounded(packed, scales, blocksize, code, mode, b0, b1, blocksize // 2, out[:(b1 - b0) * blocksize])
+    into a tile that BLAS reads next (the large-batch path); an aligned tile gets
+    streaming stores, as in :func:`~numlora.kernels.nf4.nf4_decode_simd_tile`."""
+    half = blocksize // 2
+    o = out[:(b1 - b0) * blocksize]
+    if o.ctypes.data % STREAM_ALIGN != 0:
+        _decode_rounded(packed, scales, blocksize, code, mode, b0, b1, half, o)
+    elif mode == BF16:
+        decode_blocks_bf16_stream(packed[b0 * half:b1 * half], scales[b0:b1], code, blocksize, o)
+        store_fence()
+    else:
+        decode_blocks_f16_stream(packed[b0 * half:b1 * half], scales[b0:b1], code, blocksize, o)
+        store_fence()
 
 
 BF16_ROWS = 16  # weight rows per parallel task of the bf16 dot-product kernel
