@@ -30,7 +30,7 @@ import argparse
 import numpy as np
 
 import numlora as nl
-from numlora.bench.harness import machine, noise_warning, time_interleaved
+from numlora.bench.harness import machine, noise_warning, start_threads, time_interleaved
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -139,6 +139,7 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="512 x 512, 3 rounds (a smoke run)")
     p.add_argument("--no-steady", action="store_true", help="skip the steady-state table")
     args = p.parse_args()
+    start_threads()  # torch first, then numba's threads: each with its own default
     size, repeat = (512, 3) if args.quick else (args.size, args.repeat)
     torch, bnb = _peers()
     print(machine())

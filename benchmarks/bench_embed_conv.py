@@ -19,7 +19,7 @@ import os
 import numpy as np
 
 import numlora as nl
-from numlora.bench.harness import cpu_name, time_interleaved
+from numlora.bench.harness import cpu_name, start_threads, time_interleaved
 
 #: Sleep before each competitor's turn and timed calls per turn (after one untimed call):
 #: torch's OpenMP threads and OpenBLAS's spin after a call, and on 2 cores whoever runs
@@ -160,13 +160,10 @@ def main(argv=None):
     p.add_argument("--direct", action="store_true", help="also time a direct numba convolution loop")
     p.add_argument("--batches", default="128", help="token counts of the embedding case, comma-separated")
     args = p.parse_args(argv)
-    # numba's threads are set up (numlora's passive OpenMP wait policy) before torch loads
-    # its own libgomp, as in a program that uses numlora first: the other way round numba
-    # shares torch's libgomp and its spinning wait policy (docs/performance.md), which
-    # measured the Conv2d forward at 48-70 ms instead of 25-39.
-    from numlora.kernels import _jit
-
-    print(f"numba threads: {_jit.THREADS}")
+    # torch first, then numba's threads, each with its own OpenMP runtime and default (had
+    # numba's OpenMP layer shared torch's spinning threads, the Conv2d forward measured
+    # 48-70 ms instead of 25-39; docs/performance.md)
+    print(f"numba threads: {start_threads()}")
     import torch
 
     rng = np.random.default_rng(0)

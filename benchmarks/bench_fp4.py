@@ -16,7 +16,7 @@ import argparse
 import numpy as np
 
 import numlora as nl
-from numlora.bench.harness import machine, noise_warning, progress, time_interleaved
+from numlora.bench.harness import machine, noise_warning, progress, start_threads, time_interleaved
 from numlora.bench.inputs import weight
 
 
@@ -25,6 +25,7 @@ def main(argv=None) -> int:
     ap.add_argument("--n", type=int, default=4096)
     ap.add_argument("--repeat", type=int, default=15)
     args = ap.parse_args(argv)
+    start_threads()  # torch first, then numba's threads: each with its own default
     try:
         import bitsandbytes.functional as bnbf
         import torch

@@ -333,6 +333,9 @@ def _run(parser, args) -> int:
             parser.error("--size must be >= 64, --rank and --repeat >= 1")
         if args.compute_dtype and not args.pipeline:
             parser.error("--compute-dtype applies to --pipeline only (the main table has bf16 / fp16 rows)")
+        from .bench.harness import start_threads
+
+        start_threads(peers=not args.no_peers)
         if args.multi:
             from .bench.multi import main as bench_multi
 

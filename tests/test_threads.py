@@ -130,22 +130,33 @@ def test_an_explicit_threading_layer_is_kept():
     assert "left to the user" in got["threads"] and "NUMBA_THREADING_LAYER" in got["threads"]
 
 
-def test_numlora_bench_starts_numbas_threads_at_import(default_run):
-    # torch loads its own libgomp: numba's OpenMP layer started after it shares that copy,
-    # with libgomp's spinning default, and the bench would time another setup than a user's
-    code = ("import numlora.bench\n"
+def test_the_bench_starts_numbas_threads_after_torch_each_with_its_own_runtime(default_run):
+    # imported after numba's threads started, torch shares numba's passive libgomp (its
+    # users' threads spin); numba's layer started after torch without numlora's setup
+    # shares torch's spinning one: the bench imports torch first, then starts numba's
+    code = ("import sys\n"
+            "from numlora.bench.harness import machine, start_threads\n"
+            "line = start_threads(peers=True)\n"
             "from numba.np.ufunc import parallel\n"
-            "from numlora.bench.harness import machine\n"
-            "print(parallel._is_initialized)\n"
+            "gomps = {l.split()[-1] for l in open('/proc/self/maps') if 'libgomp' in l}\n"
+            "import glob, os\n"
+            "own = 'torch' in sys.modules and bool(glob.glob(os.path.join(os.path.dirname(\n"
+            "    sys.modules['torch'].__file__), 'lib', 'libgomp*')))\n"
+            "print(parallel._is_initialized, own, len(gomps))\n"
+            "print(line)\n"
             "print(machine())\n")
     drop = USER_THREAD_VARS + ("NUMLORA_PARALLEL", "GOMP_SPINCOUNT", "NUMBA_DISABLE_JIT")
     env = {k: v for k, v in os.environ.items() if k not in drop}
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    started, line = r.stdout.strip().splitlines()[-2:]
+    flags, line, mach = r.stdout.strip().splitlines()[-3:]
+    started, torch_own_gomp, n_gomp = flags.split()
     assert started == "True"
-    assert default_run["threads"] in line  # the table's machine line says how they run
+    assert "PASSIVE" in line
+    if torch_own_gomp == "True":  # torch installed with its own libgomp (the pip wheels)
+        assert int(n_gomp) == 2 and "beside" in line
+    assert line in mach  # the tables' machine line says how numba's threads run
 
 
 @pytest.mark.slow

@@ -24,10 +24,6 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-# numba's threads start at this import, as numlora starts them (passive OpenMP threads),
-# before a competitor's import: torch loads its own libgomp, which numba's OpenMP layer
-# would share had it started later, with libgomp's spinning default (kernels._jit)
-from ..kernels import _jit  # noqa: F401
 from . import harness, inputs
 from .harness import cpu_name, machine, peak_rss_delta_mb  # noqa: F401  (re-exported)
 

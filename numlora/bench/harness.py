@@ -107,6 +107,25 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def start_threads(peers: bool = True) -> str:
+    """Start numba's threads as a program that uses numlora and torch runs them, before
+    anything is timed: torch imported first (where installed and ``peers``), then numba's
+    threads. torch then keeps its own OpenMP runtime and its default (threads that spin
+    after a call) and numba gets its own with numlora's (passive threads; see
+    ``kernels._jit._setup_threads``). Imported after numba's threads started, torch
+    would share numba's runtime, passive, and be timed with threads its users do not get;
+    started after torch without numlora's setup, numba would share torch's spinning ones.
+    Returns how numba's threads run (what :func:`machine` prints)."""
+    if peers:
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            pass
+    from ..kernels._jit import THREADS
+
+    return THREADS
+
+
 def machine() -> str:
     """One line naming the CPU, cores, Python, numpy, numba, numba's thread count and how
     numba's threads were started (their wait policy changes every parallel timing)."""
