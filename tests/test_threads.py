@@ -53,13 +53,20 @@ print(json.dumps({"layer": layer, "threads": _jit.THREADS, "spincount": spin, "g
 """
 
 
-def probe(**env):
+def clean_env(**env):
+    """This process's environment without the thread settings (a fresh process chooses),
+    plus ``env``, with the checkout on PYTHONPATH."""
     # NUMBA_DISABLE_JIT (the coverage run of .ci/run) would leave numba without threads
     drop = USER_THREAD_VARS + ("NUMLORA_PARALLEL", "GOMP_SPINCOUNT", "NUMBA_DISABLE_JIT")
     clean = {k: v for k, v in os.environ.items() if k not in drop}
     clean.update(env)
     clean["PYTHONPATH"] = ROOT + os.pathsep + clean.get("PYTHONPATH", "")
-    r = subprocess.run([sys.executable, "-c", PROBE], env=clean, capture_output=True, text=True, timeout=300)
+    return clean
+
+
+def probe(**env):
+    r = subprocess.run([sys.executable, "-c", PROBE], env=clean_env(**env), capture_output=True, text=True,
+                       timeout=300)
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout.strip().splitlines()[-1])
 
@@ -145,10 +152,7 @@ def test_the_bench_starts_numbas_threads_after_torch_each_with_its_own_runtime(d
             "print(parallel._is_initialized, own, len(gomps))\n"
             "print(line)\n"
             "print(machine())\n")
-    drop = USER_THREAD_VARS + ("NUMLORA_PARALLEL", "GOMP_SPINCOUNT", "NUMBA_DISABLE_JIT")
-    env = {k: v for k, v in os.environ.items() if k not in drop}
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-c", code], env=clean_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     flags, line, mach = r.stdout.strip().splitlines()[-3:]
     started, torch_own_gomp, n_gomp = flags.split()

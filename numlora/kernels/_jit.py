@@ -19,13 +19,21 @@ prange = numba.prange
 USER_THREAD_VARS = ("NUMBA_THREADING_LAYER", "NUMBA_NUM_THREADS", "OMP_WAIT_POLICY")
 
 
-def _libgomp_files() -> set | None:
-    """The libgomp files mapped into this process (Linux; None where that cannot be read)."""
+def _mapped_files() -> set | None:
+    """The paths of the files mapped into this process (Linux; None where that cannot be
+    read)."""
     try:
         with open("/proc/self/maps") as f:
-            return {line.split(maxsplit=5)[5].strip() for line in f if "libgomp" in line and line.count(" ") >= 5}
+            rows = (line.split(maxsplit=5) for line in f)
+            return {r[5].strip() for r in rows if len(r) == 6}  # anonymous mappings have no path
     except OSError:
         return None
+
+
+def _libgomp_files() -> set | None:
+    """The libgomp files mapped into this process (None where that cannot be read)."""
+    files = _mapped_files()
+    return None if files is None else {p for p in files if "libgomp" in p}
 
 
 def _deep_binding_ok() -> bool:
@@ -106,21 +114,12 @@ _BLAS = [-1, []]
 def _openblas_shutdowns() -> list:
     """``blas_thread_shutdown_`` of every OpenBLAS library mapped into the process
     (Linux; numpy's and scipy's bundled ones), looked up again after new imports."""
-    import sys
-
     if _BLAS[0] == len(sys.modules):
         return _BLAS[1]
     import ctypes
 
-    found, paths = [], set()
-    try:
-        with open("/proc/self/maps") as f:
-            for line in f:
-                path = line.split(maxsplit=5)[-1].strip() if line.count(" ") >= 5 else ""
-                if "openblas" in path.lower() and ".so" in path:
-                    paths.add(path)
-    except OSError:
-        paths = set()
+    found = []
+    paths = {p for p in _mapped_files() or () if "openblas" in p.lower() and ".so" in p}
     for path in sorted(paths):
         try:
             fn = ctypes.CDLL(path).blas_thread_shutdown_
