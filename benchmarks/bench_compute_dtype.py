@@ -20,7 +20,7 @@ phase of its own, as a program that calls one library in a loop sees it: a 0.3 s
 20 untimed and 50 timed calls back to back, the phases alternating over 6 rounds (no
 competitor starts right after another's spinning threads).
 
-    python benchmarks/bench_compute_dtype.py [--size 4096] [--repeat 15] [--quick]
+    python benchmarks/bench_compute_dtype.py [--size 4096] [--repeat 15] [--batches 1,8,128] [--quick]
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def _competitors(x, out, t, torch, layers):
     return fns
 
 
-def speed(size: int, repeat: int, pause: float, torch, bnb, steady: int = 6) -> None:
+def speed(size: int, repeat: int, pause: float, torch, bnb, steady: int = 6, batches=(1, 8, 128)) -> None:
     rng = np.random.default_rng(1)
     w = (rng.standard_normal((size, size)) * 0.02).astype(np.float32)
     t = nl.quantize_nf4(w, 64)
@@ -105,7 +105,7 @@ def speed(size: int, repeat: int, pause: float, torch, bnb, steady: int = 6) -> 
     print("|---|" + "---|" * (len(DTYPES) + (2 if torch is not None else 0)))
     layers = [_bnb_layer(torch, bnb, w, d) for d in ("bfloat16", "float16")] if torch is not None else []
     spreads, rows = [], []
-    for n in (1, 8, 128):
+    for n in batches:
         x = rng.standard_normal((n, size)).astype(np.float32)
         fns = _competitors(x, np.empty((n, size), np.float32), t, torch, layers)
         rows.append((n, fns))
@@ -138,6 +138,7 @@ def main() -> int:
                    help="seconds of sleep before each competitor's turn (default 0.05)")
     p.add_argument("--quick", action="store_true", help="512 x 512, 3 rounds (a smoke run)")
     p.add_argument("--no-steady", action="store_true", help="skip the steady-state table")
+    p.add_argument("--batches", default="1,8,128", help="comma-separated batch sizes (default 1,8,128)")
     args = p.parse_args()
     start_threads()  # torch first, then numba's threads: each with its own default
     size, repeat = (512, 3) if args.quick else (args.size, args.repeat)
@@ -147,7 +148,8 @@ def main() -> int:
         print("torch / bitsandbytes not installed: numlora's columns only")
     accuracy(min(size, 2048), torch, bnb)
     speed(size, repeat, 0.0 if args.quick else args.pause, torch, bnb,
-          steady=0 if args.no_steady else (2 if args.quick else 6))
+          steady=0 if args.no_steady else (2 if args.quick else 6),
+          batches=tuple(int(b) for b in args.batches.split(",")))
     return 0
 
 
