@@ -187,7 +187,7 @@ def test_bf16_dot_instruction_path(monkeypatch):
     for out_f, in_f, bs in ((70, 256, 64), (37, 384, 128), (20, 512, 256)):
         t, x, b = _operands(rng, out_f, in_f, 21, bs=bs)
         got = nl.nf4_matmul(x, t, bias=b, compute_dtype="bfloat16")
-        for n in (1, 3, 8, 9, 10, 11, 17):  # every row the same bits whatever the batch
+        for n in (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 17):  # every row the same bits whatever the batch
             assert np.array_equal(nl.nf4_matmul(x[:n], t, bias=b, compute_dtype="bfloat16"), got[:n])
         # a batch's last, partial group of BF16_BX rows: through the decoded rows with zero
         # rows of padding (bf16_input), or without them through the fused kernel: same bits
@@ -297,10 +297,11 @@ def test_bf16_gemv_table_keeps_the_bits_of_tiny_scales():
     """The GEMV builds its bf16 table with one conversion instruction that reads float32
     subnormals as zero; a block whose products are subnormal (absmax just below 2^-126:
     code 1.0 rounds up to the smallest normal bf16) must keep the rounding on bits, so
-    batch 1 gives the bits of batch 8 and a nonzero output. The GEMV and the decoded rows
-    of large batches test the scales once per row and take a loop without that
-    instruction for the row (the GEMV: for its group of four rows): rows 0, 1, 3 share
-    row 2's group, row 5 is alone and normal."""
+    every batch size gives the bits of the decoded rows of large batches and a nonzero
+    output. The fused products test the scales once per call and take a loop without
+    that instruction for the call's weight rows (four for groups of 1, 2 and 4 input
+    rows: rows 0, 1, 3 share row 2's call, rows 4 and 5 are a task's tail, one at a time;
+    two for groups of 8: rows 2 / 3 and 4 / 5), the decoded rows once per row."""
     from numlora.kernels import compute as kc
 
     if not kc.BF16_DOT:
@@ -313,13 +314,13 @@ def test_bf16_gemv_table_keeps_the_bits_of_tiny_scales():
     w[4] = 0
     w[4, 128:192] = tiny
     t = nl.quantize_nf4(w, 64)
-    x = rng.standard_normal((8, 256)).astype(np.float32)
+    x = rng.standard_normal((kc.BF16_DECODED_FROM, 256)).astype(np.float32)
     x[:, :64] = 1e30
     x[:, 128:192] = 1e30
-    full = nl.nf4_matmul(x, t, compute_dtype="bfloat16")
-    one = nl.nf4_matmul(x[:1], t, compute_dtype="bfloat16")
-    assert np.array_equal(one, full[:1])
-    assert kc.BF16_DECODED_FROM <= 8  # batch 8: the decoded rows
+    full = nl.nf4_matmul(x, t, compute_dtype="bfloat16")  # the decoded rows
+    for n in (1, 2, 3, 4, 7, 8):  # the fused groups of 1, 2, 4 and 8 input rows
+        assert np.array_equal(nl.nf4_matmul(x[:n], t, compute_dtype="bfloat16"), full[:n])
+    one = full[:1]
     wr = rnd(nl.dequantize_nf4(t), "bfloat16").astype(np.float64)
     assert wr[4, 128] == 2.0 ** -126  # rounded up to the smallest normal bf16
     # rows 2 and 4 are their tiny blocks alone: 64 * 1e30 * 2^-126 = 7.5e-7 for row 4
@@ -333,8 +334,10 @@ def test_bf16_table_keeps_nan_scales_beside_tiny_ones():
     the bf16 table: the conversion instruction (rows without tiny scales) and the rounding
     on bits (rows with one), which must make a NaN quiet as the instruction does instead
     of rounding its bits (all-ones payloads carried into the sign or to zero). Rows 0-3
-    form one GEMV group without tiny scales, rows 4-7 one with row 5's tiny block, whose
-    chunk partner block holds a NaN; batch 8 decodes every row on its own."""
+    form one call of the fused products without tiny scales (with groups of 8 input rows:
+    rows 0 / 1 and 2 / 3), rows 4-7 one with row 5's tiny block (4 / 5 with groups of 8),
+    whose chunk partner block holds a NaN; the decoded rows of large batches decode every
+    row on its own."""
     from numlora.kernels import compute as kc
 
     if not kc.BF16_DOT:
@@ -347,12 +350,12 @@ def test_bf16_table_keeps_nan_scales_beside_tiny_ones():
     bits = t.absmax.reshape(8, 4).view(np.uint32)
     for row, block, nan in ((1, 0, 0xFFFFFFFF), (2, 2, 0x7FFFFFFF), (5, 1, 0xFFFFFFFF), (6, 3, 0x7FFFFFFF)):
         bits[row, block] = nan
-    x = rng.standard_normal((8, 256)).astype(np.float32)
-    full = nl.nf4_matmul(x, t, compute_dtype="bfloat16")
-    one = nl.nf4_matmul(x[:1], t, compute_dtype="bfloat16")
+    x = rng.standard_normal((max(8, kc.BF16_DECODED_FROM), 256)).astype(np.float32)
+    full = nl.nf4_matmul(x, t, compute_dtype="bfloat16")  # the decoded rows
     assert np.array_equal(np.isnan(full), np.broadcast_to([False, True, True, False, False, True, True, False],
                                                           full.shape))
-    assert np.array_equal(one, full[:1], equal_nan=True)
+    for n in (1, 2, 4, 8):  # the fused groups
+        assert np.array_equal(nl.nf4_matmul(x[:n], t, compute_dtype="bfloat16"), full[:n], equal_nan=True)
 
 
 @pytest.mark.skipif(JIT_DISABLED, reason="the bf16 dot-product kernel exists only compiled")

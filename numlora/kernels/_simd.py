@@ -874,8 +874,9 @@ def _make_bf16_rows(nw, nx):
     xb: bf16 bits (n, in) in ``kernels.compute.bf16_bits``' order; ``in % 128 == 0`` and
     ``blocksize % 64 == 0``. Per chunk of 128 weights of a row: the 64 bytes load as 32
     16-bit words; the 16-entry table of each half chunk (64 weights, within one block) is
-    ``rnd(code * absmax)`` in bf16, the two side by side in one 32-entry table (with
-    ``nx == 1`` built by one ``vcvtne2ps2bf16``, :func:`_bf16_table`; same bits); nibble
+    ``rnd(code * absmax)`` in bf16, the two side by side in one 32-entry table (built by
+    one ``vcvtne2ps2bf16``, :func:`_bf16_table`, where none of the rows' scales is tiny,
+    else by the rounding on bits, same bits; tested once per call); nibble
     position k of every word is ``(word >> 4k) & 15`` (+16 in the second half), looked up
     with one ``vpermw``, and ``vdpbf16ps`` adds the products of its lane pairs with x into
     the pair's accumulator (k = 0, 1, 2, 3 in order; the instruction flushes subnormals).
@@ -913,11 +914,8 @@ def _make_bf16_rows(nw, nx):
                         for g in range(nx):
                             builder.store(accs[g], acc_p[a][g])
 
-            if nx == 1:  # the table is most of a GEMV's work: one instruction where it can
-                _bf16_unswitched(builder, _bf16_rows_tiny(builder, [sr for _, sr in wrows], builder.udiv(in_f, bs)),
-                                 chunks)
-            else:  # shared by nx input rows: the rounding on bits (a branch there measured 1.3-2x slower)
-                chunks(False)
+            # the table is a large part of the work at these batch sizes: one instruction where it can
+            _bf16_unswitched(builder, _bf16_rows_tiny(builder, [sr for _, sr in wrows], builder.udiv(in_f, bs)), chunks)
             _bf16_store_sums(builder, acc_p, oa.data)
             return context.get_dummy_value()
 
@@ -1018,15 +1016,19 @@ def _make_bf16_block(nw, nx):
 #: batch 128: 1.45x the fused rows).
 BF16_BW = 6
 BF16_BX = 4
-#: Input rows per call of :data:`bf16_rows_wx` (two weight rows) and :data:`bf16_rows_x`
-#: (one), weight rows per call of :data:`bf16_rows_w` (the batch-1 GEMV);
-#: :data:`bf16_rows_1` does one pair. (2 x 8 measured fastest of 1-4 x 4-8 at batch 8-128
-#: on AMD EPYC: 16 accumulators stay in registers.)
-BF16_NX = 8
-BF16_NW = 4
-bf16_rows_wx = _make_bf16_rows(2, BF16_NX) if BF16_DOT else None
-bf16_rows_x = _make_bf16_rows(1, BF16_NX) if BF16_DOT else None
-bf16_rows_w = _make_bf16_rows(BF16_NW, 1) if BF16_DOT else None
+#: The fused bf16 product's groups of input rows, as (input rows, weight rows) per call: a
+#: batch runs groups of 8 input rows, then one group of the rest (batch 13: 8 + 5), each
+#: weight chunk decoded once per group; 4 weight rows per call for groups of up to 4 input
+#: rows, 2 for wider ones (at most 16 accumulators: they stay in registers).
+#: Measured on AMD EPYC (AVX512-BF16), 4096 x 4096, ``nf4_matmul`` on one thread (medians
+#: of two runs each, alternating): batch 2 / 3 / 4 / 5 / 6 / 7 in 0.63 / 0.77 / 0.95 / 1.14 /
+#: 1.33 / 1.58 ms this way, against 0.97 / 1.43 / 1.88 / 2.38 / 2.77 / 3.21 ms with input
+#: rows short of 8 one at a time (the 4-row GEMV calls) and the table rounded on bits;
+#: 2 x 8 was the fastest shape of 1-4 x 4-8 at batch 8.
+#: (``kernels.compute.nf4_matmul_bf16dot`` branches on these shapes.)
+BF16_GROUPS = tuple((nx, 4 if nx <= 4 else 2) for nx in range(8, 0, -1))
+(bf16_rows_x8, bf16_rows_x7, bf16_rows_x6, bf16_rows_x5, bf16_rows_x4, bf16_rows_x3, bf16_rows_x2,
+ bf16_rows_w) = [_make_bf16_rows(nw, nx) for nx, nw in BF16_GROUPS] if BF16_DOT else [None] * 8
 bf16_rows_1 = _make_bf16_rows(1, 1) if BF16_DOT else None
 bf16_decode_row = _make_bf16_decode_row() if BF16_DOT else None
 bf16_block = _make_bf16_block(BF16_BW, BF16_BX) if BF16_DOT else None
@@ -1047,7 +1049,16 @@ merge_rows = _make_delta_rows(DELTA_ROWS, True) if LANES else None
 encode_block = _make_encode(LANES) if LANES else None
 rows_dot = _make_rows_dot(LANES, GROUP) if LANES else None
 wrows_dot = _make_wrows_dot(LANES, WROWS) if LANES else None
-words_group = _make_dot_words(LANES, 1, GROUP) if LANES else None
+#: (weight rows, input rows) per call of :data:`words_pairs`, the word decode of batches of
+#: two rows and more (each chunk of a weight row decoded once per pair of input rows).
+#: Measured on AMD EPYC (AVX-512), the kernel alone on two threads back to back, against
+#: one weight row and four input rows per call: 4096 x 4096 at batch 2 / 8 / 16 0.68 /
+#: 2.36 / 4.77 ms against 0.84 / 2.72 / 5.51, 4096 x 1024 0.20 / 0.68 / 1.23 against
+#: 0.29 / 0.78 / 1.55 (of shapes of 1, 2 or 4 weight rows and 1-8 input rows, 2 x 2 and
+#: 4 x 2 the fastest); ``nf4_matmul`` 4096 x 4096 on one thread at batch 2 / 4 1.23 /
+#: 2.41 ms against 1.60 / 2.68.
+WORDS_NW, WORDS_NX = 4, 2
+words_pairs = _make_dot_words(LANES, WORDS_NW, WORDS_NX) if LANES else None
 words_wrows = _make_dot_words(LANES, WROWS, 1) if LANES else None
 words_one = _make_dot_words(LANES, 1, 1) if LANES else None
 decode_blocks = _make_decode(LANES, False) if LANES else None

@@ -22,15 +22,18 @@ from ._simd import (  # noqa: F401  (BF16_DOT: read by the products module)
     BF16_BX,
     BF16_CHUNK,
     BF16_DOT,
-    BF16_NW,
-    BF16_NX,
     STREAM_ALIGN,
     bf16_block,
     bf16_decode_row,
     bf16_rows_1,
     bf16_rows_w,
-    bf16_rows_wx,
-    bf16_rows_x,
+    bf16_rows_x2,
+    bf16_rows_x3,
+    bf16_rows_x4,
+    bf16_rows_x5,
+    bf16_rows_x6,
+    bf16_rows_x7,
+    bf16_rows_x8,
     decode_blocks_bf16,
     decode_blocks_bf16_stream,
     decode_blocks_f16,
@@ -237,9 +240,9 @@ BF16_ROWS = 16  # weight rows per parallel task of the bf16 dot-product kernel
 
 
 #: From this many input rows the bf16 product decodes each weight row once into a
-#: per-task buffer (:func:`nf4_matmul_bf16_decoded`) instead of once per group of
-#: BF16_NX input rows.
-BF16_DECODED_FROM = 8
+#: per-task buffer (:func:`nf4_matmul_bf16_decoded`) instead of once per group of input
+#: rows (``_simd.BF16_GROUPS``).
+BF16_DECODED_FROM = 9
 #: Bytes of decoded rows per task of that kernel (L2-sized, a whole number of BF16_BW rows).
 BF16_DECODED_BYTES = 384 * 1024
 
@@ -417,37 +420,52 @@ def _decoded_task(packed, scales, blocksize, code, xb, y, rows, task, wbuf, buf)
 def nf4_matmul_bf16dot(packed, scales, blocksize, code, xb, y):
     """y[i, o] = rnd(deq(W))[o] . rnd(x)[i] with the CPU's bf16 dot-product instruction
     (``_simd.bf16_rows``): xb holds the bf16 bits of x in :func:`bf16_bits`' order.
-    Input rows BF16_NX at a time (each weight chunk decoded once for all of them, two
-    weight rows per call); the rest one at a time, BF16_NW weight rows per call. Every (o, i) gets the same
-    operations, so results do not depend on the batch size or the thread count."""
+    Input rows in the groups of ``_simd.BF16_GROUPS`` (8 at a time, then one group of the
+    rest), each weight chunk decoded once per group; a task's last weight rows short of a
+    call's count one (weight row, input row) pair at a time. Every (o, i) gets the same operations, so results do
+    not depend on the batch size or the thread count."""
     n = xb.shape[0]
     out_f = y.shape[1]
     ntasks = (out_f + BF16_ROWS - 1) // BF16_ROWS
-    nfull = n - n % BF16_NX
     for task in prange(ntasks):
         o0 = task * BF16_ROWS
         o1 = min(out_f, o0 + BF16_ROWS)
-        buf = np.empty(2 * BF16_NX + BF16_NW, np.float32)
-        for i in range(0, nfull, BF16_NX):
+        buf = np.empty(16, np.float32)
+        i = 0
+        while i < n:
+            nx = min(8, n - i)
+            nw = 4 if nx <= 4 else 2
             o = o0
-            while o + 2 <= o1:
-                bf16_rows_wx(packed, o, xb, i, scales, code, blocksize, buf)
-                for a in range(2):
-                    for g in range(BF16_NX):
-                        y[i + g, o + a] = buf[a * BF16_NX + g]
-                o += 2
-            if o < o1:
-                bf16_rows_x(packed, o, xb, i, scales, code, blocksize, buf)
-                for g in range(BF16_NX):
-                    y[i + g, o] = buf[g]
-        for i in range(nfull, n):
-            o = o0
-            while o + BF16_NW <= o1:
-                bf16_rows_w(packed, o, xb, i, scales, code, blocksize, buf)
-                for a in range(BF16_NW):
-                    y[i, o + a] = buf[a]
-                o += BF16_NW
+            while o + nw <= o1:
+                _bf16_group(nx, packed, o, xb, i, scales, code, blocksize, buf)
+                for a in range(nw):
+                    for g in range(nx):
+                        y[i + g, o + a] = buf[a * nx + g]
+                o += nw
             while o < o1:
-                bf16_rows_1(packed, o, xb, i, scales, code, blocksize, buf)
-                y[i, o] = buf[0]
+                for g in range(nx):
+                    bf16_rows_1(packed, o, xb, i + g, scales, code, blocksize, buf)
+                    y[i + g, o] = buf[0]
                 o += 1
+            i += nx
+
+
+@inline_helper
+def _bf16_group(nx, packed, o, xb, i, scales, code, blocksize, buf):
+    """The products of weight rows o.. with the nx input rows i.. (``_simd.BF16_GROUPS``)."""
+    if nx == 8:
+        bf16_rows_x8(packed, o, xb, i, scales, code, blocksize, buf)
+    elif nx == 7:
+        bf16_rows_x7(packed, o, xb, i, scales, code, blocksize, buf)
+    elif nx == 6:
+        bf16_rows_x6(packed, o, xb, i, scales, code, blocksize, buf)
+    elif nx == 5:
+        bf16_rows_x5(packed, o, xb, i, scales, code, blocksize, buf)
+    elif nx == 4:
+        bf16_rows_x4(packed, o, xb, i, scales, code, blocksize, buf)
+    elif nx == 3:
+        bf16_rows_x3(packed, o, xb, i, scales, code, blocksize, buf)
+    elif nx == 2:
+        bf16_rows_x2(packed, o, xb, i, scales, code, blocksize, buf)
+    else:
+        bf16_rows_w(packed, o, xb, i, scales, code, blocksize, buf)
