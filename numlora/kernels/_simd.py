@@ -1016,19 +1016,23 @@ def _make_bf16_block(nw, nx):
 #: batch 128: 1.45x the fused rows).
 BF16_BW = 6
 BF16_BX = 4
-#: The fused bf16 product's groups of input rows, as (input rows, weight rows) per call: a
-#: batch runs groups of 8 input rows, then one group of the rest (batch 13: 8 + 5), each
-#: weight chunk decoded once per group; 4 weight rows per call for groups of up to 4 input
-#: rows, 2 for wider ones (at most 16 accumulators: they stay in registers).
-#: Measured on AMD EPYC (AVX512-BF16), 4096 x 4096, ``nf4_matmul`` on one thread (medians
-#: of two runs each, alternating): batch 2 / 3 / 4 / 5 / 6 / 7 in 0.63 / 0.77 / 0.95 / 1.14 /
-#: 1.33 / 1.58 ms this way, against 0.97 / 1.43 / 1.88 / 2.38 / 2.77 / 3.21 ms with input
-#: rows short of 8 one at a time (the 4-row GEMV calls) and the table rounded on bits;
-#: 2 x 8 was the fastest shape of 1-4 x 4-8 at batch 8.
-#: (``kernels.compute.nf4_matmul_bf16dot`` branches on these shapes.)
-BF16_GROUPS = tuple((nx, 4 if nx <= 4 else 2) for nx in range(8, 0, -1))
+#: The fused bf16 product's groups of input rows: weight rows per call of the group of nx
+#: input rows, indexed by nx (1-8; the kernel, ``kernels.compute.nf4_matmul_bf16dot``,
+#: reads it too). A batch runs groups of 8 input rows, then one group of the rest (batch
+#: 13: 8 + 5), each weight chunk decoded once per group; 4 weight rows per call for groups
+#: of up to 4 input rows, 2 for wider ones (at most 16 accumulators: they stay in
+#: registers). Measured on AMD EPYC (AVX512-BF16), 4096 x 4096, ``nf4_matmul`` on one
+#: thread (medians of two runs each, alternating): batch 2 / 3 / 4 / 5 / 6 / 7 in 0.63 /
+#: 0.77 / 0.95 / 1.14 / 1.33 / 1.58 ms this way, against 0.97 / 1.43 / 1.88 / 2.38 / 2.77 /
+#: 3.21 ms with input rows short of 8 one at a time (the 4-row GEMV calls) and the table
+#: rounded on bits; 2 x 8 was the fastest shape of 1-4 x 4-8 at batch 8.
+BF16_GROUP_NW = (0, 4, 4, 4, 4, 2, 2, 2, 2)
+#: The widest group's input rows, and the most products one call of a group returns.
+BF16_GROUP_MAX = len(BF16_GROUP_NW) - 1
+BF16_GROUP_BUF = max(nx * nw for nx, nw in enumerate(BF16_GROUP_NW))
 (bf16_rows_x8, bf16_rows_x7, bf16_rows_x6, bf16_rows_x5, bf16_rows_x4, bf16_rows_x3, bf16_rows_x2,
- bf16_rows_w) = [_make_bf16_rows(nw, nx) for nx, nw in BF16_GROUPS] if BF16_DOT else [None] * 8
+ bf16_rows_w) = ([_make_bf16_rows(BF16_GROUP_NW[nx], nx) for nx in range(BF16_GROUP_MAX, 0, -1)] if BF16_DOT
+                 else [None] * BF16_GROUP_MAX)
 bf16_rows_1 = _make_bf16_rows(1, 1) if BF16_DOT else None
 bf16_decode_row = _make_bf16_decode_row() if BF16_DOT else None
 bf16_block = _make_bf16_block(BF16_BW, BF16_BX) if BF16_DOT else None

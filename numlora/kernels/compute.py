@@ -22,6 +22,9 @@ from ._simd import (  # noqa: F401  (BF16_DOT: read by the products module)
     BF16_BX,
     BF16_CHUNK,
     BF16_DOT,
+    BF16_GROUP_BUF,
+    BF16_GROUP_MAX,
+    BF16_GROUP_NW,
     STREAM_ALIGN,
     bf16_block,
     bf16_decode_row,
@@ -241,7 +244,7 @@ BF16_ROWS = 16  # weight rows per parallel task of the bf16 dot-product kernel
 
 #: From this many input rows the bf16 product decodes each weight row once into a
 #: per-task buffer (:func:`nf4_matmul_bf16_decoded`) instead of once per group of input
-#: rows (``_simd.BF16_GROUPS``).
+#: rows (``_simd.BF16_GROUP_NW``).
 BF16_DECODED_FROM = 9
 #: Bytes of decoded rows per task of that kernel (L2-sized, a whole number of BF16_BW rows).
 BF16_DECODED_BYTES = 384 * 1024
@@ -420,21 +423,21 @@ def _decoded_task(packed, scales, blocksize, code, xb, y, rows, task, wbuf, buf)
 def nf4_matmul_bf16dot(packed, scales, blocksize, code, xb, y):
     """y[i, o] = rnd(deq(W))[o] . rnd(x)[i] with the CPU's bf16 dot-product instruction
     (``_simd.bf16_rows``): xb holds the bf16 bits of x in :func:`bf16_bits`' order.
-    Input rows in the groups of ``_simd.BF16_GROUPS`` (8 at a time, then one group of the
-    rest), each weight chunk decoded once per group; a task's last weight rows short of a
-    call's count one (weight row, input row) pair at a time. Every (o, i) gets the same operations, so results do
-    not depend on the batch size or the thread count."""
+    Input rows in the groups of ``_simd.BF16_GROUP_NW`` (8 at a time, then one group of
+    the rest), each weight chunk decoded once per group; a task's last weight rows short
+    of a call's count one (weight row, input row) pair at a time. Every (o, i) gets the
+    same operations, so results do not depend on the batch size or the thread count."""
     n = xb.shape[0]
     out_f = y.shape[1]
     ntasks = (out_f + BF16_ROWS - 1) // BF16_ROWS
     for task in prange(ntasks):
         o0 = task * BF16_ROWS
         o1 = min(out_f, o0 + BF16_ROWS)
-        buf = np.empty(16, np.float32)
+        buf = np.empty(BF16_GROUP_BUF, np.float32)
         i = 0
         while i < n:
-            nx = min(8, n - i)
-            nw = 4 if nx <= 4 else 2
+            nx = min(BF16_GROUP_MAX, n - i)
+            nw = BF16_GROUP_NW[nx]
             o = o0
             while o + nw <= o1:
                 _bf16_group(nx, packed, o, xb, i, scales, code, blocksize, buf)
@@ -452,7 +455,8 @@ def nf4_matmul_bf16dot(packed, scales, blocksize, code, xb, y):
 
 @inline_helper
 def _bf16_group(nx, packed, o, xb, i, scales, code, blocksize, buf):
-    """The products of weight rows o.. with the nx input rows i.. (``_simd.BF16_GROUPS``)."""
+    """The products of weight rows o.. with the nx input rows i.. (``_simd.BF16_GROUP_NW``:
+    one intrinsic per group size, 1 to BF16_GROUP_MAX)."""
     if nx == 8:
         bf16_rows_x8(packed, o, xb, i, scales, code, blocksize, buf)
     elif nx == 7:
