@@ -31,6 +31,47 @@ def test_import_compiles_nothing_and_skips_numba():
     assert out.split() == ["0", "0"]
 
 
+NO_SCIPY = """
+    import sys, numpy as np, numlora
+    numlora.quantize_nf4(np.ones((64, 64), np.float32))  # loads numba and a kernel
+    loaded = 'scipy' in sys.modules
+    import numba, numba.np.arraymath as am
+
+    @numba.njit
+    def f(a, b):
+        return np.dot(a, b), np.convolve(a, b)
+
+    a = np.arange(1.0, 6.0)
+    d, c = f(a, a)
+    print(int(loaded), int(am._HAVE_BLAS), int(d == a @ a), int(np.array_equal(c, np.convolve(a, a))))
+"""
+
+
+def test_loading_numba_skips_scipy_and_leaves_numba_as_it_would_be():
+    """numlora imports numba without SciPy (numba imports it only to look for a BLAS);
+    numba's flag must then say what a plain ``import numba`` finds, and jitted BLAS
+    calls of user code must still work (numba imports SciPy when it compiles one)."""
+    pytest.importorskip("scipy")
+    plain = _run("import numba.np.arraymath as am; print(int(am._HAVE_BLAS))").split()
+    assert _run(NO_SCIPY).split() == ["0"] + plain + ["1", "1"]
+
+
+def test_scipy_is_refused_only_to_the_thread_importing_numba():
+    import threading
+
+    from numlora.kernels._jit import _NoScipy
+
+    finder = _NoScipy()
+    with pytest.raises(ModuleNotFoundError, match="scipy.linalg"):
+        finder.find_spec("scipy.linalg")
+    assert finder.find_spec("scipyx") is None and finder.find_spec("numpy") is None
+    seen = []
+    t = threading.Thread(target=lambda: seen.append(finder.find_spec("scipy")))
+    t.start()
+    t.join()
+    assert seen == [None]
+
+
 CHECKSUMS = """
     import hashlib, json, numpy as np, numlora as nl, numba
     rng = np.random.default_rng(7)

@@ -3,14 +3,59 @@ threads are started (before numlora's first parallel kernel; see :func:`_setup_t
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.util
 import os
 import sys
+import threading
 import types
 import warnings
 
-import numba
-
 from .. import _config
+
+
+class _NoScipy(importlib.abc.MetaPathFinder):
+    """Refuses ``scipy`` to one thread while it imports numba (see :func:`import_numba`)."""
+
+    def __init__(self):
+        self.thread = threading.get_ident()
+
+    def find_spec(self, name, path=None, target=None):
+        if (name == "scipy" or name.startswith("scipy.")) and threading.get_ident() == self.thread:
+            raise ModuleNotFoundError(f"{name} is not imported while numlora imports numba", name=name)
+        return None
+
+
+def import_numba():
+    """Import numba without the SciPy import it does only to look for a BLAS.
+
+    ``import numba`` imports ``scipy.linalg.cython_blas`` (numba.np.arraymath checks once
+    whether np.dot / np.convolve in jitted code can call a BLAS): about 0.15 s of a warm
+    first call where SciPy is installed, most of it SciPy's package and the ``numpy.f2py``
+    that its array-API shim loads. numlora's kernels call no BLAS from jitted code. So
+    where numba and SciPy are not imported yet, this thread imports numba with SciPy
+    refused and then sets numba's flag to what the check would have found (SciPy
+    installed), so user code jitted later in this process behaves as before: numba
+    imports SciPy when it compiles its first BLAS call (``numba.np.linalg.ensure_blas``).
+    Other threads import SciPy as usual meanwhile."""
+    if "numba" in sys.modules or "scipy" in sys.modules:
+        import numba
+
+        return numba
+    scipy_installed = importlib.util.find_spec("scipy") is not None
+    finder = _NoScipy()
+    sys.meta_path.insert(0, finder)
+    try:
+        import numba
+        import numba.np.arraymath as arraymath
+    finally:
+        sys.meta_path.remove(finder)
+    if scipy_installed and getattr(arraymath, "_HAVE_BLAS", None) is False:
+        arraymath._HAVE_BLAS = True
+    return numba
+
+
+numba = import_numba()
 
 prange = numba.prange
 
