@@ -448,7 +448,6 @@ def _make_dot_words(lanes, nw, nx):
             zero = ir.Constant(vt, None)
             in_f = builder.extract_value(xa.shape, 1)
             nchunks = builder.udiv(in_f, ir.Constant(I64, C))
-            nblocks = builder.udiv(in_f, bs)
             codes = _load_codes(builder, cd.data, L)
             wrow = _weight_rows(builder, pk, sc, wfirst, nw, in_f, bs)
             xrow = _row_ptrs(builder, xa.data, xfirst, nx, in_f)
@@ -457,21 +456,29 @@ def _make_dot_words(lanes, nw, nx):
             shifts = [8 * (m // 2) + (4 if m % 2 == 0 else 0) for m in range(8)]
 
             def chunk(ci):
+                # per m: the nw weight vectors decoded, then each input row's vector loaded
+                # once and multiplied into the nw rows' sums (loading all 8 * nx input
+                # vectors of the chunk first measured slower: see WORDS_GROUP_NW)
                 xoff = builder.mul(ci, ir.Constant(I64, C))
-                xs = [[builder.load(builder.bitcast(builder.gep(xrow[g], [builder.add(xoff, ir.Constant(I64, m * L))]),
-                                                    vt.as_pointer()), align=4) for m in range(8)] for g in range(nx)]
-                for a in range(nw):
-                    src = builder.gep(wrow[a][0], [builder.mul(ci, ir.Constant(I64, 4 * L))])
-                    words = builder.load(builder.bitcast(src, it.as_pointer()), align=1)
-                    accs = [builder.load(blk_p[a][g]) for g in range(nx)]
-                    for m in range(8):
-                        idx = builder.lshr(words, ir.Constant(it, [shifts[m]] * L)) if shifts[m] else words
+                woff = builder.mul(ci, ir.Constant(I64, 4 * L))
+                words = [builder.load(builder.bitcast(builder.gep(wrow[a][0], [woff]), it.as_pointer()), align=1)
+                         for a in range(nw)]
+                accs = [[builder.load(blk_p[a][g]) for g in range(nx)] for a in range(nw)]
+                for m in range(8):
+                    ws = []
+                    for a in range(nw):
+                        idx = builder.lshr(words[a], ir.Constant(it, [shifts[m]] * L)) if shifts[m] else words[a]
                         if L != 16:
                             idx = builder.and_(idx, ir.Constant(it, [15] * L))
-                        w = _permute(builder, codes, idx, L)
-                        accs = [builder.fadd(accs[g], builder.fmul(w, xs[g][m])) for g in range(nx)]
+                        ws.append(_permute(builder, codes, idx, L))
                     for g in range(nx):
-                        builder.store(accs[g], blk_p[a][g])
+                        xptr = builder.gep(xrow[g], [builder.add(xoff, ir.Constant(I64, m * L))])
+                        xv = builder.load(builder.bitcast(xptr, vt.as_pointer()), align=4)
+                        for a in range(nw):
+                            accs[a][g] = builder.fadd(accs[a][g], builder.fmul(ws[a], xv))
+                for a in range(nw):
+                    for g in range(nx):
+                        builder.store(accs[a][g], blk_p[a][g])
 
             def scale_rows(svec):
                 for a in range(nw):
@@ -481,15 +488,21 @@ def _make_dot_words(lanes, nw, nx):
                         builder.store(builder.fadd(builder.load(row_p[a][g]), scaled), row_p[a][g])
                         builder.store(zero, blk_p[a][g])
 
+            # One loop over the chunks (the chunk's code emitted once: it is most of the
+            # kernel's compile time): blocks of half a chunk scaled after every chunk by a
+            # vector of two scales, blocks of whole chunks after their last chunk.
             halfblocks = builder.icmp_unsigned("==", builder.mul(bs, ir.Constant(I64, 2)), ir.Constant(I64, C))
-            with builder.if_else(halfblocks) as (then, otherwise):
-                with then:
-                    with cgutils.for_range(builder, nchunks) as cl:
-                        chunk(cl.index)
+            cpb = builder.udiv(bs, ir.Constant(I64, C))  # chunks per block (0 for half-chunk blocks)
+            left_p = cgutils.alloca_once_value(builder, cpb)  # chunks left in the block
+            blk_i = cgutils.alloca_once_value(builder, ir.Constant(I64, 0))  # the block's index
+            mask = ir.Constant(_vec(I32, L), [0] * (L // 2) + [1] * (L // 2))
+            with cgutils.for_range(builder, nchunks) as cl:
+                chunk(cl.index)
+                with builder.if_else(halfblocks) as (then, otherwise):
+                    with then:
                         b0 = builder.mul(cl.index, ir.Constant(I64, 2))
-                        mask = ir.Constant(_vec(I32, L), [0] * (L // 2) + [1] * (L // 2))
 
-                        def svec(a, b0=b0, mask=mask):
+                        def svec(a, b0=b0):
                             s0 = builder.load(builder.gep(wrow[a][1], [b0]))
                             s1 = builder.load(builder.gep(wrow[a][1], [builder.add(b0, ir.Constant(I64, 1))]))
                             und = ir.Constant(_vec(F32, 2), ir.Undefined)
@@ -498,13 +511,14 @@ def _make_dot_words(lanes, nw, nx):
                             return builder.shuffle_vector(pair, und, mask)
 
                         scale_rows(svec)
-                with otherwise:
-                    cpb = builder.udiv(bs, ir.Constant(I64, C))
-                    with cgutils.for_range(builder, nblocks) as bl:
-                        with cgutils.for_range(builder, cpb) as cl:
-                            chunk(builder.add(builder.mul(bl.index, cpb), cl.index))
-                        b = bl.index
-                        scale_rows(lambda a, b=b: _splat(builder, builder.load(builder.gep(wrow[a][1], [b])), L))
+                    with otherwise:
+                        left = builder.sub(builder.load(left_p), ir.Constant(I64, 1))
+                        builder.store(left, left_p)
+                        with builder.if_then(builder.icmp_unsigned("==", left, ir.Constant(I64, 0))):
+                            b = builder.load(blk_i)
+                            scale_rows(lambda a, b=b: _splat(builder, builder.load(builder.gep(wrow[a][1], [b])), L))
+                            builder.store(builder.add(b, ir.Constant(I64, 1)), blk_i)
+                            builder.store(cpb, left_p)
             for a in range(nw):
                 for g in range(nx):
                     builder.store(_hsum(builder, builder.load(row_p[a][g]), L),
@@ -1053,17 +1067,22 @@ merge_rows = _make_delta_rows(DELTA_ROWS, True) if LANES else None
 encode_block = _make_encode(LANES) if LANES else None
 rows_dot = _make_rows_dot(LANES, GROUP) if LANES else None
 wrows_dot = _make_wrows_dot(LANES, WROWS) if LANES else None
-#: (weight rows, input rows) per call of :data:`words_pairs`, the word decode of batches of
-#: two rows and more (each chunk of a weight row decoded once per pair of input rows).
-#: Measured on AMD EPYC (AVX-512), the kernel alone on two threads back to back, against
-#: one weight row and four input rows per call: 4096 x 4096 at batch 2 / 8 / 16 0.68 /
-#: 2.36 / 4.77 ms against 0.84 / 2.72 / 5.51, 4096 x 1024 0.20 / 0.68 / 1.23 against
-#: 0.29 / 0.78 / 1.55 (of shapes of 1, 2 or 4 weight rows and 1-8 input rows, 2 x 2 and
-#: 4 x 2 the fastest); ``nf4_matmul`` 4096 x 4096 on one thread at batch 2 / 4 1.23 /
-#: 2.41 ms against 1.60 / 2.68.
-WORDS_NW, WORDS_NX = 4, 2
-words_pairs = _make_dot_words(LANES, WORDS_NW, WORDS_NX) if LANES else None
-words_wrows = _make_dot_words(LANES, WROWS, 1) if LANES else None
+#: The word decode's group kernels: batch rows in groups of WORDS_NX (``words_x4``), the
+#: rest as one group of 1-3 (``words_x3`` .. ``words_x1``); WORDS_GROUP_NW[k]: the weight
+#: rows per call for a group of k input rows (each chunk of them decoded once per group).
+#: Measured on AMD EPYC (AVX-512), ``nf4_matmul`` 4096 x 4096 on one thread (2026-12-05,
+#: docs/performance.md): of 1, 2, 4 and 8 weight rows x 1-8 (16) input rows, 2 or 4
+#: weight rows x 4 input rows the fastest at 4 and more rows (8 input rows 3 % faster at
+#: batch 8 and 16, no faster on 8 lanes), 4 weight rows at 1 and 2; 2 weight rows for 3
+#: and 4 input rows keep a real AVX2 machine's 16 vector registers enough for the sums
+#: and the decode.
+WORDS_NX = 4
+WORDS_GROUP_NW = (0, 4, 4, 2, 2)
+WORDS_BUF = max(k * WORDS_GROUP_NW[k] for k in range(1, WORDS_NX + 1))
+words_x4 = _make_dot_words(LANES, WORDS_GROUP_NW[4], 4) if LANES else None
+words_x3 = _make_dot_words(LANES, WORDS_GROUP_NW[3], 3) if LANES else None
+words_x2 = _make_dot_words(LANES, WORDS_GROUP_NW[2], 2) if LANES else None
+words_x1 = _make_dot_words(LANES, WORDS_GROUP_NW[1], 1) if LANES else None
 words_one = _make_dot_words(LANES, 1, 1) if LANES else None
 decode_blocks = _make_decode(LANES, False) if LANES else None
 decode_blocks_stream = _make_decode(LANES, True) if LANES else None

@@ -52,11 +52,14 @@ from ._simd import (
     rows_dot,
     store_fence,
     words_one,
-    words_pairs,
-    words_wrows,
+    words_x1,
+    words_x2,
+    words_x3,
+    words_x4,
     wrows_dot,
 )
-from ._simd import WORDS_NW as SIMD_WORDS_NW
+from ._simd import WORDS_BUF as SIMD_WORDS_BUF
+from ._simd import WORDS_GROUP_NW as SIMD_WORDS_GROUP_NW
 from ._simd import WORDS_NX as SIMD_WORDS_NX
 from ._simd import WROWS as SIMD_WROWS
 from ._simd import words_ok as simd_words_ok  # noqa: F401  (read by the products module)
@@ -677,44 +680,42 @@ def nf4_matmul_simd(packed, scales, blocksize, code, xe, xo, u, lora_b, bias, us
 def nf4_matmul_words(packed, scales, blocksize, code, xp, u, lora_b, bias, use_bias, y):
     """y[i, o] = row o of deq(W) . x[i] (+ LoRA expand of u, + bias) with the word decode
     of ``_simd.dot_words`` (where ``words_ok``): xp is x reordered per chunk as described
-    there, (n, in) C-contiguous; y: (n, out). Batch rows in pairs, SIMD_WORDS_NW weight rows
-    per decode (``_simd.words_pairs``), an odd last row SIMD_WROWS weight rows at a time:
-    every (o, i) gets the same operations, so results do not depend on the batch size or
-    the thread count."""
+    there, (n, in) C-contiguous; y: (n, out). Batch rows in groups of SIMD_WORDS_NX, the
+    rest as one smaller group, SIMD_WORDS_GROUP_NW[group size] weight rows per decode
+    (``_simd.words_x4`` .. ``words_x1``): every (o, i) gets the same operations, so results do not depend on the
+    batch size or the thread count."""
     n = xp.shape[0]
     out_f = y.shape[1]
     ntasks = (out_f + SIMD_ROWS - 1) // SIMD_ROWS
-    npairs = n // SIMD_WORDS_NX
+    ngroups = (n + SIMD_WORDS_NX - 1) // SIMD_WORDS_NX
     for task in prange(ntasks):
         o0 = task * SIMD_ROWS
         o1 = min(out_f, o0 + SIMD_ROWS)
         nr = o1 - o0
         res = np.empty((nr, n), np.float32)
-        buf = np.empty(max(SIMD_WORDS_NW * SIMD_WORDS_NX, SIMD_WROWS), np.float32)
-        for g in range(npairs):
+        buf = np.empty(SIMD_WORDS_BUF, np.float32)
+        for g in range(ngroups):
             i0 = g * SIMD_WORDS_NX
+            nx = min(SIMD_WORDS_NX, n - i0)
+            nw = SIMD_WORDS_GROUP_NW[nx]
             oo = 0
-            while oo + SIMD_WORDS_NW <= nr:
-                words_pairs(packed, o0 + oo, xp, i0, scales, code, blocksize, buf)
-                for a in range(SIMD_WORDS_NW):
-                    for q in range(SIMD_WORDS_NX):
-                        res[oo + a, i0 + q] = buf[a * SIMD_WORDS_NX + q]
-                oo += SIMD_WORDS_NW
-            while oo < nr:  # the last task's rows short of SIMD_WORDS_NW
-                for q in range(SIMD_WORDS_NX):
+            while oo + nw <= nr:
+                if nx == 4:
+                    words_x4(packed, o0 + oo, xp, i0, scales, code, blocksize, buf)
+                elif nx == 3:
+                    words_x3(packed, o0 + oo, xp, i0, scales, code, blocksize, buf)
+                elif nx == 2:
+                    words_x2(packed, o0 + oo, xp, i0, scales, code, blocksize, buf)
+                else:
+                    words_x1(packed, o0 + oo, xp, i0, scales, code, blocksize, buf)
+                for a in range(nw):
+                    for q in range(nx):
+                        res[oo + a, i0 + q] = buf[a * nx + q]
+                oo += nw
+            while oo < nr:  # the last task's rows short of nw
+                for q in range(nx):
                     words_one(packed, o0 + oo, xp, i0 + q, scales, code, blocksize, buf)
                     res[oo, i0 + q] = buf[0]
-                oo += 1
-        for i in range(npairs * SIMD_WORDS_NX, n):
-            oo = 0
-            while oo + SIMD_WROWS <= nr:
-                words_wrows(packed, o0 + oo, xp, i, scales, code, blocksize, buf)
-                for a in range(SIMD_WROWS):
-                    res[oo + a, i] = buf[a]
-                oo += SIMD_WROWS
-            while oo < nr:
-                words_one(packed, o0 + oo, xp, i, scales, code, blocksize, buf)
-                res[oo, i] = buf[0]
                 oo += 1
         for oo in range(nr):
             for i in range(n):
