@@ -189,7 +189,8 @@ def row_tiles(t, scales, mode=0):
 def grad_input(g2, t, dx, mode=0):
     """dx = g2 deq(W) (overwritten). Up to FUSED_MAX_ROWS rows: the fused kernel (W
     decoded a row segment at a time, with SIMD permutes into an L1 buffer where the CPU
-    has them; the same result either way). More rows: decode tiles of rows of W
+    has them; 1-2 rows with the word decode and the sums in registers where it applies;
+    the same result every way). More rows: decode tiles of rows of W
     (TILE_ELEMS floats at most, serially, as the forward's large-batch path does) and
     accumulate ``G[:, rows] @ tile`` with BLAS; never a whole dequantized copy of W."""
     from .kernels import nf4 as k
@@ -204,7 +205,9 @@ def grad_input(g2, t, dx, mode=0):
     if n <= FUSED_MAX_ROWS:
         bs = t.blocksize
         _park(t, n)
-        if t.shape[1] % bs == 0 and simd_ok(k, bs):
+        if n <= k.SIMD_T_WORDS_MAX_ROWS and simd_ok(k, bs) and k.simd_words_ok(k.SIMD_LANES, t.shape[1], bs):
+            k.nf4_matmul_t_words(t.packed, scales, bs, t.code, np.ascontiguousarray(g2), dx)
+        elif t.shape[1] % bs == 0 and simd_ok(k, bs):
             k.nf4_matmul_t_simd(t.packed, scales, bs, t.code, g2, dx)
         else:
             k.nf4_matmul_t(t.packed, scales, bs, t.code, g2, dx)

@@ -129,6 +129,12 @@ AVX2_CHECK = """
     x40 = np.concatenate([x] * 5)[:40]
     half = {cd: (nl.nf4_matmul(x, t, compute_dtype=cd), nl.nf4_matmul(x40, t, compute_dtype=cd))
             for cd in ("bfloat16", "float16")}
+    gt = rng.standard_normal((2, 40)).astype(np.float32)
+    for tt in (t, nl.quantize_nf4(w, 32)):  # the input gradient's word decode: whole and half chunks
+        for n in (1, 2):
+            p = np.empty((n, 256), np.float32)
+            k.nf4_matmul_t(tt.packed, tt.scales, tt.blocksize, tt.code, gt[:n], p)
+            assert np.array_equal(nl.nf4_matmul_t(gt[:n], tt), p)
     k.SIMD_LANES = 0  # the portable quantizer must give the same bytes
     t0 = nl.quantize_nf4(w, 64)
     assert np.array_equal(t0.packed, t.packed) and np.array_equal(t0.absmax, t.absmax)

@@ -530,6 +530,78 @@ def _make_dot_words(lanes, nw, nx):
     return dot_words
 
 
+def _make_t_words(lanes, nx):
+    """Build ``t_words(packed, c, g, i0, scales, code, blocksize, buf)``: chunk ``c`` (the
+    8 * lanes columns c C .. c C + C - 1) of ``g[i0 .. i0 + nx - 1] @ deq(W)``, the input
+    gradient of the NF4 product, summed over every weight row o in order with the sums in
+    registers. packed: W's bytes flat, (out * in / 2,); g: (n, out) C-contiguous; the
+    output row length ``in`` is read from scales' and packed's sizes (in = 2 * packed
+    size / out). Word decode as :func:`_make_dot_words` (``words_ok``): the k-th decoded
+    vector holds columns c C + 8 l + k in lane l; buf[q * C + k * lanes + l] receives
+    out[i0 + q, c C + 8 l + k].
+
+    Arithmetic, per (input row, column), as the portable ``nf4_matmul_t``: w = code value
+    times the block's scale (float32), then acc = acc + g[i, o] * w for o = 0, 1, ...
+    from acc = 0. No FMA, so bit-identical to it."""
+
+    @intrinsic
+    def t_words(typingctx, packed, c, g, i0, scales, code, blocksize, buf):
+        sig = types.void(packed, c, g, i0, scales, code, blocksize, buf)
+
+        def codegen(context, builder, sig, args):
+            pk, chunk, ga, gfirst, sc, cd, bs, ba = _rows_args(context, builder, sig, args)
+            L = lanes
+            C = 8 * L
+            vt = _vec(F32, L)
+            it = _vec(I32, L)
+            zero = ir.Constant(vt, None)
+            out_f = builder.extract_value(ga.shape, 1)
+            half_row = builder.udiv(builder.extract_value(pk.shape, 0), out_f)  # in / 2 bytes per row
+            in_f = builder.mul(half_row, ir.Constant(I64, 2))
+            bpr = builder.udiv(in_f, bs)
+            codes = _load_codes(builder, cd.data, L)
+            grow = _row_ptrs(builder, ga.data, gfirst, nx, out_f)
+            halfblocks = builder.icmp_unsigned("==", builder.mul(bs, ir.Constant(I64, 2)), ir.Constant(I64, C))
+            # the chunk's two scale indices within a row: blocks 2c and 2c + 1 (half-chunk
+            # blocks, lanes 0..L/2-1 and L/2..L-1), else block c C / bs for every lane
+            whole = builder.udiv(builder.mul(chunk, ir.Constant(I64, C)), bs)
+            s_lo = builder.select(halfblocks, builder.mul(chunk, ir.Constant(I64, 2)), whole)
+            s_hi = builder.select(halfblocks, builder.add(builder.mul(chunk, ir.Constant(I64, 2)), ir.Constant(I64, 1)),
+                                  whole)
+            mask = ir.Constant(_vec(I32, L), [0] * (L // 2) + [1] * (L // 2))
+            acc_p = [[cgutils.alloca_once_value(builder, zero) for _ in range(8)] for _ in range(nx)]
+            shifts = [8 * (m // 2) + (4 if m % 2 == 0 else 0) for m in range(8)]
+            wbyte0 = builder.mul(chunk, ir.Constant(I64, 4 * L))
+            with cgutils.for_range(builder, out_f) as ol:
+                o = ol.index
+                src = builder.gep(pk.data, [builder.add(builder.mul(o, half_row), wbyte0)])
+                words = builder.load(builder.bitcast(src, it.as_pointer()), align=1)
+                srow = builder.mul(o, bpr)
+                s0 = builder.load(builder.gep(sc.data, [builder.add(srow, s_lo)]))
+                s1 = builder.load(builder.gep(sc.data, [builder.add(srow, s_hi)]))
+                und = ir.Constant(_vec(F32, 2), ir.Undefined)
+                pair = builder.insert_element(und, s0, ir.Constant(I32, 0))
+                pair = builder.insert_element(pair, s1, ir.Constant(I32, 1))
+                svec = builder.shuffle_vector(pair, und, mask)
+                gv = [_splat(builder, builder.load(builder.gep(grow[q], [o])), L) for q in range(nx)]
+                for m in range(8):
+                    idx = builder.lshr(words, ir.Constant(it, [shifts[m]] * L)) if shifts[m] else words
+                    if L != 16:
+                        idx = builder.and_(idx, ir.Constant(it, [15] * L))
+                    w = builder.fmul(_permute(builder, codes, idx, L), svec)
+                    for q in range(nx):
+                        builder.store(builder.fadd(builder.load(acc_p[q][m]), builder.fmul(gv[q], w)), acc_p[q][m])
+            for q in range(nx):
+                for m in range(8):
+                    dst = builder.gep(ba.data, [ir.Constant(I64, q * C + m * L)])
+                    builder.store(builder.load(acc_p[q][m]), builder.bitcast(dst, vt.as_pointer()), align=4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return t_words
+
+
 def _make_encode(lanes):
     @intrinsic
     def encode_block(typingctx, xb, inv, mids, packed):
@@ -1084,6 +1156,16 @@ words_x3 = _make_dot_words(LANES, WORDS_GROUP_NW[3], 3) if LANES else None
 words_x2 = _make_dot_words(LANES, WORDS_GROUP_NW[2], 2) if LANES else None
 words_x1 = _make_dot_words(LANES, WORDS_GROUP_NW[1], 1) if LANES else None
 words_one = _make_dot_words(LANES, 1, 1) if LANES else None
+#: Input rows per call of the word-decode input gradient (``t_words2``; an odd last row
+#: ``t_words1``): 8 column vectors of sums per input row stay in registers. Used up to
+#: T_WORDS_MAX_ROWS input rows: measured on AMD EPYC (AVX-512), one thread, 4096 x 4096,
+#: against ``nf4_matmul_t_simd`` (four weight rows decoded into an L1 buffer per pass over
+#: the sums): 1.17 / 1.64 ms against 1.88 / 2.33 at 1 / 2 rows, level at 3, slower from 4
+#: (3.44 against 3.28, 6.79 against 6.36 at 8: every pair of rows walks all of W's rows).
+T_WORDS_NX = 2
+T_WORDS_MAX_ROWS = 2
+t_words2 = _make_t_words(LANES, 2) if LANES else None
+t_words1 = _make_t_words(LANES, 1) if LANES else None
 decode_blocks = _make_decode(LANES, False) if LANES else None
 decode_blocks_stream = _make_decode(LANES, True) if LANES else None
 #: Streaming stores into an output aligned to the vector (the large-batch tiles).

@@ -51,6 +51,8 @@ from ._simd import (
     row_dot,
     rows_dot,
     store_fence,
+    t_words1,
+    t_words2,
     words_one,
     words_x1,
     words_x2,
@@ -58,6 +60,8 @@ from ._simd import (
     words_x4,
     wrows_dot,
 )
+from ._simd import T_WORDS_MAX_ROWS as SIMD_T_WORDS_MAX_ROWS  # noqa: F401  (read by the products module)
+from ._simd import T_WORDS_NX as SIMD_T_WORDS_NX
 from ._simd import WORDS_BUF as SIMD_WORDS_BUF
 from ._simd import WORDS_GROUP_NW as SIMD_WORDS_GROUP_NW
 from ._simd import WORDS_NX as SIMD_WORDS_NX
@@ -720,6 +724,33 @@ def nf4_matmul_words(packed, scales, blocksize, code, xp, u, lora_b, bias, use_b
         for oo in range(nr):
             for i in range(n):
                 y[i, o0 + oo] = _finish(res[oo, i], u, i, lora_b, o0 + oo, bias, use_bias)
+
+
+@kernel(parallel=True, cache=SIMD_CACHEABLE, work=product_work, serial_below=PRODUCT_SERIAL_BELOW)
+def nf4_matmul_t_words(packed, scales, blocksize, code, g, out):
+    """:func:`nf4_matmul_t` with the word decode (where ``words_ok``): parallel over
+    chunks of 8 * SIMD_LANES columns; per chunk, input rows in pairs (an odd last row
+    alone, ``_simd.t_words2`` / ``t_words1``), each walking every weight row with the
+    column sums in registers. The same float32 operations in the same order as the
+    portable kernel: bit-identical to it."""
+    n = g.shape[0]
+    in_f = out.shape[1]
+    width = 8 * SIMD_LANES
+    for c in prange(in_f // width):
+        buf = np.empty(SIMD_T_WORDS_NX * width, np.float32)
+        i0 = 0
+        while i0 < n:
+            nx = min(SIMD_T_WORDS_NX, n - i0)
+            if nx == 2:
+                t_words2(packed, c, g, i0, scales, code, blocksize, buf)
+            else:
+                t_words1(packed, c, g, i0, scales, code, blocksize, buf)
+            for q in range(nx):
+                orow = out[i0 + q]
+                for k in range(8):
+                    for lane in range(SIMD_LANES):
+                        orow[c * width + 8 * lane + k] = buf[q * width + k * SIMD_LANES + lane]
+            i0 += nx
 
 
 @kernel(parallel=True, cache=SIMD_CACHEABLE, work=product_work, serial_below=PRODUCT_SERIAL_BELOW)
