@@ -34,6 +34,34 @@ def test_forward_matches_float64_reference(rng, dtype):
     _close(y1, lora_forward_ref(x[2], w, a, b, 0.75), dtype)
 
 
+@pytest.mark.parametrize("n", [1, 2, 3, 17, 64, 256, 257])
+def test_base_product_orientations(rng, n):
+    """float32 batches of 2-256 rows take the dense base product as (W x^T)^T through a
+    scratch buffer and a tiled transposing copy (numpy's OpenBLAS is faster that way
+    round); 1 row, more than 256, float64, a non-C-contiguous weight and fan_in_fan_out
+    keep x W^T. Each within float32 rounding of the float64 reference, and the float32
+    C-contiguous case bit-identical to the product written out in the order it takes."""
+    from numlora import _scratch
+    from numlora._backward import TRANSPOSED_MAX_ROWS, TRANSPOSED_MIN_ROWS
+
+    x, w, a, b, bias = _case(rng, n, 600, 96, 4)  # 600 outputs: tiles of the copy end short
+    ref = lora_forward_ref(x, w, a, b, 0.5, bias)
+    transposed = TRANSPOSED_MIN_ROWS <= n <= TRANSPOSED_MAX_ROWS
+    _scratch.free("dense.yt")
+    y = nl.lora_forward(x, w, a, b, 0.5, bias)
+    assert (getattr(_scratch._LOCAL, "dense.yt", None) is not None) == transposed  # the route taken
+    _close(y, ref)
+    base = np.dot(w, x.T).T if transposed else np.dot(x, w.T)
+    assert np.array_equal(nl.lora_forward(x, w, a, b, 0.0).view(np.uint32), base.view(np.uint32))
+    out = np.full((n, 600), np.nan, np.float32)
+    assert nl.lora_forward(x, w, a, b, 0.5, bias, out=out) is out and np.array_equal(out, y)
+    _close(nl.lora_forward(x, np.asfortranarray(w), a, b, 0.5, bias), ref)
+    _close(nl.lora_forward(x, np.ascontiguousarray(w.T), a, b, 0.5, bias, fan_in_fan_out=True), ref)
+    x64, w64, a64, b64, bias64 = (v.astype(np.float64) for v in (x, w, a, b, bias))
+    _close(nl.lora_forward(x64, w64, a64, b64, 0.5, bias64), lora_forward_ref(x64, w64, a64, b64, 0.5, bias64),
+           np.float64)
+
+
 @pytest.mark.slow
 @settings(max_examples=30, deadline=None)
 @given(n=st.integers(0, 9), out_f=st.integers(1, 70), in_f=st.integers(1, 70), r=st.integers(1, 8),
