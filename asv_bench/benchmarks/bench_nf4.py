@@ -92,17 +92,20 @@ class ComputeDtype:
 
 
 class Nf4MatmulT:
-    """``g deq(W)``: the input gradient through an NF4 weight, batch 8."""
+    """``g deq(W)``: the input gradient through an NF4 weight, into a preallocated
+    ``out``. Batch 1: the word decode with the column sums in registers; batch 8: weight
+    rows decoded into an L1 buffer."""
 
-    batch = 8
+    params = [1, 8]
+    param_names = ["batch"]
 
-    def setup(self):
+    def setup(self, batch):
         self.t = nf4_weight(N)
-        self.g = activations(self.batch, N)
-        self.out = np.empty((self.batch, N), np.float32)
+        self.g = activations(batch, N)
+        self.out = np.empty((batch, N), np.float32)
         numlora.nf4_matmul_t(self.g, self.t, out=self.out)
 
-    def time_nf4_matmul_t(self):
+    def time_nf4_matmul_t(self, batch):
         numlora.nf4_matmul_t(self.g, self.t, out=self.out)
 
 
