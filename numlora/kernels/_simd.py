@@ -535,10 +535,9 @@ def _make_t_words(lanes, nx):
     8 * lanes columns c C .. c C + C - 1) of ``g[i0 .. i0 + nx - 1] @ deq(W)``, the input
     gradient of the NF4 product, summed over every weight row o in order with the sums in
     registers. packed: W's bytes flat, (out * in / 2,); g: (n, out) C-contiguous; the
-    output row length ``in`` is read from scales' and packed's sizes (in = 2 * packed
-    size / out). Word decode as :func:`_make_dot_words` (``words_ok``): the k-th decoded
-    vector holds columns c C + 8 l + k in lane l; buf[q * C + k * lanes + l] receives
-    out[i0 + q, c C + 8 l + k].
+    output row length ``in`` is 2 * packed's size / out. Word decode as
+    :func:`_make_dot_words` (``words_ok``): the k-th decoded vector holds columns
+    c C + 8 l + k in lane l; buf[q * C + k * lanes + l] receives out[i0 + q, c C + 8 l + k].
 
     Arithmetic, per (input row, column), as the portable ``nf4_matmul_t``: w = code value
     times the block's scale (float32), then acc = acc + g[i, o] * w for o = 0, 1, ...
@@ -1142,12 +1141,12 @@ wrows_dot = _make_wrows_dot(LANES, WROWS) if LANES else None
 #: The word decode's group kernels: batch rows in groups of WORDS_NX (``words_x4``), the
 #: rest as one group of 1-3 (``words_x3`` .. ``words_x1``); WORDS_GROUP_NW[k]: the weight
 #: rows per call for a group of k input rows (each chunk of them decoded once per group).
-#: Measured on AMD EPYC (AVX-512), ``nf4_matmul`` 4096 x 4096 on one thread (2026-12-05,
-#: docs/performance.md): of 1, 2, 4 and 8 weight rows x 1-8 (16) input rows, 2 or 4
-#: weight rows x 4 input rows the fastest at 4 and more rows (8 input rows 3 % faster at
-#: batch 8 and 16, no faster on 8 lanes), 4 weight rows at 1 and 2; 2 weight rows for 3
-#: and 4 input rows keep a real AVX2 machine's 16 vector registers enough for the sums
-#: and the decode.
+#: Measured on AMD EPYC (AVX-512), the call alone in a serial loop over 4096 x 4096 on
+#: one thread (2026-12-05, docs/performance.md): of the shapes tried (1-8 weight rows x
+#: 1-16 input rows), 2 or 4 weight rows x 4 input rows the fastest at 4 and more rows (2 x 8
+#: 3 % faster at batch 8, level at 16), 4 weight rows at 1 and 2 input rows, 2 and 4 alike
+#: at 3; on 8 lanes 2 x 4 and 4 x 4 alike. 2 weight rows for 3 and 4 input rows keep a real
+#: AVX2 machine's 16 vector registers enough for the sums and the decode.
 WORDS_NX = 4
 WORDS_GROUP_NW = (0, 4, 4, 2, 2)
 WORDS_BUF = max(k * WORDS_GROUP_NW[k] for k in range(1, WORDS_NX + 1))
