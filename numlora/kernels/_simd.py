@@ -433,6 +433,15 @@ def _weight_rows(builder, pk, sc, first, count, in_f, bs):
                     _row_ptrs(builder, sc.data, first, count, builder.udiv(in_f, bs))))
 
 
+def _halves(builder, s0, s1, lanes):
+    """A <lanes x float> of s0 in lanes 0..lanes/2-1 and s1 in the rest (the scales of a
+    chunk that holds two blocks)."""
+    und = ir.Constant(_vec(F32, 2), ir.Undefined)
+    pair = builder.insert_element(und, s0, ir.Constant(I32, 0))
+    pair = builder.insert_element(pair, s1, ir.Constant(I32, 1))
+    return builder.shuffle_vector(pair, und, ir.Constant(_vec(I32, lanes), [0] * (lanes // 2) + [1] * (lanes // 2)))
+
+
 def _mul_add(builder, a, b, c, vt):
     """a * b + c: one fused multiply-add where :data:`FMA`, else a product and a sum."""
     if FMA:
@@ -522,7 +531,6 @@ def _make_dot_words(lanes, nw, nx):
             cpb = builder.udiv(bs, ir.Constant(I64, C))  # chunks per block (0 for half-chunk blocks)
             left_p = cgutils.alloca_once_value(builder, cpb)  # chunks left in the block
             blk_i = cgutils.alloca_once_value(builder, ir.Constant(I64, 0))  # the block's index
-            mask = ir.Constant(_vec(I32, L), [0] * (L // 2) + [1] * (L // 2))
             with cgutils.for_range(builder, nchunks) as cl:
                 chunk(cl.index)
                 with builder.if_else(halfblocks) as (then, otherwise):
@@ -532,10 +540,7 @@ def _make_dot_words(lanes, nw, nx):
                         def svec(a, b0=b0):
                             s0 = builder.load(builder.gep(wrow[a][1], [b0]))
                             s1 = builder.load(builder.gep(wrow[a][1], [builder.add(b0, ir.Constant(I64, 1))]))
-                            und = ir.Constant(_vec(F32, 2), ir.Undefined)
-                            pair = builder.insert_element(und, s0, ir.Constant(I32, 0))
-                            pair = builder.insert_element(pair, s1, ir.Constant(I32, 1))
-                            return builder.shuffle_vector(pair, und, mask)
+                            return _halves(builder, s0, s1, L)
 
                         scale_rows(svec)
                     with otherwise:
@@ -594,7 +599,6 @@ def _make_t_words(lanes, nx):
             s_lo = builder.select(halfblocks, builder.mul(chunk, ir.Constant(I64, 2)), whole)
             s_hi = builder.select(halfblocks, builder.add(builder.mul(chunk, ir.Constant(I64, 2)), ir.Constant(I64, 1)),
                                   whole)
-            mask = ir.Constant(_vec(I32, L), [0] * (L // 2) + [1] * (L // 2))
             acc_p = [[cgutils.alloca_once_value(builder, zero) for _ in range(8)] for _ in range(nx)]
             shifts = [8 * (m // 2) + (4 if m % 2 == 0 else 0) for m in range(8)]
             wbyte0 = builder.mul(chunk, ir.Constant(I64, 4 * L))
@@ -605,10 +609,7 @@ def _make_t_words(lanes, nx):
                 srow = builder.mul(o, bpr)
                 s0 = builder.load(builder.gep(sc.data, [builder.add(srow, s_lo)]))
                 s1 = builder.load(builder.gep(sc.data, [builder.add(srow, s_hi)]))
-                und = ir.Constant(_vec(F32, 2), ir.Undefined)
-                pair = builder.insert_element(und, s0, ir.Constant(I32, 0))
-                pair = builder.insert_element(pair, s1, ir.Constant(I32, 1))
-                svec = builder.shuffle_vector(pair, und, mask)
+                svec = _halves(builder, s0, s1, L)
                 gv = [_splat(builder, builder.load(builder.gep(grow[q], [o])), L) for q in range(nx)]
                 for m in range(8):
                     idx = builder.lshr(words, ir.Constant(it, [shifts[m]] * L)) if shifts[m] else words
