@@ -1173,7 +1173,7 @@ wrows_dot = _make_wrows_dot(LANES, WROWS) if LANES else None
 #: one thread (2026-12-05, docs/performance.md): of the shapes tried (1-8 weight rows x
 #: 1-16 input rows), 2 or 4 weight rows x 4 input rows the fastest at 4 and more rows
 #: (2 x 8 3 % faster at batch 8, level at 16), 4 weight rows at 1 and 2 input rows (8 x 1
-#: 4 % faster at batch 1 in that loop, not tried in the kernel), 2 and 4 alike at 3; on 8
+#: 4 % faster at batch 1 in that loop, 1 % in the kernel), 2 and 4 alike at 3; on 8
 #: lanes 2 x 4 and 4 x 4 alike. 2 weight rows for 3 and 4 input rows keep a real AVX2
 #: machine's 16 vector registers enough for the sums and the decode.
 WORDS_NX = 4
