@@ -743,15 +743,21 @@ def test_add_refuses_non_finite_adapter_values():
 
 
 @pytest.mark.parametrize("shape", [(1, 5), (2, 96), (33, 70), (64, 4099), (31, 1)])
-def test_transpose_kernel_copies_every_element(rng, shape):
-    """The tiled transposing copy the dense base product runs after ``W @ x^T``: every
-    element lands at its transposed place, bit for bit, for shapes off the tile size."""
-    from numlora.kernels.multi import transpose_into
+@pytest.mark.parametrize("copy", ["kernel", "numpy tiles"])
+def test_transpose_copies_every_element(rng, shape, copy):
+    """The tiled transposing copies: the kernel ``LoraBank.add`` packs adapters with, and
+    the numpy column tiles the dense base product runs after ``W @ x^T``: every element
+    lands at its transposed place, bit for bit, for shapes off the tile sizes."""
+    from numlora._backward import _transpose_copy
+    from numlora.kernels.multi import _transpose_into
 
     src = rng.standard_normal(shape, dtype=np.float32)
     src.reshape(-1)[:: 7] = -0.0
     dst = np.full(shape[::-1], np.nan, np.float32)
-    transpose_into(src, dst)
+    if copy == "kernel":
+        _transpose_into(src, dst.reshape(-1))
+    else:
+        _transpose_copy(src, dst)
     assert np.array_equal(_bits(dst), _bits(np.ascontiguousarray(src.T)))
 
 

@@ -111,13 +111,6 @@ def _transpose_into(src, dst):
 
 
 @kernel()
-def transpose_into(src, dst):
-    """dst (C, R) C-contiguous = src^T for src (R, C) C-contiguous (by square tiles): the
-    copy that puts a ``W @ x^T`` product back in the bank's (batch, out) layout."""
-    _transpose_into(src, dst.reshape(-1))
-
-
-@kernel()
 def pack_adapter(lora_a, lora_b, dst):
     """dst[: in * r] = A^T (in, r) row-major, dst[in * r:] = B^T (r, out) row-major
     (lora_a (r, in), lora_b (out, r) float32 C-contiguous; the transposing copy the

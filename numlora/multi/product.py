@@ -16,6 +16,7 @@ import threading
 
 import numpy as np
 
+from .._backward import base_product as base_product_dense
 from .._nf4_products import FUSED_MAX_ROWS, blas_product
 from .._nf4_products import forward as nf4_product
 
@@ -124,24 +125,14 @@ def base_product(weight, nf4, row_stable: bool, nf4_path: str):
     return RowStableProduct(product, in_f, out_f)
 
 
-#: Batches of at least this many rows take the dense product as ``W @ x^T`` and a tiled
-#: transposing copy: OpenBLAS runs that orientation with the batch as its small dimension,
-#: 1.2-1.6x faster for 4 to 64 rows of a 4096 x 4096 weight (one core; about the same at
-#: 256 rows and for one row, a GEMV either way).
-TRANSPOSED_MIN_ROWS = 2
-
-
 def _dense(weight):
-    wt = weight.T
-    from ..kernels.multi import transpose_into  # numba loads with the first bank, not at import
+    """The dense product: :func:`numlora._backward.base_product`, the one the dense LoRA
+    forward takes (``W @ x^T`` and a transposing copy for float32 batches of 2-256 rows,
+    where numpy's OpenBLAS is faster that way round; per-thread scratch, so concurrent
+    forwards in several threads do not share it)."""
 
     def product(x2, out2):
-        n = x2.shape[0]
-        if n < TRANSPOSED_MIN_ROWS or not (weight.flags.c_contiguous and out2.flags.c_contiguous):
-            np.dot(x2, wt, out=out2)
-            return
-        yt = np.dot(weight, x2.T)  # (out, n); a fresh buffer per call: forwards may run concurrently
-        transpose_into(yt, out2)
+        base_product_dense(x2, weight, False, out2)
 
     return product
 
