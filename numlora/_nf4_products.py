@@ -61,6 +61,12 @@ def simd_ok(k, blocksize) -> bool:
     return k.SIMD_LANES > 0 and blocksize % k.SIMD_LANES == 0
 
 
+def words_ok(k, in_f, blocksize) -> bool:
+    """Whether the word decode applies (``kernels._simd.words_ok`` on this CPU's SIMD
+    width): the float32 forward's kernel and the input gradient's at 1-2 rows."""
+    return simd_ok(k, blocksize) and k.simd_words_ok(k.SIMD_LANES, in_f, blocksize)
+
+
 #: float32 elements per decoded tile on the large-batch path (8 MiB at most, whatever the
 #: weight's size: larger tiles keep BLAS efficient).
 TILE_ELEMS = 1 << 21
@@ -112,7 +118,7 @@ def forward(x2, t, lora_a, lora_b, s, bias, out2, x_lora=None, u_out=None, mode=
         u = bw.scale_intermediate(u_out, s)
     bs = t.blocksize
     _park(t, n)
-    if simd_ok(k, bs) and k.simd_words_ok(k.SIMD_LANES, in_f, bs):
+    if words_ok(k, in_f, bs):
         k.nf4_matmul_words(t.packed, scales, bs, t.code, words_layout(x2, k.SIMD_LANES), u, lora_b, b_arr, use_bias,
                            out2)
     elif in_f % bs == 0 and simd_ok(k, bs) and bs % (2 * k.SIMD_LANES) == 0:
@@ -205,7 +211,7 @@ def grad_input(g2, t, dx, mode=0):
     if n <= FUSED_MAX_ROWS:
         bs = t.blocksize
         _park(t, n)
-        if n <= k.SIMD_T_WORDS_MAX_ROWS and simd_ok(k, bs) and k.simd_words_ok(k.SIMD_LANES, t.shape[1], bs):
+        if n <= k.SIMD_T_WORDS_MAX_ROWS and words_ok(k, t.shape[1], bs):
             k.nf4_matmul_t_words(t.packed, scales, bs, t.code, np.ascontiguousarray(g2), dx)
         elif t.shape[1] % bs == 0 and simd_ok(k, bs):
             k.nf4_matmul_t_simd(t.packed, scales, bs, t.code, g2, dx)

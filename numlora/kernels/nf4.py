@@ -66,6 +66,7 @@ from ._simd import WORDS_BUF as SIMD_WORDS_BUF
 from ._simd import WORDS_GROUP_NW as SIMD_WORDS_GROUP_NW
 from ._simd import WORDS_NX as SIMD_WORDS_NX
 from ._simd import WROWS as SIMD_WROWS
+from ._simd import words_chunk as _words_chunk
 from ._simd import words_ok as simd_words_ok  # noqa: F401  (read by the products module)
 
 TINY = np.float32(1e-38)
@@ -634,6 +635,7 @@ def nf4_matmul_t(packed, scales, blocksize, code, g, out):
 
 
 SIMD_ROWS = 16  # output rows per parallel task of the SIMD matmul
+SIMD_WORDS_CHUNK = _words_chunk(SIMD_LANES)  # weights per chunk of the word decode (8 * lanes)
 
 
 @kernel(parallel=True, cache=SIMD_CACHEABLE, work=product_work, serial_below=PRODUCT_SERIAL_BELOW)
@@ -686,8 +688,8 @@ def nf4_matmul_words(packed, scales, blocksize, code, xp, u, lora_b, bias, use_b
     of ``_simd.dot_words`` (where ``words_ok``): xp is x reordered per chunk as described
     there, (n, in) C-contiguous; y: (n, out). Batch rows in groups of SIMD_WORDS_NX, the
     rest as one smaller group, SIMD_WORDS_GROUP_NW[group size] weight rows per decode
-    (``_simd.words_x4`` .. ``words_x1``): every (o, i) gets the same operations, so results do not depend on the
-    batch size or the thread count."""
+    (``_simd.words_x4`` .. ``words_x1``): every (o, i) gets the same operations, so
+    results do not depend on the batch size or the thread count."""
     n = xp.shape[0]
     out_f = y.shape[1]
     ntasks = (out_f + SIMD_ROWS - 1) // SIMD_ROWS
@@ -735,7 +737,7 @@ def nf4_matmul_t_words(packed, scales, blocksize, code, g, out):
     portable kernel: bit-identical to it."""
     n = g.shape[0]
     in_f = out.shape[1]
-    width = 8 * SIMD_LANES
+    width = SIMD_WORDS_CHUNK
     for c in prange(in_f // width):
         buf = np.empty(SIMD_T_WORDS_NX * width, np.float32)
         i0 = 0
