@@ -763,7 +763,7 @@ def test_transpose_copies_every_element(rng, shape, copy):
 
 @pytest.mark.parametrize("n", [1, 2, 3, 17, 64])
 def test_dense_base_rows_match_blas_product(rng, dense, n):
-    """Base-only rows of a dense bank (the product taken as ``W @ x^T`` from 2 rows on)
+    """Base-only rows of a dense bank (the product taken as ``W @ x^T`` at 2-256 rows)
     against float64 ``x W^T``, with and without a given ``out``, and the layers'
     ``linear_forward`` to float32 rounding."""
     bank = LoraBank(dense)
