@@ -1,5 +1,6 @@
 """Behaviour that needs a fresh process: import cost, thread-count independence."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -59,9 +60,9 @@ def test_loading_numba_skips_scipy_and_leaves_numba_as_it_would_be():
 def test_scipy_is_refused_only_to_the_thread_importing_numba():
     import threading
 
-    from numlora.kernels._jit import _NoScipy
+    from numlora.kernels._jit import _Refuse
 
-    finder = _NoScipy()
+    finder = _Refuse(["scipy"])
     with pytest.raises(ModuleNotFoundError, match="scipy.linalg"):
         finder.find_spec("scipy.linalg")
     assert finder.find_spec("scipyx") is None and finder.find_spec("numpy") is None
@@ -70,6 +71,86 @@ def test_scipy_is_refused_only_to_the_thread_importing_numba():
     t.start()
     t.join()
     assert seen == [None]
+
+
+# A cached kernel's first call: numba loads it without its target's registries (numpy's
+# array implementations among them) and without coverage.py / PyYAML; a compile afterwards
+# loads them. The first process fills the cache (or finds it filled).
+WARM_CALL = """
+    import sys, numpy as np, numlora
+    w = np.arange(64 * 64, dtype=np.float32).reshape(64, 64) / 4096
+    t = numlora.quantize_nf4(w)
+    print(int('numba.np.arrayobj' in sys.modules), int('coverage' in sys.modules), int('yaml' in sys.modules))
+    print(t.packed.tobytes().hex()[:64])
+    import numba
+
+    @numba.njit
+    def f(a):
+        return np.empty_like(a) * 0 + a.sum()
+
+    print(int(f(np.ones(3))[0]), int('numba.np.arrayobj' in sys.modules))
+"""
+
+
+@pytest.mark.skipif(JIT_DISABLED, reason="numba's cache and registries only exist with the JIT")
+def test_a_cached_kernel_loads_without_numbas_registries(tmp_path):
+    env = {"NUMBA_CACHE_DIR": str(tmp_path), "NUMLORA_CACHE": "1"}
+    env_clean = {k: v for k, v in os.environ.items() if k not in ("NUMBA_JIT_COVERAGE", "COVERAGE_PROCESS_START")}
+    first = _run_clean(WARM_CALL, env_clean, env).splitlines()
+    second = _run_clean(WARM_CALL, env_clean, env).splitlines()
+    assert first[0].split()[0] == "1"  # the first process compiled: numba's registries loaded
+    assert second[1] == first[1]  # the same bytes from the cached kernel
+    assert first[2] == second[2] == "3 1"  # a user's function compiles afterwards
+    arrays, cov, yaml = second[0].split()
+    assert arrays == "0", "a cached kernel loaded numba's registries (the refresh)"
+    if importlib.util.find_spec("coverage"):
+        assert cov == "0"
+    if importlib.util.find_spec("yaml"):
+        assert yaml == "0"
+
+
+def _run_clean(code, base_env, extra):
+    e = dict(base_env)
+    e.update(extra)
+    e["PYTHONPATH"] = ROOT + os.pathsep + e.get("PYTHONPATH", "")
+    r = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=e,
+                       timeout=600, cwd=extra.get("NUMBA_CACHE_DIR"))
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+NUMBA_STATE = """
+    import os, sys
+    {imp}
+    import numba
+    from numba.core import config
+    from numba.misc import coverage_support as cs
+    os.chdir({conf_dir!r})
+    config.reload_config()  # reads the .numba_config.yaml found there
+    perf = int(config.DISABLE_PERFORMANCE_WARNINGS)
+    import coverage
+    cov = coverage.Coverage(data_file=None)
+    cov.start()
+    active = cs.get_active_coverage()  # what numba's notifier asks when JIT_COVERAGE is on
+    cov.stop()
+    print(perf, int(active is cov), int(cs.coverage_available), int(hasattr(cs, "NumbaTracer")))
+"""
+
+
+@pytest.mark.skipif(JIT_DISABLED, reason="the JIT-off run imports coverage.py before numba")
+def test_numba_imported_by_numlora_reads_its_config_file_and_reports_coverage_as_plain_numba(tmp_path):
+    """numlora imports numba without PyYAML and coverage.py; numba's config file and its
+    JIT coverage must still work as after a plain ``import numba``."""
+    pytest.importorskip("yaml")
+    pytest.importorskip("coverage")
+    (tmp_path / ".numba_config.yaml").write_text("disable_performance_warnings: 1\n")
+    env_clean = {k: v for k, v in os.environ.items()
+                 if k not in ("NUMBA_JIT_COVERAGE", "COVERAGE_PROCESS_START", "NUMBA_DISABLE_PERFORMANCE_WARNINGS")}
+    via = "import numlora.kernels; assert 'yaml' not in sys.modules and 'coverage' not in sys.modules"
+    plain = _run_clean(NUMBA_STATE.format(imp="", conf_dir=str(tmp_path)), env_clean, {})
+    ours = _run_clean(NUMBA_STATE.format(imp=via, conf_dir=str(tmp_path)), env_clean, {})
+    assert ours == plain
+    assert plain.split() == ["1", "1", "1", "1"]
 
 
 CHECKSUMS = """

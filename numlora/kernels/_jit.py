@@ -14,44 +14,143 @@ import warnings
 from .. import _config
 
 
-class _NoScipy(importlib.abc.MetaPathFinder):
-    """Refuses ``scipy`` to one thread while it imports numba (see :func:`import_numba`)."""
+class _Refuse(importlib.abc.MetaPathFinder):
+    """Refuses some top-level packages to one thread while it imports numba (see
+    :func:`import_numba`)."""
 
-    def __init__(self):
+    def __init__(self, names):
+        self.names = frozenset(names)
         self.thread = threading.get_ident()
 
     def find_spec(self, name, path=None, target=None):
-        if (name == "scipy" or name.startswith("scipy.")) and threading.get_ident() == self.thread:
+        if name.partition(".")[0] in self.names and threading.get_ident() == self.thread:
             raise ModuleNotFoundError(f"{name} is not imported while numlora imports numba", name=name)
         return None
 
 
-def import_numba():
-    """Import numba without the SciPy import it does only to look for a BLAS.
+class _LazyModule(types.ModuleType):
+    """Stands for a module numba imported at its own import and uses rarely: imports the
+    real one on first use."""
 
-    ``import numba`` imports ``scipy.linalg.cython_blas`` (numba.np.arraymath checks once
-    whether np.dot / np.convolve in jitted code can call a BLAS): about 0.15 s of a warm
-    first call where SciPy is installed, most of it SciPy's package and the ``numpy.f2py``
-    that its array-API shim loads. numlora's kernels call no BLAS from jitted code. So
-    where numba and SciPy are not imported yet, this thread imports numba with SciPy
-    refused and then sets numba's flag to what the check would have found (SciPy
-    installed), so user code jitted later in this process behaves as before: numba
-    imports SciPy when it compiles its first BLAS call (``numba.np.linalg.ensure_blas``).
-    Other threads import SciPy as usual meanwhile."""
-    if "numba" in sys.modules or "scipy" in sys.modules:
+    def __getattr__(self, attr):
+        return getattr(importlib.import_module(self.__name__), attr)
+
+
+def _truthy(value) -> bool:
+    return str(value).strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def _optional_imports() -> list:
+    """The packages numba imports at its own import only for features numlora's kernels
+    do not use, and that are not imported yet:
+
+    - ``scipy``: numba checks SciPy's version at import (the package alone), and
+      ``numba.np.arraymath``, which numba imports before its first compile, imports
+      ``scipy.linalg.cython_blas`` to learn whether jitted np.dot / np.convolve can call
+      a BLAS (0.13-0.16 s, SciPy's own OpenBLAS included; see :class:`_ArraymathHook`);
+    - ``coverage``: ``numba.misc.coverage_support`` imports coverage.py (0.04-0.06 s) for
+      ``NUMBA_JIT_COVERAGE``, which is off unless the environment turns it on;
+    - ``yaml``: ``numba.core.config`` imports PyYAML (0.01 s) to read a
+      ``.numba_config.yaml``.
+
+    coverage and yaml are imported as usual where ``NUMBA_JIT_COVERAGE`` is set or a
+    ``.numba_config.yaml`` is in the working directory."""
+    names = ["scipy"]
+    if not _truthy(os.environ.get("NUMBA_JIT_COVERAGE", "")) and not os.path.isfile(".numba_config.yaml"):
+        names += ["coverage", "yaml"]
+    return [n for n in names if n not in sys.modules and importlib.util.find_spec(n) is not None]
+
+
+class _ArraymathHook(importlib.abc.MetaPathFinder):
+    """Imports ``numba.np.arraymath`` (once, in whichever thread first needs it: numba's
+    first compile) with SciPy refused to that thread, then sets the module's BLAS flag to
+    what its check would have found, SciPy being installed. User code jitted later then
+    behaves as before: numba imports SciPy when it compiles a BLAS call
+    (``numba.np.linalg.ensure_blas``)."""
+
+    NAME = "numba.np.arraymath"
+
+    def find_spec(self, name, path=None, target=None):
+        if name != self.NAME:
+            return None
+        try:
+            sys.meta_path.remove(self)
+        except ValueError:
+            return None
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _LoaderWithoutScipy(spec.loader)
+        return spec
+
+
+class _LoaderWithoutScipy(importlib.abc.Loader):
+    def __init__(self, loader):
+        self.loader = loader
+
+    def __getattr__(self, attr):  # get_source, get_filename, ... of the file loader
+        return getattr(self.loader, attr)
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module):
+        if "scipy" in sys.modules:
+            self.loader.exec_module(module)
+            return
+        finder = _Refuse(["scipy"])
+        sys.meta_path.insert(0, finder)
+        try:
+            self.loader.exec_module(module)
+        finally:
+            sys.meta_path.remove(finder)
+        if getattr(module, "_HAVE_BLAS", None) is False:
+            module._HAVE_BLAS = True
+
+
+def _coverage_on_demand(support) -> None:
+    """numba imported without coverage.py: its coverage support re-runs with coverage
+    imported the first time numba asks for the active coverage (it asks only when
+    ``numba.config.JIT_COVERAGE`` is on and a function compiles)."""
+
+    def get_active_coverage():
+        support.get_active_coverage = original
+        importlib.import_module("coverage")
+        importlib.reload(support)  # defines coverage_available, NumbaTracer, ... as a plain import would
+        return support.get_active_coverage()
+
+    original = support.get_active_coverage
+    support.get_active_coverage = get_active_coverage
+
+
+def import_numba():
+    """Import numba without the imports it does only for features numlora's kernels do not
+    use (:func:`_optional_imports`): 0.2 s of a warm first call where SciPy and
+    coverage.py are installed. Where numba is not imported yet, this thread imports it
+    with those packages refused (other threads import them as usual meanwhile), then
+    leaves numba as a plain import would have: ``numba.np.arraymath`` finds a BLAS where
+    SciPy is installed (:class:`_ArraymathHook`); the config reads a
+    ``.numba_config.yaml`` with PyYAML imported on first use; the coverage support
+    imports coverage.py the first time it is asked for the active coverage."""
+    if "numba" in sys.modules:
         import numba
 
         return numba
-    scipy_installed = importlib.util.find_spec("scipy") is not None
-    finder = _NoScipy()
+    refused = _optional_imports()
+    finder = _Refuse(refused)
     sys.meta_path.insert(0, finder)
     try:
         import numba
-        import numba.np.arraymath as arraymath
+        import numba.core.config as config
+        import numba.misc.coverage_support as support
     finally:
         sys.meta_path.remove(finder)
-    if scipy_installed and getattr(arraymath, "_HAVE_BLAS", None) is False:
-        arraymath._HAVE_BLAS = True
+    if "scipy" in refused and _ArraymathHook.NAME not in sys.modules:
+        sys.meta_path.insert(0, _ArraymathHook())
+    if "yaml" in refused and getattr(config, "_HAVE_YAML", None) is False:
+        config.yaml = _LazyModule("yaml")
+        config._HAVE_YAML = True
+    if "coverage" in refused and getattr(support, "coverage_available", None) is False:
+        _coverage_on_demand(support)
     return numba
 
 
@@ -396,6 +495,36 @@ def _stamp_with_folder(dispatcher) -> None:
         cache_file._source_stamp = (cache_file._source_stamp, KERNELS_STAMP)
 
 
+rtsys = None
+
+
+def _load_cached(cache, sig, target_context):
+    """numba's ``Cache.load_overload`` without its ``target_context.refresh()``.
+
+    The refresh installs every typing and lowering registry of numba's CPU target (0.1 s
+    on a process's first call); loading machine code from the cache uses none of them
+    (unpickle, link the object code, wrap its entry point). What loading does need is
+    numba's runtime (NRT: its C helpers in LLVM's symbol table, its atomic functions
+    compiled), which the refresh starts first, and the hash secrets that
+    ``numba.cpython.hashing`` puts in the symbol table at import. A compile still
+    refreshes (numba's compiler does it before typing), so a cache miss compiles as
+    before."""
+    rtsys.initialize(target_context)
+    with cache._guard_against_spurious_io_errors():
+        return cache._load_overload(sig, target_context)
+
+
+def _defer_refresh(dispatcher) -> None:
+    global rtsys
+    if rtsys is None:
+        import numba.cpython.hashing  # noqa: F401  (symbols only; see _load_cached)
+        from numba.core.runtime import rtsys
+
+    cache = getattr(dispatcher, "_cache", None)
+    if hasattr(cache, "_load_overload") and hasattr(cache, "_guard_against_spurious_io_errors"):
+        cache.load_overload = types.MethodType(_load_cached, cache)
+
+
 def _compile(fn, par, cache=True):
     if cache and _config.CACHE:
         try:
@@ -403,6 +532,7 @@ def _compile(fn, par, cache=True):
                 warnings.simplefilter("ignore", numba.NumbaWarning)
                 d = numba.njit(parallel=par, cache=True, nogil=True)(fn)
             _stamp_with_folder(d)
+            _defer_refresh(d)
             return d
         except RuntimeError:
             # numba found no writable cache location (read-only install and no
