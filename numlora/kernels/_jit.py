@@ -514,8 +514,23 @@ def _load_cached(cache, sig, target_context):
         return cache._load_overload(sig, target_context)
 
 
+#: The newest numba whose cache loading :func:`_load_cached` was checked against (what a
+#: load needs besides the refresh). A newer numba loads numlora's kernels its own way
+#: until someone checks it and raises this (tests/test_process.py says so).
+DEFER_REFRESH_UP_TO = (0, 68)
+
+
+def _numba_minor() -> tuple:
+    try:
+        return tuple(int(p) for p in numba.__version__.split(".")[:2])
+    except ValueError:
+        return (99, 0)
+
+
 def _defer_refresh(dispatcher) -> None:
     global rtsys
+    if _numba_minor() > DEFER_REFRESH_UP_TO:
+        return
     if rtsys is None:
         import numba.cpython.hashing  # noqa: F401  (symbols only; see _load_cached)
         from numba.core.runtime import rtsys
