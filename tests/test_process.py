@@ -14,12 +14,13 @@ from conftest import JIT_DISABLED
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _run(code, **env):
-    e = dict(os.environ)
+def _run(code, cwd=None, drop=(), **env):
+    """stdout of ``code`` in a fresh interpreter: this environment less ``drop``, plus ``env``."""
+    e = {k: v for k, v in os.environ.items() if k not in drop}
     e.update(env)
     e["PYTHONPATH"] = ROOT + os.pathsep + e.get("PYTHONPATH", "")
     r = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=e,
-                       timeout=600)
+                       timeout=600, cwd=cwd)
     assert r.returncode == 0, r.stderr
     return r.stdout
 
@@ -99,10 +100,10 @@ def test_a_cached_kernel_loads_without_numbas_registries(tmp_path):
     if _jit._numba_minor() > _jit.DEFER_REFRESH_UP_TO:
         pytest.skip(f"numba {_jit.numba.__version__} is newer than the one _jit._load_cached was checked against: "
                     "check what its cache loading needs and raise _jit.DEFER_REFRESH_UP_TO")
-    env = {"NUMBA_CACHE_DIR": str(tmp_path), "NUMLORA_CACHE": "1"}
-    env_clean = {k: v for k, v in os.environ.items() if k not in ("NUMBA_JIT_COVERAGE", "COVERAGE_PROCESS_START")}
-    first = _run_clean(WARM_CALL, env_clean, env).splitlines()
-    second = _run_clean(WARM_CALL, env_clean, env).splitlines()
+    opts = dict(cwd=tmp_path, drop=("NUMBA_JIT_COVERAGE", "COVERAGE_PROCESS_START"), NUMBA_CACHE_DIR=str(tmp_path),
+                NUMLORA_CACHE="1")
+    first = _run(WARM_CALL, **opts).splitlines()
+    second = _run(WARM_CALL, **opts).splitlines()
     assert first[0].split()[0] == "1"  # the first process compiled: numba's registries loaded
     assert second[1] == first[1]  # the same bytes from the cached kernel
     assert first[2] == second[2] == "3 1"  # a user's function compiles afterwards
@@ -112,16 +113,6 @@ def test_a_cached_kernel_loads_without_numbas_registries(tmp_path):
         assert cov == "0"
     if importlib.util.find_spec("yaml"):
         assert yaml == "0"
-
-
-def _run_clean(code, base_env, extra):
-    e = dict(base_env)
-    e.update(extra)
-    e["PYTHONPATH"] = ROOT + os.pathsep + e.get("PYTHONPATH", "")
-    r = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=e,
-                       timeout=600, cwd=extra.get("NUMBA_CACHE_DIR"))
-    assert r.returncode == 0, r.stderr
-    return r.stdout
 
 
 NUMBA_STATE = """
@@ -149,11 +140,10 @@ def test_numba_imported_by_numlora_reads_its_config_file_and_reports_coverage_as
     pytest.importorskip("yaml")
     pytest.importorskip("coverage")
     (tmp_path / ".numba_config.yaml").write_text("disable_performance_warnings: 1\n")
-    env_clean = {k: v for k, v in os.environ.items()
-                 if k not in ("NUMBA_JIT_COVERAGE", "COVERAGE_PROCESS_START", "NUMBA_DISABLE_PERFORMANCE_WARNINGS")}
+    drop = ("NUMBA_JIT_COVERAGE", "COVERAGE_PROCESS_START", "NUMBA_DISABLE_PERFORMANCE_WARNINGS")
     via = "import numlora.kernels; assert 'yaml' not in sys.modules and 'coverage' not in sys.modules"
-    plain = _run_clean(NUMBA_STATE.format(imp="", conf_dir=str(tmp_path)), env_clean, {})
-    ours = _run_clean(NUMBA_STATE.format(imp=via, conf_dir=str(tmp_path)), env_clean, {})
+    plain = _run(NUMBA_STATE.format(imp="", conf_dir=str(tmp_path)), drop=drop)
+    ours = _run(NUMBA_STATE.format(imp=via, conf_dir=str(tmp_path)), drop=drop)
     assert ours == plain
     assert plain.split() == ["1", "1", "1", "1"]
 
