@@ -36,16 +36,21 @@ from numba.extending import intrinsic
 from .. import _config
 
 
+def _host_has(feature: str) -> bool:
+    """Whether the host CPU has ``feature`` (LLVM's name: ``avx2``, ``fma``, ...); False
+    where llvmlite cannot tell."""
+    try:
+        return bool(llvm_binding.get_host_cpu_features().get(feature, False))
+    except Exception:  # pragma: no cover - llvmlite without the query
+        return False
+
+
 def _host_lanes(max_lanes: int = 16) -> int:
     if not _config.SIMD or numba_config.DISABLE_JIT or numba_config.CPU_NAME not in (None, "", "host"):
         return 0
-    try:
-        feats = llvm_binding.get_host_cpu_features()
-    except Exception:  # pragma: no cover - llvmlite without the query
-        return 0
-    if feats.get("avx512f", False) and max_lanes >= 16:
+    if _host_has("avx512f") and max_lanes >= 16:
         return 16
-    if feats.get("avx2", False):
+    if _host_has("avx2"):
         return 8
     return 0
 
@@ -56,12 +61,7 @@ LANES = _host_lanes(_config.SIMD_MAX_LANES)
 def _host_fma() -> bool:
     """Whether the SIMD build may use fused multiply-adds (the CPU has FMA3: every AVX-512
     CPU and, in practice, every AVX2 one)."""
-    if not LANES:
-        return False
-    try:
-        return bool(llvm_binding.get_host_cpu_features().get("fma", False))
-    except Exception:  # pragma: no cover - llvmlite without the query
-        return False
+    return bool(LANES) and _host_has("fma")
 
 
 #: True where the word decode's products (``dot_words``) accumulate with fused
@@ -850,12 +850,7 @@ def _make_rounded_dot(lanes, nw, nx):
 def _host_bf16_dot() -> bool:
     """Whether the bfloat16 dot product instruction (AVX512-BF16 ``vdpbf16ps``) is used:
     the AVX-512 build on a CPU that has it."""
-    if LANES != 16:
-        return False
-    try:
-        return bool(llvm_binding.get_host_cpu_features().get("avx512bf16", False))
-    except Exception:  # pragma: no cover - llvmlite without the query
-        return False
+    return LANES == 16 and _host_has("avx512bf16")
 
 
 #: True where :func:`bf16_rows` runs (``vdpbf16ps``); the 16-bit products then take it.
