@@ -527,9 +527,13 @@ def _numba_minor() -> tuple:
         return (99, 0)
 
 
+#: Whether numlora's cached kernels load through :func:`_load_cached` (this numba checked).
+DEFER_REFRESH = _numba_minor() <= DEFER_REFRESH_UP_TO
+
+
 def _defer_refresh(dispatcher) -> None:
     global rtsys
-    if _numba_minor() > DEFER_REFRESH_UP_TO:
+    if not DEFER_REFRESH:
         return
     if rtsys is None:
         import numba.cpython.hashing  # noqa: F401  (symbols only; see _load_cached)
