@@ -5,7 +5,7 @@ something else for a while, against the same call back to back.
 does other work between layers calls them); its batch-1 rows read slower than the
 kernels' back-to-back speed. This separates the causes: per round the program waits
 ``--pause`` ms in one of three ways, then times ``--calls`` calls of
-``nf4_matmul(x, t, out=out)`` at batch 1 back to back (medians over the rounds, per call
+``nf4_matmul(x, t, out=out)`` at batch 1 (``--batch``) back to back (medians over the rounds, per call
 index):
 
 - ``sleep``: ``time.sleep`` (the threads idle, the core may be given away);
@@ -18,9 +18,11 @@ a core clocking up but the weight's cache lines gone (on a VM: other tenants of 
 host's last-level cache).
 
     python benchmarks/bench_after_pause.py [--size 4096] [--rounds 30] [--calls 6]
-        [--pause 10] [--compute-dtype bfloat16]
+        [--pause 10] [--compute-dtype bfloat16] [--batch 1]
 
-Run it with ``NUMBA_NUM_THREADS=1`` to take numba's worker thread out of the picture.
+Run it with ``NUMBA_NUM_THREADS=1`` to take numba's worker thread out of the picture, and
+with ``NUMLORA_STEER_WORKERS=0`` to see where the woken worker lands without numlora's
+steering (``numlora.kernels._steer``).
 """
 
 from __future__ import annotations
@@ -63,11 +65,12 @@ def main() -> int:
     ap.add_argument("--calls", type=int, default=6)
     ap.add_argument("--pause", type=float, default=10.0, help="ms")
     ap.add_argument("--compute-dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"))
+    ap.add_argument("--batch", type=int, default=1, help="input rows (default 1)")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     t = nl.quantize_nf4((rng.standard_normal((args.size, args.size)) * 0.02).astype(np.float32))
-    x = rng.standard_normal((1, args.size)).astype(np.float32)
-    out = np.empty((1, args.size), np.float32)
+    x = rng.standard_normal((args.batch, args.size)).astype(np.float32)
+    out = np.empty((args.batch, args.size), np.float32)
     for _ in range(50):  # compiled, caches and clocks settled
         nl.nf4_matmul(x, t, out=out, compute_dtype=args.compute_dtype)
     steady = []
@@ -76,7 +79,7 @@ def main() -> int:
         nl.nf4_matmul(x, t, out=out, compute_dtype=args.compute_dtype)
         steady.append(time.perf_counter() - t0)
     print(f"{machine()}; numba threads: {numba.get_num_threads()}")
-    print(f"nf4_matmul batch 1, {args.size} x {args.size}, compute dtype {args.compute_dtype}; pause "
+    print(f"nf4_matmul batch {args.batch}, {args.size} x {args.size}, compute dtype {args.compute_dtype}; pause "
           f"{args.pause:g} ms; medians of {args.rounds} rounds, ms\n")
     print("| before the calls | " + " | ".join(f"call {k + 1}" for k in range(args.calls)) + " |")
     print("|---|" + "---:|" * args.calls)

@@ -54,5 +54,6 @@ CACHE: bool = _flag("NUMLORA_CACHE", True)
 PARALLEL: bool = _flag("NUMLORA_PARALLEL", True)
 PARK_BLAS: bool = _flag("NUMLORA_PARK_BLAS", True)
 SMALL_SERIAL: bool = _flag("NUMLORA_SMALL_SERIAL", True)
+STEER_WORKERS: bool = _flag("NUMLORA_STEER_WORKERS", True)
 SIMD: bool = _flag("NUMLORA_SIMD", True)
 SIMD_MAX_LANES: int = 8 if os.environ.get("NUMLORA_SIMD", "").strip() == "8" else 16

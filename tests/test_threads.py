@@ -251,3 +251,91 @@ def test_openblas_workers_are_parked_only_in_a_single_threaded_program():
 def test_numlora_park_blas_0_leaves_openblas_alone():
     out = _park_probe(NUMLORA_PARK_BLAS="0")
     assert out["parked"] is False and out["after_park"] == out["spinning"]
+
+
+STEER_PROBE = r"""
+import json, os, threading
+import numpy as np
+import numlora as nl
+from numlora.kernels import _jit
+
+S = _jit.STEER
+cores = sorted(os.sched_getaffinity(0))
+if os.environ.get("PROBE_OTHER_THREAD"):  # a second Python thread alive at the first parallel kernel
+    ev = threading.Event()
+    other = threading.Thread(target=ev.wait)
+    other.start()
+out = {"before": S.state, "line": S.line()}
+t = nl.quantize_nf4(np.linspace(-1, 1, 1024 * 1024, dtype=np.float32).reshape(1024, 1024))  # parallel
+if os.environ.get("PROBE_OTHER_THREAD"):
+    ev.set()
+    other.join()
+x = np.linspace(-1, 1, 8 * 1024, dtype=np.float32).reshape(8, 1024)
+ref = nl.nf4_matmul(x, t)
+out["state"] = S.state
+workers = [int(w) for w in S._workers or ()]
+new = sorted(set(os.listdir("/proc/self/task")) - {str(threading.get_native_id())})
+out["workers"] = len(workers)
+out["masks_after_first"] = [sorted(os.sched_getaffinity(int(w))) for w in new]
+moves = []
+if S.active:
+    for c in cores[1::-1] * 2:  # ends on cores[0], the workers kept on the others
+        os.sched_setaffinity(0, {c})  # the caller now runs on core c,
+        os.sched_setaffinity(0, set(cores))  # and may run on all of them again
+        y = nl.nf4_matmul(x, t)
+        moves.append({"seen": S._cpu, "masks": [sorted(os.sched_getaffinity(w)) for w in workers],
+                      "same": bool(np.array_equal(y.view(np.uint32), ref.view(np.uint32)))})
+    os.sched_setaffinity(0, {cores[1]})  # the caller confined to the workers' core: steering stops
+    y = nl.nf4_matmul(x, t)
+    out["confined"] = {"state": S.state, "masks": [sorted(os.sched_getaffinity(w)) for w in workers],
+                       "same": bool(np.array_equal(y.view(np.uint32), ref.view(np.uint32)))}
+out["moves"] = moves
+out["cores"] = cores
+print(json.dumps(out))
+"""
+
+
+def _steer_probe(**env):
+    r = subprocess.run([sys.executable, "-c", STEER_PROBE], env=clean_env(**env), capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    if len(out["cores"]) < 2:
+        pytest.skip("one core: numba runs numlora's kernels serial, no worker to steer")
+    return out
+
+
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="thread affinity through Linux's API")
+
+
+@linux_only
+def test_numbas_workers_are_kept_off_the_callers_core(default_run):
+    out = _steer_probe()
+    assert out["before"].startswith("on: waiting") and out["line"] == "workers kept off the caller's core"
+    # numba's default: a thread per core, the caller one of them, so one worker less
+    assert out["state"].startswith("on:") and out["workers"] == len(out["cores"]) - 1
+    seen = set()
+    for m in out["moves"]:
+        assert m["same"]  # the same bits wherever the threads ran
+        assert all(mask == sorted(set(out["cores"]) - {m["seen"]}) for mask in m["masks"]), m
+        seen.add(m["seen"])
+    assert seen == set(out["cores"][:2])  # the caller was seen on both cores, the workers followed
+    confined = out["confined"]
+    assert confined["state"] == "off: the calling thread is allowed on one core only"
+    # the workers get back the cores they had
+    assert confined["same"] and all(mask == out["cores"] for mask in confined["masks"])
+
+
+@linux_only
+@pytest.mark.parametrize("env, why", [
+    ({"NUMLORA_STEER_WORKERS": "0"}, "off (NUMLORA_STEER_WORKERS=0)"),
+    ({"OMP_PROC_BIND": "false"}, "off: the program places OpenMP threads (OMP_PROC_BIND set)"),
+    ({"NUMBA_NUM_THREADS": "2"}, "off: numlora did not start numba's threads (left to the user"),
+    ({"PROBE_OTHER_THREAD": "1"}, "off: the first parallel kernel ran beside other Python threads"),
+])
+def test_workers_are_left_where_the_program_or_the_user_put_them(default_run, env, why):
+    out = _steer_probe(**env)
+    assert out["state"].startswith(why), out["state"]
+    assert out["moves"] == [] and "confined" not in out
+    # no thread's affinity touched (numba's workers, OpenBLAS's)
+    assert all(mask == out["cores"] for mask in out["masks_after_first"])

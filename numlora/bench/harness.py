@@ -127,14 +127,15 @@ def start_threads(peers: bool = True) -> str:
 
 
 def machine() -> str:
-    """One line naming the CPU, cores, Python, numpy, numba, numba's thread count and how
-    numba's threads were started (their wait policy changes every parallel timing)."""
+    """One line naming the CPU, cores, Python, numpy, numba, numba's thread count, how
+    numba's threads were started (their wait policy changes every parallel timing) and
+    whether numlora steers them (``kernels._steer``)."""
     import numba
 
-    from ..kernels._jit import THREADS
+    from ..kernels._jit import STEER, THREADS
 
     return (f"{cpu_name()}, {os.cpu_count()} cores, Python {platform.python_version()}, numpy {np.__version__}, "
-            f"numba {numba.__version__} ({numba.get_num_threads()} threads; {THREADS})")
+            f"numba {numba.__version__} ({numba.get_num_threads()} threads; {THREADS}; {STEER.line()})")
 
 
 def progress(msg: str) -> None:

@@ -12,6 +12,7 @@ import types
 import warnings
 
 from .. import _config
+from . import _steer
 
 
 class _Refuse(importlib.abc.MetaPathFinder):
@@ -249,6 +250,9 @@ def _setup_threads() -> str:
 #: What :func:`_setup_threads` did in this process (``numlora bench`` prints it).
 THREADS = _setup_threads()
 
+#: Where numba's workers may wake (``_steer``; its ``state`` says what is done).
+STEER = _steer.make(_config.STEER_WORKERS, THREADS)
+
 
 #: (``len(sys.modules)`` when the process's OpenBLAS libraries were last looked up, their
 #: ``blas_thread_shutdown_`` functions)
@@ -435,8 +439,11 @@ class ParallelKernel:
         return self._serial
 
     def __call__(self, *args):
-        if num_threads() == 1 or (self._below and _config.SMALL_SERIAL and self._work(*args) < self._below):
+        n = num_threads()
+        if n == 1 or (self._below and _config.SMALL_SERIAL and self._work(*args) < self._below):
             return self.serial(*args)
+        if STEER.active:
+            return STEER.run(self.parallel, args, n)
         return self.parallel(*args)
 
     def __getattr__(self, name):
