@@ -29,6 +29,15 @@
     thread's speed (see docs/performance.md); the next BLAS call starts them again.
     ``0`` never touches them.
 
+``NUMLORA_STEER_WORKERS``
+    ``1`` (default) keeps numba's sleeping OpenMP workers off the core of the thread that
+    calls numlora's parallel kernels (their affinity set to the caller's other cores,
+    again whenever the caller moves): on the 2-vCPU development VM, whose guest scheduler
+    packs threads onto fewer vCPUs, a kernel after a pause otherwise woke the worker on the
+    caller's vCPU and ran at one thread's speed (``numlora.kernels._steer``,
+    docs/performance.md). Only for the threads numlora started, never with OpenMP affinity
+    variables set; ``0`` never touches any thread's affinity. Results never depend on it.
+
 ``NUMLORA_SIMD``
     ``1`` (default) decodes NF4 with AVX-512 / AVX2 permutes where the CPU has them (see
     ``numlora.kernels._simd``); ``0`` uses the portable kernels everywhere; ``8`` caps the

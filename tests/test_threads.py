@@ -328,7 +328,7 @@ def test_numbas_workers_are_kept_off_the_callers_core(default_run):
 
 @linux_only
 @pytest.mark.parametrize("env, why", [
-    ({"NUMLORA_STEER_WORKERS": "0"}, "off (NUMLORA_STEER_WORKERS=0)"),
+    ({"NUMLORA_STEER_WORKERS": "0"}, "off: NUMLORA_STEER_WORKERS=0"),
     ({"OMP_PROC_BIND": "false"}, "off: the program places OpenMP threads (OMP_PROC_BIND set)"),
     ({"NUMBA_NUM_THREADS": "2"}, "off: numlora did not start numba's threads (left to the user"),
     ({"PROBE_OTHER_THREAD": "1"}, "off: the first parallel kernel ran beside other Python threads"),

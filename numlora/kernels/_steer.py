@@ -157,7 +157,7 @@ def make(enabled: bool, threads_line: str) -> Steering:
     """The process's :class:`Steering`, given ``NUMLORA_STEER_WORKERS`` and what
     ``_jit._setup_threads`` did."""
     if not enabled:
-        return Steering(False, "off (NUMLORA_STEER_WORKERS=0)")
+        return Steering(False, "off: NUMLORA_STEER_WORKERS=0")
     if not threads_line.startswith("omp layer, OMP_WAIT_POLICY=PASSIVE"):
         return Steering(False, "off: numlora did not start numba's threads (" + threads_line + ")")
     placed = [v for v in AFFINITY_VARS if os.environ.get(v, "").strip()]
