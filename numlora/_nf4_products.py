@@ -112,9 +112,9 @@ def forward(x2, t, lora_a, lora_b, s, bias, out2, x_lora=None, u_out=None, mode=
         lora_b = np.zeros((out_f, 0), np.float32)
     elif u_out is None:
         u = np.empty((n, lora_a.shape[0]), np.float32)
-        k.lora_shrink(xl, lora_a, np.float32(s), u)
+        k.shrink(xl, lora_a, np.float32(s), u)
     else:
-        k.lora_shrink(xl, lora_a, np.float32(1.0), u_out)
+        k.shrink(xl, lora_a, np.float32(1.0), u_out)
         u = bw.scale_intermediate(u_out, s)
     bs = t.blocksize
     _park(t, n)
@@ -286,17 +286,18 @@ def _forward_rounded(x2, t, mode, lora_a, lora_b, s, bias, out2, x_lora, u_out):
     # OpenBLAS's threads spinning into the next kernel
     if n > FUSED_MAX_ROWS and dot:
         u = np.empty((n, lora_a.shape[0]), np.float32) if u_out is None else u_out
-        kc.lora_rows(np.ascontiguousarray(xl, dtype=np.float32), lora_a, np.float32(s), u,
-                     np.ascontiguousarray(lora_b.T), out2)
+        xc = np.ascontiguousarray(xl, dtype=np.float32)
+        rows = kc.lora_rows_simd if k.SIMD_LANES and lora_a.flags.c_contiguous else kc.lora_rows
+        rows(xc, lora_a, np.float32(s), u, np.ascontiguousarray(lora_b.T), out2)
         return
     if n > FUSED_MAX_ROWS:
         bw.add_low_rank(xl, lora_a, lora_b, s, out2, u_out)
         return
     if u_out is None:
         u = np.empty((n, lora_a.shape[0]), np.float32)
-        k.lora_shrink(np.ascontiguousarray(xl, dtype=np.float32), lora_a, np.float32(s), u)
+        k.shrink(np.ascontiguousarray(xl, dtype=np.float32), lora_a, np.float32(s), u)
     else:
-        k.lora_shrink(np.ascontiguousarray(xl, dtype=np.float32), lora_a, np.float32(1.0), u_out)
+        k.shrink(np.ascontiguousarray(xl, dtype=np.float32), lora_a, np.float32(1.0), u_out)
         u = bw.scale_intermediate(u_out, s)
     kc.lora_expand_add(u, np.ascontiguousarray(lora_b.T), out2)
 

@@ -171,3 +171,51 @@ def test_scaling_zero_adds_nothing_even_where_x_a_overflows(n, dense):
     assert not ga.any() and not gb.any()
     gref = g.astype(np.float64) @ base_w.astype(np.float64)
     np.testing.assert_allclose(dx, gref, rtol=1e-5, atol=1e-5 * np.abs(gref).max())
+
+
+def _canonical_shrink(x, a, scale):
+    """u[i, t] = scale * (x[i] . a[t]) in the canonical 8-lane order, in numpy float32:
+    lane l sums x[j] a[j] over j = l mod 8 in order, the tail into lanes 0.., then
+    ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7))."""
+    n, k = x.shape
+    u = np.empty((n, a.shape[0]), np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        for i in range(n):
+            for t in range(a.shape[0]):
+                lanes = np.zeros(8, np.float32)
+                for j in range(k):
+                    lanes[j % 8] = np.float32(lanes[j % 8] + np.float32(x[i, j] * a[t, j]))
+                s = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]))
+                v = np.float32(scale * s)
+                u[i, t] = 0.0 if scale == 0 and v != v else v
+    return u
+
+
+@pytest.mark.parametrize("n,r,k", [(1, 1, 1), (2, 3, 7), (3, 4, 8), (5, 5, 9), (8, 16, 100), (16, 17, 64),
+                                   (4, 8, 261)])
+@pytest.mark.parametrize("scale", [0.5, 0.0])
+def test_lora_shrink_simd_and_portable_give_the_canonical_bits(n, r, k, scale, kernel_path):
+    """The LoRA shrink of the fused products (``kernels.nf4.shrink``: ``lora_shrink`` or,
+    on a SIMD machine, ``lora_shrink_simd``'s <8 x float> chunks) and the large-batch
+    ``lora_rows`` / ``lora_rows_simd``: the canonical 8-lane order, bit for bit, also with
+    overflow (scale 0 adds nothing where x A^T is inf) and NaN."""
+    from numlora.kernels import compute as kc
+    from numlora.kernels import nf4 as k_
+
+    rng = np.random.default_rng(n * 100 + r * 10 + k)
+    x = rng.standard_normal((n, k)).astype(np.float32)
+    a = rng.standard_normal((r, k)).astype(np.float32)
+    x[0, 0] = 3e38  # x A^T overflows in row 0
+    a[0, k - 1] = np.nan if k > 1 else a[0, 0]
+    want = _canonical_shrink(x, a, np.float32(scale))
+    u = np.empty((n, r), np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        k_.shrink(x, a, np.float32(scale), u)
+    assert np.array_equal(u.view(np.uint32), want.view(np.uint32))
+    bt = rng.standard_normal((r, 12)).astype(np.float32)
+    rows = kc.lora_rows_simd if k_.SIMD_LANES else kc.lora_rows
+    u2, y = np.empty((n, r), np.float32), np.zeros((n, 12), np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        rows(x, a, np.float32(scale), u2, bt, y)
+    unscaled = _canonical_shrink(x, a, np.float32(1.0))
+    assert np.array_equal(u2.view(np.uint32), unscaled.view(np.uint32))

@@ -778,6 +778,49 @@ def _make_dot16(lanes):
     return dot16
 
 
+#: Ranks per call of :data:`lane8_dots` (four sums of 8 lanes in registers at once).
+LANE8_RANKS = 4
+
+
+def _make_lane8_dots(nt):
+    @intrinsic
+    def lane8_dots(typingctx, x, xo, a, ao, astride, n, out):
+        """out[8 q + l] = sum over the chunks c < n // 8 of x[xo + 8 c + l] * a[ao + q astride
+        + 8 c + l], for q < ``nt`` (rows of ``a`` ``astride`` elements apart) and each lane
+        l < 8, in chunk order: the eight lanes of the canonical 8-lane dot product
+        (``kernels.nf4._lane_dot``) over the whole chunks, one ``<8 x float>`` multiply and
+        add per chunk and row (no FMA contraction). The caller adds the tail and sums the
+        lanes. 8 lanes on AVX2 and AVX-512 alike (the order is the product's, not the
+        machine's)."""
+        sig = types.void(x, xo, a, ao, astride, n, out)
+
+        def codegen(context, builder, sig, args):
+            xa = context.make_array(sig.args[0])(context, builder, args[0])
+            aa = context.make_array(sig.args[2])(context, builder, args[2])
+            oa = context.make_array(sig.args[6])(context, builder, args[6])
+            xp = builder.gep(xa.data, [context.cast(builder, args[1], sig.args[1], types.int64)])
+            ap = builder.gep(aa.data, [context.cast(builder, args[3], sig.args[3], types.int64)])
+            stride = context.cast(builder, args[4], sig.args[4], types.int64)
+            m = context.cast(builder, args[5], sig.args[5], types.int64)
+            vt = _vec(F32, 8)
+            rows = [builder.gep(ap, [builder.mul(stride, ir.Constant(I64, q))]) for q in range(nt)]
+            acc_p = [cgutils.alloca_once_value(builder, ir.Constant(vt, None)) for _ in range(nt)]
+            with cgutils.for_range(builder, builder.udiv(m, ir.Constant(I64, 8))) as cl:
+                off = builder.mul(cl.index, ir.Constant(I64, 8))
+                xv = builder.load(builder.bitcast(builder.gep(xp, [off]), vt.as_pointer()), align=4)
+                for q in range(nt):
+                    av = builder.load(builder.bitcast(builder.gep(rows[q], [off]), vt.as_pointer()), align=4)
+                    builder.store(builder.fadd(builder.load(acc_p[q]), builder.fmul(xv, av)), acc_p[q])
+            for q in range(nt):
+                dst = builder.gep(oa.data, [ir.Constant(I64, 8 * q)])
+                builder.store(builder.load(acc_p[q]), builder.bitcast(dst, vt.as_pointer()), align=4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return lane8_dots
+
+
 def _rounded_table(builder, codes, s, is_bf16, lanes):
     """The 16 code values times the block's scale ``s`` (a splat), each rounded to
     bfloat16 where ``is_bf16`` else float16 (:func:`round_vector`): the rounded weights
@@ -1148,6 +1191,7 @@ bf16_block = _make_bf16_block(BF16_BW, BF16_BX) if BF16_DOT else None
 
 row_dot = _make_row_dot(LANES) if LANES else None
 dot16 = _make_dot16(LANES) if LANES else None
+lane8_dots, lane8_dot1 = (_make_lane8_dots(LANE8_RANKS), _make_lane8_dots(1)) if LANES else (None, None)
 #: (weight rows, input rows) per call of the fused rounded products.
 ROUNDED_SHAPES = ((2, 4), (1, 4), (4, 1), (1, 1))
 rounded_2x4, rounded_1x4, rounded_4x1, rounded_1x1 = (

@@ -49,7 +49,7 @@ from ._simd import (  # noqa: F401  (BF16_DOT: read by the products module)
     store_fence,
 )
 from ._simd import CACHEABLE as SIMD_CACHEABLE
-from .nf4 import _lane_dot
+from .nf4 import SIMD_LANE8_RANKS, _lane_dot, simd_dots
 
 BF16 = 1
 F16 = 2
@@ -316,6 +316,23 @@ def lora_rows(x2, lora_a, scale, u, lora_bt, y):
             v = _lane_dot(x2[i], lora_a[t], k)
             u[i, t] = v
             c[t] = scale * v
+            if scale == 0 and c[t] != c[t]:
+                c[t] = np.float32(0.0)
+        _expand_row(c, lora_bt, y, i, np.empty(y.shape[1], np.float32))
+
+
+@kernel(parallel=True, cache=SIMD_CACHEABLE, work=_lora_rows_work, serial_below=PRODUCT_SERIAL_BELOW)
+def lora_rows_simd(x2, lora_a, scale, u, lora_bt, y):
+    """:func:`lora_rows` with the dot products of the shrink in SIMD registers
+    (``nf4.simd_dots``, the same bits) for C-contiguous x2 and lora_a on a SIMD machine."""
+    r = lora_a.shape[0]
+    for i in prange(x2.shape[0]):
+        v = np.empty(r, np.float32)
+        c = np.empty(r, np.float32)
+        simd_dots(x2, i, lora_a, v, np.empty(8 * SIMD_LANE8_RANKS, np.float32))
+        for t in range(r):
+            u[i, t] = v[t]
+            c[t] = scale * v[t]
             if scale == 0 and c[t] != c[t]:
                 c[t] = np.float32(0.0)
         _expand_row(c, lora_bt, y, i, np.empty(y.shape[1], np.float32))

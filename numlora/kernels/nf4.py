@@ -40,6 +40,9 @@ from ._jit import (
     serial_twin,
 )
 from ._simd import CACHEABLE as SIMD_CACHEABLE
+from ._simd import LANE8_RANKS as SIMD_LANE8_RANKS
+from ._simd import lane8_dot1 as _lane8_dot1
+from ._simd import lane8_dots as _lane8_dots
 from ._simd import GROUP as SIMD_GROUP
 from ._simd import LANES as SIMD_LANES  # noqa: F401  (read as kernels.<family>.SIMD_LANES)
 from ._simd import (
@@ -443,6 +446,74 @@ def lora_shrink(x2, lora_a, scale, u):
         if scale == 0 and v != v:  # inf * 0: the adapter adds nothing (_backward.scale_intermediate)
             v = np.float32(0.0)
         u[i, t] = v
+
+
+@inline_helper
+def simd_dots(x2, i, lora_a, v, lanes):
+    """v[t] = x2[i] . lora_a[t] for every row t of lora_a, in :func:`_lane_dot`'s canonical
+    8-lane order: the whole 8-element chunks in ``<8 x float>`` registers
+    (``_simd.lane8_dots``, four rows of lora_a per pass over x2[i]), then the tail and the
+    lane sum as :func:`_lane_dot` does them: the same operations in the same order, so the
+    same bits. x2, lora_a C-contiguous; v: r floats; lanes: 8 * SIMD_LANE8_RANKS floats.
+    SIMD machines only."""
+    r = lora_a.shape[0]
+    k = x2.shape[1]
+    k8 = k - k % 8
+    t0 = 0
+    while t0 < r:
+        nt = min(SIMD_LANE8_RANKS, r - t0)
+        if nt == SIMD_LANE8_RANKS:
+            _lane8_dots(x2, i * k, lora_a, t0 * k, k, k, lanes)
+        else:
+            for q in range(nt):
+                _lane8_dot1(x2, i * k, lora_a, (t0 + q) * k, k, k, lanes[8 * q:])
+        for q in range(nt):
+            t = t0 + q
+            l0, l1, l2, l3 = lanes[8 * q], lanes[8 * q + 1], lanes[8 * q + 2], lanes[8 * q + 3]
+            l4, l5, l6, l7 = lanes[8 * q + 4], lanes[8 * q + 5], lanes[8 * q + 6], lanes[8 * q + 7]
+            rem = k - k8
+            if rem > 0:
+                l0 += x2[i, k8] * lora_a[t, k8]
+            if rem > 1:
+                l1 += x2[i, k8 + 1] * lora_a[t, k8 + 1]
+            if rem > 2:
+                l2 += x2[i, k8 + 2] * lora_a[t, k8 + 2]
+            if rem > 3:
+                l3 += x2[i, k8 + 3] * lora_a[t, k8 + 3]
+            if rem > 4:
+                l4 += x2[i, k8 + 4] * lora_a[t, k8 + 4]
+            if rem > 5:
+                l5 += x2[i, k8 + 5] * lora_a[t, k8 + 5]
+            if rem > 6:
+                l6 += x2[i, k8 + 6] * lora_a[t, k8 + 6]
+            v[t] = _lane_sum(l0, l1, l2, l3, l4, l5, l6, l7)
+        t0 += nt
+
+
+@kernel(cache=SIMD_CACHEABLE)
+def lora_shrink_simd(x2, lora_a, scale, u):
+    """:func:`lora_shrink` for C-contiguous x2 and lora_a on a SIMD machine, its dot
+    products by :func:`simd_dots` (the same bits; the portable kernel ran one scalar
+    multiply and add per element: 0.15 ms for 8 rows x rank 16 x 4096 against 0.024)."""
+    r = lora_a.shape[0]
+    v = np.empty(r, np.float32)
+    lanes = np.empty(8 * SIMD_LANE8_RANKS, np.float32)
+    for i in range(x2.shape[0]):
+        simd_dots(x2, i, lora_a, v, lanes)
+        for t in range(r):
+            val = scale * v[t]
+            if scale == 0 and val != val:  # as lora_shrink
+                val = np.float32(0.0)
+            u[i, t] = val
+
+
+def shrink(x2, lora_a, scale, u):
+    """u = scale * x2 lora_a^T in the canonical 8-lane order (:func:`lora_shrink`), with
+    the SIMD build where the machine has one and both arrays are C-contiguous."""
+    if SIMD_LANES and x2.flags.c_contiguous and lora_a.flags.c_contiguous:
+        lora_shrink_simd(x2, lora_a, scale, u)
+    else:
+        lora_shrink(x2, lora_a, scale, u)
 
 
 @inline_helper
