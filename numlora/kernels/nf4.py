@@ -40,10 +40,8 @@ from ._jit import (
     serial_twin,
 )
 from ._simd import CACHEABLE as SIMD_CACHEABLE
-from ._simd import LANE8_RANKS as SIMD_LANE8_RANKS
-from ._simd import lane8_dot1 as _lane8_dot1
-from ._simd import lane8_dots as _lane8_dots
 from ._simd import GROUP as SIMD_GROUP
+from ._simd import LANE8_RANKS as SIMD_LANE8_RANKS
 from ._simd import LANES as SIMD_LANES  # noqa: F401  (read as kernels.<family>.SIMD_LANES)
 from ._simd import (
     STREAM_ALIGN,
@@ -69,6 +67,8 @@ from ._simd import WORDS_BUF as SIMD_WORDS_BUF
 from ._simd import WORDS_GROUP_NW as SIMD_WORDS_GROUP_NW
 from ._simd import WORDS_NX as SIMD_WORDS_NX
 from ._simd import WROWS as SIMD_WROWS
+from ._simd import lane8_dot1 as _lane8_dot1
+from ._simd import lane8_dots as _lane8_dots
 from ._simd import words_chunk as _words_chunk
 from ._simd import words_ok as simd_words_ok  # noqa: F401  (read by the products module)
 
