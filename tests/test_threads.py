@@ -280,9 +280,12 @@ out["masks_after_first"] = [sorted(os.sched_getaffinity(int(w))) for w in new]
 moves = []
 if S.active:
     for c in cores[1::-1] * 2:  # ends on cores[0], the workers kept on the others
-        os.sched_setaffinity(0, {c})  # the caller now runs on core c,
-        os.sched_setaffinity(0, set(cores))  # and may run on all of them again
-        y = nl.nf4_matmul(x, t)
+        for _ in range(5):  # (the scheduler may move the caller between the two calls: again)
+            os.sched_setaffinity(0, {c})  # the caller now runs on core c,
+            os.sched_setaffinity(0, set(cores))  # and may run on all of them again
+            y = nl.nf4_matmul(x, t)
+            if S._cpu == c:
+                break
         moves.append({"seen": S._cpu, "masks": [sorted(os.sched_getaffinity(w)) for w in workers],
                       "same": bool(np.array_equal(y.view(np.uint32), ref.view(np.uint32)))})
     os.sched_setaffinity(0, {cores[1]})  # the caller confined to the workers' core: steering stops
