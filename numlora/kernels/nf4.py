@@ -469,23 +469,11 @@ def simd_dots(x2, i, lora_a, v, lanes):
                 _lane8_dot1(x2, i * k, lora_a, (t0 + q) * k, k, k, lanes[8 * q:])
         for q in range(nt):
             t = t0 + q
-            l0, l1, l2, l3 = lanes[8 * q], lanes[8 * q + 1], lanes[8 * q + 2], lanes[8 * q + 3]
-            l4, l5, l6, l7 = lanes[8 * q + 4], lanes[8 * q + 5], lanes[8 * q + 6], lanes[8 * q + 7]
-            rem = k - k8
-            if rem > 0:
-                l0 += x2[i, k8] * lora_a[t, k8]
-            if rem > 1:
-                l1 += x2[i, k8 + 1] * lora_a[t, k8 + 1]
-            if rem > 2:
-                l2 += x2[i, k8 + 2] * lora_a[t, k8 + 2]
-            if rem > 3:
-                l3 += x2[i, k8 + 3] * lora_a[t, k8 + 3]
-            if rem > 4:
-                l4 += x2[i, k8 + 4] * lora_a[t, k8 + 4]
-            if rem > 5:
-                l5 += x2[i, k8 + 5] * lora_a[t, k8 + 5]
-            if rem > 6:
-                l6 += x2[i, k8 + 6] * lora_a[t, k8 + 6]
+            b = 8 * q
+            for j in range(k - k8):  # the tail, into lanes 0.. as _lane_dot adds it
+                lanes[b + j] += x2[i, k8 + j] * lora_a[t, k8 + j]
+            l0, l1, l2, l3 = lanes[b], lanes[b + 1], lanes[b + 2], lanes[b + 3]
+            l4, l5, l6, l7 = lanes[b + 4], lanes[b + 5], lanes[b + 6], lanes[b + 7]
             v[t] = _lane_sum(l0, l1, l2, l3, l4, l5, l6, l7)
         t0 += nt
 
