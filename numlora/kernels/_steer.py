@@ -6,11 +6,11 @@ woken thread runs on. On the 2-vCPU AMD EPYC VM numlora is measured on, after th
 slept (``time.sleep``, I/O, a pause between requests) the kernel woke numba's worker on the
 *calling* thread's vCPU, and the two then shared one vCPU call after call (each kernel
 wakes the worker again, on the same vCPU): a bf16 NF4 product at batch 8 ran 2.7-3.1 ms
-instead of 1.4 for as long as the program kept calling, and the harness's rows after a
-pause read 1.7-2.3x slower than the kernels back to back (docs/performance.md, "Where
-numba's worker wakes"). The scheduler leaves a woken thread on a busy core when it does not
-trust the idle one (a VM's idle vCPU may be descheduled by the host), and the balancer never
-sees the pair as a lasting imbalance because the worker sleeps again after each kernel.
+after a sleep, 1.4-1.9 ms after a busy pause with the pair apart, and ``numlora bench``'s QLoRA
+rows at batch 1 and 8 read 1.5-2.4x their times with the worker steered as below
+(docs/performance.md, "Where numba's worker wakes"). That guest's scheduler packs threads
+onto fewer vCPUs (``/proc/sys/kernel/sched_vcpu_pack``), and its balancer never sees the
+pair as a lasting imbalance because the worker sleeps again after each kernel.
 
 So numlora tells the scheduler: before a parallel kernel, if the calling thread is on
 another core than at its last one, numba's workers are allowed on the caller's cores but
@@ -110,13 +110,13 @@ class Steering:
                 return fn(*args)
             finally:
                 after = _tasks() if single else None
-                self._note_workers(before, after, threads)
+                self._note_workers(single, before, after, threads)
 
-    def _note_workers(self, before, after, threads):
+    def _note_workers(self, single, before, after, threads):
         if before is None or after is None:
             self._workers = ()
-            return self.off("the first parallel kernel ran beside other Python threads" if before is None
-                            and threading.active_count() != 1 else "/proc/self/task unreadable")
+            return self.off("the first parallel kernel ran beside other Python threads" if not single
+                            else "/proc/self/task unreadable")
         new = sorted(after - before)
         if len(new) != threads - 1:
             self._workers = ()
