@@ -311,6 +311,7 @@ def _steer_probe(**env):
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="thread affinity through Linux's API")
 
 
+@pytest.mark.slow
 @linux_only
 def test_numbas_workers_are_kept_off_the_callers_core(default_run):
     out = _steer_probe()
@@ -329,6 +330,7 @@ def test_numbas_workers_are_kept_off_the_callers_core(default_run):
     assert confined["same"] and all(mask == out["cores"] for mask in confined["masks"])
 
 
+@pytest.mark.slow
 @linux_only
 @pytest.mark.parametrize("env, why", [
     ({"NUMLORA_STEER_WORKERS": "0"}, "off: NUMLORA_STEER_WORKERS=0"),
