@@ -286,9 +286,8 @@ def _forward_rounded(x2, t, mode, lora_a, lora_b, s, bias, out2, x_lora, u_out):
     # OpenBLAS's threads spinning into the next kernel
     if n > FUSED_MAX_ROWS and dot:
         u = np.empty((n, lora_a.shape[0]), np.float32) if u_out is None else u_out
-        xc = np.ascontiguousarray(xl, dtype=np.float32)
-        rows = kc.lora_rows_simd if k.SIMD_LANES and lora_a.flags.c_contiguous else kc.lora_rows
-        rows(xc, lora_a, np.float32(s), u, np.ascontiguousarray(lora_b.T), out2)
+        kc.lora_branch(np.ascontiguousarray(xl, dtype=np.float32), lora_a, np.float32(s), u,
+                       np.ascontiguousarray(lora_b.T), out2)
         return
     if n > FUSED_MAX_ROWS:
         bw.add_low_rank(xl, lora_a, lora_b, s, out2, u_out)

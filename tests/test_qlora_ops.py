@@ -197,7 +197,7 @@ def _canonical_shrink(x, a, scale):
 def test_lora_shrink_simd_and_portable_give_the_canonical_bits(n, r, k, scale, kernel_path):
     """The LoRA shrink of the fused products (``kernels.nf4.shrink``: ``lora_shrink`` or,
     on a SIMD machine, ``lora_shrink_simd``'s <8 x float> chunks) and the large-batch
-    ``lora_rows`` / ``lora_rows_simd``: the canonical 8-lane order, bit for bit, also with
+    ``compute.lora_branch`` (``lora_rows`` / ``lora_rows_simd``): the canonical 8-lane order, bit for bit, also with
     overflow (scale 0 adds nothing where x A^T is inf) and NaN."""
     from numlora.kernels import compute as kc
     from numlora.kernels import nf4 as k_
@@ -213,9 +213,8 @@ def test_lora_shrink_simd_and_portable_give_the_canonical_bits(n, r, k, scale, k
         k_.shrink(x, a, np.float32(scale), u)
     assert np.array_equal(u.view(np.uint32), want.view(np.uint32))
     bt = rng.standard_normal((r, 12)).astype(np.float32)
-    rows = kc.lora_rows_simd if k_.SIMD_LANES else kc.lora_rows
     u2, y = np.empty((n, r), np.float32), np.zeros((n, 12), np.float32)
     with np.errstate(over="ignore", invalid="ignore"):
-        rows(x, a, np.float32(scale), u2, bt, y)
+        kc.lora_branch(x, a, np.float32(scale), u2, bt, y)
     unscaled = _canonical_shrink(x, a, np.float32(1.0))
     assert np.array_equal(u2.view(np.uint32), unscaled.view(np.uint32))

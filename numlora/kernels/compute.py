@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from .._scratch import scratch
+from . import nf4 as _nf4
 from ._jit import PRODUCT_SERIAL_BELOW, inline_helper, kernel, num_threads, prange, product_work
 from ._simd import (  # noqa: F401  (BF16_DOT: read by the products module)
     BF16_BW,
@@ -336,6 +337,16 @@ def lora_rows_simd(x2, lora_a, scale, u, lora_bt, y):
             if scale == 0 and c[t] != c[t]:
                 c[t] = np.float32(0.0)
         _expand_row(c, lora_bt, y, i, np.empty(y.shape[1], np.float32))
+
+
+def lora_branch(x2, lora_a, scale, u, lora_bt, y):
+    """:func:`lora_rows` (x2 C-contiguous float32), through :func:`lora_rows_simd` where
+    the machine has the SIMD build and lora_a is C-contiguous (the same bits): the choice
+    ``nf4.shrink`` makes for the small batches."""
+    if _nf4.SIMD_LANES and lora_a.flags.c_contiguous:
+        lora_rows_simd(x2, lora_a, scale, u, lora_bt, y)
+    else:
+        lora_rows(x2, lora_a, scale, u, lora_bt, y)
 
 
 def bf16_input(n, in_f):
