@@ -543,17 +543,50 @@ def test_a_signal_mid_job_removes_everything(tmp_path, rng, monkeypatch, capsys,
     def outside_the_job(signum, frame):  # what the test process does if numlora installs no handler
         raise AssertionError(f"{signum} reached the test's handler")
 
-    previous = signal.signal(signal.SIGTERM, outside_the_job)
+    # Both signals get the test's own handler first: a process started in the background
+    # by a non-interactive shell inherits SIGINT ignored, and numlora leaves an ignored
+    # signal ignored (the test below).
+    previous = {s: signal.signal(s, outside_the_job) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         args = [command, str(base)] + ([str(adapter)] if command == "merge" else [])
         assert main(args + ["-o", str(tmp_path / "out" / "m"), "--json"]) == rc
-        assert signal.getsignal(signal.SIGTERM) is outside_the_job  # restored after the job
+        for s in previous:
+            assert signal.getsignal(s) is outside_the_job  # restored after the job
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, h in previous.items():
+            signal.signal(s, h)
     line = _one_error_line(capsys.readouterr().err)
     assert line == f"numlora: error: interrupted by {sig}; the partial output was removed, the inputs are untouched"
     assert os.listdir(tmp_path / "out") == []
     assert _tree_hashes(tmp_path / "in") == before
+
+
+def test_a_signal_ignored_at_the_start_stays_ignored_during_the_job(tmp_path, rng, monkeypatch):
+    """As under ``nohup`` (or a background job of a non-interactive shell): SIGINT ignored
+    when the job starts is left ignored while it runs, and the job completes."""
+    import signal
+
+    import numlora.convert as conv
+
+    base, adapter, before = _fault_setup(tmp_path, rng)
+    seen = []
+    real = conv._merge_one
+
+    def watched(*a, **k):
+        seen.append((signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)))
+        return real(*a, **k)
+
+    monkeypatch.setattr(conv, "_merge_one", watched)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        assert main(["merge", str(base), str(adapter), "-o", str(tmp_path / "out" / "m"), "--json"]) == 0
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert seen and all(i is signal.SIG_IGN for i, _ in seen)
+    assert all(callable(t) and t not in (signal.SIG_IGN, signal.SIG_DFL) for _, t in seen)  # SIGTERM: numlora's
+    assert _tree_hashes(tmp_path / "in") == before
+    assert (tmp_path / "out" / "m").is_dir()
 
 
 def test_a_signal_after_the_final_commit_keeps_the_complete_output(tmp_path, rng, monkeypatch, capsys):
