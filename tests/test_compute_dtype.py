@@ -403,6 +403,25 @@ def test_bf16_products_from_several_threads_at_once():
     assert errors == []
 
 
+@pytest.mark.parametrize("shape", [(4096, 16), (40, 4), (37, 29), (8, 8), (16, 24), (9, 17), (3, 5), (0, 7)])
+def test_transposed_is_the_exact_transpose(shape, kernel_path):
+    """``compute.transposed`` (the bf16 products' B^T, 8 x 8 blocks in registers on the SIMD
+    path): every bit of a.T, C-contiguous, whole blocks and both edges; NaN payloads,
+    signed zeros and infinities kept."""
+    from numlora.kernels import compute as kc
+
+    rng = np.random.default_rng(shape[0] * 131 + shape[1])
+    bits = rng.integers(0, 2**32, size=shape, dtype=np.uint64).astype(np.uint32)
+    bits.reshape(-1)[::7] = 0x7FC01234  # a quiet NaN with a payload
+    bits.reshape(-1)[3::11] = 0x80000000  # -0.0
+    a = bits.view(np.float32)
+    t = kc.transposed(a)
+    assert t.shape == shape[::-1] and t.flags.c_contiguous and t.dtype == np.float32
+    assert np.array_equal(t.view(np.uint32), a.T.view(np.uint32))
+    again = kc.transposed(np.ascontiguousarray(a[:, ::-1]))  # the same scratch, reused
+    assert np.array_equal(again.view(np.uint32), a[:, ::-1].T.view(np.uint32))
+
+
 @pytest.mark.parametrize("n", [6, 20])
 def test_bf16_lora_branch_u_out_and_zero_scaling(n):
     """The bf16 products' LoRA branch (numba, serial up to 16 rows, parallel rows above):
