@@ -359,7 +359,7 @@ def test_bf16_table_keeps_nan_scales_beside_tiny_ones():
 
 
 @pytest.mark.skipif(JIT_DISABLED, reason="the bf16 dot-product kernel exists only compiled")
-def test_bf16_bits_is_the_rounding_in_the_dot_products_layout():
+def test_bf16_bits_is_the_rounding_in_the_dot_products_layout(kernel_path):
     from numlora.kernels import compute as kc
 
     rng = np.random.default_rng(13)
@@ -369,11 +369,13 @@ def test_bf16_bits_is_the_rounding_in_the_dot_products_layout():
         flat[:60].view(np.uint32)[:] = rng.integers(0, 2 ** 32, 60, dtype=np.uint64).astype(np.uint32)
         flat[60:65] = [np.nan, -np.nan, np.inf, -np.inf, np.float32(3.3895314e38)]  # the last rounds to inf
         flat[65:67] = [np.float32(2.0 ** -130), np.float32(-(2.0 ** -149))]
+        flat[67:70].view(np.uint32)[:] = [0x7F800001, 0xFF812345, 0x7FBFFFFF]  # signalling NaNs: made quiet
         xr = x.copy()
         kc.round_values(xr.reshape(-1), kc.BF16)
-        got = np.empty((n, 384), np.uint16)
+        got = np.full((n + 2, 384), 0xABCD, np.uint16)  # two rows past x's: left as they were
         kc.bf16_bits(x, got)
-        assert np.array_equal(got, bf16_layout(xr))
+        assert np.array_equal(got[:n], bf16_layout(xr))
+        assert (got[n:] == 0xABCD).all()
 
 
 @pytest.mark.skipif(JIT_DISABLED, reason="the bf16 dot-product kernel exists only compiled")

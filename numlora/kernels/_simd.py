@@ -948,6 +948,38 @@ BF16_CHUNK = 128
 I16 = ir.IntType(16)
 
 
+
+@intrinsic
+def bf16_chunk_bits(typingctx, x, xo, xb, bo):
+    """xb[bo + 32 k + q] = the bf16 bits of x[xo + 4 q + (k ^ 1)] rounded half to even, for
+    q < 32, k < 4: one chunk of BF16_CHUNK float32 values (x: their uint32 bits) rounded
+    and reordered as :func:`bf16_rows` reads them, in vector registers (the rounding on the
+    bits, as ``kernels.compute.round_values``: a NaN made quiet; then one shuffle of the
+    128 halves). x: uint32, xb: uint16, flat; offsets in elements."""
+    sig = types.void(x, xo, xb, bo)
+
+    def codegen(context, builder, sig, args):
+        xa = context.make_array(sig.args[0])(context, builder, args[0])
+        ba = context.make_array(sig.args[2])(context, builder, args[2])
+        xp = builder.gep(xa.data, [context.cast(builder, args[1], sig.args[1], types.int64)])
+        bp = builder.gep(ba.data, [context.cast(builder, args[3], sig.args[3], types.int64)])
+        it, ht = _vec(I32, BF16_CHUNK), _vec(I16, BF16_CHUNK)
+
+        def c(v):
+            return ir.Constant(it, [v] * BF16_CHUNK)
+
+        b = builder.load(builder.bitcast(xp, it.as_pointer()), align=4)
+        even = builder.add(builder.add(b, c(0x7FFF)), builder.and_(builder.lshr(b, c(16)), c(1)))
+        nan = builder.icmp_unsigned(">", builder.and_(b, c(0x7FFFFFFF)), c(0x7F800000))
+        r = builder.lshr(builder.select(nan, builder.or_(b, c(0x00400000)), even), c(16))
+        order = [4 * (p % 32) + ((p // 32) ^ 1) for p in range(BF16_CHUNK)]
+        h = builder.shuffle_vector(builder.trunc(r, ht), ir.Constant(ht, ir.Undefined),
+                                   ir.Constant(_vec(I32, BF16_CHUNK), order))
+        builder.store(h, builder.bitcast(bp, ht.as_pointer()), align=2)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
 def _bf16_half_table(builder, codes, scale):
     """<16 x i16>: the bf16 bits of rnd(codes * scale), half to even (:func:`round_vector`:
     a NaN product made quiet as ``vcvtne2ps2bf16`` converts it, so that both ways of

