@@ -286,8 +286,7 @@ def _forward_rounded(x2, t, mode, lora_a, lora_b, s, bias, out2, x_lora, u_out):
     # OpenBLAS's threads spinning into the next kernel
     if n > FUSED_MAX_ROWS and dot:
         u = np.empty((n, lora_a.shape[0]), np.float32) if u_out is None else u_out
-        kc.lora_branch(np.ascontiguousarray(xl, dtype=np.float32), lora_a, np.float32(s), u,
-                       kc.transposed(lora_b), out2)
+        kc.lora_branch(np.ascontiguousarray(xl, dtype=np.float32), lora_a, np.float32(s), u, lora_b, out2)
         return
     if n > FUSED_MAX_ROWS:
         bw.add_low_rank(xl, lora_a, lora_b, s, out2, u_out)
@@ -298,7 +297,7 @@ def _forward_rounded(x2, t, mode, lora_a, lora_b, s, bias, out2, x_lora, u_out):
     else:
         k.shrink(np.ascontiguousarray(xl, dtype=np.float32), lora_a, np.float32(1.0), u_out)
         u = bw.scale_intermediate(u_out, s)
-    kc.lora_expand_add(u, kc.transposed(lora_b), out2)
+    kc.lora_expand_add(u, lora_b, out2)
 
 
 def bf16_dot_ok(kc, in_f, blocksize) -> bool:

@@ -405,23 +405,31 @@ def test_bf16_products_from_several_threads_at_once():
     assert errors == []
 
 
-@pytest.mark.parametrize("shape", [(4096, 16), (40, 4), (37, 29), (8, 8), (16, 24), (9, 17), (3, 5), (0, 7)])
-def test_transposed_is_the_exact_transpose(shape, kernel_path):
-    """``compute.transposed`` (the bf16 products' B^T, 8 x 8 blocks in registers on the SIMD
-    path): every bit of a.T, C-contiguous, whole blocks and both edges; NaN payloads,
-    signed zeros and infinities kept."""
+@pytest.mark.skipif(JIT_DISABLED, reason="the SIMD kernels exist only compiled")
+@pytest.mark.parametrize("shape", [(4096, 16), (40, 4), (37, 29), (16, 8), (48, 24), (17, 17), (3, 5), (0, 7)])
+def test_b_blocks_is_b_transposed_in_blocks_of_a_vector(shape):
+    """``compute.b_blocks`` (the bf16 products' B^T for the expand in registers, 8 x 8
+    pieces transposed in registers): blk[q, t, l] = B[q L + l, t], every bit, whole pieces
+    and the ranks past them; NaN payloads and signed zeros kept; outputs past the last
+    whole vector are not its business."""
+    from numlora.kernels import _simd
     from numlora.kernels import compute as kc
 
-    rng = np.random.default_rng(shape[0] * 131 + shape[1])
+    if not _simd.LANES:
+        pytest.skip("this CPU (or NUMLORA_SIMD=0) has no SIMD build")
+    lanes = _simd.LANES
+    out_f, r = shape
+    rng = np.random.default_rng(out_f * 131 + r)
     bits = rng.integers(0, 2**32, size=shape, dtype=np.uint64).astype(np.uint32)
     bits.reshape(-1)[::7] = 0x7FC01234  # a quiet NaN with a payload
     bits.reshape(-1)[3::11] = 0x80000000  # -0.0
-    a = bits.view(np.float32)
-    t = kc.transposed(a)
-    assert t.shape == shape[::-1] and t.flags.c_contiguous and t.dtype == np.float32
-    assert np.array_equal(t.view(np.uint32), a.T.view(np.uint32))
-    again = kc.transposed(np.ascontiguousarray(a[:, ::-1]))  # the same scratch, reused
-    assert np.array_equal(again.view(np.uint32), a[:, ::-1].T.view(np.uint32))
+    b = bits.view(np.float32)
+    q = out_f // lanes
+    blk = np.full(q * r * lanes + 5, np.float32(7.0))
+    kc.b_blocks(b, blk)
+    want = bits[:q * lanes].reshape(q, lanes, r).transpose(0, 2, 1)
+    assert np.array_equal(blk[:q * r * lanes].view(np.uint32).reshape(q, r, lanes), want)
+    assert (blk[q * r * lanes:] == 7.0).all()
 
 
 @pytest.mark.parametrize("n", [6, 20])

@@ -212,9 +212,49 @@ def test_lora_shrink_simd_and_portable_give_the_canonical_bits(n, r, k, scale, k
     with np.errstate(over="ignore", invalid="ignore"):
         k_.shrink(x, a, np.float32(scale), u)
     assert np.array_equal(u.view(np.uint32), want.view(np.uint32))
-    bt = rng.standard_normal((r, 12)).astype(np.float32)
-    u2, y = np.empty((n, r), np.float32), np.zeros((n, 12), np.float32)
+    bt = rng.standard_normal((r, 37)).astype(np.float32)  # whole vectors of outputs and a tail
+    y0 = rng.standard_normal((n, 37)).astype(np.float32)
+    u2, y = np.empty((n, r), np.float32), y0.copy()
     with np.errstate(over="ignore", invalid="ignore"):
-        kc.lora_branch(x, a, np.float32(scale), u2, bt, y)
+        kc.lora_branch(x, a, np.float32(scale), u2, np.ascontiguousarray(bt.T), y)
     unscaled = _canonical_shrink(x, a, np.float32(1.0))
     assert np.array_equal(u2.view(np.uint32), unscaled.view(np.uint32))
+    assert np.array_equal(y.view(np.uint32), _canonical_expand(want, bt, y0).view(np.uint32))
+
+
+def _canonical_expand(c, bt, y):
+    """y + c bt in numpy float32, each output's rank terms summed in order from zero
+    (multiply, then add), then added to y: the order of the LoRA expand kernels."""
+    out = y.copy()
+    with np.errstate(over="ignore", invalid="ignore"):
+        for i in range(c.shape[0]):
+            lo = np.zeros(bt.shape[1], np.float32)
+            for t in range(c.shape[1]):
+                lo = lo + np.float32(c[i, t]) * bt[t]
+            out[i] = out[i] + lo
+    return out
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 8, 9, 16])
+@pytest.mark.parametrize("r,out_f", [(1, 16), (3, 37), (16, 64), (19, 100), (16, 7)])
+def test_lora_expand_simd_and_portable_give_the_canonical_bits(n, r, out_f, kernel_path):
+    """The small-batch LoRA expand of the 16-bit compute dtypes (``compute.lora_expand_add``:
+    the element loop on B^T, or on a SIMD machine the sums of groups of four rows in
+    registers on ``b_blocks``):
+    rank terms in order from zero, then added, bit for bit, with whole vectors of outputs,
+    a tail, groups of 1-4 rows, infinities, NaN and signed zeros."""
+    from numlora.kernels import compute as kc
+
+    rng = np.random.default_rng(n * 1000 + r * 10 + out_f)
+    c = rng.standard_normal((n, r)).astype(np.float32)
+    bt = rng.standard_normal((r, out_f)).astype(np.float32)
+    y0 = rng.standard_normal((n, out_f)).astype(np.float32)
+    c[0, 0] = 3e38
+    bt[0, :2] = [4.0, -0.0]  # 1.2e39 overflows to inf; -0.0 times 3e38
+    if r > 1:
+        bt[1, -1] = np.nan
+    y0[-1, 0] = -0.0
+    y = y0.copy()
+    with np.errstate(over="ignore", invalid="ignore"):
+        kc.lora_expand_add(c, np.ascontiguousarray(bt.T), y)
+    assert np.array_equal(y.view(np.uint32), _canonical_expand(c, bt, y0).view(np.uint32))

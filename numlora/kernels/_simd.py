@@ -782,6 +782,48 @@ def _make_dot16(lanes):
 LANE8_RANKS = 4
 
 
+def _make_expand_rows(nx, lanes):
+    @intrinsic
+    def expand_rows(typingctx, u, i0, blk, q, y, j0):
+        """y[j0 + g, q lanes + l] += s(g, l) for g < ``nx``, l < ``lanes``, where s(g, l) is
+        the sum over t of u[i0 + g, t] * blk[(q r + t) lanes + l] in order from zero (t = 0,
+        1, ...; multiply, then add: no FMA contraction): the LoRA expand of ``nx`` rows and
+        the q-th vector of outputs with the sums in registers, each of B^T's vectors loaded
+        once for the ``nx`` rows. blk: B^T in blocks of ``lanes`` outputs
+        (``kernels.compute.b_blocks``), flat. The order of ``kernels.compute._expand_row``,
+        so the same bits. u: (n, r), y: (n, out), float32, C-contiguous."""
+        sig = types.void(u, i0, blk, q, y, j0)
+
+        def codegen(context, builder, sig, args):
+            ua = context.make_array(sig.args[0])(context, builder, args[0])
+            ba = context.make_array(sig.args[2])(context, builder, args[2])
+            ya = context.make_array(sig.args[4])(context, builder, args[4])
+            first = context.cast(builder, args[1], sig.args[1], types.int64)
+            block = context.cast(builder, args[3], sig.args[3], types.int64)
+            y_first = context.cast(builder, args[5], sig.args[5], types.int64)
+            r = builder.extract_value(ua.shape, 1)
+            out = builder.extract_value(ya.shape, 1)
+            vt = _vec(F32, lanes)
+            width = ir.Constant(I64, lanes)
+            urows = _row_ptrs(builder, ua.data, first, nx, r)
+            yrows = [builder.gep(p, [builder.mul(block, width)]) for p in _row_ptrs(builder, ya.data, y_first, nx, out)]
+            bvecs = builder.bitcast(builder.gep(ba.data, [builder.mul(builder.mul(block, r), width)]), vt.as_pointer())
+            acc = [cgutils.alloca_once_value(builder, ir.Constant(vt, None)) for _ in range(nx)]
+            with cgutils.for_range(builder, r) as tl:
+                bv = builder.load(builder.gep(bvecs, [tl.index]), align=4)
+                for g in range(nx):
+                    c = _splat(builder, builder.load(builder.gep(urows[g], [tl.index])), lanes)
+                    builder.store(builder.fadd(builder.load(acc[g]), builder.fmul(c, bv)), acc[g])
+            for g in range(nx):
+                yp = builder.bitcast(yrows[g], vt.as_pointer())
+                builder.store(builder.fadd(builder.load(yp, align=4), builder.load(acc[g])), yp, align=4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return expand_rows
+
+
 def _make_lane8_dots(nt):
     @intrinsic
     def lane8_dots(typingctx, x, xo, a, ao, astride, n, out):
@@ -1266,6 +1308,11 @@ bf16_block = _make_bf16_block(BF16_BW, BF16_BX) if BF16_DOT else None
 
 row_dot = _make_row_dot(LANES) if LANES else None
 dot16 = _make_dot16(LANES) if LANES else None
+#: Rows per call of the LoRA expand in registers (``expand_x4``; a batch's last 1-3 rows
+#: ``expand_x3`` .. ``expand_x1``).
+EXPAND_NX = 4
+expand_x4, expand_x3, expand_x2, expand_x1 = (
+    [_make_expand_rows(nx, LANES) for nx in range(EXPAND_NX, 0, -1)] if LANES else [None] * EXPAND_NX)
 lane8_dots, lane8_dot1 = (_make_lane8_dots(LANE8_RANKS), _make_lane8_dots(1)) if LANES else (None, None)
 #: (weight rows, input rows) per call of the fused rounded products.
 ROUNDED_SHAPES = ((2, 4), (1, 4), (4, 1), (1, 1))

@@ -44,6 +44,10 @@ from ._simd import (  # noqa: F401  (BF16_DOT: read by the products module)
     decode_blocks_f16,
     decode_blocks_f16_stream,
     dot16,
+    expand_x1,
+    expand_x2,
+    expand_x3,
+    expand_x4,
     rounded_1x1,
     rounded_1x4,
     rounded_2x4,
@@ -52,6 +56,7 @@ from ._simd import (  # noqa: F401  (BF16_DOT: read by the products module)
     transpose8,
 )
 from ._simd import CACHEABLE as SIMD_CACHEABLE
+from ._simd import LANES as _LANES
 from .nf4 import SIMD_LANE8_RANKS, _lane_dot, simd_dots
 
 BF16 = 1
@@ -293,46 +298,93 @@ def bf16_bits_portable(x, xb):
 
 
 @kernel(cache=SIMD_CACHEABLE)
-def transpose_simd(src, dst):
-    """dst = src.T for float32 src (n, m) and dst (m, n), both C-contiguous: 8 x 8 blocks
-    transposed in registers (``_simd.transpose8``), the edges element by element. Columns
-    of blocks outer, so each pass writes eight rows of dst front to back: 4096 x 16 (B of
-    a rank-16 adapter) in 16 us, against 20 us with rows of blocks outer and 39 us for
-    numpy's copy of the transposed view (AMD EPYC, AVX-512, 2026-12-06)."""
-    n, m = src.shape
-    n8 = n - n % 8
-    m8 = m - m % 8
-    for j0 in range(0, m8, 8):
-        for i0 in range(0, n8, 8):
-            transpose8(src, i0 * m + j0, m, dst, j0 * n + i0, n)
-    for i in range(n8):
-        for j in range(m8, m):
-            dst[j, i] = src[i, j]
-    for i in range(n8, n):
-        for j in range(m):
-            dst[j, i] = src[i, j]
+def b_blocks(lora_b, blk):
+    """blk[q, t, l] = lora_b[q L + l, t] for the whole vectors of L = ``_simd.LANES``
+    outputs (q < out // L): B^T in blocks of L outputs, each block's r vectors contiguous,
+    so the expand in registers (``_simd.expand_x4`` ..) reads them one after the other
+    (B^T of shape (r, out) put every vector of a block 4 * out bytes apart: with out 4096
+    those share one set of the L1 cache and missed it, 26 us at 8 rows against 36 for the
+    element loop). 8 x 8 pieces transposed in registers (``_simd.transpose8``), ranks past
+    the last whole 8 element by element. lora_b: (out, r) float32, C-contiguous; blk: flat,
+    at least (out // L) * r * L."""
+    out, r = lora_b.shape
+    r8 = r - r % 8
+    src = lora_b.reshape(-1)
+    for q in range(out // _LANES):
+        for h in range(0, _LANES, 8):
+            for t0 in range(0, r8, 8):
+                transpose8(src, (q * _LANES + h) * r + t0, r, blk, (q * r + t0) * _LANES + h, _LANES)
+        for t in range(r8, r):
+            for lane in range(_LANES):
+                blk[(q * r + t) * _LANES + lane] = lora_b[q * _LANES + lane, t]
 
 
-def transposed(a, name="compute.t"):
-    """a.T as a C-contiguous float32 array (a: float32, 2-D) in the calling thread's
-    scratch buffer ``name`` (numlora._scratch: valid until this thread's next use of the
-    name): through :func:`transpose_simd` where the machine has the SIMD build and a is
-    C-contiguous, else numpy's copy. Exact either way (a copy)."""
-    dst = scratch(name, a.size, np.float32).reshape(a.shape[::-1])
-    if _nf4.SIMD_LANES and a.flags.c_contiguous:
-        transpose_simd(a, dst)
+def b_blocks_of(lora_b, name="compute.bblk"):
+    """:func:`b_blocks` of lora_b into the calling thread's scratch buffer ``name``
+    (numlora._scratch: valid until this thread's next use of the name)."""
+    out, r = lora_b.shape
+    blk = scratch(name, max(1, out // _LANES * r * _LANES), np.float32)
+    b_blocks(lora_b, blk)
+    return blk
+
+
+def _simd_expand_ok(lora_b, y) -> bool:
+    """Whether the expand in registers applies: the SIMD build, B and y C-contiguous."""
+    return bool(_nf4.SIMD_LANES) and lora_b.flags.c_contiguous and y.flags.c_contiguous
+
+
+def lora_expand_add(u, lora_b, y):
+    """y[i] += sum over t of u[i, t] * lora_b[:, t] (lora_b = B, (out, r), float32): the
+    LoRA expand of a small batch, added to the rounded base product without a BLAS call
+    (whose spinning threads would slow the next parallel kernel). Each output sums its
+    rank terms in order from zero, then adds the sum, as the fused float32 kernels'
+    epilogue does. Serial: at most a few rows times out x r. Through
+    :func:`lora_expand_add_simd` on the SIMD build (B and y C-contiguous), else
+    :func:`lora_expand_add_portable` on B^T; the same bits."""
+    u = np.ascontiguousarray(u, dtype=np.float32)
+    if _simd_expand_ok(lora_b, y):
+        lora_expand_add_simd(u, b_blocks_of(lora_b), lora_b, y)
     else:
-        np.copyto(dst, a.T)
-    return dst
+        lora_expand_add_portable(u, np.ascontiguousarray(lora_b.T), y)
+
+
+@kernel(cache=SIMD_CACHEABLE)
+def lora_expand_add_simd(u, blk, lora_b, y):
+    """:func:`lora_expand_add` with the sums in vector registers (:func:`_expand_rows_simd`)."""
+    _expand_rows_simd(u, 0, u.shape[0], blk, lora_b, y, 0)
+
+
+@inline_helper
+def _expand_rows_simd(c, c0, m, blk, lora_b, y, y0):
+    """y[y0 + g] += sum over t of c[c0 + g, t] * lora_b[:, t] for g < m, in
+    :func:`_expand_row`'s order (the same bits): each vector of outputs summed in
+    registers for groups of up to four rows (``_simd.expand_x4`` .. ``expand_x1``, B^T's
+    vectors from :func:`b_blocks`' blk, loaded once per group); the outputs past the last
+    whole vector element by element from B's rows."""
+    out = y.shape[1]
+    whole = out - out % _LANES
+    for q in range(whole // _LANES):
+        g = 0
+        while g + 4 <= m:
+            expand_x4(c, c0 + g, blk, q, y, y0 + g)
+            g += 4
+        if m - g == 3:
+            expand_x3(c, c0 + g, blk, q, y, y0 + g)
+        elif m - g == 2:
+            expand_x2(c, c0 + g, blk, q, y, y0 + g)
+        elif m - g == 1:
+            expand_x1(c, c0 + g, blk, q, y, y0 + g)
+    for g in range(m):
+        for o in range(whole, out):
+            s = np.float32(0.0)
+            for t in range(c.shape[1]):
+                s += c[c0 + g, t] * lora_b[o, t]
+            y[y0 + g, o] += s
 
 
 @kernel()
-def lora_expand_add(u, lora_bt, y):
-    """y[i] += sum over t of u[i, t] * lora_bt[t] (lora_bt = B^T, (r, out), C-contiguous):
-    the LoRA expand of a small batch, added to the rounded base product without a BLAS
-    call (whose spinning threads would slow the next parallel kernel). Each output sums
-    its rank terms in order from zero, then adds the sum, as the fused float32 kernels'
-    epilogue does. Serial: at most a few rows times out x r."""
+def lora_expand_add_portable(u, lora_bt, y):
+    """:func:`lora_expand_add` element by element (:func:`_expand_row`)."""
     lo = np.empty(y.shape[1], np.float32)
     for i in range(u.shape[0]):
         _expand_row(u[i], lora_bt, y, i, lo)
@@ -376,31 +428,43 @@ def lora_rows(x2, lora_a, scale, u, lora_bt, y):
         _expand_row(c, lora_bt, y, i, np.empty(y.shape[1], np.float32))
 
 
-@kernel(parallel=True, cache=SIMD_CACHEABLE, work=_lora_rows_work, serial_below=PRODUCT_SERIAL_BELOW)
-def lora_rows_simd(x2, lora_a, scale, u, lora_bt, y):
+def _lora_rows_simd_work(x2, lora_a, scale, u, blk, lora_b, y) -> int:
+    """Multiply-adds of :func:`lora_rows_simd`, as :func:`_lora_rows_work`."""
+    return x2.shape[0] * lora_a.shape[0] * (x2.shape[1] + y.shape[1])
+
+
+@kernel(parallel=True, cache=SIMD_CACHEABLE, work=_lora_rows_simd_work, serial_below=PRODUCT_SERIAL_BELOW)
+def lora_rows_simd(x2, lora_a, scale, u, blk, lora_b, y):
     """:func:`lora_rows` with the dot products of the shrink in SIMD registers
-    (``nf4.simd_dots``, the same bits) for C-contiguous x2 and lora_a on a SIMD machine."""
+    (``nf4.simd_dots``) and the expand of each group of four rows in them
+    (:func:`_expand_rows_simd` on :func:`b_blocks`' blk), the same bits, for C-contiguous
+    x2, lora_a, lora_b and y on a SIMD machine."""
     r = lora_a.shape[0]
-    for i in prange(x2.shape[0]):
+    n = x2.shape[0]
+    for q in prange((n + 3) // 4):  # groups of four rows: one pass over B^T per group
+        i0 = 4 * q
+        m = min(4, n - i0)
         v = np.empty(r, np.float32)
-        c = np.empty(r, np.float32)
-        simd_dots(x2, i, lora_a, v, np.empty(8 * SIMD_LANE8_RANKS, np.float32))
-        for t in range(r):
-            u[i, t] = v[t]
-            c[t] = scale * v[t]
-            if scale == 0 and c[t] != c[t]:
-                c[t] = np.float32(0.0)
-        _expand_row(c, lora_bt, y, i, np.empty(y.shape[1], np.float32))
+        c = np.empty((4, r), np.float32)
+        lanes = np.empty(8 * SIMD_LANE8_RANKS, np.float32)
+        for g in range(m):
+            simd_dots(x2, i0 + g, lora_a, v, lanes)
+            for t in range(r):
+                u[i0 + g, t] = v[t]
+                c[g, t] = scale * v[t]
+                if scale == 0 and c[g, t] != c[g, t]:
+                    c[g, t] = np.float32(0.0)
+        _expand_rows_simd(c, 0, m, blk, lora_b, y, i0)
 
 
-def lora_branch(x2, lora_a, scale, u, lora_bt, y):
-    """:func:`lora_rows` (x2 C-contiguous float32), through :func:`lora_rows_simd` where
-    the machine has the SIMD build and lora_a is C-contiguous (the same bits): the choice
-    ``nf4.shrink`` makes for the small batches."""
-    if _nf4.SIMD_LANES and lora_a.flags.c_contiguous:
-        lora_rows_simd(x2, lora_a, scale, u, lora_bt, y)
+def lora_branch(x2, lora_a, scale, u, lora_b, y):
+    """:func:`lora_rows` (x2 C-contiguous float32; lora_b = B, (out, r) float32), through
+    :func:`lora_rows_simd` where the machine has the SIMD build and lora_a, B and y are
+    C-contiguous (the same bits): the choice ``nf4.shrink`` makes for the small batches."""
+    if lora_a.flags.c_contiguous and _simd_expand_ok(lora_b, y):
+        lora_rows_simd(x2, lora_a, scale, u, b_blocks_of(lora_b), lora_b, y)
     else:
-        lora_rows(x2, lora_a, scale, u, lora_bt, y)
+        lora_rows(x2, lora_a, scale, u, np.ascontiguousarray(lora_b.T), y)
 
 
 def bf16_input(n, in_f):
