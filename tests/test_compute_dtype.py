@@ -378,22 +378,33 @@ def test_bf16_bits_is_the_rounding_in_the_dot_products_layout(kernel_path):
         assert (got[n:] == 0xABCD).all()
 
 
+def _bf16_call(t, x, b, a, lb):
+    if a is None:
+        return nl.nf4_matmul(x, t, bias=b, compute_dtype="bfloat16")
+    return nl.qlora_forward(x, t, a, lb, 0.5, b, compute_dtype="bfloat16")
+
+
 @pytest.mark.skipif(JIT_DISABLED, reason="the bf16 dot-product kernel exists only compiled")
 def test_bf16_products_from_several_threads_at_once():
-    """The decoded bf16 path keeps its scratch per calling thread: threads running it at
-    once (different shapes, so different scratch sizes) each get their own bits."""
+    """The bf16 paths keep their scratch per calling thread (the input's bits, the decoded
+    rows, B^T in blocks for the LoRA expand): threads running them at once (different
+    shapes, so different scratch sizes; small batches and large, with and without a LoRA
+    branch) each get their own bits."""
     import threading
 
     rng = np.random.default_rng(14)
     jobs = []
-    for out_f, in_f, n in ((96, 256, 16), (40, 512, 24), (130, 384, 9)):
+    for out_f, in_f, n, r in ((96, 256, 16, 0), (40, 512, 24, 0), (130, 384, 9, 0), (96, 256, 3, 4),
+                              (130, 384, 20, 16), (48, 512, 8, 7)):
         t, x, b = _operands(rng, out_f, in_f, n)
-        jobs.append((t, x, b, nl.nf4_matmul(x, t, bias=b, compute_dtype="bfloat16")))
+        a = rng.standard_normal((r, in_f)).astype(np.float32) if r else None
+        lb = rng.standard_normal((out_f, r)).astype(np.float32) if r else None
+        jobs.append((t, x, b, a, lb, _bf16_call(t, x, b, a, lb)))
     errors = []
 
-    def work(t, x, b, want):
+    def work(t, x, b, a, lb, want):
         for _ in range(30):
-            if not np.array_equal(nl.nf4_matmul(x, t, bias=b, compute_dtype="bfloat16"), want):
+            if not np.array_equal(_bf16_call(t, x, b, a, lb), want):
                 errors.append(t.shape)
                 return
 
