@@ -235,6 +235,27 @@ def _canonical_expand(c, bt, y):
     return out
 
 
+@pytest.mark.parametrize("n", [1, 3, 4, 9, 16])
+@pytest.mark.parametrize("out_f,r", [(70, 3), (48, 16), (37, 19), (8, 1)])
+def test_fused_epilogue_is_base_plus_the_canonical_expand_then_bias(n, out_f, r, kernel_path):
+    """The float32 fused products' epilogue (up to FUSED_MAX_ROWS rows: the expand of whole
+    vectors of outputs in registers on the SIMD path, element by element elsewhere):
+    y = (base + sum over t of c[t] B[o, t], rank terms from zero) + bias, bit for bit,
+    with base the same product without a LoRA branch and c the canonical shrink."""
+    rng = np.random.default_rng(n * 97 + out_f * 7 + r)
+    t = nl.quantize_nf4(rng.standard_normal((out_f, 128)).astype(np.float32), 64)
+    x = rng.standard_normal((n, 128)).astype(np.float32)
+    a = rng.standard_normal((r, 128)).astype(np.float32)
+    b = rng.standard_normal((out_f, r)).astype(np.float32)
+    bias = rng.standard_normal(out_f).astype(np.float32)
+    base = nl.nf4_matmul(x, t)
+    c = _canonical_shrink(x, a, np.float32(0.7))
+    with_lora = _canonical_expand(c, np.ascontiguousarray(b.T), base)
+    assert np.array_equal(nl.qlora_forward(x, t, a, b, 0.7).view(np.uint32), with_lora.view(np.uint32))
+    got = nl.qlora_forward(x, t, a, b, 0.7, bias)
+    assert np.array_equal(got.view(np.uint32), (with_lora + bias).view(np.uint32))
+
+
 @pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 8, 9, 16])
 @pytest.mark.parametrize("r,out_f", [(1, 16), (3, 37), (16, 64), (19, 100), (16, 7)])
 def test_lora_expand_simd_and_portable_give_the_canonical_bits(n, r, out_f, kernel_path):

@@ -44,20 +44,14 @@ from ._simd import (  # noqa: F401  (BF16_DOT: read by the products module)
     decode_blocks_f16,
     decode_blocks_f16_stream,
     dot16,
-    expand_x1,
-    expand_x2,
-    expand_x3,
-    expand_x4,
     rounded_1x1,
     rounded_1x4,
     rounded_2x4,
     rounded_4x1,
     store_fence,
-    transpose8,
 )
 from ._simd import CACHEABLE as SIMD_CACHEABLE
-from ._simd import LANES as _LANES
-from .nf4 import SIMD_LANE8_RANKS, _lane_dot, simd_dots
+from .nf4 import SIMD_LANE8_RANKS, _expand_rows_simd, _lane_dot, b_blocks, b_blocks_of, simd_dots  # noqa: F401
 
 BF16 = 1
 F16 = 2
@@ -297,37 +291,6 @@ def bf16_bits_portable(x, xb):
                     xb[i, c + 32 * (m ^ 1) + q] = np.uint16(r & 0xFFFF)
 
 
-@kernel(cache=SIMD_CACHEABLE)
-def b_blocks(lora_b, blk):
-    """blk[q, t, l] = lora_b[q L + l, t] for the whole vectors of L = ``_simd.LANES``
-    outputs (q < out // L): B^T in blocks of L outputs, each block's r vectors contiguous,
-    so the expand in registers (``_simd.expand_x4`` ..) reads them one after the other
-    (B^T of shape (r, out) put every vector of a block 4 * out bytes apart: with out 4096
-    those share one set of the L1 cache and missed it, 26 us at 8 rows against 36 for the
-    element loop). 8 x 8 pieces transposed in registers (``_simd.transpose8``), ranks past
-    the last whole 8 element by element. lora_b: (out, r) float32, C-contiguous; blk: flat,
-    at least (out // L) * r * L."""
-    out, r = lora_b.shape
-    r8 = r - r % 8
-    src = lora_b.reshape(-1)
-    for q in range(out // _LANES):
-        for h in range(0, _LANES, 8):
-            for t0 in range(0, r8, 8):
-                transpose8(src, (q * _LANES + h) * r + t0, r, blk, (q * r + t0) * _LANES + h, _LANES)
-        for t in range(r8, r):
-            for lane in range(_LANES):
-                blk[(q * r + t) * _LANES + lane] = lora_b[q * _LANES + lane, t]
-
-
-def b_blocks_of(lora_b, name="compute.bblk"):
-    """:func:`b_blocks` of lora_b into the calling thread's scratch buffer ``name``
-    (numlora._scratch: valid until this thread's next use of the name)."""
-    out, r = lora_b.shape
-    blk = scratch(name, max(1, out // _LANES * r * _LANES), np.float32)
-    b_blocks(lora_b, blk)
-    return blk
-
-
 def _simd_expand_ok(lora_b, y) -> bool:
     """Whether the expand in registers applies: the SIMD build, B and y C-contiguous."""
     return bool(_nf4.SIMD_LANES) and lora_b.flags.c_contiguous and y.flags.c_contiguous
@@ -352,34 +315,6 @@ def lora_expand_add(u, lora_b, y):
 def lora_expand_add_simd(u, blk, lora_b, y):
     """:func:`lora_expand_add` with the sums in vector registers (:func:`_expand_rows_simd`)."""
     _expand_rows_simd(u, 0, u.shape[0], blk, lora_b, y, 0)
-
-
-@inline_helper
-def _expand_rows_simd(c, c0, m, blk, lora_b, y, y0):
-    """y[y0 + g] += sum over t of c[c0 + g, t] * lora_b[:, t] for g < m, in
-    :func:`_expand_row`'s order (the same bits): each vector of outputs summed in
-    registers for groups of up to four rows (``_simd.expand_x4`` .. ``expand_x1``, B^T's
-    vectors from :func:`b_blocks`' blk, loaded once per group); the outputs past the last
-    whole vector element by element from B's rows."""
-    out = y.shape[1]
-    whole = out - out % _LANES
-    for q in range(whole // _LANES):
-        g = 0
-        while g + 4 <= m:
-            expand_x4(c, c0 + g, blk, q, y, y0 + g)
-            g += 4
-        if m - g == 3:
-            expand_x3(c, c0 + g, blk, q, y, y0 + g)
-        elif m - g == 2:
-            expand_x2(c, c0 + g, blk, q, y, y0 + g)
-        elif m - g == 1:
-            expand_x1(c, c0 + g, blk, q, y, y0 + g)
-    for g in range(m):
-        for o in range(whole, out):
-            s = np.float32(0.0)
-            for t in range(c.shape[1]):
-                s += c[c0 + g, t] * lora_b[o, t]
-            y[y0 + g, o] += s
 
 
 @kernel()

@@ -26,6 +26,7 @@ import types
 
 import numpy as np
 
+from .._scratch import scratch
 from .._tables import FP4_MIDPOINTS, NF4_MIDPOINTS
 from ._jit import (
     DECODE_SERIAL_BELOW,
@@ -43,17 +44,23 @@ from ._simd import CACHEABLE as SIMD_CACHEABLE
 from ._simd import GROUP as SIMD_GROUP
 from ._simd import LANE8_RANKS as SIMD_LANE8_RANKS
 from ._simd import LANES as SIMD_LANES  # noqa: F401  (read as kernels.<family>.SIMD_LANES)
+from ._simd import LANES as _LANES
 from ._simd import (
     STREAM_ALIGN,
     decode_blocks,
     decode_blocks_stream,
     decode_blocks_stream_aligned,
     encode_block,
+    expand_x1,
+    expand_x2,
+    expand_x3,
+    expand_x4,
     row_dot,
     rows_dot,
     store_fence,
     t_words1,
     t_words2,
+    transpose8,
     words_one,
     words_x1,
     words_x2,
@@ -515,6 +522,96 @@ def _finish(base, u, i, lora_b, o, bias, use_bias):
     return v
 
 
+@kernel(cache=SIMD_CACHEABLE)
+def b_blocks(lora_b, blk):
+    """blk[q, t, l] = lora_b[q L + l, t] for the whole vectors of L = ``_simd.LANES``
+    outputs (q < out // L): B^T in blocks of L outputs, each block's r vectors contiguous,
+    so the expand in registers (``_simd.expand_x4`` ..) reads them one after the other
+    (B^T of shape (r, out) put every vector of a block 4 * out bytes apart: with out 4096
+    those share one set of the L1 cache and missed it, 26 us at 8 rows against 36 for the
+    element loop). 8 x 8 pieces transposed in registers (``_simd.transpose8``), ranks past
+    the last whole 8 element by element. lora_b: (out, r) float32, C-contiguous; blk: flat,
+    at least (out // L) * r * L."""
+    out, r = lora_b.shape
+    r8 = r - r % 8
+    src = lora_b.reshape(-1)
+    for q in range(out // _LANES):
+        for h in range(0, _LANES, 8):
+            for t0 in range(0, r8, 8):
+                transpose8(src, (q * _LANES + h) * r + t0, r, blk, (q * r + t0) * _LANES + h, _LANES)
+        for t in range(r8, r):
+            for lane in range(_LANES):
+                blk[(q * r + t) * _LANES + lane] = lora_b[q * _LANES + lane, t]
+
+
+def b_blocks_of(lora_b, name="compute.bblk"):
+    """:func:`b_blocks` of lora_b into the calling thread's scratch buffer ``name``
+    (numlora._scratch: valid until this thread's next use of the name)."""
+    out, r = lora_b.shape
+    blk = scratch(name, max(1, out // _LANES * r * _LANES), np.float32)
+    b_blocks(lora_b, blk)
+    return blk
+
+
+@inline_helper
+def _expand_vectors(c, c0, m, blk, q0, q1, y, y0):
+    """y[y0 + g, q L + l] += sum over t of c[c0 + g, t] * B[q L + l, t] for g < m, vectors
+    q0 <= q < q1 of L = ``_simd.LANES`` outputs, in :func:`_finish`'s order (rank terms
+    from zero, multiply then add; the same bits): the sums of a vector of outputs in
+    registers for groups of up to four rows (``_simd.expand_x4`` .. ``expand_x1``), each
+    of B^T's vectors (from :func:`b_blocks`' blk) loaded once per group. c, y C-contiguous."""
+    for q in range(q0, q1):
+        g = 0
+        while g + 4 <= m:
+            expand_x4(c, c0 + g, blk, q, y, y0 + g)
+            g += 4
+        if m - g == 3:
+            expand_x3(c, c0 + g, blk, q, y, y0 + g)
+        elif m - g == 2:
+            expand_x2(c, c0 + g, blk, q, y, y0 + g)
+        elif m - g == 1:
+            expand_x1(c, c0 + g, blk, q, y, y0 + g)
+
+
+@inline_helper
+def _expand_rows_simd(c, c0, m, blk, lora_b, y, y0):
+    """y[y0 + g] += sum over t of c[c0 + g, t] * lora_b[:, t] for g < m: the whole vectors
+    of outputs by :func:`_expand_vectors`, the outputs past them element by element from
+    B's rows, all in :func:`_finish`'s order (the same bits)."""
+    out = y.shape[1]
+    whole = out - out % _LANES
+    _expand_vectors(c, c0, m, blk, 0, whole // _LANES, y, y0)
+    for g in range(m):
+        for o in range(whole, out):
+            s = np.float32(0.0)
+            for t in range(c.shape[1]):
+                s += c[c0 + g, t] * lora_b[o, t]
+            y[y0 + g, o] += s
+
+
+@inline_helper
+def _finish_rows(res, o0, nr, u, blk, vec, lora_b, bias, use_bias, y):
+    """y[i, o0 + oo] = :func:`_finish` (res[oo, i], ...) for oo < nr and every row i: with
+    ``vec`` (u, y C-contiguous, blk from :func:`b_blocks`, o0 a multiple of
+    ``_simd.LANES``) and a LoRA branch, the expand of the task's whole vectors of outputs
+    in registers (:func:`_expand_vectors`), then the bias: the same operations in the same
+    order, the same bits; the rest element by element."""
+    n = y.shape[0]
+    whole = nr - nr % _LANES if vec and u.shape[1] > 0 else 0
+    if whole > 0:
+        for oo in range(whole):
+            for i in range(n):
+                y[i, o0 + oo] = res[oo, i]
+        _expand_vectors(u, 0, n, blk, o0 // _LANES, (o0 + whole) // _LANES, y, 0)
+        if use_bias:
+            for i in range(n):
+                for oo in range(whole):
+                    y[i, o0 + oo] += bias[o0 + oo]
+    for oo in range(whole, nr):
+        for i in range(n):
+            y[i, o0 + oo] = _finish(res[oo, i], u, i, lora_b, o0 + oo, bias, use_bias)
+
+
 @kernel(parallel=True, work=product_work, serial_below=PRODUCT_SERIAL_BELOW)
 def nf4_gemv_lut(packed, scales, blocksize, code, x, u, lora_b, bias, use_bias, y):
     """Batch-1 fused NF4 GEMV (+ LoRA expand, + bias) for ``in % blocksize == 0`` and an
@@ -698,10 +795,10 @@ SIMD_WORDS_CHUNK = _words_chunk(SIMD_LANES)  # weights per chunk of the word dec
 
 
 @kernel(parallel=True, cache=SIMD_CACHEABLE, work=product_work, serial_below=PRODUCT_SERIAL_BELOW)
-def nf4_matmul_simd(packed, scales, blocksize, code, xe, xo, u, lora_b, bias, use_bias, y):
+def nf4_matmul_simd(packed, scales, blocksize, code, xe, xo, u, blk, vec, lora_b, bias, use_bias, y):
     """y[i, o] = row o of deq(W) . x[i] (+ LoRA expand of u, + bias), decoding W with
     SIMD permutes. xe, xo: the even and odd columns of x, each (n, in / 2) C-contiguous;
-    y: (n, out)."""
+    y: (n, out); blk, vec: :func:`_finish_rows`' (B^T's blocks, whether to use them)."""
     n, half = xe.shape
     out_f = y.shape[1]
     bpr = 2 * half // blocksize
@@ -736,19 +833,17 @@ def nf4_matmul_simd(packed, scales, blocksize, code, xe, xo, u, lora_b, bias, us
                 oo += 1
             for oo in range(nr):
                 res[oo, i] = wbuf[oo]
-        for oo in range(nr):
-            for i in range(n):
-                y[i, o0 + oo] = _finish(res[oo, i], u, i, lora_b, o0 + oo, bias, use_bias)
+        _finish_rows(res, o0, nr, u, blk, vec, lora_b, bias, use_bias, y)
 
 
 @kernel(parallel=True, cache=SIMD_CACHEABLE, work=product_work, serial_below=PRODUCT_SERIAL_BELOW)
-def nf4_matmul_words(packed, scales, blocksize, code, xp, u, lora_b, bias, use_bias, y):
+def nf4_matmul_words(packed, scales, blocksize, code, xp, u, blk, vec, lora_b, bias, use_bias, y):
     """y[i, o] = row o of deq(W) . x[i] (+ LoRA expand of u, + bias) with the word decode
     of ``_simd.dot_words`` (where ``words_ok``): xp is x reordered per chunk as described
-    there, (n, in) C-contiguous; y: (n, out). Batch rows in groups of SIMD_WORDS_NX, the
-    rest as one smaller group, SIMD_WORDS_GROUP_NW[group size] weight rows per decode
-    (``_simd.words_x4`` .. ``words_x1``): every (o, i) gets the same operations, so
-    results do not depend on the batch size or the thread count."""
+    there, (n, in) C-contiguous; y: (n, out); blk, vec: :func:`_finish_rows`'. Batch rows
+    in groups of SIMD_WORDS_NX, the rest as one smaller group, SIMD_WORDS_GROUP_NW[group
+    size] weight rows per decode (``_simd.words_x4`` .. ``words_x1``): every (o, i) gets
+    the same operations, so results do not depend on the batch size or the thread count."""
     n = xp.shape[0]
     out_f = y.shape[1]
     ntasks = (out_f + SIMD_ROWS - 1) // SIMD_ROWS
@@ -782,9 +877,7 @@ def nf4_matmul_words(packed, scales, blocksize, code, xp, u, lora_b, bias, use_b
                     words_one(packed, o0 + oo, xp, i0 + q, scales, code, blocksize, buf)
                     res[oo, i0 + q] = buf[0]
                 oo += 1
-        for oo in range(nr):
-            for i in range(n):
-                y[i, o0 + oo] = _finish(res[oo, i], u, i, lora_b, o0 + oo, bias, use_bias)
+        _finish_rows(res, o0, nr, u, blk, vec, lora_b, bias, use_bias, y)
 
 
 @kernel(parallel=True, cache=SIMD_CACHEABLE, work=product_work, serial_below=PRODUCT_SERIAL_BELOW)
