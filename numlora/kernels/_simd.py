@@ -790,8 +790,9 @@ def _make_expand_rows(nx, lanes):
         1, ...; multiply, then add: no FMA contraction): the LoRA expand of ``nx`` rows and
         the q-th vector of outputs with the sums in registers, each of B^T's vectors loaded
         once for the ``nx`` rows. blk: B^T in blocks of ``lanes`` outputs
-        (``kernels.compute.b_blocks``), flat. The order of ``kernels.compute._expand_row``,
-        so the same bits. u: (n, r), y: (n, out), float32, C-contiguous."""
+        (``kernels.nf4.b_blocks``), flat. The order of ``kernels.nf4._finish`` and
+        ``kernels.compute._expand_row``, so the same bits. u: (n, r), y: (n, out), float32,
+        C-contiguous."""
         sig = types.void(u, i0, blk, q, y, j0)
 
         def codegen(context, builder, sig, args):
@@ -990,7 +991,6 @@ BF16_CHUNK = 128
 I16 = ir.IntType(16)
 
 
-
 @intrinsic
 def bf16_chunk_bits(typingctx, x, xo, xb, bo):
     """xb[bo + 32 k + q] = the bf16 bits of x[xo + 4 q + (k ^ 1)] rounded half to even, for
@@ -1021,6 +1021,7 @@ def bf16_chunk_bits(typingctx, x, xo, xb, bo):
         return context.get_dummy_value()
 
     return sig, codegen
+
 
 def _bf16_half_table(builder, codes, scale):
     """<16 x i16>: the bf16 bits of rnd(codes * scale), half to even (:func:`round_vector`:

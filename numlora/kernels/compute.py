@@ -257,12 +257,12 @@ def bf16_bits(x, xb):
     :func:`round_values`), in the order the bf16 kernels read: each chunk of
     ``BF16_CHUNK`` elements reordered so that position ``32 k + q`` holds element
     ``4 q + (1, 0, 3, 2)[k]`` (the order in which the nibble positions of the chunk's
-    16-bit words decode). x: float32 (n, in), C-contiguous, ``in % BF16_CHUNK == 0``; xb:
-    uint16 (at least n rows of in, C-contiguous; its first n rows written). (tests/reference.py
-    writes the same in numpy.) Through :func:`bf16_bits_simd` on the SIMD build (a chunk
-    per call of ``_simd.bf16_chunk_bits``: 3.7 against 37 us at 8 rows of 4096, 58 against
-    606 us at 128, AMD EPYC), else :func:`bf16_bits_portable`; the same bits."""
-    if _nf4.SIMD_LANES:
+    16-bit words decode). x: float32 (n, in), ``in % BF16_CHUNK == 0``; xb: uint16, at
+    least n rows of in (its first n rows written). (tests/reference.py writes the same in
+    numpy.) Through :func:`bf16_bits_simd` on the SIMD build with both C-contiguous (a
+    chunk per call of ``_simd.bf16_chunk_bits``: 3.7 against 37 us at 8 rows of 4096, 58
+    against 606 us at 128, AMD EPYC), else :func:`bf16_bits_portable`; the same bits."""
+    if _nf4.SIMD_LANES and x.flags.c_contiguous and xb.flags.c_contiguous:
         bf16_bits_simd(x.reshape(-1).view(np.uint32), xb.reshape(-1), x.shape[0], x.shape[1])
     else:
         bf16_bits_portable(x, xb)

@@ -544,7 +544,7 @@ def b_blocks(lora_b, blk):
                 blk[(q * r + t) * _LANES + lane] = lora_b[q * _LANES + lane, t]
 
 
-def b_blocks_of(lora_b, name="compute.bblk"):
+def b_blocks_of(lora_b, name="nf4.bblk"):
     """:func:`b_blocks` of lora_b into the calling thread's scratch buffer ``name``
     (numlora._scratch: valid until this thread's next use of the name)."""
     out, r = lora_b.shape
