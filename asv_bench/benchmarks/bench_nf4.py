@@ -73,22 +73,32 @@ class QloraForward:
 
 
 class ComputeDtype:
-    """``nf4_matmul`` in a 16-bit compute dtype (bitsandbytes' ``compute_dtype``): on a CPU
-    with AVX512-BF16 the bfloat16 case runs the ``vdpbf16ps`` kernel, elsewhere (and for
-    float16) the rounded decode in registers; into a preallocated ``out``. Batch 4: a
-    group narrower than the 8 rows of the dot-product kernel's widest one."""
+    """``nf4_matmul`` and ``qlora_forward`` in a 16-bit compute dtype (bitsandbytes'
+    ``compute_dtype``): on a CPU with AVX512-BF16 the bfloat16 case runs the ``vdpbf16ps``
+    kernel, elsewhere (and for float16) the rounded decode in registers; into a
+    preallocated ``out``. Batch 4: a group narrower than the 8 rows of the dot-product
+    kernel's widest one. ``qlora_forward`` adds the LoRA branch (in float32, after the
+    rounding: the shrink, B^T's blocks and the expand in registers up to 16 rows, the
+    parallel rows above)."""
 
     params = [[1, 4, 8, 128], ["bfloat16", "float16"]]
     param_names = ["batch", "compute_dtype"]
 
     def setup(self, batch, compute_dtype):
         self.t = nf4_weight(N)
+        self.lora_a, self.lora_b = adapter(N)
         self.x = activations(batch, N)
         self.out = np.empty((batch, N), np.float32)
         numlora.nf4_matmul(self.x, self.t, out=self.out, compute_dtype=compute_dtype)
+        numlora.qlora_forward(self.x, self.t, self.lora_a, self.lora_b, SCALING, out=self.out,
+                              compute_dtype=compute_dtype)
 
     def time_nf4_matmul(self, batch, compute_dtype):
         numlora.nf4_matmul(self.x, self.t, out=self.out, compute_dtype=compute_dtype)
+
+    def time_qlora_forward(self, batch, compute_dtype):
+        numlora.qlora_forward(self.x, self.t, self.lora_a, self.lora_b, SCALING, out=self.out,
+                              compute_dtype=compute_dtype)
 
 
 class Nf4MatmulT:
