@@ -144,7 +144,7 @@ def _expand_operands(k, u, lora_b, out2):
     there is a LoRA branch and B and the output are C-contiguous (vec True), else a
     placeholder and the element-by-element epilogue. The same bits either way."""
     u = np.ascontiguousarray(u)
-    if u.shape[1] and lora_b.flags.c_contiguous and out2.flags.c_contiguous:
+    if u.shape[1] and k.expand_ok(lora_b, out2):
         return u, k.b_blocks_of(lora_b), True
     return u, np.zeros(1, np.float32), False
 

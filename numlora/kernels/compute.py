@@ -51,7 +51,15 @@ from ._simd import (  # noqa: F401  (BF16_DOT: read by the products module)
     store_fence,
 )
 from ._simd import CACHEABLE as SIMD_CACHEABLE
-from .nf4 import SIMD_LANE8_RANKS, _expand_rows_simd, _lane_dot, b_blocks, b_blocks_of, simd_dots  # noqa: F401
+from .nf4 import (  # noqa: F401  (b_blocks: read as kernels.compute.b_blocks too)
+    SIMD_LANE8_RANKS,
+    _expand_rows_simd,
+    _lane_dot,
+    _scaled,
+    b_blocks,
+    b_blocks_of,
+    simd_dots,
+)
 
 BF16 = 1
 F16 = 2
@@ -291,11 +299,6 @@ def bf16_bits_portable(x, xb):
                     xb[i, c + 32 * (m ^ 1) + q] = np.uint16(r & 0xFFFF)
 
 
-def _simd_expand_ok(lora_b, y) -> bool:
-    """Whether the expand in registers applies: the SIMD build, B and y C-contiguous."""
-    return bool(_nf4.SIMD_LANES) and lora_b.flags.c_contiguous and y.flags.c_contiguous
-
-
 def lora_expand_add(u, lora_b, y):
     """y[i] += sum over t of u[i, t] * lora_b[:, t] (lora_b = B, (out, r), float32): the
     LoRA expand of a small batch, added to the rounded base product without a BLAS call
@@ -305,7 +308,7 @@ def lora_expand_add(u, lora_b, y):
     :func:`lora_expand_add_simd` on the SIMD build (B and y C-contiguous), else
     :func:`lora_expand_add_portable` on B^T; the same bits."""
     u = np.ascontiguousarray(u, dtype=np.float32)
-    if _simd_expand_ok(lora_b, y):
+    if _nf4.expand_ok(lora_b, y):
         lora_expand_add_simd(u, b_blocks_of(lora_b), lora_b, y)
     else:
         lora_expand_add_portable(u, np.ascontiguousarray(lora_b.T), y)
@@ -357,15 +360,13 @@ def lora_rows(x2, lora_a, scale, u, lora_bt, y):
         for t in range(r):
             v = _lane_dot(x2[i], lora_a[t], k)
             u[i, t] = v
-            c[t] = scale * v
-            if scale == 0 and c[t] != c[t]:
-                c[t] = np.float32(0.0)
+            c[t] = _scaled(scale, v)
         _expand_row(c, lora_bt, y, i, np.empty(y.shape[1], np.float32))
 
 
 def _lora_rows_simd_work(x2, lora_a, scale, u, blk, lora_b, y) -> int:
-    """Multiply-adds of :func:`lora_rows_simd`, as :func:`_lora_rows_work`."""
-    return x2.shape[0] * lora_a.shape[0] * (x2.shape[1] + y.shape[1])
+    """Multiply-adds of :func:`lora_rows_simd`: :func:`_lora_rows_work`'s."""
+    return _lora_rows_work(x2, lora_a, scale, u, lora_b, y)
 
 
 @kernel(parallel=True, cache=SIMD_CACHEABLE, work=_lora_rows_simd_work, serial_below=PRODUCT_SERIAL_BELOW)
@@ -386,9 +387,7 @@ def lora_rows_simd(x2, lora_a, scale, u, blk, lora_b, y):
             simd_dots(x2, i0 + g, lora_a, v, lanes)
             for t in range(r):
                 u[i0 + g, t] = v[t]
-                c[g, t] = scale * v[t]
-                if scale == 0 and c[g, t] != c[g, t]:
-                    c[g, t] = np.float32(0.0)
+                c[g, t] = _scaled(scale, v[t])
         _expand_rows_simd(c, 0, m, blk, lora_b, y, i0)
 
 
@@ -396,7 +395,7 @@ def lora_branch(x2, lora_a, scale, u, lora_b, y):
     """:func:`lora_rows` (x2 C-contiguous float32; lora_b = B, (out, r) float32), through
     :func:`lora_rows_simd` where the machine has the SIMD build and lora_a, B and y are
     C-contiguous (the same bits): the choice ``nf4.shrink`` makes for the small batches."""
-    if lora_a.flags.c_contiguous and _simd_expand_ok(lora_b, y):
+    if lora_a.flags.c_contiguous and _nf4.expand_ok(lora_b, y):
         lora_rows_simd(x2, lora_a, scale, u, b_blocks_of(lora_b), lora_b, y)
     else:
         lora_rows(x2, lora_a, scale, u, np.ascontiguousarray(lora_b.T), y)

@@ -449,10 +449,17 @@ def lora_shrink(x2, lora_a, scale, u):
     for it in prange(n * r):
         i = it // r
         t = it % r
-        v = scale * _lane_dot(x2[i], lora_a[t], k)
-        if scale == 0 and v != v:  # inf * 0: the adapter adds nothing (_backward.scale_intermediate)
-            v = np.float32(0.0)
-        u[i, t] = v
+        u[i, t] = _scaled(scale, _lane_dot(x2[i], lora_a[t], k))
+
+
+@inline_helper
+def _scaled(scale, v):
+    """scale * v, as ``_backward.scale_intermediate`` scales the shrink: with scale 0 the
+    adapter adds nothing, also where v overflowed (inf * 0 is NaN: 0 instead)."""
+    sv = scale * v
+    if scale == 0 and sv != sv:
+        sv = np.float32(0.0)
+    return sv
 
 
 @inline_helper
@@ -496,10 +503,7 @@ def lora_shrink_simd(x2, lora_a, scale, u):
     for i in range(x2.shape[0]):
         simd_dots(x2, i, lora_a, v, lanes)
         for t in range(r):
-            val = scale * v[t]
-            if scale == 0 and val != val:  # as lora_shrink
-                val = np.float32(0.0)
-            u[i, t] = val
+            u[i, t] = _scaled(scale, v[t])
 
 
 def shrink(x2, lora_a, scale, u):
@@ -512,11 +516,18 @@ def shrink(x2, lora_a, scale, u):
 
 
 @inline_helper
-def _finish(base, u, i, lora_b, o, bias, use_bias):
+def _rank_sum(u, i, lora_b, o):
+    """sum over t of u[i, t] * lora_b[o, t], the rank terms in order from zero (multiply,
+    then add): the LoRA expand of one output, in the order every expand keeps."""
     lo = np.float32(0.0)
     for t in range(u.shape[1]):
         lo += u[i, t] * lora_b[o, t]
-    v = base + lo
+    return lo
+
+
+@inline_helper
+def _finish(base, u, i, lora_b, o, bias, use_bias):
+    v = base + _rank_sum(u, i, lora_b, o)
     if use_bias:
         v += bias[o]
     return v
@@ -542,6 +553,12 @@ def b_blocks(lora_b, blk):
         for t in range(r8, r):
             for lane in range(_LANES):
                 blk[(q * r + t) * _LANES + lane] = lora_b[q * _LANES + lane, t]
+
+
+def expand_ok(lora_b, y) -> bool:
+    """Whether the expand in registers (:func:`_expand_vectors` on :func:`b_blocks`)
+    applies: the SIMD build, B and the output C-contiguous."""
+    return bool(SIMD_LANES) and lora_b.flags.c_contiguous and y.flags.c_contiguous
 
 
 def b_blocks_of(lora_b, name="nf4.bblk"):
@@ -583,10 +600,7 @@ def _expand_rows_simd(c, c0, m, blk, lora_b, y, y0):
     _expand_vectors(c, c0, m, blk, 0, whole // _LANES, y, y0)
     for g in range(m):
         for o in range(whole, out):
-            s = np.float32(0.0)
-            for t in range(c.shape[1]):
-                s += c[c0 + g, t] * lora_b[o, t]
-            y[y0 + g, o] += s
+            y[y0 + g, o] += _rank_sum(c, c0 + g, lora_b, o)
 
 
 @inline_helper
