@@ -995,9 +995,10 @@ I16 = ir.IntType(16)
 def bf16_chunk_bits(typingctx, x, xo, xb, bo):
     """xb[bo + 32 k + q] = the bf16 bits of x[xo + 4 q + (k ^ 1)] rounded half to even, for
     q < 32, k < 4: one chunk of BF16_CHUNK float32 values (x: their uint32 bits) rounded
-    and reordered as :func:`bf16_rows` reads them, in vector registers (the rounding on the
-    bits, as ``kernels.compute.round_values``: a NaN made quiet; then one shuffle of the
-    128 halves). x: uint32, xb: uint16, flat; offsets in elements."""
+    and reordered as :func:`bf16_rows` reads them, in vector registers (the rounding of
+    :func:`round_vector`, a NaN made quiet, as ``kernels.compute.round_values``; the top
+    halves; one shuffle of the 128 halves). x: uint32, xb: uint16, flat; offsets in
+    elements."""
     sig = types.void(x, xo, xb, bo)
 
     def codegen(context, builder, sig, args):
@@ -1006,14 +1007,9 @@ def bf16_chunk_bits(typingctx, x, xo, xb, bo):
         xp = builder.gep(xa.data, [context.cast(builder, args[1], sig.args[1], types.int64)])
         bp = builder.gep(ba.data, [context.cast(builder, args[3], sig.args[3], types.int64)])
         it, ht = _vec(I32, BF16_CHUNK), _vec(I16, BF16_CHUNK)
-
-        def c(v):
-            return ir.Constant(it, [v] * BF16_CHUNK)
-
-        b = builder.load(builder.bitcast(xp, it.as_pointer()), align=4)
-        even = builder.add(builder.add(b, c(0x7FFF)), builder.and_(builder.lshr(b, c(16)), c(1)))
-        nan = builder.icmp_unsigned(">", builder.and_(b, c(0x7FFFFFFF)), c(0x7F800000))
-        r = builder.lshr(builder.select(nan, builder.or_(b, c(0x00400000)), even), c(16))
+        v = builder.load(builder.bitcast(xp, _vec(F32, BF16_CHUNK).as_pointer()), align=4)
+        rounded = builder.bitcast(round_vector(builder, v, BF16_CHUNK, 1), it)
+        r = builder.lshr(rounded, ir.Constant(it, [16] * BF16_CHUNK))
         order = [4 * (p % 32) + ((p // 32) ^ 1) for p in range(BF16_CHUNK)]
         h = builder.shuffle_vector(builder.trunc(r, ht), ir.Constant(ht, ir.Undefined),
                                    ir.Constant(_vec(I32, BF16_CHUNK), order))
