@@ -167,12 +167,13 @@ def blas_product(x2, t, scales, out2, mode=0):
     """out2 = x2 deq(W)^T for large batches: decode tiles of rows of W (at most
     TILE_ELEMS floats, serially: a parallel decode right after a BLAS call fights
     OpenBLAS's spinning threads; ``mode``: rounded to that compute dtype), multiply each
-    by the whole batch with BLAS into y^T, transpose once."""
+    by the whole batch with BLAS into y^T, transpose once (by tiles:
+    :func:`numlora._backward.transpose_copy`)."""
     yt = _scratch.scratch("nf4.yt", t.shape[0] * x2.shape[0], np.float32).reshape(t.shape[0], x2.shape[0])
     xt = x2.T
     for r0, r1, cur in row_tiles(t, scales, mode):
         np.dot(cur, xt, out=yt[r0:r1])
-    out2[...] = yt.T
+    bw.transpose_copy(yt, out2)
 
 
 def row_tiles(t, scales, mode=0):

@@ -748,7 +748,7 @@ def test_transpose_copies_every_element(rng, shape, copy):
     """The tiled transposing copies: the kernel ``LoraBank.add`` packs adapters with, and
     the numpy column tiles the dense base product runs after ``W @ x^T``: every element
     lands at its transposed place, bit for bit, for shapes off the tile sizes."""
-    from numlora._backward import _transpose_copy
+    from numlora._backward import transpose_copy
     from numlora.kernels.multi import _transpose_into
 
     src = rng.standard_normal(shape, dtype=np.float32)
@@ -757,7 +757,7 @@ def test_transpose_copies_every_element(rng, shape, copy):
     if copy == "kernel":
         _transpose_into(src, dst.reshape(-1))
     else:
-        _transpose_copy(src, dst)
+        transpose_copy(src, dst)
     assert np.array_equal(_bits(dst), _bits(np.ascontiguousarray(src.T)))
 
 

@@ -82,3 +82,64 @@ def test_dora_from_several_threads_at_once_matches_one_thread():
         t.join()
     for (n, y), (wn, wy) in zip(got, want):
         assert np.array_equal(n, wn) and np.array_equal(y, wy)
+
+
+def test_lora_expand_and_backward_term_reuse_the_threads_buffers():
+    """The dense LoRA branch's ``u B^T`` (in row chunks past ``ROW_CHUNK`` rows) and the
+    backward's ``s H A`` term come from the thread's scratch: a second call uses the same
+    memory (a fresh 512 KiB temporary per call cost 4x the product in page faults), and the
+    results stay those of the float64 reference, with chunks that end short."""
+    from numlora._backward import ROW_CHUNK
+
+    from reference import lora_forward_ref
+
+    rng = np.random.default_rng(2)
+    n, out_f, in_f, r = ROW_CHUNK + 44, 130, 72, 6
+    x = rng.standard_normal((n, in_f)).astype(np.float32)
+    w = rng.standard_normal((out_f, in_f)).astype(np.float32)
+    a = rng.standard_normal((r, in_f)).astype(np.float32)
+    b = rng.standard_normal((out_f, r)).astype(np.float32)
+    g = rng.standard_normal((n, out_f)).astype(np.float32)
+    _scratch.free()
+    y1 = nl.lora_forward(x, w, a, b, 0.5)
+    gx1, _, _ = nl.lora_backward(x, w, a, b, 0.5, g)
+    bufs = {k: _scratch._LOCAL.__dict__[k] for k in ("lora.expand", "lora.hA")}
+    y2 = nl.lora_forward(x, w, a, b, 0.5)
+    gx2, _, _ = nl.lora_backward(x, w, a, b, 0.5, g)
+    assert all(_scratch._LOCAL.__dict__[k] is v for k, v in bufs.items())
+    assert np.array_equal(y1, y2) and np.array_equal(gx1, gx2)
+    np.testing.assert_allclose(y1, lora_forward_ref(x, w, a, b, 0.5), rtol=2e-5, atol=2e-4)
+    x64, w64, a64, b64, g64 = (v.astype(np.float64) for v in (x, w, a, b, g))
+    want_gx = g64 @ w64 + 0.5 * (g64 @ b64) @ a64
+    np.testing.assert_allclose(gx1, want_gx, rtol=2e-5, atol=2e-4)
+
+
+def test_lora_forward_and_backward_from_several_threads_at_once_match_one_thread():
+    rng = np.random.default_rng(3)
+    cases = []
+    for k in range(4):
+        n, out_f = 40 + 120 * k, 100 + 37 * k  # chunk counts and buffer sizes differ between threads
+        x = rng.standard_normal((n, 64)).astype(np.float32)
+        w = rng.standard_normal((out_f, 64)).astype(np.float32)
+        a = rng.standard_normal((5, 64)).astype(np.float32)
+        b = rng.standard_normal((out_f, 5)).astype(np.float32)
+        g = rng.standard_normal((n, out_f)).astype(np.float32)
+        cases.append((x, w, a, b, g))
+
+    def both(x, w, a, b, g):
+        return nl.lora_forward(x, w, a, b, 0.7), nl.lora_backward(x, w, a, b, 0.7, g)[0]
+
+    want = [both(*c) for c in cases]
+    got = [None] * len(cases)
+
+    def work(i):
+        for _ in range(10):
+            got[i] = both(*cases[i])
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(cases))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for (y, gx), (wy, wgx) in zip(got, want):
+        assert np.array_equal(y, wy) and np.array_equal(gx, wgx)
