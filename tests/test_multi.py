@@ -225,6 +225,57 @@ def test_parallel_kernel_equals_serial(rng, dense):
     assert np.array_equal(_bits(outs[0]), _bits(outs[1]))
 
 
+def _bank_rows_model(x, ids, ads, rowscale, y):
+    """The bank's documented arithmetic of one row, in numpy float32 (each step one
+    rounding, in order): ``u = 0; u = u + x[j] A^T[j]`` for j in order, ``u = u * (s_k
+    rowscale)``, then ``y = y + u[t] B^T[t]`` for t in order."""
+    y = y.copy()
+    for i, k in enumerate(ids):
+        if k < 0:
+            continue
+        a, b, s = ads[k]
+        at, bt = a.T.astype(np.float32), b.T.astype(np.float32)
+        u = np.zeros(a.shape[0], np.float32)
+        for j in range(x.shape[1]):
+            u = u + x[i, j] * at[j]
+        u = u * (np.float32(s) * rowscale[i])
+        for t in range(u.size):
+            y[i] = y[i] + u[t] * bt[t]
+    return y
+
+
+@pytest.mark.parametrize("out_f", [96, 70])
+def test_simd_kernel_gives_the_documented_bits(rng, out_f):
+    """``multi_lora_add_simd`` (sums in vector registers: four rows and 32 / 16 / 8 columns
+    per call, single rows 64 / 16 / 8, the rest element by element) and the element-by-
+    element kernel both give the bits of the documented order, written out in numpy:
+    ranks below, at and between the vector widths, segments of 1-9 rows (groups of four
+    and the rows left over), outputs that end short of a whole vector (70)."""
+    from numlora.kernels import multi as km
+    from numlora.multi.cpu import kernel_blocks, plan_rows
+
+    if not km.SIMD_LANES:
+        pytest.skip("this CPU (or NUMLORA_SIMD=0) has no SIMD build")
+    ranks = [1, 7, 8, 9, 16, 17, 24, 31, 33, 64, 80]
+    base = rng.standard_normal((out_f, IN), dtype=np.float32)
+    bank, ads = _bank(rng, base, ranks)
+    ids = np.concatenate([np.full(c, k) for k, c in enumerate([1, 2, 3, 4, 5, 9, 8, 1, 6, 7, 2])])
+    ids = np.concatenate([ids, [-1, -1]])
+    rng.shuffle(ids)
+    n = ids.size
+    x = rng.standard_normal((n, IN), dtype=np.float32)
+    rowscale = rng.uniform(0.5, 2.0, n).astype(np.float32)
+    y0 = rng.standard_normal((n, out_f), dtype=np.float32)
+    snap = bank._registry.snap
+    want = _bank_rows_model(x, ids, ads, rowscale, y0)
+    for fn in (km.multi_lora_add_simd_serial, km.multi_lora_add_simd, km.multi_lora_add_serial):
+        order, seg, sa, u = plan_rows(snap, ids.astype(np.int64))
+        y = y0.copy()
+        fn(x, order, seg, sa, rowscale, kernel_blocks(snap), snap.ad_block, snap.ad_off, snap.ad_rank,
+           snap.ad_scaling, u, y)
+        assert np.array_equal(_bits(y), _bits(want)), fn
+
+
 # --- add / remove -------------------------------------------------------------------------
 
 def test_add_remove_ids_and_names(rng, dense):

@@ -732,6 +732,68 @@ def _make_delta_rows(rows, apply):
     return delta_rows
 
 
+#: Floats per vector of the bank's row kernels (:func:`_make_bank_rows`): plain vector
+#: arithmetic, split by LLVM into two on AVX2.
+BANK_LANES = 16
+
+
+def _make_bank_rows(rows, nv, lanes=None):
+    lanes = lanes or BANK_LANES
+
+    @intrinsic
+    def bank_rows(typingctx, s, so, v, vo, vs, nk, d, do, from_d):
+        """For g < ``rows`` and l < ``nv`` * ``lanes`` (BANK_LANES or 8): ``acc = d[do[g] + l]``
+        (``from_d`` non-zero) or 0, then ``acc = acc + s[so[g] + k] * v[vo + k vs + l]`` for
+        k = 0, 1, .. nk - 1 in order (multiply, then add: no FMA contraction), stored back
+        into ``d[do[g] + l]``. Each vector of v is loaded once for the ``rows`` rows and the
+        sums stay in registers. s, v, d: 1-D float32, C-contiguous; so, do: int64 arrays of
+        at least ``rows`` offsets. The LoRA bank's shrink (s = x's rows, v = A^T) and expand
+        (s = u's rows, v = B^T, d = y) as ``kernels.multi`` writes them element by element,
+        so the same bits."""
+        sig = types.void(s, so, v, vo, vs, nk, d, do, from_d)
+
+        def codegen(context, builder, sig, args):
+            sa = context.make_array(sig.args[0])(context, builder, args[0])
+            soa = context.make_array(sig.args[1])(context, builder, args[1])
+            va = context.make_array(sig.args[2])(context, builder, args[2])
+            da = context.make_array(sig.args[6])(context, builder, args[6])
+            doa = context.make_array(sig.args[7])(context, builder, args[7])
+            vo_, vs_, nk_ = (context.cast(builder, args[k], sig.args[k], types.int64) for k in (3, 4, 5))
+            init = builder.icmp_signed("!=", context.cast(builder, args[8], sig.args[8], types.int64),
+                                       ir.Constant(I64, 0))
+            vt = _vec(F32, lanes)
+            vp = vt.as_pointer()
+            srow = [builder.gep(sa.data, [builder.load(builder.gep(soa.data, [ir.Constant(I64, g)]))])
+                    for g in range(rows)]
+            dptr = [[builder.bitcast(builder.gep(da.data, [builder.add(builder.load(builder.gep(doa.data, [
+                ir.Constant(I64, g)])), ir.Constant(I64, lanes * q))]), vp) for q in range(nv)] for g in range(rows)]
+            zero = ir.Constant(vt, None)
+            acc = [[cgutils.alloca_once_value(builder, builder.select(init, builder.load(dptr[g][q], align=4), zero))
+                    for q in range(nv)] for g in range(rows)]
+            with cgutils.for_range(builder, nk_) as kl:
+                k = kl.index
+                vrow = builder.gep(va.data, [builder.add(vo_, builder.mul(k, vs_))])
+                vv = [builder.load(builder.bitcast(builder.gep(vrow, [ir.Constant(I64, lanes * q)]), vp), align=4)
+                      for q in range(nv)]
+                for g in range(rows):
+                    c = _splat(builder, builder.load(builder.gep(srow[g], [k])), lanes)
+                    for q in range(nv):
+                        builder.store(builder.fadd(builder.load(acc[g][q]), builder.fmul(c, vv[q])), acc[g][q])
+            for g in range(rows):
+                for q in range(nv):
+                    builder.store(builder.load(acc[g][q]), dptr[g][q], align=4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return bank_rows
+
+
+#: Rows per call of the bank's row kernels (``bank_rows_x4``; a segment's last 1-3 rows
+#: one at a time, ``bank_rows_x1``).
+BANK_ROWS = 4
+
+
 #: Partial sums of :func:`dot16` (and of its portable twin in ``kernels.compute``).
 DOT_LANES = 16
 
@@ -1310,6 +1372,12 @@ dot16 = _make_dot16(LANES) if LANES else None
 EXPAND_NX = 4
 expand_x4, expand_x3, expand_x2, expand_x1 = (
     [_make_expand_rows(nx, LANES) for nx in range(EXPAND_NX, 0, -1)] if LANES else [None] * EXPAND_NX)
+#: Vectors per row of ``bank_rows_wide`` (one row, 4 x 16 columns per call).
+BANK_WIDE = 4
+#: The bank's row kernels: four rows and 32 / 16 / 8 columns, one row and 64 / 16 / 8.
+bank_rows_x4w, bank_rows_x4, bank_rows_x4h, bank_rows_wide, bank_rows_x1, bank_rows_x1h = (
+    (_make_bank_rows(BANK_ROWS, 2), _make_bank_rows(BANK_ROWS, 1), _make_bank_rows(BANK_ROWS, 1, 8),
+     _make_bank_rows(1, BANK_WIDE), _make_bank_rows(1, 1), _make_bank_rows(1, 1, 8)) if LANES else (None,) * 6)
 lane8_dots, lane8_dot1 = (_make_lane8_dots(LANE8_RANKS), _make_lane8_dots(1)) if LANES else (None, None)
 #: (weight rows, input rows) per call of the fused rounded products.
 ROUNDED_SHAPES = ((2, 4), (1, 4), (4, 1), (1, 1))

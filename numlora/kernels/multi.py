@@ -24,13 +24,67 @@ same bits. Kernels never validate; the bank (:mod:`numlora.multi`) does.
 
 from __future__ import annotations
 
-from ._jit import kernel, prange, serial_twin
+import numpy as np
+
+from ._jit import inline_helper, kernel, prange, serial_twin
+from ._simd import (
+    BANK_LANES,
+    BANK_ROWS,
+    BANK_WIDE,
+    bank_rows_wide,
+    bank_rows_x1,
+    bank_rows_x1h,
+    bank_rows_x4,
+    bank_rows_x4h,
+    bank_rows_x4w,
+)
+from ._simd import CACHEABLE as SIMD_CACHEABLE
+from ._simd import LANES as SIMD_LANES  # noqa: F401  (read as kernels.<family>.SIMD_LANES)
 
 #: Rows of a segment shrunk together (each row of A^T is loaded once for all of them).
 SHRINK_ROWS = 8
 #: Output columns per pass of the expand (a chunk of each B^T row stays in L1 / L2 while
 #: the segment's rows use it).
 EXPAND_COLS = 1024
+
+
+@inline_helper
+def _segment_plain(x, order, p0, p1, r, at, bt, sk, rowscale, u, y):
+    """One segment's rows p0..p1 (positions in ``order``) of :func:`multi_lora_add`, element
+    by element: at = A^T (in, r), bt = B^T (r, out), both flat; sk = float32(scaling)."""
+    in_f = x.shape[1]
+    out_f = y.shape[1]
+    # shrink: u[p, :r] = x[order[p]] A^T, groups of SHRINK_ROWS rows share each A^T row
+    for g0 in range(p0, p1, SHRINK_ROWS):
+        g1 = min(p1, g0 + SHRINK_ROWS)
+        for p in range(g0, g1):
+            up = u[p]
+            for t in range(r):
+                up[t] = 0
+        for j in range(in_f):
+            arow = at[j * r:(j + 1) * r]
+            for p in range(g0, g1):
+                xv = x[order[p], j]
+                up = u[p]
+                for t in range(r):
+                    up[t] += xv * arow[t]
+        for p in range(g0, g1):
+            s = sk * rowscale[order[p]]
+            up = u[p]
+            for t in range(r):
+                up[t] = up[t] * s
+    # expand: y[order[p]] += u[p, :r] B^T, by column chunks
+    for o0 in range(0, out_f, EXPAND_COLS):
+        o1 = min(out_f, o0 + EXPAND_COLS)
+        w = o1 - o0
+        for p in range(p0, p1):
+            yrow = y[order[p], o0:o1]
+            up = u[p]
+            for t in range(r):
+                c = up[t]
+                brow = bt[t * out_f + o0:t * out_f + o1]
+                for o in range(w):
+                    yrow[o] += c * brow[o]
 
 
 @kernel(parallel=True)
@@ -46,50 +100,148 @@ def multi_lora_add(x, order, seg_start, seg_adapter, rowscale, blocks, ad_block,
     nseg = seg_adapter.size
     for sg in prange(nseg):
         k = seg_adapter[sg]
-        p0 = seg_start[sg]
-        p1 = seg_start[sg + 1]
         r = ad_rank[k]
         blk = blocks[ad_block[k]]
         base = ad_off[k]
-        at = blk[base:base + in_f * r]
-        bt = blk[base + in_f * r:base + r * (in_f + out_f)]
-        sk = ad_scaling[k]
-        # shrink: u[p, :r] = x[order[p]] A^T, groups of SHRINK_ROWS rows share each A^T row
-        for g0 in range(p0, p1, SHRINK_ROWS):
-            g1 = min(p1, g0 + SHRINK_ROWS)
-            for p in range(g0, g1):
-                up = u[p]
-                for t in range(r):
-                    up[t] = 0
-            for j in range(in_f):
-                arow = at[j * r:(j + 1) * r]
-                for p in range(g0, g1):
-                    xv = x[order[p], j]
-                    up = u[p]
-                    for t in range(r):
-                        up[t] += xv * arow[t]
-            for p in range(g0, g1):
-                s = sk * rowscale[order[p]]
-                up = u[p]
-                for t in range(r):
-                    up[t] = up[t] * s
-        # expand: y[order[p]] += u[p, :r] B^T, by column chunks
-        for o0 in range(0, out_f, EXPAND_COLS):
-            o1 = min(out_f, o0 + EXPAND_COLS)
-            w = o1 - o0
-            for p in range(p0, p1):
-                yrow = y[order[p], o0:o1]
-                up = u[p]
-                for t in range(r):
-                    c = up[t]
-                    brow = bt[t * out_f + o0:t * out_f + o1]
-                    for o in range(w):
-                        yrow[o] += c * brow[o]
+        _segment_plain(x, order, seg_start[sg], seg_start[sg + 1], r, blk[base:base + in_f * r],
+                       blk[base + in_f * r:base + r * (in_f + out_f)], ad_scaling[k], rowscale, u, y)
 
 
 #: Serial build of :func:`multi_lora_add`: what runs right after a BLAS base product
 #: (a parallel numba kernel there fights OpenBLAS's still-spinning threads).
 multi_lora_add_serial = serial_twin(multi_lora_add)
+
+
+@kernel(parallel=True, cache=SIMD_CACHEABLE)
+def multi_lora_add_simd(x, order, seg_start, seg_adapter, rowscale, blocks, ad_block, ad_off, ad_rank,
+                        ad_scaling, u, y):
+    """:func:`multi_lora_add` with the sums in vector registers for adapters of rank 16 and
+    more (``_simd.bank_rows_*``; lower ranks element by element, :func:`_segment_plain`).
+    Shrink: four rows of a segment at a time, 32 (then 16) of u's columns per pass over
+    x, each vector of A^T loaded once for the four rows; a segment's last 1-3 rows one at
+    a time, 64 then 16 columns per pass. Expand: 32 (then 16) outputs at a time for each
+    group of four rows, each output's sum over t kept in a register from y's value to the
+    end; the last 1-3 rows 64 then 16 outputs at a time. Columns past the last whole 16
+    (of u when r % 16, of y when out % 16) element by element. The same operations in
+    the same order for every element, so the same bits as :func:`multi_lora_add`. x, u
+    and y must be C-contiguous (the bank falls back to :func:`multi_lora_add`
+    otherwise). Measured (AMD EPYC, AVX-512, one thread, 4096 inputs): 128 rows over 4
+    adapters of rank 16 into 1024 outputs 1.63 -> 0.30 ms; 64 rows of one rank-64
+    adapter into 4096 outputs 2.75 -> 1.15 ms."""
+    in_f = x.shape[1]
+    out_f = y.shape[1]
+    umax = u.shape[1]
+    xf = x.reshape(x.size)
+    uf = u.reshape(u.size)
+    yf = y.reshape(y.size)
+    L = BANK_LANES
+    H = 8
+    W = BANK_WIDE * BANK_LANES
+    ov = out_f - out_f % L
+    nseg = seg_adapter.size
+    for sg in prange(nseg):
+        k = seg_adapter[sg]
+        p0 = seg_start[sg]
+        p1 = seg_start[sg + 1]
+        r = ad_rank[k]
+        blk = blocks[ad_block[k]]
+        base = ad_off[k]
+        bo = base + in_f * r
+        at = blk[base:bo]
+        bt = blk[bo:base + r * (in_f + out_f)]
+        sk = ad_scaling[k]
+        if r < H:
+            _segment_plain(x, order, p0, p1, r, at, bt, sk, rowscale, u, y)
+            continue
+        so = np.empty(BANK_ROWS, np.int64)
+        do = np.empty(BANK_ROWS, np.int64)
+        rv = r - r % H
+        pg = p0 + (p1 - p0) // BANK_ROWS * BANK_ROWS  # rows p0..pg in groups of four, pg..p1 one by one
+        # shrink: u[p, :r] = x[order[p]] A^T, then scaled
+        for g0 in range(p0, pg, BANK_ROWS):
+            for g in range(BANK_ROWS):
+                so[g] = order[g0 + g] * in_f
+            t0 = 0
+            while t0 < rv:
+                for g in range(BANK_ROWS):
+                    do[g] = (g0 + g) * umax + t0
+                if t0 + 2 * L <= rv:
+                    bank_rows_x4w(xf, so, blk, base + t0, r, in_f, uf, do, 0)
+                    t0 += 2 * L
+                elif t0 + L <= rv:
+                    bank_rows_x4(xf, so, blk, base + t0, r, in_f, uf, do, 0)
+                    t0 += L
+                else:
+                    bank_rows_x4h(xf, so, blk, base + t0, r, in_f, uf, do, 0)
+                    t0 += H
+        for p in range(pg, p1):
+            so[0] = order[p] * in_f
+            t0 = 0
+            while t0 < rv:
+                do[0] = p * umax + t0
+                if t0 + W <= rv:
+                    bank_rows_wide(xf, so, blk, base + t0, r, in_f, uf, do, 0)
+                    t0 += W
+                elif t0 + L <= rv:
+                    bank_rows_x1(xf, so, blk, base + t0, r, in_f, uf, do, 0)
+                    t0 += L
+                else:
+                    bank_rows_x1h(xf, so, blk, base + t0, r, in_f, uf, do, 0)
+                    t0 += H
+        if rv < r:
+            for p in range(p0, p1):
+                up = u[p]
+                for t in range(rv, r):
+                    up[t] = 0
+            for j in range(in_f):
+                arow = at[j * r:(j + 1) * r]
+                for p in range(p0, p1):
+                    xv = x[order[p], j]
+                    up = u[p]
+                    for t in range(rv, r):
+                        up[t] += xv * arow[t]
+        for p in range(p0, p1):
+            s = sk * rowscale[order[p]]
+            up = u[p]
+            for t in range(r):
+                up[t] = up[t] * s
+        # expand: y[order[p]] += u[p, :r] B^T
+        o0 = 0
+        while o0 < ov:
+            step = 2 * L if o0 + 2 * L <= ov else L
+            for g0 in range(p0, pg, BANK_ROWS):
+                for g in range(BANK_ROWS):
+                    so[g] = (g0 + g) * umax
+                    do[g] = order[g0 + g] * out_f + o0
+                if step == 2 * L:
+                    bank_rows_x4w(uf, so, blk, bo + o0, out_f, r, yf, do, 1)
+                else:
+                    bank_rows_x4(uf, so, blk, bo + o0, out_f, r, yf, do, 1)
+            o0 += step
+        for p in range(pg, p1):
+            so[0] = p * umax
+            o0 = 0
+            while o0 < ov:
+                do[0] = order[p] * out_f + o0
+                if o0 + W <= ov:
+                    bank_rows_wide(uf, so, blk, bo + o0, out_f, r, yf, do, 1)
+                    o0 += W
+                else:
+                    bank_rows_x1(uf, so, blk, bo + o0, out_f, r, yf, do, 1)
+                    o0 += L
+        if ov < out_f:
+            for p in range(p0, p1):
+                yrow = y[order[p]]
+                up = u[p]
+                for t in range(r):
+                    c = up[t]
+                    brow = bt[t * out_f:(t + 1) * out_f]
+                    for o in range(ov, out_f):
+                        yrow[o] += c * brow[o]
+
+
+#: Serial build of :func:`multi_lora_add_simd` (see :data:`multi_lora_add_serial`).
+multi_lora_add_simd_serial = serial_twin(multi_lora_add_simd)
 
 
 _TILE = 32  # side of the square tiles of the transposing copy

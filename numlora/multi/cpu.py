@@ -80,9 +80,8 @@ class CpuBank:
                 order, seg_start, seg_adapter, u = plan
                 # positions in u are relative to the grouped rows; the kernel reads x /
                 # rowscale / out by batch row through `order`; all tables from one snapshot
-                self._kernels.multi_lora_add_serial(x2, order, seg_start, seg_adapter, rowscale, kernel_blocks(snap),
-                                                    snap.ad_block, snap.ad_off, snap.ad_rank, snap.ad_scaling, u,
-                                                    out2)
+                add_rows(self._kernels, out2)(x2, order, seg_start, seg_adapter, rowscale, kernel_blocks(snap),
+                                              snap.ad_block, snap.ad_off, snap.ad_rank, snap.ad_scaling, u, out2)
             if self._bias is not None:
                 out2 += self._bias
             return out
@@ -147,6 +146,16 @@ class CpuBank:
     @staticmethod
     def check_pickle():
         """A CPU bank pickles."""
+
+
+def add_rows(kernels, out2):
+    """The serial LoRA kernel for this output: the sums in vector registers on the SIMD
+    build with a C-contiguous output (``multi_lora_add_simd_serial``), else element by
+    element (``multi_lora_add_serial``); the same bits. Serial: it runs right after the
+    base product, whose BLAS threads still spin."""
+    if kernels.SIMD_LANES and out2.flags.c_contiguous:
+        return kernels.multi_lora_add_simd_serial
+    return kernels.multi_lora_add_serial
 
 
 def plan_rows(snap, ids):
