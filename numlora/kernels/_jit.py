@@ -11,6 +11,8 @@ import threading
 import types
 import warnings
 
+import numpy as np
+
 from .. import _config
 from . import _steer
 
@@ -322,7 +324,11 @@ def park_before(work: int, minimum: int = PARK_MIN_ELEMS) -> None:
         park_blas()
 
 
-def kernel(parallel: bool = False, cache: bool = True, work=None, serial_below: int = 0):
+#: The counter of a team kernel's serial build (one slot: never written, never waited on).
+_TEAM_ALONE = np.zeros(1, np.int64)
+
+
+def kernel(parallel: bool = False, cache: bool = True, work=None, serial_below: int = 0, team: bool = False):
     """Decorate a kernel: lazy ``njit`` (compiled per signature on first call),
     ``parallel`` when asked and allowed, never fastmath, on-disk cache when possible
     (``cache=False`` for kernels whose code depends on a setting numba's cache key does
@@ -335,7 +341,9 @@ def kernel(parallel: bool = False, cache: bool = True, work=None, serial_below: 
         par = parallel and _config.PARALLEL
         d = _compile(fn, par, cache=cache)
         d._numlora_cache = cache  # a serial twin is cached when its original is
-        return ParallelKernel(d, work, serial_below) if par else d
+        if team and not par:
+            return _TeamSerial(d)
+        return ParallelKernel(d, work, serial_below, team) if par else d
 
     return wrap
 
@@ -419,17 +427,22 @@ class ParallelKernel:
     spent 12 of its 14 s compiling). Each build is compiled on first use only, and cached
     on disk under its own name.
 
+    A *team* kernel (``team=True``, see :mod:`numlora.kernels._team`) takes two more
+    arguments, appended here at each call: a fresh one-element int64 counter and the slot
+    count (numba's thread count; 1 for the serial build).
+
     Calls go through ``__call__`` (0.2-0.3 us more than the dispatcher itself); every
     other attribute is the parallel dispatcher's."""
 
-    __slots__ = ("parallel", "_serial", "_name", "_work", "_below")
+    __slots__ = ("parallel", "_serial", "_name", "_work", "_below", "_team")
 
-    def __init__(self, dispatcher, work=None, serial_below=0):
+    def __init__(self, dispatcher, work=None, serial_below=0, team=False):
         self.parallel = dispatcher
         self._serial = None
         self._name = getattr(dispatcher, "py_func", dispatcher).__qualname__
         self._work = work
         self._below = serial_below if work is not None else 0
+        self._team = team
 
     @property
     def serial(self):
@@ -441,7 +454,9 @@ class ParallelKernel:
     def __call__(self, *args):
         n = num_threads()
         if n == 1 or (self._below and _config.SMALL_SERIAL and self._work(*args) < self._below):
-            return self.serial(*args)
+            return self.serial(*args, _TEAM_ALONE, 1) if self._team else self.serial(*args)
+        if self._team:
+            args = args + (np.zeros(1, np.int64), n)
         if STEER.active:
             return STEER.run(self.parallel, args, n)
         return self.parallel(*args)
@@ -451,6 +466,22 @@ class ParallelKernel:
 
     def __repr__(self):
         return f"ParallelKernel({self._name})"
+
+
+class _TeamSerial:
+    """A team kernel compiled without ``parallel`` (``NUMLORA_PARALLEL=0``): called with
+    one slot."""
+
+    __slots__ = ("dispatcher",)
+
+    def __init__(self, dispatcher):
+        self.dispatcher = dispatcher
+
+    def __call__(self, *args):
+        return self.dispatcher(*args, _TEAM_ALONE, 1)
+
+    def __getattr__(self, name):
+        return getattr(self.dispatcher, name)
 
 
 def serial_twin(dispatcher):

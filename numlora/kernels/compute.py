@@ -51,6 +51,7 @@ from ._simd import (  # noqa: F401  (BF16_DOT: read by the products module)
     store_fence,
 )
 from ._simd import CACHEABLE as SIMD_CACHEABLE
+from ._team import slot_done, slot_range
 from .nf4 import (  # noqa: F401  (b_blocks: read as kernels.compute.b_blocks too)
     SIMD_LANE8_RANKS,
     _expand_rows_simd,
@@ -499,38 +500,43 @@ def _decoded_task(packed, scales, blocksize, code, xb, y, rows, task, wbuf, buf)
             o += 1
 
 
-@kernel(parallel=True, cache=SIMD_CACHEABLE, work=product_work, serial_below=PRODUCT_SERIAL_BELOW)
-def nf4_matmul_bf16dot(packed, scales, blocksize, code, xb, y):
+@kernel(parallel=True, cache=SIMD_CACHEABLE, work=product_work, serial_below=PRODUCT_SERIAL_BELOW, team=True)
+def nf4_matmul_bf16dot(packed, scales, blocksize, code, xb, y, flags, nslot):
     """y[i, o] = rnd(deq(W))[o] . rnd(x)[i] with the CPU's bf16 dot-product instruction
     (``_simd.bf16_rows``): xb holds the bf16 bits of x in :func:`bf16_bits`' order.
     Input rows in the groups of ``_simd.BF16_GROUP_NW`` (8 at a time, then one group of
     the rest), each weight chunk decoded once per group; a task's last weight rows short
     of a call's count one (weight row, input row) pair at a time. Every (o, i) gets the
-    same operations, so results do not depend on the batch size or the thread count."""
+    same operations, so results do not depend on the batch size or the thread count.
+    A team kernel (``kernels._team``): each of numba's threads takes a contiguous share of
+    the tasks (``flags``, ``nslot``: appended by the kernel's wrapper)."""
     n = xb.shape[0]
     out_f = y.shape[1]
     ntasks = (out_f + BF16_ROWS - 1) // BF16_ROWS
-    for task in prange(ntasks):
-        o0 = task * BF16_ROWS
-        o1 = min(out_f, o0 + BF16_ROWS)
+    for slot in prange(nslot):
         buf = np.empty(BF16_GROUP_BUF, np.float32)
-        i = 0
-        while i < n:
-            nx = min(BF16_GROUP_MAX, n - i)
-            nw = BF16_GROUP_NW[nx]
-            o = o0
-            while o + nw <= o1:
-                _bf16_group(nx, packed, o, xb, i, scales, code, blocksize, buf)
-                for a in range(nw):
+        lo, hi = slot_range(slot, nslot, ntasks)
+        for task in range(lo, hi):
+            o0 = task * BF16_ROWS
+            o1 = min(out_f, o0 + BF16_ROWS)
+            i = 0
+            while i < n:
+                nx = min(BF16_GROUP_MAX, n - i)
+                nw = BF16_GROUP_NW[nx]
+                o = o0
+                while o + nw <= o1:
+                    _bf16_group(nx, packed, o, xb, i, scales, code, blocksize, buf)
+                    for a in range(nw):
+                        for g in range(nx):
+                            y[i + g, o + a] = buf[a * nx + g]
+                    o += nw
+                while o < o1:
                     for g in range(nx):
-                        y[i + g, o + a] = buf[a * nx + g]
-                o += nw
-            while o < o1:
-                for g in range(nx):
-                    bf16_rows_1(packed, o, xb, i + g, scales, code, blocksize, buf)
-                    y[i + g, o] = buf[0]
-                o += 1
-            i += nx
+                        bf16_rows_1(packed, o, xb, i + g, scales, code, blocksize, buf)
+                        y[i + g, o] = buf[0]
+                    o += 1
+                i += nx
+        slot_done(flags, slot, nslot)
 
 
 @inline_helper

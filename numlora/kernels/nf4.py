@@ -78,6 +78,7 @@ from ._simd import lane8_dot1 as _lane8_dot1
 from ._simd import lane8_dots as _lane8_dots
 from ._simd import words_chunk as _words_chunk
 from ._simd import words_ok as simd_words_ok  # noqa: F401  (read by the products module)
+from ._team import slot_done, slot_range
 
 TINY = np.float32(1e-38)
 ONE = np.float32(1.0)
@@ -850,48 +851,54 @@ def nf4_matmul_simd(packed, scales, blocksize, code, xe, xo, u, blk, vec, lora_b
         _finish_rows(res, o0, nr, u, blk, vec, lora_b, bias, use_bias, y)
 
 
-@kernel(parallel=True, cache=SIMD_CACHEABLE, work=product_work, serial_below=PRODUCT_SERIAL_BELOW)
-def nf4_matmul_words(packed, scales, blocksize, code, xp, u, blk, vec, lora_b, bias, use_bias, y):
+@kernel(parallel=True, cache=SIMD_CACHEABLE, work=product_work, serial_below=PRODUCT_SERIAL_BELOW, team=True)
+def nf4_matmul_words(packed, scales, blocksize, code, xp, u, blk, vec, lora_b, bias, use_bias, y, flags, nslot):
     """y[i, o] = row o of deq(W) . x[i] (+ LoRA expand of u, + bias) with the word decode
     of ``_simd.dot_words`` (where ``words_ok``): xp is x reordered per chunk as described
     there, (n, in) C-contiguous; y: (n, out); blk, vec: :func:`_finish_rows`'. Batch rows
     in groups of SIMD_WORDS_NX, the rest as one smaller group, SIMD_WORDS_GROUP_NW[group
     size] weight rows per decode (``_simd.words_x4`` .. ``words_x1``): every (o, i) gets
-    the same operations, so results do not depend on the batch size or the thread count."""
+    the same operations, so results do not depend on the batch size or the thread count.
+    A team kernel (``kernels._team``): each of numba's threads takes a contiguous share of
+    the tasks (``flags``, ``nslot``: appended by the kernel's wrapper)."""
     n = xp.shape[0]
     out_f = y.shape[1]
     ntasks = (out_f + SIMD_ROWS - 1) // SIMD_ROWS
     ngroups = (n + SIMD_WORDS_NX - 1) // SIMD_WORDS_NX
-    for task in prange(ntasks):
-        o0 = task * SIMD_ROWS
-        o1 = min(out_f, o0 + SIMD_ROWS)
-        nr = o1 - o0
-        res = np.empty((nr, n), np.float32)
+    for slot in prange(nslot):
+        res_buf = np.empty((SIMD_ROWS, n), np.float32)
         buf = np.empty(SIMD_WORDS_BUF, np.float32)
-        for g in range(ngroups):
-            i0 = g * SIMD_WORDS_NX
-            nx = min(SIMD_WORDS_NX, n - i0)
-            nw = SIMD_WORDS_GROUP_NW[nx]
-            oo = 0
-            while oo + nw <= nr:
-                if nx == 4:
-                    words_x4(packed, o0 + oo, xp, i0, scales, code, blocksize, buf)
-                elif nx == 3:
-                    words_x3(packed, o0 + oo, xp, i0, scales, code, blocksize, buf)
-                elif nx == 2:
-                    words_x2(packed, o0 + oo, xp, i0, scales, code, blocksize, buf)
-                else:
-                    words_x1(packed, o0 + oo, xp, i0, scales, code, blocksize, buf)
-                for a in range(nw):
+        lo, hi = slot_range(slot, nslot, ntasks)
+        for task in range(lo, hi):
+            o0 = task * SIMD_ROWS
+            o1 = min(out_f, o0 + SIMD_ROWS)
+            nr = o1 - o0
+            res = res_buf[:nr]
+            for g in range(ngroups):
+                i0 = g * SIMD_WORDS_NX
+                nx = min(SIMD_WORDS_NX, n - i0)
+                nw = SIMD_WORDS_GROUP_NW[nx]
+                oo = 0
+                while oo + nw <= nr:
+                    if nx == 4:
+                        words_x4(packed, o0 + oo, xp, i0, scales, code, blocksize, buf)
+                    elif nx == 3:
+                        words_x3(packed, o0 + oo, xp, i0, scales, code, blocksize, buf)
+                    elif nx == 2:
+                        words_x2(packed, o0 + oo, xp, i0, scales, code, blocksize, buf)
+                    else:
+                        words_x1(packed, o0 + oo, xp, i0, scales, code, blocksize, buf)
+                    for a in range(nw):
+                        for q in range(nx):
+                            res[oo + a, i0 + q] = buf[a * nx + q]
+                    oo += nw
+                while oo < nr:  # the last task's rows short of nw
                     for q in range(nx):
-                        res[oo + a, i0 + q] = buf[a * nx + q]
-                oo += nw
-            while oo < nr:  # the last task's rows short of nw
-                for q in range(nx):
-                    words_one(packed, o0 + oo, xp, i0 + q, scales, code, blocksize, buf)
-                    res[oo, i0 + q] = buf[0]
-                oo += 1
-        _finish_rows(res, o0, nr, u, blk, vec, lora_b, bias, use_bias, y)
+                        words_one(packed, o0 + oo, xp, i0 + q, scales, code, blocksize, buf)
+                        res[oo, i0 + q] = buf[0]
+                    oo += 1
+            _finish_rows(res, o0, nr, u, blk, vec, lora_b, bias, use_bias, y)
+        slot_done(flags, slot, nslot)
 
 
 @kernel(parallel=True, cache=SIMD_CACHEABLE, work=product_work, serial_below=PRODUCT_SERIAL_BELOW)
