@@ -98,9 +98,9 @@ def test_the_wrapper_appends_a_fresh_counter_and_the_slot_count(monkeypatch):
 @pytest.mark.parametrize("compute_dtype", [None, "bfloat16"])
 @pytest.mark.parametrize("n", [1, 3, 8])
 def test_team_products_give_the_same_bits_on_one_thread_and_two(n, compute_dtype):
-    """The float32 word-decode product and the bf16 dot-product kernel (team kernels) give
-    the bits of their serial builds: the split of the tasks between threads changes
-    nothing."""
+    """The float32 word-decode product, its input gradient at 1-2 rows and the bf16
+    dot-product kernel (team kernels) give the bits of their serial builds: the split of
+    the tasks between threads changes nothing."""
     import numba
 
     from numlora.kernels import compute as kc
@@ -117,12 +117,19 @@ def test_team_products_give_the_same_bits_on_one_thread_and_two(n, compute_dtype
     prev = _config.SMALL_SERIAL
     _config.SMALL_SERIAL = False
     try:
-        two = nl.qlora_forward(x, t, a, b, 0.5, compute_dtype=compute_dtype)
+        gy = g.standard_normal((min(n, 2), 1000), dtype=np.float32)  # the input gradient's word kernel: 1-2 rows
+
+        def both():
+            return (nl.qlora_forward(x, t, a, b, 0.5, compute_dtype=compute_dtype),
+                    nl.nf4_matmul_t(gy, t, compute_dtype=compute_dtype))
+
+        two = both()
         numba.set_num_threads(1)
         try:
-            one = nl.qlora_forward(x, t, a, b, 0.5, compute_dtype=compute_dtype)
+            one = both()
         finally:
             numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
     finally:
         _config.SMALL_SERIAL = prev
-    assert np.array_equal(_bits(two), _bits(one))
+    for p, q in zip(two, one):
+        assert np.array_equal(_bits(p), _bits(q))

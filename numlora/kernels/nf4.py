@@ -901,31 +901,36 @@ def nf4_matmul_words(packed, scales, blocksize, code, xp, u, blk, vec, lora_b, b
         slot_done(flags, slot, nslot)
 
 
-@kernel(parallel=True, cache=SIMD_CACHEABLE, work=product_work, serial_below=PRODUCT_SERIAL_BELOW)
-def nf4_matmul_t_words(packed, scales, blocksize, code, g, out):
+@kernel(parallel=True, cache=SIMD_CACHEABLE, work=product_work, serial_below=PRODUCT_SERIAL_BELOW, team=True)
+def nf4_matmul_t_words(packed, scales, blocksize, code, g, out, flags, nslot):
     """:func:`nf4_matmul_t` with the word decode (where ``words_ok``): parallel over
     chunks of 8 * SIMD_LANES columns; per chunk, input rows in pairs (an odd last row
     alone, ``_simd.t_words2`` / ``t_words1``), each walking every weight row with the
     column sums in registers. The same float32 operations in the same order as the
-    portable kernel: bit-identical to it."""
+    portable kernel: bit-identical to it. A team kernel (``kernels._team``: each of
+    numba's threads a contiguous share of the chunks; ``flags``, ``nslot`` appended by
+    the wrapper)."""
     n = g.shape[0]
     in_f = out.shape[1]
     width = SIMD_WORDS_CHUNK
-    for c in prange(in_f // width):
+    for slot in prange(nslot):
         buf = np.empty(SIMD_T_WORDS_NX * width, np.float32)
-        i0 = 0
-        while i0 < n:
-            nx = min(SIMD_T_WORDS_NX, n - i0)
-            if nx == 2:
-                t_words2(packed, c, g, i0, scales, code, blocksize, buf)
-            else:
-                t_words1(packed, c, g, i0, scales, code, blocksize, buf)
-            for q in range(nx):
-                orow = out[i0 + q]
-                for k in range(8):
-                    for lane in range(SIMD_LANES):
-                        orow[c * width + 8 * lane + k] = buf[q * width + k * SIMD_LANES + lane]
-            i0 += nx
+        lo, hi = slot_range(slot, nslot, in_f // width)
+        for c in range(lo, hi):
+            i0 = 0
+            while i0 < n:
+                nx = min(SIMD_T_WORDS_NX, n - i0)
+                if nx == 2:
+                    t_words2(packed, c, g, i0, scales, code, blocksize, buf)
+                else:
+                    t_words1(packed, c, g, i0, scales, code, blocksize, buf)
+                for q in range(nx):
+                    orow = out[i0 + q]
+                    for k in range(8):
+                        for lane in range(SIMD_LANES):
+                            orow[c * width + 8 * lane + k] = buf[q * width + k * SIMD_LANES + lane]
+                i0 += nx
+        slot_done(flags, slot, nslot)
 
 
 @kernel(parallel=True, cache=SIMD_CACHEABLE, work=product_work, serial_below=PRODUCT_SERIAL_BELOW)
