@@ -408,17 +408,18 @@ def words_ok(lanes, in_f, blocksize) -> bool:
     return lanes > 0 and in_f % c == 0 and ((blocksize % c == 0 and in_f % blocksize == 0) or 2 * blocksize == c)
 
 
+def _unpack(context, builder, sig, args, kinds):
+    """An intrinsic's arguments by ``kinds`` (one letter each): ``a`` an array as numba's
+    array struct, ``i`` an integer as int64."""
+    return tuple(context.make_array(sig.args[k])(context, builder, args[k]) if kind == "a"
+                 else context.cast(builder, args[k], sig.args[k], types.int64) for k, kind in enumerate(kinds))
+
+
 def _rows_args(context, builder, sig, args):
     """The arguments of a ``(packed, o, x, i, scales, code, blocksize, out, ...)``
     intrinsic (``dot_words``, ``bf16_rows``, ``rounded_dot``): arrays as numba array structs, o, i and blocksize as
     int64."""
-    def arr(k):
-        return context.make_array(sig.args[k])(context, builder, args[k])
-
-    def i64(k):
-        return context.cast(builder, args[k], sig.args[k], types.int64)
-
-    return arr(0), i64(1), arr(2), i64(3), arr(4), arr(5), i64(6), arr(7)
+    return _unpack(context, builder, sig, args, "aiaiaaia")
 
 
 def _row_ptrs(builder, base, first, count, stride):
@@ -753,14 +754,8 @@ def _make_bank_rows(rows, nv, lanes=None):
         sig = types.void(s, so, v, vo, vs, nk, d, do, from_d)
 
         def codegen(context, builder, sig, args):
-            sa = context.make_array(sig.args[0])(context, builder, args[0])
-            soa = context.make_array(sig.args[1])(context, builder, args[1])
-            va = context.make_array(sig.args[2])(context, builder, args[2])
-            da = context.make_array(sig.args[6])(context, builder, args[6])
-            doa = context.make_array(sig.args[7])(context, builder, args[7])
-            vo_, vs_, nk_ = (context.cast(builder, args[k], sig.args[k], types.int64) for k in (3, 4, 5))
-            init = builder.icmp_signed("!=", context.cast(builder, args[8], sig.args[8], types.int64),
-                                       ir.Constant(I64, 0))
+            sa, soa, va, vo_, vs_, nk_, da, doa, flag = _unpack(context, builder, sig, args, "aaaiiiaai")
+            init = builder.icmp_signed("!=", flag, ir.Constant(I64, 0))
             vt = _vec(F32, lanes)
             vp = vt.as_pointer()
             srow = [builder.gep(sa.data, [builder.load(builder.gep(soa.data, [ir.Constant(I64, g)]))])

@@ -136,7 +136,6 @@ def multi_lora_add_simd(x, order, seg_start, seg_adapter, rowscale, blocks, ad_b
     yf = y.reshape(y.size)
     L = BANK_LANES
     H = 8
-    W = BANK_WIDE * BANK_LANES
     ov = out_f - out_f % L
     nseg = seg_adapter.size
     for sg in prange(nseg):
@@ -176,18 +175,10 @@ def multi_lora_add_simd(x, order, seg_start, seg_adapter, rowscale, blocks, ad_b
                     t0 += H
         for p in range(pg, p1):
             so[0] = order[p] * in_f
-            t0 = 0
-            while t0 < rv:
-                do[0] = p * umax + t0
-                if t0 + W <= rv:
-                    bank_rows_wide(xf, so, blk, base + t0, r, in_f, uf, do, 0)
-                    t0 += W
-                elif t0 + L <= rv:
-                    bank_rows_x1(xf, so, blk, base + t0, r, in_f, uf, do, 0)
-                    t0 += L
-                else:
-                    bank_rows_x1h(xf, so, blk, base + t0, r, in_f, uf, do, 0)
-                    t0 += H
+            _one_row(xf, so, blk, base, r, in_f, uf, do, p * umax, rv, 0)
+        # the columns past the last whole 8, element by element, in _segment_plain's loop forms
+        # (a helper shared with it, taking the first column, made the plain kernel 1.8x
+        # slower: LLVM vectorises these loops only in this form)
         if rv < r:
             for p in range(p0, p1):
                 up = u[p]
@@ -220,16 +211,8 @@ def multi_lora_add_simd(x, order, seg_start, seg_adapter, rowscale, blocks, ad_b
             o0 += step
         for p in range(pg, p1):
             so[0] = p * umax
-            o0 = 0
-            while o0 < ov:
-                do[0] = order[p] * out_f + o0
-                if o0 + W <= ov:
-                    bank_rows_wide(uf, so, blk, bo + o0, out_f, r, yf, do, 1)
-                    o0 += W
-                else:
-                    bank_rows_x1(uf, so, blk, bo + o0, out_f, r, yf, do, 1)
-                    o0 += L
-        if ov < out_f:
+            _one_row(uf, so, blk, bo, out_f, r, yf, do, order[p] * out_f, ov, 1)
+        if ov < out_f:  # the outputs past the last whole 16, element by element
             for p in range(p0, p1):
                 yrow = y[order[p]]
                 up = u[p]
@@ -238,6 +221,25 @@ def multi_lora_add_simd(x, order, seg_start, seg_adapter, rowscale, blocks, ad_b
                     brow = bt[t * out_f:(t + 1) * out_f]
                     for o in range(ov, out_f):
                         yrow[o] += c * brow[o]
+
+
+@inline_helper
+def _one_row(s, so, v, vo, vs, nk, d, do, d0, width, from_d):
+    """One row of :func:`multi_lora_add_simd` (its s offset in ``so[0]``): the columns c <
+    ``width`` (a multiple of 8) of ``d[d0 + c]``, 64 per call of ``_simd.bank_rows_wide``
+    while they last, then 16, then 8; v's columns from ``vo``."""
+    c = 0
+    while c < width:
+        do[0] = d0 + c
+        if c + BANK_WIDE * BANK_LANES <= width:
+            bank_rows_wide(s, so, v, vo + c, vs, nk, d, do, from_d)
+            c += BANK_WIDE * BANK_LANES
+        elif c + BANK_LANES <= width:
+            bank_rows_x1(s, so, v, vo + c, vs, nk, d, do, from_d)
+            c += BANK_LANES
+        else:
+            bank_rows_x1h(s, so, v, vo + c, vs, nk, d, do, from_d)
+            c += 8
 
 
 #: Serial build of :func:`multi_lora_add_simd` (see :data:`multi_lora_add_serial`).
