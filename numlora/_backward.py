@@ -1,8 +1,11 @@
 """The LoRA products and the backward core shared by the functional modules
 (:mod:`numlora.ops`, :mod:`numlora.nf4`): the designated home of the training internals
 (every module may import from here): the forward products, a forward's ``u_out=``, one
-backward pipeline (:func:`lora_grads`) and the AdamW step's scalars. All products go to
-BLAS through numpy, over validated 2-D arrays of one dtype.
+backward pipeline (:func:`lora_grads`) and the AdamW step's scalars. The products go to
+BLAS through numpy, over validated 2-D arrays of one dtype, except the LoRA branch's
+shrink ``x A^T`` (forward, and backward when it recomputes it) and expand of float32
+batches of up to KERNEL_LORA_MAX_ROWS rows: numba's serial small-batch kernels, in the
+order tests/reference.py writes out (``lora_shrink_f32_ref``, ``lora_expand_f32_ref``).
 """
 
 from __future__ import annotations

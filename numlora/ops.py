@@ -402,7 +402,9 @@ def lora_backward(x, weight, lora_a, lora_b, scaling, grad_out, *, fan_in_fan_ou
     With ``G = grad_out``, ``x_d = dropout(x)``, ``U = x_d A^T`` and ``H = G B``:
     ``grad_b = s G^T U``, ``grad_a = s H^T x_d`` and
     ``grad_x = G W + s (H A) * mask / (1 - p)`` (``G W^T`` under ``fan_in_fan_out``, where
-    the weight is stored (in, out)). All products go to BLAS.
+    the weight is stored (in, out)). All products go to BLAS, except ``U`` of a float32
+    batch of up to 16 rows when it is recomputed (``u`` not given): the small-batch kernel
+    :func:`lora_forward` computes it with, so the gradients are the same given ``u`` or not.
 
     Parameters
     ----------

@@ -193,3 +193,35 @@ def bf16_layout(xr, chunk=128):
     bits = (np.ascontiguousarray(xr).view(np.uint32) >> 16).astype(np.uint16)
     c = bits.reshape(n, in_f // chunk, 32, 4)[:, :, :, [1, 0, 3, 2]]
     return np.ascontiguousarray(c.transpose(0, 1, 3, 2)).reshape(n, in_f)
+
+
+def lora_shrink_f32_ref(x, a, scale):
+    """u[i, t] = scale * (x[i] . a[t]) in the canonical 8-lane order, in numpy float32 (the
+    LoRA shrink of numlora's small-batch kernels, ``kernels.nf4.shrink``):
+    lane l sums x[j] a[j] over j = l mod 8 in order, the tail into lanes 0.., then
+    ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7))."""
+    n, k = x.shape
+    u = np.empty((n, a.shape[0]), np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        for i in range(n):
+            for t in range(a.shape[0]):
+                lanes = np.zeros(8, np.float32)
+                for j in range(k):
+                    lanes[j % 8] = np.float32(lanes[j % 8] + np.float32(x[i, j] * a[t, j]))
+                s = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]))
+                v = np.float32(scale * s)
+                u[i, t] = 0.0 if scale == 0 and v != v else v
+    return u
+
+
+def lora_expand_f32_ref(c, bt, y):
+    """y + c bt in numpy float32, each output's rank terms summed in order from zero
+    (multiply, then add), then added to y: the order of the LoRA expand kernels."""
+    out = y.copy()
+    with np.errstate(over="ignore", invalid="ignore"):
+        for i in range(c.shape[0]):
+            lo = np.zeros(bt.shape[1], np.float32)
+            for t in range(c.shape[1]):
+                lo = lo + np.float32(c[i, t]) * bt[t]
+            out[i] = out[i] + lo
+    return out

@@ -13,6 +13,8 @@ import numlora as nl
 from numlora import _dispatch
 from numlora.errors import ConfigError, DeviceError
 
+from reference import lora_expand_f32_ref, lora_shrink_f32_ref
+
 
 class FakeDeviceArray:
     """Looks like a GPU array to the dispatch (it exposes ``__cuda_array_interface__``)."""
@@ -102,12 +104,22 @@ def test_x_lora_and_u_out_are_the_training_forward_bit_for_bit():
     xd, _ = nl.lora_dropout(x, 0.3, 99)
     u = np.full((5, 3), np.nan, np.float32)
     y = nl.lora_forward(x, w, a, b, 0.5, bias, x_lora=xd, u_out=u)
-    # the same BLAS products in the same order, written out with numpy
-    ref = np.dot(x, w.T)
-    ref += np.dot(np.dot(xd, a.T) * np.float32(0.5), b.T)
+    # up to 16 float32 rows: the base product through BLAS, the LoRA branch in the small-batch
+    # kernels' order (tests/reference.py writes it out), then the bias
+    ref = lora_expand_f32_ref(lora_shrink_f32_ref(xd, a, np.float32(0.5)), np.ascontiguousarray(b.T), np.dot(x, w.T))
     ref += bias
     assert np.array_equal(y.view(np.uint32), ref.view(np.uint32))
-    assert np.array_equal(u.view(np.uint32), np.dot(xd, a.T).view(np.uint32))  # unscaled
+    assert np.array_equal(u.view(np.uint32), lora_shrink_f32_ref(xd, a, np.float32(1.0)).view(np.uint32))  # unscaled
+    # more rows: the same BLAS products in the same order, written out with numpy
+    x20 = f32(rng, 20, 12)
+    xd20, _ = nl.lora_dropout(x20, 0.3, 98)
+    u20 = np.empty((20, 3), np.float32)
+    ref20 = np.dot(x20, w.T)
+    ref20 += np.dot(np.dot(xd20, a.T) * np.float32(0.5), b.T)
+    ref20 += bias
+    y20 = nl.lora_forward(x20, w, a, b, 0.5, bias, x_lora=xd20, u_out=u20)
+    assert np.array_equal(y20.view(np.uint32), ref20.view(np.uint32))
+    assert np.array_equal(u20.view(np.uint32), np.dot(xd20, a.T).view(np.uint32))
     assert np.array_equal(nl.lora_forward(x, w, a, b, 0.5, bias, x_lora=xd).view(np.uint32), y.view(np.uint32))
     assert np.array_equal(nl.lora_forward(x, w, a, b, 0.5, bias, x_lora=x), nl.lora_forward(x, w, a, b, 0.5, bias))
     # the backward given the forward's u computes what it computes from x_drop alone, bit for bit
@@ -119,7 +131,7 @@ def test_x_lora_and_u_out_are_the_training_forward_bit_for_bit():
         assert np.array_equal(gv.view(np.uint32), wv.view(np.uint32))
     u1 = np.empty(3, np.float32)  # one row: u_out (r,)
     nl.lora_forward(x[0], w, a, b, 0.5, u_out=u1)
-    assert np.array_equal(u1, np.dot(x[:1], a.T)[0])
+    assert np.array_equal(u1, lora_shrink_f32_ref(x[:1], a, np.float32(1.0))[0])
     with pytest.raises(nl.ShapeError, match=r"expected x_lora of shape \(5, 12\)"):
         nl.lora_forward(x, w, a, b, 0.5, x_lora=x[:4])
     with pytest.raises(nl.ShapeError, match=r"expected u_out of shape \(5, 3\), got \(5, 4\)"):

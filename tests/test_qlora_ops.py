@@ -3,6 +3,8 @@ import pytest
 
 import numlora as nl
 
+from reference import lora_expand_f32_ref, lora_shrink_f32_ref
+
 
 def _ref(x, t, a, b, s, bias=None):
     w = t.dequantize().astype(np.float64)
@@ -173,24 +175,6 @@ def test_scaling_zero_adds_nothing_even_where_x_a_overflows(n, dense):
     np.testing.assert_allclose(dx, gref, rtol=1e-5, atol=1e-5 * np.abs(gref).max())
 
 
-def _canonical_shrink(x, a, scale):
-    """u[i, t] = scale * (x[i] . a[t]) in the canonical 8-lane order, in numpy float32:
-    lane l sums x[j] a[j] over j = l mod 8 in order, the tail into lanes 0.., then
-    ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7))."""
-    n, k = x.shape
-    u = np.empty((n, a.shape[0]), np.float32)
-    with np.errstate(over="ignore", invalid="ignore"):
-        for i in range(n):
-            for t in range(a.shape[0]):
-                lanes = np.zeros(8, np.float32)
-                for j in range(k):
-                    lanes[j % 8] = np.float32(lanes[j % 8] + np.float32(x[i, j] * a[t, j]))
-                s = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]))
-                v = np.float32(scale * s)
-                u[i, t] = 0.0 if scale == 0 and v != v else v
-    return u
-
-
 @pytest.mark.parametrize("n,r,k", [(1, 1, 1), (2, 3, 7), (3, 4, 8), (5, 5, 9), (8, 16, 100), (16, 17, 64),
                                    (4, 8, 261)])
 @pytest.mark.parametrize("scale", [0.5, 0.0])
@@ -207,7 +191,7 @@ def test_lora_shrink_simd_and_portable_give_the_canonical_bits(n, r, k, scale, k
     a = rng.standard_normal((r, k)).astype(np.float32)
     x[0, 0] = 3e38  # x A^T overflows in row 0
     a[0, k - 1] = np.nan if k > 1 else a[0, 0]
-    want = _canonical_shrink(x, a, np.float32(scale))
+    want = lora_shrink_f32_ref(x, a, np.float32(scale))
     u = np.empty((n, r), np.float32)
     with np.errstate(over="ignore", invalid="ignore"):
         k_.shrink(x, a, np.float32(scale), u)
@@ -217,22 +201,9 @@ def test_lora_shrink_simd_and_portable_give_the_canonical_bits(n, r, k, scale, k
     u2, y = np.empty((n, r), np.float32), y0.copy()
     with np.errstate(over="ignore", invalid="ignore"):
         kc.lora_branch(x, a, np.float32(scale), u2, np.ascontiguousarray(bt.T), y)
-    unscaled = _canonical_shrink(x, a, np.float32(1.0))
+    unscaled = lora_shrink_f32_ref(x, a, np.float32(1.0))
     assert np.array_equal(u2.view(np.uint32), unscaled.view(np.uint32))
-    assert np.array_equal(y.view(np.uint32), _canonical_expand(want, bt, y0).view(np.uint32))
-
-
-def _canonical_expand(c, bt, y):
-    """y + c bt in numpy float32, each output's rank terms summed in order from zero
-    (multiply, then add), then added to y: the order of the LoRA expand kernels."""
-    out = y.copy()
-    with np.errstate(over="ignore", invalid="ignore"):
-        for i in range(c.shape[0]):
-            lo = np.zeros(bt.shape[1], np.float32)
-            for t in range(c.shape[1]):
-                lo = lo + np.float32(c[i, t]) * bt[t]
-            out[i] = out[i] + lo
-    return out
+    assert np.array_equal(y.view(np.uint32), lora_expand_f32_ref(want, bt, y0).view(np.uint32))
 
 
 @pytest.mark.parametrize("n", [1, 3, 4, 9, 16])
@@ -249,8 +220,8 @@ def test_fused_epilogue_is_base_plus_the_canonical_expand_then_bias(n, out_f, r,
     b = rng.standard_normal((out_f, r)).astype(np.float32)
     bias = rng.standard_normal(out_f).astype(np.float32)
     base = nl.nf4_matmul(x, t)
-    c = _canonical_shrink(x, a, np.float32(0.7))
-    with_lora = _canonical_expand(c, np.ascontiguousarray(b.T), base)
+    c = lora_shrink_f32_ref(x, a, np.float32(0.7))
+    with_lora = lora_expand_f32_ref(c, np.ascontiguousarray(b.T), base)
     assert np.array_equal(nl.qlora_forward(x, t, a, b, 0.7).view(np.uint32), with_lora.view(np.uint32))
     got = nl.qlora_forward(x, t, a, b, 0.7, bias)
     assert np.array_equal(got.view(np.uint32), (with_lora + bias).view(np.uint32))
@@ -278,4 +249,4 @@ def test_lora_expand_simd_and_portable_give_the_canonical_bits(n, r, out_f, kern
     y = y0.copy()
     with np.errstate(over="ignore", invalid="ignore"):
         kc.lora_expand_add(c, np.ascontiguousarray(bt.T), y)
-    assert np.array_equal(y.view(np.uint32), _canonical_expand(c, bt, y0).view(np.uint32))
+    assert np.array_equal(y.view(np.uint32), lora_expand_f32_ref(c, bt, y0).view(np.uint32))
