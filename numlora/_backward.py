@@ -106,19 +106,27 @@ def shrink(x2, lora_a, s, u_out=None):
     """``s x2 A^T`` (n, r), the scaled shrink of the LoRA branch, the same bits in the
     forward and in a backward that recomputes it; ``u_out`` (optional) receives ``x2 A^T``
     unscaled. float32 batches of up to KERNEL_LORA_MAX_ROWS rows through
-    ``kernels.nf4.shrink`` (serial), others through BLAS."""
+    :func:`shrink_kernels`, others through BLAS."""
     if _kernel_rows(x2, lora_a):
-        from .kernels import nf4 as kn
-
-        f32 = np.float32
-        if u_out is None:
-            u = np.empty((x2.shape[0], lora_a.shape[0]), f32)
-            kn.shrink(x2, lora_a, f32(s), u)
-            return u
-        kn.shrink(x2, lora_a, f32(1.0), u_out)
-        return scale_intermediate(u_out, s)
+        return shrink_kernels(x2, lora_a, s, u_out)
     u = _dot(x2, lora_a.T, out=u_out)
     return scale_intermediate(u, s, in_place=u_out is None)
+
+
+def shrink_kernels(x2, lora_a, s, u_out=None):
+    """:func:`shrink` of float32 arrays through numba's serial small-batch kernel
+    (``kernels.nf4.shrink``, its canonical order) whatever the batch: with ``u_out`` the
+    unscaled shrink goes there and the scale is applied to a copy (the same bits as the
+    shrink with the scale). What the fused NF4 products take as their ``u``."""
+    from .kernels import nf4 as kn
+
+    f32 = np.float32
+    if u_out is None:
+        u = np.empty((x2.shape[0], lora_a.shape[0]), f32)
+        kn.shrink(x2, lora_a, f32(s), u)
+        return u
+    kn.shrink(x2, lora_a, f32(1.0), u_out)
+    return scale_intermediate(u_out, s)
 
 
 def scale_intermediate(u, s, in_place=False):

@@ -110,12 +110,8 @@ def forward(x2, t, lora_a, lora_b, s, bias, out2, x_lora=None, u_out=None, mode=
     if lora_a is None:
         u = np.zeros((n, 0), np.float32)
         lora_b = np.zeros((out_f, 0), np.float32)
-    elif u_out is None:
-        u = np.empty((n, lora_a.shape[0]), np.float32)
-        k.shrink(xl, lora_a, np.float32(s), u)
     else:
-        k.shrink(xl, lora_a, np.float32(1.0), u_out)
-        u = bw.scale_intermediate(u_out, s)
+        u = bw.shrink_kernels(xl, lora_a, s, u_out)
     bs = t.blocksize
     _park(t, n)
     if words_ok(k, in_f, bs):
@@ -302,16 +298,8 @@ def _forward_rounded(x2, t, mode, lora_a, lora_b, s, bias, out2, x_lora, u_out):
         u = np.empty((n, lora_a.shape[0]), np.float32) if u_out is None else u_out
         kc.lora_branch(np.ascontiguousarray(xl, dtype=np.float32), lora_a, np.float32(s), u, lora_b, out2)
         return
-    if n > FUSED_MAX_ROWS:
-        bw.add_low_rank(xl, lora_a, lora_b, s, out2, u_out)
-        return
-    if u_out is None:
-        u = np.empty((n, lora_a.shape[0]), np.float32)
-        k.shrink(np.ascontiguousarray(xl, dtype=np.float32), lora_a, np.float32(s), u)
-    else:
-        k.shrink(np.ascontiguousarray(xl, dtype=np.float32), lora_a, np.float32(1.0), u_out)
-        u = bw.scale_intermediate(u_out, s)
-    kc.lora_expand_add(u, lora_b, out2)
+    # the serial small-batch shrink and expand up to _backward.KERNEL_LORA_MAX_ROWS rows, BLAS above
+    bw.add_low_rank(xl, lora_a, lora_b, s, out2, u_out)
 
 
 def bf16_dot_ok(kc, in_f, blocksize) -> bool:

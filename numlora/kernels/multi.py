@@ -115,19 +115,19 @@ multi_lora_add_serial = serial_twin(multi_lora_add)
 @kernel(parallel=True, cache=SIMD_CACHEABLE)
 def multi_lora_add_simd(x, order, seg_start, seg_adapter, rowscale, blocks, ad_block, ad_off, ad_rank,
                         ad_scaling, u, y):
-    """:func:`multi_lora_add` with the sums in vector registers for adapters of rank 16 and
+    """:func:`multi_lora_add` with the sums in vector registers for adapters of rank 8 and
     more (``_simd.bank_rows_*``; lower ranks element by element, :func:`_segment_plain`).
-    Shrink: four rows of a segment at a time, 32 (then 16) of u's columns per pass over
+    Shrink: four rows of a segment at a time, 32, 16 or 8 of u's columns per pass over
     x, each vector of A^T loaded once for the four rows; a segment's last 1-3 rows one at
-    a time, 64 then 16 columns per pass. Expand: 32 (then 16) outputs at a time for each
-    group of four rows, each output's sum over t kept in a register from y's value to the
-    end; the last 1-3 rows 64 then 16 outputs at a time. Columns past the last whole 16
-    (of u when r % 16, of y when out % 16) element by element. The same operations in
-    the same order for every element, so the same bits as :func:`multi_lora_add`. x, u
-    and y must be C-contiguous (the bank falls back to :func:`multi_lora_add`
-    otherwise). Measured (AMD EPYC, AVX-512, one thread, 4096 inputs): 128 rows over 4
-    adapters of rank 16 into 1024 outputs 1.63 -> 0.30 ms; 64 rows of one rank-64
-    adapter into 4096 outputs 2.75 -> 1.15 ms."""
+    a time, 64, 16 or 8 columns per pass (:func:`_one_row`). Expand: 32 (then 16) outputs
+    at a time for each group of four rows, each output's sum over t kept in a register
+    from y's value to the end; the last 1-3 rows 64 then 16 outputs at a time. Columns
+    past the last whole 8 of u (r % 8) and the last whole 16 of y (out % 16) element by
+    element. The same operations in the same order for every element, so the same bits as
+    :func:`multi_lora_add`. x, u and y must be C-contiguous (the bank falls back to
+    :func:`multi_lora_add` otherwise). Measured (AMD EPYC, AVX-512, one thread, 4096
+    inputs): 128 rows over 4 adapters of rank 16 into 1024 outputs 1.5-1.6 -> 0.29-0.32
+    ms; 64 rows of one rank-64 adapter into 4096 outputs 2.75-2.81 -> 1.12-1.15 ms."""
     in_f = x.shape[1]
     out_f = y.shape[1]
     umax = u.shape[1]
