@@ -20,6 +20,23 @@ def _in_thread(fn):
     return box[0]
 
 
+def _at_once(fn, cases, calls=10):
+    """fn(*case) for every case, each case in its own thread and all threads at once,
+    ``calls`` times each; the last result of each case."""
+    got = [None] * len(cases)
+
+    def work(i):
+        for _ in range(calls):
+            got[i] = fn(*cases[i])
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(cases))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return got
+
+
 def test_a_buffer_is_reused_aligned_grown_and_per_thread():
     _scratch.free()
     a = _scratch.scratch("t.a", 1000, np.float64)
@@ -67,19 +84,11 @@ def test_dora_from_several_threads_at_once_matches_one_thread():
         m = rng.uniform(0.5, 2, out_f).astype(np.float32)
         x = rng.standard_normal((5, 96)).astype(np.float32)
         cases.append((x, w, a, b, m))
-    want = [(nl.dora_weight_norm(w, a, b, 0.7), nl.dora_forward(x, w, a, b, 0.7, m)) for x, w, a, b, m in cases]
-    got = [None] * len(cases)
+    def both(x, w, a, b, m):
+        return nl.dora_weight_norm(w, a, b, 0.7), nl.dora_forward(x, w, a, b, 0.7, m)
 
-    def work(i):
-        x, w, a, b, m = cases[i]
-        for _ in range(10):
-            got[i] = (nl.dora_weight_norm(w, a, b, 0.7), nl.dora_forward(x, w, a, b, 0.7, m))
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(cases))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    want = [both(*c) for c in cases]
+    got = _at_once(both, cases)
     for (n, y), (wn, wy) in zip(got, want):
         assert np.array_equal(n, wn) and np.array_equal(y, wy)
 
@@ -130,16 +139,6 @@ def test_lora_forward_and_backward_from_several_threads_at_once_match_one_thread
         return nl.lora_forward(x, w, a, b, 0.7), nl.lora_backward(x, w, a, b, 0.7, g)[0]
 
     want = [both(*c) for c in cases]
-    got = [None] * len(cases)
-
-    def work(i):
-        for _ in range(10):
-            got[i] = both(*cases[i])
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(cases))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    got = _at_once(both, cases)
     for (y, gx), (wy, wgx) in zip(got, want):
         assert np.array_equal(y, wy) and np.array_equal(gx, wgx)
