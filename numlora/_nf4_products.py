@@ -115,14 +115,14 @@ def forward(x2, t, lora_a, lora_b, s, bias, out2, x_lora=None, u_out=None, mode=
     bs = t.blocksize
     _park(t, n)
     if words_ok(k, in_f, bs):
-        u, blk, vec = _expand_operands(k, u, lora_b, out2)
-        k.nf4_matmul_words(t.packed, scales, bs, t.code, words_layout(x2, k.SIMD_LANES), u, blk, vec, lora_b, b_arr,
+        u, vec = _expand_operands(k, u, lora_b, out2)
+        k.nf4_matmul_words(t.packed, scales, bs, t.code, words_layout(x2, k.SIMD_LANES), u, vec, lora_b, b_arr,
                            use_bias, out2)
     elif in_f % bs == 0 and simd_ok(k, bs) and bs % (2 * k.SIMD_LANES) == 0:
         xe = np.ascontiguousarray(x2[:, 0::2])
         xo = np.ascontiguousarray(x2[:, 1::2])
-        u, blk, vec = _expand_operands(k, u, lora_b, out2)
-        k.nf4_matmul_simd(t.packed, scales, bs, t.code, xe, xo, u, blk, vec, lora_b, b_arr, use_bias, out2)
+        u, vec = _expand_operands(k, u, lora_b, out2)
+        k.nf4_matmul_simd(t.packed, scales, bs, t.code, xe, xo, u, vec, lora_b, b_arr, use_bias, out2)
     elif in_f % bs == 0 and bs % 2 == 0:
         if n == 1:
             k.nf4_gemv_lut(t.packed, scales, bs, t.code, x2[0], u, lora_b, b_arr, use_bias, out2[0])
@@ -135,14 +135,11 @@ def forward(x2, t, lora_a, lora_b, s, bias, out2, x_lora=None, u_out=None, mode=
 
 
 def _expand_operands(k, u, lora_b, out2):
-    """(u, blk, vec) for the SIMD products' epilogue (``kernels.nf4._finish_rows``): u
-    C-contiguous, B^T in blocks of a vector of outputs (``kernels.nf4.b_blocks``) where
-    there is a LoRA branch and B and the output are C-contiguous (vec True), else a
-    placeholder and the element-by-element epilogue. The same bits either way."""
+    """(u, vec) for the SIMD products' epilogue (``kernels.nf4._finish_rows``): u
+    C-contiguous; vec: the expand in registers (a LoRA branch, B and the output
+    C-contiguous), else the element-by-element epilogue. The same bits either way."""
     u = np.ascontiguousarray(u)
-    if u.shape[1] and k.expand_ok(lora_b, out2):
-        return u, k.b_blocks_of(lora_b), True
-    return u, np.zeros(1, np.float32), False
+    return u, bool(u.shape[1] and k.expand_ok(lora_b, out2))
 
 
 def _park(t, n) -> None:

@@ -85,7 +85,7 @@ def test_the_wrapper_appends_a_fresh_counter_and_the_slot_count(monkeypatch):
     monkeypatch.setattr(fwd, "_serial", Recorder("serial"))
     monkeypatch.setattr(_jit.STEER, "active", False)
     monkeypatch.setattr(_config, "SMALL_SERIAL", False)
-    args = (np.zeros(8, np.uint8),) * 11 + (np.zeros((1, 4), np.float32),)
+    args = (np.zeros(8, np.uint8),) * 10 + (np.zeros((1, 4), np.float32),)
     monkeypatch.setattr(_jit, "num_threads", lambda: 2)
     fwd(*args)
     monkeypatch.setattr(_jit, "num_threads", lambda: 1)

@@ -841,31 +841,27 @@ LANE8_RANKS = 4
 
 def _make_expand_rows(nx, lanes):
     @intrinsic
-    def expand_rows(typingctx, u, i0, blk, q, y, j0):
+    def expand_rows(typingctx, u, i0, blk, bq, y, q, j0):
         """y[j0 + g, q lanes + l] += s(g, l) for g < ``nx``, l < ``lanes``, where s(g, l) is
-        the sum over t of u[i0 + g, t] * blk[(q r + t) lanes + l] in order from zero (t = 0,
-        1, ...; multiply, then add: no FMA contraction): the LoRA expand of ``nx`` rows and
-        the q-th vector of outputs with the sums in registers, each of B^T's vectors loaded
-        once for the ``nx`` rows. blk: B^T in blocks of ``lanes`` outputs
-        (``kernels.nf4.b_blocks``), flat. The order of ``kernels.nf4._finish`` and
-        ``kernels.compute._expand_row``, so the same bits. u: (n, r), y: (n, out), float32,
-        C-contiguous."""
-        sig = types.void(u, i0, blk, q, y, j0)
+        the sum over t of u[i0 + g, t] * blk[(bq r + t) lanes + l] in order from zero (t =
+        0, 1, ...; multiply, then add: no FMA contraction): the LoRA expand of ``nx`` rows
+        and the q-th vector of outputs with the sums in registers, each of B^T's vectors
+        loaded once for the ``nx`` rows. blk: B^T in blocks of ``lanes`` outputs
+        (``kernels.nf4.b_blocks``), flat; block bq holds output vector q's (bq = q for all of
+        B^T's blocks, 0 for one block transposed just before). The order of
+        ``kernels.nf4._finish`` and ``kernels.compute._expand_row``, so the same bits.
+        u: (n, r), y: (n, out), float32, C-contiguous."""
+        sig = types.void(u, i0, blk, bq, y, q, j0)
 
         def codegen(context, builder, sig, args):
-            ua = context.make_array(sig.args[0])(context, builder, args[0])
-            ba = context.make_array(sig.args[2])(context, builder, args[2])
-            ya = context.make_array(sig.args[4])(context, builder, args[4])
-            first = context.cast(builder, args[1], sig.args[1], types.int64)
-            block = context.cast(builder, args[3], sig.args[3], types.int64)
-            y_first = context.cast(builder, args[5], sig.args[5], types.int64)
+            ua, first, ba, bblock, ya, block, y_first = _unpack(context, builder, sig, args, "aiaiaii")
             r = builder.extract_value(ua.shape, 1)
             out = builder.extract_value(ya.shape, 1)
             vt = _vec(F32, lanes)
             width = ir.Constant(I64, lanes)
             urows = _row_ptrs(builder, ua.data, first, nx, r)
             yrows = [builder.gep(p, [builder.mul(block, width)]) for p in _row_ptrs(builder, ya.data, y_first, nx, out)]
-            bvecs = builder.bitcast(builder.gep(ba.data, [builder.mul(builder.mul(block, r), width)]), vt.as_pointer())
+            bvecs = builder.bitcast(builder.gep(ba.data, [builder.mul(builder.mul(bblock, r), width)]), vt.as_pointer())
             acc = [cgutils.alloca_once_value(builder, ir.Constant(vt, None)) for _ in range(nx)]
             with cgutils.for_range(builder, r) as tl:
                 bv = builder.load(builder.gep(bvecs, [tl.index]), align=4)

@@ -534,6 +534,23 @@ def _finish(base, u, i, lora_b, o, bias, use_bias):
     return v
 
 
+@inline_helper
+def _b_block(lora_b, q, blk, bq):
+    """Block bq of blk = output vector q's block of B^T: blk[(bq r + t) L + l] = lora_b[q L
+    + l, t] for t < r, l < L = ``_simd.LANES``. 8 x 8 pieces transposed in registers
+    (``_simd.transpose8``), ranks past the last whole 8 element by element. A copy: every
+    bit is kept."""
+    r = lora_b.shape[1]
+    r8 = r - r % 8
+    src = lora_b.reshape(-1)
+    for h in range(0, _LANES, 8):
+        for t0 in range(0, r8, 8):
+            transpose8(src, (q * _LANES + h) * r + t0, r, blk, (bq * r + t0) * _LANES + h, _LANES)
+    for t in range(r8, r):
+        for lane in range(_LANES):
+            blk[(bq * r + t) * _LANES + lane] = lora_b[q * _LANES + lane, t]
+
+
 @kernel(cache=SIMD_CACHEABLE)
 def b_blocks(lora_b, blk):
     """blk[q, t, l] = lora_b[q L + l, t] for the whole vectors of L = ``_simd.LANES``
@@ -541,24 +558,17 @@ def b_blocks(lora_b, blk):
     so the expand in registers (``_simd.expand_x4`` ..) reads them one after the other
     (B^T of shape (r, out) put every vector of a block 4 * out bytes apart: with out 4096
     those share one set of the L1 cache and missed it, 26 us at 8 rows against 36 for the
-    element loop). 8 x 8 pieces transposed in registers (``_simd.transpose8``), ranks past
-    the last whole 8 element by element. lora_b: (out, r) float32, C-contiguous; blk: flat,
-    at least (out // L) * r * L."""
-    out, r = lora_b.shape
-    r8 = r - r % 8
-    src = lora_b.reshape(-1)
-    for q in range(out // _LANES):
-        for h in range(0, _LANES, 8):
-            for t0 in range(0, r8, 8):
-                transpose8(src, (q * _LANES + h) * r + t0, r, blk, (q * r + t0) * _LANES + h, _LANES)
-        for t in range(r8, r):
-            for lane in range(_LANES):
-                blk[(q * r + t) * _LANES + lane] = lora_b[q * _LANES + lane, t]
+    element loop). Each block by :func:`_b_block`. lora_b: (out, r) float32,
+    C-contiguous; blk: flat, at least (out // L) * r * L. For large batches, whose groups
+    of rows each walk all of B^T; a few rows transpose each block just before using it
+    (:func:`_expand_vectors` with ``fused``)."""
+    for q in range(lora_b.shape[0] // _LANES):
+        _b_block(lora_b, q, blk, q)
 
 
 def expand_ok(lora_b, y) -> bool:
-    """Whether the expand in registers (:func:`_expand_vectors` on :func:`b_blocks`)
-    applies: the SIMD build, B and the output C-contiguous."""
+    """Whether the expand in registers (:func:`_expand_vectors`) applies: the SIMD build,
+    B and the output C-contiguous."""
     return bool(SIMD_LANES) and lora_b.flags.c_contiguous and y.flags.c_contiguous
 
 
@@ -572,52 +582,69 @@ def b_blocks_of(lora_b, name="nf4.bblk"):
 
 
 @inline_helper
-def _expand_vectors(c, c0, m, blk, q0, q1, y, y0):
+def _expand_vectors(c, c0, m, blk, fused, lora_b, q0, q1, y, y0):
     """y[y0 + g, q L + l] += sum over t of c[c0 + g, t] * B[q L + l, t] for g < m, vectors
     q0 <= q < q1 of L = ``_simd.LANES`` outputs, in :func:`_finish`'s order (rank terms
     from zero, multiply then add; the same bits): the sums of a vector of outputs in
     registers for groups of up to four rows (``_simd.expand_x4`` .. ``expand_x1``), each
-    of B^T's vectors (from :func:`b_blocks`' blk) loaded once per group. c, y C-contiguous."""
+    of B^T's vectors loaded once per group. blk: all of :func:`b_blocks`' blocks, or with
+    ``fused`` room for one (r L floats), into which each vector's block is transposed just
+    before its rows use it (:func:`_b_block`): no pass over B before the expand, no
+    (out x r) buffer written and read back (for a few rows that pass costs as much as
+    the expand: 1 row of 4096 x 16, 7 of the 14 us in cache, 28 of 81 after a base
+    product that evicted B; AMD EPYC). c, y C-contiguous."""
     for q in range(q0, q1):
+        bq = q
+        if fused:
+            _b_block(lora_b, q, blk, 0)
+            bq = 0
         g = 0
         while g + 4 <= m:
-            expand_x4(c, c0 + g, blk, q, y, y0 + g)
+            expand_x4(c, c0 + g, blk, bq, y, q, y0 + g)
             g += 4
         if m - g == 3:
-            expand_x3(c, c0 + g, blk, q, y, y0 + g)
+            expand_x3(c, c0 + g, blk, bq, y, q, y0 + g)
         elif m - g == 2:
-            expand_x2(c, c0 + g, blk, q, y, y0 + g)
+            expand_x2(c, c0 + g, blk, bq, y, q, y0 + g)
         elif m - g == 1:
-            expand_x1(c, c0 + g, blk, q, y, y0 + g)
+            expand_x1(c, c0 + g, blk, bq, y, q, y0 + g)
 
 
 @inline_helper
-def _expand_rows_simd(c, c0, m, blk, lora_b, y, y0):
+def _expand_rows_simd(c, c0, m, blk, fused, lora_b, y, y0):
     """y[y0 + g] += sum over t of c[c0 + g, t] * lora_b[:, t] for g < m: the whole vectors
-    of outputs by :func:`_expand_vectors`, the outputs past them element by element from
-    B's rows, all in :func:`_finish`'s order (the same bits)."""
+    of outputs by :func:`_expand_vectors` (blk, fused: its), the outputs past them element
+    by element from B's rows, all in :func:`_finish`'s order (the same bits)."""
     out = y.shape[1]
     whole = out - out % _LANES
-    _expand_vectors(c, c0, m, blk, 0, whole // _LANES, y, y0)
+    _expand_vectors(c, c0, m, blk, fused, lora_b, 0, whole // _LANES, y, y0)
     for g in range(m):
         for o in range(whole, out):
             y[y0 + g, o] += _rank_sum(c, c0 + g, lora_b, o)
 
 
 @inline_helper
+def _block_room(u):
+    """Room for one vector's block of B^T (``_expand_vectors`` with ``fused``); u: (n, r)."""
+    return np.empty(max(1, u.shape[1] * _LANES), np.float32)
+
+
+@inline_helper
 def _finish_rows(res, o0, nr, u, blk, vec, lora_b, bias, use_bias, y):
     """y[i, o0 + oo] = :func:`_finish` (res[oo, i], ...) for oo < nr and every row i: with
-    ``vec`` (u, y C-contiguous, blk from :func:`b_blocks`, o0 a multiple of
-    ``_simd.LANES``) and a LoRA branch, the expand of the task's whole vectors of outputs
-    in registers (:func:`_expand_vectors`), then the bias: the same operations in the same
-    order, the same bits; the rest element by element."""
+    ``vec`` (u, y C-contiguous, o0 a multiple of ``_simd.LANES``) and a LoRA branch, the
+    expand of the task's whole vectors of outputs in registers (:func:`_expand_vectors`,
+    each vector's block of B^T transposed into blk (:func:`_block_room`) just before), then
+    the bias: the same operations in the same order, the same bits; the rest element by
+    element."""
     n = y.shape[0]
-    whole = nr - nr % _LANES if vec and u.shape[1] > 0 else 0
+    r = u.shape[1]
+    whole = nr - nr % _LANES if vec and r > 0 else 0
     if whole > 0:
         for oo in range(whole):
             for i in range(n):
                 y[i, o0 + oo] = res[oo, i]
-        _expand_vectors(u, 0, n, blk, o0 // _LANES, (o0 + whole) // _LANES, y, 0)
+        _expand_vectors(u, 0, n, blk, True, lora_b, o0 // _LANES, (o0 + whole) // _LANES, y, 0)
         if use_bias:
             for i in range(n):
                 for oo in range(whole):
@@ -810,10 +837,10 @@ SIMD_WORDS_CHUNK = _words_chunk(SIMD_LANES)  # weights per chunk of the word dec
 
 
 @kernel(parallel=True, cache=SIMD_CACHEABLE, work=product_work, serial_below=PRODUCT_SERIAL_BELOW)
-def nf4_matmul_simd(packed, scales, blocksize, code, xe, xo, u, blk, vec, lora_b, bias, use_bias, y):
+def nf4_matmul_simd(packed, scales, blocksize, code, xe, xo, u, vec, lora_b, bias, use_bias, y):
     """y[i, o] = row o of deq(W) . x[i] (+ LoRA expand of u, + bias), decoding W with
     SIMD permutes. xe, xo: the even and odd columns of x, each (n, in / 2) C-contiguous;
-    y: (n, out); blk, vec: :func:`_finish_rows`' (B^T's blocks, whether to use them)."""
+    y: (n, out); vec: :func:`_finish_rows`' (whether to expand in registers)."""
     n, half = xe.shape
     out_f = y.shape[1]
     bpr = 2 * half // blocksize
@@ -827,6 +854,7 @@ def nf4_matmul_simd(packed, scales, blocksize, code, xe, xo, u, blk, vec, lora_b
         stask = scales[o0 * bpr:o1 * bpr]
         res = np.empty((nr, n), np.float32)
         rbuf = np.empty(n, np.float32)
+        blk = _block_room(u)
         for oo in range(nr):
             prow = ptask[oo * half:(oo + 1) * half]
             srow = stask[oo * bpr:(oo + 1) * bpr]
@@ -852,10 +880,10 @@ def nf4_matmul_simd(packed, scales, blocksize, code, xe, xo, u, blk, vec, lora_b
 
 
 @kernel(parallel=True, cache=SIMD_CACHEABLE, work=product_work, serial_below=PRODUCT_SERIAL_BELOW, team=True)
-def nf4_matmul_words(packed, scales, blocksize, code, xp, u, blk, vec, lora_b, bias, use_bias, y, flags, nslot):
+def nf4_matmul_words(packed, scales, blocksize, code, xp, u, vec, lora_b, bias, use_bias, y, flags, nslot):
     """y[i, o] = row o of deq(W) . x[i] (+ LoRA expand of u, + bias) with the word decode
     of ``_simd.dot_words`` (where ``words_ok``): xp is x reordered per chunk as described
-    there, (n, in) C-contiguous; y: (n, out); blk, vec: :func:`_finish_rows`'. Batch rows
+    there, (n, in) C-contiguous; y: (n, out); vec: :func:`_finish_rows`'. Batch rows
     in groups of SIMD_WORDS_NX, the rest as one smaller group, SIMD_WORDS_GROUP_NW[group
     size] weight rows per decode (``_simd.words_x4`` .. ``words_x1``): every (o, i) gets
     the same operations, so results do not depend on the batch size or the thread count.
@@ -868,6 +896,7 @@ def nf4_matmul_words(packed, scales, blocksize, code, xp, u, blk, vec, lora_b, b
     for slot in prange(nslot):
         res_buf = np.empty((SIMD_ROWS, n), np.float32)
         buf = np.empty(SIMD_WORDS_BUF, np.float32)
+        blk = _block_room(u)
         lo, hi = slot_range(slot, nslot, ntasks)
         for task in range(lo, hi):
             o0 = task * SIMD_ROWS
