@@ -466,3 +466,31 @@ def test_bf16_lora_branch_u_out_and_zero_scaling(n):
     with np.errstate(over="ignore"):
         y0 = nl.qlora_forward(big, t, a_big, lb, 0.0, b, compute_dtype="bfloat16")
     assert np.array_equal(y0, nl.nf4_matmul(big, t, bias=b, compute_dtype="bfloat16"), equal_nan=True)
+
+
+@pytest.mark.parametrize("out_f", [40, 64])
+def test_bf16_forward_is_the_product_then_the_documented_lora_steps(out_f):
+    """qlora_forward in bf16: the product with its rounded bias, then the float32 LoRA
+    branch of ``_backward.add_low_rank`` added to the rounded output, bit for bit, whether
+    the branch runs after the whole product or (small batches) in the product's tasks;
+    outputs short of a whole vector included (40 = 2 x 16 + 8)."""
+    from numlora import _backward as bw
+
+    rng = np.random.default_rng(23)
+    t, x, b = _operands(rng, out_f, 256, 12)
+    for r in (1, 4, 16, 19):
+        a = rng.standard_normal((r, 256)).astype(np.float32)
+        lb = rng.standard_normal((out_f, r)).astype(np.float32)
+        for bias in (b, None):
+            # the product of all 12 rows: through the decoded kernel, then bias and rounding
+            # after it (rows are the same bits whatever the batch: tested above)
+            base = nl.nf4_matmul(x, t, bias=bias, compute_dtype="bfloat16")
+            for n in (1, 2, 3, 5, 8, 9, 12):
+                want = base[:n].copy()
+                bw.add_low_rank(x[:n], a, lb, 0.75, want)
+                u = np.empty((n, r), np.float32)
+                got = nl.qlora_forward(x[:n], t, a, lb, 0.75, bias, compute_dtype="bfloat16", u_out=u)
+                assert np.array_equal(got, want), (r, n, bias is None)
+                want_u = np.empty((n, r), np.float32)
+                bw.shrink(x[:n], a, 0.75, want_u)  # u_out: x A^T unscaled
+                assert np.array_equal(u, want_u)
