@@ -197,3 +197,92 @@ def test_dropout_mask_rows_are_reused_only_for_their_batch(rng):
     mask.mul_add(t, d1)
     state.mask(np.float32).mul_add(t, d2)
     assert _bits(d1) == _bits(d2)
+
+
+def _no_public_api(layer, monkeypatch):
+    """Make the layer's functional API calls fail: what runs then is the eval fast path."""
+
+    class Refuse:
+        def __getattr__(self, name):
+            raise AssertionError(f"the eval forward called the functional API's {name}")
+
+    monkeypatch.setattr(type(layer._backend), "fn", Refuse())
+
+
+def _eval_layers(rng, compute_dtype):
+    w = rng.standard_normal((40, 128)).astype(np.float32)
+    bias = rng.standard_normal(40).astype(np.float32)
+    dense = nl.LoraLinear.from_weight(w, 4, 8.0, init="kaiming", seed=1, bias=bias)
+    dense.lora_b = rng.standard_normal((40, 4)).astype(np.float32)
+    q = nl.QLoraLinear.from_weight(w, 4, 8.0, bias=bias, compute_dtype=compute_dtype)
+    q.lora_b = dense.lora_b
+    return dense, q
+
+
+def _public(layer, x, lora):
+    """The layer's eval forward through the functional API (its checks, then its products)."""
+    if isinstance(layer, nl.QLoraLinear):
+        kw = {"compute_dtype": layer.compute_dtype}
+        if lora:
+            return nl.qlora_forward(x, layer.nf4, layer.lora_a, layer.lora_b, layer.scaling, layer.bias, **kw)
+        return nl.nf4_matmul(x, layer.nf4, bias=layer.bias, **kw)
+    if lora:
+        return nl.lora_forward(x, layer.weight, layer.lora_a, layer.lora_b, layer.scaling, layer.bias)
+    return nl.linear_forward(x, layer.weight, layer.bias)
+
+
+@pytest.mark.parametrize("compute_dtype", [None, "bfloat16"])
+def test_eval_forward_of_plain_float32_inputs_skips_the_checks_with_the_same_bits(rng, compute_dtype, monkeypatch):
+    """An eval forward of a C-contiguous float32 (in,) or (n, in) input runs the layer's
+    products straight (``_host_forward``, the functional API's checks already passed by
+    the layer's arrays): the functional API's bits, shapes and dtype; 1-D, empty, 1-20
+    rows; enabled, disabled and merged."""
+    for layer in _eval_layers(rng, compute_dtype):
+        if compute_dtype and isinstance(layer, nl.LoraLinear):
+            continue
+        cases = [rng.standard_normal(128).astype(np.float32), np.zeros((0, 128), np.float32)]
+        cases += [rng.standard_normal((n, 128)).astype(np.float32) for n in (1, 3, 8, 20)]
+        for state in ("enabled", "disabled", "merged"):
+            if state == "disabled":
+                layer.disable()
+            if state == "merged" and isinstance(layer, nl.LoraLinear):
+                layer.enable()
+                layer.merge()
+            elif state == "merged":
+                continue
+            wants = [_public(layer, x, state == "enabled") for x in cases]
+            with monkeypatch.context() as m:
+                _no_public_api(layer, m)
+                for x, want in zip(cases, wants):
+                    assert _bits(layer(x)) == _bits(want), (type(layer).__name__, state, x.shape)
+        layer.enable()
+
+
+def test_eval_forward_of_other_inputs_and_variants_keeps_the_checks(rng, monkeypatch):
+    """Inputs the fast path does not take (float64, not C-contiguous, a list, a wrong
+    width, out=) and layers whose LoRA path is not plain (DoRA) go through the functional
+    API: its conversions and its errors."""
+    dense, q = _eval_layers(rng, None)
+    x = rng.standard_normal((3, 256)).astype(np.float32)
+    for layer in (dense, q):
+        for arg in (x[:, ::2], x[:, :128].astype(np.float64), x[:, :128].tolist()):
+            want = _public(layer, np.asarray(arg), True)
+            got = layer(arg)
+            assert np.array_equal(got, want) and got.dtype == want.dtype
+        with pytest.raises(nl.errors.ShapeError):
+            layer(x)  # 256 features for a 128-feature layer: the public check's error
+        out = np.empty((3, 40), np.float32)
+        assert layer(np.ascontiguousarray(x[:, :128]), out=out) is out
+        with monkeypatch.context() as m:
+            _no_public_api(layer, m)
+            with pytest.raises(AssertionError, match="functional API"):
+                layer(x[:, ::2])
+    dora = nl.LoraLinear.from_weight(rng.standard_normal((40, 128)).astype(np.float32), 4, 8.0, use_dora=True)
+    dora.lora_b = rng.standard_normal((40, 4)).astype(np.float32)
+    xc = np.ascontiguousarray(x[:, :128])
+    want = dora(xc)
+    with monkeypatch.context() as m:
+        _no_public_api(dora, m)
+        with pytest.raises(AssertionError, match="functional API"):
+            dora(xc)
+    assert _bits(dora(xc)) == _bits(want)

@@ -115,10 +115,11 @@ class LoraLayer:
     hooks above; a layer type whose functional API has an internal pipeline (the
     products after the checks) may run it directly on the arrays it owns and checked:
 
-    - ``_host_forward(x2, x_lora2, out2, lora)``: the forward over 2-D arrays in the
-      compute dtype (``out2`` None: a new array), as ``_forward_on``; returns ``(y2, us)``,
-      ``us = s x_lora2 A^T`` (the backward's, as the forward's ``u_out`` times the scaling)
-      or None;
+    - ``_host_forward(x2, x_lora2, out2, lora, keep=True)``: the forward over 2-D arrays
+      in the compute dtype (``out2`` None: a new array), as ``_forward_on``; returns
+      ``(y2, us)``, ``us = s x_lora2 A^T`` (the backward's, as the forward's ``u_out`` times
+      the scaling) or None (also where ``keep`` is False: an eval forward, which
+      :meth:`forward` runs through it for plain float32 inputs);
     - ``_host_grad_input(g2, dx)``: ``G W`` written into ``dx`` (the backward's base term).
     """
 
@@ -329,7 +330,13 @@ class LoraLayer:
     def _check_float32_base(self):
         pass
 
-    def _host_forward(self, x2, x_lora2, out2, lora):
+    def _plain_input(self, x) -> bool:
+        """Whether an eval forward of ``x`` may skip the functional API's checks: a
+        C-contiguous float32 numpy array of shape (in,) or (n, in), and a float32 layer."""
+        return (type(x) is np.ndarray and x.dtype == np.float32 and x.ndim in (1, 2)
+                and x.shape[-1] == self._in_f and x.flags.c_contiguous and self._train_dtype(x) == np.float32)
+
+    def _host_forward(self, x2, x_lora2, out2, lora, keep=True):
         if not lora:
             return self._forward_on(x2, out2, False), None
         u2 = np.empty((x2.shape[0], self._rank), x2.dtype)
@@ -359,6 +366,14 @@ class LoraLayer:
         if self._training:
             return self._forward_train(x, out)
         self._cache = None
+        if out is None and self._backend is HOST and self._plain_input(x):
+            lora = self._enabled and not self._merged
+            if not lora or self._variant is LORA:
+                # the checks of the functional API are those the layer's arrays passed when
+                # they were set and _plain_input's: straight to its products (the same bits)
+                x2 = x.reshape(-1, self._in_f)
+                y2, _ = self._host_forward(x2, x2, None, lora, keep=False)
+                return y2.reshape(self._out_f) if x.ndim == 1 else y2
         x = self._backend.input("x", x)
         if self._merged or not self._enabled:
             return self._forward_on(x, out, False)

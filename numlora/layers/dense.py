@@ -249,7 +249,7 @@ class LoraLinear(LoraLayer):
     def _train_dtype(self, x):
         return validate.compute_dtype(x.dtype, self._weight.dtype, self._lora_a.dtype, self._lora_b.dtype)
 
-    def _host_forward(self, x2, x_lora2, out2, lora):
+    def _host_forward(self, x2, x_lora2, out2, lora, keep=True):
         """The CPU training forward: :func:`~numlora.ops.lora_forward`'s pipeline
         (:func:`numlora._backward.dense_forward`) on the layer's arrays, checked when they
         were set; an ``out2`` that shares memory with them gets the result through a

@@ -105,7 +105,7 @@ class QLoraLinear(LoraLayer):
                                     x_lora=x_lora, u_out=u_out, **self._compute_kw())
         return fn.nf4_matmul(x, self._nf4, out=out, bias=self._bias, **self._compute_kw())
 
-    def _host_forward(self, x2, x_lora2, out2, lora):
+    def _host_forward(self, x2, x_lora2, out2, lora, keep=True):
         """The CPU training forward: :func:`~numlora.nf4.qlora_forward`'s products
         (``_nf4_products.forward``) on the layer's arrays, checked
         when they were set; an ``out2`` sharing memory with them gets the result through a
@@ -119,7 +119,8 @@ class QLoraLinear(LoraLayer):
             dest, out2 = out2, np.empty(out2.shape, np.float32)
         a = b = u2 = None
         if lora:
-            a, b, u2 = self._lora_a, self._lora_b, np.empty((x2.shape[0], self._rank), np.float32)
+            a, b = self._lora_a, self._lora_b
+            u2 = np.empty((x2.shape[0], self._rank), np.float32) if keep else None
         s = self.scaling
         products.forward(x2, self._nf4, a, b, s, self._bias, out2, x_lora=x_lora2, u_out=u2, mode=self._compute_mode)
         return validate.deliver(out2, dest), (None if u2 is None else u2 * np.float32(s))
