@@ -16,6 +16,7 @@ import numpy as np
 
 from . import _scratch
 from . import _validate as validate
+from ._lazy import kernels
 from .dropout import DropoutState
 from .errors import ConfigError, DTypeError, ShapeError
 
@@ -88,9 +89,7 @@ def add_low_rank(x2, lora_a, lora_b, s, out2, u_out=None):
         return None
     u = shrink(x2, lora_a, s, u_out)
     if _kernel_rows(x2, lora_a) and lora_b.dtype == out2.dtype == np.float32:
-        from .kernels import compute as kc
-
-        kc.lora_expand_add(u, lora_b, out2)
+        kernels("compute").lora_expand_add(u, lora_b, out2)
         return u
     expand_into(u, lora_b, out2)
     return u
@@ -118,8 +117,7 @@ def shrink_kernels(x2, lora_a, s, u_out=None):
     (``kernels.nf4.shrink``, its canonical order) whatever the batch: with ``u_out`` the
     unscaled shrink goes there and the scale is applied to a copy (the same bits as the
     shrink with the scale). What the fused NF4 products take as their ``u``."""
-    from .kernels import nf4 as kn
-
+    kn = kernels("nf4")
     f32 = np.float32
     if u_out is None:
         u = np.empty((x2.shape[0], lora_a.shape[0]), f32)

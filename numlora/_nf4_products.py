@@ -18,6 +18,7 @@ import numpy as np
 
 from . import _backward as bw
 from . import _scratch
+from ._lazy import kernels
 from .errors import ConfigError
 
 #: The compute dtypes, by name, and their kernel mode numbers (see ``kernels.compute``).
@@ -87,8 +88,7 @@ def forward(x2, t, lora_a, lora_b, s, bias, out2, x_lora=None, u_out=None, mode=
     optional (n, r) float32 buffer that receives ``x_lora A^T`` unscaled (what the backward
     reuses): the shrink then runs with scale 1 and the scale is applied to a copy (the
     same bits as the shrink with the scale)."""
-    from .kernels import nf4 as k
-
+    k = kernels("nf4")
     if mode:
         _forward_rounded(x2, t, mode, lora_a, lora_b, s, bias, out2, x_lora, u_out)
         return
@@ -144,9 +144,8 @@ def _expand_operands(k, u, lora_b, out2):
 
 def _park(t, n) -> None:
     """Park OpenBLAS's spinning threads before a parallel NF4 kernel of n input rows."""
-    from .kernels import _jit
-
-    _jit.park_before(n * t.numel, _jit.PARK_MIN_WORK)
+    jit = kernels("_jit")
+    jit.park_before(n * t.numel, jit.PARK_MIN_WORK)
 
 
 def words_layout(x2, lanes):
@@ -176,8 +175,7 @@ def row_tiles(t, scales, mode=0):
     starts 64-byte aligned, so the SIMD decode streams its stores (see
     ``kernels.nf4.nf4_decode_simd_tile``). ``mode`` 1 / 2: each value rounded to bfloat16 /
     float16 (see :func:`compute_mode`)."""
-    from .kernels import compute as kc
-    from .kernels import nf4 as k
+    kc, k = kernels("compute"), kernels("nf4")
 
     out_f, in_f = t.shape
     rows = max(1, min(out_f, TILE_ELEMS // in_f))
@@ -206,7 +204,7 @@ def grad_input(g2, t, dx, mode=0):
     the same result every way). More rows: decode tiles of rows of W
     (TILE_ELEMS floats at most, serially, as the forward's large-batch path does) and
     accumulate ``G[:, rows] @ tile`` with BLAS; never a whole dequantized copy of W."""
-    from .kernels import nf4 as k
+    k = kernels("nf4")
 
     n = g2.shape[0]
     if n == 0:
@@ -258,8 +256,7 @@ def _forward_rounded(x2, t, mode, lora_a, lora_b, s, bias, out2, x_lora, u_out):
     each element of ``deq(W)`` (``code * scale`` in float32, then rounded). The LoRA branch
     is then added in float32 on the unrounded input, as PEFT adds a float32 adapter to the
     base layer's output. out2 must be C-contiguous (it is rounded in place)."""
-    from .kernels import compute as kc
-    from .kernels import nf4 as k
+    kc, k = kernels("compute"), kernels("nf4")
 
     n = x2.shape[0]
     if n == 0:
@@ -311,7 +308,7 @@ def _grad_input_rounded(g2, t, mode, dx):
     dtype, as bitsandbytes' backward of the base product computes it (float32
     accumulation, one rounding at the end). Decoded, rounded tiles through BLAS for every
     batch size. dx must be C-contiguous."""
-    from .kernels import compute as kc
+    kc = kernels("compute")
 
     _tiles_grad(_rounded(g2, mode, kc), t, t.scales, dx, mode)
     kc.round_values(dx.reshape(-1), mode)
