@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from ._lazy import kernels
 from ._progress import Progress
 from ._validate import flag
 from .errors import ConfigError, FormatError, NonFiniteError, ShapeError
@@ -761,8 +762,10 @@ class _QuantizeJob(_Job):
             part["copied"] += 1
             return
         bufs = self.bufs
-        if t.dtype == "BF16" and not self.error_stats:
-            # straight from the bits: the kernel widens block by block, no float32 copy
+        kn = kernels("nf4")
+        if t.dtype == "BF16" and (not self.error_stats or kn.error_stats_ok(t.numel, self.blocksize, kc.CHUNK)):
+            # straight from the bits: the kernel widens block by block, no float32 copy (and
+            # the error pass decodes and widens in L1 steps: kn.bf16_error_stats)
             bits = f.read_into(t.name, bufs.get("raw-BF16", t.numel, np.uint16).reshape(t.shape))
             q = quantize_bf16_bits(bits, t.shape, self.blocksize, self.double_quant, self.quant_type)
             x = None
@@ -779,10 +782,14 @@ class _QuantizeJob(_Job):
             w.write(n, sd[n])
         mean_err = max_err = None
         if self.error_stats:
-            d = q.dequantize(out=bufs.get("deq", t.numel, np.float32).reshape(t.shape))
             nchunks = -(-t.numel // kc.CHUNK)
             psum, pmax = bufs.get("psum", nchunks, np.float64), bufs.get("pmax", nchunks, np.float32)
-            kc.abs_err_stats(x.reshape(-1), d.reshape(-1), psum, pmax)
+            if x is None:
+                kn.bf16_error_stats(bits.reshape(-1), q.packed.reshape(-1), q.scales, q.blocksize, q.code, kc.CHUNK,
+                                    psum, pmax)
+            else:
+                d = q.dequantize(out=bufs.get("deq", t.numel, np.float32).reshape(t.shape))
+                kc.abs_err_stats(x.reshape(-1), d.reshape(-1), psum, pmax)
             mean_err, max_err = float(psum.sum()) / t.numel, float(pmax.max())
         part["quantized"].append({"key": t.name, "shape": list(t.shape), "dtype": t.dtype,
                                   "mean_abs_err": mean_err, "max_abs_err": max_err,

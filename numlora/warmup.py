@@ -105,6 +105,8 @@ def _job_quantize():
     import numlora as nl
 
     from .io.safetensors import f32_to_bf16
+    from .kernels import convert as kc
+    from .kernels import nf4 as kn
     from .nf4 import quantize_bf16_bits
 
     w, _, _, _ = _inputs()
@@ -113,7 +115,12 @@ def _job_quantize():
             t = nl.quantize_nf4(w, double_quant=dq, quant_type=qt)
             nl.dequantize_nf4(t)
             t.dequantize()
-        quantize_bf16_bits(f32_to_bf16(w), w.shape, quant_type=qt)
+        bits = f32_to_bf16(w)
+        t = quantize_bf16_bits(bits, w.shape, quant_type=qt)
+        if kn.error_stats_ok(bits.size, t.blocksize, kc.CHUNK):  # numlora quantize's error pass
+            nchunks = -(-bits.size // kc.CHUNK)
+            kn.bf16_error_stats(bits.reshape(-1), t.packed.reshape(-1), t.scales, t.blocksize, t.code, kc.CHUNK,
+                                np.zeros(nchunks, np.float64), np.zeros(nchunks, np.float32))
 
 
 def _job_bank():

@@ -3,6 +3,7 @@ sharded, float32 and bfloat16), against numpy references, the spec's NF4 referen
 bad inputs that must leave no output behind."""
 
 import json
+import math
 import os
 import struct
 
@@ -529,8 +530,8 @@ def test_a_signal_mid_job_removes_everything(tmp_path, rng, monkeypatch, capsys,
 
     base, adapter, before = _fault_setup(tmp_path, rng)
     calls = []
-    target = "_merge_one" if command == "merge" else "_load_f32"
-    real = getattr(conv, target)
+    owner, target = (conv, "_merge_one") if command == "merge" else (conv._QuantizeJob, "write")
+    real = getattr(owner, target)
 
     def interrupted(*a, **k):
         calls.append(1)
@@ -538,7 +539,7 @@ def test_a_signal_mid_job_removes_everything(tmp_path, rng, monkeypatch, capsys,
             os.kill(os.getpid(), getattr(signal, sig))
         return real(*a, **k)
 
-    monkeypatch.setattr(conv, target, interrupted)
+    monkeypatch.setattr(owner, target, interrupted)
 
     def outside_the_job(signum, frame):  # what the test process does if numlora installs no handler
         raise AssertionError(f"{signum} reached the test's handler")
@@ -821,3 +822,43 @@ def test_numlora_dask_without_dask_is_a_clear_error(monkeypatch):
     with pytest.raises(ConfigError, match=r"needs the optional dependency dask\[array\] "
                                           r"\(pip install 'numlora\[dask\]'\)"):
         apply_layer(layer, np.ones((3, 8), np.float32))
+
+
+@pytest.mark.parametrize("shape,bs,dq,qt", [((256, 1024), 64, False, "nf4"), ((96, 4096), 128, True, "nf4"),
+                                            ((70, 512), 32, False, "fp4"), ((3, 69632), 4096, False, "nf4")])
+def test_bf16_error_pass_without_float32_copies_is_the_two_array_pass(rng, shape, bs, dq, qt):
+    """quantize's error pass over a bf16 weight (kernels.nf4.bf16_error_stats: decode and
+    widen in L1 steps) gives the partial sums and maxima of the pass over the float32 copy
+    and the dequantized weight (kernels.convert.abs_err_stats) bit for bit: several chunks,
+    a last chunk cut short, blocksizes 32-4096, double quant, FP4."""
+    from numlora.io.safetensors import bf16_to_f32, f32_to_bf16
+    from numlora.kernels import convert as kc
+    from numlora.kernels import nf4 as kn
+    from numlora.nf4 import quantize_bf16_bits
+
+    if not kn.error_stats_ok(math.prod(shape), bs, kc.CHUNK):
+        pytest.skip("no SIMD decode for this blocksize here: quantize keeps the two-array pass")
+    x = rng.standard_normal(shape).astype(np.float32) * np.float32(0.02)
+    x[0, :5] = [0.0, -0.0, 1e-30, 3e38, -2.5]
+    bits = f32_to_bf16(x)
+    q = quantize_bf16_bits(bits, shape, bs, dq, qt)
+    nch = -(-x.size // kc.CHUNK)
+    want_s, want_m = np.empty(nch), np.empty(nch, np.float32)
+    kc.abs_err_stats(bf16_to_f32(bits).reshape(-1), q.dequantize().reshape(-1), want_s, want_m)
+    got_s, got_m = np.empty(nch), np.empty(nch, np.float32)
+    kn.bf16_error_stats(bits.reshape(-1), q.packed.reshape(-1), q.scales, bs, q.code, kc.CHUNK, got_s, got_m)
+    assert np.array_equal(got_s.view(np.uint64), want_s.view(np.uint64))
+    assert np.array_equal(got_m.view(np.uint32), want_m.view(np.uint32))
+
+
+def test_bf16_error_pass_applies_only_to_whole_blocks_that_divide_its_steps():
+    from numlora.kernels import convert as kc
+    from numlora.kernels import nf4 as kn
+
+    if not kn.SIMD_LANES:
+        assert not kn.error_stats_ok(4096, 64, kc.CHUNK)
+        return
+    assert kn.error_stats_ok(4096, 64, kc.CHUNK)
+    assert not kn.error_stats_ok(4096 + 32, 64, kc.CHUNK)  # a partial last block
+    assert not kn.error_stats_ok(3 * 8192, 8192, kc.CHUNK)  # blocks larger than a step
+    assert not kn.error_stats_ok(96, 24, kc.CHUNK)  # not a power of two: steps cut blocks

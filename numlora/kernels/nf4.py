@@ -1093,3 +1093,54 @@ def nf4_quantize_bf16_simd(bits, nfull, blocksize, mids16, packed, absmax, absma
             absmax_i[b] = _widen_bf16(bits[b * blocksize:(b + 1) * blocksize], xi)
             inv = ONE / max(absmax[b], TINY)
             encode_block(xb, inv, mids16, packed[b * half:(b + 1) * half])
+
+
+# --- the reconstruction error of a bf16 weight, without float32 copies ------------------------
+#: Elements per step of :func:`bf16_error_stats`: decoded and widened into two L1 buffers.
+ERR_STEP = 4096
+
+
+def error_stats_ok(numel, blocksize, chunk) -> bool:
+    """Whether :func:`bf16_error_stats` applies: the SIMD decode (SIMD_LANES divides the
+    blocksize), whole blocks, and blocks that divide its steps and the stats' chunks."""
+    return (bool(SIMD_LANES) and blocksize % SIMD_LANES == 0 and blocksize % 8 == 0 and ERR_STEP % blocksize == 0
+            and chunk % blocksize == 0 and numel % blocksize == 0)
+
+
+@kernel(parallel=True, cache=SIMD_CACHEABLE)
+def bf16_error_stats(bits, packed, scales, blocksize, code, chunk, partial_sum, partial_max):
+    """``kernels.convert.abs_err_stats(x, deq(W))`` for the float32 values ``x`` of the
+    bf16 bit patterns ``bits`` (flat uint16) and their quantized ``W`` (``packed``,
+    ``scales``, ``code``), without either float32 array: per chunk of ``chunk`` elements
+    the same operations in the same order (``|x - d|``; eight float64 sums by element
+    index mod 8, eight float32 maxima; then their sum and maximum), so the same partials,
+    bit for bit. Each step of ERR_STEP elements is decoded (``_simd.decode_blocks``: the
+    product every decode computes) and widened (bits << 16) into buffers that stay in L1,
+    where the two-array pass read a float32 copy of the weight and a dequantized one (and
+    wrote both first). Only where :func:`error_stats_ok`."""
+    n = bits.size
+    nchunks = (n + chunk - 1) // chunk
+    half = blocksize // 2
+    for c in prange(nchunks):
+        lo = c * chunk
+        hi = min(lo + chunk, n)
+        acc = np.zeros(8, np.float64)
+        mx = np.zeros(8, np.float32)
+        dbuf = np.empty(ERR_STEP, np.float32)
+        xbuf = np.empty(ERR_STEP, np.float32)
+        xu = xbuf.view(np.uint32)
+        for s0 in range(lo, hi, ERR_STEP):
+            m = min(hi, s0 + ERR_STEP) - s0
+            b0 = s0 // blocksize
+            b1 = b0 + m // blocksize
+            decode_blocks(packed[b0 * half:b1 * half], scales[b0:b1], code, blocksize, dbuf[:m])
+            src = bits[s0:s0 + m]
+            for k in range(m):
+                xu[k] = np.uint32(src[k]) << np.uint32(16)
+            for i in range(0, m, 8):
+                for j in range(8):
+                    d = abs(xbuf[i + j] - dbuf[i + j])
+                    acc[j] += np.float64(d)
+                    mx[j] = max(mx[j], d)
+        partial_sum[c] = acc.sum()
+        partial_max[c] = mx.max()
