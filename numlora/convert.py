@@ -440,19 +440,31 @@ def _load_f32(f: SafetensorsFile, name: str, bufs: _Buffers, slot: str = "x") ->
     if t.dtype == "F32":
         return f.read_into(name, out)
     raw = f.read_into(name, bufs.get("raw-" + t.dtype, t.numel, DTYPES[t.dtype]).reshape(t.shape))
+    if t.dtype == "BF16":  # numba's threads (numpy's shift: one thread), the same bits
+        kernels("convert").bf16_to_f32(raw.reshape(-1), out.reshape(-1))
+        return out
     return to_float32(raw, t.dtype, out=out)
 
 
-def _store(w: SafetensorsWriter, name: str, x: np.ndarray, st: str, bufs: _Buffers) -> None:
-    """Write float32 ``x`` as safetensors dtype ``st``."""
+def _store(w: SafetensorsWriter, name: str, x: np.ndarray, st: str, bufs: _Buffers, finite: str | None = None) -> None:
+    """Write float32 ``x`` as safetensors dtype ``st``; with ``finite`` (the message) a NaN
+    or infinity in ``x`` raises NonFiniteError before anything is written (for bf16 in the
+    conversion's pass)."""
+    kc = kernels("convert")
     if st == "BF16":
-        from .kernels import convert as kc
-
         bits = bufs.get("bf16", x.size, np.uint16)
-        kc.f32_to_bf16(x.reshape(-1), bits)
+        if finite is None:
+            kc.f32_to_bf16(x.reshape(-1), bits)
+        else:
+            bad = bufs.get("bad", -(-x.size // kc.CHUNK), np.int64)
+            kc.f32_to_bf16_finite(x.reshape(-1), bits, bad)
+            if bad.any():
+                raise NonFiniteError(finite)
         w.write(name, bits.reshape(x.shape))
-    else:
-        w.write(name, x)
+        return
+    if finite is not None and not np.isfinite(x).all():
+        raise NonFiniteError(finite)
+    w.write(name, x)
 
 
 # --- adapter module -> checkpoint key ------------------------------------------------------
@@ -565,9 +577,7 @@ class _MergeJob(_Job):
             else:
                 layer = self.bias_add[name]
                 x += np.float32(layer.scaling) * np.asarray(layer.lora_bias, np.float32)
-            if not np.isfinite(x).all():
-                raise NonFiniteError(f"the merged {name!r} holds NaN or infinity; nothing was written")
-            _store(w, name, x, st, bufs)
+            _store(w, name, x, st, bufs, finite=f"the merged {name!r} holds NaN or infinity; nothing was written")
         elif st != t.dtype:
             _store(w, name, _load_f32(f, name, bufs), st, bufs)
             part["converted"] += 1

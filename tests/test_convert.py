@@ -862,3 +862,58 @@ def test_bf16_error_pass_applies_only_to_whole_blocks_that_divide_its_steps():
     assert not kn.error_stats_ok(4096 + 32, 64, kc.CHUNK)  # a partial last block
     assert not kn.error_stats_ok(3 * 8192, 8192, kc.CHUNK)  # blocks larger than a step
     assert not kn.error_stats_ok(96, 24, kc.CHUNK)  # not a power of two: steps cut blocks
+
+
+@pytest.mark.parametrize("dtype", ["BF16", "F32"])
+def test_a_merge_that_overflows_writes_nothing(tmp_path, rng, dtype):
+    """An adapter whose s B A overflows float32 raises NonFiniteError and leaves no output
+    and the inputs as they were."""
+    from numlora.errors import NonFiniteError
+
+    base, adapter = tmp_path / "in" / "base", tmp_path / "in" / "ad"
+    os.makedirs(base.parent)
+    _write_model(base, _model_tensors(rng), dtype, shards=2)
+    tensors = _write_adapter(adapter, rng, LAYER_MODS)
+    key = sorted(k for k in tensors if k.endswith(".lora_B.weight"))[-1]
+    tensors[key] = np.full_like(tensors[key], 3e38)
+    tensors[key.replace("lora_B", "lora_A")] = np.ones_like(tensors[key.replace("lora_B", "lora_A")])
+    save_file(os.path.join(adapter, "adapter_model.safetensors"), tensors, {"format": "pt"})
+    before = _tree_hashes(tmp_path / "in")
+    (tmp_path / "out").mkdir()
+    out = tmp_path / "out" / "m"
+    with pytest.raises(NonFiniteError, match="inf"):
+        merge_checkpoint(base, adapter, out, progress=False)
+    assert not out.exists() and _leftovers(tmp_path / "out") == []
+    assert _tree_hashes(tmp_path / "in") == before
+
+
+@pytest.mark.parametrize("st", ["BF16", "F32"])
+def test_a_weight_that_is_not_finite_is_refused_before_it_is_written(st):
+    """The converters' store (convert._store with ``finite``): a NaN or infinity anywhere
+    in the weight (first, last, a middle chunk) raises NonFiniteError before the writer
+    sees it; a finite one is written, in bf16 the bits of f32_to_bf16."""
+    import numlora.convert as conv
+    from numlora.errors import NonFiniteError
+    from numlora.kernels import convert as kc
+
+    class Writer:
+        def __init__(self):
+            self.got = []
+
+        def write(self, name, a):
+            self.got.append((name, np.array(a)))
+
+    n = 5 * (kc.CHUNK // 2 + 3)  # three chunks, the last one short
+    x = np.linspace(-3.0, 3.0, n, dtype=np.float32).reshape(5, -1)
+    w = Writer()
+    conv._store(w, "ok", x, st, conv._Buffers(), finite="refused")
+    assert w.got[0][0] == "ok"
+    assert np.array_equal(w.got[0][1], f32_to_bf16(x) if st == "BF16" else x)
+    for pos in (0, kc.CHUNK + 7, n - 1):
+        for bad in (np.inf, -np.inf, np.nan):
+            y = x.copy().reshape(-1)
+            y[pos] = bad
+            w = Writer()
+            with pytest.raises(NonFiniteError, match="refused"):
+                conv._store(w, "bad", y.reshape(x.shape), st, conv._Buffers(), finite="refused")
+            assert w.got == []

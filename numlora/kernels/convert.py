@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._jit import kernel, prange
+from ._jit import inline_helper, kernel, prange
 
 CHUNK = 1 << 16
 
@@ -33,6 +33,16 @@ def bf16_to_f32(src, dst):
             o[i] = np.uint32(s[i]) << np.uint32(16)
 
 
+@inline_helper
+def _bf16_of(x):
+    """The bfloat16 bits of the float32 whose bits are x: round to nearest even, a NaN kept
+    (made quiet)."""
+    if (x & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):  # NaN
+        return np.uint16((x >> np.uint32(16)) | np.uint32(0x0040))
+    r = x + np.uint32(0x7FFF) + ((x >> np.uint32(16)) & np.uint32(1))
+    return np.uint16(r >> np.uint32(16))
+
+
 @kernel(parallel=True)
 def f32_to_bf16(src, dst):
     """dst[i] = the bfloat16 bits of src[i], round to nearest even."""
@@ -45,12 +55,28 @@ def f32_to_bf16(src, dst):
         u = bits[lo:hi]
         o = dst[lo:hi]
         for i in range(hi - lo):
+            o[i] = _bf16_of(u[i])
+
+
+@kernel(parallel=True)
+def f32_to_bf16_finite(src, dst, bad):
+    """:func:`f32_to_bf16`, and bad[c] = the number of NaN or infinite values in chunk c
+    (length >= number of chunks): the check a merged weight must pass before it is
+    written, in the same pass as its conversion."""
+    n = src.size
+    bits = src.view(np.uint32)
+    nchunks = (n + CHUNK - 1) // CHUNK
+    for c in prange(nchunks):
+        lo = c * CHUNK
+        hi = min(lo + CHUNK, n)
+        u = bits[lo:hi]
+        o = dst[lo:hi]
+        count = 0
+        for i in range(hi - lo):
             x = u[i]
-            if (x & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):  # NaN
-                o[i] = np.uint16((x >> np.uint32(16)) | np.uint32(0x0040))
-            else:
-                r = x + np.uint32(0x7FFF) + ((x >> np.uint32(16)) & np.uint32(1))
-                o[i] = np.uint16(r >> np.uint32(16))
+            o[i] = _bf16_of(x)
+            count += (x & np.uint32(0x7F800000)) == np.uint32(0x7F800000)
+        bad[c] = count
 
 
 @kernel(parallel=True)
