@@ -1035,6 +1035,43 @@ def _host_bf16_dot() -> bool:
     return LANES == 16 and _host_has("avx512bf16")
 
 
+@intrinsic
+def err_acc8(typingctx, a, ao, b, bo, n, acc, mx):
+    """For the elements i < n (a multiple of 8) of a[ao:] and b[bo:], with j = i % 8:
+    ``acc[j] += float64(|a[i] - b[i]|)`` and ``mx[j] = max(mx[j], |a[i] - b[i]|)``, in
+    order of i: eight float64 sums and eight float32 maxima in vector registers (one
+    <8 x double>, one <8 x float>), loaded from and stored back to acc / mx. The same
+    operations per lane as the element loop of ``kernels.convert.abs_err_stats`` (whose
+    max keeps the old value on ties, as the compare here does), so the same bits for
+    finite values. a, b: float32 arrays; acc: float64 (8,), mx: float32 (8,)."""
+    sig = types.void(a, ao, b, bo, n, acc, mx)
+
+    def codegen(context, builder, sig, args):
+        aa, a0, ba, b0, m, cc, ma = _unpack(context, builder, sig, args, "aiaiiaa")
+        f64 = ir.DoubleType()
+        vt, dt = _vec(F32, 8), _vec(f64, 8)
+        ap = builder.gep(aa.data, [a0])
+        bp = builder.gep(ba.data, [b0])
+        acc_p = builder.bitcast(cc.data, dt.as_pointer())
+        mx_p = builder.bitcast(ma.data, vt.as_pointer())
+        s_p = cgutils.alloca_once_value(builder, builder.load(acc_p, align=8))
+        x_p = cgutils.alloca_once_value(builder, builder.load(mx_p, align=4))
+        fabs = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vt, [vt]), "llvm.fabs.v8f32")
+        with cgutils.for_range(builder, builder.udiv(m, ir.Constant(I64, 8))) as gl:
+            off = builder.mul(gl.index, ir.Constant(I64, 8))
+            va = builder.load(builder.bitcast(builder.gep(ap, [off]), vt.as_pointer()), align=4)
+            vb = builder.load(builder.bitcast(builder.gep(bp, [off]), vt.as_pointer()), align=4)
+            v = builder.call(fabs, [builder.fsub(va, vb)])
+            builder.store(builder.fadd(builder.load(s_p), builder.fpext(v, dt)), s_p)
+            old = builder.load(x_p)
+            builder.store(builder.select(builder.fcmp_ordered(">", v, old), v, old), x_p)
+        builder.store(builder.load(s_p), acc_p, align=8)
+        builder.store(builder.load(x_p), mx_p, align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
 #: True where :func:`bf16_rows` runs (``vdpbf16ps``); the 16-bit products then take it.
 BF16_DOT = _host_bf16_dot()
 if BF16_DOT:  # the instruction is emitted as inline assembly (llvmlite's IR has no bfloat type)

@@ -51,6 +51,7 @@ from ._simd import (
     decode_blocks_stream,
     decode_blocks_stream_aligned,
     encode_block,
+    err_acc8,
     expand_x1,
     expand_x2,
     expand_x3,
@@ -1137,10 +1138,6 @@ def bf16_error_stats(bits, packed, scales, blocksize, code, chunk, partial_sum, 
             src = bits[s0:s0 + m]
             for k in range(m):
                 xu[k] = np.uint32(src[k]) << np.uint32(16)
-            for i in range(0, m, 8):
-                for j in range(8):
-                    d = abs(xbuf[i + j] - dbuf[i + j])
-                    acc[j] += np.float64(d)
-                    mx[j] = max(mx[j], d)
+            err_acc8(xbuf, 0, dbuf, 0, m, acc, mx)  # abs_err_stats' element loop, in registers
         partial_sum[c] = acc.sum()
         partial_max[c] = mx.max()
