@@ -225,3 +225,28 @@ def lora_expand_f32_ref(c, bt, y):
                 lo = lo + np.float32(c[i, t]) * bt[t]
             out[i] = out[i] + lo
     return out
+
+
+def abs_err_stats_ref(a, b, chunk):
+    """Per chunk of ``chunk`` elements: the float64 sum and the float32 maximum of
+    ``|a - b|`` in the order numlora's quantize reports them (``kernels.convert.
+    abs_err_stats``): eight float64 sums, element i of the chunk's whole groups of eight
+    into sum i % 8, group after group; the chunk's last elements past them into sum 0, one
+    by one; then the eight sums added in order. Returns (sums float64, maxima float32)."""
+    a = np.asarray(a, np.float32).reshape(-1)
+    b = np.asarray(b, np.float32).reshape(-1)
+    sums, maxima = [], []
+    for lo in range(0, a.size, chunk):
+        v = np.abs(a[lo:lo + chunk] - b[lo:lo + chunk])
+        m8 = v.size // 8 * 8
+        acc = np.zeros(8, np.float64)
+        for i in range(0, m8, 8):
+            acc += v[i:i + 8].astype(np.float64)
+        for x in v[m8:]:
+            acc[0] += np.float64(x)
+        total = np.float64(0.0)
+        for s in acc:
+            total += s
+        sums.append(total)
+        maxima.append(v.max() if v.size else np.float32(0))
+    return np.array(sums, np.float64), np.array(maxima, np.float32)

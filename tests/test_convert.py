@@ -18,7 +18,7 @@ from numlora.io.checkpoint import Checkpoint
 from numlora.io.safetensors import SafetensorsFile, bf16_to_f32, f32_to_bf16, save_file
 
 from conftest import full_disk
-from reference import merge_ref, nf4_dequantize_ref, nf4_quantize_ref
+from reference import abs_err_stats_ref, merge_ref, nf4_dequantize_ref, nf4_quantize_ref
 
 H, FF, V = 48, 80, 50  # hidden, intermediate, vocab of the generated model
 MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -434,6 +434,12 @@ def test_conversion_kernels_match_the_definitions(rng):
     kc.abs_err_stats(a, b, ps, pm)
     d = np.abs(a.astype(np.float64) - b)
     assert ps.sum() == pytest.approx(d.sum(), rel=1e-6) and pm.max() == np.float32(np.abs(a - b).max())
+    # the documented order, bit for bit (the vector build and the element loop alike)
+    a[kc.CHUNK - 3:kc.CHUNK + 9] *= np.float32(1e6)  # large terms inside a group and across chunks
+    kc.abs_err_stats(a, b, ps, pm)
+    want_s, want_m = abs_err_stats_ref(a, b, kc.CHUNK)
+    assert np.array_equal(ps.view(np.uint64), want_s.view(np.uint64))
+    assert np.array_equal(pm.view(np.uint32), want_m.view(np.uint32))
 
 
 # --- outputs that would touch an input (data loss) ----------------------------------------
