@@ -55,6 +55,7 @@ from ._team import slot_done, slot_range
 from .nf4 import (  # noqa: F401  (b_blocks: read as kernels.compute.b_blocks too)
     SIMD_LANE8_RANKS,
     _block_room,
+    _expand_rows_fused,
     _expand_rows_simd,
     _lane_dot,
     _scaled,
@@ -318,9 +319,9 @@ def lora_expand_add(u, lora_b, y):
 
 @kernel(cache=SIMD_CACHEABLE)
 def lora_expand_add_simd(u, lora_b, y):
-    """:func:`lora_expand_add` with the sums in vector registers (:func:`_expand_rows_simd`,
-    each block of B^T transposed just before its rows use it: a few rows)."""
-    _expand_rows_simd(u, 0, u.shape[0], _block_room(u), True, lora_b, y, 0)
+    """:func:`lora_expand_add` with the sums in vector registers (:func:`_expand_rows_fused`:
+    each block of B^T transposed just before its rows use it, for a few rows)."""
+    _expand_rows_fused(u, 0, u.shape[0], _block_room(u), lora_b, y, 0)
 
 
 @kernel()
@@ -391,7 +392,7 @@ def lora_rows_simd(x2, lora_a, scale, u, blk, lora_b, y):
             for t in range(r):
                 u[i0 + g, t] = v[t]
                 c[g, t] = _scaled(scale, v[t])
-        _expand_rows_simd(c, 0, m, blk, False, lora_b, y, i0)
+        _expand_rows_simd(c, 0, m, blk, lora_b, y, i0)
 
 
 def lora_branch(x2, lora_a, scale, u, lora_b, y):

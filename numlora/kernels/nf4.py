@@ -535,12 +535,14 @@ def _finish(base, u, i, lora_b, o, bias, use_bias):
     return v
 
 
-@inline_helper
+@kernel(cache=SIMD_CACHEABLE)
 def _b_block(lora_b, q, blk, bq):
     """Block bq of blk = output vector q's block of B^T: blk[(bq r + t) L + l] = lora_b[q L
     + l, t] for t < r, l < L = ``_simd.LANES``. 8 x 8 pieces transposed in registers
     (``_simd.transpose8``), ranks past the last whole 8 element by element. A copy: every
-    bit is kept."""
+    bit is kept. A function of its own, called (not inlined) by the kernels that use it:
+    compiled once instead of into each of them (inlined, it added 0.4-0.6 s to the cold
+    compile of each NF4 product)."""
     r = lora_b.shape[1]
     r8 = r - r % 8
     src = lora_b.reshape(-1)
@@ -562,7 +564,7 @@ def b_blocks(lora_b, blk):
     element loop). Each block by :func:`_b_block`. lora_b: (out, r) float32,
     C-contiguous; blk: flat, at least (out // L) * r * L. For large batches, whose groups
     of rows each walk all of B^T; a few rows transpose each block just before using it
-    (:func:`_expand_vectors` with ``fused``)."""
+    (:func:`_expand_vectors_fused`)."""
     for q in range(lora_b.shape[0] // _LANES):
         _b_block(lora_b, q, blk, q)
 
@@ -583,50 +585,76 @@ def b_blocks_of(lora_b, name="nf4.bblk"):
 
 
 @inline_helper
-def _expand_vectors(c, c0, m, blk, fused, lora_b, q0, q1, y, y0):
-    """y[y0 + g, q L + l] += sum over t of c[c0 + g, t] * B[q L + l, t] for g < m, vectors
-    q0 <= q < q1 of L = ``_simd.LANES`` outputs, in :func:`_finish`'s order (rank terms
-    from zero, multiply then add; the same bits): the sums of a vector of outputs in
-    registers for groups of up to four rows (``_simd.expand_x4`` .. ``expand_x1``), each
-    of B^T's vectors loaded once per group. blk: all of :func:`b_blocks`' blocks, or with
-    ``fused`` room for one (r L floats), into which each vector's block is transposed just
-    before its rows use it (:func:`_b_block`): no pass over B before the expand, no
-    (out x r) buffer written and read back (for a few rows that pass costs as much as
-    the expand: 1 row of 4096 x 16, 7 of the 14 us in cache, 28 of 81 after a base
-    product that evicted B; AMD EPYC). c, y C-contiguous."""
-    for q in range(q0, q1):
-        bq = q
-        if fused:
-            _b_block(lora_b, q, blk, 0)
-            bq = 0
-        g = 0
-        while g + 4 <= m:
-            expand_x4(c, c0 + g, blk, bq, y, q, y0 + g)
-            g += 4
-        if m - g == 3:
-            expand_x3(c, c0 + g, blk, bq, y, q, y0 + g)
-        elif m - g == 2:
-            expand_x2(c, c0 + g, blk, bq, y, q, y0 + g)
-        elif m - g == 1:
-            expand_x1(c, c0 + g, blk, bq, y, q, y0 + g)
+def _expand_groups(c, c0, m, blk, bq, y, q, y0):
+    """y[y0 + g, q L + l] += sum over t of c[c0 + g, t] * B[q L + l, t] for g < m and the
+    q-th vector of L = ``_simd.LANES`` outputs, in :func:`_finish`'s order (rank terms from
+    zero, multiply then add; the same bits): the sums in registers for groups of up to four
+    rows (``_simd.expand_x4`` .. ``expand_x1``), each of B^T's vectors (block bq of blk,
+    :func:`b_blocks`' layout) loaded once per group. c, y C-contiguous."""
+    g = 0
+    while g + 4 <= m:
+        expand_x4(c, c0 + g, blk, bq, y, q, y0 + g)
+        g += 4
+    if m - g == 3:
+        expand_x3(c, c0 + g, blk, bq, y, q, y0 + g)
+    elif m - g == 2:
+        expand_x2(c, c0 + g, blk, bq, y, q, y0 + g)
+    elif m - g == 1:
+        expand_x1(c, c0 + g, blk, bq, y, q, y0 + g)
 
 
 @inline_helper
-def _expand_rows_simd(c, c0, m, blk, fused, lora_b, y, y0):
-    """y[y0 + g] += sum over t of c[c0 + g, t] * lora_b[:, t] for g < m: the whole vectors
-    of outputs by :func:`_expand_vectors` (blk, fused: its), the outputs past them element
-    by element from B's rows, all in :func:`_finish`'s order (the same bits)."""
-    out = y.shape[1]
-    whole = out - out % _LANES
-    _expand_vectors(c, c0, m, blk, fused, lora_b, 0, whole // _LANES, y, y0)
+def _expand_vectors(c, c0, m, blk, q0, q1, y, y0):
+    """:func:`_expand_groups` for the vectors q0 <= q < q1, blk holding all of B^T's
+    blocks (:func:`b_blocks`): for large batches, whose groups of rows each walk all of
+    them."""
+    for q in range(q0, q1):
+        _expand_groups(c, c0, m, blk, q, y, q, y0)
+
+
+@inline_helper
+def _expand_vectors_fused(c, c0, m, lora_b, room, q0, q1, y, y0):
+    """:func:`_expand_vectors` for a few rows: each vector's block of B^T transposed into
+    ``room`` (:func:`_block_room`, one block: in L1) just before its rows use it
+    (:func:`_b_block`): no pass over B before the expand, no (out x r) buffer written and
+    read back (for a few rows that pass costs as much as the expand: 1 row of 4096 x 16,
+    7 of the 14 us in cache, 28 of 81 after a base product that evicted B; AMD EPYC). A
+    helper of its own, not a flag: each kernel compiles only the form it runs."""
+    for q in range(q0, q1):
+        _b_block(lora_b, q, room, 0)
+        _expand_groups(c, c0, m, room, 0, y, q, y0)
+
+
+@inline_helper
+def _expand_rest(c, c0, m, lora_b, y, y0, whole):
+    """The outputs from ``whole`` on (past the whole vectors) element by element from B's
+    rows, in :func:`_finish`'s order."""
     for g in range(m):
-        for o in range(whole, out):
+        for o in range(whole, y.shape[1]):
             y[y0 + g, o] += _rank_sum(c, c0 + g, lora_b, o)
 
 
 @inline_helper
+def _expand_rows_simd(c, c0, m, blk, lora_b, y, y0):
+    """y[y0 + g] += sum over t of c[c0 + g, t] * lora_b[:, t] for g < m: the whole vectors
+    of outputs by :func:`_expand_vectors` on :func:`b_blocks`' blk, the rest by
+    :func:`_expand_rest` (the same bits)."""
+    whole = y.shape[1] - y.shape[1] % _LANES
+    _expand_vectors(c, c0, m, blk, 0, whole // _LANES, y, y0)
+    _expand_rest(c, c0, m, lora_b, y, y0, whole)
+
+
+@inline_helper
+def _expand_rows_fused(c, c0, m, room, lora_b, y, y0):
+    """:func:`_expand_rows_simd` by :func:`_expand_vectors_fused` (room: one block's)."""
+    whole = y.shape[1] - y.shape[1] % _LANES
+    _expand_vectors_fused(c, c0, m, lora_b, room, 0, whole // _LANES, y, y0)
+    _expand_rest(c, c0, m, lora_b, y, y0, whole)
+
+
+@inline_helper
 def _block_room(u):
-    """Room for one vector's block of B^T (``_expand_vectors`` with ``fused``); u: (n, r)."""
+    """Room for one vector's block of B^T (:func:`_expand_vectors_fused`); u: (n, r)."""
     return np.empty(max(1, u.shape[1] * _LANES), np.float32)
 
 
@@ -634,7 +662,7 @@ def _block_room(u):
 def _finish_rows(res, o0, nr, u, blk, vec, lora_b, bias, use_bias, y):
     """y[i, o0 + oo] = :func:`_finish` (res[oo, i], ...) for oo < nr and every row i: with
     ``vec`` (u, y C-contiguous, o0 a multiple of ``_simd.LANES``) and a LoRA branch, the
-    expand of the task's whole vectors of outputs in registers (:func:`_expand_vectors`,
+    expand of the task's whole vectors of outputs in registers (:func:`_expand_vectors_fused`,
     each vector's block of B^T transposed into blk (:func:`_block_room`) just before), then
     the bias: the same operations in the same order, the same bits; the rest element by
     element."""
@@ -645,7 +673,7 @@ def _finish_rows(res, o0, nr, u, blk, vec, lora_b, bias, use_bias, y):
         for oo in range(whole):
             for i in range(n):
                 y[i, o0 + oo] = res[oo, i]
-        _expand_vectors(u, 0, n, blk, True, lora_b, o0 // _LANES, (o0 + whole) // _LANES, y, 0)
+        _expand_vectors_fused(u, 0, n, lora_b, blk, o0 // _LANES, (o0 + whole) // _LANES, y, 0)
         if use_bias:
             for i in range(n):
                 for oo in range(whole):
