@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._jit import inline_helper, kernel, prange
+from ._jit import kernel, prange
 from ._simd import LANES, err_acc8
 
 CHUNK = 1 << 16
@@ -37,36 +37,12 @@ def bf16_to_f32(src, dst):
             o[i] = np.uint32(s[i]) << np.uint32(16)
 
 
-@inline_helper
-def _bf16_of(x):
-    """The bfloat16 bits of the float32 whose bits are x: round to nearest even, a NaN kept
-    (made quiet)."""
-    if (x & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):  # NaN
-        return np.uint16((x >> np.uint32(16)) | np.uint32(0x0040))
-    r = x + np.uint32(0x7FFF) + ((x >> np.uint32(16)) & np.uint32(1))
-    return np.uint16(r >> np.uint32(16))
-
-
-@kernel(parallel=True)
-def f32_to_bf16(src, dst):
-    """dst[i] = the bfloat16 bits of src[i], round to nearest even."""
-    n = src.size
-    bits = src.view(np.uint32)
-    nchunks = (n + CHUNK - 1) // CHUNK
-    for c in prange(nchunks):
-        lo = c * CHUNK
-        hi = min(lo + CHUNK, n)
-        u = bits[lo:hi]
-        o = dst[lo:hi]
-        for i in range(hi - lo):
-            o[i] = _bf16_of(u[i])
-
-
 @kernel(parallel=True)
 def f32_to_bf16_finite(src, dst, bad):
-    """:func:`f32_to_bf16`, and bad[c] = the number of NaN or infinite values in chunk c
-    (length >= number of chunks): the check a merged weight must pass before it is
-    written, in the same pass as its conversion."""
+    """dst[i] = the bfloat16 bits of src[i], round to nearest even (a NaN kept, made
+    quiet), and, where ``bad`` has room (length >= number of chunks; length 0: not
+    counted), bad[c] = the number of NaN or infinite values in chunk c: the check a merged
+    weight must pass before it is written, in the same pass as its conversion."""
     n = src.size
     bits = src.view(np.uint32)
     nchunks = (n + CHUNK - 1) // CHUNK
@@ -78,9 +54,23 @@ def f32_to_bf16_finite(src, dst, bad):
         count = 0
         for i in range(hi - lo):
             x = u[i]
-            o[i] = _bf16_of(x)
+            if (x & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):  # NaN
+                o[i] = np.uint16((x >> np.uint32(16)) | np.uint32(0x0040))
+            else:
+                r = x + np.uint32(0x7FFF) + ((x >> np.uint32(16)) & np.uint32(1))
+                o[i] = np.uint16(r >> np.uint32(16))
             count += (x & np.uint32(0x7F800000)) == np.uint32(0x7F800000)
-        bad[c] = count
+        if bad.size:
+            bad[c] = count
+
+
+_NO_COUNT = np.empty(0, np.int64)
+
+
+def f32_to_bf16(src, dst):
+    """dst[i] = the bfloat16 bits of src[i], round to nearest even (:func:`f32_to_bf16_finite`
+    without the count)."""
+    f32_to_bf16_finite(src, dst, _NO_COUNT)
 
 
 @kernel(parallel=True)
