@@ -1167,5 +1167,8 @@ def bf16_error_stats(bits, packed, scales, blocksize, code, chunk, partial_sum, 
             for k in range(m):
                 xu[k] = np.uint32(src[k]) << np.uint32(16)
             err_acc8(xbuf, 0, dbuf, 0, m, acc, mx)  # abs_err_stats' element loop, in registers
-        partial_sum[c] = acc.sum()
+        total = 0.0
+        for j in range(8):  # in order (numpy's own sum would pair them: the JIT-off run)
+            total += acc[j]
+        partial_sum[c] = total
         partial_max[c] = mx.max()
