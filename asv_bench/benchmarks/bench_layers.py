@@ -27,6 +27,28 @@ class LayerForward:
         self.layer.forward(self.x, out=self.y)
 
 
+class LayerForwardSmall:
+    """A small layer at batch 1 without ``out=`` (what a model of MiniLM-sized layers calls
+    token by token): mostly the per-call cost, which the layers' eval fast path (straight
+    to the products for a plain float32 input) keeps low."""
+
+    params = ["LoraLinear", "QLoraLinear"]
+    param_names = ["layer"]
+
+    def setup(self, layer):
+        n = 384
+        g = np.random.default_rng(7)
+        w = (g.standard_normal((n, n)) * 0.02).astype(np.float32)
+        cls = numlora.LoraLinear if layer == "LoraLinear" else numlora.QLoraLinear
+        self.layer = cls.from_weight(w, 16, 32.0)
+        self.layer.lora_b = (g.standard_normal((n, 16)) * 0.02).astype(np.float32)
+        self.x = g.standard_normal((1, n)).astype(np.float32)
+        self.time_forward(layer)
+
+    def time_forward(self, layer):
+        self.layer.forward(self.x)
+
+
 class LayerMerge:
     """LoraLinear.merge() then unmerge(): the weight comes back bit for bit. Several calls
     per sample (``sample_time``): spread 9.4 % -> 2.4 % on a quiet 2-core machine."""
