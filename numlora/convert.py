@@ -764,7 +764,6 @@ class _QuantizeJob(_Job):
         return [(t.name, t.dtype, t.shape)]
 
     def write(self, f, w, t, entries, part):
-        from .kernels import convert as kc
         from .nf4 import quantize_bf16_bits, quantize_nf4
 
         if t.name not in self.chosen:
@@ -772,7 +771,7 @@ class _QuantizeJob(_Job):
             part["copied"] += 1
             return
         bufs = self.bufs
-        kn = kernels("nf4")
+        kc, kn = kernels("convert"), kernels("nf4")
         if t.dtype == "BF16" and (not self.error_stats or kn.error_stats_ok(t.numel, self.blocksize, kc.CHUNK)):
             # straight from the bits: the kernel widens block by block, no float32 copy (and
             # the error pass decodes and widens in L1 steps: kn.bf16_error_stats)

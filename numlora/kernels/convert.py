@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._jit import kernel, prange
+from ._jit import inline_helper, kernel, prange
 from ._simd import LANES, err_acc8
 
 CHUNK = 1 << 16
@@ -73,6 +73,19 @@ def f32_to_bf16(src, dst):
     f32_to_bf16_finite(src, dst, _NO_COUNT)
 
 
+@inline_helper
+def store_partials(acc, mx, partial_sum, partial_max, c):
+    """Chunk c's partials of :func:`abs_err_stats` (and of ``kernels.nf4.bf16_error_stats``,
+    which must give the same bits): the eight float64 sums added in order (numpy's own sum,
+    what ``acc.sum()`` runs with the JIT off, would pair them) and the largest of the eight
+    maxima."""
+    total = 0.0
+    for j in range(8):
+        total += acc[j]
+    partial_sum[c] = total
+    partial_max[c] = mx.max()
+
+
 @kernel(parallel=True)
 def abs_err_stats(a, b, partial_sum, partial_max):
     """Sum (float64) and maximum of |a - b| over flat arrays; per-chunk partials are
@@ -102,8 +115,4 @@ def abs_err_stats(a, b, partial_sum, partial_max):
             d = abs(x[i] - y[i])
             acc[0] += np.float64(d)
             mx[0] = max(mx[0], d)
-        total = 0.0
-        for j in range(8):  # in order (numpy's own sum would pair them: the JIT-off run)
-            total += acc[j]
-        partial_sum[c] = total
-        partial_max[c] = mx.max()
+        store_partials(acc, mx, partial_sum, partial_max, c)

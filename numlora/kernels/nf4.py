@@ -80,6 +80,7 @@ from ._simd import lane8_dots as _lane8_dots
 from ._simd import words_chunk as _words_chunk
 from ._simd import words_ok as simd_words_ok  # noqa: F401  (read by the products module)
 from ._team import slot_done, slot_range
+from .convert import store_partials
 
 TINY = np.float32(1e-38)
 ONE = np.float32(1.0)
@@ -1130,9 +1131,10 @@ ERR_STEP = 4096
 
 
 def error_stats_ok(numel, blocksize, chunk) -> bool:
-    """Whether :func:`bf16_error_stats` applies: the SIMD decode (SIMD_LANES divides the
-    blocksize), whole blocks, and blocks that divide its steps and the stats' chunks."""
-    return (bool(SIMD_LANES) and blocksize % SIMD_LANES == 0 and blocksize % 8 == 0 and ERR_STEP % blocksize == 0
+    """Whether :func:`bf16_error_stats` applies: the SIMD decode (SIMD_LANES, 8 or 16,
+    divides the blocksize: whole groups of 8 for the sums too), whole blocks, and blocks
+    that divide its steps and the stats' chunks."""
+    return (bool(SIMD_LANES) and blocksize % SIMD_LANES == 0 and ERR_STEP % blocksize == 0
             and chunk % blocksize == 0 and numel % blocksize == 0)
 
 
@@ -1167,8 +1169,4 @@ def bf16_error_stats(bits, packed, scales, blocksize, code, chunk, partial_sum, 
             for k in range(m):
                 xu[k] = np.uint32(src[k]) << np.uint32(16)
             err_acc8(xbuf, 0, dbuf, 0, m, acc, mx)  # abs_err_stats' element loop, in registers
-        total = 0.0
-        for j in range(8):  # in order (numpy's own sum would pair them: the JIT-off run)
-            total += acc[j]
-        partial_sum[c] = total
-        partial_max[c] = mx.max()
+        store_partials(acc, mx, partial_sum, partial_max, c)  # abs_err_stats' own
