@@ -1072,6 +1072,147 @@ def err_acc8(typingctx, a, ao, b, bo, n, acc, mx):
     return sig, codegen
 
 
+def _transpose_square(builder, rows, lanes):
+    """The columns of a lanes x lanes block given as its ``lanes`` row vectors: log2(lanes)
+    stages of two-source shuffles, each exchanging the off-diagonal blocks of every
+    d x d block pair (d = lanes / 2, lanes / 4, ..., 1). A copy: every bit is kept."""
+    r = list(rows)
+    d = lanes // 2
+    mask = _vec(I32, lanes)
+    while d:
+        lo = ir.Constant(mask, [c if not c & d else lanes + c - d for c in range(lanes)])
+        hi = ir.Constant(mask, [c + d if not c & d else lanes + c for c in range(lanes)])
+        for i in range(lanes):
+            if not i & d:
+                r[i], r[i + d] = builder.shuffle_vector(r[i], r[i + d], lo), builder.shuffle_vector(r[i], r[i + d], hi)
+        d //= 2
+    return r
+
+
+def _make_panel_decode(lanes):
+    """Build ``panel_decode(packed, scales, code, blocksize, in_f, o0, k0, kn, panel)``:
+    ``panel[t * NR + j] = deq(W)[o0 + j, k0 + t]`` for t < kn, j < NR = 2 * lanes: NR
+    weight rows, columns k0 .. k0 + kn - 1, decoded (``code[nibble] * absmax``, the
+    values of :func:`_make_decode`) and transposed, so that each of the panel's rows holds
+    NR weight rows' values at one column: the operand :func:`_make_panel_mk` multiplies
+    by broadcast inputs. Per group of ``lanes`` columns (within one block: k0 and kn are
+    multiples of lanes, and so is the blocksize): each row's group decoded to a vector,
+    each lanes x lanes block transposed in registers (:func:`_transpose_square`), stored
+    aligned (the panel starts on a vector boundary)."""
+
+    @intrinsic
+    def panel_decode(typingctx, packed, scales, code, blocksize, in_f, o0, k0, kn, panel):
+        sig = types.void(packed, scales, code, blocksize, in_f, o0, k0, kn, panel)
+
+        def codegen(context, builder, sig, args):
+            pk, sc, cd, bs, width, first, kfirst, count, pa = _unpack(context, builder, sig, args, "aaaiiiiia")
+            nr = 2 * lanes
+            vt = _vec(F32, lanes)
+            codes = _load_codes(builder, cd.data, lanes)
+            wrows = _weight_rows(builder, pk, sc, first, nr, width, bs)
+            with cgutils.for_range(builder, builder.udiv(count, ir.Constant(I64, lanes))) as gl:
+                t = builder.mul(gl.index, ir.Constant(I64, lanes))
+                k = builder.add(kfirst, t)
+                b = builder.udiv(k, bs)
+                byte = builder.lshr(k, ir.Constant(I64, 1))
+                for h in range(2):
+                    vals = []
+                    for prow, srow in wrows[h * lanes:(h + 1) * lanes]:
+                        v = _decode_chunk(builder, builder.gep(prow, [byte]), codes, lanes)
+                        vals.append(builder.fmul(v, _splat(builder, builder.load(builder.gep(srow, [b])), lanes)))
+                    for c, col in enumerate(_transpose_square(builder, vals, lanes)):
+                        at = builder.add(builder.mul(builder.add(t, ir.Constant(I64, c)), ir.Constant(I64, nr)),
+                                         ir.Constant(I64, h * lanes))
+                        builder.store(col, builder.bitcast(builder.gep(pa.data, [at]), vt.as_pointer()),
+                                      align=4 * lanes)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return panel_decode
+
+
+def _make_panel_rows(lanes):
+    """Build ``panel_rows(packed, scales, code, blocksize, in_f, o0, c0, kn, panel)``:
+    ``panel[t * NR + j] = deq(W)[o0 + t, c0 + j]`` for t < kn, j < NR = 2 * lanes: columns
+    c0 .. c0 + NR - 1 of kn weight rows, decoded as :func:`_make_decode` does, unchanged in
+    layout (a row's columns are already the panel's row): the operand of the input
+    gradient ``g deq(W)``, whose sum runs over W's rows. c0 and the blocksize are
+    multiples of lanes; the panel starts on a vector boundary."""
+
+    @intrinsic
+    def panel_rows(typingctx, packed, scales, code, blocksize, in_f, o0, c0, kn, panel):
+        sig = types.void(packed, scales, code, blocksize, in_f, o0, c0, kn, panel)
+
+        def codegen(context, builder, sig, args):
+            pk, sc, cd, bs, width, first, col, count, pa = _unpack(context, builder, sig, args, "aaaiiiiia")
+            nr = 2 * lanes
+            vt = _vec(F32, lanes)
+            codes = _load_codes(builder, cd.data, lanes)
+            with cgutils.for_range(builder, count) as rl:
+                o = builder.add(first, rl.index)
+                for h in range(2):
+                    e = builder.add(builder.mul(o, width), builder.add(col, ir.Constant(I64, h * lanes)))
+                    v = _decode_chunk(builder, builder.gep(pk.data, [builder.lshr(e, ir.Constant(I64, 1))]), codes,
+                                      lanes)
+                    v = builder.fmul(v, _splat(builder, builder.load(builder.gep(sc.data, [builder.udiv(e, bs)])),
+                                               lanes))
+                    at = builder.add(builder.mul(rl.index, ir.Constant(I64, nr)), ir.Constant(I64, h * lanes))
+                    builder.store(v, builder.bitcast(builder.gep(pa.data, [at]), vt.as_pointer()), align=4 * lanes)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return panel_rows
+
+
+def _make_panel_mk(lanes, mr):
+    """Build ``panel_mk(xpack, xo, panel, kn, y, i0, o0, nrows, add)``: for g < nrows, j <
+    NR = 2 * lanes: ``y[i0 + g, o0 + j] (+)= sum over t < kn of xpack[xo + t * mr + g] *
+    panel[t * NR + j]``, the sum a chain of fused multiply-adds (:func:`_mul_add`) from
+    zero in order of t, then stored (``add`` 0) or added to y (one rounding more). The
+    micro-kernel of the large-batch float32 product: mr x 2 vector accumulators in
+    registers; per column t two aligned panel loads and mr broadcast inputs (xpack: mr
+    input rows interleaved, ``kernels.nf4.pack_panel_rows``). Each output element gets
+    the same operations whichever call and thread computes it."""
+
+    @intrinsic
+    def panel_mk(typingctx, xpack, xo, panel, kn, y, i0, o0, nrows, add):
+        sig = types.void(xpack, xo, panel, kn, y, i0, o0, nrows, add)
+
+        def codegen(context, builder, sig, args):
+            xa, xoff, pa, count, ya, first, col, nr, acc_flag = _unpack(context, builder, sig, args, "aiaiaiiii")
+            vt = _vec(F32, lanes)
+            nrw = 2 * lanes
+            xp = builder.gep(xa.data, [xoff])
+            acc_p = [[cgutils.alloca_once_value(builder, ir.Constant(vt, None)) for _ in range(2)] for _ in range(mr)]
+            with cgutils.for_range(builder, count) as cl:
+                wp = builder.gep(pa.data, [builder.mul(cl.index, ir.Constant(I64, nrw))])
+                w = [builder.load(builder.bitcast(builder.gep(wp, [ir.Constant(I64, h * lanes)]), vt.as_pointer()),
+                                  align=4 * lanes) for h in range(2)]
+                xk = builder.gep(xp, [builder.mul(cl.index, ir.Constant(I64, mr))])
+                for g in range(mr):
+                    xb = _splat(builder, builder.load(builder.gep(xk, [ir.Constant(I64, g)])), lanes)
+                    for h in range(2):
+                        builder.store(_mul_add(builder, w[h], xb, builder.load(acc_p[g][h]), vt), acc_p[g][h])
+            ncol = builder.extract_value(ya.shape, 1)
+            adding = builder.icmp_signed("!=", acc_flag, ir.Constant(I64, 0))
+            for g in range(mr):
+                with builder.if_then(builder.icmp_signed("<", ir.Constant(I64, g), nr)):
+                    row = builder.gep(ya.data, [builder.add(builder.mul(builder.add(first, ir.Constant(I64, g)), ncol),
+                                                            col)])
+                    for h in range(2):
+                        ptr = builder.bitcast(builder.gep(row, [ir.Constant(I64, h * lanes)]), vt.as_pointer())
+                        v = builder.load(acc_p[g][h])
+                        old = builder.load(ptr, align=4)
+                        builder.store(builder.select(adding, builder.fadd(old, v), v), ptr, align=4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return panel_mk
+
+
 #: True where :func:`bf16_rows` runs (``vdpbf16ps``); the 16-bit products then take it.
 BF16_DOT = _host_bf16_dot()
 if BF16_DOT:  # the instruction is emitted as inline assembly (llvmlite's IR has no bfloat type)
@@ -1455,3 +1596,12 @@ decode_blocks_stream_aligned = _make_decode(LANES, True, aligned=True) if LANES 
 #: Alignment (bytes) that :data:`decode_blocks_stream_aligned` needs of its output (the
 #: widest vector).
 STREAM_ALIGN = 64
+#: The large-batch float32 product (``kernels.nf4.nf4_matmul_panels``): input rows per
+#: micro-kernel call (PANEL_MR x 2 vector accumulators), weight rows per panel (two
+#: vectors), columns per panel (PANEL_KC: a panel of 512 x 32 float32 is 64 KiB, in L2).
+PANEL_MR = 8 if LANES == 16 else 6  # AVX2: 12 accumulators of its 16 registers
+PANEL_NR = 2 * LANES
+PANEL_KC = 512
+panel_decode = _make_panel_decode(LANES) if LANES else None
+panel_rows = _make_panel_rows(LANES) if LANES else None
+panel_mk = _make_panel_mk(LANES, PANEL_MR) if LANES else None

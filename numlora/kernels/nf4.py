@@ -46,6 +46,9 @@ from ._simd import LANE8_RANKS as SIMD_LANE8_RANKS
 from ._simd import LANES as SIMD_LANES  # noqa: F401  (read as kernels.<family>.SIMD_LANES)
 from ._simd import LANES as _LANES
 from ._simd import (
+    PANEL_KC,
+    PANEL_MR,
+    PANEL_NR,
     STREAM_ALIGN,
     decode_blocks,
     decode_blocks_stream,
@@ -56,6 +59,9 @@ from ._simd import (
     expand_x2,
     expand_x3,
     expand_x4,
+    panel_decode,
+    panel_mk,
+    panel_rows,
     row_dot,
     rows_dot,
     store_fence,
@@ -1083,6 +1089,111 @@ def nf4_decode_simd_tile(packed, scales, blocksize, code, b0, b1, out):
         store_fence()
     else:
         decode_blocks(packed[b0 * half:b1 * half], scales[b0:b1], code, blocksize, o)
+
+
+#: Input rows per pass over the panels of :func:`nf4_matmul_panels` at most (a batch
+#: runs in as few passes as that allows, of equal whole numbers of PANEL_MR rows): a
+#: pass's inputs, up to PANEL_MC x PANEL_KC float32, stay in L2 while each panel is
+#: decoded once per pass.
+PANEL_MC = 192
+
+
+def _panels_work(packed, scales, blocksize, code, xpack, y, ws) -> int:
+    """The work of :func:`nf4_matmul_panels`, as ``_jit.product_work`` counts it."""
+    return product_work(packed, y)
+
+
+@kernel(parallel=True, cache=SIMD_CACHEABLE, work=_panels_work, serial_below=PRODUCT_SERIAL_BELOW)
+def nf4_matmul_panels(packed, scales, blocksize, code, xpack, y, ws):
+    """y = x deq(W)^T for large batches, with W decoded once per pass and never whole:
+    for each pass of PANEL_MC input rows and PANEL_KC columns, each panel of PANEL_NR weight
+    rows is decoded and transposed into the worker's L2-resident buffer
+    (``_simd.panel_decode``) and multiplied by the pass's groups of PANEL_MR input rows
+    (``_simd.panel_mk``: a register-blocked GEMM micro-kernel, fused multiply-adds in
+    order of the column). y[i, o]: the column blocks' chains summed in order, the first
+    stored, so the same operations for every (i, o) whatever the batch size and the
+    thread count. xpack: (groups, in, PANEL_MR), x's rows interleaved by
+    :func:`pack_panel_rows`; ws: (workers, >= PANEL_KC * PANEL_NR + 16) float32 scratch;
+    worker w takes a contiguous share of the panels. out % PANEL_NR == 0, in % blocksize
+    == 0, blocksize % SIMD_LANES == 0."""
+    n, out_f = y.shape
+    ng, in_f = xpack.shape[0], xpack.shape[1]
+    xflat = xpack.reshape(-1)
+    npanel = out_f // PANEL_NR
+    nw = ws.shape[0]
+    for w in prange(nw):
+        raw = ws[w]
+        off = ((64 - raw.ctypes.data % 64) % 64) // 4
+        panel = raw[off:off + PANEL_KC * PANEL_NR]
+        p0 = w * npanel // nw
+        p1 = (w + 1) * npanel // nw
+        npass = (n + PANEL_MC - 1) // PANEL_MC
+        mc = ((n + npass - 1) // npass + PANEL_MR - 1) // PANEL_MR * PANEL_MR
+        for i0 in range(0, n, mc):
+            g1 = min(ng, (i0 + mc) // PANEL_MR)
+            for k0 in range(0, in_f, PANEL_KC):
+                kn = min(PANEL_KC, in_f - k0)
+                for p in range(p0, p1):
+                    panel_decode(packed, scales, code, blocksize, in_f, p * PANEL_NR, k0, kn, panel)
+                    for g in range(i0 // PANEL_MR, g1):
+                        panel_mk(xflat, (g * in_f + k0) * PANEL_MR, panel, kn, y, g * PANEL_MR, p * PANEL_NR,
+                                 min(PANEL_MR, n - g * PANEL_MR), k0)
+
+
+def _panels_t_work(packed, scales, blocksize, code, gpack, dx, ws) -> int:
+    """The work of :func:`nf4_matmul_t_panels`, as ``_jit.product_work`` counts it."""
+    return product_work(packed, dx)
+
+
+@kernel(parallel=True, cache=SIMD_CACHEABLE, work=_panels_t_work, serial_below=PRODUCT_SERIAL_BELOW)
+def nf4_matmul_t_panels(packed, scales, blocksize, code, gpack, dx, ws):
+    """dx = g deq(W) for large batches, as :func:`nf4_matmul_panels` with the roles of W's
+    two dimensions swapped: the panels are PANEL_NR columns of PANEL_KC weight rows, as
+    stored (``_simd.panel_rows``: no transposition), the sums run over W's rows, and
+    worker w takes a contiguous share of dx's column panels. gpack: g's rows interleaved
+    by :func:`pack_panel_rows`, (groups, out, PANEL_MR). in % PANEL_NR == 0, in %
+    blocksize == 0, blocksize % SIMD_LANES == 0. The same operations for every (i, k)
+    whatever the batch size and the thread count."""
+    n, in_f = dx.shape
+    ng, out_f = gpack.shape[0], gpack.shape[1]
+    gflat = gpack.reshape(-1)
+    npanel = in_f // PANEL_NR
+    nw = ws.shape[0]
+    for w in prange(nw):
+        raw = ws[w]
+        off = ((64 - raw.ctypes.data % 64) % 64) // 4
+        panel = raw[off:off + PANEL_KC * PANEL_NR]
+        p0 = w * npanel // nw
+        p1 = (w + 1) * npanel // nw
+        npass = (n + PANEL_MC - 1) // PANEL_MC
+        mc = ((n + npass - 1) // npass + PANEL_MR - 1) // PANEL_MR * PANEL_MR
+        for i0 in range(0, n, mc):
+            g1 = min(ng, (i0 + mc) // PANEL_MR)
+            for o0 in range(0, out_f, PANEL_KC):
+                kn = min(PANEL_KC, out_f - o0)
+                for p in range(p0, p1):
+                    panel_rows(packed, scales, code, blocksize, in_f, o0, p * PANEL_NR, kn, panel)
+                    for g in range(i0 // PANEL_MR, g1):
+                        panel_mk(gflat, (g * out_f + o0) * PANEL_MR, panel, kn, dx, g * PANEL_MR, p * PANEL_NR,
+                                 min(PANEL_MR, n - g * PANEL_MR), o0)
+
+
+@kernel(parallel=True, cache=SIMD_CACHEABLE, work=first_size, serial_below=ELEMENTWISE_SERIAL_BELOW)
+def pack_panel_rows(x, xpack):
+    """xpack[g, k, m] = x[g * PANEL_MR + m, k], zero past x's last row: the input operand
+    of :func:`nf4_matmul_panels`."""
+    n, in_f = x.shape
+    for g in prange(xpack.shape[0]):
+        dst = xpack[g]
+        for m in range(PANEL_MR):
+            i = g * PANEL_MR + m
+            if i < n:
+                src = x[i]
+                for k in range(in_f):
+                    dst[k, m] = src[k]
+            else:
+                for k in range(in_f):
+                    dst[k, m] = 0.0
 
 
 @kernel(parallel=True, cache=SIMD_CACHEABLE, work=first_size, serial_below=ELEMENTWISE_SERIAL_BELOW)

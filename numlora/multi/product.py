@@ -107,8 +107,9 @@ def base_product(weight, nf4, row_stable: bool, nf4_path: str):
     """``product(x2, out2)``: ``out2 = x2 W^T`` for float32 C-contiguous (n, in) ``x2``
     and (n, out) ``out2``, ``W`` the dense float32 ``weight`` or the NF4Tensor ``nf4``.
 
-    Row-stable: one arithmetic for every batch size (BLAS for dense; over NF4, decoded
-    tiles of W with BLAS for ``nf4_path="tiles"``, the fused kernel in chunks of
+    Row-stable: one arithmetic for every batch size (BLAS for dense; over NF4, the
+    large-batch product of ``nf4_matmul`` (``_nf4_products.blas_product``: panels, or
+    decoded tiles with BLAS) for ``nf4_path="tiles"``, the fused kernel in chunks of
     ``FUSED_MAX_ROWS`` rows for ``"fused"``) in a :class:`RowStableProduct`. Otherwise
     the fastest path for each batch size (BLAS; over NF4, the path ``nf4_matmul`` takes)."""
     if nf4 is None:
