@@ -165,8 +165,8 @@ def blas_product(x2, t, scales, out2, mode=0):
     OpenBLAS's spinning threads; ``mode``: rounded to that compute dtype), multiply each
     by the whole batch with BLAS into y^T, transpose once (by tiles:
     :func:`numlora._backward.transpose_copy`)."""
-    if not mode and panels_ok(t) and out2.flags.c_contiguous:
-        panel_product(x2, t, scales, out2)
+    if panels_ok(t) and out2.flags.c_contiguous:
+        panel_product(x2, t, scales, out2, mode)
         return
     yt = _scratch.scratch("nf4.yt", t.shape[0] * x2.shape[0], np.float32).reshape(t.shape[0], x2.shape[0])
     xt = x2.T
@@ -193,19 +193,22 @@ def panels_t_ok(t) -> bool:
             and t.packed.flags.c_contiguous)
 
 
-def panel_product(x2, t, scales, out2):
+def panel_product(x2, t, scales, out2, mode=0):
     """out2 = x2 deq(W)^T by ``kernels.nf4.nf4_matmul_panels``: W decoded a panel at a time
     into each worker's L2 and multiplied there by a register-blocked GEMM micro-kernel
     (no BLAS call, no decoded tile in memory). Each row's result is the same bits whatever
     the batch size and the thread count. Measured against the decoded tiles with
     OpenBLAS (AMD EPYC, AVX-512, 2 cores, 4096 x 4096; docs/performance.md): 11.5 against
-    16.7 ms at batch 64, 21.9 against 28.4 at 128, 170 against 210 at 1024."""
-    _panels(kernels("nf4").nf4_matmul_panels, x2, t, scales, out2)
+    16.7 ms at batch 64, 21.9 against 28.4 at 128, 170 against 210 at 1024. ``mode`` 1 / 2:
+    deq(W) rounded to bfloat16 / float16 (x2 already rounded by the caller)."""
+    k = kernels("nf4")
+    _panels(k.nf4_matmul_panels_rounded if mode else k.nf4_matmul_panels, x2, t, scales, out2, mode)
 
 
-def _panels(kernel, a2, t, scales, out2):
+def _panels(kernel, a2, t, scales, out2, mode=0):
     """Run a panel kernel: a2's rows interleaved into the calling thread's scratch
-    (``kernels.nf4.pack_panel_rows``), one panel buffer per numba thread."""
+    (``kernels.nf4.pack_panel_rows``), one panel buffer per numba thread; ``mode``: the
+    compute mode of the decoded weights."""
     k = kernels("nf4")
     n, width = a2.shape
     _park(t, n)
@@ -214,7 +217,11 @@ def _panels(kernel, a2, t, scales, out2):
     k.pack_panel_rows(a2, apack)
     nw = kernels("_jit").num_threads()
     ws = _scratch.scratch("nf4.panels", nw * (k.PANEL_KC * k.PANEL_NR + 16), np.float32).reshape(nw, -1)
-    kernel(t.packed, np.ascontiguousarray(scales, np.float32), t.blocksize, t.code, apack, out2, ws)
+    args = (t.packed, np.ascontiguousarray(scales, np.float32), t.blocksize, t.code)
+    if mode:
+        kernel(*args, mode, apack, out2, ws)
+    else:
+        kernel(*args, apack, out2, ws)
 
 
 def row_tiles(t, scales, mode=0):
@@ -360,9 +367,13 @@ def bf16_dot_ok(kc, in_f, blocksize) -> bool:
 def _grad_input_rounded(g2, t, mode, dx):
     """dx = rnd(rnd(g2) rnd(deq(W))) (overwritten): :func:`grad_input` in a 16-bit compute
     dtype, as bitsandbytes' backward of the base product computes it (float32
-    accumulation, one rounding at the end). Decoded, rounded tiles through BLAS for every
-    batch size. dx must be C-contiguous."""
+    accumulation, one rounding at the end): the panels with the decoded weights rounded
+    (``kernels.nf4.nf4_matmul_t_panels``) where :func:`panels_t_ok`, else decoded,
+    rounded tiles through BLAS; for every batch size. dx must be C-contiguous."""
     kc = kernels("compute")
 
-    _tiles_grad(_rounded(g2, mode, kc), t, t.scales, dx, mode)
+    if panels_t_ok(t):
+        _panels(kernels("nf4").nf4_matmul_t_panels_rounded, _rounded(g2, mode, kc), t, t.scales, dx, mode)
+    else:
+        _tiles_grad(_rounded(g2, mode, kc), t, t.scales, dx, mode)
     kc.round_values(dx.reshape(-1), mode)

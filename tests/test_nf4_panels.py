@@ -128,3 +128,32 @@ def test_non_finite_inputs_stay_in_their_rows(rng):
     assert not np.isfinite(got[ROWS + 1]).any()
     keep = [i for i in range(x.shape[0]) if i not in (2, ROWS + 1)]
     assert np.array_equal(got[keep].view(np.uint32), clean[keep].view(np.uint32))
+
+
+def _round16(a, dtype):
+    """a rounded to bfloat16 / float16, half to even (ml_dtypes' / numpy's casts)."""
+    if dtype == "float16":
+        return a.astype(np.float16).astype(np.float32)
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    return a.astype(ml_dtypes.bfloat16).astype(np.float32)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_16bit_compute_dtypes_round_the_panels_operands(rng, dtype):
+    """A 16-bit compute dtype's large batches run the panels on rounded operands:
+    ``rnd(rnd(x) rnd(deq(W))^T)`` in the panels' order, bit for bit (the forward where it
+    does not take the bf16 dot-product kernel; the input gradient always)."""
+    from numlora.kernels import compute as kc
+
+    out_f, in_f = 2 * _simd.PANEL_NR, _simd.PANEL_KC + 128
+    t, w = _weight(rng, (out_f, in_f), 64)
+    wr = _round16(w, dtype)
+    x = rng.standard_normal((ROWS + 4, in_f)).astype(np.float32)
+    if not (dtype == "bfloat16" and kc.BF16_DOT):
+        got = nl.nf4_matmul(x, t, compute_dtype=dtype)
+        want = _round16(_panel_order(_round16(x, dtype), np.ascontiguousarray(wr.T)), dtype)
+        assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
+    g = rng.standard_normal((ROWS + 4, out_f)).astype(np.float32)
+    got_t = nl.nf4_matmul_t(g, t, compute_dtype=dtype)
+    want_t = _round16(_panel_order(_round16(g, dtype), wr), dtype)
+    assert np.array_equal(got_t.view(np.uint32), want_t.view(np.uint32))

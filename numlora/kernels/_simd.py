@@ -1089,11 +1089,12 @@ def _transpose_square(builder, rows, lanes):
     return r
 
 
-def _make_panel_decode(lanes):
+def _make_panel_decode(lanes, mode=0):
     """Build ``panel_decode(packed, scales, code, blocksize, in_f, o0, k0, kn, panel)``:
     ``panel[t * NR + j] = deq(W)[o0 + j, k0 + t]`` for t < kn, j < NR = 2 * lanes: NR
     weight rows, columns k0 .. k0 + kn - 1, decoded (``code[nibble] * absmax``, the
-    values of :func:`_make_decode`) and transposed, so that each of the panel's rows holds
+    values of :func:`_make_decode`; ``mode`` 1 / 2: each then rounded to bfloat16 /
+    float16 by :func:`round_vector`) and transposed, so that each of the panel's rows holds
     NR weight rows' values at one column: the operand :func:`_make_panel_mk` multiplies
     by broadcast inputs. Per group of ``lanes`` columns (within one block: k0 and kn are
     multiples of lanes, and so is the blocksize): each row's group decoded to a vector,
@@ -1119,7 +1120,8 @@ def _make_panel_decode(lanes):
                     vals = []
                     for prow, srow in wrows[h * lanes:(h + 1) * lanes]:
                         v = _decode_chunk(builder, builder.gep(prow, [byte]), codes, lanes)
-                        vals.append(builder.fmul(v, _splat(builder, builder.load(builder.gep(srow, [b])), lanes)))
+                        v = builder.fmul(v, _splat(builder, builder.load(builder.gep(srow, [b])), lanes))
+                        vals.append(round_vector(builder, v, lanes, mode) if mode else v)
                     for c, col in enumerate(_transpose_square(builder, vals, lanes)):
                         at = builder.add(builder.mul(builder.add(t, ir.Constant(I64, c)), ir.Constant(I64, nr)),
                                          ir.Constant(I64, h * lanes))
@@ -1132,10 +1134,11 @@ def _make_panel_decode(lanes):
     return panel_decode
 
 
-def _make_panel_rows(lanes):
+def _make_panel_rows(lanes, mode=0):
     """Build ``panel_rows(packed, scales, code, blocksize, in_f, o0, c0, kn, panel)``:
     ``panel[t * NR + j] = deq(W)[o0 + t, c0 + j]`` for t < kn, j < NR = 2 * lanes: columns
-    c0 .. c0 + NR - 1 of kn weight rows, decoded as :func:`_make_decode` does, unchanged in
+    c0 .. c0 + NR - 1 of kn weight rows, decoded as :func:`_make_decode` does (``mode``:
+    rounded as in :func:`_make_panel_decode`), unchanged in
     layout (a row's columns are already the panel's row): the operand of the input
     gradient ``g deq(W)``, whose sum runs over W's rows. c0 and the blocksize are
     multiples of lanes; the panel starts on a vector boundary."""
@@ -1157,6 +1160,8 @@ def _make_panel_rows(lanes):
                                       lanes)
                     v = builder.fmul(v, _splat(builder, builder.load(builder.gep(sc.data, [builder.udiv(e, bs)])),
                                                lanes))
+                    if mode:
+                        v = round_vector(builder, v, lanes, mode)
                     at = builder.add(builder.mul(rl.index, ir.Constant(I64, nr)), ir.Constant(I64, h * lanes))
                     builder.store(v, builder.bitcast(builder.gep(pa.data, [at]), vt.as_pointer()), align=4 * lanes)
             return context.get_dummy_value()
@@ -1602,6 +1607,10 @@ STREAM_ALIGN = 64
 PANEL_MR = 8 if LANES == 16 else 6  # AVX2: 12 accumulators of its 16 registers
 PANEL_NR = 2 * LANES
 PANEL_KC = 512
-panel_decode = _make_panel_decode(LANES) if LANES else None
-panel_rows = _make_panel_rows(LANES) if LANES else None
+#: The panels' decodes, exact (mode 0) and rounded to bfloat16 / float16 (the 16-bit
+#: compute dtypes on CPUs without the bf16 dot product, and float16 everywhere).
+panel_decode, panel_decode_bf16, panel_decode_f16 = (
+    [_make_panel_decode(LANES, mode) for mode in range(3)] if LANES else [None] * 3)
+panel_rows, panel_rows_bf16, panel_rows_f16 = (
+    [_make_panel_rows(LANES, mode) for mode in range(3)] if LANES else [None] * 3)
 panel_mk = _make_panel_mk(LANES, PANEL_MR) if LANES else None

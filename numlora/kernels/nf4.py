@@ -60,8 +60,12 @@ from ._simd import (
     expand_x3,
     expand_x4,
     panel_decode,
+    panel_decode_bf16,
+    panel_decode_f16,
     panel_mk,
     panel_rows,
+    panel_rows_bf16,
+    panel_rows_f16,
     row_dot,
     rows_dot,
     store_fence,
@@ -1098,54 +1102,94 @@ def nf4_decode_simd_tile(packed, scales, blocksize, code, b0, b1, out):
 PANEL_MC = 192
 
 
-def _panels_work(packed, scales, blocksize, code, xpack, y, ws) -> int:
-    """The work of :func:`nf4_matmul_panels`, as ``_jit.product_work`` counts it."""
-    return product_work(packed, y)
+def _panels_work(*args) -> int:
+    """The work of a panel kernel ``(packed, ..., y, ws)``, as ``_jit.product_work`` counts
+    it."""
+    return product_work(args[0], args[-2])
+
+
+@inline_helper
+def _worker_panel(raw):
+    """A worker's panel buffer: PANEL_KC * PANEL_NR floats of its row of the scratch,
+    from a 64-byte boundary (the micro-kernel's aligned loads)."""
+    off = ((64 - raw.ctypes.data % 64) % 64) // 4
+    return raw[off:off + PANEL_KC * PANEL_NR]
+
+
+@inline_helper
+def _pass_rows(n):
+    """Input rows per pass: as few passes of at most PANEL_MC rows as hold n, of equal
+    whole numbers of PANEL_MR rows."""
+    npass = (n + PANEL_MC - 1) // PANEL_MC
+    return ((n + npass - 1) // npass + PANEL_MR - 1) // PANEL_MR * PANEL_MR
+
+
+@inline_helper
+def _panel_groups(flat, width, k0, kn, panel, y, i0, mc, col):
+    """The micro-kernel (``_simd.panel_mk``) for each group of PANEL_MR rows of the pass
+    i0 .. i0 + mc - 1: y[rows, col:col + PANEL_NR] (+)= the rows' columns k0 .. k0 + kn - 1
+    (flat: their interleaved copy, rows of ``width``) times the panel; stored for the
+    first block (k0 == 0), added for the others."""
+    n = y.shape[0]
+    for g in range(i0 // PANEL_MR, min((n + PANEL_MR - 1) // PANEL_MR, (i0 + mc) // PANEL_MR)):
+        panel_mk(flat, (g * width + k0) * PANEL_MR, panel, kn, y, g * PANEL_MR, col, min(PANEL_MR, n - g * PANEL_MR),
+                 k0)
 
 
 @kernel(parallel=True, cache=SIMD_CACHEABLE, work=_panels_work, serial_below=PRODUCT_SERIAL_BELOW)
 def nf4_matmul_panels(packed, scales, blocksize, code, xpack, y, ws):
     """y = x deq(W)^T for large batches, with W decoded once per pass and never whole:
-    for each pass of PANEL_MC input rows and PANEL_KC columns, each panel of PANEL_NR weight
-    rows is decoded and transposed into the worker's L2-resident buffer
-    (``_simd.panel_decode``) and multiplied by the pass's groups of PANEL_MR input rows
-    (``_simd.panel_mk``: a register-blocked GEMM micro-kernel, fused multiply-adds in
-    order of the column). y[i, o]: the column blocks' chains summed in order, the first
-    stored, so the same operations for every (i, o) whatever the batch size and the
-    thread count. xpack: (groups, in, PANEL_MR), x's rows interleaved by
+    for each pass of up to PANEL_MC input rows and each block of PANEL_KC columns, each
+    panel of PANEL_NR weight rows is decoded and transposed into the worker's L2-resident
+    buffer (``_simd.panel_decode``) and multiplied by the pass's groups of PANEL_MR input
+    rows (:func:`_panel_groups`: a register-blocked GEMM micro-kernel, fused
+    multiply-adds in order of the column). y[i, o]: the column blocks' chains summed in
+    order, the first stored, so the same operations for every (i, o) whatever the batch
+    size and the thread count. xpack: (groups, in, PANEL_MR), x's rows interleaved by
     :func:`pack_panel_rows`; ws: (workers, >= PANEL_KC * PANEL_NR + 16) float32 scratch;
     worker w takes a contiguous share of the panels. out % PANEL_NR == 0, in % blocksize
     == 0, blocksize % SIMD_LANES == 0."""
     n, out_f = y.shape
-    ng, in_f = xpack.shape[0], xpack.shape[1]
+    in_f = xpack.shape[1]
     xflat = xpack.reshape(-1)
     npanel = out_f // PANEL_NR
     nw = ws.shape[0]
+    mc = _pass_rows(n)
     for w in prange(nw):
-        raw = ws[w]
-        off = ((64 - raw.ctypes.data % 64) % 64) // 4
-        panel = raw[off:off + PANEL_KC * PANEL_NR]
-        p0 = w * npanel // nw
-        p1 = (w + 1) * npanel // nw
-        npass = (n + PANEL_MC - 1) // PANEL_MC
-        mc = ((n + npass - 1) // npass + PANEL_MR - 1) // PANEL_MR * PANEL_MR
+        panel = _worker_panel(ws[w])
         for i0 in range(0, n, mc):
-            g1 = min(ng, (i0 + mc) // PANEL_MR)
             for k0 in range(0, in_f, PANEL_KC):
                 kn = min(PANEL_KC, in_f - k0)
-                for p in range(p0, p1):
+                for p in range(w * npanel // nw, (w + 1) * npanel // nw):
                     panel_decode(packed, scales, code, blocksize, in_f, p * PANEL_NR, k0, kn, panel)
-                    for g in range(i0 // PANEL_MR, g1):
-                        panel_mk(xflat, (g * in_f + k0) * PANEL_MR, panel, kn, y, g * PANEL_MR, p * PANEL_NR,
-                                 min(PANEL_MR, n - g * PANEL_MR), k0)
+                    _panel_groups(xflat, in_f, k0, kn, panel, y, i0, mc, p * PANEL_NR)
 
 
-def _panels_t_work(packed, scales, blocksize, code, gpack, dx, ws) -> int:
-    """The work of :func:`nf4_matmul_t_panels`, as ``_jit.product_work`` counts it."""
-    return product_work(packed, dx)
+@kernel(parallel=True, cache=SIMD_CACHEABLE, work=_panels_work, serial_below=PRODUCT_SERIAL_BELOW)
+def nf4_matmul_panels_rounded(packed, scales, blocksize, code, mode, xpack, y, ws):
+    """:func:`nf4_matmul_panels` with each decoded weight rounded to bfloat16 (``mode`` 1)
+    or float16 (2) first: a 16-bit compute dtype's ``rnd(deq(W))`` (x rounded by the
+    caller). A kernel of its own so that the float32 one compiles without the roundings."""
+    n, out_f = y.shape
+    in_f = xpack.shape[1]
+    xflat = xpack.reshape(-1)
+    npanel = out_f // PANEL_NR
+    nw = ws.shape[0]
+    mc = _pass_rows(n)
+    for w in prange(nw):
+        panel = _worker_panel(ws[w])
+        for i0 in range(0, n, mc):
+            for k0 in range(0, in_f, PANEL_KC):
+                kn = min(PANEL_KC, in_f - k0)
+                for p in range(w * npanel // nw, (w + 1) * npanel // nw):
+                    if mode == 1:
+                        panel_decode_bf16(packed, scales, code, blocksize, in_f, p * PANEL_NR, k0, kn, panel)
+                    else:
+                        panel_decode_f16(packed, scales, code, blocksize, in_f, p * PANEL_NR, k0, kn, panel)
+                    _panel_groups(xflat, in_f, k0, kn, panel, y, i0, mc, p * PANEL_NR)
 
 
-@kernel(parallel=True, cache=SIMD_CACHEABLE, work=_panels_t_work, serial_below=PRODUCT_SERIAL_BELOW)
+@kernel(parallel=True, cache=SIMD_CACHEABLE, work=_panels_work, serial_below=PRODUCT_SERIAL_BELOW)
 def nf4_matmul_t_panels(packed, scales, blocksize, code, gpack, dx, ws):
     """dx = g deq(W) for large batches, as :func:`nf4_matmul_panels` with the roles of W's
     two dimensions swapped: the panels are PANEL_NR columns of PANEL_KC weight rows, as
@@ -1155,27 +1199,42 @@ def nf4_matmul_t_panels(packed, scales, blocksize, code, gpack, dx, ws):
     blocksize == 0, blocksize % SIMD_LANES == 0. The same operations for every (i, k)
     whatever the batch size and the thread count."""
     n, in_f = dx.shape
-    ng, out_f = gpack.shape[0], gpack.shape[1]
+    out_f = gpack.shape[1]
     gflat = gpack.reshape(-1)
     npanel = in_f // PANEL_NR
     nw = ws.shape[0]
+    mc = _pass_rows(n)
     for w in prange(nw):
-        raw = ws[w]
-        off = ((64 - raw.ctypes.data % 64) % 64) // 4
-        panel = raw[off:off + PANEL_KC * PANEL_NR]
-        p0 = w * npanel // nw
-        p1 = (w + 1) * npanel // nw
-        npass = (n + PANEL_MC - 1) // PANEL_MC
-        mc = ((n + npass - 1) // npass + PANEL_MR - 1) // PANEL_MR * PANEL_MR
+        panel = _worker_panel(ws[w])
         for i0 in range(0, n, mc):
-            g1 = min(ng, (i0 + mc) // PANEL_MR)
             for o0 in range(0, out_f, PANEL_KC):
                 kn = min(PANEL_KC, out_f - o0)
-                for p in range(p0, p1):
+                for p in range(w * npanel // nw, (w + 1) * npanel // nw):
                     panel_rows(packed, scales, code, blocksize, in_f, o0, p * PANEL_NR, kn, panel)
-                    for g in range(i0 // PANEL_MR, g1):
-                        panel_mk(gflat, (g * out_f + o0) * PANEL_MR, panel, kn, dx, g * PANEL_MR, p * PANEL_NR,
-                                 min(PANEL_MR, n - g * PANEL_MR), o0)
+                    _panel_groups(gflat, out_f, o0, kn, panel, dx, i0, mc, p * PANEL_NR)
+
+
+@kernel(parallel=True, cache=SIMD_CACHEABLE, work=_panels_work, serial_below=PRODUCT_SERIAL_BELOW)
+def nf4_matmul_t_panels_rounded(packed, scales, blocksize, code, mode, gpack, dx, ws):
+    """:func:`nf4_matmul_t_panels` with each decoded weight rounded to bfloat16 (``mode``
+    1) or float16 (2) first (g rounded by the caller)."""
+    n, in_f = dx.shape
+    out_f = gpack.shape[1]
+    gflat = gpack.reshape(-1)
+    npanel = in_f // PANEL_NR
+    nw = ws.shape[0]
+    mc = _pass_rows(n)
+    for w in prange(nw):
+        panel = _worker_panel(ws[w])
+        for i0 in range(0, n, mc):
+            for o0 in range(0, out_f, PANEL_KC):
+                kn = min(PANEL_KC, out_f - o0)
+                for p in range(w * npanel // nw, (w + 1) * npanel // nw):
+                    if mode == 1:
+                        panel_rows_bf16(packed, scales, code, blocksize, in_f, o0, p * PANEL_NR, kn, panel)
+                    else:
+                        panel_rows_f16(packed, scales, code, blocksize, in_f, o0, p * PANEL_NR, kn, panel)
+                    _panel_groups(gflat, out_f, o0, kn, panel, dx, i0, mc, p * PANEL_NR)
 
 
 @kernel(parallel=True, cache=SIMD_CACHEABLE, work=first_size, serial_below=ELEMENTWISE_SERIAL_BELOW)
