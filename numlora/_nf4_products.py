@@ -104,8 +104,10 @@ def forward(x2, t, lora_a, lora_b, s, bias, out2, x_lora=None, u_out=None, mode=
     b_arr = bias if use_bias else np.zeros(1, np.float32)
     xl = x2 if x_lora is None else x_lora
     if n > FUSED_MAX_ROWS:
-        blas_product(x2, t, scales, out2)
-        if lora_a is not None:
+        panels = blas_product(x2, t, scales, out2, panels=_inference(x2, x_lora, u_out))
+        if lora_a is not None and panels:
+            _panels_lora(xl, lora_a, lora_b, s, out2)
+        elif lora_a is not None:
             bw.add_low_rank(xl, lora_a, lora_b, s, out2, u_out)
         if use_bias:
             out2 += b_arr
@@ -137,6 +139,21 @@ def forward(x2, t, lora_a, lora_b, s, bias, out2, x_lora=None, u_out=None, mode=
                        use_bias, out2)
 
 
+def _inference(x2, x_lora, u_out) -> bool:
+    """Whether a forward is an inference call (no ``u_out`` kept for a backward, the LoRA
+    branch on x itself): those take the panels above 16 rows; a training forward keeps the
+    tiles and BLAS, as the backward after it does (:func:`blas_product`)."""
+    return u_out is None and (x_lora is None or x_lora is x2)
+
+
+def _panels_lora(xl, lora_a, lora_b, s, out2):
+    """The LoRA branch after the panels: in numba's kernels (``kernels.compute.lora_branch``),
+    not BLAS, so that the call leaves no OpenBLAS thread spinning into the next numlora
+    kernel (which would then take the tiles, see :func:`blas_product`)."""
+    u = np.empty((xl.shape[0], lora_a.shape[0]), np.float32)
+    kernels("compute").lora_branch(np.ascontiguousarray(xl, dtype=np.float32), lora_a, np.float32(s), u, lora_b, out2)
+
+
 def _expand_operands(k, u, lora_b, out2):
     """(u, vec) for the SIMD products' epilogue (``kernels.nf4._finish_rows``): u
     C-contiguous; vec: the expand in registers (a LoRA branch, B and the output
@@ -158,21 +175,32 @@ def words_layout(x2, lanes):
     return np.ascontiguousarray(x2.reshape(n, in_f // (8 * lanes), lanes, 8).transpose(0, 1, 3, 2)).reshape(n, in_f)
 
 
-def blas_product(x2, t, scales, out2, mode=0):
-    """out2 = x2 deq(W)^T for large batches. float32 where :func:`panels_ok`: the panel
-    kernel (:func:`panel_product`, no BLAS). Otherwise decode tiles of rows of W (at most
+def blas_product(x2, t, scales, out2, mode=0, panels=True):
+    """out2 = x2 deq(W)^T for large batches. With ``panels``, where :func:`panels_ok` and
+    while no other thread of the process runs (``_jit.others_running``: OpenBLAS's
+    workers spin for ~0.1 s after a BLAS call): the panel kernel (:func:`panel_product`,
+    numba's threads on the free cores; the caller then keeps BLAS out of the rest of its
+    call, see :func:`_panels_lora`). Otherwise the tiles and BLAS, which share the cores
+    with BLAS's own spinning threads as any BLAS call does. Parking OpenBLAS's threads for
+    the panels instead (as the fused kernels do) measured badly here: the next BLAS call
+    starts them again, and on the 2-core VM a thread started right after a numba kernel
+    was often queued behind its caller's spin-wait: a numpy product of a few MFLOP after
+    the panels took 4-24 ms (steps of the 4 ms scheduler tick), a 1024 x 1024 product at
+    batch 128 plus numpy's LoRA 2-24 ms against 2.0-2.7 through the tiles. ``panels``
+    False: a training forward, whose backward runs BLAS right after. Otherwise decode tiles of rows of W (at most
     TILE_ELEMS floats, serially: a parallel decode right after a BLAS call fights
     OpenBLAS's spinning threads; ``mode``: rounded to that compute dtype), multiply each
     by the whole batch with BLAS into y^T, transpose once (by tiles:
-    :func:`numlora._backward.transpose_copy`)."""
-    if panels_ok(t) and out2.flags.c_contiguous:
+    :func:`numlora._backward.transpose_copy`). Returns whether the panels ran."""
+    if panels and panels_ok(t) and out2.flags.c_contiguous and not kernels("_jit").others_running():
         panel_product(x2, t, scales, out2, mode)
-        return
+        return True
     yt = _scratch.scratch("nf4.yt", t.shape[0] * x2.shape[0], np.float32).reshape(t.shape[0], x2.shape[0])
     xt = x2.T
     for r0, r1, cur in row_tiles(t, scales, mode):
         np.dot(cur, xt, out=yt[r0:r1])
     bw.transpose_copy(yt, out2)
+    return False
 
 
 def panels_ok(t) -> bool:
@@ -184,17 +212,9 @@ def panels_ok(t) -> bool:
             and t.packed.flags.c_contiguous)
 
 
-def panels_t_ok(t) -> bool:
-    """Whether the input gradient's panel kernel applies (as :func:`panels_ok`, with whole
-    panels of W's columns)."""
-    k = kernels("nf4")
-    in_f = t.shape[1]
-    return (simd_ok(k, t.blocksize) and in_f % t.blocksize == 0 and in_f % k.PANEL_NR == 0
-            and t.packed.flags.c_contiguous)
-
-
 def panel_product(x2, t, scales, out2, mode=0):
-    """out2 = x2 deq(W)^T by ``kernels.nf4.nf4_matmul_panels``: W decoded a panel at a time
+    """out2 = x2 deq(W)^T by ``kernels.nf4.nf4_matmul_panels`` (OpenBLAS's threads are not
+    parked for it: :func:`blas_product` runs it only while they sleep): W decoded a panel at a time
     into each worker's L2 and multiplied there by a register-blocked GEMM micro-kernel
     (no BLAS call, no decoded tile in memory). Each row's result is the same bits whatever
     the batch size and the thread count. Measured against the decoded tiles with
@@ -211,7 +231,6 @@ def _panels(kernel, a2, t, scales, out2, mode=0):
     compute mode of the decoded weights."""
     k = kernels("nf4")
     n, width = a2.shape
-    _park(t, n)
     ng = -(-n // k.PANEL_MR)
     apack = _scratch.scratch("nf4.xpack", ng * width * k.PANEL_MR, np.float32).reshape(ng, width, k.PANEL_MR)
     k.pack_panel_rows(a2, apack)
@@ -257,11 +276,10 @@ def grad_input(g2, t, dx, mode=0):
     """dx = g2 deq(W) (overwritten). Up to FUSED_MAX_ROWS rows: the fused kernel (W
     decoded a row segment at a time, with SIMD permutes into an L1 buffer where the CPU
     has them; 1-2 rows with the word decode and the sums in registers where it applies;
-    the same result every way). More rows: the panel kernel
-    (``kernels.nf4.nf4_matmul_t_panels``: W's columns a panel at a time, the sum over its
-    rows in a register-blocked GEMM) where :func:`panels_t_ok`, else decode tiles of rows
-    of W (TILE_ELEMS floats at most, serially, as the forward's large-batch path does)
-    and accumulate ``G[:, rows] @ tile`` with BLAS; never a whole dequantized copy of W."""
+    the same result every way). More rows: decode tiles of rows of W (TILE_ELEMS floats
+    at most, serially) and accumulate ``G[:, rows] @ tile`` with BLAS; never a whole
+    dequantized copy of W. (Not the panels: a backward runs the LoRA gradients through
+    BLAS right after it, see :func:`_panels_lora`.)"""
     k = kernels("nf4")
 
     n = g2.shape[0]
@@ -280,9 +298,6 @@ def grad_input(g2, t, dx, mode=0):
             k.nf4_matmul_t_simd(t.packed, scales, bs, t.code, g2, dx)
         else:
             k.nf4_matmul_t(t.packed, scales, bs, t.code, g2, dx)
-        return
-    if panels_t_ok(t) and dx.flags.c_contiguous:
-        _panels(kernels("nf4").nf4_matmul_t_panels, g2, t, scales, dx)
         return
     _tiles_grad(g2, t, scales, dx)
 
@@ -324,6 +339,7 @@ def _forward_rounded(x2, t, mode, lora_a, lora_b, s, bias, out2, x_lora, u_out):
         return
     out_f, in_f = t.shape
     dot = mode == COMPUTE_DTYPES["bfloat16"] and bf16_dot_ok(kc, in_f, t.blocksize)
+    panels = False
     if dot:
         # the CPU's bf16 dot products, for every batch size (faster than float32 BLAS on
         # the rounded tiles even at large batches); x rounded straight into their layout
@@ -334,7 +350,7 @@ def _forward_rounded(x2, t, mode, lora_a, lora_b, s, bias, out2, x_lora, u_out):
     else:
         xr = _rounded(x2, mode, kc)
         if n > FUSED_MAX_ROWS:
-            blas_product(xr, t, t.scales, out2, mode)
+            panels = blas_product(xr, t, t.scales, out2, mode, panels=_inference(x2, x_lora, u_out))
         elif in_f % t.blocksize == 0 and simd_ok(k, t.blocksize):
             # in registers where blocks are whole 16-element chunks, else decoded into a buffer
             product = kc.nf4_matmul_rounded_fused if t.blocksize % 16 == 0 else kc.nf4_matmul_rounded_simd
@@ -349,7 +365,7 @@ def _forward_rounded(x2, t, mode, lora_a, lora_b, s, bias, out2, x_lora, u_out):
     xl = x2 if x_lora is None else x_lora
     # the LoRA branch in numba kernels, as the float32 fused path, so no BLAS call leaves
     # OpenBLAS's threads spinning into the next kernel
-    if n > FUSED_MAX_ROWS and dot:
+    if n > FUSED_MAX_ROWS and (dot or panels):
         u = np.empty((n, lora_a.shape[0]), np.float32) if u_out is None else u_out
         kc.lora_branch(np.ascontiguousarray(xl, dtype=np.float32), lora_a, np.float32(s), u, lora_b, out2)
         return
@@ -367,13 +383,9 @@ def bf16_dot_ok(kc, in_f, blocksize) -> bool:
 def _grad_input_rounded(g2, t, mode, dx):
     """dx = rnd(rnd(g2) rnd(deq(W))) (overwritten): :func:`grad_input` in a 16-bit compute
     dtype, as bitsandbytes' backward of the base product computes it (float32
-    accumulation, one rounding at the end): the panels with the decoded weights rounded
-    (``kernels.nf4.nf4_matmul_t_panels``) where :func:`panels_t_ok`, else decoded,
-    rounded tiles through BLAS; for every batch size. dx must be C-contiguous."""
+    accumulation, one rounding at the end). Decoded, rounded tiles through BLAS for every
+    batch size. dx must be C-contiguous."""
     kc = kernels("compute")
 
-    if panels_t_ok(t):
-        _panels(kernels("nf4").nf4_matmul_t_panels_rounded, _rounded(g2, mode, kc), t, t.scales, dx, mode)
-    else:
-        _tiles_grad(_rounded(g2, mode, kc), t, t.scales, dx, mode)
+    _tiles_grad(_rounded(g2, mode, kc), t, t.scales, dx, mode)
     kc.round_values(dx.reshape(-1), mode)

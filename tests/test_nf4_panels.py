@@ -1,6 +1,6 @@
-"""The large-batch float32 NF4 products through panels (``kernels.nf4.nf4_matmul_panels``,
-``nf4_matmul_t_panels``): their documented order of operations, bit for bit, against a
-numpy model of it; batch- and thread-independence; the shapes that fall back to decoded
+"""The large-batch NF4 forward through panels (``kernels.nf4.nf4_matmul_panels``): its
+documented order of operations, bit for bit, against a numpy model of it; batch- and
+thread-independence; the 16-bit compute dtypes; the shapes and calls that keep decoded
 tiles and BLAS; non-finite inputs."""
 
 import numba
@@ -9,10 +9,23 @@ import pytest
 
 import numlora as nl
 from numlora import _nf4_products as products
-from numlora.kernels import _simd
+from numlora.kernels import _jit, _simd
 from numlora.kernels import nf4 as knf4
 
 pytestmark = pytest.mark.skipif(not knf4.SIMD_LANES, reason="the panel kernels need the SIMD build")
+
+
+#: The real check (the fixture below replaces it in this module's other tests).
+OTHERS_RUNNING = _jit.others_running
+
+
+@pytest.fixture(autouse=True)
+def cores_free(monkeypatch):
+    """The panels run only while no other thread of the process is on a core
+    (``_jit.others_running``); OpenBLAS's workers spin for a while after the tests' own
+    numpy products, so the tests here say the cores are free (and set it otherwise where
+    they test the other case)."""
+    monkeypatch.setattr(_jit, "others_running", lambda: False)
 
 ROWS = products.FUSED_MAX_ROWS + 1  # the smallest batch of the large-batch paths
 
@@ -60,17 +73,6 @@ def test_forward_follows_its_order_bit_for_bit(rng, bs, dq):
     assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
 
 
-@pytest.mark.parametrize("bs", [64, 128])
-def test_input_gradient_follows_its_order_bit_for_bit(rng, bs):
-    out_f, in_f = _simd.PANEL_KC + 3 * _simd.PANEL_NR, 256  # two row blocks of W, the last short
-    t, w = _weight(rng, (out_f, in_f), bs)
-    assert products.panels_t_ok(t)
-    g = rng.standard_normal((ROWS + 5, out_f)).astype(np.float32)
-    got = nl.nf4_matmul_t(g, t)
-    want = _panel_order(g, w)
-    assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
-
-
 def test_rows_do_not_depend_on_the_batch_or_the_threads(rng):
     t, _ = _weight(rng, (3 * _simd.PANEL_NR, 640), 64)
     x = rng.standard_normal((2 * knf4.PANEL_MC + 7, 640)).astype(np.float32)  # three passes
@@ -78,17 +80,13 @@ def test_rows_do_not_depend_on_the_batch_or_the_threads(rng):
     for n in (ROWS, 40, knf4.PANEL_MC + 1):
         part = nl.nf4_matmul(x[:n], t)
         assert np.array_equal(part.view(np.uint32), full[:n].view(np.uint32)), n
-    g = rng.standard_normal((50, 3 * _simd.PANEL_NR)).astype(np.float32)
-    dx = nl.nf4_matmul_t(g, t)
     before = numba.get_num_threads()
     numba.set_num_threads(1)
     try:
-        one_y, one_dx = nl.nf4_matmul(x, t), nl.nf4_matmul_t(g, t)
+        one_y = nl.nf4_matmul(x, t)
     finally:
         numba.set_num_threads(before)
     assert np.array_equal(one_y.view(np.uint32), full.view(np.uint32))
-    assert np.array_equal(one_dx.view(np.uint32), dx.view(np.uint32))
-    assert np.array_equal(nl.nf4_matmul_t(g[3:3 + ROWS], t).view(np.uint32), dx[3:3 + ROWS].view(np.uint32))
 
 
 @pytest.mark.parametrize("shape,bs", [((2 * 16 + 8, 256), 64),  # out not a whole number of panels
@@ -141,19 +139,90 @@ def _round16(a, dtype):
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_16bit_compute_dtypes_round_the_panels_operands(rng, dtype):
     """A 16-bit compute dtype's large batches run the panels on rounded operands:
-    ``rnd(rnd(x) rnd(deq(W))^T)`` in the panels' order, bit for bit (the forward where it
-    does not take the bf16 dot-product kernel; the input gradient always)."""
+    ``rnd(rnd(x) rnd(deq(W))^T)`` in the panels' order, bit for bit (where the forward
+    does not take the bf16 dot-product kernel)."""
     from numlora.kernels import compute as kc
 
+    if dtype == "bfloat16" and kc.BF16_DOT:
+        pytest.skip("bfloat16 runs the dot-product kernel on this CPU")
     out_f, in_f = 2 * _simd.PANEL_NR, _simd.PANEL_KC + 128
     t, w = _weight(rng, (out_f, in_f), 64)
     wr = _round16(w, dtype)
     x = rng.standard_normal((ROWS + 4, in_f)).astype(np.float32)
-    if not (dtype == "bfloat16" and kc.BF16_DOT):
-        got = nl.nf4_matmul(x, t, compute_dtype=dtype)
-        want = _round16(_panel_order(_round16(x, dtype), np.ascontiguousarray(wr.T)), dtype)
-        assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
-    g = rng.standard_normal((ROWS + 4, out_f)).astype(np.float32)
-    got_t = nl.nf4_matmul_t(g, t, compute_dtype=dtype)
-    want_t = _round16(_panel_order(_round16(g, dtype), wr), dtype)
-    assert np.array_equal(got_t.view(np.uint32), want_t.view(np.uint32))
+    got = nl.nf4_matmul(x, t, compute_dtype=dtype)
+    want = _round16(_panel_order(_round16(x, dtype), np.ascontiguousarray(wr.T)), dtype)
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
+def test_which_calls_take_the_panels_and_their_lora_branch(rng, monkeypatch):
+    """An inference forward above 16 rows runs the panels while the cores are free and
+    then its LoRA branch in numba's kernels, no BLAS call (which would leave OpenBLAS's
+    threads spinning into the next call); with another thread running (OpenBLAS's after
+    a product), a training forward (``u_out`` or ``x_lora``) and the input gradient keep
+    the tiles and BLAS. Results agree with float64 either way."""
+    from numlora import _backward as bw
+
+    out_f, in_f = 2 * _simd.PANEL_NR, 256
+    t, w = _weight(rng, (out_f, in_f), 64)
+    a = (rng.standard_normal((4, in_f)) * 0.1).astype(np.float32)
+    b = (rng.standard_normal((out_f, 4)) * 0.1).astype(np.float32)
+    bias = rng.standard_normal(out_f).astype(np.float32)
+    x = rng.standard_normal((ROWS + 6, in_f)).astype(np.float32)
+    x64 = x.astype(np.float64)
+    ref = x64 @ w.T.astype(np.float64) + 0.5 * (x64 @ a.T) @ b.T + bias
+    ran = []
+    panel_product = products.panel_product
+    monkeypatch.setattr(products, "panel_product", lambda *args: ran.append("panels") or panel_product(*args))
+    add_low_rank = bw.add_low_rank
+    monkeypatch.setattr(bw, "add_low_rank", lambda *args: ran.append("blas lora") or add_low_rank(*args))
+    tol = 2e-6 * np.abs(ref).max()
+
+    y = nl.qlora_forward(x, t, a, b, 0.5, bias)
+    assert ran == ["panels"] and np.abs(y - ref).max() <= tol
+    ran.clear()
+    u = np.empty((x.shape[0], 4), np.float32)
+    y_train = nl.qlora_forward(x, t, a, b, 0.5, bias, u_out=u)
+    assert ran == ["blas lora"] and np.abs(y_train - ref).max() <= tol
+    assert np.abs(u - x64 @ a.T).max() <= 1e-5 * np.abs(x64 @ a.T).max()
+    ran.clear()
+    monkeypatch.setattr(_jit, "others_running", lambda: True)  # OpenBLAS's threads still spinning
+    y_busy = nl.qlora_forward(x, t, a, b, 0.5, bias)
+    assert ran == ["blas lora"] and np.abs(y_busy - ref).max() <= tol
+    ran.clear()
+    g = rng.standard_normal((ROWS + 6, out_f)).astype(np.float32)
+    ref_t = g.astype(np.float64) @ w.astype(np.float64)
+    assert np.abs(nl.nf4_matmul_t(g, t) - ref_t).max() <= 2e-6 * np.abs(ref_t).max() and ran == []
+
+
+def _spin(n):
+    acc = 0.0
+    for i in range(n):
+        acc = acc * 0.5 + i
+    return acc
+
+
+def test_others_running_sees_a_busy_thread():
+    """``_jit.others_running`` reads the threads' states: a thread spinning outside the
+    GIL (as OpenBLAS's workers do after a product) is seen on a core."""
+    import threading
+    import time
+
+    spin = numba.njit(nogil=True)(_spin)
+    spin(10)
+    done = threading.Event()
+
+    def busy():
+        while not done.is_set():
+            spin(5_000_000)
+
+    th = threading.Thread(target=busy)
+    th.start()
+    try:
+        deadline = time.perf_counter() + 5.0
+        seen = False
+        while not seen and time.perf_counter() < deadline:
+            seen = OTHERS_RUNNING()
+    finally:
+        done.set()
+        th.join()
+    assert seen

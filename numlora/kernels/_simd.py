@@ -1134,43 +1134,6 @@ def _make_panel_decode(lanes, mode=0):
     return panel_decode
 
 
-def _make_panel_rows(lanes, mode=0):
-    """Build ``panel_rows(packed, scales, code, blocksize, in_f, o0, c0, kn, panel)``:
-    ``panel[t * NR + j] = deq(W)[o0 + t, c0 + j]`` for t < kn, j < NR = 2 * lanes: columns
-    c0 .. c0 + NR - 1 of kn weight rows, decoded as :func:`_make_decode` does (``mode``:
-    rounded as in :func:`_make_panel_decode`), unchanged in
-    layout (a row's columns are already the panel's row): the operand of the input
-    gradient ``g deq(W)``, whose sum runs over W's rows. c0 and the blocksize are
-    multiples of lanes; the panel starts on a vector boundary."""
-
-    @intrinsic
-    def panel_rows(typingctx, packed, scales, code, blocksize, in_f, o0, c0, kn, panel):
-        sig = types.void(packed, scales, code, blocksize, in_f, o0, c0, kn, panel)
-
-        def codegen(context, builder, sig, args):
-            pk, sc, cd, bs, width, first, col, count, pa = _unpack(context, builder, sig, args, "aaaiiiiia")
-            nr = 2 * lanes
-            vt = _vec(F32, lanes)
-            codes = _load_codes(builder, cd.data, lanes)
-            with cgutils.for_range(builder, count) as rl:
-                o = builder.add(first, rl.index)
-                for h in range(2):
-                    e = builder.add(builder.mul(o, width), builder.add(col, ir.Constant(I64, h * lanes)))
-                    v = _decode_chunk(builder, builder.gep(pk.data, [builder.lshr(e, ir.Constant(I64, 1))]), codes,
-                                      lanes)
-                    v = builder.fmul(v, _splat(builder, builder.load(builder.gep(sc.data, [builder.udiv(e, bs)])),
-                                               lanes))
-                    if mode:
-                        v = round_vector(builder, v, lanes, mode)
-                    at = builder.add(builder.mul(rl.index, ir.Constant(I64, nr)), ir.Constant(I64, h * lanes))
-                    builder.store(v, builder.bitcast(builder.gep(pa.data, [at]), vt.as_pointer()), align=4 * lanes)
-            return context.get_dummy_value()
-
-        return sig, codegen
-
-    return panel_rows
-
-
 def _make_panel_mk(lanes, mr):
     """Build ``panel_mk(xpack, xo, panel, kn, y, i0, o0, nrows, add)``: for g < nrows, j <
     NR = 2 * lanes: ``y[i0 + g, o0 + j] (+)= sum over t < kn of xpack[xo + t * mr + g] *
@@ -1611,6 +1574,4 @@ PANEL_KC = 512
 #: compute dtypes on CPUs without the bf16 dot product, and float16 everywhere).
 panel_decode, panel_decode_bf16, panel_decode_f16 = (
     [_make_panel_decode(LANES, mode) for mode in range(3)] if LANES else [None] * 3)
-panel_rows, panel_rows_bf16, panel_rows_f16 = (
-    [_make_panel_rows(LANES, mode) for mode in range(3)] if LANES else [None] * 3)
 panel_mk = _make_panel_mk(LANES, PANEL_MR) if LANES else None

@@ -63,9 +63,6 @@ from ._simd import (
     panel_decode_bf16,
     panel_decode_f16,
     panel_mk,
-    panel_rows,
-    panel_rows_bf16,
-    panel_rows_f16,
     row_dot,
     rows_dot,
     store_fence,
@@ -1187,54 +1184,6 @@ def nf4_matmul_panels_rounded(packed, scales, blocksize, code, mode, xpack, y, w
                     else:
                         panel_decode_f16(packed, scales, code, blocksize, in_f, p * PANEL_NR, k0, kn, panel)
                     _panel_groups(xflat, in_f, k0, kn, panel, y, i0, mc, p * PANEL_NR)
-
-
-@kernel(parallel=True, cache=SIMD_CACHEABLE, work=_panels_work, serial_below=PRODUCT_SERIAL_BELOW)
-def nf4_matmul_t_panels(packed, scales, blocksize, code, gpack, dx, ws):
-    """dx = g deq(W) for large batches, as :func:`nf4_matmul_panels` with the roles of W's
-    two dimensions swapped: the panels are PANEL_NR columns of PANEL_KC weight rows, as
-    stored (``_simd.panel_rows``: no transposition), the sums run over W's rows, and
-    worker w takes a contiguous share of dx's column panels. gpack: g's rows interleaved
-    by :func:`pack_panel_rows`, (groups, out, PANEL_MR). in % PANEL_NR == 0, in %
-    blocksize == 0, blocksize % SIMD_LANES == 0. The same operations for every (i, k)
-    whatever the batch size and the thread count."""
-    n, in_f = dx.shape
-    out_f = gpack.shape[1]
-    gflat = gpack.reshape(-1)
-    npanel = in_f // PANEL_NR
-    nw = ws.shape[0]
-    mc = _pass_rows(n)
-    for w in prange(nw):
-        panel = _worker_panel(ws[w])
-        for i0 in range(0, n, mc):
-            for o0 in range(0, out_f, PANEL_KC):
-                kn = min(PANEL_KC, out_f - o0)
-                for p in range(w * npanel // nw, (w + 1) * npanel // nw):
-                    panel_rows(packed, scales, code, blocksize, in_f, o0, p * PANEL_NR, kn, panel)
-                    _panel_groups(gflat, out_f, o0, kn, panel, dx, i0, mc, p * PANEL_NR)
-
-
-@kernel(parallel=True, cache=SIMD_CACHEABLE, work=_panels_work, serial_below=PRODUCT_SERIAL_BELOW)
-def nf4_matmul_t_panels_rounded(packed, scales, blocksize, code, mode, gpack, dx, ws):
-    """:func:`nf4_matmul_t_panels` with each decoded weight rounded to bfloat16 (``mode``
-    1) or float16 (2) first (g rounded by the caller)."""
-    n, in_f = dx.shape
-    out_f = gpack.shape[1]
-    gflat = gpack.reshape(-1)
-    npanel = in_f // PANEL_NR
-    nw = ws.shape[0]
-    mc = _pass_rows(n)
-    for w in prange(nw):
-        panel = _worker_panel(ws[w])
-        for i0 in range(0, n, mc):
-            for o0 in range(0, out_f, PANEL_KC):
-                kn = min(PANEL_KC, out_f - o0)
-                for p in range(w * npanel // nw, (w + 1) * npanel // nw):
-                    if mode == 1:
-                        panel_rows_bf16(packed, scales, code, blocksize, in_f, o0, p * PANEL_NR, kn, panel)
-                    else:
-                        panel_rows_f16(packed, scales, code, blocksize, in_f, o0, p * PANEL_NR, kn, panel)
-                    _panel_groups(gflat, out_f, o0, kn, panel, dx, i0, mc, p * PANEL_NR)
 
 
 @kernel(parallel=True, cache=SIMD_CACHEABLE, work=first_size, serial_below=ELEMENTWISE_SERIAL_BELOW)
