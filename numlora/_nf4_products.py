@@ -104,7 +104,7 @@ def forward(x2, t, lora_a, lora_b, s, bias, out2, x_lora=None, u_out=None, mode=
     b_arr = bias if use_bias else np.zeros(1, np.float32)
     xl = x2 if x_lora is None else x_lora
     if n > FUSED_MAX_ROWS:
-        panels = blas_product(x2, t, scales, out2, panels=_inference(x2, x_lora, u_out))
+        panels = blas_product(x2, t, scales, out2, panels=None if _inference(x2, x_lora, u_out) else False)
         if lora_a is not None and panels:
             _panels_lora(xl, lora_a, lora_b, s, out2)
         elif lora_a is not None:
@@ -175,10 +175,11 @@ def words_layout(x2, lanes):
     return np.ascontiguousarray(x2.reshape(n, in_f // (8 * lanes), lanes, 8).transpose(0, 1, 3, 2)).reshape(n, in_f)
 
 
-def blas_product(x2, t, scales, out2, mode=0, panels=True):
-    """out2 = x2 deq(W)^T for large batches. With ``panels``, where :func:`panels_ok` and
+def blas_product(x2, t, scales, out2, mode=0, panels=None):
+    """out2 = x2 deq(W)^T for large batches. Where :func:`panels_ok`, with ``panels`` None
     while no other thread of the process runs (``_jit.others_running``: OpenBLAS's
-    workers spin for ~0.1 s after a BLAS call): the panel kernel (:func:`panel_product`,
+    workers spin for ~0.1 s after a BLAS call), with ``panels`` True always (one
+    arithmetic whatever the moment: the bank's row-stable product): the panel kernel (:func:`panel_product`,
     numba's threads on the free cores; the caller then keeps BLAS out of the rest of its
     call, see :func:`_panels_lora`). Otherwise the tiles and BLAS, which share the cores
     with BLAS's own spinning threads as any BLAS call does. Parking OpenBLAS's threads for
@@ -192,7 +193,8 @@ def blas_product(x2, t, scales, out2, mode=0, panels=True):
     OpenBLAS's spinning threads; ``mode``: rounded to that compute dtype), multiply each
     by the whole batch with BLAS into y^T, transpose once (by tiles:
     :func:`numlora._backward.transpose_copy`). Returns whether the panels ran."""
-    if panels and panels_ok(t) and out2.flags.c_contiguous and not kernels("_jit").others_running():
+    if panels is not False and panels_ok(t) and out2.flags.c_contiguous and (
+            panels or not kernels("_jit").others_running()):
         panel_product(x2, t, scales, out2, mode)
         return True
     yt = _scratch.scratch("nf4.yt", t.shape[0] * x2.shape[0], np.float32).reshape(t.shape[0], x2.shape[0])
@@ -350,7 +352,7 @@ def _forward_rounded(x2, t, mode, lora_a, lora_b, s, bias, out2, x_lora, u_out):
     else:
         xr = _rounded(x2, mode, kc)
         if n > FUSED_MAX_ROWS:
-            panels = blas_product(xr, t, t.scales, out2, mode, panels=_inference(x2, x_lora, u_out))
+            panels = blas_product(xr, t, t.scales, out2, mode, panels=None if _inference(x2, x_lora, u_out) else False)
         elif in_f % t.blocksize == 0 and simd_ok(k, t.blocksize):
             # in registers where blocks are whole 16-element chunks, else decoded into a buffer
             product = kc.nf4_matmul_rounded_fused if t.blocksize % 16 == 0 else kc.nf4_matmul_rounded_simd

@@ -52,8 +52,8 @@ class Dequantize:
 class QloraForward:
     """``x deq(W)^T`` (nf4_matmul) and ``+ scaling * (x A^T) B^T`` (qlora_forward) into a
     preallocated ``out``. Batches up to 16 run the fused kernels (batch 1: the lookup-table
-    GEMV), larger ones the panel GEMM (W decoded a panel at a time into L2; batch 1024:
-    the prefill size)."""
+    GEMV), larger ones the panel GEMM (W decoded a panel at a time into L2) while no other
+    thread runs, as here, else decoded tiles of W for BLAS (batch 1024: the prefill size)."""
 
     params = [1, 8, 128, 1024]
     param_names = ["batch"]
@@ -105,7 +105,7 @@ class ComputeDtype:
 class Nf4MatmulT:
     """``g deq(W)``: the input gradient through an NF4 weight, into a preallocated
     ``out``. Batch 1: the word decode with the column sums in registers; batch 8: weight
-    rows decoded into an L1 buffer; batch 128: the panel GEMM over W's columns (a
+    rows decoded into an L1 buffer; batch 128: decoded tiles of W through BLAS (a
     training step's backward through an NF4 base)."""
 
     params = [1, 8, 128]
