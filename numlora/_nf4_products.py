@@ -1,6 +1,6 @@
 """The NF4 products over validated 2-D float32 arrays: the fused and tiled forward, the
-large-batch path (panels, or decoded tiles through BLAS), the input gradient
-``G deq(W)``; the designated home of
+large-batch path through BLAS (and the panel GEMM the bank's row-stable product runs),
+the input gradient ``G deq(W)``; the designated home of
 the NF4 internals that :mod:`numlora.nf4` and the bank's base product
 (:mod:`numlora.multi.product`) share (every module may import from here).
 
@@ -75,10 +75,9 @@ def words_ok(k, in_f, blocksize) -> bool:
 TILE_ELEMS = 1 << 21
 
 #: Batches up to this many rows run the fused kernels (each byte of W decoded once, in
-#: registers, for every row); larger batches decode W a panel at a time and multiply it
-#: there with a register-blocked GEMM (:func:`panel_product`), or decode tiles of W for
-#: BLAS where the panels do not apply: once the decode cost is spread over this many
-#: rows, a GEMM's reuse of each weight beats decoding it for every row.
+#: registers, for every row); larger batches decode tiles of W and hand them to BLAS,
+#: whose GEMM is faster than anything that decodes as it multiplies once the decode cost
+#: is spread over this many rows.
 FUSED_MAX_ROWS = 16
 
 
@@ -104,10 +103,8 @@ def forward(x2, t, lora_a, lora_b, s, bias, out2, x_lora=None, u_out=None, mode=
     b_arr = bias if use_bias else np.zeros(1, np.float32)
     xl = x2 if x_lora is None else x_lora
     if n > FUSED_MAX_ROWS:
-        panels = blas_product(x2, t, scales, out2, panels=None if _inference(x2, x_lora, u_out) else False)
-        if lora_a is not None and panels:
-            _panels_lora(xl, lora_a, lora_b, s, out2)
-        elif lora_a is not None:
+        blas_product(x2, t, scales, out2)
+        if lora_a is not None:
             bw.add_low_rank(xl, lora_a, lora_b, s, out2, u_out)
         if use_bias:
             out2 += b_arr
@@ -139,21 +136,6 @@ def forward(x2, t, lora_a, lora_b, s, bias, out2, x_lora=None, u_out=None, mode=
                        use_bias, out2)
 
 
-def _inference(x2, x_lora, u_out) -> bool:
-    """Whether a forward is an inference call (no ``u_out`` kept for a backward, the LoRA
-    branch on x itself): those take the panels above 16 rows; a training forward keeps the
-    tiles and BLAS, as the backward after it does (:func:`blas_product`)."""
-    return u_out is None and (x_lora is None or x_lora is x2)
-
-
-def _panels_lora(xl, lora_a, lora_b, s, out2):
-    """The LoRA branch after the panels: in numba's kernels (``kernels.compute.lora_branch``),
-    not BLAS, so that the call leaves no OpenBLAS thread spinning into the next numlora
-    kernel (which would then take the tiles, see :func:`blas_product`)."""
-    u = np.empty((xl.shape[0], lora_a.shape[0]), np.float32)
-    kernels("compute").lora_branch(np.ascontiguousarray(xl, dtype=np.float32), lora_a, np.float32(s), u, lora_b, out2)
-
-
 def _expand_operands(k, u, lora_b, out2):
     """(u, vec) for the SIMD products' epilogue (``kernels.nf4._finish_rows``): u
     C-contiguous; vec: the expand in registers (a LoRA branch, B and the output
@@ -175,34 +157,22 @@ def words_layout(x2, lanes):
     return np.ascontiguousarray(x2.reshape(n, in_f // (8 * lanes), lanes, 8).transpose(0, 1, 3, 2)).reshape(n, in_f)
 
 
-def blas_product(x2, t, scales, out2, mode=0, panels=None):
-    """out2 = x2 deq(W)^T for large batches. Where :func:`panels_ok`, with ``panels`` None
-    while no other thread of the process runs (``_jit.others_running``: OpenBLAS's
-    workers spin for ~0.1 s after a BLAS call), with ``panels`` True always (one
-    arithmetic whatever the moment: the bank's row-stable product): the panel kernel (:func:`panel_product`,
-    numba's threads on the free cores; the caller then keeps BLAS out of the rest of its
-    call, see :func:`_panels_lora`). Otherwise the tiles and BLAS, which share the cores
-    with BLAS's own spinning threads as any BLAS call does. Parking OpenBLAS's threads for
-    the panels instead (as the fused kernels do) measured badly here: the next BLAS call
-    starts them again, and on the 2-core VM a thread started right after a numba kernel
-    was often queued behind its caller's spin-wait: a numpy product of a few MFLOP after
-    the panels took 4-24 ms (steps of the 4 ms scheduler tick), a 1024 x 1024 product at
-    batch 128 plus numpy's LoRA 2-24 ms against 2.0-2.7 through the tiles. ``panels``
-    False: a training forward, whose backward runs BLAS right after. Otherwise decode tiles of rows of W (at most
+def blas_product(x2, t, scales, out2, mode=0, panels=False):
+    """out2 = x2 deq(W)^T for large batches. With ``panels``, where :func:`panels_ok`: the
+    panel kernel (:func:`panel_product`; the bank's row-stable NF4 product). Otherwise
+    decode tiles of rows of W (at most
     TILE_ELEMS floats, serially: a parallel decode right after a BLAS call fights
     OpenBLAS's spinning threads; ``mode``: rounded to that compute dtype), multiply each
     by the whole batch with BLAS into y^T, transpose once (by tiles:
-    :func:`numlora._backward.transpose_copy`). Returns whether the panels ran."""
-    if panels is not False and panels_ok(t) and out2.flags.c_contiguous and (
-            panels or not kernels("_jit").others_running()):
-        panel_product(x2, t, scales, out2, mode)
-        return True
+    :func:`numlora._backward.transpose_copy`)."""
+    if panels and not mode and panels_ok(t) and out2.flags.c_contiguous:
+        panel_product(x2, t, scales, out2)
+        return
     yt = _scratch.scratch("nf4.yt", t.shape[0] * x2.shape[0], np.float32).reshape(t.shape[0], x2.shape[0])
     xt = x2.T
     for r0, r1, cur in row_tiles(t, scales, mode):
         np.dot(cur, xt, out=yt[r0:r1])
     bw.transpose_copy(yt, out2)
-    return False
 
 
 def panels_ok(t) -> bool:
@@ -214,35 +184,26 @@ def panels_ok(t) -> bool:
             and t.packed.flags.c_contiguous)
 
 
-def panel_product(x2, t, scales, out2, mode=0):
-    """out2 = x2 deq(W)^T by ``kernels.nf4.nf4_matmul_panels`` (OpenBLAS's threads are not
-    parked for it: :func:`blas_product` runs it only while they sleep): W decoded a panel at a time
+def panel_product(x2, t, scales, out2):
+    """out2 = x2 deq(W)^T by ``kernels.nf4.nf4_matmul_panels``: W decoded a panel at a time
     into each worker's L2 and multiplied there by a register-blocked GEMM micro-kernel
-    (no BLAS call, no decoded tile in memory). Each row's result is the same bits whatever
-    the batch size and the thread count. Measured against the decoded tiles with
-    OpenBLAS (AMD EPYC, AVX-512, 2 cores, 4096 x 4096; docs/performance.md): 11.5 against
-    16.7 ms at batch 64, 21.9 against 28.4 at 128, 170 against 210 at 1024. ``mode`` 1 / 2:
-    deq(W) rounded to bfloat16 / float16 (x2 already rounded by the caller)."""
+    (no BLAS call, no decoded tile in memory), numba's threads taking tasks as they come
+    (OpenBLAS's are not parked for it). Each row's result is the same bits whatever the
+    batch size and the thread count. Measured against the decoded tiles with OpenBLAS
+    (AMD EPYC, AVX-512, 2 cores, 4096 x 4096, the cores free; docs/performance.md): 11.5
+    against 16.7 ms at batch 64, 21.9 against 28.4 at 128, 170 against 210 at 1024; with
+    OpenBLAS's workers spinning on a core after a numpy product it shares that core, and
+    the tiles (BLAS, as the numpy product) keep their speed better, so :func:`forward`
+    keeps them (docs/performance.md, "Large batches: panels, and where they run")."""
     k = kernels("nf4")
-    _panels(k.nf4_matmul_panels_rounded if mode else k.nf4_matmul_panels, x2, t, scales, out2, mode)
-
-
-def _panels(kernel, a2, t, scales, out2, mode=0):
-    """Run a panel kernel: a2's rows interleaved into the calling thread's scratch
-    (``kernels.nf4.pack_panel_rows``), one panel buffer per numba thread; ``mode``: the
-    compute mode of the decoded weights."""
-    k = kernels("nf4")
-    n, width = a2.shape
+    n, width = x2.shape
     ng = -(-n // k.PANEL_MR)
-    apack = _scratch.scratch("nf4.xpack", ng * width * k.PANEL_MR, np.float32).reshape(ng, width, k.PANEL_MR)
-    k.pack_panel_rows(a2, apack)
+    xpack = _scratch.scratch("nf4.xpack", ng * width * k.PANEL_MR, np.float32).reshape(ng, width, k.PANEL_MR)
+    k.pack_panel_rows(x2, xpack)
     nw = kernels("_jit").num_threads()
     ws = _scratch.scratch("nf4.panels", nw * (k.PANEL_KC * k.PANEL_NR + 16), np.float32).reshape(nw, -1)
-    args = (t.packed, np.ascontiguousarray(scales, np.float32), t.blocksize, t.code)
-    if mode:
-        kernel(*args, mode, apack, out2, ws)
-    else:
-        kernel(*args, apack, out2, ws)
+    k.nf4_matmul_panels(t.packed, np.ascontiguousarray(scales, np.float32), t.blocksize, t.code, xpack,
+                        np.zeros(1, np.int64), out2, ws)
 
 
 def row_tiles(t, scales, mode=0):
@@ -278,10 +239,9 @@ def grad_input(g2, t, dx, mode=0):
     """dx = g2 deq(W) (overwritten). Up to FUSED_MAX_ROWS rows: the fused kernel (W
     decoded a row segment at a time, with SIMD permutes into an L1 buffer where the CPU
     has them; 1-2 rows with the word decode and the sums in registers where it applies;
-    the same result every way). More rows: decode tiles of rows of W (TILE_ELEMS floats
-    at most, serially) and accumulate ``G[:, rows] @ tile`` with BLAS; never a whole
-    dequantized copy of W. (Not the panels: a backward runs the LoRA gradients through
-    BLAS right after it, see :func:`_panels_lora`.)"""
+    the same result every way). More rows: decode tiles of rows of W
+    (TILE_ELEMS floats at most, serially, as the forward's large-batch path does) and
+    accumulate ``G[:, rows] @ tile`` with BLAS; never a whole dequantized copy of W."""
     k = kernels("nf4")
 
     n = g2.shape[0]
@@ -341,7 +301,6 @@ def _forward_rounded(x2, t, mode, lora_a, lora_b, s, bias, out2, x_lora, u_out):
         return
     out_f, in_f = t.shape
     dot = mode == COMPUTE_DTYPES["bfloat16"] and bf16_dot_ok(kc, in_f, t.blocksize)
-    panels = False
     if dot:
         # the CPU's bf16 dot products, for every batch size (faster than float32 BLAS on
         # the rounded tiles even at large batches); x rounded straight into their layout
@@ -352,7 +311,7 @@ def _forward_rounded(x2, t, mode, lora_a, lora_b, s, bias, out2, x_lora, u_out):
     else:
         xr = _rounded(x2, mode, kc)
         if n > FUSED_MAX_ROWS:
-            panels = blas_product(xr, t, t.scales, out2, mode, panels=None if _inference(x2, x_lora, u_out) else False)
+            blas_product(xr, t, t.scales, out2, mode)
         elif in_f % t.blocksize == 0 and simd_ok(k, t.blocksize):
             # in registers where blocks are whole 16-element chunks, else decoded into a buffer
             product = kc.nf4_matmul_rounded_fused if t.blocksize % 16 == 0 else kc.nf4_matmul_rounded_simd
@@ -367,7 +326,7 @@ def _forward_rounded(x2, t, mode, lora_a, lora_b, s, bias, out2, x_lora, u_out):
     xl = x2 if x_lora is None else x_lora
     # the LoRA branch in numba kernels, as the float32 fused path, so no BLAS call leaves
     # OpenBLAS's threads spinning into the next kernel
-    if n > FUSED_MAX_ROWS and (dot or panels):
+    if n > FUSED_MAX_ROWS and dot:
         u = np.empty((n, lora_a.shape[0]), np.float32) if u_out is None else u_out
         kc.lora_branch(np.ascontiguousarray(xl, dtype=np.float32), lora_a, np.float32(s), u, lora_b, out2)
         return

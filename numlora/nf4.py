@@ -454,16 +454,9 @@ def nf4_matmul(x, t: NF4Tensor, out=None, *, bias=None, compute_dtype=None) -> n
     Batches of up to ``FUSED_MAX_ROWS`` rows run fused kernels that read the packed codes
     and scales directly and decode in registers (AVX-512 / AVX2 permutes where the CPU has
     them, lookup tables otherwise); a row's result is then bit-identical whatever the batch
-    size (up to that limit) and the thread count. Larger batches, while no other thread
-    of the process is on a core (OpenBLAS's workers spin for ~0.1 s after a numpy
-    product), decode W a panel of 2 x SIMD-width rows and 512 columns at a time into
-    each thread's L2 and multiply it there with a register-blocked GEMM; otherwise (and
-    for shapes the panels do not fit: out not a whole number of panels, rows not whole
-    blocks, no SIMD build) they decode tiles of W, 8 MiB at most, and multiply them with
-    BLAS. The two sum in different orders, so above the limit a row's last bits may
-    differ from call to call (``LoraBank`` keeps one arithmetic for its row-stable
-    mode). Results agree with ``x @ dequantize_nf4(t).T`` to float32 rounding (see
-    docs/performance.md for measured errors).
+    size (up to that limit) and the thread count. Larger batches decode tiles of W (8 MiB
+    at most) and multiply them with BLAS. Results agree with ``x @ dequantize_nf4(t).T``
+    to float32 rounding (see docs/performance.md for measured errors).
 
     ``bias``: optional (out,), added in the same kernel (what a QLoRA layer without its
     adapter runs). ``out`` may overlap ``x``, the bias or the tensor's arrays: the result

@@ -52,8 +52,7 @@ class Dequantize:
 class QloraForward:
     """``x deq(W)^T`` (nf4_matmul) and ``+ scaling * (x A^T) B^T`` (qlora_forward) into a
     preallocated ``out``. Batches up to 16 run the fused kernels (batch 1: the lookup-table
-    GEMV), larger ones the panel GEMM (W decoded a panel at a time into L2) while no other
-    thread runs, as here, else decoded tiles of W for BLAS (batch 1024: the prefill size)."""
+    GEMV), larger ones decode tiles of W for BLAS (batch 1024: the prefill size)."""
 
     params = [1, 8, 128, 1024]
     param_names = ["batch"]
@@ -105,10 +104,9 @@ class ComputeDtype:
 class Nf4MatmulT:
     """``g deq(W)``: the input gradient through an NF4 weight, into a preallocated
     ``out``. Batch 1: the word decode with the column sums in registers; batch 8: weight
-    rows decoded into an L1 buffer; batch 128: decoded tiles of W through BLAS (a
-    training step's backward through an NF4 base)."""
+    rows decoded into an L1 buffer."""
 
-    params = [1, 8, 128]
+    params = [1, 8]
     param_names = ["batch"]
 
     def setup(self, batch):

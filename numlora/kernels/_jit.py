@@ -316,31 +316,6 @@ def park_blas() -> bool:
     return bool(fns)
 
 
-def others_running() -> bool:
-    """Whether another thread of this process is on a core right now (``R`` in
-    /proc/self/task/*/stat): OpenBLAS's workers spinning after a BLAS call (for ~0.1 s),
-    torch's OpenMP threads, a busy Python thread. True where that cannot be read (not
-    Linux): the callers then keep the choice that does not need the cores. numba's own
-    workers do not count (where ``_steer`` knows them). ~20-40 us."""
-    me = str(threading.get_native_id())
-    try:
-        tasks = os.listdir("/proc/self/task")
-    except OSError:
-        return True
-    own = STEER.workers()  # numba's workers, still finishing the last kernel: not a rival
-    for tid in tasks:
-        if tid == me or tid in own:
-            continue
-        try:
-            with open(f"/proc/self/task/{tid}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:  # the thread ended meanwhile
-            continue
-        if stat[stat.rfind(b")") + 2:stat.rfind(b")") + 3] == b"R":
-            return True
-    return False
-
-
 def park_before(work: int, minimum: int = PARK_MIN_ELEMS) -> None:
     """:func:`park_blas` before a parallel kernel of ``work`` weight elements (or, for the
     NF4 products, weight elements times input rows against :data:`PARK_MIN_WORK`): only

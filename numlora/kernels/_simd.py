@@ -1089,12 +1089,11 @@ def _transpose_square(builder, rows, lanes):
     return r
 
 
-def _make_panel_decode(lanes, mode=0):
+def _make_panel_decode(lanes):
     """Build ``panel_decode(packed, scales, code, blocksize, in_f, o0, k0, kn, panel)``:
     ``panel[t * NR + j] = deq(W)[o0 + j, k0 + t]`` for t < kn, j < NR = 2 * lanes: NR
     weight rows, columns k0 .. k0 + kn - 1, decoded (``code[nibble] * absmax``, the
-    values of :func:`_make_decode`; ``mode`` 1 / 2: each then rounded to bfloat16 /
-    float16 by :func:`round_vector`) and transposed, so that each of the panel's rows holds
+    values of :func:`_make_decode`) and transposed, so that each of the panel's rows holds
     NR weight rows' values at one column: the operand :func:`_make_panel_mk` multiplies
     by broadcast inputs. Per group of ``lanes`` columns (within one block: k0 and kn are
     multiples of lanes, and so is the blocksize): each row's group decoded to a vector,
@@ -1120,8 +1119,7 @@ def _make_panel_decode(lanes, mode=0):
                     vals = []
                     for prow, srow in wrows[h * lanes:(h + 1) * lanes]:
                         v = _decode_chunk(builder, builder.gep(prow, [byte]), codes, lanes)
-                        v = builder.fmul(v, _splat(builder, builder.load(builder.gep(srow, [b])), lanes))
-                        vals.append(round_vector(builder, v, lanes, mode) if mode else v)
+                        vals.append(builder.fmul(v, _splat(builder, builder.load(builder.gep(srow, [b])), lanes)))
                     for c, col in enumerate(_transpose_square(builder, vals, lanes)):
                         at = builder.add(builder.mul(builder.add(t, ir.Constant(I64, c)), ir.Constant(I64, nr)),
                                          ir.Constant(I64, h * lanes))
@@ -1570,8 +1568,5 @@ STREAM_ALIGN = 64
 PANEL_MR = 8 if LANES == 16 else 6  # AVX2: 12 accumulators of its 16 registers
 PANEL_NR = 2 * LANES
 PANEL_KC = 512
-#: The panels' decodes, exact (mode 0) and rounded to bfloat16 / float16 (the 16-bit
-#: compute dtypes on CPUs without the bf16 dot product, and float16 everywhere).
-panel_decode, panel_decode_bf16, panel_decode_f16 = (
-    [_make_panel_decode(LANES, mode) for mode in range(3)] if LANES else [None] * 3)
+panel_decode = _make_panel_decode(LANES) if LANES else None
 panel_mk = _make_panel_mk(LANES, PANEL_MR) if LANES else None

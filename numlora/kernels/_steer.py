@@ -81,10 +81,6 @@ class Steering:
         self._cpu = -1  # the calling thread's core at its last parallel kernel
         self._lock = threading.Lock()
 
-    def workers(self) -> frozenset:
-        """The thread ids (str) of numba's OpenMP workers, once seen (else empty)."""
-        return frozenset(self._workers or ())
-
     def off(self, why: str) -> None:
         self.active = False
         self.state = f"off: {why}"

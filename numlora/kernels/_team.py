@@ -53,6 +53,20 @@ def count_in(typingctx, flags):
 
 
 @intrinsic
+def claim(typingctx, counter):
+    """``counter[0] += 1`` as one atomic read-modify-write, returning the value before: the
+    next task of a kernel whose threads take tasks as they come (each task's operations
+    fixed, so the results do not depend on who takes what)."""
+    sig = types.int64(counter)
+
+    def codegen(context, builder, sig, args):
+        a = context.make_array(sig.args[0])(context, builder, args[0])
+        return builder.atomic_rmw("add", a.data, ir.Constant(I64, 1), "seq_cst")
+
+    return sig, codegen
+
+
+@intrinsic
 def wait_for(typingctx, flags, want, cycles):
     """Spin (``pause`` on x86) while the atomic ``flags[0]`` is below ``want``, for at most
     ``cycles`` timestamp-counter cycles (``llvm.readcyclecounter``). Returns whether the

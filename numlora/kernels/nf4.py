@@ -60,8 +60,6 @@ from ._simd import (
     expand_x3,
     expand_x4,
     panel_decode,
-    panel_decode_bf16,
-    panel_decode_f16,
     panel_mk,
     row_dot,
     rows_dot,
@@ -86,7 +84,7 @@ from ._simd import lane8_dot1 as _lane8_dot1
 from ._simd import lane8_dots as _lane8_dots
 from ._simd import words_chunk as _words_chunk
 from ._simd import words_ok as simd_words_ok  # noqa: F401  (read by the products module)
-from ._team import slot_done, slot_range
+from ._team import claim, slot_done, slot_range
 from .convert import store_partials
 
 TINY = np.float32(1e-38)
@@ -1133,8 +1131,29 @@ def _panel_groups(flat, width, k0, kn, panel, y, i0, mc, col):
                  k0)
 
 
+#: Panels per task of the panel kernels: a task decodes its panels block after block of
+#: columns, each block's inputs (in L2) read for all of them.
+PANEL_TASK = 8
+
+
+@inline_helper
+def _panel_task(c, n, npanel):
+    """Task c of a panel kernel: (first input row of its pass, rows per pass, its panels
+    p0 .. p1 - 1); tasks run pass after pass, PANEL_TASK panels each."""
+    mc = _pass_rows(n)
+    per_pass = (npanel + PANEL_TASK - 1) // PANEL_TASK
+    p0 = (c % per_pass) * PANEL_TASK
+    return (c // per_pass) * mc, mc, p0, min(npanel, p0 + PANEL_TASK)
+
+
+@inline_helper
+def _panel_tasks(n, npanel):
+    """The number of tasks of a panel kernel."""
+    return (n + _pass_rows(n) - 1) // _pass_rows(n) * ((npanel + PANEL_TASK - 1) // PANEL_TASK)
+
+
 @kernel(parallel=True, cache=SIMD_CACHEABLE, work=_panels_work, serial_below=PRODUCT_SERIAL_BELOW)
-def nf4_matmul_panels(packed, scales, blocksize, code, xpack, y, ws):
+def nf4_matmul_panels(packed, scales, blocksize, code, xpack, counter, y, ws):
     """y = x deq(W)^T for large batches, with W decoded once per pass and never whole:
     for each pass of up to PANEL_MC input rows and each block of PANEL_KC columns, each
     panel of PANEL_NR weight rows is decoded and transposed into the worker's L2-resident
@@ -1142,48 +1161,29 @@ def nf4_matmul_panels(packed, scales, blocksize, code, xpack, y, ws):
     rows (:func:`_panel_groups`: a register-blocked GEMM micro-kernel, fused
     multiply-adds in order of the column). y[i, o]: the column blocks' chains summed in
     order, the first stored, so the same operations for every (i, o) whatever the batch
-    size and the thread count. xpack: (groups, in, PANEL_MR), x's rows interleaved by
-    :func:`pack_panel_rows`; ws: (workers, >= PANEL_KC * PANEL_NR + 16) float32 scratch;
-    worker w takes a contiguous share of the panels. out % PANEL_NR == 0, in % blocksize
-    == 0, blocksize % SIMD_LANES == 0."""
+    size and the thread count. The threads take tasks (a pass's PANEL_TASK panels, all
+    their column blocks) as they come (``_team.claim`` on ``counter``, one int64 zero):
+    a thread that shares its core with another program's (OpenBLAS's spinning workers
+    after a numpy product) takes fewer. xpack: (groups, in, PANEL_MR), x's rows
+    interleaved by :func:`pack_panel_rows`; ws: (workers, >= PANEL_KC * PANEL_NR + 16)
+    float32 scratch. out % PANEL_NR == 0, in % blocksize == 0, blocksize % SIMD_LANES ==
+    0."""
     n, out_f = y.shape
     in_f = xpack.shape[1]
     xflat = xpack.reshape(-1)
     npanel = out_f // PANEL_NR
-    nw = ws.shape[0]
-    mc = _pass_rows(n)
-    for w in prange(nw):
+    ntasks = _panel_tasks(n, npanel)
+    for w in prange(ws.shape[0]):
         panel = _worker_panel(ws[w])
-        for i0 in range(0, n, mc):
+        c = claim(counter)
+        while c < ntasks:
+            i0, mc, p0, p1 = _panel_task(c, n, npanel)
             for k0 in range(0, in_f, PANEL_KC):
                 kn = min(PANEL_KC, in_f - k0)
-                for p in range(w * npanel // nw, (w + 1) * npanel // nw):
+                for p in range(p0, p1):
                     panel_decode(packed, scales, code, blocksize, in_f, p * PANEL_NR, k0, kn, panel)
                     _panel_groups(xflat, in_f, k0, kn, panel, y, i0, mc, p * PANEL_NR)
-
-
-@kernel(parallel=True, cache=SIMD_CACHEABLE, work=_panels_work, serial_below=PRODUCT_SERIAL_BELOW)
-def nf4_matmul_panels_rounded(packed, scales, blocksize, code, mode, xpack, y, ws):
-    """:func:`nf4_matmul_panels` with each decoded weight rounded to bfloat16 (``mode`` 1)
-    or float16 (2) first: a 16-bit compute dtype's ``rnd(deq(W))`` (x rounded by the
-    caller). A kernel of its own so that the float32 one compiles without the roundings."""
-    n, out_f = y.shape
-    in_f = xpack.shape[1]
-    xflat = xpack.reshape(-1)
-    npanel = out_f // PANEL_NR
-    nw = ws.shape[0]
-    mc = _pass_rows(n)
-    for w in prange(nw):
-        panel = _worker_panel(ws[w])
-        for i0 in range(0, n, mc):
-            for k0 in range(0, in_f, PANEL_KC):
-                kn = min(PANEL_KC, in_f - k0)
-                for p in range(w * npanel // nw, (w + 1) * npanel // nw):
-                    if mode == 1:
-                        panel_decode_bf16(packed, scales, code, blocksize, in_f, p * PANEL_NR, k0, kn, panel)
-                    else:
-                        panel_decode_f16(packed, scales, code, blocksize, in_f, p * PANEL_NR, k0, kn, panel)
-                    _panel_groups(xflat, in_f, k0, kn, panel, y, i0, mc, p * PANEL_NR)
+            c = claim(counter)
 
 
 @kernel(parallel=True, cache=SIMD_CACHEABLE, work=first_size, serial_below=ELEMENTWISE_SERIAL_BELOW)

@@ -64,9 +64,9 @@ class LoraBank:
         sizes, see :mod:`numlora.multi.product`; slower at small batches). False: the
         fastest base path for each batch size.
     nf4_path : for an NF4 base in row-stable mode, which one arithmetic serves every
-        batch size: ``"tiles"`` (default: the large-batch product of ``nf4_matmul``,
-        W decoded a panel at a time and multiplied by the whole batch, or decoded tiles
-        with BLAS where the panels do not apply; the faster one for large batches) or
+        batch size: ``"tiles"`` (default: W decoded a panel at a time and multiplied by
+        the whole batch with numlora's own GEMM, or decoded tiles with BLAS where the
+        panels do not apply; the faster one for large batches) or
         ``"fused"`` (the fused NF4 kernel in chunks
         of ``numlora.nf4.FUSED_MAX_ROWS`` rows, never decoding W to memory: the faster one
         for small batches; benchmarks/bench_bank_nf4_path.py compares them). Ignored

@@ -108,9 +108,8 @@ def base_product(weight, nf4, row_stable: bool, nf4_path: str):
     and (n, out) ``out2``, ``W`` the dense float32 ``weight`` or the NF4Tensor ``nf4``.
 
     Row-stable: one arithmetic for every batch size (BLAS for dense; over NF4, the
-    large-batch product of ``nf4_matmul`` (``_nf4_products.blas_product``: the panels
-    at every call where they apply, else decoded tiles with BLAS) for ``nf4_path="tiles"``,
-    the fused kernel in chunks of
+    panel GEMM (``_nf4_products.panel_product``; decoded tiles with BLAS where the panels
+    do not apply) for ``nf4_path="tiles"``, the fused kernel in chunks of
     ``FUSED_MAX_ROWS`` rows for ``"fused"``) in a :class:`RowStableProduct`. Otherwise
     the fastest path for each batch size (BLAS; over NF4, the path ``nf4_matmul`` takes)."""
     if nf4 is None:
@@ -160,8 +159,6 @@ def _nf4_tiles(t):
     scales = np.asarray(t.scales)
 
     def product(x2, out2):
-        # the panels at every call where they apply (never the moment's choice of
-        # nf4_matmul between them and BLAS: a row-stable bank needs one arithmetic)
         blas_product(x2, t, scales, out2, panels=True)
 
     return product
