@@ -1137,7 +1137,7 @@ def _make_panel_mk(lanes, mr):
     NR = 2 * lanes: ``y[i0 + g, o0 + j] (+)= sum over t < kn of xpack[xo + t * mr + g] *
     panel[t * NR + j]``, the sum a chain of fused multiply-adds (:func:`_mul_add`) from
     zero in order of t, then stored (``add`` 0) or added to y (one rounding more). The
-    micro-kernel of the large-batch float32 product: mr x 2 vector accumulators in
+    micro-kernel of the panel GEMM over an NF4 weight: mr x 2 vector accumulators in
     registers; per column t two aligned panel loads and mr broadcast inputs (xpack: mr
     input rows interleaved, ``kernels.nf4.pack_panel_rows``). Each output element gets
     the same operations whichever call and thread computes it."""
@@ -1562,7 +1562,7 @@ decode_blocks_stream_aligned = _make_decode(LANES, True, aligned=True) if LANES 
 #: Alignment (bytes) that :data:`decode_blocks_stream_aligned` needs of its output (the
 #: widest vector).
 STREAM_ALIGN = 64
-#: The large-batch float32 product (``kernels.nf4.nf4_matmul_panels``): input rows per
+#: The panel GEMM over an NF4 weight (``kernels.nf4.nf4_matmul_panels``): input rows per
 #: micro-kernel call (PANEL_MR x 2 vector accumulators), weight rows per panel (two
 #: vectors), columns per panel (PANEL_KC: a panel of 512 x 32 float32 is 64 KiB, in L2).
 PANEL_MR = 8 if LANES == 16 else 6  # AVX2: 12 accumulators of its 16 registers
