@@ -1097,10 +1097,9 @@ def nf4_decode_simd_tile(packed, scales, blocksize, code, b0, b1, out):
 PANEL_MC = 192
 
 
-def _panels_work(*args) -> int:
-    """The work of a panel kernel ``(packed, ..., y, ws)``, as ``_jit.product_work`` counts
-    it."""
-    return product_work(args[0], args[-2])
+def _panels_work(packed, scales, blocksize, code, xpack, counter, y, ws) -> int:
+    """The work of :func:`nf4_matmul_panels`, as ``_jit.product_work`` counts it."""
+    return product_work(packed, y)
 
 
 @inline_helper
@@ -1119,37 +1118,9 @@ def _pass_rows(n):
     return ((n + npass - 1) // npass + PANEL_MR - 1) // PANEL_MR * PANEL_MR
 
 
-@inline_helper
-def _panel_groups(flat, width, k0, kn, panel, y, i0, mc, col):
-    """The micro-kernel (``_simd.panel_mk``) for each group of PANEL_MR rows of the pass
-    i0 .. i0 + mc - 1: y[rows, col:col + PANEL_NR] (+)= the rows' columns k0 .. k0 + kn - 1
-    (flat: their interleaved copy, rows of ``width``) times the panel; stored for the
-    first block (k0 == 0), added for the others."""
-    n = y.shape[0]
-    for g in range(i0 // PANEL_MR, min((n + PANEL_MR - 1) // PANEL_MR, (i0 + mc) // PANEL_MR)):
-        panel_mk(flat, (g * width + k0) * PANEL_MR, panel, kn, y, g * PANEL_MR, col, min(PANEL_MR, n - g * PANEL_MR),
-                 k0)
-
-
-#: Panels per task of the panel kernels: a task decodes its panels block after block of
-#: columns, each block's inputs (in L2) read for all of them.
+#: Panels per task of :func:`nf4_matmul_panels`: a task decodes its panels block after
+#: block of columns, each block's inputs (in L2) read for all of them.
 PANEL_TASK = 8
-
-
-@inline_helper
-def _panel_task(c, n, npanel):
-    """Task c of a panel kernel: (first input row of its pass, rows per pass, its panels
-    p0 .. p1 - 1); tasks run pass after pass, PANEL_TASK panels each."""
-    mc = _pass_rows(n)
-    per_pass = (npanel + PANEL_TASK - 1) // PANEL_TASK
-    p0 = (c % per_pass) * PANEL_TASK
-    return (c // per_pass) * mc, mc, p0, min(npanel, p0 + PANEL_TASK)
-
-
-@inline_helper
-def _panel_tasks(n, npanel):
-    """The number of tasks of a panel kernel."""
-    return (n + _pass_rows(n) - 1) // _pass_rows(n) * ((npanel + PANEL_TASK - 1) // PANEL_TASK)
 
 
 @kernel(parallel=True, cache=SIMD_CACHEABLE, work=_panels_work, serial_below=PRODUCT_SERIAL_BELOW)
@@ -1158,8 +1129,8 @@ def nf4_matmul_panels(packed, scales, blocksize, code, xpack, counter, y, ws):
     for each pass of up to PANEL_MC input rows and each block of PANEL_KC columns, each
     panel of PANEL_NR weight rows is decoded and transposed into the worker's L2-resident
     buffer (``_simd.panel_decode``) and multiplied by the pass's groups of PANEL_MR input
-    rows (:func:`_panel_groups`: a register-blocked GEMM micro-kernel, fused
-    multiply-adds in order of the column). y[i, o]: the column blocks' chains summed in
+    rows (``_simd.panel_mk``: a register-blocked GEMM micro-kernel, fused multiply-adds in
+    order of the column). y[i, o]: the column blocks' chains summed in
     order, the first stored, so the same operations for every (i, o) whatever the batch
     size and the thread count. The threads take tasks (a pass's PANEL_TASK panels, all
     their column blocks) as they come (``_team.claim`` on ``counter``, one int64 zero):
@@ -1169,20 +1140,26 @@ def nf4_matmul_panels(packed, scales, blocksize, code, xpack, counter, y, ws):
     float32 scratch. out % PANEL_NR == 0, in % blocksize == 0, blocksize % SIMD_LANES ==
     0."""
     n, out_f = y.shape
-    in_f = xpack.shape[1]
+    ng, in_f = xpack.shape[0], xpack.shape[1]
     xflat = xpack.reshape(-1)
     npanel = out_f // PANEL_NR
-    ntasks = _panel_tasks(n, npanel)
+    mc = _pass_rows(n)
+    per_pass = (npanel + PANEL_TASK - 1) // PANEL_TASK  # tasks run pass after pass
+    ntasks = (n + mc - 1) // mc * per_pass
     for w in prange(ws.shape[0]):
         panel = _worker_panel(ws[w])
         c = claim(counter)
         while c < ntasks:
-            i0, mc, p0, p1 = _panel_task(c, n, npanel)
+            g0 = c // per_pass * mc // PANEL_MR  # the pass's first group of input rows
+            g1 = min(ng, g0 + mc // PANEL_MR)
+            p0 = c % per_pass * PANEL_TASK
             for k0 in range(0, in_f, PANEL_KC):
                 kn = min(PANEL_KC, in_f - k0)
-                for p in range(p0, p1):
+                for p in range(p0, min(npanel, p0 + PANEL_TASK)):
                     panel_decode(packed, scales, code, blocksize, in_f, p * PANEL_NR, k0, kn, panel)
-                    _panel_groups(xflat, in_f, k0, kn, panel, y, i0, mc, p * PANEL_NR)
+                    for g in range(g0, g1):  # stored for the first block (k0 == 0), added after
+                        panel_mk(xflat, (g * in_f + k0) * PANEL_MR, panel, kn, y, g * PANEL_MR, p * PANEL_NR,
+                                 min(PANEL_MR, n - g * PANEL_MR), k0)
             c = claim(counter)
 
 
