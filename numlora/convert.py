@@ -764,7 +764,7 @@ class _QuantizeJob(_Job):
         return [(t.name, t.dtype, t.shape)]
 
     def write(self, f, w, t, entries, part):
-        from .nf4 import quantize_bf16_bits, quantize_nf4
+        from .nf4 import quantize_bf16_bits, quantize_bf16_bits_measured, quantize_error_fused_ok, quantize_nf4
 
         if t.name not in self.chosen:
             w.copy_from(f, t.name)
@@ -774,12 +774,23 @@ class _QuantizeJob(_Job):
         kc, kn = kernels("convert"), kernels("nf4")
         if t.dtype == "BF16" and (not self.error_stats or kn.error_stats_ok(t.numel, self.blocksize, kc.CHUNK)):
             # straight from the bits: the kernel widens block by block, no float32 copy (and
-            # the error pass decodes and widens in L1 steps: kn.bf16_error_stats)
+            # the error is measured in the same pass, or decoded and widened in L1 steps:
+            # kn.nf4_quantize_bf16_err, kn.bf16_error_stats)
             bits = f.read_into(t.name, bufs.get("raw-BF16", t.numel, np.uint16).reshape(t.shape))
-            q = quantize_bf16_bits(bits, t.shape, self.blocksize, self.double_quant, self.quant_type)
             x = None
+            measured = self.error_stats and not self.double_quant and quantize_error_fused_ok(
+                t.numel, self.blocksize, self.quant_type, kc.CHUNK)
         else:
             x = _load_f32(f, t.name, bufs)
+            measured = False
+        if self.error_stats:
+            nchunks = -(-t.numel // kc.CHUNK)
+            psum, pmax = bufs.get("psum", nchunks, np.float64), bufs.get("pmax", nchunks, np.float32)
+        if measured:  # one pass: quantized and its error measured as it goes (the bits read once)
+            q = quantize_bf16_bits_measured(bits, t.shape, self.blocksize, kc.CHUNK, psum, pmax)
+        elif x is None:
+            q = quantize_bf16_bits(bits, t.shape, self.blocksize, self.double_quant, self.quant_type)
+        else:
             q = quantize_nf4(x, self.blocksize, double_quant=self.double_quant, quant_type=self.quant_type)
         q.dtype = _ST_TO_NAME[t.dtype]
         sd = q.to_state_dict(t.name[: -len(".weight")])
@@ -791,9 +802,9 @@ class _QuantizeJob(_Job):
             w.write(n, sd[n])
         mean_err = max_err = None
         if self.error_stats:
-            nchunks = -(-t.numel // kc.CHUNK)
-            psum, pmax = bufs.get("psum", nchunks, np.float64), bufs.get("pmax", nchunks, np.float32)
-            if x is None:
+            if measured:
+                pass  # the partials came with the quantized tensor
+            elif x is None:
                 kn.bf16_error_stats(bits.reshape(-1), q.packed.reshape(-1), q.scales, q.blocksize, q.code, kc.CHUNK,
                                     psum, pmax)
             else:

@@ -341,8 +341,32 @@ def quantize_bf16_bits(bits, shape, blocksize: int = 64, double_quant: bool = Fa
                      bits=np.ascontiguousarray(bits).reshape(-1))
 
 
-def _quantize(x, shape, dtype, blocksize, double_quant, quant_type, bits=None) -> NF4Tensor:
-    """Quantize the flat float32 ``x``, or the flat bf16 bit patterns ``bits`` (x None)."""
+def quantize_bf16_bits_measured(bits, shape, blocksize: int, chunk: int, partial_sum, partial_max) -> NF4Tensor:
+    """:func:`quantize_bf16_bits` (NF4, no double quantization) that also fills
+    ``kernels.nf4.bf16_error_stats``' partials of ``|w - deq(q(w))|`` (``partial_sum``
+    float64 and ``partial_max`` float32, one per ``chunk`` elements) in the same pass: the
+    same tensor and the same partials, bit for bit, reading the bits once. ``numlora
+    quantize``'s default path, where :func:`quantize_error_fused_ok`."""
+    if not isinstance(bits, np.ndarray) or bits.dtype != np.uint16 or not bits.flags.c_contiguous:
+        raise DTypeError(f"bits must be a C-contiguous numpy uint16 array, got {getattr(bits, 'dtype', type(bits))}")
+    shape = _check_shape("shape", shape)
+    n = bits.size
+    if n != math.prod(shape) or n == 0:
+        raise ShapeError(f"expected {math.prod(shape)} non-zero bit patterns for shape {shape}, got {n}")
+    nch = -(-n // chunk)
+    for name, a, dt in (("partial_sum", partial_sum, np.float64), ("partial_max", partial_max, np.float32)):
+        if not isinstance(a, np.ndarray) or a.dtype != dt or a.shape != (nch,) or not a.flags.writeable:
+            raise ShapeError(f"{name} must be a writable {np.dtype(dt)} array of shape ({nch},), got "
+                             f"{getattr(a, 'dtype', type(a).__name__)} {getattr(a, 'shape', '')}")
+    return _quantize(None, shape, "bfloat16", blocksize, False, "nf4", bits=bits.reshape(-1),
+                     err=(chunk, partial_sum, partial_max))
+
+
+def _quantize(x, shape, dtype, blocksize, double_quant, quant_type, bits=None, err=None) -> NF4Tensor:
+    """Quantize the flat float32 ``x``, or the flat bf16 bit patterns ``bits`` (x None);
+    ``err``: ``(chunk, partial_sum, partial_max)`` to fill with the reconstruction error's
+    partials in the same pass (``kernels.nf4.nf4_quantize_bf16_err``; only where
+    :func:`quantize_error_fused_ok`)."""
     bs = check_blocksize(blocksize)
     if not isinstance(double_quant, (bool, np.bool_)):
         raise ConfigError(f"double_quant must be True or False, got {double_quant!r}")
@@ -359,7 +383,13 @@ def _quantize(x, shape, dtype, blocksize, double_quant, quant_type, bits=None) -
         x = _bf16_values(bits)
     even, generic, from_bf16 = k.QUANTIZERS[quant_type]
     simd = quant_type == "nf4" and products.simd_ok(k, bs)
-    if x is None:
+    if err is not None:
+        if x is not None or double_quant or not quantize_error_fused_ok(n, bs, quant_type, err[0]):
+            raise ConfigError("internal: the fused quantize + error pass does not apply to this weight")
+        chunk, psum, pmax = err
+        k.nf4_quantize_bf16_err(bits, bs, _MIDS16, QUANT_TYPES[quant_type], chunk, packed, absmax,
+                                absmax.view(np.int32), psum, pmax)
+    elif x is None:
         nfull = n // bs
         if simd:
             k.nf4_quantize_bf16_simd(bits, nfull, bs, _MIDS16, packed, absmax, absmax.view(np.int32))
@@ -381,6 +411,18 @@ def _quantize(x, shape, dtype, blocksize, double_quant, quant_type, bits=None) -
     if double_quant:
         t = _double_quantize(t)
     return t
+
+
+def quantize_error_fused_ok(numel: int, blocksize: int, quant_type: str, chunk: int) -> bool:
+    """Whether ``numlora quantize`` can quantize a bf16 weight and measure its
+    reconstruction error in one pass (``kernels.nf4.nf4_quantize_bf16_err``): NF4 with the
+    SIMD quantizer, whole blocks that divide the error pass's steps and chunks
+    (``kernels.nf4.error_stats_ok``). Double quantization is the caller's to exclude (the
+    error needs the final scales)."""
+    from .kernels import nf4 as k
+
+    return (quant_type == "nf4" and products.simd_ok(k, blocksize)
+            and bool(k.error_stats_ok(numel, blocksize, chunk)))
 
 
 def _bf16_values(bits):

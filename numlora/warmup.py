@@ -107,7 +107,7 @@ def _job_quantize():
     from .io.safetensors import f32_to_bf16
     from .kernels import convert as kc
     from .kernels import nf4 as kn
-    from .nf4 import quantize_bf16_bits
+    from .nf4 import quantize_bf16_bits, quantize_bf16_bits_measured, quantize_error_fused_ok
 
     w, _, _, _ = _inputs()
     for qt in ("nf4", "fp4"):
@@ -117,10 +117,13 @@ def _job_quantize():
             t.dequantize()
         bits = f32_to_bf16(w)
         t = quantize_bf16_bits(bits, w.shape, quant_type=qt)
+        nchunks = -(-bits.size // kc.CHUNK)
         if kn.error_stats_ok(bits.size, t.blocksize, kc.CHUNK):  # numlora quantize's error pass
-            nchunks = -(-bits.size // kc.CHUNK)
             kn.bf16_error_stats(bits.reshape(-1), t.packed.reshape(-1), t.scales, t.blocksize, t.code, kc.CHUNK,
                                 np.zeros(nchunks, np.float64), np.zeros(nchunks, np.float32))
+        if qt == "nf4" and quantize_error_fused_ok(bits.size, t.blocksize, qt, kc.CHUNK):  # ... and in one pass
+            quantize_bf16_bits_measured(bits, w.shape, t.blocksize, kc.CHUNK, np.zeros(nchunks, np.float64),
+                                        np.zeros(nchunks, np.float32))
 
 
 def _job_bank():

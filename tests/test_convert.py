@@ -13,7 +13,7 @@ import pytest
 from numlora import NF4Tensor, quantize_nf4
 from numlora.cli import main
 from numlora.convert import inspect_path, match_modules, merge_checkpoint, quantize_checkpoint
-from numlora.errors import ConfigError, FormatError, ShapeError
+from numlora.errors import ConfigError, FormatError, NonFiniteError, ShapeError
 from numlora.io.checkpoint import Checkpoint
 from numlora.io.safetensors import SafetensorsFile, bf16_to_f32, f32_to_bf16, save_file
 
@@ -855,6 +855,79 @@ def test_bf16_error_pass_without_float32_copies_is_the_two_array_pass(rng, shape
     kn.bf16_error_stats(bits.reshape(-1), q.packed.reshape(-1), q.scales, bs, q.code, kc.CHUNK, got_s, got_m)
     assert np.array_equal(got_s.view(np.uint64), want_s.view(np.uint64))
     assert np.array_equal(got_m.view(np.uint32), want_m.view(np.uint32))
+
+
+@pytest.mark.parametrize("shape,bs", [((256, 1024), 64), ((5, 30720), 64), ((96, 4096), 128), ((3, 69632), 4096),
+                                      ((1, 64), 64)])
+def test_quantize_with_error_in_one_pass_is_the_two_passes(rng, shape, bs):
+    """numlora quantize's default path for a bf16 weight (kernels.nf4.nf4_quantize_bf16_err:
+    quantize and measure the error in one pass over the bits) gives the bytes and scales
+    of quantize_bf16_bits and the partials of the error pass over them, bit for bit:
+    several chunks, a last chunk cut short, a single block, zeros, tiny and huge values."""
+    from numlora.kernels import convert as kc
+    from numlora.kernels import nf4 as kn
+    from numlora.nf4 import quantize_bf16_bits, quantize_bf16_bits_measured, quantize_error_fused_ok
+
+    n = math.prod(shape)
+    if not quantize_error_fused_ok(n, bs, "nf4", kc.CHUNK):
+        pytest.skip("no SIMD quantizer for this blocksize here: quantize keeps two passes")
+    assert not quantize_error_fused_ok(n, bs, "fp4", kc.CHUNK)
+    x = rng.standard_normal(shape).astype(np.float32) * np.float32(0.02)
+    x.reshape(-1)[:5] = [0.0, -0.0, 1e-30, 3e38, -2.5]
+    bits = f32_to_bf16(x)
+    want = quantize_bf16_bits(bits, shape, bs)
+    nch = -(-n // kc.CHUNK)
+    want_s, want_m = np.empty(nch), np.empty(nch, np.float32)
+    kn.bf16_error_stats(bits.reshape(-1), want.packed.reshape(-1), want.scales, bs, want.code, kc.CHUNK, want_s,
+                        want_m)
+    got_s, got_m = np.full(nch, np.nan), np.full(nch, np.nan, np.float32)
+    got = quantize_bf16_bits_measured(bits, shape, bs, kc.CHUNK, got_s, got_m)
+    assert got.shape == shape and got.dtype == "bfloat16" and not got.double_quant
+    assert np.array_equal(got.packed, want.packed)
+    assert np.array_equal(got.absmax.view(np.uint32), want.absmax.view(np.uint32))
+    assert np.array_equal(got_s.view(np.uint64), want_s.view(np.uint64))
+    assert np.array_equal(got_m.view(np.uint32), want_m.view(np.uint32))
+    ref = np.abs(bf16_to_f32(bits).reshape(-1).astype(np.float64) - want.dequantize().reshape(-1))
+    assert float(got_s.sum()) == pytest.approx(float(ref.sum()), rel=1e-9)
+    with pytest.raises(ShapeError, match=r"partial_sum must be a writable float64 array of shape"):
+        quantize_bf16_bits_measured(bits, shape, bs, kc.CHUNK, got_s[:-1] if nch > 1 else np.empty(2), got_m)
+    with pytest.raises(ShapeError, match=r"expected \d+ non-zero bit patterns"):
+        quantize_bf16_bits_measured(bits, (n + 1,), bs, kc.CHUNK, got_s, got_m)
+    bad = bits.copy()
+    bad.reshape(-1)[-1] = 0x7FC0  # NaN: the quantizer's own check still runs
+    with pytest.raises(NonFiniteError, match=r"w must be finite, got nan at index"):
+        quantize_bf16_bits_measured(bad, shape, bs, kc.CHUNK, got_s, got_m)
+
+
+def test_quantize_checkpoint_reads_a_bf16_weight_once(tmp_path, rng, monkeypatch):
+    """With the error report on (the default), an eligible bf16 weight is quantized and
+    measured in one pass: the separate error pass never runs, and the report's errors are
+    those of the two-pass path (error_stats measured with the separate pass forced)."""
+    import numlora.nf4 as nf4mod
+    from numlora.kernels import nf4 as kn
+
+    if not kn.SIMD_LANES:
+        pytest.skip("no SIMD quantizer here")
+    tensors = _model_tensors(rng, layers=1)
+    _write_model(tmp_path / "base", tensors, "BF16", shards=1)
+    calls = []
+    real = kn.bf16_error_stats
+
+    def counted(*a):
+        calls.append(1)
+        return real(*a)
+
+    monkeypatch.setattr(kn, "bf16_error_stats", counted)
+    one = quantize_checkpoint(tmp_path / "base", tmp_path / "one", progress=False)
+    assert calls == []
+    monkeypatch.setattr(nf4mod, "quantize_error_fused_ok", lambda *a: False)
+    two = quantize_checkpoint(tmp_path / "base", tmp_path / "two", progress=False)
+    assert len(calls) == len(two.quantized) > 0
+    assert [q["mean_abs_err"] for q in one.quantized] == [q["mean_abs_err"] for q in two.quantized]
+    assert [q["max_abs_err"] for q in one.quantized] == [q["max_abs_err"] for q in two.quantized]
+    assert one.mean_abs_err == two.mean_abs_err and one.max_abs_err == two.max_abs_err
+    one_bytes = (tmp_path / "one" / "model.safetensors").read_bytes()
+    assert one_bytes == (tmp_path / "two" / "model.safetensors").read_bytes()
 
 
 def test_bf16_error_pass_applies_only_to_whole_blocks_that_divide_its_steps():

@@ -1266,3 +1266,40 @@ def bf16_error_stats(bits, packed, scales, blocksize, code, chunk, partial_sum, 
                 xu[k] = np.uint32(src[k]) << np.uint32(16)
             err_acc8(xbuf, 0, dbuf, 0, m, acc, mx)  # abs_err_stats' element loop, in registers
         store_partials(acc, mx, partial_sum, partial_max, c)  # abs_err_stats' own
+
+
+@kernel(parallel=True, cache=SIMD_CACHEABLE, work=first_size, serial_below=ELEMENTWISE_SERIAL_BELOW)
+def nf4_quantize_bf16_err(bits, blocksize, mids16, code, chunk, packed, absmax, absmax_i, partial_sum, partial_max):
+    """:func:`nf4_quantize_bf16_simd` (whole blocks: bits.size % blocksize == 0) and
+    :func:`bf16_error_stats` of its result in the same pass over the bits: each step of
+    ERR_STEP elements is widened into an L1 buffer (``_widen_bf16``, which also gives the
+    blocks' absmax), encoded block by block into ``packed``, decoded back
+    (``_simd.decode_blocks``) into a second L1 buffer and compared (``_simd.err_acc8``).
+    The bits are read from memory once instead of twice, and the same bytes, scales and
+    partials result, bit for bit: the blocks are quantized independently, and the
+    partials are the error pass's chunks in its order. Only where
+    :func:`error_stats_ok` and the SIMD quantizer apply (NF4, no double quantization: the
+    error needs the final scales)."""
+    n = bits.size
+    nchunks = (n + chunk - 1) // chunk
+    half = blocksize // 2
+    for c in prange(nchunks):
+        lo = c * chunk
+        hi = min(lo + chunk, n)
+        acc = np.zeros(8, np.float64)
+        mx = np.zeros(8, np.float32)
+        dbuf = np.empty(ERR_STEP, np.float32)
+        xi = np.empty(ERR_STEP, np.int32)
+        xb = xi.view(np.float32)
+        for s0 in range(lo, hi, ERR_STEP):
+            m = min(hi, s0 + ERR_STEP) - s0
+            b0 = s0 // blocksize
+            b1 = b0 + m // blocksize
+            for b in range(b0, b1):
+                o = (b - b0) * blocksize
+                absmax_i[b] = _widen_bf16(bits[b * blocksize:(b + 1) * blocksize], xi[o:o + blocksize])
+                inv = ONE / max(absmax[b], TINY)
+                encode_block(xb[o:o + blocksize], inv, mids16, packed[b * half:(b + 1) * half])
+            decode_blocks(packed[b0 * half:b1 * half], absmax[b0:b1], code, blocksize, dbuf[:m])
+            err_acc8(xb, 0, dbuf, 0, m, acc, mx)
+        store_partials(acc, mx, partial_sum, partial_max, c)
