@@ -12,6 +12,7 @@ import numlora as nl
 from numlora import _nf4_products as products
 from numlora.kernels import _simd
 from numlora.kernels import nf4 as knf4
+from numlora.multi.product import REF_ROWS
 
 pytestmark = pytest.mark.skipif(not knf4.SIMD_LANES, reason="the panel kernels need the SIMD build")
 
@@ -132,7 +133,9 @@ def test_the_bank_runs_the_panels_and_nf4_matmul_the_tiles(rng, monkeypatch):
     x = rng.standard_normal((ROWS + 6, in_f)).astype(np.float32)
     ids = np.arange(x.shape[0]) % 2 - 1  # base only, p
     y = bank.forward(x, ids)
-    assert ran and max(ran) >= x.shape[0]
+    base = bank._backend.base
+    assert ran == [x.shape[0]]  # the batch as it is: not padded to a calibrated size
+    assert base.exact and base.checked == {REF_ROWS: True}  # nor calibrated
     x64 = x.astype(np.float64)
     ref = x64 @ w.T.astype(np.float64) + (ids[:, None] == 0) * 0.5 * ((x64 @ a.T) @ b.T)
     assert np.abs(y - ref).max() <= 2e-6 * np.abs(ref).max()
@@ -145,3 +148,18 @@ def test_the_bank_runs_the_panels_and_nf4_matmul_the_tiles(rng, monkeypatch):
     layer.eval()
     layer.forward(x)
     assert ran == []
+
+
+def test_an_nf4_bank_the_panels_do_not_take_calibrates(rng):
+    """Over an NF4 base of a shape outside the panels (out not a whole number of panels)
+    the row-stable bank's tiles + BLAS run in calibrated, padded batch sizes, and a row's
+    bits still do not depend on its batch."""
+    out_f, in_f = 2 * _simd.PANEL_NR + 8, 256
+    t, _ = _weight(rng, (out_f, in_f), 64)
+    bank = nl.LoraBank(t)
+    x = rng.standard_normal((ROWS + 6, in_f)).astype(np.float32)
+    y = bank.forward(x, np.full(x.shape[0], -1))
+    base = bank._backend.base
+    assert not base.exact and len(base.checked) > 1
+    one = bank.forward(x[5:6], [-1])
+    assert np.array_equal(one[0].view(np.uint32), y[5].view(np.uint32))

@@ -7,7 +7,10 @@ row, small-matrix kernels for small products), and those sum in different orders
 row-stable bank pads each batch (or chunk of :data:`REF_ROWS` rows) up to a bucket size
 of :data:`BUCKETS` that was checked, on first use, to give the same bits as a
 ``REF_ROWS``-row product for probe rows at other positions; a bucket that fails is never
-used (the next larger one is).
+used (the next larger one is). Where the product is numlora's panel GEMM (an NF4 base on
+the ``"tiles"`` path, of a shape the panels take), each output's operations do not
+depend on the batch by construction: the whole batch is multiplied as it is, with no
+padding and no calibration (``RowStableProduct.exact``).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import threading
 import numpy as np
 
 from .._backward import base_product as base_product_dense
-from .._nf4_products import FUSED_MAX_ROWS, blas_product
+from .._nf4_products import FUSED_MAX_ROWS, blas_product, panels_ok
 from .._nf4_products import forward as nf4_product
 
 __all__ = ["BUCKETS", "REF_ROWS", "RowStableProduct", "base_product"]
@@ -41,9 +44,13 @@ class RowStableProduct:
     ``checked`` maps the buckets checked so far to their outcome.
     """
 
-    def __init__(self, product, in_f, out_f):
+    def __init__(self, product, in_f, out_f, exact: bool = False):
         self._product = product
         self.in_f, self.out_f = in_f, out_f
+        #: The product gives each row the same bits at every batch size by construction
+        #: (numlora's panel GEMM): called on the whole batch as it is, nothing padded or
+        #: calibrated.
+        self.exact = exact
         self.checked: dict[int, bool] = {REF_ROWS: True}
         self._ref = None
         self._lock = threading.Lock()
@@ -85,6 +92,9 @@ class RowStableProduct:
 
     def __call__(self, x2, out2):
         n = x2.shape[0]
+        if self.exact:
+            self._product(x2, out2)
+            return
         with self._lock:
             for c0 in range(0, n, REF_ROWS):
                 m = min(REF_ROWS, n - c0)
@@ -112,6 +122,7 @@ def base_product(weight, nf4, row_stable: bool, nf4_path: str):
     do not apply) for ``nf4_path="tiles"``, the fused kernel in chunks of
     ``FUSED_MAX_ROWS`` rows for ``"fused"``) in a :class:`RowStableProduct`. Otherwise
     the fastest path for each batch size (BLAS; over NF4, the path ``nf4_matmul`` takes)."""
+    exact = False
     if nf4 is None:
         product = _dense(weight)
     elif not row_stable:
@@ -119,11 +130,12 @@ def base_product(weight, nf4, row_stable: bool, nf4_path: str):
     elif nf4_path == "fused":
         product = _nf4_fused(nf4)
     else:
+        exact = panels_ok(nf4)
         product = _nf4_tiles(nf4)
     if not row_stable:
         return product
     out_f, in_f = (weight if nf4 is None else nf4).shape
-    return RowStableProduct(product, in_f, out_f)
+    return RowStableProduct(product, in_f, out_f, exact=exact)
 
 
 def _dense(weight):
