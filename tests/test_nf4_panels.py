@@ -70,7 +70,7 @@ def test_rows_do_not_depend_on_the_batch_or_the_threads(rng):
     t, _ = _weight(rng, (3 * _simd.PANEL_NR, 640), 64)
     x = rng.standard_normal((2 * knf4.PANEL_MC + 7, 640)).astype(np.float32)  # three passes
     full = _panels(x, t)
-    for n in (1, 5, ROWS, 40, knf4.PANEL_MC + 1):
+    for n in (1, 2, 3, 5, ROWS, ROWS + 1, 40, knf4.PANEL_MC + 1):  # last groups of 1, 2, 3 (4), 5 rows
         assert np.array_equal(_panels(x[:n], t).view(np.uint32), full[:n].view(np.uint32)), n
     before = numba.get_num_threads()
     numba.set_num_threads(1)

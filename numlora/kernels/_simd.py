@@ -1132,7 +1132,7 @@ def _make_panel_decode(lanes):
     return panel_decode
 
 
-def _make_panel_mk(lanes, mr):
+def _make_panel_mk(lanes, mr, xstride=None):
     """Build ``panel_mk(xpack, xo, panel, kn, y, i0, o0, nrows, add)``: for g < nrows, j <
     NR = 2 * lanes: ``y[i0 + g, o0 + j] (+)= sum over t < kn of xpack[xo + t * mr + g] *
     panel[t * NR + j]``, the sum a chain of fused multiply-adds (:func:`_mul_add`) from
@@ -1140,7 +1140,11 @@ def _make_panel_mk(lanes, mr):
     micro-kernel of the panel GEMM over an NF4 weight: mr x 2 vector accumulators in
     registers; per column t two aligned panel loads and mr broadcast inputs (xpack: mr
     input rows interleaved, ``kernels.nf4.pack_panel_rows``). Each output element gets
-    the same operations whichever call and thread computes it."""
+    the same operations whichever call and thread computes it. ``xstride`` (default mr):
+    the interleaving of xpack's rows, when a kernel of fewer rows (``mr`` < PANEL_MR: the
+    last group of a batch) reads the groups of PANEL_MR: the same operations for the rows
+    it has, without the accumulators and multiply-adds of rows the batch does not have."""
+    xs = mr if xstride is None else xstride
 
     @intrinsic
     def panel_mk(typingctx, xpack, xo, panel, kn, y, i0, o0, nrows, add):
@@ -1156,7 +1160,7 @@ def _make_panel_mk(lanes, mr):
                 wp = builder.gep(pa.data, [builder.mul(cl.index, ir.Constant(I64, nrw))])
                 w = [builder.load(builder.bitcast(builder.gep(wp, [ir.Constant(I64, h * lanes)]), vt.as_pointer()),
                                   align=4 * lanes) for h in range(2)]
-                xk = builder.gep(xp, [builder.mul(cl.index, ir.Constant(I64, mr))])
+                xk = builder.gep(xp, [builder.mul(cl.index, ir.Constant(I64, xs))])
                 for g in range(mr):
                     xb = _splat(builder, builder.load(builder.gep(xk, [ir.Constant(I64, g)])), lanes)
                     for h in range(2):
@@ -1570,3 +1574,8 @@ PANEL_NR = 2 * LANES
 PANEL_KC = 512
 panel_decode = _make_panel_decode(LANES) if LANES else None
 panel_mk = _make_panel_mk(LANES, PANEL_MR) if LANES else None
+#: The micro-kernel for a batch's last group of 1, 2 or 4 rows (fewer than PANEL_MR): the
+#: same chain per output, a quarter to half of the work at batch sizes 1-4, 17-20, ...
+panel_mk1 = _make_panel_mk(LANES, 1, PANEL_MR) if LANES else None
+panel_mk2 = _make_panel_mk(LANES, 2, PANEL_MR) if LANES else None
+panel_mk4 = _make_panel_mk(LANES, 4, PANEL_MR) if LANES else None

@@ -61,6 +61,9 @@ from ._simd import (
     expand_x4,
     panel_decode,
     panel_mk,
+    panel_mk1,
+    panel_mk2,
+    panel_mk4,
     row_dot,
     rows_dot,
     store_fence,
@@ -1158,8 +1161,16 @@ def nf4_matmul_panels(packed, scales, blocksize, code, xpack, counter, y, ws):
                 for p in range(p0, min(npanel, p0 + PANEL_TASK)):
                     panel_decode(packed, scales, code, blocksize, in_f, p * PANEL_NR, k0, kn, panel)
                     for g in range(g0, g1):  # stored for the first block (k0 == 0), added after
-                        panel_mk(xflat, (g * in_f + k0) * PANEL_MR, panel, kn, y, g * PANEL_MR, p * PANEL_NR,
-                                 min(PANEL_MR, n - g * PANEL_MR), k0)
+                        rows = min(PANEL_MR, n - g * PANEL_MR)
+                        xo = (g * in_f + k0) * PANEL_MR
+                        if rows == 1:  # the last group's kernel sized to its rows: the same chains
+                            panel_mk1(xflat, xo, panel, kn, y, g * PANEL_MR, p * PANEL_NR, rows, k0)
+                        elif rows == 2:
+                            panel_mk2(xflat, xo, panel, kn, y, g * PANEL_MR, p * PANEL_NR, rows, k0)
+                        elif rows <= 4:
+                            panel_mk4(xflat, xo, panel, kn, y, g * PANEL_MR, p * PANEL_NR, rows, k0)
+                        else:
+                            panel_mk(xflat, xo, panel, kn, y, g * PANEL_MR, p * PANEL_NR, rows, k0)
             c = claim(counter)
 
 
