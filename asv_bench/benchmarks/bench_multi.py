@@ -2,8 +2,9 @@
 
 Shapes: an N x N base (float32 or NF4, N = 4096 unless NUMLORA_ASV_N says otherwise),
 64 adapters with ranks drawn from {8, 16, 32, 64}. Two workloads bracket the cases
-(``zipf``: a few popular adapters; ``distinct``: every row its own adapter) at batch 1
-and 64; ``numlora bench --multi`` has the whole grid (four workloads, batch 1 to 256,
+(``zipf``: a few popular adapters; ``distinct``: every row its own adapter) at batch 1,
+37 (between the row-stable base's buckets: padded to 64 over BLAS, as it comes over the
+NF4 panels) and 64; ``numlora bench --multi`` has the whole grid (four workloads, batch 1 to 256,
 8 to 512 adapters) with the numpy and PEFT baselines. Adapters and workloads come from
 :mod:`numlora.bench.inputs`, as there. The bank is built once per process and every
 setup runs the benchmarked call once, so JIT compilation and the bank's one-time
@@ -33,7 +34,7 @@ def bank(kind: str, n: int, n_ad: int = N_ADAPTERS):
 class MultiForward:
     """``LoraBank.forward(x, adapter_ids, out=out)``."""
 
-    params = [["dense", "nf4"], [1, 64], ["zipf", "distinct"]]
+    params = [["dense", "nf4"], [1, 37, 64], ["zipf", "distinct"]]
     param_names = ["base", "batch", "workload"]
     timeout = 300
 
