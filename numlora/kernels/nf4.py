@@ -1245,52 +1245,27 @@ def error_stats_ok(numel, blocksize, chunk) -> bool:
             and chunk % blocksize == 0 and numel % blocksize == 0)
 
 
-@kernel(parallel=True, cache=SIMD_CACHEABLE)
-def bf16_error_stats(bits, packed, scales, blocksize, code, chunk, partial_sum, partial_max):
+@kernel(parallel=True, cache=SIMD_CACHEABLE, work=first_size, serial_below=ELEMENTWISE_SERIAL_BELOW)
+def bf16_error_pass(bits, blocksize, code, chunk, quantize, mids16, packed, scales, scales_i, partial_sum,
+                    partial_max):
     """``kernels.convert.abs_err_stats(x, deq(W))`` for the float32 values ``x`` of the
     bf16 bit patterns ``bits`` (flat uint16) and their quantized ``W`` (``packed``,
     ``scales``, ``code``), without either float32 array: per chunk of ``chunk`` elements
     the same operations in the same order (``|x - d|``; eight float64 sums by element
     index mod 8, eight float32 maxima; then their sum and maximum), so the same partials,
-    bit for bit. Each step of ERR_STEP elements is decoded (``_simd.decode_blocks``: the
-    product every decode computes) and widened (bits << 16) into buffers that stay in L1,
-    where the two-array pass read a float32 copy of the weight and a dequantized one (and
-    wrote both first). Only where :func:`error_stats_ok`."""
-    n = bits.size
-    nchunks = (n + chunk - 1) // chunk
-    half = blocksize // 2
-    for c in prange(nchunks):
-        lo = c * chunk
-        hi = min(lo + chunk, n)
-        acc = np.zeros(8, np.float64)
-        mx = np.zeros(8, np.float32)
-        dbuf = np.empty(ERR_STEP, np.float32)
-        xbuf = np.empty(ERR_STEP, np.float32)
-        xu = xbuf.view(np.uint32)
-        for s0 in range(lo, hi, ERR_STEP):
-            m = min(hi, s0 + ERR_STEP) - s0
-            b0 = s0 // blocksize
-            b1 = b0 + m // blocksize
-            decode_blocks(packed[b0 * half:b1 * half], scales[b0:b1], code, blocksize, dbuf[:m])
-            src = bits[s0:s0 + m]
-            for k in range(m):
-                xu[k] = np.uint32(src[k]) << np.uint32(16)
-            err_acc8(xbuf, 0, dbuf, 0, m, acc, mx)  # abs_err_stats' element loop, in registers
-        store_partials(acc, mx, partial_sum, partial_max, c)  # abs_err_stats' own
+    bit for bit. Each step of ERR_STEP elements is widened (bits << 16) and decoded
+    (``_simd.decode_blocks``: the product every decode computes) into two buffers that
+    stay in L1, where the two-array pass read a float32 copy of the weight and a
+    dequantized one (and wrote both first).
 
-
-@kernel(parallel=True, cache=SIMD_CACHEABLE, work=first_size, serial_below=ELEMENTWISE_SERIAL_BELOW)
-def nf4_quantize_bf16_err(bits, blocksize, mids16, code, chunk, packed, absmax, absmax_i, partial_sum, partial_max):
-    """:func:`nf4_quantize_bf16_simd` (whole blocks: bits.size % blocksize == 0) and
-    :func:`bf16_error_stats` of its result in the same pass over the bits: each step of
-    ERR_STEP elements is widened into an L1 buffer (``_widen_bf16``, which also gives the
-    blocks' absmax), encoded block by block into ``packed``, decoded back
-    (``_simd.decode_blocks``) into a second L1 buffer and compared (``_simd.err_acc8``).
-    The bits are read from memory once instead of twice, and the same bytes, scales and
-    partials result, bit for bit: the blocks are quantized independently, and the
-    partials are the error pass's chunks in its order. Only where
-    :func:`error_stats_ok` and the SIMD quantizer apply (NF4, no double quantization: the
-    error needs the final scales)."""
+    ``quantize``: W is made in the same pass, NF4 without double quantization
+    (:func:`nf4_quantize_bf16_simd`'s blocks: ``_widen_bf16`` gives each block's absmax
+    bits into ``scales_i``, the int32 view of ``scales``, and ``encode_block`` its codes
+    into ``packed``), so the bits are read from memory once: the same bytes, scales and
+    partials, bit for bit (the blocks are quantized independently). Else ``packed`` /
+    ``scales`` are read (``mids16`` and ``scales_i`` unused). Only where
+    :func:`error_stats_ok` (and, quantizing, the SIMD quantizer: bits.size % blocksize ==
+    0)."""
     n = bits.size
     nchunks = (n + chunk - 1) // chunk
     half = blocksize // 2
@@ -1306,11 +1281,34 @@ def nf4_quantize_bf16_err(bits, blocksize, mids16, code, chunk, packed, absmax, 
             m = min(hi, s0 + ERR_STEP) - s0
             b0 = s0 // blocksize
             b1 = b0 + m // blocksize
-            for b in range(b0, b1):
-                o = (b - b0) * blocksize
-                absmax_i[b] = _widen_bf16(bits[b * blocksize:(b + 1) * blocksize], xi[o:o + blocksize])
-                inv = ONE / max(absmax[b], TINY)
-                encode_block(xb[o:o + blocksize], inv, mids16, packed[b * half:(b + 1) * half])
-            decode_blocks(packed[b0 * half:b1 * half], absmax[b0:b1], code, blocksize, dbuf[:m])
-            err_acc8(xb, 0, dbuf, 0, m, acc, mx)
-        store_partials(acc, mx, partial_sum, partial_max, c)
+            if quantize:
+                for b in range(b0, b1):
+                    o = (b - b0) * blocksize
+                    scales_i[b] = _widen_bf16(bits[b * blocksize:(b + 1) * blocksize], xi[o:o + blocksize])
+                    inv = ONE / max(scales[b], TINY)
+                    encode_block(xb[o:o + blocksize], inv, mids16, packed[b * half:(b + 1) * half])
+            else:
+                src = bits[s0:s0 + m]
+                for k in range(m):
+                    xi[k] = np.int32(src[k]) << np.int32(16)
+            decode_blocks(packed[b0 * half:b1 * half], scales[b0:b1], code, blocksize, dbuf[:m])
+            err_acc8(xb, 0, dbuf, 0, m, acc, mx)  # abs_err_stats' element loop, in registers
+        store_partials(acc, mx, partial_sum, partial_max, c)  # abs_err_stats' own
+
+
+_NO_MIDS = np.zeros(16, np.float32)
+_NO_SCALES_I = np.zeros(1, np.int32)
+
+
+def bf16_error_stats(bits, packed, scales, blocksize, code, chunk, partial_sum, partial_max):
+    """The reconstruction error's partials of an existing quantized bf16 weight
+    (:func:`bf16_error_pass` without quantizing: any code book, double quantization's
+    decoded scales)."""
+    bf16_error_pass(bits, blocksize, code, chunk, False, _NO_MIDS, packed, scales, _NO_SCALES_I, partial_sum,
+                    partial_max)
+
+
+def nf4_quantize_bf16_err(bits, blocksize, mids16, code, chunk, packed, absmax, absmax_i, partial_sum, partial_max):
+    """NF4-quantize the bf16 bits (whole blocks, SIMD) and measure the error in one pass
+    (:func:`bf16_error_pass` quantizing)."""
+    bf16_error_pass(bits, blocksize, code, chunk, True, mids16, packed, absmax, absmax_i, partial_sum, partial_max)
