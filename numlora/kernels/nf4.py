@@ -1221,15 +1221,22 @@ def nf4_quantize_simd(x, xi, blocksize, mids16, packed, absmax, absmax_i):
 @kernel(parallel=True, cache=SIMD_CACHEABLE, work=first_size, serial_below=ELEMENTWISE_SERIAL_BELOW)
 def nf4_quantize_bf16_simd(bits, nfull, blocksize, mids16, packed, absmax, absmax_i):
     """:func:`nf4_quantize_bf16` with the SIMD code search (blocksize % SIMD_LANES == 0)."""
-    half = blocksize // 2
     ntasks = (nfull + _CODES_CHUNK - 1) // _CODES_CHUNK
     for task in prange(ntasks):
         xi = np.empty(blocksize, np.int32)
-        xb = xi.view(np.float32)
         for b in range(task * _CODES_CHUNK, min(nfull, (task + 1) * _CODES_CHUNK)):
-            absmax_i[b] = _widen_bf16(bits[b * blocksize:(b + 1) * blocksize], xi)
-            inv = ONE / max(absmax[b], TINY)
-            encode_block(xb, inv, mids16, packed[b * half:(b + 1) * half])
+            _quantize_bf16_block(bits, b, blocksize, mids16, xi, packed, absmax, absmax_i)
+
+
+@inline_helper
+def _quantize_bf16_block(bits, b, blocksize, mids16, xi, packed, absmax, absmax_i):
+    """Block b of the bf16 bits widened into ``xi`` (int32, blocksize elements: the
+    float32 bits, kept for the caller), its absmax's bits stored, its codes found by the
+    SIMD search into ``packed``: the one block step of the SIMD bf16 quantizers."""
+    half = blocksize // 2
+    absmax_i[b] = _widen_bf16(bits[b * blocksize:(b + 1) * blocksize], xi)
+    inv = ONE / max(absmax[b], TINY)
+    encode_block(xi.view(np.float32), inv, mids16, packed[b * half:(b + 1) * half])
 
 
 # --- the reconstruction error of a bf16 weight, without float32 copies ------------------------
@@ -1259,9 +1266,9 @@ def bf16_error_pass(bits, blocksize, code, chunk, quantize, mids16, packed, scal
     dequantized one (and wrote both first).
 
     ``quantize``: W is made in the same pass, NF4 without double quantization
-    (:func:`nf4_quantize_bf16_simd`'s blocks: ``_widen_bf16`` gives each block's absmax
-    bits into ``scales_i``, the int32 view of ``scales``, and ``encode_block`` its codes
-    into ``packed``), so the bits are read from memory once: the same bytes, scales and
+    (:func:`nf4_quantize_bf16_simd`'s block step, ``_quantize_bf16_block``: each block's
+    absmax bits into ``scales_i``, the int32 view of ``scales``, its codes into
+    ``packed``), so the bits are read from memory once: the same bytes, scales and
     partials, bit for bit (the blocks are quantized independently). Else ``packed`` /
     ``scales`` are read (``mids16`` and ``scales_i`` unused). Only where
     :func:`error_stats_ok` (and, quantizing, the SIMD quantizer: bits.size % blocksize ==
@@ -1284,9 +1291,7 @@ def bf16_error_pass(bits, blocksize, code, chunk, quantize, mids16, packed, scal
             if quantize:
                 for b in range(b0, b1):
                     o = (b - b0) * blocksize
-                    scales_i[b] = _widen_bf16(bits[b * blocksize:(b + 1) * blocksize], xi[o:o + blocksize])
-                    inv = ONE / max(scales[b], TINY)
-                    encode_block(xb[o:o + blocksize], inv, mids16, packed[b * half:(b + 1) * half])
+                    _quantize_bf16_block(bits, b, blocksize, mids16, xi[o:o + blocksize], packed, scales, scales_i)
             else:
                 src = bits[s0:s0 + m]
                 for k in range(m):
