@@ -157,17 +157,12 @@ def words_layout(x2, lanes):
     return np.ascontiguousarray(x2.reshape(n, in_f // (8 * lanes), lanes, 8).transpose(0, 1, 3, 2)).reshape(n, in_f)
 
 
-def blas_product(x2, t, scales, out2, mode=0, panels=False):
-    """out2 = x2 deq(W)^T for large batches. With ``panels``, where :func:`panels_ok`: the
-    panel kernel (:func:`panel_product`; the bank's row-stable NF4 product). Otherwise
-    decode tiles of rows of W (at most
+def blas_product(x2, t, scales, out2, mode=0):
+    """out2 = x2 deq(W)^T for large batches: decode tiles of rows of W (at most
     TILE_ELEMS floats, serially: a parallel decode right after a BLAS call fights
     OpenBLAS's spinning threads; ``mode``: rounded to that compute dtype), multiply each
     by the whole batch with BLAS into y^T, transpose once (by tiles:
     :func:`numlora._backward.transpose_copy`)."""
-    if panels and not mode and panels_ok(t) and out2.flags.c_contiguous:
-        panel_product(x2, t, scales, out2)
-        return
     yt = _scratch.scratch("nf4.yt", t.shape[0] * x2.shape[0], np.float32).reshape(t.shape[0], x2.shape[0])
     xt = x2.T
     for r0, r1, cur in row_tiles(t, scales, mode):
@@ -185,7 +180,7 @@ def panels_ok(t) -> bool:
 
 
 def panel_product(x2, t, scales, out2):
-    """out2 = x2 deq(W)^T by ``kernels.nf4.nf4_matmul_panels``: W decoded a panel at a time
+    """out2 (C-contiguous) = x2 deq(W)^T by ``kernels.nf4.nf4_matmul_panels``: W decoded a panel at a time
     into each worker's L2 and multiplied there by a register-blocked GEMM micro-kernel
     (no BLAS call, no decoded tile in memory), numba's threads taking tasks as they come
     (OpenBLAS's are not parked for it). Each row's result is the same bits whatever the

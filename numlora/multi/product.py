@@ -20,7 +20,7 @@ import threading
 import numpy as np
 
 from .._backward import base_product as base_product_dense
-from .._nf4_products import FUSED_MAX_ROWS, blas_product, panels_ok
+from .._nf4_products import FUSED_MAX_ROWS, blas_product, panel_product, panels_ok
 from .._nf4_products import forward as nf4_product
 
 __all__ = ["BUCKETS", "REF_ROWS", "RowStableProduct", "base_product"]
@@ -129,8 +129,10 @@ def base_product(weight, nf4, row_stable: bool, nf4_path: str):
         product = _nf4_by_size(nf4)
     elif nf4_path == "fused":
         product = _nf4_fused(nf4)
+    elif panels_ok(nf4):
+        exact = True
+        product = _nf4_panels(nf4)
     else:
-        exact = panels_ok(nf4)
         product = _nf4_tiles(nf4)
     if not row_stable:
         return product
@@ -167,10 +169,19 @@ def _nf4_fused(t):
     return product
 
 
+def _nf4_panels(t):
+    scales = np.asarray(t.scales)
+
+    def product(x2, out2):
+        panel_product(x2, t, scales, out2)
+
+    return product
+
+
 def _nf4_tiles(t):
     scales = np.asarray(t.scales)
 
     def product(x2, out2):
-        blas_product(x2, t, scales, out2, panels=True)
+        blas_product(x2, t, scales, out2)
 
     return product
