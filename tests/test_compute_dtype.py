@@ -187,17 +187,19 @@ def test_bf16_dot_instruction_path(monkeypatch):
     for out_f, in_f, bs in ((70, 256, 64), (37, 384, 128), (20, 512, 256)):
         t, x, b = _operands(rng, out_f, in_f, 21, bs=bs)
         got = nl.nf4_matmul(x, t, bias=b, compute_dtype="bfloat16")
-        for n in (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 17):  # every row the same bits whatever the batch
+        for n in (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 16, 17, 19):  # every row the same bits whatever the batch
             assert np.array_equal(nl.nf4_matmul(x[:n], t, bias=b, compute_dtype="bfloat16"), got[:n])
         # a batch's last, partial group of BF16_BX rows: through the decoded rows with zero
         # rows of padding (bf16_input), or without them through the fused kernel: same bits
-        xq = x[:11]
-        want = np.empty((11, out_f), np.float32)
-        padded = kc.bf16_input(11, in_f)
-        assert padded.shape[0] % kc.BF16_BX == 0 and not padded[11:].any()
+        m = kc.BF16_DECODED_FROM + 2  # decoded, and not a whole number of groups
+        assert m % kc.BF16_BX and m <= x.shape[0]
+        xq = x[:m]
+        want = np.empty((m, out_f), np.float32)
+        padded = kc.bf16_input(m, in_f)
+        assert padded.shape[0] % kc.BF16_BX == 0 and not padded[m:].any()
         kc.bf16_bits(xq, padded)
         kc.bf16_product(t.packed, t.scales, t.blocksize, t.code, padded, want)
-        plain = np.empty((11, in_f), np.uint16)
+        plain = np.empty((m, in_f), np.uint16)
         kc.bf16_bits(xq, plain)
         other = np.empty_like(want)
         kc.bf16_product(t.packed, t.scales, t.blocksize, t.code, plain, other)

@@ -257,8 +257,12 @@ BF16_ROWS = 16  # weight rows per parallel task of the bf16 dot-product kernel
 
 #: From this many input rows the bf16 product decodes each weight row once into a
 #: per-task buffer (:func:`nf4_matmul_bf16_decoded`) instead of once per group of input
-#: rows (``_simd.BF16_GROUP_NW``).
-BF16_DECODED_FROM = 9
+#: rows (``_simd.BF16_GROUP_NW``). Up to 16 rows (two groups of 8) the fused kernel was
+#: faster: 4096 x 4096, AMD EPYC (AVX512-BF16), separate processes, batch 9 / 16: 1.26-1.43
+#: / 2.0-2.08 ms against 1.65-1.90 / 2.02-2.32 decoded (one thread 2.51 / 3.70 against
+#: 2.95 / 3.95); from 20-24 rows the decoded rows were as fast or faster, at 32 3.3-3.7
+#: against 3.6-4.6 (docs/performance.md, "bf16: the fused kernel up to 16 rows").
+BF16_DECODED_FROM = 17
 #: Bytes of decoded rows per task of that kernel (L2-sized, a whole number of BF16_BW rows).
 BF16_DECODED_BYTES = 384 * 1024
 
