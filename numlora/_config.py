@@ -22,12 +22,12 @@
     inputs). Results never depend on it.
 
 ``NUMLORA_PARK_BLAS``
-    ``1`` (default) lets numlora park OpenBLAS's worker threads (OpenBLAS's own
-    ``blas_thread_shutdown_``, what it does before a ``fork``) right before a large
-    parallel kernel, in a program with a single Python thread: after a BLAS call those
-    threads spin for up to ~0.1 s and hold a core, so the next numlora kernel ran at one
-    thread's speed (see docs/performance.md); the next BLAS call starts them again.
-    ``0`` never touches them.
+    ``1`` (default) lets numlora send OpenBLAS's spinning worker threads to sleep right
+    before a large parallel kernel, in a program with a single Python thread: after a BLAS
+    call those threads spin for up to ~0.1 s and hold a core, so the next numlora kernel
+    ran at one thread's speed (see docs/performance.md). Their spin timeout is shortened
+    until the kernel returns (``numlora.kernels._blas``); the threads stay alive and the
+    next BLAS call wakes them. ``0`` never touches them.
 
 ``NUMLORA_STEER_WORKERS``
     ``1`` (default) keeps numba's sleeping OpenMP workers off the core of the thread that

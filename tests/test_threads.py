@@ -190,67 +190,115 @@ def test_serial_kernels_leave_numba_alone():
 
 
 PARK_PROBE = r"""
-import json, os, threading
+import json, os, threading, time
 import numpy as np
-from numlora.kernels import _jit
+from numlora.kernels import _blas, _jit
 
-def threads():
-    return len(os.listdir("/proc/self/task"))
+main = str(threading.get_native_id())
+
+
+def states():  # the scheduler state of every thread but this one
+    out = []
+    for tid in os.listdir("/proc/self/task"):
+        if tid != main:
+            try:
+                out.append(open(f"/proc/self/task/{tid}/stat").read().rsplit(")", 1)[1].split()[0])
+            except OSError:
+                pass
+    return out
+
+
+def settle(running):  # until at most `running` threads run (up to 40 ms: a spinning worker
+    # sleeps by itself after OpenBLAS's own timeout, ~0.1 s); the count then
+    end = time.monotonic() + 0.04
+    while states().count("R") > running and time.monotonic() < end:
+        time.sleep(0.001)
+    return states().count("R")
+
 
 a = np.random.default_rng(0).standard_normal((256, 256)).astype(np.float32)
-before = a @ a  # OpenBLAS starts its workers
-spinning = threads()
-out = {"found": len(_jit._openblas_shutdowns()), "spinning": spinning}
+before = a @ a  # OpenBLAS's workers spin after it
+cells = _blas.DOZER.cells()
+out = {"found": len(cells), "own": [c.value for c in cells], "spinning": states().count("R"),
+       "threads": len(states())}
 ev = threading.Event()
 other = threading.Thread(target=ev.wait)
 other.start()
 out["with_a_second_thread"] = _jit.park_blas()
-out["after_refusal"] = threads() - 1  # the other thread still alive
+out["untouched"] = [c.value for c in cells]
 ev.set()
 other.join()
-
-
-def settle(above):  # until the kernel has reaped joined threads (up to 1 s): the count at most `above`
-    for _ in range(1000):
-        if threads() <= above:
-            break
-        threading.Event().wait(0.001)
-    return threads()
-
-
-settle(spinning)
+a @ a
 out["parked"] = _jit.park_blas()
-out["after_park"] = settle(spinning - 1)  # pthread_join returns before the kernel drops the task
-again = a @ a  # OpenBLAS starts them again
+out["short"] = [c.value for c in cells]
+out["spinning_parked"] = settle(0)
+out["threads_parked"] = len(states())  # asleep, not gone
+_jit.restart_blas()
+out["restored"] = [c.value for c in cells]
+again = a @ a  # wakes them
 out["same_bits"] = bool(np.array_equal(before.view(np.uint32), again.view(np.uint32)))
-out["after_next_call"] = threads()
+out["spinning_again"] = states().count("R")
+# a parallel kernel that returns after a park lets them spin again
+_jit.park_blas()
+from numlora.kernels import nf4 as k
+x = np.linspace(-1, 1, 1 << 16, dtype=np.float32)
+packed, absmax = np.empty(1 << 15, np.uint8), np.empty(1 << 10, np.float32)
+k.nf4_quantize_simd(x, x.view(np.int32), 64, np.zeros(16, np.float32), packed, absmax, absmax.view(np.int32)) \
+    if k.SIMD_LANES else k.nf4_dequantize_range(np.zeros(8, np.uint8), np.ones(1, np.float32), 16,
+                                                np.zeros(16, np.float32), 0, 16, np.empty(16, np.float32))
+out["after_kernel"] = [c.value for c in cells]
+out["pending"] = bool(_jit._PARKED)
 print(json.dumps(out))
 """
 
 
 def _park_probe(**env):
-    full = {k: v for k, v in os.environ.items() if k not in ("NUMLORA_PARK_BLAS", "NUMBA_DISABLE_JIT")}
+    full = {k: v for k, v in os.environ.items() if k not in ("NUMLORA_PARK_BLAS", "NUMBA_DISABLE_JIT",
+                                                             "NUMLORA_PARALLEL")}
     full.update(OPENBLAS_NUM_THREADS="2", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), **env)
     r = subprocess.run([sys.executable, "-c", PARK_PROBE], env=full, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout.strip().splitlines()[-1])
-    if not out["found"] or out["spinning"] < 2:
-        pytest.skip("numpy's BLAS here is not a multi-threaded OpenBLAS on Linux")
+    if not out["found"] or out["spinning"] < 1:
+        pytest.skip("numpy's BLAS here is not a multi-threaded OpenBLAS whose spin timeout numlora can find")
     return out
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds OpenBLAS through /proc/self/maps")
-def test_openblas_workers_are_parked_only_in_a_single_threaded_program():
+def test_openblas_workers_sleep_through_a_parked_kernel_and_spin_again_after():
     out = _park_probe()
-    assert out["with_a_second_thread"] is False and out["after_refusal"] == out["spinning"]
-    assert out["parked"] is True and out["after_park"] < out["spinning"]  # the workers are gone
-    assert out["after_next_call"] == out["spinning"] and out["same_bits"]  # and come back, same results
+    own = out["own"]
+    assert all(v >= 16 and v & (v - 1) == 0 for v in own)
+    assert out["with_a_second_thread"] is False and out["untouched"] == own  # another thread: left alone
+    assert out["parked"] is True and out["short"] == [16] * len(own)
+    assert out["spinning_parked"] == 0 and out["threads_parked"] == out["threads"]  # asleep, still there
+    assert out["restored"] == own and out["same_bits"]
+    assert out["spinning_again"] >= 1  # the next BLAS call woke them and they spin as before
+    assert out["after_kernel"] == own and out["pending"] is False
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds OpenBLAS through /proc/self/maps")
 def test_numlora_park_blas_0_leaves_openblas_alone():
     out = _park_probe(NUMLORA_PARK_BLAS="0")
-    assert out["parked"] is False and out["after_park"] == out["spinning"]
+    assert out["parked"] is False and out["short"] == out["own"] and out["restored"] == out["own"]
+
+
+def test_elf_symbols_reads_the_symbol_table(tmp_path):
+    from numlora.kernels import _blas
+
+    paths = sorted(_blas._openblas_paths())
+    if paths:
+        syms = _blas.elf_symbols(paths[0], ("blas_thread_shutdown_", "thread_timeout", "no_such_symbol"))
+        assert "no_such_symbol" not in syms
+        if "thread_timeout" in syms:
+            assert syms["thread_timeout"][1:] == (4, 1)  # a 4-byte object
+            assert syms["blas_thread_shutdown_"][2] == 2  # a function
+    junk = tmp_path / "libopenblas_fake.so"
+    junk.write_bytes(b"\x7fELF\x02\x01" + bytes(58))  # an ELF header with no sections
+    assert _blas.elf_symbols(str(junk), ("thread_timeout",)) == {}
+    junk.write_bytes(b"not an ELF file at all")
+    assert _blas.elf_symbols(str(junk), ("thread_timeout",)) == {}
+    assert _blas._timeout_of(str(junk)) is None
 
 
 STEER_PROBE = r"""

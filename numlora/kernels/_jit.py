@@ -256,70 +256,62 @@ THREADS = _setup_threads()
 STEER = _steer.make(_config.STEER_WORKERS, THREADS)
 
 
-#: (``len(sys.modules)`` when the process's OpenBLAS libraries were last looked up, their
-#: ``blas_thread_shutdown_`` functions)
-_BLAS = [-1, []]
-
-
-def _openblas_shutdowns() -> list:
-    """``blas_thread_shutdown_`` of every OpenBLAS library mapped into the process
-    (Linux; numpy's and scipy's bundled ones), looked up again after new imports."""
-    if _BLAS[0] == len(sys.modules):
-        return _BLAS[1]
-    import ctypes
-
-    found = []
-    paths = {p for p in _mapped_files() or () if "openblas" in p.lower() and ".so" in p}
-    for path in sorted(paths):
-        try:
-            fn = ctypes.CDLL(path).blas_thread_shutdown_
-        except (OSError, AttributeError):
-            continue
-        fn.restype = ctypes.c_int
-        found.append(fn)
-    _BLAS[0], _BLAS[1] = len(sys.modules), found
-    return found
-
-
-#: Work from which numlora parks OpenBLAS's threads before a parallel kernel: elements of
-#: the weight for quantize / dequantize / merge (4096 x 4096 and up), weight elements
-#: times input rows for the NF4 products (2^27: a 4096 x 4096 weight from 8 rows, 4096 x
-#: 1024 from 32). The next BLAS call pays for restarting them: measured up to 4 ms inside
-#: a numpy + numlora block at batch 8 with products of 2^23-2^25, more than such 1-3 ms
-#: kernels gain; from 2^27 on the products gained more than that in every measurement
-#: (the pipeline block at batch 128, 4096 x 4096 at batch 8-32 after a numpy product;
+#: Work from which numlora puts OpenBLAS's spinning workers to sleep for a parallel
+#: kernel: elements of the weight for quantize / dequantize / merge (4096 x 4096 and up),
+#: weight elements times input rows for the NF4 products (2^27: a 4096 x 4096 weight from
+#: 8 rows, 4096 x 1024 from 32). Below, the kernel shares a core with a spinning worker
+#: (1-3 ms kernels measured faster that way inside a numpy + numlora block at batch 8,
+#: where the wake-up of the workers in the next BLAS call cost more than they gained);
+#: from 2^27 on the products gained more than that in every measurement (the pipeline
+#: block at batch 128, 4096 x 4096 at batch 8-32 after a numpy product;
 #: docs/performance.md).
 PARK_MIN_ELEMS = 1 << 24
 PARK_MIN_WORK = 1 << 27
 
+#: Kernels whose OpenBLAS workers were put to sleep and not yet let spin again: the next
+#: parallel kernel to return calls :func:`restart_blas` (a one-slot list: ``[True]``).
+_PARKED: list = []
+
 
 def park_blas() -> bool:
-    """Park OpenBLAS's worker threads before a large parallel kernel; True if it did.
+    """Put OpenBLAS's spinning worker threads to sleep for the next parallel kernel
+    (``kernels._blas``: their spin timeout shortened until the kernel returns, when
+    :func:`restart_blas` writes it back); True if it did.
 
     After a BLAS call OpenBLAS's workers spin (up to ~0.1 s; the scipy-openblas build
     numpy ships does not yield the core), and numba's worker on that core then gets
     next to nothing: a 10 ms kernel took 20 ms, one thread's time, for as long as they
-    spin. ``blas_thread_shutdown_`` (what OpenBLAS runs before a ``fork``) stops them in
-    20-40 us; the next BLAS call starts them again (~0.05 ms). Done only where it is
-    safe without a lock: no other Python thread exists, so no BLAS call can be running
-    (numpy's BLAS calls return only when OpenBLAS's workers are done), and only with
-    ``NUMLORA_PARK_BLAS`` on (the default) and numba's kernels parallel."""
-    if not (_config.PARK_BLAS and _config.PARALLEL):
-        return False
-    import threading
-
+    spin. The workers are not stopped (that was measured to cost the next BLAS call up to
+    16 ms: see ``kernels._blas``), only sent to sleep; the next BLAS call wakes them. Done
+    with ``NUMLORA_PARK_BLAS`` on (the default), numba's kernels parallel, and one Python
+    thread in the program (so the next kernel to return is this one's)."""
+    if _PARKED or not (_config.PARK_BLAS and _config.PARALLEL):
+        return bool(_PARKED)
     if threading.active_count() != 1:
         return False
-    fns = _openblas_shutdowns()
-    for fn in fns:
-        fn()
-    return bool(fns)
+    from ._blas import DOZER
+
+    if DOZER.doze():
+        _PARKED.append(True)
+        return True
+    return False
+
+
+def restart_blas() -> None:
+    """Let OpenBLAS's workers spin as long as before again (after :func:`park_blas`; called
+    by the parallel kernel that returns next). Sleeping workers stay asleep until the
+    next BLAS call wakes them, where they were."""
+    if _PARKED:
+        _PARKED.clear()
+        from ._blas import DOZER
+
+        DOZER.wake()
 
 
 def park_before(work: int, minimum: int = PARK_MIN_ELEMS) -> None:
     """:func:`park_blas` before a parallel kernel of ``work`` weight elements (or, for the
     NF4 products, weight elements times input rows against :data:`PARK_MIN_WORK`): only
-    from ``minimum`` on, where the kernel gains more than the next BLAS call pays."""
+    from ``minimum`` on."""
     if work >= minimum:
         park_blas()
 
@@ -452,6 +444,14 @@ class ParallelKernel:
         return self._serial
 
     def __call__(self, *args):
+        if _PARKED:  # OpenBLAS's workers sent to sleep for this kernel: let spin again as it returns
+            try:
+                return self._run(args)
+            finally:
+                restart_blas()
+        return self._run(args)
+
+    def _run(self, args):
         n = num_threads()
         if n == 1 or (self._below and _config.SMALL_SERIAL and self._work(*args) < self._below):
             return self.serial(*args, _TEAM_ALONE, 1) if self._team else self.serial(*args)
