@@ -233,11 +233,11 @@ def merge_lora(weight, lora_a, lora_b, scaling, fan_in_fan_out=False, *, record=
     k = _kernels()
     scale = w.dtype.type(s)
     simd = _use_simd(k, w)
-    _park(w)
     rec = None
     if record:
         buffers = _record_buffers(reuse, w)
     dst, w = _careful_target(w, p, q, s)
+    _park(w)  # after every check that may raise: the next kernel lets OpenBLAS's workers spin again
     with _quiet(dst):  # a careful merge may overflow in the copy: checked next, not warned
         if not record:
             (k.merge_plain_simd if simd else k.merge_plain)(w, p, q, scale)
@@ -356,9 +356,9 @@ def unmerge_lora(weight, lora_a, lora_b, scaling, fan_in_fan_out=False, *, recor
     k = _kernels()
     scale = w.dtype.type(s)
     simd = _use_simd(k, w)
-    _park(w)
     if record is None:
         dst, w = _careful_target(w, p, q, s)
+        _park(w)
         with _quiet(dst):
             (k.merge_plain_simd if simd else k.merge_plain)(w, p, q, -scale)
         w = _careful_commit(dst, w, weight, "unmerge_lora")
@@ -381,6 +381,7 @@ def unmerge_lora(weight, lora_a, lora_b, scaling, fan_in_fan_out=False, *, recor
             )
         record.used = True
         wi, maxint, minint = _int_view(w)
+        _park(w)
         if simd:
             k.unmerge_tracked_fused(w, wi, p, q, scale, record.corr, record.exc_col, record.exc_bits, record.exc_count)
         else:
