@@ -145,9 +145,11 @@ def _expand_operands(k, u, lora_b, out2):
 
 
 def _park(t, n) -> None:
-    """Park OpenBLAS's spinning threads before a parallel NF4 kernel of n input rows."""
+    """Send OpenBLAS's spinning workers to sleep before a parallel NF4 kernel of n input
+    rows: from ``_jit.PARK_MIN_ROWS`` rows and ``_jit.PARK_MIN_WORK`` weight-rows."""
     jit = kernels("_jit")
-    jit.park_before(n * t.numel, jit.PARK_MIN_WORK)
+    if n >= jit.PARK_MIN_ROWS:
+        jit.park_before(n * t.numel, jit.PARK_MIN_WORK)
 
 
 def words_layout(x2, lanes):

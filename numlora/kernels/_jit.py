@@ -257,16 +257,18 @@ STEER = _steer.make(_config.STEER_WORKERS, THREADS)
 
 
 #: Work from which numlora puts OpenBLAS's spinning workers to sleep for a parallel
-#: kernel: elements of the weight for quantize / dequantize / merge (4096 x 4096 and up),
-#: weight elements times input rows for the NF4 products (2^27: a 4096 x 4096 weight from
-#: 8 rows, 4096 x 1024 from 32). Below, the kernel shares a core with a spinning worker
-#: (1-3 ms kernels measured faster that way inside a numpy + numlora block at batch 8,
-#: where the wake-up of the workers in the next BLAS call cost more than they gained);
-#: from 2^27 on the products gained more than that in every measurement (the pipeline
-#: block at batch 128, 4096 x 4096 at batch 8-32 after a numpy product;
-#: docs/performance.md).
+#: kernel: elements of the weight for quantize / dequantize / merge (4096 x 4096 and up);
+#: for the NF4 products, batches of PARK_MIN_ROWS rows and more (compute-bound: a kernel
+#: sharing a core with a spinning worker ran at one thread's speed) and weight elements
+#: times rows from PARK_MIN_WORK (a 1024 x 1024 weight at 8 rows). Measured in the
+#: numpy + numlora block of ``numlora bench --pipeline`` (docs/performance.md, "OpenBLAS's
+#: workers put to sleep, not stopped"): the training pass at batch 8 8.3-9.2 ms with 2^23
+#: against 11.0-12.4 with 2^27, the batch-1 passes the same; from 2^20 the batch-1 passes
+#: were slower (the next numpy product waits for its worker to wake), and at 1-4 rows on
+#: 4096 x 4096 the products gained nothing (0.70-0.74 against 0.67 ms at batch 1).
 PARK_MIN_ELEMS = 1 << 24
-PARK_MIN_WORK = 1 << 27
+PARK_MIN_WORK = 1 << 23
+PARK_MIN_ROWS = 8
 
 #: Kernels whose OpenBLAS workers were put to sleep and not yet let spin again: the next
 #: parallel kernel to return calls :func:`restart_blas` (a one-slot list: ``[True]``).
