@@ -1,5 +1,5 @@
-"""The NF4 products over validated 2-D float32 arrays: the fused and tiled forward, the
-large-batch path through BLAS (and the panel GEMM the bank's row-stable product runs),
+"""The NF4 products over validated 2-D float32 arrays: the fused forward, the panel GEMM of
+large batches (the bank's row-stable product runs it too) and their path through BLAS,
 the input gradient ``G deq(W)``; the designated home of
 the NF4 internals that :mod:`numlora.nf4` and the bank's base product
 (:mod:`numlora.multi.product`) share (every module may import from here).
@@ -75,9 +75,8 @@ def words_ok(k, in_f, blocksize) -> bool:
 TILE_ELEMS = 1 << 21
 
 #: Batches up to this many rows run the fused kernels (each byte of W decoded once, in
-#: registers, for every row); larger batches decode tiles of W and hand them to BLAS,
-#: whose GEMM is faster than anything that decodes as it multiplies once the decode cost
-#: is spread over this many rows.
+#: registers, for every row); larger batches run the panel GEMM (:func:`panel_product`),
+#: or decode tiles of W and hand them to BLAS where the panels do not take the weight.
 FUSED_MAX_ROWS = 16
 
 
@@ -103,7 +102,11 @@ def forward(x2, t, lora_a, lora_b, s, bias, out2, x_lora=None, u_out=None, mode=
     b_arr = bias if use_bias else np.zeros(1, np.float32)
     xl = x2 if x_lora is None else x_lora
     if n > FUSED_MAX_ROWS:
-        blas_product(x2, t, scales, out2)
+        if panels_ok(t) and out2.flags.c_contiguous:
+            _park(t, n)
+            panel_product(x2, t, scales, out2)
+        else:
+            blas_product(x2, t, scales, out2)
         if lora_a is not None:
             bw.add_low_rank(xl, lora_a, lora_b, s, out2, u_out)
         if use_bias:
@@ -184,14 +187,14 @@ def panels_ok(t) -> bool:
 def panel_product(x2, t, scales, out2):
     """out2 (C-contiguous) = x2 deq(W)^T by ``kernels.nf4.nf4_matmul_panels``: W decoded a panel at a time
     into each worker's L2 and multiplied there by a register-blocked GEMM micro-kernel
-    (no BLAS call, no decoded tile in memory), numba's threads taking tasks as they come
-    (OpenBLAS's are not parked for it). Each row's result is the same bits whatever the
-    batch size and the thread count. Measured against the decoded tiles with OpenBLAS
-    (AMD EPYC, AVX-512, 2 cores, 4096 x 4096, the cores free; docs/performance.md): 11.5
-    against 16.7 ms at batch 64, 21.9 against 28.4 at 128, 170 against 210 at 1024; with
-    OpenBLAS's workers spinning on a core after a numpy product it shares that core, and
-    the tiles (BLAS, as the numpy product) keep their speed better, so :func:`forward`
-    keeps them (docs/performance.md, "Large batches: panels, and where they run")."""
+    (no BLAS call, no decoded tile in memory), numba's threads taking tasks as they come.
+    Each row's result is the same bits whatever the batch size and the thread count.
+    Measured against the decoded tiles with OpenBLAS (AMD EPYC, AVX-512, 2 cores, 4096 x
+    4096, the cores free; docs/performance.md): 11.5 against 16.7 ms at batch 64, 21.9
+    against 28.4 at 128, 170 against 210 at 1024. Right after a numpy product OpenBLAS's
+    spinning workers would share a core with it: :func:`forward` sends them to sleep
+    first (``_jit.park_blas``; docs/performance.md, "The panels in the public
+    products")."""
     k = kernels("nf4")
     n, width = x2.shape
     ng = -(-n // k.PANEL_MR)

@@ -123,11 +123,12 @@ def test_non_finite_inputs_stay_in_their_rows(rng):
     assert np.array_equal(got[keep].view(np.uint32), clean[keep].view(np.uint32))
 
 
-def test_the_bank_runs_the_panels_and_nf4_matmul_the_tiles(rng, monkeypatch):
+def test_the_bank_and_the_products_above_16_rows_run_the_panels(rng, monkeypatch):
     """The row-stable bank over an NF4 base runs the panels at every batch size (one
     arithmetic: a row's bits whatever else is in the batch); ``nf4_matmul``,
-    ``qlora_forward`` and the layers keep decoded tiles and BLAS above 16 rows, which
-    share the cores with numpy's own BLAS threads (docs/performance.md)."""
+    ``qlora_forward`` and the layers run them above 16 rows (OpenBLAS's spinning workers
+    sent to sleep for them, docs/performance.md), and decoded tiles with BLAS for a
+    weight the panels do not take."""
     out_f, in_f = 2 * _simd.PANEL_NR, 256
     t, w = _weight(rng, (out_f, in_f), 64)
     ran = []
@@ -155,12 +156,21 @@ def test_the_bank_runs_the_panels_and_nf4_matmul_the_tiles(rng, monkeypatch):
     one = bank.forward(x[3:4], ids[3:4])  # batch 1 against its row of the batch
     assert np.array_equal(one[0].view(np.uint32), y[3].view(np.uint32))
     ran.clear()
-    nl.nf4_matmul(x, t)
+    got = nl.nf4_matmul(x, t)
     nl.qlora_forward(x, t, a, b, 0.5)
     layer = nl.QLoraLinear(t, a, b, 2.0)
     layer.eval()
     layer.forward(x)
+    assert ran == [x.shape[0]] * 3
+    assert np.abs(got - x64 @ w.T.astype(np.float64)).max() <= 2e-6 * np.abs(ref).max()
+    part = nl.nf4_matmul(x[:ROWS], t)  # a row's bits whatever the batch above 16 rows
+    assert np.array_equal(part.view(np.uint32), got[:ROWS].view(np.uint32))
+    t2, w2 = _weight(rng, (out_f + 8, in_f), 64)  # not a whole number of panels: the tiles
+    ran.clear()
+    y2 = nl.nf4_matmul(x, t2)
     assert ran == []
+    ref2 = x64 @ w2.T.astype(np.float64)
+    assert np.abs(y2 - ref2).max() <= 2e-6 * np.abs(ref2).max()
 
 
 def test_an_nf4_bank_the_panels_do_not_take_calibrates(rng):
