@@ -21,11 +21,12 @@ share one shortening (counted under a lock), so the value written back is always
 library's own.
 
 The variable is found by name in the library file's ELF symbol table (``.symtab``; the
-wheels' OpenBLAS keeps it): its address is the address of an exported function minus that
-function's value in the same table, plus the variable's. It is used only when it is a
-4-byte object holding a power of two between 2^4 and 2^30 (the range OpenBLAS itself
-allows); otherwise that library is left alone. Linux only (the libraries are found in
-``/proc/self/maps``).
+wheels' OpenBLAS keeps it): its address is the library's load address (an exported
+function's address minus that function's value in the same table) plus the variable's
+value. It is used only when it is a 4-byte object holding a power of two between 2^4 and
+2^30 (the range OpenBLAS itself allows), and when two exported functions
+(``blas_thread_shutdown_``, ``blas_thread_init``) give the same load address; otherwise
+that library is left alone. Linux only (the libraries are found in ``/proc/self/maps``).
 """
 
 from __future__ import annotations
@@ -39,8 +40,8 @@ import numpy as np
 
 #: The spin, in CPU cycles, while a numlora kernel runs (OpenBLAS's own minimum).
 SHORT_SPIN = 16
-#: The exported function whose address locates the library in memory.
-_ANCHOR = "blas_thread_shutdown_"
+#: Exported functions whose addresses locate the library in memory (both must agree).
+_ANCHORS = ("blas_thread_shutdown_", "blas_thread_init")
 _VARIABLE = "thread_timeout"
 
 
@@ -91,17 +92,17 @@ def _timeout_of(path: str):
     import ctypes
 
     try:
-        syms = elf_symbols(path, (_ANCHOR, _VARIABLE))
+        syms = elf_symbols(path, _ANCHORS + (_VARIABLE,))
         lib = ctypes.CDLL(path)
-        anchor = ctypes.cast(getattr(lib, _ANCHOR), ctypes.c_void_p).value
-    except (OSError, AttributeError, ValueError, struct.error):
+        bases = {ctypes.cast(getattr(lib, a), ctypes.c_void_p).value - syms[a][0] for a in _ANCHORS}
+    except (OSError, AttributeError, ValueError, KeyError, TypeError, struct.error):
         return None
-    if _ANCHOR not in syms or _VARIABLE not in syms or not anchor:
+    if _VARIABLE not in syms or len(bases) != 1:  # the table must place both functions where they are
         return None
     value, size, kind = syms[_VARIABLE]
     if size != 4 or kind != 1:  # a 4-byte STT_OBJECT
         return None
-    cell = ctypes.c_uint.from_address(anchor - syms[_ANCHOR][0] + value)
+    cell = ctypes.c_uint.from_address(bases.pop() + value)
     v = cell.value
     if not (16 <= v <= 1 << 30 and v & (v - 1) == 0):
         return None
