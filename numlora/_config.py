@@ -23,7 +23,8 @@
 
 ``NUMLORA_PARK_BLAS``
     ``1`` (default) lets numlora send OpenBLAS's spinning worker threads to sleep right
-    before a large parallel kernel, in a program with a single Python thread: after a BLAS
+    before a large parallel kernel (from any thread; the spin comes back when the kernel
+    returns): after a BLAS
     call those threads spin for up to ~0.1 s and hold a core, so the next numlora kernel
     ran at one thread's speed (see docs/performance.md). Their spin timeout is shortened
     until the kernel returns (``numlora.kernels._blas``); the threads stay alive and the

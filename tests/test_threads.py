@@ -221,13 +221,30 @@ before = a @ a  # OpenBLAS's workers spin after it
 cells = _blas.DOZER.cells()
 out = {"found": len(cells), "own": [c.value for c in cells], "spinning": states().count("R"),
        "threads": len(states())}
-ev = threading.Event()
-other = threading.Thread(target=ev.wait)
-other.start()
-out["with_a_second_thread"] = _jit.park_blas()
-out["untouched"] = [c.value for c in cells]
-ev.set()
-other.join()
+# two threads' parks: the spin comes back when the last one ends, each ending its own
+done, go = threading.Event(), threading.Event()
+seen = {}
+
+
+def other():
+    seen["parked"] = _jit.park_blas()
+    done.set()
+    go.wait()
+    _jit.restart_blas()
+
+
+th = threading.Thread(target=other)
+th.start()
+done.wait()
+out["other_parked"] = seen["parked"]
+out["own_park_too"] = _jit.park_blas()
+_jit.restart_blas()  # this thread's: the other's still pending
+out["one_pending"] = [c.value for c in cells]
+_jit.restart_blas()  # a second call here ends nothing (the other thread's park is its own)
+out["still_pending"] = [c.value for c in cells]
+go.set()
+th.join()
+out["none_pending"] = [c.value for c in cells]
 a @ a
 out["parked"] = _jit.park_blas()
 out["short"] = [c.value for c in cells]
@@ -247,7 +264,7 @@ k.nf4_quantize_simd(x, x.view(np.int32), 64, np.zeros(16, np.float32), packed, a
     if k.SIMD_LANES else k.nf4_dequantize_range(np.zeros(8, np.uint8), np.ones(1, np.float32), 16,
                                                 np.zeros(16, np.float32), 0, 16, np.empty(16, np.float32))
 out["after_kernel"] = [c.value for c in cells]
-out["pending"] = bool(_jit._PARKED)
+out["pending"] = bool(_blas.DOZER.depth)
 print(json.dumps(out))
 """
 
@@ -269,7 +286,9 @@ def test_openblas_workers_sleep_through_a_parked_kernel_and_spin_again_after():
     out = _park_probe()
     own = out["own"]
     assert all(v >= 16 and v & (v - 1) == 0 for v in own)
-    assert out["with_a_second_thread"] is False and out["untouched"] == own  # another thread: left alone
+    assert out["other_parked"] is True and out["own_park_too"] is True
+    assert out["one_pending"] == out["still_pending"] == [16] * len(own)  # the other thread's park holds
+    assert out["none_pending"] == own  # and its end brings the spin back
     assert out["parked"] is True and out["short"] == [16] * len(own)
     assert out["spinning_parked"] == 0 and out["threads_parked"] == out["threads"]  # asleep, still there
     assert out["restored"] == own and out["same_bits"]

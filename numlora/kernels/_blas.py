@@ -118,7 +118,8 @@ class Dozer:
         self._cells = None  # {path: c_uint or None}, looked up on first use
         self._modules = -1  # len(sys.modules) when the libraries were looked up
         self._saved = []  # [(c_uint, its value before the shortening)] while depth > 0
-        self._depth = 0
+        #: Parks pending (every thread's): the spin is short while this is above 0.
+        self.depth = 0
 
     def cells(self) -> list:
         """The timeout cells of every OpenBLAS library mapped now (looked up again after
@@ -132,22 +133,22 @@ class Dozer:
     def doze(self) -> bool:
         """Shorten every library's spin (the first of nested calls); True if any is."""
         with self._lock:
-            if self._depth == 0:
+            if self.depth == 0:
                 self._saved = [(c, c.value) for c in self.cells()]
                 if not self._saved:
                     return False
                 for cell, _ in self._saved:
                     cell.value = SHORT_SPIN
-            self._depth += 1
+            self.depth += 1
             return True
 
     def wake(self) -> None:
         """Undo one :meth:`doze`: the last one writes every library's value back."""
         with self._lock:
-            if self._depth == 0:
+            if self.depth == 0:
                 return
-            self._depth -= 1
-            if self._depth == 0:
+            self.depth -= 1
+            if self.depth == 0:
                 for cell, own in self._saved:
                     cell.value = own
                 self._saved = []

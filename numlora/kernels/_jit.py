@@ -15,6 +15,7 @@ import numpy as np
 
 from .. import _config
 from . import _steer
+from ._blas import DOZER
 
 
 class _Refuse(importlib.abc.MetaPathFinder):
@@ -270,43 +271,42 @@ PARK_MIN_ELEMS = 1 << 24
 PARK_MIN_WORK = 1 << 23
 PARK_MIN_ROWS = 8
 
-#: Kernels whose OpenBLAS workers were put to sleep and not yet let spin again: the next
-#: parallel kernel to return calls :func:`restart_blas` (a one-slot list: ``[True]``).
-_PARKED: list = []
+#: The calling thread's pending park (``parked``: True from :func:`park_blas` until its
+#: next parallel kernel returns); :data:`_blas.DOZER` counts the parks of every thread.
+_LOCAL = threading.local()
 
 
 def park_blas() -> bool:
-    """Put OpenBLAS's spinning worker threads to sleep for the next parallel kernel
-    (``kernels._blas``: their spin timeout shortened until the kernel returns, when
-    :func:`restart_blas` writes it back); True if it did.
+    """Put OpenBLAS's spinning worker threads to sleep for the calling thread's next
+    parallel kernel (``kernels._blas``: their spin timeout shortened until that kernel
+    returns, when :func:`restart_blas` writes it back); True if it did.
 
     After a BLAS call OpenBLAS's workers spin (up to ~0.1 s; the scipy-openblas build
     numpy ships does not yield the core), and numba's worker on that core then gets
     next to nothing: a 10 ms kernel took 20 ms, one thread's time, for as long as they
     spin. The workers are not stopped (that was measured to cost the next BLAS call up to
     16 ms: see ``kernels._blas``), only sent to sleep; the next BLAS call wakes them. Done
-    with ``NUMLORA_PARK_BLAS`` on (the default), numba's kernels parallel, and one Python
-    thread in the program (so the next kernel to return is this one's)."""
-    if _PARKED or not (_config.PARK_BLAS and _config.PARALLEL):
-        return bool(_PARKED)
-    if threading.active_count() != 1:
+    with ``NUMLORA_PARK_BLAS`` on (the default) and numba's kernels parallel, in any
+    thread: each thread's park ends with its own next kernel, and the spin comes back when
+    the last one does (another thread's BLAS call meanwhile only finds its workers asleep
+    sooner)."""
+    if not (_config.PARK_BLAS and _config.PARALLEL):
         return False
-    from ._blas import DOZER
-
+    if getattr(_LOCAL, "parked", False):
+        return True
     if DOZER.doze():
-        _PARKED.append(True)
+        _LOCAL.parked = True
         return True
     return False
 
 
 def restart_blas() -> None:
-    """Let OpenBLAS's workers spin as long as before again (after :func:`park_blas`; called
-    by the parallel kernel that returns next). Sleeping workers stay asleep until the
-    next BLAS call wakes them, where they were."""
-    if _PARKED:
-        _PARKED.clear()
-        from ._blas import DOZER
-
+    """Let OpenBLAS's workers spin as long as before again, once no thread's park is
+    pending (after :func:`park_blas`; called by the calling thread's parallel kernel that
+    returns next). Sleeping workers stay asleep until the next BLAS call wakes them,
+    where they were."""
+    if getattr(_LOCAL, "parked", False):
+        _LOCAL.parked = False
         DOZER.wake()
 
 
@@ -446,7 +446,7 @@ class ParallelKernel:
         return self._serial
 
     def __call__(self, *args):
-        if _PARKED:  # OpenBLAS's workers sent to sleep for this kernel: let spin again as it returns
+        if DOZER.depth and getattr(_LOCAL, "parked", False):  # OpenBLAS's workers asleep for this kernel
             try:
                 return self._run(args)
             finally:
