@@ -156,13 +156,9 @@ class Dozer:
 
 def _openblas_paths() -> set:
     """The OpenBLAS libraries mapped into this process (Linux; none elsewhere)."""
-    try:
-        with open("/proc/self/maps") as f:
-            rows = (line.split(maxsplit=5) for line in f)
-            paths = {r[5].strip() for r in rows if len(r) == 6}
-    except OSError:
-        return set()
-    return {p for p in paths if "openblas" in os.path.basename(p).lower() and ".so" in p}
+    from ._jit import _mapped_files  # imported here: _jit imports this module
+
+    return {p for p in _mapped_files() or () if "openblas" in os.path.basename(p).lower() and ".so" in p}
 
 
 #: The process's dozer.
