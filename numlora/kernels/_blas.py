@@ -154,11 +154,20 @@ class Dozer:
                 self._saved = []
 
 
+def mapped_files() -> set | None:
+    """The paths of the files mapped into this process (Linux; None where that cannot be
+    read). ``_jit`` looks for libgomp with it too."""
+    try:
+        with open("/proc/self/maps") as f:
+            rows = (line.split(maxsplit=5) for line in f)
+            return {r[5].strip() for r in rows if len(r) == 6}  # anonymous mappings have no path
+    except OSError:
+        return None
+
+
 def _openblas_paths() -> set:
     """The OpenBLAS libraries mapped into this process (Linux; none elsewhere)."""
-    from ._jit import _mapped_files  # imported here: _jit imports this module
-
-    return {p for p in _mapped_files() or () if "openblas" in os.path.basename(p).lower() and ".so" in p}
+    return {p for p in mapped_files() or () if "openblas" in os.path.basename(p).lower() and ".so" in p}
 
 
 #: The process's dozer.

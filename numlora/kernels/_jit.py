@@ -15,7 +15,7 @@ import numpy as np
 
 from .. import _config
 from . import _steer
-from ._blas import DOZER
+from ._blas import DOZER, mapped_files
 
 
 class _Refuse(importlib.abc.MetaPathFinder):
@@ -167,20 +167,9 @@ prange = numba.prange
 USER_THREAD_VARS = ("NUMBA_THREADING_LAYER", "NUMBA_NUM_THREADS", "OMP_WAIT_POLICY")
 
 
-def _mapped_files() -> set | None:
-    """The paths of the files mapped into this process (Linux; None where that cannot be
-    read)."""
-    try:
-        with open("/proc/self/maps") as f:
-            rows = (line.split(maxsplit=5) for line in f)
-            return {r[5].strip() for r in rows if len(r) == 6}  # anonymous mappings have no path
-    except OSError:
-        return None
-
-
 def _libgomp_files() -> set | None:
     """The libgomp files mapped into this process (None where that cannot be read)."""
-    files = _mapped_files()
+    files = mapped_files()
     return None if files is None else {p for p in files if "libgomp" in p}
 
 
