@@ -13,6 +13,12 @@ numlora's harness; medians.
 ``--warm W --calls C``: per turn of each competitor, W untimed calls then C timed ones back
 to back (a steady state, as in a decode loop that runs one GEMV after another; the default
 1 / 1 times the second call after a 10 ms pause).
+
+``--layers L`` (default 32, 0: off): also a decode step through L distinct weights of the
+same size, one GEMV each in turn, as a model's layers are read in generation: together
+they are larger than the last-level cache, so each weight comes from main memory, and the
+step's bytes per second are set against the 512 MiB read (time per GEMV = the step's
+time / L).
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ def main() -> int:
     p.add_argument("--repeat", type=int, default=30)
     p.add_argument("--warm", type=int, default=1, help="untimed calls per turn")
     p.add_argument("--calls", type=int, default=1, help="timed calls per turn, back to back")
+    p.add_argument("--layers", type=int, default=32, help="distinct weights of the decode step (0: none)")
     args = p.parse_args()
     rng = np.random.default_rng(0)
     w = (rng.standard_normal((args.size, args.size)) * 0.02).astype(np.float32)
@@ -57,8 +64,19 @@ def main() -> int:
     big = np.ones(512 << 20, np.uint8)
     x = rng.standard_normal((1, args.size)).astype(np.float32)
     out = np.empty((1, args.size), np.float32)
+    # the layers: the weight quantized again, each copy in its own memory
+    layers = [nl.quantize_nf4(w, 64) for _ in range(args.layers)]
+
+    def step(dtype):
+        def f():
+            for lt in layers:
+                nl.nf4_matmul(x, lt, out=out, compute_dtype=dtype)
+        return f
+
     fns = [lambda: _read(same), lambda: _read(big), lambda: nl.nf4_matmul(x, t, out=out),
            lambda: nl.nf4_matmul(x, t, out=out, compute_dtype="bfloat16")]
+    if layers:
+        fns += [step("float32"), step("bfloat16")]
     for f in fns:
         f()
     ts = time_interleaved(fns, args.repeat, 0.01, calls=args.calls, warm=args.warm)
@@ -75,6 +93,15 @@ def main() -> int:
     for name, tm in (("nf4_matmul batch 1, float32", ts[2]), ("nf4_matmul batch 1, bf16 compute", ts[3])):
         gbs = nbytes / tm.median_ms / 1e6
         print(f"| {name} | {tm.median_ms:.3f} | ±{tm.spread:.0%} | {gbs:.1f} | {gbs / bw_same:.0%} |")
+    if layers:
+        print(f"\nDecode step through {len(layers)} distinct weights ({len(layers) * nbytes / 1e6:.0f} MB, from main "
+              "memory), one GEMV each:\n")
+        print("| what | ms per GEMV | spread | GB/s | of the main-memory read |")
+        print("|---|---|---|---|---|")
+        for name, tm in (("nf4_matmul batch 1, float32", ts[4]), ("nf4_matmul batch 1, bf16 compute", ts[5])):
+            per = tm.median_ms / len(layers)
+            gbs = nbytes / per / 1e6
+            print(f"| {name} | {per:.3f} | ±{tm.spread:.0%} | {gbs:.1f} | {gbs / bw_big:.0%} |")
     warn = noise_warning([tm.spread for tm in ts])
     if warn:
         print("\n" + warn)
