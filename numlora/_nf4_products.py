@@ -238,7 +238,8 @@ def row_tiles(t, scales, mode=0):
 def grad_input(g2, t, dx, mode=0):
     """dx = g2 deq(W) (overwritten). Up to FUSED_MAX_ROWS rows: the fused kernel (W
     decoded a row segment at a time, with SIMD permutes into an L1 buffer where the CPU
-    has them; 1-2 rows with the word decode and the sums in registers where it applies;
+    has them; up to ``SIMD_T_WORDS_MAX_ROWS`` (8) rows with the word decode and the sums in
+    registers where it applies, its weight lines prefetched;
     the same result every way). More rows: decode tiles of rows of W
     (TILE_ELEMS floats at most, serially, as the forward's large-batch path does) and
     accumulate ``G[:, rows] @ tile`` with BLAS; never a whole dequantized copy of W."""

@@ -105,14 +105,17 @@ def test_both_paths_match_reference_and_are_batch_independent(rng, kernel_path, 
 
 @pytest.mark.parametrize("shape,bs", [((70, 512), 64), ((33, 4096), 4096), ((41, 96), 16), ((66, 320), 32),
                                       ((20, 256), 128), ((18, 512), 256)])
-@pytest.mark.parametrize("n", [1, 2, 5, 16])
+@pytest.mark.parametrize("n", [1, 2, 5, 16, "words max", "words max + 1"])
 def test_transposed_product_paths_agree_bitwise(rng, kernel_path, shape, bs, n):
     """nf4_matmul_t on the SIMD decode and on the portable kernel: the same operations in
-    the same order (bit-identical), and both match the float64 product. 1-2 rows take
-    the word decode where it applies (blocks of half a chunk, of one and of two chunks
-    here on AVX-512), more rows the L1-buffer decode."""
+    the same order (bit-identical), and both match the float64 product. Up to
+    SIMD_T_WORDS_MAX_ROWS rows take the word decode where it applies (blocks of half a
+    chunk, of one and of two chunks here on AVX-512; rows in pairs, an odd one alone),
+    more rows the L1-buffer decode: both sides of that limit are run."""
     from numlora.kernels import nf4 as k
 
+    if isinstance(n, str):
+        n = k.SIMD_T_WORDS_MAX_ROWS + n.endswith("+ 1")
     w = rng.standard_normal(shape).astype(np.float32)
     t = nl.quantize_nf4(w, bs, double_quant=shape[0] == 33)
     g = rng.standard_normal((n, shape[0])).astype(np.float32)

@@ -580,6 +580,26 @@ def _make_dot_words(lanes, nw, nx):
     return dot_words
 
 
+#: Cache lines of each weight row that ``t_words`` prefetches ahead of the chunk it reads.
+T_WORDS_PREFETCH = 3
+
+
+def _prefetch_row_ahead(builder, src):
+    """Prefetches of the T_WORDS_PREFETCH cache lines after ``src`` (an i8* into a weight
+    row): the columns of the same row that the next chunks' passes of ``t_words`` read.
+    Each pass reads one line of every row (rows 2 KiB apart for 4096 columns), a stride
+    the hardware prefetchers left to main memory one line at a time: 4096 x 4096 at batch
+    1 ran 2.0-3.3 ms with the weight in main memory (as a model's backward pass finds it)
+    against 0.6-0.8 from the last-level cache; with these, 0.8-0.9 (AMD EPYC, 2 threads;
+    1, 2 and 6 lines, and one line 2-4 ahead, measured slower). A prefetch never faults."""
+    fn = cgutils.get_or_insert_function(builder.module,
+                                        ir.FunctionType(ir.VoidType(), [ir.IntType(8).as_pointer(), I32, I32, I32]),
+                                        "llvm.prefetch.p0")
+    for j in range(1, T_WORDS_PREFETCH + 1):
+        builder.call(fn, [builder.gep(src, [ir.Constant(I64, 64 * j)]), ir.Constant(I32, 0), ir.Constant(I32, 3),
+                          ir.Constant(I32, 1)])
+
+
 def _make_t_words(lanes, nx):
     """Build ``t_words(packed, c, g, i0, scales, code, blocksize, buf)``: chunk ``c`` (the
     8 * lanes columns c C .. c C + C - 1) of ``g[i0 .. i0 + nx - 1] @ deq(W)``, the input
@@ -624,6 +644,7 @@ def _make_t_words(lanes, nx):
                 o = ol.index
                 src = builder.gep(pk.data, [builder.add(builder.mul(o, half_row), wbyte0)])
                 words = builder.load(builder.bitcast(src, it.as_pointer()), align=1)
+                _prefetch_row_ahead(builder, src)
                 srow = builder.mul(o, bpr)
                 s0 = builder.load(builder.gep(sc.data, [builder.add(srow, s_lo)]))
                 s1 = builder.load(builder.gep(sc.data, [builder.add(srow, s_hi)]))
@@ -1572,12 +1593,17 @@ words_x1 = _make_dot_words(LANES, WORDS_GROUP_NW[1], 1) if LANES else None
 words_one = _make_dot_words(LANES, 1, 1) if LANES else None
 #: Input rows per call of the word-decode input gradient (``t_words2``; an odd last row
 #: ``t_words1``): 8 column vectors of sums per input row stay in registers. Used up to
-#: T_WORDS_MAX_ROWS input rows: measured on AMD EPYC (AVX-512), one thread, 4096 x 4096,
-#: against ``nf4_matmul_t_simd`` (four weight rows decoded into an L1 buffer per pass over
-#: the sums): 1.17 / 1.64 ms against 1.88 / 2.33 at 1 / 2 rows, level at 3, slower from 4
-#: (3.44 against 3.28, 6.79 against 6.36 at 8: every pair of rows walks all of W's rows).
+#: T_WORDS_MAX_ROWS input rows, more rows through ``nf4_matmul_t_simd`` (four weight rows
+#: decoded into an L1 buffer per pass over the sums). On one thread with the weight in
+#: cache the buffer decode was level at 3 rows and faster from 4 (2026-12-05); with the
+#: prefetches of :func:`_prefetch_row_ahead`, two threads, 4096 x 4096 (AMD EPYC, three
+#: rounds alternating, 2026-12-06) the word decode took batch 3 / 4 / 8 in 1.39-1.42 /
+#: 1.52-1.74 / 2.92-3.13 ms with the weight in main memory (a model's backward pass)
+#: against 3.04-3.31 / 3.29-3.40 / 4.28-4.78, and 1.24 / 1.36-1.46 / 2.73-2.86 against
+#: 1.54-1.63 / 1.78-2.01 / 2.84-3.43 from the last-level cache; at 12 and 16 rows the
+#: buffer decode stayed ahead from cache (3.7-4.1 against 4.2-4.3 ms at 12).
 T_WORDS_NX = 2
-T_WORDS_MAX_ROWS = 2
+T_WORDS_MAX_ROWS = 8
 t_words2 = _make_t_words(LANES, 2) if LANES else None
 t_words1 = _make_t_words(LANES, 1) if LANES else None
 decode_blocks = _make_decode(LANES, False) if LANES else None
