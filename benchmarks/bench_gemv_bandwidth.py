@@ -15,7 +15,8 @@ to back (a steady state, as in a decode loop that runs one GEMV after another; t
 1 / 1 times the second call after a 10 ms pause).
 
 ``--layers L`` (default 32, 0: off): also a decode step through L distinct weights of the
-same size, one GEMV each in turn, as a model's layers are read in generation: together
+same size, one GEMV each in turn, as a model's layers are read in generation (and the input
+gradient ``nf4_matmul_t`` through them, as a backward pass reads them): together
 they are larger than the last-level cache, so each weight comes from main memory, and the
 step's bytes per second are set against the 512 MiB read (time per GEMV = the step's
 time / L).
@@ -75,8 +76,15 @@ def main() -> int:
 
     fns = [lambda: _read(same), lambda: _read(big), lambda: nl.nf4_matmul(x, t, out=out),
            lambda: nl.nf4_matmul(x, t, out=out, compute_dtype="bfloat16")]
+    g = rng.standard_normal((1, args.size)).astype(np.float32)
+    dx = np.empty((1, args.size), np.float32)
+
+    def step_t():  # the backward's input gradient through the same layers
+        for lt in layers:
+            nl.nf4_matmul_t(g, lt, out=dx)
+
     if layers:
-        fns += [step("float32"), step("bfloat16")]
+        fns += [step("float32"), step("bfloat16"), step_t, lambda: nl.nf4_matmul_t(g, t, out=dx)]
     for f in fns:
         f()
     ts = time_interleaved(fns, args.repeat, 0.01, calls=args.calls, warm=args.warm)
@@ -98,10 +106,12 @@ def main() -> int:
               "memory), one GEMV each:\n")
         print("| what | ms per GEMV | spread | GB/s | of the main-memory read |")
         print("|---|---|---|---|---|")
-        for name, tm in (("nf4_matmul batch 1, float32", ts[4]), ("nf4_matmul batch 1, bf16 compute", ts[5])):
+        for name, tm in (("nf4_matmul batch 1, float32", ts[4]), ("nf4_matmul batch 1, bf16 compute", ts[5]),
+                         ("nf4_matmul_t batch 1 (input gradient)", ts[6])):
             per = tm.median_ms / len(layers)
             gbs = nbytes / per / 1e6
             print(f"| {name} | {per:.3f} | ±{tm.spread:.0%} | {gbs:.1f} | {gbs / bw_big:.0%} |")
+        print(f"\n(nf4_matmul_t batch 1 on the one weight, from cache: {ts[7].median_ms:.3f} ms)")
     warn = noise_warning([tm.spread for tm in ts])
     if warn:
         print("\n" + warn)
