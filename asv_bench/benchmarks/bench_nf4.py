@@ -1,5 +1,6 @@
 """NF4 / QLoRA kernels: quantize_nf4, dequantize_nf4, qlora_forward, nf4_matmul (also in
-the 16-bit compute dtypes), nf4_matmul_t.
+the 16-bit compute dtypes), nf4_matmul_t; the GEMV and nf4_matmul_t through weights read
+from main memory.
 
 Shapes: an N x N float32 weight (N = 4096 unless NUMLORA_ASV_N says otherwise),
 blocksize 64, a rank-16 adapter. Every setup calls each benchmarked kernel once (with
@@ -117,6 +118,38 @@ class Nf4MatmulT:
 
     def time_nf4_matmul_t(self, batch):
         numlora.nf4_matmul_t(self.g, self.t, out=self.out)
+
+
+class FromMainMemory:
+    """One call per weight through distinct NF4 weights of N x N, together larger than a
+    last-level cache (256 MiB, at most 64 weights): each weight comes from main memory,
+    as a model's layers do in generation (the GEMV at batch 1, float32 and bf16 compute)
+    and in a backward pass (``nf4_matmul_t`` at batch 1). What the kernels' prefetches of
+    the next weight rows are for; one weight called back to back (``QloraForward``,
+    ``Nf4MatmulT``) sits in cache and does not show them. Time per step (all weights)."""
+
+    def setup(self):
+        t = nf4_weight(N)
+        per = t.packed.nbytes + t.scales.nbytes
+        count = int(min(64, max(2, -(-(256 << 20) // per))))
+        self.layers = [numlora.quantize_nf4(weight(N), blocksize=BLOCKSIZE) for _ in range(count)]
+        self.x = activations(1, N)
+        self.out = np.empty((1, N), np.float32)
+        numlora.nf4_matmul(self.x, t, out=self.out)
+        numlora.nf4_matmul(self.x, t, out=self.out, compute_dtype="bfloat16")
+        numlora.nf4_matmul_t(self.x, t, out=self.out)
+
+    def time_gemv_step(self):
+        for t in self.layers:
+            numlora.nf4_matmul(self.x, t, out=self.out)
+
+    def time_gemv_step_bf16(self):
+        for t in self.layers:
+            numlora.nf4_matmul(self.x, t, out=self.out, compute_dtype="bfloat16")
+
+    def time_grad_input_step(self):
+        for t in self.layers:
+            numlora.nf4_matmul_t(self.x, t, out=self.out)
 
 
 class QloraForwardPeakMem:
