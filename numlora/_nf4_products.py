@@ -157,8 +157,14 @@ def _park(t, n) -> None:
 
 def words_layout(x2, lanes):
     """x2 (n, in) reordered for the word decode (see ``kernels._simd.dot_words``): each
-    chunk of 8 * lanes elements as 8 vectors, vector m holding elements 8 l + m."""
+    chunk of 8 * lanes elements as 8 vectors, vector m holding elements 8 l + m (for the
+    build's own lanes by ``kernels.nf4.words_reorder``, else by numpy)."""
     n, in_f = x2.shape
+    k = kernels("nf4")
+    if lanes == k.SIMD_LANES and x2.dtype == np.float32:
+        xp = np.empty((n, in_f), np.float32)
+        k.words_reorder(np.ascontiguousarray(x2), xp)
+        return xp
     return np.ascontiguousarray(x2.reshape(n, in_f // (8 * lanes), lanes, 8).transpose(0, 1, 3, 2)).reshape(n, in_f)
 
 

@@ -253,3 +253,22 @@ def test_lora_expand_simd_and_portable_give_the_canonical_bits(n, r, out_f, kern
     with np.errstate(over="ignore", invalid="ignore"):
         kc.lora_expand_add(c, np.ascontiguousarray(bt.T), y)
     assert np.array_equal(y.view(np.uint32), lora_expand_f32_ref(c, bt, y0).view(np.uint32))
+
+
+@pytest.mark.parametrize("n,chunks", [(1, 1), (3, 2), (16, 5)])
+def test_words_reorder_is_numpys_reordering(rng, n, chunks):
+    """The word decode's input operand: each chunk of 8 * lanes columns as 8 vectors,
+    vector m holding columns 8 l + m (kernels.nf4.words_reorder against numpy's
+    reshape-transpose of the same layout)."""
+    from numlora import _nf4_products as products
+    from numlora.kernels import nf4 as k
+
+    if not k.SIMD_LANES:
+        pytest.skip("no SIMD decode here (NUMLORA_SIMD=0, the JIT off, or no AVX2)")
+    lanes = k.SIMD_LANES
+    x = rng.standard_normal((n, chunks * 8 * lanes)).astype(np.float32)
+    ref = x.reshape(n, chunks, lanes, 8).transpose(0, 1, 3, 2).reshape(n, -1)
+    got = products.words_layout(x, lanes)
+    assert got.dtype == np.float32 and got.flags.c_contiguous
+    assert np.array_equal(got, ref)
+    assert np.array_equal(products.words_layout(x[:, ::1].T.copy().T, lanes), ref)  # a Fortran-ordered input
