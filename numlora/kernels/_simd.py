@@ -592,10 +592,12 @@ def _prefetch_row_ahead(builder, src):
     """Prefetches of the T_WORDS_PREFETCH cache lines after ``src`` (an i8* into a weight
     row): the columns of the same row that the next chunks' passes of ``t_words`` read.
     Each pass reads one line of every row (rows 2 KiB apart for 4096 columns), a stride
-    the hardware prefetchers left to main memory one line at a time: 4096 x 4096 at batch
-    1 ran 2.0-3.3 ms with the weight in main memory (as a model's backward pass finds it)
-    against 0.6-0.8 from the last-level cache; with these, 0.8-0.9 (AMD EPYC, 2 threads;
-    1, 2 and 6 lines, and one line 2-4 ahead, measured slower). A prefetch never faults."""
+    the hardware prefetchers left to main memory one line at a time. Measured in one
+    process (AMD EPYC, 2 threads, 4096 x 4096, batch 1): 2.20-2.33 ms with the weight in
+    main memory (as a model's backward pass finds it) against 0.64-0.83 from the
+    last-level cache; with these 0.89-0.99 / 0.57-0.67 (into L2 instead: 2-4 lines
+    1.09-1.36, one line 3 ahead 1.29-1.59; 6 lines into L1 slower in separate processes).
+    A prefetch never faults."""
     fn = cgutils.get_or_insert_function(builder.module,
                                         ir.FunctionType(ir.VoidType(), [ir.IntType(8).as_pointer(), I32, I32, I32]),
                                         "llvm.prefetch.p0")
