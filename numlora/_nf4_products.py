@@ -121,7 +121,7 @@ def forward(x2, t, lora_a, lora_b, s, bias, out2, x_lora=None, u_out=None, mode=
     _park(t, n)
     if words_ok(k, in_f, bs):
         u, vec = _expand_operands(k, u, lora_b, out2)
-        k.nf4_matmul_words(t.packed, scales, bs, t.code, words_layout(x2, k.SIMD_LANES), u, vec, lora_b, b_arr,
+        k.nf4_matmul_words(t.packed, scales, bs, t.code, words_layout(x2), u, vec, lora_b, b_arr,
                            use_bias, out2)
     elif in_f % bs == 0 and simd_ok(k, bs) and bs % (2 * k.SIMD_LANES) == 0:
         xe = np.ascontiguousarray(x2[:, 0::2])
@@ -155,17 +155,13 @@ def _park(t, n) -> None:
         jit.park_before(n * t.numel, jit.PARK_MIN_WORK)
 
 
-def words_layout(x2, lanes):
-    """x2 (n, in) reordered for the word decode (see ``kernels._simd.dot_words``): each
-    chunk of 8 * lanes elements as 8 vectors, vector m holding elements 8 l + m (for the
-    build's own lanes by ``kernels.nf4.words_reorder``, else by numpy)."""
-    n, in_f = x2.shape
-    k = kernels("nf4")
-    if lanes == k.SIMD_LANES and x2.dtype == np.float32:
-        xp = np.empty((n, in_f), np.float32)
-        k.words_reorder(np.ascontiguousarray(x2), xp)
-        return xp
-    return np.ascontiguousarray(x2.reshape(n, in_f // (8 * lanes), lanes, 8).transpose(0, 1, 3, 2)).reshape(n, in_f)
+def words_layout(x2):
+    """x2 (n, in) float32 reordered for the word decode (see ``kernels._simd.dot_words``;
+    ``kernels.nf4.words_reorder``): each chunk of 8 * lanes elements as 8 vectors, vector
+    m holding elements 8 l + m."""
+    xp = np.empty(x2.shape, np.float32)
+    kernels("nf4").words_reorder(np.ascontiguousarray(x2), xp)
+    return xp
 
 
 def blas_product(x2, t, scales, out2, mode=0):

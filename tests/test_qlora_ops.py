@@ -268,7 +268,7 @@ def test_words_reorder_is_numpys_reordering(rng, n, chunks):
     lanes = k.SIMD_LANES
     x = rng.standard_normal((n, chunks * 8 * lanes)).astype(np.float32)
     ref = x.reshape(n, chunks, lanes, 8).transpose(0, 1, 3, 2).reshape(n, -1)
-    got = products.words_layout(x, lanes)
+    got = products.words_layout(x)
     assert got.dtype == np.float32 and got.flags.c_contiguous
     assert np.array_equal(got, ref)
-    assert np.array_equal(products.words_layout(x[:, ::1].T.copy().T, lanes), ref)  # a Fortran-ordered input
+    assert np.array_equal(products.words_layout(x[:, ::1].T.copy().T), ref)  # a Fortran-ordered input

@@ -452,6 +452,15 @@ def _mul_add(builder, a, b, c, vt):
     return builder.fadd(c, builder.fmul(a, b))
 
 
+def _prefetch(builder, ptr, locality):
+    """``llvm.prefetch`` of the cache line at ``ptr`` (an i8*) for reading data, with
+    LLVM's locality hint (3: every cache level, 2: L2 and out, ...). Never faults."""
+    fn = cgutils.get_or_insert_function(builder.module,
+                                        ir.FunctionType(ir.VoidType(), [ir.IntType(8).as_pointer(), I32, I32, I32]),
+                                        "llvm.prefetch.p0")
+    builder.call(fn, [ptr, ir.Constant(I32, 0), ir.Constant(I32, locality), ir.Constant(I32, 1)])
+
+
 def _prefetch_next_rows(builder, rows, off, in_f):
     """A prefetch into L2 of byte ``off`` of the weight rows that follow ``rows``
     (pointers to the packed bytes of len(rows) consecutive weight rows of in_f weights
@@ -464,12 +473,9 @@ def _prefetch_next_rows(builder, rows, off, in_f):
     with these (two and three calls ahead alike, into L1 0.44-0.56, past the caches
     0.56-0.74); from the last-level cache level. A prefetch never faults: past the
     array's end, or in another thread's rows, it only costs a load slot."""
-    fn = cgutils.get_or_insert_function(builder.module,
-                                        ir.FunctionType(ir.VoidType(), [ir.IntType(8).as_pointer(), I32, I32, I32]),
-                                        "llvm.prefetch.p0")
     ahead = builder.add(off, builder.mul(builder.lshr(in_f, ir.Constant(I64, 1)), ir.Constant(I64, len(rows))))
-    for r in rows:  # read, locality 2 (prefetcht1: L2 and out), data
-        builder.call(fn, [builder.gep(r, [ahead]), ir.Constant(I32, 0), ir.Constant(I32, 2), ir.Constant(I32, 1)])
+    for r in rows:
+        _prefetch(builder, builder.gep(r, [ahead]), 2)  # prefetcht1: L2 and out
 
 
 def _make_dot_words(lanes, nw, nx):
@@ -598,12 +604,8 @@ def _prefetch_row_ahead(builder, src):
     last-level cache; with these 0.89-0.99 / 0.57-0.67 (into L2 instead: 2-4 lines
     1.09-1.36, one line 3 ahead 1.29-1.59; 6 lines into L1 slower in separate processes).
     A prefetch never faults."""
-    fn = cgutils.get_or_insert_function(builder.module,
-                                        ir.FunctionType(ir.VoidType(), [ir.IntType(8).as_pointer(), I32, I32, I32]),
-                                        "llvm.prefetch.p0")
     for j in range(1, T_WORDS_PREFETCH + 1):
-        builder.call(fn, [builder.gep(src, [ir.Constant(I64, 64 * j)]), ir.Constant(I32, 0), ir.Constant(I32, 3),
-                          ir.Constant(I32, 1)])
+        _prefetch(builder, builder.gep(src, [ir.Constant(I64, 64 * j)]), 3)  # prefetcht0: L1 and out
 
 
 def _make_t_words(lanes, nx):
