@@ -212,7 +212,15 @@ def test_bytes_equal_bitsandbytes(rng, bs, n):
     assert np.array_equal(t.packed, q.numpy().reshape(-1))
     assert np.array_equal(t.absmax.view(np.uint32), st.absmax.numpy().view(np.uint32))
     theirs = bnbf.dequantize_4bit(q, st).numpy().reshape(-1)
-    assert np.array_equal(nl.dequantize_nf4(t).view(np.uint32), theirs.view(np.uint32))
+    ours = nl.dequantize_nf4(t)
+    # Nibble 8 (sign bit, zero magnitude): the code book (bitsandbytes' and ours) holds
+    # +0.0 there and bitsandbytes' AVX-512 CPU kernel returns it, its other CPU kernel
+    # (and its CUDA one) computes sign * 0 = -0.0. Every other element bit for bit.
+    nib = np.stack([t.packed >> 4, t.packed & 15], axis=1).reshape(-1)[:n]
+    zero8 = nib == 8
+    assert np.array_equal(ours[~zero8].view(np.uint32), theirs[~zero8].view(np.uint32))
+    assert not ours[zero8].view(np.uint32).any()  # +0.0: code[8] * absmax
+    assert not theirs[zero8].any()  # a zero of either sign
 
 
 @pytest.mark.parametrize("dq", [False, True])
