@@ -231,6 +231,24 @@ def _layers(rng):
     return {"LoraLinear": plain, "DoRA": dora, "QLoraLinear": q}
 
 
+def _workers_blas_threads(client):
+    """threadpoolctl's limit to the workers' BLAS thread count (distributed's nanny starts
+    them with OPENBLAS_NUM_THREADS=1 and the like). Above 16 rows the layers' products go
+    through numpy's BLAS, and OpenBLAS's one-thread kernels sum in another order than its
+    threaded ones on some CPUs (its Haswell kernels on AMD Zen 3: a 128 x 160 x 96 product
+    differs in the last bits), so a block is compared with a forward under the same limit."""
+    tpc = pytest.importorskip("threadpoolctl", reason="needs threadpoolctl (a scikit-learn dependency)")
+
+    def blas_threads():
+        import threadpoolctl
+
+        return sorted({i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"})
+
+    counts = {n for v in client.run(blas_threads).values() for n in v}
+    assert len(counts) == 1, counts
+    return tpc.threadpool_limits(counts.pop(), user_api="blas")
+
+
 @pytest.mark.parametrize("kind", ["LoraLinear", "DoRA", "QLoraLinear"])
 @pytest.mark.parametrize("scatter", [True, False])
 def test_apply_layer_block_by_block(rng, client, kind, scatter):
@@ -240,7 +258,8 @@ def test_apply_layer_block_by_block(rng, client, kind, scatter):
     y = apply_layer(layer, x, client=client if scatter else None)
     assert y.shape == (700, 96) and y.chunks[0] == x.chunks[0] and y.dtype == np.float32
     got = client.compute(y).result()
-    want = np.concatenate([layer.forward(xn[i:i + 128]) for i in range(0, 700, 128)])
+    with _workers_blas_threads(client):
+        want = np.concatenate([layer.forward(xn[i:i + 128]) for i in range(0, 700, 128)])
     assert np.array_equal(_bits(got), _bits(want))
 
 
