@@ -141,6 +141,62 @@ def test_rows_bit_identical_whatever_the_batch_dense(rng, dense):
     _stability_check(rng, bank, len(ads), IN)
 
 
+def test_a_product_whose_rows_depend_on_their_position_falls_back(rng):
+    """OpenBLAS's Haswell SGEMM (AMD Zen 3) sums rows 6-11 of every 12 in another order:
+    a bucket check with probes only at the ends passed it and the bank was not
+    row-stable. Here a product that does so on purpose must be replaced by the fallback."""
+    from numlora.multi.product import RowStableProduct, _dense_exact
+
+    w = rng.standard_normal((24, IN), dtype=np.float32)
+
+    def by_position(x2, out2):  # rows 6-11 of every 12: float64 sums, the rest float32
+        for i in range(x2.shape[0]):
+            out2[i] = (x2[i].astype(np.float64) @ w.T.astype(np.float64) if i % 12 >= 6 else x2[i] @ w.T)
+
+    p = RowStableProduct(by_position, IN, 24, fallback=_dense_exact(w), fallback_exact=True)
+    x = rng.standard_normal((40, IN), dtype=np.float32)
+    y = np.empty((40, 24), np.float32)
+    p(x, y)
+    assert p.fell_back and p.exact
+    for n, off in ((1, 7), (13, 20), (40, 0)):
+        part = np.empty((n, 24), np.float32)
+        p(x[off:off + n], part)
+        assert np.array_equal(part, y[off:off + n])
+    ref = x.astype(np.float64) @ w.T.astype(np.float64)
+    np.testing.assert_allclose(y, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+
+
+    def row_by_row(x2, out2):  # each row alone: the same bits at every position
+        for i in range(x2.shape[0]):
+            out2[i] = x2[i] @ w.T
+
+    kept = RowStableProduct(row_by_row, IN, 24, fallback=by_position)
+    kept(x[:3], np.empty((3, 24), np.float32))
+    assert not kept.fell_back and not kept.exact
+
+
+def test_dense_fixed_order_product(rng):
+    """kernels.multi.dense_rows_dot16 and its portable twin: the same bits, a row's bits
+    whatever its position or batch, close to the float64 product."""
+    from numlora.kernels import multi as km
+
+    w = rng.standard_normal((37, 100), dtype=np.float32)  # 100 columns: whole chunks of 16 and a tail
+    x = rng.standard_normal((21, 100), dtype=np.float32)
+    y = np.empty((21, 37), np.float32)
+    km.dense_rows_dot(w, x, y)
+    if km.SIMD_LANES:
+        y16 = np.empty_like(y)
+        km.dense_rows_dot16(w, x, y16)
+        assert np.array_equal(y16, y)
+    f = km.dense_rows_dot16 if km.SIMD_LANES else km.dense_rows_dot
+    for sl in (slice(5, 6), slice(3, 17), slice(None, None, -1)):
+        part = np.empty((len(range(21)[sl]), 37), np.float32)
+        f(w, np.ascontiguousarray(x[sl]), part)
+        assert np.array_equal(part, y[sl])
+    ref = x.astype(np.float64) @ w.T.astype(np.float64)
+    np.testing.assert_allclose(y, ref, rtol=0, atol=2e-6 * np.abs(ref).max())
+
+
 @pytest.mark.parametrize("path", ["tiles", "fused"])
 def test_rows_bit_identical_whatever_the_batch_nf4(rng, path):
     t = nl.quantize_nf4(rng.standard_normal((OUT, IN), dtype=np.float32), blocksize=64)

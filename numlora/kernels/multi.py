@@ -37,9 +37,11 @@ from ._simd import (
     bank_rows_x4,
     bank_rows_x4h,
     bank_rows_x4w,
+    dot16,
 )
 from ._simd import CACHEABLE as SIMD_CACHEABLE
 from ._simd import LANES as SIMD_LANES  # noqa: F401  (read as kernels.<family>.SIMD_LANES)
+from .compute import _dot
 
 #: Rows of a segment shrunk together (each row of A^T is loaded once for all of them).
 SHRINK_ROWS = 8
@@ -272,3 +274,35 @@ def pack_adapter(lora_a, lora_b, dst):
     r, in_f = lora_a.shape
     _transpose_into(lora_a, dst[:in_f * r])
     _transpose_into(lora_b, dst[in_f * r:])
+
+
+#: Weight rows per parallel task of the dense row-stable product.
+DENSE_ROWS = 8
+
+
+@kernel(parallel=True)
+def dense_rows_dot(w, x, y):
+    """y[i, o] = W[o] . x[i] for (out, in) ``w`` and (n, in) ``x`` (float32,
+    C-contiguous), each in ``_simd.dot16``'s order (16 partial sums over the chunks of 16,
+    summed by halving, then the tail one by one): an output's operations depend on
+    neither its row's position nor the rest of the batch nor the threads. The row-stable
+    bank's dense base where BLAS's are not (:class:`numlora.multi.product.RowStableProduct`)."""
+    n = x.shape[0]
+    out_f = w.shape[0]
+    for task in prange((out_f + DENSE_ROWS - 1) // DENSE_ROWS):
+        acc = np.empty(16, np.float32)
+        for o in range(task * DENSE_ROWS, min(out_f, (task + 1) * DENSE_ROWS)):
+            for i in range(n):
+                y[i, o] = _dot(w[o], x[i], acc)
+
+
+@kernel(parallel=True, cache=SIMD_CACHEABLE)
+def dense_rows_dot16(w, x, y):
+    """:func:`dense_rows_dot` with ``_simd.dot16``: the same operations, the same bits."""
+    n, in_f = x.shape
+    out_f = w.shape[0]
+    wf = w.reshape(-1)
+    for task in prange((out_f + DENSE_ROWS - 1) // DENSE_ROWS):
+        for o in range(task * DENSE_ROWS, min(out_f, (task + 1) * DENSE_ROWS)):
+            for i in range(n):
+                y[i, o] = dot16(wf, o * in_f, x[i], 0, in_f)

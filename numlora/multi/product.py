@@ -6,11 +6,17 @@ Why calibration: BLAS picks different kernels for different batch sizes (GEMV fo
 row, small-matrix kernels for small products), and those sum in different orders. So a
 row-stable bank pads each batch (or chunk of :data:`REF_ROWS` rows) up to a bucket size
 of :data:`BUCKETS` that was checked, on first use, to give the same bits as a
-``REF_ROWS``-row product for probe rows at other positions; a bucket that fails is never
-used (the next larger one is). Where the product is numlora's panel GEMM (an NF4 base on
-the ``"tiles"`` path, of a shape the panels take), each output's operations do not
-depend on the batch by construction: the whole batch is multiplied as it is, with no
-padding and no calibration (``RowStableProduct.exact``).
+``REF_ROWS``-row product, for a probe row at every position of the bucket; a bucket that
+fails is never used (the next larger one is). Some BLAS kernels sum a row in another
+order depending on its position in the batch (OpenBLAS's Haswell SGEMM, which AMD Zen 3
+runs: rows 6-11 of every 12 otherwise than rows 0-5, in either orientation): no bucket
+can be row-stable there, so when the ``REF_ROWS``-row product itself gives a probe row
+other bits at other positions, the bank runs its fallback instead (dense: numlora's
+fixed-order dot products, ``kernels.multi.dense_rows_dot16``; NF4 tiles: the fused
+kernel in chunks). Where the product is numlora's panel GEMM (an NF4 base on the
+``"tiles"`` path, of a shape the panels take) or the dense fallback, each output's
+operations do not depend on the batch by construction: the whole batch is multiplied as
+it is, with no padding and no calibration (``RowStableProduct.exact``).
 """
 
 from __future__ import annotations
@@ -35,48 +41,71 @@ BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 class RowStableProduct:
     """A product ``product(x2, out2)`` (``out2 = x2 W^T``, any number of rows) run in
     calibrated batch sizes: calling it gives each row the bits a ``REF_ROWS``-row product
-    gives it, whatever the other rows.
+    gives it, whatever the other rows and its position.
 
-    For each bucket size N the product is used only after a check: two probe rows
-    computed at positions (N-1, 0) of an N-row batch (the rest random) must match bit for
-    bit the same rows computed at positions (0, REF_ROWS-1) of a REF_ROWS-row batch.
-    REF_ROWS itself is the reference. The check runs once per bucket, on first use.
-    ``checked`` maps the buckets checked so far to their outcome.
+    For each bucket size N the product is used only after a check: a probe row computed
+    at every position but the last of an N-row batch and a second probe row at the last
+    must match bit for bit the same rows of a ``REF_ROWS``-row batch (probe one at every
+    position but the last, where all must agree). The check runs once per bucket, on
+    first use. ``checked`` maps the buckets checked so far to their outcome. Where the
+    ``REF_ROWS``-row product's own rows disagree by position, ``fallback`` (a product,
+    with ``fallback_exact``) replaces it (``fell_back``) and the calibration starts over.
     """
 
-    def __init__(self, product, in_f, out_f, exact: bool = False):
+    def __init__(self, product, in_f, out_f, exact: bool = False, fallback=None, fallback_exact: bool = False):
         self._product = product
         self.in_f, self.out_f = in_f, out_f
         #: The product gives each row the same bits at every batch size by construction
         #: (numlora's panel GEMM): called on the whole batch as it is, nothing padded or
         #: calibrated.
         self.exact = exact
+        self._fallback, self._fallback_exact = fallback, fallback_exact
+        #: True once the product's rows were found to depend on their position and the
+        #: fallback took over.
+        self.fell_back = False
         self.checked: dict[int, bool] = {REF_ROWS: True}
         self._ref = None
         self._lock = threading.Lock()
         self._xpad = None
         self._ypad = None
 
-    def _run(self, n, places, seed):
-        """The product of an n-row batch of random rows with probe row ``i`` at position
-        ``pos`` for each ``(i, pos)`` of ``places``; returns the probe rows' results."""
-        g = np.random.default_rng([7, n, seed])
-        xb = g.standard_normal((n, self.in_f), dtype=np.float32)
+    def _run(self, n, seed):
+        """The product of an n-row batch: probe row 0 at positions 0 .. n - 2, probe row 1
+        at n - 1 (n = 1: probe 0 alone, then probe 1 alone); returns the n result rows."""
         probe = np.random.default_rng(99).standard_normal((2, self.in_f), dtype=np.float32)
-        for i, pos in places:
-            xb[pos] = probe[i]
+        if n == 1:
+            ys = []
+            for i in range(2):
+                yb = np.empty((1, self.out_f), np.float32)
+                self._product(probe[i:i + 1].copy(), yb)
+                ys.append(yb[0])
+            return np.stack(ys)
+        xb = np.empty((n, self.in_f), np.float32)
+        xb[:n - 1] = probe[0]
+        xb[n - 1] = probe[1]
         yb = np.empty((n, self.out_f), np.float32)
         self._product(xb, yb)
-        return np.stack([yb[pos] for _, pos in places])
+        return yb
+
+    def _reference(self):
+        """The REF_ROWS-row probe results (probe 0, probe 1), switching to the fallback
+        where the product's rows depend on their position."""
+        while self._ref is None:
+            yb = self._run(REF_ROWS, 0).view(np.uint32)
+            if (yb[:-1] == yb[0]).all() or self._fallback is None:
+                self._ref = np.stack([yb[0], yb[-1]])
+                break
+            self._product, self.exact, self.fell_back = self._fallback, self._fallback_exact, True
+            self._fallback = None
+            self.checked = {REF_ROWS: True}
+        return self._ref
 
     def _check(self, n):
-        if self._ref is None:
-            self._ref = self._run(REF_ROWS, [(0, 0), (1, REF_ROWS - 1)], 0)
+        ref = self._reference()
+        got = self._run(n, 1).view(np.uint32)
         if n == 1:
-            got = np.concatenate([self._run(1, [(0, 0)], 1), self._run(1, [(1, 0)], 2)])
-        else:
-            got = self._run(n, [(0, n - 1), (1, 0)], 1)
-        return bool(np.array_equal(got.view(np.uint32), self._ref.view(np.uint32)))
+            return bool(np.array_equal(got, ref))
+        return bool((got[:-1] == ref[0]).all() and np.array_equal(got[-1], ref[1]))
 
     def bucket(self, m):
         """The smallest bucket >= m that passed its check (checking as needed)."""
@@ -92,6 +121,9 @@ class RowStableProduct:
 
     def __call__(self, x2, out2):
         n = x2.shape[0]
+        if self._ref is None and not self.exact:
+            with self._lock:
+                self._reference()
         if self.exact:
             self._product(x2, out2)
             return
@@ -123,8 +155,10 @@ def base_product(weight, nf4, row_stable: bool, nf4_path: str):
     ``FUSED_MAX_ROWS`` rows for ``"fused"``) in a :class:`RowStableProduct`. Otherwise
     the fastest path for each batch size (BLAS; over NF4, the path ``nf4_matmul`` takes)."""
     exact = False
+    fallback, fallback_exact = None, False
     if nf4 is None:
         product = _dense(weight)
+        fallback, fallback_exact = _dense_exact(weight), True
     elif not row_stable:
         product = _nf4_by_size(nf4)
     elif nf4_path == "fused":
@@ -134,10 +168,11 @@ def base_product(weight, nf4, row_stable: bool, nf4_path: str):
         product = _nf4_panels(nf4)
     else:
         product = _nf4_tiles(nf4)
+        fallback = _nf4_fused(nf4)
     if not row_stable:
         return product
     out_f, in_f = (weight if nf4 is None else nf4).shape
-    return RowStableProduct(product, in_f, out_f, exact=exact)
+    return RowStableProduct(product, in_f, out_f, exact=exact, fallback=fallback, fallback_exact=fallback_exact)
 
 
 def _dense(weight):
@@ -148,6 +183,19 @@ def _dense(weight):
 
     def product(x2, out2):
         base_product_dense(x2, weight, False, out2)
+
+    return product
+
+
+def _dense_exact(weight):
+    """The dense product in numlora's fixed-order dot products (``kernels.multi``): each
+    output the same operations whatever its row's position or batch."""
+    w = np.ascontiguousarray(weight, np.float32)
+
+    def product(x2, out2):
+        from ..kernels import multi as k  # here, not at import: numba loads with the first bank
+
+        (k.dense_rows_dot16 if k.SIMD_LANES else k.dense_rows_dot)(w, np.ascontiguousarray(x2), out2)
 
     return product
 
