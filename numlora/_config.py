@@ -44,6 +44,11 @@
     ``numlora.kernels._simd``); ``0`` uses the portable kernels everywhere; ``8`` caps the
     vector width at AVX2's 8 lanes (to test that path on an AVX-512 machine).
 
+``NUMLORA_WORDS8``
+    How the 8-lane (AVX2) word decode of the NF4 products looks nibbles up: ``planes``
+    (in-lane byte shuffles, the default on AMD Zen cores) or ``permute`` (two ``vpermps``
+    and a blend per vector, the default elsewhere). The same bits either way.
+
 fastmath is never enabled: it would let the compiler reorder floating-point sums and
 break the bit-exact guarantees (NF4 codes, bit-exact unmerge).
 """
@@ -67,3 +72,4 @@ SMALL_SERIAL: bool = _flag("NUMLORA_SMALL_SERIAL", True)
 STEER_WORKERS: bool = _flag("NUMLORA_STEER_WORKERS", True)
 SIMD: bool = _flag("NUMLORA_SIMD", True)
 SIMD_MAX_LANES: int = 8 if os.environ.get("NUMLORA_SIMD", "").strip() == "8" else 16
+WORDS8: str = os.environ.get("NUMLORA_WORDS8", "").strip().lower()

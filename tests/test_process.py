@@ -211,6 +211,11 @@ AVX2_CHECK = """
             p = np.empty((n, 256), np.float32)
             k.nf4_matmul_t(tt.packed, tt.scales, tt.blocksize, tt.code, gt[:n], p)
             assert np.array_equal(nl.nf4_matmul_t(gt[:n], tt), p)
+    import hashlib  # the word decode's results, compared across NUMLORA_WORDS8 by the test
+    from numlora.kernels import _simd
+    outs = [nl.nf4_matmul(x[:n], tt) for tt in (t, nl.quantize_nf4(w, 32)) for n in (1, 2, 3, 4, 9)]
+    outs += [nl.nf4_matmul_t(gt[:n], tt) for tt in (t, nl.quantize_nf4(w, 32)) for n in (1, 2)]
+    print(int(_simd.PLANES8), hashlib.sha256(b''.join(o.tobytes() for o in outs)).hexdigest())
     k.SIMD_LANES = 0  # the portable quantizer must give the same bytes
     t0 = nl.quantize_nf4(w, 64)
     assert np.array_equal(t0.packed, t.packed) and np.array_equal(t0.absmax, t.absmax)
@@ -227,5 +232,19 @@ def test_avx2_path_when_the_cpu_has_it():
 
     if not binding.get_host_cpu_features().get("avx2", False):
         pytest.skip("no AVX2 on this CPU")
-    out = _run(AVX2_CHECK, NUMLORA_SIMD="8").split()
-    assert out == ["8", "ok"]
+    runs = {how: _run(AVX2_CHECK, NUMLORA_SIMD="8", NUMLORA_WORDS8=how).split() for how in ("planes", "permute")}
+    assert [r[:2] + r[3:] for r in runs.values()] == [["8", "1", "ok"], ["8", "0", "ok"]]
+    # the byte-plane and the permute decode: the same vectors, so the same product bits
+    assert runs["planes"][2] == runs["permute"][2]
+
+
+def test_words8_setting_is_checked():
+    out = _run("""
+        import numlora
+        try:
+            from numlora.kernels import _simd
+            print(_simd.LANES, _simd.PLANES8)
+        except numlora.ConfigError as e:
+            print("refused:", e)
+    """, NUMLORA_WORDS8="fast")
+    assert out.startswith("refused: NUMLORA_WORDS8: expected 'planes' or 'permute', got 'fast'"), out

@@ -129,6 +129,83 @@ def _load_codes(builder, code_ptr, lanes):
     return (lo, hi)
 
 
+def _host_planes8() -> bool:
+    """Whether the 8-lane word decode looks its nibbles up through byte planes
+    (:func:`_words_planes8`) rather than two ``vpermps`` and a blend per vector: on AMD's
+    Zen cores, where the lane-crossing permute is the slow shuffle (measured on Zen 3, one
+    thread, 4096 x 4096 from cache, in one process: the two-row GEMV loop 2.59 -> 1.59 ms);
+    Intel's AVX2 cores issue every shuffle on one port, where the permute's two per vector
+    are fewer than the planes' four. ``NUMLORA_WORDS8=planes`` / ``permute`` chooses."""
+    if _config.WORDS8:
+        return _config.WORDS8 == "planes"
+    try:
+        return llvm_binding.get_host_cpu_name().startswith("znver")
+    except Exception:  # pragma: no cover - llvmlite without the query
+        return False
+
+
+if _config.WORDS8 not in ("", "planes", "permute"):
+    from ..errors import ConfigError
+
+    raise ConfigError(f"NUMLORA_WORDS8: expected 'planes' or 'permute', got {_config.WORDS8!r}")
+#: The 8-lane word decode through byte planes (see :func:`_host_planes8`).
+PLANES8 = LANES == 8 and _host_planes8()
+
+
+def _load_planes(builder, code_ptr):
+    """The 16-entry float table at ``code_ptr`` as four <32 x i8> byte planes: plane k
+    holds byte k of every entry's bits (entry n at byte n, both 128-bit lanes alike): the
+    tables ``vpshufb`` looks nibbles up in (:func:`_planes_floats`)."""
+    raw = builder.load(builder.bitcast(code_ptr, _vec(I8, 64).as_pointer()), align=4)
+    und = ir.Constant(_vec(I8, 64), ir.Undefined)
+    return [builder.shuffle_vector(raw, und, ir.Constant(_vec(I32, 32), [4 * (n % 16) + k for n in range(32)]))
+            for k in range(4)]
+
+
+def _pshufb(builder, table, idx):
+    """``vpshufb``: per 128-bit lane, table's byte idx[j] into byte j (idx 0..15)."""
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_vec(I8, 32), [_vec(I8, 32), _vec(I8, 32)]),
+                                        "llvm.x86.avx2.pshuf.b")
+    return builder.call(fn, [table, idx])
+
+
+def _planes_idx(builder, words):
+    """The nibbles of <8 x i32> ``words`` (32 bytes) as two <32 x i8> index vectors for
+    :func:`_planes_floats`: per 128-bit lane (16 bytes, words 0-3 or 4-7), groups of four
+    bytes holding one decoded vector's four lanes. The bytes transposed 4 x 4 (group k:
+    byte k of each word), split into high and low nibbles, interleaved by dwords: the
+    first vector holds decoded vectors 0-3, the second 4-7 (even: high nibbles)."""
+    b32 = _vec(I8, 32)
+    raw = builder.bitcast(words, b32)
+    q = _pshufb(builder, raw, ir.Constant(b32, [4 * (j % 4) + (j % 16) // 4 + 16 * (j // 16) for j in range(32)]))
+    hi = builder.bitcast(builder.lshr(q, ir.Constant(b32, [4] * 32)), _vec(I32, 8))
+    lo = builder.bitcast(builder.and_(q, ir.Constant(b32, [15] * 32)), _vec(I32, 8))
+    return [builder.bitcast(builder.shuffle_vector(hi, lo, ir.Constant(_vec(I32, 8), m)), b32)
+            for m in ([0, 8, 1, 9, 4, 12, 5, 13], [2, 10, 3, 11, 6, 14, 7, 15])]
+
+
+def _planes_floats(builder, idx, planes):
+    """The four <8 x float> table values of an index vector of :func:`_planes_idx`: each
+    nibble looked up in the four byte planes (``vpshufb``), the planes interleaved back
+    into floats (bytes into 16-bit words, words into dwords; in-lane unpacks)."""
+    w16 = _vec(ir.IntType(16), 16)
+    p = [_pshufb(builder, t, idx) for t in planes]
+    by = [[v for o in (h, 16 + h) for j in range(8) for v in (o + j, 32 + o + j)] for h in (0, 8)]
+    wd = [[v for o in (h, 8 + h) for j in range(4) for v in (o + j, 16 + o + j)] for h in (0, 4)]
+    w01 = [builder.bitcast(builder.shuffle_vector(p[0], p[1], ir.Constant(_vec(I32, 32), m)), w16) for m in by]
+    w23 = [builder.bitcast(builder.shuffle_vector(p[2], p[3], ir.Constant(_vec(I32, 32), m)), w16) for m in by]
+    return [builder.bitcast(builder.shuffle_vector(w01[h], w23[h], ir.Constant(_vec(I32, 16), m)), _vec(F32, 8))
+            for h in range(2) for m in wd]
+
+
+def _words_planes8(builder, words, planes):
+    """The eight vectors of the 8-lane word decode (:func:`_make_dot_words`: vector m,
+    lane l is the table value of the nibble of byte 4 l + m // 2, the high one for even m)
+    through in-lane byte shuffles: the same float bits in the same lanes as the
+    ``vpermps`` decode, so every product keeps its bits."""
+    return [v for idx in _planes_idx(builder, words) for v in _planes_floats(builder, idx, planes)]
+
+
 def _hsum(builder, v, lanes):
     width = lanes
     while width > 1:
@@ -478,7 +555,7 @@ def _prefetch_next_rows(builder, rows, off, in_f):
         _prefetch(builder, builder.gep(r, [ahead]), 2)  # prefetcht1: L2 and out
 
 
-def _make_dot_words(lanes, nw, nx):
+def _make_dot_words(lanes, nw, nx, planes8=None):
     """Build ``dot_words(packed, o0, xp, i0, scales, code, blocksize, out)``: the dot
     products of the ``nw`` weight rows o0 .. o0 + nw - 1 with the ``nx`` input rows
     i0 .. i0 + nx - 1 into out[a * nx + g] (a: weight row, g: input row).
@@ -496,7 +573,11 @@ def _make_dot_words(lanes, nw, nx):
     else blk + V_m * X_m rounded twice; a block of half a chunk: each chunk's vector then
     holds two blocks, lanes 0..L/2-1 and L/2..L-1); row += blk * scale vector per block
     (per chunk, not fused); finally the halving sum of row's lanes. No reassociation, so
-    each result is the same whichever build (nw, nx) computed it."""
+    each result is the same whichever build (nw, nx) computed it.
+
+    ``planes8``: on 8 lanes, decode through byte planes (:func:`_words_planes8`: the same
+    vectors); None: :data:`PLANES8`."""
+    planes8 = lanes == 8 and (PLANES8 if planes8 is None else planes8)
 
     @intrinsic
     def dot_words(typingctx, packed, o0, xp, i0, scales, code, blocksize, out):
@@ -512,6 +593,7 @@ def _make_dot_words(lanes, nw, nx):
             in_f = builder.extract_value(xa.shape, 1)
             nchunks = builder.udiv(in_f, ir.Constant(I64, C))
             codes = _load_codes(builder, cd.data, L)
+            planes = _load_planes(builder, cd.data) if planes8 else None
             wrow = _weight_rows(builder, pk, sc, wfirst, nw, in_f, bs)
             xrow = _row_ptrs(builder, xa.data, xfirst, nx, in_f)
             row_p = [[cgutils.alloca_once_value(builder, zero) for _ in range(nx)] for _ in range(nw)]
@@ -528,9 +610,13 @@ def _make_dot_words(lanes, nw, nx):
                          for a in range(nw)]
                 _prefetch_next_rows(builder, [wrow[a][0] for a in range(nw)], woff, in_f)
                 accs = [[builder.load(blk_p[a][g]) for g in range(nx)] for a in range(nw)]
+                decoded = [_words_planes8(builder, words[a], planes) for a in range(nw)] if planes8 else None
                 for m in range(8):
                     ws = []
                     for a in range(nw):
+                        if planes8:
+                            ws.append(decoded[a][m])
+                            continue
                         idx = builder.lshr(words[a], ir.Constant(it, [shifts[m]] * L)) if shifts[m] else words[a]
                         if L != 16:
                             idx = builder.and_(idx, ir.Constant(it, [15] * L))
@@ -608,7 +694,7 @@ def _prefetch_row_ahead(builder, src):
         _prefetch(builder, builder.gep(src, [ir.Constant(I64, 64 * j)]), 3)  # prefetcht0: L1 and out
 
 
-def _make_t_words(lanes, nx):
+def _make_t_words(lanes, nx, planes8=None):
     """Build ``t_words(packed, c, g, i0, scales, code, blocksize, buf)``: chunk ``c`` (the
     8 * lanes columns c C .. c C + C - 1) of ``g[i0 .. i0 + nx - 1] @ deq(W)``, the input
     gradient of the NF4 product, summed over every weight row o in order with the sums in
@@ -619,7 +705,8 @@ def _make_t_words(lanes, nx):
 
     Arithmetic, per (input row, column), as the portable ``nf4_matmul_t``: w = code value
     times the block's scale (float32), then acc = acc + g[i, o] * w for o = 0, 1, ...
-    from acc = 0. No FMA, so bit-identical to it."""
+    from acc = 0. No FMA, so bit-identical to it. ``planes8`` as in :func:`_make_dot_words`."""
+    planes8 = lanes == 8 and (PLANES8 if planes8 is None else planes8)
 
     @intrinsic
     def t_words(typingctx, packed, c, g, i0, scales, code, blocksize, buf):
@@ -637,6 +724,7 @@ def _make_t_words(lanes, nx):
             in_f = builder.mul(half_row, ir.Constant(I64, 2))
             bpr = builder.udiv(in_f, bs)
             codes = _load_codes(builder, cd.data, L)
+            planes = _load_planes(builder, cd.data) if planes8 else None
             grow = _row_ptrs(builder, ga.data, gfirst, nx, out_f)
             halfblocks = builder.icmp_unsigned("==", builder.mul(bs, ir.Constant(I64, 2)), ir.Constant(I64, C))
             # the chunk's two scale indices within a row: blocks 2c and 2c + 1 (half-chunk
@@ -658,11 +746,15 @@ def _make_t_words(lanes, nx):
                 s1 = builder.load(builder.gep(sc.data, [builder.add(srow, s_hi)]))
                 svec = _halves(builder, s0, s1, L)
                 gv = [_splat(builder, builder.load(builder.gep(grow[q], [o])), L) for q in range(nx)]
+                decoded = _words_planes8(builder, words, planes) if planes8 else None
                 for m in range(8):
-                    idx = builder.lshr(words, ir.Constant(it, [shifts[m]] * L)) if shifts[m] else words
-                    if L != 16:
-                        idx = builder.and_(idx, ir.Constant(it, [15] * L))
-                    w = builder.fmul(_permute(builder, codes, idx, L), svec)
+                    if planes8:
+                        w = builder.fmul(decoded[m], svec)
+                    else:
+                        idx = builder.lshr(words, ir.Constant(it, [shifts[m]] * L)) if shifts[m] else words
+                        if L != 16:
+                            idx = builder.and_(idx, ir.Constant(it, [15] * L))
+                        w = builder.fmul(_permute(builder, codes, idx, L), svec)
                     for q in range(nx):
                         builder.store(builder.fadd(builder.load(acc_p[q][m]), builder.fmul(gv[q], w)), acc_p[q][m])
             for q in range(nx):
@@ -1589,10 +1681,16 @@ wrows_dot = _make_wrows_dot(LANES, WROWS) if LANES else None
 #: 1-16 input rows), 2 or 4 weight rows x 4 input rows the fastest at 4 and more rows
 #: (2 x 8 3 % faster at batch 8, level at 16), 4 weight rows at 1 and 2 input rows (8 x 1
 #: 4 % faster at batch 1 in that loop, 1 % in the kernel), 2 and 4 alike at 3; on 8
-#: lanes 2 x 4 and 4 x 4 alike. 2 weight rows for 3 and 4 input rows keep a real AVX2
-#: machine's 16 vector registers enough for the sums and the decode.
+#: lanes 2 x 4 and 4 x 4 alike. A real AVX2 machine has 16 vector registers, not 32:
+#: measured there (AMD Zen 3, the same loop, one process, 2026-12-06, ms for 1 / 2 / 4
+#: input rows), the byte-plane decode with 1 or 2 weight rows 1.58 / 1.98 / 2.98 (2 rows:
+#: 1.59 / 2.24 / 3.32, 4 rows: 1.75 / 3.62 / -), the permute decode 2.63 / 3.04 / 3.92
+#: with one weight row, 2.59 / 3.01 / 4.48 with two, 2.70 / 3.55 / - with four.
 WORDS_NX = 4
-WORDS_GROUP_NW = (0, 4, 4, 2, 2)
+if LANES != 8 or _host_has("avx512f"):
+    WORDS_GROUP_NW = (0, 4, 4, 2, 2)
+else:
+    WORDS_GROUP_NW = (0, 2, 1, 1, 1) if PLANES8 else (0, 2, 2, 1, 1)
 WORDS_BUF = max(k * WORDS_GROUP_NW[k] for k in range(1, WORDS_NX + 1))
 words_x4 = _make_dot_words(LANES, WORDS_GROUP_NW[4], 4) if LANES else None
 words_x3 = _make_dot_words(LANES, WORDS_GROUP_NW[3], 3) if LANES else None
