@@ -208,6 +208,27 @@ def panel_product(x2, t, scales, out2):
                         np.zeros(1, np.int64), out2, ws)
 
 
+def dense_panels_ok(shape) -> bool:
+    """Whether :func:`dense_panel_product` takes a dense (out, in) weight on this build."""
+    k = kernels("nf4")
+    return bool(k.SIMD_LANES) and shape[0] % k.PANEL_NR == 0 and shape[1] % 8 == 0
+
+
+def dense_panel_product(x2, w, out2):
+    """out2 (C-contiguous) = x2 W^T for a dense float32 C-contiguous W by
+    ``kernels.nf4.dense_matmul_panels``: :func:`panel_product`'s GEMM with each panel
+    copied from W. Each row's result the same bits whatever the batch, its position and
+    the threads (``dense_panels_ok`` shapes)."""
+    k = kernels("nf4")
+    n, width = x2.shape
+    ng = -(-n // k.PANEL_MR)
+    xpack = _scratch.scratch("nf4.xpack", ng * width * k.PANEL_MR, np.float32).reshape(ng, width, k.PANEL_MR)
+    k.pack_panel_rows(x2, xpack)
+    nw = kernels("_jit").num_threads()
+    ws = _scratch.scratch("nf4.panels", nw * (k.PANEL_KC * k.PANEL_NR + 16), np.float32).reshape(nw, -1)
+    k.dense_matmul_panels(w, xpack, np.zeros(1, np.int64), out2, ws)
+
+
 def row_tiles(t, scales, mode=0):
     """Yield ``(r0, r1, tile)``: rows r0:r1 of deq(W), decoded (serially) into the calling
     thread's scratch tile of at most TILE_ELEMS floats, for the large-batch paths that

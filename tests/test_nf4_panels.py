@@ -100,6 +100,22 @@ def test_shapes_outside_the_panels_take_the_tiles_and_agree(rng, shape, bs):
     assert np.abs(y - ref).max() <= 1e-5 * np.abs(ref).max()
 
 
+def test_dense_panels_are_the_nf4_panels_on_the_decoded_weight(rng):
+    """The dense panel GEMM (the row-stable bank's dense base where BLAS's rows depend on
+    their position) on deq(W): the NF4 panel GEMM's bits, the same micro-kernels on the
+    same panel values, at every batch size (and so row-stable)."""
+    out_f, in_f = 2 * _simd.PANEL_NR, 2 * _simd.PANEL_KC + 128  # three column blocks, the last short
+    t, w = _weight(rng, (out_f, in_f), 64)
+    w = np.ascontiguousarray(w)
+    assert products.dense_panels_ok(w.shape) and not products.dense_panels_ok((out_f + 8, in_f))
+    x = rng.standard_normal((knf4.PANEL_MC + 7, in_f)).astype(np.float32)  # two passes
+    full = _panels(x, t)
+    for lo, hi in ((0, 1), (5, 8), (3, 3 + ROWS), (0, x.shape[0])):
+        y = np.empty((hi - lo, out_f), np.float32)
+        products.dense_panel_product(np.ascontiguousarray(x[lo:hi]), w, y)
+        assert np.array_equal(y.view(np.uint32), full[lo:hi].view(np.uint32)), (lo, hi)
+
+
 def test_panels_against_float64_and_the_tiles(rng):
     t, w = _weight(rng, (256, 1024), 64)
     x = rng.standard_normal((100, 1024)).astype(np.float32)

@@ -1174,6 +1174,55 @@ def nf4_matmul_panels(packed, scales, blocksize, code, xpack, counter, y, ws):
             c = claim(counter)
 
 
+def _dense_panels_work(w, xpack, counter, y, ws) -> int:
+    """The work of :func:`dense_matmul_panels` (weight elements times output rows)."""
+    return w.size * y.shape[0]
+
+
+@kernel(parallel=True, cache=SIMD_CACHEABLE, work=_dense_panels_work, serial_below=PRODUCT_SERIAL_BELOW)
+def dense_matmul_panels(w, xpack, counter, y, ws):
+    """y = x W^T for a dense float32 (out, in) ``w``: :func:`nf4_matmul_panels` with each
+    panel copied from W (8 x 8 blocks transposed in registers, ``_simd.transpose8``: every
+    bit kept) instead of decoded. The same micro-kernels, so the same property: each
+    y[i, o] the same operations whatever the batch size, the row's position and the
+    thread count (the row-stable bank's dense base where BLAS's rows depend on their
+    position). out % PANEL_NR == 0, in % 8 == 0; xpack, counter, ws as there."""
+    n, out_f = y.shape
+    ng, in_f = xpack.shape[0], xpack.shape[1]
+    xflat = xpack.reshape(-1)
+    wflat = w.reshape(-1)
+    npanel = out_f // PANEL_NR
+    mc = _pass_rows(n)
+    per_pass = (npanel + PANEL_TASK - 1) // PANEL_TASK
+    ntasks = (n + mc - 1) // mc * per_pass
+    for wk in prange(ws.shape[0]):
+        panel = _worker_panel(ws[wk])
+        c = claim(counter)
+        while c < ntasks:
+            g0 = c // per_pass * mc // PANEL_MR
+            g1 = min(ng, g0 + mc // PANEL_MR)
+            p0 = c % per_pass * PANEL_TASK
+            for k0 in range(0, in_f, PANEL_KC):
+                kn = min(PANEL_KC, in_f - k0)
+                for p in range(p0, min(npanel, p0 + PANEL_TASK)):
+                    for t0 in range(0, kn, 8):  # panel[t * NR + j] = W[p NR + j, k0 + t]
+                        for h in range(0, PANEL_NR, 8):
+                            transpose8(wflat, (p * PANEL_NR + h) * in_f + k0 + t0, in_f, panel, t0 * PANEL_NR + h,
+                                       PANEL_NR)
+                    for g in range(g0, g1):
+                        rows = min(PANEL_MR, n - g * PANEL_MR)
+                        xo = (g * in_f + k0) * PANEL_MR
+                        if rows == 1:
+                            panel_mk1(xflat, xo, panel, kn, y, g * PANEL_MR, p * PANEL_NR, rows, k0)
+                        elif rows == 2:
+                            panel_mk2(xflat, xo, panel, kn, y, g * PANEL_MR, p * PANEL_NR, rows, k0)
+                        elif rows <= 4:
+                            panel_mk4(xflat, xo, panel, kn, y, g * PANEL_MR, p * PANEL_NR, rows, k0)
+                        else:
+                            panel_mk(xflat, xo, panel, kn, y, g * PANEL_MR, p * PANEL_NR, rows, k0)
+            c = claim(counter)
+
+
 @kernel(cache=SIMD_CACHEABLE)
 def words_reorder(x, xp):
     """xp[i, c C + m L + l] = x[i, c C + 8 l + m] (L = SIMD_LANES, C = 8 L, for every

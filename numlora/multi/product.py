@@ -26,7 +26,14 @@ import threading
 import numpy as np
 
 from .._backward import base_product as base_product_dense
-from .._nf4_products import FUSED_MAX_ROWS, blas_product, panel_product, panels_ok
+from .._nf4_products import (
+    FUSED_MAX_ROWS,
+    blas_product,
+    dense_panel_product,
+    dense_panels_ok,
+    panel_product,
+    panels_ok,
+)
 from .._nf4_products import forward as nf4_product
 
 __all__ = ["BUCKETS", "REF_ROWS", "RowStableProduct", "base_product"]
@@ -188,14 +195,20 @@ def _dense(weight):
 
 
 def _dense_exact(weight):
-    """The dense product in numlora's fixed-order dot products (``kernels.multi``): each
-    output the same operations whatever its row's position or batch."""
+    """The dense product in numlora's own arithmetic, each output the same operations
+    whatever its row's position or batch: the panel GEMM with panels copied from W
+    (``_nf4_products.dense_panel_product``) where it takes W's shape, else fixed-order dot
+    products (``kernels.multi.dense_rows_dot16``, portable ``dense_rows_dot``)."""
     w = np.ascontiguousarray(weight, np.float32)
 
     def product(x2, out2):
+        x2 = np.ascontiguousarray(x2)
+        if dense_panels_ok(w.shape):
+            dense_panel_product(x2, w, out2)
+            return
         from ..kernels import multi as k  # here, not at import: numba loads with the first bank
 
-        (k.dense_rows_dot16 if k.SIMD_LANES else k.dense_rows_dot)(w, np.ascontiguousarray(x2), out2)
+        (k.dense_rows_dot16 if k.SIMD_LANES else k.dense_rows_dot)(w, x2, out2)
 
     return product
 
