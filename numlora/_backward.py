@@ -59,8 +59,9 @@ def base_product(x2, weight, fan_in_fan_out, out2):
     n = x2.shape[0]
     if n == 0:
         return
-    if (not fan_in_fan_out and TRANSPOSED_MIN_ROWS <= n <= TRANSPOSED_MAX_ROWS and weight.dtype == np.float32
-            and weight.flags.c_contiguous):
+    if not fan_in_fan_out and TRANSPOSED_MIN_ROWS <= n <= TRANSPOSED_MAX_ROWS and weight.dtype == np.float32:
+        # whatever W's layout: OpenBLAS's Haswell kernels (AMD Zen 3) sum W x^T and x W^T
+        # in other orders, so a Fortran-ordered W taking the other orientation got other bits
         yt = _scratch.scratch("dense.yt", weight.shape[0] * n, np.float32).reshape(weight.shape[0], n)
         _dot(weight, x2.T, out=yt)
         transpose_copy(yt, out2)

@@ -110,11 +110,13 @@ def test_x_lora_and_u_out_are_the_training_forward_bit_for_bit():
     ref += bias
     assert np.array_equal(y.view(np.uint32), ref.view(np.uint32))
     assert np.array_equal(u.view(np.uint32), lora_shrink_f32_ref(xd, a, np.float32(1.0)).view(np.uint32))  # unscaled
-    # more rows: the same BLAS products in the same order, written out with numpy
+    # more rows: the same BLAS products in the same order, written out with numpy (the base
+    # as (W x^T)^T for 2-256 rows, _backward.base_product: OpenBLAS's Haswell kernels sum
+    # x W^T in another order)
     x20 = f32(rng, 20, 12)
     xd20, _ = nl.lora_dropout(x20, 0.3, 98)
     u20 = np.empty((20, 3), np.float32)
-    ref20 = np.dot(x20, w.T)
+    ref20 = np.ascontiguousarray(np.dot(w, x20.T).T)
     ref20 += np.dot(np.dot(xd20, a.T) * np.float32(0.5), b.T)
     ref20 += bias
     y20 = nl.lora_forward(x20, w, a, b, 0.5, bias, x_lora=xd20, u_out=u20)
