@@ -40,6 +40,15 @@ from numba import cuda
 
 from .._tables import NF4_MIDPOINTS
 
+# numba's CUDA simulator runs each GPU thread as a Python thread, and every call of a
+# device function iterates this module's globals (``swapped_cuda_module``). The first
+# warning raised from this module's code (numpy's uint64 overflow warnings in the
+# simulated xorshift / splitmix arithmetic) adds ``__warningregistry__`` to them: from one
+# simulated thread while another iterated, "dictionary changed size during iteration"
+# (tests/test_cuda.py's simulator smoke run failed once so). Created here, it is only
+# ever cleared or filled, never added.
+__warningregistry__: dict = {}
+
 # --- launch settings (read at launch time; tests patch them to tiny values) ------------
 
 #: threads per block of the 1-D kernels (elementwise, NF4 quantize / dequantize, RNG).
