@@ -197,6 +197,15 @@ def panel_product(x2, t, scales, out2):
     spinning workers would share a core with it: :func:`forward` sends them to sleep
     first (``_jit.park_blas``; docs/performance.md, "The panels in the public
     products")."""
+    xpack, ws = _panel_operands(x2)
+    kernels("nf4").nf4_matmul_panels(t.packed, np.ascontiguousarray(scales, np.float32), t.blocksize, t.code, xpack,
+                                     np.zeros(1, np.int64), out2, ws)
+
+
+def _panel_operands(x2):
+    """(xpack, ws) of the panel GEMMs: x2's rows interleaved by groups of PANEL_MR
+    (``kernels.nf4.pack_panel_rows``) and each worker's panel scratch, both from the
+    calling thread's scratch."""
     k = kernels("nf4")
     n, width = x2.shape
     ng = -(-n // k.PANEL_MR)
@@ -204,8 +213,7 @@ def panel_product(x2, t, scales, out2):
     k.pack_panel_rows(x2, xpack)
     nw = kernels("_jit").num_threads()
     ws = _scratch.scratch("nf4.panels", nw * (k.PANEL_KC * k.PANEL_NR + 16), np.float32).reshape(nw, -1)
-    k.nf4_matmul_panels(t.packed, np.ascontiguousarray(scales, np.float32), t.blocksize, t.code, xpack,
-                        np.zeros(1, np.int64), out2, ws)
+    return xpack, ws
 
 
 def dense_panels_ok(shape) -> bool:
@@ -219,14 +227,8 @@ def dense_panel_product(x2, w, out2):
     ``kernels.nf4.dense_matmul_panels``: :func:`panel_product`'s GEMM with each panel
     copied from W. Each row's result the same bits whatever the batch, its position and
     the threads (``dense_panels_ok`` shapes)."""
-    k = kernels("nf4")
-    n, width = x2.shape
-    ng = -(-n // k.PANEL_MR)
-    xpack = _scratch.scratch("nf4.xpack", ng * width * k.PANEL_MR, np.float32).reshape(ng, width, k.PANEL_MR)
-    k.pack_panel_rows(x2, xpack)
-    nw = kernels("_jit").num_threads()
-    ws = _scratch.scratch("nf4.panels", nw * (k.PANEL_KC * k.PANEL_NR + 16), np.float32).reshape(nw, -1)
-    k.dense_matmul_panels(w, xpack, np.zeros(1, np.int64), out2, ws)
+    xpack, ws = _panel_operands(x2)
+    kernels("nf4").dense_matmul_panels(w, xpack, np.zeros(1, np.int64), out2, ws)
 
 
 def row_tiles(t, scales, mode=0):

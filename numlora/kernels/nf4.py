@@ -1121,6 +1121,24 @@ def _pass_rows(n):
     return ((n + npass - 1) // npass + PANEL_MR - 1) // PANEL_MR * PANEL_MR
 
 
+@inline_helper
+def _panel_groups(xflat, in_f, panel, kn, y, g0, g1, n, p, k0):
+    """Groups g0 .. g1 - 1 of PANEL_MR input rows times panel p (columns k0 .. k0 + kn -
+    1) into y: stored for the first column block (k0 == 0), added after; the last group's
+    micro-kernel sized to its rows (the same chains)."""
+    for g in range(g0, g1):
+        rows = min(PANEL_MR, n - g * PANEL_MR)
+        xo = (g * in_f + k0) * PANEL_MR
+        if rows == 1:
+            panel_mk1(xflat, xo, panel, kn, y, g * PANEL_MR, p * PANEL_NR, rows, k0)
+        elif rows == 2:
+            panel_mk2(xflat, xo, panel, kn, y, g * PANEL_MR, p * PANEL_NR, rows, k0)
+        elif rows <= 4:
+            panel_mk4(xflat, xo, panel, kn, y, g * PANEL_MR, p * PANEL_NR, rows, k0)
+        else:
+            panel_mk(xflat, xo, panel, kn, y, g * PANEL_MR, p * PANEL_NR, rows, k0)
+
+
 #: Panels per task of :func:`nf4_matmul_panels`: a task decodes its panels block after
 #: block of columns, each block's inputs (in L2) read for all of them.
 PANEL_TASK = 8
@@ -1160,17 +1178,7 @@ def nf4_matmul_panels(packed, scales, blocksize, code, xpack, counter, y, ws):
                 kn = min(PANEL_KC, in_f - k0)
                 for p in range(p0, min(npanel, p0 + PANEL_TASK)):
                     panel_decode(packed, scales, code, blocksize, in_f, p * PANEL_NR, k0, kn, panel)
-                    for g in range(g0, g1):  # stored for the first block (k0 == 0), added after
-                        rows = min(PANEL_MR, n - g * PANEL_MR)
-                        xo = (g * in_f + k0) * PANEL_MR
-                        if rows == 1:  # the last group's kernel sized to its rows: the same chains
-                            panel_mk1(xflat, xo, panel, kn, y, g * PANEL_MR, p * PANEL_NR, rows, k0)
-                        elif rows == 2:
-                            panel_mk2(xflat, xo, panel, kn, y, g * PANEL_MR, p * PANEL_NR, rows, k0)
-                        elif rows <= 4:
-                            panel_mk4(xflat, xo, panel, kn, y, g * PANEL_MR, p * PANEL_NR, rows, k0)
-                        else:
-                            panel_mk(xflat, xo, panel, kn, y, g * PANEL_MR, p * PANEL_NR, rows, k0)
+                    _panel_groups(xflat, in_f, panel, kn, y, g0, g1, n, p, k0)
             c = claim(counter)
 
 
@@ -1209,17 +1217,7 @@ def dense_matmul_panels(w, xpack, counter, y, ws):
                         for h in range(0, PANEL_NR, 8):
                             transpose8(wflat, (p * PANEL_NR + h) * in_f + k0 + t0, in_f, panel, t0 * PANEL_NR + h,
                                        PANEL_NR)
-                    for g in range(g0, g1):
-                        rows = min(PANEL_MR, n - g * PANEL_MR)
-                        xo = (g * in_f + k0) * PANEL_MR
-                        if rows == 1:
-                            panel_mk1(xflat, xo, panel, kn, y, g * PANEL_MR, p * PANEL_NR, rows, k0)
-                        elif rows == 2:
-                            panel_mk2(xflat, xo, panel, kn, y, g * PANEL_MR, p * PANEL_NR, rows, k0)
-                        elif rows <= 4:
-                            panel_mk4(xflat, xo, panel, kn, y, g * PANEL_MR, p * PANEL_NR, rows, k0)
-                        else:
-                            panel_mk(xflat, xo, panel, kn, y, g * PANEL_MR, p * PANEL_NR, rows, k0)
+                    _panel_groups(xflat, in_f, panel, kn, y, g0, g1, n, p, k0)
             c = claim(counter)
 
 

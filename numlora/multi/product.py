@@ -11,10 +11,11 @@ fails is never used (the next larger one is). Some BLAS kernels sum a row in ano
 order depending on its position in the batch (OpenBLAS's Haswell SGEMM, which AMD Zen 3
 runs: rows 6-11 of every 12 otherwise than rows 0-5, in either orientation): no bucket
 can be row-stable there, so when the ``REF_ROWS``-row product itself gives a probe row
-other bits at other positions, the bank runs its fallback instead (dense: numlora's
-fixed-order dot products, ``kernels.multi.dense_rows_dot16``; NF4 tiles: the fused
-kernel in chunks). Where the product is numlora's panel GEMM (an NF4 base on the
-``"tiles"`` path, of a shape the panels take) or the dense fallback, each output's
+other bits at other positions, the bank runs its fallback instead (dense: numlora's panel
+GEMM with panels copied from W, ``_nf4_products.dense_panel_product``, or fixed-order dot
+products, ``kernels.multi.dense_rows_dot16``, for shapes the panels do not take; NF4
+tiles: the fused kernel in chunks). Where the product is numlora's panel GEMM (an NF4
+base on the ``"tiles"`` path, of a shape the panels take) or the dense fallback, each output's
 operations do not depend on the batch by construction: the whole batch is multiplied as
 it is, with no padding and no calibration (``RowStableProduct.exact``).
 """
