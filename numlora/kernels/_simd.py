@@ -529,6 +529,24 @@ def _mul_add(builder, a, b, c, vt):
     return builder.fadd(c, builder.fmul(a, b))
 
 
+def _word_decoder(builder, words, codes, planes, lanes):
+    """``m -> vector m`` of a chunk's word decode (:func:`_make_dot_words`; ``words``: the
+    chunk's <lanes x i32> words): through byte planes where ``planes`` is given (all eight
+    vectors built here, :func:`_words_planes8`), else one shift and permute per call."""
+    if planes is not None:
+        return _words_planes8(builder, words, planes).__getitem__
+    it = words.type
+
+    def vector(m):
+        shift = 8 * (m // 2) + (4 if m % 2 == 0 else 0)
+        idx = builder.lshr(words, ir.Constant(it, [shift] * lanes)) if shift else words
+        if lanes != 16:
+            idx = builder.and_(idx, ir.Constant(it, [15] * lanes))
+        return _permute(builder, codes, idx, lanes)
+
+    return vector
+
+
 def _prefetch(builder, ptr, locality):
     """``llvm.prefetch`` of the cache line at ``ptr`` (an i8*) for reading data, with
     LLVM's locality hint (3: every cache level, 2: L2 and out, ...). Never faults."""
@@ -598,7 +616,6 @@ def _make_dot_words(lanes, nw, nx, planes8=None):
             xrow = _row_ptrs(builder, xa.data, xfirst, nx, in_f)
             row_p = [[cgutils.alloca_once_value(builder, zero) for _ in range(nx)] for _ in range(nw)]
             blk_p = [[cgutils.alloca_once_value(builder, zero) for _ in range(nx)] for _ in range(nw)]
-            shifts = [8 * (m // 2) + (4 if m % 2 == 0 else 0) for m in range(8)]
 
             def chunk(ci):
                 # per m: the nw weight vectors decoded, then each input row's vector loaded
@@ -610,17 +627,9 @@ def _make_dot_words(lanes, nw, nx, planes8=None):
                          for a in range(nw)]
                 _prefetch_next_rows(builder, [wrow[a][0] for a in range(nw)], woff, in_f)
                 accs = [[builder.load(blk_p[a][g]) for g in range(nx)] for a in range(nw)]
-                decoded = [_words_planes8(builder, words[a], planes) for a in range(nw)] if planes8 else None
+                decoders = [_word_decoder(builder, words[a], codes, planes, L) for a in range(nw)]
                 for m in range(8):
-                    ws = []
-                    for a in range(nw):
-                        if planes8:
-                            ws.append(decoded[a][m])
-                            continue
-                        idx = builder.lshr(words[a], ir.Constant(it, [shifts[m]] * L)) if shifts[m] else words[a]
-                        if L != 16:
-                            idx = builder.and_(idx, ir.Constant(it, [15] * L))
-                        ws.append(_permute(builder, codes, idx, L))
+                    ws = [decoders[a](m) for a in range(nw)]
                     for g in range(nx):
                         xptr = builder.gep(xrow[g], [builder.add(xoff, ir.Constant(I64, m * L))])
                         xv = builder.load(builder.bitcast(xptr, vt.as_pointer()), align=4)
@@ -734,7 +743,6 @@ def _make_t_words(lanes, nx, planes8=None):
             s_hi = builder.select(halfblocks, builder.add(builder.mul(chunk, ir.Constant(I64, 2)), ir.Constant(I64, 1)),
                                   whole)
             acc_p = [[cgutils.alloca_once_value(builder, zero) for _ in range(8)] for _ in range(nx)]
-            shifts = [8 * (m // 2) + (4 if m % 2 == 0 else 0) for m in range(8)]
             wbyte0 = builder.mul(chunk, ir.Constant(I64, 4 * L))
             with cgutils.for_range(builder, out_f) as ol:
                 o = ol.index
@@ -746,15 +754,9 @@ def _make_t_words(lanes, nx, planes8=None):
                 s1 = builder.load(builder.gep(sc.data, [builder.add(srow, s_hi)]))
                 svec = _halves(builder, s0, s1, L)
                 gv = [_splat(builder, builder.load(builder.gep(grow[q], [o])), L) for q in range(nx)]
-                decoded = _words_planes8(builder, words, planes) if planes8 else None
+                decoder = _word_decoder(builder, words, codes, planes, L)
                 for m in range(8):
-                    if planes8:
-                        w = builder.fmul(decoded[m], svec)
-                    else:
-                        idx = builder.lshr(words, ir.Constant(it, [shifts[m]] * L)) if shifts[m] else words
-                        if L != 16:
-                            idx = builder.and_(idx, ir.Constant(it, [15] * L))
-                        w = builder.fmul(_permute(builder, codes, idx, L), svec)
+                    w = builder.fmul(decoder(m), svec)
                     for q in range(nx):
                         builder.store(builder.fadd(builder.load(acc_p[q][m]), builder.fmul(gv[q], w)), acc_p[q][m])
             for q in range(nx):
