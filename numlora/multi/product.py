@@ -98,7 +98,7 @@ class RowStableProduct:
     def _reference(self):
         """The REF_ROWS-row probe results (probe 0, probe 1), switching to the fallback
         where the product's rows depend on their position."""
-        while self._ref is None:
+        while self._ref is None and not self.exact:  # an exact product is never calibrated
             yb = self._run(REF_ROWS, 0).view(np.uint32)
             if (yb[:-1] == yb[0]).all() or self._fallback is None:
                 self._ref = np.stack([yb[0], yb[-1]])
