@@ -225,8 +225,12 @@ def dense_panels_ok(shape) -> bool:
 def dense_panel_product(x2, w, out2):
     """out2 (C-contiguous) = x2 W^T for a dense float32 C-contiguous W by
     ``kernels.nf4.dense_matmul_panels``: :func:`panel_product`'s GEMM with each panel
-    copied from W. Each row's result the same bits whatever the batch, its position and
-    the threads (``dense_panels_ok`` shapes)."""
+    copied from W; one row by ``kernels.nf4.dense_matmul_rows`` (the same operations, W's
+    rows transposed in registers). Each row's result the same bits whatever the batch, its
+    position and the threads (``dense_panels_ok`` shapes)."""
+    if x2.shape[0] == 1:  # the same operations without panels (1.3-1.5x faster for one row on AMD Zen 3)
+        kernels("nf4").dense_matmul_rows(w, x2, out2)
+        return
     xpack, ws = _panel_operands(x2)
     kernels("nf4").dense_matmul_panels(w, xpack, np.zeros(1, np.int64), out2, ws)
 

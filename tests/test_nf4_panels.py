@@ -116,6 +116,25 @@ def test_dense_panels_are_the_nf4_panels_on_the_decoded_weight(rng):
         assert np.array_equal(y.view(np.uint32), full[lo:hi].view(np.uint32)), (lo, hi)
 
 
+@pytest.mark.parametrize("out_f", [8 + 16, knf4.ROWS_TASK + 48 + 8, 2 * knf4.ROWS_TASK + 64])
+def test_dense_rows_kernel_is_the_panel_order(rng, out_f):
+    """kernels.nf4.dense_matmul_rows (one row of the row-stable bank's dense base, W's
+    rows transposed in registers, the groups of 32 / 16 / 8 outputs skewed by columns):
+    the panel micro-kernel's operations (the chains of fused multiply-adds modelled in
+    float64), and so the dense panel GEMM's bits at every row count."""
+    in_f = _simd.PANEL_KC + 136  # a short last block with an odd number of 8-column steps
+    w = rng.standard_normal((out_f, in_f)).astype(np.float32)
+    x = rng.standard_normal((3, in_f)).astype(np.float32)
+    y = np.empty((3, out_f), np.float32)
+    knf4.dense_matmul_rows(w, x, y)
+    assert np.array_equal(y.view(np.uint32), _panel_order(x, w.T).view(np.uint32))
+    if products.dense_panels_ok(w.shape):  # the panels: the same bits
+        xpack, ws = products._panel_operands(x)
+        yp = np.empty_like(y)
+        knf4.dense_matmul_panels(w, xpack, np.zeros(1, np.int64), yp, ws)
+        assert np.array_equal(y.view(np.uint32), yp.view(np.uint32))
+
+
 def test_panels_against_float64_and_the_tiles(rng):
     t, w = _weight(rng, (256, 1024), 64)
     x = rng.standard_normal((100, 1024)).astype(np.float32)

@@ -1080,24 +1080,87 @@ def transpose8(typingctx, src, so, sstride, dst, do, dstride):
         def at(base, stride, k):
             return builder.bitcast(builder.gep(base, [builder.mul(stride, ir.Constant(I64, k))]), vt.as_pointer())
 
-        def shuf(a, b, mask):
-            return builder.shuffle_vector(a, b, ir.Constant(_vec(I32, 8), mask))
-
-        r = [builder.load(at(sp, i64(2), k), align=4) for k in range(8)]
-        lo, hi = [0, 8, 1, 9, 4, 12, 5, 13], [2, 10, 3, 11, 6, 14, 7, 15]
-        t = [shuf(r[k & ~1], r[k | 1], hi if k & 1 else lo) for k in range(8)]
-        pl, ph = [0, 1, 8, 9, 4, 5, 12, 13], [2, 3, 10, 11, 6, 7, 14, 15]
-        q = []
-        for g in (0, 4):  # rows 0-3, then 4-7
-            q += [shuf(t[g], t[g + 2], pl), shuf(t[g], t[g + 2], ph),
-                  shuf(t[g + 1], t[g + 3], pl), shuf(t[g + 1], t[g + 3], ph)]
-        first, second = [0, 1, 2, 3, 8, 9, 10, 11], [4, 5, 6, 7, 12, 13, 14, 15]
-        cols = [shuf(q[j], q[j + 4], first) for j in range(4)] + [shuf(q[j], q[j + 4], second) for j in range(4)]
+        cols = _transpose8_regs(builder, [builder.load(at(sp, i64(2), k), align=4) for k in range(8)])
         for j in range(8):
             builder.store(cols[j], at(dp, i64(5), j), align=4)
         return context.get_dummy_value()
 
     return sig, codegen
+
+
+def _transpose8_regs(builder, r):
+    """cols[j][k] = r[k][j]: eight <8 x float> transposed by three stages of eight
+    shuffles (pairs of elements, pairs of pairs, halves; the classic AVX transpose)."""
+
+    def shuf(a, b, mask):
+        return builder.shuffle_vector(a, b, ir.Constant(_vec(I32, 8), mask))
+
+    lo, hi = [0, 8, 1, 9, 4, 12, 5, 13], [2, 10, 3, 11, 6, 14, 7, 15]
+    t = [shuf(r[k & ~1], r[k | 1], hi if k & 1 else lo) for k in range(8)]
+    pl, ph = [0, 1, 8, 9, 4, 5, 12, 13], [2, 3, 10, 11, 6, 7, 14, 15]
+    q = []
+    for g in (0, 4):  # rows 0-3, then 4-7
+        q += [shuf(t[g], t[g + 2], pl), shuf(t[g], t[g + 2], ph),
+              shuf(t[g + 1], t[g + 3], pl), shuf(t[g + 1], t[g + 3], ph)]
+    first, second = [0, 1, 2, 3, 8, 9, 10, 11], [4, 5, 6, 7, 12, 13, 14, 15]
+    return [shuf(q[j], q[j + 4], first) for j in range(4)] + [shuf(q[j], q[j + 4], second) for j in range(4)]
+
+
+def _make_gemv_t(groups):
+    """Build ``gemv_t(w, wo, in_f, x, xo, kn, y, yo, add)``: for j < 8 * groups,
+    ``y[yo + j] (+)= sum over k < kn of w[wo + j * in_f + k] * x[xo + k]``, the sum a
+    chain of fused multiply-adds (:func:`_mul_add`) from zero in order of k, then stored
+    (``add`` 0) or added to y: the operations :func:`_make_panel_mk`'s micro-kernel gives
+    the same output over a column block, without a panel. Weight rows are read as they
+    lie (eight rows x eight columns loaded and transposed in registers,
+    :func:`_transpose8_regs`), the eight outputs of a group in the lanes of one
+    accumulator; ``groups`` independent chains, group g two 8-column steps per g behind
+    group 0 (rows 4 KiB apart share L1 sets: eight rows' lines at one column fill a set).
+    kn % 8 == 0. The one-row dense product of the row-stable bank
+    (``kernels.nf4.dense_matmul_rows``): 1.3-1.5x faster than the panels for one row on
+    AMD Zen 3 (docs/performance.md); without the skew, or with the groups' multiply-adds
+    interleaved, slower."""
+
+    @intrinsic
+    def gemv_t(typingctx, w, wo, in_f, x, xo, kn, y, yo, add):
+        sig = types.void(w, wo, in_f, x, xo, kn, y, yo, add)
+
+        def codegen(context, builder, sig, args):
+            wa, woff, width, xa, xoff, count, ya, yoff, acc_flag = _unpack(context, builder, sig, args, "aiiaiiaii")
+            vt = _vec(F32, 8)
+            wp = builder.gep(wa.data, [woff])
+            rows = [builder.gep(wp, [builder.mul(width, ir.Constant(I64, j))]) for j in range(8 * groups)]
+            xp = builder.gep(xa.data, [xoff])
+            acc_p = [cgutils.alloca_once_value(builder, ir.Constant(vt, None)) for _ in range(groups)]
+            steps = builder.lshr(count, ir.Constant(I64, 3))
+            lag = 2  # group g runs 2 g steps (16 g columns) behind group 0: its rows' lines in other L1 sets
+            with cgutils.for_range(builder, builder.add(steps, ir.Constant(I64, lag * (groups - 1)))) as sl:
+                for g in range(groups):
+                    sg = builder.sub(sl.index, ir.Constant(I64, lag * g))
+                    live = builder.and_(builder.icmp_signed(">=", sg, ir.Constant(I64, 0)),
+                                        builder.icmp_signed("<", sg, steps))
+                    with builder.if_then(live):  # a block per group: its loads stay beside its shuffles
+                        k0 = builder.shl(sg, ir.Constant(I64, 3))
+                        r = [builder.load(builder.bitcast(builder.gep(rows[8 * g + j], [k0]), vt.as_pointer()),
+                                          align=4) for j in range(8)]
+                        cols = _transpose8_regs(builder, r)
+                        a = builder.load(acc_p[g])
+                        for t in range(8):
+                            xt = builder.load(builder.gep(xp, [builder.add(k0, ir.Constant(I64, t))]))
+                            a = _mul_add(builder, cols[t], _splat(builder, xt, 8), a, vt)
+                        builder.store(a, acc_p[g])
+            adding = builder.icmp_signed("!=", acc_flag, ir.Constant(I64, 0))
+            yp = builder.gep(ya.data, [yoff])
+            for g in range(groups):
+                ptr = builder.bitcast(builder.gep(yp, [ir.Constant(I64, 8 * g)]), vt.as_pointer())
+                v = builder.load(acc_p[g])
+                old = builder.load(ptr, align=4)
+                builder.store(builder.select(adding, builder.fadd(old, v), v), ptr, align=4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return gemv_t
 
 
 def _rounded_table(builder, codes, s, is_bf16, lanes):
@@ -1734,3 +1797,8 @@ panel_mk = _make_panel_mk(LANES, PANEL_MR) if LANES else None
 panel_mk1 = _make_panel_mk(LANES, 1, PANEL_MR) if LANES else None
 panel_mk2 = _make_panel_mk(LANES, 2, PANEL_MR) if LANES else None
 panel_mk4 = _make_panel_mk(LANES, 4, PANEL_MR) if LANES else None
+#: The panel micro-kernel's operations for one input row, straight from a dense weight's
+#: rows (no panel): 32 / 16 / 8 outputs per call.
+gemv_t4 = _make_gemv_t(4) if LANES else None
+gemv_t2 = _make_gemv_t(2) if LANES else None
+gemv_t1 = _make_gemv_t(1) if LANES else None

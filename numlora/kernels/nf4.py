@@ -59,6 +59,9 @@ from ._simd import (
     expand_x2,
     expand_x3,
     expand_x4,
+    gemv_t1,
+    gemv_t2,
+    gemv_t4,
     panel_decode,
     panel_mk,
     panel_mk1,
@@ -1219,6 +1222,46 @@ def dense_matmul_panels(w, xpack, counter, y, ws):
                                        PANEL_NR)
                     _panel_groups(xflat, in_f, panel, kn, y, g0, g1, n, p, k0)
             c = claim(counter)
+
+
+#: Outputs per task of :func:`dense_matmul_rows` (four calls of 32).
+ROWS_TASK = 128
+
+
+def _dense_rows_work(w, x, y) -> int:
+    """The work of :func:`dense_matmul_rows` (weight elements times output rows)."""
+    return w.size * y.shape[0]
+
+
+@kernel(parallel=True, cache=SIMD_CACHEABLE, work=_dense_rows_work, serial_below=PRODUCT_SERIAL_BELOW)
+def dense_matmul_rows(w, x, y):
+    """y = x W^T with :func:`dense_matmul_panels`' operations (the same bits, each
+    y[i, o] a chain of fused multiply-adds per column block of PANEL_KC, the blocks
+    summed in order) for a few rows: W's rows read as they lie and transposed in
+    registers (``_simd.gemv_t4``: 32 outputs, four chains), no panel copied and no
+    micro-kernel of PANEL_MR rows for one. w: (out, in) float32 C-contiguous, out %
+    PANEL_NR == 0, in % 8 == 0; x: (n, in), y: (n, out) C-contiguous."""
+    n, out_f = y.shape
+    in_f = w.shape[1]
+    wflat = w.reshape(-1)
+    xflat = x.reshape(-1)
+    yflat = y.reshape(-1)
+    for task in prange((out_f + ROWS_TASK - 1) // ROWS_TASK):
+        o1 = min(out_f, (task + 1) * ROWS_TASK)
+        for k0 in range(0, in_f, PANEL_KC):
+            kn = min(PANEL_KC, in_f - k0)
+            o = task * ROWS_TASK
+            while o < o1:
+                m = o1 - o
+                step = 32 if m >= 32 else (16 if m >= 16 else 8)
+                for i in range(n):
+                    if step == 32:
+                        gemv_t4(wflat, o * in_f + k0, in_f, xflat, i * in_f + k0, kn, yflat, i * out_f + o, k0)
+                    elif step == 16:
+                        gemv_t2(wflat, o * in_f + k0, in_f, xflat, i * in_f + k0, kn, yflat, i * out_f + o, k0)
+                    else:
+                        gemv_t1(wflat, o * in_f + k0, in_f, xflat, i * in_f + k0, kn, yflat, i * out_f + o, k0)
+                o += step
 
 
 @kernel(cache=SIMD_CACHEABLE)

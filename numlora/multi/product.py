@@ -116,7 +116,11 @@ class RowStableProduct:
         return bool((got[:-1] == ref[0]).all() and np.array_equal(got[-1], ref[1]))
 
     def bucket(self, m):
-        """The smallest bucket >= m that passed its check (checking as needed)."""
+        """The smallest bucket >= m that passed its check (checking as needed); ``m``
+        itself for an exact product (nothing padded, nothing checked)."""
+        self._reference()
+        if self.exact:
+            return m
         for b in BUCKETS:
             if b < m:
                 continue
