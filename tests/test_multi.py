@@ -855,20 +855,25 @@ def test_add_refuses_non_finite_adapter_values():
     assert bank.add("x", a, b) == 0
 
 
-@pytest.mark.parametrize("shape", [(1, 5), (2, 96), (33, 70), (64, 4099), (31, 1)])
-@pytest.mark.parametrize("copy", ["kernel", "numpy tiles"])
+@pytest.mark.parametrize("shape", [(1, 5), (2, 96), (33, 70), (64, 4099), (31, 1), (16, 40), (4104, 24), (8, 8)])
+@pytest.mark.parametrize("copy", ["kernel", "SIMD kernel", "numpy tiles"])
 def test_transpose_copies_every_element(rng, shape, copy):
-    """The tiled transposing copies: the kernel ``LoraBank.add`` packs adapters with, and
+    """The tiled transposing copies: the kernels ``LoraBank.add`` packs adapters with, and
     the numpy column tiles the dense base product runs after ``W @ x^T``: every element
     lands at its transposed place, bit for bit, for shapes off the tile sizes."""
     from numlora._backward import transpose_copy
-    from numlora.kernels.multi import _transpose_into
+    from numlora.kernels import multi as km
 
+    if copy == "SIMD kernel" and not km.SIMD_LANES:
+        pytest.skip("the register transpose needs the SIMD build")
     src = rng.standard_normal(shape, dtype=np.float32)
     src.reshape(-1)[:: 7] = -0.0
-    dst = np.full(shape[::-1], np.nan, np.float32)
+    src.reshape(-1)[3:: 11] = np.nan  # any bit pattern: a copy
+    dst = np.full(shape[::-1], np.inf, np.float32)
     if copy == "kernel":
-        _transpose_into(src, dst.reshape(-1))
+        km._transpose_into(src, dst.reshape(-1))
+    elif copy == "SIMD kernel":
+        km._transpose8_into(src, dst.reshape(-1))
     else:
         transpose_copy(src, dst)
     assert np.array_equal(_bits(dst), _bits(np.ascontiguousarray(src.T)))

@@ -38,6 +38,7 @@ from ._simd import (
     bank_rows_x4h,
     bank_rows_x4w,
     dot16,
+    transpose8,
 )
 from ._simd import CACHEABLE as SIMD_CACHEABLE
 from ._simd import LANES as SIMD_LANES  # noqa: F401  (read as kernels.<family>.SIMD_LANES)
@@ -274,6 +275,41 @@ def pack_adapter(lora_a, lora_b, dst):
     r, in_f = lora_a.shape
     _transpose_into(lora_a, dst[:in_f * r])
     _transpose_into(lora_b, dst[in_f * r:])
+
+
+@kernel(cache=SIMD_CACHEABLE)
+def _transpose8_into(src, dst):
+    """:func:`_transpose_into` with src's whole 8 x 8 blocks transposed in registers
+    (``_simd.transpose8``: a copy, every bit kept), 16 columns at a time so each source
+    cache line is read whole; the edges past the last whole block element by element."""
+    nr, nc = src.shape
+    sflat = src.reshape(-1)
+    r8 = nr - nr % 8
+    c8 = nc - nc % 8
+    c16 = nc - nc % 16
+    for j0 in range(0, c16, 16):
+        for i0 in range(0, r8, 8):
+            transpose8(sflat, i0 * nc + j0, nc, dst, j0 * nr + i0, nr)
+            transpose8(sflat, i0 * nc + j0 + 8, nc, dst, (j0 + 8) * nr + i0, nr)
+    if c8 > c16:
+        for i0 in range(0, r8, 8):
+            transpose8(sflat, i0 * nc + c16, nc, dst, c16 * nr + i0, nr)
+    for i in range(r8, nr):
+        for j in range(nc):
+            dst[j * nr + i] = src[i, j]
+    for i in range(r8):
+        for j in range(c8, nc):
+            dst[j * nr + i] = src[i, j]
+
+
+@kernel(cache=SIMD_CACHEABLE)
+def pack_adapter_simd(lora_a, lora_b, dst):
+    """:func:`pack_adapter` by :func:`_transpose8_into`: the same floats. On AMD Zen 3
+    (rank 64, 4096 x 4096, into mapped memory) 0.85 ms by the scalar tiles, the most of
+    a ``LoraBank.add``."""
+    r, in_f = lora_a.shape
+    _transpose8_into(lora_a, dst[:in_f * r])
+    _transpose8_into(lora_b, dst[in_f * r:])
 
 
 #: Weight rows per parallel task of the dense row-stable product.
