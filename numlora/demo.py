@@ -26,6 +26,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
+import sys
+import threading
 import time
 
 import numpy as np
@@ -241,6 +244,13 @@ class QLoraMLP:
         ]
         self._relu = []
 
+    @classmethod
+    def from_layers(cls, layers):
+        """A model over given :class:`numlora.QLoraLinear` layers (nothing quantized)."""
+        model = cls.__new__(cls)
+        model.layers, model._relu = list(layers), []
+        return model
+
     def parameters(self):
         return [p for layer in self.layers for p in layer.parameters()]
 
@@ -287,6 +297,113 @@ class QLoraMLP:
         return sum(layer.nf4.nbytes for layer in self.layers)
 
 
+# --- the later steps' kernels, compiled in a second process ---------------------------------
+def compile_later_steps(rows: int, n_eval: int, hidden: int, rank: int, alpha: float, dropout: float) -> None:
+    """What the demo's second process runs (see :class:`LaterSteps`): the
+    demo's three QLoRA layers (NF4 weights of its shapes from random codes, so no quantizer
+    is compiled here) through the forward and backward of a training step of ``rows`` rows
+    (the epoch's short last batch; none when 0), the merge and the base-only forward of
+    ``n_eval`` rows of steps 4-5, on one thread like the demo, so that numba compiles those kernels into its
+    on-disk cache, where the demo's own process then finds them."""
+    import numlora as nl
+
+    g = np.random.default_rng(0)
+    layers = []
+    for i, (in_f, out_f) in enumerate(((64, hidden), (hidden, hidden), (hidden, 10))):
+        t = nl.NF4Tensor(g.integers(0, 256, size=out_f * in_f // 2, dtype=np.uint8),
+                         g.uniform(0.01, 0.1, size=out_f * in_f // 64).astype(np.float32), (out_f, in_f), 64)
+        a = (g.standard_normal((rank, in_f)) * 0.01).astype(np.float32)
+        b = (g.standard_normal((out_f, rank)) * 0.01).astype(np.float32)
+        layers.append(nl.QLoraLinear(t, a, b, alpha, bias=np.zeros(out_f, np.float32), dropout=dropout,
+                                     dropout_seed=i))
+    model = QLoraMLP.from_layers(layers)
+    with one_thread():  # in the order the demo needs them (AdamW: its 32-row step compiled it)
+        if rows:
+            model.train()
+            x = g.random((rows, 64), dtype=np.float32)
+            _, grad = _softmax_xent(model.forward(x), g.integers(0, 10, rows))
+            model.backward(grad)
+        print("short", flush=True)  # the demo's process waits for these lines (LaterSteps)
+        model.merged_params()
+        model.set_enabled(False)
+        _evaluate(model, g.random((n_eval, 64), dtype=np.float32))
+        print("later", flush=True)
+
+
+class LaterSteps:
+    """:func:`compile_later_steps` in a second process, started by :meth:`start`. numba
+    compiles in the thread that calls a kernel, so one process compiles on one core; with
+    an empty cache the epoch's short last batch (fewer than 17 rows: the fused NF4 kernels,
+    not the 32-row step's tiles) and steps 4-5 would compile their kernels in the middle of
+    the run while the second core sits idle (4-5 s of a cold demo on AMD Zen 3). The child
+    prints ``short`` once the short batch's kernels are in the cache and ``later`` once
+    those of steps 4-5 are; :meth:`wait` blocks until a line has come (or the child has
+    ended), so the demo loads those kernels instead of compiling them a second time."""
+
+    def __init__(self, proc):
+        self._proc = proc
+        self._seen = {"short": threading.Event(), "later": threading.Event()}
+        self.waited = 0.0
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    @classmethod
+    def start(cls, rows, n_eval, hidden, rank, alpha, dropout):
+        """The second process, or None where it cannot help: one CPU, numba's on-disk
+        cache off (``NUMLORA_CACHE=0``), or nothing compiled (``NUMBA_DISABLE_JIT=1``)."""
+        import numba
+
+        from ._config import CACHE
+        from .warmup import _child_env
+
+        if not CACHE or numba.config.DISABLE_JIT or (os.cpu_count() or 1) < 2:
+            return None
+        code = (f"from numlora.demo import compile_later_steps; "
+                f"compile_later_steps({rows}, {n_eval}, {hidden}, {rank}, {float(alpha)!r}, {float(dropout)!r})")
+        try:
+            proc = subprocess.Popen([sys.executable, "-c", code], env=_child_env(), stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        except OSError:  # pragma: no cover  (no second process: the demo compiles as before)
+            return None
+        return cls(proc)
+
+    def _read(self):
+        for line in self._proc.stdout:
+            if line.strip() in self._seen:
+                self._seen[line.strip()].set()
+        for e in self._seen.values():  # the child ended (done, or failed): nothing more to wait for
+            e.set()
+
+    def wait(self, what, timeout=30.0):
+        t0 = time.perf_counter()
+        self._seen[what].wait(timeout)
+        self.waited += time.perf_counter() - t0
+
+    def finish(self, out):
+        """Wait for the child to end and say what it did (its CPU time where the platform
+        reports it)."""
+        try:
+            import resource
+        except ImportError:  # pragma: no cover  (Windows)
+            resource = None
+        before = resource.getrusage(resource.RUSAGE_CHILDREN) if resource else None
+        try:
+            rc = self._proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:  # pragma: no cover
+            self._proc.kill()
+            rc = self._proc.wait()
+        self._reader.join(5)
+        cpu = ""
+        if resource:
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            cpu = f"{after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime:.1f} s of CPU; "
+        if rc == 0:
+            out(f"   (a second process compiled the kernels of the epoch's short last batch and of steps 4-5 "
+                f"meanwhile, into numba's on-disk cache: {cpu}this one waited {self.waited:.2f} s for it)")
+        else:  # pragma: no cover  (the demo compiled them itself)
+            out("   (the second process that compiles later steps' kernels failed; this one compiled them)")
+
+
 def _evaluate(model, x, batch=512):
     model.eval()
     return np.concatenate([model.forward(x[i:i + batch]) for i in range(0, len(x), batch)])
@@ -323,22 +440,25 @@ def _save_adapter(model, rank, alpha, dropout, path, out):
 
 def main(seed: int = 0, out_dir=DEFAULT_OUT, epochs: int = 20, base_epochs: int = 20, rank: int = 8,
          alpha: float = 16.0, dropout: float = 0.05, lr: float = 5e-3, batch: int = 32, hidden: int = 256,
-         out=print, progress: bool | None = None) -> int:
+         out=print, progress: bool | None = None, background_compile: bool = True) -> int:
     """Run the demo; ``out`` receives each line of the report. Returns 0 when every check
-    passed, 1 otherwise. Runs on one thread (see :func:`one_thread`)."""
+    passed, 1 otherwise. Runs on one thread (see :func:`one_thread`); with
+    ``background_compile`` (and two or more CPUs) a second process compiles the kernels
+    of the later steps meanwhile (:class:`LaterSteps`)."""
     with one_thread(), KernelClock() as clock:
         return _main(seed, out_dir, epochs, base_epochs, rank, alpha, dropout, lr, batch, hidden, out, progress,
-                     clock)
+                     clock, background_compile)
 
 
 def _main(seed, out_dir, epochs, base_epochs, rank, alpha, dropout, lr, batch, hidden, out, progress,
-          clock) -> int:
+          clock, background_compile=True) -> int:
     import numlora as nl
     from numlora._progress import Progress
     from numlora.train import AdamW
 
     t_start = time.perf_counter()
     x_tr, y_tr, x_te, y_te = load_digits_split(seed)
+    later = LaterSteps.start(len(y_tr) % batch, len(y_te), hidden, rank, alpha, dropout) if background_compile else None
     xr_tr, xr_te = rotate90(x_tr), rotate90(x_te)
     out(f"numlora {nl.__version__} demo: QLoRA fine-tuning of a small MLP on handwritten digits (seed {seed})\n")
     out(f"data: {len(y_tr) + len(y_te)} handwritten digits, 8 x 8 pixels (UCI, shipped with numlora), "
@@ -389,6 +509,8 @@ def _main(seed, out_dir, epochs, base_epochs, rank, alpha, dropout, lr, batch, h
         for start in range(0, len(y_tr), batch):
             idx = order[start:start + batch]
             xb = xr_tr[idx]
+            if later is not None and len(idx) < batch and len(idx) not in firsts:
+                later.wait("short")  # its kernels: from the cache the second process is filling
             k0 = clock.total
             t0 = time.perf_counter()
             opt.zero_grad()
@@ -417,6 +539,8 @@ def _main(seed, out_dir, epochs, base_epochs, rank, alpha, dropout, lr, batch, h
     clock.lap()
 
     # 4. before / after ----------------------------------------------------------------------
+    if later is not None:
+        later.wait("later")
     logits = _evaluate(model, xr_te)
     acc_after = accuracy(logits, y_te)
     model.set_enabled(False)
@@ -438,6 +562,8 @@ def _main(seed, out_dir, epochs, base_epochs, rank, alpha, dropout, lr, batch, h
 
     # 6. save --------------------------------------------------------------------------------
     saved = _save_adapter(model, rank, alpha, dropout, out_dir, out)
+    if later is not None:
+        later.finish(out)
     out(f"\ndone in {time.perf_counter() - t_start:.1f} s, of which numba: {clock.describe(clock.total)}")
     ok = saved and same == len(y_te) and acc_after > acc_before
     return 0 if ok else 1

@@ -170,3 +170,44 @@ def test_saved_adapter_loads_in_peft(tmp_path, capsys):
     with torch.no_grad():
         logits = pm(torch.from_numpy(demo.rotate90(x_te))).numpy()
     assert 100 * demo.accuracy(logits, y_te) == pytest.approx(after, abs=0.25)
+
+
+@pytest.mark.slow
+def test_demo_compiles_later_steps_in_a_second_process(tmp_path, capsys, monkeypatch):
+    """With two CPUs the demo starts one child that compiles the short batch's and steps
+    4-5's kernels into the cache, waits for it, and says so; without background compile
+    (or on one CPU) no child and no such line, and the same report otherwise."""
+    monkeypatch.setattr(demo.os, "cpu_count", lambda: 2)
+    lines = []
+    assert demo.main(seed=3, out_dir=str(tmp_path / "a"), epochs=2, base_epochs=4, hidden=64, out=lines.append) == 0
+    text = "\n".join(lines)
+    assert re.search(r"a second process compiled the kernels .* s of CPU; this one waited [\d.]+ s for it", text), text
+    lines2 = []
+    assert demo.main(seed=3, out_dir=str(tmp_path / "a"), epochs=2, base_epochs=4, hidden=64, out=lines2.append,
+                     background_compile=False) == 0
+    text2 = "\n".join(lines2)
+    assert "second process" not in text2
+    assert _untimed("\n".join(x for x in lines if "second process" not in x)) == _untimed(text2)
+    monkeypatch.setattr(demo.os, "cpu_count", lambda: 1)
+    assert demo.LaterSteps.start(3, 10, 64, 8, 16.0, 0.05) is None
+
+
+def test_a_failed_second_process_ends_the_waits(capsys):
+    """If the child dies before its lines, the demo's waits return at once and the report
+    says the demo compiled those kernels itself."""
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; print('short', flush=True); sys.exit(3)"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    later = demo.LaterSteps(proc)
+    t0 = time.perf_counter()
+    later.wait("short")
+    later.wait("later", timeout=30)
+    assert time.perf_counter() - t0 < 20
+    lines = []
+    later.finish(lines.append)
+    assert proc.returncode == 3
+    assert lines == ["   (the second process that compiles later steps' kernels failed; this one compiled them)"]
+
