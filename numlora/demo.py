@@ -379,6 +379,13 @@ class LaterSteps:
         self._seen[what].wait(timeout)
         self.waited += time.perf_counter() - t0
 
+    def stop(self):
+        """End the child now if it still runs (numba writes each cache file whole, under a
+        temporary name, so nothing half-written stays behind)."""
+        if self._proc.poll() is None:
+            self._proc.kill()
+        self._proc.wait()
+
     def finish(self, out):
         """Wait for the child to end and say what it did (its CPU time where the platform
         reports it)."""
@@ -445,13 +452,18 @@ def main(seed: int = 0, out_dir=DEFAULT_OUT, epochs: int = 20, base_epochs: int 
     passed, 1 otherwise. Runs on one thread (see :func:`one_thread`); with
     ``background_compile`` (and two or more CPUs) a second process compiles the kernels
     of the later steps meanwhile (:class:`LaterSteps`)."""
-    with one_thread(), KernelClock() as clock:
-        return _main(seed, out_dir, epochs, base_epochs, rank, alpha, dropout, lr, batch, hidden, out, progress,
-                     clock, background_compile)
+    children = []
+    try:
+        with one_thread(), KernelClock() as clock:
+            return _main(seed, out_dir, epochs, base_epochs, rank, alpha, dropout, lr, batch, hidden, out, progress,
+                         clock, background_compile, children)
+    finally:
+        for later in children:  # the demo failed or was interrupted: no process left behind
+            later.stop()
 
 
 def _main(seed, out_dir, epochs, base_epochs, rank, alpha, dropout, lr, batch, hidden, out, progress,
-          clock, background_compile=True) -> int:
+          clock, background_compile=True, children=None) -> int:
     import numlora as nl
     from numlora._progress import Progress
     from numlora.train import AdamW
@@ -459,6 +471,8 @@ def _main(seed, out_dir, epochs, base_epochs, rank, alpha, dropout, lr, batch, h
     t_start = time.perf_counter()
     x_tr, y_tr, x_te, y_te = load_digits_split(seed)
     later = LaterSteps.start(len(y_tr) % batch, len(y_te), hidden, rank, alpha, dropout) if background_compile else None
+    if later is not None and children is not None:
+        children.append(later)
     xr_tr, xr_te = rotate90(x_tr), rotate90(x_te)
     out(f"numlora {nl.__version__} demo: QLoRA fine-tuning of a small MLP on handwritten digits (seed {seed})\n")
     out(f"data: {len(y_tr) + len(y_te)} handwritten digits, 8 x 8 pixels (UCI, shipped with numlora), "

@@ -192,6 +192,33 @@ def test_demo_compiles_later_steps_in_a_second_process(tmp_path, capsys, monkeyp
     assert demo.LaterSteps.start(3, 10, 64, 8, 16.0, 0.05) is None
 
 
+def test_a_demo_that_fails_leaves_no_second_process(tmp_path, monkeypatch):
+    """An error in the middle of the demo (here: in the base model's training) ends the
+    child too."""
+    import numba
+
+    if numba.config.DISABLE_JIT:
+        pytest.skip("no second process where nothing compiles (NUMBA_DISABLE_JIT=1)")
+    started = []
+    real_start = demo.LaterSteps.start
+
+    def start(*args):
+        later = real_start(*args)
+        started.append(later)
+        return later
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("interrupted")
+
+    monkeypatch.setattr(demo.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(demo.LaterSteps, "start", staticmethod(start))
+    monkeypatch.setattr(demo, "_softmax_xent", boom)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        demo.main(seed=3, out_dir=str(tmp_path / "a"), epochs=1, base_epochs=1, hidden=64, out=lambda line: None)
+    assert len(started) == 1 and started[0] is not None
+    assert started[0]._proc.poll() is not None  # ended, and waited for
+
+
 def test_a_failed_second_process_ends_the_waits(capsys):
     """If the child dies before its lines, the demo's waits return at once and the report
     says the demo compiled those kernels itself."""
