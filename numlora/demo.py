@@ -354,14 +354,14 @@ class LaterSteps:
         import numba
 
         from ._config import CACHE
-        from .warmup import _child_env
+        from .warmup import child_env
 
         if not CACHE or numba.config.DISABLE_JIT or (os.cpu_count() or 1) < 2:
             return None
         code = (f"from numlora.demo import compile_later_steps; "
                 f"compile_later_steps({rows}, {n_eval}, {hidden}, {rank}, {float(alpha)!r}, {float(dropout)!r})")
         try:
-            proc = subprocess.Popen([sys.executable, "-c", code], env=_child_env(), stdin=subprocess.DEVNULL,
+            proc = subprocess.Popen([sys.executable, "-c", code], env=child_env(), stdin=subprocess.DEVNULL,
                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         except OSError:  # pragma: no cover  (no second process: the demo compiles as before)
             return None

@@ -207,7 +207,9 @@ def run_job(name: str) -> None:
             numba.set_num_threads(before)
 
 
-def _child_env() -> dict:
+def child_env() -> dict:
+    """This environment, with numlora's folder first on ``PYTHONPATH``: a child process
+    (warmup's jobs, the demo's :class:`numlora.demo.LaterSteps`) imports this numlora."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ)
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -227,7 +229,7 @@ def warmup(jobs: int | None = None, progress: bool | None = None, stream=None) -
         raise NumloraError("warmup fills numba's on-disk cache, but NUMLORA_CACHE=0 turns it off: "
                            "unset NUMLORA_CACHE (or set it to 1) and run warmup again")
     jobs = max(1, int(jobs or os.cpu_count() or 1))
-    env = _child_env()
+    env = child_env()
     todo = [name for name, _ in JOBS]
     running, seconds, failed = {}, {}, {}
     with Progress(len(todo), desc="numlora warmup", unit="jobs", enabled=progress, stream=stream) as bar:
