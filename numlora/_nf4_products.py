@@ -150,9 +150,16 @@ def _expand_operands(k, u, lora_b, out2):
 def _park(t, n) -> None:
     """Send OpenBLAS's spinning workers to sleep before a parallel NF4 kernel of n input
     rows: from ``_jit.PARK_MIN_ROWS`` rows and ``_jit.PARK_MIN_WORK`` weight-rows."""
+    park_rows(t.numel, n)
+
+
+def park_rows(numel, n, min_rows=None) -> None:
+    """:func:`_park` for a weight of ``numel`` elements (dense or NF4) and n input rows
+    (from ``min_rows``, default ``_jit.PARK_MIN_ROWS``): before numlora's own product
+    kernels wherever they are called from (the bank's row-stable products included)."""
     jit = kernels("_jit")
-    if n >= jit.PARK_MIN_ROWS:
-        jit.park_before(n * t.numel, jit.PARK_MIN_WORK)
+    if n >= (jit.PARK_MIN_ROWS if min_rows is None else min_rows):
+        jit.park_before(n * numel, jit.PARK_MIN_WORK)
 
 
 def words_layout(x2):

@@ -177,6 +177,29 @@ def test_a_product_whose_rows_depend_on_their_position_falls_back(rng):
     assert kept.bucket(3) == 4 and kept.checked[4]
 
 
+def test_own_products_put_blas_workers_to_sleep_first(rng, monkeypatch):
+    """The bank's own product kernels (the dense fallback, the NF4 panels) ask for
+    OpenBLAS's spinning workers to sleep first, as the public NF4 products do, from
+    ``multi.product.PARK_MIN_ROWS`` rows: a bank's base product often follows a numpy
+    product."""
+    from numlora.kernels import _jit
+    from numlora.multi.product import PARK_MIN_ROWS, _dense_exact, _nf4_panels
+
+    asked = []
+    monkeypatch.setattr(_jit, "park_before", lambda work, minimum=_jit.PARK_MIN_ELEMS: asked.append((work, minimum)))
+    w = rng.standard_normal((64, IN), dtype=np.float32)
+    t = nl.quantize_nf4(w, blocksize=64)
+    for product, weight in ((_dense_exact(w), w), (_nf4_panels(t), nl.dequantize_nf4(t))):
+        for n in (PARK_MIN_ROWS - 1, PARK_MIN_ROWS + 3):
+            asked.clear()
+            x = rng.standard_normal((n, IN), dtype=np.float32)
+            y = np.empty((n, 64), np.float32)
+            product(x, y)
+            assert asked == ([] if n < PARK_MIN_ROWS else [(n * w.size, _jit.PARK_MIN_WORK)])
+            ref = x.astype(np.float64) @ weight.T.astype(np.float64)
+            np.testing.assert_allclose(y, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+
+
 def test_dense_fixed_order_product(rng):
     """kernels.multi.dense_rows_dot16 and its portable twin: the same bits, a row's bits
     whatever its position or batch, close to the float64 product."""

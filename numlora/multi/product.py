@@ -34,6 +34,7 @@ from .._nf4_products import (
     dense_panels_ok,
     panel_product,
     panels_ok,
+    park_rows,
 )
 from .._nf4_products import forward as nf4_product
 
@@ -41,6 +42,14 @@ __all__ = ["BUCKETS", "REF_ROWS", "RowStableProduct", "base_product"]
 
 #: Largest batch chunk of one base product; larger batches run in chunks of this size.
 REF_ROWS = 256
+#: Rows from which the bank's own product kernels (the dense fallback, the NF4 panels)
+#: put OpenBLAS's spinning workers to sleep first (``_nf4_products.park_rows``). Measured
+#: in ``numlora bench --pipeline`` on AMD Zen 3 (a row-stable dense bank that falls back,
+#: two alternating runs each): at 128 rows the bank's call inside the pass took 8.6 ms
+#: parked against 14.4-17.1 not, the forward pass 31.5-32.0 against 43.9-51.0 ms; at 8 rows
+#: the bank gained nothing and the pass's next numpy products lost (1.15-1.35x against
+#: 0.97-1.06x their time without numlora). Between the two: not measured.
+PARK_MIN_ROWS = 64
 #: Batch sizes the base product is called with in row-stable mode (a batch is padded up
 #: to the smallest calibrated one that holds it).
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -208,6 +217,7 @@ def _dense_exact(weight):
 
     def product(x2, out2):
         x2 = np.ascontiguousarray(x2)
+        park_rows(w.size, x2.shape[0], PARK_MIN_ROWS)  # numba's threads, maybe right after a BLAS call
         if dense_panels_ok(w.shape):
             dense_panel_product(x2, w, out2)
             return
@@ -239,6 +249,7 @@ def _nf4_panels(t):
     scales = np.asarray(t.scales)
 
     def product(x2, out2):
+        park_rows(t.numel, x2.shape[0], PARK_MIN_ROWS)
         panel_product(x2, t, scales, out2)
 
     return product
