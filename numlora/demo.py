@@ -299,12 +299,12 @@ class QLoraMLP:
 
 # --- the later steps' kernels, compiled in a second process ---------------------------------
 def compile_later_steps(rows: int, n_eval: int, hidden: int, rank: int, alpha: float, dropout: float) -> None:
-    """What the demo's second process runs (see :class:`LaterSteps`): the
-    demo's three QLoRA layers (NF4 weights of its shapes from random codes, so no quantizer
-    is compiled here) through the forward and backward of a training step of ``rows`` rows
-    (the epoch's short last batch; none when 0), the merge and the base-only forward of
-    ``n_eval`` rows of steps 4-5, on one thread like the demo, so that numba compiles those kernels into its
-    on-disk cache, where the demo's own process then finds them."""
+    """What the demo's second process runs (see :class:`LaterSteps`): the demo's three
+    QLoRA layers (NF4 weights of its shapes from random codes, so no quantizer is compiled
+    here) through the forward and backward of a training step of ``rows`` rows (the
+    epoch's short last batch; none when 0), then the merge and the base-only forward of
+    ``n_eval`` rows of steps 4-5, on one thread like the demo, so that numba compiles those
+    kernels into its on-disk cache, where the demo's own process then finds them."""
     import numlora as nl
 
     g = np.random.default_rng(0)
