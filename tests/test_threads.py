@@ -25,11 +25,13 @@ import numpy as np
 import numlora as nl
 w = np.ones((1024, 1024), np.float32)
 nl.quantize_nf4(w)  # a parallel kernel ran (above the small-work size)
-c0 = time.process_time()
-nl.quantize_nf4(w)
-c1 = time.process_time()
-time.sleep(0.2)
-spin_ms = 1e3 * (time.process_time() - c1)  # CPU time of all threads while the program sleeps
+spins = []
+for _ in range(3):  # a spinning runtime spins after every kernel: the least of three still shows it
+    nl.quantize_nf4(w)
+    c1 = time.process_time()
+    time.sleep(0.2)
+    spins.append(1e3 * (time.process_time() - c1))  # CPU time of all threads while the program sleeps
+spin_ms = min(spins)
 import numba
 from numlora.kernels import _jit
 try:
@@ -49,7 +51,7 @@ if layer == "omp":
     text = os.read(r, 1 << 16).decode()
     spin = next(line.split("=")[1].strip().strip("'") for line in text.splitlines() if "GOMP_SPINCOUNT" in line)
 print(json.dumps({"layer": layer, "threads": _jit.THREADS, "spincount": spin, "gomps": gomps,
-                  "spin_ms": spin_ms, "env_wait_policy": os.environ.get("OMP_WAIT_POLICY")}))
+                  "spin_ms": spin_ms, "spins_ms": spins, "env_wait_policy": os.environ.get("OMP_WAIT_POLICY")}))
 """
 
 
@@ -111,6 +113,7 @@ def test_numbas_own_libgomp_loaded_first_keeps_the_programs_policy(default_run):
     assert len(got["gomps"]) == 1
     assert "program's" in got["threads"]
     assert got["spincount"] == "300000"
+    assert got["spin_ms"] > 2.0  # and the probe sees that spinning (the check above can fail)
 
 
 def test_the_environment_is_restored_after_numba_loaded_openmp(default_run):
