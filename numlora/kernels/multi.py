@@ -312,6 +312,11 @@ def pack_adapter_simd(lora_a, lora_b, dst):
     _transpose8_into(lora_b, dst[in_f * r:])
 
 
+#: The adapter copy ``LoraBank.add`` runs (CPU pool, or the GPU bank's host staging):
+#: the register transpose where the build has SIMD, else the scalar tiles.
+pack_adapter_best = pack_adapter_simd if SIMD_LANES else pack_adapter
+
+
 #: Weight rows per parallel task of the dense row-stable product.
 DENSE_ROWS = 8
 

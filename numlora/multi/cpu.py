@@ -123,8 +123,7 @@ class CpuBank:
             raise DeviceError("this bank is on the CPU: expected lora_a and lora_b as host arrays, got a device "
                               "array; copy them with numlora.to_host, or move the bank with bank.to('cuda')")
         lora_a, lora_b, r = host_adapter(lora_a, lora_b, self._out_f, self._in_f)
-        k = self._kernels
-        pack_adapter = k.pack_adapter_simd if k.SIMD_LANES else k.pack_adapter
+        pack_adapter = self._kernels.pack_adapter_best
 
         def pack(pages):
             pack_adapter(lora_a, lora_b, pages)

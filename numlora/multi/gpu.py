@@ -87,9 +87,7 @@ class CudaBank:
             lora_a, lora_b, r = launch.low_rank(lora_a, lora_b, self._out_f, self._in_f)
             return r, lambda pages: launch.pack_adapter(lora_a, lora_b, pages)
         lora_a, lora_b, r = host_adapter(lora_a, lora_b, self._out_f, self._in_f)
-        from ..kernels import multi as k
-
-        pack_adapter = k.pack_adapter_simd if k.SIMD_LANES else k.pack_adapter
+        from ..kernels.multi import pack_adapter_best as pack_adapter
 
         def pack_on_host(pages):
             tmp = np.empty(pages.size, np.float32)
