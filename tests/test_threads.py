@@ -113,7 +113,10 @@ def test_numbas_own_libgomp_loaded_first_keeps_the_programs_policy(default_run):
     assert len(got["gomps"]) == 1
     assert "program's" in got["threads"]
     assert got["spincount"] == "300000"
-    assert got["spin_ms"] > 2.0  # and the probe sees that spinning (the check above can fail)
+    # and the probe sees that spinning (the checks above can fail): after at least one of
+    # the three kernels (the least of three read 1.76 ms once, in a CI run sharing the two
+    # cores with another process; 8.5-9.8 ms each time otherwise)
+    assert max(got["spins_ms"]) > 2.0
 
 
 def test_the_environment_is_restored_after_numba_loaded_openmp(default_run):
